@@ -1,0 +1,67 @@
+"""DenseNet for CIFAR (depth 3n+4, no bottleneck, no compression), pruned as network slimming does.
+
+Every BN in the network reads the concatenated feature stream through a channel
+selection: `block{d}_layer{l}` before each 3x3 conv, `transition{d}` before each
+1x1 transition conv and `final` before the classifier. Those selections are the
+prunable groups; the concatenated stream itself is never changed.
+"""
+
+from typing import Mapping
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxprune.errors import ConfigError
+from jaxprune.models import layers
+
+
+class DenseNet(nn.Module):
+  depth: int = 40
+  growth: int = 12
+  num_classes: int = 10
+  widths: Mapping[str, int] | None = None
+
+  def layers_per_block(self) -> int:
+    n, rest = divmod(self.depth - 4, 3)
+    if rest or n < 1:
+      raise ConfigError(f"DenseNet depth must be 3n+4 with n >= 1, got {self.depth}.")
+    return n
+
+  def prunable_groups(self) -> tuple[str, ...]:
+    return tuple(self.default_widths())
+
+  def default_widths(self) -> dict[str, int]:
+    widths, channels = {}, 2 * self.growth
+    for d in (1, 2, 3):
+      for l in range(1, self.layers_per_block() + 1):
+        widths[f'block{d}_layer{l}'] = channels
+        channels += self.growth
+      widths[f'transition{d}' if d < 3 else 'final'] = channels
+    return widths
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, masks: Mapping | None = None):
+    widths = layers.resolve_widths('DenseNet', self.default_widths(), self.widths)
+    layers.check_masks(masks, widths, self.prunable_groups(), x.shape[0])
+    if min(x.shape[1:3]) < 4:
+      raise ConfigError(f"DenseNet halves the image twice and needs at least 4x4 pixels, "
+                        f"got {x.shape[1]}x{x.shape[2]}.")
+    x = layers.conv(2 * self.growth, 3, name='stem')(x)
+    for d in (1, 2, 3):
+      for l in range(1, self.layers_per_block() + 1):
+        group = f'block{d}_layer{l}'
+        y = layers.SelectBnRelu(widths[group], train, name=group)(x)
+        y = layers.gate(self, y, masks, group)
+        y = layers.conv(self.growth, 3, name=f'{group}_conv')(y)
+        x = jnp.concatenate([x, y], axis=-1)
+      if d < 3:
+        group = f'transition{d}'
+        channels = x.shape[-1]
+        y = layers.SelectBnRelu(widths[group], train, name=group)(x)
+        y = layers.gate(self, y, masks, group)
+        x = layers.conv(channels, 1, name=f'{group}_conv')(y)
+        x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+    x = layers.SelectBnRelu(widths['final'], train, name='final')(x)
+    x = layers.gate(self, x, masks, 'final')
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, name='head')(x)

@@ -1,0 +1,104 @@
+"""Building blocks shared by the models: widths handling, masks/gates and channel selection.
+
+Every model in jaxprune is a Flax Linen module whose channel counts come from a
+`widths` mapping (group name -> number of channels). A subset of the groups is
+*prunable*: `__call__(..., masks=...)` multiplies those groups' activations by a
+mask at the point where a removed channel's contribution becomes exactly zero
+(after BN and the nonlinearity). The same point is where activation criteria read
+the channel (`sow` into the 'intermediates' collection).
+"""
+
+from typing import Mapping
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxprune.errors import ConfigError
+
+# Collection holding, for channel-selection layers, the indices of the stream
+# channels the layer reads. It is structural data, not a learned parameter.
+INDICES = 'indices'
+
+conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
+  # momentum 0.9 here is PyTorch's momentum 0.1, the papers' setting.
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                      name=name)
+
+
+def conv(features: int, kernel: int, stride: int = 1, name: str | None = None) -> nn.Conv:
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding='SAME',
+                 use_bias=False, kernel_init=conv_init, name=name)
+
+
+def resolve_widths(model_name: str, default: Mapping[str, int],
+                   given: Mapping[str, int] | None) -> dict[str, int]:
+  """Returns the widths to build with, checking `given` has exactly the default's groups."""
+  if given is None:
+    return dict(default)
+  missing = [g for g in default if g not in given]
+  extra = [g for g in given if g not in default]
+  if missing or extra:
+    parts = []
+    if missing:
+      parts.append(f"missing groups {missing}")
+    if extra:
+      parts.append(f"unknown groups {extra}")
+    raise ConfigError(f"widths for {model_name} have {' and '.join(parts)}; "
+                      f"the groups are {list(default)}.")
+  bad = {g: w for g, w in given.items() if int(w) != w or w < 1}
+  if bad:
+    raise ConfigError(f"widths for {model_name} must be positive integers, got {bad}.")
+  return {g: int(given[g]) for g in default}
+
+
+def check_masks(masks: Mapping | None, widths: Mapping[str, int], prunable, x_batch: int):
+  """Checks mask group names and shapes; a mask may be (C,) or a (B, C) per-example gate."""
+  if masks is None:
+    return
+  for group, mask in masks.items():
+    if group not in prunable:
+      raise ConfigError(f"mask for unknown group {group!r}; the prunable groups are "
+                        f"{list(prunable)}.")
+    c = widths[group]
+    shape = tuple(mask.shape)
+    if shape not in ((c,), (x_batch, c)):
+      raise ConfigError(f"mask for group {group!r} has shape {shape}; allowed are "
+                        f"({c},) or ({x_batch}, {c}).")
+
+
+def gate(module: nn.Module, x, masks: Mapping | None, group: str):
+  """Applies the group's mask to activation x (channels last) and records it.
+
+  A (C,) mask removes channels; a (B, C) mask of ones is a per-example gate whose
+  gradient is sum over space of activation * dloss/dactivation for every channel.
+  The recorded activation is the masked one, what the next layer actually sees.
+  """
+  if masks is not None and group in masks:
+    m = jnp.asarray(masks[group], x.dtype)
+    if m.ndim == 2:
+      m = m.reshape(m.shape[:1] + (1,) * (x.ndim - 2) + m.shape[1:])
+    x = x * m
+  module.sow('intermediates', group, x)
+  return x
+
+
+class SelectBnRelu(nn.Module):
+  """Reads a subset of a stream's channels, then BN and ReLU (network slimming's channel selection).
+
+  The subset's size is the group's width; which stream channels it holds is the
+  `indices/input_channels` variable, initialised to the first `width` channels.
+  Shrinking slices that variable like any other tagged axis, so a pruned model
+  keeps reading exactly the stream channels that survived, while the stream
+  itself (a residual sum or a concatenation) is never changed.
+  """
+  width: int
+  train: bool
+
+  @nn.compact
+  def __call__(self, x):
+    index = self.variable(INDICES, 'input_channels', lambda: jnp.arange(self.width, dtype=jnp.int32))
+    x = jnp.take(x, index.value, axis=-1)
+    return nn.relu(batch_norm(self.train)(x))

@@ -1,0 +1,199 @@
+"""CIFAR ResNets: basic-block ResNet (6n+2), pre-activation bottleneck ResNet (9n+2), WideResNet.
+
+Stream widths (the residual sum of a stage) are groups named `stage{s}`; they can be
+changed to build thinner networks but are not prunable, because every block of the
+stage adds into them. The prunable groups are the channels internal to a block.
+"""
+
+from typing import Mapping, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxprune.errors import ConfigError
+from jaxprune.models import layers
+
+
+def _check_image(x, downsamplings: int):
+  need = 2 ** downsamplings
+  if min(x.shape[1:3]) < need:
+    raise ConfigError(f"this network halves the image {downsamplings} times and needs at "
+                      f"least {need}x{need} pixels, got {x.shape[1]}x{x.shape[2]}.")
+
+
+def _blocks_per_stage(name: str, depth: int, per_block: int, extra: int) -> int:
+  n, rest = divmod(depth - extra, per_block)
+  if rest or n < 1:
+    raise ConfigError(f"{name} depth must be {per_block}n+{extra} with n >= 1, got {depth}.")
+  return n
+
+
+class ResNet(nn.Module):
+  """Basic-block CIFAR ResNet with the parameter-free shortcut (subsample + zero-pad).
+
+  Prunable: `stage{s}_block{b}`, the output of each block's first conv (s, b from 1).
+  """
+  depth: int = 56
+  stage_widths: Sequence[int] = (16, 32, 64)
+  num_classes: int = 10
+  widths: Mapping[str, int] | None = None
+
+  def blocks_per_stage(self) -> int:
+    return _blocks_per_stage('ResNet', self.depth, 6, 2)
+
+  def prunable_groups(self) -> tuple[str, ...]:
+    n = self.blocks_per_stage()
+    return tuple(f'stage{s}_block{b}' for s in (1, 2, 3) for b in range(1, n + 1))
+
+  def default_widths(self) -> dict[str, int]:
+    widths = {f'stage{s}': w for s, w in zip((1, 2, 3), self.stage_widths)}
+    widths.update({g: self.stage_widths[int(g[5]) - 1] for g in self.prunable_groups()})
+    return widths
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, masks: Mapping | None = None):
+    widths = layers.resolve_widths('ResNet', self.default_widths(), self.widths)
+    layers.check_masks(masks, widths, self.prunable_groups(), x.shape[0])
+    _check_image(x, 2)
+    x = layers.conv(widths['stage1'], 3, name='stem')(x)
+    x = nn.relu(layers.batch_norm(train, name='stem_bn')(x))
+    for s in (1, 2, 3):
+      out = widths[f'stage{s}']
+      if out < x.shape[-1]:
+        raise ConfigError(f"stage{s} width {out} is narrower than the stage before it "
+                          f"({x.shape[-1]}); the zero-padding shortcut needs it at least as wide.")
+      for b in range(1, self.blocks_per_stage() + 1):
+        group = f'stage{s}_block{b}'
+        stride = 2 if s > 1 and b == 1 else 1
+        y = layers.conv(widths[group], 3, stride, name=f'{group}_conv1')(x)
+        y = nn.relu(layers.batch_norm(train, name=f'{group}_bn1')(y))
+        y = layers.gate(self, y, masks, group)
+        y = layers.conv(out, 3, name=f'{group}_conv2')(y)
+        y = layers.batch_norm(train, name=f'{group}_bn2')(y)
+        shortcut = x[:, ::stride, ::stride, :]
+        shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0), (0, out - x.shape[-1])))
+        x = nn.relu(y + shortcut)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, name='head')(x)
+
+
+class PreResNet(nn.Module):
+  """Pre-activation bottleneck ResNet (depth 9n+2), pruned as network slimming does.
+
+  Each block reads its input through a channel selection (`stage{s}_block{b}_in`:
+  BN + ReLU on the selected stream channels), then 1x1 conv (`_mid1`), 3x3 conv
+  (`_mid2`) and a 1x1 conv back to the stream width. All three block groups are
+  prunable, as is `final`, the selection before the classifier. The stream is not.
+  """
+  depth: int = 164
+  planes: Sequence[int] = (16, 32, 64)
+  expansion: int = 4
+  num_classes: int = 10
+  widths: Mapping[str, int] | None = None
+
+  def blocks_per_stage(self) -> int:
+    return _blocks_per_stage('PreResNet', self.depth, 9, 2)
+
+  def prunable_groups(self) -> tuple[str, ...]:
+    n = self.blocks_per_stage()
+    groups = [f'stage{s}_block{b}_{part}' for s in (1, 2, 3) for b in range(1, n + 1)
+              for part in ('in', 'mid1', 'mid2')]
+    return tuple(groups) + ('final',)
+
+  def default_widths(self) -> dict[str, int]:
+    stream = [p * self.expansion for p in self.planes]
+    widths = {'stem': self.planes[0]}
+    widths.update({f'stage{s}': w for s, w in zip((1, 2, 3), stream)})
+    n = self.blocks_per_stage()
+    for s in (1, 2, 3):
+      for b in range(1, n + 1):
+        reads = self.planes[0] if (s, b) == (1, 1) else stream[s - 1 if b > 1 else s - 2]
+        widths[f'stage{s}_block{b}_in'] = reads
+        widths[f'stage{s}_block{b}_mid1'] = self.planes[s - 1]
+        widths[f'stage{s}_block{b}_mid2'] = self.planes[s - 1]
+    widths['final'] = stream[-1]
+    return widths
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, masks: Mapping | None = None):
+    widths = layers.resolve_widths('PreResNet', self.default_widths(), self.widths)
+    layers.check_masks(masks, widths, self.prunable_groups(), x.shape[0])
+    _check_image(x, 2)
+    x = layers.conv(widths['stem'], 3, name='stem')(x)
+    for s in (1, 2, 3):
+      for b in range(1, self.blocks_per_stage() + 1):
+        block = f'stage{s}_block{b}'
+        stride = 2 if s > 1 and b == 1 else 1
+        y = layers.SelectBnRelu(widths[f'{block}_in'], train, name=f'{block}_in')(x)
+        y = layers.gate(self, y, masks, f'{block}_in')
+        y = layers.conv(widths[f'{block}_mid1'], 1, name=f'{block}_conv1')(y)
+        y = nn.relu(layers.batch_norm(train, name=f'{block}_bn2')(y))
+        y = layers.gate(self, y, masks, f'{block}_mid1')
+        y = layers.conv(widths[f'{block}_mid2'], 3, stride, name=f'{block}_conv2')(y)
+        y = nn.relu(layers.batch_norm(train, name=f'{block}_bn3')(y))
+        y = layers.gate(self, y, masks, f'{block}_mid2')
+        y = layers.conv(widths[f'stage{s}'], 1, name=f'{block}_conv3')(y)
+        if b == 1:
+          x = layers.conv(widths[f'stage{s}'], 1, stride, name=f'{block}_shortcut')(x)
+        x = x + y
+    x = layers.SelectBnRelu(widths['final'], train, name='final')(x)
+    x = layers.gate(self, x, masks, 'final')
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, name='head')(x)
+
+
+class WideResNet(nn.Module):
+  """Pre-activation WideResNet WRN-depth-k (depth 6n+4).
+
+  Prunable: `stage{s}_block{b}`, the output of each block's first conv, as in
+  Fisher pruning. The first block of a stage whose width changes uses a 1x1
+  projection shortcut on the pre-activated input.
+  """
+  depth: int = 40
+  widen_factor: int = 2
+  num_classes: int = 10
+  widths: Mapping[str, int] | None = None
+
+  def blocks_per_stage(self) -> int:
+    return _blocks_per_stage('WideResNet', self.depth, 6, 4)
+
+  def prunable_groups(self) -> tuple[str, ...]:
+    n = self.blocks_per_stage()
+    return tuple(f'stage{s}_block{b}' for s in (1, 2, 3) for b in range(1, n + 1))
+
+  def default_widths(self) -> dict[str, int]:
+    stage = [16 * self.widen_factor, 32 * self.widen_factor, 64 * self.widen_factor]
+    widths = {'stem': 16}
+    widths.update({f'stage{s}': w for s, w in zip((1, 2, 3), stage)})
+    widths.update({g: stage[int(g[5]) - 1] for g in self.prunable_groups()})
+    return widths
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, masks: Mapping | None = None):
+    widths = layers.resolve_widths('WideResNet', self.default_widths(), self.widths)
+    layers.check_masks(masks, widths, self.prunable_groups(), x.shape[0])
+    _check_image(x, 2)
+    x = layers.conv(widths['stem'], 3, name='stem')(x)
+    for s in (1, 2, 3):
+      for b in range(1, self.blocks_per_stage() + 1):
+        group = f'stage{s}_block{b}'
+        stride = 2 if s > 1 and b == 1 else 1
+        # Projection iff the default network changes width or resolution here; a
+        # structural choice that must not depend on the (prunable) widths.
+        project = b == 1 and (s > 1 or self.widen_factor != 1)
+        pre = nn.relu(layers.batch_norm(train, name=f'{group}_bn1')(x))
+        if project:
+          shortcut = layers.conv(widths[f'stage{s}'], 1, stride, name=f'{group}_shortcut')(pre)
+        else:
+          shortcut = x
+        y = layers.conv(widths[group], 3, stride, name=f'{group}_conv1')(pre)
+        y = nn.relu(layers.batch_norm(train, name=f'{group}_bn2')(y))
+        y = layers.gate(self, y, masks, group)
+        y = layers.conv(widths[f'stage{s}'], 3, name=f'{group}_conv2')(y)
+        if shortcut.shape[-1] != y.shape[-1]:
+          raise ConfigError(f"stage{s} width {y.shape[-1]} must equal the width entering it "
+                            f"({shortcut.shape[-1]}) for a WideResNet with identity shortcuts.")
+        x = y + shortcut
+    x = nn.relu(layers.batch_norm(train, name='final_bn')(x))
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, name='head')(x)
