@@ -1,0 +1,521 @@
+"""Selection policies: importance scores + a policy -> masks saying which channels to keep.
+
+Scores are `{group: (C,) array}`, higher = more important, for every prunable
+group of a `Structure`. `select(name, structure, scores, ...)` returns
+`{group: (C,) float32 numpy array}` of 0/1 (1 = keep) for every prunable group.
+`SELECTIONS` is the registry keyed by the names `--selection` accepts:
+
+  layer      each group keeps its int(C * (1 - ratio)) highest-scoring channels.
+  global     all channels of all groups ranked together; the lowest int(ratio * total)
+             are removed (total = prunable channels of the structure).
+  global_l2  `global` after per-layer L2 normalisation of the scores [M].
+  slimming   network slimming: |scores| of all groups sorted together, threshold = the
+             value at position int(total * ratio), keep channels strictly above it.
+  macs       remove the globally lowest channels one at a time until the MACs are at most
+             `target_macs` times the structure's MACs.
+  macs_l2    `macs` after per-layer L2 normalisation.
+  preset     Li et al.'s L1-norm presets (`PRESETS`): per-group ratios, ranked per layer.
+
+Rules shared by every policy:
+  * Every group keeps at least `min_channels` live channels (all of them if it has
+    fewer); `layer`, `slimming` and `preset` quietly keep more where their rule would
+    go below it (the guard against emptying a layer that network slimming's reference
+    code lacks), while `global` and `macs` raise a ConfigError when their count or
+    target cannot be met.
+  * `current` masks (0 = already removed) are respected: removed channels stay
+    removed, are never counted as kept and count towards `ratio`, which always
+    refers to the structure's full widths. So selecting again with the result as
+    `current` returns the same masks.
+  * Ties are broken deterministically: among equal scores, channels earlier in
+    (group order, channel index) are removed first.
+
+FLOPs-aware penalty [M] (`flops_penalty` = lambda, for `global`, `global_l2`, `macs`,
+`macs_l2` and `remove_lowest`): the score used for ranking is
+`score - lambda * m_g / mean_m`, where `m_g` is the MACs removed by taking one channel
+out of group g at the live widths, and `mean_m` is the mean of `m` over all live
+prunable channels. The penalty is thus dimensionless (1 = the average channel's
+cost), independent of image size and model; `DEFAULT_FLOPS_PENALTY` (1e-3, [M]'s
+lambda) is the value to use when it is switched on. It is applied after L2
+normalisation and computed once, at the widths the selection starts from.
+"""
+
+import collections
+import dataclasses
+import functools
+import math
+from typing import Callable, Mapping
+
+import numpy as np
+
+from jaxprune import flops
+from jaxprune.errors import ConfigError, choose
+from jaxprune.structure import Structure
+
+DEFAULT_FLOPS_PENALTY = 1e-3
+
+Scores = Mapping[str, np.ndarray]
+Masks = dict[str, np.ndarray]
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets (Li et al. 2017, as used by [R]).
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  """Per-group pruning ratios for one model family; each group keeps int(C * (1 - ratio)).
+
+  Attributes:
+    models: registry names of the models the preset applies to (same groups).
+    ratios: {group: fraction of its channels removed}; groups not named keep all.
+    description: one line saying what the preset is.
+  """
+  models: tuple[str, ...]
+  ratios: Mapping[str, float]
+  description: str
+
+
+def _li_resnet(depth: int, stage_ratios, skip) -> dict[str, float]:
+  """Ratios of the first conv of every block, Li et al.'s numbering.
+
+  Convs are numbered from 1 (the stem); block j (0-based over the whole network)
+  has first conv 2 + 2j, the only one pruned. Skipped convs keep all channels.
+  """
+  n = (depth - 2) // 6
+  ratios = {}
+  for s in (1, 2, 3):
+    for b in range(1, n + 1):
+      conv = 2 + 2 * ((s - 1) * n + b - 1)
+      if conv not in skip and stage_ratios[s - 1] > 0:
+        ratios[f'stage{s}_block{b}'] = stage_ratios[s - 1]
+  return ratios
+
+
+PRESETS: dict[str, Preset] = {
+    'vgg16_a': Preset(
+        models=('vgg16', 'vgg16_mlp'),
+        ratios={'conv1_1': 0.5, **{f'conv{s}_{i}': 0.5 for s in (4, 5) for i in (1, 2, 3)}},
+        description='VGG-16-A: conv1_1 keeps 32 of 64, conv4_1..conv5_3 keep 256 of 512.'),
+    'resnet56_a': Preset(
+        models=('resnet56',), ratios=_li_resnet(56, (0.1, 0.1, 0.1), {16, 20, 38, 54}),
+        description='ResNet-56-A: stage ratios (0.1, 0.1, 0.1), skipping convs 16, 20, 38, 54.'),
+    'resnet56_b': Preset(
+        models=('resnet56',),
+        ratios=_li_resnet(56, (0.6, 0.3, 0.1), {16, 18, 20, 34, 38, 54}),
+        description='ResNet-56-B: stage ratios (0.6, 0.3, 0.1), skipping convs 16, 18, 20, '
+        '34, 38, 54.'),
+    'resnet110_a': Preset(
+        models=('resnet110',), ratios=_li_resnet(110, (0.5, 0.0, 0.0), {36}),
+        description='ResNet-110-A: stage ratios (0.5, 0, 0), skipping conv 36.'),
+    'resnet110_b': Preset(
+        models=('resnet110',), ratios=_li_resnet(110, (0.5, 0.4, 0.3), {36, 38, 74}),
+        description='ResNet-110-B: stage ratios (0.5, 0.4, 0.3), skipping convs 36, 38, 74.'),
+}
+
+
+def _group_names(model_name: str) -> frozenset[str]:
+  # Imported here: the registry pulls in every model, which selection rarely needs.
+  from jaxprune import models
+  return frozenset(models.MODELS[model_name]().default_widths())
+
+
+def _identify_model(structure: Structure) -> str | None:
+  """The first registered model whose groups are exactly the structure's, if any."""
+  from jaxprune import models
+  groups = frozenset(structure.widths)
+  return next((name for name in models.MODELS if _group_names(name) == groups), None)
+
+
+def preset_ratios(preset: str, structure: Structure) -> dict[str, float]:
+  """The preset's removal ratio for every prunable group, after checking the model family."""
+  choose('preset', preset, PRESETS)
+  spec = PRESETS[preset]
+  groups = frozenset(structure.widths)
+  if not any(_group_names(m) == groups for m in spec.models):
+    found = _identify_model(structure)
+    raise ConfigError(f"preset {preset!r} is for {' or '.join(spec.models)}, not for "
+                      f"{found if found else 'a model with groups ' + str(sorted(groups))}.")
+  return {g: float(spec.ratios.get(g, 0.0)) for g in structure.prunable}
+
+
+def preset_widths(preset: str, structure: Structure) -> dict[str, int]:
+  """The full widths a preset implies (which channels it keeps does not change them).
+
+  Every group of the structure is returned, so `models.build(name, widths=...)` takes
+  the result directly; a group keeps int(C * (1 - ratio)), at least one channel.
+  """
+  ratios = preset_ratios(preset, structure)
+  widths = dict(structure.widths)
+  for g, r in ratios.items():
+    widths[g] = max(1, int(widths[g] * (1 - r)))
+  return widths
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation.
+
+
+def _check_scores(structure: Structure, scores: Scores) -> dict[str, np.ndarray]:
+  missing = [g for g in structure.prunable if g not in scores]
+  if missing:
+    raise ConfigError(f"scores are missing the prunable groups {missing}; every prunable "
+                      "group needs a score per channel.")
+  unknown = [g for g in scores if g not in structure.prunable]
+  if unknown:
+    raise ConfigError(f"scores name groups {unknown} that are not prunable; the prunable "
+                      f"groups are {list(structure.prunable)}.")
+  out = {}
+  for g in structure.prunable:
+    s = np.asarray(scores[g], dtype=np.float64)
+    if s.shape != (structure.widths[g],):
+      raise ConfigError(f"scores for group {g!r} have shape {s.shape}; expected "
+                        f"({structure.widths[g]},), one per channel.")
+    if not np.all(np.isfinite(s)):
+      raise ConfigError(f"scores for group {g!r} contain NaN or infinite values; "
+                        "selection needs finite scores.")
+    out[g] = s
+  return out
+
+
+def _check_live(structure: Structure, current: Mapping | None) -> dict[str, np.ndarray]:
+  """Boolean live-channel arrays for every prunable group (all live without `current`)."""
+  live = {g: np.ones(structure.widths[g], bool) for g in structure.prunable}
+  for g, mask in (current or {}).items():
+    if g not in live:
+      raise ConfigError(f"current mask for group {g!r}, which is not prunable; the prunable "
+                        f"groups are {list(structure.prunable)}.")
+    mask = np.asarray(mask)
+    if mask.shape != live[g].shape:
+      raise ConfigError(f"current mask for group {g!r} has shape {mask.shape}; expected "
+                        f"{live[g].shape}.")
+    if not mask.any():
+      raise ConfigError(f"current mask for group {g!r} removes all its channels; every group "
+                        "must keep at least one.")
+    live[g] = mask != 0
+  return live
+
+
+def _check_min_channels(min_channels) -> int:
+  if int(min_channels) != min_channels or min_channels < 1:
+    raise ConfigError(f"min_channels must be an integer of at least 1, got {min_channels!r}.")
+  return int(min_channels)
+
+
+def _check_ratio(name: str, ratio) -> float:
+  if ratio is None:
+    raise ConfigError(f"selection {name!r} needs a ratio, the fraction of channels to "
+                      "remove, in [0, 1).")
+  if not 0 <= ratio < 1:
+    raise ConfigError(f"ratio {ratio!r} is outside [0, 1); it is the fraction of "
+                      "channels to remove.")
+  return float(ratio)
+
+
+def _check_target(name: str, target_macs) -> float:
+  if target_macs is None:
+    raise ConfigError(f"selection {name!r} needs target_macs, the fraction of the "
+                      "original MACs to keep, in (0, 1].")
+  if not 0 < target_macs <= 1:
+    raise ConfigError(f"target_macs {target_macs!r} is outside (0, 1]; it is the fraction "
+                      "of the original MACs to keep.")
+  return float(target_macs)
+
+
+def _check_preset(name: str, preset) -> str:
+  if preset is None:
+    raise ConfigError(f"selection {name!r} needs a preset; choose one of: "
+                      f"{', '.join(sorted(PRESETS))}.")
+  choose('preset', preset, PRESETS)
+  return preset
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared machinery.
+
+
+def l2_normalize(scores: Scores, masks: Mapping | None = None) -> dict[str, np.ndarray]:
+  """Divides each group's scores by their L2 norm over its live channels [M].
+
+  Removed channels (mask 0) do not enter the norm; a group whose live scores are all
+  zero is returned unchanged (there is nothing to compare).
+  """
+  out = {}
+  for g, s in scores.items():
+    s = np.asarray(s, dtype=np.float64)
+    live = np.ones(s.shape, bool) if masks is None or g not in masks else np.asarray(masks[g]) != 0
+    norm = math.sqrt(float(np.sum(s[live] ** 2)))
+    out[g] = s / norm if norm > 0 else s
+  return out
+
+
+class _Macs:
+  """The MACs polynomial of a structure, for counting one removed channel at a time.
+
+  Each Conv/Dense kernel contributes coef * (product of its groups' widths); removing
+  one channel of group g changes only the terms that contain g, so the marginal
+  cost is a handful of multiplications instead of a full recount.
+  """
+
+  def __init__(self, structure: Structure):
+    self.terms = []
+    self.by_group = collections.defaultdict(list)
+    for key, positions in structure.positions.items():
+      tags, shape = structure.axes[key], structure.shapes[key]
+      coef = positions * math.prod(s for s, t in zip(shape, tags) if t is None)
+      groups = tuple(t for t in tags if t is not None)
+      for g in set(groups):
+        self.by_group[g].append(len(self.terms))
+      self.terms.append((coef, groups))
+
+  def drop_one(self, group: str, widths: Mapping[str, int]) -> int:
+    """MACs saved by removing one channel of `group` at `widths`."""
+    saved = 0
+    for i in self.by_group[group]:
+      coef, groups = self.terms[i]
+      before = math.prod(widths[h] for h in groups)
+      after = math.prod(widths[h] - (h == group) for h in groups)
+      saved += coef * (before - after)
+    return saved
+
+
+def _live_widths(structure: Structure, live: Mapping[str, np.ndarray]) -> dict[str, int]:
+  widths = dict(structure.widths)
+  widths.update({g: int(m.sum()) for g, m in live.items()})
+  return widths
+
+
+def _penalised(structure: Structure, scores: Scores, live, penalty: float) -> dict:
+  """Scores minus the FLOPs penalty (see the module docstring)."""
+  if not penalty:
+    return dict(scores)
+  widths = _live_widths(structure, live)
+  macs = _Macs(structure)
+  per_channel = {g: macs.drop_one(g, widths) for g in structure.prunable}
+  n_live = sum(widths[g] for g in structure.prunable)
+  mean = sum(per_channel[g] * widths[g] for g in structure.prunable) / n_live
+  if mean == 0:
+    return dict(scores)
+  return {g: s - penalty * per_channel[g] / mean for g, s in scores.items()}
+
+
+def _removal_order(structure: Structure, scores: Scores, live, min_channels: int):
+  """Removable channels, lowest score first, as (group, channel) pairs.
+
+  Each group's highest `min_channels` live channels are never removable, so removing
+  any prefix of the order keeps every group at or above the minimum.
+  """
+  values, group_ids, channels = [], [], []
+  for gi, g in enumerate(structure.prunable):
+    idx = np.flatnonzero(live[g])
+    idx = idx[np.argsort(scores[g][idx], kind='stable')]
+    idx = idx[:len(idx) - min(min_channels, len(idx))]
+    values.append(scores[g][idx])
+    group_ids.append(np.full(len(idx), gi))
+    channels.append(idx)
+  values, group_ids, channels = map(np.concatenate, (values, group_ids, channels))
+  order = np.lexsort((channels, group_ids, values))
+  return [(structure.prunable[group_ids[i]], int(channels[i])) for i in order]
+
+
+def _keep_top(score: np.ndarray, live: np.ndarray, keep: int) -> np.ndarray:
+  """The `keep` highest-scoring live channels of one group (ties: lower index removed first)."""
+  idx = np.flatnonzero(live)
+  idx = idx[np.argsort(score[idx], kind='stable')]
+  out = np.zeros(live.shape, bool)
+  out[idx[len(idx) - keep:]] = True
+  return out
+
+
+def _per_layer(scores, live, ratios: Mapping[str, float], widths, min_channels) -> dict:
+  keep = {}
+  for g, s in scores.items():
+    n_live = int(live[g].sum())
+    k = min(n_live, max(int(widths[g] * (1 - ratios[g])), min(min_channels, n_live)))
+    keep[g] = _keep_top(s, live[g], k)
+  return keep
+
+
+def _remove(live, order, n: int) -> dict:
+  keep = {g: m.copy() for g, m in live.items()}
+  for g, c in order[:n]:
+    keep[g][c] = False
+  return keep
+
+
+# ---------------------------------------------------------------------------------------------
+# Policies. Each takes validated float64 scores and boolean live masks.
+
+
+def _layer(structure, scores, live, *, ratio, min_channels, flops_penalty):
+  del flops_penalty
+  ratios = {g: ratio for g in structure.prunable}
+  return _per_layer(scores, live, ratios, structure.widths, min_channels)
+
+
+def _preset(structure, scores, live, *, preset, min_channels, flops_penalty):
+  del flops_penalty
+  return _per_layer(scores, live, preset_ratios(preset, structure), structure.widths,
+                    min_channels)
+
+
+def _global(structure, scores, live, *, ratio, min_channels, flops_penalty, normalize=False):
+  if normalize:
+    scores = l2_normalize(scores, live)
+  scores = _penalised(structure, scores, live, flops_penalty)
+  total = sum(structure.widths[g] for g in structure.prunable)
+  removed = total - sum(int(m.sum()) for m in live.values())
+  wanted = int(ratio * total)
+  order = _removal_order(structure, scores, live, min_channels)
+  if wanted - removed > len(order):
+    raise ConfigError(f"ratio {ratio} removes {wanted} of the {total} prunable channels, but "
+                      f"keeping min_channels={min_channels} per group allows removing at most "
+                      f"{removed + len(order)}.")
+  return _remove(live, order, max(0, wanted - removed))
+
+
+def _slimming(structure, scores, live, *, ratio, min_channels, flops_penalty):
+  del flops_penalty
+  magnitude = {g: np.where(live[g], np.abs(s), -np.inf) for g, s in scores.items()}
+  pooled = np.sort(np.concatenate(list(magnitude.values())))
+  threshold = pooled[int(len(pooled) * ratio)]
+  keep = {}
+  for g, m in magnitude.items():
+    keep[g] = m > threshold
+    floor = min(min_channels, int(live[g].sum()))
+    if keep[g].sum() < floor:
+      keep[g] = _keep_top(m, live[g], floor)
+  return keep
+
+
+def _macs(structure, scores, live, *, target_macs, min_channels, flops_penalty,
+          normalize=False):
+  if normalize:
+    scores = l2_normalize(scores, live)
+  scores = _penalised(structure, scores, live, flops_penalty)
+  original = flops.count(structure).macs
+  budget = target_macs * original
+  floor_widths = _live_widths(structure, live)
+  floor_widths.update({g: min(min_channels, floor_widths[g]) for g in structure.prunable})
+  floor = flops.count(structure, floor_widths).macs
+  if floor > budget:
+    raise ConfigError(f"target_macs {target_macs} ({int(budget):,} MACs) is below the "
+                      f"{floor:,} MACs ({floor / original:.4f} of the original) that keeping "
+                      f"min_channels={min_channels} per group allows.")
+  widths = _live_widths(structure, live)
+  current = flops.count(structure, widths).macs
+  model = _Macs(structure)
+  order = _removal_order(structure, scores, live, min_channels)
+  n = 0
+  while current > budget:
+    g, _ = order[n]
+    current -= model.drop_one(g, widths)
+    widths[g] -= 1
+    n += 1
+  return _remove(live, order, n)
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+  """A registered policy.
+
+  Attributes:
+    fn: the policy (validated scores and live masks -> boolean keep masks).
+    needs: the one argument of `select` it requires: 'ratio', 'target_macs' or 'preset'.
+    penalty: whether it accepts a FLOPs penalty.
+    description: one line for `--help`.
+  """
+  fn: Callable[..., dict]
+  needs: str
+  penalty: bool
+  description: str
+
+
+SELECTIONS: dict[str, Selection] = {
+    'layer': Selection(_layer, 'ratio', False,
+                       'each group keeps its int(C * (1 - ratio)) highest-scoring channels'),
+    'global': Selection(_global, 'ratio', True,
+                        'remove the lowest fraction `ratio` of all prunable channels'),
+    'global_l2': Selection(functools.partial(_global, normalize=True), 'ratio', True,
+                           'global after per-layer L2 normalisation of the scores'),
+    'slimming': Selection(_slimming, 'ratio', False,
+                          'network slimming: keep |score| strictly above the global '
+                          'percentile `ratio`'),
+    'macs': Selection(_macs, 'target_macs', True,
+                      'remove the globally lowest channels until MACs <= target_macs'),
+    'macs_l2': Selection(functools.partial(_macs, normalize=True), 'target_macs', True,
+                         'macs after per-layer L2 normalisation of the scores'),
+    'preset': Selection(_preset, 'preset', False,
+                        "Li et al.'s per-layer presets (see PRESETS), ranked within each group"),
+}
+
+
+def select(name: str, structure: Structure, scores: Scores, *, ratio: float | None = None,
+           target_macs: float | None = None, preset: str | None = None, min_channels: int = 1,
+           flops_penalty: float = 0.0, current: Mapping | None = None) -> Masks:
+  """Turns scores into keep masks with the policy `name` (see the module docstring).
+
+  Args:
+    name: a key of `SELECTIONS`.
+    structure: the model's structure (`structure.derive`).
+    scores: {group: (C,) scores} for every prunable group, higher = keep.
+    ratio: fraction of the structure's channels to remove (layer, global*, slimming).
+    target_macs: fraction of the structure's MACs to keep at most (macs*).
+    preset: a key of `PRESETS` (preset).
+    min_channels: live channels every group keeps at least.
+    flops_penalty: lambda of the FLOPs-aware penalty (global*, macs*); 0 = off.
+    current: {group: (C,) mask} of channels already removed (0); missing groups are live.
+
+  Returns:
+    {group: (C,) float32 numpy array of 0/1} for every prunable group.
+  """
+  choose('selection', name, SELECTIONS)
+  policy = SELECTIONS[name]
+  given = {'ratio': ratio, 'target_macs': target_macs, 'preset': preset}
+  extra = [k for k, v in given.items() if v is not None and k != policy.needs]
+  if extra:
+    raise ConfigError(f"selection {name!r} takes {policy.needs}, not {' or '.join(extra)}.")
+  if flops_penalty and not policy.penalty:
+    raise ConfigError(f"selection {name!r} takes no flops_penalty; the global policies "
+                      f"{[n for n, s in SELECTIONS.items() if s.penalty]} do.")
+  if flops_penalty < 0:
+    raise ConfigError(f"flops_penalty must be at least 0, got {flops_penalty!r}.")
+  checks = {'ratio': _check_ratio, 'target_macs': _check_target, 'preset': _check_preset}
+  argument = checks[policy.needs](name, given[policy.needs])
+  min_channels = _check_min_channels(min_channels)
+  scores = _check_scores(structure, scores)
+  live = _check_live(structure, current)
+  keep = policy.fn(structure, scores, live, **{policy.needs: argument},
+                   min_channels=min_channels, flops_penalty=float(flops_penalty))
+  return {g: keep[g].astype(np.float32) for g in structure.prunable}
+
+
+def remove_lowest(structure: Structure, scores: Scores, current: Mapping | None, k: int, *,
+                  normalize: bool = False, flops_penalty: float = 0.0,
+                  min_channels: int = 1) -> Masks:
+  """Removes the k globally lowest-scoring live channels (one step of iterative pruning).
+
+  Args:
+    structure, scores, min_channels, flops_penalty: as for `select`.
+    current: masks of the channels already removed (None = all live).
+    k: how many more channels to remove.
+    normalize: L2-normalise each group's scores over its live channels first [M].
+
+  Returns:
+    Masks for every prunable group with exactly k more zeros than `current`.
+  """
+  if int(k) != k or k < 0:
+    raise ConfigError(f"k must be a non-negative integer number of channels, got {k!r}.")
+  if flops_penalty < 0:
+    raise ConfigError(f"flops_penalty must be at least 0, got {flops_penalty!r}.")
+  min_channels = _check_min_channels(min_channels)
+  scores = _check_scores(structure, scores)
+  live = _check_live(structure, current)
+  if normalize:
+    scores = l2_normalize(scores, live)
+  scores = _penalised(structure, scores, live, flops_penalty)
+  order = _removal_order(structure, scores, live, min_channels)
+  if k > len(order):
+    raise ConfigError(f"cannot remove {k} more channels: keeping min_channels={min_channels} "
+                      f"per group leaves only {len(order)} removable.")
+  keep = _remove(live, order, int(k))
+  return {g: keep[g].astype(np.float32) for g in structure.prunable}
