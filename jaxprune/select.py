@@ -113,6 +113,7 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+@functools.lru_cache(maxsize=None)
 def _group_names(model_name: str) -> frozenset[str]:
   # Imported here: the registry pulls in every model, which selection rarely needs.
   from jaxprune import models
