@@ -1,0 +1,182 @@
+"""A stage directory's record on disk: orbax checkpoints, resume, preemption and the done marker.
+
+Layout of one stage directory (a local path or `gs://...`, through `etils.epath`):
+
+  checkpoints/<step>/   orbax checkpoints of the whole training run (latest 2 kept)
+  final/                the final model variables (params, batch_stats, indices), no optimizer
+  metrics.jsonl         one JSON record per finished epoch
+  result.json           written last: its presence marks the stage done
+
+A done stage is never trained or written again; `fit` returns what it recorded.
+"""
+
+import json
+import signal
+import threading
+from typing import Any, Mapping
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+CHECKPOINTS = 'checkpoints'
+FINAL = 'final'
+METRICS = 'metrics.jsonl'
+RESULT = 'result.json'
+
+
+def stage_path(stage_dir) -> epath.Path:
+  return epath.Path(stage_dir)
+
+
+def _write_text(path: epath.Path, text: str) -> None:
+  """Writes a small file from the primary process, via a temporary name so readers never see half."""
+  if jax.process_index() != 0:
+    return
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / (path.name + '.tmp')
+  tmp.write_text(text)
+  tmp.replace(path)
+
+
+def is_done(stage_dir) -> bool:
+  """Whether the stage finished (its result.json exists)."""
+  return (stage_path(stage_dir) / RESULT).exists()
+
+
+def read_result(stage_dir) -> dict:
+  return json.loads((stage_path(stage_dir) / RESULT).read_text())
+
+
+def mark_done(stage_dir, result: Mapping[str, Any]) -> None:
+  """Writes result.json, the marker that the stage is finished; refuses to overwrite one."""
+  path = stage_path(stage_dir) / RESULT
+  if path.exists():
+    raise FileExistsError(f"stage {stage_dir} is already done; its {RESULT} is never overwritten.")
+  _write_text(path, json.dumps(dict(result), indent=2, sort_keys=True) + '\n')
+
+
+def write_metrics(stage_dir, records) -> None:
+  """Rewrites metrics.jsonl with all records (rewriting, not appending, works on object stores)."""
+  _write_text(stage_path(stage_dir) / METRICS,
+              ''.join(json.dumps(r, sort_keys=True) + '\n' for r in records))
+
+
+def read_metrics(stage_dir) -> list[dict]:
+  path = stage_path(stage_dir) / METRICS
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def save_variables(path, variables) -> None:
+  """Saves model variables (a nested dict of arrays) to `path`, replacing what is there."""
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(epath.Path(path), variables, force=True)
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+
+
+def load_variables(path, like=None):
+  """Loads variables saved by `save_variables`.
+
+  `like` (arrays or jax.ShapeDtypeStruct with shardings) fixes the structure, dtypes and
+  placement; without it the saved structure is restored onto the default device.
+  """
+  checkpointer = ocp.StandardCheckpointer()
+  target = None if like is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+  variables = checkpointer.restore(epath.Path(path), target)
+  checkpointer.close()
+  return variables
+
+
+class RunCheckpoints:
+  """The training checkpoints of one stage: a pytree of arrays plus JSON records, per step.
+
+  Saving is asynchronous (orbax copies device arrays to host, then writes in the
+  background), so an epoch's checkpoint overlaps the next epoch's training.
+  """
+
+  def __init__(self, stage_dir, max_to_keep: int = 2):
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    self._manager = ocp.CheckpointManager(stage_path(stage_dir) / CHECKPOINTS, options=options,
+                                          item_names=('state', 'records'))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, tree, records) -> None:
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(tree), records=ocp.args.JsonSave(list(records))), force=True)
+
+  def restore_latest(self, like):
+    """Returns (tree, records) of the latest checkpoint, or None if there is none.
+
+    `like` is a pytree with the saved structure (arrays or ShapeDtypeStructs); restored
+    arrays take its dtypes and shardings.
+    """
+    step = self._manager.latest_step()
+    if step is None:
+      return None
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), records=ocp.args.JsonRestore()))
+    return restored.state, restored.records
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+class Preempted(SystemExit):
+  """Raised after the state was saved on SIGTERM; uncaught, the process exits with status 0."""
+
+  def __init__(self, step: int):
+    super().__init__(0)
+    self.step = step
+
+
+class PreemptionGuard:
+  """Notices preemption between training steps, without any device synchronisation.
+
+  Single process: a SIGTERM handler sets a flag that `reached(step)` reads (a Python
+  bool, so checking it every step costs nothing). Several processes must all stop at
+  the same step, so there orbax's `reached_preemption` (JAX's preemption sync point,
+  agreed through the distributed coordination service) decides; JAX's own handler
+  receives the SIGTERM.
+
+  Use as a context manager around the training loop; the previous handler is restored on exit.
+  """
+
+  def __init__(self):
+    self._flag = False
+    self._previous = None
+    self._installed = False
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM received: saving at the next step, then exiting.')
+    self._flag = True
+
+  def __enter__(self):
+    # Signal handlers can only be installed from the main thread; elsewhere only
+    # the multi-process sync point can report preemption.
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+      self._installed = True
+    return self
+
+  def __exit__(self, *exc):
+    if self._installed:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._installed = False
+    return False
+
+  def reached(self, step: int) -> bool:
+    """Whether to save and stop now; call with consecutive step numbers on every process."""
+    if jax.process_count() > 1:
+      return ocp.multihost.reached_preemption(step)
+    return self._flag

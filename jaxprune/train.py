@@ -1,0 +1,555 @@
+"""Training: the train state, the optimizer, the jitted data-parallel steps and `fit`, the one loop every regime uses.
+
+* `TrainState` is a pytree: everything a checkpoint needs to continue bit-for-bit.
+* `make_optimizer(config, epochs, steps_per_epoch)`: SGD with momentum, coupled weight decay,
+  a learning-rate schedule and network slimming's L1 penalty on BN scales.
+* `train_step(state, batch, masks)` / `eval_step` are pure; `Trainer` jits them over a
+  `jax.sharding.Mesh` of all devices (batch split along 'data', state replicated), so the
+  same code runs on one CPU, eight TPU cores or a multi-host pod.
+* Masks are jit inputs: changing their values (iterative pruning) never recompiles, and the
+  parameters of masked-out channels are held fixed (no gradient, decay, L1 or momentum moves them).
+* `fit` shuffles and augments on device, checkpoints every epoch (resuming after a crash or
+  preemption) and leaves metrics.jsonl and result.json in the stage directory.
+"""
+
+import dataclasses
+import functools
+import math
+import sys
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import struct, traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxprune import checkpoint, data
+from jaxprune import structure as structure_lib
+from jaxprune.errors import ConfigError, choose
+from jaxprune.models import widths_of
+
+DATA_AXIS = 'data'
+
+Masks = Mapping[str, jax.Array] | None
+
+
+@struct.dataclass
+class TrainState:
+  """Everything that determines the rest of a training run.
+
+  Attributes:
+    step: int32 scalar, optimizer steps taken.
+    params: the trained variables.
+    batch_stats: BN running statistics ({} for models without BN).
+    constants: the other variable collections (e.g. `indices`), never trained.
+    opt_state: the optimizer's state (momentum, schedule count).
+    rng: uint32[2] PRNG key made from the seed; every random choice of the run (the
+      epoch's permutation, a step's augmentation) is folded from it and the epoch or
+      step number, so a resumed run draws exactly what the uninterrupted one did.
+  """
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  constants: Any
+  opt_state: Any
+  rng: jax.Array
+
+  @property
+  def variables(self) -> dict:
+    """The model variables, as `model.apply` takes them."""
+    out = {'params': self.params, **self.constants}
+    if self.batch_stats:
+      out['batch_stats'] = self.batch_stats
+    return out
+
+
+def create_state(variables: Mapping, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  rest = dict(variables)
+  params = rest.pop('params')
+  batch_stats = rest.pop('batch_stats', {})
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                    constants=rest, opt_state=tx.init(params), rng=jax.random.PRNGKey(seed))
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """SGD settings; the defaults are [R]'s CIFAR baseline (lr 0.1 x0.1 at 50% and 75%, wd 1e-4).
+
+  Attributes:
+    learning_rate: initial (peak) learning rate.
+    schedule: one of SCHEDULES: 'step' (x decay_factor at each milestone), 'cosine'
+      (to zero at the end of training), 'constant'.
+    decay_fractions: 'step' milestones as fractions of the epochs; milestone epoch =
+      int(fraction * epochs) (so 170 epochs decay at 85 and 127).
+    decay_epochs: explicit 'step' milestones in epochs; when given, replaces decay_fractions.
+    decay_factor: the 'step' multiplier at each milestone.
+    momentum: heavy-ball momentum (PyTorch convention: buf = momentum * buf + grad).
+    nesterov: Nesterov momentum.
+    weight_decay: coupled L2 decay: weight_decay * param is added to every gradient.
+    bn_l1: network slimming's sparsity s: s * sign(gamma) is added to every BN scale's gradient.
+  """
+  learning_rate: float = 0.1
+  schedule: str = 'step'
+  decay_fractions: tuple[float, ...] = (0.5, 0.75)
+  decay_epochs: tuple[int, ...] | None = None
+  decay_factor: float = 0.1
+  momentum: float = 0.9
+  nesterov: bool = False
+  weight_decay: float = 1e-4
+  bn_l1: float = 0.0
+
+
+def _step_schedule(cfg: OptimizerConfig, epochs: int, steps_per_epoch: int) -> optax.Schedule:
+  if cfg.decay_epochs is not None:
+    milestones = list(cfg.decay_epochs)
+    bad = [m for m in milestones if int(m) != m or not 0 <= m <= epochs]
+    if bad:
+      raise ConfigError(f"decay epochs {bad} are not whole epochs in [0, {epochs}].")
+  else:
+    bad = [f for f in cfg.decay_fractions if not 0 < f < 1]
+    if bad:
+      raise ConfigError(f"decay fractions {bad} are not between 0 and 1 (exclusive).")
+    milestones = [int(f * epochs) for f in cfg.decay_fractions]
+  scales = {}
+  for epoch in milestones:
+    # Two milestones on the same epoch (very short runs) both apply.
+    boundary = int(epoch) * steps_per_epoch
+    scales[boundary] = scales.get(boundary, 1.0) * cfg.decay_factor
+  return optax.piecewise_constant_schedule(cfg.learning_rate, scales)
+
+
+SCHEDULES: dict[str, Callable[[OptimizerConfig, int, int], optax.Schedule]] = {
+    'step': _step_schedule,
+    'cosine': lambda cfg, epochs, spe: optax.cosine_decay_schedule(cfg.learning_rate, epochs * spe),
+    'constant': lambda cfg, epochs, spe: optax.constant_schedule(cfg.learning_rate),
+}
+
+
+def learning_rate_schedule(cfg: OptimizerConfig, epochs: int, steps_per_epoch: int) -> optax.Schedule:
+  """The learning rate as a function of the optimizer step."""
+  choose('learning-rate schedule', cfg.schedule, SCHEDULES)
+  return SCHEDULES[cfg.schedule](cfg, epochs, steps_per_epoch)
+
+
+def is_bn_scale(params) -> Any:
+  """True for every BatchNorm scale (gamma) leaf.
+
+  Flax names a BatchNorm's gamma 'scale'; every normalisation layer in jaxprune's
+  models is a BatchNorm, so the leaf name identifies them.
+  """
+  return traverse_util.path_aware_map(lambda path, _: path[-1] == 'scale', params)
+
+
+def add_bn_scale_l1(strength: float) -> optax.GradientTransformation:
+  """Network slimming's sparsity: adds strength * sign(gamma) to each BN scale's gradient."""
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError('add_bn_scale_l1 needs the params passed to update().')
+    return jax.tree.map(lambda g, p: g + strength * jnp.sign(p), updates, params), state
+
+  return optax.masked(optax.GradientTransformation(lambda params: optax.EmptyState(), update),
+                      is_bn_scale)
+
+
+def make_optimizer(cfg: OptimizerConfig, epochs: int,
+                   steps_per_epoch: int) -> optax.GradientTransformation:
+  """SGD as in the papers: grad + wd * param (+ s * sign(gamma)) -> momentum -> x lr(step)."""
+  schedule = learning_rate_schedule(cfg, epochs, steps_per_epoch)
+  parts = []
+  if cfg.weight_decay:
+    parts.append(optax.add_decayed_weights(cfg.weight_decay))
+  if cfg.bn_l1:
+    parts.append(add_bn_scale_l1(cfg.bn_l1))
+  parts.append(optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
+  return optax.chain(*parts)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def keep_multipliers(structure: structure_lib.Structure, masks: Mapping, tree, collection: str):
+  """0/1 multipliers shaped for each leaf of `tree` (one variable collection).
+
+  A leaf entry is 0 where any of its axes indexes a channel that a (C,) mask removes,
+  so a conv's kernel is frozen both for its own removed filters and for the removed
+  input channels it reads. Leaves no mask touches get the Python scalar 1.0.
+  """
+  def multiplier(path, leaf):
+    keep = 1.0
+    tags = structure.axes[(collection,) + tuple(k.key for k in path)]
+    for axis, group in enumerate(tags):
+      if group in masks:
+        mask = masks[group]
+        if mask.ndim != 1:
+          raise ConfigError(f"training masks must have shape (C,); group {group!r} has "
+                            f"shape {tuple(mask.shape)}.")
+        shape = [1] * leaf.ndim
+        shape[axis] = -1
+        keep = keep * (mask != 0).astype(leaf.dtype).reshape(shape)
+    return keep
+
+  return jax.tree_util.tree_map_with_path(multiplier, tree)
+
+
+def _freeze(new, old, keep):
+  return new if isinstance(keep, float) else jnp.where(keep != 0, new, old)
+
+
+def cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def train_step(state: TrainState, batch: Mapping, masks: Masks, *, model: nn.Module,
+               tx: optax.GradientTransformation,
+               structure: structure_lib.Structure | None = None) -> tuple[TrainState, dict]:
+  """One SGD step (pure). Returns the new state and {'loss', 'accuracy'} of the batch.
+
+  BN runs in training mode (batch statistics, running averages updated). With masks,
+  a removed channel's activation is zero, so its producing weights get no gradient;
+  weight decay, the BN L1 term and momentum would still move them, so the updates, the
+  momentum buffers and the BN statistics of everything a removed channel indexes
+  (`keep_multipliers`, from `structure`) are held at their current values.
+  """
+  def loss_fn(params):
+    variables = {**state.variables, 'params': params}
+    logits, updated = model.apply(variables, batch['image'], train=True, masks=masks,
+                                  mutable=['batch_stats'])
+    loss = jnp.mean(cross_entropy(logits, batch['label']))
+    return loss, (logits, updated.get('batch_stats', {}))
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  if masks:
+    if structure is None:
+      raise ValueError('train_step with masks needs the model structure.')
+    keep = keep_multipliers(structure, masks, state.params, 'params')
+    updates = jax.tree.map(lambda u, k: u * k, updates, keep)
+    opt_state = optax.tree_utils.tree_map_params(tx, lambda s, k: s * k, opt_state, keep)
+    keep_stats = keep_multipliers(structure, masks, state.batch_stats, 'batch_stats')
+    batch_stats = jax.tree.map(_freeze, batch_stats, state.batch_stats, keep_stats)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            batch_stats=batch_stats, opt_state=opt_state)
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
+  return new_state, {'loss': loss, 'accuracy': accuracy}
+
+
+def eval_step(state: TrainState, batch: Mapping, masks: Masks, *, model: nn.Module) -> dict:
+  """Sums over the valid examples of a batch: {'loss_sum', 'correct', 'count'} (pure)."""
+  logits = model.apply(state.variables, batch['image'], train=False, masks=masks)
+  valid = batch.get('valid')
+  valid = jnp.ones(logits.shape[:1], jnp.float32) if valid is None else valid.astype(jnp.float32)
+  correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
+  return {'loss_sum': jnp.sum(cross_entropy(logits, batch['label']) * valid),
+          'correct': jnp.sum(correct * valid), 'count': jnp.sum(valid)}
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh over all devices (of all processes), axis 'data'."""
+  return Mesh(np.asarray(devices if devices is not None else jax.devices()), (DATA_AXIS,))
+
+
+def initialize_multihost(**kwargs) -> None:
+  """Joins the processes of a multi-host run (`jax.distributed.initialize(**kwargs)`).
+
+  Call once per process before any other JAX call; on Cloud TPU and SLURM the
+  coordinator is found automatically. Every process then runs the same program
+  (`fit` included) on global arrays; `host_batch_slice` and `global_batch` let each
+  process feed its part of a host-made batch.
+  """
+  jax.distributed.initialize(**kwargs)
+  logging.info('process %d of %d: %d local of %d devices', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def host_batch_slice(global_batch_size: int) -> slice:
+  """The rows of a global batch this process feeds (contiguous, in process order)."""
+  per_process, rest = divmod(global_batch_size, jax.process_count())
+  if rest:
+    raise ConfigError(f"batch size {global_batch_size} is not divisible by the "
+                      f"{jax.process_count()} processes.")
+  start = jax.process_index() * per_process
+  return slice(start, start + per_process)
+
+
+def global_batch(local_batch: Mapping, mesh: Mesh) -> dict:
+  """Assembles each process's rows (`host_batch_slice`) into one batch sharded along 'data'."""
+  sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items()}
+
+
+def epoch_keys(rng, epoch):
+  """(permutation key, augmentation key) of one epoch; a step's key folds in its index."""
+  perm_key, augment_key = jax.random.split(jax.random.fold_in(rng, epoch))
+  return perm_key, augment_key
+
+
+class Trainer:
+  """The jitted, sharded steps of one model and optimizer on one mesh.
+
+  `train_step(state, batch, masks)` donates the state (its buffers are reused for the
+  new one) and returns device arrays: nothing waits for the device. The batch is split
+  along the mesh's 'data' axis and everything else is replicated; BN statistics and
+  gradients are reduced over the whole global batch, so the result does not depend on
+  the number of devices.
+  """
+
+  def __init__(self, model: nn.Module, tx: optax.GradientTransformation,
+               structure: structure_lib.Structure | None = None, mesh: Mesh | None = None):
+    self.model = model
+    self.tx = tx
+    self.mesh = mesh if mesh is not None else make_mesh()
+    self.replicated = NamedSharding(self.mesh, PartitionSpec())
+    self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
+
+    def sharded_train_step(state, batch, masks):
+      batch = jax.lax.with_sharding_constraint(batch, self.batch_sharding)
+      return train_step(state, batch, masks, model=model, tx=tx, structure=structure)
+
+    def sharded_eval_step(state, batch, masks):
+      batch = jax.lax.with_sharding_constraint(batch, self.batch_sharding)
+      return eval_step(state, batch, masks, model=model)
+
+    self.train_step = jax.jit(sharded_train_step, donate_argnums=0,
+                              out_shardings=(self.replicated, self.replicated))
+    self.eval_step = jax.jit(sharded_eval_step, out_shardings=self.replicated)
+    self.add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
+
+  def init_state(self, variables: Mapping, seed: int) -> TrainState:
+    """The initial state, replicated on the mesh."""
+    return self.replicate(create_state(variables, self.tx, seed))
+
+  def replicate(self, tree):
+    # Through host memory, so that every process contributes the same global value.
+    return jax.device_put(jax.device_get(tree), self.replicated)
+
+  def shard_batch(self, batch: Mapping) -> dict:
+    """Places a single-process host batch on the mesh, split along 'data'."""
+    return jax.device_put(dict(batch), self.batch_sharding)
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+StepHook = Callable[[TrainState, Mapping, Masks, Any], tuple[Masks, Any]]
+EpochCallback = Callable[[TrainState, dict], None]
+
+_TRAIN_SUMS = ('loss', 'accuracy')
+
+
+def _zero_sums():
+  return {k: jnp.zeros((), jnp.float32) for k in _TRAIN_SUMS + ('steps',)}
+
+
+def _as_masks(masks: Masks) -> Masks:
+  if masks is None:
+    return None
+  return {g: jnp.asarray(m, jnp.float32) for g, m in masks.items()}
+
+
+def _format_seconds(seconds: float) -> str:
+  minutes, s = divmod(int(seconds), 60)
+  hours, m = divmod(minutes, 60)
+  return f'{hours}h{m:02d}m{s:02d}s' if hours else f'{m}m{s:02d}s'
+
+
+def _progress_bar(total: int, initial: int):
+  if jax.process_index() != 0 or not sys.stderr.isatty():
+    return None
+  import tqdm  # Installed with tensorflow-datasets; only needed on a terminal.
+  return tqdm.tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True)
+
+
+def _epoch_fns(trainer: Trainer, arrays: Mapping, spec: data.DataSpec, batch_size: int):
+  """Jitted (permutation, batch) makers for the device-resident training set."""
+  images, labels = arrays['train_images'], arrays['train_labels']
+  n = int(labels.shape[0])
+
+  @functools.partial(jax.jit, out_shardings=trainer.replicated)
+  def permutation(rng, epoch):
+    return data.epoch_permutation(epoch_keys(rng, epoch)[0], n, batch_size)
+
+  @functools.partial(jax.jit, out_shardings=trainer.batch_sharding)
+  def make_batch(images, labels, order, rng, step):
+    steps_per_epoch = order.shape[0]
+    epoch, index = step // steps_per_epoch, step % steps_per_epoch
+    key = jax.random.fold_in(epoch_keys(rng, epoch)[1], index)
+    return data.train_batch(images, labels, order[index], key, spec)
+
+  return permutation, functools.partial(make_batch, images, labels)
+
+
+def evaluate(trainer: Trainer, state: TrainState, arrays: Mapping, spec: data.DataSpec,
+             masks: Masks, batch_size: int) -> dict:
+  """Test-set {'loss', 'accuracy'} of the state (one host sync at the end)."""
+  sums = None
+  for batch in data.eval_batches(arrays['test_images'], arrays['test_labels'], batch_size, spec):
+    out = trainer.eval_step(state, batch, masks)
+    sums = out if sums is None else trainer.add(sums, out)
+  sums = jax.device_get(sums)
+  return {'loss': float(sums['loss_sum'] / sums['count']),
+          'accuracy': float(sums['correct'] / sums['count'])}
+
+
+def fit(model: nn.Module, variables: Mapping, arrays: Mapping, spec: data.DataSpec, *, epochs: int, batch_size: int,
+        optimizer: OptimizerConfig, stage_dir, seed: int = 0, masks: Masks = None,
+        structure: structure_lib.Structure | None = None, step_hook: StepHook | None = None,
+        hook_state: Any = None, callbacks: Sequence[EpochCallback] = (),
+        mesh: Mesh | None = None, eval_batch_size: int | None = None,
+        max_to_keep: int = 2) -> tuple[dict, dict]:
+  """Trains `model` from `variables`; resumable, and a no-op for a stage already done.
+
+  Args:
+    model: the Flax model.
+    variables: its initial variables (params, batch_stats, other collections).
+    arrays: the dataset on device, `data.device_put_dataset(ds)` (placed replicated on
+      the mesh if it is not already).
+    spec: `ds.spec`, the augmentation and normalisation of `data.train_batch`.
+    epochs, batch_size: length of training; batch_size is global (over all devices)
+      and the last partial batch of an epoch is dropped.
+    optimizer: the `OptimizerConfig`.
+    stage_dir: directory (local or gs://) for checkpoints, metrics.jsonl, final/ and result.json.
+    seed: the run's seed; permutations and augmentations derive from (seed, epoch, step).
+    masks: {group: (C,)} masks applied throughout; removed channels' parameters stay fixed.
+      Give all-ones masks for every group a `step_hook` may prune later.
+    structure: the model's structure (derived when masks are given and it is not).
+    step_hook: called after every step as `hook(state, batch, masks, hook_state) ->
+      (masks, hook_state)`; new mask values (same shapes) take effect from the next step
+      without recompiling. Both are checkpointed, so a hook whose state is a pytree of
+      arrays resumes exactly. It should avoid host syncs on most steps.
+    hook_state: the hook's initial state (a pytree of arrays, or None).
+    callbacks: called after every epoch (after its checkpoint is started) with the
+      state and the epoch's record.
+    mesh: devices to train on (default: all, `make_mesh()`).
+    eval_batch_size: test batch size (default: batch_size).
+    max_to_keep: epoch checkpoints kept.
+
+  Returns:
+    (variables, result): final variables, and {'test_accuracy', 'test_loss',
+    'train_loss', 'train_accuracy', 'epochs', 'steps', 'wall_time_s', ...}, also
+    written to result.json. If result.json already exists nothing is trained: the
+    saved final variables and result are returned.
+
+  Raises:
+    checkpoint.Preempted: after saving on SIGTERM (a SystemExit(0): uncaught, the
+      process exits cleanly and a rerun resumes from that step).
+  """
+  stage = checkpoint.stage_path(stage_dir)
+  if checkpoint.is_done(stage):
+    logging.info('Stage %s is done; using its saved result.', stage)
+    return (checkpoint.load_variables(stage / checkpoint.FINAL, like=variables),
+            checkpoint.read_result(stage))
+
+  if epochs < 1:
+    raise ConfigError(f"epochs must be at least 1, got {epochs}.")
+  steps_per_epoch = data.steps_per_epoch(int(arrays['train_labels'].shape[0]), batch_size)
+  mesh = mesh if mesh is not None else make_mesh()
+  eval_batch_size = eval_batch_size or batch_size
+  for name, size in (('batch size', batch_size), ('eval batch size', eval_batch_size)):
+    if size % mesh.size:
+      raise ConfigError(f"{name} {size} is not divisible by the {mesh.size} devices.")
+  total_steps = epochs * steps_per_epoch
+
+  masks = _as_masks(masks)
+  if masks and structure is None:
+    structure = structure_lib.derive(model, tuple(arrays['train_images'].shape[1:]))
+  if structure is not None and dict(structure.widths) != widths_of(model):
+    raise ValueError('the structure was derived for other widths than the model has.')
+  tx = make_optimizer(optimizer, epochs, steps_per_epoch)
+  schedule = learning_rate_schedule(optimizer, epochs, steps_per_epoch)
+  trainer = Trainer(model, tx, structure, mesh)
+  arrays = jax.device_put(dict(arrays), trainer.replicated)
+  permutation, make_batch = _epoch_fns(trainer, arrays, spec, batch_size)
+
+  run = checkpoint.RunCheckpoints(stage, max_to_keep)
+  try:
+    carry = {'train': trainer.init_state(variables, seed), 'masks': trainer.replicate(masks),
+             'hook': trainer.replicate(hook_state), 'sums': trainer.replicate(_zero_sums())}
+    log = {'records': [], 'elapsed_s': 0.0}
+    restored = run.restore_latest(carry)
+    if restored is not None:
+      carry, log = restored
+      logging.info('Resuming %s from step %d.', stage, run.latest_step())
+    state, masks, hook_state, sums = carry['train'], carry['masks'], carry['hook'], carry['sums']
+    records = list(log['records'])
+    step = int(state.step)
+    run_start, elapsed_before = time.time(), float(log['elapsed_s'])
+
+    def elapsed():
+      return elapsed_before + time.time() - run_start
+
+    def save(at_step):
+      run.save(at_step, {'train': state, 'masks': masks, 'hook': hook_state, 'sums': sums},
+               {'records': records, 'elapsed_s': elapsed()})
+
+    bar = _progress_bar(total_steps, step)
+    with checkpoint.PreemptionGuard() as guard:
+      while step < total_steps:
+        epoch = step // steps_per_epoch
+        order = permutation(state.rng, epoch)
+        epoch_start, first_step = time.time(), step
+        while step < (epoch + 1) * steps_per_epoch:
+          batch = make_batch(order, state.rng, step)
+          state, metrics = trainer.train_step(state, batch, masks)
+          sums = trainer.add(sums, {**metrics, 'steps': jnp.ones((), jnp.float32)})
+          step += 1
+          if step_hook is not None:
+            masks, hook_state = step_hook(state, batch, masks, hook_state)
+          if bar is not None:
+            bar.update(1)
+          if guard.reached(step):
+            save(step)
+            run.wait()
+            logging.warning('Preempted: saved step %d of %d in %s.', step, total_steps, stage)
+            raise checkpoint.Preempted(step)
+        totals = jax.device_get(sums)  # The epoch's one wait for the device.
+        train_time = time.time() - epoch_start
+        test = evaluate(trainer, state, arrays, spec, masks, eval_batch_size)
+        record = {
+            'epoch': epoch + 1, 'step': step,
+            'train_loss': float(totals['loss'] / totals['steps']),
+            'train_accuracy': float(totals['accuracy'] / totals['steps']),
+            'test_loss': test['loss'], 'test_accuracy': test['accuracy'],
+            'learning_rate': float(schedule(step - 1)),
+            'images_per_second': (step - first_step) * batch_size / train_time,
+            'elapsed_s': elapsed(),
+        }
+        records.append(record)
+        sums = trainer.replicate(_zero_sums())
+        save(step)
+        checkpoint.write_metrics(stage, records)
+        eta = (epochs - epoch - 1) * (time.time() - epoch_start)
+        logging.info('epoch %d/%d  loss %.4f  acc %.4f  test loss %.4f  test acc %.4f  lr %.3g  '
+                     '%.0f img/s  eta %s', epoch + 1, epochs, record['train_loss'],
+                     record['train_accuracy'], record['test_loss'], record['test_accuracy'],
+                     record['learning_rate'], record['images_per_second'], _format_seconds(eta))
+        for callback in callbacks:
+          callback(state, record)
+    if bar is not None:
+      bar.close()
+    run.wait()
+  finally:
+    run.close()
+
+  final = records[-1]
+  result = {
+      'test_accuracy': final['test_accuracy'], 'test_loss': final['test_loss'],
+      'train_accuracy': final['train_accuracy'], 'train_loss': final['train_loss'],
+      'epochs': epochs, 'steps': total_steps, 'batch_size': batch_size, 'seed': seed,
+      'wall_time_s': final['elapsed_s'],
+  }
+  checkpoint.save_variables(stage / checkpoint.FINAL, state.variables)
+  checkpoint.mark_done(stage, result)
+  return state.variables, result
