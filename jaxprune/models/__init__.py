@@ -21,10 +21,11 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     **{name: functools.partial(VGG, cfg=cfg) for name, cfg in CFGS.items()},
     **{f'{name}_mlp': functools.partial(VGG, cfg=cfg, classifier='mlp') for name, cfg in CFGS.items()},
     **{f'resnet{d}': functools.partial(ResNet, depth=d) for d in (20, 32, 44, 56, 110)},
-    **{f'preresnet{d}': functools.partial(PreResNet, depth=d) for d in (20, 56, 164)},
+    **{f'preresnet{d}': functools.partial(PreResNet, depth=d) for d in (11, 20, 56, 164)},
     'wrn16_2': functools.partial(WideResNet, depth=16, widen_factor=2),
     'wrn40_1': functools.partial(WideResNet, depth=40, widen_factor=1),
     'wrn40_2': functools.partial(WideResNet, depth=40, widen_factor=2),
+    'densenet10': functools.partial(DenseNet, depth=10),
     'densenet16': functools.partial(DenseNet, depth=16),
     'densenet40': functools.partial(DenseNet, depth=40),
 }

@@ -50,18 +50,18 @@ class DenseNet(nn.Module):
     for d in (1, 2, 3):
       for l in range(1, self.layers_per_block() + 1):
         group = f'block{d}_layer{l}'
-        y = layers.SelectBnRelu(widths[group], train, name=group)(x)
+        y = layers.SelectBnRelu(widths[group], train, name=f'{group}_select')(x)
         y = layers.gate(self, y, masks, group)
         y = layers.conv(self.growth, 3, name=f'{group}_conv')(y)
         x = jnp.concatenate([x, y], axis=-1)
       if d < 3:
         group = f'transition{d}'
         channels = x.shape[-1]
-        y = layers.SelectBnRelu(widths[group], train, name=group)(x)
+        y = layers.SelectBnRelu(widths[group], train, name=f'{group}_select')(x)
         y = layers.gate(self, y, masks, group)
         x = layers.conv(channels, 1, name=f'{group}_conv')(y)
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
-    x = layers.SelectBnRelu(widths['final'], train, name='final')(x)
+    x = layers.SelectBnRelu(widths['final'], train, name='final_select')(x)
     x = layers.gate(self, x, masks, 'final')
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, name='head')(x)

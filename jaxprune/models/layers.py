@@ -8,6 +8,8 @@ mask at the point where a removed channel's contribution becomes exactly zero
 the channel (`sow` into the 'intermediates' collection).
 """
 
+import contextlib
+import contextvars
 from typing import Mapping
 
 import flax.linen as nn
@@ -18,6 +20,10 @@ from jaxprune.errors import ConfigError
 # Collection holding, for channel-selection layers, the indices of the stream
 # channels the layer reads. It is structural data, not a learned parameter.
 INDICES = 'indices'
+
+# Offsets added to gated activations while `activation_offsets` is active: a way to
+# differentiate the loss w.r.t. the activations themselves (used to check gates).
+_OFFSETS: contextvars.ContextVar = contextvars.ContextVar('activation_offsets', default=None)
 
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
@@ -81,8 +87,25 @@ def gate(module: nn.Module, x, masks: Mapping | None, group: str):
     if m.ndim == 2:
       m = m.reshape(m.shape[:1] + (1,) * (x.ndim - 2) + m.shape[1:])
     x = x * m
+  offsets = _OFFSETS.get()
+  if offsets is not None and group in offsets:
+    x = x + offsets[group]
   module.sow('intermediates', group, x)
   return x
+
+
+@contextlib.contextmanager
+def activation_offsets(offsets: Mapping):
+  """Adds `offsets[group]` (shaped like the activation) to each named gate's output.
+
+  With zero offsets the model is unchanged, and `jax.grad` w.r.t. the offsets is
+  dloss/dactivation at every gate, independently of the masks mechanism.
+  """
+  token = _OFFSETS.set(offsets)
+  try:
+    yield
+  finally:
+    _OFFSETS.reset(token)
 
 
 class SelectBnRelu(nn.Module):

@@ -124,7 +124,7 @@ class PreResNet(nn.Module):
       for b in range(1, self.blocks_per_stage() + 1):
         block = f'stage{s}_block{b}'
         stride = 2 if s > 1 and b == 1 else 1
-        y = layers.SelectBnRelu(widths[f'{block}_in'], train, name=f'{block}_in')(x)
+        y = layers.SelectBnRelu(widths[f'{block}_in'], train, name=f'{block}_in_select')(x)
         y = layers.gate(self, y, masks, f'{block}_in')
         y = layers.conv(widths[f'{block}_mid1'], 1, name=f'{block}_conv1')(y)
         y = nn.relu(layers.batch_norm(train, name=f'{block}_bn2')(y))
@@ -136,7 +136,7 @@ class PreResNet(nn.Module):
         if b == 1:
           x = layers.conv(widths[f'stage{s}'], 1, stride, name=f'{block}_shortcut')(x)
         x = x + y
-    x = layers.SelectBnRelu(widths['final'], train, name='final')(x)
+    x = layers.SelectBnRelu(widths['final'], train, name='final_select')(x)
     x = layers.gate(self, x, masks, 'final')
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, name='head')(x)

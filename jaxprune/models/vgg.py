@@ -71,12 +71,12 @@ class VGG(nn.Module):
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
         continue
       name = next(names)
-      x = layers.conv(widths[name], 3, name=name)(x)
+      x = layers.conv(widths[name], 3, name=f'{name}_conv')(x)
       x = nn.relu(layers.batch_norm(train, name=f'{name}_bn')(x))
       x = layers.gate(self, x, masks, name)
     x = jnp.mean(x, axis=(1, 2))
     if self.classifier == 'mlp':
-      x = nn.Dense(widths['fc'], name='fc')(x)
+      x = nn.Dense(widths['fc'], name='fc_dense')(x)
       x = nn.relu(layers.batch_norm(train, name='fc_bn')(x))
       x = layers.gate(self, x, masks, 'fc')
     elif self.classifier != 'linear':
