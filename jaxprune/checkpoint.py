@@ -92,7 +92,7 @@ def load_variables(path, like=None):
 
 
 class RunCheckpoints:
-  """The training checkpoints of one stage: a pytree of arrays plus JSON records, per step.
+  """The training checkpoints of one stage: a pytree of arrays plus a JSON log, per step.
 
   Saving is asynchronous (orbax copies device arrays to host, then writes in the
   background), so an epoch's checkpoint overlaps the next epoch's training.
@@ -101,17 +101,18 @@ class RunCheckpoints:
   def __init__(self, stage_dir, max_to_keep: int = 2):
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
     self._manager = ocp.CheckpointManager(stage_path(stage_dir) / CHECKPOINTS, options=options,
-                                          item_names=('state', 'records'))
+                                          item_names=('state', 'log'))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, tree, records) -> None:
+  def save(self, step: int, tree, log: Mapping[str, Any]) -> None:
+    """Starts saving `tree` (arrays) and `log` (JSON-able) as checkpoint `step`."""
     self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(tree), records=ocp.args.JsonSave(list(records))), force=True)
+        state=ocp.args.StandardSave(tree), log=ocp.args.JsonSave(dict(log))), force=True)
 
   def restore_latest(self, like):
-    """Returns (tree, records) of the latest checkpoint, or None if there is none.
+    """Returns (tree, log) of the latest checkpoint, or None if there is none.
 
     `like` is a pytree with the saved structure (arrays or ShapeDtypeStructs); restored
     arrays take its dtypes and shardings.
@@ -121,8 +122,8 @@ class RunCheckpoints:
       return None
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), records=ocp.args.JsonRestore()))
-    return restored.state, restored.records
+        state=ocp.args.StandardRestore(target), log=ocp.args.JsonRestore()))
+    return restored.state, restored.log
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

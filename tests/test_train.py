@@ -59,14 +59,21 @@ def numpy_variables(model, image_shape=IMAGE, seed=0) -> dict:
   return traverse_util.unflatten_dict(flat)
 
 
-def run_python(code: str, *, devices: int = 1, timeout: float = 120, **kwargs):
-  """Runs `code` in a fresh Python with `devices` CPU devices and tests/ importable."""
+def python_process(code: str, *args: str, devices: int = 1) -> subprocess.Popen:
+  """Starts `code` in a fresh Python with `devices` CPU devices and tests/ importable."""
   env = dict(os.environ)
   env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   env['JAX_PLATFORMS'] = 'cpu'
   env['PYTHONPATH'] = os.pathsep.join([os.path.dirname(__file__), env.get('PYTHONPATH', '')])
-  return subprocess.run([sys.executable, '-c', textwrap.dedent(code)], env=env, timeout=timeout,
-                        capture_output=True, text=True, **kwargs)
+  return subprocess.Popen([sys.executable, '-c', textwrap.dedent(code), *args], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run_python(code: str, *args: str, devices: int = 1, timeout: float = 180):
+  """Runs `code` (see `python_process`) to the end: (returncode, stdout, stderr)."""
+  proc = python_process(code, *args, devices=devices)
+  stdout, stderr = proc.communicate(timeout=timeout)
+  return proc.returncode, stdout, stderr
 
 
 @functools.cache
@@ -240,9 +247,9 @@ print('RESULT' + json.dumps(out))
 
 
 def test_eight_devices_train_like_one():
-  proc = run_python(EIGHT_DEVICES, devices=8)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  out = json.loads(proc.stdout.split('RESULT', 1)[1])
+  returncode, stdout, stderr = run_python(EIGHT_DEVICES, devices=8)
+  assert returncode == 0, stderr[-3000:]
+  out = json.loads(stdout.split('RESULT', 1)[1])
   one, eight = out['1'], out['8']
   for metric in ('train_loss', 'test_loss', 'train_accuracy', 'test_accuracy'):
     np.testing.assert_allclose(eight['result'][metric], one['result'][metric], rtol=1e-4,
