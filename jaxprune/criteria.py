@@ -1,0 +1,570 @@
+"""Channel importance criteria: model + variables (+ batches) -> {group: (C,) scores}.
+
+Every criterion answers "how much does this channel matter?" with a higher score
+for a channel worth keeping. `score(name, ...)` is the one-shot entry point;
+iterative pruning uses the pieces it is built from, the `Criterion` protocol:
+
+    state = criterion.init(structure, rng)
+    state = criterion.accumulate(state, model, variables, masks, batch)  # pure, jittable
+    scores = criterion.finalize(state, model, variables)
+
+`accumulator(criterion, model)` is `accumulate` jitted for one model; masks are
+ordinary inputs, so changing which channels are pruned never recompiles.
+
+Conventions shared by all criteria:
+
+* Higher = more important. Channels already removed by `masks` get the
+  criterion's natural value (0 for every data criterion, whose signals vanish
+  with the channel; the unchanged weight norm for weight criteria); selection
+  excludes masked channels itself.
+* Data criteria run the model in eval mode (BN running statistics), so one
+  example's signal does not depend on the rest of its batch and the oracle
+  measures the network that would actually be deployed. Loss: softmax
+  cross-entropy.
+* The activation z of a channel is the masked activation at the group's gate,
+  after BN and the nonlinearity (what the next layer reads). Because a ReLU
+  passes z * dL/dz unchanged where z > 0 and zeroes it elsewhere, z * dL/dz
+  after BN+ReLU equals the "gate after BN" quantity of [M] 2019.
+* Gradient criteria multiply (B, C) gates of ones onto the current (C,) masks and
+  take ONE backward pass w.r.t. those gates only (no weight gradients). With
+  CE_n the loss of example n, the gate gradient is
+  g_nk = sum_hw z_nhwk * dCE_n/dz_nhwk for every channel of every group.
+
+The criteria (names as accepted by `--criterion`):
+
+* `random`: uniform in [0, 1), from `rng` (key 0 when none is given).
+* `l1`, `l2`: sum |w| and sqrt(sum w^2) of the channel's filter; `min_weight`:
+  mean w^2 of the filter ([M]'s "minimum weight"). The filter of a group is
+  every kernel slice (Conv/Dense `kernel` leaves, biases excluded) whose OUTPUT
+  axis the group tags in `structure.axes`. A channel-selection group (one that
+  tags an `indices` leaf: it picks stream channels and has no producing filter)
+  uses instead the kernel slices whose INPUT axis it tags: the next layer's
+  weights that read the selected channel.
+* `bn_scale`: |gamma| of the BatchNorm whose scale the group tags (network
+  slimming). A group with no such BN (e.g. the Dense `fc` group of `tiny`) has
+  no gamma to rank by; rather than mix in another quantity with another scale,
+  `init` raises a ConfigError naming those groups.
+* `mean_activation`, `activation_std`: mean and (population) standard
+  deviation of z over examples and positions; `apoz`: 1 - the fraction of z
+  that are exactly zero (average percentage of zeros, Hu et al. 2016).
+* `taylor` ([M] 2017): mean over examples of |g_nk| / (H*W), i.e. the
+  per-example |mean_hw(z * dL/dz)| averaged over examples.
+  `taylor_signed_mean` (public variant): |sum_n g_nk| / (N*H*W), the signed
+  mean over examples and positions, then the absolute value.
+* `taylor_fo` ([M] 2019): per step (sum over batch and space of z * dL/dz)^2
+  with L the batch's mean loss, i.e. (mean_n g_nk)^2, averaged over steps.
+* `fisher` (Theis et al., [C]): 1/(2N) sum_n g_nk^2 over all N examples.
+* `second_order` (OBD-like): with L(s) the mean loss as a function of a (C,)
+  channel scale s (ones, times the mask), removing channel k moves s_k by -1,
+  so L changes by about -dL/ds_k + 0.5 d2L/ds_k^2. The score is the absolute
+  value of that estimate, the second-order approximation of `oracle`. The
+  Hessian diagonal comes from forward-over-reverse (jvp of grad) vmapped over
+  one-hot tangents, chunked.
+* `oracle` ([M]): |L(mask with channel k removed) - L(mask)|, L the mean loss
+  over all examples of the batches. One channel per vmapped mask, chunked.
+
+Why the oracle is cheap: for one group the loss is vmapped over one-hot
+removals of that group's channels only, with everything else closed over. vmap
+batches only values that depend on the vmapped argument, so every layer before
+the group's gate runs once per chunk, unbatched, and only the layers after it
+run once per removed channel (the chunk loop is a `lax.map`, whose body's
+loop-invariant prefix XLA is free to hoist). `chunk_size` and `memory_bytes`
+bound how many removals are in flight at once.
+"""
+
+import dataclasses
+import functools
+import itertools
+import math
+from typing import Any, Callable, Iterable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+
+from jaxprune import structure as structure_lib
+from jaxprune.errors import ConfigError, choose
+from jaxprune.models.layers import INDICES
+
+State = Any
+Scores = dict[str, np.ndarray]
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Hashable facts riding in a criterion's state through jit without becoming inputs."""
+  value: Any
+
+
+def _groups(state) -> tuple[tuple[str, int], ...]:
+  return state['groups'].value
+
+
+def _group_table(structure) -> _Static:
+  return _Static(tuple((g, int(structure.widths[g])) for g in structure.prunable))
+
+
+def _full_masks(groups, masks) -> dict[str, jax.Array]:
+  """Every prunable group's (C,) float mask, ones where none is given (a fixed pytree for jit)."""
+  masks = {} if masks is None else masks
+  widths = dict(groups)
+  unknown = [g for g in masks if g not in widths]
+  if unknown:
+    raise ConfigError(f"masks name unknown groups {unknown}; the prunable groups are "
+                      f"{list(widths)}.")
+  out = {}
+  for g, c in groups:
+    m = jnp.ones((c,), jnp.float32) if g not in masks else jnp.asarray(masks[g], jnp.float32)
+    if m.shape != (c,):
+      raise ConfigError(f"mask for group {g!r} has shape {tuple(m.shape)}; criteria need "
+                        f"shape ({c},).")
+    out[g] = m
+  return out
+
+
+def _example_losses(model, variables, x, labels, masks) -> jax.Array:
+  logits = model.apply(variables, x, train=False, masks=masks)
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def _activations(model, variables, x, masks) -> dict[str, jax.Array]:
+  _, state = model.apply(variables, x, train=False, masks=masks, mutable=['intermediates'])
+  return {g: acts[0] for g, acts in state['intermediates'].items()}
+
+
+def _activation_shapes(model, variables, x, masks) -> dict[str, tuple[int, ...]]:
+  shapes = jax.eval_shape(functools.partial(_activations, model), variables, x, masks)
+  return {g: s.shape for g, s in shapes.items()}
+
+
+def _positions(shape) -> int:
+  """Positions per example (H * W for a conv activation, 1 for a dense one)."""
+  return math.prod(shape[1:-1])
+
+
+def _counter(groups, init) -> dict[str, jax.Array]:
+  return {g: jnp.full((c,), init, jnp.float32) for g, c in groups}
+
+
+def _as_numpy(scores: Mapping) -> Scores:
+  return {g: np.asarray(v, np.float32) for g, v in scores.items()}
+
+
+class Criterion:
+  """The protocol every criterion implements; higher score = more important.
+
+  Subclasses are frozen dataclasses (hashable, so usable as static jit arguments).
+  """
+  name: str
+  needs_data: bool = True
+
+  def init(self, structure: structure_lib.Structure, rng=None) -> State:
+    """A fresh accumulator for the structure's prunable groups."""
+    return {'groups': _group_table(structure)}
+
+  def accumulate(self, state: State, model: nn.Module, variables, masks, batch) -> State:
+    """Adds one batch's evidence; pure and jittable. Data-free criteria return `state`."""
+    return state
+
+  def finalize(self, state: State, model: nn.Module, variables) -> Scores:
+    """{group: (C,) float32 numpy scores} from the accumulated state."""
+    raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Random(Criterion):
+  name: str = 'random'
+  needs_data = False
+
+  def init(self, structure, rng=None):
+    rng = jax.random.key(0) if rng is None else rng
+    if isinstance(rng, int):
+      rng = jax.random.key(rng)
+    keys = jax.random.split(rng, len(structure.prunable))
+    return {'groups': _group_table(structure),
+            'scores': {g: jax.random.uniform(k, (structure.widths[g],))
+                       for g, k in zip(structure.prunable, keys)}}
+
+  def finalize(self, state, model, variables):
+    return _as_numpy(state['scores'])
+
+
+def _kernel_slices(structure, group: str) -> tuple[tuple[tuple[str, ...], int], ...]:
+  """(kernel leaf, channel axis) pairs holding a group's filter; see the module docstring."""
+  tags_of = structure.axes
+  selection = any(key[0] == INDICES and group in tags for key, tags in tags_of.items())
+  role = -2 if selection else -1
+  found = tuple((key, len(tags) + role) for key, tags in tags_of.items()
+                if key[0] == 'params' and key[-1] == 'kernel' and len(tags) >= 2
+                and tags[role] == group)
+  if not found:
+    where = 'input' if selection else 'output'
+    raise ConfigError(f"group {group!r} tags no kernel {where} axis, so weight criteria "
+                      "cannot score it; use a data criterion such as 'taylor'.")
+  return found
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightNorm(Criterion):
+  """A norm of each channel's filter: 'l1', 'l2' or 'min_weight' (mean squared weight)."""
+  name: str = 'l1'
+  needs_data = False
+
+  def init(self, structure, rng=None):
+    return {'groups': _group_table(structure),
+            'slices': _Static(tuple((g, _kernel_slices(structure, g))
+                                    for g in structure.prunable))}
+
+  def finalize(self, state, model, variables):
+    flat = traverse_util.flatten_dict(variables)
+    scores = {}
+    for group, slices in state['slices'].value:
+      per_channel = [jnp.moveaxis(jnp.asarray(flat[key], jnp.float32), axis, -1)
+                     for key, axis in slices]
+      w = jnp.concatenate([p.reshape(-1, p.shape[-1]) for p in per_channel], axis=0)
+      if self.name == 'l1':
+        scores[group] = jnp.sum(jnp.abs(w), axis=0)
+      elif self.name == 'l2':
+        scores[group] = jnp.sqrt(jnp.sum(jnp.square(w), axis=0))
+      else:
+        scores[group] = jnp.mean(jnp.square(w), axis=0)
+    return _as_numpy(scores)
+
+
+@dataclasses.dataclass(frozen=True)
+class BnScale(Criterion):
+  """|gamma| of the BatchNorm producing each group (network slimming)."""
+  name: str = 'bn_scale'
+  needs_data = False
+
+  def init(self, structure, rng=None):
+    found, missing = [], []
+    for g in structure.prunable:
+      keys = [k for k, tags in structure.axes.items()
+              if k[0] == 'params' and k[-1] == 'scale' and tags == (g,)]
+      if len(keys) == 1:
+        found.append((g, keys[0]))
+      else:
+        missing.append(g)
+    if missing:
+      raise ConfigError(f"bn_scale needs the one BatchNorm scale of each prunable group, but "
+                        f"groups {missing} have none or several; use a model whose pruned "
+                        "channels all come out of one BatchNorm, or another criterion.")
+    return {'groups': _group_table(structure), 'scales': _Static(tuple(found))}
+
+  def finalize(self, state, model, variables):
+    flat = traverse_util.flatten_dict(variables)
+    return _as_numpy({g: jnp.abs(flat[key]) for g, key in state['scales'].value})
+
+
+@dataclasses.dataclass(frozen=True)
+class Activation(Criterion):
+  """Statistics of z over examples and positions: 'mean_activation', 'activation_std', 'apoz'."""
+  name: str = 'mean_activation'
+
+  def init(self, structure, rng=None):
+    groups = _group_table(structure)
+    return {'groups': groups, 'count': _counter(groups.value, 0.0),
+            'mean': _counter(groups.value, 0.0), 'm2': _counter(groups.value, 0.0)}
+
+  def accumulate(self, state, model, variables, masks, batch):
+    masks = _full_masks(_groups(state), masks)
+    acts = _activations(model, variables, batch['image'], masks)
+    count, mean, m2 = dict(state['count']), dict(state['mean']), dict(state['m2'])
+    for g, _ in _groups(state):
+      z = acts[g].reshape(-1, acts[g].shape[-1]).astype(jnp.float32)
+      n_b = jnp.float32(z.shape[0])
+      if self.name == 'apoz':
+        # The running "mean" is the fraction of nonzero values, i.e. 1 - APoZ.
+        mean_b, m2_b = jnp.mean((z != 0).astype(jnp.float32), axis=0), 0.0
+      else:
+        mean_b = jnp.mean(z, axis=0)
+        m2_b = jnp.sum(jnp.square(z - mean_b), axis=0) if self.name == 'activation_std' else 0.0
+      # Chan et al.'s pairwise update: exact mean and variance over all batches
+      # without the cancellation of a running sum of squares.
+      total = count[g] + n_b
+      delta = mean_b - mean[g]
+      mean[g] = mean[g] + delta * (n_b / total)
+      m2[g] = m2[g] + m2_b + jnp.square(delta) * (count[g] * n_b / total)
+      count[g] = total
+    return {'groups': state['groups'], 'count': count, 'mean': mean, 'm2': m2}
+
+  def finalize(self, state, model, variables):
+    if self.name == 'activation_std':
+      return _as_numpy({g: jnp.sqrt(state['m2'][g] / state['count'][g])
+                        for g, _ in _groups(state)})
+    return _as_numpy(state['mean'])
+
+
+def gate_gradients(model, variables, masks, batch) -> tuple[dict, dict]:
+  """Per-example gate gradients g_nk = sum_hw z * dCE_n/dz for every prunable group.
+
+  Returns ({group: (B, C)}, {group: positions per example}). One forward and one
+  backward pass w.r.t. the gates only; `masks` must be the full (C,) masks.
+  """
+  x, labels = batch['image'], batch['label']
+  b = x.shape[0]
+  positions = {g: _positions(s) for g, s in _activation_shapes(model, variables, x, masks).items()}
+
+  def summed_loss(gates):
+    gated = {g: gates[g] * m for g, m in masks.items()}
+    return jnp.sum(_example_losses(model, variables, x, labels, gated))
+
+  ones = {g: jnp.ones((b,) + m.shape, jnp.float32) for g, m in masks.items()}
+  return jax.grad(summed_loss)(ones), positions
+
+
+@dataclasses.dataclass(frozen=True)
+class GateGradient(Criterion):
+  """Criteria from per-example gate gradients: 'taylor', 'taylor_signed_mean', 'taylor_fo', 'fisher'."""
+  name: str = 'taylor'
+
+  def init(self, structure, rng=None):
+    groups = _group_table(structure)
+    return {'groups': groups, 'sum': _counter(groups.value, 0.0),
+            'count': jnp.zeros((), jnp.float32)}
+
+  def accumulate(self, state, model, variables, masks, batch):
+    masks = _full_masks(_groups(state), masks)
+    grads, positions = gate_gradients(model, variables, masks, batch)
+    b = batch['image'].shape[0]
+    total = dict(state['sum'])
+    for g, _ in _groups(state):
+      gn = grads[g]
+      if self.name == 'taylor':
+        total[g] += jnp.sum(jnp.abs(gn), axis=0) / positions[g]
+      elif self.name == 'taylor_signed_mean':
+        total[g] += jnp.sum(gn, axis=0) / positions[g]
+      elif self.name == 'taylor_fo':
+        total[g] += jnp.square(jnp.mean(gn, axis=0))
+      else:
+        total[g] += jnp.sum(jnp.square(gn), axis=0)
+    # taylor_fo averages over steps, the others over examples.
+    step = 1.0 if self.name == 'taylor_fo' else float(b)
+    return {'groups': state['groups'], 'sum': total, 'count': state['count'] + step}
+
+  def finalize(self, state, model, variables):
+    n = state['count']
+    if self.name == 'taylor_signed_mean':
+      return _as_numpy({g: jnp.abs(s) / n for g, s in state['sum'].items()})
+    if self.name == 'fisher':
+      return _as_numpy({g: s / (2 * n) for g, s in state['sum'].items()})
+    return _as_numpy({g: s / n for g, s in state['sum'].items()})
+
+
+def _chunk_size(requested: int, memory_bytes: int, bytes_per_channel: int, channels: int) -> int:
+  by_memory = max(1, memory_bytes // max(1, bytes_per_channel))
+  return max(1, min(requested, by_memory, channels))
+
+
+def _over_one_hots(fn: Callable, channels: int, chunk: int) -> jax.Array:
+  """Stacks fn(one_hots) over all `channels` one-hot rows, `chunk` rows at a time."""
+  n = -(-channels // chunk)
+  chunk = -(-channels // n)  # the same number of chunks with the least padding
+  # Rows past `channels` are all zero (nothing removed) and are dropped below.
+  eye = jnp.eye(n * chunk, channels, dtype=jnp.float32)
+  if n == 1:
+    return fn(eye)[:channels]
+  out = jax.lax.map(fn, eye.reshape(n, chunk, channels))
+  return out.reshape((n * chunk,) + out.shape[2:])[:channels]
+
+
+def _bytes_per_removal(model, variables, x, masks, factor: int) -> int:
+  """A rough bound on the memory one vmapped removal adds: `factor` x all gate activations."""
+  shapes = _activation_shapes(model, variables, x, masks)
+  return factor * 4 * sum(math.prod(s) for s in shapes.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class Oracle(Criterion):
+  """|L(without channel k) - L| by vmapping the loss over one-hot removals.
+
+  With `share_prefix` (the default) each group gets its own vmapped program, so
+  the layers before the group's gate run once per chunk; without it one program
+  vmaps whole-network mask sets over all channels of all groups: a fraction of
+  the compile time (one copy of the model instead of one per group), but every
+  removal pays for a full forward pass.
+  """
+  name: str = 'oracle'
+  chunk_size: int = 128
+  memory_bytes: int = 2 ** 30
+  share_prefix: bool = True
+
+  def init(self, structure, rng=None):
+    groups = _group_table(structure)
+    return {'groups': groups, 'change': _counter(groups.value, 0.0),
+            'count': jnp.zeros((), jnp.float32)}
+
+  def accumulate(self, state, model, variables, masks, batch):
+    groups = _groups(state)
+    masks = _full_masks(groups, masks)
+    x, labels = batch['image'], batch['label']
+    loss_sum = lambda m: jnp.sum(_example_losses(model, variables, x, labels, m))
+    chunk_bytes = _bytes_per_removal(model, variables, x, masks, factor=3)
+    removed = {}
+    if self.share_prefix:
+      for g, c in groups:
+        def without(one_hots, g=g):
+          return jax.vmap(lambda e: loss_sum({**masks, g: masks[g] * (1 - e)}))(one_hots)
+        chunk = _chunk_size(self.chunk_size, self.memory_bytes, chunk_bytes, c)
+        removed[g] = _over_one_hots(without, c, chunk)
+    else:
+      widths = [c for _, c in groups]
+      splits = np.cumsum(widths)[:-1]
+
+      def without_any(one_hots):
+        def one(e):
+          return loss_sum({g: masks[g] * (1 - part)
+                           for (g, _), part in zip(groups, jnp.split(e, splits))})
+        return jax.vmap(one)(one_hots)
+
+      chunk = _chunk_size(self.chunk_size, self.memory_bytes, chunk_bytes, sum(widths))
+      flat = _over_one_hots(without_any, sum(widths), chunk)
+      removed = {g: part for (g, _), part in zip(groups, jnp.split(flat, splits))}
+    base = loss_sum(masks)
+    # Removing a channel that is already gone changes nothing; say so exactly
+    # rather than leave the rounding difference of two evaluation orders.
+    change = {g: state['change'][g] + jnp.where(masks[g] == 0, 0.0, removed[g] - base)
+              for g, _ in groups}
+    return {'groups': state['groups'], 'change': change, 'count': state['count'] + x.shape[0]}
+
+  def finalize(self, state, model, variables):
+    return _as_numpy({g: jnp.abs(c / state['count']) for g, c in state['change'].items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class SecondOrder(Criterion):
+  """|-g + 0.5 h_kk|: the OBD-style second-order estimate of the oracle, per channel."""
+  name: str = 'second_order'
+  chunk_size: int = 64
+  memory_bytes: int = 2 ** 30
+
+  def init(self, structure, rng=None):
+    groups = _group_table(structure)
+    return {'groups': groups, 'grad': _counter(groups.value, 0.0),
+            'hess': _counter(groups.value, 0.0), 'count': jnp.zeros((), jnp.float32)}
+
+  def accumulate(self, state, model, variables, masks, batch):
+    masks = _full_masks(_groups(state), masks)
+    x, labels = batch['image'], batch['label']
+    b = x.shape[0]
+    # A jvp of a backward pass holds primal, tangent and cotangent activations.
+    chunk_bytes = _bytes_per_removal(model, variables, x, masks, factor=8)
+    grad_sum, hess_sum = dict(state['grad']), dict(state['hess'])
+    for g, c in _groups(state):
+      # Only this group's scale is an argument, so both derivatives stop at its gate.
+      def mean_loss(scale, g=g):
+        return jnp.mean(_example_losses(model, variables, x, labels,
+                                        {**masks, g: masks[g] * scale}))
+      grad = jax.grad(mean_loss)
+      ones = jnp.ones((c,), jnp.float32)
+
+      def hess_diagonal(one_hots):
+        rows = jax.vmap(lambda e: jax.jvp(grad, (ones,), (e,))[1])(one_hots)
+        return jnp.sum(rows * one_hots, axis=-1)
+
+      chunk = _chunk_size(self.chunk_size, self.memory_bytes, chunk_bytes, c)
+      grad_sum[g] = grad_sum[g] + b * grad(ones)
+      hess_sum[g] = hess_sum[g] + b * _over_one_hots(hess_diagonal, c, chunk)
+    return {'groups': state['groups'], 'grad': grad_sum, 'hess': hess_sum,
+            'count': state['count'] + b}
+
+  def finalize(self, state, model, variables):
+    n = state['count']
+    return _as_numpy({g: jnp.abs(-state['grad'][g] / n + 0.5 * state['hess'][g] / n)
+                      for g, _ in _groups(state)})
+
+
+CRITERIA: dict[str, Criterion] = {
+    'random': Random(),
+    'l1': WeightNorm('l1'),
+    'l2': WeightNorm('l2'),
+    'min_weight': WeightNorm('min_weight'),
+    'bn_scale': BnScale(),
+    'mean_activation': Activation('mean_activation'),
+    'activation_std': Activation('activation_std'),
+    'apoz': Activation('apoz'),
+    'taylor': GateGradient('taylor'),
+    'taylor_signed_mean': GateGradient('taylor_signed_mean'),
+    'taylor_fo': GateGradient('taylor_fo'),
+    'fisher': GateGradient('fisher'),
+    'second_order': SecondOrder(),
+    'oracle': Oracle(),
+}
+
+
+def get(name: str, **options) -> Criterion:
+  """The registered criterion `name`, with dataclass fields (e.g. chunk_size) replaced by `options`."""
+  choose('criterion', name, CRITERIA)
+  criterion = CRITERIA[name]
+  if not options:
+    return criterion
+  allowed = [f.name for f in dataclasses.fields(criterion) if f.name != 'name']
+  bad = [k for k in options if k not in allowed]
+  if bad:
+    raise ConfigError(f"criterion {name!r} has no options {bad}; its options are "
+                      f"{allowed or 'none'}.")
+  return dataclasses.replace(criterion, **options)
+
+
+class _ByIdentity:
+  """A model as a static jit argument, compared by identity (pruned models hold unhashable widths)."""
+
+  def __init__(self, obj):
+    self.obj = obj
+
+  def __hash__(self):
+    return id(self.obj)
+
+  def __eq__(self, other):
+    return isinstance(other, _ByIdentity) and other.obj is self.obj
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _jit_accumulate(criterion, model, state, variables, masks, batch):
+  return criterion.accumulate(state, model.obj, variables, masks, batch)
+
+
+def accumulator(criterion: Criterion, model: nn.Module) -> Callable:
+  """`criterion.accumulate` jitted for `model`: (state, variables, masks, batch) -> state.
+
+  Compiled once per criterion, model object and input shapes; masks (always pass
+  the same groups, e.g. all of them) are inputs, so new masks do not recompile.
+  """
+  return functools.partial(_jit_accumulate, criterion, _ByIdentity(model))
+
+
+def score(name: str, model: nn.Module, variables, batches: Iterable[Mapping] | None,
+          masks: Mapping | None = None, rng=None,
+          structure: structure_lib.Structure | None = None, **options) -> Scores:
+  """{group: (C,) numpy scores} for every prunable group; higher = more important.
+
+  Args:
+    name: a key of CRITERIA.
+    model, variables: the model and its variables (params, batch_stats, indices).
+    batches: iterable of {'image', 'label'} batches, read once; ignored (not
+      iterated) by data-free criteria.
+    masks: {group: (C,)} current masks (0 = removed); missing groups are unmasked.
+    rng: a PRNG key or int seed, used by `random`.
+    structure: `structure.derive(model, ...)`; derived here when omitted.
+    **options: criterion fields, e.g. chunk_size=32 for `oracle`.
+  """
+  criterion = get(name, **options)
+  if not criterion.needs_data:
+    structure = structure or structure_lib.derive(model)
+    return criterion.finalize(criterion.init(structure, rng), model, variables)
+  batches = iter(batches if batches is not None else ())
+  first = next(batches, None)
+  if first is None:
+    raise ConfigError(f"criterion {name!r} needs at least one batch of data, got none.")
+  structure = structure or structure_lib.derive(model, tuple(first['image'].shape[1:]))
+  state = criterion.init(structure, rng)
+  full = _full_masks(_groups(state), masks)
+  step = accumulator(criterion, model)
+  for batch in itertools.chain([first], batches):
+    state = step(state, variables, full, batch)
+  return criterion.finalize(state, model, variables)
