@@ -96,6 +96,12 @@ def main(argv):
   print(f"results: {FLAGS.workdir}/results.json")
 
 
+def _quiet_libraries(record) -> bool:
+  # Orbax logs every checkpoint write at INFO; the per-epoch progress lines are ours.
+  return '/orbax/' not in record.pathname and '/absl/' not in record.pathname
+
+
 if __name__ == '__main__':
   logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_quiet_libraries)
   app.run(main)
