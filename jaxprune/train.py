@@ -14,7 +14,6 @@
 
 import dataclasses
 import functools
-import math
 import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -346,17 +345,14 @@ class Trainer:
 StepHook = Callable[[TrainState, Mapping, Masks, Any], tuple[Masks, Any]]
 EpochCallback = Callable[[TrainState, dict], None]
 
-_TRAIN_SUMS = ('loss', 'accuracy')
-
-
-def _zero_sums():
-  return {k: jnp.zeros((), jnp.float32) for k in _TRAIN_SUMS + ('steps',)}
+def _zero_sums() -> dict:
+  """Running sums of the epoch's per-step metrics (checkpointed, so a resumed epoch logs the same)."""
+  return {'loss': np.zeros((), np.float32), 'accuracy': np.zeros((), np.float32)}
 
 
 def _as_masks(masks: Masks) -> Masks:
-  if masks is None:
-    return None
-  return {g: jnp.asarray(m, jnp.float32) for g, m in masks.items()}
+  # One dtype, so that masks a hook returns do not trigger a recompilation.
+  return None if masks is None else {g: np.asarray(m, np.float32) for g, m in masks.items()}
 
 
 def _format_seconds(seconds: float) -> str:
@@ -474,53 +470,62 @@ def fit(model: nn.Module, variables: Mapping, arrays: Mapping, spec: data.DataSp
   permutation, make_batch = _epoch_fns(trainer, arrays, spec, batch_size)
 
   run = checkpoint.RunCheckpoints(stage, max_to_keep)
-  try:
-    carry = {'train': trainer.init_state(variables, seed), 'masks': trainer.replicate(masks),
-             'hook': trainer.replicate(hook_state), 'sums': trainer.replicate(_zero_sums())}
-    log = {'records': [], 'elapsed_s': 0.0}
-    restored = run.restore_latest(carry)
-    if restored is not None:
-      carry, log = restored
-      logging.info('Resuming %s from step %d.', stage, run.latest_step())
-    state, masks, hook_state, sums = carry['train'], carry['masks'], carry['hook'], carry['sums']
-    records = list(log['records'])
-    step = int(state.step)
-    run_start, elapsed_before = time.time(), float(log['elapsed_s'])
+  bar = None
+  # The guard is up before restoring, so a SIGTERM during start-up is not lost.
+  with checkpoint.PreemptionGuard() as guard:
+    try:
+      carry = {'train': trainer.init_state(variables, seed), 'masks': trainer.replicate(masks),
+               'hook': trainer.replicate(hook_state), 'sums': trainer.replicate(_zero_sums())}
+      log = {'records': [], 'elapsed_s': 0.0}
+      restored = run.restore_latest(carry)
+      if restored is not None:
+        carry, log = restored
+        logging.info('Resuming %s from step %d.', stage, run.latest_step())
+      state, masks, hook_state, sums = carry['train'], carry['masks'], carry['hook'], carry['sums']
+      records = list(log['records'])
+      step = int(state.step)
+      run_start, elapsed_before = time.time(), float(log['elapsed_s'])
 
-    def elapsed():
-      return elapsed_before + time.time() - run_start
+      def elapsed():
+        return elapsed_before + time.time() - run_start
 
-    def save(at_step):
-      run.save(at_step, {'train': state, 'masks': masks, 'hook': hook_state, 'sums': sums},
-               {'records': records, 'elapsed_s': elapsed()})
+      def save(at_step):
+        run.save(at_step, {'train': state, 'masks': masks, 'hook': hook_state, 'sums': sums},
+                 {'records': records, 'elapsed_s': elapsed()})
 
-    bar = _progress_bar(total_steps, step)
-    with checkpoint.PreemptionGuard() as guard:
+      def stop_if_preempted(at_step, saved):
+        # Called once for every step number, as the multi-process sync point requires.
+        if guard.reached(at_step):
+          if not saved:
+            save(at_step)
+          run.wait()
+          logging.warning('Preempted: saved step %d of %d in %s.', at_step, total_steps, stage)
+          raise checkpoint.Preempted(at_step)
+
+      bar = _progress_bar(total_steps, step)
       while step < total_steps:
         epoch = step // steps_per_epoch
+        epoch_end = (epoch + 1) * steps_per_epoch
         order = permutation(state.rng, epoch)
         epoch_start, first_step = time.time(), step
-        while step < (epoch + 1) * steps_per_epoch:
+        while step < epoch_end:
           batch = make_batch(order, state.rng, step)
           state, metrics = trainer.train_step(state, batch, masks)
-          sums = trainer.add(sums, {**metrics, 'steps': jnp.ones((), jnp.float32)})
+          sums = trainer.add(sums, metrics)
           step += 1
           if step_hook is not None:
             masks, hook_state = step_hook(state, batch, masks, hook_state)
           if bar is not None:
             bar.update(1)
-          if guard.reached(step):
-            save(step)
-            run.wait()
-            logging.warning('Preempted: saved step %d of %d in %s.', step, total_steps, stage)
-            raise checkpoint.Preempted(step)
+          if step < epoch_end:
+            stop_if_preempted(step, saved=False)
         totals = jax.device_get(sums)  # The epoch's one wait for the device.
         train_time = time.time() - epoch_start
         test = evaluate(trainer, state, arrays, spec, masks, eval_batch_size)
         record = {
             'epoch': epoch + 1, 'step': step,
-            'train_loss': float(totals['loss'] / totals['steps']),
-            'train_accuracy': float(totals['accuracy'] / totals['steps']),
+            'train_loss': float(totals['loss'] / steps_per_epoch),
+            'train_accuracy': float(totals['accuracy'] / steps_per_epoch),
             'test_loss': test['loss'], 'test_accuracy': test['accuracy'],
             'learning_rate': float(schedule(step - 1)),
             'images_per_second': (step - first_step) * batch_size / train_time,
@@ -537,11 +542,13 @@ def fit(model: nn.Module, variables: Mapping, arrays: Mapping, spec: data.DataSp
                      record['learning_rate'], record['images_per_second'], _format_seconds(eta))
         for callback in callbacks:
           callback(state, record)
-    if bar is not None:
-      bar.close()
-    run.wait()
-  finally:
-    run.close()
+        if step < total_steps:
+          stop_if_preempted(step, saved=True)
+      run.wait()
+    finally:
+      if bar is not None:
+        bar.close()
+      run.close()
 
   final = records[-1]
   result = {

@@ -1,7 +1,6 @@
 """Resumable stages: a crash or preemption changes nothing about the result; a done stage is never redone."""
 
 import functools
-import json
 import os
 import signal
 import time
@@ -97,11 +96,12 @@ def test_fit_resumed_after_crash_matches_uninterrupted_fit(tmp_path, uninterrupt
   assert_same_run(tmp_path, variables, result, *uninterrupted)
 
 
-def test_fit_resumed_after_preemption_mid_epoch_matches_uninterrupted_fit(tmp_path, uninterrupted):
+@pytest.mark.parametrize('step', [13, 16])  # Mid epoch 2; the last step of epoch 2.
+def test_fit_resumed_after_preemption_matches_uninterrupted_fit(tmp_path, uninterrupted, step):
   with pytest.raises(checkpoint.Preempted) as preempted:
-    run_fit(tmp_path, step_hook=crash_at(13, lambda: os.kill(os.getpid(), signal.SIGTERM)))
+    run_fit(tmp_path, step_hook=crash_at(step, lambda: os.kill(os.getpid(), signal.SIGTERM)))
   assert preempted.value.code == 0
-  assert checkpoint.RunCheckpoints(tmp_path).latest_step() == 13 == preempted.value.step
+  assert checkpoint.RunCheckpoints(tmp_path).latest_step() == step == preempted.value.step
   variables, result = run_fit(tmp_path)
   assert_same_run(tmp_path, variables, result, *uninterrupted)
 
