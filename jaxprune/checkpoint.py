@@ -31,7 +31,7 @@ def stage_path(stage_dir) -> epath.Path:
 
 
 def _write_text(path: epath.Path, text: str) -> None:
-  """Writes a small file from the primary process, via a temporary name so readers never see half."""
+  """Writes a small file from the primary process, via a temporary name (never half-written)."""
   if jax.process_index() != 0:
     return
   path.parent.mkdir(parents=True, exist_ok=True)

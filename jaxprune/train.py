@@ -1,4 +1,4 @@
-"""Training: the train state, the optimizer, the jitted data-parallel steps and `fit`, the one loop every regime uses.
+"""Training: state, optimizer, jitted data-parallel steps, and `fit`: the loop every regime uses.
 
 * `TrainState` is a pytree: everything a checkpoint needs to continue bit-for-bit.
 * `make_optimizer(config, epochs, steps_per_epoch)`: SGD with momentum, coupled weight decay,
@@ -132,7 +132,8 @@ SCHEDULES: dict[str, Callable[[OptimizerConfig, int, int], optax.Schedule]] = {
 }
 
 
-def learning_rate_schedule(cfg: OptimizerConfig, epochs: int, steps_per_epoch: int) -> optax.Schedule:
+def learning_rate_schedule(cfg: OptimizerConfig, epochs: int,
+                           steps_per_epoch: int) -> optax.Schedule:
   """The learning rate as a function of the optimizer step."""
   choose('learning-rate schedule', cfg.schedule, SCHEDULES)
   return SCHEDULES[cfg.schedule](cfg, epochs, steps_per_epoch)
@@ -345,8 +346,9 @@ class Trainer:
 StepHook = Callable[[TrainState, Mapping, Masks, Any], tuple[Masks, Any]]
 EpochCallback = Callable[[TrainState, dict], None]
 
+
 def _zero_sums() -> dict:
-  """Running sums of the epoch's per-step metrics (checkpointed, so a resumed epoch logs the same)."""
+  """Sums of the epoch's per-step metrics (checkpointed: a resumed epoch logs the same)."""
   return {'loss': np.zeros((), np.float32), 'accuracy': np.zeros((), np.float32)}
 
 
@@ -399,9 +401,10 @@ def evaluate(trainer: Trainer, state: TrainState, arrays: Mapping, spec: data.Da
           'accuracy': float(sums['correct'] / sums['count'])}
 
 
-def fit(model: nn.Module, variables: Mapping, arrays: Mapping, spec: data.DataSpec, *, epochs: int, batch_size: int,
-        optimizer: OptimizerConfig, stage_dir, seed: int = 0, masks: Masks = None,
-        structure: structure_lib.Structure | None = None, step_hook: StepHook | None = None,
+def fit(model: nn.Module, variables: Mapping, arrays: Mapping, spec: data.DataSpec, *,
+        epochs: int, batch_size: int, optimizer: OptimizerConfig, stage_dir, seed: int = 0,
+        masks: Masks = None, structure: structure_lib.Structure | None = None,
+        step_hook: StepHook | None = None,
         hook_state: Any = None, callbacks: Sequence[EpochCallback] = (),
         mesh: Mesh | None = None, eval_batch_size: int | None = None,
         max_to_keep: int = 2) -> tuple[dict, dict]:

@@ -1,4 +1,4 @@
-"""Resumable stages: a crash or preemption changes nothing about the result; a done stage is never redone."""
+"""Resumable stages: a crash or a preemption changes no result; a done stage is not redone."""
 
 import functools
 import os
@@ -179,7 +179,8 @@ def test_sigterm_saves_at_next_step_and_exits_zero(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('steps', [8, 19])  # During epoch 1's evaluation and checkpoint; mid epoch 3.
+# Killed during epoch 1's evaluation and checkpoint, and mid epoch 3.
+@pytest.mark.parametrize('steps', [8, 19])
 def test_kill9_then_rerun_matches_uninterrupted_fit(tmp_path, uninterrupted, steps):
   returncode, _, stderr = signal_after(run_stage(tmp_path, slow=True), tmp_path, steps,
                                        signal.SIGKILL)

@@ -1,4 +1,4 @@
-"""The training step and loop: learning, frozen masked channels, no recompiles, optimizer pieces, devices."""
+"""Training: it learns, masked channels stay frozen, no recompiles, the optimizer, 8 devices."""
 
 import functools
 import json
