@@ -308,7 +308,6 @@ class Trainer:
 
   def __init__(self, model: nn.Module, tx: optax.GradientTransformation,
                structure: structure_lib.Structure | None = None, mesh: Mesh | None = None):
-    self.model = model
     self.tx = tx
     self.mesh = mesh if mesh is not None else make_mesh()
     self.replicated = NamedSharding(self.mesh, PartitionSpec())
