@@ -103,6 +103,12 @@ def validate(config: Config) -> None:
   if config.target_macs is not None and not 0 < config.target_macs <= 1:
     raise ConfigError(f"--target_macs must be a fraction of the MACs in (0, 1], got "
                       f"{config.target_macs}.")
+  if config.preset is not None:
+    choose('preset', config.preset, select.PRESETS)
+    family = select.PRESETS[config.preset].models
+    if config.model not in family:
+      raise ConfigError(f"preset {config.preset!r} is for {' or '.join(family)}, not for "
+                        f"{config.model}.")
   if config.schedule == 'iterative' and needs == 'preset':
     raise ConfigError("--schedule=iterative removes channels globally and cannot follow a "
                       "per-layer --preset; use --schedule=oneshot.")
@@ -213,9 +219,12 @@ def _iterative_masks(config, model, structure, variables, dataset, arrays, stage
       scores = criterion.finalize(acc, model, variables_now)
       k = min(config.prune_step, removals - progress['removed'])
       host_masks = {g: np.asarray(m) for g, m in current.items()}
-      current = {g: jnp.asarray(m) for g, m in select.remove_lowest(
-          structure, scores, host_masks, k, normalize=normalize,
-          flops_penalty=config.flops_penalty, min_channels=config.min_channels).items()}
+      # Same dtype and placement as before, so the train step does not recompile.
+      current = {g: jax.device_put(m.astype(host_masks[g].dtype), current[g].sharding)
+                 for g, m in select.remove_lowest(
+                     structure, scores, host_masks, k, normalize=normalize,
+                     flops_penalty=config.flops_penalty,
+                     min_channels=config.min_channels).items()}
       masks.update({g: np.asarray(m) for g, m in current.items()})
       progress['removed'] += k
       progress['since'] = 0
@@ -307,6 +316,9 @@ def run(config: Config) -> dict:
                       max_train=config.max_train)
   workdir = _absolute(config.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  # Builds the model abstractly, so a model that cannot take the images stops here.
+  jax.eval_shape(models.build(config.model, dataset.num_classes).init, jax.random.key(0),
+                 jax.ShapeDtypeStruct((1,) + dataset.image_shape, jnp.float32))
   arrays = data.device_put_dataset(dataset)
   baseline_stage = _absolute(config.baseline_dir) if config.baseline_dir else workdir / 'baseline'
 

@@ -1,0 +1,145 @@
+"""launch.py and the pipeline end to end, as a user runs them."""
+
+import json
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxprune import pipeline, regimes
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+QUICK = ['--model=tiny', '--epochs=1', '--batch_size=32', '--max_train=256',
+         '--finetune_epochs=1']
+
+
+def launch(*flags, workdir):
+  return subprocess.run([sys.executable, str(ROOT / 'launch.py'), f'--workdir={workdir}', *flags],
+                        capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+def test_all_regimes_run_and_report(tmp_path):
+  run = launch(*QUICK, '--criterion=random', '--regime=all', workdir=tmp_path)
+  assert run.returncode == 0, run.stderr[-2000:]
+  for stage in ('baseline', 'pruned') + regimes.REGIMES:
+    assert f'\n{stage} ' in '\n' + run.stdout
+  results = json.loads((tmp_path / 'results.json').read_text())
+  assert [r['stage'] for r in results['rows']] == ['baseline', 'pruned', *regimes.REGIMES]
+  assert results['config']['criterion'] == 'random'
+  assert results['devices'] and results['versions']['jax']
+
+
+def test_rerunning_a_finished_run_trains_nothing_and_prints_the_same_table(tmp_path):
+  first = launch(*QUICK, '--regime=scratch', workdir=tmp_path)
+  assert first.returncode == 0, first.stderr[-2000:]
+  stamp = (tmp_path / 'scratch' / 'result.json').stat().st_mtime_ns
+  again = launch(*QUICK, '--regime=scratch', workdir=tmp_path)
+  assert again.returncode == 0
+  assert (tmp_path / 'scratch' / 'result.json').stat().st_mtime_ns == stamp
+  table = lambda out: [l for l in out.splitlines() if l.split()[:1] in (['baseline'], ['scratch'])]
+  assert [l.split()[:2] for l in table(first.stdout)] == [l.split()[:2] for l in table(again.stdout)]
+
+
+def _bad_npz(path, **overrides):
+  arrays = {'train_images': np.zeros((40, 8, 8, 3), np.uint8), 'train_labels': np.zeros(40, np.int64),
+            'test_images': np.zeros((8, 8, 8, 3), np.uint8), 'test_labels': np.zeros(8, np.int64)}
+  arrays.update(overrides)
+  arrays = {k: v for k, v in arrays.items() if v is not None}
+  np.savez(path, **arrays)
+  return path
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--criterion=magic'], "unknown criterion 'magic'"),
+    (['--model=resnet7'], "unknown model 'resnet7'"),
+    (['--regime=forever'], "unknown regime 'forever'"),
+    (['--prune_ratio=1.5'], 'prune_ratio must be in [0, 1), got 1.5'),
+    (['--selection=preset', '--preset=resnet56_a'], "preset 'resnet56_a' is for resnet56"),
+    (['--model=vgg16'], 'needs images of at least 16x16 pixels, got 8x8'),
+    (['--dataset=npz', 'NPZ_MISSING'], 'test_labels'),
+    (['--dataset=npz', 'NPZ_RANK'], 'train_images'),
+])
+def test_bad_input_stops_with_one_sentence(tmp_path, flags, message):
+  flags = list(flags)
+  if 'NPZ_MISSING' in flags:
+    flags[flags.index('NPZ_MISSING')] = f"--data_path={_bad_npz(tmp_path / 'a.npz', test_labels=None)}"
+  if 'NPZ_RANK' in flags:
+    flags[flags.index('NPZ_RANK')] = (
+        f"--data_path={_bad_npz(tmp_path / 'b.npz', train_images=np.zeros((40, 8, 8), np.uint8))}")
+  run = launch(*QUICK, *flags, workdir=tmp_path / 'work')
+  assert run.returncode != 0
+  assert 'Traceback' not in run.stderr
+  last = run.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and message in last, run.stderr[-1500:]
+  assert not (tmp_path / 'work' / 'baseline' / 'result.json').exists()
+
+
+def test_a_workdir_from_another_configuration_is_refused_untouched(tmp_path):
+  assert launch(*QUICK, '--regime=scratch', workdir=tmp_path).returncode == 0
+  before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob('*') if p.is_file()}
+  run = launch(*QUICK, '--regime=scratch', '--seed=1', workdir=tmp_path)
+  assert run.returncode != 0 and 'Traceback' not in run.stderr
+  assert 'was made with seed=0, not 1' in run.stderr.strip().splitlines()[-1]
+  assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob('*') if p.is_file()} == before
+
+
+def test_scratch_b_epochs_scale_with_the_macs_ratio_and_respect_the_cap():
+  assert regimes.scratch_b_epochs(160, 300, 100, None) == 480
+  assert regimes.scratch_b_epochs(160, 300, 100, 2.0) == 320
+  assert regimes.scratch_b_epochs(10, 1000, 700, None) == int(10 * 1000 / 700)
+
+
+def test_scratch_b_stage_trains_the_scaled_epochs(tmp_path):
+  run = launch(*QUICK, '--epochs=2', '--regime=scratch_b', '--prune_ratio=0.6', workdir=tmp_path)
+  assert run.returncode == 0, run.stderr[-2000:]
+  results = json.loads((tmp_path / 'results.json').read_text())
+  rows = {r['stage']: r for r in results['rows']}
+  assert rows['scratch_b']['epochs'] == int(2 * rows['baseline']['macs'] / rows['pruned']['macs'])
+  assert json.loads((tmp_path / 'scratch_b' / 'result.json').read_text())['epochs'] == rows['scratch_b']['epochs']
+
+
+def test_iterative_schedule_compiles_the_train_step_once_per_stage(tmp_path, caplog):
+  import jax
+  config = pipeline.Config(workdir=str(tmp_path), model='tiny', epochs=1, batch_size=32,
+                           max_train=256, schedule='iterative', prune_ratio=0.2, prune_every=2,
+                           prune_step=2, regime='finetune', finetune_epochs=1, criterion='taylor')
+  jax.config.update('jax_log_compiles', True)
+  try:
+    with caplog.at_level(logging.WARNING):
+      pipeline.run(config)
+  finally:
+    jax.config.update('jax_log_compiles', False)
+  compiles = [r for r in caplog.records
+              if 'Compiling' in r.getMessage() and 'sharded_train_step' in r.getMessage()]
+  record = json.loads((tmp_path / 'prune' / 'record.json').read_text())
+  removed = sum(len(m) - sum(m) for m in record['masks'].values())
+  assert removed == int(0.2 * (8 + 16 + 16))
+  # Baseline, iterative pruning (masks changed removed/2 times) and finetune: one each.
+  assert len(compiles) == 3
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_resumes_to_the_uninterrupted_result(tmp_path):
+  import random
+  import signal
+  import time
+  flags = ['--model=tiny', '--epochs=4', '--batch_size=32', '--max_train=512', '--regime=finetune',
+           '--finetune_epochs=4']
+  reference = launch(*flags, workdir=tmp_path / 'reference')
+  assert reference.returncode == 0
+  expected = json.loads((tmp_path / 'reference' / 'results.json').read_text())['rows']
+  for trial in range(3):
+    workdir = tmp_path / f'killed{trial}'
+    proc = subprocess.Popen([sys.executable, str(ROOT / 'launch.py'), f'--workdir={workdir}', *flags],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(random.uniform(8, 25))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = launch(*flags, workdir=workdir)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    got = json.loads((workdir / 'results.json').read_text())['rows']
+    assert [r['test_accuracy'] for r in got] == [r['test_accuracy'] for r in expected]
