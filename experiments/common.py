@@ -1,0 +1,241 @@
+"""The shared runner of the papers' experiments: an experiment is a list of named runs.
+
+Each run is one `pipeline.Config` for one regime. Runs of the same pruned network
+(same criterion, selection, budget and seed) share one work directory under
+`--root`, so the prune stage is computed once and every regime gets its own stage
+directory; runs of the same model x seed (and baseline settings) share one
+baseline through `baseline_dir` under `ROOT/baselines/`. After a run the runner
+snapshots the pipeline's results (whose `results.json` only holds the regimes of
+the latest call) into `WORKDIR/results_<regime>.json`, with the experiment's name
+and the run's labels added; `experiments.report` reads only those snapshots (and
+`agreement.json` of criteria_vs_oracle). A run whose snapshot exists is skipped
+without loading anything; an interrupted run resumes inside the pipeline.
+
+Two scales: `mini` (the CIFAR-10 sample npz on a CPU, small models and epochs,
+>= 3 seeds) and `full` (CIFAR-10/100 through TFDS with the papers' budgets).
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import Callable, Sequence
+
+SCALES = ('mini', 'full')
+DEFAULT_DATA_PATH = '/work/shared/data/cifar10_sample.npz'
+
+# [R]'s CIFAR budgets: SGD lr 0.1, batch 64, 160 epochs, fine-tune 40 epochs at 1e-3, 5 runs.
+FULL = dict(dataset='cifar10', epochs=160, batch_size=64, lr=0.1, weight_decay=1e-4,
+            finetune_epochs=40, finetune_lr=1e-3)
+FULL_SEEDS = (0, 1, 2, 3, 4)
+# A CPU budget: a slice of the 10,000-image sample, a few epochs, three seeds.
+# No max_train: it keeps the *first* N images and the sample is sorted by class (use
+# experiments.subset for a balanced subset).
+MINI = dict(dataset='npz', epochs=12, batch_size=64, lr=0.1, weight_decay=1e-4,
+            finetune_epochs=3, finetune_lr=1e-3)
+MINI_SEEDS = (0, 1, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One pipeline call: `config` (one regime) plus the labels the report groups by."""
+  name: str                 # unique within the experiment, e.g. 'taylor/macs0.50/s0/scratch'
+  config: 'object'          # pipeline.Config
+  labels: dict
+
+  @property
+  def snapshot(self) -> str:
+    return os.path.join(self.config.workdir, f'results_{self.config.regime}.json')
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--scale', choices=SCALES, default='mini')
+  parser.add_argument('--root', default='runs/experiments',
+                      help='Root of the work directories (local path or gs://).')
+  parser.add_argument('--data_path', default=None,
+                      help=f'The .npz of --scale=mini (default {DEFAULT_DATA_PATH}).')
+  parser.add_argument('--data_dir', default=None, help='TFDS data directory (--scale=full).')
+  parser.add_argument('--dataset', default=None, help='Override the dataset (e.g. cifar100).')
+  parser.add_argument('--seeds', default=None,
+                      help='Comma-separated seeds (default 0,1,2 mini; 0..4 full).')
+  parser.add_argument('--model', default=None, help="Override the experiment's model.")
+  parser.add_argument('--epochs', type=int, default=None)
+  parser.add_argument('--batch_size', type=int, default=None)
+  parser.add_argument('--lr', type=float, default=None)
+  parser.add_argument('--max_train', type=int, default=None)
+  parser.add_argument('--finetune_epochs', type=int, default=None)
+  parser.add_argument('--dry_run', action='store_true',
+                      help='Print the planned runs and their budgets; run nothing.')
+
+
+def seeds_of(args) -> tuple[int, ...]:
+  if args.seeds:
+    return tuple(int(s) for s in args.seeds.split(','))
+  return MINI_SEEDS if args.scale == 'mini' else FULL_SEEDS
+
+
+def base_settings(args, **experiment_defaults) -> dict:
+  """Config fields shared by every run: the scale's budget, the experiment's, then flags."""
+  settings = dict(MINI if args.scale == 'mini' else FULL)
+  if args.scale == 'full':
+    settings['data_dir'] = args.data_dir
+  else:
+    settings['data_path'] = args.data_path or DEFAULT_DATA_PATH
+  settings.update(experiment_defaults.get(args.scale, {}))
+  for name in ('model', 'epochs', 'batch_size', 'lr', 'max_train', 'finetune_epochs', 'dataset'):
+    value = getattr(args, name, None)
+    if value is not None:
+      settings[name] = value
+  if settings.get('dataset') != 'npz':
+    settings.pop('data_path', None)
+    settings.pop('max_train', None) if args.max_train is None else None
+  return settings
+
+
+def baseline_dir(root: str, settings: dict) -> str:
+  """One baseline per model x seed x baseline settings: the name shows model and seed, a hash the rest."""
+  from jaxprune import pipeline
+  keys = {k: settings.get(k, getattr(pipeline.Config(workdir=''), k)) for k in pipeline._BASELINE_KEYS}
+  digest = hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:8]
+  return os.path.join(root, 'baselines', f"{keys['model']}_s{keys['seed']}_{digest}")
+
+
+def make_run(experiment: str, root: str, path: str, regime: str, labels: dict,
+             **settings) -> Run:
+  """A run in ROOT/EXPERIMENT/PATH (shared by its regimes) with a shared baseline."""
+  from jaxprune import pipeline
+  workdir = os.path.join(root, experiment, path)
+  config = pipeline.Config(workdir=workdir, regime=regime,
+                           baseline_dir=baseline_dir(root, settings), **settings)
+  pipeline.validate(config)
+  return Run(name=f'{path}/{regime}', config=config,
+             labels=dict(labels, experiment=experiment, regime=regime))
+
+
+def _budget(config) -> str:
+  for name in ('target_macs', 'prune_ratio', 'preset'):
+    value = getattr(config, name)
+    if value is not None:
+      return f'{name}={value}'
+  return '-'
+
+
+def _regime_epochs(config) -> str:
+  if config.regime == 'finetune':
+    return f'{config.finetune_epochs} (lr {config.finetune_lr:g})'
+  if config.regime == 'scratch_b':
+    cap = f', cap {config.scratch_b_cap:g}x' if config.scratch_b_cap else ''
+    return f'{config.epochs} x MACs ratio{cap}'
+  return str(config.epochs)
+
+
+def describe(runs: Sequence[Run]) -> str:
+  """The dry-run listing: one line per run with everything its budget depends on."""
+  columns = ('run', 'model', 'data', 'criterion', 'selection', 'budget', 'schedule', 'regime',
+             'baseline ep', 'regime ep', 'seed')
+  rows = []
+  for run in runs:
+    c = run.config
+    data = c.dataset + (f'[:{c.max_train}]' if c.max_train else '')
+    rows.append((run.name, c.model, data, c.criterion, c.selection, _budget(c), c.schedule,
+                 c.regime, str(c.epochs), _regime_epochs(c), str(c.seed)))
+  widths = [max(len(columns[i]), *(len(r[i]) for r in rows)) if rows else len(columns[i])
+            for i in range(len(columns))]
+  lines = ['  '.join(h.ljust(w) for h, w in zip(columns, widths))]
+  lines.append('-' * len(lines[0]))
+  lines += ['  '.join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+  baselines = sorted({r.config.baseline_dir for r in runs})
+  workdirs = sorted({r.config.workdir for r in runs})
+  c0 = runs[0].config if runs else None
+  if c0 is not None:
+    lines.append(f'{len(runs)} runs in {len(workdirs)} work directories, {len(baselines)} '
+                 f'shared baselines; batch {c0.batch_size}, lr {c0.lr:g}, wd {c0.weight_decay:g}, '
+                 f'lr schedule {c0.lr_schedule}.')
+  return '\n'.join(lines)
+
+
+def _units(run: Run, seen_baselines: set) -> float:
+  """A rough cost of a run in epochs, for the ETA (a baseline counts once)."""
+  c = run.config
+  units = {'finetune': c.finetune_epochs, 'scratch_b': 2 * c.epochs}.get(c.regime, c.epochs)
+  if c.baseline_dir not in seen_baselines:
+    seen_baselines.add(c.baseline_dir)
+    units += c.epochs
+  return float(units)
+
+
+def _format_seconds(s: float) -> str:
+  s = int(round(s))
+  return f'{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s'
+
+
+def execute(experiment: str, runs: Sequence[Run], log=print) -> list[dict]:
+  """Runs every run (skipping finished ones) with progress and an ETA; returns the snapshots."""
+  from etils import epath
+  from jaxprune import pipeline
+  seen: set = set()
+  units = [_units(r, seen) for r in runs]
+  total, done, spent = sum(units), 0.0, 0.0
+  start = time.time()
+  out = []
+  for i, (run, cost) in enumerate(zip(runs, units)):
+    snapshot = epath.Path(run.snapshot)
+    if snapshot.exists():
+      log(f'[{i + 1}/{len(runs)}] {run.name}: finished, skipped')
+      total -= cost
+      out.append(json.loads(snapshot.read_text()))
+      continue
+    log(f'[{i + 1}/{len(runs)}] {run.name}: running')
+    t = time.time()
+    results = pipeline.run(run.config)
+    results = dict(results, experiment=experiment, run=run.name, labels=run.labels,
+                   run_wall_time_s=time.time() - t)
+    snapshot.write_text(json.dumps(results, indent=1, sort_keys=True))
+    out.append(results)
+    done += cost
+    spent = time.time() - start
+    eta = spent / done * (total - done) if done else 0.0
+    log(f'[{i + 1}/{len(runs)}] {run.name}: test acc '
+        f"{100 * results['rows'][-1]['test_accuracy']:.2f}%  in {time.time() - t:.0f}s; "
+        f'elapsed {_format_seconds(spent)}, eta {_format_seconds(eta)}')
+  return out
+
+
+def main(experiment: str, plan: Callable, argv=None,
+         extra_flags: Callable[[argparse.ArgumentParser], None] | None = None,
+         description: str = '') -> list:
+  """Parses the common flags (plus the experiment's), plans, and dry-runs or executes."""
+  parser = argparse.ArgumentParser(prog=f'python -m experiments.{experiment}',
+                                   description=description,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  add_flags(parser)
+  if extra_flags:
+    extra_flags(parser)
+  args = parser.parse_args(argv)
+  runs = plan(args)
+  names = [r.name for r in runs]
+  if len(set(names)) != len(names):
+    raise ValueError(f'{experiment}: duplicate run names in the plan')
+  print(f'{experiment} at scale {args.scale}: {len(runs)} runs under {args.root}')
+  print(describe(runs))
+  if args.dry_run:
+    return runs
+  sys.stdout.flush()
+  _quiet_logging()
+  return execute(experiment, runs, log=lambda s: print(s, flush=True))
+
+
+def _quiet_logging() -> None:
+  from absl import logging
+  logging.set_verbosity(logging.INFO)
+
+  def keep(record):
+    return '/orbax/' not in record.pathname and '/absl/' not in record.pathname
+  logging.get_absl_handler().addFilter(keep)
+
+
+def csv_list(text: str, cast=str) -> tuple:
+  return tuple(cast(x) for x in text.split(',') if x)

@@ -1,0 +1,388 @@
+r"""Rebuilds every experiment's tables and plots from the work directories alone.
+
+    python -m experiments.report --root=runs/mini --out=experiments/results/mini
+
+Reads the runner's snapshots (`WORKDIR/results_<regime>.json`), criteria_vs_oracle's
+`agreement.json` and, for taylor_curves, each iterative prune stage's
+`prune/finetune/metrics.jsonl`; re-runs nothing. Mean +- std over seeds, std being the
+sample standard deviation (ddof=1; "-" with a single seed).
+
+Tables (Markdown and CSV) are byte-for-byte reproducible: rows sorted, keys sorted,
+fixed float formats, no timestamps or absolute paths. PNGs are written with the Agg
+backend and no metadata (no date, no software string); they are stable across reruns
+with the same matplotlib and FreeType, but are not part of the byte-for-byte claim.
+"""
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+from collections import defaultdict
+
+import numpy as np
+
+
+# ---------------------------------------------------------------------------- statistics
+
+def mean_std(values) -> tuple[float, float]:
+  """Mean and sample std (ddof=1; NaN for fewer than two values)."""
+  values = np.asarray(list(values), np.float64)
+  if values.size == 0:
+    return float('nan'), float('nan')
+  std = float(np.std(values, ddof=1)) if values.size > 1 else float('nan')
+  return float(np.mean(values)), std
+
+
+def beats_random(accuracies: dict, reference: str = 'random') -> dict:
+  """For each criterion: does its mean accuracy beat random's by more than the seed spread?
+
+  accuracies: {criterion: [accuracy per seed]}, the reference among them.
+  The spread is the larger of the two sample stds over seeds; a criterion "beats"
+  random when mean(criterion) - mean(random) > spread. With fewer than two seeds
+  on either side the spread is undefined and the answer is False.
+
+  Returns {criterion: {'diff', 'spread', 'beats'}} for every criterion but the reference.
+  """
+  if reference not in accuracies:
+    return {}
+  ref_mean, ref_std = mean_std(accuracies[reference])
+  out = {}
+  for name in sorted(accuracies):
+    if name == reference:
+      continue
+    mean, std = mean_std(accuracies[name])
+    spread = max(std, ref_std) if not (math.isnan(std) or math.isnan(ref_std)) else float('nan')
+    diff = mean - ref_mean
+    out[name] = {'diff': diff, 'spread': spread,
+                 'beats': bool(not math.isnan(spread) and diff > spread)}
+  return out
+
+
+# ---------------------------------------------------------------------------- formatting
+
+def pct(x) -> str:
+  return '-' if x is None or math.isnan(x) else f'{100 * x:.2f}'
+
+
+def pm(values) -> str:
+  mean, std = mean_std(values)
+  if math.isnan(mean):
+    return '-'
+  return f'{100 * mean:.2f} ± {100 * std:.2f}' if not math.isnan(std) else f'{100 * mean:.2f}'
+
+
+def num(x, digits=4) -> str:
+  return '' if x is None or (isinstance(x, float) and math.isnan(x)) else f'{x:.{digits}f}'
+
+
+def markdown(header, rows) -> str:
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
+  lines += ['| ' + ' | '.join(str(v) for v in row) + ' |' for row in rows]
+  return '\n'.join(lines) + '\n'
+
+
+def csv_text(header, rows) -> str:
+  buffer = io.StringIO()
+  writer = csv.writer(buffer, lineterminator='\n')
+  writer.writerow(header)
+  writer.writerows(rows)
+  return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------- reading
+
+def load(root: str) -> dict:
+  """{experiment: [snapshot dicts, each with '_dir': its work directory relative to root]}."""
+  found = defaultdict(list)
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames.sort()
+    for name in sorted(filenames):
+      if name.startswith('results_') and name.endswith('.json'):
+        with open(os.path.join(dirpath, name)) as f:
+          snap = json.load(f)
+        snap['_dir'] = os.path.relpath(dirpath, root)
+        found[snap.get('experiment', 'unknown')].append(snap)
+      elif name == 'agreement.json':
+        with open(os.path.join(dirpath, name)) as f:
+          snap = json.load(f)
+        snap['_dir'] = os.path.relpath(dirpath, root)
+        found['criteria_vs_oracle'].append(snap)
+  return {k: sorted(v, key=lambda s: (s['_dir'], s.get('run', ''))) for k, v in found.items()}
+
+
+def _row(snap, stage):
+  return next(r for r in snap['rows'] if r['stage'] == stage)
+
+
+def _last(snap):
+  return snap['rows'][-1]
+
+
+def _baseline(snap):
+  return _row(snap, 'baseline')
+
+
+def _seed(snap):
+  return snap['config']['seed']
+
+
+# ---------------------------------------------------------------------------- experiments
+
+def random_vs_criterion(snaps, out, write):
+  cells = defaultdict(list)     # (budget, regime, criterion) -> snaps
+  for s in snaps:
+    cells[(s['labels']['budget'], s['labels']['regime'], s['labels']['criterion'])].append(s)
+  header = ['budget (MACs kept)', 'regime', 'criterion', 'seeds', 'test acc % (mean ± std)',
+            'MACs kept %', 'params', 'epochs', 'minus random (pp)', 'spread (pp)',
+            'beats random']
+  csv_header = ['budget', 'regime', 'criterion', 'seeds', 'acc_mean', 'acc_std',
+                'macs_kept_mean', 'params_mean', 'epochs_mean', 'diff_vs_random',
+                'spread', 'beats_random']
+  md_rows, csv_rows, verdict_rows, verdict_csv = [], [], [], []
+  budgets = sorted({k[0] for k in cells}, reverse=True)
+  regimes = sorted({k[1] for k in cells})
+  for budget in budgets:
+    for regime in regimes:
+      accs = {c: [_last(s)['test_accuracy'] for s in sorted(v, key=_seed)]
+              for (b, r, c), v in cells.items() if b == budget and r == regime}
+      if not accs:
+        continue
+      verdict = beats_random(accs)
+      for criterion in sorted(accs):
+        group = cells[(budget, regime, criterion)]
+        kept = [_last(s)['macs'] / _baseline(s)['macs'] for s in group]
+        params = [_last(s)['params'] for s in group]
+        epochs = [_last(s)['epochs'] for s in group]
+        v = verdict.get(criterion)
+        mean, std = mean_std(accs[criterion])
+        md_rows.append([f'{budget:.2f}', regime, criterion, len(group), pm(accs[criterion]),
+                        f'{100 * np.mean(kept):.1f}', f'{np.mean(params):.0f}',
+                        f'{np.mean(epochs):.1f}',
+                        f"{100 * v['diff']:+.2f}" if v else '',
+                        pct(v['spread']) if v else '',
+                        ('yes' if v['beats'] else 'no') if v else '(reference)'])
+        csv_rows.append([f'{budget:.2f}', regime, criterion, len(group), num(mean), num(std),
+                         num(float(np.mean(kept))), f'{np.mean(params):.1f}',
+                         f'{np.mean(epochs):.2f}', num(v['diff']) if v else '',
+                         num(v['spread']) if v else '',
+                         str(v['beats']) if v else ''])
+      winners = sorted(c for c, v in verdict.items() if v['beats'])
+      best = max(verdict, key=lambda c: (verdict[c]['diff'], c)) if verdict else None
+      verdict_rows.append([f'{budget:.2f}', regime, ', '.join(winners) if winners else 'none',
+                           best or '-',
+                           f"{100 * verdict[best]['diff']:+.2f}" if best else '-',
+                           pct(verdict[best]['spread']) if best else '-'])
+      verdict_csv.append([f'{budget:.2f}', regime, ';'.join(winners), best or '',
+                          num(verdict[best]['diff']) if best else '',
+                          num(verdict[best]['spread']) if best else ''])
+  base = {}
+  for s in snaps:
+    base[(s['config']['baseline_dir'] or s['_dir'], _seed(s))] = _baseline(s)['test_accuracy']
+  model = sorted({s['config']['model'] for s in snaps})
+  text = [f'# random_vs_criterion\n',
+          f"Model(s): {', '.join(model)}; {len(snaps)} runs; unpruned baselines: "
+          f"{pm(base.values())} % over {len(base)} seeds.\n",
+          'Does any criterion beat random by more than the seed spread (the larger of the two '
+          'sample stds over seeds)?\n',
+          markdown(['budget (MACs kept)', 'regime', 'criteria that beat random', 'best criterion',
+                    'best minus random (pp)', 'spread (pp)'], verdict_rows),
+          '\nAll cells (test accuracy of the retrained pruned network, last epoch):\n',
+          markdown(header, md_rows)]
+  write('random_vs_criterion.md', '\n'.join(text))
+  write('random_vs_criterion.csv', csv_text(csv_header, csv_rows))
+  write('random_vs_criterion_verdict.csv',
+        csv_text(['budget', 'regime', 'beats_random', 'best', 'best_diff', 'spread'], verdict_csv))
+  _plot_budgets(cells, regimes, out)
+
+
+def _plot_budgets(cells, regimes, out):
+  plt = _pyplot()
+  if plt is None or out is None:
+    return
+  for regime in regimes:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for criterion in sorted({k[2] for k in cells if k[1] == regime}):
+      xs, ys, es = [], [], []
+      for (b, r, c), group in sorted(cells.items()):
+        if r == regime and c == criterion:
+          mean, std = mean_std([_last(s)['test_accuracy'] for s in group])
+          xs.append(np.mean([_last(s)['macs'] / _baseline(s)['macs'] for s in group]))
+          ys.append(100 * mean)
+          es.append(0 if math.isnan(std) else 100 * std)
+      order = np.argsort(xs)
+      ax.errorbar(np.asarray(xs)[order], np.asarray(ys)[order], yerr=np.asarray(es)[order],
+                  marker='o', capsize=3, label=criterion)
+    ax.set_xlabel('MACs kept (fraction of the unpruned network)')
+    ax.set_ylabel('test accuracy (%)')
+    ax.set_title(f'random_vs_criterion: {regime} (mean ± std over seeds)')
+    ax.legend(fontsize=8)
+    _save(fig, os.path.join(out, f'random_vs_criterion_{regime}.png'))
+
+
+def generic(name, snaps, write, label_keys):
+  """One row per label combination (seeds pooled): accuracy, MACs, params, epochs."""
+  groups = defaultdict(list)
+  for s in snaps:
+    key = tuple(str(s['labels'].get(k, '')) for k in label_keys)
+    groups[key].append(s)
+  header = list(label_keys) + ['model', 'seeds', 'test acc % (mean ± std)', 'pruned acc %',
+                               'baseline acc %', 'MACs (M)', 'params', 'epochs']
+  csv_header = list(label_keys) + ['model', 'seeds', 'acc_mean', 'acc_std', 'pruned_acc_mean',
+                                   'baseline_acc_mean', 'macs_mean', 'params_mean', 'epochs_mean']
+  md_rows, csv_rows = [], []
+  for key in sorted(groups):
+    group = groups[key]
+    accs = [_last(s)['test_accuracy'] for s in group]
+    pruned = [_row(s, 'pruned')['test_accuracy'] for s in group]
+    base = [_baseline(s)['test_accuracy'] for s in group]
+    macs = np.mean([_last(s)['macs'] for s in group])
+    params = np.mean([_last(s)['params'] for s in group])
+    epochs = np.mean([_last(s)['epochs'] for s in group])
+    models = ','.join(sorted({s['config']['model'] for s in group}))
+    mean, std = mean_std(accs)
+    md_rows.append(list(key) + [models, len(group), pm(accs), pm(pruned), pm(base),
+                                f'{macs / 1e6:.3f}', f'{params:.0f}', f'{epochs:.1f}'])
+    csv_rows.append(list(key) + [models, len(group), num(mean), num(std),
+                                 num(mean_std(pruned)[0]), num(mean_std(base)[0]),
+                                 f'{macs:.1f}', f'{params:.1f}', f'{epochs:.2f}'])
+  write(f'{name}.md', f'# {name}\n\n' + markdown(header, md_rows))
+  write(f'{name}.csv', csv_text(csv_header, csv_rows))
+
+
+def criteria_vs_oracle(snaps, write):
+  per = defaultdict(lambda: defaultdict(list))   # criterion -> measure -> [per seed]
+  layer = defaultdict(lambda: defaultdict(list))
+  for s in snaps:
+    for criterion, a in sorted(s['criteria'].items()):
+      for measure in ('mean_per_layer', 'across_layers_normalized', 'across_layers_raw'):
+        per[criterion][measure].append(a[measure])
+      for g, rho in sorted(a['per_layer'].items()):
+        layer[criterion][g].append(rho)
+  header = ['criterion', 'seeds', 'per layer (mean rho)', 'across layers, L2-normalised',
+            'across layers, raw']
+
+  def f(values):
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    mean, std = mean_std(values)
+    if math.isnan(mean):
+      return '-'
+    return f'{mean:.3f} ± {std:.3f}' if not math.isnan(std) else f'{mean:.3f}'
+  rows = [[c, len(per[c]['mean_per_layer']), f(per[c]['mean_per_layer']),
+           f(per[c]['across_layers_normalized']), f(per[c]['across_layers_raw'])]
+          for c in sorted(per)]
+  groups = sorted({g for c in layer for g in layer[c]})
+  layer_rows = [[c] + [f(layer[c].get(g, [])) for g in groups] for c in sorted(layer)]
+  models = ', '.join(sorted({s['config']['model'] for s in snaps}))
+  write('criteria_vs_oracle.md',
+        f'# criteria_vs_oracle\n\nSpearman rho against the oracle, model {models}, mean ± std over '
+        'seeds.\n\n' + markdown(header, rows) + '\nPer layer:\n\n' +
+        markdown(['criterion'] + groups, layer_rows))
+  write('criteria_vs_oracle.csv', csv_text(header, rows))
+
+
+def taylor_curves(snaps, root, out, write):
+  """Accuracy during iterative pruning against the fraction of channels removed [M]."""
+  curves = defaultdict(list)
+  rows = []
+  for s in snaps:
+    path = os.path.join(root, s['_dir'], 'prune', 'finetune', 'metrics.jsonl')
+    if not os.path.exists(path):
+      continue
+    c = s['config']
+    with open(os.path.join(root, s['_dir'], 'prune', 'record.json')) as f:
+      record = json.load(f)
+    before = sum(record['widths_before'].values())
+    removals = before - sum(record['widths'].values())
+    with open(path) as f:
+      records = [json.loads(line) for line in f if line.strip()]
+    points = []
+    for r in records:
+      # Removals happen every prune_every steps, prune_step channels at a time (pipeline).
+      removed = min(removals, r['step'] // c['prune_every'] * c['prune_step'])
+      points.append((removed / before, r['test_accuracy']))
+    curves[c['criterion']].append(points)
+    rows.append([c['criterion'], c['seed'], len(records), num(points[-1][0]),
+                 num(points[-1][1]), num(s['prune']['macs_reduction_percent'], 2)])
+  write('taylor_curves.csv', csv_text(['criterion', 'seed', 'epochs', 'removed_fraction',
+                                       'test_accuracy', 'macs_reduction_percent'], sorted(rows)))
+  plt = _pyplot()
+  if plt is None or out is None or not curves:
+    return
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for criterion in sorted(curves):
+    for i, points in enumerate(curves[criterion]):
+      x, y = zip(*points)
+      ax.plot(x, [100 * v for v in y], marker='.', label=criterion if i == 0 else None)
+  ax.set_xlabel('fraction of prunable channels removed')
+  ax.set_ylabel('test accuracy (%)')
+  ax.legend(fontsize=8)
+  _save(fig, os.path.join(out, 'taylor_curves.png'))
+
+
+# ---------------------------------------------------------------------------- plumbing
+
+def _pyplot():
+  try:
+    import matplotlib
+  except ImportError:
+    return None
+  matplotlib.use('Agg')
+  matplotlib.rcParams['svg.hashsalt'] = 'jaxprune'
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def _save(fig, path):
+  import matplotlib.pyplot as plt
+  fig.tight_layout()
+  fig.savefig(path, dpi=100, metadata={'Software': None})
+  plt.close(fig)
+
+
+LABELS = {
+    'rethinking': ('method', 'preset', 'regime'),
+    'crowley': ('family', 'budget', 'regime'),
+}
+
+
+def build(root: str, out: str) -> list[str]:
+  """Writes every table (and plot) for what is under `root`; returns the files written."""
+  os.makedirs(out, exist_ok=True)
+  written = []
+
+  def write(name, text):
+    with open(os.path.join(out, name), 'w') as f:
+      f.write(text)
+    written.append(name)
+  found = load(root)
+  for name in sorted(found):
+    snaps = found[name]
+    if name == 'random_vs_criterion':
+      random_vs_criterion(snaps, out, write)
+    elif name == 'criteria_vs_oracle':
+      criteria_vs_oracle(snaps, write)
+    elif name == 'taylor_curves':
+      taylor_curves(snaps, root, out, write)
+      generic(name, snaps, write, ('criterion', 'regime'))
+    else:
+      generic(name, snaps, write, LABELS.get(name, ('criterion', 'regime')))
+  index = ['# Experiment results\n', f'Built by `python -m experiments.report` from {len(found)} '
+           'experiment(s):\n'] + [f'* [{n}]({n}) ' for n in sorted(written) if n.endswith('.md')]
+  write('index.md', '\n'.join(index) + '\n')
+  return sorted(written)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--root', required=True)
+  parser.add_argument('--out', required=True)
+  args = parser.parse_args(argv)
+  for name in build(args.root, args.out):
+    print(os.path.join(args.out, name))
+
+
+if __name__ == '__main__':
+  main()
