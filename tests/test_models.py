@@ -122,3 +122,67 @@ def test_gate_gradient_is_per_example_activation_times_gradient(name):
       # Summation order differs between the batched and per-example passes.
       tolerance = 1e-3 * float(jnp.max(jnp.abs(expected))) + 1e-7
       np.testing.assert_allclose(gate_grads[g][i], expected, rtol=0, atol=tolerance)
+
+
+PUBLISHED = {  # model: (MACs, params) as published for CIFAR-10, None where not stated.
+    'vgg16_mlp': (3.13e8, None),
+    'resnet56': (1.25e8, 0.85e6),
+    'resnet110': (2.53e8, 1.7e6),
+    'wrn40_2': (None, 2.2e6),
+    'densenet40': (None, 1.0e6),
+    'preresnet164': (None, 1.7e6),
+}
+
+
+@pytest.mark.parametrize('name', sorted(PUBLISHED))
+def test_default_widths_match_published_counts(name):
+  struct = structure.derive(models.build(name))
+  cost = flops.count(struct)
+  macs, params = PUBLISHED[name]
+  if name == 'vgg16_mlp':  # the published figure counts the convolutions only
+    conv_macs = sum(n * np.prod(struct.shapes[k]) for k, n in struct.positions.items()
+                    if len(struct.shapes[k]) == 4)
+    assert abs(conv_macs - macs) / macs < 0.01
+  elif macs is not None:
+    assert abs(cost.macs - macs) / macs < 0.01
+  if params is not None:
+    # Published parameter counts are rounded to 0.1M (DenseNet-40 counts 1,059,298).
+    assert abs(cost.params - params) < 0.06e6
+
+
+@pytest.mark.parametrize('name, size', [('tiny', 32), ('resnet20', 96), ('wrn16_2', 96), ('vgg11', 256)])
+def test_macs_agree_with_xla_cost_analysis(name, size):
+  # XLA's HLO cost analysis counts 2 flops per multiply-accumulate, but only over the
+  # taps that land inside the unpadded input, and adds elementwise work (BN, ReLU,
+  # pooling). The images are large enough that padding and elementwise ops stay within 5%.
+  model = models.build(name)
+  x = jnp.zeros((1, size, size, 3))
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  xla_flops = jax.jit(model.apply).lower(variables, x).cost_analysis()['flops']
+  macs = flops.count(structure.derive(model, x.shape[1:])).macs
+  assert abs(xla_flops / 2 - macs) / macs < 0.05
+
+
+def test_unknown_model_name_is_one_sentence_naming_it():
+  with pytest.raises(ConfigError, match=r"unknown model 'resnet57'; choose one of: .*resnet56"):
+    models.build('resnet57')
+
+
+def test_widths_with_missing_or_extra_groups_are_refused_by_name():
+  widths = models.build('tiny').default_widths()
+  x = jnp.zeros((1, 8, 8, 3))
+  missing = {k: v for k, v in widths.items() if k != 'fc'}
+  with pytest.raises(ConfigError, match=r"missing groups \['fc'\]"):
+    models.build('tiny', widths=missing).init(jax.random.key(0), x)
+  with pytest.raises(ConfigError, match=r"unknown groups \['conv3'\]"):
+    models.build('tiny', widths={**widths, 'conv3': 4}).init(jax.random.key(0), x)
+
+
+def test_masks_with_wrong_shape_or_group_are_refused_by_name():
+  model, x, struct, variables = setup('tiny')
+  with pytest.raises(ConfigError, match=r"group 'conv1' has shape \(7,\); allowed are \(8,\) or \(2, 8\)"):
+    model.apply(variables, x, masks={'conv1': jnp.ones(7)})
+  with pytest.raises(ConfigError, match=r"unknown group 'conv9'"):
+    model.apply(variables, x, masks={'conv9': jnp.ones(8)})
+  with pytest.raises(ConfigError, match=r"mask for group 'fc' has shape \(3,\)"):
+    shrink.shrink(struct, variables, {'fc': np.ones(3)})
