@@ -1,0 +1,65 @@
+r"""[R]'s CIFAR tables: L1-norm presets and network slimming, each pruned network retrained four ways.
+
+    python -m experiments.rethinking --scale=mini --root=runs/exp --dry_run
+    python -m experiments.rethinking --scale=full --root=gs://BUCKET/exp --data_dir=...
+
+Rows: the unpruned baseline, fine-tuned, scratch-E, scratch-B and lottery ([R]'s
+"unpruned / fine-tuned / scratch-E / scratch-B" plus the lottery-ticket comparison).
+full: L1 presets VGG-16-A (vgg16), ResNet-56-A/B (resnet56), ResNet-110-A/B
+(resnet110) with criterion l1 and selection preset; network slimming on VGG-19
+(bn_l1 1e-4, percent 0.7), PreResNet-164 and DenseNet-40 (bn_l1 1e-5, 0.4 and 0.6):
+criterion bn_scale, selection slimming. 160 epochs, batch 64, lr 0.1, 5 seeds.
+mini (stand-ins, stated in the table): Li et al.'s presets exist only for the
+full-size models, so mini prunes resnet20 per layer by l1 at ratio 0.5
+(`layer`) as the L1 stand-in and slims densenet10 (bn_l1 1e-5, percent 0.4).
+"""
+
+from experiments import common
+
+EXPERIMENT = 'rethinking'
+REGIMES = ('finetune', 'scratch', 'scratch_b', 'lottery')
+FULL = (  # (method, model, criterion, selection, target, bn_l1)
+    ('l1', 'vgg16', 'l1', 'preset', 'vgg16_a', 0.0),
+    ('l1', 'resnet56', 'l1', 'preset', 'resnet56_a', 0.0),
+    ('l1', 'resnet56', 'l1', 'preset', 'resnet56_b', 0.0),
+    ('l1', 'resnet110', 'l1', 'preset', 'resnet110_a', 0.0),
+    ('l1', 'resnet110', 'l1', 'preset', 'resnet110_b', 0.0),
+    ('slimming', 'vgg19', 'bn_scale', 'slimming', 0.7, 1e-4),
+    ('slimming', 'preresnet164', 'bn_scale', 'slimming', 0.4, 1e-5),
+    ('slimming', 'preresnet164', 'bn_scale', 'slimming', 0.6, 1e-5),
+    ('slimming', 'densenet40', 'bn_scale', 'slimming', 0.4, 1e-5),
+    ('slimming', 'densenet40', 'bn_scale', 'slimming', 0.6, 1e-5),
+)
+MINI = (
+    ('l1 (per-layer 0.5 stand-in for presets)', 'resnet20', 'l1', 'layer', 0.5, 0.0),
+    ('slimming (densenet10 stand-in)', 'densenet10', 'bn_scale', 'slimming', 0.4, 1e-5),
+)
+
+
+def extra_flags(parser):
+  parser.add_argument('--regimes', default=','.join(REGIMES))
+
+
+def plan(args) -> list:
+  runs = []
+  for method, model, criterion, selection, target, bn_l1 in (MINI if args.scale == 'mini' else FULL):
+    args_model = args.model
+    args.model = None  # each row has its own model
+    settings = common.base_settings(args, mini={'model': model}, full={'model': model})
+    args.model = args_model
+    settings['bn_l1'] = bn_l1
+    key = {'ratio': 'prune_ratio', 'preset': 'preset'}[
+        'preset' if selection == 'preset' else 'ratio']
+    for seed in common.seeds_of(args):
+      for regime in common.csv_list(args.regimes):
+        tag = method.split(' ')[0]
+        path = f'{tag}/{model}_{target}/s{seed}'
+        labels = {'method': method, 'preset': f'{model} {target}', 'seed': seed}
+        runs.append(common.make_run(EXPERIMENT, args.root, path, regime, labels,
+                                    criterion=criterion, selection=selection, seed=seed,
+                                    **{key: target}, **settings))
+  return runs
+
+
+if __name__ == '__main__':
+  common.main(EXPERIMENT, plan, extra_flags=extra_flags, description=__doc__)

@@ -1,0 +1,92 @@
+"""The experiments' runner, report tool and "beats random" rule: dry runs, reproducible tables, hand-made numbers."""
+
+import importlib
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from experiments import common, report  # noqa: E402
+
+PLANNED = ('random_vs_criterion', 'rethinking', 'taylor_curves', 'crowley')
+
+
+@pytest.mark.parametrize('name', PLANNED)
+@pytest.mark.parametrize('scale', common.SCALES)
+def test_dry_run_prints_planned_runs_and_runs_nothing(name, scale, tmp_path, capsys):
+  module = importlib.import_module(f'experiments.{name}')
+  runs = common.main(module.EXPERIMENT, module.plan, extra_flags=module.extra_flags,
+                     argv=[f'--scale={scale}', f'--root={tmp_path}', '--dry_run'])
+  out = capsys.readouterr().out
+  assert runs and f'{len(runs)} runs' in out
+  for run in runs:
+    assert run.name in out
+  assert not any(p.name != 'baselines' for p in tmp_path.iterdir())  # nothing trained or written
+
+
+def test_criteria_vs_oracle_dry_run_prints_one_line_per_seed(tmp_path, capsys):
+  from experiments import criteria_vs_oracle
+  planned = criteria_vs_oracle.main([f'--root={tmp_path}', '--dry_run', '--seeds=0,1,2'])
+  out = capsys.readouterr().out
+  assert len(planned) == 3 and out.count('agreement.json') == 3 and 'oracle' in out
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_runs_share_one_baseline_per_model_and_seed(tmp_path):
+  from experiments import random_vs_criterion as rvc
+  runs = common.main(rvc.EXPERIMENT, rvc.plan, extra_flags=rvc.extra_flags,
+                     argv=[f'--root={tmp_path}', '--dry_run', '--seeds=0,1'])
+  assert len({r.config.baseline_dir for r in runs}) == 2
+  assert len({r.config.workdir for r in runs}) == len(runs) // len(rvc.REGIMES)
+
+
+def test_beats_random_needs_more_than_the_seed_spread():
+  accs = {'random': [0.50, 0.52, 0.54],        # std 0.02
+          'clear': [0.60, 0.61, 0.62],         # +0.10 > 0.02
+          'within': [0.52, 0.53, 0.54],        # +0.01 < 0.02
+          'noisy': [0.45, 0.60, 0.75]}         # +0.08 < std 0.15
+  verdict = report.beats_random(accs)
+  assert set(verdict) == {'clear', 'within', 'noisy'}
+  assert verdict['clear']['beats'] and not verdict['within']['beats']
+  assert not verdict['noisy']['beats']
+  assert verdict['clear']['diff'] == pytest.approx(0.09)
+  assert verdict['noisy']['spread'] == pytest.approx(0.15)
+  assert not report.beats_random({'random': [0.5], 'x': [0.9]})['x']['beats']  # one seed: no spread
+
+
+def _snapshot(root, criterion, budget, seed, regime, acc):
+  workdir = root / 'random_vs_criterion' / criterion / f'macs{budget:.2f}' / f's{seed}'
+  workdir.mkdir(parents=True, exist_ok=True)
+  snap = {'experiment': 'random_vs_criterion', 'run': f'{criterion}/{budget}/{seed}/{regime}',
+          'labels': {'criterion': criterion, 'budget': budget, 'seed': seed, 'regime': regime},
+          'config': {'model': 'tiny', 'seed': seed, 'baseline_dir': f'b{seed}'},
+          'rows': [{'stage': 'baseline', 'test_accuracy': 0.6 + 0.01 * seed, 'macs': 1000,
+                    'params': 100, 'epochs': 3, 'wall_time_s': 1.0},
+                   {'stage': 'pruned', 'test_accuracy': 0.1, 'macs': int(1000 * budget),
+                    'params': 50, 'epochs': 0, 'wall_time_s': 1.0},
+                   {'stage': regime, 'test_accuracy': acc, 'macs': int(1000 * budget),
+                    'params': 50, 'epochs': 3, 'wall_time_s': 1.0 + seed}]}
+  (workdir / f'results_{regime}.json').write_text(json.dumps(snap))
+
+
+def test_report_rebuilds_identical_tables_from_results_alone(tmp_path):
+  root = tmp_path / 'root'
+  for seed in range(3):
+    for budget in (0.3, 0.7):
+      _snapshot(root, 'random', budget, seed, 'scratch', 0.50 + 0.01 * seed)
+      _snapshot(root, 'taylor', budget, seed, 'scratch', 0.60 + 0.005 * seed)
+      _snapshot(root, 'l1', budget, seed, 'scratch', 0.505 + 0.01 * seed)
+  first, second = tmp_path / 'a', tmp_path / 'b'
+  names = report.build(str(root), str(first))
+  assert report.build(str(root), str(second)) == names
+  tables = [n for n in names if n.endswith(('.md', '.csv'))]
+  assert 'random_vs_criterion.md' in tables and 'random_vs_criterion.csv' in tables
+  for name in tables:
+    assert (first / name).read_bytes() == (second / name).read_bytes(), name
+  verdict = (first / 'random_vs_criterion_verdict.csv').read_text().splitlines()
+  assert verdict[1:] == ['0.70,scratch,taylor,taylor,0.0950,0.0100',
+                         '0.30,scratch,taylor,taylor,0.0950,0.0100']
+  assert str(tmp_path) not in (first / 'random_vs_criterion.md').read_text()
