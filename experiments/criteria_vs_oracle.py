@@ -54,23 +54,31 @@ def measure(config, criteria_names, batches: int) -> dict:
   model, _, variables, base = pipeline._baseline(config, dataset, arrays,
                                                  epath.Path(config.baseline_dir).absolute())
   struct = structure.derive(model, dataset.image_shape)
-  scores = {}
+  from jaxprune.errors import ConfigError
+  scores, skipped = {}, {}
   for name in ('oracle',) + tuple(criteria_names):
     t = time.time()
-    scores[name] = criteria.score(
-        name, model, variables,
-        pipeline.scoring_batches(dataset, config.batch_size, batches, config.seed),
-        rng=config.seed, structure=struct)
+    try:
+      scores[name] = criteria.score(
+          name, model, variables,
+          pipeline.scoring_batches(dataset, config.batch_size, batches, config.seed),
+          rng=config.seed, structure=struct)
+    except ConfigError as error:  # e.g. bn_scale on a model whose fc has no BatchNorm
+      skipped[name] = str(error)
+      print(f'  {name}: skipped ({error})', flush=True)
+      continue
     print(f'  {name}: {time.time() - t:.1f}s', flush=True)
   out = {}
   for name in criteria_names:
+    if name in skipped:
+      continue
     a = agreement.agreement(scores[name], scores['oracle'], normalize=True)
     out[name] = {'per_layer': {g: _finite(r) for g, r in sorted(a.per_layer.items())},
                  'mean_per_layer': _finite(a.mean_per_layer),
                  'across_layers_normalized': _finite(a.across_layers),
                  'across_layers_raw': _finite(agreement.across_layers(
                      scores[name], scores['oracle'], normalize=False))}
-  return {'experiment': EXPERIMENT, 'criteria': out, 'batches': batches,
+  return {'experiment': EXPERIMENT, 'criteria': out, 'batches': batches, 'skipped': skipped,
           'baseline_test_accuracy': base['test_accuracy'],
           'config': {k: v for k, v in vars(config).items()},
           'channels': {g: int(np.size(s)) for g, s in sorted(scores['oracle'].items())}}

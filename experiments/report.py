@@ -162,7 +162,8 @@ def random_vs_criterion(snaps, out, write):
                         f'{np.mean(epochs):.1f}',
                         f"{100 * v['diff']:+.2f}" if v else '',
                         pct(v['spread']) if v else '',
-                        ('yes' if v['beats'] else 'no') if v else '(reference)'])
+                        ('yes' if v['beats'] else 'no') if v else
+                        ('(reference)' if criterion == 'random' else '(no random run)')])
         csv_rows.append([f'{budget:.2f}', regime, criterion, len(group), num(mean), num(std),
                          num(float(np.mean(kept))), f'{np.mean(params):.1f}',
                          f'{np.mean(epochs):.2f}', num(v['diff']) if v else '',
@@ -275,10 +276,12 @@ def criteria_vs_oracle(snaps, write):
   groups = sorted({g for c in layer for g in layer[c]})
   layer_rows = [[c] + [f(layer[c].get(g, [])) for g in groups] for c in sorted(layer)]
   models = ', '.join(sorted({s['config']['model'] for s in snaps}))
+  skipped = sorted({f'{c}: {m}' for s in snaps for c, m in s.get('skipped', {}).items()})
+  notes = ''.join(f'\nNot scored: {line}\n' for line in skipped)
   write('criteria_vs_oracle.md',
         f'# criteria_vs_oracle\n\nSpearman rho against the oracle, model {models}, mean ± std over '
         'seeds.\n\n' + markdown(header, rows) + '\nPer layer:\n\n' +
-        markdown(['criterion'] + groups, layer_rows))
+        markdown(['criterion'] + groups, layer_rows) + notes)
   write('criteria_vs_oracle.csv', csv_text(header, rows))
 
 
@@ -371,7 +374,7 @@ def build(root: str, out: str) -> list[str]:
   index = ['# Experiment results\n', f'Built by `python -m experiments.report` from {len(found)} '
            'experiment(s):\n'] + [f'* [{n}]({n}) ' for n in sorted(written) if n.endswith('.md')]
   write('index.md', '\n'.join(index) + '\n')
-  return sorted(written)
+  return sorted(written) + sorted(n for n in os.listdir(out) if n.endswith('.png'))
 
 
 def main(argv=None):
