@@ -41,8 +41,9 @@ def plan(args) -> list:
     for budget in common.csv_list(args.budgets, float):
       for criterion in common.csv_list(args.criteria):
         for regime in common.csv_list(args.regimes):
-          path = f'{criterion}/macs{budget:.2f}/s{seed}'
-          labels = {'criterion': criterion, 'budget': budget, 'seed': seed}
+          path = f'{criterion}/{args.selection}{budget:.2f}/s{seed}'
+          labels = {'criterion': criterion, 'budget': budget, 'seed': seed,
+                    'selection': args.selection}
           runs.append(common.make_run(
               EXPERIMENT, args.root, path, regime, labels, criterion=criterion,
               selection=args.selection, target_macs=budget, seed=seed, **settings))

@@ -133,7 +133,11 @@ def _seed(snap):
 def random_vs_criterion(snaps, out, write):
   cells = defaultdict(list)     # (budget, regime, criterion) -> snaps
   for s in snaps:
-    cells[(s['labels']['budget'], s['labels']['regime'], s['labels']['criterion'])].append(s)
+    # The selection is part of the regime column: macs and macs_l2 are different experiments.
+    regime = s['labels']['regime']
+    if s['config'].get('selection', 'macs') != 'macs':
+      regime = f"{regime} ({s['config']['selection']})"
+    cells[(s['labels']['budget'], regime, s['labels']['criterion'])].append(s)
   header = ['budget (MACs kept)', 'regime', 'criterion', 'seeds', 'test acc % (mean ± std)',
             'MACs kept %', 'params', 'epochs', 'minus random (pp)', 'spread (pp)',
             'beats random']
@@ -219,7 +223,8 @@ def _plot_budgets(cells, regimes, out):
     ax.set_ylabel('test accuracy (%)')
     ax.set_title(f'random_vs_criterion: {regime} (mean ± std over seeds)')
     ax.legend(fontsize=8)
-    _save(fig, os.path.join(out, f'random_vs_criterion_{regime}.png'))
+    slug = ''.join(ch if ch.isalnum() or ch == '_' else '_' for ch in regime).strip('_')
+    _save(fig, os.path.join(out, f'random_vs_criterion_{slug}.png'))
 
 
 def generic(name, snaps, write, label_keys):

@@ -62,7 +62,7 @@ def _snapshot(root, criterion, budget, seed, regime, acc):
   workdir.mkdir(parents=True, exist_ok=True)
   snap = {'experiment': 'random_vs_criterion', 'run': f'{criterion}/{budget}/{seed}/{regime}',
           'labels': {'criterion': criterion, 'budget': budget, 'seed': seed, 'regime': regime},
-          'config': {'model': 'tiny', 'seed': seed, 'baseline_dir': f'b{seed}'},
+          'config': {'model': 'tiny', 'seed': seed, 'baseline_dir': f'b{seed}', 'selection': 'macs'},
           'rows': [{'stage': 'baseline', 'test_accuracy': 0.6 + 0.01 * seed, 'macs': 1000,
                     'params': 100, 'epochs': 3, 'wall_time_s': 1.0},
                    {'stage': 'pruned', 'test_accuracy': 0.1, 'macs': int(1000 * budget),
