@@ -163,7 +163,8 @@ def _units(run: Run, seen_baselines: set) -> float:
   units = {'finetune': c.finetune_epochs, 'scratch_b': 2 * c.epochs}.get(c.regime, c.epochs)
   if c.baseline_dir not in seen_baselines:
     seen_baselines.add(c.baseline_dir)
-    units += c.epochs
+    if not os.path.exists(os.path.join(c.baseline_dir, 'result.json')):
+      units += c.epochs
   return float(units)
 
 

@@ -311,10 +311,12 @@ def taylor_curves(snaps, root, out, write):
       removed = min(removals, r['step'] // c['prune_every'] * c['prune_step'])
       points.append((removed / before, r['test_accuracy']))
     curves[c['criterion']].append(points)
-    rows.append([c['criterion'], c['seed'], len(records), num(points[-1][0]),
-                 num(points[-1][1]), num(s['prune']['macs_reduction_percent'], 2)])
-  write('taylor_curves.csv', csv_text(['criterion', 'seed', 'epochs', 'removed_fraction',
-                                       'test_accuracy', 'macs_reduction_percent'], sorted(rows)))
+    for epoch, (removed, acc) in enumerate(points, 1):
+      rows.append([c['criterion'], c['seed'], epoch, num(removed), num(acc),
+                   num(s['prune']['macs_reduction_percent'], 2)])
+  write('taylor_curves_points.csv', csv_text(
+      ['criterion', 'seed', 'epoch', 'removed_fraction', 'test_accuracy',
+       'final_macs_reduction_percent'], sorted(rows)))
   plt = _pyplot()
   if plt is None or out is None or not curves:
     return
