@@ -1,0 +1,249 @@
+r"""Cost of each importance criterion, and of the vmapped oracle against a loop.
+
+    python experiments/bench/criteria_cost.py --json=/tmp/criteria_cost.json
+
+(a) On one batch: the steady-state time of every criterion's `accumulate`
+    (data criteria) or `finalize` (data-free ones) relative to one training step
+    on the same batch and model (train-mode forward, backward w.r.t. the params,
+    SGD-momentum update; optax), the two timed alternately, best of --reps
+    each. Compile time is excluded and reported apart; `oracle` and
+    `second_order` are timed --expensive_reps times.
+    Targets from the issue: gradient criteria <= 0.8x a step, activation
+    criteria <= 0.5x.
+(b) The oracle on models with >= 256 prunable channels: the vmapped criterion
+    against removing one channel at a time with a jitted full forward pass
+    (masks are inputs, so the loop compiles once). Every loop call is the same
+    full forward, so with --loop_channels the loop is timed on that many
+    channels per group and scaled to all of them (its scores are compared on
+    those channels). Where the model has at most --unshared_max_channels, the
+    vmapped oracle without prefix sharing (one full forward per removal) is
+    timed too. Target: >= 5x faster than the loop.
+"""
+
+import json
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+
+from jaxprune import criteria, models, structure
+from jaxprune.errors import ConfigError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('model', 'resnet20', 'Model for (a).')
+flags.DEFINE_integer('image_size', 32, 'Image side for (a).')
+flags.DEFINE_integer('batch', 64, 'Batch size for (a).')
+flags.DEFINE_list('criteria', list(criteria.CRITERIA), 'Criteria to time in (a).')
+flags.DEFINE_integer('reps', 7, 'Timed repetitions (the best is reported).')
+flags.DEFINE_integer('expensive_reps', 1, 'Timed repetitions for oracle and second_order in (a).')
+flags.DEFINE_list('oracle_models', ['resnet20', 'vgg11'],
+                  'Models for (b); each needs >= 256 prunable channels.')
+flags.DEFINE_integer('oracle_image_size', 16, 'Image side for (b).')
+flags.DEFINE_integer('oracle_batch', 8, 'Batch size for (b).')
+flags.DEFINE_integer('chunk_size', None,
+                     'Cap on removals vmapped at once (default: the memory bound alone).')
+flags.DEFINE_integer('loop_channels', 0, 'Channels per group the loop times (0: all).')
+flags.DEFINE_integer('unshared_max_channels', 512,
+                     'Time the oracle without prefix sharing only up to this many channels.')
+flags.DEFINE_string('json', None, 'Where to write the results as JSON.')
+
+GRADIENT = ('taylor', 'taylor_signed_mean', 'taylor_abs_elementwise', 'taylor_fo', 'fisher')
+ACTIVATION = ('mean_activation', 'activation_std', 'apoz')
+TARGETS = {**{n: 0.8 for n in GRADIENT}, **{n: 0.5 for n in ACTIVATION}}
+
+
+def _setup(name, image_size, batch_size, seed=0):
+  model = models.build(name)
+  shape = (image_size, image_size, 3)
+  rng = np.random.default_rng(seed)
+  batch = {'image': jnp.asarray(rng.normal(size=(batch_size,) + shape), jnp.float32),
+           'label': jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32)}
+  variables = jax.jit(model.init)(jax.random.key(seed), batch['image'][:1])
+  return model, variables, batch, structure.derive(model, shape)
+
+
+def _once(fn):
+  start = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - start
+
+
+def _timed(fn, reps):
+  """(first call seconds, best steady-state seconds) of fn(), blocking on its result.
+
+  The best of several runs, not the mean: on a shared machine the noise only ever
+  adds time.
+  """
+  first = _once(fn)
+  return first, min(_once(fn) for _ in range(reps))
+
+
+def _paired(reference, fn, reps):
+  """(first call of fn, best of fn, best of reference), the two timed alternately.
+
+  Alternating keeps the ratio honest on a machine whose load drifts.
+  """
+  first = _once(fn)
+  pairs = [(_once(reference), _once(fn)) for _ in range(reps)]
+  return first, min(p[1] for p in pairs), min(p[0] for p in pairs)
+
+
+def _train_step(model):
+  tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
+
+  def step(variables, opt_state, batch):
+    def loss_fn(params):
+      logits, new = model.apply({**variables, 'params': params}, batch['image'], train=True,
+                                mutable=['batch_stats'])
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
+      return loss, new
+    grads, new = jax.grad(loss_fn, has_aux=True)(variables['params'])
+    updates, opt_state = tx.update(grads, opt_state, variables['params'])
+    return {**variables, **new, 'params': optax.apply_updates(variables['params'], updates)}, opt_state
+
+  return tx, jax.jit(step)
+
+
+def criterion_costs():
+  model, variables, batch, st = _setup(FLAGS.model, FLAGS.image_size, FLAGS.batch)
+  tx, step = _train_step(model)
+  opt_state = tx.init(variables['params'])
+  # Not donated, so every repetition steps from the same state.
+  compile_step, train_s = _timed(lambda: step(variables, opt_state, batch), FLAGS.reps)
+  rows = [{'criterion': 'train_step', 'kind': 'reference', 'compile_s': compile_step - train_s,
+           'seconds': train_s, 'ratio': 1.0}]
+  masks = {g: jnp.ones((st.widths[g],), jnp.float32) for g in st.prunable}
+  for name in FLAGS.criteria:
+    criterion = criteria.get(name)
+    try:
+      state = criterion.init(st, jax.random.key(0))
+    except ConfigError as e:
+      rows.append({'criterion': name, 'kind': 'n/a', 'error': str(e)})
+      continue
+    if criterion.needs_data:
+      accumulate = criteria.accumulator(criterion, model)
+      run = lambda: accumulate(state, variables, masks, batch)
+      kind = 'data'
+    else:
+      run = lambda: criterion.finalize(state, model, variables)
+      kind = 'data-free'
+    reps = FLAGS.expensive_reps if name in ('oracle', 'second_order') else FLAGS.reps
+    first, seconds, step_s = _paired(lambda: step(variables, opt_state, batch), run, reps)
+    ratio = seconds / step_s
+    row = {'criterion': name, 'kind': kind, 'compile_s': max(0.0, first - seconds),
+           'seconds': seconds, 'train_step_s': step_s, 'ratio': ratio}
+    if name in TARGETS:
+      row.update(target=TARGETS[name], meets_target=bool(ratio <= TARGETS[name]))
+    rows.append(row)
+  return {'model': FLAGS.model, 'image_size': FLAGS.image_size, 'batch': FLAGS.batch,
+          'device': str(jax.devices()[0]), 'rows': rows}
+
+
+def prefix_sharing_bound(st) -> float:
+  """Loop MACs over vmapped-oracle MACs: the speedup prefix sharing alone can give.
+
+  The loop runs every kernel for every channel; the vmapped oracle runs, per
+  channel, only the kernels from the first one that reads the channel's group
+  (structure.positions is in call order).
+  """
+  kernels = list(st.positions)
+  macs = [st.positions[k] * math.prod(st.shapes[k]) for k in kernels]
+  total = sum(macs)
+  suffix = 0
+  for g in st.prunable:
+    first = next(i for i, k in enumerate(kernels) if st.axes[k][-2] == g)
+    suffix += st.widths[g] * sum(macs[first:])
+  return sum(st.widths[g] for g in st.prunable) * total / suffix
+
+
+def oracle_speedup(name):
+  model, variables, batch, st = _setup(name, FLAGS.oracle_image_size, FLAGS.oracle_batch, seed=1)
+  channels = sum(st.widths[g] for g in st.prunable)
+  masks = {g: jnp.ones((st.widths[g],), jnp.float32) for g in st.prunable}
+  sample = {g: np.linspace(0, st.widths[g] - 1, min(FLAGS.loop_channels or st.widths[g],
+                                                     st.widths[g])).round().astype(int)
+            for g in st.prunable}
+
+  @jax.jit
+  def mean_loss(masks):
+    logits = model.apply(variables, batch['image'], masks=masks)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
+
+  def loop():
+    base = mean_loss(masks)
+    return {g: jnp.stack([jnp.abs(mean_loss({**masks, g: masks[g].at[k].set(0.0)}) - base)
+                          for k in ks]) for g, ks in sample.items()}
+
+  compile_loop = _once(lambda: mean_loss(masks))
+  looped = jax.block_until_ready(loop())
+  calls = sum(len(ks) for ks in sample.values())
+  loop_s = min(_once(loop) for _ in range(2)) * channels / calls
+  result = {'model': name, 'image_size': FLAGS.oracle_image_size, 'batch': FLAGS.oracle_batch,
+            'channels': channels, 'loop_calls_timed': calls, 'loop_s': loop_s,
+            'loop_compile_s': compile_loop, 'chunk_size': FLAGS.chunk_size,
+            'prefix_sharing_macs_bound': prefix_sharing_bound(st)}
+  for share in (True, False):
+    if not share and channels > FLAGS.unshared_max_channels:
+      continue
+    criterion = criteria.get('oracle', chunk_size=FLAGS.chunk_size, share_prefix=share)
+    accumulate = criteria.accumulator(criterion, model)
+    state = criterion.init(st)
+    first, seconds = _timed(lambda: accumulate(state, variables, masks, batch), 2)
+    scores = criterion.finalize(accumulate(state, variables, masks, batch), model, variables)
+    error = max(float(np.max(np.abs(scores[g][ks] - np.asarray(looped[g]))))
+                for g, ks in sample.items())
+    key = 'vmap_shared_prefix' if share else 'vmap_full_forward'
+    result[key] = {'seconds': seconds, 'compile_s': max(0.0, first - seconds),
+                   'speedup': loop_s / seconds, 'max_abs_diff_vs_loop': error}
+  result['meets_target'] = bool(result['vmap_shared_prefix']['speedup'] >= 5)
+  return result
+
+
+def _print(costs, oracles):
+  print(f"(a) {costs['model']} {costs['image_size']}x{costs['image_size']}, batch {costs['batch']}, "
+        f"{costs['device']}; time per batch relative to one train step")
+  print(f"{'criterion':24s} {'kind':10s} {'compile s':>10s} {'ms':>10s} {'x step':>8s}  target")
+  for r in costs['rows']:
+    if 'error' in r:
+      print(f"{r['criterion']:24s} {'n/a':10s} {r['error']}")
+      continue
+    target = ''
+    if 'target' in r:
+      target = f"<= {r['target']} {'ok' if r['meets_target'] else 'MISSED'}"
+    print(f"{r['criterion']:24s} {r['kind']:10s} {r['compile_s']:10.2f} {1e3 * r['seconds']:10.2f} "
+          f"{r['ratio']:8.3f}  {target}")
+  for oracle in oracles:
+    print()
+    print(f"(b) oracle on {oracle['model']} {oracle['image_size']}x{oracle['image_size']}, batch "
+          f"{oracle['batch']}, {oracle['channels']} prunable channels, chunk cap "
+          f"{oracle['chunk_size']}; loop timed on {oracle['loop_calls_timed']} calls, scaled")
+    print(f"{'method':34s} {'compile s':>10s} {'s':>9s} {'speedup':>8s} {'max |diff|':>11s}")
+    print(f"{'loop, one channel per call':34s} {oracle['loop_compile_s']:10.2f} "
+          f"{oracle['loop_s']:9.3f} {1.0:8.1f}")
+    for key, label in (('vmap_shared_prefix', 'vmap, prefix shared (default)'),
+                       ('vmap_full_forward', 'vmap, full forward per removal')):
+      if key in oracle:
+        r = oracle[key]
+        print(f"{label:34s} {r['compile_s']:10.2f} {r['seconds']:9.3f} {r['speedup']:8.1f} "
+              f"{r['max_abs_diff_vs_loop']:11.2e}")
+    print(f"target >= 5x: {'ok' if oracle['meets_target'] else 'MISSED'}; loop MACs / vmapped "
+          f"MACs (the arithmetic bound of prefix sharing): "
+          f"{oracle['prefix_sharing_macs_bound']:.1f}x")
+
+
+def main(argv):
+  del argv
+  costs = criterion_costs()
+  oracles = [oracle_speedup(name) for name in FLAGS.oracle_models]
+  _print(costs, oracles)
+  if FLAGS.json:
+    with open(FLAGS.json, 'w') as f:
+      json.dump({'criteria': costs, 'oracle': oracles}, f, indent=2)
+
+
+if __name__ == '__main__':
+  app.run(main)
