@@ -62,6 +62,8 @@ flags.DEFINE_integer('finetune_epochs', 40, 'Epochs of the finetune regime.')
 flags.DEFINE_float('finetune_lr', 1e-3, 'Constant learning rate of fine-tuning.')
 flags.DEFINE_float('scratch_b_cap', None, 'Cap scratch_b at this multiple of --epochs.')
 flags.DEFINE_integer('seed', 0, 'Seed of init, data order and random choices.')
+flags.DEFINE_integer('seeds', 1, 'Train this many independent copies (seeds --seed, --seed+1, '
+                     '...) in WORKDIR/seed<N> and report mean ± std.')
 flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() (TPU pods).')
 
 
@@ -89,7 +91,7 @@ def main(argv):
   if FLAGS.multihost:
     train.initialize_multihost()
   try:
-    results = pipeline.run(config_from_flags())
+    results = pipeline.run_seeds(config_from_flags(), FLAGS.seeds)
   except ConfigError as error:
     sys.exit(f'error: {error}')
   print(pipeline.format_table(results))

@@ -366,6 +366,38 @@ def run(config: Config) -> dict:
   return results
 
 
+def run_seeds(config: Config, seeds: int) -> dict:
+  """Runs `config` for seeds config.seed .. config.seed + seeds - 1 and reports mean ± std.
+
+  Copy i is exactly the run `run(replace(config, seed=config.seed + i))` in
+  workdir/seed{seed} (and baseline_dir/seed{seed}); the copies run one after
+  another and share compiled steps wherever their shapes agree.
+  """
+  if seeds < 1:
+    raise ConfigError(f"--seeds must be at least 1, got {seeds}.")
+  if seeds == 1:
+    return run(config)
+  validate(config)
+  per_seed = []
+  for seed in range(config.seed, config.seed + seeds):
+    logging.info('Seed %d (%d of %d)', seed, seed - config.seed + 1, seeds)
+    per_seed.append(run(dataclasses.replace(
+        config, seed=seed, workdir=f'{config.workdir}/seed{seed}',
+        baseline_dir=f'{config.baseline_dir}/seed{seed}' if config.baseline_dir else None)))
+  rows = []
+  for i, row in enumerate(per_seed[0]['rows']):
+    values = {k: np.array([r['rows'][i][k] for r in per_seed], float)
+              for k in ('test_accuracy', 'macs', 'params', 'epochs', 'wall_time_s')}
+    rows.append({'stage': row['stage'], **{k: float(v.mean()) for k, v in values.items()},
+                 'test_accuracy_std': float(values['test_accuracy'].std(ddof=1)),
+                 'seeds': len(per_seed)})
+  results = {'rows': rows, 'per_seed': per_seed, 'config': dataclasses.asdict(config),
+             'seeds': seeds, 'versions': _versions(),
+             'devices': [d.device_kind for d in jax.devices()], 'platform': jax.default_backend()}
+  (_absolute(config.workdir) / 'results.json').write_text(json.dumps(results, indent=1))
+  return results
+
+
 def _versions() -> dict:
   import flax
   import optax
@@ -378,10 +410,17 @@ def _versions() -> dict:
 
 def format_table(results: Mapping) -> str:
   """The summary table: one row per stage."""
-  header = f"{'stage':<10} {'test acc':>9} {'MACs':>10} {'params':>10} {'epochs':>7} {'time':>8}"
+  spread = 'test_accuracy_std' in results['rows'][0]
+  accuracy = 'test acc (mean ± std)' if spread else 'test acc'
+  width = 21 if spread else 9
+  header = (f"{'stage':<10} {accuracy:>{width}} {'MACs':>10} {'params':>10} {'epochs':>7} "
+            f"{'time':>8}")
   lines = [header, '-' * len(header)]
   for row in results['rows']:
-    lines.append(f"{row['stage']:<10} {100 * row['test_accuracy']:>8.2f}% "
-                 f"{row['macs'] / 1e6:>9.2f}M {row['params'] / 1e6:>9.3f}M {row['epochs']:>7} "
+    acc = f"{100 * row['test_accuracy']:.2f}%"
+    if spread:
+      acc += f" ± {100 * row['test_accuracy_std']:.2f}"
+    lines.append(f"{row['stage']:<10} {acc:>{width}} "
+                 f"{row['macs'] / 1e6:>9.2f}M {row['params'] / 1e6:>9.3f}M {row['epochs']:>7g} "
                  f"{row['wall_time_s']:>7.1f}s")
   return '\n'.join(lines)

@@ -339,6 +339,25 @@ class Trainer:
     return jax.device_put(dict(batch), self.batch_sharding)
 
 
+_TRAINERS: dict = {}
+
+
+def trainer_for(model: nn.Module, optimizer: OptimizerConfig, epochs: int, steps_per_epoch: int,
+                structure: structure_lib.Structure | None, mesh: Mesh) -> Trainer:
+  """A Trainer shared by every fit with the same model, optimizer, length and mesh.
+
+  Runs that differ only in seed (or initial values) reuse its compiled steps, so N
+  seeds trained one after another compile each step once.
+  """
+  key = (repr(model), optimizer, epochs, steps_per_epoch,
+         None if structure is None else (tuple(structure.widths.items()), structure.prunable),
+         tuple(d.id for d in mesh.devices.flat), mesh.axis_names)
+  if key not in _TRAINERS:
+    _TRAINERS[key] = Trainer(model, make_optimizer(optimizer, epochs, steps_per_epoch),
+                             structure, mesh)
+  return _TRAINERS[key]
+
+
 # ----------------------------------------------------------------------------- fit
 
 
@@ -465,9 +484,8 @@ def fit(model: nn.Module, variables: Mapping, arrays: Mapping, spec: data.DataSp
     structure = structure_lib.derive(model, tuple(arrays['train_images'].shape[1:]))
   if structure is not None and dict(structure.widths) != widths_of(model):
     raise ValueError('the structure was derived for other widths than the model has.')
-  tx = make_optimizer(optimizer, epochs, steps_per_epoch)
   schedule = learning_rate_schedule(optimizer, epochs, steps_per_epoch)
-  trainer = Trainer(model, tx, structure, mesh)
+  trainer = trainer_for(model, optimizer, epochs, steps_per_epoch, structure, mesh)
   arrays = jax.device_put(dict(arrays), trainer.replicated)
   permutation, make_batch = _epoch_fns(trainer, arrays, spec, batch_size)
 

@@ -143,3 +143,26 @@ def test_sigkill_then_rerun_resumes_to_the_uninterrupted_result(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     got = json.loads((workdir / 'results.json').read_text())['rows']
     assert [r['test_accuracy'] for r in got] == [r['test_accuracy'] for r in expected]
+
+
+def test_each_seed_copy_equals_a_separate_run_and_shares_compiled_steps(tmp_path, caplog):
+  import dataclasses
+  import jax
+  config = pipeline.Config(workdir=str(tmp_path / 'many'), model='tiny', epochs=1, batch_size=32,
+                           max_train=256, prune_ratio=0.3, regime='scratch', seed=3)
+  jax.config.update('jax_log_compiles', True)
+  try:
+    with caplog.at_level(logging.WARNING):
+      many = pipeline.run_seeds(config, 2)
+  finally:
+    jax.config.update('jax_log_compiles', False)
+  baseline_compiles = [r for r in caplog.records if 'Compiling' in r.getMessage()
+                       and 'sharded_train_step' in r.getMessage()]
+  # Two seeds' baselines share one compiled step; each pruned width set may add one more.
+  assert len(baseline_compiles) <= 3
+  alone = pipeline.run(dataclasses.replace(config, seed=4, workdir=str(tmp_path / 'alone')))
+  assert [r['test_accuracy'] for r in many['per_seed'][1]['rows']] == [
+      r['test_accuracy'] for r in alone['rows']]
+  accuracies = [r['rows'][0]['test_accuracy'] for r in many['per_seed']]
+  assert many['rows'][0]['test_accuracy'] == pytest.approx(np.mean(accuracies))
+  assert many['rows'][0]['test_accuracy_std'] == pytest.approx(np.std(accuracies, ddof=1))
