@@ -209,9 +209,10 @@ def _iterative_masks(config, model, structure, variables, dataset, arrays, stage
   progress = {'since': None, 'removed': None}
 
   def hook(state, batch, current, hook_state):
-    if progress['since'] is None:  # first call, or after a resume: one read of the counters
+    if progress['since'] is None:  # first call, or after a resume: one read of the state
       progress['since'] = int(hook_state['since'])
       progress['removed'] = int(hook_state['removed'])
+      masks.update({g: np.asarray(m) for g, m in current.items()})
     variables_now = state.variables
     acc = accumulate(hook_state['criterion'], variables_now, current, batch)
     progress['since'] += 1
@@ -232,6 +233,12 @@ def _iterative_masks(config, model, structure, variables, dataset, arrays, stage
     return current, {'criterion': acc, 'since': jnp.asarray(progress['since']),
                      'removed': jnp.asarray(progress['removed'])}
 
+  masks_path = stage / 'finetune' / 'masks.json'
+
+  def save_masks(state, record):
+    # After every epoch's checkpoint, so a finished (or resumed) stage always has them.
+    masks_path.write_text(json.dumps({g: m.tolist() for g, m in masks.items()}))
+
   hook_state = {'criterion': criterion.init(structure, rng), 'since': jnp.asarray(0),
                 'removed': jnp.asarray(0)}
   finetuned, _ = train.fit(
@@ -239,11 +246,8 @@ def _iterative_masks(config, model, structure, variables, dataset, arrays, stage
       optimizer=train.OptimizerConfig(learning_rate=config.finetune_lr, schedule='constant',
                                       weight_decay=config.weight_decay),
       stage_dir=stage / 'finetune', seed=config.seed, masks=masks, structure=structure,
-      step_hook=hook, hook_state=hook_state)
-  final_masks_path = stage / 'finetune' / 'masks.json'
-  if progress['removed'] is not None:
-    final_masks_path.write_text(json.dumps({g: m.tolist() for g, m in masks.items()}))
-  masks = {g: np.asarray(m, np.float32) for g, m in json.loads(final_masks_path.read_text()).items()}
+      step_hook=hook, hook_state=hook_state, callbacks=(save_masks,))
+  masks = {g: np.asarray(m, np.float32) for g, m in json.loads(masks_path.read_text()).items()}
   if config.target_macs is not None:
     scores = criteria.score(config.criterion, model, finetuned,
                             scoring_batches(dataset, config.batch_size, config.prune_batches,
