@@ -20,9 +20,9 @@ Loading (host, numpy) -- `load(name, ...)` returns a `Dataset`:
   360 test images. Mean/std from the training split; crop padding 1, no flip
   (a mirrored digit is a different symbol).
 
-`max_train` keeps the first `max_train` training examples (CIFAR and the npz
-files are stored in shuffled order; the digits split is already shuffled); the
-test set is always complete and mean/std never depend on it.
+`max_train` keeps a fixed random subset of `max_train` training examples (the
+same for every run; files sorted by class, such as the CIFAR-10 sample, still give
+every class); the test set is always complete and mean/std never depend on it.
 
 Device side (pure functions with explicit PRNG keys, callable inside jit):
 `device_put_dataset` puts the arrays on the device(s) once; per epoch
@@ -125,10 +125,16 @@ def _positive_int(what: str, value) -> int:
   return int(value)
 
 
-def _first(images, labels, max_train):
-  if max_train is None:
-    return images, labels
-  return images[:max_train], labels[:max_train]
+def _subset_indices(n: int, max_train: int | None) -> np.ndarray:
+  """A fixed random subset of range(n) of size max_train, in increasing order."""
+  if max_train is None or max_train >= n:
+    return np.arange(n)
+  return np.sort(np.random.default_rng(0).permutation(n)[:max_train])
+
+
+def _subset(images, labels, max_train):
+  keep = _subset_indices(len(labels), max_train)
+  return images[keep], labels[keep]
 
 
 def _load_npz(data_path, data_dir, max_train) -> Dataset:
@@ -182,7 +188,7 @@ def _load_npz(data_path, data_dir, max_train) -> Dataset:
     raise ConfigError(f"npz file {path!r}: labels range over {lowest}..{highest} but must lie "
                       f"in 0..{num_classes - 1}.")
   mean, std = channel_stats(arrays['train_images'])
-  train_images, train_labels = _first(arrays['train_images'], arrays['train_labels'], max_train)
+  train_images, train_labels = _subset(arrays['train_images'], arrays['train_labels'], max_train)
   return Dataset(
       name='npz',
       train_images=np.ascontiguousarray(train_images),
@@ -205,7 +211,7 @@ def _load_digits(data_path, data_dir, max_train) -> Dataset:
   order = np.random.default_rng(DIGITS_SEED).permutation(len(labels))
   train, test = order[:-DIGITS_NUM_TEST], order[-DIGITS_NUM_TEST:]
   mean, std = channel_stats(images[train])
-  train_images, train_labels = _first(images[train], labels[train], max_train)
+  train_images, train_labels = _subset(images[train], labels[train], max_train)
   return Dataset(
       name='digits', train_images=train_images, train_labels=train_labels,
       test_images=images[test], test_labels=labels[test], num_classes=10,
@@ -284,13 +290,14 @@ def _tfds_sources(spec: _Tfds, data_dir):
 
 
 def _read_records(source, limit) -> tuple[np.ndarray, np.ndarray]:
-  """All (or the first `limit`) records of a random-access source as stacked arrays.
+  """All records (or the fixed random subset of `limit`, see `max_train`) of a random-access source as stacked arrays.
 
   One `__getitems__` call lets array_record fetch the records in parallel rather than
   one seek per image.
   """
-  n = len(source) if limit is None else min(limit, len(source))
-  records = source.__getitems__(list(range(n)))
+  keep = _subset_indices(len(source), limit)
+  n = len(keep)
+  records = source.__getitems__(keep.tolist())
   images = np.stack([np.asarray(r['image'], dtype=np.uint8) for r in records])
   labels = np.fromiter((r['label'] for r in records), dtype=np.int32, count=n)
   return images, labels
@@ -319,7 +326,7 @@ def load(name: str, data_path=None, data_dir=None, max_train: int | None = None)
     name: `cifar10`, `cifar100`, `npz` or `digits`.
     data_path: the .npz file (`npz` only).
     data_dir: the TFDS data directory (`cifar10` / `cifar100` only; default TFDS's own).
-    max_train: keep only the first `max_train` training examples (None: all).
+    max_train: keep a fixed random subset of `max_train` training examples (None: all).
 
   Raises:
     ConfigError: unknown name, an argument the dataset does not use, a malformed npz

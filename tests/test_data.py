@@ -57,11 +57,24 @@ def test_npz_round_trip(tmp_path):
   np.testing.assert_allclose(ds.std, pixels.std(0), rtol=1e-9)
 
 
-def test_npz_max_train_keeps_the_first_examples(tmp_path):
+def test_npz_max_train_keeps_a_fixed_random_subset(tmp_path):
   arrays = _arrays()
-  ds = data.load('npz', data_path=_write(tmp_path, arrays), max_train=3)
-  np.testing.assert_array_equal(ds.train_images, arrays['train_images'][:3])
+  path = _write(tmp_path, arrays)
+  ds = data.load('npz', data_path=path, max_train=3)
+  again = data.load('npz', data_path=path, max_train=3)
+  np.testing.assert_array_equal(ds.train_images, again.train_images)
+  rows = [np.flatnonzero((arrays['train_images'] == image).all(axis=(1, 2, 3)))
+          for image in ds.train_images]
+  assert all(len(r) >= 1 for r in rows) and ds.train_images.shape[0] == 3
   assert ds.num_test == 6
+
+
+def test_max_train_on_class_sorted_data_still_sees_every_class():
+  ds = data.load('digits')
+  order = np.argsort(ds.train_labels, kind='stable')
+  sorted_images, sorted_labels = ds.train_images[order], ds.train_labels[order]
+  images, labels = data._subset(sorted_images, sorted_labels, 200)
+  assert len(labels) == 200 and set(labels.tolist()) == set(range(10))
 
 
 @pytest.mark.parametrize('change, words', [
@@ -142,7 +155,9 @@ def test_cifar10_through_mocked_tfds(tmp_path):
   assert ds.train_images.shape == (8, 32, 32, 3) and ds.train_images.dtype == np.uint8
   assert ds.test_images.shape == (5, 32, 32, 3)
   assert ds.train_labels.dtype == np.int32
-  np.testing.assert_array_equal(ds.train_labels, np.arange(8) % 10)
+  kept = ds.train_images[:, 0, 0, 0]  # each mock image is filled with its record index
+  assert len(set(kept.tolist())) == 8 and kept.max() < 12
+  np.testing.assert_array_equal(ds.train_labels, kept % 10)
   assert ds.num_classes == 10 and ds.spec == data.DataSpec(ds.mean, ds.std, 4, True)
 
 
