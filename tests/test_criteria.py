@@ -373,3 +373,8 @@ def test_data_criterion_without_batches_raises_config_error(tiny):
   model, variables, _, _, st, _ = tiny
   with pytest.raises(ConfigError, match="'fisher'"):
     criteria.score('fisher', model, variables, [], structure=st)
+
+
+def test_unknown_option_raises_config_error_listing_the_options():
+  with pytest.raises(ConfigError, match=r"'chunk'.*chunk_size"):
+    criteria.get('oracle', chunk=3)
