@@ -3,7 +3,9 @@
     workdir/
       baseline/     (or --baseline_dir, shared by many runs) init/, checkpoints, result.json
       prune/        record.json: criterion, selection, masks, widths, kept indices, scores,
-                    MACs/params before and after, accuracy right after pruning; variables/
+                    MACs/params before and after, accuracy right after pruning; variables/;
+                    iterative: finetune/ with pruning_curve.jsonl (per epoch: test accuracy,
+                    channels removed, MACs of the masked network)
       <regime>/     checkpoints, metrics.jsonl, result.json (one per regime run)
       results.json  the summary table's content, the configuration, versions and devices
 
@@ -235,9 +237,18 @@ def _iterative_masks(config, model, structure, variables, dataset, arrays, stage
 
   masks_path = stage / 'finetune' / 'masks.json'
 
+  history_path = stage / 'finetune' / 'pruning_curve.jsonl'
+
   def save_masks(state, record):
     # After every epoch's checkpoint, so a finished (or resumed) stage always has them.
     masks_path.write_text(json.dumps({g: m.tolist() for g, m in masks.items()}))
+    live = {g: int(m.sum()) for g, m in masks.items()}
+    point = {'epoch': record['epoch'], 'test_accuracy': record['test_accuracy'],
+             'channels_removed': int(total - sum(live.values())),
+             'macs': flops.count(structure, {**structure.widths, **live}).macs}
+    lines = history_path.read_text().splitlines() if history_path.exists() else []
+    kept = [l for l in lines if json.loads(l)['epoch'] < record['epoch']]
+    history_path.write_text(''.join(l + '\n' for l in kept + [json.dumps(point)]))
 
   hook_state = {'criterion': criterion.init(structure, rng), 'since': jnp.asarray(0),
                 'removed': jnp.asarray(0)}

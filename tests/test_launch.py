@@ -118,6 +118,9 @@ def test_iterative_schedule_compiles_the_train_step_once_per_stage(tmp_path, cap
   record = json.loads((tmp_path / 'prune' / 'record.json').read_text())
   removed = sum(len(m) - sum(m) for m in record['masks'].values())
   assert removed == int(0.2 * (8 + 16 + 16))
+  curve = [json.loads(l) for l in
+           (tmp_path / 'prune' / 'finetune' / 'pruning_curve.jsonl').read_text().splitlines()]
+  assert curve[-1]['channels_removed'] == removed and curve[-1]['macs'] == record['macs_after']
   # Baseline, iterative pruning (masks changed removed/2 times) and finetune: one each.
   assert len(compiles) == 3
 
