@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxprune.errors import ConfigError
+from jaxprune.models.conv import Conv
 
 # Collection holding, for channel-selection layers, the indices of the stream
 # channels the layer reads. It is structural data, not a learned parameter.
@@ -34,9 +35,11 @@ def batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
                       name=name)
 
 
-def conv(features: int, kernel: int, stride: int = 1, name: str | None = None) -> nn.Conv:
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding='SAME',
-                 use_bias=False, kernel_init=conv_init, name=name)
+def conv(features: int, kernel: int, stride: int = 1, name: str | None = None) -> Conv:
+  # conv.Conv has nn.Conv's parameters (and is one), but computes small CPU feature maps
+  # as patches x matrix, where XLA's native convolution is many times slower.
+  return Conv(features, (kernel, kernel), strides=(stride, stride), padding='SAME',
+              use_bias=False, kernel_init=conv_init, name=name)
 
 
 def resolve_widths(model_name: str, default: Mapping[str, int],

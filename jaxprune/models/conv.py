@@ -1,0 +1,197 @@
+"""A 2-D convolution with nn.Conv's parameters that computes tiny CPU feature maps as patches x matrix.
+
+XLA's CPU backend runs `lax.conv_general_dilated` at a small fraction of its usual speed
+when the output map is tiny. Measured with jaxlib 0.10.2 on a 2-core x86 CPU (batch 128,
+512 -> 512 channels, 3x3 'SAME'; experiments/bench/conv_rule.py), the forward pass and the
+input gradient on a 2x2 map ran at 0.2-3.6 GFLOP/s against 40-120 GFLOP/s at 4x4 and above,
+so the last stage of a CIFAR VGG dominated its train step. Written as patches x matrix
+(im2col: the kh*kw shifted, strided views of the zero-padded input concatenated along
+channels, times the kernel reshaped to (kh*kw*C_in, C_out)) the same convolution is one
+matmul, and its gradients are a matmul plus pads: about 200x faster there.
+
+`Conv` is an `nn.Conv` subclass (so `isinstance(m, nn.Conv)` holds and MAC counting sees it)
+that creates exactly nn.Conv's parameters: `kernel` (kh, kw, C_in, C_out) HWIO with the
+module's `kernel_init`, and `bias` (C_out,) only with `use_bias`. Swapping one for the other
+changes no parameter path, shape or initial value, so structure derivation, shrinking and
+checkpoints do not notice. Only NHWC inputs, feature_group_count 1, no dilation and no mask
+are supported (what jaxprune's models use); padding is 'SAME', 'VALID' or explicit pairs.
+
+Which formulation runs (`IMPLS`):
+  native   `lax.conv_general_dilated` (what nn.Conv does).
+  patches  im2col + one matmul: the same convolution, same padding and strides; float32
+           results agree to rounding (about 1e-6 relative), forward and gradients.
+  auto     `choose_impl`'s rule: 'patches' when the backend is CPU and the output map has
+           at most PATCHES_MAX_OUTPUT_PIXELS (4) positions, H_out * W_out, else 'native'.
+           Basis (conv_rule.py, median of 9 round-robin repetitions, see
+           experiments/bench/README.md): at 2x2 patches is ~250x faster forward and ~200x
+           faster for the input gradient; the kernel gradient is about equal. From 4x4 up
+           (and for the C_in=3 stems) native is as fast or faster in every pass, within the
+           noise of the shared machine. Off the CPU native is always used (not measured
+           here; cuDNN / the TPU compiler have no such cliff that we know of).
+
+The implementation is resolved at trace time, in this order: the module's `impl` field, the
+innermost `use_impl(...)` context, `set_default_impl(...)`, the environment variable
+JAXPRUNE_CONV_IMPL, then 'auto'. Because it is resolved while tracing, a function that jit
+has already compiled keeps the formulation it was traced with; set the choice before the
+first call (or jit a fresh function).
+"""
+
+import contextlib
+import contextvars
+import math
+import os
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxprune.errors import ConfigError
+
+IMPLS = ('auto', 'native', 'patches')
+ENV_VAR = 'JAXPRUNE_CONV_IMPL'
+
+# The largest output map (H_out * W_out) that 'auto' computes as patches on the CPU backend.
+PATCHES_MAX_OUTPUT_PIXELS = 4
+
+_DEFAULT: str | None = None
+_CONTEXT: contextvars.ContextVar = contextvars.ContextVar('conv_impl', default=None)
+
+
+def _check(impl, what: str) -> str:
+  if impl not in IMPLS:
+    raise ConfigError(f"{what} {impl!r} is not a convolution implementation; choose one of "
+                      f"{', '.join(IMPLS)}.")
+  return impl
+
+
+def set_default_impl(impl: str | None) -> None:
+  """Sets the process-wide implementation (None: back to JAXPRUNE_CONV_IMPL / 'auto')."""
+  global _DEFAULT
+  _DEFAULT = None if impl is None else _check(impl, 'conv implementation')
+
+
+@contextlib.contextmanager
+def use_impl(impl: str):
+  """Within the block, modules without an `impl` field trace with `impl`."""
+  token = _CONTEXT.set(_check(impl, 'conv implementation'))
+  try:
+    yield
+  finally:
+    _CONTEXT.reset(token)
+
+
+def current_impl() -> str:
+  """The implementation a module without an `impl` field uses now (may be 'auto')."""
+  for impl in (_CONTEXT.get(), _DEFAULT):
+    if impl is not None:
+      return impl
+  env = os.environ.get(ENV_VAR, '').strip().lower()
+  return _check(env, f'{ENV_VAR}=') if env else 'auto'
+
+
+def choose_impl(impl: str, output_spatial: Sequence[int], backend: str | None = None) -> str:
+  """'native' or 'patches' for one convolution: `impl` unless it is 'auto', else the rule.
+
+  Args:
+    impl: one of IMPLS.
+    output_spatial: the output map's spatial shape (H_out, W_out).
+    backend: the JAX backend the convolution runs on (default `jax.default_backend()`).
+  """
+  _check(impl, 'conv implementation')
+  if impl != 'auto':
+    return impl
+  backend = backend or jax.default_backend()
+  small = math.prod(int(d) for d in output_spatial) <= PATCHES_MAX_OUTPUT_PIXELS
+  return 'patches' if backend == 'cpu' and small else 'native'
+
+
+def _pads(spatial, kernel_size, strides, padding) -> tuple[tuple[int, int], ...]:
+  """Explicit (low, high) pads per spatial dim, as lax.conv_general_dilated computes them."""
+  if isinstance(padding, str):
+    if padding not in ('SAME', 'VALID'):
+      raise ConfigError(f"conv padding {padding!r} is not supported; use 'SAME', 'VALID' or "
+                        "(low, high) pairs.")
+    pads = lax.padtype_to_pads(spatial, kernel_size, strides, padding)
+  else:
+    pads = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+  return tuple((int(lo), int(hi)) for lo, hi in pads)
+
+
+def conv_patches(x, kernel, strides, pads, precision=None):
+  """NHWC x HWIO convolution as im2col + one matmul; the same result as `conv_native`.
+
+  The kh*kw strided views of the padded input are concatenated along channels in
+  (row, column, channel) order, which is the HWIO kernel's row-major order, so the
+  kernel is only reshaped, never transposed.
+  """
+  n, h, w, c = x.shape
+  kh, kw, _, o = kernel.shape
+  (sh, sw), ((pt, pb), (pl, pr)) = strides, pads
+  ho = (h + pt + pb - kh) // sh + 1
+  wo = (w + pl + pr - kw) // sw + 1
+  if (pt, pb, pl, pr) != (0, 0, 0, 0):
+    # lax.pad also takes negative pads (cropping), as conv_general_dilated does.
+    x = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
+  views = [lax.slice(x, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
+                     (1, sh, sw, 1))
+           for i in range(kh) for j in range(kw)]
+  patches = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
+  return lax.dot_general(patches, kernel.reshape(kh * kw * c, o), (((3,), (0,)), ((), ())),
+                         precision=precision)
+
+
+def conv_native(x, kernel, strides, pads, precision=None):
+  """NHWC x HWIO `lax.conv_general_dilated` with explicit pads (what nn.Conv computes)."""
+  return lax.conv_general_dilated(x, kernel, strides, pads,
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=precision)
+
+
+FORMULATIONS = {'native': conv_native, 'patches': conv_patches}
+
+
+class Conv(nn.Conv):
+  """nn.Conv (2-D, NHWC, no groups or dilation) computed natively or as patches per `choose_impl`.
+
+  Attributes (beyond nn.Conv's):
+    impl: one of IMPLS, or None to follow `current_impl()` (the global setting).
+  """
+  impl: str | None = None
+
+  @nn.compact
+  def __call__(self, inputs):
+    kernel_size = ((self.kernel_size,) * 2 if isinstance(self.kernel_size, int)
+                   else tuple(self.kernel_size))
+    strides = 1 if self.strides is None else self.strides
+    strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
+    unsupported = []
+    if len(kernel_size) != 2 or inputs.ndim != 4:
+      unsupported.append('2-D kernels on NHWC inputs')
+    if self.feature_group_count != 1:
+      unsupported.append('feature_group_count 1')
+    if self.mask is not None:
+      unsupported.append('no mask')
+    for field in ('input_dilation', 'kernel_dilation'):
+      d = getattr(self, field)
+      if d not in (None, 1) and tuple(d) != (1,) * len(kernel_size):
+        unsupported.append(f'{field} 1')
+    if unsupported:
+      raise ConfigError(f"jaxprune's Conv supports only {', '.join(unsupported)}; use nn.Conv "
+                        "for other configurations.")
+    impl = _check(self.impl, 'Conv.impl') if self.impl is not None else current_impl()
+
+    pads = _pads(inputs.shape[1:3], kernel_size, strides, self.padding)
+    # The same param calls, in the same order, as nn.Conv: identical names, shapes and init.
+    kernel = self.param('kernel', self.kernel_init,
+                        kernel_size + (inputs.shape[-1], self.features), self.param_dtype)
+    bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    out_spatial = [(size + lo + hi - k) // s + 1
+                   for size, (lo, hi), k, s in zip(inputs.shape[1:3], pads, kernel_size, strides)]
+    y = FORMULATIONS[choose_impl(impl, out_spatial)](inputs, kernel, strides, pads,
+                                                     precision=self.precision)
+    if bias is not None:
+      y = y + bias
+    return y

@@ -1,0 +1,170 @@
+"""The convolution module: both formulations agree, the auto rule, overrides, nn.Conv's parameters."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from jaxprune import models, structure
+from jaxprune.errors import ConfigError
+from jaxprune.models import conv, layers
+
+CASES = [(kernel, stride, size) for kernel in (1, 3) for stride in (1, 2) for size in (2, 5, 8)]
+
+
+@pytest.fixture(autouse=True)
+def _no_global_setting(monkeypatch):
+  monkeypatch.delenv(conv.ENV_VAR, raising=False)
+  conv.set_default_impl(None)
+  yield
+  conv.set_default_impl(None)
+
+
+def _inputs(kernel, size, channels_in=5, channels_out=7, seed=0):
+  kx, kk = jax.random.split(jax.random.key(seed))
+  x = jax.random.normal(kx, (3, size, size, channels_in))
+  k = jax.random.normal(kk, (kernel, kernel, channels_in, channels_out)) / kernel
+  return x, k
+
+
+def _close(a, b):
+  a, b = np.asarray(a), np.asarray(b)
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(b).max())))
+
+
+def _apply(impl, kernel, stride, x, k):
+  pads = conv._pads(x.shape[1:3], (kernel, kernel), (stride, stride), 'SAME')
+  return conv.FORMULATIONS[impl](x, k, (stride, stride), pads)
+
+
+def _jit_apply(impl, kernel, stride):
+  # One compiled program per case keeps the test fast (eager mode compiles every op).
+  return jax.jit(lambda x, k: _apply(impl, kernel, stride, x, k))
+
+
+@pytest.mark.parametrize('kernel,stride,size', CASES)
+def test_patches_forward_equals_native(kernel, stride, size):
+  x, k = _inputs(kernel, size)
+  native = _jit_apply('native', kernel, stride)(x, k)
+  patches = _jit_apply('patches', kernel, stride)(x, k)
+  assert patches.shape == native.shape
+  _close(patches, native)
+
+
+@pytest.mark.parametrize('kernel,stride,size', CASES)
+def test_patches_gradients_equal_native(kernel, stride, size):
+  x, k = _inputs(kernel, size)
+  shape = jax.eval_shape(lambda x, k: _apply('native', kernel, stride, x, k), x, k).shape
+  cotangent = jax.random.normal(jax.random.key(2), shape)
+
+  def grads(impl):
+    return jax.jit(jax.grad(lambda x, k: jnp.sum(_apply(impl, kernel, stride, x, k) * cotangent),
+                            argnums=(0, 1)))(x, k)
+
+  (dx_n, dk_n), (dx_p, dk_p) = grads('native'), grads('patches')
+  _close(dx_p, dx_n)
+  _close(dk_p, dk_n)
+
+
+def test_module_formulations_agree_under_jit():
+  x, _ = _inputs(3, 4, channels_in=6)
+  variables = conv.Conv(8, (3, 3), strides=(2, 2), use_bias=True, impl='native').init(
+      jax.random.key(0), x)
+  outs = [jax.jit(conv.Conv(8, (3, 3), strides=(2, 2), use_bias=True, impl=impl).apply)(variables, x)
+          for impl in ('native', 'patches')]
+  _close(outs[1], outs[0])
+
+
+def test_auto_rule_is_patches_only_for_small_cpu_maps():
+  small = conv.PATCHES_MAX_OUTPUT_PIXELS
+  assert small == 4  # the documented, measured threshold: 2x2 maps
+  assert conv.choose_impl('auto', (2, 2), 'cpu') == 'patches'
+  assert conv.choose_impl('auto', (1, 1), 'cpu') == 'patches'
+  assert conv.choose_impl('auto', (1, small), 'cpu') == 'patches'
+  assert conv.choose_impl('auto', (1, small + 1), 'cpu') == 'native'
+  assert conv.choose_impl('auto', (4, 4), 'cpu') == 'native'
+  assert conv.choose_impl('auto', (32, 32), 'cpu') == 'native'
+  for backend in ('gpu', 'tpu', 'cuda', 'rocm'):
+    assert conv.choose_impl('auto', (2, 2), backend) == 'native'
+
+
+def test_explicit_impl_overrides_the_rule():
+  assert conv.choose_impl('native', (2, 2), 'cpu') == 'native'
+  assert conv.choose_impl('patches', (32, 32), 'gpu') == 'patches'
+
+
+def _uses_native_conv(module, x):
+  variables = module.init(jax.random.key(0), x)
+  jaxpr = jax.make_jaxpr(module.apply)(variables, x)
+  return 'conv_general_dilated' in str(jaxpr)
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the auto rule differs off CPU')
+def test_module_follows_the_auto_rule_on_cpu():
+  # A stride-2 3x3 conv on 4x4 gives a 2x2 output (patches); on 8x8 a 4x4 one (native).
+  module = conv.Conv(4, (3, 3), strides=(2, 2))
+  assert not _uses_native_conv(module, jnp.ones((2, 4, 4, 3)))
+  assert _uses_native_conv(module, jnp.ones((2, 8, 8, 3)))
+
+
+def test_override_precedence_field_context_default_env(monkeypatch):
+  x = jnp.ones((2, 8, 8, 3))  # 'auto' would pick native on CPU, and always does elsewhere
+  monkeypatch.setenv(conv.ENV_VAR, 'patches')
+  assert conv.current_impl() == 'patches'
+  assert not _uses_native_conv(conv.Conv(4, (3, 3)), x)
+  conv.set_default_impl('native')
+  assert _uses_native_conv(conv.Conv(4, (3, 3)), x)
+  with conv.use_impl('patches'):
+    assert conv.current_impl() == 'patches'
+    assert not _uses_native_conv(conv.Conv(4, (3, 3)), x)
+    assert _uses_native_conv(conv.Conv(4, (3, 3), impl='native'), x)
+  assert conv.current_impl() == 'native'
+
+
+@pytest.mark.parametrize('where', ['env', 'field', 'default'])
+def test_unknown_impl_is_a_config_error(monkeypatch, where):
+  x = jnp.ones((1, 4, 4, 2))
+  with pytest.raises(ConfigError, match='native'):
+    if where == 'env':
+      monkeypatch.setenv(conv.ENV_VAR, 'fast')
+      conv.Conv(3, (3, 3)).init(jax.random.key(0), x)
+    elif where == 'field':
+      conv.Conv(3, (3, 3), impl='fast').init(jax.random.key(0), x)
+    else:
+      conv.set_default_impl('fast')
+
+
+@pytest.mark.parametrize('use_bias', [False, True])
+@pytest.mark.parametrize('kernel,stride', [(1, 1), (3, 1), (3, 2)])
+def test_parameters_identical_to_nn_conv(use_bias, kernel, stride):
+  x = jnp.ones((2, 6, 6, 5))
+  kwargs = dict(features=7, kernel_size=(kernel, kernel), strides=(stride, stride),
+                padding='SAME', use_bias=use_bias, kernel_init=layers.conv_init)
+  ours = conv.Conv(**kwargs).init(jax.random.key(3), x)
+  theirs = nn.Conv(**kwargs).init(jax.random.key(3), x)
+  assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_array_equal(a, b)
+  # And with those parameters the two modules compute the same function.
+  _close(conv.Conv(**kwargs).apply(theirs, x), nn.Conv(**kwargs).apply(theirs, x))
+
+
+def test_layers_conv_is_an_nn_conv_with_unchanged_paths():
+  module = layers.conv(8, 3, 2, name='conv1_conv')
+  assert isinstance(module, nn.Conv) and isinstance(module, conv.Conv)
+  model = models.build('tiny')
+  flat = traverse_util.flatten_dict(model.init(jax.random.key(0), jnp.ones((1, 8, 8, 3)))['params'])
+  assert ('conv1_conv', 'kernel') in flat and ('conv2_conv', 'kernel') in flat
+  assert flat[('conv2_conv', 'kernel')].shape == (3, 3, 8, 16)
+  # MAC counting finds every conv (it looks for nn.Conv instances).
+  positions = structure.derive(model, (8, 8, 3)).positions
+  assert positions[('params', 'conv1_conv', 'kernel')] == 64
+  assert positions[('params', 'conv2_conv', 'kernel')] == 16
+
+
+def test_unsupported_configuration_is_a_config_error():
+  with pytest.raises(ConfigError, match='feature_group_count'):
+    conv.Conv(4, (3, 3), feature_group_count=2).init(jax.random.key(0), jnp.ones((1, 4, 4, 4)))
