@@ -15,8 +15,9 @@ Conventions shared by all criteria:
 
 * Higher = more important. Channels already removed by `masks` get the
   criterion's natural value (0 for every data criterion, whose signals vanish
-  with the channel; the unchanged weight norm for weight criteria); selection
-  excludes masked channels itself.
+  with the channel; the unchanged weight norm or |gamma| for the weight criteria
+  and bn_scale; a random number for random); selection excludes masked
+  channels itself.
 * Data criteria run the model in eval mode (BN running statistics), so one
   example's signal does not depend on the rest of its batch and the oracle
   measures the network that would actually be deployed. Loss: softmax
