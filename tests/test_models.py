@@ -31,7 +31,9 @@ def perturbed_variables(model, x, seed=0):
   for key, value in flat.items():
     if key[0] == 'batch_stats' and key[-1] == 'var':
       flat[key] = jnp.asarray(rng.uniform(0.5, 1.5, value.shape), value.dtype)
-    elif key[0] in ('batch_stats', 'params'):
+    elif key[0] in ('batch_stats', 'params') and key[-1] != 'kernel':
+      # BN scales, biases and means; kernels keep their init scale so that activations
+      # stay in range through 40+ layers.
       flat[key] = value + jnp.asarray(0.1 * rng.normal(size=value.shape), value.dtype)
   return traverse_util.unflatten_dict(flat)
 

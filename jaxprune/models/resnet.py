@@ -163,7 +163,8 @@ class WideResNet(nn.Module):
 
   def default_widths(self) -> dict[str, int]:
     stage = [16 * self.widen_factor, 32 * self.widen_factor, 64 * self.widen_factor]
-    widths = {'stem': 16}
+    # With widen factor 1 the stem feeds stage 1 through identity shortcuts: one stream.
+    widths = {'stem': 16} if self.widen_factor != 1 else {}
     widths.update({f'stage{s}': w for s, w in zip((1, 2, 3), stage)})
     widths.update({g: stage[int(g[5]) - 1] for g in self.prunable_groups()})
     return widths
@@ -173,7 +174,7 @@ class WideResNet(nn.Module):
     widths = layers.resolve_widths('WideResNet', self.default_widths(), self.widths)
     layers.check_masks(masks, widths, self.prunable_groups(), x.shape[0])
     _check_image(x, 2)
-    x = layers.conv(widths['stem'], 3, name='stem')(x)
+    x = layers.conv(widths.get('stem', widths['stage1']), 3, name='stem')(x)
     for s in (1, 2, 3):
       for b in range(1, self.blocks_per_stage() + 1):
         group = f'stage{s}_block{b}'
