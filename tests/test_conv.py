@@ -123,6 +123,42 @@ def test_override_precedence_field_context_default_env(monkeypatch):
   assert conv.current_impl() == 'native'
 
 
+def test_materialize_is_exactly_the_identity_with_identity_gradient():
+  x, k = _inputs(3, 5)
+  # (XLA's CPU backend flushes denormals in every op, the convolution included.)
+  y = jax.jit(conv.materialize)(x, k)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
+  cotangent = jax.random.normal(jax.random.key(4), x.shape)
+  dx, dk = jax.grad(lambda x, k: jnp.sum(conv.materialize(x, k) * cotangent), (0, 1))(x, k)
+  np.testing.assert_array_equal(np.asarray(dx), np.asarray(cotangent))
+  assert not np.asarray(dk).any()
+
+
+def _divides(module, x):
+  variables = module.init(jax.random.key(0), x)
+  return ' div ' in str(jax.make_jaxpr(module.apply)(variables, x))
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='materialize is for the CPU backend')
+def test_only_auto_materializes_the_input_on_cpu():
+  x = jnp.ones((2, 8, 8, 3))
+  assert _divides(conv.Conv(4, (3, 3)), x)
+  assert not _divides(conv.Conv(4, (3, 3), impl='native'), x)
+  assert not _divides(conv.Conv(4, (3, 3), impl='patches'), x)
+
+
+@pytest.mark.parametrize('size', [2, 8])
+def test_auto_module_equals_native_module(size):
+  x, _ = _inputs(3, size, channels_in=6)
+  variables = conv.Conv(8, (3, 3), impl='native').init(jax.random.key(0), x)
+  grads = {}
+  for impl in ('native', 'auto'):
+    f = lambda v, x: jnp.sum(jnp.sin(conv.Conv(8, (3, 3), impl=impl).apply(v, x)))
+    grads[impl] = jax.jit(jax.grad(f, (0, 1)))(variables, x)
+  for a, b in zip(jax.tree.leaves(grads['auto']), jax.tree.leaves(grads['native'])):
+    _close(a, b)
+
+
 @pytest.mark.parametrize('where', ['env', 'field', 'default'])
 def test_unknown_impl_is_a_config_error(monkeypatch, where):
   x = jnp.ones((1, 4, 4, 2))

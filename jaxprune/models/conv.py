@@ -20,14 +20,26 @@ Which formulation runs (`IMPLS`):
   native   `lax.conv_general_dilated` (what nn.Conv does).
   patches  im2col + one matmul: the same convolution, same padding and strides; float32
            results agree to rounding (about 1e-6 relative), forward and gradients.
-  auto     `choose_impl`'s rule: 'patches' when the backend is CPU and the output map has
-           at most PATCHES_MAX_OUTPUT_PIXELS (4) positions, H_out * W_out, else 'native'.
-           Basis (conv_rule.py, median of 9 round-robin repetitions, see
-           experiments/bench/README.md): at 2x2 patches is ~250x faster forward and ~200x
-           faster for the input gradient; the kernel gradient is about equal. From 4x4 up
-           (and for the C_in=3 stems) native is as fast or faster in every pass, within the
-           noise of the shared machine. Off the CPU native is always used (not measured
-           here; cuDNN / the TPU compiler have no such cliff that we know of).
+  auto     on the CPU backend, `choose_impl`'s rule: 'patches' when the output map has at
+           most PATCHES_MAX_OUTPUT_PIXELS (4) positions, H_out * W_out, else 'native';
+           and the input is passed through `materialize` (below). Basis (conv_rule.py,
+           median of 9 round-robin repetitions, see experiments/bench/README.md): at 2x2
+           patches is ~250x faster forward and ~200x faster for the input gradient; the
+           kernel gradient is about equal. From 4x4 up (and for the C_in=3 stems) native
+           is as fast or faster in every pass, within the noise of the shared machine.
+           Off the CPU 'auto' is plain 'native' (not measured here; cuDNN and the TPU
+           compiler have no such cliff that we know of).
+
+`materialize(x, kernel)` returns x / one, with `one` a runtime 1.0 derived from the kernel
+(exact: x / 1 == x, and its gradient is the identity). Why: in a train step XLA's CPU
+fusion recomputes a cheap elementwise producer inside every consumer instead of reading
+the buffer it already wrote, and the backward pass's kernel-gradient convolution consumes
+its input through a transpose. For a residual stream, x_k = relu(bn(conv(.)) + x_{k-1}),
+each such transpose re-derived the whole stage's chain of blocks (fusions with up to 51
+operands, read in transposed order): 2.0 s of a 4.1 s ResNet-56 step (batch 128).
+A floating-point division is one of the ops XLA will not duplicate, so the conv input is
+computed once; the same step took 2.4 s instead of 4.1 s, bitwise the same loss, and
+VGG-16 (no residual chain) was unchanged. 'native' and 'patches' never apply it.
 
 The implementation is resolved at trace time, in this order: the module's `impl` field, the
 innermost `use_impl(...)` context, `set_default_impl(...)`, the environment variable
@@ -142,6 +154,18 @@ def conv_patches(x, kernel, strides, pads, precision=None):
                          precision=precision)
 
 
+def materialize(x, kernel):
+  """x / one with a runtime one (from the kernel): the same values, computed once by XLA.
+
+  See the module docstring: XLA's CPU fusion does not duplicate a floating-point
+  division into its consumers, so the conv input stops being recomputed inside the
+  backward pass's transposes. sign(|k| + 1) is 1 for every non-NaN k; a NaN kernel
+  makes the output NaN, as the convolution would anyway.
+  """
+  one = lax.stop_gradient(lax.sign(lax.abs(kernel.reshape(-1)[0]) + 1))
+  return x / one.astype(x.dtype)
+
+
 def conv_native(x, kernel, strides, pads, precision=None):
   """NHWC x HWIO `lax.conv_general_dilated` with explicit pads (what nn.Conv computes)."""
   return lax.conv_general_dilated(x, kernel, strides, pads,
@@ -190,6 +214,8 @@ class Conv(nn.Conv):
     inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
     out_spatial = [(size + lo + hi - k) // s + 1
                    for size, (lo, hi), k, s in zip(inputs.shape[1:3], pads, kernel_size, strides)]
+    if impl == 'auto' and jax.default_backend() == 'cpu':
+      inputs = materialize(inputs, kernel)
     y = FORMULATIONS[choose_impl(impl, out_spatial)](inputs, kernel, strides, pads,
                                                      precision=self.precision)
     if bias is not None:
