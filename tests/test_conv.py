@@ -77,22 +77,65 @@ def test_module_formulations_agree_under_jit():
   _close(outs[1], outs[0])
 
 
-def test_auto_rule_is_patches_only_for_small_cpu_maps():
-  small = conv.PATCHES_MAX_OUTPUT_PIXELS
-  assert small == 4  # the documented, measured threshold: 2x2 maps
-  assert conv.choose_impl('auto', (2, 2), 'cpu') == 'patches'
-  assert conv.choose_impl('auto', (1, 1), 'cpu') == 'patches'
-  assert conv.choose_impl('auto', (1, small), 'cpu') == 'patches'
-  assert conv.choose_impl('auto', (1, small + 1), 'cpu') == 'native'
-  assert conv.choose_impl('auto', (4, 4), 'cpu') == 'native'
-  assert conv.choose_impl('auto', (32, 32), 'cpu') == 'native'
+NATIVE = conv.Plan('native', 'native', 'native')
+PATCHES = conv.Plan('patches', 'patches', 'patches')
+
+
+def test_auto_rule_on_cpu_is_the_documented_one():
+  assert conv.PATCHES_MAX_OUTPUT_PIXELS == 4  # 2x2 maps
+  assert conv.choose_impl('auto', (2, 2), 512, 'cpu') == PATCHES
+  assert conv.choose_impl('auto', (1, 1), 3, 'cpu') == PATCHES
+  assert conv.choose_impl('auto', (1, 4), 3, 'cpu') == PATCHES
+  assert conv.choose_impl('auto', (1, 5), 3, 'cpu') == NATIVE
+  assert conv.choose_impl('auto', (4, 4), 512, 'cpu') == NATIVE
+  assert conv.choose_impl('auto', (32, 32), 16, 'cpu') == NATIVE
+  assert conv.choose_impl('auto', (32, 32), 3, 'cpu') == NATIVE
+  # The kernel gradient alone is patches for wide layers on 8x8 maps and above.
+  wide = conv.Plan('native', 'native', 'patches')
+  assert conv.choose_impl('auto', (8, 8), 64, 'cpu') == wide
+  assert conv.choose_impl('auto', (32, 32), 64, 'cpu') == wide
+  assert conv.choose_impl('auto', (8, 8), 63, 'cpu') == NATIVE
+  assert conv.choose_impl('auto', (7, 9), 512, 'cpu') == NATIVE
+
+
+def test_auto_is_native_off_cpu():
   for backend in ('gpu', 'tpu', 'cuda', 'rocm'):
-    assert conv.choose_impl('auto', (2, 2), backend) == 'native'
+    for shape, channels in (((2, 2), 512), ((32, 32), 64)):
+      assert conv.choose_impl('auto', shape, channels, backend) == NATIVE
 
 
 def test_explicit_impl_overrides_the_rule():
-  assert conv.choose_impl('native', (2, 2), 'cpu') == 'native'
-  assert conv.choose_impl('patches', (32, 32), 'gpu') == 'patches'
+  assert conv.choose_impl('native', (2, 2), 512, 'cpu') == NATIVE
+  assert conv.choose_impl('patches', (32, 32), 3, 'gpu') == PATCHES
+
+
+MIXED = [conv.Plan('native', 'native', 'patches'), conv.Plan('patches', 'native', 'native'),
+         conv.Plan('native', 'patches', 'native')]
+
+
+@pytest.mark.parametrize('plan', MIXED, ids=lambda p: '-'.join(p))
+def test_mixed_plan_gradients_equal_native(plan):
+  x, k = _inputs(3, 5)
+  pads = conv._pads((5, 5), (3, 3), (2, 2), 'SAME')
+
+  def grads(plan):
+    loss = lambda x, k: jnp.sum(jnp.sin(conv.conv2d(x, k, (2, 2), pads, plan=plan)))
+    return jax.jit(jax.grad(loss, (0, 1)))(x, k)
+
+  for a, b in zip(grads(plan), grads(NATIVE)):
+    _close(a, b)
+
+
+def test_mixed_plan_supports_forward_over_reverse():
+  # Criteria take Hessian-vector products as jvp of grad; a custom_vjp would break them.
+  x, k = _inputs(3, 4)
+  pads = conv._pads((4, 4), (3, 3), (1, 1), 'SAME')
+
+  def hvp(plan):
+    grad = jax.grad(lambda k: jnp.sum(jnp.sin(conv.conv2d(x, k, (1, 1), pads, plan=plan))))
+    return jax.jit(lambda k: jax.jvp(grad, (k,), (jnp.ones_like(k),))[1])(k)
+
+  _close(hvp(MIXED[0]), hvp(NATIVE))
 
 
 def _uses_native_conv(module, x):
@@ -147,9 +190,9 @@ def test_only_auto_materializes_the_input_on_cpu():
   assert not _divides(conv.Conv(4, (3, 3), impl='patches'), x)
 
 
-@pytest.mark.parametrize('size', [2, 8])
-def test_auto_module_equals_native_module(size):
-  x, _ = _inputs(3, size, channels_in=6)
+@pytest.mark.parametrize('size,channels', [(2, 6), (8, 6), (8, 64)])
+def test_auto_module_equals_native_module(size, channels):
+  x, _ = _inputs(3, size, channels_in=channels)
   variables = conv.Conv(8, (3, 3), impl='native').init(jax.random.key(0), x)
   grads = {}
   for impl in ('native', 'auto'):
