@@ -1,0 +1,144 @@
+"""Helpers shared by the benchmark scripts: timing, compile counting, machine info, tables."""
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+
+
+def machine() -> dict:
+  """What the numbers were measured on."""
+  info = {'python': platform.python_version(), 'jax': jax.__version__,
+          'jaxlib': jax.lib.__version__ if hasattr(jax.lib, '__version__') else None,
+          'backend': jax.default_backend(), 'devices': len(jax.devices()),
+          'cpus_available': len(os.sched_getaffinity(0)), 'cpu': platform.processor()}
+  try:
+    import jaxlib
+    info['jaxlib'] = jaxlib.__version__
+  except ImportError:
+    pass
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          info['cpu'] = line.split(':', 1)[1].strip()
+          break
+  except OSError:
+    pass
+  try:
+    info['load_average'] = os.getloadavg()
+  except OSError:
+    pass
+  return info
+
+
+def block(tree):
+  return jax.block_until_ready(tree)
+
+
+def median(values):
+  return statistics.median(values)
+
+
+class CompileLog:
+  """Counts XLA compilations (and their seconds) through `jax.monitoring` while active.
+
+  Every backend compilation JAX performs records '/jax/core/compile/backend_compile_duration'
+  with the function's name; a cache hit in jit's in-memory cache records nothing.
+  """
+  EVENT = '/jax/core/compile/backend_compile_duration'
+  _active: list = []
+  _registered = False
+
+  def __init__(self):
+    self.events: list[tuple[str, float]] = []
+
+  @classmethod
+  def _listener(cls, event, duration, **kwargs):
+    if event == cls.EVENT:
+      for log in cls._active:
+        log.events.append((kwargs.get('fun_name', '?'), float(duration)))
+
+  def __enter__(self):
+    if not CompileLog._registered:
+      jax.monitoring.register_event_duration_secs_listener(CompileLog._listener)
+      CompileLog._registered = True
+    CompileLog._active.append(self)
+    return self
+
+  def __exit__(self, *exc):
+    CompileLog._active.remove(self)
+
+  def count(self, name_contains: str | None = None) -> int:
+    return sum(1 for n, _ in self.events if name_contains is None or name_contains in n)
+
+  def seconds(self, name_contains: str | None = None) -> float:
+    return sum(d for n, d in self.events if name_contains is None or name_contains in n)
+
+  def by_name(self) -> dict:
+    out = {}
+    for n, d in self.events:
+      c, s = out.get(n, (0, 0.0))
+      out[n] = (c + 1, s + d)
+    return out
+
+
+def format_table(rows: list[dict], columns: list[str], floats: str = '.3g') -> str:
+  """A plain-text table of `rows` (dicts) in the given column order."""
+  def cell(v):
+    if isinstance(v, float):
+      return format(v, floats)
+    return str(v)
+  cells = [[c for c in columns]] + [[cell(r.get(c, '')) for c in columns] for r in rows]
+  widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+  lines = ['  '.join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+  lines.insert(1, '  '.join('-' * w for w in widths))
+  return '\n'.join(lines)
+
+
+def write_json(path: str | None, payload: dict) -> None:
+  if not path:
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(payload, f, indent=2, sort_keys=False, default=str)
+  print(f'wrote {path}')
+
+
+def run_worker(script: str, args: list[str], env: dict | None = None, timeout: float = 3600) -> dict:
+  """Runs `python script args` in a fresh process and returns the JSON it prints last.
+
+  Each measurement gets its own process, so one framework's thread pools (XLA's Eigen
+  pool, torch's OpenMP threads) never spin while the other one is being timed.
+  """
+  full_env = dict(os.environ)
+  full_env.update(env or {})
+  proc = subprocess.run([sys.executable, script] + args, env=full_env, capture_output=True,
+                        text=True, timeout=timeout)
+  if proc.returncode != 0:
+    raise RuntimeError(f'worker {args} failed:\n{proc.stderr[-4000:]}')
+  last = [line for line in proc.stdout.splitlines() if line.startswith('{')][-1]
+  return json.loads(last)
+
+
+def timed(fn, *args, repeats: int) -> list[float]:
+  """Seconds of `repeats` calls of fn(*args), each waited for."""
+  out = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    block(fn(*args))
+    out.append(time.perf_counter() - start)
+  return out
+
+
+@contextlib.contextmanager
+def stopwatch(into: dict, key: str):
+  start = time.perf_counter()
+  yield
+  into[key] = time.perf_counter() - start

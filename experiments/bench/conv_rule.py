@@ -1,0 +1,101 @@
+r"""The measured basis of jaxprune.models.conv's rule: each formulation per conv shape.
+
+    python experiments/bench/conv_rule.py --out=/tmp/conv_rule.json
+
+For every distinct convolution of VGG-16 and ResNet-56 on 32x32 CIFAR images (batch 128,
+float32) it times, on the current backend, the three passes a training step runs:
+  fwd  y = conv(x, k)
+  dx   the input gradient  (vjp of y w.r.t. x)
+  dk   the kernel gradient (vjp of y w.r.t. k)
+for each formulation in `jaxprune.models.conv.FORMULATIONS` ('native' =
+lax.conv_general_dilated, 'patches' = im2col + matmul, ...). The formulations are timed
+round-robin (one call of each per repetition), so a burst of background load hits all of
+them alike; the table shows medians and GFLOP/s (2 * MACs / s) and marks the fastest.
+"""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from absl import app, flags  # noqa: E402
+
+import common  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer('batch', 128, 'Batch size.')
+flags.DEFINE_integer('reps', 5, 'Timed repetitions per pass and formulation.')
+flags.DEFINE_list('formulations', None, 'Formulations to time (default: all).')
+flags.DEFINE_list('passes', ['fwd', 'dx', 'dk'], 'Passes to time.')
+flags.DEFINE_string('shapes', None, "Only these 'size:cin:cout:kernel:stride' entries, "
+                    "semicolon-separated (default: VGG-16's and ResNet-56's).")
+flags.DEFINE_string('out', None, 'Write the table as JSON here.')
+
+# (input size, C_in, C_out, kernel, stride) -> the models using it.
+SHAPES = {
+    (32, 3, 64, 3, 1): 'vgg16', (32, 64, 64, 3, 1): 'vgg16', (16, 64, 128, 3, 1): 'vgg16',
+    (16, 128, 128, 3, 1): 'vgg16', (8, 128, 256, 3, 1): 'vgg16', (8, 256, 256, 3, 1): 'vgg16',
+    (4, 256, 512, 3, 1): 'vgg16', (4, 512, 512, 3, 1): 'vgg16', (2, 512, 512, 3, 1): 'vgg16',
+    (32, 3, 16, 3, 1): 'resnet56', (32, 16, 16, 3, 1): 'resnet56',
+    (32, 16, 32, 3, 2): 'resnet56', (16, 32, 32, 3, 1): 'resnet56',
+    (16, 32, 64, 3, 2): 'resnet56', (8, 64, 64, 3, 1): 'resnet56',
+}
+
+
+def main(argv):
+  del argv
+  import jax
+  import jax.numpy as jnp
+
+  from jaxprune.models import conv
+
+  names = FLAGS.formulations or list(conv.FORMULATIONS)
+  shapes = SHAPES
+  if FLAGS.shapes:
+    shapes = {tuple(int(v) for v in s.split(':')): '-' for s in FLAGS.shapes.split(';')}
+  rows = []
+  for (size, cin, cout, k, s), used_by in shapes.items():
+    x = jax.random.normal(jax.random.key(0), (FLAGS.batch, size, size, cin))
+    kernel = jax.random.normal(jax.random.key(1), (k, k, cin, cout)) / (k * cin ** 0.5)
+    pads = conv._pads((size, size), (k, k), (s, s), 'SAME')
+    fns, y = {}, None
+    for name in names:
+      f = conv.FORMULATIONS[name]
+      apply = lambda x, w, f=f: f(x, w, (s, s), pads)
+      y = apply(x, kernel)
+      fns[(name, 'fwd')] = jax.jit(apply)
+      fns[(name, 'dx')] = jax.jit(lambda x, w, g, apply=apply: jax.vjp(lambda x: apply(x, w), x)[1](g))
+      fns[(name, 'dk')] = jax.jit(lambda x, w, g, apply=apply: jax.vjp(lambda w: apply(x, w), w)[1](g))
+    g = jax.random.normal(jax.random.key(2), y.shape)
+    macs = y.size * k * k * cin
+    args = {'fwd': (x, kernel), 'dx': (x, kernel, g), 'dk': (x, kernel, g)}
+    for key, fn in fns.items():
+      common.block(fn(*args[key[1]]))  # compile
+    times = {key: [] for key in fns if key[1] in FLAGS.passes}
+    for _ in range(FLAGS.reps):
+      for key in times:
+        start = time.perf_counter()
+        common.block(fns[key](*args[key[1]]))
+        times[key].append(time.perf_counter() - start)
+    for p in FLAGS.passes:
+      med = {name: common.median(times[(name, p)]) for name in names}
+      best = min(med, key=med.get)
+      row = {'shape': f'{size}x{size} {cin}->{cout} k{k} s{s}', 'used_by': used_by, 'pass': p,
+             'out': f'{y.shape[1]}x{y.shape[2]}', 'best': best}
+      for name in names:
+        row[f'{name}_ms'] = med[name] * 1e3
+        row[f'{name}_gflops'] = 2 * macs / med[name] / 1e9
+      rows.append(row)
+      print(common.format_table([row], list(row)).splitlines()[-1], flush=True)
+  columns = ['shape', 'used_by', 'out', 'pass'] + [f'{n}_ms' for n in names] + [
+      f'{n}_gflops' for n in names] + ['best']
+  print()
+  print(f'batch {FLAGS.batch}, float32, backend {jax.default_backend()}, median of '
+        f'{FLAGS.reps} round-robin repetitions')
+  print(common.format_table(rows, columns))
+  common.write_json(FLAGS.out, {'machine': common.machine(), 'batch': FLAGS.batch, 'rows': rows})
+
+
+if __name__ == '__main__':
+  app.run(main)

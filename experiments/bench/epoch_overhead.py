@@ -1,0 +1,151 @@
+r"""End-to-end epoch time of `train.fit` against steps x the pure train-step time.
+
+    python experiments/bench/epoch_overhead.py --out=/tmp/epoch_overhead.json
+
+On a synthetic CIFAR-shaped dataset held on the device (uint8, --steps_per_epoch full
+batches), it measures
+  pure    the median time of `Trainer.train_step` on one fixed batch (the same Trainer
+          that fit uses, via `train.trainer_for`, so fit compiles nothing new for it),
+          measured before and after the fit and pooled;
+  fit     `train.fit` for --epochs epochs: per epoch the training phase (fit's own
+          `images_per_second`: from the epoch's first step to its one device sync) and
+          the whole epoch (the `elapsed_s` difference: + test-set evaluation, the
+          checkpoint and metrics.jsonl). The first epoch (compiling the batch maker,
+          the evaluation step, the first checkpoint) is reported but not in the medians.
+  parts   standalone medians of what fit adds per step: the jitted batch maker (gather,
+          crop, flip, normalise) and the metrics sum; and per epoch: evaluation.
+Target: the training phase <= 1.05 x steps x pure step.
+"""
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from absl import app, flags, logging  # noqa: E402
+
+import common  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('model', 'resnet20', 'Model.')
+flags.DEFINE_integer('batch_size', 128, 'Batch size.')
+flags.DEFINE_integer('steps_per_epoch', 12, 'Training batches per epoch.')
+flags.DEFINE_integer('test_size', 512, 'Test images (evaluated after every epoch).')
+flags.DEFINE_integer('epochs', 4, 'Epochs of fit (the first is excluded from the medians).')
+flags.DEFINE_integer('reps', 8, 'Pure-step repetitions before and after the fit (each).')
+flags.DEFINE_string('out', None, 'Write the table as JSON here.')
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from jaxprune import data, models, train
+
+  rng = np.random.default_rng(0)
+  n_train = FLAGS.steps_per_epoch * FLAGS.batch_size
+  ds = data.Dataset(
+      name='synthetic', num_classes=10,
+      train_images=rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8),
+      train_labels=rng.integers(0, 10, n_train).astype(np.int32),
+      test_images=rng.integers(0, 256, (FLAGS.test_size, 32, 32, 3), dtype=np.uint8),
+      test_labels=rng.integers(0, 10, FLAGS.test_size).astype(np.int32),
+      mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
+  arrays = data.device_put_dataset(ds)
+  model = models.build(FLAGS.model)
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  optimizer = train.OptimizerConfig()
+  mesh = train.make_mesh()
+  trainer = train.trainer_for(model, optimizer, FLAGS.epochs, FLAGS.steps_per_epoch, None, mesh)
+
+  # The pure step, on a batch made the way fit makes them.
+  permutation, make_batch = train._epoch_fns(trainer, jax.device_put(arrays, trainer.replicated),
+                                             ds.spec, FLAGS.batch_size)
+  state = trainer.init_state(variables, seed=1)
+  order = permutation(state.rng, 0)
+  batch = make_batch(order, state.rng, 0)
+  with common.CompileLog() as compiles:
+    state, metrics = trainer.train_step(state, batch, None)
+    common.block(state)
+  compile_s = compiles.seconds()
+
+  def pure_steps(state, reps):
+    times = []
+    for _ in range(reps):
+      start = time.perf_counter()
+      state, metrics = trainer.train_step(state, batch, None)
+      common.block((state, metrics))
+      times.append(time.perf_counter() - start)
+    return state, times
+
+  state, _ = pure_steps(state, 1)
+  state, before = pure_steps(state, FLAGS.reps)
+
+  # What fit adds per step, alone.
+  sums = trainer.replicate(train._zero_sums())
+  batch_times = common.timed(lambda i: make_batch(order, state.rng, i), 1, repeats=FLAGS.reps)
+  add_times = common.timed(lambda: trainer.add(trainer.replicate(train._zero_sums()), metrics),
+                           repeats=FLAGS.reps)
+  del sums
+
+  with tempfile.TemporaryDirectory() as stage:
+    start = time.perf_counter()
+    train.fit(model, variables, arrays, ds.spec, epochs=FLAGS.epochs,
+              batch_size=FLAGS.batch_size, optimizer=optimizer, stage_dir=stage, seed=0,
+              mesh=mesh)
+    fit_wall = time.perf_counter() - start
+    with open(os.path.join(stage, 'metrics.jsonl')) as f:
+      records = [json.loads(line) for line in f if line.strip()]
+
+  state, after = pure_steps(state, FLAGS.reps)
+  eval_start = time.perf_counter()
+  train.evaluate(trainer, state, jax.device_put(arrays, trainer.replicated), ds.spec, None,
+                 FLAGS.batch_size)
+  eval_s = time.perf_counter() - eval_start
+
+  pure = common.median(before + after)
+  expected = FLAGS.steps_per_epoch * pure
+  rows = []
+  previous = 0.0
+  for r in records:
+    train_s = FLAGS.steps_per_epoch * FLAGS.batch_size / r['images_per_second']
+    epoch_s = r['elapsed_s'] - previous
+    previous = r['elapsed_s']
+    rows.append({'epoch': r['epoch'], 'train_phase_s': train_s, 'epoch_s': epoch_s,
+                 'steps_x_pure_s': expected, 'train_ratio': train_s / expected,
+                 'epoch_ratio': epoch_s / expected})
+  steady = rows[1:] or rows
+  summary = {
+      'model': FLAGS.model, 'batch': FLAGS.batch_size, 'steps_per_epoch': FLAGS.steps_per_epoch,
+      'pure_step_ms': pure * 1e3,
+      'pure_step_ms_before_after': [common.median(before) * 1e3, common.median(after) * 1e3],
+      'train_ratio': common.median([r['train_ratio'] for r in steady]),
+      'epoch_ratio': common.median([r['epoch_ratio'] for r in steady]),
+      'make_batch_ms': common.median(batch_times) * 1e3,
+      'metrics_add_ms': common.median(add_times) * 1e3,
+      'evaluate_s': eval_s, 'step_compile_s': compile_s, 'fit_wall_s': fit_wall,
+  }
+  print()
+  print(f"{FLAGS.model}, batch {FLAGS.batch_size}, {FLAGS.steps_per_epoch} steps/epoch, "
+        f"{FLAGS.test_size} test images, backend {jax.default_backend()}; pure step "
+        f"{pure * 1e3:.0f} ms (median before/after the fit: "
+        f"{summary['pure_step_ms_before_after'][0]:.0f} / "
+        f"{summary['pure_step_ms_before_after'][1]:.0f} ms)")
+  print(common.format_table(rows, ['epoch', 'train_phase_s', 'epoch_s', 'steps_x_pure_s',
+                                   'train_ratio', 'epoch_ratio']))
+  print()
+  print(f"median over epochs 2..{FLAGS.epochs}: train phase {summary['train_ratio']:.3f}x, whole "
+        f"epoch {summary['epoch_ratio']:.3f}x steps x pure step (target train phase <= 1.05x)")
+  print(f"standalone: batch maker {summary['make_batch_ms']:.1f} ms/step, metrics sum "
+        f"{summary['metrics_add_ms']:.2f} ms/step, evaluation {eval_s:.2f} s/epoch")
+  common.write_json(FLAGS.out, {'machine': common.machine(), 'summary': summary, 'rows': rows})
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,95 @@
+r"""Does shrinking pay? Inference latency of shrunk models against the full one, next to MACs.
+
+    python experiments/bench/latency.py --out=/tmp/latency.json
+
+For VGG-16 (Li et al.'s VGG-16-A preset, and global MACs targets) and ResNet-56 (the
+ResNet-56-A/B presets and global MACs targets, 50% among them), with l1 scores of the
+initial weights: select -> shrink -> build the model at the new widths, and time
+`jax.jit(model.apply)` in eval mode (batch 128, float32, 32x32 inputs). The full model and
+every shrunk one are timed round-robin (one call of each per repetition) so that they see
+the same background load; the table gives medians. Compile time is excluded.
+
+Columns: macs_ratio = shrunk / full MACs (jaxprune.flops), latency_ratio = shrunk / full
+median latency, and ok = latency_ratio <= 1.1 x macs_ratio (shrinking delivers, within 10%,
+the speed-up its MACs promise).
+"""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from absl import app, flags, logging  # noqa: E402
+
+import common  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer('batch', 128, 'Batch size.')
+flags.DEFINE_integer('reps', 7, 'Timed round-robin repetitions.')
+flags.DEFINE_list('vgg_targets', ['0.5', '0.25'], 'Global MACs targets for VGG-16.')
+flags.DEFINE_list('resnet_targets', ['0.75', '0.5', '0.25'], 'Global MACs targets for ResNet-56.')
+flags.DEFINE_list('models', ['vgg16', 'resnet56'], 'Models.')
+flags.DEFINE_string('out', None, 'Write the table as JSON here.')
+
+PRESETS = {'vgg16': ['vgg16_a'], 'resnet56': ['resnet56_a', 'resnet56_b']}
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  import jax
+  import jax.numpy as jnp
+
+  from jaxprune import criteria, flops, models, select, shrink, structure
+
+  rows = []
+  for name in FLAGS.models:
+    model = models.build(name)
+    x = jax.random.normal(jax.random.key(0), (FLAGS.batch, 32, 32, 3))
+    variables = jax.jit(model.init)(jax.random.key(1), x[:1])
+    struct = structure.derive(model, (32, 32, 3))
+    scores = criteria.score('l1', model, variables, None, structure=struct)
+    full = flops.count(struct)
+    levels = [(f'preset {p}', dict(preset=p), 'preset') for p in PRESETS.get(name, [])]
+    targets = FLAGS.vgg_targets if name.startswith('vgg') else FLAGS.resnet_targets
+    levels += [(f'macs {t}', dict(target_macs=float(t)), 'macs') for t in targets]
+
+    candidates = [('full', model, variables, 1.0)]
+    for label, kwargs, policy in levels:
+      masks = select.select(policy, struct, scores, **kwargs)
+      widths, small_vars, _ = shrink.shrink(struct, variables, masks)
+      small = models.build(name, widths=widths)
+      candidates.append((label, small, small_vars, flops.count(struct, widths).macs / full.macs))
+
+    fns = []
+    for label, m, v, macs_ratio in candidates:
+      fn = jax.jit(lambda v, x, m=m: m.apply(v, x, train=False))
+      common.block(fn(v, x))  # compile
+      fns.append((label, fn, v, macs_ratio))
+    times = {label: [] for label, *_ in fns}
+    for _ in range(FLAGS.reps):
+      for label, fn, v, _ in fns:
+        start = time.perf_counter()
+        common.block(fn(v, x))
+        times[label].append(time.perf_counter() - start)
+    base = common.median(times['full'])
+    for label, _, _, macs_ratio in fns:
+      latency = common.median(times[label])
+      ratio = latency / base
+      rows.append({'model': name, 'pruning': label, 'macs_ratio': macs_ratio,
+                   'latency_ms': latency * 1e3, 'latency_ratio': ratio,
+                   'ok': 'yes' if ratio <= 1.1 * macs_ratio else 'no'})
+      print(common.format_table([rows[-1]], list(rows[-1])).splitlines()[-1], flush=True)
+
+  columns = ['model', 'pruning', 'macs_ratio', 'latency_ms', 'latency_ratio', 'ok']
+  print()
+  print(f'eval-mode forward, batch {FLAGS.batch}, float32, backend {jax.default_backend()}, '
+        f'median of {FLAGS.reps} round-robin repetitions; l1 scores of the initial weights; '
+        'ok = latency_ratio <= 1.1 x macs_ratio')
+  print(common.format_table(rows, columns))
+  common.write_json(FLAGS.out, {'machine': common.machine(), 'batch': FLAGS.batch, 'rows': rows})
+
+
+if __name__ == '__main__':
+  app.run(main)

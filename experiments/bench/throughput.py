@@ -1,0 +1,188 @@
+r"""Training throughput of jaxprune's train step against an equivalent PyTorch step.
+
+    python experiments/bench/throughput.py --conv_impl=native,auto --out=/tmp/throughput.json
+
+For each model (VGG-16 and ResNet-56, CIFAR, batch 128, float32) it times
+  * jax: `jaxprune.train.Trainer(model, make_optimizer(OptimizerConfig(), ...)).train_step`
+    (SGD momentum 0.9, weight decay 1e-4, step schedule; donated state, BN in train mode,
+    loss + accuracy), once per `--conv_impl` (JAXPRUNE_CONV_IMPL: 'native' is the plain
+    `lax.conv_general_dilated` of nn.Conv, i.e. before the fix; 'auto' is the fix);
+  * torch: the same network (experiments/bench/torch_models.py) with torch.optim.SGD
+    (momentum 0.9, weight decay 1e-4), cross-entropy, `torch.set_num_threads(--threads)`.
+Both train on one fixed random batch already in memory (no input pipeline), so only the
+step is timed. Each measurement runs in its own process (one framework's idle thread pool
+never competes with the other's), and the frameworks alternate for `--rounds` rounds so
+that both see the same background load; the table gives the median over rounds of each
+round's median step time. Compile time (jax: backend compile seconds from jax.monitoring;
+the first call's wall time is reported too) is excluded from the step times.
+"""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from absl import app, flags  # noqa: E402
+
+import common  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list('models', ['vgg16', 'resnet56'], 'Models (jaxprune registry names).')
+flags.DEFINE_list('conv_impl', ['native', 'auto'],
+                  "JAXPRUNE_CONV_IMPL values to time jax with ('native' = before the fix).")
+flags.DEFINE_list('frameworks', ['jax', 'torch'], 'Frameworks to time.')
+flags.DEFINE_integer('batch', 128, 'Batch size.')
+flags.DEFINE_integer('warmup', 2, 'Untimed steps after the first (compiling) one.')
+flags.DEFINE_integer('steps', 6, 'Timed steps per measurement.')
+flags.DEFINE_integer('native_steps', 2, "Timed steps (and no extra warmup) for conv_impl "
+                     "'native' on VGG, whose 2x2 convolutions take tens of seconds per step.")
+flags.DEFINE_integer('rounds', 3, 'Alternating rounds (one process per framework and round).')
+flags.DEFINE_integer('threads', len(os.sched_getaffinity(0)),
+                     'torch.set_num_threads; XLA uses one thread per available core.')
+flags.DEFINE_string('out', None, 'Write the table as JSON here.')
+flags.DEFINE_string('worker', None, 'Internal: run one measurement (jax or torch).')
+flags.DEFINE_string('model', None, 'Internal: the worker\'s model.')
+
+
+def jax_worker(name: str) -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  from jaxprune import models, train
+  from jaxprune.models import conv
+
+  with common.CompileLog() as compiles:
+    model = models.build(name)
+    key = jax.random.key(0)
+    images = jax.random.normal(key, (FLAGS.batch, 32, 32, 3), jnp.float32)
+    labels = jax.random.randint(jax.random.key(1), (FLAGS.batch,), 0, 10)
+    variables = jax.jit(model.init)(key, images[:1])
+    tx = train.make_optimizer(train.OptimizerConfig(), epochs=10, steps_per_epoch=390)
+    trainer = train.Trainer(model, tx)
+    state = trainer.init_state(variables, seed=0)
+    batch = trainer.shard_batch({'image': images, 'label': labels})
+    jax.block_until_ready((state, batch))
+    before = compiles.seconds()
+    start = time.perf_counter()
+    state, metrics = trainer.train_step(state, batch, None)
+    jax.block_until_ready((state, metrics))
+    first = time.perf_counter() - start
+    compile_s = compiles.seconds() - before
+  for _ in range(FLAGS.warmup):
+    state, metrics = trainer.train_step(state, batch, None)
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(FLAGS.steps):
+    start = time.perf_counter()
+    state, metrics = trainer.train_step(state, batch, None)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - start)
+  return {'framework': 'jax', 'conv_impl': conv.current_impl(), 'compile_s': compile_s,
+          'first_step_s': first, 'step_s': times, 'loss': float(metrics['loss'])}
+
+
+def torch_worker(name: str) -> dict:
+  import torch
+  import torch_models
+  torch.set_num_threads(FLAGS.threads)
+  torch.manual_seed(0)
+  model = torch_models.build(name).train()
+  opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+  images = torch.randn(FLAGS.batch, 3, 32, 32)
+  labels = torch.randint(0, 10, (FLAGS.batch,))
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    logits = model(images)
+    loss = torch.nn.functional.cross_entropy(logits, labels)
+    loss.backward()
+    opt.step()
+    accuracy = (logits.argmax(-1) == labels).float().mean()
+    return loss.item(), accuracy.item()
+
+  start = time.perf_counter()
+  step()
+  first = time.perf_counter() - start
+  for _ in range(FLAGS.warmup):
+    step()
+  times = []
+  for _ in range(FLAGS.steps):
+    start = time.perf_counter()
+    loss, _ = step()
+    times.append(time.perf_counter() - start)
+  return {'framework': 'torch', 'conv_impl': '-', 'compile_s': 0.0, 'first_step_s': first,
+          'step_s': times, 'loss': loss, 'torch': torch.__version__,
+          'torch_threads': torch.get_num_threads()}
+
+
+def main(argv):
+  del argv
+  import json
+  if FLAGS.worker:
+    out = (jax_worker if FLAGS.worker == 'jax' else torch_worker)(FLAGS.model)
+    print(json.dumps(out))
+    return
+
+  script = os.path.abspath(__file__)
+  base = [f'--batch={FLAGS.batch}', f'--threads={FLAGS.threads}']
+  steps = [f'--warmup={FLAGS.warmup}', f'--steps={FLAGS.steps}']
+  slow = ['--warmup=0', f'--steps={min(FLAGS.steps, FLAGS.native_steps)}']
+  runs = []
+  for name in FLAGS.models:
+    configs = []
+    if 'jax' in FLAGS.frameworks:
+      configs += [('jax', impl) for impl in FLAGS.conv_impl]
+    if 'torch' in FLAGS.frameworks:
+      configs.append(('torch', '-'))
+    for r in range(FLAGS.rounds):
+      for framework, impl in configs:
+        env = {'JAXPRUNE_CONV_IMPL': impl} if framework == 'jax' else {}
+        counts = slow if (impl == 'native' and name.startswith('vgg')) else steps
+        res = common.run_worker(script, base + counts + [f'--worker={framework}',
+                                                         f'--model={name}'], env)
+        res.update(model=name, round=r, load_average=os.getloadavg()[0])
+        runs.append(res)
+        print(f"{name:9s} {framework:5s} {impl:7s} round {r}: median step "
+              f"{common.median(res['step_s']) * 1e3:8.1f} ms, compile {res['compile_s']:.1f} s, "
+              f"load {res['load_average']:.1f}", flush=True)
+
+  rows = []
+  torch_version = next((r['torch'] for r in runs if r['framework'] == 'torch'), None)
+  for name in FLAGS.models:
+    torch_runs = [r for r in runs if r['model'] == name and r['framework'] == 'torch']
+    torch_step = (common.median([common.median(r['step_s']) for r in torch_runs])
+                  if torch_runs else None)
+    groups = {}
+    for r in runs:
+      if r['model'] == name:
+        groups.setdefault((r['framework'], r['conv_impl']), []).append(r)
+    for (framework, impl), rs in groups.items():
+      per_round = [common.median(r['step_s']) for r in rs]
+      step = common.median(per_round)
+      rows.append({
+          'model': name, 'framework': framework, 'conv_impl': impl,
+          'timed_steps': len(rs[0]['step_s']),
+          'step_ms': step * 1e3,
+          'step_ms_range': f"{min(per_round) * 1e3:.0f}-{max(per_round) * 1e3:.0f}",
+          'images_per_s': FLAGS.batch / step,
+          'vs_torch': (torch_step / step) if torch_step else None,
+          'compile_s': common.median([r['compile_s'] for r in rs]),
+          'first_step_s': common.median([r['first_step_s'] for r in rs]),
+          'rounds': len(rs),
+      })
+  columns = ['model', 'framework', 'conv_impl', 'timed_steps', 'step_ms', 'step_ms_range', 'images_per_s',
+             'vs_torch', 'compile_s', 'first_step_s', 'rounds']
+  print()
+  print(f"batch {FLAGS.batch}, float32, torch threads {FLAGS.threads}, "
+        f"{FLAGS.steps} timed steps after {FLAGS.warmup + 1} warmup ('native' VGG: "
+        f"{min(FLAGS.steps, FLAGS.native_steps)} after 1), median over {FLAGS.rounds} rounds of "
+        "each round's median; vs_torch = torch step time / this step time (target >= 0.9)")
+  print(common.format_table(rows, columns))
+  common.write_json(FLAGS.out, {'machine': common.machine(), 'torch': torch_version,
+                                'threads': FLAGS.threads, 'batch': FLAGS.batch,
+                                'rows': rows, 'runs': runs})
+
+
+if __name__ == '__main__':
+  app.run(main)
