@@ -1,13 +1,13 @@
-"""A 2-D convolution with nn.Conv's parameters that computes tiny CPU feature maps as patches x matrix.
+"""A 2-D convolution with nn.Conv's parameters, computed per pass the fastest way measured on CPU.
 
 XLA's CPU backend runs `lax.conv_general_dilated` at a small fraction of its usual speed
 when the output map is tiny. Measured with jaxlib 0.10.2 on a 2-core x86 CPU (batch 128,
 512 -> 512 channels, 3x3 'SAME'; experiments/bench/conv_rule.py), the forward pass and the
-input gradient on a 2x2 map ran at 0.2-3.6 GFLOP/s against 40-120 GFLOP/s at 4x4 and above,
-so the last stage of a CIFAR VGG dominated its train step. Written as patches x matrix
-(im2col: the kh*kw shifted, strided views of the zero-padded input concatenated along
-channels, times the kernel reshaped to (kh*kw*C_in, C_out)) the same convolution is one
-matmul, and its gradients are a matmul plus pads: about 200x faster there.
+input gradient on a 2x2 map ran at 0.2-2.2 GFLOP/s against 200-270 GFLOP/s at 4x4, so the
+last stage of a CIFAR VGG dominated its train step. Written as patches x matrix (im2col:
+the kh*kw shifted, strided views of the zero-padded input concatenated along channels,
+times the kernel reshaped to (kh*kw*C_in, C_out)) the same convolution is one matmul, and
+its gradients are a matmul plus pads: 100-250x faster there.
 
 `Conv` is an `nn.Conv` subclass (so `isinstance(m, nn.Conv)` holds and MAC counting sees it)
 that creates exactly nn.Conv's parameters: `kernel` (kh, kw, C_in, C_out) HWIO with the
@@ -20,24 +20,25 @@ Which formulation runs (`IMPLS`):
   native   `lax.conv_general_dilated` (what nn.Conv does).
   patches  im2col + one matmul: the same convolution, same padding and strides; float32
            results agree to rounding (about 1e-6 relative), forward and gradients.
-A mixed plan (one formulation per pass) is a `jax.custom_jvp` whose tangent uses the
-input-gradient formulation for x and the kernel-gradient one for the kernel; reverse mode
-transposes each, and forward mode and higher derivatives (jvp of grad) work as usual.
   auto     on the CPU backend, `choose_impl`'s rule, per pass of a training step:
              forward and input gradient: 'patches' when the output map has at most
                PATCHES_MAX_OUTPUT_PIXELS (4) positions, H_out * W_out, else 'native';
              kernel gradient: 'patches' there too, and also when C_in >= 64 and the output
                map has >= 64 positions (VGG's wide layers at 8x8 and above), else 'native';
            and the input is passed through `materialize` (below). Basis (see
-           experiments/bench/README.md): at 2x2 patches is ~250x faster forward and ~200x
-           faster for the input gradient (conv_rule.py, median of 9 round-robin
-           repetitions); from 4x4 up native is as fast or faster for the forward pass and
+           experiments/bench/README.md): at 2x2 patches is 100-250x faster forward and
+           for the input gradient (conv_rule.py, round-robin medians, on a quiet and on a
+           loaded machine); from 4x4 up native is as fast or faster for the forward pass and
            the input gradient. The kernel gradient was the most expensive pass of a VGG-16
            step (0.86 s of its convolutions' 1.55 s); as patches^T x dy it made the whole
            VGG-16 step 10-15% faster in every round of a round-robin comparison of full
            train steps, while for ResNet-56's 16-64-channel layers it was 45% slower, hence
            the channel bound. Off the CPU 'auto' is plain 'native' (not measured here;
            cuDNN and the TPU compiler have no such cliff that we know of).
+
+A mixed plan (one formulation per pass) is a `jax.custom_jvp` whose tangent uses the
+input-gradient formulation for x and the kernel-gradient one for the kernel; reverse mode
+transposes each, and forward mode and higher derivatives (jvp of grad) work as usual.
 
 `materialize(x, kernel)` returns x / one, with `one` a runtime 1.0 derived from the kernel
 (exact: x / 1 == x, and its gradient is the identity). Why: in a train step XLA's CPU
