@@ -11,7 +11,7 @@ channels pooled with and without per-layer L2 normalisation. Written to
 ROOT/criteria_vs_oracle/MODEL/sSEED/agreement.json for `experiments.report`.
 [M] (arXiv v1, VGG-16 on Birds-200, per layer / all layers): weight 0.27 / 0.33,
 activation mean 0.56 / 0.64, std 0.57 / 0.66, Taylor 0.73 / 0.73.
-mini: tiny; full: vgg16 on CIFAR-10 (not [M]'s fine-grained datasets).
+mini: resnet8 (baselines shared with random_vs_criterion); full: vgg16 on CIFAR-10 (not [M]'s fine-grained datasets).
 """
 
 import argparse
@@ -25,7 +25,7 @@ EXPERIMENT = 'criteria_vs_oracle'
 CRITERIA = ('taylor', 'taylor_signed_mean', 'taylor_abs_elementwise', 'taylor_fo', 'fisher',
             'second_order', 'min_weight', 'l1', 'l2', 'bn_scale', 'mean_activation',
             'activation_std', 'apoz', 'random')
-DEFAULTS = {'mini': {'model': 'tiny'}, 'full': {'model': 'vgg16'}}
+DEFAULTS = {'mini': {'model': 'resnet8'}, 'full': {'model': 'vgg16'}}
 
 
 def plan(args) -> list:

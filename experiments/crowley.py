@@ -3,22 +3,28 @@ r"""[C]: Fisher-pruned WideResNets against uniformly reduced WideResNets, both t
     python -m experiments.crowley --scale=mini --root=runs/exp --dry_run
 
 Fisher pruning (criterion fisher, iterative schedule, global ranking without
-normalisation as in [C]'s code, one channel every `prune_every` steps) takes the
-baseline to several MACs budgets; each pruned architecture is trained from
-scratch (`scratch`) and compared with the same family made uniformly thinner to
-the same MACs (`reduced`). [C] matches parameter counts; jaxprune's `reduced`
-regime matches MACs (stated in the table).
+normalisation as in [C]'s code, `prune_step` channels every `prune_every` steps)
+takes the baseline to several MACs budgets; each pruned network is fine-tuned
+(`finetune`), its architecture is trained from scratch (`scratch`), and both are
+compared with the same family made uniformly thinner to the same MACs
+(`reduced`, from scratch). The report plots accuracy against parameters. [C]
+matches parameter counts; jaxprune's `reduced` regime matches MACs (stated in the
+table).
 full: wrn40_2 on CIFAR-10 (the papers' 200-epoch WRN schedule is approximated by
 jaxprune's step schedule over --epochs=200; lr 0.1), 5 seeds.
-mini: wrn16_2 stands in for wrn40_2.
+full: one channel every 100 steps, as [C]'s code does.
+mini: wrn10_1 (the shallowest, thinnest WRN) stands in for wrn40_2; 4 channels
+every 10 steps.
 """
 
 from experiments import common
 
 EXPERIMENT = 'crowley'
 BUDGETS = (0.75, 0.5, 0.25)
-REGIMES = ('scratch', 'reduced')
-DEFAULTS = {'mini': {'model': 'wrn16_2'},
+REGIMES = ('finetune', 'scratch', 'reduced')
+PRUNE_EVERY = {'mini': 10, 'full': 100}
+PRUNE_STEP = {'mini': 4, 'full': 1}
+DEFAULTS = {'mini': {'model': 'wrn10_1'},
             'full': {'model': 'wrn40_2', 'epochs': 200, 'weight_decay': 5e-4,
                      'finetune_lr': 8e-4}}
 
@@ -27,22 +33,27 @@ def extra_flags(parser):
   parser.add_argument('--budgets', default=','.join(map(str, BUDGETS)),
                       help='Fractions of the MACs kept.')
   parser.add_argument('--regimes', default=','.join(REGIMES))
-  parser.add_argument('--prune_every', type=int, default=100)
+  parser.add_argument('--prune_every', type=int, default=None,
+                      help='Steps between removals (default: 10 mini, 100 full).')
+  parser.add_argument('--prune_step', type=int, default=None,
+                      help='Channels removed at a time (default: 4 mini, 1 full).')
 
 
 def plan(args) -> list:
   settings = common.base_settings(args, **DEFAULTS)
+  prune_every = args.prune_every or PRUNE_EVERY[args.scale]
+  prune_step = args.prune_step or PRUNE_STEP[args.scale]
   runs = []
   for seed in common.seeds_of(args):
     for budget in common.csv_list(args.budgets, float):
       for regime in common.csv_list(args.regimes):
         path = f'fisher/macs{budget:.2f}/s{seed}'
-        family = 'fisher-pruned' if regime != 'reduced' else 'uniformly reduced (MACs-matched)'
+        family = 'uniformly reduced (MACs-matched)' if regime == 'reduced' else 'fisher-pruned'
         runs.append(common.make_run(
             EXPERIMENT, args.root, path, regime,
             {'family': f"{settings['model']} {family}", 'budget': budget, 'seed': seed},
             criterion='fisher', selection='macs', target_macs=budget, schedule='iterative',
-            prune_every=args.prune_every, seed=seed, **settings))
+            prune_every=prune_every, prune_step=prune_step, seed=seed, **settings))
   return runs
 
 

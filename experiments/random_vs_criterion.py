@@ -11,9 +11,9 @@ fine-tuned from the inherited weights. `python -m experiments.report` then says,
 per budget and regime, whether any criterion's accuracy beats random's by more
 than the seed spread (see `experiments.report.beats_random`).
 
-mini: resnet20 on the first `max_train` images of the CIFAR-10 sample, 6 epochs,
-3 seeds (override with --model, --epochs, --max_train, --criteria, --budgets,
---regimes, --seeds). full: VGG-16 on CIFAR-10, 160 epochs, batch 64, lr 0.1,
+mini: resnet8 (the shallowest ResNet of [R]'s CIFAR family) on a fixed random
+2,000-image subset of the CIFAR-10 sample, 8 epochs, 3 seeds (override with
+--model, --epochs, --max_train, --criteria, --budgets, --regimes, --seeds). full: VGG-16 on CIFAR-10, 160 epochs, batch 64, lr 0.1,
 fine-tune 40 epochs at 1e-3, 5 seeds.
 """
 
@@ -23,7 +23,7 @@ EXPERIMENT = 'random_vs_criterion'
 CRITERIA = ('taylor', 'fisher', 'l1', 'bn_scale', 'random')
 BUDGETS = (0.7, 0.5, 0.3)   # fraction of the MACs kept
 REGIMES = ('scratch', 'scratch_b', 'finetune')
-DEFAULTS = {'mini': {'model': 'resnet20'}, 'full': {'model': 'vgg16'}}
+DEFAULTS = {'mini': {'model': 'resnet8'}, 'full': {'model': 'vgg16'}}
 
 
 def extra_flags(parser):

@@ -10,8 +10,10 @@ full: L1 presets VGG-16-A (vgg16), ResNet-56-A/B (resnet56), ResNet-110-A/B
 (bn_l1 1e-4, percent 0.7), PreResNet-164 and DenseNet-40 (bn_l1 1e-5, 0.4 and 0.6):
 criterion bn_scale, selection slimming. 160 epochs, batch 64, lr 0.1, 5 seeds.
 mini (stand-ins, stated in the table): Li et al.'s presets exist only for the
-full-size models, so mini prunes resnet20 per layer by l1 at ratio 0.5
-(`layer`) as the L1 stand-in and slims densenet10 (bn_l1 1e-5, percent 0.4).
+full-size models, so mini prunes resnet8 per layer by l1 at ratio 0.5 (`layer`,
+the inner convolution of every block, as the ResNet presets do) as the L1
+stand-in, and slims preresnet11, the shallowest PreResNet (bn_l1 1e-5,
+percent 0.4), standing in for PreResNet-164.
 """
 
 from experiments import common
@@ -31,8 +33,9 @@ FULL = (  # (method, model, criterion, selection, target, bn_l1)
     ('slimming', 'densenet40', 'bn_scale', 'slimming', 0.6, 1e-5),
 )
 MINI = (
-    ('l1 (per-layer 0.5 stand-in for presets)', 'resnet20', 'l1', 'layer', 0.5, 0.0),
-    ('slimming (densenet10 stand-in)', 'densenet10', 'bn_scale', 'slimming', 0.4, 1e-5),
+    ('l1 (per-layer 0.5 stand-in for the presets)', 'resnet8', 'l1', 'layer', 0.5, 0.0),
+    ('slimming (preresnet11 stand-in for preresnet164)', 'preresnet11', 'bn_scale',
+     'slimming', 0.4, 1e-5),
 )
 
 

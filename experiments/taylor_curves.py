@@ -1,4 +1,4 @@
-r"""[M]'s accuracy during iterative pruning, per criterion (Taylor, its variants and the baselines).
+r"""[M]'s accuracy during iterative pruning, per criterion, with two amounts of fine-tuning.
 
     python -m experiments.taylor_curves --scale=mini --root=runs/exp --dry_run
 
@@ -6,42 +6,51 @@ Each criterion prunes the same baseline iteratively (`--schedule=iterative`:
 fine-tune at a constant small lr, accumulate the criterion, remove `prune_step`
 channels every `prune_every` steps, global ranking after per-layer L2
 normalisation, `global_l2`), down to `prune_ratio` of the prunable channels
-removed, then fine-tunes. The report reads each prune stage's
-prune/finetune/metrics.jsonl (test accuracy per epoch) and the removal schedule,
-and plots accuracy against the fraction of channels removed; the final MACs come
-from prune/record.json. The pipeline keeps only the final masks, so MACs at
-intermediate epochs are not known exactly and are not plotted.
+removed, then fine-tunes. Each criterion runs once per amount of fine-tuning
+between removals (`--prune_every`, [M]: 10 and 30 updates). The report reads each
+prune stage's `prune/finetune/pruning_curve.jsonl` (per epoch: test accuracy,
+channels removed and the exact MACs of the masked network) and plots accuracy
+against the MACs kept.
 full: vgg16 on CIFAR-10 (stand-in for [M]'s ImageNet-pretrained VGG-16 on
-Birds/Flowers, which jaxprune does not load), fine-tune lr 1e-4, 5 seeds.
-mini: tiny, prune_every 10, prune_step 1.
+Birds/Flowers, which jaxprune does not load), fine-tune lr 1e-4, prune_step 1, 5 seeds.
+mini: resnet8 (baselines shared with random_vs_criterion), prune_step 4 (a run
+removes half of resnet8's 112 prunable channels in 14 removals).
 """
 
 from experiments import common
 
 EXPERIMENT = 'taylor_curves'
-CRITERIA = ('taylor', 'taylor_fo', 'fisher', 'min_weight', 'mean_activation',
-            'activation_std', 'random')
-DEFAULTS = {'mini': {'model': 'tiny'}, 'full': {'model': 'vgg16', 'finetune_lr': 1e-4}}
+CRITERIA = ('taylor', 'min_weight', 'mean_activation', 'fisher', 'random')
+PRUNE_EVERY = (10, 30)
+PRUNE_STEP = {'mini': 4, 'full': 1}
+DEFAULTS = {'mini': {'model': 'resnet8'}, 'full': {'model': 'vgg16', 'finetune_lr': 1e-4}}
 
 
 def extra_flags(parser):
-  parser.add_argument('--criteria', default=','.join(CRITERIA))
-  parser.add_argument('--prune_ratio', type=float, default=0.5)
-  parser.add_argument('--prune_every', type=int, default=10)
-  parser.add_argument('--prune_step', type=int, default=1)
+  parser.add_argument('--criteria', default=','.join(CRITERIA),
+                      help='Comma-separated criteria (any of jaxprune.criteria.CRITERIA).')
+  parser.add_argument('--prune_ratio', type=float, default=0.5,
+                      help='Fraction of the prunable channels removed by the end.')
+  parser.add_argument('--prune_every', default=','.join(map(str, PRUNE_EVERY)),
+                      help='Fine-tuning steps between removals; one run per value.')
+  parser.add_argument('--prune_step', type=int, default=None,
+                      help='Channels removed at a time (default: 4 mini, 1 full).')
 
 
 def plan(args) -> list:
   settings = common.base_settings(args, **DEFAULTS)
+  prune_step = args.prune_step or PRUNE_STEP[args.scale]
   runs = []
   for seed in common.seeds_of(args):
-    for criterion in common.csv_list(args.criteria):
-      path = f'{criterion}/s{seed}'
-      runs.append(common.make_run(
-          EXPERIMENT, args.root, path, 'finetune', {'criterion': criterion, 'seed': seed},
-          criterion=criterion, selection='global_l2', schedule='iterative',
-          prune_ratio=args.prune_ratio, prune_every=args.prune_every,
-          prune_step=args.prune_step, seed=seed, **settings))
+    for every in common.csv_list(args.prune_every, int):
+      for criterion in common.csv_list(args.criteria):
+        path = f'{criterion}/every{every}/s{seed}'
+        runs.append(common.make_run(
+            EXPERIMENT, args.root, path, 'finetune',
+            {'criterion': criterion, 'prune_every': every, 'seed': seed},
+            criterion=criterion, selection='global_l2', schedule='iterative',
+            prune_ratio=args.prune_ratio, prune_every=every, prune_step=prune_step,
+            seed=seed, **settings))
   return runs
 
 
