@@ -1,13 +1,17 @@
 """Training: state, optimizer, jitted data-parallel steps, and `fit`: the loop every regime uses.
 
 * `TrainState` is a pytree: everything a checkpoint needs to continue bit-for-bit.
-* `make_optimizer(config, epochs, steps_per_epoch)`: SGD with momentum, coupled weight decay,
-  a learning-rate schedule and network slimming's L1 penalty on BN scales.
-* `train_step(state, batch, masks)` / `eval_step` are pure; `Trainer` jits them over a
-  `jax.sharding.Mesh` of all devices (batch split along 'data', state replicated), so the
-  same code runs on one CPU, eight TPU cores or a multi-host pod.
-* Masks are jit inputs: changing their values (iterative pruning) never recompiles, and the
-  parameters of masked-out channels are held fixed (no gradient, decay, L1 or momentum moves them).
+* `make_optimizer(config)`: SGD's direction (coupled weight decay, network slimming's L1
+  penalty on BN scales, momentum); `learning_rates(config, epochs, steps_per_epoch)`: the
+  schedule's value at every step, which `train_step` takes as an input.
+* `train_step(state, batch, masks, learning_rate)` / `eval_step` are pure; `Trainer` jits
+  them over a `jax.sharding.Mesh` of all devices (batch split along 'data', state
+  replicated), so the same code runs on one CPU, eight TPU cores or a multi-host pod.
+* Masks and the learning rate are jit inputs: changing their values (iterative pruning,
+  another schedule or length) never recompiles, and the parameters of masked-out channels
+  are held fixed (no gradient, decay, L1 or momentum moves them).
+* `precision` (one of PRECISIONS) is the dtype the forward and backward passes compute in;
+  parameters, their updates, optimizer state and BN statistics are always float32.
 * `fit` shuffles and augments on device, checkpoints every epoch (resuming after a crash or
   preemption) and leaves metrics.jsonl and result.json in the stage directory.
 """
@@ -46,7 +50,7 @@ class TrainState:
     params: the trained variables.
     batch_stats: BN running statistics ({} for models without BN).
     constants: the other variable collections (e.g. `indices`), never trained.
-    opt_state: the optimizer's state (momentum, schedule count).
+    opt_state: the optimizer's state (momentum buffers).
     rng: uint32[2] PRNG key made from the seed; every random choice of the run (the
       epoch's permutation, a step's augmentation) is folded from it and the epoch or
       step number, so a resumed run draws exactly what the uninterrupted one did.
@@ -139,6 +143,18 @@ def learning_rate_schedule(cfg: OptimizerConfig, epochs: int,
   return SCHEDULES[cfg.schedule](cfg, epochs, steps_per_epoch)
 
 
+def learning_rates(cfg: OptimizerConfig, epochs: int, steps_per_epoch: int) -> np.ndarray:
+  """The learning rate of every step of a run: float32, shape (epochs * steps_per_epoch,).
+
+  One vectorised evaluation of the schedule before training; `fit` passes entry `step`
+  to `train_step`, so the schedule is never part of a compiled program.
+  """
+  steps = np.arange(epochs * steps_per_epoch, dtype=np.int32)
+  rates = learning_rate_schedule(cfg, epochs, steps_per_epoch)(steps)
+  # A constant schedule returns a scalar whatever the steps.
+  return np.broadcast_to(np.asarray(rates, np.float32), steps.shape)
+
+
 def is_bn_scale(params) -> Any:
   """True for every BatchNorm scale (gamma) leaf.
 
@@ -160,16 +176,20 @@ def add_bn_scale_l1(strength: float) -> optax.GradientTransformation:
                       is_bn_scale)
 
 
-def make_optimizer(cfg: OptimizerConfig, epochs: int,
-                   steps_per_epoch: int) -> optax.GradientTransformation:
-  """SGD as in the papers: grad + wd * param (+ s * sign(gamma)) -> momentum -> x lr(step)."""
-  schedule = learning_rate_schedule(cfg, epochs, steps_per_epoch)
+def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+  """SGD's direction as in the papers: grad + wd * param (+ s * sign(gamma)) -> momentum.
+
+  The result is the momentum buffer (PyTorch convention: buf = momentum * buf + grad; with
+  Nesterov, grad + momentum * buf); `train_step` multiplies it by -learning_rate, the
+  step's input, which is optax.sgd with the schedule evaluated outside the program.
+  """
   parts = []
   if cfg.weight_decay:
     parts.append(optax.add_decayed_weights(cfg.weight_decay))
   if cfg.bn_l1:
     parts.append(add_bn_scale_l1(cfg.bn_l1))
-  parts.append(optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
+  if cfg.momentum:
+    parts.append(optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov))
   return optax.chain(*parts)
 
 
@@ -208,25 +228,56 @@ def cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def train_step(state: TrainState, batch: Mapping, masks: Masks, *, model: nn.Module,
-               tx: optax.GradientTransformation,
-               structure: structure_lib.Structure | None = None) -> tuple[TrainState, dict]:
+# The dtypes the forward and backward passes may compute in. bfloat16 halves the memory
+# traffic of activations on GPUs and TPUs; parameters and what updates them stay float32.
+PRECISIONS: dict[str, Any] = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def compute_dtype(precision: str):
+  """The dtype of `precision` (ConfigError for an unknown one)."""
+  choose('precision', precision, PRECISIONS)
+  return PRECISIONS[precision]
+
+
+def _cast_floats(tree, dtype):
+  # Integer leaves (`indices`) are structure, not values to compute with.
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def train_step(state: TrainState, batch: Mapping, masks: Masks, learning_rate: jax.Array, *,
+               model: nn.Module, tx: optax.GradientTransformation,
+               structure: structure_lib.Structure | None = None,
+               precision: str = 'float32') -> tuple[TrainState, dict]:
   """One SGD step (pure). Returns the new state and {'loss', 'accuracy'} of the batch.
 
-  BN runs in training mode (batch statistics, running averages updated). With masks,
-  a removed channel's activation is zero, so its producing weights get no gradient;
-  weight decay, the BN L1 term and momentum would still move them, so the updates, the
-  momentum buffers and the BN statistics of everything a removed channel indexes
-  (`keep_multipliers`, from `structure`) are held at their current values.
+  The parameters move by -learning_rate x `tx`'s update (`make_optimizer`: the momentum
+  buffer); the learning rate is a float32 scalar input, so any schedule runs on the same
+  compiled step. BN runs in training mode (batch statistics, running averages updated).
+  With masks, a removed channel's activation is zero, so its producing weights get no
+  gradient; weight decay, the BN L1 term and momentum would still move them, so the
+  updates, the momentum buffers and the BN statistics of everything a removed channel
+  indexes (`keep_multipliers`, from `structure`) are held at their current values.
+
+  With precision 'bfloat16' the parameters and the image are cast to bfloat16 inside the
+  loss (BN still normalises and keeps its statistics in float32) and the logits back to
+  float32 for the loss; the gradient arrives in float32 through the cast, so the
+  optimizer and the parameters never see bfloat16.
   """
+  dtype = compute_dtype(precision)
+
   def loss_fn(params):
-    variables = {**state.variables, 'params': params}
-    logits, updated = model.apply(variables, batch['image'], train=True, masks=masks,
-                                  mutable=['batch_stats'])
+    variables = {**state.variables, 'params': _cast_floats(params, dtype)}
+    logits, updated = model.apply(variables, batch['image'].astype(dtype), train=True,
+                                  masks=masks, mutable=['batch_stats'])
+    logits = logits.astype(jnp.float32)
     loss = jnp.mean(cross_entropy(logits, batch['label']))
     return loss, (logits, updated.get('batch_stats', {}))
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  # Statistics keep their dtype whatever the compute dtype, so the next step's input matches.
+  batch_stats = jax.tree.map(lambda new, old: new.astype(old.dtype), batch_stats,
+                             state.batch_stats)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   if masks:
     if structure is None:
@@ -236,15 +287,24 @@ def train_step(state: TrainState, batch: Mapping, masks: Masks, *, model: nn.Mod
     opt_state = optax.tree_utils.tree_map_params(tx, lambda s, k: s * k, opt_state, keep)
     keep_stats = keep_multipliers(structure, masks, state.batch_stats, 'batch_stats')
     batch_stats = jax.tree.map(_freeze, batch_stats, state.batch_stats, keep_stats)
+  step_size = -jnp.asarray(learning_rate, jnp.float32)
+  updates = jax.tree.map(lambda u: step_size * u, updates)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             batch_stats=batch_stats, opt_state=opt_state)
   accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
   return new_state, {'loss': loss, 'accuracy': accuracy}
 
 
-def eval_step(state: TrainState, batch: Mapping, masks: Masks, *, model: nn.Module) -> dict:
-  """Sums over the valid examples of a batch: {'loss_sum', 'correct', 'count'} (pure)."""
-  logits = model.apply(state.variables, batch['image'], train=False, masks=masks)
+def eval_step(state: TrainState, batch: Mapping, masks: Masks, *, model: nn.Module,
+              precision: str = 'float32') -> dict:
+  """Sums over the valid examples of a batch: {'loss_sum', 'correct', 'count'} (pure).
+
+  Computes in `precision` like `train_step` (BN statistics stay float32), the loss in float32.
+  """
+  dtype = compute_dtype(precision)
+  variables = {**state.variables, 'params': _cast_floats(state.params, dtype)}
+  logits = model.apply(variables, batch['image'].astype(dtype), train=False, masks=masks)
+  logits = logits.astype(jnp.float32)
   valid = batch.get('valid')
   valid = jnp.ones(logits.shape[:1], jnp.float32) if valid is None else valid.astype(jnp.float32)
   correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
@@ -297,29 +357,33 @@ def epoch_keys(rng, epoch):
 
 
 class Trainer:
-  """The jitted, sharded steps of one model and optimizer on one mesh.
+  """The jitted, sharded steps of one model, optimizer and precision on one mesh.
 
-  `train_step(state, batch, masks)` donates the state (its buffers are reused for the
-  new one) and returns device arrays: nothing waits for the device. The batch is split
-  along the mesh's 'data' axis and everything else is replicated; BN statistics and
-  gradients are reduced over the whole global batch, so the result does not depend on
-  the number of devices.
+  `train_step(state, batch, masks, learning_rate)` donates the state (its buffers are
+  reused for the new one) and returns device arrays: nothing waits for the device. Pass
+  the learning rate as a numpy float32 scalar (`learning_rates`), so that every value
+  runs the same compiled step. The batch is split along the mesh's 'data' axis and
+  everything else is replicated; BN statistics and gradients are reduced over the whole
+  global batch, so the result does not depend on the number of devices.
   """
 
   def __init__(self, model: nn.Module, tx: optax.GradientTransformation,
-               structure: structure_lib.Structure | None = None, mesh: Mesh | None = None):
+               structure: structure_lib.Structure | None = None, mesh: Mesh | None = None,
+               precision: str = 'float32'):
+    compute_dtype(precision)
     self.tx = tx
     self.mesh = mesh if mesh is not None else make_mesh()
     self.replicated = NamedSharding(self.mesh, PartitionSpec())
     self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
 
-    def sharded_train_step(state, batch, masks):
+    def sharded_train_step(state, batch, masks, learning_rate):
       batch = jax.lax.with_sharding_constraint(batch, self.batch_sharding)
-      return train_step(state, batch, masks, model=model, tx=tx, structure=structure)
+      return train_step(state, batch, masks, learning_rate, model=model, tx=tx,
+                        structure=structure, precision=precision)
 
     def sharded_eval_step(state, batch, masks):
       batch = jax.lax.with_sharding_constraint(batch, self.batch_sharding)
-      return eval_step(state, batch, masks, model=model)
+      return eval_step(state, batch, masks, model=model, precision=precision)
 
     self.train_step = jax.jit(sharded_train_step, donate_argnums=0,
                               out_shardings=(self.replicated, self.replicated))
@@ -342,19 +406,22 @@ class Trainer:
 _TRAINERS: dict = {}
 
 
-def trainer_for(model: nn.Module, optimizer: OptimizerConfig, epochs: int, steps_per_epoch: int,
-                structure: structure_lib.Structure | None, mesh: Mesh) -> Trainer:
-  """A Trainer shared by every fit with the same model, optimizer, length and mesh.
+def trainer_for(model: nn.Module, optimizer: OptimizerConfig,
+                structure: structure_lib.Structure | None, mesh: Mesh,
+                precision: str = 'float32') -> Trainer:
+  """A Trainer shared by every fit that compiles to the same program.
 
-  Runs that differ only in seed (or initial values) reuse its compiled steps, so N
-  seeds trained one after another compile each step once.
+  The key holds only what the compiled step depends on: the model, the optimizer settings
+  `make_optimizer` builds in (not the learning rate, its schedule or the run's length,
+  which are step inputs), the structure, the mesh and the precision. So N seeds trained
+  one after another, and every regime that trains the same widths, compile each step once.
   """
-  key = (repr(model), optimizer, epochs, steps_per_epoch,
+  key = (repr(model),
+         (optimizer.momentum, optimizer.nesterov, optimizer.weight_decay, optimizer.bn_l1),
          None if structure is None else (tuple(structure.widths.items()), structure.prunable),
-         tuple(d.id for d in mesh.devices.flat), mesh.axis_names)
+         tuple(d.id for d in mesh.devices.flat), mesh.axis_names, precision)
   if key not in _TRAINERS:
-    _TRAINERS[key] = Trainer(model, make_optimizer(optimizer, epochs, steps_per_epoch),
-                             structure, mesh)
+    _TRAINERS[key] = Trainer(model, make_optimizer(optimizer), structure, mesh, precision)
   return _TRAINERS[key]
 
 
@@ -425,7 +492,7 @@ def fit(model: nn.Module, variables: Mapping, arrays: Mapping, spec: data.DataSp
         step_hook: StepHook | None = None,
         hook_state: Any = None, callbacks: Sequence[EpochCallback] = (),
         mesh: Mesh | None = None, eval_batch_size: int | None = None,
-        max_to_keep: int = 2) -> tuple[dict, dict]:
+        max_to_keep: int = 2, precision: str = 'float32') -> tuple[dict, dict]:
   """Trains `model` from `variables`; resumable, and a no-op for a stage already done.
 
   Args:
@@ -436,7 +503,7 @@ def fit(model: nn.Module, variables: Mapping, arrays: Mapping, spec: data.DataSp
     spec: `ds.spec`, the augmentation and normalisation of `data.train_batch`.
     epochs, batch_size: length of training; batch_size is global (over all devices)
       and the last partial batch of an epoch is dropped.
-    optimizer: the `OptimizerConfig`.
+    optimizer: the `OptimizerConfig`; its schedule is evaluated once for every step.
     stage_dir: directory (local or gs://) for checkpoints, metrics.jsonl, final/ and result.json.
     seed: the run's seed; permutations and augmentations derive from (seed, epoch, step).
     masks: {group: (C,)} masks applied throughout; removed channels' parameters stay fixed.
@@ -452,6 +519,7 @@ def fit(model: nn.Module, variables: Mapping, arrays: Mapping, spec: data.DataSp
     mesh: devices to train on (default: all, `make_mesh()`).
     eval_batch_size: test batch size (default: batch_size).
     max_to_keep: epoch checkpoints kept.
+    precision: the compute dtype of training and evaluation, one of PRECISIONS.
 
   Returns:
     (variables, result): final variables, and {'test_accuracy', 'test_loss',
@@ -484,8 +552,8 @@ def fit(model: nn.Module, variables: Mapping, arrays: Mapping, spec: data.DataSp
     structure = structure_lib.derive(model, tuple(arrays['train_images'].shape[1:]))
   if structure is not None and dict(structure.widths) != widths_of(model):
     raise ValueError('the structure was derived for other widths than the model has.')
-  schedule = learning_rate_schedule(optimizer, epochs, steps_per_epoch)
-  trainer = trainer_for(model, optimizer, epochs, steps_per_epoch, structure, mesh)
+  rates = learning_rates(optimizer, epochs, steps_per_epoch)
+  trainer = trainer_for(model, optimizer, structure, mesh, precision)
   arrays = jax.device_put(dict(arrays), trainer.replicated)
   permutation, make_batch = _epoch_fns(trainer, arrays, spec, batch_size)
 
@@ -530,7 +598,7 @@ def fit(model: nn.Module, variables: Mapping, arrays: Mapping, spec: data.DataSp
         epoch_start, first_step = time.time(), step
         while step < epoch_end:
           batch = make_batch(order, state.rng, step)
-          state, metrics = trainer.train_step(state, batch, masks)
+          state, metrics = trainer.train_step(state, batch, masks, rates[step])
           sums = trainer.add(sums, metrics)
           step += 1
           if step_hook is not None:
@@ -547,7 +615,7 @@ def fit(model: nn.Module, variables: Mapping, arrays: Mapping, spec: data.DataSp
             'train_loss': float(totals['loss'] / steps_per_epoch),
             'train_accuracy': float(totals['accuracy'] / steps_per_epoch),
             'test_loss': test['loss'], 'test_accuracy': test['accuracy'],
-            'learning_rate': float(schedule(step - 1)),
+            'learning_rate': float(rates[step - 1]),
             'images_per_second': (step - first_step) * batch_size / train_time,
             'elapsed_s': elapsed(),
         }

@@ -2,6 +2,7 @@
 
 import functools
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import traverse_util
 
@@ -88,8 +90,13 @@ def fixed_batch():
   return {'image': images, 'label': jnp.asarray(ds.train_labels[:64])}
 
 
-def sgd(epochs=1, steps_per_epoch=10, **overrides):
-  return train.make_optimizer(train.OptimizerConfig(**overrides), epochs, steps_per_epoch)
+def sgd(**overrides):
+  return train.make_optimizer(train.OptimizerConfig(**overrides))
+
+
+def lr(value):
+  # As fit passes it: a numpy float32 scalar, so every value runs the same compiled step.
+  return np.float32(value)
 
 
 def prune_masks(struct, seed):
@@ -104,12 +111,12 @@ def prune_masks(struct, seed):
 
 def test_train_steps_reduce_loss():
   model, struct, variables = tiny()
-  trainer = train.Trainer(model, sgd(learning_rate=0.05, schedule='constant'), struct)
+  trainer = train.Trainer(model, sgd(), struct)
   state = trainer.init_state(variables, seed=0)
   batch = trainer.shard_batch(fixed_batch())
   losses = []
   for _ in range(8):
-    state, metrics = trainer.train_step(state, batch, None)
+    state, metrics = trainer.train_step(state, batch, None, lr(0.05))
     losses.append(metrics['loss'])
   losses = [float(l) for l in jax.device_get(losses)]
   assert losses[-1] < 0.6 * losses[0], losses
@@ -118,20 +125,19 @@ def test_train_steps_reduce_loss():
 def test_masked_channels_parameters_and_momentum_stay_fixed():
   model, struct, variables = tiny()
   # Strong decay, BN-L1 and momentum all try to move the removed channels' parameters.
-  trainer = train.Trainer(model, sgd(learning_rate=0.1, schedule='constant', weight_decay=0.05,
-                                     bn_l1=0.01), struct)
+  trainer = train.Trainer(model, sgd(weight_decay=0.05, bn_l1=0.01), struct)
   state = trainer.init_state(variables, seed=0)
   batch = trainer.shard_batch(fixed_batch())
   ones = {g: jnp.ones(struct.widths[g]) for g in struct.prunable}
   for _ in range(2):  # Momentum builds up before the channels are removed.
-    state, _ = trainer.train_step(state, batch, ones)
+    state, _ = trainer.train_step(state, batch, ones, lr(0.1))
   masks = prune_masks(struct, seed=1)
   before = traverse_util.flatten_dict(jax.device_get(state.variables))
   for _ in range(3):
-    state, _ = trainer.train_step(state, batch, masks)
+    state, _ = trainer.train_step(state, batch, masks, lr(0.1))
   after = traverse_util.flatten_dict(jax.device_get(state.variables))
   trace = traverse_util.flatten_dict(jax.device_get(
-      {'params': state.opt_state[-1][0].trace}))
+      {'params': state.opt_state[-1].trace}))
   checked = 0
   for group, mask in masks.items():
     removed = np.flatnonzero(np.asarray(mask) == 0)
@@ -152,9 +158,85 @@ def test_train_step_compiles_once_for_any_mask_values():
   state = trainer.init_state(variables, seed=0)
   batch = trainer.shard_batch(fixed_batch())
   for seed in range(3):
-    state, _ = trainer.train_step(state, batch, prune_masks(struct, seed))
+    state, _ = trainer.train_step(state, batch, prune_masks(struct, seed), lr(0.1 / (seed + 1)))
   jax.block_until_ready(state)
   assert trainer.train_step._cache_size() == 1
+
+
+def count_train_step_compiles(caplog, fn):
+  """fn()'s result and how many times it compiled the train step (jax_log_compiles)."""
+  jax.config.update('jax_log_compiles', True)
+  try:
+    with caplog.at_level(logging.WARNING):
+      caplog.clear()
+      out = fn()
+  finally:
+    jax.config.update('jax_log_compiles', False)
+  return out, sum(1 for r in caplog.records
+                  if 'Compiling' in r.getMessage() and 'sharded_train_step' in r.getMessage())
+
+
+def test_fits_with_other_schedules_and_lengths_share_one_compiled_step(tmp_path, caplog):
+  ds = learnable_dataset()
+  arrays = data.device_put_dataset(ds)
+  # Widths no other test trains, so that no earlier test has compiled this step.
+  model = models.build('tiny', num_classes=CLASSES, widths={'conv1': 5, 'conv2': 7, 'fc': 9})
+  variables = numpy_variables(model)
+  scratch = train.OptimizerConfig(learning_rate=0.1, schedule='step')
+  finetune = train.OptimizerConfig(learning_rate=0.01, schedule='constant')
+
+  def both():
+    train.fit(model, variables, arrays, ds.spec, epochs=2, batch_size=64, optimizer=scratch,
+              stage_dir=tmp_path / 'scratch')
+    return train.fit(model, variables, arrays, ds.spec, epochs=1, batch_size=64,
+                     optimizer=finetune, stage_dir=tmp_path / 'finetune')
+
+  (_, result), compiles = count_train_step_compiles(caplog, both)
+  assert result['steps'] == 4
+  assert compiles == 1
+  trainer = train.trainer_for(model, finetune, None, train.make_mesh())
+  assert trainer is train.trainer_for(model, scratch, None, train.make_mesh())
+  assert trainer.train_step._cache_size() == 1
+  lines = (tmp_path / 'scratch' / 'metrics.jsonl').read_text().splitlines()
+  # Two epochs put both milestones (50%, 75%) at epoch 1.
+  assert [json.loads(l)['learning_rate'] for l in lines] == pytest.approx([0.1, 0.001])
+
+
+def test_train_step_is_sgd_with_momentum_and_the_schedule():
+  """Against optax.sgd with the schedule inside the optimizer, across a learning-rate decay."""
+  model, _, variables = tiny()
+  config = train.OptimizerConfig(learning_rate=0.1, weight_decay=1e-3, momentum=0.9)
+  epochs, steps_per_epoch = 4, 2  # x0.1 from step 4, x0.01 from step 6
+  rates = train.learning_rates(config, epochs, steps_per_epoch)
+  trainer = train.Trainer(model, train.make_optimizer(config))
+  state = trainer.init_state(variables, seed=0)
+  batch = fixed_batch()
+
+  reference = optax.chain(optax.add_decayed_weights(1e-3), optax.sgd(
+      train.learning_rate_schedule(config, epochs, steps_per_epoch), momentum=0.9))
+
+  @jax.jit
+  def reference_step(params, batch_stats, opt_state):
+    def loss_fn(params):
+      logits, new = model.apply({'params': params, 'batch_stats': batch_stats}, batch['image'],
+                                train=True, mutable=['batch_stats'])
+      return jnp.mean(train.cross_entropy(logits, batch['label'])), new['batch_stats']
+    grads, batch_stats = jax.grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = reference.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), batch_stats, opt_state
+
+  params, batch_stats = variables['params'], variables['batch_stats']
+  opt_state = reference.init(params)
+  for step in range(epochs * steps_per_epoch):
+    state, _ = trainer.train_step(state, trainer.shard_batch(batch), None, rates[step])
+    params, batch_stats, opt_state = reference_step(params, batch_stats, opt_state)
+  np.testing.assert_allclose(rates[[3, 4, 5, 6]], [0.1, 0.01, 0.01, 0.001], rtol=1e-6)
+  got, want = (traverse_util.flatten_dict(jax.device_get(p)) for p in (state.params, params))
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=str(key))
+  momentum = traverse_util.flatten_dict(jax.device_get(state.opt_state[-1].trace))
+  for key, buffer in traverse_util.flatten_dict(jax.device_get(opt_state[-1][0].trace)).items():
+    np.testing.assert_allclose(momentum[key], buffer, rtol=1e-5, atol=1e-6, err_msg=str(key))
 
 
 def test_bn_l1_adds_s_sign_gamma_to_bn_scales_only():
@@ -178,14 +260,15 @@ def test_bn_l1_adds_s_sign_gamma_to_bn_scales_only():
 
 def test_optimizer_adds_coupled_decay_before_momentum():
   params = {'w': jnp.array([2.0, -1.0])}
-  tx = sgd(learning_rate=0.5, schedule='constant', weight_decay=0.1, momentum=0.9)
+  tx = sgd(weight_decay=0.1, momentum=0.9)
   state = tx.init(params)
   grads = {'w': jnp.array([1.0, 1.0])}
   first, state = tx.update(grads, state, params)
   second, _ = tx.update(grads, state, params)
   effective = np.array([1.2, 0.9])  # grad + 0.1 * param
-  np.testing.assert_allclose(first['w'], -0.5 * effective, rtol=1e-6)
-  np.testing.assert_allclose(second['w'], -0.5 * 1.9 * effective, rtol=1e-6)
+  # The momentum buffer (buf = 0.9 * buf + g); train_step scales it by -learning_rate.
+  np.testing.assert_allclose(first['w'], effective, rtol=1e-6)
+  np.testing.assert_allclose(second['w'], 1.9 * effective, rtol=1e-6)
 
 
 @pytest.mark.parametrize('config, epochs, expected', [
@@ -201,8 +284,13 @@ def test_optimizer_adds_coupled_decay_before_momentum():
 ])
 def test_learning_rate_schedule_at_boundaries(config, epochs, expected):
   schedule = train.learning_rate_schedule(train.OptimizerConfig(**config), epochs, 5)
-  for step, lr in expected.items():
-    np.testing.assert_allclose(float(schedule(step)), lr, rtol=1e-5, atol=1e-9, err_msg=str(step))
+  rates = train.learning_rates(train.OptimizerConfig(**config), epochs, 5)
+  assert rates.shape == (epochs * 5,) and rates.dtype == np.float32
+  for step, value in expected.items():
+    np.testing.assert_allclose(float(schedule(step)), value, rtol=1e-5, atol=1e-9,
+                               err_msg=str(step))
+    if step < len(rates):
+      np.testing.assert_allclose(rates[step], value, rtol=1e-5, atol=1e-9, err_msg=str(step))
 
 
 @pytest.mark.parametrize('config', [dict(schedule='linear'), dict(decay_fractions=(0.5, 1.5)),

@@ -12,8 +12,9 @@ and counts every XLA backend compilation (jax.monitoring's
 attributed to the `train.fit` call (stage) during which it happened; the rest (scoring,
 selection, shrinking, regime planning, eager ops) is one 'outside fit' row.
 
-What should hold: the train step (`sharded_train_step`) compiles once per distinct
-(width configuration, optimizer schedule) a stage trains with, and changing mask values
+What should hold: the train step (`sharded_train_step`) compiles once per distinct width
+configuration (with or without masks) a run trains, whatever the learning-rate schedule
+or length of each stage (the learning rate is a step input), and changing mask values
 (the iterative stage) never recompiles it: `masks_changed` > 0 with one compile.
 """
 

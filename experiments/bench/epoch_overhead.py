@@ -62,7 +62,8 @@ def main(argv):
   variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   optimizer = train.OptimizerConfig()
   mesh = train.make_mesh()
-  trainer = train.trainer_for(model, optimizer, FLAGS.epochs, FLAGS.steps_per_epoch, None, mesh)
+  trainer = train.trainer_for(model, optimizer, None, mesh)
+  learning_rate = train.learning_rates(optimizer, FLAGS.epochs, FLAGS.steps_per_epoch)[0]
 
   # The pure step, on a batch made the way fit makes them.
   permutation, make_batch = train._epoch_fns(trainer, jax.device_put(arrays, trainer.replicated),
@@ -71,7 +72,7 @@ def main(argv):
   order = permutation(state.rng, 0)
   batch = make_batch(order, state.rng, 0)
   with common.CompileLog() as compiles:
-    state, metrics = trainer.train_step(state, batch, None)
+    state, metrics = trainer.train_step(state, batch, None, learning_rate)
     common.block(state)
   compile_s = compiles.seconds()
 
@@ -79,7 +80,7 @@ def main(argv):
     times = []
     for _ in range(reps):
       start = time.perf_counter()
-      state, metrics = trainer.train_step(state, batch, None)
+      state, metrics = trainer.train_step(state, batch, None, learning_rate)
       common.block((state, metrics))
       times.append(time.perf_counter() - start)
     return state, times

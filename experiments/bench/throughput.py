@@ -3,10 +3,11 @@ r"""Training throughput of jaxprune's train step against an equivalent PyTorch s
     python experiments/bench/throughput.py --conv_impl=native,auto --out=/tmp/throughput.json
 
 For each model (VGG-16 and ResNet-56, CIFAR, batch 128, float32) it times
-  * jax: `jaxprune.train.Trainer(model, make_optimizer(OptimizerConfig(), ...)).train_step`
-    (SGD momentum 0.9, weight decay 1e-4, step schedule; donated state, BN in train mode,
-    loss + accuracy), once per `--conv_impl` (JAXPRUNE_CONV_IMPL: 'native' is the plain
-    `lax.conv_general_dilated` of nn.Conv, i.e. before the fix; 'auto' is the fix);
+  * jax: `jaxprune.train.Trainer(model, make_optimizer(OptimizerConfig())).train_step`
+    (SGD momentum 0.9, weight decay 1e-4, learning rate 0.1 as a step input; donated
+    state, BN in train mode, loss + accuracy), once per `--conv_impl` (JAXPRUNE_CONV_IMPL:
+    'native' is the plain `lax.conv_general_dilated` of nn.Conv, i.e. before the fix;
+    'auto' is the fix);
   * torch: the same network (experiments/bench/torch_models.py) with torch.optim.SGD
     (momentum 0.9, weight decay 1e-4), cross-entropy, `torch.set_num_threads(--threads)`.
 Both train on one fixed random batch already in memory (no input pipeline), so only the
@@ -48,6 +49,7 @@ flags.DEFINE_string('model', None, 'Internal: the worker\'s model.')
 def jax_worker(name: str) -> dict:
   import jax
   import jax.numpy as jnp
+  import numpy as np
 
   from jaxprune import models, train
   from jaxprune.models import conv
@@ -58,24 +60,24 @@ def jax_worker(name: str) -> dict:
     images = jax.random.normal(key, (FLAGS.batch, 32, 32, 3), jnp.float32)
     labels = jax.random.randint(jax.random.key(1), (FLAGS.batch,), 0, 10)
     variables = jax.jit(model.init)(key, images[:1])
-    tx = train.make_optimizer(train.OptimizerConfig(), epochs=10, steps_per_epoch=390)
-    trainer = train.Trainer(model, tx)
+    trainer = train.Trainer(model, train.make_optimizer(train.OptimizerConfig()))
+    learning_rate = np.float32(0.1)
     state = trainer.init_state(variables, seed=0)
     batch = trainer.shard_batch({'image': images, 'label': labels})
     jax.block_until_ready((state, batch))
     before = compiles.seconds()
     start = time.perf_counter()
-    state, metrics = trainer.train_step(state, batch, None)
+    state, metrics = trainer.train_step(state, batch, None, learning_rate)
     jax.block_until_ready((state, metrics))
     first = time.perf_counter() - start
     compile_s = compiles.seconds() - before
   for _ in range(FLAGS.warmup):
-    state, metrics = trainer.train_step(state, batch, None)
+    state, metrics = trainer.train_step(state, batch, None, learning_rate)
   jax.block_until_ready(state)
   times = []
   for _ in range(FLAGS.steps):
     start = time.perf_counter()
-    state, metrics = trainer.train_step(state, batch, None)
+    state, metrics = trainer.train_step(state, batch, None, learning_rate)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
   return {'framework': 'jax', 'conv_impl': conv.current_impl(), 'compile_s': compile_s,
