@@ -231,12 +231,16 @@ def main(experiment: str, plan: Callable, argv=None,
 
 
 def _quiet_logging() -> None:
+  """Progress lines only: drops orbax's and absl's own records (several per checkpoint)."""
+  import logging as std_logging
   from absl import logging
   logging.set_verbosity(logging.INFO)
 
   def keep(record):
     return '/orbax/' not in record.pathname and '/absl/' not in record.pathname
-  logging.get_absl_handler().addFilter(keep)
+  # On the 'absl' logger itself, so the filter holds whichever handler prints the records
+  # (absl's own, or the root's default one when absl.app did not start the program).
+  std_logging.getLogger('absl').addFilter(keep)
 
 
 def csv_list(text: str, cast=str) -> tuple:

@@ -100,7 +100,7 @@ def main(argv=None):
   planned = plan(args)
   print(f'{EXPERIMENT} at scale {args.scale}: {len(planned)} runs under {args.root}')
   for config, workdir in planned:
-    data = config.dataset + (f'[:{config.max_train}]' if config.max_train else '')
+    data = config.dataset + (f' ({config.max_train} train)' if config.max_train else '')
     print(f'{config.model}/s{config.seed}  model {config.model}  data {data}  baseline '
           f'{config.epochs} epochs (batch {config.batch_size}, lr {config.lr:g}) in '
           f'{config.baseline_dir}  criteria oracle + {",".join(names)}  {args.batches} batches '

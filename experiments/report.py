@@ -227,7 +227,7 @@ def _plot_budgets(cells, regimes, out):
     _save(fig, os.path.join(out, f'random_vs_criterion_{slug}.png'))
 
 
-def generic(name, snaps, write, label_keys):
+def generic(name, snaps, write, label_keys, intro: str = ''):
   """One row per label combination (seeds pooled): accuracy, MACs, params, epochs."""
   groups = defaultdict(list)
   for s in snaps:
@@ -253,8 +253,79 @@ def generic(name, snaps, write, label_keys):
     csv_rows.append(list(key) + [models, len(group), num(mean), num(std),
                                  num(mean_std(pruned)[0]), num(mean_std(base)[0]),
                                  f'{macs:.1f}', f'{params:.1f}', f'{epochs:.2f}'])
-  write(f'{name}.md', f'# {name}\n\n' + markdown(header, md_rows))
+  write(f'{name}.md', f'# {name}\n\n{wall_time_line(snaps)}\n\n{intro}' +
+        markdown(header, md_rows))
   write(f'{name}.csv', csv_text(csv_header, csv_rows))
+
+
+def wall_time_line(snaps) -> str:
+  """The runs' summed wall time as the snapshots recorded it (shared baselines count once)."""
+  total = sum(s.get('run_wall_time_s', 0.0) for s in snaps)
+  return (f'{len(snaps)} runs; their wall times, as recorded in the snapshots, sum to '
+          f'{total / 60:.1f} min (the command\'s own wall time is in RUN.md).')
+
+
+RETHINKING_COLUMNS = (('finetune', 'fine-tuned'), ('scratch', 'scratch-E'),
+                      ('scratch_b', 'scratch-B'), ('lottery', 'lottery (original init)'))
+
+
+def rethinking_table(snaps) -> str:
+  """[R]'s layout: one row per pruned network, one column per way of retraining it."""
+  groups = defaultdict(list)
+  for s in snaps:
+    groups[(s['labels']['method'], s['labels']['preset'])].append(s)
+  header = ['method', 'model / target', 'seeds', 'unpruned %', 'MACs kept %', 'params kept %']
+  header += [title + ' %' for _, title in RETHINKING_COLUMNS]
+  rows = []
+  for key in sorted(groups):
+    group = groups[key]
+    by_regime = defaultdict(list)
+    for s in sorted(group, key=_seed):
+      by_regime[s['labels']['regime']].append(_last(s)['test_accuracy'])
+    base = {}
+    for s in group:
+      base[_seed(s)] = _baseline(s)
+    pruned = [_row(s, 'pruned') for s in group]
+    kept = np.mean([p['macs'] / base[_seed(s)]['macs'] for p, s in zip(pruned, group)])
+    params = np.mean([p['params'] / base[_seed(s)]['params'] for p, s in zip(pruned, group)])
+    rows.append(list(key) + [len(base), pm(b['test_accuracy'] for _, b in sorted(base.items())),
+                             f'{100 * kept:.1f}', f'{100 * params:.1f}'] +
+                [pm(by_regime[regime]) for regime, _ in RETHINKING_COLUMNS])
+  return ('Test accuracy (mean ± std over seeds) of each pruned network retrained four ways; '
+        'scratch-E and lottery train the pruned architecture from a random and from the '
+        'original initialisation for the baseline\'s epochs, scratch-B for as many MACs x '
+        'steps as the baseline.\n\n' + markdown(header, rows) + '\nEvery run:\n\n')
+
+
+def crowley_plot(snaps, out):
+  """Accuracy against parameters: fisher-pruned (fine-tuned, from scratch) vs uniformly reduced."""
+  plt = _pyplot()
+  if plt is None or out is None or not snaps:
+    return
+  series = defaultdict(lambda: defaultdict(list))    # (family, regime) -> budget -> snaps
+  base = {}
+  for s in snaps:
+    series[(s['labels']['family'], s['labels']['regime'])][s['labels']['budget']].append(s)
+    base[_seed(s)] = _baseline(s)
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for (family, regime), by_budget in sorted(series.items()):
+    xs, ys, es = [], [], []
+    for budget in sorted(by_budget):
+      group = by_budget[budget]
+      mean, std = mean_std([_last(s)['test_accuracy'] for s in group])
+      xs.append(np.mean([_last(s)['params'] for s in group]))
+      ys.append(100 * mean)
+      es.append(0 if math.isnan(std) else 100 * std)
+    ax.errorbar(xs, ys, yerr=es, marker='o', capsize=3, label=f'{family}, {regime}')
+  mean, std = mean_std([b['test_accuracy'] for b in base.values()])
+  ax.errorbar([np.mean([b['params'] for b in base.values()])], [100 * mean],
+              yerr=[0 if math.isnan(std) else 100 * std], marker='*', markersize=10,
+              linestyle='none', color='black', label='unpruned')
+  ax.set_xlabel('parameters')
+  ax.set_ylabel('test accuracy (%)')
+  ax.set_title('crowley (mean ± std over seeds)')
+  ax.legend(fontsize=7)
+  _save(fig, os.path.join(out, 'crowley.png'))
 
 
 def criteria_vs_oracle(snaps, write):
@@ -291,43 +362,50 @@ def criteria_vs_oracle(snaps, write):
 
 
 def taylor_curves(snaps, root, out, write):
-  """Accuracy during iterative pruning against the fraction of channels removed [M]."""
-  curves = defaultdict(list)
+  """Accuracy during iterative pruning against the MACs kept [M], per criterion and interval.
+
+  Reads each prune stage's `prune/finetune/pruning_curve.jsonl` (one point per epoch:
+  test accuracy and the exact MACs of the masked network). Seeds share the schedule,
+  so the i-th points of a criterion's seeds are averaged.
+  """
+  curves = defaultdict(list)       # (prune_every, criterion) -> [[points] per seed]
   rows = []
   for s in snaps:
-    path = os.path.join(root, s['_dir'], 'prune', 'finetune', 'metrics.jsonl')
+    path = os.path.join(root, s['_dir'], 'prune', 'finetune', 'pruning_curve.jsonl')
     if not os.path.exists(path):
       continue
     c = s['config']
-    with open(os.path.join(root, s['_dir'], 'prune', 'record.json')) as f:
-      record = json.load(f)
-    before = sum(record['widths_before'].values())
-    removals = before - sum(record['widths'].values())
+    full = _baseline(s)['macs']
     with open(path) as f:
       records = [json.loads(line) for line in f if line.strip()]
-    points = []
+    points = [(1.0, _baseline(s)['test_accuracy'])]
+    points += [(r['macs'] / full, r['test_accuracy']) for r in records]
+    curves[(c['prune_every'], c['criterion'])].append(points)
     for r in records:
-      # Removals happen every prune_every steps, prune_step channels at a time (pipeline).
-      removed = min(removals, r['step'] // c['prune_every'] * c['prune_step'])
-      points.append((removed / before, r['test_accuracy']))
-    curves[c['criterion']].append(points)
-    for epoch, (removed, acc) in enumerate(points, 1):
-      rows.append([c['criterion'], c['seed'], epoch, num(removed), num(acc),
-                   num(s['prune']['macs_reduction_percent'], 2)])
+      rows.append([c['criterion'], c['prune_every'], c['seed'], r['epoch'],
+                   r['channels_removed'], num(r['macs'] / full), num(r['test_accuracy'])])
   write('taylor_curves_points.csv', csv_text(
-      ['criterion', 'seed', 'epoch', 'removed_fraction', 'test_accuracy',
-       'final_macs_reduction_percent'], sorted(rows)))
+      ['criterion', 'prune_every', 'seed', 'epoch', 'channels_removed', 'macs_kept',
+       'test_accuracy'], sorted(rows)))
   plt = _pyplot()
   if plt is None or out is None or not curves:
     return
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  for criterion in sorted(curves):
-    for i, points in enumerate(curves[criterion]):
-      x, y = zip(*points)
-      ax.plot(x, [100 * v for v in y], marker='.', label=criterion if i == 0 else None)
-  ax.set_xlabel('fraction of prunable channels removed')
-  ax.set_ylabel('test accuracy (%)')
-  ax.legend(fontsize=8)
+  intervals = sorted({every for every, _ in curves})
+  fig, axes = plt.subplots(1, len(intervals), figsize=(5 * len(intervals), 3.5), squeeze=False)
+  for ax, every in zip(axes[0], intervals):
+    for (e, criterion), seeds in sorted(curves.items()):
+      if e != every:
+        continue
+      n = min(len(p) for p in seeds)
+      x = np.mean([[p[i][0] for i in range(n)] for p in seeds], axis=0)
+      y = 100 * np.asarray([[p[i][1] for i in range(n)] for p in seeds])
+      std = y.std(axis=0, ddof=1) if len(seeds) > 1 else np.zeros(n)
+      ax.errorbar(x, y.mean(axis=0), yerr=std, marker='.', capsize=2, label=criterion)
+    ax.invert_xaxis()
+    ax.set_xlabel('MACs kept (fraction of the unpruned network)')
+    ax.set_ylabel('test accuracy (%)')
+    ax.set_title(f'fine-tuning {every} steps between removals')
+    ax.legend(fontsize=8)
   _save(fig, os.path.join(out, 'taylor_curves.png'))
 
 
@@ -354,6 +432,7 @@ def _save(fig, path):
 LABELS = {
     'rethinking': ('method', 'preset', 'regime'),
     'crowley': ('family', 'budget', 'regime'),
+    'taylor_curves': ('criterion', 'prune_every', 'regime'),
 }
 
 
@@ -375,7 +454,12 @@ def build(root: str, out: str) -> list[str]:
       criteria_vs_oracle(snaps, write)
     elif name == 'taylor_curves':
       taylor_curves(snaps, root, out, write)
-      generic(name, snaps, write, ('criterion', 'regime'))
+      generic(name, snaps, write, LABELS[name])
+    elif name == 'rethinking':
+      generic(name, snaps, write, LABELS[name], intro=rethinking_table(snaps))
+    elif name == 'crowley':
+      generic(name, snaps, write, LABELS[name])
+      crowley_plot(snaps, out)
     else:
       generic(name, snaps, write, LABELS.get(name, ('criterion', 'regime')))
   index = ['# Experiment results\n', f'Built by `python -m experiments.report` from {len(found)} '

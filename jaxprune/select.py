@@ -29,6 +29,12 @@ Rules shared by every policy:
   * Ties are broken deterministically: among equal scores, channels earlier in
     (group order, channel index) are removed first.
 
+Hardware-friendly widths (`round_to` = N > 1, every policy): each group's kept count is
+rounded up to a multiple of N (at most the group's live channels) by keeping its next
+highest-scoring live channels. On CPUs and accelerators a convolution with, say, 63
+output channels can be slower than one with 64, so a rounded network runs faster
+although the MACs end slightly above a `target_macs` (the record gives the exact MACs).
+
 FLOPs-aware penalty [M] (`flops_penalty` = lambda, for `global`, `global_l2`, `macs`,
 `macs_l2` and `remove_lowest`): the score used for ranking is
 `score - lambda * m_g / mean_m`, where `m_g` is the MACs removed by taking one channel
@@ -452,7 +458,8 @@ SELECTIONS: dict[str, Selection] = {
 
 def select(name: str, structure: Structure, scores: Scores, *, ratio: float | None = None,
            target_macs: float | None = None, preset: str | None = None, min_channels: int = 1,
-           flops_penalty: float = 0.0, current: Mapping | None = None) -> Masks:
+           flops_penalty: float = 0.0, current: Mapping | None = None,
+           round_to: int = 1) -> Masks:
   """Turns scores into keep masks with the policy `name` (see the module docstring).
 
   Args:
@@ -465,11 +472,14 @@ def select(name: str, structure: Structure, scores: Scores, *, ratio: float | No
     min_channels: live channels every group keeps at least.
     flops_penalty: lambda of the FLOPs-aware penalty (global*, macs*); 0 = off.
     current: {group: (C,) mask} of channels already removed (0); missing groups are live.
+    round_to: round every group's kept channels up to a multiple of this (1 = exact).
 
   Returns:
     {group: (C,) float32 numpy array of 0/1} for every prunable group.
   """
   choose('selection', name, SELECTIONS)
+  if int(round_to) != round_to or round_to < 1:
+    raise ConfigError(f"round_to must be an integer of at least 1, got {round_to!r}.")
   policy = SELECTIONS[name]
   given = {'ratio': ratio, 'target_macs': target_macs, 'preset': preset}
   extra = [k for k, v in given.items() if v is not None and k != policy.needs]
@@ -487,6 +497,10 @@ def select(name: str, structure: Structure, scores: Scores, *, ratio: float | No
   live = _check_live(structure, current)
   keep = policy.fn(structure, scores, live, **{policy.needs: argument},
                    min_channels=min_channels, flops_penalty=float(flops_penalty))
+  if round_to > 1:
+    keep = {g: _keep_top(scores[g], live[g], min(int(live[g].sum()),
+                                                 -(-int(keep[g].sum()) // int(round_to)) * int(round_to)))
+            for g in structure.prunable}
   return {g: keep[g].astype(np.float32) for g in structure.prunable}
 
 

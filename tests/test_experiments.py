@@ -90,3 +90,33 @@ def test_report_rebuilds_identical_tables_from_results_alone(tmp_path):
   assert verdict[1:] == ['0.70,scratch,taylor,taylor,0.0950,0.0100',
                          '0.30,scratch,taylor,taylor,0.0950,0.0100']
   assert str(tmp_path) not in (first / 'random_vs_criterion.md').read_text()
+
+
+def _rethinking_snapshot(root, seed, regime, acc):
+  workdir = root / 'rethinking' / 'l1' / f's{seed}'
+  workdir.mkdir(parents=True, exist_ok=True)
+  snap = {'experiment': 'rethinking', 'run': f'l1/s{seed}/{regime}', 'run_wall_time_s': 30.0,
+          'labels': {'method': 'l1', 'preset': 'resnet8 0.5', 'seed': seed, 'regime': regime},
+          'config': {'model': 'resnet8', 'seed': seed},
+          'rows': [{'stage': 'baseline', 'test_accuracy': 0.60 + 0.02 * seed, 'macs': 1000,
+                    'params': 100, 'epochs': 8},
+                   {'stage': 'pruned', 'test_accuracy': 0.1, 'macs': 600, 'params': 40,
+                    'epochs': 0},
+                   {'stage': regime, 'test_accuracy': acc, 'macs': 600, 'params': 40,
+                    'epochs': 8}]}
+  (workdir / f'results_{regime}.json').write_text(json.dumps(snap))
+
+
+def test_rethinking_table_has_one_column_per_regime(tmp_path):
+  root = tmp_path / 'root'
+  for seed in range(3):
+    for regime, acc in (('finetune', 0.50), ('scratch', 0.55), ('scratch_b', 0.58),
+                        ('lottery', 0.56)):
+      _rethinking_snapshot(root, seed, regime, acc + 0.01 * seed)
+  report.build(str(root), str(tmp_path / 'out'))
+  text = (tmp_path / 'out' / 'rethinking.md').read_text()
+  assert '12 runs; their wall times, as recorded in the snapshots, sum to 6.0 min' in text
+  row = next(line for line in text.splitlines() if line.startswith('| l1 | resnet8 0.5 | 3 |'))
+  # unpruned, MACs kept, params kept, then fine-tuned, scratch-E, scratch-B, lottery.
+  assert row == ('| l1 | resnet8 0.5 | 3 | 62.00 ± 2.00 | 60.0 | 40.0 | 51.00 ± 1.00 | '
+                 '56.00 ± 1.00 | 59.00 ± 1.00 | 57.00 ± 1.00 |')

@@ -51,6 +51,20 @@ def widths_only(name):
 # --- layer / global / slimming ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize('name,arg', [('layer', {'ratio': 0.3}), ('macs', {'target_macs': 0.4}),
+                                      ('global', {'ratio': 0.6})])
+def test_round_to_rounds_kept_channels_up_keeping_the_next_highest_scores(tiny, name, arg):
+  scores = random_scores(tiny, seed=3)
+  exact = sel.select(name, tiny, scores, **arg)
+  rounded = sel.select(name, tiny, scores, round_to=4, **arg)
+  for g in tiny.prunable:
+    k = int(exact[g].sum())
+    assert int(rounded[g].sum()) == min(tiny.widths[g], -(-k // 4) * 4), g
+    assert np.all(rounded[g] >= exact[g])   # a superset: only the next-best are added
+    if 0 < rounded[g].sum() < tiny.widths[g]:
+      assert scores[g][rounded[g] == 1].min() > scores[g][rounded[g] == 0].max()
+
+
 def test_layer_keeps_int_c_times_one_minus_ratio_highest_scores(tiny):
   scores = random_scores(tiny)
   masks = sel.select('layer', tiny, scores, ratio=0.3)
@@ -330,6 +344,7 @@ def test_global_ratio_beyond_the_min_channels_floor_is_a_config_error(tiny):
     ('preset', {}, 'needs a preset'),
     ('macs', {'target_macs': 1.5}, r'outside \(0, 1\]'),
     ('layer', {'ratio': 0.5, 'min_channels': 0}, 'at least 1'),
+    ('layer', {'ratio': 0.5, 'round_to': 0}, 'round_to must be an integer of at least 1, got 0'),
 ])
 def test_misused_arguments_are_config_errors(tiny, name, kwargs, message):
   with pytest.raises(ConfigError, match=message):
