@@ -61,6 +61,9 @@ flags.DEFINE_float('bn_l1', 0.0, "Network slimming's L1 sparsity on BN scales fo
 flags.DEFINE_integer('finetune_epochs', 40, 'Epochs of the finetune regime.')
 flags.DEFINE_float('finetune_lr', 1e-3, 'Constant learning rate of fine-tuning.')
 flags.DEFINE_float('scratch_b_cap', None, 'Cap scratch_b at this multiple of --epochs.')
+flags.DEFINE_string('precision', 'float32', 'Compute dtype of every training and evaluation '
+                    f'step: {_names(train.PRECISIONS)} (parameters, their updates and the '
+                    'optimizer state stay float32; bfloat16 is meant for GPUs and TPUs).')
 flags.DEFINE_integer('seed', 0, 'Seed of init, data order and random choices.')
 flags.DEFINE_integer('seeds', 1, 'Train this many independent copies (seeds --seed, --seed+1, '
                      '...) in WORKDIR/seed<N> and report mean ± std.')
@@ -82,7 +85,7 @@ def config_from_flags() -> pipeline.Config:
       epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, lr=FLAGS.lr,
       lr_schedule=FLAGS.lr_schedule, weight_decay=FLAGS.weight_decay, bn_l1=FLAGS.bn_l1,
       finetune_epochs=FLAGS.finetune_epochs, finetune_lr=FLAGS.finetune_lr,
-      scratch_b_cap=FLAGS.scratch_b_cap, seed=FLAGS.seed)
+      scratch_b_cap=FLAGS.scratch_b_cap, precision=FLAGS.precision, seed=FLAGS.seed)
 
 
 def main(argv):

@@ -64,6 +64,7 @@ class Config:
   finetune_epochs: int = 40
   finetune_lr: float = 1e-3
   scratch_b_cap: float | None = None
+  precision: str = 'float32'
   seed: int = 0
   baseline_dir: str | None = None
 
@@ -73,7 +74,7 @@ class Config:
 
 
 _BASELINE_KEYS = ('model', 'dataset', 'data_path', 'max_train', 'epochs', 'batch_size', 'lr',
-                  'lr_schedule', 'weight_decay', 'bn_l1', 'seed')
+                  'lr_schedule', 'weight_decay', 'bn_l1', 'precision', 'seed')
 _PRUNE_KEYS = ('criterion', 'selection', 'prune_ratio', 'target_macs', 'preset', 'min_channels',
                'flops_penalty', 'schedule', 'prune_batches', 'prune_every', 'prune_step')
 _REGIME_KEYS = {'finetune': ('finetune_epochs', 'finetune_lr'), 'scratch_b': ('scratch_b_cap',)}
@@ -92,6 +93,7 @@ def validate(config: Config) -> None:
   choose('schedule', config.schedule, SCHEDULES)
   choose('regime', config.regime, REGIME_CHOICES)
   choose('learning-rate schedule', config.lr_schedule, train.SCHEDULES)
+  choose('precision', config.precision, train.PRECISIONS)
   needs = select.SELECTIONS[config.selection].needs
   given = {'ratio': config.prune_ratio, 'target_macs': config.target_macs, 'preset': config.preset}
   flag = {'ratio': '--prune_ratio', 'target_macs': '--target_macs', 'preset': '--preset'}
@@ -184,7 +186,7 @@ def _baseline(config: Config, dataset, arrays, stage: epath.Path):
     checkpoint.save_variables(init_path, init)
   variables, result = train.fit(model, init, arrays, dataset.spec, epochs=config.epochs,
                                 batch_size=config.batch_size, optimizer=_optimizer(config),
-                                stage_dir=stage, seed=config.seed)
+                                stage_dir=stage, seed=config.seed, precision=config.precision)
   return model, init, variables, result
 
 
@@ -257,7 +259,8 @@ def _iterative_masks(config, model, structure, variables, dataset, arrays, stage
       optimizer=train.OptimizerConfig(learning_rate=config.finetune_lr, schedule='constant',
                                       weight_decay=config.weight_decay),
       stage_dir=stage / 'finetune', seed=config.seed, masks=masks, structure=structure,
-      step_hook=hook, hook_state=hook_state, callbacks=(save_masks,))
+      step_hook=hook, hook_state=hook_state, callbacks=(save_masks,),
+      precision=config.precision)
   masks = {g: np.asarray(m, np.float32) for g, m in json.loads(masks_path.read_text()).items()}
   if config.target_macs is not None:
     scores = criteria.score(config.criterion, model, finetuned,
@@ -363,7 +366,8 @@ def run(config: Config) -> dict:
     regime_model = models.build(config.model, dataset.num_classes, plan.widths)
     _, result = train.fit(regime_model, plan.variables, arrays, dataset.spec,
                           epochs=plan.epochs, batch_size=config.batch_size,
-                          optimizer=plan.optimizer, stage_dir=stage, seed=config.seed)
+                          optimizer=plan.optimizer, stage_dir=stage, seed=config.seed,
+                          precision=config.precision)
     cost = flops.count(structure, plan.widths)
     rows.append({'stage': regime, 'test_accuracy': result['test_accuracy'], 'macs': cost.macs,
                  'params': cost.params, 'epochs': plan.epochs,

@@ -57,6 +57,7 @@ def _bad_npz(path, **overrides):
     (['--criterion=magic'], "unknown criterion 'magic'"),
     (['--model=resnet7'], "unknown model 'resnet7'"),
     (['--regime=forever'], "unknown regime 'forever'"),
+    (['--precision=float16'], "unknown precision 'float16'; choose one of: bfloat16, float32."),
     (['--prune_ratio=1.5'], 'prune_ratio must be in [0, 1), got 1.5'),
     (['--selection=preset', '--preset=resnet56_a'], "preset 'resnet56_a' is for resnet56"),
     (['--model=vgg16'], 'needs images of at least 16x16 pixels, got 8x8'),

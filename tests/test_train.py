@@ -239,6 +239,53 @@ def test_train_step_is_sgd_with_momentum_and_the_schedule():
     np.testing.assert_allclose(momentum[key], buffer, rtol=1e-5, atol=1e-6, err_msg=str(key))
 
 
+def test_bfloat16_step_keeps_parameters_optimizer_state_and_statistics_float32():
+  model, struct, variables = tiny()
+  trainer = train.Trainer(model, sgd(bn_l1=1e-3), struct, precision='bfloat16')
+  state = trainer.init_state(variables, seed=0)
+  state, metrics = trainer.train_step(state, trainer.shard_batch(fixed_batch()),
+                                      prune_masks(struct, 0), lr(0.1))
+  leaves = jax.tree.leaves((state.params, state.opt_state, state.batch_stats))
+  assert leaves and {leaf.dtype for leaf in leaves} == {jnp.dtype(jnp.float32)}
+  assert metrics['loss'].dtype == jnp.float32
+  # The next step takes that state as it is: same input types, no second compile.
+  trainer.train_step(state, trainer.shard_batch(fixed_batch()), prune_masks(struct, 1), lr(0.1))
+  assert trainer.train_step._cache_size() == 1
+
+
+def test_bfloat16_loss_is_close_to_the_float32_loss():
+  model, struct, variables = tiny()
+  losses = {}
+  for precision in train.PRECISIONS:
+    trainer = train.Trainer(model, sgd(), struct, precision=precision)
+    state = trainer.init_state(variables, seed=0)
+    batch = trainer.shard_batch(fixed_batch())
+    evaluated = jax.device_get(trainer.eval_step(state, batch, None))
+    losses[precision + ' eval'] = float(evaluated['loss_sum'] / evaluated['count'])
+    _, metrics = trainer.train_step(state, batch, None, lr(0.1))  # donates the state
+    losses[precision] = float(metrics['loss'])
+  # bfloat16 keeps 8 bits of mantissa; measured: 1.6430 (float32) vs 1.6436.
+  assert losses['bfloat16'] == pytest.approx(losses['float32'], rel=0.02)
+  assert losses['bfloat16 eval'] == pytest.approx(losses['float32 eval'], rel=0.02)
+
+
+def test_bfloat16_fit_learns_digits(tmp_path):
+  ds = data.load('digits')
+  model = models.build('tiny', num_classes=ds.num_classes)
+  _, result = train.fit(model, numpy_variables(model, ds.image_shape), data.device_put_dataset(ds),
+                        ds.spec, epochs=10, batch_size=64, stage_dir=tmp_path,
+                        optimizer=train.OptimizerConfig(learning_rate=0.1, schedule='cosine'),
+                        precision='bfloat16')
+  # Chance is 0.1; measured 0.81 (float32: 0.80).
+  assert result['test_accuracy'] > 0.5
+
+
+def test_unknown_precision_is_a_config_error():
+  model, struct, _ = tiny()
+  with pytest.raises(ConfigError, match="unknown precision 'float16'"):
+    train.Trainer(model, sgd(), struct, precision='float16')
+
+
 def test_bn_l1_adds_s_sign_gamma_to_bn_scales_only():
   _, _, variables = tiny()
   rng = np.random.default_rng(0)
