@@ -176,6 +176,11 @@ class PreemptionGuard:
       self._installed = False
     return False
 
+  @property
+  def signalled(self) -> bool:
+    """Whether this process received SIGTERM while the guard was up."""
+    return self._flag
+
   def reached(self, step: int) -> bool:
     """Whether to save and stop now; call with consecutive step numbers on every process."""
     if jax.process_count() > 1:

@@ -647,4 +647,9 @@ def fit(model: nn.Module, variables: Mapping, arrays: Mapping, spec: data.DataSp
   }
   checkpoint.save_variables(stage / checkpoint.FINAL, state.variables)
   checkpoint.mark_done(stage, result)
+  if guard.signalled:
+    # SIGTERM during the last step: the stage is finished and saved, but the process must
+    # still stop rather than start the next stage.
+    logging.warning('Preempted after the last step; %s is finished.', stage)
+    raise checkpoint.Preempted(total_steps)
   return state.variables, result

@@ -106,6 +106,15 @@ def test_fit_resumed_after_preemption_matches_uninterrupted_fit(tmp_path, uninte
   assert_same_run(tmp_path, variables, result, *uninterrupted)
 
 
+def test_sigterm_in_the_last_step_finishes_the_stage_then_stops(tmp_path, uninterrupted):
+  with pytest.raises(checkpoint.Preempted) as preempted:
+    run_fit(tmp_path, step_hook=crash_at(EPOCHS * 8, lambda: os.kill(os.getpid(), signal.SIGTERM)))
+  assert preempted.value.code == 0 and preempted.value.step == EPOCHS * 8
+  assert checkpoint.is_done(tmp_path)
+  variables, result = run_fit(tmp_path)   # Done: loaded, not trained again.
+  assert_same_run(tmp_path, variables, result, *uninterrupted)
+
+
 def test_finished_stage_is_skipped_on_rerun(uninterrupted):
   stage, expected_variables, expected_result = uninterrupted
   written = (stage / checkpoint.RESULT).stat().st_mtime_ns
