@@ -7,7 +7,10 @@ ResNet-56-A/B presets and global MACs targets, 50% among them), with l1 scores o
 initial weights: select -> shrink -> build the model at the new widths, and time
 `jax.jit(model.apply)` in eval mode (batch 128, float32, 32x32 inputs). The full model and
 every shrunk one are timed round-robin (one call of each per repetition) so that they see
-the same background load; the table gives medians. Compile time is excluded.
+the same background load; the table gives medians. Compile time is excluded. Each
+level is timed twice: at the exact selected widths, and with every group's width
+rounded up to a multiple of 8 (`select(..., round_to=8)`), since XLA's CPU
+convolutions run channel counts such as 15 or 63 slower than 16 or 64.
 
 Columns: macs_ratio = shrunk / full MACs (jaxprune.flops), latency_ratio = shrunk / full
 median latency, and ok = latency_ratio <= 1.1 x macs_ratio (shrinking delivers, within 10%,
@@ -30,6 +33,9 @@ flags.DEFINE_integer('reps', 7, 'Timed round-robin repetitions.')
 flags.DEFINE_list('vgg_targets', ['0.5', '0.25'], 'Global MACs targets for VGG-16.')
 flags.DEFINE_list('resnet_targets', ['0.75', '0.5', '0.25'], 'Global MACs targets for ResNet-56.')
 flags.DEFINE_list('models', ['vgg16', 'resnet56'], 'Models.')
+flags.DEFINE_list('round_to', ['1', '8'],
+                  'Also time every pruning level with widths rounded up to these multiples '
+                  '(select round_to; 1 = exact widths).')
 flags.DEFINE_string('out', None, 'Write the table as JSON here.')
 
 PRESETS = {'vgg16': ['vgg16_a'], 'resnet56': ['resnet56_a', 'resnet56_b']}
@@ -57,10 +63,12 @@ def main(argv):
 
     candidates = [('full', model, variables, 1.0)]
     for label, kwargs, policy in levels:
-      masks = select.select(policy, struct, scores, **kwargs)
-      widths, small_vars, _ = shrink.shrink(struct, variables, masks)
-      small = models.build(name, widths=widths)
-      candidates.append((label, small, small_vars, flops.count(struct, widths).macs / full.macs))
+      for multiple in (int(r) for r in FLAGS.round_to):
+        masks = select.select(policy, struct, scores, round_to=multiple, **kwargs)
+        widths, small_vars, _ = shrink.shrink(struct, variables, masks)
+        small = models.build(name, widths=widths)
+        tag = f'{label}, x{multiple} widths' if multiple > 1 else label
+        candidates.append((tag, small, small_vars, flops.count(struct, widths).macs / full.macs))
 
     fns = []
     for label, m, v, macs_ratio in candidates:
