@@ -29,7 +29,8 @@ flags.DEFINE_string('dataset', 'digits', f'Dataset: {_names(data.DATASETS)}. dig
 flags.DEFINE_string('data_path', None, 'The .npz file for --dataset=npz (keys train_images, '
                     'train_labels, test_images, test_labels; uint8 NHWC).')
 flags.DEFINE_string('data_dir', None, 'TFDS data directory holding a prepared cifar10/cifar100.')
-flags.DEFINE_integer('max_train', None, 'Use only the first N training images.')
+flags.DEFINE_integer('max_train', None, 'Train on a fixed random subset of N training '
+                     'images (the same N images for every seed).')
 flags.DEFINE_string('criterion', 'taylor', f'Importance criterion: {_names(criteria.CRITERIA)}.')
 flags.DEFINE_string('selection', 'global_l2', 'Selection policy: ' + '; '.join(
     f'{k} (needs --{pipeline.Config(workdir="", selection=k).target_name()})'
@@ -40,6 +41,9 @@ flags.DEFINE_float('target_macs', None, 'Fraction of the MACs to keep, in (0, 1]
                    '(macs, macs_l2).')
 flags.DEFINE_string('preset', None, f'Li et al. preset: {_names(select.PRESETS)}.')
 flags.DEFINE_integer('min_channels', 1, 'Channels every group keeps at least.')
+flags.DEFINE_integer('round_to', 1, 'Round every group\'s kept channels up to a multiple of '
+                     'this (one-shot; e.g. 8: widths that run faster, MACs slightly above '
+                     'the target).')
 flags.DEFINE_float('flops_penalty', 0.0, 'FLOPs-aware penalty lambda for the global policies '
                    '(1e-3 in Molchanov et al.).')
 flags.DEFINE_enum('schedule', 'oneshot', list(pipeline.SCHEDULES),
@@ -79,7 +83,7 @@ def config_from_flags() -> pipeline.Config:
       dataset=FLAGS.dataset, data_path=FLAGS.data_path, data_dir=FLAGS.data_dir,
       max_train=FLAGS.max_train, criterion=FLAGS.criterion, selection=FLAGS.selection,
       prune_ratio=ratio, target_macs=FLAGS.target_macs, preset=FLAGS.preset,
-      min_channels=FLAGS.min_channels, flops_penalty=FLAGS.flops_penalty,
+      min_channels=FLAGS.min_channels, round_to=FLAGS.round_to, flops_penalty=FLAGS.flops_penalty,
       schedule=FLAGS.schedule, prune_batches=FLAGS.prune_batches,
       prune_every=FLAGS.prune_every, prune_step=FLAGS.prune_step, regime=FLAGS.regime,
       epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, lr=FLAGS.lr,

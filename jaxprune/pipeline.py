@@ -49,6 +49,7 @@ class Config:
   target_macs: float | None = None
   preset: str | None = None
   min_channels: int = 1
+  round_to: int = 1
   flops_penalty: float = 0.0
   schedule: str = 'oneshot'
   prune_batches: int = 8
@@ -76,7 +77,7 @@ class Config:
 _BASELINE_KEYS = ('model', 'dataset', 'data_path', 'max_train', 'epochs', 'batch_size', 'lr',
                   'lr_schedule', 'weight_decay', 'bn_l1', 'precision', 'seed')
 _PRUNE_KEYS = ('criterion', 'selection', 'prune_ratio', 'target_macs', 'preset', 'min_channels',
-               'flops_penalty', 'schedule', 'prune_batches', 'prune_every', 'prune_step')
+               'round_to', 'flops_penalty', 'schedule', 'prune_batches', 'prune_every', 'prune_step')
 _REGIME_KEYS = {'finetune': ('finetune_epochs', 'finetune_lr'), 'scratch_b': ('scratch_b_cap',)}
 
 
@@ -113,11 +114,14 @@ def validate(config: Config) -> None:
     if config.model not in family:
       raise ConfigError(f"preset {config.preset!r} is for {' or '.join(family)}, not for "
                         f"{config.model}.")
+  if config.schedule == 'iterative' and config.round_to != 1:
+    raise ConfigError(f"--round_to={config.round_to} rounds a one-shot selection's widths; "
+                      "use it with --schedule=oneshot.")
   if config.schedule == 'iterative' and needs == 'preset':
     raise ConfigError("--schedule=iterative removes channels globally and cannot follow a "
                       "per-layer --preset; use --schedule=oneshot.")
   for name in ('epochs', 'batch_size', 'finetune_epochs', 'prune_batches', 'prune_every',
-               'prune_step', 'min_channels'):
+               'prune_step', 'min_channels', 'round_to'):
     if getattr(config, name) < 1:
       raise ConfigError(f"--{name} must be at least 1, got {getattr(config, name)}.")
   for name in ('lr', 'finetune_lr'):
@@ -295,7 +299,8 @@ def _prune(config: Config, model, variables, dataset, arrays, stage: epath.Path)
                             structure=structure)
     masks = select.select(config.selection, structure, scores, ratio=config.prune_ratio,
                           target_macs=config.target_macs, preset=config.preset,
-                          min_channels=config.min_channels, flops_penalty=config.flops_penalty)
+                          min_channels=config.min_channels, flops_penalty=config.flops_penalty,
+                          round_to=config.round_to)
     source = variables
   else:
     masks, source, scores = _iterative_masks(config, model, structure, variables, dataset,

@@ -59,6 +59,8 @@ def _bad_npz(path, **overrides):
     (['--regime=forever'], "unknown regime 'forever'"),
     (['--precision=float16'], "unknown precision 'float16'; choose one of: bfloat16, float32."),
     (['--prune_ratio=1.5'], 'prune_ratio must be in [0, 1), got 1.5'),
+    (['--round_to=0'], '--round_to must be at least 1, got 0.'),
+    (['--round_to=8', '--schedule=iterative'], "--round_to=8 rounds a one-shot selection's widths"),
     (['--selection=preset', '--preset=resnet56_a'], "preset 'resnet56_a' is for resnet56"),
     (['--model=vgg16'], 'needs images of at least 16x16 pixels, got 8x8'),
     (['--dataset=npz', 'NPZ_MISSING'], 'test_labels'),
@@ -86,6 +88,16 @@ def test_a_workdir_from_another_configuration_is_refused_untouched(tmp_path):
   assert run.returncode != 0 and 'Traceback' not in run.stderr
   assert 'was made with seed=0, not 1' in run.stderr.strip().splitlines()[-1]
   assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob('*') if p.is_file()} == before
+
+
+def test_round_to_gives_widths_in_multiples(tmp_path):
+  run = launch(*QUICK, '--selection=global', '--prune_ratio=0.4', '--round_to=4',
+               '--regime=finetune', workdir=tmp_path)
+  assert run.returncode == 0, run.stderr[-2000:]
+  record = json.loads((tmp_path / 'prune' / 'record.json').read_text())
+  for group, width in record['widths'].items():
+    assert width % 4 == 0 or width == record['widths_before'][group], (group, width)
+  assert record['widths'] != record['widths_before']
 
 
 def test_scratch_b_epochs_scale_with_the_macs_ratio_and_respect_the_cap():
