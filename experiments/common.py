@@ -218,6 +218,15 @@ def main(experiment: str, plan: Callable, argv=None,
   if extra_flags:
     extra_flags(parser)
   args = parser.parse_args(argv)
+  from jaxprune.errors import ConfigError
+  try:
+    return _plan_and_execute(experiment, plan, args)
+  except ConfigError as error:
+    # One sentence, no traceback; every finished run's snapshot is already on disk.
+    sys.exit(f'error: {error}')
+
+
+def _plan_and_execute(experiment: str, plan: Callable, args) -> list:
   runs = plan(args)
   names = [r.name for r in runs]
   if len(set(names)) != len(names):

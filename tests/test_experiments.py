@@ -27,6 +27,14 @@ def test_dry_run_prints_planned_runs_and_runs_nothing(name, scale, tmp_path, cap
   assert not any(p.name != 'baselines' for p in tmp_path.iterdir())  # nothing trained or written
 
 
+def test_a_bad_value_stops_with_one_sentence(tmp_path):
+  module = importlib.import_module('experiments.random_vs_criterion')
+  with pytest.raises(SystemExit) as stopped:
+    common.main(module.EXPERIMENT, module.plan, extra_flags=module.extra_flags,
+                argv=[f'--root={tmp_path}', '--budgets=1.5', '--dry_run'])
+  assert stopped.value.code == 'error: --target_macs must be a fraction of the MACs in (0, 1], got 1.5.'
+
+
 def test_criteria_vs_oracle_dry_run_prints_one_line_per_seed(tmp_path, capsys):
   from experiments import criteria_vs_oracle
   planned = criteria_vs_oracle.main([f'--root={tmp_path}', '--dry_run', '--seeds=0,1,2'])
