@@ -1,0 +1,102 @@
+r"""What `--seeds=N` saves: one launch.py process training N seeds against N separate runs.
+
+    python experiments/bench/seeds.py --out=/tmp/seeds.json
+
+Runs the same small job (baseline -> --criterion scores -> --selection -> one --regime) on
+the CIFAR-10 sample npz, as users run it, each command a fresh `python launch.py` process
+in a temporary work directory:
+  separate   --seeds times `launch.py --seed=i` (i = 0 .. seeds - 1), one after another;
+  --seeds    one `launch.py --seeds=N` (`pipeline.run_seeds`: the copies share one
+             process, its compiled steps and its loaded dataset).
+Wall seconds are measured around the processes, so the separate runs pay their start-up
+(Python, imports, loading the npz) and their compilations N times, as they do in use.
+Train-step compilations are counted from JAX's compile log (JAX_LOG_COMPILES=1, set for
+both): `Compiling sharded_train_step` lines in each process's stderr. The per-seed test
+accuracies of both ways are compared too: run_seeds promises copy i is run i.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from absl import app, flags  # noqa: E402
+
+import common  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer('seeds', 5, 'Seeds: the --seeds=N run against N separate runs.')
+flags.DEFINE_string('model', 'resnet20', 'Model.')
+flags.DEFINE_integer('epochs', 1, 'Baseline (and scratch) epochs.')
+flags.DEFINE_integer('max_train', 256, 'Training images used (of the sample\'s 10000).')
+flags.DEFINE_integer('batch_size', 128, 'Batch size (training and evaluation).')
+flags.DEFINE_string('criterion', 'l1', 'Criterion (l1: data-free, so scoring costs little).')
+flags.DEFINE_string('selection', 'global_l2', 'Selection policy (launch.py\'s default).')
+flags.DEFINE_string('regime', 'scratch', 'Retraining regime.')
+flags.DEFINE_string('data_path', '/work/shared/data/cifar10_sample.npz',
+                    'The CIFAR-10 sample (.npz: 10000 training, 2000 test images).')
+flags.DEFINE_string('out', None, 'Write the table as JSON here.')
+
+STEP = 'sharded_train_step'
+
+
+def launch(workdir: str, *extra: str) -> dict:
+  """Runs launch.py once; its wall seconds, train-step compiles and per-seed accuracies."""
+  args = [sys.executable, os.path.join(ROOT, 'launch.py'), f'--workdir={workdir}',
+          f'--model={FLAGS.model}', '--dataset=npz', f'--data_path={FLAGS.data_path}',
+          f'--max_train={FLAGS.max_train}', f'--epochs={FLAGS.epochs}',
+          f'--batch_size={FLAGS.batch_size}', f'--criterion={FLAGS.criterion}',
+          f'--selection={FLAGS.selection}', f'--regime={FLAGS.regime}', *extra]
+  env = dict(os.environ, JAX_LOG_COMPILES='1')
+  start = time.perf_counter()
+  proc = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=3600)
+  wall = time.perf_counter() - start
+  if proc.returncode != 0:
+    raise RuntimeError(f'launch.py {extra} failed:\n{proc.stderr[-4000:]}')
+  compiles = sum(1 for line in proc.stderr.splitlines() if 'Compiling' in line and STEP in line)
+  with open(os.path.join(workdir, 'results.json')) as f:
+    results = json.load(f)
+  per_seed = results.get('per_seed', [results])
+  accuracies = [[row['test_accuracy'] for row in r['rows']] for r in per_seed]
+  return {'wall_s': wall, 'train_step_compiles': compiles, 'accuracies': accuracies}
+
+
+def main(argv):
+  del argv
+  import jax
+  load_before = os.getloadavg()
+  with tempfile.TemporaryDirectory() as tmp:
+    separate = [launch(os.path.join(tmp, f'separate{seed}'), f'--seed={seed}')
+                for seed in range(FLAGS.seeds)]
+    together = launch(os.path.join(tmp, 'together'), f'--seeds={FLAGS.seeds}')
+  separate_s = sum(r['wall_s'] for r in separate)
+  row = {
+      'model': FLAGS.model, 'epochs': FLAGS.epochs, 'max_train': FLAGS.max_train,
+      'seeds': FLAGS.seeds, 'separate_s': separate_s, 'seeds_s': together['wall_s'],
+      'ratio': separate_s / together['wall_s'],
+      'train_step_compiles': together['train_step_compiles'],
+      'separate_train_step_compiles': sum(r['train_step_compiles'] for r in separate),
+      'same_accuracies': [a for r in separate for a in r['accuracies']] == together['accuracies'],
+  }
+  each = ', '.join(format(r['wall_s'], '.1f') for r in separate)
+  print()
+  print(f"launch.py on the CIFAR-10 sample ({FLAGS.criterion}, {FLAGS.selection}, "
+        f"{FLAGS.regime}, batch {FLAGS.batch_size}), backend {jax.default_backend()}; "
+        f"separate runs: {each} s")
+  print(common.format_table([row], list(row)))
+  common.write_json(FLAGS.out, {'machine': common.machine(), 'load_average_before': load_before,
+                                'row': row,
+                                'separate_wall_s': [r['wall_s'] for r in separate],
+                                'separate_train_step_compiles': [r['train_step_compiles']
+                                                                 for r in separate],
+                                'accuracies': together['accuracies']})
+
+
+if __name__ == '__main__':
+  app.run(main)
