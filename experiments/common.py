@@ -31,12 +31,12 @@ DEFAULT_DATA_PATH = '/work/shared/data/cifar10_sample.npz'
 FULL = dict(dataset='cifar10', epochs=160, batch_size=64, lr=0.1, weight_decay=1e-4,
             finetune_epochs=40, finetune_lr=1e-3)
 FULL_SEEDS = (0, 1, 2, 3, 4)
-# A 2-core CPU budget: a fixed random 2,000-image subset of the 10,000-image sample (about
-# 200 per class), 8 epochs, three seeds; every experiment's mini model is resnet8 unless
-# it needs another family, so most experiments share their baselines. scratch_b is capped
-# at 2x the epochs (16): uncapped, 30% of the MACs would train 26 epochs, evaluating each.
-MINI = dict(dataset='npz', epochs=8, batch_size=64, lr=0.1, weight_decay=1e-4,
-            finetune_epochs=3, finetune_lr=1e-3, max_train=2000, scratch_b_cap=2.0)
+# A 2-core CPU budget: a fixed random 1,000-image subset of the 10,000-image sample (about
+# 100 per class), batch 32, 8 epochs (248 steps), three seeds; every experiment's mini model
+# is resnet8 unless it needs another family, so most experiments share their baselines.
+# scratch_b is capped at 2x the epochs: uncapped, 30% of the MACs would train 26 epochs.
+MINI = dict(dataset='npz', epochs=8, batch_size=32, lr=0.1, weight_decay=1e-4,
+            finetune_epochs=3, finetune_lr=1e-3, max_train=1000, scratch_b_cap=2.0)
 MINI_SEEDS = (0, 1, 2)
 
 

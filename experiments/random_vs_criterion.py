@@ -12,7 +12,7 @@ per budget and regime, whether any criterion's accuracy beats random's by more
 than the seed spread (see `experiments.report.beats_random`).
 
 mini: resnet8 (the shallowest ResNet of [R]'s CIFAR family) on a fixed random
-2,000-image subset of the CIFAR-10 sample, 8 epochs, 3 seeds (override with
+1,000-image subset of the CIFAR-10 sample, batch 32, 8 epochs, 3 seeds (override with
 --model, --epochs, --max_train, --criteria, --budgets, --regimes, --seeds). full: VGG-16 on CIFAR-10, 160 epochs, batch 64, lr 0.1,
 fine-tune 40 epochs at 1e-3, 5 seeds.
 """
