@@ -187,8 +187,8 @@ def random_vs_criterion(snaps, out, write):
     base[(s['config']['baseline_dir'] or s['_dir'], _seed(s))] = _baseline(s)['test_accuracy']
   model = sorted({s['config']['model'] for s in snaps})
   text = [f'# random_vs_criterion\n',
-          f"Model(s): {', '.join(model)}; {len(snaps)} runs; unpruned baselines: "
-          f"{pm(base.values())} % over {len(base)} seeds.\n",
+          f"Model(s): {', '.join(model)}; unpruned baselines: {pm(base.values())} % over "
+          f"{len(base)} seeds. {wall_time_line(snaps)}\n",
           'Does any criterion beat random by more than the seed spread (the larger of the two '
           'sample stds over seeds)?\n',
           markdown(['budget (MACs kept)', 'regime', 'criteria that beat random', 'best criterion',
@@ -241,7 +241,9 @@ def generic(name, snaps, write, label_keys, intro: str = ''):
   for key in sorted(groups):
     group = groups[key]
     accs = [_last(s)['test_accuracy'] for s in group]
-    pruned = [_row(s, 'pruned')['test_accuracy'] for s in group]
+    # A reduced network is not the pruned one; its row leaves the pruned accuracy out.
+    pruned = [_row(s, 'pruned')['test_accuracy'] for s in group
+              if s['labels'].get('regime') != 'reduced']
     base = [_baseline(s)['test_accuracy'] for s in group]
     macs = np.mean([_last(s)['macs'] for s in group])
     params = np.mean([_last(s)['params'] for s in group])
