@@ -189,6 +189,7 @@ def random_vs_criterion(snaps, out, write):
   text = [f'# random_vs_criterion\n',
           f"Model(s): {', '.join(model)}; unpruned baselines: {pm(base.values())} % over "
           f"{len(base)} seeds. {wall_time_line(snaps)}\n",
+          stand_in_line('random_vs_criterion', snaps).rstrip('\n') + '\n',
           'Does any criterion beat random by more than the seed spread (the larger of the two '
           'sample stds over seeds)?\n',
           markdown(['budget (MACs kept)', 'regime', 'criteria that beat random', 'best criterion',
@@ -255,9 +256,21 @@ def generic(name, snaps, write, label_keys, intro: str = ''):
     csv_rows.append(list(key) + [models, len(group), num(mean), num(std),
                                  num(mean_std(pruned)[0]), num(mean_std(base)[0]),
                                  f'{macs:.1f}', f'{params:.1f}', f'{epochs:.2f}'])
-  write(f'{name}.md', f'# {name}\n\n{wall_time_line(snaps)}\n\n{intro}' +
-        markdown(header, md_rows))
+  write(f'{name}.md', f'# {name}\n\n{wall_time_line(snaps)}\n\n{stand_in_line(name, snaps)}'
+        f'{intro}' + markdown(header, md_rows))
   write(f'{name}.csv', csv_text(csv_header, csv_rows))
+
+
+def stand_in_line(experiment: str, snaps) -> str:
+  """Names the full-scale model a smaller one stands in for (empty when they are the same)."""
+  import importlib
+  defaults = getattr(importlib.import_module(f'experiments.{experiment}'), 'DEFAULTS', {})
+  full = defaults.get('full', {}).get('model')
+  used = sorted({s['config']['model'] for s in snaps})
+  if full is None or used == [full]:
+    return ''
+  return (f"{', '.join(used)} stands in for {full}, the model of `--scale=full`; the numbers "
+          'are not the paper\'s.\n\n')
 
 
 def wall_time_line(snaps) -> str:
@@ -358,7 +371,7 @@ def criteria_vs_oracle(snaps, write):
   notes = ''.join(f'\nNot scored: {line}\n' for line in skipped)
   write('criteria_vs_oracle.md',
         f'# criteria_vs_oracle\n\nSpearman rho against the oracle, model {models}, mean ± std over '
-        'seeds.\n\n' + markdown(header, rows) + '\nPer layer:\n\n' +
+        'seeds.\n\n' + stand_in_line('criteria_vs_oracle', snaps) + markdown(header, rows) + '\nPer layer:\n\n' +
         markdown(['criterion'] + groups, layer_rows) + notes)
   write('criteria_vs_oracle.csv', csv_text(header, rows))
 
