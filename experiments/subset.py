@@ -3,10 +3,10 @@ r"""A class-balanced, seeded subset of an npz dataset (the CIFAR-10 sample is so
     python -m experiments.subset --data_path=/work/shared/data/cifar10_sample.npz \
         --per_class=200 --out=/tmp/cifar10_2k.npz
 
-`--max_train=N` keeps the *first* N training images; the sample's training split is
-ordered by label, so N=2000 would keep two classes. This writes N/10 images of every
-class (first-come within a seeded permutation) and the whole test split, outside the
-repository, for the mini experiments.
+`--max_train=N` keeps a fixed random subset of N training images, so its classes are
+only roughly balanced. This writes exactly `--per_class` images of every class
+(first-come within a seeded permutation) and the whole test split, outside the
+repository, for when exact balance matters.
 """
 
 import argparse
