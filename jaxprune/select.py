@@ -202,10 +202,10 @@ def _check_live(structure: Structure, current: Mapping | None) -> dict[str, np.n
   return live
 
 
-def _check_min_channels(min_channels) -> int:
-  if int(min_channels) != min_channels or min_channels < 1:
-    raise ConfigError(f"min_channels must be an integer of at least 1, got {min_channels!r}.")
-  return int(min_channels)
+def _check_count(name: str, value) -> int:
+  if int(value) != value or value < 1:
+    raise ConfigError(f"{name} must be an integer of at least 1, got {value!r}.")
+  return int(value)
 
 
 def _check_ratio(name: str, ratio) -> float:
@@ -478,8 +478,7 @@ def select(name: str, structure: Structure, scores: Scores, *, ratio: float | No
     {group: (C,) float32 numpy array of 0/1} for every prunable group.
   """
   choose('selection', name, SELECTIONS)
-  if int(round_to) != round_to or round_to < 1:
-    raise ConfigError(f"round_to must be an integer of at least 1, got {round_to!r}.")
+  round_to = _check_count('round_to', round_to)
   policy = SELECTIONS[name]
   given = {'ratio': ratio, 'target_macs': target_macs, 'preset': preset}
   extra = [k for k, v in given.items() if v is not None and k != policy.needs]
@@ -492,14 +491,14 @@ def select(name: str, structure: Structure, scores: Scores, *, ratio: float | No
     raise ConfigError(f"flops_penalty must be at least 0, got {flops_penalty!r}.")
   checks = {'ratio': _check_ratio, 'target_macs': _check_target, 'preset': _check_preset}
   argument = checks[policy.needs](name, given[policy.needs])
-  min_channels = _check_min_channels(min_channels)
+  min_channels = _check_count('min_channels', min_channels)
   scores = _check_scores(structure, scores)
   live = _check_live(structure, current)
   keep = policy.fn(structure, scores, live, **{policy.needs: argument},
                    min_channels=min_channels, flops_penalty=float(flops_penalty))
   if round_to > 1:
-    keep = {g: _keep_top(scores[g], live[g], min(int(live[g].sum()),
-                                                 -(-int(keep[g].sum()) // int(round_to)) * int(round_to)))
+    keep = {g: _keep_top(scores[g], live[g],
+                         min(int(live[g].sum()), -(-int(keep[g].sum()) // round_to) * round_to))
             for g in structure.prunable}
   return {g: keep[g].astype(np.float32) for g in structure.prunable}
 
@@ -522,7 +521,7 @@ def remove_lowest(structure: Structure, scores: Scores, current: Mapping | None,
     raise ConfigError(f"k must be a non-negative integer number of channels, got {k!r}.")
   if flops_penalty < 0:
     raise ConfigError(f"flops_penalty must be at least 0, got {flops_penalty!r}.")
-  min_channels = _check_min_channels(min_channels)
+  min_channels = _check_count('min_channels', min_channels)
   scores = _check_scores(structure, scores)
   live = _check_live(structure, current)
   if normalize:
