@@ -35,6 +35,12 @@ def mean_std(values) -> tuple[float, float]:
   return float(np.mean(values)), std
 
 
+def percent_bar(accuracies) -> tuple[float, float]:
+  """(mean, error bar) of accuracies in percent, for a plot; the bar is 0 for one seed."""
+  mean, std = mean_std(accuracies)
+  return 100 * mean, 0.0 if math.isnan(std) else 100 * std
+
+
 def beats_random(accuracies: dict, reference: str = 'random') -> dict:
   """For each criterion: does its mean accuracy beat random's by more than the seed spread?
 
@@ -213,10 +219,10 @@ def _plot_budgets(cells, regimes, out):
       xs, ys, es = [], [], []
       for (b, r, c), group in sorted(cells.items()):
         if r == regime and c == criterion:
-          mean, std = mean_std([_last(s)['test_accuracy'] for s in group])
           xs.append(np.mean([_last(s)['macs'] / _baseline(s)['macs'] for s in group]))
-          ys.append(100 * mean)
-          es.append(0 if math.isnan(std) else 100 * std)
+          y, e = percent_bar([_last(s)['test_accuracy'] for s in group])
+          ys.append(y)
+          es.append(e)
       order = np.argsort(xs)
       ax.errorbar(np.asarray(xs)[order], np.asarray(ys)[order], yerr=np.asarray(es)[order],
                   marker='o', capsize=3, label=criterion)
@@ -297,9 +303,7 @@ def rethinking_table(snaps) -> str:
     by_regime = defaultdict(list)
     for s in sorted(group, key=_seed):
       by_regime[s['labels']['regime']].append(_last(s)['test_accuracy'])
-    base = {}
-    for s in group:
-      base[_seed(s)] = _baseline(s)
+    base = {_seed(s): _baseline(s) for s in group}
     pruned = [_row(s, 'pruned') for s in group]
     kept = np.mean([p['macs'] / base[_seed(s)]['macs'] for p, s in zip(pruned, group)])
     params = np.mean([p['params'] / base[_seed(s)]['params'] for p, s in zip(pruned, group)])
@@ -327,14 +331,14 @@ def crowley_plot(snaps, out):
     xs, ys, es = [], [], []
     for budget in sorted(by_budget):
       group = by_budget[budget]
-      mean, std = mean_std([_last(s)['test_accuracy'] for s in group])
       xs.append(np.mean([_last(s)['params'] for s in group]))
-      ys.append(100 * mean)
-      es.append(0 if math.isnan(std) else 100 * std)
+      y, e = percent_bar([_last(s)['test_accuracy'] for s in group])
+      ys.append(y)
+      es.append(e)
     ax.errorbar(xs, ys, yerr=es, marker='o', capsize=3, label=f'{family}, {regime}')
-  mean, std = mean_std([b['test_accuracy'] for b in base.values()])
-  ax.errorbar([np.mean([b['params'] for b in base.values()])], [100 * mean],
-              yerr=[0 if math.isnan(std) else 100 * std], marker='*', markersize=10,
+  y, e = percent_bar([b['test_accuracy'] for b in base.values()])
+  ax.errorbar([np.mean([b['params'] for b in base.values()])], [y], yerr=[e], marker='*',
+              markersize=10,
               linestyle='none', color='black', label='unpruned')
   ax.set_xlabel('parameters')
   ax.set_ylabel('test accuracy (%)')
@@ -371,8 +375,8 @@ def criteria_vs_oracle(snaps, write):
   notes = ''.join(f'\nNot scored: {line}\n' for line in skipped)
   write('criteria_vs_oracle.md',
         f'# criteria_vs_oracle\n\nSpearman rho against the oracle, model {models}, mean ± std over '
-        'seeds.\n\n' + stand_in_line('criteria_vs_oracle', snaps) + markdown(header, rows) + '\nPer layer:\n\n' +
-        markdown(['criterion'] + groups, layer_rows) + notes)
+        'seeds.\n\n' + stand_in_line('criteria_vs_oracle', snaps) + markdown(header, rows) +
+        '\nPer layer:\n\n' + markdown(['criterion'] + groups, layer_rows) + notes)
   write('criteria_vs_oracle.csv', csv_text(header, rows))
 
 
