@@ -97,6 +97,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from jaxprune import compiler
 from jaxprune import structure as structure_lib
 from jaxprune.errors import ConfigError, choose
 from jaxprune.models import layers
@@ -594,9 +595,14 @@ class _ByIdentity:
     return isinstance(other, _ByIdentity) and other.obj is self.obj
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _jit_accumulate(criterion, model, state, variables, masks, batch):
+def _accumulate(criterion, model, state, variables, masks, batch):
   return criterion.accumulate(state, model.obj, variables, masks, batch)
+
+
+@functools.cache
+def _jit_accumulate() -> Callable:
+  # Jitted on first use, not at import: the compiler options depend on the backend.
+  return compiler.jit(_accumulate, static_argnums=(0, 1))
 
 
 def accumulator(criterion: Criterion, model: nn.Module) -> Callable:
@@ -605,7 +611,7 @@ def accumulator(criterion: Criterion, model: nn.Module) -> Callable:
   Compiled once per criterion, model object and input shapes; masks (always pass
   the same groups, e.g. all of them) are inputs, so new masks do not recompile.
   """
-  return functools.partial(_jit_accumulate, criterion, _ByIdentity(model))
+  return functools.partial(_jit_accumulate(), criterion, _ByIdentity(model))
 
 
 def score(name: str, model: nn.Module, variables, batches: Iterable[Mapping] | None,

@@ -26,7 +26,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from jaxprune import checkpoint, criteria, data, flops, models, regimes, select, shrink, train
+from jaxprune import checkpoint, compiler, criteria, data, flops, models, regimes, select, shrink, train
 from jaxprune import structure as structure_lib
 from jaxprune.errors import ConfigError, choose
 
@@ -157,7 +157,7 @@ def _optimizer(config: Config) -> train.OptimizerConfig:
 
 def evaluate(model, variables, dataset: data.Dataset, batch_size: int) -> float:
   """Test accuracy of `model` with `variables` (eval mode)."""
-  apply = jax.jit(model.apply)
+  apply = compiler.jit(model.apply)
   correct = 0.0
   for batch in data.eval_batches(dataset.test_images, dataset.test_labels, batch_size,
                                  dataset.spec):

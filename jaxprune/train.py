@@ -31,7 +31,7 @@ from absl import logging
 from flax import struct, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxprune import checkpoint, data
+from jaxprune import checkpoint, compiler, data
 from jaxprune import structure as structure_lib
 from jaxprune.errors import ConfigError, choose
 from jaxprune.models import widths_of
@@ -385,9 +385,9 @@ class Trainer:
       batch = jax.lax.with_sharding_constraint(batch, self.batch_sharding)
       return eval_step(state, batch, masks, model=model, precision=precision)
 
-    self.train_step = jax.jit(sharded_train_step, donate_argnums=0,
-                              out_shardings=(self.replicated, self.replicated))
-    self.eval_step = jax.jit(sharded_eval_step, out_shardings=self.replicated)
+    self.train_step = compiler.jit(sharded_train_step, donate_argnums=0,
+                                   out_shardings=(self.replicated, self.replicated))
+    self.eval_step = compiler.jit(sharded_eval_step, out_shardings=self.replicated)
     self.add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
 
   def init_state(self, variables: Mapping, seed: int) -> TrainState:

@@ -349,9 +349,9 @@ def test_new_mask_values_do_not_recompile(tiny):
   state = criterion.init(st)
   full = _full(st, masks)
   state = step(state, variables, full, batches[0])
-  compiled = criteria._jit_accumulate._cache_size()
+  compiled = criteria._jit_accumulate()._cache_size()
   state = step(state, variables, {**full, 'conv1': full['conv1'].at[0].set(0.0)}, batches[1])
-  assert criteria._jit_accumulate._cache_size() == compiled
+  assert criteria._jit_accumulate()._cache_size() == compiled
 
 
 def test_accumulating_two_batches_equals_scoring_their_concatenation(tiny):

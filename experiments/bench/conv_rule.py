@@ -11,6 +11,8 @@ for each formulation in `jaxprune.models.conv.FORMULATIONS` ('native' =
 lax.conv_general_dilated, 'patches' = im2col + matmul, ...). The formulations are timed
 round-robin (one call of each per repetition), so a burst of background load hits all of
 them alike; the table shows medians and GFLOP/s (2 * MACs / s) and marks the fastest.
+Everything is compiled with `jaxprune.compiler`'s options, as the library compiles its
+steps (JAXPRUNE_XLA_OPTIONS=xla times XLA's defaults instead).
 """
 
 import os
@@ -48,6 +50,7 @@ def main(argv):
   import jax
   import jax.numpy as jnp
 
+  from jaxprune import compiler
   from jaxprune.models import conv
 
   names = FLAGS.formulations or list(conv.FORMULATIONS)
@@ -64,9 +67,9 @@ def main(argv):
       f = conv.FORMULATIONS[name]
       apply = lambda x, w, f=f: f(x, w, (s, s), pads)
       y = apply(x, kernel)
-      fns[(name, 'fwd')] = jax.jit(apply)
-      fns[(name, 'dx')] = jax.jit(lambda x, w, g, apply=apply: jax.vjp(lambda x: apply(x, w), x)[1](g))
-      fns[(name, 'dk')] = jax.jit(lambda x, w, g, apply=apply: jax.vjp(lambda w: apply(x, w), w)[1](g))
+      fns[(name, 'fwd')] = compiler.jit(apply)
+      fns[(name, 'dx')] = compiler.jit(lambda x, w, g, apply=apply: jax.vjp(lambda x: apply(x, w), x)[1](g))
+      fns[(name, 'dk')] = compiler.jit(lambda x, w, g, apply=apply: jax.vjp(lambda w: apply(x, w), w)[1](g))
     g = jax.random.normal(jax.random.key(2), y.shape)
     macs = y.size * k * k * cin
     args = {'fwd': (x, kernel), 'dx': (x, kernel, g), 'dk': (x, kernel, g)}

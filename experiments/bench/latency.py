@@ -5,7 +5,7 @@ r"""Does shrinking pay? Inference latency of shrunk models against the full one,
 For VGG-16 (Li et al.'s VGG-16-A preset, and global MACs targets) and ResNet-56 (the
 ResNet-56-A/B presets and global MACs targets, 50% among them), with l1 scores of the
 initial weights: select -> shrink -> build the model at the new widths, and time
-`jax.jit(model.apply)` in eval mode (batch 128, float32, 32x32 inputs). The full model and
+`compiler.jit(model.apply)` (jaxprune's compiler options) in eval mode (batch 128, float32, 32x32 inputs). The full model and
 every shrunk one are timed round-robin (one call of each per repetition) so that they see
 the same background load; the table gives medians. Compile time is excluded. Each
 level is timed twice: at the exact selected widths, and with every group's width
@@ -47,7 +47,7 @@ def main(argv):
   import jax
   import jax.numpy as jnp
 
-  from jaxprune import criteria, flops, models, select, shrink, structure
+  from jaxprune import compiler, criteria, flops, models, select, shrink, structure
 
   rows = []
   for name in FLAGS.models:
@@ -72,7 +72,7 @@ def main(argv):
 
     fns = []
     for label, m, v, macs_ratio in candidates:
-      fn = jax.jit(lambda v, x, m=m: m.apply(v, x, train=False))
+      fn = compiler.jit(lambda v, x, m=m: m.apply(v, x, train=False))
       common.block(fn(v, x))  # compile
       fns.append((label, fn, v, macs_ratio))
     times = {label: [] for label, *_ in fns}

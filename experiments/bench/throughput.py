@@ -1,13 +1,16 @@
 r"""Training throughput of jaxprune's train step against an equivalent PyTorch step.
 
-    python experiments/bench/throughput.py --conv_impl=native,auto --out=/tmp/throughput.json
+    python experiments/bench/throughput.py --out=/tmp/throughput.json
 
 For each model (VGG-16 and ResNet-56, CIFAR, batch 128, float32) it times
   * jax: `jaxprune.train.Trainer(model, make_optimizer(OptimizerConfig())).train_step`
     (SGD momentum 0.9, weight decay 1e-4, learning rate 0.1 as a step input; donated
-    state, BN in train mode, loss + accuracy), once per `--conv_impl` (JAXPRUNE_CONV_IMPL:
-    'native' is the plain `lax.conv_general_dilated` of nn.Conv, i.e. before the fix;
-    'auto' is the fix);
+    state, BN in train mode, loss + accuracy), once per `--jax_variants` entry
+    'CONV_IMPL/XLA_OPTIONS': JAXPRUNE_CONV_IMPL ('native' is the plain
+    `lax.conv_general_dilated` of nn.Conv; 'auto' is jaxprune's rule) and
+    JAXPRUNE_XLA_OPTIONS ('xla': XLA's default compiler options; 'jaxprune': those of
+    `jaxprune.compiler`). 'native/xla' is the state before any fix, 'auto/jaxprune' the
+    default;
   * torch: the same network (experiments/bench/torch_models.py) with torch.optim.SGD
     (momentum 0.9, weight decay 1e-4), cross-entropy, `torch.set_num_threads(--threads)`.
 Both train on one fixed random batch already in memory (no input pipeline), so only the
@@ -30,8 +33,9 @@ import common  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('models', ['vgg16', 'resnet56'], 'Models (jaxprune registry names).')
-flags.DEFINE_list('conv_impl', ['native', 'auto'],
-                  "JAXPRUNE_CONV_IMPL values to time jax with ('native' = before the fix).")
+flags.DEFINE_list('jax_variants', ['native/xla', 'auto/xla', 'auto/jaxprune'],
+                  "'JAXPRUNE_CONV_IMPL/JAXPRUNE_XLA_OPTIONS' pairs to time jax with "
+                  "('native/xla' = before the fixes, 'auto/jaxprune' = the default).")
 flags.DEFINE_list('frameworks', ['jax', 'torch'], 'Frameworks to time.')
 flags.DEFINE_integer('batch', 128, 'Batch size.')
 flags.DEFINE_integer('warmup', 2, 'Untimed steps after the first (compiling) one.')
@@ -51,7 +55,7 @@ def jax_worker(name: str) -> dict:
   import jax.numpy as jnp
   import numpy as np
 
-  from jaxprune import models, train
+  from jaxprune import compiler, models, train
   from jaxprune.models import conv
 
   with common.CompileLog() as compiles:
@@ -80,7 +84,8 @@ def jax_worker(name: str) -> dict:
     state, metrics = trainer.train_step(state, batch, None, learning_rate)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
-  return {'framework': 'jax', 'conv_impl': conv.current_impl(), 'compile_s': compile_s,
+  return {'framework': 'jax', 'conv_impl': conv.current_impl(),
+          'xla_options': compiler.choice(), 'compile_s': compile_s,
           'first_step_s': first, 'step_s': times, 'loss': float(metrics['loss'])}
 
 
@@ -113,7 +118,8 @@ def torch_worker(name: str) -> dict:
     start = time.perf_counter()
     loss, _ = step()
     times.append(time.perf_counter() - start)
-  return {'framework': 'torch', 'conv_impl': '-', 'compile_s': 0.0, 'first_step_s': first,
+  return {'framework': 'torch', 'conv_impl': '-', 'xla_options': '-', 'compile_s': 0.0,
+          'first_step_s': first,
           'step_s': times, 'loss': loss, 'torch': torch.__version__,
           'torch_threads': torch.get_num_threads()}
 
@@ -126,6 +132,14 @@ def main(argv):
     print(json.dumps(out))
     return
 
+  from jaxprune import compiler
+  from jaxprune.models import conv
+  for variant in FLAGS.jax_variants:
+    impl, _, options = variant.partition('/')
+    if impl not in conv.IMPLS or options not in compiler.CHOICES:
+      raise app.UsageError(f"--jax_variants entry {variant!r} is not CONV_IMPL/XLA_OPTIONS with "
+                           f"CONV_IMPL in {', '.join(conv.IMPLS)} and XLA_OPTIONS in "
+                           f"{', '.join(compiler.CHOICES)}.")
   script = os.path.abspath(__file__)
   base = [f'--batch={FLAGS.batch}', f'--threads={FLAGS.threads}']
   steps = [f'--warmup={FLAGS.warmup}', f'--steps={FLAGS.steps}']
@@ -134,18 +148,19 @@ def main(argv):
   for name in FLAGS.models:
     configs = []
     if 'jax' in FLAGS.frameworks:
-      configs += [('jax', impl) for impl in FLAGS.conv_impl]
+      configs += [('jax',) + tuple(v.split('/')) for v in FLAGS.jax_variants]
     if 'torch' in FLAGS.frameworks:
-      configs.append(('torch', '-'))
+      configs.append(('torch', '-', '-'))
     for r in range(FLAGS.rounds):
-      for framework, impl in configs:
-        env = {'JAXPRUNE_CONV_IMPL': impl} if framework == 'jax' else {}
+      for framework, impl, options in configs:
+        env = ({'JAXPRUNE_CONV_IMPL': impl, 'JAXPRUNE_XLA_OPTIONS': options}
+               if framework == 'jax' else {})
         counts = slow if (impl == 'native' and name.startswith('vgg')) else steps
         res = common.run_worker(script, base + counts + [f'--worker={framework}',
                                                          f'--model={name}'], env)
         res.update(model=name, round=r, load_average=os.getloadavg()[0])
         runs.append(res)
-        print(f"{name:9s} {framework:5s} {impl:7s} round {r}: median step "
+        print(f"{name:9s} {framework:5s} {impl}/{options} round {r}: median step "
               f"{common.median(res['step_s']) * 1e3:8.1f} ms, compile {res['compile_s']:.1f} s, "
               f"load {res['load_average']:.1f}", flush=True)
 
@@ -158,12 +173,12 @@ def main(argv):
     groups = {}
     for r in runs:
       if r['model'] == name:
-        groups.setdefault((r['framework'], r['conv_impl']), []).append(r)
-    for (framework, impl), rs in groups.items():
+        groups.setdefault((r['framework'], r['conv_impl'], r['xla_options']), []).append(r)
+    for (framework, impl, options), rs in groups.items():
       per_round = [common.median(r['step_s']) for r in rs]
       step = common.median(per_round)
       rows.append({
-          'model': name, 'framework': framework, 'conv_impl': impl,
+          'model': name, 'framework': framework, 'conv_impl': impl, 'xla_options': options,
           'timed_steps': len(rs[0]['step_s']),
           'step_ms': step * 1e3,
           'step_ms_range': f"{min(per_round) * 1e3:.0f}-{max(per_round) * 1e3:.0f}",
@@ -173,7 +188,7 @@ def main(argv):
           'first_step_s': common.median([r['first_step_s'] for r in rs]),
           'rounds': len(rs),
       })
-  columns = ['model', 'framework', 'conv_impl', 'timed_steps', 'step_ms', 'step_ms_range', 'images_per_s',
+  columns = ['model', 'framework', 'conv_impl', 'xla_options', 'timed_steps', 'step_ms', 'step_ms_range', 'images_per_s',
              'vs_torch', 'compile_s', 'first_step_s', 'rounds']
   print()
   print(f"batch {FLAGS.batch}, float32, torch threads {FLAGS.threads}, "

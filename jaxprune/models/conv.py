@@ -1,4 +1,4 @@
-"""A 2-D convolution with nn.Conv's parameters, computed per pass the fastest way measured on CPU.
+"""A 2-D convolution with nn.Conv's parameters, computed the fastest way measured on CPU.
 
 XLA's CPU backend runs `lax.conv_general_dilated` at a small fraction of its usual speed
 when the output map is tiny. Measured with jaxlib 0.10.2 on a 2-core x86 CPU (batch 128,
@@ -20,25 +20,18 @@ Which formulation runs (`IMPLS`):
   native   `lax.conv_general_dilated` (what nn.Conv does).
   patches  im2col + one matmul: the same convolution, same padding and strides; float32
            results agree to rounding (about 1e-6 relative), forward and gradients.
-  auto     on the CPU backend, `choose_impl`'s rule, per pass of a training step:
-             forward and input gradient: 'patches' when the output map has at most
-               PATCHES_MAX_OUTPUT_PIXELS (4) positions, H_out * W_out, else 'native';
-             kernel gradient: 'patches' there too, and also when C_in >= 64 and the output
-               map has >= 64 positions (VGG's wide layers at 8x8 and above), else 'native';
-           and the input is passed through `materialize` (below). Basis (see
-           experiments/bench/README.md): at 2x2 patches is 100-250x faster forward and
-           for the input gradient (conv_rule.py, round-robin medians, on a quiet and on a
-           loaded machine); from 4x4 up native is as fast or faster for the forward pass and
-           the input gradient. The kernel gradient was the most expensive pass of a VGG-16
-           step (0.86 s of its convolutions' 1.55 s); as patches^T x dy it made the whole
-           VGG-16 step 10-15% faster in every round of a round-robin comparison of full
-           train steps, while for ResNet-56's 16-64-channel layers it was 45% slower, hence
-           the channel bound. Off the CPU 'auto' is plain 'native' (not measured here;
-           cuDNN and the TPU compiler have no such cliff that we know of).
-
-A mixed plan (one formulation per pass) is a `jax.custom_jvp` whose tangent uses the
-input-gradient formulation for x and the kernel-gradient one for the kernel; reverse mode
-transposes each, and forward mode and higher derivatives (jvp of grad) work as usual.
+  auto     on the CPU backend, `choose_impl`'s rule: 'patches' when the output map has at
+           most PATCHES_MAX_OUTPUT_PIXELS (4) positions, H_out * W_out, else 'native';
+           and the input is passed through `materialize` (below). Basis
+           (experiments/bench/conv_rule.py, round-robin medians; README there): at 2x2
+           patches is about 100x faster for the forward pass and the input gradient and
+           ties native for the kernel gradient; from 4x4 up native is as fast or faster in
+           every pass, the kernel gradient included (1.5-3.4x faster than patches), under
+           the compiler options of `jaxprune.compiler`. Under XLA's default CPU options
+           native's kernel gradient was 1.5x slower than patches for VGG's 64-512 channel
+           layers, which is why jaxprune compiles with those options. Off the CPU 'auto' is
+           plain 'native' (not measured here; cuDNN and the TPU compiler have no such cliff
+           that we know of).
 
 `materialize(x, kernel)` returns x / one, with `one` a runtime 1.0 derived from the kernel
 (exact: x / 1 == x, and its gradient is the identity). Why: in a train step XLA's CPU
@@ -49,7 +42,8 @@ each such transpose re-derived the whole stage's chain of blocks (fusions with u
 operands, read in transposed order): 2.0 s of a 4.1 s ResNet-56 step (batch 128).
 A floating-point division is one of the ops XLA will not duplicate, so the conv input is
 computed once; the same step took 2.4 s instead of 4.1 s, bitwise the same loss, and
-VGG-16 (no residual chain) was unchanged. 'native' and 'patches' never apply it.
+VGG-16 (no residual chain) was unchanged. Rerun under `jaxprune.compiler`'s options, two
+rounds: 0.89-0.90 s with it against 1.38-1.41 s without. 'native' and 'patches' never apply it.
 
 The implementation is resolved at trace time, in this order: the module's `impl` field, the
 innermost `use_impl(...)` context, `set_default_impl(...)`, the environment variable
@@ -60,16 +54,14 @@ first call (or jit a fresh function).
 
 import contextlib
 import contextvars
-import functools
 import math
 import os
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.custom_derivatives import SymbolicZero
 
 from jaxprune.errors import ConfigError
 
@@ -77,11 +69,8 @@ IMPLS = ('auto', 'native', 'patches')
 ENV_VAR = 'JAXPRUNE_CONV_IMPL'
 
 # The 'auto' rule on the CPU backend (measured; see the module docstring): the largest output
-# map (H_out * W_out) computed as patches in every pass, and the bounds above which the
-# kernel gradient alone is computed as patches.
+# map (H_out * W_out) computed as patches.
 PATCHES_MAX_OUTPUT_PIXELS = 4
-KERNEL_GRAD_PATCHES_MIN_CHANNELS = 64
-KERNEL_GRAD_PATCHES_MIN_PIXELS = 64
 
 _DEFAULT: str | None = None
 _CONTEXT: contextvars.ContextVar = contextvars.ContextVar('conv_impl', default=None)
@@ -119,34 +108,21 @@ def current_impl() -> str:
   return _check(env, f'{ENV_VAR}=') if env else 'auto'
 
 
-class Plan(NamedTuple):
-  """The formulation (a key of FORMULATIONS) of each pass of one convolution."""
-  fwd: str  # y = conv(x, k)
-  dx: str   # the input gradient
-  dk: str   # the kernel gradient
-
-
-def choose_impl(impl: str, output_spatial: Sequence[int], in_channels: int,
-                backend: str | None = None) -> Plan:
-  """The plan of one convolution: `impl` in every pass unless it is 'auto', else the rule.
+def choose_impl(impl: str, output_spatial: Sequence[int], backend: str | None = None) -> str:
+  """The formulation (a key of FORMULATIONS) of one convolution: `impl`, or the rule for 'auto'.
 
   Args:
     impl: one of IMPLS.
     output_spatial: the output map's spatial shape (H_out, W_out).
-    in_channels: C_in.
     backend: the JAX backend the convolution runs on (default `jax.default_backend()`).
   """
   _check(impl, 'conv implementation')
   if impl != 'auto':
-    return Plan(impl, impl, impl)
+    return impl
   if (backend or jax.default_backend()) != 'cpu':
-    return Plan('native', 'native', 'native')
+    return 'native'
   pixels = math.prod(int(d) for d in output_spatial)
-  if pixels <= PATCHES_MAX_OUTPUT_PIXELS:
-    return Plan('patches', 'patches', 'patches')
-  wide = (in_channels >= KERNEL_GRAD_PATCHES_MIN_CHANNELS
-          and pixels >= KERNEL_GRAD_PATCHES_MIN_PIXELS)
-  return Plan('native', 'native', 'patches' if wide else 'native')
+  return 'patches' if pixels <= PATCHES_MAX_OUTPUT_PIXELS else 'native'
 
 
 def _pads(spatial, kernel_size, strides, padding) -> tuple[tuple[int, int], ...]:
@@ -205,38 +181,8 @@ def conv_native(x, kernel, strides, pads, precision=None):
 FORMULATIONS = {'native': conv_native, 'patches': conv_patches}
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
-def _conv_planned(x, kernel, strides, pads, precision, plan: Plan):
-  return FORMULATIONS[plan.fwd](x, kernel, strides, pads, precision)
-
-
-@functools.partial(_conv_planned.defjvp, symbolic_zeros=True)
-def _conv_planned_jvp(strides, pads, precision, plan, primals, tangents):
-  # Both tangent terms are linear in their tangent, so reverse mode transposes each with
-  # its own formulation: dx from plan.dx, dk from plan.dk.
-  x, kernel = primals
-  x_dot, kernel_dot = tangents
-  y = _conv_planned(x, kernel, strides, pads, precision, plan)
-  y_dot = None
-  if not isinstance(x_dot, SymbolicZero):
-    y_dot = FORMULATIONS[plan.dx](x_dot, kernel, strides, pads, precision)
-  if not isinstance(kernel_dot, SymbolicZero):
-    term = FORMULATIONS[plan.dk](x, kernel_dot, strides, pads, precision)
-    y_dot = term if y_dot is None else y_dot + term
-  return y, y_dot
-
-
-def conv2d(x, kernel, strides, pads, precision=None, plan: Plan = Plan('native', 'native', 'native')):
-  """NHWC x HWIO convolution with explicit ((lo, hi), (lo, hi)) pads, each pass as `plan` says."""
-  strides = tuple(int(v) for v in strides)
-  pads = tuple((int(lo), int(hi)) for lo, hi in pads)
-  if plan.fwd == plan.dx == plan.dk:
-    return FORMULATIONS[plan.fwd](x, kernel, strides, pads, precision)  # plain autodiff
-  return _conv_planned(x, kernel, strides, pads, precision, plan)
-
-
 class Conv(nn.Conv):
-  """nn.Conv (2-D, NHWC, no groups or dilation) computed per pass as `choose_impl` plans.
+  """nn.Conv (2-D, NHWC, no groups or dilation) computed as `choose_impl` chooses.
 
   Attributes (beyond nn.Conv's):
     impl: one of IMPLS, or None to follow `current_impl()` (the global setting).
@@ -276,8 +222,8 @@ class Conv(nn.Conv):
                    for size, (lo, hi), k, s in zip(inputs.shape[1:3], pads, kernel_size, strides)]
     if impl == 'auto' and jax.default_backend() == 'cpu':
       inputs = materialize(inputs, kernel)
-    plan = choose_impl(impl, out_spatial, inputs.shape[-1])
-    y = conv2d(inputs, kernel, strides, pads, self.precision, plan)
+    formulation = FORMULATIONS[choose_impl(impl, out_spatial)]
+    y = formulation(inputs, kernel, strides, pads, self.precision)
     if bias is not None:
       y = y + bias
     return y

@@ -1,0 +1,69 @@
+"""The XLA compiler options jaxprune compiles its model code with, per backend.
+
+On the CPU backend, jaxlib's XLA hands some operations to the YNNPACK library, chosen by
+the debug option `xla_cpu_experimental_ynn_fusion_type`. With jaxlib 0.10.2's default set,
+the kernel-gradient convolutions of a train step ran 2.5-5x slower than XLA's own
+convolution does once YNNPACK is limited to reductions (e.g. 387 against 75 ms for a
+32x32, 64->64 layer at batch 128), and the whole train step with it: VGG-16 1.51 -> 1.05 s,
+ResNet-56 1.44 -> 0.90 s on a 2-core x86 CPU (experiments/bench/README.md, "Compiler
+options"). Of the sets measured, reductions only was the fastest for both networks, and
+for inference too (ResNet-56 eval forward 248 -> 197 ms).
+
+So every function jaxprune jits over a model (train and eval steps, criteria, evaluation)
+is compiled with `compiler_options()`: on the CPU backend {ynn fusion types: reductions
+only}; elsewhere nothing. The convolution rule in `jaxprune.models.conv` was measured
+under these options.
+
+Overrides: a user who sets the same option in XLA_FLAGS keeps their setting (jaxprune
+then passes nothing for it), and JAXPRUNE_XLA_OPTIONS=xla passes no options at all
+(XLA's defaults; 'jaxprune', the default, is the behaviour above). A jaxlib that does not
+know the option is probed once and gets no options.
+"""
+
+import functools
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxprune.errors import ConfigError
+
+ENV_VAR = 'JAXPRUNE_XLA_OPTIONS'
+CHOICES = ('jaxprune', 'xla')
+YNN_FUSION_TYPES = 'xla_cpu_experimental_ynn_fusion_type'
+CPU_OPTIONS = {YNN_FUSION_TYPES: 'LIBRARY_FUSION_TYPE_REDUCE'}
+
+
+def choice() -> str:
+  """JAXPRUNE_XLA_OPTIONS, checked: 'jaxprune' (the default) or 'xla'."""
+  value = os.environ.get(ENV_VAR, '').strip().lower() or 'jaxprune'
+  if value not in CHOICES:
+    raise ConfigError(f"{ENV_VAR}={value!r} is not a choice; use one of {', '.join(CHOICES)}.")
+  return value
+
+
+@functools.cache
+def _accepted(options: tuple) -> bool:
+  """Whether this jaxlib compiles with `options` (a tuple of items), probed on a scalar add."""
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=dict(options))(jnp.zeros((), jnp.float32))
+  except jax.errors.JaxRuntimeError:
+    return False
+  return True
+
+
+def compiler_options(backend: str | None = None) -> dict:
+  """The compiler options for jitting model code on `backend` (default: JAX's default)."""
+  if choice() == 'xla' or (backend or jax.default_backend()) != 'cpu':
+    return {}
+  user_flags = os.environ.get('XLA_FLAGS', '')
+  options = {k: v for k, v in CPU_OPTIONS.items() if f'--{k}' not in user_flags}
+  if not options or not _accepted(tuple(sorted(options.items()))):
+    return {}
+  return options
+
+
+def jit(fun: Callable, **jit_kwargs) -> Callable:
+  """`jax.jit(fun, **jit_kwargs)` compiled with `compiler_options()`."""
+  return jax.jit(fun, compiler_options=compiler_options(), **jit_kwargs)

@@ -1,0 +1,81 @@
+"""Compiler options: what each backend gets, the overrides, and that jitted model code uses them."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxprune import compiler, models, train
+from jaxprune.errors import ConfigError
+
+on_cpu = pytest.mark.skipif(jax.default_backend() != 'cpu', reason='CPU options only')
+
+
+@pytest.fixture(autouse=True)
+def _no_overrides(monkeypatch):
+  monkeypatch.delenv(compiler.ENV_VAR, raising=False)
+  monkeypatch.delenv('XLA_FLAGS', raising=False)
+
+
+@on_cpu
+def test_cpu_gets_reductions_only_library_fusions():
+  assert compiler.compiler_options() == {
+      'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_REDUCE'}
+
+
+def test_other_backends_get_no_options():
+  for backend in ('gpu', 'tpu', 'cuda', 'rocm'):
+    assert compiler.compiler_options(backend) == {}
+
+
+def test_xla_choice_passes_no_options(monkeypatch):
+  monkeypatch.setenv(compiler.ENV_VAR, 'xla')
+  assert compiler.compiler_options('cpu') == {}
+
+
+def test_the_users_xla_flags_win(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type= --foo=1')
+  assert compiler.compiler_options('cpu') == {}
+
+
+def test_an_unknown_choice_is_one_sentence(monkeypatch):
+  monkeypatch.setenv(compiler.ENV_VAR, 'fast')
+  with pytest.raises(ConfigError, match=r"JAXPRUNE_XLA_OPTIONS='fast' is not a choice; use one "
+                     r"of jaxprune, xla\."):
+    compiler.compiler_options('cpu')
+
+
+def test_an_option_this_jaxlib_does_not_know_is_dropped(monkeypatch):
+  assert not compiler._accepted((('xla_cpu_no_such_option_jaxprune', 'true'),))
+  monkeypatch.setattr(compiler, 'CPU_OPTIONS', {'xla_cpu_no_such_option_jaxprune': 'true'})
+  assert compiler.compiler_options('cpu') == {}
+
+
+@on_cpu
+def test_jit_with_options_computes_the_same_values():
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 16))
+  k = jax.random.normal(jax.random.key(1), (3, 3, 16, 16))
+
+  def loss(k, x):
+    y = jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME',
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return jnp.mean(jax.nn.relu(y - y.mean((0, 1, 2))) ** 2)
+
+  f = jax.value_and_grad(loss)
+  for a, b in zip(jax.tree.leaves(compiler.jit(f)(k, x)), jax.tree.leaves(jax.jit(f)(k, x))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_trainer_steps_compile_with_the_options(monkeypatch):
+  # An option XLA rejects makes the first call fail, so the steps must carry the options.
+  monkeypatch.setattr(compiler, 'compiler_options',
+                      lambda backend=None: {'xla_cpu_no_such_option_jaxprune': 'true'})
+  model = models.build('tiny', num_classes=3)
+  images = jnp.zeros((4, 8, 8, 3))
+  variables = model.init(jax.random.key(0), images[:1])
+  trainer = train.Trainer(model, optax.sgd(0.1))
+  state = trainer.init_state(variables, seed=0)
+  batch = trainer.shard_batch({'image': images, 'label': jnp.zeros((4,), jnp.int32)})
+  with pytest.raises(jax.errors.JaxRuntimeError, match='xla_cpu_no_such_option_jaxprune'):
+    trainer.train_step(state, batch, None, np.float32(0.1))
