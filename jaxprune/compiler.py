@@ -1,13 +1,14 @@
 """The XLA compiler options jaxprune compiles its model code with, per backend.
 
 On the CPU backend, jaxlib's XLA hands some operations to the YNNPACK library, chosen by
-the debug option `xla_cpu_experimental_ynn_fusion_type`. With jaxlib 0.10.2's default set,
-the kernel-gradient convolutions of a train step ran 2.5-5x slower than XLA's own
-convolution does once YNNPACK is limited to reductions (e.g. 387 against 75 ms for a
-32x32, 64->64 layer at batch 128), and the whole train step with it: VGG-16 1.51 -> 1.05 s,
-ResNet-56 1.44 -> 0.90 s on a 2-core x86 CPU (experiments/bench/README.md, "Compiler
-options"). Of the sets measured, reductions only was the fastest for both networks, and
-for inference too (ResNet-56 eval forward 248 -> 197 ms).
+the debug option `xla_cpu_experimental_ynn_fusion_type`. Measured with jaxlib 0.10.2 on a
+2-core x86 CPU at batch 128 (experiments/bench/README.md, section 7), limiting it to
+reductions made XLA's own convolutions faster, the kernel gradient most (a 32x32, 64->64
+layer: 75 against 387 ms), and was the fastest of the 13 settings tried for both VGG-16
+and ResNet-56 train steps (ResNet-56 951-982 against 1440-1446 ms with the default set).
+With it and `jaxprune.models.conv`'s rule, the train step takes 1056 ms (VGG-16) and 922
+ms (ResNet-56) against 1727 and 1504 ms with the rule alone (experiments/bench/
+throughput.py).
 
 So every function jaxprune jits over a model (train and eval steps, criteria, evaluation)
 is compiled with `compiler_options()`: on the CPU backend {ynn fusion types: reductions

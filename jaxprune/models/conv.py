@@ -24,12 +24,11 @@ Which formulation runs (`IMPLS`):
            most PATCHES_MAX_OUTPUT_PIXELS (4) positions, H_out * W_out, else 'native';
            and the input is passed through `materialize` (below). Basis
            (experiments/bench/conv_rule.py, round-robin medians; README there): at 2x2
-           patches is about 100x faster for the forward pass and the input gradient and
-           ties native for the kernel gradient; from 4x4 up native is as fast or faster in
-           every pass, the kernel gradient included (1.5-3.4x faster than patches), under
-           the compiler options of `jaxprune.compiler`. Under XLA's default CPU options
-           native's kernel gradient was 1.5x slower than patches for VGG's 64-512 channel
-           layers, which is why jaxprune compiles with those options. Off the CPU 'auto' is
+           patches is 100x faster for the forward pass and 48x for the input gradient
+           and ties native for the kernel gradient; from 4x4 up native is faster in every
+           pass a layer needs, the kernel gradient included (1.1-6x), under the compiler
+           options of `jaxprune.compiler` (with XLA's default CPU options native's kernel
+           gradient is 2-5x slower, and patches won it for VGG's wide layers). Off the CPU 'auto' is
            plain 'native' (not measured here; cuDNN and the TPU compiler have no such cliff
            that we know of).
 
