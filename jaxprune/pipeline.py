@@ -29,6 +29,7 @@ from etils import epath
 from jaxprune import checkpoint, compiler, criteria, data, flops, models, regimes, select, shrink, train
 from jaxprune import structure as structure_lib
 from jaxprune.errors import ConfigError, choose
+from jaxprune.models import conv
 
 SCHEDULES = ('oneshot', 'iterative')
 REGIME_CHOICES = regimes.REGIMES + ('all',)
@@ -95,6 +96,8 @@ def validate(config: Config) -> None:
   choose('regime', config.regime, REGIME_CHOICES)
   choose('learning-rate schedule', config.lr_schedule, train.SCHEDULES)
   choose('precision', config.precision, train.PRECISIONS)
+  conv.current_impl()  # JAXPRUNE_CONV_IMPL and JAXPRUNE_XLA_OPTIONS, checked before any write
+  compiler.choice()
   needs = select.SELECTIONS[config.selection].needs
   given = {'ratio': config.prune_ratio, 'target_macs': config.target_macs, 'preset': config.preset}
   flag = {'ratio': '--prune_ratio', 'target_macs': '--target_macs', 'preset': '--preset'}

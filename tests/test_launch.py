@@ -81,6 +81,18 @@ def test_bad_input_stops_with_one_sentence(tmp_path, flags, message):
   assert not (tmp_path / 'work' / 'baseline' / 'result.json').exists()
 
 
+@pytest.mark.parametrize('variable, message', [
+    ('JAXPRUNE_XLA_OPTIONS', "JAXPRUNE_XLA_OPTIONS='fast' is not a choice; use one of jaxprune, xla."),
+    ('JAXPRUNE_CONV_IMPL', "JAXPRUNE_CONV_IMPL= 'fast' is not a convolution implementation"),
+])
+def test_a_bad_environment_choice_stops_before_writing(tmp_path, monkeypatch, variable, message):
+  monkeypatch.setenv(variable, 'fast')
+  run = launch(*QUICK, workdir=tmp_path / 'work')
+  assert run.returncode != 0 and 'Traceback' not in run.stderr
+  assert message in run.stderr.strip().splitlines()[-1], run.stderr[-1500:]
+  assert not (tmp_path / 'work').exists()
+
+
 def test_a_workdir_from_another_configuration_is_refused_untouched(tmp_path):
   assert launch(*QUICK, '--regime=scratch', workdir=tmp_path).returncode == 0
   before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob('*') if p.is_file()}
