@@ -12,7 +12,9 @@ lax.conv_general_dilated, 'patches' = im2col + matmul, ...). The formulations ar
 round-robin (one call of each per repetition), so a burst of background load hits all of
 them alike; the table shows medians and GFLOP/s (2 * MACs / s) and marks the fastest.
 Everything is compiled with `jaxprune.compiler`'s options, as the library compiles its
-steps (JAXPRUNE_XLA_OPTIONS=xla times XLA's defaults instead).
+steps (JAXPRUNE_XLA_OPTIONS=xla times XLA's defaults instead). With `--torch`, PyTorch's
+conv2d passes (NCHW, `torch.nn.grad` for the gradients) are timed in a separate process
+the same way and shown as a reference column (`pip install torch`).
 """
 
 import os
@@ -32,7 +34,11 @@ flags.DEFINE_list('formulations', None, 'Formulations to time (default: all).')
 flags.DEFINE_list('passes', ['fwd', 'dx', 'dk'], 'Passes to time.')
 flags.DEFINE_string('shapes', None, "Only these 'size:cin:cout:kernel:stride' entries, "
                     "semicolon-separated (default: VGG-16's and ResNet-56's).")
+flags.DEFINE_bool('torch', False, "Also time PyTorch's conv2d passes (NCHW, its own process, "
+                  '--threads threads) as a reference column.')
+flags.DEFINE_integer('threads', len(os.sched_getaffinity(0)), 'torch.set_num_threads.')
 flags.DEFINE_string('out', None, 'Write the table as JSON here.')
+flags.DEFINE_bool('worker', False, 'Internal: time the PyTorch passes and print them as JSON.')
 
 # (input size, C_in, C_out, kernel, stride) -> the models using it.
 SHAPES = {
@@ -45,8 +51,52 @@ SHAPES = {
 }
 
 
+def _selected_shapes() -> dict:
+  if FLAGS.shapes:
+    return {tuple(int(v) for v in s.split(':')): '-' for s in FLAGS.shapes.split(';')}
+  return SHAPES
+
+
+def torch_worker() -> dict:
+  """Median milliseconds of each pass of torch's conv2d per shape, timed like the jax ones."""
+  import torch
+  torch.set_num_threads(FLAGS.threads)
+  torch.manual_seed(0)
+  out = {}
+  for (size, cin, cout, k, s) in _selected_shapes():
+    x = torch.randn(FLAGS.batch, cin, size, size)
+    w = torch.randn(cout, cin, k, k) / (k * cin ** 0.5)
+    conv = lambda: torch.nn.functional.conv2d(x, w, stride=s, padding=k // 2)
+    g = torch.randn_like(conv())
+    passes = {
+        'fwd': conv,
+        'dx': lambda: torch.nn.grad.conv2d_input(x.shape, w, g, stride=s, padding=k // 2),
+        'dk': lambda: torch.nn.grad.conv2d_weight(x, w.shape, g, stride=s, padding=k // 2),
+    }
+    for fn in list(passes.values()) * 2:
+      fn()  # warm up (allocator, oneDNN primitive caches)
+    times = {p: [] for p in FLAGS.passes}
+    for _ in range(FLAGS.reps):
+      for p in times:
+        start = time.perf_counter()
+        passes[p]()
+        times[p].append(time.perf_counter() - start)
+    out[f'{size}:{cin}:{cout}:{k}:{s}'] = {p: common.median(t) * 1e3 for p, t in times.items()}
+  return out
+
+
 def main(argv):
   del argv
+  import json
+  if FLAGS.worker:
+    print(json.dumps(torch_worker()))
+    return
+  torch_ms = {}
+  if FLAGS.torch:
+    torch_ms = common.run_worker(os.path.abspath(__file__), [
+        f'--batch={FLAGS.batch}', f'--reps={FLAGS.reps}', f'--threads={FLAGS.threads}',
+        f"--passes={','.join(FLAGS.passes)}", '--worker'] + (
+        [f'--shapes={FLAGS.shapes}'] if FLAGS.shapes else []))
   import jax
   import jax.numpy as jnp
 
@@ -54,9 +104,7 @@ def main(argv):
   from jaxprune.models import conv
 
   names = FLAGS.formulations or list(conv.FORMULATIONS)
-  shapes = SHAPES
-  if FLAGS.shapes:
-    shapes = {tuple(int(v) for v in s.split(':')): '-' for s in FLAGS.shapes.split(';')}
+  shapes = _selected_shapes()
   rows = []
   for (size, cin, cout, k, s), used_by in shapes.items():
     x = jax.random.normal(jax.random.key(0), (FLAGS.batch, size, size, cin))
@@ -89,10 +137,12 @@ def main(argv):
       for name in names:
         row[f'{name}_ms'] = med[name] * 1e3
         row[f'{name}_gflops'] = 2 * macs / med[name] / 1e9
+      if torch_ms:
+        row['torch_ms'] = torch_ms[f'{size}:{cin}:{cout}:{k}:{s}'][p]
       rows.append(row)
       print(common.format_table([row], list(row)).splitlines()[-1], flush=True)
   columns = ['shape', 'used_by', 'out', 'pass'] + [f'{n}_ms' for n in names] + [
-      f'{n}_gflops' for n in names] + ['best']
+      f'{n}_gflops' for n in names] + ['best'] + (['torch_ms'] if torch_ms else [])
   print()
   print(f'batch {FLAGS.batch}, float32, backend {jax.default_backend()}, median of '
         f'{FLAGS.reps} round-robin repetitions')

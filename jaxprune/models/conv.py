@@ -24,13 +24,14 @@ Which formulation runs (`IMPLS`):
            most PATCHES_MAX_OUTPUT_PIXELS (4) positions, H_out * W_out, else 'native';
            and the input is passed through `materialize` (below). Basis
            (experiments/bench/conv_rule.py, round-robin medians; README there): at 2x2
-           patches is 100x faster for the forward pass and 48x for the input gradient
+           patches is 108x faster for the forward pass and 54x for the input gradient
            and ties native for the kernel gradient; from 4x4 up native is faster in every
-           pass a layer needs, the kernel gradient included (1.1-6x), under the compiler
-           options of `jaxprune.compiler` (with XLA's default CPU options native's kernel
-           gradient is 2-5x slower, and patches won it for VGG's wide layers). Off the CPU 'auto' is
-           plain 'native' (not measured here; cuDNN and the TPU compiler have no such cliff
-           that we know of).
+           pass a layer needs (the kernel gradient by 1.3-5x) except the input gradients
+           of stride-2 layers, where patches would save 0.9-3 ms (under 1 % of a step).
+           That holds under the compiler options of `jaxprune.compiler`; with XLA's default
+           CPU options native's kernel gradient is 2-5x slower, and patches won it for
+           VGG's wide layers. Off the CPU 'auto' is plain 'native' (not measured here;
+           cuDNN and the TPU compiler have no such cliff that we know of).
 
 `materialize(x, kernel)` returns x / one, with `one` a runtime 1.0 derived from the kernel
 (exact: x / 1 == x, and its gradient is the identity). Why: in a train step XLA's CPU
