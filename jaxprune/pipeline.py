@@ -26,7 +26,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from jaxprune import checkpoint, compiler, criteria, data, flops, models, regimes, select, shrink, train
+from jaxprune import (checkpoint, compiler, criteria, data, flops, models, regimes, select, shrink,
+                      train)
 from jaxprune import structure as structure_lib
 from jaxprune.errors import ConfigError, choose
 from jaxprune.models import conv

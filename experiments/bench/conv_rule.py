@@ -57,6 +57,11 @@ def _selected_shapes() -> dict:
   return SHAPES
 
 
+def _shape_key(size, cin, cout, k, s) -> str:
+  # The worker's JSON keys: one string per shape, as --shapes spells it.
+  return f'{size}:{cin}:{cout}:{k}:{s}'
+
+
 def torch_worker() -> dict:
   """Median milliseconds of each pass of torch's conv2d per shape, timed like the jax ones."""
   import torch
@@ -81,7 +86,7 @@ def torch_worker() -> dict:
         start = time.perf_counter()
         passes[p]()
         times[p].append(time.perf_counter() - start)
-    out[f'{size}:{cin}:{cout}:{k}:{s}'] = {p: common.median(t) * 1e3 for p, t in times.items()}
+    out[_shape_key(size, cin, cout, k, s)] = {p: common.median(t) * 1e3 for p, t in times.items()}
   return out
 
 
@@ -116,8 +121,10 @@ def main(argv):
       apply = lambda x, w, f=f: f(x, w, (s, s), pads)
       y = apply(x, kernel)
       fns[(name, 'fwd')] = compiler.jit(apply)
-      fns[(name, 'dx')] = compiler.jit(lambda x, w, g, apply=apply: jax.vjp(lambda x: apply(x, w), x)[1](g))
-      fns[(name, 'dk')] = compiler.jit(lambda x, w, g, apply=apply: jax.vjp(lambda w: apply(x, w), w)[1](g))
+      fns[(name, 'dx')] = compiler.jit(
+          lambda x, w, g, apply=apply: jax.vjp(lambda x: apply(x, w), x)[1](g))
+      fns[(name, 'dk')] = compiler.jit(
+          lambda x, w, g, apply=apply: jax.vjp(lambda w: apply(x, w), w)[1](g))
     g = jax.random.normal(jax.random.key(2), y.shape)
     macs = y.size * k * k * cin
     args = {'fwd': (x, kernel), 'dx': (x, kernel, g), 'dk': (x, kernel, g)}
@@ -138,7 +145,7 @@ def main(argv):
         row[f'{name}_ms'] = med[name] * 1e3
         row[f'{name}_gflops'] = 2 * macs / med[name] / 1e9
       if torch_ms:
-        row['torch_ms'] = torch_ms[f'{size}:{cin}:{cout}:{k}:{s}'][p]
+        row['torch_ms'] = torch_ms[_shape_key(size, cin, cout, k, s)][p]
       rows.append(row)
       print(common.format_table([row], list(row)).splitlines()[-1], flush=True)
   columns = ['shape', 'used_by', 'out', 'pass'] + [f'{n}_ms' for n in names] + [

@@ -5,12 +5,12 @@ r"""Does shrinking pay? Inference latency of shrunk models against the full one,
 For VGG-16 (Li et al.'s VGG-16-A preset, and global MACs targets) and ResNet-56 (the
 ResNet-56-A/B presets and global MACs targets, 50% among them), with l1 scores of the
 initial weights: select -> shrink -> build the model at the new widths, and time
-`compiler.jit(model.apply)` (jaxprune's compiler options) in eval mode (batch 128, float32, 32x32 inputs). The full model and
-every shrunk one are timed round-robin (one call of each per repetition) so that they see
-the same background load; the table gives medians. Compile time is excluded. Each
-level is timed twice: at the exact selected widths, and with every group's width
-rounded up to a multiple of 8 (`select(..., round_to=8)`), since XLA's CPU
-convolutions run channel counts such as 15 or 63 slower than 16 or 64.
+`compiler.jit(model.apply)` (jaxprune's compiler options) in eval mode (batch 128, float32,
+32x32 inputs). The full model and every shrunk one are timed round-robin (one call of each
+per repetition) so that they see the same background load; the table gives medians.
+Compile time is excluded. Each level is timed twice: at the exact selected widths, and with
+every group's width rounded up to a multiple of 8 (`select(..., round_to=8)`), since XLA's
+CPU convolutions run channel counts such as 15 or 63 slower than 16 or 64.
 
 Columns: macs_ratio = shrunk / full MACs (jaxprune.flops), latency_ratio = shrunk / full
 median latency, and ok = latency_ratio <= 1.1 x macs_ratio (shrinking delivers, within 10%,

@@ -134,12 +134,14 @@ def main(argv):
 
   from jaxprune import compiler
   from jaxprune.models import conv
+  variants = []  # (conv impl, XLA options) of every --jax_variants entry
   for variant in FLAGS.jax_variants:
     impl, _, options = variant.partition('/')
     if impl not in conv.IMPLS or options not in compiler.CHOICES:
       raise app.UsageError(f"--jax_variants entry {variant!r} is not CONV_IMPL/XLA_OPTIONS with "
                            f"CONV_IMPL in {', '.join(conv.IMPLS)} and XLA_OPTIONS in "
                            f"{', '.join(compiler.CHOICES)}.")
+    variants.append((impl, options))
   script = os.path.abspath(__file__)
   base = [f'--batch={FLAGS.batch}', f'--threads={FLAGS.threads}']
   steps = [f'--warmup={FLAGS.warmup}', f'--steps={FLAGS.steps}']
@@ -148,7 +150,7 @@ def main(argv):
   for name in FLAGS.models:
     configs = []
     if 'jax' in FLAGS.frameworks:
-      configs += [('jax',) + tuple(v.split('/')) for v in FLAGS.jax_variants]
+      configs += [('jax', impl, options) for impl, options in variants]
     if 'torch' in FLAGS.frameworks:
       configs.append(('torch', '-', '-'))
     for r in range(FLAGS.rounds):
@@ -188,8 +190,8 @@ def main(argv):
           'first_step_s': common.median([r['first_step_s'] for r in rs]),
           'rounds': len(rs),
       })
-  columns = ['model', 'framework', 'conv_impl', 'xla_options', 'timed_steps', 'step_ms', 'step_ms_range', 'images_per_s',
-             'vs_torch', 'compile_s', 'first_step_s', 'rounds']
+  columns = ['model', 'framework', 'conv_impl', 'xla_options', 'timed_steps', 'step_ms',
+             'step_ms_range', 'images_per_s', 'vs_torch', 'compile_s', 'first_step_s', 'rounds']
   print()
   print(f"batch {FLAGS.batch}, float32, torch threads {FLAGS.threads}, "
         f"{FLAGS.steps} timed steps after {FLAGS.warmup + 1} warmup ('native' VGG: "
