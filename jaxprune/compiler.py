@@ -4,7 +4,7 @@ On the CPU backend, jaxlib's XLA hands some operations to the YNNPACK library, c
 the debug option `xla_cpu_experimental_ynn_fusion_type`. Measured with jaxlib 0.10.2 on a
 2-core x86 CPU at batch 128 (experiments/bench/README.md, section 7), limiting it to
 reductions made XLA's own convolutions faster, the kernel gradient most (a 32x32, 64->64
-layer: 75 against 387 ms), and was the fastest setting tried there for both VGG-16 and
+layer: 70 against 399 ms), and was the fastest setting tried there for both VGG-16 and
 ResNet-56 train steps (ResNet-56 951-982 against 1440-1446 ms with the default set).
 With it and `jaxprune.models.conv`'s rule, the train step takes 1056 ms (VGG-16) and 922
 ms (ResNet-56) against 1727 and 1504 ms with the rule alone (experiments/bench/

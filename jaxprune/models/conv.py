@@ -29,7 +29,7 @@ Which formulation runs (`IMPLS`):
            pass a layer needs (the kernel gradient by 1.3-5x) except the input gradients
            of stride-2 layers, where patches would save 0.9-3 ms (under 1 % of a step).
            That holds under the compiler options of `jaxprune.compiler`; with XLA's default
-           CPU options native's kernel gradient is 2-5x slower, and patches won it for
+           CPU options native's kernel gradient is 1.4-5.7x slower, and patches won it for
            VGG's wide layers. Off the CPU 'auto' is plain 'native' (not measured here;
            cuDNN and the TPU compiler have no such cliff that we know of).
 
