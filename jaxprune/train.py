@@ -365,34 +365,53 @@ class Trainer:
   runs the same compiled step. The batch is split along the mesh's 'data' axis and
   everything else is replicated; BN statistics and gradients are reduced over the whole
   global batch, so the result does not depend on the number of devices.
+
+  With `copies=True` the steps are vmapped over a leading copy axis of the state and of
+  the training batch (K independent runs, `fit_copies`): one program trains them all,
+  and every copy reads the same test batches in `eval_step`. Masks are not vmapped.
   """
 
   def __init__(self, model: nn.Module, tx: optax.GradientTransformation,
                structure: structure_lib.Structure | None = None, mesh: Mesh | None = None,
-               precision: str = 'float32'):
+               precision: str = 'float32', copies: bool = False):
     compute_dtype(precision)
     self.tx = tx
+    self.copies = copies
     self.mesh = mesh if mesh is not None else make_mesh()
     self.replicated = NamedSharding(self.mesh, PartitionSpec())
-    self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
+    self.eval_batch_sharding = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
+    self.batch_sharding = (NamedSharding(self.mesh, PartitionSpec(None, DATA_AXIS)) if copies
+                           else self.eval_batch_sharding)
+    step = functools.partial(train_step, model=model, tx=tx, structure=structure,
+                             precision=precision)
+    evaluation = functools.partial(eval_step, model=model, precision=precision)
+    if copies:
+      step = jax.vmap(step, in_axes=(0, 0, None, None))
+      evaluation = jax.vmap(evaluation, in_axes=(0, None, None))
 
     def sharded_train_step(state, batch, masks, learning_rate):
       batch = jax.lax.with_sharding_constraint(batch, self.batch_sharding)
-      return train_step(state, batch, masks, learning_rate, model=model, tx=tx,
-                        structure=structure, precision=precision)
+      return step(state, batch, masks, learning_rate)
 
     def sharded_eval_step(state, batch, masks):
-      batch = jax.lax.with_sharding_constraint(batch, self.batch_sharding)
-      return eval_step(state, batch, masks, model=model, precision=precision)
+      batch = jax.lax.with_sharding_constraint(batch, self.eval_batch_sharding)
+      return evaluation(state, batch, masks)
 
     self.train_step = compiler.jit(sharded_train_step, donate_argnums=0,
                                    out_shardings=(self.replicated, self.replicated))
     self.eval_step = compiler.jit(sharded_eval_step, out_shardings=self.replicated)
     self.add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
 
-  def init_state(self, variables: Mapping, seed: int) -> TrainState:
-    """The initial state, replicated on the mesh."""
-    return self.replicate(create_state(variables, self.tx, seed))
+  def init_state(self, variables, seed) -> TrainState:
+    """The initial state, replicated on the mesh.
+
+    With copies, `variables` and `seed` are sequences (one per copy) and the state is
+    their stack along a new leading axis.
+    """
+    if not self.copies:
+      return self.replicate(create_state(variables, self.tx, seed))
+    states = [jax.device_get(create_state(v, self.tx, s)) for v, s in zip(variables, seed)]
+    return self.replicate(jax.tree.map(lambda *leaves: np.stack(leaves), *states))
 
   def replicate(self, tree):
     # Through host memory, so that every process contributes the same global value.
@@ -408,7 +427,7 @@ _TRAINERS: dict = {}
 
 def trainer_for(model: nn.Module, optimizer: OptimizerConfig,
                 structure: structure_lib.Structure | None, mesh: Mesh,
-                precision: str = 'float32') -> Trainer:
+                precision: str = 'float32', copies: bool = False) -> Trainer:
   """A Trainer shared by every fit that compiles to the same program.
 
   The key holds only what the compiled step depends on: the model, the optimizer settings
@@ -419,9 +438,9 @@ def trainer_for(model: nn.Module, optimizer: OptimizerConfig,
   key = (repr(model),
          (optimizer.momentum, optimizer.nesterov, optimizer.weight_decay, optimizer.bn_l1),
          None if structure is None else (tuple(structure.widths.items()), structure.prunable),
-         tuple(d.id for d in mesh.devices.flat), mesh.axis_names, precision)
+         tuple(d.id for d in mesh.devices.flat), mesh.axis_names, precision, copies)
   if key not in _TRAINERS:
-    _TRAINERS[key] = Trainer(model, make_optimizer(optimizer), structure, mesh, precision)
+    _TRAINERS[key] = Trainer(model, make_optimizer(optimizer), structure, mesh, precision, copies)
   return _TRAINERS[key]
 
 
@@ -432,9 +451,10 @@ StepHook = Callable[[TrainState, Mapping, Masks, Any], tuple[Masks, Any]]
 EpochCallback = Callable[[TrainState, dict], None]
 
 
-def _zero_sums() -> dict:
+def _zero_sums(copies: int | None = None) -> dict:
   """Sums of the epoch's per-step metrics (checkpointed: a resumed epoch logs the same)."""
-  return {'loss': np.zeros((), np.float32), 'accuracy': np.zeros((), np.float32)}
+  shape = () if copies is None else (copies,)
+  return {'loss': np.zeros(shape, np.float32), 'accuracy': np.zeros(shape, np.float32)}
 
 
 def _as_masks(masks: Masks) -> Masks:
@@ -456,34 +476,46 @@ def _progress_bar(total: int, initial: int):
 
 
 def _epoch_fns(trainer: Trainer, arrays: Mapping, spec: data.DataSpec, batch_size: int):
-  """Jitted (permutation, batch) makers for the device-resident training set."""
+  """Jitted (permutation, batch) makers for the device-resident training set.
+
+  With a copies trainer both are vmapped over the stacked states' keys: each copy gets
+  the permutation and augmentation its own run would draw.
+  """
   images, labels = arrays['train_images'], arrays['train_labels']
   n = int(labels.shape[0])
 
-  @functools.partial(jax.jit, out_shardings=trainer.replicated)
   def permutation(rng, epoch):
     return data.epoch_permutation(epoch_keys(rng, epoch)[0], n, batch_size)
 
-  @functools.partial(jax.jit, out_shardings=trainer.batch_sharding)
   def make_batch(images, labels, order, rng, step):
     steps_per_epoch = order.shape[0]
     epoch, index = step // steps_per_epoch, step % steps_per_epoch
     key = jax.random.fold_in(epoch_keys(rng, epoch)[1], index)
     return data.train_batch(images, labels, order[index], key, spec)
 
+  if trainer.copies:
+    permutation = jax.vmap(permutation, in_axes=(0, None))
+    make_batch = jax.vmap(make_batch, in_axes=(None, None, 0, 0, None))
+  permutation = jax.jit(permutation, out_shardings=trainer.replicated)
+  make_batch = jax.jit(make_batch, out_shardings=trainer.batch_sharding)
   return permutation, functools.partial(make_batch, images, labels)
 
 
 def evaluate(trainer: Trainer, state: TrainState, arrays: Mapping, spec: data.DataSpec,
              masks: Masks, batch_size: int) -> dict:
-  """Test-set {'loss', 'accuracy'} of the state (one host sync at the end)."""
+  """Test-set {'loss', 'accuracy'} of the state (one host sync at the end).
+
+  Floats; with a copies trainer, float arrays with one entry per copy.
+  """
   sums = None
   for batch in data.eval_batches(arrays['test_images'], arrays['test_labels'], batch_size, spec):
     out = trainer.eval_step(state, batch, masks)
     sums = out if sums is None else trainer.add(sums, out)
   sums = jax.device_get(sums)
-  return {'loss': float(sums['loss_sum'] / sums['count']),
-          'accuracy': float(sums['correct'] / sums['count'])}
+  loss, accuracy = sums['loss_sum'] / sums['count'], sums['correct'] / sums['count']
+  if trainer.copies:
+    return {'loss': np.asarray(loss, float), 'accuracy': np.asarray(accuracy, float)}
+  return {'loss': float(loss), 'accuracy': float(accuracy)}
 
 
 def fit(model: nn.Module, variables: Mapping, arrays: Mapping, spec: data.DataSpec, *,
@@ -536,7 +568,74 @@ def fit(model: nn.Module, variables: Mapping, arrays: Mapping, spec: data.DataSp
     logging.info('Stage %s is done; using its saved result.', stage)
     return (checkpoint.load_variables(stage / checkpoint.FINAL, like=variables),
             checkpoint.read_result(stage))
+  masks = _as_masks(masks)
+  if masks and structure is None:
+    structure = structure_lib.derive(model, tuple(arrays['train_images'].shape[1:]))
+  if structure is not None and dict(structure.widths) != widths_of(model):
+    raise ValueError('the structure was derived for other widths than the model has.')
+  [trained] = _train(model, [variables], [seed], [stage], stage, copies=False, epochs=epochs,
+                     batch_size=batch_size, optimizer=optimizer, arrays=arrays, spec=spec,
+                     masks=masks, structure=structure, step_hook=step_hook,
+                     hook_state=hook_state, callbacks=callbacks, mesh=mesh,
+                     eval_batch_size=eval_batch_size, max_to_keep=max_to_keep,
+                     precision=precision)
+  return trained
 
+
+def fit_copies(model: nn.Module, variables: Sequence[Mapping], arrays: Mapping,
+               spec: data.DataSpec, *, epochs: int, batch_size: int, optimizer: OptimizerConfig,
+               stage_dirs: Sequence, seeds: Sequence[int], checkpoint_dir,
+               mesh: Mesh | None = None, eval_batch_size: int | None = None,
+               max_to_keep: int = 2, precision: str = 'float32') -> list[tuple[dict, dict]]:
+  """Trains K independent copies of `model` as one program, vmapped over the copies.
+
+  Copy i is the run `fit(model, variables[i], ..., stage_dir=stage_dirs[i],
+  seed=seeds[i])`: same initial variables, data order and augmentation, and its stage
+  directory ends the same way (metrics.jsonl, final/, result.json), so a later `fit` of
+  that stage only loads it. Its numbers agree with the separate run up to float
+  rounding (the vmapped step may sum in another order), not bit for bit. Every copy
+  has the same widths and settings; masks and step hooks are not supported.
+
+  The group's training checkpoints live in checkpoint_dir/copies-<seeds> (resumable
+  like `fit`'s); stages already done are loaded and not trained again.
+
+  Returns:
+    [(variables, result)] per copy, as `fit` returns them.
+  """
+  stages = [checkpoint.stage_path(d) for d in stage_dirs]
+  if not len(stages) == len(variables) == len(seeds):
+    raise ValueError(f'fit_copies got {len(variables)} variables, {len(seeds)} seeds and '
+                     f'{len(stages)} stage directories; it needs one of each per copy.')
+  todo = [i for i, stage in enumerate(stages) if not checkpoint.is_done(stage)]
+  outputs: list = [None] * len(stages)
+  for i in sorted(set(range(len(stages))) - set(todo)):
+    logging.info('Stage %s is done; using its saved result.', stages[i])
+    outputs[i] = (checkpoint.load_variables(stages[i] / checkpoint.FINAL, like=variables[i]),
+                  checkpoint.read_result(stages[i]))
+  if todo:
+    for i in todo:
+      stages[i].mkdir(parents=True, exist_ok=True)
+    group = checkpoint.stage_path(checkpoint_dir) / ('copies-' + '-'.join(
+        str(seeds[i]) for i in todo))
+    trained = _train(model, [variables[i] for i in todo], [seeds[i] for i in todo],
+                     [stages[i] for i in todo], group, copies=True, epochs=epochs,
+                     batch_size=batch_size, optimizer=optimizer, arrays=arrays, spec=spec,
+                     masks=None, structure=None, step_hook=None, hook_state=None,
+                     callbacks=(), mesh=mesh, eval_batch_size=eval_batch_size,
+                     max_to_keep=max_to_keep, precision=precision)
+    for i, output in zip(todo, trained):
+      outputs[i] = output
+  return outputs
+
+
+def _train(model, inits, seeds, stages, checkpoint_stage, *, copies: bool, epochs, batch_size,
+           optimizer, arrays, spec, masks, structure, step_hook, hook_state, callbacks, mesh,
+           eval_batch_size, max_to_keep, precision) -> list[tuple[dict, dict]]:
+  """The training loop of `fit` (one run) and `fit_copies` (K vmapped runs).
+
+  Training checkpoints go to `checkpoint_stage`; each copy's metrics.jsonl, final/ and
+  result.json to its entry of `stages`.
+  """
   if epochs < 1:
     raise ConfigError(f"epochs must be at least 1, got {epochs}.")
   steps_per_epoch = data.steps_per_epoch(int(arrays['train_labels'].shape[0]), batch_size)
@@ -546,32 +645,32 @@ def fit(model: nn.Module, variables: Mapping, arrays: Mapping, spec: data.DataSp
     if size % mesh.size:
       raise ConfigError(f"{name} {size} is not divisible by the {mesh.size} devices.")
   total_steps = epochs * steps_per_epoch
+  count = len(stages)
 
-  masks = _as_masks(masks)
-  if masks and structure is None:
-    structure = structure_lib.derive(model, tuple(arrays['train_images'].shape[1:]))
-  if structure is not None and dict(structure.widths) != widths_of(model):
-    raise ValueError('the structure was derived for other widths than the model has.')
   rates = learning_rates(optimizer, epochs, steps_per_epoch)
-  trainer = trainer_for(model, optimizer, structure, mesh, precision)
+  trainer = trainer_for(model, optimizer, structure, mesh, precision, copies)
   arrays = jax.device_put(dict(arrays), trainer.replicated)
   permutation, make_batch = _epoch_fns(trainer, arrays, spec, batch_size)
 
-  run = checkpoint.RunCheckpoints(stage, max_to_keep)
+  run = checkpoint.RunCheckpoints(checkpoint_stage, max_to_keep)
   bar = None
   # The guard is up before restoring, so a SIGTERM during start-up is not lost.
   with checkpoint.PreemptionGuard() as guard:
     try:
-      carry = {'train': trainer.init_state(variables, seed), 'masks': trainer.replicate(masks),
-               'hook': trainer.replicate(hook_state), 'sums': trainer.replicate(_zero_sums())}
-      log = {'records': [], 'elapsed_s': 0.0}
+      initial = (trainer.init_state(inits, seeds) if copies
+                 else trainer.init_state(inits[0], seeds[0]))
+      carry = {'train': initial, 'masks': trainer.replicate(masks),
+               'hook': trainer.replicate(hook_state),
+               'sums': trainer.replicate(_zero_sums(count if copies else None))}
+      # One run's log holds its records; a group's, one list of records per copy.
+      log = {'records': [[] for _ in stages] if copies else [], 'elapsed_s': 0.0}
       restored = run.restore_latest(carry)
       if restored is not None:
         carry, log = restored
-        logging.info('Resuming %s from step %d.', stage, run.latest_step())
+        logging.info('Resuming %s from step %d.', checkpoint_stage, run.latest_step())
       state, masks, hook_state, sums = carry['train'], carry['masks'], carry['hook'], carry['sums']
-      records = list(log['records'])
-      step = int(state.step)
+      histories = [list(r) for r in log['records']] if copies else [list(log['records'])]
+      step = int(np.reshape(jax.device_get(state.step), -1)[0])
       run_start, elapsed_before = time.time(), float(log['elapsed_s'])
 
       def elapsed():
@@ -579,7 +678,7 @@ def fit(model: nn.Module, variables: Mapping, arrays: Mapping, spec: data.DataSp
 
       def save(at_step):
         run.save(at_step, {'train': state, 'masks': masks, 'hook': hook_state, 'sums': sums},
-                 {'records': records, 'elapsed_s': elapsed()})
+                 {'records': histories if copies else histories[0], 'elapsed_s': elapsed()})
 
       def stop_if_preempted(at_step, saved):
         # Called once for every step number, as the multi-process sync point requires.
@@ -587,7 +686,8 @@ def fit(model: nn.Module, variables: Mapping, arrays: Mapping, spec: data.DataSp
           if not saved:
             save(at_step)
           run.wait()
-          logging.warning('Preempted: saved step %d of %d in %s.', at_step, total_steps, stage)
+          logging.warning('Preempted: saved step %d of %d in %s.', at_step, total_steps,
+                          checkpoint_stage)
           raise checkpoint.Preempted(at_step)
 
       bar = _progress_bar(total_steps, step)
@@ -610,26 +710,32 @@ def fit(model: nn.Module, variables: Mapping, arrays: Mapping, spec: data.DataSp
         totals = jax.device_get(sums)  # The epoch's one wait for the device.
         train_time = time.time() - epoch_start
         test = evaluate(trainer, state, arrays, spec, masks, eval_batch_size)
-        record = {
-            'epoch': epoch + 1, 'step': step,
-            'train_loss': float(totals['loss'] / steps_per_epoch),
-            'train_accuracy': float(totals['accuracy'] / steps_per_epoch),
-            'test_loss': test['loss'], 'test_accuracy': test['accuracy'],
-            'learning_rate': float(rates[step - 1]),
-            'images_per_second': (step - first_step) * batch_size / train_time,
-            'elapsed_s': elapsed(),
-        }
-        records.append(record)
-        sums = trainer.replicate(_zero_sums())
+        values = {'train_loss': totals['loss'] / steps_per_epoch,
+                  'train_accuracy': totals['accuracy'] / steps_per_epoch,
+                  'test_loss': test['loss'], 'test_accuracy': test['accuracy']}
+        for i, history in enumerate(histories):
+          history.append({
+              'epoch': epoch + 1, 'step': step,
+              **{name: float(np.reshape(v, -1)[i]) for name, v in values.items()},
+              'learning_rate': float(rates[step - 1]),
+              'images_per_second': (step - first_step) * batch_size / train_time,
+              'elapsed_s': elapsed(),
+          })
+        sums = trainer.replicate(_zero_sums(count if copies else None))
         save(step)
-        checkpoint.write_metrics(stage, records)
+        for stage, history in zip(stages, histories):
+          checkpoint.write_metrics(stage, history)
         eta = (epochs - epoch - 1) * (time.time() - epoch_start)
-        logging.info('epoch %d/%d  loss %.4f  acc %.4f  test loss %.4f  test acc %.4f  lr %.3g  '
-                     '%.0f img/s  eta %s', epoch + 1, epochs, record['train_loss'],
-                     record['train_accuracy'], record['test_loss'], record['test_accuracy'],
-                     record['learning_rate'], record['images_per_second'], _format_seconds(eta))
+        test_accuracies = ' '.join(f'{history[-1]["test_accuracy"]:.4f}' for history in histories)
+        logging.info('epoch %d/%d  loss %.4f  acc %.4f  test loss %.4f  test acc %s  lr %.3g  '
+                     '%.0f img/s%s  eta %s', epoch + 1, epochs, np.mean(values['train_loss']),
+                     np.mean(values['train_accuracy']), np.mean(values['test_loss']),
+                     test_accuracies, float(rates[step - 1]),
+                     histories[0][-1]['images_per_second'] * count,
+                     f' ({count} copies; losses are means)' if copies else '',
+                     _format_seconds(eta))
         for callback in callbacks:
-          callback(state, record)
+          callback(state, histories[0][-1])
         if step < total_steps:
           stop_if_preempted(step, saved=True)
       run.wait()
@@ -638,18 +744,28 @@ def fit(model: nn.Module, variables: Mapping, arrays: Mapping, spec: data.DataSp
         bar.close()
       run.close()
 
-  final = records[-1]
-  result = {
-      'test_accuracy': final['test_accuracy'], 'test_loss': final['test_loss'],
-      'train_accuracy': final['train_accuracy'], 'train_loss': final['train_loss'],
-      'epochs': epochs, 'steps': total_steps, 'batch_size': batch_size, 'seed': seed,
-      'wall_time_s': final['elapsed_s'],
-  }
-  checkpoint.save_variables(stage / checkpoint.FINAL, state.variables)
-  checkpoint.mark_done(stage, result)
+  outputs = []
+  for i, (stage, history) in enumerate(zip(stages, histories)):
+    final = history[-1]
+    result = {
+        'test_accuracy': final['test_accuracy'], 'test_loss': final['test_loss'],
+        'train_accuracy': final['train_accuracy'], 'train_loss': final['train_loss'],
+        'epochs': epochs, 'steps': total_steps, 'batch_size': batch_size, 'seed': seeds[i],
+        'wall_time_s': final['elapsed_s'],
+    }
+    variables = _copy(trainer, state.variables, i) if copies else state.variables
+    checkpoint.save_variables(stage / checkpoint.FINAL, variables)
+    checkpoint.mark_done(stage, result)
+    outputs.append((variables, result))
   if guard.signalled:
     # SIGTERM during the last step: the stage is finished and saved, but the process must
     # still stop rather than start the next stage.
-    logging.warning('Preempted after the last step; %s is finished.', stage)
+    logging.warning('Preempted after the last step; %s is finished.', checkpoint_stage)
     raise checkpoint.Preempted(total_steps)
-  return state.variables, result
+  return outputs
+
+
+def _copy(trainer: Trainer, tree, index: int):
+  """Copy `index` of a stacked pytree, replicated (jitted: works on multi-host arrays)."""
+  take = jax.jit(lambda t: jax.tree.map(lambda x: x[index], t), out_shardings=trainer.replicated)
+  return take(tree)

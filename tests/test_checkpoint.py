@@ -12,7 +12,7 @@ import pytest
 from flax import traverse_util
 
 from jaxprune import checkpoint, data, train
-from test_train import learnable_dataset, python_process, tiny
+from test_train import learnable_dataset, python_process, tiny, two_copies
 
 EPOCHS, BATCH = 3, 32  # 8 steps per epoch on the 256 training images.
 OPTIMIZER = train.OptimizerConfig(learning_rate=0.05, weight_decay=1e-3)
@@ -126,6 +126,35 @@ def test_finished_stage_is_skipped_on_rerun(uninterrupted):
   assert result == expected_result == checkpoint.read_result(stage)
   assert (stage / checkpoint.RESULT).stat().st_mtime_ns == written
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(variables), expected_variables)
+
+
+def run_copies(root):
+  ds, arrays = problem()
+  model, inits, seeds = two_copies()
+  return train.fit_copies(model, inits, arrays, ds.spec, epochs=EPOCHS, batch_size=BATCH,
+                          optimizer=OPTIMIZER, stage_dirs=[root / 'a', root / 'b'], seeds=seeds,
+                          checkpoint_dir=root / 'group')
+
+
+def test_fit_copies_resumed_after_crash_match_uninterrupted_copies(tmp_path, monkeypatch):
+  expected = run_copies(tmp_path / 'uninterrupted')
+  write_metrics = checkpoint.write_metrics
+
+  def crash_after_first_epoch(stage, records):
+    write_metrics(stage, records)
+    raise Crash()
+
+  monkeypatch.setattr(checkpoint, 'write_metrics', crash_after_first_epoch)
+  with pytest.raises(Crash):
+    run_copies(tmp_path / 'crashed')
+  monkeypatch.setattr(checkpoint, 'write_metrics', write_metrics)
+  group = tmp_path / 'crashed' / 'group' / 'copies-3-4'
+  assert checkpoint.RunCheckpoints(group).latest_step() == 8
+  resumed = run_copies(tmp_path / 'crashed')
+  for name, (variables, result), (expected_variables, expected_result) in zip(
+      'ab', resumed, expected):
+    assert_same_run(tmp_path / 'crashed' / name, variables, result,
+                    tmp_path / 'uninterrupted' / name, expected_variables, expected_result)
 
 
 def test_result_is_never_overwritten(tmp_path):

@@ -360,7 +360,7 @@ import jax, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from flax import traverse_util
 from jaxprune import data, train
-from test_train import learnable_dataset, prune_masks, tiny
+from test_train import learnable_dataset, prune_masks, tiny, two_copies
 
 assert jax.device_count() == 8, jax.devices()
 ds = learnable_dataset()
@@ -376,6 +376,11 @@ for n in (1, 8):
   leaves = traverse_util.flatten_dict(jax.device_get(final))
   out[n] = {'result': result, 'leaves': {'/'.join(k): np.asarray(v).ravel().tolist()
                                          for k, v in leaves.items()}}
+  copies_model, inits, seeds = two_copies()
+  copies = train.fit_copies(copies_model, inits, arrays, ds.spec, epochs=1, batch_size=64,
+                            optimizer=optimizer, stage_dirs=[tempfile.mkdtemp() for _ in seeds],
+                            seeds=seeds, checkpoint_dir=tempfile.mkdtemp(), mesh=mesh)
+  out[f'copies{n}'] = [r['test_loss'] for _, r in copies]
 print('RESULT' + json.dumps(out))
 """
 
@@ -391,3 +396,52 @@ def test_eight_devices_train_like_one():
   assert eight['result']['steps'] == one['result']['steps'] == 4
   for key, value in one['leaves'].items():
     np.testing.assert_allclose(eight['leaves'][key], value, rtol=1e-4, atol=1e-5, err_msg=key)
+  # Vmapped copies split each copy's batch over the devices the same way.
+  np.testing.assert_allclose(out['copies8'], out['copies1'], rtol=1e-4, atol=1e-5)
+
+
+def two_copies():
+  """The tiny model with two initial points and seeds, as two seeds' runs would start."""
+  model, _, variables = tiny()
+  return model, [variables, numpy_variables(model, seed=1)], [3, 4]
+
+
+def test_fit_copies_equal_separate_fits(tmp_path):
+  ds = learnable_dataset()
+  arrays = data.device_put_dataset(ds)
+  model, inits, seeds = two_copies()
+  settings = dict(epochs=2, batch_size=32,
+                  optimizer=train.OptimizerConfig(learning_rate=0.05, weight_decay=1e-3))
+  stages = [tmp_path / 'copy0', tmp_path / 'copy1']
+  together = train.fit_copies(model, inits, arrays, ds.spec, stage_dirs=stages, seeds=seeds,
+                              checkpoint_dir=tmp_path / 'group', **settings)
+  for i, (init, seed) in enumerate(zip(inits, seeds)):
+    alone_variables, alone = train.fit(model, init, arrays, ds.spec, seed=seed,
+                                       stage_dir=tmp_path / f'alone{i}', **settings)
+    variables, result = together[i]
+    assert result['seed'] == seed and result['steps'] == alone['steps'] == 16
+    for metric in ('train_loss', 'test_loss', 'train_accuracy', 'test_accuracy'):
+      np.testing.assert_allclose(result[metric], alone[metric], rtol=1e-4, atol=1e-5,
+                                 err_msg=metric)
+    flat, expected = (traverse_util.flatten_dict(jax.device_get(v))
+                      for v in (variables, alone_variables))
+    for key, value in expected.items():
+      np.testing.assert_allclose(flat[key], value, rtol=1e-4, atol=1e-5, err_msg=str(key))
+    records = [json.loads(line) for line in (stages[i] / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['epoch'] for r in records] == [1, 2]
+    assert records[-1]['test_loss'] == result['test_loss']
+  # Each copy trained its own run, not the same one twice.
+  assert together[0][1]['train_loss'] != together[1][1]['train_loss']
+  # A copy's stage is an ordinary finished stage: fit only loads it.
+  _, loaded = train.fit(model, inits[0], arrays, ds.spec, seed=seeds[0], stage_dir=stages[0],
+                        **settings)
+  assert loaded == together[0][1]
+
+
+def test_fit_copies_needs_one_variables_seed_and_stage_per_copy(tmp_path):
+  ds = learnable_dataset()
+  model, inits, seeds = two_copies()
+  with pytest.raises(ValueError, match='one of each per copy'):
+    train.fit_copies(model, inits, data.device_put_dataset(ds), ds.spec, epochs=1, batch_size=32,
+                     optimizer=train.OptimizerConfig(), stage_dirs=[tmp_path / 'a'], seeds=seeds,
+                     checkpoint_dir=tmp_path / 'group')
