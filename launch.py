@@ -71,6 +71,8 @@ flags.DEFINE_string('precision', 'float32', 'Compute dtype of every training and
 flags.DEFINE_integer('seed', 0, 'Seed of init, data order and random choices.')
 flags.DEFINE_integer('seeds', 1, 'Train this many independent copies (seeds --seed, --seed+1, '
                      '...) in WORKDIR/seed<N> and report mean ± std.')
+flags.DEFINE_string('seed_batching', 'auto', 'How --seeds>1 copies train: ' + '; '.join(
+    f'{k}: {v}' for k, v in pipeline.SEED_BATCHING.items()) + '.')
 flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() (TPU pods).')
 
 
@@ -98,7 +100,7 @@ def main(argv):
   if FLAGS.multihost:
     train.initialize_multihost()
   try:
-    results = pipeline.run_seeds(config_from_flags(), FLAGS.seeds)
+    results = pipeline.run_seeds(config_from_flags(), FLAGS.seeds, FLAGS.seed_batching)
   except ConfigError as error:
     sys.exit(f'error: {error}')
   print(pipeline.format_table(results))

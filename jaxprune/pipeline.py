@@ -181,7 +181,8 @@ def scoring_batches(dataset: data.Dataset, batch_size: int, count: int, seed: in
            'label': jnp.asarray(dataset.train_labels[idx])}
 
 
-def _baseline(config: Config, dataset, arrays, stage: epath.Path):
+def _baseline_start(config: Config, dataset, stage: epath.Path):
+  """The baseline model and its initial variables (made once, then read from stage/init)."""
   _claim(stage, _settings(config, _BASELINE_KEYS))
   model = models.build(config.model, dataset.num_classes)
   init_path = stage / 'init'
@@ -192,6 +193,11 @@ def _baseline(config: Config, dataset, arrays, stage: epath.Path):
   else:
     init = model.init(jax.random.key(config.seed), x)
     checkpoint.save_variables(init_path, init)
+  return model, init
+
+
+def _baseline(config: Config, dataset, arrays, stage: epath.Path):
+  model, init = _baseline_start(config, dataset, stage)
   variables, result = train.fit(model, init, arrays, dataset.spec, epochs=config.epochs,
                                 batch_size=config.batch_size, optimizer=_optimizer(config),
                                 stage_dir=stage, seed=config.seed, precision=config.precision)
@@ -336,18 +342,41 @@ def _absolute(path: str) -> epath.Path:
   return epath.Path(path) if '://' in path else epath.Path(path).absolute()
 
 
-def run(config: Config) -> dict:
-  """Runs (or resumes) every stage of `config` and returns the results (also in results.json)."""
-  validate(config)
+def _load_data(config: Config):
+  """The dataset, and its arrays on the devices; refuses a model that cannot take the images."""
   dataset = data.load(config.dataset, data_path=config.data_path, data_dir=config.data_dir,
                       max_train=config.max_train)
-  workdir = _absolute(config.workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   # Builds the model abstractly, so a model that cannot take the images stops here.
   jax.eval_shape(models.build(config.model, dataset.num_classes).init, jax.random.key(0),
                  jax.ShapeDtypeStruct((1,) + dataset.image_shape, jnp.float32))
-  arrays = data.device_put_dataset(dataset)
-  baseline_stage = _absolute(config.baseline_dir) if config.baseline_dir else workdir / 'baseline'
+  return dataset, data.device_put_dataset(dataset)
+
+
+def _baseline_stage(config: Config) -> epath.Path:
+  if config.baseline_dir:
+    return _absolute(config.baseline_dir)
+  return _absolute(config.workdir) / 'baseline'
+
+
+def _regime_plan(config: Config, regime: str, pruned: regimes.Pruned, dataset):
+  """The regime's stage directory (claimed) and its plan."""
+  stage = _absolute(config.workdir) / regime
+  _claim(stage, _settings(config, _BASELINE_KEYS + _PRUNE_KEYS + _REGIME_KEYS.get(regime, ())))
+  plan = regimes.plan(regime, pruned, model_name=config.model,
+                      num_classes=dataset.num_classes, image_shape=dataset.image_shape,
+                      epochs=config.epochs, optimizer=_optimizer(config),
+                      finetune_epochs=config.finetune_epochs, finetune_lr=config.finetune_lr,
+                      scratch_b_cap=config.scratch_b_cap, seed=config.seed)
+  return stage, plan
+
+
+def run(config: Config) -> dict:
+  """Runs (or resumes) every stage of `config` and returns the results (also in results.json)."""
+  validate(config)
+  dataset, arrays = _load_data(config)
+  workdir = _absolute(config.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  baseline_stage = _baseline_stage(config)
 
   logging.info('Stage baseline: %s', baseline_stage)
   model, init, variables, base_result = _baseline(config, dataset, arrays, baseline_stage)
@@ -364,13 +393,7 @@ def run(config: Config) -> dict:
            'macs': record['macs_after'], 'params': record['params_after'], 'epochs': 0,
            'wall_time_s': record['wall_time_s']}]
   for regime in regimes_of(config):
-    stage = workdir / regime
-    _claim(stage, _settings(config, _BASELINE_KEYS + _PRUNE_KEYS + _REGIME_KEYS.get(regime, ())))
-    plan = regimes.plan(regime, pruned, model_name=config.model,
-                        num_classes=dataset.num_classes, image_shape=dataset.image_shape,
-                        epochs=config.epochs, optimizer=_optimizer(config),
-                        finetune_epochs=config.finetune_epochs, finetune_lr=config.finetune_lr,
-                        scratch_b_cap=config.scratch_b_cap, seed=config.seed)
+    stage, plan = _regime_plan(config, regime, pruned, dataset)
     logging.info('Stage %s: %d epochs', regime, plan.epochs)
     regime_model = models.build(config.model, dataset.num_classes, plan.widths)
     _, result = train.fit(regime_model, plan.variables, arrays, dataset.spec,
@@ -394,24 +417,103 @@ def run(config: Config) -> dict:
   return results
 
 
-def run_seeds(config: Config, seeds: int) -> dict:
+# How `run_seeds` trains its copies. Keyed by --seed_batching's values.
+SEED_BATCHING = {
+    'auto': 'loop on the CPU, vmap on GPUs and TPUs',
+    'loop': 'one copy after another through the same compiled steps',
+    'vmap': 'every stage whose copies have the same widths as one vmapped program',
+}
+
+
+def seed_batching_for(name: str, backend: str) -> str:
+  """'loop' or 'vmap': what `name` (a SEED_BATCHING key) means on `backend`.
+
+  On this project's 2-core CPU a vmapped step of K copies took longer than K steps one
+  after another (experiments/bench/seeds.py), so 'auto' loops there; on accelerators one
+  small CIFAR model leaves most of the device idle, and 'auto' vmaps.
+  """
+  choose('--seed_batching', name, SEED_BATCHING)
+  if name == 'auto':
+    return 'loop' if backend == 'cpu' else 'vmap'
+  return name
+
+
+def _seed_configs(config: Config, seeds: int) -> list[Config]:
+  return [dataclasses.replace(
+      config, seed=seed, workdir=f'{config.workdir}/seed{seed}',
+      baseline_dir=f'{config.baseline_dir}/seed{seed}' if config.baseline_dir else None)
+      for seed in range(config.seed, config.seed + seeds)]
+
+
+def _train_copies_together(config: Config, copies: list[Config]) -> None:
+  """Trains each stage of the copies, vmapped over every set of copies of equal widths.
+
+  Leaves every copy's stage directories as `run(copy)` would, so that `run` afterwards
+  only reads them. Baselines always share their widths; the prune stage (scoring,
+  iterative fine-tuning) runs per copy; a regime's copies train together wherever their
+  plans have the same widths and length (a per-layer or preset selection gives every
+  seed the same widths, a global one usually does not).
+  """
+  dataset, arrays = _load_data(config)
+  seeds = [c.seed for c in copies]
+  baseline_root = _absolute(config.baseline_dir or config.workdir)
+  stages = [_baseline_stage(c) for c in copies]
+  starts = [_baseline_start(c, dataset, stage) for c, stage in zip(copies, stages)]
+  model = starts[0][0]
+  logging.info('Stage baseline: seeds %s as one vmapped program', seeds)
+  trained = train.fit_copies(model, [init for _, init in starts], arrays, dataset.spec,
+                             epochs=config.epochs, batch_size=config.batch_size,
+                             optimizer=_optimizer(config), stage_dirs=stages, seeds=seeds,
+                             checkpoint_dir=baseline_root / 'vmapped' / 'baseline',
+                             precision=config.precision)
+  pruned = []
+  for c, (_, init), (variables, _) in zip(copies, starts, trained):
+    logging.info('Stage prune (seed %d): %s with %s', c.seed, c.criterion, c.selection)
+    structure, masks, widths, small, _ = _prune(c, model, variables, dataset, arrays,
+                                                _absolute(c.workdir) / 'prune')
+    pruned.append(regimes.Pruned(structure=structure, masks=masks, widths=widths,
+                                 variables=small, baseline_init=init))
+  for regime in regimes_of(config):
+    planned = [_regime_plan(c, regime, p, dataset) for c, p in zip(copies, pruned)]
+    groups: dict = {}
+    for i, (_, plan) in enumerate(planned):
+      key = (tuple(sorted(plan.widths.items())), plan.epochs, plan.optimizer)
+      groups.setdefault(key, []).append(i)
+    for members in groups.values():
+      plan = planned[members[0]][1]
+      logging.info('Stage %s: seeds %s as one vmapped program, %d epochs', regime,
+                   [seeds[i] for i in members], plan.epochs)
+      train.fit_copies(models.build(config.model, dataset.num_classes, plan.widths),
+                       [planned[i][1].variables for i in members], arrays, dataset.spec,
+                       epochs=plan.epochs, batch_size=config.batch_size,
+                       optimizer=plan.optimizer, stage_dirs=[planned[i][0] for i in members],
+                       seeds=[seeds[i] for i in members],
+                       checkpoint_dir=_absolute(config.workdir) / 'vmapped' / regime,
+                       precision=config.precision)
+
+
+def run_seeds(config: Config, seeds: int, seed_batching: str = 'auto') -> dict:
   """Runs `config` for seeds config.seed .. config.seed + seeds - 1 and reports mean ± std.
 
-  Copy i is exactly the run `run(replace(config, seed=config.seed + i))` in
-  workdir/seed{seed} (and baseline_dir/seed{seed}); the copies run one after
-  another and share compiled steps wherever their shapes agree.
+  Copy i is the run `run(replace(config, seed=config.seed + i))` in workdir/seed{seed}
+  (and baseline_dir/seed{seed}). `seed_batching` (SEED_BATCHING) says how the copies
+  train: 'loop' runs them one after another through shared compiled steps, each exactly
+  its separate run; 'vmap' trains the stages whose copies have equal widths as one
+  vmapped program (`train.fit_copies`: equal to the separate runs up to float rounding).
   """
   if seeds < 1:
     raise ConfigError(f"--seeds must be at least 1, got {seeds}.")
+  batching = seed_batching_for(seed_batching, jax.default_backend())
   if seeds == 1:
     return run(config)
   validate(config)
+  copies = _seed_configs(config, seeds)
+  if batching == 'vmap':
+    _train_copies_together(config, copies)
   per_seed = []
-  for seed in range(config.seed, config.seed + seeds):
-    logging.info('Seed %d (%d of %d)', seed, seed - config.seed + 1, seeds)
-    per_seed.append(run(dataclasses.replace(
-        config, seed=seed, workdir=f'{config.workdir}/seed{seed}',
-        baseline_dir=f'{config.baseline_dir}/seed{seed}' if config.baseline_dir else None)))
+  for c in copies:
+    logging.info('Seed %d (%d of %d)', c.seed, c.seed - config.seed + 1, seeds)
+    per_seed.append(run(c))
   rows = []
   for i, row in enumerate(per_seed[0]['rows']):
     values = {k: np.array([r['rows'][i][k] for r in per_seed], float)
@@ -420,7 +522,7 @@ def run_seeds(config: Config, seeds: int) -> dict:
                  'test_accuracy_std': float(values['test_accuracy'].std(ddof=1)),
                  'seeds': len(per_seed)})
   results = {'rows': rows, 'per_seed': per_seed, 'config': dataclasses.asdict(config),
-             'seeds': seeds, 'versions': _versions(),
+             'seeds': seeds, 'seed_batching': batching, 'versions': _versions(),
              'devices': [d.device_kind for d in jax.devices()], 'platform': jax.default_backend()}
   (_absolute(config.workdir) / 'results.json').write_text(json.dumps(results, indent=1))
   return results

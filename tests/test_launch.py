@@ -1,5 +1,6 @@
 """launch.py and the pipeline end to end, as a user runs them."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -60,6 +61,8 @@ def _bad_npz(path, **overrides):
     (['--precision=float16'], "unknown precision 'float16'; choose one of: bfloat16, float32."),
     (['--prune_ratio=1.5'], 'prune_ratio must be in [0, 1), got 1.5'),
     (['--round_to=0'], '--round_to must be at least 1, got 0.'),
+    (['--seeds=2', '--seed_batching=parallel'],
+     "unknown --seed_batching 'parallel'; choose one of: auto, loop, vmap."),
     (['--round_to=8', '--schedule=iterative'], "--round_to=8 rounds a one-shot selection's widths"),
     (['--selection=preset', '--preset=resnet56_a'], "preset 'resnet56_a' is for resnet56"),
     (['--model=vgg16'], 'needs images of at least 16x16 pixels, got 8x8'),
@@ -174,7 +177,6 @@ def test_sigkill_then_rerun_resumes_to_the_uninterrupted_result(tmp_path):
 
 
 def test_each_seed_copy_equals_a_separate_run_and_shares_compiled_steps(tmp_path, caplog):
-  import dataclasses
   import jax
   config = pipeline.Config(workdir=str(tmp_path / 'many'), model='tiny', epochs=1, batch_size=32,
                            max_train=256, prune_ratio=0.3, regime='scratch', seed=3)
@@ -194,3 +196,28 @@ def test_each_seed_copy_equals_a_separate_run_and_shares_compiled_steps(tmp_path
   accuracies = [r['rows'][0]['test_accuracy'] for r in many['per_seed']]
   assert many['rows'][0]['test_accuracy'] == pytest.approx(np.mean(accuracies))
   assert many['rows'][0]['test_accuracy_std'] == pytest.approx(np.std(accuracies, ddof=1))
+
+
+def test_vmapped_seeds_equal_looped_seeds_and_group_equal_widths(tmp_path):
+  # A per-layer selection gives both seeds the same widths, so scratch trains as one group.
+  config = pipeline.Config(workdir=str(tmp_path / 'loop'), model='tiny', epochs=2,
+                           batch_size=32, max_train=256, selection='layer', prune_ratio=0.3,
+                           regime='scratch', seed=3)
+  looped = pipeline.run_seeds(config, 2, 'loop')
+  vmapped = pipeline.run_seeds(dataclasses.replace(config, workdir=str(tmp_path / 'vmap')), 2,
+                               'vmap')
+  assert (looped['seed_batching'], vmapped['seed_batching']) == ('loop', 'vmap')
+  for stage in ('baseline', 'scratch'):
+    assert (tmp_path / 'vmap' / 'vmapped' / stage / 'copies-3-4').is_dir()
+  for loop_run, vmap_run in zip(looped['per_seed'], vmapped['per_seed']):
+    assert [r['stage'] for r in vmap_run['rows']] == ['baseline', 'pruned', 'scratch']
+    for loop_row, vmap_row in zip(loop_run['rows'], vmap_run['rows']):
+      # 64 test images: float rounding may move at most a prediction or two.
+      assert vmap_row['test_accuracy'] == pytest.approx(loop_row['test_accuracy'], abs=2.5 / 64)
+      assert vmap_row['macs'] == loop_row['macs']
+  for seed in (3, 4):
+    loop_metrics = (tmp_path / 'loop' / f'seed{seed}' / 'scratch' / 'metrics.jsonl')
+    vmap_metrics = (tmp_path / 'vmap' / f'seed{seed}' / 'scratch' / 'metrics.jsonl')
+    losses = [[json.loads(l)['train_loss'] for l in m.read_text().splitlines()]
+              for m in (loop_metrics, vmap_metrics)]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-3)
