@@ -428,9 +428,9 @@ SEED_BATCHING = {
 def seed_batching_for(name: str, backend: str) -> str:
   """'loop' or 'vmap': what `name` (a SEED_BATCHING key) means on `backend`.
 
-  On this project's 2-core CPU a vmapped step of K copies took longer than K steps one
-  after another (experiments/bench/seeds.py), so 'auto' loops there; on accelerators one
-  small CIFAR model leaves most of the device idle, and 'auto' vmaps.
+  On a 2-core CPU five vmapped resnet20 copies took 1.9x as long as the loop
+  (experiments/bench/seeds.py), so 'auto' loops there; on accelerators one small CIFAR
+  model leaves most of the device idle, and 'auto' vmaps (not yet measured).
   """
   choose('--seed_batching', name, SEED_BATCHING)
   if name == 'auto':

@@ -14,6 +14,8 @@
   parameters, their updates, optimizer state and BN statistics are always float32.
 * `fit` shuffles and augments on device, checkpoints every epoch (resuming after a crash or
   preemption) and leaves metrics.jsonl and result.json in the stage directory.
+* `fit_copies` trains K runs of equal widths (e.g. K seeds) as one vmapped program
+  through the same loop, leaving each run's stage directory as its own `fit` would.
 """
 
 import dataclasses
