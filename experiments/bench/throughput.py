@@ -2,7 +2,8 @@ r"""Training throughput of jaxprune's train step against an equivalent PyTorch s
 
     python experiments/bench/throughput.py --out=/tmp/throughput.json
 
-For each model (VGG-16 and ResNet-56, CIFAR, batch 128, float32) it times
+For each model (VGG-16 and ResNet-56, CIFAR, batch 128, float32 unless --precisions adds
+bfloat16 for jax) it times
   * jax: `jaxprune.train.Trainer(model, make_optimizer(OptimizerConfig())).train_step`
     (SGD momentum 0.9, weight decay 1e-4, learning rate 0.1 as a step input; donated
     state, BN in train mode, loss + accuracy), once per `--jax_variants` entry
@@ -36,6 +37,8 @@ flags.DEFINE_list('models', ['vgg16', 'resnet56'], 'Models (jaxprune registry na
 flags.DEFINE_list('jax_variants', ['native/xla', 'auto/xla', 'auto/jaxprune'],
                   "'JAXPRUNE_CONV_IMPL/JAXPRUNE_XLA_OPTIONS' pairs to time jax with "
                   "('native/xla' = before the fixes, 'auto/jaxprune' = the default).")
+flags.DEFINE_list('precisions', ['float32'], "jax's compute dtypes to time (train.PRECISIONS; "
+                  "torch always float32).")
 flags.DEFINE_list('frameworks', ['jax', 'torch'], 'Frameworks to time.')
 flags.DEFINE_integer('batch', 128, 'Batch size.')
 flags.DEFINE_integer('warmup', 2, 'Untimed steps after the first (compiling) one.')
@@ -48,6 +51,7 @@ flags.DEFINE_integer('threads', len(os.sched_getaffinity(0)),
 flags.DEFINE_string('out', None, 'Write the table as JSON here.')
 flags.DEFINE_string('worker', None, 'Internal: run one measurement (jax or torch).')
 flags.DEFINE_string('model', None, 'Internal: the worker\'s model.')
+flags.DEFINE_string('precision', 'float32', "Internal: the jax worker's compute dtype.")
 
 
 def jax_worker(name: str) -> dict:
@@ -64,7 +68,8 @@ def jax_worker(name: str) -> dict:
     images = jax.random.normal(key, (FLAGS.batch, 32, 32, 3), jnp.float32)
     labels = jax.random.randint(jax.random.key(1), (FLAGS.batch,), 0, 10)
     variables = jax.jit(model.init)(key, images[:1])
-    trainer = train.Trainer(model, train.make_optimizer(train.OptimizerConfig()))
+    trainer = train.Trainer(model, train.make_optimizer(train.OptimizerConfig()),
+                            precision=FLAGS.precision)
     learning_rate = np.float32(0.1)
     state = trainer.init_state(variables, seed=0)
     batch = trainer.shard_batch({'image': images, 'label': labels})
@@ -85,7 +90,7 @@ def jax_worker(name: str) -> dict:
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
   return {'framework': 'jax', 'conv_impl': conv.current_impl(),
-          'xla_options': compiler.choice(), 'compile_s': compile_s,
+          'xla_options': compiler.choice(), 'precision': FLAGS.precision, 'compile_s': compile_s,
           'first_step_s': first, 'step_s': times, 'loss': float(metrics['loss'])}
 
 
@@ -118,7 +123,8 @@ def torch_worker(name: str) -> dict:
     start = time.perf_counter()
     loss, _ = step()
     times.append(time.perf_counter() - start)
-  return {'framework': 'torch', 'conv_impl': '-', 'xla_options': '-', 'compile_s': 0.0,
+  return {'framework': 'torch', 'conv_impl': '-', 'xla_options': '-', 'precision': 'float32',
+          'compile_s': 0.0,
           'first_step_s': first,
           'step_s': times, 'loss': loss, 'torch': torch.__version__,
           'torch_threads': torch.get_num_threads()}
@@ -142,6 +148,11 @@ def main(argv):
                            f"CONV_IMPL in {', '.join(conv.IMPLS)} and XLA_OPTIONS in "
                            f"{', '.join(compiler.CHOICES)}.")
     variants.append((impl, options))
+  from jaxprune import train
+  for precision in FLAGS.precisions:
+    if precision not in train.PRECISIONS:
+      raise app.UsageError(f"--precisions entry {precision!r} is not one of "
+                           f"{', '.join(train.PRECISIONS)}.")
   script = os.path.abspath(__file__)
   base = [f'--batch={FLAGS.batch}', f'--threads={FLAGS.threads}']
   steps = [f'--warmup={FLAGS.warmup}', f'--steps={FLAGS.steps}']
@@ -150,19 +161,21 @@ def main(argv):
   for name in FLAGS.models:
     configs = []
     if 'jax' in FLAGS.frameworks:
-      configs += [('jax', impl, options) for impl, options in variants]
+      configs += [('jax', impl, options, precision) for impl, options in variants
+                  for precision in FLAGS.precisions]
     if 'torch' in FLAGS.frameworks:
-      configs.append(('torch', '-', '-'))
+      configs.append(('torch', '-', '-', 'float32'))
     for r in range(FLAGS.rounds):
-      for framework, impl, options in configs:
+      for framework, impl, options, precision in configs:
         env = ({'JAXPRUNE_CONV_IMPL': impl, 'JAXPRUNE_XLA_OPTIONS': options}
                if framework == 'jax' else {})
         counts = slow if (impl == 'native' and name.startswith('vgg')) else steps
         res = common.run_worker(script, base + counts + [f'--worker={framework}',
-                                                         f'--model={name}'], env)
+                                                         f'--model={name}',
+                                                         f'--precision={precision}'], env)
         res.update(model=name, round=r, load_average=os.getloadavg()[0])
         runs.append(res)
-        print(f"{name:9s} {framework:5s} {impl}/{options} round {r}: median step "
+        print(f"{name:9s} {framework:5s} {impl}/{options} {precision} round {r}: median step "
               f"{common.median(res['step_s']) * 1e3:8.1f} ms, compile {res['compile_s']:.1f} s, "
               f"load {res['load_average']:.1f}", flush=True)
 
@@ -175,13 +188,14 @@ def main(argv):
     groups = {}
     for r in runs:
       if r['model'] == name:
-        groups.setdefault((r['framework'], r['conv_impl'], r['xla_options']), []).append(r)
-    for (framework, impl, options), rs in groups.items():
+        groups.setdefault((r['framework'], r['conv_impl'], r['xla_options'], r['precision']),
+                          []).append(r)
+    for (framework, impl, options, precision), rs in groups.items():
       per_round = [common.median(r['step_s']) for r in rs]
       step = common.median(per_round)
       rows.append({
           'model': name, 'framework': framework, 'conv_impl': impl, 'xla_options': options,
-          'timed_steps': len(rs[0]['step_s']),
+          'precision': precision, 'timed_steps': len(rs[0]['step_s']),
           'step_ms': step * 1e3,
           'step_ms_range': f"{min(per_round) * 1e3:.0f}-{max(per_round) * 1e3:.0f}",
           'images_per_s': FLAGS.batch / step,
@@ -190,10 +204,10 @@ def main(argv):
           'first_step_s': common.median([r['first_step_s'] for r in rs]),
           'rounds': len(rs),
       })
-  columns = ['model', 'framework', 'conv_impl', 'xla_options', 'timed_steps', 'step_ms',
-             'step_ms_range', 'images_per_s', 'vs_torch', 'compile_s', 'first_step_s', 'rounds']
+  columns = ['model', 'framework', 'conv_impl', 'xla_options', 'precision', 'timed_steps',
+             'step_ms', 'step_ms_range', 'images_per_s', 'vs_torch', 'compile_s', 'first_step_s', 'rounds']
   print()
-  print(f"batch {FLAGS.batch}, float32, torch threads {FLAGS.threads}, "
+  print(f"batch {FLAGS.batch}, torch float32 with threads {FLAGS.threads}, "
         f"{FLAGS.steps} timed steps after {FLAGS.warmup + 1} warmup ('native' VGG: "
         f"{min(FLAGS.steps, FLAGS.native_steps)} after 1), median over {FLAGS.rounds} rounds of "
         "each round's median; vs_torch = torch step time / this step time (target >= 0.9)")
