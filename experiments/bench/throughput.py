@@ -13,7 +13,8 @@ bfloat16 for jax) it times
     `jaxprune.compiler`). 'native/xla' is the state before any fix, 'auto/jaxprune' the
     default;
   * torch: the same network (experiments/bench/torch_models.py) with torch.optim.SGD
-    (momentum 0.9, weight decay 1e-4), cross-entropy, `torch.set_num_threads(--threads)`.
+    (momentum 0.9, weight decay 1e-4), cross-entropy, `torch.set_num_threads(--threads)`;
+    on the GPU when PyTorch sees one (cudnn.benchmark on), else on the CPU.
 Both train on one fixed random batch already in memory (no input pipeline), so only the
 step is timed. Each measurement runs in its own process (one framework's idle thread pool
 never competes with the other's), and the frameworks alternate for `--rounds` rounds so
@@ -99,10 +100,14 @@ def torch_worker(name: str) -> dict:
   import torch_models
   torch.set_num_threads(FLAGS.threads)
   torch.manual_seed(0)
-  model = torch_models.build(name).train()
+  # On a GPU box PyTorch trains on the GPU, as jax does; `.item()` below waits for it.
+  device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+  if device.type == 'cuda':
+    torch.backends.cudnn.benchmark = True
+  model = torch_models.build(name).to(device).train()
   opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-  images = torch.randn(FLAGS.batch, 3, 32, 32)
-  labels = torch.randint(0, 10, (FLAGS.batch,))
+  images = torch.randn(FLAGS.batch, 3, 32, 32, device=device)
+  labels = torch.randint(0, 10, (FLAGS.batch,), device=device)
 
   def step():
     opt.zero_grad(set_to_none=True)
@@ -126,7 +131,7 @@ def torch_worker(name: str) -> dict:
   return {'framework': 'torch', 'conv_impl': '-', 'xla_options': '-', 'precision': 'float32',
           'compile_s': 0.0,
           'first_step_s': first,
-          'step_s': times, 'loss': loss, 'torch': torch.__version__,
+          'step_s': times, 'loss': loss, 'torch': torch.__version__, 'device': str(device),
           'torch_threads': torch.get_num_threads()}
 
 
