@@ -178,7 +178,9 @@ steps = 0
 def hook(state, batch, masks, removed):
   global steps
   steps += 1
-  (stage / 'progress').write_text(str(steps))
+  # Written aside and renamed, so a reader (or a kill) never finds the file half-written.
+  (stage / 'progress.tmp').write_text(str(steps))
+  (stage / 'progress.tmp').replace(stage / 'progress')
   if slow:
     time.sleep(0.05)
   return test_checkpoint.pruning_hook(state, batch, masks, removed)
@@ -196,7 +198,7 @@ def signal_after(proc, stage, steps, sig):
   """Sends `sig` to `proc` once it has taken `steps` steps; returns (returncode, stdout, stderr)."""
   progress = stage / 'progress'
   deadline = time.time() + 120
-  while not (progress.exists() and progress.read_text() and int(progress.read_text()) >= steps):
+  while not (progress.exists() and int(progress.read_text()) >= steps):
     assert proc.poll() is None, proc.communicate()[1][-3000:]
     assert time.time() < deadline
     time.sleep(0.01)
