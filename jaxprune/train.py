@@ -599,7 +599,8 @@ def fit_copies(model: nn.Module, variables: Sequence[Mapping], arrays: Mapping,
   has the same widths and settings; masks and step hooks are not supported.
 
   The group's training checkpoints live in checkpoint_dir/copies-<seeds> (resumable
-  like `fit`'s); stages already done are loaded and not trained again.
+  like `fit`'s). When every stage is done they are only loaded; a group stopped after
+  some of its copies were written resumes, and the written ones are left as they are.
 
   Returns:
     [(variables, result)] per copy, as `fit` returns them.
@@ -608,26 +609,20 @@ def fit_copies(model: nn.Module, variables: Sequence[Mapping], arrays: Mapping,
   if not len(stages) == len(variables) == len(seeds):
     raise ValueError(f'fit_copies got {len(variables)} variables, {len(seeds)} seeds and '
                      f'{len(stages)} stage directories; it needs one of each per copy.')
-  todo = [i for i, stage in enumerate(stages) if not checkpoint.is_done(stage)]
-  outputs: list = [None] * len(stages)
-  for i in sorted(set(range(len(stages))) - set(todo)):
-    logging.info('Stage %s is done; using its saved result.', stages[i])
-    outputs[i] = (checkpoint.load_variables(stages[i] / checkpoint.FINAL, like=variables[i]),
-                  checkpoint.read_result(stages[i]))
-  if todo:
-    for i in todo:
-      stages[i].mkdir(parents=True, exist_ok=True)
-    group = checkpoint.stage_path(checkpoint_dir) / ('copies-' + '-'.join(
-        str(seeds[i]) for i in todo))
-    trained = _train(model, [variables[i] for i in todo], [seeds[i] for i in todo],
-                     [stages[i] for i in todo], group, copies=True, epochs=epochs,
-                     batch_size=batch_size, optimizer=optimizer, arrays=arrays, spec=spec,
-                     masks=None, structure=None, step_hook=None, hook_state=None,
-                     callbacks=(), mesh=mesh, eval_batch_size=eval_batch_size,
-                     max_to_keep=max_to_keep, precision=precision)
-    for i, output in zip(todo, trained):
-      outputs[i] = output
-  return outputs
+  if all(checkpoint.is_done(stage) for stage in stages):
+    logging.info('Stages %s are done; using their saved results.', [str(s) for s in stages])
+    return [(checkpoint.load_variables(stage / checkpoint.FINAL, like=v),
+             checkpoint.read_result(stage)) for stage, v in zip(stages, variables)]
+  for stage in stages:
+    stage.mkdir(parents=True, exist_ok=True)
+  # Named by every copy, so a group stopped between its copies' final writes resumes
+  # from its last checkpoint and writes only what is missing.
+  group = checkpoint.stage_path(checkpoint_dir) / ('copies-' + '-'.join(map(str, seeds)))
+  return _train(model, list(variables), list(seeds), stages, group, copies=True, epochs=epochs,
+                batch_size=batch_size, optimizer=optimizer, arrays=arrays, spec=spec,
+                masks=None, structure=None, step_hook=None, hook_state=None, callbacks=(),
+                mesh=mesh, eval_batch_size=eval_batch_size, max_to_keep=max_to_keep,
+                precision=precision)
 
 
 def _train(model, inits, seeds, stages, checkpoint_stage, *, copies: bool, epochs, batch_size,
@@ -748,6 +743,11 @@ def _train(model, inits, seeds, stages, checkpoint_stage, *, copies: bool, epoch
 
   outputs = []
   for i, (stage, history) in enumerate(zip(stages, histories)):
+    variables = _copy(trainer, state.variables, i) if copies else state.variables
+    if checkpoint.is_done(stage):
+      # A copy written before the group stopped: its saved result stands.
+      outputs.append((variables, checkpoint.read_result(stage)))
+      continue
     final = history[-1]
     result = {
         'test_accuracy': final['test_accuracy'], 'test_loss': final['test_loss'],
@@ -755,7 +755,6 @@ def _train(model, inits, seeds, stages, checkpoint_stage, *, copies: bool, epoch
         'epochs': epochs, 'steps': total_steps, 'batch_size': batch_size, 'seed': seeds[i],
         'wall_time_s': final['elapsed_s'],
     }
-    variables = _copy(trainer, state.variables, i) if copies else state.variables
     checkpoint.save_variables(stage / checkpoint.FINAL, variables)
     checkpoint.mark_done(stage, result)
     outputs.append((variables, result))

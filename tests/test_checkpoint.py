@@ -157,6 +157,29 @@ def test_fit_copies_resumed_after_crash_match_uninterrupted_copies(tmp_path, mon
                     tmp_path / 'uninterrupted' / name, expected_variables, expected_result)
 
 
+def test_fit_copies_stopped_between_copies_final_writes_finishes_the_rest(tmp_path, monkeypatch):
+  expected = run_copies(tmp_path / 'uninterrupted')
+  mark_done = checkpoint.mark_done
+
+  def crash_after_first_copy(stage, result):
+    mark_done(stage, result)
+    raise Crash()
+
+  monkeypatch.setattr(checkpoint, 'mark_done', crash_after_first_copy)
+  with pytest.raises(Crash):
+    run_copies(tmp_path / 'crashed')
+  monkeypatch.setattr(checkpoint, 'mark_done', mark_done)
+  assert checkpoint.is_done(tmp_path / 'crashed' / 'a')
+  assert not checkpoint.is_done(tmp_path / 'crashed' / 'b')
+  written = (tmp_path / 'crashed' / 'a' / checkpoint.RESULT).stat().st_mtime_ns
+  resumed = run_copies(tmp_path / 'crashed')
+  assert (tmp_path / 'crashed' / 'a' / checkpoint.RESULT).stat().st_mtime_ns == written
+  for name, (variables, result), (expected_variables, expected_result) in zip(
+      'ab', resumed, expected):
+    assert_same_run(tmp_path / 'crashed' / name, variables, result,
+                    tmp_path / 'uninterrupted' / name, expected_variables, expected_result)
+
+
 def test_result_is_never_overwritten(tmp_path):
   checkpoint.mark_done(tmp_path, {'test_accuracy': 0.5})
   with pytest.raises(FileExistsError):
