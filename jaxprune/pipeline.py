@@ -373,7 +373,11 @@ def _regime_plan(config: Config, regime: str, pruned: regimes.Pruned, dataset):
 def run(config: Config) -> dict:
   """Runs (or resumes) every stage of `config` and returns the results (also in results.json)."""
   validate(config)
-  dataset, arrays = _load_data(config)
+  return _run(config, *_load_data(config))
+
+
+def _run(config: Config, dataset, arrays) -> dict:
+  """`run` on a dataset already loaded (and on the devices) for `config`."""
   workdir = _absolute(config.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   baseline_stage = _baseline_stage(config)
@@ -445,7 +449,7 @@ def _seed_configs(config: Config, seeds: int) -> list[Config]:
       for seed in range(config.seed, config.seed + seeds)]
 
 
-def _train_copies_together(config: Config, copies: list[Config]) -> None:
+def _train_copies_together(config: Config, copies: list[Config], dataset, arrays) -> None:
   """Trains each stage of the copies, vmapped over every set of copies of equal widths.
 
   Leaves every copy's stage directories as `run(copy)` would, so that `run` afterwards
@@ -454,7 +458,6 @@ def _train_copies_together(config: Config, copies: list[Config]) -> None:
   plans have the same widths and length (a per-layer or preset selection gives every
   seed the same widths, a global one usually does not).
   """
-  dataset, arrays = _load_data(config)
   seeds = [c.seed for c in copies]
   baseline_root = _absolute(config.baseline_dir or config.workdir)
   stages = [_baseline_stage(c) for c in copies]
@@ -507,13 +510,16 @@ def run_seeds(config: Config, seeds: int, seed_batching: str = 'auto') -> dict:
   if seeds == 1:
     return run(config)
   validate(config)
+  # The copies differ only in seed and directories: one dataset (a --max_train subset is
+  # the same for every seed) serves them all.
+  dataset, arrays = _load_data(config)
   copies = _seed_configs(config, seeds)
   if batching == 'vmap':
-    _train_copies_together(config, copies)
+    _train_copies_together(config, copies, dataset, arrays)
   per_seed = []
   for c in copies:
     logging.info('Seed %d (%d of %d)', c.seed, c.seed - config.seed + 1, seeds)
-    per_seed.append(run(c))
+    per_seed.append(_run(c, dataset, arrays))
   rows = []
   for i, row in enumerate(per_seed[0]['rows']):
     values = {k: np.array([r['rows'][i][k] for r in per_seed], float)
