@@ -403,6 +403,10 @@ class Trainer:
                                    out_shardings=(self.replicated, self.replicated))
     self.eval_step = compiler.jit(sharded_eval_step, out_shardings=self.replicated)
     self.add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
+    # Copy i of a stacked tree, replicated; one program for every i (jitted, so it also
+    # works on arrays spread over several processes).
+    self.copy_at = jax.jit(lambda tree, i: jax.tree.map(lambda x: x[i], tree),
+                           out_shardings=self.replicated)
 
   def init_state(self, variables, seed) -> TrainState:
     """The initial state, replicated on the mesh.
@@ -743,7 +747,7 @@ def _train(model, inits, seeds, stages, checkpoint_stage, *, copies: bool, epoch
 
   outputs = []
   for i, (stage, history) in enumerate(zip(stages, histories)):
-    variables = _copy(trainer, state.variables, i) if copies else state.variables
+    variables = trainer.copy_at(state.variables, i) if copies else state.variables
     if checkpoint.is_done(stage):
       # A copy written before the group stopped: its saved result stands.
       outputs.append((variables, checkpoint.read_result(stage)))
@@ -764,9 +768,3 @@ def _train(model, inits, seeds, stages, checkpoint_stage, *, copies: bool, epoch
     logging.warning('Preempted after the last step; %s is finished.', checkpoint_stage)
     raise checkpoint.Preempted(total_steps)
   return outputs
-
-
-def _copy(trainer: Trainer, tree, index: int):
-  """Copy `index` of a stacked pytree, replicated (jitted: works on multi-host arrays)."""
-  take = jax.jit(lambda t: jax.tree.map(lambda x: x[index], t), out_shardings=trainer.replicated)
-  return take(tree)
