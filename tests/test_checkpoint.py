@@ -136,48 +136,49 @@ def run_copies(root):
                           checkpoint_dir=root / 'group')
 
 
-def test_fit_copies_resumed_after_crash_match_uninterrupted_copies(tmp_path, monkeypatch):
-  expected = run_copies(tmp_path / 'uninterrupted')
-  write_metrics = checkpoint.write_metrics
+def crash_after_first_call(monkeypatch, name):
+  """Makes checkpoint.<name> do its work once, then raise Crash; returns the undo."""
+  original = getattr(checkpoint, name)
 
-  def crash_after_first_epoch(stage, records):
-    write_metrics(stage, records)
+  def crash(*args):
+    original(*args)
     raise Crash()
 
-  monkeypatch.setattr(checkpoint, 'write_metrics', crash_after_first_epoch)
+  monkeypatch.setattr(checkpoint, name, crash)
+  return lambda: monkeypatch.setattr(checkpoint, name, original)
+
+
+def assert_same_copies(root, resumed, expected_root, expected):
+  for name, (variables, result), (expected_variables, expected_result) in zip(
+      'ab', resumed, expected):
+    assert_same_run(root / name, variables, result, expected_root / name, expected_variables,
+                    expected_result)
+
+
+def test_fit_copies_resumed_after_crash_match_uninterrupted_copies(tmp_path, monkeypatch):
+  expected = run_copies(tmp_path / 'uninterrupted')
+  undo = crash_after_first_call(monkeypatch, 'write_metrics')  # After epoch 1's checkpoint.
   with pytest.raises(Crash):
     run_copies(tmp_path / 'crashed')
-  monkeypatch.setattr(checkpoint, 'write_metrics', write_metrics)
+  undo()
   group = tmp_path / 'crashed' / 'group' / 'copies-3-4'
   assert checkpoint.RunCheckpoints(group).latest_step() == 8
   resumed = run_copies(tmp_path / 'crashed')
-  for name, (variables, result), (expected_variables, expected_result) in zip(
-      'ab', resumed, expected):
-    assert_same_run(tmp_path / 'crashed' / name, variables, result,
-                    tmp_path / 'uninterrupted' / name, expected_variables, expected_result)
+  assert_same_copies(tmp_path / 'crashed', resumed, tmp_path / 'uninterrupted', expected)
 
 
 def test_fit_copies_stopped_between_copies_final_writes_finishes_the_rest(tmp_path, monkeypatch):
   expected = run_copies(tmp_path / 'uninterrupted')
-  mark_done = checkpoint.mark_done
-
-  def crash_after_first_copy(stage, result):
-    mark_done(stage, result)
-    raise Crash()
-
-  monkeypatch.setattr(checkpoint, 'mark_done', crash_after_first_copy)
+  undo = crash_after_first_call(monkeypatch, 'mark_done')  # After copy a's result.json.
   with pytest.raises(Crash):
     run_copies(tmp_path / 'crashed')
-  monkeypatch.setattr(checkpoint, 'mark_done', mark_done)
+  undo()
   assert checkpoint.is_done(tmp_path / 'crashed' / 'a')
   assert not checkpoint.is_done(tmp_path / 'crashed' / 'b')
   written = (tmp_path / 'crashed' / 'a' / checkpoint.RESULT).stat().st_mtime_ns
   resumed = run_copies(tmp_path / 'crashed')
   assert (tmp_path / 'crashed' / 'a' / checkpoint.RESULT).stat().st_mtime_ns == written
-  for name, (variables, result), (expected_variables, expected_result) in zip(
-      'ab', resumed, expected):
-    assert_same_run(tmp_path / 'crashed' / name, variables, result,
-                    tmp_path / 'uninterrupted' / name, expected_variables, expected_result)
+  assert_same_copies(tmp_path / 'crashed', resumed, tmp_path / 'uninterrupted', expected)
 
 
 def test_result_is_never_overwritten(tmp_path):
