@@ -102,6 +102,16 @@ def format_table(rows: list[dict], columns: list[str], floats: str = '.3g') -> s
   return '\n'.join(lines)
 
 
+def torch_device():
+  """PyTorch's device for a reference run: the GPU when it sees one (cudnn autotuning on,
+  as reference training scripts set it), else the CPU. Imports torch (bench-only)."""
+  import torch
+  if torch.cuda.is_available():
+    torch.backends.cudnn.benchmark = True
+    return torch.device('cuda')
+  return torch.device('cpu')
+
+
 def write_json(path: str | None, payload: dict) -> None:
   if not path:
     return

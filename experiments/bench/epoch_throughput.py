@@ -83,9 +83,7 @@ def torch_worker(name: str) -> dict:
   torch.set_num_threads(FLAGS.threads)
   torch.manual_seed(0)
   workers = int(FLAGS.loader_workers[0])
-  device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-  if device.type == 'cuda':
-    torch.backends.cudnn.benchmark = True
+  device = common.torch_device()
   with np.load(FLAGS.data_path) as npz:
     images = npz['train_images'][:FLAGS.images]
     labels = npz['train_labels'][:FLAGS.images].astype(np.int64)

@@ -101,9 +101,7 @@ def torch_worker(name: str) -> dict:
   torch.set_num_threads(FLAGS.threads)
   torch.manual_seed(0)
   # On a GPU box PyTorch trains on the GPU, as jax does; `.item()` below waits for it.
-  device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-  if device.type == 'cuda':
-    torch.backends.cudnn.benchmark = True
+  device = common.torch_device()
   model = torch_models.build(name).to(device).train()
   opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
   images = torch.randn(FLAGS.batch, 3, 32, 32, device=device)
@@ -129,9 +127,8 @@ def torch_worker(name: str) -> dict:
     loss, _ = step()
     times.append(time.perf_counter() - start)
   return {'framework': 'torch', 'conv_impl': '-', 'xla_options': '-', 'precision': 'float32',
-          'compile_s': 0.0,
-          'first_step_s': first,
-          'step_s': times, 'loss': loss, 'torch': torch.__version__, 'device': str(device),
+          'compile_s': 0.0, 'first_step_s': first, 'step_s': times, 'loss': loss,
+          'torch': torch.__version__, 'device': str(device),
           'torch_threads': torch.get_num_threads()}
 
 
@@ -210,7 +207,8 @@ def main(argv):
           'rounds': len(rs),
       })
   columns = ['model', 'framework', 'conv_impl', 'xla_options', 'precision', 'timed_steps',
-             'step_ms', 'step_ms_range', 'images_per_s', 'vs_torch', 'compile_s', 'first_step_s', 'rounds']
+             'step_ms', 'step_ms_range', 'images_per_s', 'vs_torch', 'compile_s',
+             'first_step_s', 'rounds']
   print()
   print(f"batch {FLAGS.batch}, torch float32 with threads {FLAGS.threads}, "
         f"{FLAGS.steps} timed steps after {FLAGS.warmup + 1} warmup ('native' VGG: "
