@@ -7,11 +7,12 @@ bfloat16 for jax) it times
   * jax: `jaxprune.train.Trainer(model, make_optimizer(OptimizerConfig())).train_step`
     (SGD momentum 0.9, weight decay 1e-4, learning rate 0.1 as a step input; donated
     state, BN in train mode, loss + accuracy), once per `--jax_variants` entry
-    'CONV_IMPL/XLA_OPTIONS': JAXPRUNE_CONV_IMPL ('native' is the plain
-    `lax.conv_general_dilated` of nn.Conv; 'auto' is jaxprune's rule) and
+    'CONV_IMPL/XLA_OPTIONS/BATCH_NORM': JAXPRUNE_CONV_IMPL ('native' is the plain
+    `lax.conv_general_dilated` of nn.Conv; 'auto' is jaxprune's rule),
     JAXPRUNE_XLA_OPTIONS ('xla': XLA's default compiler options; 'jaxprune': those of
-    `jaxprune.compiler`). 'native/xla' is the state before any fix, 'auto/jaxprune' the
-    default;
+    `jaxprune.compiler`) and JAXPRUNE_BATCH_NORM ('flax': nn.BatchNorm; 'jaxprune':
+    `jaxprune.models.norm`'s, the default when the third part is left out).
+    'native/xla/flax' is the state before any fix, 'auto/jaxprune/jaxprune' the default;
   * torch: the same network (experiments/bench/torch_models.py) with torch.optim.SGD
     (momentum 0.9, weight decay 1e-4), cross-entropy, `torch.set_num_threads(--threads)`;
     on the GPU when PyTorch sees one (cudnn.benchmark on), else on the CPU.
@@ -35,9 +36,11 @@ import common  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('models', ['vgg16', 'resnet56'], 'Models (jaxprune registry names).')
-flags.DEFINE_list('jax_variants', ['native/xla', 'auto/xla', 'auto/jaxprune'],
-                  "'JAXPRUNE_CONV_IMPL/JAXPRUNE_XLA_OPTIONS' pairs to time jax with "
-                  "('native/xla' = before the fixes, 'auto/jaxprune' = the default).")
+flags.DEFINE_list('jax_variants', ['native/xla/flax', 'auto/xla/flax', 'auto/jaxprune/flax',
+                                    'auto/jaxprune/jaxprune'],
+                  "'JAXPRUNE_CONV_IMPL/JAXPRUNE_XLA_OPTIONS[/JAXPRUNE_BATCH_NORM]' entries to "
+                  "time jax with ('native/xla/flax' = before the fixes, "
+                  "'auto/jaxprune/jaxprune' = the default).")
 flags.DEFINE_list('precisions', ['float32'], "jax's compute dtypes to time (train.PRECISIONS; "
                   "torch always float32).")
 flags.DEFINE_list('frameworks', ['jax', 'torch'], 'Frameworks to time.')
@@ -61,7 +64,7 @@ def jax_worker(name: str) -> dict:
   import numpy as np
 
   from jaxprune import compiler, models, train
-  from jaxprune.models import conv
+  from jaxprune.models import conv, norm
 
   with common.CompileLog() as compiles:
     model = models.build(name)
@@ -91,7 +94,7 @@ def jax_worker(name: str) -> dict:
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
   return {'framework': 'jax', 'conv_impl': conv.current_impl(),
-          'xla_options': compiler.choice(), 'precision': FLAGS.precision, 'compile_s': compile_s,
+          'xla_options': compiler.choice(), 'batch_norm': norm.current_impl(), 'precision': FLAGS.precision, 'compile_s': compile_s,
           'first_step_s': first, 'step_s': times, 'loss': float(metrics['loss'])}
 
 
@@ -126,7 +129,8 @@ def torch_worker(name: str) -> dict:
     start = time.perf_counter()
     loss, _ = step()
     times.append(time.perf_counter() - start)
-  return {'framework': 'torch', 'conv_impl': '-', 'xla_options': '-', 'precision': 'float32',
+  return {'framework': 'torch', 'conv_impl': '-', 'xla_options': '-', 'batch_norm': '-',
+          'precision': 'float32',
           'compile_s': 0.0, 'first_step_s': first, 'step_s': times, 'loss': loss,
           'torch': torch.__version__, 'device': str(device),
           'torch_threads': torch.get_num_threads()}
@@ -141,15 +145,18 @@ def main(argv):
     return
 
   from jaxprune import compiler
-  from jaxprune.models import conv
-  variants = []  # (conv impl, XLA options) of every --jax_variants entry
+  from jaxprune.models import conv, norm
+  variants = []  # (conv impl, XLA options, BatchNorm) of every --jax_variants entry
   for variant in FLAGS.jax_variants:
-    impl, _, options = variant.partition('/')
-    if impl not in conv.IMPLS or options not in compiler.CHOICES:
-      raise app.UsageError(f"--jax_variants entry {variant!r} is not CONV_IMPL/XLA_OPTIONS with "
-                           f"CONV_IMPL in {', '.join(conv.IMPLS)} and XLA_OPTIONS in "
-                           f"{', '.join(compiler.CHOICES)}.")
-    variants.append((impl, options))
+    parts = variant.split('/') + (['jaxprune'] if variant.count('/') == 1 else [])
+    if (len(parts) != 3 or parts[0] not in conv.IMPLS or parts[1] not in compiler.CHOICES
+        or parts[2] not in norm.IMPLS):
+      raise app.UsageError(f"--jax_variants entry {variant!r} is not "
+                           f"CONV_IMPL/XLA_OPTIONS[/BATCH_NORM] with CONV_IMPL in "
+                           f"{', '.join(conv.IMPLS)}, XLA_OPTIONS in "
+                           f"{', '.join(compiler.CHOICES)} and BATCH_NORM in "
+                           f"{', '.join(norm.IMPLS)}.")
+    variants.append(tuple(parts))
   from jaxprune import train
   for precision in FLAGS.precisions:
     if precision not in train.PRECISIONS:
@@ -163,22 +170,23 @@ def main(argv):
   for name in FLAGS.models:
     configs = []
     if 'jax' in FLAGS.frameworks:
-      configs += [('jax', impl, options, precision) for impl, options in variants
-                  for precision in FLAGS.precisions]
+      configs += [('jax', impl, options, batch_norm, precision)
+                  for impl, options, batch_norm in variants for precision in FLAGS.precisions]
     if 'torch' in FLAGS.frameworks:
-      configs.append(('torch', '-', '-', 'float32'))
+      configs.append(('torch', '-', '-', '-', 'float32'))
     for r in range(FLAGS.rounds):
-      for framework, impl, options, precision in configs:
-        env = ({'JAXPRUNE_CONV_IMPL': impl, 'JAXPRUNE_XLA_OPTIONS': options}
-               if framework == 'jax' else {})
+      for framework, impl, options, batch_norm, precision in configs:
+        env = ({'JAXPRUNE_CONV_IMPL': impl, 'JAXPRUNE_XLA_OPTIONS': options,
+                'JAXPRUNE_BATCH_NORM': batch_norm} if framework == 'jax' else {})
         counts = slow if (impl == 'native' and name.startswith('vgg')) else steps
         res = common.run_worker(script, base + counts + [f'--worker={framework}',
                                                          f'--model={name}',
                                                          f'--precision={precision}'], env)
         res.update(model=name, round=r, load_average=os.getloadavg()[0])
         runs.append(res)
-        print(f"{name:9s} {framework:5s} {impl}/{options} {precision} round {r}: median step "
-              f"{common.median(res['step_s']) * 1e3:8.1f} ms, compile {res['compile_s']:.1f} s, "
+        print(f"{name:9s} {framework:5s} {impl}/{options}/{batch_norm} {precision} round {r}: "
+              f"median step {common.median(res['step_s']) * 1e3:8.1f} ms, "
+              f"compile {res['compile_s']:.1f} s, "
               f"load {res['load_average']:.1f}", flush=True)
 
   rows = []
@@ -190,14 +198,14 @@ def main(argv):
     groups = {}
     for r in runs:
       if r['model'] == name:
-        groups.setdefault((r['framework'], r['conv_impl'], r['xla_options'], r['precision']),
-                          []).append(r)
-    for (framework, impl, options, precision), rs in groups.items():
+        key = (r['framework'], r['conv_impl'], r['xla_options'], r['batch_norm'], r['precision'])
+        groups.setdefault(key, []).append(r)
+    for (framework, impl, options, batch_norm, precision), rs in groups.items():
       per_round = [common.median(r['step_s']) for r in rs]
       step = common.median(per_round)
       rows.append({
           'model': name, 'framework': framework, 'conv_impl': impl, 'xla_options': options,
-          'precision': precision, 'timed_steps': len(rs[0]['step_s']),
+          'batch_norm': batch_norm, 'precision': precision, 'timed_steps': len(rs[0]['step_s']),
           'step_ms': step * 1e3,
           'step_ms_range': f"{min(per_round) * 1e3:.0f}-{max(per_round) * 1e3:.0f}",
           'images_per_s': FLAGS.batch / step,
@@ -206,7 +214,8 @@ def main(argv):
           'first_step_s': common.median([r['first_step_s'] for r in rs]),
           'rounds': len(rs),
       })
-  columns = ['model', 'framework', 'conv_impl', 'xla_options', 'precision', 'timed_steps',
+  columns = ['model', 'framework', 'conv_impl', 'xla_options', 'batch_norm', 'precision',
+             'timed_steps',
              'step_ms', 'step_ms_range', 'images_per_s', 'vs_torch', 'compile_s',
              'first_step_s', 'rounds']
   print()

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxprune.errors import ConfigError
+from jaxprune.models import norm
 from jaxprune.models.conv import Conv
 
 # Collection holding, for channel-selection layers, the indices of the stream
@@ -29,10 +30,11 @@ _OFFSETS: contextvars.ContextVar = contextvars.ContextVar('activation_offsets', 
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-def batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
-  # momentum 0.9 here is PyTorch's momentum 0.1, the papers' setting.
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                      name=name)
+def batch_norm(train: bool, name: str | None = None) -> norm.BatchNorm | nn.BatchNorm:
+  # momentum 0.9 here is PyTorch's momentum 0.1, the papers' setting. norm.BatchNorm is
+  # nn.BatchNorm's function and variables with a backward pass of fewer memory passes.
+  module = norm.BatchNorm if norm.current_impl() == 'jaxprune' else nn.BatchNorm
+  return module(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
 def conv(features: int, kernel: int, stride: int = 1, name: str | None = None) -> Conv:

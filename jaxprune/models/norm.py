@@ -1,0 +1,132 @@
+"""BatchNorm with a hand-written backward pass: nn.BatchNorm's numbers, fewer memory passes.
+
+`BatchNorm` has exactly nn.BatchNorm's variables (params 'scale', 'bias'; batch_stats
+'mean', 'var', float32) and computes what jaxprune's models use of it: normalisation over
+every axis but the last, batch statistics in training mode (E[x^2] - E[x]^2 clipped at 0,
+in float32 whatever the input dtype), running averages updated after initialisation,
+running statistics otherwise, the output in the input's and parameters' dtype.
+
+Why not nn.BatchNorm itself: the backward pass JAX derives from it keeps x - mean as an
+extra full-size tensor from the forward pass and spends three reductions and two
+elementwise passes per layer. `batch_norm_train`'s custom VJP needs two reductions
+(sum dy, sum dy * (x - mean)) and one elementwise pass, from x and four per-channel
+vectors. A channel-pruning study trains small CIFAR networks whose activations are large
+next to their convolutions, so these passes are a visible share of a step: ResNet-56's
+train step on a 2-core CPU took 855-868 ms with it against 926-987 ms with nn.BatchNorm
+(batch 128, two alternating rounds; experiments/bench/README.md, section 2), and VGG-16's
+was unchanged.
+
+The gradient is the exact derivative of the same function, including the cotangents of
+the returned mean and variance and the clip at zero; tests/test_models.py compares it with
+nn.BatchNorm's to float tolerance. JAXPRUNE_BATCH_NORM=flax builds nn.BatchNorm instead
+('jaxprune', the default, is this module); like the convolution choice it is read while
+tracing.
+"""
+
+import functools
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxprune.errors import ConfigError
+
+IMPLS = ('jaxprune', 'flax')
+ENV_VAR = 'JAXPRUNE_BATCH_NORM'
+
+
+def current_impl() -> str:
+  """JAXPRUNE_BATCH_NORM, checked: 'jaxprune' (the default) or 'flax'."""
+  value = os.environ.get(ENV_VAR, '').strip().lower() or 'jaxprune'
+  if value not in IMPLS:
+    raise ConfigError(f"{ENV_VAR}={value!r} is not a BatchNorm implementation; choose one "
+                      f"of {', '.join(IMPLS)}.")
+  return value
+
+
+def _axes(x) -> tuple[int, ...]:
+  return tuple(range(x.ndim - 1))
+
+
+def _statistics(x32):
+  """Batch mean, the clipped variance, and whether the clip left it positive (float32)."""
+  mean = jnp.mean(x32, _axes(x32))
+  raw_var = jnp.mean(jnp.square(x32), _axes(x32)) - jnp.square(mean)
+  return mean, jnp.maximum(raw_var, 0.), raw_var > 0
+
+
+def _out_dtype(x, scale, bias):
+  return jnp.result_type(x, scale, bias)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x, scale, bias, epsilon: float):
+  """Training-mode BatchNorm over all axes but the last: (y, batch mean, batch variance)."""
+  (y, mean, var), _ = _forward(x, scale, bias, epsilon)
+  return y, mean, var
+
+
+def _forward(x, scale, bias, epsilon):
+  x32 = x.astype(jnp.float32)
+  mean, var, positive = _statistics(x32)
+  rstd = lax.rsqrt(var + epsilon)
+  multiplier = scale.astype(jnp.float32) * rstd
+  y = ((x32 - mean) * multiplier + bias.astype(jnp.float32)).astype(_out_dtype(x, scale, bias))
+  return (y, mean, var), (x, mean, rstd, positive, scale, bias)
+
+
+def _backward(epsilon, residuals, cotangents):
+  del epsilon  # Only through rstd, which the residuals carry.
+  x, mean, rstd, positive, scale, bias = residuals
+  dy, dmean, dvar = cotangents
+  x32, dy32 = x.astype(jnp.float32), dy.astype(jnp.float32)
+  count = x.size // x.shape[-1]
+  centered = x32 - mean
+  sum_dy = jnp.sum(dy32, _axes(x))
+  dscale = rstd * jnp.sum(dy32 * centered, _axes(x))
+  scale32 = scale.astype(jnp.float32)
+  multiplier = scale32 * rstd
+  # y depends on var through rstd; the clip at zero passes no gradient where it acted.
+  dvar_total = jnp.where(positive, dvar - 0.5 * jnp.square(rstd) * scale32 * dscale, 0.)
+  # x reaches the loss through y directly, the mean, and var = E[x^2] - mean^2:
+  # dx = multiplier * dy + (dmean - multiplier * sum_dy) / n + 2 dvar_total (x - mean) / n.
+  dx = (multiplier * dy32 + (dmean - multiplier * sum_dy) / count
+        + (2. / count) * dvar_total * centered)
+  return dx.astype(x.dtype), dscale.astype(scale.dtype), sum_dy.astype(bias.dtype)
+
+
+batch_norm_train.defvjp(_forward, _backward)
+
+
+class BatchNorm(nn.Module):
+  """nn.BatchNorm's variables and function (last-axis features), trained through
+  `batch_norm_train`.
+
+  Attributes:
+    use_running_average: normalise with the running statistics (evaluation) instead of
+      the batch's (training, which also updates them).
+    momentum: running average decay (0.9 = PyTorch's momentum 0.1).
+    epsilon: added to the variance.
+  """
+  use_running_average: bool = False
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    features = (x.shape[-1],)
+    running_mean = self.variable('batch_stats', 'mean', jnp.zeros, features, jnp.float32)
+    running_var = self.variable('batch_stats', 'var', jnp.ones, features, jnp.float32)
+    scale = self.param('scale', nn.initializers.ones, features, jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, features, jnp.float32)
+    if self.use_running_average:
+      multiplier = scale * lax.rsqrt(running_var.value + self.epsilon)
+      y = (x.astype(jnp.float32) - running_mean.value) * multiplier + bias
+      return y.astype(_out_dtype(x, scale, bias))
+    y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
+    if not self.is_initializing():
+      running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+      running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
+    return y
