@@ -12,9 +12,9 @@ elementwise passes per layer. `batch_norm_train`'s custom VJP needs two reductio
 (sum dy, sum dy * (x - mean)) and one elementwise pass, from x and four per-channel
 vectors. A channel-pruning study trains small CIFAR networks whose activations are large
 next to their convolutions, so these passes are a visible share of a step: ResNet-56's
-train step on a 2-core CPU took 855-868 ms with it against 926-987 ms with nn.BatchNorm
-(batch 128, two alternating rounds; experiments/bench/README.md, section 2), and VGG-16's
-was unchanged.
+train step on a 2-core CPU took 1041 ms with it against 1103 ms with nn.BatchNorm, VGG-16's
+1160 against 1188 ms (batch 128, medians of three alternating rounds;
+experiments/bench/README.md, section 2).
 
 The gradient is the exact derivative of the same function, including the cotangents of
 the returned mean and variance and the clip at zero; tests/test_models.py compares it with
