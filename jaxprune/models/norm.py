@@ -74,6 +74,7 @@ def _forward(x, scale, bias, epsilon):
   rstd = lax.rsqrt(var + epsilon)
   multiplier = scale.astype(jnp.float32) * rstd
   y = ((x32 - mean) * multiplier + bias.astype(jnp.float32)).astype(_out_dtype(x, scale, bias))
+  # bias rides along for its dtype only (its gradient, sum dy, needs nothing else of it).
   return (y, mean, var), (x, mean, rstd, positive, scale, bias)
 
 
