@@ -94,8 +94,9 @@ def jax_worker(name: str) -> dict:
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
   return {'framework': 'jax', 'conv_impl': conv.current_impl(),
-          'xla_options': compiler.choice(), 'batch_norm': norm.current_impl(), 'precision': FLAGS.precision, 'compile_s': compile_s,
-          'first_step_s': first, 'step_s': times, 'loss': float(metrics['loss'])}
+          'xla_options': compiler.choice(), 'batch_norm': norm.current_impl(),
+          'precision': FLAGS.precision, 'compile_s': compile_s, 'first_step_s': first,
+          'step_s': times, 'loss': float(metrics['loss'])}
 
 
 def torch_worker(name: str) -> dict:
@@ -130,8 +131,8 @@ def torch_worker(name: str) -> dict:
     loss, _ = step()
     times.append(time.perf_counter() - start)
   return {'framework': 'torch', 'conv_impl': '-', 'xla_options': '-', 'batch_norm': '-',
-          'precision': 'float32',
-          'compile_s': 0.0, 'first_step_s': first, 'step_s': times, 'loss': loss,
+          'precision': 'float32', 'compile_s': 0.0, 'first_step_s': first, 'step_s': times,
+          'loss': loss,
           'torch': torch.__version__, 'device': str(device),
           'torch_threads': torch.get_num_threads()}
 
