@@ -137,6 +137,11 @@ def run_worker(script: str, args: list[str], env: dict | None = None, timeout: f
   return json.loads(last)
 
 
+def reply(result: dict) -> None:
+  """A worker's side of `run_worker`: prints `result` as the JSON line its parent reads."""
+  print(json.dumps(result), flush=True)
+
+
 def timed(fn, *args, repeats: int) -> list[float]:
   """Seconds of `repeats` calls of fn(*args), each waited for."""
   out = []

@@ -92,9 +92,8 @@ def torch_worker() -> dict:
 
 def main(argv):
   del argv
-  import json
   if FLAGS.worker:
-    print(json.dumps(torch_worker()))
+    common.reply(torch_worker())
     return
   torch_ms = {}
   if FLAGS.torch:

@@ -138,10 +138,8 @@ class _AugmentedCifar:
 
 def main(argv):
   del argv
-  import json
   if FLAGS.worker:
-    out = (jax_worker if FLAGS.worker == 'jax' else torch_worker)(FLAGS.model)
-    print(json.dumps(out))
+    common.reply((jax_worker if FLAGS.worker == 'jax' else torch_worker)(FLAGS.model))
     return
   if FLAGS.epochs < 2:
     raise app.UsageError(f'--epochs must be at least 2 (the first is the warm-up), got '

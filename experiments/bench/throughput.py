@@ -139,10 +139,8 @@ def torch_worker(name: str) -> dict:
 
 def main(argv):
   del argv
-  import json
   if FLAGS.worker:
-    out = (jax_worker if FLAGS.worker == 'jax' else torch_worker)(FLAGS.model)
-    print(json.dumps(out))
+    common.reply((jax_worker if FLAGS.worker == 'jax' else torch_worker)(FLAGS.model))
     return
 
   from jaxprune import compiler
