@@ -137,6 +137,28 @@ def run_worker(script: str, args: list[str], env: dict | None = None, timeout: f
   return json.loads(last)
 
 
+def check_models(models: list[str], frameworks: list[str]) -> None:
+  """absl's UsageError naming a --frameworks entry other than jax or torch, or the --models
+  entries that cannot be timed in `frameworks`.
+
+  jax times any registered jaxprune model; torch only those with a twin in torch_models.
+  """
+  from absl import app
+
+  from jaxprune import models as registry
+  unknown = sorted(set(frameworks) - {'jax', 'torch'})
+  if unknown:
+    raise app.UsageError(f'--frameworks {unknown} are not jax or torch.')
+  allowed = set(registry.MODELS)
+  if 'torch' in frameworks:
+    import torch_models
+    allowed &= set(torch_models.MODELS)
+  unknown = [m for m in models if m not in allowed]
+  if unknown:
+    raise app.UsageError(f"--models {unknown} cannot be timed with --frameworks "
+                         f"{','.join(frameworks)}; choose from {', '.join(sorted(allowed))}.")
+
+
 def reply(result: dict) -> None:
   """A worker's side of `run_worker`: prints `result` as the JSON line its parent reads."""
   print(json.dumps(result), flush=True)

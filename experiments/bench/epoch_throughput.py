@@ -144,9 +144,7 @@ def main(argv):
   if FLAGS.epochs < 2:
     raise app.UsageError(f'--epochs must be at least 2 (the first is the warm-up), got '
                          f'{FLAGS.epochs}.')
-  unknown = sorted(set(FLAGS.frameworks) - {'jax', 'torch'})
-  if unknown:
-    raise app.UsageError(f'--frameworks {unknown} are not jax or torch.')
+  common.check_models(FLAGS.models, FLAGS.frameworks)
   try:
     workers = [int(w) for w in FLAGS.loader_workers]
   except ValueError:

@@ -142,6 +142,7 @@ def main(argv):
   if FLAGS.worker:
     common.reply((jax_worker if FLAGS.worker == 'jax' else torch_worker)(FLAGS.model))
     return
+  common.check_models(FLAGS.models, FLAGS.frameworks)
 
   from jaxprune import compiler
   from jaxprune.models import conv, norm
