@@ -57,8 +57,11 @@ def _statistics(x32):
   return mean, jnp.maximum(raw_var, 0.), raw_var > 0
 
 
-def _out_dtype(x, scale, bias):
-  return jnp.result_type(x, scale, bias)
+def _normalize(x, mean, rstd, scale, bias):
+  """(x - mean) * rstd * scale + bias in float32, in the dtype of x and the parameters."""
+  y = (x.astype(jnp.float32) - mean) * (scale.astype(jnp.float32) * rstd) + bias.astype(
+      jnp.float32)
+  return y.astype(jnp.result_type(x, scale, bias))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -72,8 +75,7 @@ def _forward(x, scale, bias, epsilon):
   x32 = x.astype(jnp.float32)
   mean, var, positive = _statistics(x32)
   rstd = lax.rsqrt(var + epsilon)
-  multiplier = scale.astype(jnp.float32) * rstd
-  y = ((x32 - mean) * multiplier + bias.astype(jnp.float32)).astype(_out_dtype(x, scale, bias))
+  y = _normalize(x, mean, rstd, scale, bias)
   # bias rides along for its dtype only (its gradient, sum dy, needs nothing else of it).
   return (y, mean, var), (x, mean, rstd, positive, scale, bias)
 
@@ -123,9 +125,8 @@ class BatchNorm(nn.Module):
     scale = self.param('scale', nn.initializers.ones, features, jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, features, jnp.float32)
     if self.use_running_average:
-      multiplier = scale * lax.rsqrt(running_var.value + self.epsilon)
-      y = (x.astype(jnp.float32) - running_mean.value) * multiplier + bias
-      return y.astype(_out_dtype(x, scale, bias))
+      return _normalize(x, running_mean.value, lax.rsqrt(running_var.value + self.epsilon),
+                        scale, bias)
     y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
     if not self.is_initializing():
       running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
