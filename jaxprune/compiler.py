@@ -15,10 +15,16 @@ is compiled with `compiler_options()`: on the CPU backend {ynn fusion types: red
 only}; elsewhere nothing. The convolution rule in `jaxprune.models.conv` was measured
 under these options.
 
+Programs that run once per model (`jit_once`: initialising the variables) add
+{xla_backend_optimization_level: 1} on the CPU: a lower LLVM optimisation level compiled
+resnet20's init in 1.4 s against 3.6 s, and every variable of resnet20, vgg16,
+densenet40 and wrn16_2 came out bitwise the same. Steps that run thousands of times keep
+XLA's full optimisation.
+
 Overrides: a user who sets the same option in XLA_FLAGS keeps their setting (jaxprune
 then passes nothing for it), and JAXPRUNE_XLA_OPTIONS=xla passes no options at all
 (XLA's defaults; 'jaxprune', the default, is the behaviour above). A jaxlib that does not
-know the option is probed once and gets no options.
+know an option is probed once and gets no options.
 """
 
 import functools
@@ -34,6 +40,7 @@ ENV_VAR = 'JAXPRUNE_XLA_OPTIONS'
 CHOICES = ('jaxprune', 'xla')
 YNN_FUSION_TYPES = 'xla_cpu_experimental_ynn_fusion_type'
 CPU_OPTIONS = {YNN_FUSION_TYPES: 'LIBRARY_FUSION_TYPE_REDUCE'}
+CPU_ONCE_OPTIONS = {**CPU_OPTIONS, 'xla_backend_optimization_level': 1}
 
 
 def choice() -> str:
@@ -54,12 +61,16 @@ def _accepted(options: tuple) -> bool:
   return True
 
 
-def compiler_options(backend: str | None = None) -> dict:
-  """The compiler options for jitting model code on `backend` (default: JAX's default)."""
+def compiler_options(backend: str | None = None, once: bool = False) -> dict:
+  """The compiler options for jitting model code on `backend` (default: JAX's default).
+
+  `once`: for a program that runs once per model (see the module docstring).
+  """
   if choice() == 'xla' or (backend or jax.default_backend()) != 'cpu':
     return {}
   user_flags = os.environ.get('XLA_FLAGS', '')
-  options = {k: v for k, v in CPU_OPTIONS.items() if f'--{k}' not in user_flags}
+  wanted = CPU_ONCE_OPTIONS if once else CPU_OPTIONS
+  options = {k: v for k, v in wanted.items() if f'--{k}' not in user_flags}
   if not options or not _accepted(tuple(sorted(options.items()))):
     return {}
   return options
@@ -68,3 +79,8 @@ def compiler_options(backend: str | None = None) -> dict:
 def jit(fun: Callable, **jit_kwargs) -> Callable:
   """`jax.jit(fun, **jit_kwargs)` compiled with `compiler_options()`."""
   return jax.jit(fun, compiler_options=compiler_options(), **jit_kwargs)
+
+
+def jit_once(fun: Callable, **jit_kwargs) -> Callable:
+  """`jax.jit(fun, **jit_kwargs)` for a program that runs once: `compiler_options(once=True)`."""
+  return jax.jit(fun, compiler_options=compiler_options(once=True), **jit_kwargs)

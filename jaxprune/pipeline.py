@@ -191,7 +191,7 @@ def _baseline_start(config: Config, dataset, stage: epath.Path):
   if init_path.exists():
     init = checkpoint.load_variables(init_path, like=like)
   else:
-    init = model.init(jax.random.key(config.seed), x)
+    init = models.init(model, jax.random.key(config.seed), dataset.image_shape)
     checkpoint.save_variables(init_path, init)
   return model, init
 

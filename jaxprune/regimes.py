@@ -72,7 +72,7 @@ def scratch_b_epochs(epochs: int, macs_full: int, macs_pruned: int, cap: float |
 
 def _fresh(model_name: str, num_classes: int, widths, like, image_shape, rng) -> dict:
   model = models.build(model_name, num_classes, widths)
-  variables = dict(model.init(rng, np.zeros((1,) + tuple(image_shape), np.float32)))
+  variables = dict(models.init(model, rng, image_shape))
   if like is not None and INDICES in like:
     # Which stream channels a selection layer reads is architecture, not weights.
     variables[INDICES] = like[INDICES]

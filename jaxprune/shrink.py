@@ -2,7 +2,6 @@
 
 from typing import Mapping
 
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -55,8 +54,11 @@ def shrink(structure: Structure, variables: Mapping, masks: Mapping):
   flat = traverse_util.flatten_dict(variables)
   out = {}
   for key, value in flat.items():
-    for axis, tag in enumerate(structure.axes[key]):
-      if tag in removing:
-        value = jnp.take(value, removing[tag], axis=axis)
+    axes = [(axis, tag) for axis, tag in enumerate(structure.axes[key]) if tag in removing]
+    if axes:
+      # On the host: `jnp.take` would compile one program per leaf shape and index count.
+      value = np.asarray(value)
+      for axis, tag in axes:
+        value = np.take(value, removing[tag], axis=axis)
     out[key] = value
   return widths, traverse_util.unflatten_dict(out), kept

@@ -77,8 +77,10 @@ def create_state(variables: Mapping, tx: optax.GradientTransformation, seed: int
   rest = dict(variables)
   params = rest.pop('params')
   batch_stats = rest.pop('batch_stats', {})
+  # Jitted: called eagerly, tx.init compiles a program per distinct leaf shape.
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                    constants=rest, opt_state=tx.init(params), rng=jax.random.PRNGKey(seed))
+                    constants=rest, opt_state=jax.jit(tx.init)(params),
+                    rng=jax.random.PRNGKey(seed))
 
 
 # ----------------------------------------------------------------------------- optimizer

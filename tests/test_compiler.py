@@ -24,6 +24,17 @@ def test_cpu_gets_reductions_only_library_fusions():
       'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_REDUCE'}
 
 
+@on_cpu
+def test_programs_that_run_once_also_get_a_lower_optimisation_level(monkeypatch):
+  assert compiler.compiler_options(once=True) == {
+      'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_REDUCE',
+      'xla_backend_optimization_level': 1}
+  monkeypatch.setenv('XLA_FLAGS', '--xla_backend_optimization_level=3')
+  assert compiler.compiler_options(once=True) == {
+      'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_REDUCE'}
+  assert compiler.compiler_options('gpu', once=True) == {}
+
+
 def test_other_backends_get_no_options():
   for backend in ('gpu', 'tpu', 'cuda', 'rocm'):
     assert compiler.compiler_options(backend) == {}
@@ -70,7 +81,7 @@ def test_jit_with_options_computes_the_same_values():
 def test_trainer_steps_compile_with_the_options(monkeypatch):
   # An option XLA rejects makes the first call fail, so the steps must carry the options.
   monkeypatch.setattr(compiler, 'compiler_options',
-                      lambda backend=None: {'xla_cpu_no_such_option_jaxprune': 'true'})
+                      lambda backend=None, once=False: {'xla_cpu_no_such_option_jaxprune': 'true'})
   model = models.build('tiny', num_classes=3)
   images = jnp.zeros((4, 8, 8, 3))
   variables = model.init(jax.random.key(0), images[:1])

@@ -9,7 +9,10 @@ import functools
 from typing import Callable, Mapping
 
 import flax.linen as nn
+import jax
+import numpy as np
 
+from jaxprune import compiler
 from jaxprune.errors import choose
 from jaxprune.models.densenet import DenseNet
 from jaxprune.models.resnet import PreResNet, ResNet, WideResNet
@@ -31,6 +34,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     'densenet40': functools.partial(DenseNet, depth=40),
 }
 
+_INITS: dict[str, Callable] = {}
+
 
 def build(name: str, num_classes: int = 10, widths: Mapping[str, int] | None = None) -> nn.Module:
   """Returns the registered model `name`, with default widths unless `widths` is given."""
@@ -41,3 +46,20 @@ def build(name: str, num_classes: int = 10, widths: Mapping[str, int] | None = N
 def widths_of(model: nn.Module) -> dict[str, int]:
   """The widths a model is built with (its defaults when none were given)."""
   return dict(model.widths) if model.widths is not None else model.default_widths()
+
+
+def init(model: nn.Module, rng: jax.Array, image_shape) -> dict:
+  """The model's initial variables for (H, W, C) images, made by one compiled program.
+
+  Called eagerly, `model.init` compiles every primitive of every layer as a program of its
+  own (about 80 programs for resnet20, most of a one-shot pipeline run's compiles outside
+  training; experiments/bench/compiles.py). Here it is one program per model and widths,
+  compiled for a single run (`compiler.jit_once`). The values equal eager init's to float
+  rounding (the fused program rounds a few initialisers' last bit differently).
+  """
+  # Keyed by repr: modules with a widths dict do not hash, and a new jit of `model.init` (a
+  # new bound method each time) would compile again for every seed of the same model.
+  key = repr(model)
+  if key not in _INITS:
+    _INITS[key] = compiler.jit_once(model.init)
+  return _INITS[key](rng, np.zeros((1,) + tuple(image_shape), np.float32))
