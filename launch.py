@@ -11,7 +11,7 @@ import sys
 
 from absl import app, flags, logging
 
-from jaxprune import criteria, data, models, pipeline, regimes, select, train
+from jaxprune import compiler, criteria, data, models, pipeline, regimes, select, train
 from jaxprune.errors import ConfigError
 
 
@@ -74,6 +74,10 @@ flags.DEFINE_integer('seeds', 1, 'Train this many independent copies (seeds --se
 flags.DEFINE_string('seed_batching', 'auto', 'How --seeds>1 copies train: ' + '; '.join(
     f'{k}: {v}' for k, v in pipeline.SEED_BATCHING.items()) + '.')
 flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() (TPU pods).')
+flags.DEFINE_string('compilation_cache_dir', None, 'Persistent compilation cache (local path or '
+                    'gs://): runs of the same model and widths load compiled steps instead of '
+                    'compiling them. Default: $JAX_COMPILATION_CACHE_DIR if set, else '
+                    f"{compiler.DEFAULT_CACHE_DIR}; '' turns it off.")
 
 
 def config_from_flags() -> pipeline.Config:
@@ -100,6 +104,7 @@ def main(argv):
   if FLAGS.multihost:
     train.initialize_multihost()
   try:
+    compiler.use_persistent_cache(FLAGS.compilation_cache_dir)
     results = pipeline.run_seeds(config_from_flags(), FLAGS.seeds, FLAGS.seed_batching)
   except ConfigError as error:
     sys.exit(f'error: {error}')

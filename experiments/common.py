@@ -68,6 +68,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--lr', type=float, default=None)
   parser.add_argument('--max_train', type=int, default=None)
   parser.add_argument('--finetune_epochs', type=int, default=None)
+  parser.add_argument('--compilation_cache_dir', default=None,
+                      help='Persistent compilation cache (launch.py\'s flag of the same name; '
+                           "'' turns it off).")
   parser.add_argument('--dry_run', action='store_true',
                       help='Print the planned runs and their budgets; run nothing.')
 
@@ -237,6 +240,8 @@ def _plan_and_execute(experiment: str, plan: Callable, args) -> list:
     return runs
   sys.stdout.flush()
   _quiet_logging()
+  from jaxprune import compiler
+  compiler.use_persistent_cache(args.compilation_cache_dir)
   return execute(experiment, runs, log=lambda s: print(s, flush=True))
 
 

@@ -21,6 +21,15 @@ resnet20's init in 1.4 s against 3.6 s, and every variable of resnet20, vgg16,
 densenet40 and wrn16_2 came out bitwise the same. Steps that run thousands of times keep
 XLA's full optimisation.
 
+Compiled programs also persist across processes (`use_persistent_cache`, on in launch.py
+and the experiment drivers by default): JAX's compilation cache in a directory, so a run
+of the same model and widths (another seed, criterion or sweep point that keeps the
+baseline, a preempted run that restarts) loads its train and eval steps instead of
+compiling them. JAX stores the programs that took at least a second to compile
+(`jax_persistent_cache_min_compile_time_secs`); the key covers the program, these options
+and the jaxlib version. Measured: the README quick start took 37.3 s with an empty cache
+and 22.8 s with the cache the first run filled (1.5 MB), same table.
+
 Overrides: a user who sets the same option in XLA_FLAGS keeps their setting (jaxprune
 then passes nothing for it), and JAXPRUNE_XLA_OPTIONS=xla passes no options at all
 (XLA's defaults; 'jaxprune', the default, is the behaviour above). A jaxlib that does not
@@ -37,6 +46,8 @@ import jax.numpy as jnp
 from jaxprune.errors import ConfigError
 
 ENV_VAR = 'JAXPRUNE_XLA_OPTIONS'
+CACHE_ENV_VAR = 'JAX_COMPILATION_CACHE_DIR'
+DEFAULT_CACHE_DIR = '~/.cache/jaxprune/xla'
 CHOICES = ('jaxprune', 'xla')
 YNN_FUSION_TYPES = 'xla_cpu_experimental_ynn_fusion_type'
 CPU_OPTIONS = {YNN_FUSION_TYPES: 'LIBRARY_FUSION_TYPE_REDUCE'}
@@ -84,3 +95,25 @@ def jit(fun: Callable, **jit_kwargs) -> Callable:
 def jit_once(fun: Callable, **jit_kwargs) -> Callable:
   """`jax.jit(fun, **jit_kwargs)` for a program that runs once: `compiler_options(once=True)`."""
   return jax.jit(fun, compiler_options=compiler_options(once=True), **jit_kwargs)
+
+
+def use_persistent_cache(directory: str | None = None) -> str:
+  """Turns on JAX's persistent compilation cache in `directory`; returns the directory used.
+
+  None: JAX_COMPILATION_CACHE_DIR when set, else DEFAULT_CACHE_DIR. '': no cache (also when
+  JAX_COMPILATION_CACHE_DIR is set). Call it before anything compiles: JAX decides once per
+  process whether it uses the cache.
+  """
+  if directory is None:
+    directory = os.environ.get(CACHE_ENV_VAR) or DEFAULT_CACHE_DIR
+  if not directory:
+    jax.config.update('jax_enable_compilation_cache', False)
+    return ''
+  if '://' not in directory:
+    directory = os.path.expanduser(directory)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+      raise ConfigError(f"compilation cache directory {directory!r} is a file; give a "
+                        "directory, or '' for no cache.")
+  jax.config.update('jax_enable_compilation_cache', True)
+  jax.config.update('jax_compilation_cache_dir', directory)
+  return directory

@@ -1,5 +1,7 @@
 """Compiler options: what each backend gets, the overrides, and that jitted model code uses them."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,3 +92,25 @@ def test_trainer_steps_compile_with_the_options(monkeypatch):
   batch = trainer.shard_batch({'image': images, 'label': jnp.zeros((4,), jnp.int32)})
   with pytest.raises(jax.errors.JaxRuntimeError, match='xla_cpu_no_such_option_jaxprune'):
     trainer.train_step(state, batch, None, np.float32(0.1))
+
+
+@pytest.fixture
+def restored_cache_config():
+  names = ('jax_enable_compilation_cache', 'jax_compilation_cache_dir')
+  before = {name: getattr(jax.config, name) for name in names}
+  yield
+  for name, value in before.items():
+    jax.config.update(name, value)
+
+
+def test_persistent_cache_directory_flag_then_environment_then_default(
+    monkeypatch, tmp_path, restored_cache_config):
+  monkeypatch.delenv(compiler.CACHE_ENV_VAR, raising=False)
+  assert compiler.use_persistent_cache(None) == os.path.expanduser(compiler.DEFAULT_CACHE_DIR)
+  monkeypatch.setenv(compiler.CACHE_ENV_VAR, str(tmp_path / 'env'))
+  assert compiler.use_persistent_cache(None) == str(tmp_path / 'env')
+  assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'env')
+  assert compiler.use_persistent_cache(str(tmp_path / 'flag')) == str(tmp_path / 'flag')
+  assert jax.config.jax_enable_compilation_cache
+  assert compiler.use_persistent_cache('') == ''
+  assert not jax.config.jax_enable_compilation_cache

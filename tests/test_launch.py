@@ -18,9 +18,43 @@ QUICK = ['--model=tiny', '--epochs=1', '--batch_size=32', '--max_train=256',
          '--finetune_epochs=1']
 
 
-def launch(*flags, workdir):
+def launch(*flags, workdir, env=None):
+  # No persistent compilation cache unless a test names one: each run compiles, as the
+  # compile-counting tests expect, and nothing is written outside tmp_path.
+  if not any(f.startswith('--compilation_cache_dir') for f in flags):
+    flags += ('--compilation_cache_dir=',)
   return subprocess.run([sys.executable, str(ROOT / 'launch.py'), f'--workdir={workdir}', *flags],
-                        capture_output=True, text=True, cwd=ROOT, timeout=600)
+                        capture_output=True, text=True, cwd=ROOT, timeout=600,
+                        env=None if env is None else {**os.environ, **env})
+
+
+def test_a_second_run_loads_compiled_programs_from_the_cache(tmp_path):
+  cache = tmp_path / 'cache'
+  # Every program is stored, however fast it compiled (the default keeps those over 1 s).
+  env = {'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0', 'JAX_LOG_COMPILES': '1'}
+  flags = (*QUICK, '--regime=scratch', f'--compilation_cache_dir={cache}')
+  first = launch(*flags, workdir=tmp_path / 'first', env=env)
+  assert first.returncode == 0, first.stderr[-2000:]
+  assert any(cache.iterdir())
+  second = launch(*flags, workdir=tmp_path / 'second', env=env)
+  assert second.returncode == 0, second.stderr[-2000:]
+  # The baseline's and the pruned network's train steps: compiled by the first run, loaded
+  # by the second.
+  hit = "Persistent compilation cache hit for 'jit_sharded_train_step'"
+  assert (first.stderr.count(hit), second.stderr.count(hit)) == (0, 2)
+  rows = [json.loads((tmp_path / run / 'results.json').read_text())['rows']
+          for run in ('first', 'second')]
+  assert [r['test_accuracy'] for r in rows[0]] == [r['test_accuracy'] for r in rows[1]]
+
+
+def test_a_compilation_cache_path_that_is_a_file_is_one_sentence(tmp_path):
+  (tmp_path / 'file').write_text('')
+  run = launch(*QUICK, f'--compilation_cache_dir={tmp_path / "file"}', workdir=tmp_path / 'w')
+  assert run.returncode == 1
+  assert run.stderr.strip().splitlines()[-1] == (
+      f"error: compilation cache directory '{tmp_path / 'file'}' is a file; give a directory, "
+      "or '' for no cache.")
+  assert not (tmp_path / 'w').exists()
 
 
 def test_all_regimes_run_and_report(tmp_path):
@@ -165,7 +199,8 @@ def test_sigkill_then_rerun_resumes_to_the_uninterrupted_result(tmp_path):
   expected = json.loads((tmp_path / 'reference' / 'results.json').read_text())['rows']
   for trial in range(3):
     workdir = tmp_path / f'killed{trial}'
-    proc = subprocess.Popen([sys.executable, str(ROOT / 'launch.py'), f'--workdir={workdir}', *flags],
+    proc = subprocess.Popen([sys.executable, str(ROOT / 'launch.py'), f'--workdir={workdir}', *flags,
+                             '--compilation_cache_dir='],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(random.uniform(8, 25))
     proc.send_signal(signal.SIGKILL)

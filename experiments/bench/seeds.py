@@ -12,8 +12,12 @@ in a temporary work directory:
              equal widths train as one vmapped program, `train.fit_copies`).
 Wall seconds are measured around the processes, so the separate runs pay their start-up
 (Python, imports, loading the npz) and their compilations N times, as they do in use.
-Train-step compilations are counted from JAX's compile log (JAX_LOG_COMPILES=1, set for
-all): `Compiling sharded_train_step` lines in each process's stderr. The per-seed test
+The separate runs go twice: without a persistent compilation cache
+(`--compilation_cache_dir=`), and sharing one that starts empty, as launch.py's default
+cache directory makes successive runs do; loop and vmap each start with an empty cache of
+their own. Train-step compilations are counted from JAX's compile log (JAX_LOG_COMPILES=1,
+set for all): `Compiling sharded_train_step` lines in each process's stderr, less the
+persistent cache's hits for it (reported apart). The per-seed test
 accuracies are compared with the separate runs': loop promises the same numbers, vmap
 the same up to float rounding (the largest difference is printed).
 """
@@ -50,10 +54,10 @@ flags.DEFINE_string('out', None, 'Write the table as JSON here.')
 STEP = 'sharded_train_step'
 
 
-def launch(workdir: str, *extra: str) -> dict:
+def launch(workdir: str, cache: str, *extra: str) -> dict:
   """Runs launch.py once; its wall seconds, train-step compiles and per-seed accuracies."""
   args = [sys.executable, os.path.join(ROOT, 'launch.py'), f'--workdir={workdir}',
-          f'--model={FLAGS.model}', '--dataset=npz', f'--data_path={FLAGS.data_path}',
+          f'--compilation_cache_dir={cache}', f'--model={FLAGS.model}', '--dataset=npz', f'--data_path={FLAGS.data_path}',
           f'--max_train={FLAGS.max_train}', f'--epochs={FLAGS.epochs}',
           f'--batch_size={FLAGS.batch_size}', f'--criterion={FLAGS.criterion}',
           f'--selection={FLAGS.selection}', f'--regime={FLAGS.regime}', *extra]
@@ -63,12 +67,23 @@ def launch(workdir: str, *extra: str) -> dict:
   wall = time.perf_counter() - start
   if proc.returncode != 0:
     raise RuntimeError(f'launch.py {extra} failed:\n{proc.stderr[-4000:]}')
-  compiles = sum(1 for line in proc.stderr.splitlines() if 'Compiling' in line and STEP in line)
+  lines = proc.stderr.splitlines()
+  traced = sum(1 for line in lines if 'Compiling' in line and STEP in line)
+  hits = sum(1 for line in lines if 'Persistent compilation cache hit' in line and STEP in line)
   with open(os.path.join(workdir, 'results.json')) as f:
     results = json.load(f)
   per_seed = results.get('per_seed', [results])
   accuracies = [[row['test_accuracy'] for row in r['rows']] for r in per_seed]
-  return {'wall_s': wall, 'train_step_compiles': compiles, 'accuracies': accuracies}
+  return {'wall_s': wall, 'train_step_compiles': traced - hits, 'train_step_cache_hits': hits,
+          'accuracies': accuracies}
+
+
+def _total(runs: list[dict]) -> dict:
+  """Separate runs as one row: summed seconds and compiles, accuracies in seed order."""
+  return {'wall_s': sum(r['wall_s'] for r in runs),
+          'train_step_compiles': sum(r['train_step_compiles'] for r in runs),
+          'train_step_cache_hits': sum(r['train_step_cache_hits'] for r in runs),
+          'accuracies': [a for r in runs for a in r['accuracies']]}
 
 
 def main(argv):
@@ -76,26 +91,33 @@ def main(argv):
   import jax
   load_before = os.getloadavg()
   with tempfile.TemporaryDirectory() as tmp:
-    separate = [launch(os.path.join(tmp, f'separate{seed}'), f'--seed={seed}')
+    separate = [launch(os.path.join(tmp, f'separate{seed}'), '', f'--seed={seed}')
                 for seed in range(FLAGS.seeds)]
-    ways = {way: launch(os.path.join(tmp, way), f'--seeds={FLAGS.seeds}',
-                        f'--seed_batching={way}') for way in ('loop', 'vmap')}
+    shared_cache = os.path.join(tmp, 'cache_separate')
+    cached = [launch(os.path.join(tmp, f'cached{seed}'), shared_cache, f'--seed={seed}')
+              for seed in range(FLAGS.seeds)]
+    ways = {way: launch(os.path.join(tmp, way), os.path.join(tmp, f'cache_{way}'),
+                        f'--seeds={FLAGS.seeds}', f'--seed_batching={way}')
+            for way in ('loop', 'vmap')}
   separate_s = sum(r['wall_s'] for r in separate)
   separate_accuracies = np.array([a for r in separate for a in r['accuracies']])
-  rows = [{'runs': f'{FLAGS.seeds} x --seed=i', 'wall_s': separate_s, 'vs_separate': 1.0,
-           'train_step_compiles': sum(r['train_step_compiles'] for r in separate),
-           'max_accuracy_difference': 0.0}]
-  for way, r in ways.items():
-    rows.append({'runs': f'--seeds={FLAGS.seeds} --seed_batching={way}', 'wall_s': r['wall_s'],
-                 'vs_separate': separate_s / r['wall_s'],
+  rows = []
+  for name, r in ((f'{FLAGS.seeds} x --seed=i, no cache', _total(separate)),
+                  (f'{FLAGS.seeds} x --seed=i, one cache', _total(cached)),
+                  *((f'--seeds={FLAGS.seeds} --seed_batching={way}', r)
+                    for way, r in ways.items())):
+    rows.append({'runs': name, 'wall_s': r['wall_s'], 'vs_separate': separate_s / r['wall_s'],
                  'train_step_compiles': r['train_step_compiles'],
+                 'train_step_cache_hits': r['train_step_cache_hits'],
                  'max_accuracy_difference': float(np.max(np.abs(
                      np.array(r['accuracies']) - separate_accuracies)))})
   each = ', '.join(format(r['wall_s'], '.1f') for r in separate)
+  each_cached = ', '.join(format(r['wall_s'], '.1f') for r in cached)
   print()
   print(f"launch.py on the CIFAR-10 sample ({FLAGS.model}, {FLAGS.epochs} epoch(s), "
         f"{FLAGS.max_train} images, {FLAGS.criterion}, {FLAGS.selection}, {FLAGS.regime}, "
-        f"batch {FLAGS.batch_size}), backend {jax.default_backend()}; separate runs: {each} s")
+        f"batch {FLAGS.batch_size}), backend {jax.default_backend()}; separate runs: {each} s "
+        f"(no cache), {each_cached} s (one cache)")
   print(common.format_table(rows, list(rows[0])))
   common.write_json(FLAGS.out, {'machine': common.machine(), 'load_average_before': load_before,
                                 'settings': {k: FLAGS[k].value for k in (
@@ -103,6 +125,7 @@ def main(argv):
                                     'selection', 'regime', 'seeds')},
                                 'rows': rows,
                                 'separate_wall_s': [r['wall_s'] for r in separate],
+                                'cached_separate_wall_s': [r['wall_s'] for r in cached],
                                 'separate_train_step_compiles': [r['train_step_compiles']
                                                                  for r in separate],
                                 'accuracies': {'separate': separate_accuracies.tolist(),
