@@ -42,6 +42,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from jaxprune.errors import ConfigError
 
@@ -101,8 +102,9 @@ def use_persistent_cache(directory: str | None = None) -> str:
   """Turns on JAX's persistent compilation cache in `directory`; returns the directory used.
 
   None: JAX_COMPILATION_CACHE_DIR when set, else DEFAULT_CACHE_DIR. '': no cache (also when
-  JAX_COMPILATION_CACHE_DIR is set). Call it before anything compiles: JAX decides once per
-  process whether it uses the cache.
+  JAX_COMPILATION_CACHE_DIR is set). A local directory that cannot be created logs one
+  warning and leaves the cache off (returns ''); a path that is a file is a ConfigError.
+  Call it before anything compiles: JAX decides once per process whether it uses the cache.
   """
   if directory is None:
     directory = os.environ.get(CACHE_ENV_VAR) or DEFAULT_CACHE_DIR
@@ -114,6 +116,14 @@ def use_persistent_cache(directory: str | None = None) -> str:
     if os.path.exists(directory) and not os.path.isdir(directory):
       raise ConfigError(f"compilation cache directory {directory!r} is a file; give a "
                         "directory, or '' for no cache.")
+    try:
+      os.makedirs(directory, exist_ok=True)
+    except OSError as error:
+      # The cache only saves time: the run goes on, compiling everything.
+      logging.warning('Cannot create the compilation cache directory %r (%s); compiling '
+                      'without a persistent cache.', directory, error.strerror or error)
+      jax.config.update('jax_enable_compilation_cache', False)
+      return ''
   jax.config.update('jax_enable_compilation_cache', True)
   jax.config.update('jax_compilation_cache_dir', directory)
   return directory

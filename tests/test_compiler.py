@@ -114,3 +114,12 @@ def test_persistent_cache_directory_flag_then_environment_then_default(
   assert jax.config.jax_enable_compilation_cache
   assert compiler.use_persistent_cache('') == ''
   assert not jax.config.jax_enable_compilation_cache
+
+
+def test_a_cache_directory_that_cannot_be_created_leaves_the_cache_off(
+    tmp_path, restored_cache_config):
+  (tmp_path / 'file').write_text('')
+  assert compiler.use_persistent_cache(str(tmp_path / 'file' / 'cache')) == ''
+  assert not jax.config.jax_enable_compilation_cache
+  with pytest.raises(ConfigError, match=r"compilation cache directory '.*file' is a file"):
+    compiler.use_persistent_cache(str(tmp_path / 'file'))
