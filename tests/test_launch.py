@@ -18,13 +18,20 @@ QUICK = ['--model=tiny', '--epochs=1', '--batch_size=32', '--max_train=256',
          '--finetune_epochs=1']
 
 
-def launch(*flags, workdir, env=None):
-  # No persistent compilation cache unless a test names one: each run compiles, as the
-  # compile-counting tests expect, and nothing is written outside tmp_path.
+def command(*flags, workdir) -> list[str]:
+  """The launch.py command line for `flags`.
+
+  No persistent compilation cache unless a test names one: each run compiles, as the
+  compile-counting tests expect, and nothing is written outside tmp_path.
+  """
   if not any(f.startswith('--compilation_cache_dir') for f in flags):
     flags += ('--compilation_cache_dir=',)
-  return subprocess.run([sys.executable, str(ROOT / 'launch.py'), f'--workdir={workdir}', *flags],
-                        capture_output=True, text=True, cwd=ROOT, timeout=600,
+  return [sys.executable, str(ROOT / 'launch.py'), f'--workdir={workdir}', *flags]
+
+
+def launch(*flags, workdir, env=None):
+  return subprocess.run(command(*flags, workdir=workdir), capture_output=True, text=True,
+                        cwd=ROOT, timeout=600,
                         env=None if env is None else {**os.environ, **env})
 
 
@@ -199,9 +206,8 @@ def test_sigkill_then_rerun_resumes_to_the_uninterrupted_result(tmp_path):
   expected = json.loads((tmp_path / 'reference' / 'results.json').read_text())['rows']
   for trial in range(3):
     workdir = tmp_path / f'killed{trial}'
-    proc = subprocess.Popen([sys.executable, str(ROOT / 'launch.py'), f'--workdir={workdir}', *flags,
-                             '--compilation_cache_dir='],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command(*flags, workdir=workdir), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(random.uniform(8, 25))
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -1,7 +1,8 @@
 """The foundation contract: masks, derived structure, shrinking and cost counting."""
 
 import functools
-
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,9 @@ from flax import traverse_util
 from jaxprune import flops, models, shrink, structure
 from jaxprune.models import layers
 from jaxprune.errors import ConfigError
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments.bench.common import CompileLog  # noqa: E402
 
 # One small member of every family runs in CI; the large ones run with -m slow.
 FAST_MODELS = ['tiny', 'vgg11', 'vgg11_mlp', 'resnet20', 'preresnet11', 'wrn16_2', 'densenet10']
@@ -88,30 +92,12 @@ def test_shrinking_with_all_ones_masks_returns_identical_variables(name):
   assert all(np.array_equal(kept[g], np.arange(struct.widths[g])) for g in struct.prunable)
 
 
-class CompileCount:
-  """How many XLA compilations happen while active (jax.monitoring)."""
-  EVENT = '/jax/core/compile/backend_compile_duration'
-
-  def __enter__(self):
-    self.names = []
-    self._active = True
-    jax.monitoring.register_event_duration_secs_listener(self._listen)
-    return self
-
-  def _listen(self, event, duration, **kwargs):
-    if event == self.EVENT and self._active:
-      self.names.append(kwargs.get('fun_name', '?'))
-
-  def __exit__(self, *exc):
-    self._active = False
-
-
 def test_shrink_compiles_nothing():
   _, _, struct, variables = setup('resnet20')
   masks = random_masks(struct, 0.5, np.random.default_rng(1), False)
-  with CompileCount() as compiles:
+  with CompileLog() as compiles:
     shrink.shrink(struct, variables, masks)
-  assert compiles.names == []
+  assert compiles.events == []
 
 
 @pytest.mark.parametrize('name', ['resnet20', 'densenet10'])
@@ -119,14 +105,15 @@ def test_init_is_one_program_per_model_and_matches_eager_init(name):
   # Widths no other test initialises, so that nothing is cached yet.
   widths = {g: max(1, w - 3) for g, w in models.build(name).default_widths().items()}
   eager = models.build(name, widths=widths).init(jax.random.key(5), jnp.zeros((1, 8, 8, 3)))
-  with CompileCount() as compiles:
+  with CompileLog() as compiles:
     for seed in (5, 6, 7):  # a fresh module each time, as each seed of a run builds one
       got = models.init(models.build(name, widths=widths), jax.random.key(seed), (8, 8, 3))
       if seed == 5:
         first = got
   # (compiler.compiler_options may compile its one-time probe of the options too.)
-  assert [n for n in compiles.names if 'init' in n] == ['jit(init)']
-  assert len([n for n in compiles.names if 'init' not in n]) <= 1
+  names = [name for name, _ in compiles.events]
+  assert [n for n in names if 'init' in n] == ['jit(init)']
+  assert len([n for n in names if 'init' not in n]) <= 1
   assert jax.tree.structure(first) == jax.tree.structure(eager)
   for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(eager)):
     assert a.dtype == b.dtype and a.shape == b.shape

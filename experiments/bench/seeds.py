@@ -99,10 +99,11 @@ def main(argv):
     ways = {way: launch(os.path.join(tmp, way), os.path.join(tmp, f'cache_{way}'),
                         f'--seeds={FLAGS.seeds}', f'--seed_batching={way}')
             for way in ('loop', 'vmap')}
-  separate_s = sum(r['wall_s'] for r in separate)
-  separate_accuracies = np.array([a for r in separate for a in r['accuracies']])
+  separate_total = _total(separate)
+  separate_s = separate_total['wall_s']
+  separate_accuracies = np.array(separate_total['accuracies'])
   rows = []
-  for name, r in ((f'{FLAGS.seeds} x --seed=i, no cache', _total(separate)),
+  for name, r in ((f'{FLAGS.seeds} x --seed=i, no cache', separate_total),
                   (f'{FLAGS.seeds} x --seed=i, one cache', _total(cached)),
                   *((f'--seeds={FLAGS.seeds} --seed_batching={way}', r)
                     for way, r in ways.items())):
