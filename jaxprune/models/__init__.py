@@ -52,8 +52,9 @@ def init(model: nn.Module, rng: jax.Array, image_shape) -> dict:
   """The model's initial variables for (H, W, C) images, made by one compiled program.
 
   Called eagerly, `model.init` compiles every primitive of every layer as a program of its
-  own (about 80 programs for resnet20, most of a one-shot pipeline run's compiles outside
-  training; experiments/bench/compiles.py). Here it is one program per model and widths,
+  own: resnet20's first init in a process compiled 111 programs in 8.4 s, and most of a
+  one-shot pipeline run's compiles outside training were such (experiments/bench/
+  compiles.py, README section 4). Here it is one program per model and widths,
   compiled for a single run (`compiler.jit_once`). The values equal eager init's to float
   rounding (the fused program rounds a few initialisers' last bit differently).
   """
