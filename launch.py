@@ -6,12 +6,11 @@ Every stage lives in --workdir and resumes after a crash or preemption; rerunnin
 finished command only prints its summary. Stored settings: --flagfile=FILE.
 """
 
-import json
 import sys
 
 from absl import app, flags, logging
 
-from jaxprune import compiler, criteria, data, models, pipeline, regimes, select, train
+from jaxprune import compiler, criteria, data, models, pipeline, select, train
 from jaxprune.errors import ConfigError
 
 

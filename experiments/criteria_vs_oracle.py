@@ -45,7 +45,6 @@ def plan(args) -> list:
 def measure(config, criteria_names, batches: int) -> dict:
   import numpy as np
   from jaxprune import agreement, criteria, data, pipeline, structure
-  from jaxprune import checkpoint, models  # noqa: F401  (the baseline stage needs them)
   from etils import epath
   dataset = data.load(config.dataset, data_path=config.data_path, data_dir=config.data_dir,
                       max_train=config.max_train)

@@ -192,7 +192,7 @@ def random_vs_criterion(snaps, out, write):
   for s in snaps:
     base[(s['config']['baseline_dir'] or s['_dir'], _seed(s))] = _baseline(s)['test_accuracy']
   model = sorted({s['config']['model'] for s in snaps})
-  text = [f'# random_vs_criterion\n',
+  text = ['# random_vs_criterion\n',
           f"Model(s): {', '.join(model)}; unpruned baselines: {pm(base.values())} % over "
           f"{len(base)} seeds. {wall_time_line(snaps)}\n",
           stand_in_line('random_vs_criterion', snaps).rstrip('\n') + '\n',

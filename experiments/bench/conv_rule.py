@@ -102,7 +102,6 @@ def main(argv):
         f"--passes={','.join(FLAGS.passes)}", '--worker'] + (
         [f'--shapes={FLAGS.shapes}'] if FLAGS.shapes else []))
   import jax
-  import jax.numpy as jnp
 
   from jaxprune import compiler
   from jaxprune.models import conv

@@ -45,7 +45,6 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   import jax
-  import jax.numpy as jnp
 
   from jaxprune import compiler, criteria, flops, models, select, shrink, structure
 

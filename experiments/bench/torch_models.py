@@ -6,7 +6,6 @@ global average pooling and a Linear head; the ResNet's shortcut is the parameter
 subsample + zero-pad ("option A"). The library never imports torch; only the benchmark does.
 """
 
-import torch
 from torch import nn
 from torch.nn import functional as F
 
