@@ -132,6 +132,10 @@ def run_worker(script: str, args: list[str], env: dict | None = None, timeout: f
   proc = subprocess.run([sys.executable, script] + args, env=full_env, capture_output=True,
                         text=True, timeout=timeout)
   if proc.returncode != 0:
+    last_line = (proc.stderr.strip().splitlines() or [''])[-1]
+    if last_line.startswith('error: '):
+      # A bad setting the worker reported in one sentence (`run`): pass it on as it is.
+      sys.exit(last_line)
     raise RuntimeError(f'worker {args} failed:\n{proc.stderr[-4000:]}')
   last = [line for line in proc.stdout.splitlines() if line.startswith('{')][-1]
   return json.loads(last)
@@ -179,3 +183,20 @@ def stopwatch(into: dict, key: str):
   start = time.perf_counter()
   yield
   into[key] = time.perf_counter() - start
+
+
+def run(main) -> None:
+  """`app.run(main)`, with a bad setting that jaxprune rejects (an unknown model, criterion
+  or regime, a MACs target outside (0, 1], ...) printed as its one-sentence ConfigError
+  instead of a traceback."""
+  from absl import app
+
+  from jaxprune.errors import ConfigError
+
+  def guarded(argv):
+    try:
+      return main(argv)
+    except ConfigError as error:
+      sys.exit(f'error: {error}')
+
+  app.run(guarded)

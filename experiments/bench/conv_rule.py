@@ -31,7 +31,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer('batch', 128, 'Batch size.')
 flags.DEFINE_integer('reps', 5, 'Timed repetitions per pass and formulation.')
 flags.DEFINE_list('formulations', None, 'Formulations to time (default: all).')
-flags.DEFINE_list('passes', ['fwd', 'dx', 'dk'], 'Passes to time.')
+PASSES = ('fwd', 'dx', 'dk')
+flags.DEFINE_list('passes', list(PASSES), f"Passes to time: {', '.join(PASSES)}.")
 flags.DEFINE_string('shapes', None, "Only these 'size:cin:cout:kernel:stride' entries, "
                     "semicolon-separated (default: VGG-16's and ResNet-56's).")
 flags.DEFINE_bool('torch', False, "Also time PyTorch's conv2d passes (NCHW, its own process, "
@@ -51,9 +52,21 @@ SHAPES = {
 }
 
 
+def _parse_shapes(text: str) -> list[tuple[int, ...]]:
+  shapes = []
+  for entry in text.split(';'):
+    parts = entry.split(':')
+    if len(parts) != 5 or not all(p.isdigit() and int(p) > 0 for p in parts):
+      raise app.UsageError(f"--shapes entry {entry!r} is not 'size:cin:cout:kernel:stride' "
+                       'with five positive integers, e.g. 32:16:16:3:1.')
+    shapes.append(tuple(int(p) for p in parts))
+  return shapes
+
+
+
 def _selected_shapes() -> dict:
   if FLAGS.shapes:
-    return {tuple(int(v) for v in s.split(':')): '-' for s in FLAGS.shapes.split(';')}
+    return {shape: '-' for shape in _parse_shapes(FLAGS.shapes)}
   return SHAPES
 
 
@@ -92,6 +105,10 @@ def torch_worker() -> dict:
 
 def main(argv):
   del argv
+  unknown = [p for p in FLAGS.passes if p not in PASSES]
+  if unknown:
+    raise app.UsageError(f"--passes {unknown} are not among {', '.join(PASSES)}.")
+  _selected_shapes()
   if FLAGS.worker:
     common.reply(torch_worker())
     return
@@ -107,6 +124,10 @@ def main(argv):
   from jaxprune.models import conv
 
   names = FLAGS.formulations or list(conv.FORMULATIONS)
+  unknown = [name for name in names if name not in conv.FORMULATIONS]
+  if unknown:
+    raise app.UsageError(f"--formulations {unknown} are not among "
+                         f"{', '.join(conv.FORMULATIONS)}.")
   shapes = _selected_shapes()
   rows = []
   for (size, cin, cout, k, s), used_by in shapes.items():
@@ -156,4 +177,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  common.run(main)

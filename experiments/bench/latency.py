@@ -17,13 +17,14 @@ median latency, and ok = latency_ratio <= 1.1 x macs_ratio (shrinking delivers, 
 the speed-up its MACs promise).
 """
 
+import functools
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 
 import common  # noqa: E402
 
@@ -37,6 +38,20 @@ flags.DEFINE_list('round_to', ['1', '8'],
                   'Also time every pruning level with widths rounded up to these multiples '
                   '(select round_to; 1 = exact widths).')
 flags.DEFINE_string('out', None, 'Write the table as JSON here.')
+
+
+def _all(parse, low, high, values) -> bool:
+  try:
+    return all(low < parse(v) <= high for v in values)
+  except ValueError:
+    return False
+
+
+for _name in ('vgg_targets', 'resnet_targets'):
+  flags.register_validator(_name, functools.partial(_all, float, 0, 1),
+                           f'--{_name} entries are fractions of the MACs in (0, 1], e.g. 0.5,0.25.')
+flags.register_validator('round_to', functools.partial(_all, int, 0, float('inf')),
+                         '--round_to entries are whole numbers >= 1, e.g. 1,8.')
 
 PRESETS = {'vgg16': ['vgg16_a'], 'resnet56': ['resnet56_a', 'resnet56_b']}
 
@@ -99,4 +114,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  common.run(main)

@@ -1,0 +1,34 @@
+"""The benchmark scripts answer a bad setting with one sentence, not a traceback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                     'experiments', 'bench')
+
+
+def bench(script, *args):
+  proc = subprocess.run([sys.executable, os.path.join(BENCH, script), *args],
+                        capture_output=True, text=True, timeout=300)
+  return proc.returncode, proc.stderr
+
+
+@pytest.mark.parametrize('script, args, sentence', [
+    ('latency.py', ['--models=foo'], "error: unknown model 'foo'; choose one of:"),
+    ('latency.py', ['--vgg_targets=0.5,abc'],
+     '--vgg_targets entries are fractions of the MACs in (0, 1], e.g. 0.5,0.25.'),
+    ('latency.py', ['--round_to=0'], '--round_to entries are whole numbers >= 1, e.g. 1,8.'),
+    ('conv_rule.py', ['--shapes=32x32x16'],
+     "--shapes entry '32x32x16' is not 'size:cin:cout:kernel:stride'"),
+    ('conv_rule.py', ['--passes=fwd,dw'], "--passes ['dw'] are not among fwd, dx, dk."),
+    # compiles.py runs each pipeline in a worker process: the worker's sentence is passed on.
+    ('compiles.py', ['--regime=bogus'], "error: unknown regime 'bogus'; choose one of:"),
+])
+def test_a_bad_setting_is_one_sentence(script, args, sentence):
+  returncode, stderr = bench(script, *args)
+  assert returncode != 0
+  assert sentence in stderr
+  assert 'Traceback' not in stderr
