@@ -28,8 +28,8 @@ from absl import app, flags  # noqa: E402
 import common  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer('batch', 128, 'Batch size.')
-flags.DEFINE_integer('reps', 5, 'Timed repetitions per pass and formulation.')
+flags.DEFINE_integer('batch', 128, 'Batch size.', lower_bound=1)
+flags.DEFINE_integer('reps', 5, 'Timed repetitions per pass and formulation.', lower_bound=1)
 flags.DEFINE_list('formulations', None, 'Formulations to time (default: all).')
 PASSES = ('fwd', 'dx', 'dk')
 flags.DEFINE_list('passes', list(PASSES), f"Passes to time: {', '.join(PASSES)}.")
@@ -37,7 +37,8 @@ flags.DEFINE_string('shapes', None, "Only these 'size:cin:cout:kernel:stride' en
                     "semicolon-separated (default: VGG-16's and ResNet-56's).")
 flags.DEFINE_bool('torch', False, "Also time PyTorch's conv2d passes (NCHW, its own process, "
                   '--threads threads) as a reference column.')
-flags.DEFINE_integer('threads', len(os.sched_getaffinity(0)), 'torch.set_num_threads.')
+flags.DEFINE_integer('threads', len(os.sched_getaffinity(0)), 'torch.set_num_threads.',
+                     lower_bound=1)
 flags.DEFINE_string('out', None, 'Write the table as JSON here.')
 flags.DEFINE_bool('worker', False, 'Internal: time the PyTorch passes and print them as JSON.')
 

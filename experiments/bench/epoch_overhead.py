@@ -31,11 +31,13 @@ import common  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('model', 'resnet20', 'Model.')
-flags.DEFINE_integer('batch_size', 128, 'Batch size.')
-flags.DEFINE_integer('steps_per_epoch', 12, 'Training batches per epoch.')
-flags.DEFINE_integer('test_size', 512, 'Test images (evaluated after every epoch).')
-flags.DEFINE_integer('epochs', 4, 'Epochs of fit (the first is excluded from the medians).')
-flags.DEFINE_integer('reps', 8, 'Pure-step repetitions before and after the fit (each).')
+flags.DEFINE_integer('batch_size', 128, 'Batch size.', lower_bound=1)
+flags.DEFINE_integer('steps_per_epoch', 12, 'Training batches per epoch.', lower_bound=1)
+flags.DEFINE_integer('test_size', 512, 'Test images (evaluated after every epoch).', lower_bound=1)
+flags.DEFINE_integer('epochs', 4, 'Epochs of fit (the first is excluded from the medians).',
+                     lower_bound=1)
+flags.DEFINE_integer('reps', 8, 'Pure-step repetitions before and after the fit (each).',
+                     lower_bound=1)
 flags.DEFINE_string('out', None, 'Write the table as JSON here.')
 
 

@@ -41,12 +41,15 @@ flags.DEFINE_list('models', ['vgg16', 'resnet56'], 'Models (jaxprune registry na
 flags.DEFINE_list('frameworks', ['jax', 'torch'], 'Frameworks to time.')
 flags.DEFINE_string('data_path', '/work/shared/data/cifar10_sample.npz',
                     'The CIFAR-10 sample (.npz: uint8 NHWC train/test images and labels).')
-flags.DEFINE_integer('images', 2048, 'Training images per epoch (the first N of the npz).')
-flags.DEFINE_integer('batch', 128, 'Batch size.')
+flags.DEFINE_integer('images', 2048, 'Training images per epoch (the first N of the npz).',
+                     lower_bound=1)
+flags.DEFINE_integer('batch', 128, 'Batch size.', lower_bound=1)
 flags.DEFINE_integer('epochs', 3, 'Epochs per measurement; the first is the warm-up.')
-flags.DEFINE_integer('rounds', 2, 'Alternating rounds (one process per framework and round).')
+flags.DEFINE_integer('rounds', 2, 'Alternating rounds (one process per framework and round).',
+                     lower_bound=1)
 flags.DEFINE_integer('threads', len(os.sched_getaffinity(0)),
-                     'torch.set_num_threads; XLA uses one thread per available core.')
+                     'torch.set_num_threads; XLA uses one thread per available core.',
+                     lower_bound=1)
 flags.DEFINE_list('loader_workers', sorted({0, min(4, len(os.sched_getaffinity(0)))}),
                   'PyTorch DataLoader worker processes: one torch measurement per entry '
                   '(0 loads in the training process).')

@@ -29,8 +29,8 @@ from absl import flags, logging  # noqa: E402
 import common  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer('batch', 128, 'Batch size.')
-flags.DEFINE_integer('reps', 7, 'Timed round-robin repetitions.')
+flags.DEFINE_integer('batch', 128, 'Batch size.', lower_bound=1)
+flags.DEFINE_integer('reps', 7, 'Timed round-robin repetitions.', lower_bound=1)
 flags.DEFINE_list('vgg_targets', ['0.5', '0.25'], 'Global MACs targets for VGG-16.')
 flags.DEFINE_list('resnet_targets', ['0.75', '0.5', '0.25'], 'Global MACs targets for ResNet-56.')
 flags.DEFINE_list('models', ['vgg16', 'resnet56'], 'Models.')

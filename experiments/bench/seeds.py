@@ -41,9 +41,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('seeds', 5, 'Seeds: the --seeds=N runs against N separate runs.')
 flags.DEFINE_string('model', 'resnet20', 'Model.')
-flags.DEFINE_integer('epochs', 1, 'Baseline (and scratch) epochs.')
-flags.DEFINE_integer('max_train', 256, 'Training images used (of the sample\'s 10000).')
-flags.DEFINE_integer('batch_size', 128, 'Batch size (training and evaluation).')
+flags.DEFINE_integer('epochs', 1, 'Baseline (and scratch) epochs.', lower_bound=1)
+flags.DEFINE_integer('max_train', 256, 'Training images used (of the sample\'s 10000).',
+                     lower_bound=1)
+flags.DEFINE_integer('batch_size', 128, 'Batch size (training and evaluation).', lower_bound=1)
 flags.DEFINE_string('criterion', 'l1', 'Criterion (l1: data-free, so scoring costs little).')
 flags.DEFINE_string('selection', 'global_l2', 'Selection policy (launch.py\'s default).')
 flags.DEFINE_string('regime', 'scratch', 'Retraining regime.')

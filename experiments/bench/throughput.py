@@ -44,14 +44,17 @@ flags.DEFINE_list('jax_variants', ['native/xla/flax', 'auto/xla/flax', 'auto/jax
 flags.DEFINE_list('precisions', ['float32'], "jax's compute dtypes to time (train.PRECISIONS; "
                   "torch always float32).")
 flags.DEFINE_list('frameworks', ['jax', 'torch'], 'Frameworks to time.')
-flags.DEFINE_integer('batch', 128, 'Batch size.')
-flags.DEFINE_integer('warmup', 2, 'Untimed steps after the first (compiling) one.')
-flags.DEFINE_integer('steps', 6, 'Timed steps per measurement.')
+flags.DEFINE_integer('batch', 128, 'Batch size.', lower_bound=1)
+flags.DEFINE_integer('warmup', 2, 'Untimed steps after the first (compiling) one.', lower_bound=0)
+flags.DEFINE_integer('steps', 6, 'Timed steps per measurement.', lower_bound=1)
 flags.DEFINE_integer('native_steps', 2, "Timed steps (and no extra warmup) for conv_impl "
-                     "'native' on VGG, whose 2x2 convolutions take tens of seconds per step.")
-flags.DEFINE_integer('rounds', 3, 'Alternating rounds (one process per framework and round).')
+                     "'native' on VGG, whose 2x2 convolutions take tens of seconds per step.",
+                     lower_bound=1)
+flags.DEFINE_integer('rounds', 3, 'Alternating rounds (one process per framework and round).',
+                     lower_bound=1)
 flags.DEFINE_integer('threads', len(os.sched_getaffinity(0)),
-                     'torch.set_num_threads; XLA uses one thread per available core.')
+                     'torch.set_num_threads; XLA uses one thread per available core.',
+                     lower_bound=1)
 flags.DEFINE_string('out', None, 'Write the table as JSON here.')
 flags.DEFINE_string('worker', None, 'Internal: run one measurement (jax or torch).')
 flags.DEFINE_string('model', None, 'Internal: the worker\'s model.')
