@@ -131,6 +131,9 @@ def validate(config: Config) -> None:
   for name in ('lr', 'finetune_lr'):
     if getattr(config, name) <= 0:
       raise ConfigError(f"--{name} must be positive, got {getattr(config, name)}.")
+  for name in ('weight_decay', 'bn_l1'):
+    if getattr(config, name) < 0:
+      raise ConfigError(f"--{name} must be at least 0, got {getattr(config, name)}.")
   if config.scratch_b_cap is not None and config.scratch_b_cap < 1:
     raise ConfigError(f"--scratch_b_cap must be at least 1 (a multiple of --epochs), got "
                       f"{config.scratch_b_cap}.")
