@@ -77,7 +77,12 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 def seeds_of(args) -> tuple[int, ...]:
   if args.seeds:
-    return tuple(int(s) for s in args.seeds.split(','))
+    entries = args.seeds.split(',')
+    if not all(entry.strip().isdigit() for entry in entries):
+      from jaxprune.errors import ConfigError
+      raise ConfigError(f"--seeds {args.seeds!r} is not a comma-separated list of whole "
+                        "numbers >= 0, e.g. 0,1,2.")
+    return tuple(int(entry) for entry in entries)
   return MINI_SEEDS if args.scale == 'mini' else FULL_SEEDS
 
 

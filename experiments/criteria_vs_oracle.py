@@ -17,6 +17,7 @@ mini: resnet8 (baselines shared with random_vs_criterion); full: vgg16 on CIFAR-
 import argparse
 import json
 import os
+import sys
 import time
 
 from experiments import common
@@ -95,6 +96,15 @@ def main(argv=None):
   parser.add_argument('--criteria', default=','.join(CRITERIA))
   parser.add_argument('--batches', type=int, default=4, help='Scoring batches per criterion.')
   args = parser.parse_args(argv)
+  from jaxprune.errors import ConfigError
+  try:
+    return _plan_and_measure(args)
+  except ConfigError as error:
+    # One sentence, no traceback; every finished agreement.json is already on disk.
+    sys.exit(f'error: {error}')
+
+
+def _plan_and_measure(args) -> list:
   names = common.csv_list(args.criteria)
   planned = plan(args)
   print(f'{EXPERIMENT} at scale {args.scale}: {len(planned)} runs under {args.root}')

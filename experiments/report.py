@@ -19,6 +19,7 @@ import io
 import json
 import math
 import os
+import sys
 from collections import defaultdict
 
 import numpy as np
@@ -493,6 +494,11 @@ def main(argv=None):
   parser.add_argument('--root', required=True)
   parser.add_argument('--out', required=True)
   args = parser.parse_args(argv)
+  if not os.path.isdir(args.root):
+    sys.exit(f'error: --root {args.root!r} is not a directory.')
+  if not load(args.root):
+    sys.exit(f"error: no experiment results (results_*.json or agreement.json files) under "
+             f"{args.root!r}; give the --root the experiments ran with.")
   for name in build(args.root, args.out):
     print(os.path.join(args.out, name))
 

@@ -27,12 +27,33 @@ def test_dry_run_prints_planned_runs_and_runs_nothing(name, scale, tmp_path, cap
   assert not any(p.name != 'baselines' for p in tmp_path.iterdir())  # nothing trained or written
 
 
-def test_a_bad_value_stops_with_one_sentence(tmp_path):
+@pytest.mark.parametrize('flag, sentence', [
+    ('--budgets=1.5', 'error: --target_macs must be a fraction of the MACs in (0, 1], got 1.5.'),
+    ('--seeds=0,one', "error: --seeds '0,one' is not a comma-separated list of whole numbers "
+                      ">= 0, e.g. 0,1,2."),
+])
+def test_a_bad_value_stops_with_one_sentence(tmp_path, flag, sentence):
   module = importlib.import_module('experiments.random_vs_criterion')
   with pytest.raises(SystemExit) as stopped:
     common.main(module.EXPERIMENT, module.plan, extra_flags=module.extra_flags,
-                argv=[f'--root={tmp_path}', '--budgets=1.5', '--dry_run'])
-  assert stopped.value.code == 'error: --target_macs must be a fraction of the MACs in (0, 1], got 1.5.'
+                argv=[f'--root={tmp_path}', flag, '--dry_run'])
+  assert stopped.value.code == sentence
+
+
+def test_criteria_vs_oracle_bad_seeds_stop_with_one_sentence(tmp_path):
+  from experiments import criteria_vs_oracle
+  with pytest.raises(SystemExit) as stopped:
+    criteria_vs_oracle.main([f'--root={tmp_path}', '--dry_run', '--seeds=-1'])
+  assert stopped.value.code.startswith("error: --seeds '-1' is not a comma-separated list")
+
+
+def test_report_without_results_says_so_and_writes_nothing(tmp_path):
+  for root, sentence in [(tmp_path / 'missing', 'is not a directory.'),
+                         (tmp_path, 'no experiment results (results_*.json or agreement.json')]:
+    with pytest.raises(SystemExit) as stopped:
+      report.main([f'--root={root}', f"--out={tmp_path / 'tables'}"])
+    assert stopped.value.code.startswith('error: ') and sentence in stopped.value.code
+  assert not (tmp_path / 'tables').exists()
 
 
 def test_criteria_vs_oracle_dry_run_prints_one_line_per_seed(tmp_path, capsys):
