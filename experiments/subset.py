@@ -10,6 +10,8 @@ repository, for when exact balance matters.
 """
 
 import argparse
+import os
+import sys
 
 import numpy as np
 
@@ -22,18 +24,37 @@ def balanced(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument('--data_path', required=True)
-  parser.add_argument('--per_class', type=int, default=200)
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--out', required=True)
+  parser = argparse.ArgumentParser(prog='python -m experiments.subset', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--data_path', required=True, help='The npz to take the subset of.')
+  parser.add_argument('--per_class', type=int, default=200,
+                      help='Training images kept of every class.')
+  parser.add_argument('--seed', type=int, default=0, help='Seed of the permutation.')
+  parser.add_argument('--out', required=True, help='The npz to write; it must not exist yet.')
   args = parser.parse_args(argv)
-  d = np.load(args.data_path)
-  idx = balanced(d['train_labels'], args.per_class, args.seed)
-  np.savez(args.out, train_images=d['train_images'][idx], train_labels=d['train_labels'][idx],
-           test_images=d['test_images'], test_labels=d['test_labels'])
-  print(f"{args.out}: {len(idx)} train ({np.bincount(d['train_labels'][idx]).tolist()}), "
-        f"{len(d['test_labels'])} test")
+  if os.path.exists(args.out):
+    sys.exit(f'error: --out {args.out!r} exists; remove it or choose another path (nothing '
+             'was written).')
+  if args.per_class < 1:
+    sys.exit(f'error: --per_class must be at least 1, got {args.per_class}.')
+  from jaxprune import data
+  from jaxprune.errors import ConfigError
+  try:
+    # The same checks (keys, ranks, dtypes, label range) as every run that reads an npz.
+    d = data.load('npz', data_path=args.data_path)
+  except ConfigError as error:
+    sys.exit(f'error: {error}')
+  counts = np.bincount(d.train_labels)
+  classes = np.flatnonzero(counts)
+  smallest = classes[np.argmin(counts[classes])]
+  if counts[smallest] < args.per_class:
+    sys.exit(f'error: --per_class {args.per_class} exceeds the {counts[smallest]} training '
+             f'images of class {smallest}.')
+  idx = balanced(d.train_labels, args.per_class, args.seed)
+  np.savez(args.out, train_images=d.train_images[idx], train_labels=d.train_labels[idx],
+           test_images=d.test_images, test_labels=d.test_labels)
+  print(f"{args.out}: {len(idx)} train ({np.bincount(d.train_labels[idx]).tolist()}), "
+        f"{len(d.test_labels)} test")
 
 
 if __name__ == '__main__':

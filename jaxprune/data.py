@@ -148,7 +148,7 @@ def _load_npz(data_path, data_dir, max_train) -> Dataset:
   except FileNotFoundError:
     raise ConfigError(f"npz file {path!r} does not exist.") from None
   except (OSError, ValueError) as e:  # not a zip, a pickled object array, a truncated file
-    raise ConfigError(f"cannot read npz file {path!r}: {e}.") from e
+    raise ConfigError(f"cannot read npz file {path!r}: {str(e).rstrip('.')}.") from e
   missing = [k for k in NPZ_KEYS if k not in arrays]
   if missing:
     raise ConfigError(f"npz file {path!r} lacks {', '.join(missing)}; it needs "

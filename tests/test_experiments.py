@@ -5,6 +5,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -149,3 +150,32 @@ def test_rethinking_table_has_one_column_per_regime(tmp_path):
   # unpruned, MACs kept, params kept, then fine-tuned, scratch-E, scratch-B, lottery.
   assert row == ('| l1 | resnet8 0.5 | 3 | 62.00 ± 2.00 | 60.0 | 40.0 | 51.00 ± 1.00 | '
                  '56.00 ± 1.00 | 59.00 ± 1.00 | 57.00 ± 1.00 |')
+
+
+def _npz(path, per_class_counts):
+  labels = np.concatenate([np.full(n, c) for c, n in enumerate(per_class_counts)])
+  np.savez(path, train_images=np.zeros((len(labels), 8, 8, 3), np.uint8), train_labels=labels,
+           test_images=np.zeros((6, 8, 8, 3), np.uint8), test_labels=np.arange(6) % 3)
+  return path
+
+
+def test_subset_is_exactly_balanced_and_refuses_what_it_cannot_do(tmp_path, capsys):
+  from experiments import subset
+  source = _npz(tmp_path / 'source.npz', [5, 9, 4])
+  out = tmp_path / 'subset.npz'
+  subset.main([f'--data_path={source}', '--per_class=4', f'--out={out}'])
+  written = np.load(out)
+  assert np.bincount(written['train_labels']).tolist() == [4, 4, 4]
+  assert len(written['test_labels']) == 6
+  before = out.read_bytes()
+  for flags, sentence in [
+      ([f'--data_path={source}', '--per_class=4', f'--out={out}'], 'exists; remove it'),
+      ([f'--data_path={source}', '--per_class=5', f"--out={tmp_path / 'b.npz'}"],
+       '--per_class 5 exceeds the 4 training images of class 2.'),
+      ([f"--data_path={tmp_path / 'none.npz'}", f"--out={tmp_path / 'c.npz'}"], 'does not exist'),
+  ]:
+    with pytest.raises(SystemExit) as stopped:
+      subset.main(flags)
+    assert stopped.value.code.startswith('error: ') and sentence in stopped.value.code
+  assert out.read_bytes() == before
+  assert not (tmp_path / 'b.npz').exists() and not (tmp_path / 'c.npz').exists()
