@@ -21,8 +21,10 @@ import math
 import os
 import sys
 from collections import defaultdict
+from typing import Mapping
 
 import numpy as np
+from scipy import stats
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -67,6 +69,25 @@ def beats_random(accuracies: dict, reference: str = 'random') -> dict:
   return out
 
 
+def paired_p_value(by_seed: Mapping, reference_by_seed: Mapping) -> float:
+  """Two-sided p-value of a paired t-test over the seeds both sides ran (NaN below two).
+
+  by_seed, reference_by_seed: {seed: accuracy}. Runs of one seed share their baseline,
+  training data order and seed, so the design is paired by seed, and pairing removes the
+  variation the seeds share. With 3 seeds the test has little power, and a table of
+  many cells makes many comparisons: read p as evidence, not as a verdict.
+  """
+  seeds = sorted(set(by_seed) & set(reference_by_seed))
+  if len(seeds) < 2:
+    return float('nan')
+  differences = np.array([by_seed[s] - reference_by_seed[s] for s in seeds], np.float64)
+  if np.all(differences == differences[0]):
+    # No variation in the differences: the t statistic is undefined (0 / 0 or x / 0).
+    return float('nan')
+  return float(stats.ttest_rel([by_seed[s] for s in seeds],
+                               [reference_by_seed[s] for s in seeds]).pvalue)
+
+
 # ---------------------------------------------------------------------------- formatting
 
 def pct(x) -> str:
@@ -78,6 +99,10 @@ def pm(values) -> str:
   if math.isnan(mean):
     return '-'
   return f'{100 * mean:.2f} ± {100 * std:.2f}' if not math.isnan(std) else f'{100 * mean:.2f}'
+
+
+def p_text(p) -> str:
+  return '-' if p is None or math.isnan(p) else f'{p:.3f}'
 
 
 def num(x, digits=4) -> str:
@@ -147,20 +172,22 @@ def random_vs_criterion(snaps, out, write):
     cells[(s['labels']['budget'], regime, s['labels']['criterion'])].append(s)
   header = ['budget (MACs kept)', 'regime', 'criterion', 'seeds', 'test acc % (mean ± std)',
             'MACs kept %', 'params', 'epochs', 'minus random (pp)', 'spread (pp)',
-            'beats random']
+            'beats random', 'p (paired t)']
   csv_header = ['budget', 'regime', 'criterion', 'seeds', 'acc_mean', 'acc_std',
                 'macs_kept_mean', 'params_mean', 'epochs_mean', 'diff_vs_random',
-                'spread', 'beats_random']
+                'spread', 'beats_random', 'p_paired_t']
   md_rows, csv_rows, verdict_rows, verdict_csv = [], [], [], []
   budgets = sorted({k[0] for k in cells}, reverse=True)
   regimes = sorted({k[1] for k in cells})
   for budget in budgets:
     for regime in regimes:
-      accs = {c: [_last(s)['test_accuracy'] for s in sorted(v, key=_seed)]
-              for (b, r, c), v in cells.items() if b == budget and r == regime}
-      if not accs:
+      by_seed = {c: {_seed(s): _last(s)['test_accuracy'] for s in v}
+                 for (b, r, c), v in cells.items() if b == budget and r == regime}
+      if not by_seed:
         continue
+      accs = {c: [seeds[s] for s in sorted(seeds)] for c, seeds in by_seed.items()}
       verdict = beats_random(accs)
+      p_values = {c: paired_p_value(by_seed[c], by_seed['random']) for c in verdict}
       for criterion in sorted(accs):
         group = cells[(budget, regime, criterion)]
         kept = [_last(s)['macs'] / _baseline(s)['macs'] for s in group]
@@ -174,21 +201,24 @@ def random_vs_criterion(snaps, out, write):
                         f"{100 * v['diff']:+.2f}" if v else '',
                         pct(v['spread']) if v else '',
                         ('yes' if v['beats'] else 'no') if v else
-                        ('(reference)' if criterion == 'random' else '(no random run)')])
+                        ('(reference)' if criterion == 'random' else '(no random run)'),
+                        p_text(p_values.get(criterion))])
         csv_rows.append([f'{budget:.2f}', regime, criterion, len(group), num(mean), num(std),
                          num(float(np.mean(kept))), f'{np.mean(params):.1f}',
                          f'{np.mean(epochs):.2f}', num(v['diff']) if v else '',
                          num(v['spread']) if v else '',
-                         str(v['beats']) if v else ''])
+                         str(v['beats']) if v else '', num(p_values.get(criterion))])
       winners = sorted(c for c, v in verdict.items() if v['beats'])
       best = max(verdict, key=lambda c: (verdict[c]['diff'], c)) if verdict else None
       verdict_rows.append([f'{budget:.2f}', regime, ', '.join(winners) if winners else 'none',
                            best or '-',
                            f"{100 * verdict[best]['diff']:+.2f}" if best else '-',
-                           pct(verdict[best]['spread']) if best else '-'])
+                           pct(verdict[best]['spread']) if best else '-',
+                           p_text(p_values[best]) if best else '-'])
       verdict_csv.append([f'{budget:.2f}', regime, ';'.join(winners), best or '',
                           num(verdict[best]['diff']) if best else '',
-                          num(verdict[best]['spread']) if best else ''])
+                          num(verdict[best]['spread']) if best else '',
+                          num(p_values[best]) if best else ''])
   base = {}
   for s in snaps:
     base[(s['config']['baseline_dir'] or s['_dir'], _seed(s))] = _baseline(s)['test_accuracy']
@@ -200,13 +230,17 @@ def random_vs_criterion(snaps, out, write):
           'Does any criterion beat random by more than the seed spread (the larger of the two '
           'sample stds over seeds)?\n',
           markdown(['budget (MACs kept)', 'regime', 'criteria that beat random', 'best criterion',
-                    'best minus random (pp)', 'spread (pp)'], verdict_rows),
+                    'best minus random (pp)', 'spread (pp)', 'best: p (paired t)'], verdict_rows),
+          'p (paired t): two-sided p-value of a paired t-test against random over the seeds '
+          '(runs of one seed share their baseline and data order). With few seeds and many '
+          'cells, a small p here and there is expected by chance.',
           '\nAll cells (test accuracy of the retrained pruned network, last epoch):\n',
           markdown(header, md_rows)]
   write('random_vs_criterion.md', '\n'.join(text))
   write('random_vs_criterion.csv', csv_text(csv_header, csv_rows))
   write('random_vs_criterion_verdict.csv',
-        csv_text(['budget', 'regime', 'beats_random', 'best', 'best_diff', 'spread'], verdict_csv))
+        csv_text(['budget', 'regime', 'beats_random', 'best', 'best_diff', 'spread',
+                  'best_p_paired_t'], verdict_csv))
   _plot_budgets(cells, regimes, out)
 
 

@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import math
 import os
 import sys
 
@@ -102,6 +103,18 @@ def _snapshot(root, criterion, budget, seed, regime, acc):
   (workdir / f'results_{regime}.json').write_text(json.dumps(snap))
 
 
+def test_paired_p_value_matches_the_t_distribution_by_hand():
+  # Differences 0.10, 0.05, 0.10: t = mean / (sd / sqrt(3)) = 5 with 2 degrees of freedom,
+  # whose two-sided p is 1 - t / sqrt(t^2 + 2) = 1 - 5 / sqrt(27).
+  p = report.paired_p_value({0: 0.50, 1: 0.60, 2: 0.70}, {0: 0.40, 1: 0.55, 2: 0.60})
+  assert p == pytest.approx(1 - 5 / 27 ** 0.5, rel=1e-9)
+  # Only the seeds both sides ran are paired; fewer than two, or no variation, give NaN.
+  assert p == report.paired_p_value({0: 0.50, 1: 0.60, 2: 0.70, 3: 0.1},
+                                    {0: 0.40, 1: 0.55, 2: 0.60, 7: 0.9})
+  assert math.isnan(report.paired_p_value({0: 0.5, 1: 0.6}, {0: 0.4, 2: 0.5}))
+  assert math.isnan(report.paired_p_value({0: 0.5, 1: 0.6}, {0: 0.4, 1: 0.5}))
+
+
 def test_report_rebuilds_identical_tables_from_results_alone(tmp_path):
   root = tmp_path / 'root'
   for seed in range(3):
@@ -117,8 +130,10 @@ def test_report_rebuilds_identical_tables_from_results_alone(tmp_path):
   for name in tables:
     assert (first / name).read_bytes() == (second / name).read_bytes(), name
   verdict = (first / 'random_vs_criterion_verdict.csv').read_text().splitlines()
-  assert verdict[1:] == ['0.70,scratch,taylor,taylor,0.0950,0.0100',
-                         '0.30,scratch,taylor,taylor,0.0950,0.0100']
+  # taylor - random per seed: 0.100, 0.095, 0.090, so t = 0.095 / (0.005 / sqrt(3)) and
+  # p = 1 - t / sqrt(t^2 + 2) = 0.0009 (2 degrees of freedom).
+  assert verdict[1:] == ['0.70,scratch,taylor,taylor,0.0950,0.0100,0.0009',
+                         '0.30,scratch,taylor,taylor,0.0950,0.0100,0.0009']
   assert str(tmp_path) not in (first / 'random_vs_criterion.md').read_text()
 
 
