@@ -323,6 +323,9 @@ def wall_time_line(snaps) -> str:
 
 RETHINKING_COLUMNS = (('finetune', 'fine-tuned'), ('scratch', 'scratch-E'),
                       ('scratch_b', 'scratch-B'), ('lottery', 'lottery (original init)'))
+# [R]'s claims, each a comparison of two retrainings of one pruned network: (regime, against).
+RETHINKING_COMPARISONS = (('scratch', 'finetune'), ('scratch_b', 'finetune'),
+                          ('lottery', 'scratch'))
 
 
 def rethinking_table(snaps) -> str:
@@ -332,12 +335,21 @@ def rethinking_table(snaps) -> str:
     groups[(s['labels']['method'], s['labels']['preset'])].append(s)
   header = ['method', 'model / target', 'seeds', 'unpruned %', 'MACs kept %', 'params kept %']
   header += [title + ' %' for _, title in RETHINKING_COLUMNS]
-  rows = []
+  rows, tests = [], []
+  titles = dict(RETHINKING_COLUMNS)
   for key in sorted(groups):
     group = groups[key]
     by_regime = defaultdict(list)
+    by_regime_seed = defaultdict(dict)
     for s in sorted(group, key=_seed):
       by_regime[s['labels']['regime']].append(_last(s)['test_accuracy'])
+      by_regime_seed[s['labels']['regime']][_seed(s)] = _last(s)['test_accuracy']
+    for regime, against in RETHINKING_COMPARISONS:
+      if regime in by_regime and against in by_regime:
+        diff = np.mean(by_regime[regime]) - np.mean(by_regime[against])
+        tests.append(list(key) + [f'{titles[regime]} - {titles[against]}', f'{100 * diff:+.2f}',
+                                  p_text(paired_p_value(by_regime_seed[regime],
+                                                        by_regime_seed[against]))])
     base = {_seed(s): _baseline(s) for s in group}
     pruned = [_row(s, 'pruned') for s in group]
     kept = np.mean([p['macs'] / base[_seed(s)]['macs'] for p, s in zip(pruned, group)])
@@ -348,7 +360,12 @@ def rethinking_table(snaps) -> str:
   return ('Test accuracy (mean ± std over seeds) of each pruned network retrained four ways; '
         'scratch-E and lottery train the pruned architecture from a random and from the '
         'original initialisation for the baseline\'s epochs, scratch-B for as many MACs x '
-        'steps as the baseline.\n\n' + markdown(header, rows) + '\nEvery run:\n\n')
+        'steps as the baseline.\n\n' + markdown(header, rows) +
+        '\nThe comparisons [R] draws, as differences of the means and the two-sided p-value of a '
+        'paired t-test over the seeds (a seed\'s retrainings share its baseline and pruned '
+        'network):\n\n' +
+        markdown(['method', 'model / target', 'comparison', 'difference (pp)', 'p (paired t)'],
+                 tests) + '\nEvery run:\n\n')
 
 
 def crowley_plot(snaps, out):

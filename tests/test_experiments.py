@@ -167,6 +167,19 @@ def test_rethinking_table_has_one_column_per_regime(tmp_path):
                  '56.00 ± 1.00 | 59.00 ± 1.00 | 57.00 ± 1.00 |')
 
 
+def test_rethinking_compares_retrainings_with_a_paired_test_over_seeds(tmp_path):
+  root = tmp_path / 'root'
+  for seed, (finetune, scratch) in enumerate([(0.40, 0.50), (0.55, 0.60), (0.60, 0.70)]):
+    _rethinking_snapshot(root, seed, 'finetune', finetune)
+    _rethinking_snapshot(root, seed, 'scratch', scratch)
+  report.build(str(root), str(tmp_path / 'out'))
+  text = (tmp_path / 'out' / 'rethinking.md').read_text()
+  # Differences 0.10, 0.05, 0.10 (the hand-made case of test_paired_p_value_...): p = 0.038.
+  # Only the comparisons whose two regimes ran are listed.
+  rows = [line for line in text.splitlines() if ' - fine-tuned |' in line or ' - scratch-E |' in line]
+  assert rows == ['| l1 | resnet8 0.5 | scratch-E - fine-tuned | +8.33 | 0.038 |']
+
+
 def _npz(path, per_class_counts):
   labels = np.concatenate([np.full(n, c) for c, n in enumerate(per_class_counts)])
   np.savez(path, train_images=np.zeros((len(labels), 8, 8, 3), np.uint8), train_labels=labels,
