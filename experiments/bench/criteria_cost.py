@@ -1,18 +1,19 @@
 r"""Cost of each importance criterion, and of the vmapped oracle against a loop.
 
-    python experiments/bench/criteria_cost.py --json=/tmp/criteria_cost.json
+    python experiments/bench/criteria_cost.py --out=/tmp/criteria_cost.json
 
 (a) On one batch: the steady-state time of every criterion's `accumulate`
     (data criteria) or `finalize` (data-free ones) relative to one training step
-    on the same batch and model (train-mode forward, backward w.r.t. the params,
-    SGD-momentum update; optax), the two timed alternately, best of --reps
-    each. Compile time is excluded and reported apart; `oracle` and
-    `second_order` are timed --expensive_reps times.
+    on the same batch and model (jaxprune's own step, `train.Trainer(...).train_step`:
+    train-mode forward, backward, SGD momentum with weight decay), the two timed
+    alternately, best of --reps each. Compile time is excluded and reported apart;
+    `oracle` and `second_order` are timed --expensive_reps times.
     Targets from the issue: gradient criteria <= 0.8x a step, activation
     criteria <= 0.5x.
 (b) The oracle on models with >= 256 prunable channels: the vmapped criterion
     against removing one channel at a time with a jitted full forward pass
-    (masks are inputs, so the loop compiles once). Every loop call is the same
+    (masks are inputs, so the loop compiles once; compiled with `jaxprune.compiler`'s
+    options, as the criteria are). Every loop call is the same
     full forward, so with --loop_channels the loop is timed on that many
     channels per group and scaled to all of them (its scores are compared on
     those channels). Where the model has at most --unshared_max_channels, the
@@ -20,36 +21,44 @@ r"""Cost of each importance criterion, and of the vmapped oracle against a loop.
     timed too. Target: >= 5x faster than the loop.
 """
 
-import json
 import math
+import os
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from absl import app, flags
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from jaxprune import criteria, models, structure
-from jaxprune.errors import ConfigError
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from absl import flags  # noqa: E402
+
+import common  # noqa: E402
+from jaxprune import compiler, criteria, models, structure, train  # noqa: E402
+from jaxprune.errors import ConfigError  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('model', 'resnet20', 'Model for (a).')
-flags.DEFINE_integer('image_size', 32, 'Image side for (a).')
-flags.DEFINE_integer('batch', 64, 'Batch size for (a).')
+flags.DEFINE_integer('image_size', 32, 'Image side for (a).', lower_bound=8)
+flags.DEFINE_integer('batch', 64, 'Batch size for (a).', lower_bound=1)
 flags.DEFINE_list('criteria', list(criteria.CRITERIA), 'Criteria to time in (a).')
-flags.DEFINE_integer('reps', 7, 'Timed repetitions (the best is reported).')
-flags.DEFINE_integer('expensive_reps', 1, 'Timed repetitions for oracle and second_order in (a).')
+flags.DEFINE_integer('reps', 7, 'Timed repetitions (the best is reported).', lower_bound=1)
+flags.DEFINE_integer('expensive_reps', 1, 'Timed repetitions for oracle and second_order in (a).',
+                     lower_bound=1)
 flags.DEFINE_list('oracle_models', ['resnet20', 'vgg11'],
                   'Models for (b); each needs >= 256 prunable channels.')
-flags.DEFINE_integer('oracle_image_size', 16, 'Image side for (b).')
-flags.DEFINE_integer('oracle_batch', 8, 'Batch size for (b).')
+flags.DEFINE_integer('oracle_image_size', 16, 'Image side for (b).', lower_bound=8)
+flags.DEFINE_integer('oracle_batch', 8, 'Batch size for (b).', lower_bound=1)
 flags.DEFINE_integer('chunk_size', None,
-                     'Cap on removals vmapped at once (default: the memory bound alone).')
-flags.DEFINE_integer('loop_channels', 0, 'Channels per group the loop times (0: all).')
+                     'Cap on removals vmapped at once (default: the memory bound alone).',
+                     lower_bound=1)
+flags.DEFINE_integer('loop_channels', 0, 'Channels per group the loop times (0: all).',
+                     lower_bound=0)
 flags.DEFINE_integer('unshared_max_channels', 512,
-                     'Time the oracle without prefix sharing only up to this many channels.')
-flags.DEFINE_string('json', None, 'Where to write the results as JSON.')
+                     'Time the oracle without prefix sharing only up to this many channels.',
+                     lower_bound=0)
+flags.DEFINE_string('out', None, 'Write the tables as JSON here.')
 
 GRADIENT = ('taylor', 'taylor_signed_mean', 'taylor_abs_elementwise', 'taylor_fo', 'fisher')
 ACTIVATION = ('mean_activation', 'activation_std', 'apoz')
@@ -92,28 +101,28 @@ def _paired(reference, fn, reps):
   return first, min(p[1] for p in pairs), min(p[0] for p in pairs)
 
 
-def _train_step(model):
-  tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
+def _train_step(model, variables, batch):
+  """One call of jaxprune's train step per call of the returned function.
 
-  def step(variables, opt_state, batch):
-    def loss_fn(params):
-      logits, new = model.apply({**variables, 'params': params}, batch['image'], train=True,
-                                mutable=['batch_stats'])
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
-      return loss, new
-    grads, new = jax.grad(loss_fn, has_aux=True)(variables['params'])
-    updates, opt_state = tx.update(grads, opt_state, variables['params'])
-    return {**variables, **new, 'params': optax.apply_updates(variables['params'], updates)}, opt_state
+  The step donates its state, so each call trains on from the previous one; the time of a
+  step does not depend on the values.
+  """
+  trainer = train.Trainer(model, train.make_optimizer(train.OptimizerConfig()))
+  holder = {'state': trainer.init_state(variables, seed=0)}
+  batch = trainer.shard_batch(batch)
+  learning_rate = np.float32(0.1)
 
-  return tx, jax.jit(step)
+  def step():
+    holder['state'], metrics = trainer.train_step(holder['state'], batch, None, learning_rate)
+    return holder['state'], metrics
+
+  return step
 
 
 def criterion_costs():
   model, variables, batch, st = _setup(FLAGS.model, FLAGS.image_size, FLAGS.batch)
-  tx, step = _train_step(model)
-  opt_state = tx.init(variables['params'])
-  # Not donated, so every repetition steps from the same state.
-  compile_step, train_s = _timed(lambda: step(variables, opt_state, batch), FLAGS.reps)
+  step = _train_step(model, variables, batch)
+  compile_step, train_s = _timed(step, FLAGS.reps)
   rows = [{'criterion': 'train_step', 'kind': 'reference', 'compile_s': compile_step - train_s,
            'seconds': train_s, 'ratio': 1.0}]
   masks = {g: jnp.ones((st.widths[g],), jnp.float32) for g in st.prunable}
@@ -132,7 +141,7 @@ def criterion_costs():
       run = lambda: criterion.finalize(state, model, variables)
       kind = 'data-free'
     reps = FLAGS.expensive_reps if name in ('oracle', 'second_order') else FLAGS.reps
-    first, seconds, step_s = _paired(lambda: step(variables, opt_state, batch), run, reps)
+    first, seconds, step_s = _paired(step, run, reps)
     ratio = seconds / step_s
     row = {'criterion': name, 'kind': kind, 'compile_s': max(0.0, first - seconds),
            'seconds': seconds, 'train_step_s': step_s, 'ratio': ratio}
@@ -168,7 +177,7 @@ def oracle_speedup(name):
                                                      st.widths[g])).round().astype(int)
             for g in st.prunable}
 
-  @jax.jit
+  @compiler.jit
   def mean_loss(masks):
     logits = model.apply(variables, batch['image'], masks=masks)
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
@@ -237,13 +246,17 @@ def _print(costs, oracles):
 
 def main(argv):
   del argv
+  # Unknown names stop here, in one sentence, before anything is timed.
+  for name in FLAGS.criteria:
+    criteria.get(name)
+  for name in [FLAGS.model] + FLAGS.oracle_models:
+    models.build(name)
   costs = criterion_costs()
   oracles = [oracle_speedup(name) for name in FLAGS.oracle_models]
   _print(costs, oracles)
-  if FLAGS.json:
-    with open(FLAGS.json, 'w') as f:
-      json.dump({'criteria': costs, 'oracle': oracles}, f, indent=2)
+  common.write_json(FLAGS.out, {'machine': common.machine(), 'criteria': costs,
+                                'oracle': oracles})
 
 
 if __name__ == '__main__':
-  app.run(main)
+  common.run(main)
