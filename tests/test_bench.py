@@ -25,6 +25,7 @@ def bench(script, *args):
      "--shapes entry '32x32x16' is not 'size:cin:cout:kernel:stride'"),
     ('conv_rule.py', ['--passes=fwd,dw'], "--passes ['dw'] are not among fwd, dx, dk."),
     ('throughput.py', ['--steps=0'], 'flag --steps=0: 0 is not a positive integer'),
+    ('criteria_cost.py', ['--criteria=l1,bogus'], "error: unknown criterion 'bogus'; choose"),
     # compiles.py runs each pipeline in a worker process: the worker's sentence is passed on.
     ('compiles.py', ['--regime=bogus'], "error: unknown regime 'bogus'; choose one of:"),
 ])
