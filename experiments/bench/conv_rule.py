@@ -59,10 +59,9 @@ def _parse_shapes(text: str) -> list[tuple[int, ...]]:
     parts = entry.split(':')
     if len(parts) != 5 or not all(p.isdigit() and int(p) > 0 for p in parts):
       raise app.UsageError(f"--shapes entry {entry!r} is not 'size:cin:cout:kernel:stride' "
-                       'with five positive integers, e.g. 32:16:16:3:1.')
+                           'with five positive integers, e.g. 32:16:16:3:1.')
     shapes.append(tuple(int(p) for p in parts))
   return shapes
-
 
 
 def _selected_shapes() -> dict:
@@ -106,13 +105,20 @@ def torch_worker() -> dict:
 
 def main(argv):
   del argv
+  # Bad settings stop here, in one sentence, before anything is timed.
   unknown = [p for p in FLAGS.passes if p not in PASSES]
   if unknown:
     raise app.UsageError(f"--passes {unknown} are not among {', '.join(PASSES)}.")
-  _selected_shapes()
+  shapes = _selected_shapes()
   if FLAGS.worker:
     common.reply(torch_worker())
     return
+  from jaxprune.models import conv
+  names = FLAGS.formulations or list(conv.FORMULATIONS)
+  unknown = [name for name in names if name not in conv.FORMULATIONS]
+  if unknown:
+    raise app.UsageError(f"--formulations {unknown} are not among "
+                         f"{', '.join(conv.FORMULATIONS)}.")
   torch_ms = {}
   if FLAGS.torch:
     torch_ms = common.run_worker(os.path.abspath(__file__), [
@@ -122,14 +128,7 @@ def main(argv):
   import jax
 
   from jaxprune import compiler
-  from jaxprune.models import conv
 
-  names = FLAGS.formulations or list(conv.FORMULATIONS)
-  unknown = [name for name in names if name not in conv.FORMULATIONS]
-  if unknown:
-    raise app.UsageError(f"--formulations {unknown} are not among "
-                         f"{', '.join(conv.FORMULATIONS)}.")
-  shapes = _selected_shapes()
   rows = []
   for (size, cin, cout, k, s), used_by in shapes.items():
     x = jax.random.normal(jax.random.key(0), (FLAGS.batch, size, size, cin))
