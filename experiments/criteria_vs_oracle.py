@@ -105,7 +105,13 @@ def main(argv=None):
 
 
 def _plan_and_measure(args) -> list:
+  from jaxprune import criteria
+  from jaxprune.errors import ConfigError
   names = common.csv_list(args.criteria)
+  for name in names:
+    criteria.get(name)  # an unknown name stops here, before any baseline trains
+  if args.batches < 1:
+    raise ConfigError(f'--batches must be at least 1, got {args.batches}.')
   planned = plan(args)
   print(f'{EXPERIMENT} at scale {args.scale}: {len(planned)} runs under {args.root}')
   for config, workdir in planned:

@@ -42,11 +42,17 @@ def test_a_bad_value_stops_with_one_sentence(tmp_path, flag, sentence):
   assert stopped.value.code == sentence
 
 
-def test_criteria_vs_oracle_bad_seeds_stop_with_one_sentence(tmp_path):
+@pytest.mark.parametrize('flag, sentence', [
+    ('--seeds=-1', "error: --seeds '-1' is not a comma-separated list"),
+    ('--criteria=l1,bogus', "error: unknown criterion 'bogus'; choose one of:"),
+    ('--batches=0', 'error: --batches must be at least 1, got 0.'),
+])
+def test_criteria_vs_oracle_bad_values_stop_with_one_sentence(tmp_path, flag, sentence):
   from experiments import criteria_vs_oracle
   with pytest.raises(SystemExit) as stopped:
-    criteria_vs_oracle.main([f'--root={tmp_path}', '--dry_run', '--seeds=-1'])
-  assert stopped.value.code.startswith("error: --seeds '-1' is not a comma-separated list")
+    criteria_vs_oracle.main([f'--root={tmp_path}', '--dry_run', flag])
+  assert stopped.value.code.startswith(sentence)
+  assert list(tmp_path.iterdir()) == []
 
 
 def test_report_without_results_says_so_and_writes_nothing(tmp_path):
