@@ -263,5 +263,14 @@ def _quiet_logging() -> None:
   std_logging.getLogger('absl').addFilter(keep)
 
 
-def csv_list(text: str, cast=str) -> tuple:
-  return tuple(cast(x) for x in text.split(',') if x)
+def csv_list(text: str, cast, flag: str) -> tuple:
+  """The comma-separated entries of `text` as `cast` values; `flag` names it in errors."""
+  from jaxprune.errors import ConfigError
+  entries = [x.strip() for x in text.split(',') if x.strip()]
+  kind = {int: 'whole numbers', float: 'numbers'}.get(cast, 'names')
+  if not entries:
+    raise ConfigError(f'--{flag} is empty; give one or more comma-separated {kind}.')
+  try:
+    return tuple(cast(x) for x in entries)
+  except ValueError:
+    raise ConfigError(f'--{flag} {text!r} is not a comma-separated list of {kind}.') from None

@@ -107,7 +107,7 @@ def main(argv=None):
 def _plan_and_measure(args) -> list:
   from jaxprune import criteria
   from jaxprune.errors import ConfigError
-  names = common.csv_list(args.criteria)
+  names = common.csv_list(args.criteria, str, 'criteria')
   for name in names:
     criteria.get(name)  # an unknown name stops here, before any baseline trains
   if args.batches < 1:

@@ -41,12 +41,12 @@ def extra_flags(parser):
 
 def plan(args) -> list:
   settings = common.base_settings(args, **DEFAULTS)
-  prune_every = args.prune_every or PRUNE_EVERY[args.scale]
-  prune_step = args.prune_step or PRUNE_STEP[args.scale]
+  prune_every = PRUNE_EVERY[args.scale] if args.prune_every is None else args.prune_every
+  prune_step = PRUNE_STEP[args.scale] if args.prune_step is None else args.prune_step
   runs = []
   for seed in common.seeds_of(args):
-    for budget in common.csv_list(args.budgets, float):
-      for regime in common.csv_list(args.regimes):
+    for budget in common.csv_list(args.budgets, float, 'budgets'):
+      for regime in common.csv_list(args.regimes, str, 'regimes'):
         path = f'fisher/macs{budget:.2f}/s{seed}'
         family = 'uniformly reduced (MACs-matched)' if regime == 'reduced' else 'fisher-pruned'
         runs.append(common.make_run(

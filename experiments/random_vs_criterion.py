@@ -38,9 +38,9 @@ def plan(args) -> list:
   settings = common.base_settings(args, **DEFAULTS)
   runs = []
   for seed in common.seeds_of(args):
-    for budget in common.csv_list(args.budgets, float):
-      for criterion in common.csv_list(args.criteria):
-        for regime in common.csv_list(args.regimes):
+    for budget in common.csv_list(args.budgets, float, 'budgets'):
+      for criterion in common.csv_list(args.criteria, str, 'criteria'):
+        for regime in common.csv_list(args.regimes, str, 'regimes'):
           path = f'{criterion}/{args.selection}{budget:.2f}/s{seed}'
           labels = {'criterion': criterion, 'budget': budget, 'seed': seed,
                     'selection': args.selection}

@@ -54,7 +54,7 @@ def plan(args) -> list:
     key = {'ratio': 'prune_ratio', 'preset': 'preset'}[
         'preset' if selection == 'preset' else 'ratio']
     for seed in common.seeds_of(args):
-      for regime in common.csv_list(args.regimes):
+      for regime in common.csv_list(args.regimes, str, 'regimes'):
         tag = method.split(' ')[0]
         path = f'{tag}/{model}_{target}/s{seed}'
         labels = {'method': method, 'preset': f'{model} {target}', 'seed': seed}

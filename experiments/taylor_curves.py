@@ -39,11 +39,11 @@ def extra_flags(parser):
 
 def plan(args) -> list:
   settings = common.base_settings(args, **DEFAULTS)
-  prune_step = args.prune_step or PRUNE_STEP[args.scale]
+  prune_step = PRUNE_STEP[args.scale] if args.prune_step is None else args.prune_step
   runs = []
   for seed in common.seeds_of(args):
-    for every in common.csv_list(args.prune_every, int):
-      for criterion in common.csv_list(args.criteria):
+    for every in common.csv_list(args.prune_every, int, 'prune_every'):
+      for criterion in common.csv_list(args.criteria, str, 'criteria'):
         path = f'{criterion}/every{every}/s{seed}'
         runs.append(common.make_run(
             EXPERIMENT, args.root, path, 'finetune',

@@ -33,6 +33,8 @@ def test_dry_run_prints_planned_runs_and_runs_nothing(name, scale, tmp_path, cap
     ('--budgets=1.5', 'error: --target_macs must be a fraction of the MACs in (0, 1], got 1.5.'),
     ('--seeds=0,one', "error: --seeds '0,one' is not a comma-separated list of whole numbers "
                       ">= 0, e.g. 0,1,2."),
+    ('--budgets=0.5,half', "error: --budgets '0.5,half' is not a comma-separated list of numbers."),
+    ('--regimes=', 'error: --regimes is empty; give one or more comma-separated names.'),
 ])
 def test_a_bad_value_stops_with_one_sentence(tmp_path, flag, sentence):
   module = importlib.import_module('experiments.random_vs_criterion')
