@@ -131,6 +131,8 @@ def validate(config: Config) -> None:
   for name in ('lr', 'finetune_lr'):
     if getattr(config, name) <= 0:
       raise ConfigError(f"--{name} must be positive, got {getattr(config, name)}.")
+  if config.seed < 0:
+    raise ConfigError(f"--seed must be at least 0, got {config.seed}.")
   for name in ('weight_decay', 'bn_l1'):
     if getattr(config, name) < 0:
       raise ConfigError(f"--{name} must be at least 0, got {getattr(config, name)}.")

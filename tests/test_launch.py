@@ -103,6 +103,7 @@ def _bad_npz(path, **overrides):
     (['--prune_ratio=1.5'], 'prune_ratio must be in [0, 1), got 1.5'),
     (['--round_to=0'], '--round_to must be at least 1, got 0.'),
     (['--weight_decay=-1'], '--weight_decay must be at least 0, got -1.0.'),
+    (['--seed=-1'], '--seed must be at least 0, got -1.'),
     (['--seeds=2', '--seed_batching=parallel'],
      "unknown --seed_batching 'parallel'; choose one of: auto, loop, vmap."),
     (['--round_to=8', '--schedule=iterative'], "--round_to=8 rounds a one-shot selection's widths"),
