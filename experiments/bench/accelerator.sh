@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The accelerator (GPU or TPU) targets of experiments/bench/README.md, as one prepared command.
+#
+#   experiments/bench/accelerator.sh OUT_DIR PART... [--data_path=NPZ]
+#
+# PART is one or more of
+#   step    throughput.py: VGG-16 and ResNet-56 train steps, jaxprune in float32 and bfloat16
+#           against PyTorch, batch 128 (section 2; on a GPU PyTorch runs there too).
+#   epoch   epoch_throughput.py: whole epochs with data loading, train.fit against a PyTorch
+#           DataLoader loop (section 8; the target: at least 1.5x PyTorch's epoch throughput).
+#   seeds   seeds.py: --seeds=5 in one process (loop and vmap) against five separate runs of
+#           resnet20, 32 steps per stage, every seed pruned to the same widths (section 6;
+#           the target: vmap at least 1.5x five sequential runs).
+#   all     the three, in that order.
+# Each part writes OUT_DIR/PART.json (its table, the machine and the versions) and
+# OUT_DIR/PART.log (everything it printed). Parts run one after another and a failing part
+# does not stop the next; the exit status is the number of parts that failed.
+#
+# It needs the repository (run it from anywhere), jax with the accelerator's plugin, flax,
+# optax, orbax-checkpoint, absl-py, etils, scipy and scikit-learn, and PyTorch for `step`
+# and `epoch`; jaxprune itself is put on PYTHONPATH, so it needs no install. `epoch` and
+# `seeds` read the CIFAR-10 sample npz (--data_path; default: the benchmarks' own default).
+# On one GPU, expect minutes per part (most of it compilation): run one part per call where
+# a call is time-limited.
+set -uo pipefail
+
+usage="usage: $0 OUT_DIR PART... [--data_path=NPZ]; PART is step, epoch, seeds or all"
+out=${1:?$usage}
+shift
+data_flag=()
+parts=()
+for arg in "$@"; do
+  case "$arg" in
+    --data_path=*) data_flag=("$arg") ;;
+    step|epoch|seeds) parts+=("$arg") ;;
+    all) parts+=(step epoch seeds) ;;
+    *) echo "error: '$arg' is not a part (step, epoch, seeds, all) or --data_path=NPZ." >&2
+       exit 2 ;;
+  esac
+done
+if [ ${#parts[@]} -eq 0 ]; then
+  echo "error: no part given. $usage" >&2
+  exit 2
+fi
+
+bench=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$bench/../.." && pwd)
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+python=${PYTHON:-python3}
+mkdir -p "$out"
+
+failed=0
+for part in "${parts[@]}"; do
+  case "$part" in
+    step) cmd=("$bench/throughput.py" --models=vgg16,resnet56 --jax_variants=auto/jaxprune
+               --precisions=float32,bfloat16 --rounds=2) ;;
+    epoch) cmd=("$bench/epoch_throughput.py" --rounds=2 "${data_flag[@]}") ;;
+    seeds) cmd=("$bench/seeds.py" --selection=layer --max_train=2048 --epochs=2
+                "${data_flag[@]}") ;;
+  esac
+  echo "== $part: $python ${cmd[*]} --out=$out/$part.json  ($(date -u +%H:%M:%S) UTC)"
+  start=$SECONDS
+  "$python" "${cmd[@]}" --out="$out/$part.json" 2>&1 | tee "$out/$part.log"
+  status=${PIPESTATUS[0]}
+  echo "== $part: exit status $status after $((SECONDS - start)) s"
+  [ "$status" -eq 0 ] || failed=$((failed + 1))
+done
+exit "$failed"
