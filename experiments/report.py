@@ -102,7 +102,9 @@ def pm(values) -> str:
 
 
 def p_text(p) -> str:
-  return '-' if p is None or math.isnan(p) else f'{p:.3f}'
+  if p is None or math.isnan(p):
+    return '-'
+  return '< 0.001' if p < 0.001 else f'{p:.3f}'
 
 
 def num(x, digits=4) -> str:

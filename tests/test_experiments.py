@@ -121,6 +121,7 @@ def test_paired_p_value_matches_the_t_distribution_by_hand():
                                     {0: 0.40, 1: 0.55, 2: 0.60, 7: 0.9})
   assert math.isnan(report.paired_p_value({0: 0.5, 1: 0.6}, {0: 0.4, 2: 0.5}))
   assert math.isnan(report.paired_p_value({0: 0.5, 1: 0.6}, {0: 0.4, 1: 0.5}))
+  assert [report.p_text(x) for x in (p, 0.0004, float('nan'))] == ['0.038', '< 0.001', '-']
 
 
 def test_report_rebuilds_identical_tables_from_results_alone(tmp_path):
