@@ -11,7 +11,7 @@ import sys
 from absl import app, flags, logging
 
 from jaxprune import compiler, criteria, data, models, pipeline, select, train
-from jaxprune.errors import ConfigError
+from jaxprune.errors import exit_on_config_error
 
 
 def _names(registry) -> str:
@@ -102,11 +102,9 @@ def main(argv):
     sys.exit(f"error: unexpected arguments {argv[1:]}; all settings are --flags (see --help).")
   if FLAGS.multihost:
     train.initialize_multihost()
-  try:
+  with exit_on_config_error():
     compiler.use_persistent_cache(FLAGS.compilation_cache_dir)
     results = pipeline.run_seeds(config_from_flags(), FLAGS.seeds, FLAGS.seed_batching)
-  except ConfigError as error:
-    sys.exit(f'error: {error}')
   print(pipeline.format_table(results))
   print(f"results: {FLAGS.workdir}/results.json")
 

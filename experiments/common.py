@@ -226,12 +226,10 @@ def main(experiment: str, plan: Callable, argv=None,
   if extra_flags:
     extra_flags(parser)
   args = parser.parse_args(argv)
-  from jaxprune.errors import ConfigError
-  try:
+  from jaxprune.errors import exit_on_config_error
+  # One sentence, no traceback; every finished run's snapshot is already on disk.
+  with exit_on_config_error():
     return _plan_and_execute(experiment, plan, args)
-  except ConfigError as error:
-    # One sentence, no traceback; every finished run's snapshot is already on disk.
-    sys.exit(f'error: {error}')
 
 
 def _plan_and_execute(experiment: str, plan: Callable, args) -> list:

@@ -17,7 +17,6 @@ mini: resnet8 (baselines shared with random_vs_criterion); full: vgg16 on CIFAR-
 import argparse
 import json
 import os
-import sys
 import time
 
 from experiments import common
@@ -96,12 +95,10 @@ def main(argv=None):
   parser.add_argument('--criteria', default=','.join(CRITERIA))
   parser.add_argument('--batches', type=int, default=4, help='Scoring batches per criterion.')
   args = parser.parse_args(argv)
-  from jaxprune.errors import ConfigError
-  try:
+  from jaxprune.errors import exit_on_config_error
+  # One sentence, no traceback; every finished agreement.json is already on disk.
+  with exit_on_config_error():
     return _plan_and_measure(args)
-  except ConfigError as error:
-    # One sentence, no traceback; every finished agreement.json is already on disk.
-    sys.exit(f'error: {error}')
 
 
 def _plan_and_measure(args) -> list:

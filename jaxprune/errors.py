@@ -1,5 +1,8 @@
 """The one exception type users see: a wrong value, named, with what is allowed."""
 
+import contextlib
+import sys
+
 
 class ConfigError(ValueError):
   """A user-facing error whose message is one sentence naming the bad value.
@@ -15,3 +18,13 @@ def choose(kind: str, value: str, allowed) -> None:
     raise ConfigError(
         f"unknown {kind} {value!r}; choose one of: {', '.join(sorted(allowed))}."
     )
+
+
+@contextlib.contextmanager
+def exit_on_config_error():
+  """For command-line entry points: a ConfigError raised inside ends the process with
+  'error: MESSAGE' on stderr and exit status 1, and no traceback."""
+  try:
+    yield
+  except ConfigError as error:
+    sys.exit(f'error: {error}')

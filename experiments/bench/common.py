@@ -191,12 +191,10 @@ def run(main) -> None:
   instead of a traceback."""
   from absl import app
 
-  from jaxprune.errors import ConfigError
+  from jaxprune.errors import exit_on_config_error
 
   def guarded(argv):
-    try:
+    with exit_on_config_error():
       return main(argv)
-    except ConfigError as error:
-      sys.exit(f'error: {error}')
 
   app.run(guarded)
