@@ -341,24 +341,22 @@ def rethinking_table(snaps) -> str:
   titles = dict(RETHINKING_COLUMNS)
   for key in sorted(groups):
     group = groups[key]
-    by_regime = defaultdict(list)
-    by_regime_seed = defaultdict(dict)
-    for s in sorted(group, key=_seed):
-      by_regime[s['labels']['regime']].append(_last(s)['test_accuracy'])
-      by_regime_seed[s['labels']['regime']][_seed(s)] = _last(s)['test_accuracy']
+    by_regime = defaultdict(dict)  # regime -> {seed: accuracy}
+    for s in group:
+      by_regime[s['labels']['regime']][_seed(s)] = _last(s)['test_accuracy']
+    seed_order = {r: [acc for _, acc in sorted(accs.items())] for r, accs in by_regime.items()}
     for regime, against in RETHINKING_COMPARISONS:
       if regime in by_regime and against in by_regime:
-        diff = np.mean(by_regime[regime]) - np.mean(by_regime[against])
+        diff = np.mean(seed_order[regime]) - np.mean(seed_order[against])
         tests.append(list(key) + [f'{titles[regime]} - {titles[against]}', f'{100 * diff:+.2f}',
-                                  p_text(paired_p_value(by_regime_seed[regime],
-                                                        by_regime_seed[against]))])
+                                  p_text(paired_p_value(by_regime[regime], by_regime[against]))])
     base = {_seed(s): _baseline(s) for s in group}
     pruned = [_row(s, 'pruned') for s in group]
     kept = np.mean([p['macs'] / base[_seed(s)]['macs'] for p, s in zip(pruned, group)])
     params = np.mean([p['params'] / base[_seed(s)]['params'] for p, s in zip(pruned, group)])
     rows.append(list(key) + [len(base), pm(b['test_accuracy'] for _, b in sorted(base.items())),
                              f'{100 * kept:.1f}', f'{100 * params:.1f}'] +
-                [pm(by_regime[regime]) for regime, _ in RETHINKING_COLUMNS])
+                [pm(seed_order.get(regime, [])) for regime, _ in RETHINKING_COLUMNS])
   return ('Test accuracy (mean ± std over seeds) of each pruned network retrained four ways; '
         'scratch-E and lottery train the pruned architecture from a random and from the '
         'original initialisation for the baseline\'s epochs, scratch-B for as many MACs x '

@@ -75,13 +75,13 @@ def _shape_key(size, cin, cout, k, s) -> str:
   return f'{size}:{cin}:{cout}:{k}:{s}'
 
 
-def torch_worker() -> dict:
+def torch_worker(shapes: dict) -> dict:
   """Median milliseconds of each pass of torch's conv2d per shape, timed like the jax ones."""
   import torch
   torch.set_num_threads(FLAGS.threads)
   torch.manual_seed(0)
   out = {}
-  for (size, cin, cout, k, s) in _selected_shapes():
+  for (size, cin, cout, k, s) in shapes:
     x = torch.randn(FLAGS.batch, cin, size, size)
     w = torch.randn(cout, cin, k, k) / (k * cin ** 0.5)
     conv = lambda: torch.nn.functional.conv2d(x, w, stride=s, padding=k // 2)
@@ -111,7 +111,7 @@ def main(argv):
     raise app.UsageError(f"--passes {unknown} are not among {', '.join(PASSES)}.")
   shapes = _selected_shapes()
   if FLAGS.worker:
-    common.reply(torch_worker())
+    common.reply(torch_worker(shapes))
     return
   from jaxprune.models import conv
   names = FLAGS.formulations or list(conv.FORMULATIONS)
