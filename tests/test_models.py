@@ -111,7 +111,7 @@ def test_init_is_one_program_per_model_and_matches_eager_init(name):
       if seed == 5:
         first = got
   # (compiler.compiler_options may compile its one-time probe of the options too.)
-  names = [name for name, _ in compiles.events]
+  names = [fun for fun, _ in compiles.events]
   assert [n for n in names if 'init' in n] == ['jit(init)']
   assert len([n for n in names if 'init' not in n]) <= 1
   assert jax.tree.structure(first) == jax.tree.structure(eager)
