@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # The accelerator (GPU or TPU) targets of experiments/bench/README.md, as one prepared command.
 #
-#   experiments/bench/accelerator.sh OUT_DIR PART... [--data_path=NPZ]
+#   experiments/bench/accelerator.sh OUT_DIR PART... [--data_path=NPZ] [--rounds=N]
 #
 # PART is one or more of
 #   step    throughput.py: VGG-16 and ResNet-56 train steps, jaxprune in float32 and bfloat16
 #           against PyTorch, batch 128 (section 2; on a GPU PyTorch runs there too).
 #   epoch   epoch_throughput.py: whole epochs with data loading, train.fit against a PyTorch
-#           DataLoader loop (section 8; the target: at least 1.5x PyTorch's epoch throughput).
+#           DataLoader loop, over all 10000 training images of the sample (78 steps: the
+#           CPU's 2048 are too few steps to time a GPU epoch) (section 8; the target: at
+#           least 1.5x PyTorch's epoch throughput).
 #   seeds   seeds.py: --seeds=5 in one process (loop and vmap) against five separate runs of
 #           resnet20, 32 steps per stage, every seed pruned to the same widths (section 6;
-#           the target: vmap at least 1.5x five sequential runs).
+#           the target: vmap at least 1.5x five sequential runs). The separate runs go once,
+#           without a compilation cache (--nocached_runs: five fewer processes).
 #   all     the three, in that order.
-# Each part writes OUT_DIR/PART.json (its table, the machine and the versions) and
+# --rounds sets step's and epoch's alternating rounds (default 2; 1 where a call's time is
+# short). Each part writes OUT_DIR/PART.json (its table, the machine and the versions) and
 # OUT_DIR/PART.log (everything it printed). Parts run one after another and a failing part
 # does not stop the next; the exit status is the number of parts that failed.
 #
@@ -24,17 +28,23 @@
 # a call is time-limited.
 set -uo pipefail
 
-usage="usage: $0 OUT_DIR PART... [--data_path=NPZ]; PART is step, epoch, seeds or all"
+usage="usage: $0 OUT_DIR PART... [--data_path=NPZ] [--rounds=N]; PART is step, epoch, seeds or all"
 out=${1:?$usage}
 shift
 data_flag=()
+rounds=2
 parts=()
 for arg in "$@"; do
   case "$arg" in
     --data_path=*) data_flag=("$arg") ;;
+    --rounds=*) rounds=${arg#--rounds=}
+      if ! [[ "$rounds" =~ ^[1-9][0-9]*$ ]]; then
+        echo "error: --rounds='$rounds' is not a positive whole number." >&2
+        exit 2
+      fi ;;
     step|epoch|seeds) parts+=("$arg") ;;
     all) parts+=(step epoch seeds) ;;
-    *) echo "error: '$arg' is not a part (step, epoch, seeds, all) or --data_path=NPZ." >&2
+    *) echo "error: '$arg' is not a part (step, epoch, seeds, all), --data_path=NPZ or --rounds=N." >&2
        exit 2 ;;
   esac
 done
@@ -53,10 +63,11 @@ failed=0
 for part in "${parts[@]}"; do
   case "$part" in
     step) cmd=("$bench/throughput.py" --models=vgg16,resnet56 --jax_variants=auto/jaxprune
-               --precisions=float32,bfloat16 --rounds=2) ;;
-    epoch) cmd=("$bench/epoch_throughput.py" --rounds=2 "${data_flag[@]}") ;;
-    seeds) cmd=("$bench/seeds.py" --selection=layer --max_train=2048 --epochs=2
+               --precisions=float32,bfloat16 --rounds="$rounds") ;;
+    epoch) cmd=("$bench/epoch_throughput.py" --rounds="$rounds" --images=10000
                 "${data_flag[@]}") ;;
+    seeds) cmd=("$bench/seeds.py" --selection=layer --max_train=2048 --epochs=2
+                --nocached_runs "${data_flag[@]}") ;;
   esac
   echo "== $part: $python ${cmd[*]} --out=$out/$part.json  ($(date -u +%H:%M:%S) UTC)"
   start=$SECONDS

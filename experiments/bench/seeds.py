@@ -13,10 +13,11 @@ in a temporary work directory:
 Wall seconds are measured around the processes, so the separate runs pay their start-up
 (Python, imports, loading the npz) and their compilations N times, as they do in use.
 The separate runs go twice: without a persistent compilation cache
-(`--compilation_cache_dir=`), and sharing one that starts empty, as launch.py's default
-cache directory makes successive runs do; loop and vmap each start with an empty cache of
-their own. Train-step compilations are counted from JAX's compile log (JAX_LOG_COMPILES=1,
-set for all): `Compiling sharded_train_step` lines in each process's stderr, less the
+(`--compilation_cache_dir=`), and (unless --nocached_runs, which saves N processes where
+time is short) sharing one that starts empty, as launch.py's default cache directory makes
+successive runs do; loop and vmap each start with an empty cache of their own. Each
+process prints one progress line as it ends. Train-step compilations are counted from
+JAX's compile log (JAX_LOG_COMPILES=1, set for all): `Compiling sharded_train_step` lines in each process's stderr, less the
 persistent cache's hits for it (reported apart). The per-seed test
 accuracies are compared with the separate runs': loop promises the same numbers, vmap
 the same up to float rounding (the largest difference is printed).
@@ -50,6 +51,8 @@ flags.DEFINE_string('selection', 'global_l2', 'Selection policy (launch.py\'s de
 flags.DEFINE_string('regime', 'scratch', 'Retraining regime.')
 flags.DEFINE_string('data_path', '/work/shared/data/cifar10_sample.npz',
                     'The CIFAR-10 sample (.npz: 10000 training, 2000 test images).')
+flags.DEFINE_bool('cached_runs', True, 'Also time the separate runs sharing one persistent '
+                  'compilation cache (N more processes).')
 flags.DEFINE_string('out', None, 'Write the table as JSON here.')
 
 STEP = 'sharded_train_step'
@@ -68,6 +71,8 @@ def launch(workdir: str, cache: str, *extra: str) -> dict:
   wall = time.perf_counter() - start
   if proc.returncode != 0:
     raise RuntimeError(f'launch.py {extra} failed:\n{proc.stderr[-4000:]}')
+  print(f"launch.py {' '.join(extra)} (compilation cache: {os.path.basename(cache) or 'none'}): "
+        f"{wall:.1f} s", flush=True)
   lines = proc.stderr.splitlines()
   traced = sum(1 for line in lines if 'Compiling' in line and STEP in line)
   hits = sum(1 for line in lines if 'Persistent compilation cache hit' in line and STEP in line)
@@ -96,7 +101,7 @@ def main(argv):
                 for seed in range(FLAGS.seeds)]
     shared_cache = os.path.join(tmp, 'cache_separate')
     cached = [launch(os.path.join(tmp, f'cached{seed}'), shared_cache, f'--seed={seed}')
-              for seed in range(FLAGS.seeds)]
+              for seed in range(FLAGS.seeds)] if FLAGS.cached_runs else []
     ways = {way: launch(os.path.join(tmp, way), os.path.join(tmp, f'cache_{way}'),
                         f'--seeds={FLAGS.seeds}', f'--seed_batching={way}')
             for way in ('loop', 'vmap')}
@@ -105,7 +110,8 @@ def main(argv):
   separate_accuracies = np.array(separate_total['accuracies'])
   rows = []
   for name, r in ((f'{FLAGS.seeds} x --seed=i, no cache', separate_total),
-                  (f'{FLAGS.seeds} x --seed=i, one cache', _total(cached)),
+                  *(((f'{FLAGS.seeds} x --seed=i, one cache', _total(cached)),)
+                    if cached else ()),
                   *((f'--seeds={FLAGS.seeds} --seed_batching={way}', r)
                     for way, r in ways.items())):
     rows.append({'runs': name, 'wall_s': r['wall_s'], 'vs_separate': separate_s / r['wall_s'],
@@ -114,12 +120,13 @@ def main(argv):
                  'max_accuracy_difference': float(np.max(np.abs(
                      np.array(r['accuracies']) - separate_accuracies)))})
   each = ', '.join(format(r['wall_s'], '.1f') for r in separate)
-  each_cached = ', '.join(format(r['wall_s'], '.1f') for r in cached)
+  each_cached = (', ' + ', '.join(format(r['wall_s'], '.1f') for r in cached) + ' s (one cache)'
+                 if cached else '')
   print()
   print(f"launch.py on the CIFAR-10 sample ({FLAGS.model}, {FLAGS.epochs} epoch(s), "
         f"{FLAGS.max_train} images, {FLAGS.criterion}, {FLAGS.selection}, {FLAGS.regime}, "
         f"batch {FLAGS.batch_size}), backend {jax.default_backend()}; separate runs: {each} s "
-        f"(no cache), {each_cached} s (one cache)")
+        f"(no cache){each_cached}")
   print(common.format_table(rows, list(rows[0])))
   common.write_json(FLAGS.out, {'machine': common.machine(), 'load_average_before': load_before,
                                 'settings': {k: FLAGS[k].value for k in (
