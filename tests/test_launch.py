@@ -241,6 +241,13 @@ def test_each_seed_copy_equals_a_separate_run_and_shares_compiled_steps(tmp_path
   assert many['rows'][0]['test_accuracy_std'] == pytest.approx(np.std(accuracies, ddof=1))
 
 
+@pytest.mark.parametrize('name,backend,expected', [
+    ('auto', 'cpu', 'loop'), ('auto', 'gpu', 'loop'), ('auto', 'tpu', 'vmap'),
+    ('vmap', 'cpu', 'vmap'), ('loop', 'tpu', 'loop')])
+def test_seed_batching_auto_loops_except_on_tpus(name, backend, expected):
+  assert pipeline.seed_batching_for(name, backend) == expected
+
+
 def test_vmapped_seeds_equal_looped_seeds_and_group_equal_widths(tmp_path):
   # A per-layer selection gives both seeds the same widths, so scratch trains as one group.
   config = pipeline.Config(workdir=str(tmp_path / 'loop'), model='tiny', epochs=2,
