@@ -17,10 +17,12 @@ The separate runs go twice: without a persistent compilation cache
 time is short) sharing one that starts empty, as launch.py's default cache directory makes
 successive runs do; loop and vmap each start with an empty cache of their own. Each
 process prints one progress line as it ends. Train-step compilations are counted from
-JAX's compile log (JAX_LOG_COMPILES=1, set for all): `Compiling sharded_train_step` lines in each process's stderr, less the
-persistent cache's hits for it (reported apart). The per-seed test
-accuracies are compared with the separate runs': loop promises the same numbers, vmap
-the same up to float rounding (the largest difference is printed).
+JAX's compile log (JAX_LOG_COMPILES=1, set for all): the `Compiling` lines in each
+process's stderr that name `sharded_train_step`, less the persistent cache's hits for it
+(reported apart). The per-seed test accuracies are compared with the separate runs': on
+the CPU loop promises the same numbers, vmap the same up to float rounding (the largest
+difference is printed); on a GPU, whose kernels XLA does not make deterministic by
+default, neither matched bit for bit (README section 6).
 """
 
 import json
