@@ -507,7 +507,8 @@ def run_seeds(config: Config, seeds: int, seed_batching: str = 'auto') -> dict:
   Copy i is the run `run(replace(config, seed=config.seed + i))` in workdir/seed{seed}
   (and baseline_dir/seed{seed}). `seed_batching` (SEED_BATCHING) says how the copies
   train: 'loop' runs them one after another through shared compiled steps, each exactly
-  its separate run; 'vmap' trains the stages whose copies have equal widths as one
+  its separate run where the backend's kernels are deterministic (the CPU; on a GPU XLA's
+  are not by default); 'vmap' trains the stages whose copies have equal widths as one
   vmapped program (`train.fit_copies`: equal to the separate runs up to float rounding).
   """
   if seeds < 1:
