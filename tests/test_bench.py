@@ -28,9 +28,28 @@ def bench(script, *args):
     ('criteria_cost.py', ['--criteria=l1,bogus'], "error: unknown criterion 'bogus'; choose"),
     # compiles.py runs each pipeline in a worker process: the worker's sentence is passed on.
     ('compiles.py', ['--regime=bogus'], "error: unknown regime 'bogus'; choose one of:"),
+    # seeds.py runs launch.py: launch.py's sentence is passed on.
+    ('seeds.py', ['--data_path=/nope.npz'], "error: npz file '/nope.npz' does not exist."),
+    ('seeds.py', ['--seeds=0'], 'flag --seeds=0: 0 is not a positive integer'),
 ])
 def test_a_bad_setting_is_one_sentence(script, args, sentence):
   returncode, stderr = bench(script, *args)
   assert returncode != 0
   assert sentence in stderr
   assert 'Traceback' not in stderr
+
+
+@pytest.mark.parametrize('args, sentence', [
+    (['epoch', '--rounds=0'], "error: --rounds='0' is not a positive whole number."),
+    (['steps'], "error: 'steps' is not a part (step, epoch, seeds, all), --data_path=NPZ or "
+                "--rounds=N."),
+    ([], 'error: no part given.'),
+])
+def test_accelerator_script_refuses_bad_arguments_before_running_anything(tmp_path, args,
+                                                                         sentence):
+  out = tmp_path / 'out'
+  proc = subprocess.run(['bash', os.path.join(BENCH, 'accelerator.sh'), str(out), *args],
+                        capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 2
+  assert sentence in proc.stderr
+  assert not out.exists()

@@ -121,6 +121,18 @@ def write_json(path: str | None, payload: dict) -> None:
   print(f'wrote {path}')
 
 
+def check_child(proc: subprocess.CompletedProcess, name: str) -> None:
+  """Returns if `proc` succeeded. A child that ended with one `error: ...` sentence (a bad
+  setting, as `run` and launch.py report it) passes that sentence on and exits; any other
+  failure raises with the end of the child's stderr."""
+  if proc.returncode == 0:
+    return
+  last_line = (proc.stderr.strip().splitlines() or [''])[-1]
+  if last_line.startswith('error: '):
+    sys.exit(last_line)
+  raise RuntimeError(f'{name} failed:\n{proc.stderr[-4000:]}')
+
+
 def run_worker(script: str, args: list[str], env: dict | None = None, timeout: float = 3600) -> dict:
   """Runs `python script args` in a fresh process and returns the JSON it prints last.
 
@@ -131,12 +143,7 @@ def run_worker(script: str, args: list[str], env: dict | None = None, timeout: f
   full_env.update(env or {})
   proc = subprocess.run([sys.executable, script] + args, env=full_env, capture_output=True,
                         text=True, timeout=timeout)
-  if proc.returncode != 0:
-    last_line = (proc.stderr.strip().splitlines() or [''])[-1]
-    if last_line.startswith('error: '):
-      # A bad setting the worker reported in one sentence (`run`): pass it on as it is.
-      sys.exit(last_line)
-    raise RuntimeError(f'worker {args} failed:\n{proc.stderr[-4000:]}')
+  check_child(proc, f'worker {args}')
   last = [line for line in proc.stdout.splitlines() if line.startswith('{')][-1]
   return json.loads(last)
 

@@ -42,7 +42,8 @@ import common  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer('seeds', 5, 'Seeds: the --seeds=N runs against N separate runs.')
+flags.DEFINE_integer('seeds', 5, 'Seeds: the --seeds=N runs against N separate runs.',
+                     lower_bound=1)
 flags.DEFINE_string('model', 'resnet20', 'Model.')
 flags.DEFINE_integer('epochs', 1, 'Baseline (and scratch) epochs.', lower_bound=1)
 flags.DEFINE_integer('max_train', 256, 'Training images used (of the sample\'s 10000).',
@@ -71,8 +72,7 @@ def launch(workdir: str, cache: str, *extra: str) -> dict:
   start = time.perf_counter()
   proc = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=3600)
   wall = time.perf_counter() - start
-  if proc.returncode != 0:
-    raise RuntimeError(f'launch.py {extra} failed:\n{proc.stderr[-4000:]}')
+  common.check_child(proc, f'launch.py {extra}')
   print(f"launch.py {' '.join(extra)} (compilation cache: {os.path.basename(cache) or 'none'}): "
         f"{wall:.1f} s", flush=True)
   lines = proc.stderr.splitlines()
