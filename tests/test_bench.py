@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -53,3 +54,15 @@ def test_accelerator_script_refuses_bad_arguments_before_running_anything(tmp_pa
   assert proc.returncode == 2
   assert sentence in proc.stderr
   assert not out.exists()
+
+
+def test_epoch_throughput_refuses_more_images_than_the_npz_has(tmp_path):
+  path = tmp_path / 'small.npz'
+  rng = np.random.default_rng(0)
+  np.savez(path, train_images=rng.integers(0, 256, (12, 32, 32, 3), np.uint8),
+           train_labels=np.arange(12) % 10, test_images=np.zeros((4, 32, 32, 3), np.uint8),
+           test_labels=np.arange(4))
+  returncode, stderr = bench('epoch_throughput.py', f'--data_path={path}', '--images=13')
+  assert returncode != 0
+  assert f'--images=13 exceeds the 12 training images in {path}.' in stderr
+  assert 'Traceback' not in stderr

@@ -8,7 +8,7 @@ r"""Cost of each importance criterion, and of the vmapped oracle against a loop.
     train-mode forward, backward, SGD momentum with weight decay), the two timed
     alternately, best of --reps each. Compile time is excluded and reported apart;
     `oracle` and `second_order` are timed --expensive_reps times.
-    Targets from the issue: gradient criteria <= 0.8x a step, activation
+    The project's targets: gradient criteria <= 0.8x a step, activation
     criteria <= 0.5x.
 (b) The oracle on models with >= 256 prunable channels: the vmapped criterion
     against removing one channel at a time with a jitted full forward pass

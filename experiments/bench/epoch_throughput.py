@@ -2,10 +2,12 @@ r"""Epoch throughput, data loading included: `train.fit` against a standard PyTo
 
     python experiments/bench/epoch_throughput.py --out=/tmp/epoch_throughput.json
 
-The issue's GPU target is stated for whole epochs, input pipeline included; this script
+The project's GPU target is stated for whole epochs, input pipeline included; this script
 measures exactly that on any backend (the CPU here, a GPU where one is available).
-For each model (VGG-16 and ResNet-56, float32, batch 128) and the first --images training
-images of the CIFAR-10 sample npz:
+For each model (VGG-16 and ResNet-56, float32, batch 128) and --images training images of
+the CIFAR-10 sample npz (jax: `data.load`'s fixed random subset of that size, as
+`launch.py --max_train` takes it; torch: the first --images; both: all of them at the
+sample's 10000):
   * jax: `jaxprune.train.fit` as `launch.py` runs it: the dataset on the device, the epoch's
     permutation, crops and flips made there, one host sync per epoch, an asynchronous
     checkpoint and a test-set evaluation after every epoch. Its epoch images/s is
@@ -148,6 +150,11 @@ def main(argv):
     raise app.UsageError(f'--epochs must be at least 2 (the first is the warm-up), got '
                          f'{FLAGS.epochs}.')
   common.check_models(FLAGS.models, FLAGS.frameworks)
+  from jaxprune import data
+  available = len(data.load('npz', data_path=FLAGS.data_path).train_labels)
+  if FLAGS.images > available:
+    raise app.UsageError(f'--images={FLAGS.images} exceeds the {available} training images '
+                         f'in {FLAGS.data_path}.')
   try:
     workers = [int(w) for w in FLAGS.loader_workers]
   except ValueError:
