@@ -62,7 +62,26 @@ def test_epoch_throughput_refuses_more_images_than_the_npz_has(tmp_path):
   np.savez(path, train_images=rng.integers(0, 256, (12, 32, 32, 3), np.uint8),
            train_labels=np.arange(12) % 10, test_images=np.zeros((4, 32, 32, 3), np.uint8),
            test_labels=np.arange(4))
-  returncode, stderr = bench('epoch_throughput.py', f'--data_path={path}', '--images=13')
+  returncode, stderr = bench('epoch_throughput.py', f'--data_path={path}', '--images=13',
+                             '--frameworks=jax')
   assert returncode != 0
   assert f'--images=13 exceeds the 12 training images in {path}.' in stderr
   assert 'Traceback' not in stderr
+
+
+def test_timing_torch_without_pytorch_installed_is_one_sentence(monkeypatch):
+  import importlib.util
+
+  from absl import app
+  monkeypatch.syspath_prepend(BENCH)
+  import common
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, 'find_spec',
+                      lambda name, *a: None if name == 'torch' else find_spec(name, *a))
+  with pytest.raises(app.UsageError, match=r"PyTorch is not installed: pip install "
+                     r"'jaxprune\[bench\]', or pass --frameworks=jax\."):
+    common.check_models(['vgg16'], ['jax', 'torch'])
+  with pytest.raises(app.UsageError, match=r"^--torch asks for PyTorch, but PyTorch is not "
+                     r"installed: .* or leave --torch out\.$"):
+    common.require_torch('--torch asks for PyTorch', 'leave --torch out')
+  common.check_models(['vgg16'], ['jax'])

@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark scripts: timing, compile counting, machine info, tables."""
 
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -148,6 +149,14 @@ def run_worker(script: str, args: list[str], env: dict | None = None, timeout: f
   return json.loads(last)
 
 
+def require_torch(asked: str, instead: str) -> None:
+  """absl's UsageError, in one sentence, when PyTorch (a bench-only extra) is missing."""
+  from absl import app
+  if importlib.util.find_spec('torch') is None:
+    raise app.UsageError(f"{asked}, but PyTorch is not installed: pip install "
+                         f"'jaxprune[bench]', or {instead}.")
+
+
 def check_models(models: list[str], frameworks: list[str]) -> None:
   """absl's UsageError naming a --frameworks entry other than jax or torch, or the --models
   entries that cannot be timed in `frameworks`.
@@ -162,6 +171,7 @@ def check_models(models: list[str], frameworks: list[str]) -> None:
     raise app.UsageError(f'--frameworks {unknown} are not jax or torch.')
   allowed = set(registry.MODELS)
   if 'torch' in frameworks:
+    require_torch('--frameworks includes torch', 'pass --frameworks=jax')
     import torch_models
     allowed &= set(torch_models.MODELS)
   unknown = [m for m in models if m not in allowed]

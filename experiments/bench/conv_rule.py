@@ -110,6 +110,8 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"--passes {unknown} are not among {', '.join(PASSES)}.")
   shapes = _selected_shapes()
+  if FLAGS.torch:
+    common.require_torch('--torch asks for PyTorch', 'leave --torch out')
   if FLAGS.worker:
     common.reply(torch_worker(shapes))
     return
