@@ -110,12 +110,12 @@ def main(argv):
   separate_total = _total(separate)
   separate_s = separate_total['wall_s']
   separate_accuracies = np.array(separate_total['accuracies'])
+  compared = [(f'{FLAGS.seeds} x --seed=i, no cache', separate_total)]
+  if cached:
+    compared.append((f'{FLAGS.seeds} x --seed=i, one cache', _total(cached)))
+  compared += [(f'--seeds={FLAGS.seeds} --seed_batching={way}', r) for way, r in ways.items()]
   rows = []
-  for name, r in ((f'{FLAGS.seeds} x --seed=i, no cache', separate_total),
-                  *(((f'{FLAGS.seeds} x --seed=i, one cache', _total(cached)),)
-                    if cached else ()),
-                  *((f'--seeds={FLAGS.seeds} --seed_batching={way}', r)
-                    for way, r in ways.items())):
+  for name, r in compared:
     rows.append({'runs': name, 'wall_s': r['wall_s'], 'vs_separate': separate_s / r['wall_s'],
                  'train_step_compiles': r['train_step_compiles'],
                  'train_step_cache_hits': r['train_step_cache_hits'],
