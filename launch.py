@@ -10,7 +10,9 @@ import sys
 
 from absl import app, flags, logging
 
-from jaxprune import compiler, criteria, data, models, pipeline, select, train
+from jaxprune import data, models, pipeline, train
+from jaxprune.kernels import compiler
+from jaxprune.prune import criteria, select
 from jaxprune.errors import exit_on_config_error
 
 

@@ -243,7 +243,7 @@ def _plan_and_execute(experiment: str, plan: Callable, args) -> list:
     return runs
   sys.stdout.flush()
   _quiet_logging()
-  from jaxprune import compiler
+  from jaxprune.kernels import compiler
   compiler.use_persistent_cache(args.compilation_cache_dir)
   return execute(experiment, runs, log=lambda s: print(s, flush=True))
 

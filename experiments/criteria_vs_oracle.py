@@ -44,7 +44,8 @@ def plan(args) -> list:
 
 def measure(config, criteria_names, batches: int) -> dict:
   import numpy as np
-  from jaxprune import agreement, criteria, data, pipeline, structure
+  from jaxprune import data, pipeline
+  from jaxprune.prune import agreement, criteria, structure
   from etils import epath
   dataset = data.load(config.dataset, data_path=config.data_path, data_dir=config.data_dir,
                       max_train=config.max_train)
@@ -102,7 +103,7 @@ def main(argv=None):
 
 
 def _plan_and_measure(args) -> list:
-  from jaxprune import criteria
+  from jaxprune.prune import criteria
   from jaxprune.errors import ConfigError
   names = common.csv_list(args.criteria, str, 'criteria')
   for name in names:

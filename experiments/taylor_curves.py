@@ -28,7 +28,7 @@ DEFAULTS = {'mini': {'model': 'resnet8'}, 'full': {'model': 'vgg16', 'finetune_l
 
 def extra_flags(parser):
   parser.add_argument('--criteria', default=','.join(CRITERIA),
-                      help='Comma-separated criteria (any of jaxprune.criteria.CRITERIA).')
+                      help='Comma-separated criteria (any of jaxprune.prune.criteria.CRITERIA).')
   parser.add_argument('--prune_ratio', type=float, default=0.5,
                       help='Fraction of the prunable channels removed by the end.')
   parser.add_argument('--prune_every', default=','.join(map(str, PRUNE_EVERY)),

@@ -22,7 +22,8 @@ from typing import Mapping
 
 from absl import app, flags, logging
 
-from jaxprune import flops, models, select, shrink, structure
+from jaxprune import models
+from jaxprune.prune import flops, select, shrink, structure
 from jaxprune.errors import ConfigError, choose
 
 FIXED = '(fixed)'

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from jaxprune import agreement
+from jaxprune.prune import agreement
 from jaxprune.errors import ConfigError
 
 

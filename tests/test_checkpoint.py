@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from jaxprune import checkpoint, data, train
+from jaxprune import data, train
+from jaxprune.train import checkpoint
 from test_train import learnable_dataset, python_process, tiny, two_copies
 
 EPOCHS, BATCH = 3, 32  # 8 steps per epoch on the 256 training images.

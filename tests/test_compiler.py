@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxprune import compiler, models, train
+from jaxprune import models, train
+from jaxprune.kernels import compiler
 from jaxprune.errors import ConfigError
 
 on_cpu = pytest.mark.skipif(jax.default_backend() != 'cpu', reason='CPU options only')

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from jaxprune import models, structure
+from jaxprune import models
+from jaxprune.prune import structure
 from jaxprune.errors import ConfigError
-from jaxprune.models import conv, layers
+from jaxprune.models import layers
+from jaxprune.kernels import conv
 
 CASES = [(kernel, stride, size) for kernel in (1, 3) for stride in (1, 2) for size in (2, 5, 8)]
 

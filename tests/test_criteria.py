@@ -18,7 +18,8 @@ import pytest
 from flax import traverse_util
 from sklearn.datasets import load_digits
 
-from jaxprune import criteria, models, structure
+from jaxprune import models
+from jaxprune.prune import criteria, structure
 from jaxprune.errors import ConfigError
 from jaxprune.models import layers
 

@@ -11,7 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from jaxprune import pipeline, regimes
+from jaxprune import pipeline
+from jaxprune.pipeline import regimes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 QUICK = ['--model=tiny', '--epochs=1', '--batch_size=32', '--max_train=256',

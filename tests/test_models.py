@@ -11,7 +11,8 @@ import optax
 import pytest
 from flax import traverse_util
 
-from jaxprune import flops, models, shrink, structure
+from jaxprune import models
+from jaxprune.prune import flops, shrink, structure
 from jaxprune.models import layers
 from jaxprune.errors import ConfigError
 

@@ -8,7 +8,7 @@ import pytest
 
 from jaxprune import models, train
 from jaxprune.errors import ConfigError
-from jaxprune.models import norm
+from jaxprune.kernels import norm
 
 SETTINGS = dict(momentum=0.9, epsilon=1e-5)
 

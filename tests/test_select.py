@@ -6,8 +6,9 @@ import time
 import numpy as np
 import pytest
 
-from jaxprune import flops, models, structure
-from jaxprune import select as sel
+from jaxprune import models
+from jaxprune.prune import flops, structure
+from jaxprune.prune import select as sel
 from jaxprune.errors import ConfigError
 
 

@@ -15,7 +15,8 @@ import optax
 import pytest
 from flax import traverse_util
 
-from jaxprune import data, models, structure, train
+from jaxprune import data, models, train
+from jaxprune.prune import structure
 from jaxprune.errors import ConfigError
 
 IMAGE = (8, 8, 3)

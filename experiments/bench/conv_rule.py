@@ -1,4 +1,4 @@
-r"""The measured basis of jaxprune.models.conv's rule: each formulation per conv shape.
+r"""The measured basis of jaxprune.kernels.conv's rule: each formulation per conv shape.
 
     python experiments/bench/conv_rule.py --out=/tmp/conv_rule.json
 
@@ -7,11 +7,11 @@ float32) it times, on the current backend, the three passes a training step runs
   fwd  y = conv(x, k)
   dx   the input gradient  (vjp of y w.r.t. x)
   dk   the kernel gradient (vjp of y w.r.t. k)
-for each formulation in `jaxprune.models.conv.FORMULATIONS` ('native' =
+for each formulation in `jaxprune.kernels.conv.FORMULATIONS` ('native' =
 lax.conv_general_dilated, 'patches' = im2col + matmul, ...). The formulations are timed
 round-robin (one call of each per repetition), so a burst of background load hits all of
 them alike; the table shows medians and GFLOP/s (2 * MACs / s) and marks the fastest.
-Everything is compiled with `jaxprune.compiler`'s options, as the library compiles its
+Everything is compiled with `jaxprune.kernels.compiler`'s options, as the library compiles its
 steps (JAXPRUNE_XLA_OPTIONS=xla times XLA's defaults instead). With `--torch`, PyTorch's
 conv2d passes (NCHW, `torch.nn.grad` for the gradients) are timed in a separate process
 the same way and shown as a reference column (`pip install torch`).
@@ -115,7 +115,7 @@ def main(argv):
   if FLAGS.worker:
     common.reply(torch_worker(shapes))
     return
-  from jaxprune.models import conv
+  from jaxprune.kernels import conv
   names = FLAGS.formulations or list(conv.FORMULATIONS)
   unknown = [name for name in names if name not in conv.FORMULATIONS]
   if unknown:
@@ -129,7 +129,7 @@ def main(argv):
         [f'--shapes={FLAGS.shapes}'] if FLAGS.shapes else []))
   import jax
 
-  from jaxprune import compiler
+  from jaxprune.kernels import compiler
 
   rows = []
   for (size, cin, cout, k, s), used_by in shapes.items():

@@ -12,7 +12,7 @@ r"""Cost of each importance criterion, and of the vmapped oracle against a loop.
     criteria <= 0.5x.
 (b) The oracle on models with >= 256 prunable channels: the vmapped criterion
     against removing one channel at a time with a jitted full forward pass
-    (masks are inputs, so the loop compiles once; compiled with `jaxprune.compiler`'s
+    (masks are inputs, so the loop compiles once; compiled with `jaxprune.kernels.compiler`'s
     options, as the criteria are). Every loop call is the same
     full forward, so with --loop_channels the loop is timed on that many
     channels per group and scaled to all of them (its scores are compared on
@@ -35,7 +35,9 @@ import optax  # noqa: E402
 from absl import flags  # noqa: E402
 
 import common  # noqa: E402
-from jaxprune import compiler, criteria, models, structure, train  # noqa: E402
+from jaxprune import models, train  # noqa: E402
+from jaxprune.kernels import compiler
+from jaxprune.prune import criteria, structure
 from jaxprune.errors import ConfigError  # noqa: E402
 
 FLAGS = flags.FLAGS

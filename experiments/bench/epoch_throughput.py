@@ -64,7 +64,8 @@ def jax_worker(name: str) -> dict:
   import jax
   import numpy as np
 
-  from jaxprune import checkpoint, data, models, train
+  from jaxprune import data, models, train
+  from jaxprune.train import checkpoint
 
   dataset = data.load('npz', data_path=FLAGS.data_path, max_train=FLAGS.images)
   model = models.build(name, dataset.num_classes)

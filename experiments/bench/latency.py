@@ -12,7 +12,7 @@ Compile time is excluded. Each level is timed twice: at the exact selected width
 every group's width rounded up to a multiple of 8 (`select(..., round_to=8)`), since XLA's
 CPU convolutions run channel counts such as 15 or 63 slower than 16 or 64.
 
-Columns: macs_ratio = shrunk / full MACs (jaxprune.flops), latency_ratio = shrunk / full
+Columns: macs_ratio = shrunk / full MACs (jaxprune.prune.flops), latency_ratio = shrunk / full
 median latency, and ok = latency_ratio <= 1.1 x macs_ratio (shrinking delivers, within 10%,
 the speed-up its MACs promise).
 """
@@ -61,7 +61,9 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   import jax
 
-  from jaxprune import compiler, criteria, flops, models, select, shrink, structure
+  from jaxprune import models
+  from jaxprune.kernels import compiler
+  from jaxprune.prune import criteria, flops, select, shrink, structure
 
   rows = []
   for name in FLAGS.models:

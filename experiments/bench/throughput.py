@@ -10,8 +10,8 @@ bfloat16 for jax) it times
     'CONV_IMPL/XLA_OPTIONS/BATCH_NORM': JAXPRUNE_CONV_IMPL ('native' is the plain
     `lax.conv_general_dilated` of nn.Conv; 'auto' is jaxprune's rule),
     JAXPRUNE_XLA_OPTIONS ('xla': XLA's default compiler options; 'jaxprune': those of
-    `jaxprune.compiler`) and JAXPRUNE_BATCH_NORM ('flax': nn.BatchNorm; 'jaxprune':
-    `jaxprune.models.norm`'s, the default when the third part is left out).
+    `jaxprune.kernels.compiler`) and JAXPRUNE_BATCH_NORM ('flax': nn.BatchNorm; 'jaxprune':
+    `jaxprune.kernels.norm`'s, the default when the third part is left out).
     'native/xla/flax' is the state before any fix, 'auto/jaxprune/jaxprune' the default;
   * torch: the same network (experiments/bench/torch_models.py) with torch.optim.SGD
     (momentum 0.9, weight decay 1e-4), cross-entropy, `torch.set_num_threads(--threads)`;
@@ -66,8 +66,9 @@ def jax_worker(name: str) -> dict:
   import jax.numpy as jnp
   import numpy as np
 
-  from jaxprune import compiler, models, train
-  from jaxprune.models import conv, norm
+  from jaxprune import models, train
+  from jaxprune.kernels import compiler
+  from jaxprune.kernels import conv, norm
 
   with common.CompileLog() as compiles:
     model = models.build(name)
@@ -147,8 +148,8 @@ def main(argv):
     return
   common.check_models(FLAGS.models, FLAGS.frameworks)
 
-  from jaxprune import compiler
-  from jaxprune.models import conv, norm
+  from jaxprune.kernels import compiler
+  from jaxprune.kernels import conv, norm
   variants = []  # (conv impl, XLA options, BatchNorm) of every --jax_variants entry
   for variant in FLAGS.jax_variants:
     parts = variant.split('/') + (['jaxprune'] if variant.count('/') == 1 else [])

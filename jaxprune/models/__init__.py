@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jaxprune import compiler
+from jaxprune.kernels import compiler
 from jaxprune.errors import choose
 from jaxprune.models.densenet import DenseNet
 from jaxprune.models.resnet import PreResNet, ResNet, WideResNet

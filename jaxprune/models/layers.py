@@ -16,8 +16,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxprune.errors import ConfigError
-from jaxprune.models import norm
-from jaxprune.models.conv import Conv
+from jaxprune.kernels import norm
+from jaxprune.kernels.conv import Conv
 
 # Collection holding, for channel-selection layers, the indices of the stream
 # channels the layer reads. It is structural data, not a learned parameter.

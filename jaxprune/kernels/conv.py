@@ -28,7 +28,7 @@ Which formulation runs (`IMPLS`):
            and ties native for the kernel gradient; from 4x4 up native is faster in every
            pass a layer needs (the kernel gradient by 1.3-5x) except the input gradients
            of stride-2 layers, where patches would save 0.9-3 ms (under 1 % of a step).
-           That holds under the compiler options of `jaxprune.compiler`; with XLA's default
+           That holds under the compiler options of `jaxprune.kernels.compiler`; with XLA's default
            CPU options native's kernel gradient is 1.4-5.7x slower, and patches won it for
            VGG's wide layers. Off the CPU 'auto' is plain 'native' (not measured here;
            cuDNN and the TPU compiler have no such cliff that we know of).
@@ -42,7 +42,7 @@ each such transpose re-derived the whole stage's chain of blocks (fusions with u
 operands, read in transposed order): 2.0 s of a 4.1 s ResNet-56 step (batch 128).
 A floating-point division is one of the ops XLA will not duplicate, so the conv input is
 computed once; the same step took 2.4 s instead of 4.1 s, bitwise the same loss, and
-VGG-16 (no residual chain) was unchanged. Rerun under `jaxprune.compiler`'s options, two
+VGG-16 (no residual chain) was unchanged. Rerun under `jaxprune.kernels.compiler`'s options, two
 rounds: 0.89-0.90 s with it against 1.38-1.41 s without. 'native' and 'patches' never apply it.
 
 The implementation is resolved at trace time, in this order: the module's `impl` field, the

@@ -6,7 +6,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxprune.errors import ConfigError
-from jaxprune.structure import Structure
+from jaxprune.prune.structure import Structure
 
 
 def kept_indices(structure: Structure, masks: Mapping) -> dict[str, np.ndarray]:

@@ -6,13 +6,13 @@ the debug option `xla_cpu_experimental_ynn_fusion_type`. Measured with jaxlib 0.
 reductions made XLA's own convolutions faster, the kernel gradient most (a 32x32, 64->64
 layer: 70 against 399 ms), and was the fastest setting tried there for both VGG-16 and
 ResNet-56 train steps (ResNet-56 951-982 against 1440-1446 ms with the default set).
-With it and `jaxprune.models.conv`'s rule, the train step took 1188 ms (VGG-16) and 1103
+With it and `jaxprune.kernels.conv`'s rule, the train step took 1188 ms (VGG-16) and 1103
 ms (ResNet-56) against 1915 and 1751 ms with the rule alone (experiments/bench/
 throughput.py, nn.BatchNorm in both).
 
 So every function jaxprune jits over a model (train and eval steps, criteria, evaluation)
 is compiled with `compiler_options()`: on the CPU backend {ynn fusion types: reductions
-only}; elsewhere nothing. The convolution rule in `jaxprune.models.conv` was measured
+only}; elsewhere nothing. The convolution rule in `jaxprune.kernels.conv` was measured
 under these options.
 
 Programs that run once per model (`jit_once`: initialising the variables) add

@@ -15,7 +15,7 @@ import dataclasses
 import math
 from typing import Mapping
 
-from jaxprune.structure import Structure
+from jaxprune.prune.structure import Structure
 
 
 @dataclasses.dataclass(frozen=True)

@@ -97,8 +97,8 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from jaxprune import compiler
-from jaxprune import structure as structure_lib
+from jaxprune.kernels import compiler
+from jaxprune.prune import structure as structure_lib
 from jaxprune.errors import ConfigError, choose
 from jaxprune.models import layers
 from jaxprune.models.layers import INDICES

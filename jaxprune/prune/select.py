@@ -53,9 +53,9 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from jaxprune import flops
+from jaxprune.prune import flops
 from jaxprune.errors import ConfigError, choose
-from jaxprune.structure import Structure
+from jaxprune.prune.structure import Structure
 
 DEFAULT_FLOPS_PENALTY = 1e-3
 

@@ -25,9 +25,10 @@ from typing import Mapping
 import jax
 import numpy as np
 
-from jaxprune import flops, models, shrink, train
+from jaxprune import models, train
+from jaxprune.prune import flops, shrink
 from jaxprune.models.layers import INDICES
-from jaxprune.structure import Structure
+from jaxprune.prune.structure import Structure
 
 REGIMES = ('finetune', 'scratch', 'scratch_b', 'lottery', 'reduced')
 

@@ -26,11 +26,14 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from jaxprune import (checkpoint, compiler, criteria, data, flops, models, regimes, select, shrink,
-                      train)
-from jaxprune import structure as structure_lib
+from jaxprune import data, models, train
+from jaxprune.kernels import compiler
+from jaxprune.pipeline import regimes
+from jaxprune.prune import criteria, flops, select, shrink
+from jaxprune.train import checkpoint
+from jaxprune.prune import structure as structure_lib
 from jaxprune.errors import ConfigError, choose
-from jaxprune.models import conv
+from jaxprune.kernels import conv
 
 SCHEDULES = ('oneshot', 'iterative')
 REGIME_CHOICES = regimes.REGIMES + ('all',)

@@ -17,7 +17,7 @@ import numpy as np
 from scipy import stats
 
 from jaxprune.errors import ConfigError
-from jaxprune.select import l2_normalize
+from jaxprune.prune.select import l2_normalize
 
 
 @dataclasses.dataclass(frozen=True)

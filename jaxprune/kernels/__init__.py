@@ -1,0 +1,2 @@
+"""What makes the models fast on each backend: the convolution (conv), BatchNorm (norm) and
+the XLA options every jitted model function compiles with (compiler)."""

@@ -1,0 +1,330 @@
+"""Train and eval steps: the state, the pure steps, and `Trainer`, which jits them over a mesh.
+
+* `TrainState` is a pytree: everything a checkpoint needs to continue bit-for-bit.
+* `train_step(state, batch, masks, learning_rate)` / `eval_step` are pure; `Trainer` jits
+  them over a `jax.sharding.Mesh` of all devices (batch split along 'data', state
+  replicated), so the same code runs on one CPU, eight TPU cores or a multi-host pod.
+* Masks and the learning rate are jit inputs: changing their values (iterative pruning,
+  another schedule or length) never recompiles, and the parameters of masked-out channels
+  are held fixed (no gradient, decay, L1 or momentum moves them).
+* `precision` (one of PRECISIONS) is the dtype the forward and backward passes compute in;
+  parameters, their updates, optimizer state and BN statistics are always float32.
+"""
+
+import functools
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxprune.errors import ConfigError, choose
+from jaxprune.kernels import compiler
+from jaxprune.prune import structure as structure_lib
+from jaxprune.train.optim import OptimizerConfig, make_optimizer
+
+DATA_AXIS = 'data'
+
+Masks = Mapping[str, jax.Array] | None
+
+
+@struct.dataclass
+class TrainState:
+  """Everything that determines the rest of a training run.
+
+  Attributes:
+    step: int32 scalar, optimizer steps taken.
+    params: the trained variables.
+    batch_stats: BN running statistics ({} for models without BN).
+    constants: the other variable collections (e.g. `indices`), never trained.
+    opt_state: the optimizer's state (momentum buffers).
+    rng: uint32[2] PRNG key made from the seed; every random choice of the run (the
+      epoch's permutation, a step's augmentation) is folded from it and the epoch or
+      step number, so a resumed run draws exactly what the uninterrupted one did.
+  """
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  constants: Any
+  opt_state: Any
+  rng: jax.Array
+
+  @property
+  def variables(self) -> dict:
+    """The model variables, as `model.apply` takes them."""
+    out = {'params': self.params, **self.constants}
+    if self.batch_stats:
+      out['batch_stats'] = self.batch_stats
+    return out
+
+
+def create_state(variables: Mapping, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  rest = dict(variables)
+  params = rest.pop('params')
+  batch_stats = rest.pop('batch_stats', {})
+  # Jitted: called eagerly, tx.init compiles a program per distinct leaf shape.
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                    constants=rest, opt_state=jax.jit(tx.init)(params),
+                    rng=jax.random.PRNGKey(seed))
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def keep_multipliers(structure: structure_lib.Structure, masks: Mapping, tree, collection: str):
+  """0/1 multipliers shaped for each leaf of `tree` (one variable collection).
+
+  A leaf entry is 0 where any of its axes indexes a channel that a (C,) mask removes,
+  so a conv's kernel is frozen both for its own removed filters and for the removed
+  input channels it reads. Leaves no mask touches get the Python scalar 1.0.
+  """
+  def multiplier(path, leaf):
+    keep = 1.0
+    tags = structure.axes[(collection,) + tuple(k.key for k in path)]
+    for axis, group in enumerate(tags):
+      if group in masks:
+        mask = masks[group]
+        if mask.ndim != 1:
+          raise ConfigError(f"training masks must have shape (C,); group {group!r} has "
+                            f"shape {tuple(mask.shape)}.")
+        shape = [1] * leaf.ndim
+        shape[axis] = -1
+        keep = keep * (mask != 0).astype(leaf.dtype).reshape(shape)
+    return keep
+
+  return jax.tree_util.tree_map_with_path(multiplier, tree)
+
+
+def _freeze(new, old, keep):
+  return new if isinstance(keep, float) else jnp.where(keep != 0, new, old)
+
+
+def cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+# The dtypes the forward and backward passes may compute in. bfloat16 halves the memory
+# traffic of activations on GPUs and TPUs; parameters and what updates them stay float32.
+PRECISIONS: dict[str, Any] = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def compute_dtype(precision: str):
+  """The dtype of `precision` (ConfigError for an unknown one)."""
+  choose('precision', precision, PRECISIONS)
+  return PRECISIONS[precision]
+
+
+def _cast_floats(tree, dtype):
+  # Integer leaves (`indices`) are structure, not values to compute with.
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def train_step(state: TrainState, batch: Mapping, masks: Masks, learning_rate: jax.Array, *,
+               model: nn.Module, tx: optax.GradientTransformation,
+               structure: structure_lib.Structure | None = None,
+               precision: str = 'float32') -> tuple[TrainState, dict]:
+  """One SGD step (pure). Returns the new state and {'loss', 'accuracy'} of the batch.
+
+  The parameters move by -learning_rate x `tx`'s update (`make_optimizer`: the momentum
+  buffer); the learning rate is a float32 scalar input, so any schedule runs on the same
+  compiled step. BN runs in training mode (batch statistics, running averages updated).
+  With masks, a removed channel's activation is zero, so its producing weights get no
+  gradient; weight decay, the BN L1 term and momentum would still move them, so the
+  updates, the momentum buffers and the BN statistics of everything a removed channel
+  indexes (`keep_multipliers`, from `structure`) are held at their current values.
+
+  With precision 'bfloat16' the parameters and the image are cast to bfloat16 inside the
+  loss (BN still normalises and keeps its statistics in float32) and the logits back to
+  float32 for the loss; the gradient arrives in float32 through the cast, so the
+  optimizer and the parameters never see bfloat16.
+  """
+  dtype = compute_dtype(precision)
+
+  def loss_fn(params):
+    variables = {**state.variables, 'params': _cast_floats(params, dtype)}
+    logits, updated = model.apply(variables, batch['image'].astype(dtype), train=True,
+                                  masks=masks, mutable=['batch_stats'])
+    logits = logits.astype(jnp.float32)
+    loss = jnp.mean(cross_entropy(logits, batch['label']))
+    return loss, (logits, updated.get('batch_stats', {}))
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  # Statistics keep their dtype whatever the compute dtype, so the next step's input matches.
+  batch_stats = jax.tree.map(lambda new, old: new.astype(old.dtype), batch_stats,
+                             state.batch_stats)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  if masks:
+    if structure is None:
+      raise ValueError('train_step with masks needs the model structure.')
+    keep = keep_multipliers(structure, masks, state.params, 'params')
+    updates = jax.tree.map(lambda u, k: u * k, updates, keep)
+    opt_state = optax.tree_utils.tree_map_params(tx, lambda s, k: s * k, opt_state, keep)
+    keep_stats = keep_multipliers(structure, masks, state.batch_stats, 'batch_stats')
+    batch_stats = jax.tree.map(_freeze, batch_stats, state.batch_stats, keep_stats)
+  step_size = -jnp.asarray(learning_rate, jnp.float32)
+  updates = jax.tree.map(lambda u: step_size * u, updates)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            batch_stats=batch_stats, opt_state=opt_state)
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
+  return new_state, {'loss': loss, 'accuracy': accuracy}
+
+
+def eval_step(state: TrainState, batch: Mapping, masks: Masks, *, model: nn.Module,
+              precision: str = 'float32') -> dict:
+  """Sums over the valid examples of a batch: {'loss_sum', 'correct', 'count'} (pure).
+
+  Computes in `precision` like `train_step` (BN statistics stay float32), the loss in float32.
+  """
+  dtype = compute_dtype(precision)
+  variables = {**state.variables, 'params': _cast_floats(state.params, dtype)}
+  logits = model.apply(variables, batch['image'].astype(dtype), train=False, masks=masks)
+  logits = logits.astype(jnp.float32)
+  valid = batch.get('valid')
+  valid = jnp.ones(logits.shape[:1], jnp.float32) if valid is None else valid.astype(jnp.float32)
+  correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
+  return {'loss_sum': jnp.sum(cross_entropy(logits, batch['label']) * valid),
+          'correct': jnp.sum(correct * valid), 'count': jnp.sum(valid)}
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh over all devices (of all processes), axis 'data'."""
+  return Mesh(np.asarray(devices if devices is not None else jax.devices()), (DATA_AXIS,))
+
+
+def initialize_multihost(**kwargs) -> None:
+  """Joins the processes of a multi-host run (`jax.distributed.initialize(**kwargs)`).
+
+  Call once per process before any other JAX call; on Cloud TPU and SLURM the
+  coordinator is found automatically. Every process then runs the same program
+  (`fit` included) on global arrays; `host_batch_slice` and `global_batch` let each
+  process feed its part of a host-made batch.
+  """
+  jax.distributed.initialize(**kwargs)
+  logging.info('process %d of %d: %d local of %d devices', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def host_batch_slice(global_batch_size: int) -> slice:
+  """The rows of a global batch this process feeds (contiguous, in process order)."""
+  per_process, rest = divmod(global_batch_size, jax.process_count())
+  if rest:
+    raise ConfigError(f"batch size {global_batch_size} is not divisible by the "
+                      f"{jax.process_count()} processes.")
+  start = jax.process_index() * per_process
+  return slice(start, start + per_process)
+
+
+def global_batch(local_batch: Mapping, mesh: Mesh) -> dict:
+  """Assembles each process's rows (`host_batch_slice`) into one batch sharded along 'data'."""
+  sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items()}
+
+
+def epoch_keys(rng, epoch):
+  """(permutation key, augmentation key) of one epoch; a step's key folds in its index."""
+  perm_key, augment_key = jax.random.split(jax.random.fold_in(rng, epoch))
+  return perm_key, augment_key
+
+
+class Trainer:
+  """The jitted, sharded steps of one model, optimizer and precision on one mesh.
+
+  `train_step(state, batch, masks, learning_rate)` donates the state (its buffers are
+  reused for the new one) and returns device arrays: nothing waits for the device. Pass
+  the learning rate as a numpy float32 scalar (`learning_rates`), so that every value
+  runs the same compiled step. The batch is split along the mesh's 'data' axis and
+  everything else is replicated; BN statistics and gradients are reduced over the whole
+  global batch, so the result does not depend on the number of devices.
+
+  With `copies=True` the steps are vmapped over a leading copy axis of the state and of
+  the training batch (K independent runs, `fit_copies`): one program trains them all,
+  and every copy reads the same test batches in `eval_step`. Masks are not vmapped.
+  """
+
+  def __init__(self, model: nn.Module, tx: optax.GradientTransformation,
+               structure: structure_lib.Structure | None = None, mesh: Mesh | None = None,
+               precision: str = 'float32', copies: bool = False):
+    compute_dtype(precision)
+    self.tx = tx
+    self.copies = copies
+    self.mesh = mesh if mesh is not None else make_mesh()
+    self.replicated = NamedSharding(self.mesh, PartitionSpec())
+    self.eval_batch_sharding = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
+    self.batch_sharding = (NamedSharding(self.mesh, PartitionSpec(None, DATA_AXIS)) if copies
+                           else self.eval_batch_sharding)
+    step = functools.partial(train_step, model=model, tx=tx, structure=structure,
+                             precision=precision)
+    evaluation = functools.partial(eval_step, model=model, precision=precision)
+    if copies:
+      step = jax.vmap(step, in_axes=(0, 0, None, None))
+      evaluation = jax.vmap(evaluation, in_axes=(0, None, None))
+
+    def sharded_train_step(state, batch, masks, learning_rate):
+      batch = jax.lax.with_sharding_constraint(batch, self.batch_sharding)
+      return step(state, batch, masks, learning_rate)
+
+    def sharded_eval_step(state, batch, masks):
+      batch = jax.lax.with_sharding_constraint(batch, self.eval_batch_sharding)
+      return evaluation(state, batch, masks)
+
+    self.train_step = compiler.jit(sharded_train_step, donate_argnums=0,
+                                   out_shardings=(self.replicated, self.replicated))
+    self.eval_step = compiler.jit(sharded_eval_step, out_shardings=self.replicated)
+    self.add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
+    # Copy i of a stacked tree, replicated; one program for every i (jitted, so it also
+    # works on arrays spread over several processes).
+    self.copy_at = jax.jit(lambda tree, i: jax.tree.map(lambda x: x[i], tree),
+                           out_shardings=self.replicated)
+
+  def init_state(self, variables, seed) -> TrainState:
+    """The initial state, replicated on the mesh.
+
+    With copies, `variables` and `seed` are sequences (one per copy) and the state is
+    their stack along a new leading axis.
+    """
+    if not self.copies:
+      return self.replicate(create_state(variables, self.tx, seed))
+    states = [jax.device_get(create_state(v, self.tx, s)) for v, s in zip(variables, seed)]
+    return self.replicate(jax.tree.map(lambda *leaves: np.stack(leaves), *states))
+
+  def replicate(self, tree):
+    # Through host memory, so that every process contributes the same global value.
+    return jax.device_put(jax.device_get(tree), self.replicated)
+
+  def shard_batch(self, batch: Mapping) -> dict:
+    """Places a single-process host batch on the mesh, split along 'data'."""
+    return jax.device_put(dict(batch), self.batch_sharding)
+
+
+_TRAINERS: dict = {}
+
+
+def trainer_for(model: nn.Module, optimizer: OptimizerConfig,
+                structure: structure_lib.Structure | None, mesh: Mesh,
+                precision: str = 'float32', copies: bool = False) -> Trainer:
+  """A Trainer shared by every fit that compiles to the same program.
+
+  The key holds only what the compiled step depends on: the model, the optimizer settings
+  `make_optimizer` builds in (not the learning rate, its schedule or the run's length,
+  which are step inputs), the structure, the mesh and the precision. So N seeds trained
+  one after another, and every regime that trains the same widths, compile each step once.
+  """
+  key = (repr(model),
+         (optimizer.momentum, optimizer.nesterov, optimizer.weight_decay, optimizer.bn_l1),
+         None if structure is None else (tuple(structure.widths.items()), structure.prunable),
+         tuple(d.id for d in mesh.devices.flat), mesh.axis_names, precision, copies)
+  if key not in _TRAINERS:
+    _TRAINERS[key] = Trainer(model, make_optimizer(optimizer), structure, mesh, precision, copies)
+  return _TRAINERS[key]
+
+
