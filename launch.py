@@ -13,7 +13,7 @@ from absl import app, flags, logging
 from jaxprune import data, models, pipeline, train
 from jaxprune.kernels import compiler
 from jaxprune.prune import criteria, select
-from jaxprune.errors import exit_on_config_error
+from jaxprune.errors import exit_on_user_error
 
 
 def _names(registry) -> str:
@@ -104,7 +104,7 @@ def main(argv):
     sys.exit(f"error: unexpected arguments {argv[1:]}; all settings are --flags (see --help).")
   if FLAGS.multihost:
     train.initialize_multihost()
-  with exit_on_config_error():
+  with exit_on_user_error():
     compiler.use_persistent_cache(FLAGS.compilation_cache_dir)
     results = pipeline.run_seeds(config_from_flags(), FLAGS.seeds, FLAGS.seed_batching)
   print(pipeline.format_table(results))

@@ -226,9 +226,9 @@ def main(experiment: str, plan: Callable, argv=None,
   if extra_flags:
     extra_flags(parser)
   args = parser.parse_args(argv)
-  from jaxprune.errors import exit_on_config_error
+  from jaxprune.errors import exit_on_user_error
   # One sentence, no traceback; every finished run's snapshot is already on disk.
-  with exit_on_config_error():
+  with exit_on_user_error():
     return _plan_and_execute(experiment, plan, args)
 
 

@@ -96,9 +96,9 @@ def main(argv=None):
   parser.add_argument('--criteria', default=','.join(CRITERIA))
   parser.add_argument('--batches', type=int, default=4, help='Scoring batches per criterion.')
   args = parser.parse_args(argv)
-  from jaxprune.errors import exit_on_config_error
+  from jaxprune.errors import exit_on_user_error
   # One sentence, no traceback; every finished agreement.json is already on disk.
-  with exit_on_config_error():
+  with exit_on_user_error():
     return _plan_and_measure(args)
 
 

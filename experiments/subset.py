@@ -38,8 +38,8 @@ def main(argv=None):
   if args.per_class < 1:
     sys.exit(f'error: --per_class must be at least 1, got {args.per_class}.')
   from jaxprune import data
-  from jaxprune.errors import exit_on_config_error
-  with exit_on_config_error():
+  from jaxprune.errors import exit_on_user_error
+  with exit_on_user_error():
     # The same checks (keys, ranks, dtypes, label range) as every run that reads an npz.
     d = data.load('npz', data_path=args.data_path)
   counts = np.bincount(d.train_labels)

@@ -208,10 +208,10 @@ def run(main) -> None:
   instead of a traceback."""
   from absl import app
 
-  from jaxprune.errors import exit_on_config_error
+  from jaxprune.errors import exit_on_user_error
 
   def guarded(argv):
-    with exit_on_config_error():
+    with exit_on_user_error():
       return main(argv)
 
   app.run(guarded)
