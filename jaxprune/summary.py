@@ -104,7 +104,7 @@ def load_widths(path: str, struct: structure.Structure) -> dict[str, int]:
       raise ConfigError(f"'masks' in {path!r} must map group names to lists of 0/1.")
     try:
       kept = shrink.kept_indices(struct, given)
-    except ConfigError as e:
+    except ValueError as e:
       raise ConfigError(f"masks in {path!r}: {e}") from None
     widths.update({g: int(k.size) for g, k in kept.items()})
   return widths

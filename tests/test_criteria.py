@@ -304,8 +304,9 @@ def test_bn_scale_is_abs_gamma_of_each_groups_batchnorm(preresnet):
 
 def test_bn_scale_without_batchnorm_raises_config_error_naming_group(tiny):
   model, variables, _, _, st, _ = tiny
-  with pytest.raises(ConfigError, match="'fc'"):
+  with pytest.raises(ConfigError, match=r"criterion=bn_scale .*\['fc'\]") as info:
     criteria.score('bn_scale', model, variables, None, structure=st)
+  assert info.value.settings == ('criterion', 'model')
 
 
 @pytest.mark.parametrize('name', ('mean_activation', 'activation_std', 'apoz'))
@@ -366,16 +367,35 @@ def test_accumulating_two_batches_equals_scoring_their_concatenation(tiny):
 
 def test_unknown_criterion_raises_config_error_naming_it(tiny):
   model, variables, batches, _, st, _ = tiny
-  with pytest.raises(ConfigError, match=r"unknown criterion 'taylr'.*taylor"):
+  with pytest.raises(ConfigError, match=r"unknown criterion 'taylr'.*taylor") as info:
     criteria.score('taylr', model, variables, batches, structure=st)
+  assert info.value.settings == ('criterion',)
 
 
-def test_data_criterion_without_batches_raises_config_error(tiny):
+def test_data_criterion_without_batches_is_a_bug_not_a_config_error(tiny):
   model, variables, _, _, st, _ = tiny
-  with pytest.raises(ConfigError, match="'fisher'"):
+  with pytest.raises(ValueError, match="'fisher'") as info:
     criteria.score('fisher', model, variables, [], structure=st)
+  assert not isinstance(info.value, ConfigError)
 
 
-def test_unknown_option_raises_config_error_listing_the_options():
-  with pytest.raises(ConfigError, match=r"'chunk'.*chunk_size"):
+def test_masks_of_the_wrong_shape_are_a_bug_not_a_config_error(tiny):
+  model, variables, batches, _, st, _ = tiny
+  with pytest.raises(ValueError, match=r"'conv1' has shape \(3,\)") as info:
+    criteria.score('taylor', model, variables, batches, masks={'conv1': np.ones(3)},
+                   structure=st)
+  assert not isinstance(info.value, ConfigError)
+
+
+def test_unknown_option_is_a_bug_listing_the_options():
+  with pytest.raises(ValueError, match=r"'chunk'.*chunk_size") as info:
     criteria.get('oracle', chunk=3)
+  assert not isinstance(info.value, ConfigError)
+
+
+@pytest.mark.parametrize('value', [0, -2, 1.5])
+def test_a_size_option_that_is_not_a_positive_integer_is_a_config_error(value):
+  with pytest.raises(ConfigError, match=f'chunk_size must be a positive integer, got {value}'
+                     ) as info:
+    criteria.get('oracle', chunk_size=value)
+  assert info.value.settings == ('chunk_size',)

@@ -200,8 +200,9 @@ def test_macs_policy_handles_thousands_of_channels_quickly():
 
 def test_macs_target_below_the_min_channels_floor_names_the_floor(tiny):
   floor = flops.count(tiny, {'conv1': 1, 'conv2': 1, 'fc': 1}).macs
-  with pytest.raises(ConfigError, match=f"{floor:,} MACs"):
+  with pytest.raises(ConfigError, match=f"target_macs=0.001 .*{floor:,} MACs") as info:
     sel.select('macs', tiny, random_scores(tiny), target_macs=0.001)
+  assert info.value.settings == ('target_macs', 'min_channels')
 
 
 # --- FLOPs penalty and iterative removal ------------------------------------------------------
@@ -227,8 +228,15 @@ def test_remove_lowest_removes_exactly_k_more_of_the_live_channels(tiny):
 
 
 def test_remove_lowest_past_the_min_channels_floor_is_a_config_error(tiny):
-  with pytest.raises(ConfigError, match='only 37 removable'):
+  with pytest.raises(ConfigError, match='only 37 removable') as info:
     sel.remove_lowest(tiny, random_scores(tiny), None, 38)
+  assert info.value.settings == ('min_channels',)
+
+
+def test_remove_lowest_of_a_negative_count_is_a_bug_not_a_config_error(tiny):
+  with pytest.raises(ValueError, match='non-negative') as info:
+    sel.remove_lowest(tiny, random_scores(tiny), None, -1)
+  assert not isinstance(info.value, ConfigError)
 
 
 # --- presets ----------------------------------------------------------------------------------
@@ -302,8 +310,9 @@ def test_preset_selection_keeps_the_highest_scores_in_each_layer(resnet56):
 @pytest.mark.parametrize('preset,model', [('resnet56_a', 'resnet110'), ('vgg16_a', 'resnet56'),
                                           ('resnet110_b', 'vgg16_mlp')])
 def test_preset_for_the_wrong_model_names_both(preset, model):
-  with pytest.raises(ConfigError, match=f"{preset}.*not for {model}"):
+  with pytest.raises(ConfigError, match=f"preset={preset} is for .*not for {model}") as info:
     sel.preset_widths(preset, widths_only(model))
+  assert info.value.settings == ('preset',)
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -311,42 +320,66 @@ def test_preset_for_the_wrong_model_names_both(preset, model):
 
 @pytest.mark.parametrize('ratio', [-0.1, 1.0, 1.5])
 def test_ratio_outside_zero_one_is_a_config_error(tiny, ratio):
-  with pytest.raises(ConfigError, match=r'outside \[0, 1\)'):
+  with pytest.raises(ConfigError, match=r'prune_ratio=.* is outside \[0, 1\)') as info:
     sel.select('global', tiny, random_scores(tiny), ratio=ratio)
+  assert info.value.settings == ('prune_ratio',)
 
 
 def test_unknown_selection_lists_the_registry(tiny):
-  with pytest.raises(ConfigError, match='unknown selection .*global_l2'):
+  with pytest.raises(ConfigError, match='unknown selection .*global_l2') as info:
     sel.select('globl', tiny, random_scores(tiny), ratio=0.5)
+  assert info.value.settings == ('selection',)
 
 
-def test_scores_missing_a_group_are_a_config_error(tiny):
+def test_scores_missing_a_group_are_a_bug_not_a_config_error(tiny):
   scores = random_scores(tiny)
   del scores['fc']
-  with pytest.raises(ConfigError, match="missing .*'fc'"):
+  with pytest.raises(KeyError, match="missing .*'fc'"):
     sel.select('layer', tiny, scores, ratio=0.5)
 
 
-def test_scores_of_the_wrong_shape_are_a_config_error(tiny):
-  scores = random_scores(tiny)
-  scores['conv1'] = np.ones(7)
-  with pytest.raises(ConfigError, match=r"'conv1' have shape \(7,\); expected \(8,\)"):
+@pytest.mark.parametrize('group,value,message', [
+    ('conv1', np.ones(7), r"'conv1' have shape \(7,\); expected \(8,\)"),
+    ('conv1', np.full(8, np.nan), 'NaN'),
+    ('conv9', np.ones(3), r"\['conv9'\] that are not prunable"),
+])
+def test_wrong_scores_from_code_are_value_errors_not_config_errors(tiny, group, value, message):
+  scores = {**random_scores(tiny), group: value}
+  with pytest.raises(ValueError, match=message) as info:
     sel.select('layer', tiny, scores, ratio=0.5)
+  assert not isinstance(info.value, ConfigError)
+
+
+def test_wrong_current_masks_are_value_errors_not_config_errors(tiny):
+  with pytest.raises(ValueError, match='removes all its channels') as info:
+    sel.select('layer', tiny, random_scores(tiny), ratio=0.5, current={'conv1': np.zeros(8)})
+  assert not isinstance(info.value, ConfigError)
 
 
 def test_global_ratio_beyond_the_min_channels_floor_is_a_config_error(tiny):
-  with pytest.raises(ConfigError, match='at most 37'):
+  with pytest.raises(ConfigError, match='prune_ratio=0.95 removes 38 .*at most 37') as info:
     sel.select('global', tiny, random_scores(tiny), ratio=0.95)
+  assert info.value.settings == ('prune_ratio', 'min_channels')
 
 
-@pytest.mark.parametrize('name,kwargs,message', [
-    ('macs', {'ratio': 0.5}, "takes target_macs, not ratio"),
-    ('layer', {'ratio': 0.5, 'flops_penalty': 1e-3}, 'takes no flops_penalty'),
-    ('preset', {}, 'needs a preset'),
-    ('macs', {'target_macs': 1.5}, r'outside \(0, 1\]'),
-    ('layer', {'ratio': 0.5, 'min_channels': 0}, 'at least 1'),
-    ('layer', {'ratio': 0.5, 'round_to': 0}, 'round_to must be an integer of at least 1, got 0'),
+@pytest.mark.parametrize('name,kwargs,message,settings', [
+    ('macs', {'ratio': 0.5}, 'selection=macs takes target_macs, not prune_ratio',
+     ('selection', 'target_macs', 'prune_ratio')),
+    ('layer', {'ratio': 0.5, 'flops_penalty': 1e-3}, 'takes no flops_penalty',
+     ('selection', 'flops_penalty')),
+    ('global', {'ratio': 0.5, 'flops_penalty': -1}, 'flops_penalty must be at least 0',
+     ('flops_penalty',)),
+    ('preset', {}, 'selection=preset needs preset', ('selection', 'preset')),
+    ('preset', {'preset': 'resnet56_c'}, "unknown preset 'resnet56_c'", ('preset',)),
+    ('global', {}, 'selection=global needs prune_ratio', ('selection', 'prune_ratio')),
+    ('macs', {'target_macs': 1.5}, r'target_macs=1.5 is outside \(0, 1\]', ('target_macs',)),
+    ('layer', {'ratio': 0.5, 'min_channels': 0}, 'at least 1', ('min_channels',)),
+    ('layer', {'ratio': 0.5, 'round_to': 0}, 'round_to must be an integer of at least 1, got 0',
+     ('round_to',)),
 ])
-def test_misused_arguments_are_config_errors(tiny, name, kwargs, message):
-  with pytest.raises(ConfigError, match=message):
+def test_misused_arguments_are_config_errors_naming_their_settings(tiny, name, kwargs, message,
+                                                                   settings):
+  with pytest.raises(ConfigError, match=message) as info:
     sel.select(name, tiny, random_scores(tiny), **kwargs)
+  assert info.value.settings == settings
+  assert '--' not in str(info.value)

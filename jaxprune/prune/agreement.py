@@ -16,7 +16,6 @@ from typing import Mapping
 import numpy as np
 from scipy import stats
 
-from jaxprune.errors import ConfigError
 from jaxprune.prune.select import l2_normalize
 
 
@@ -32,8 +31,8 @@ def spearman(a, b) -> float:
   """Spearman's rho of two equal-length score vectors; NaN when either is constant."""
   a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
   if a.shape != b.shape:
-    raise ConfigError(f"cannot rank-correlate scores of {a.size} and {b.size} channels; "
-                      "both criteria must score the same channels.")
+    raise ValueError(f"cannot rank-correlate scores of {a.size} and {b.size} channels; "
+                     "both criteria must score the same channels.")
   # spearmanr warns and returns NaN for constant input; decide it here, silently.
   if a.size < 2 or np.all(a == a[0]) or np.all(b == b[0]):
     return float('nan')
@@ -43,14 +42,14 @@ def spearman(a, b) -> float:
 def _live_pairs(a: Mapping, b: Mapping, masks: Mapping | None):
   """Per group, both criteria's scores on the live channels, after checking they match."""
   if set(a) != set(b):
-    raise ConfigError(f"the two criteria score different groups: {sorted(set(a) ^ set(b))} "
-                      "appear in only one.")
+    raise ValueError(f"the two criteria score different groups: {sorted(set(a) ^ set(b))} "
+                     "appear in only one.")
   pairs = {}
   for g in a:
     x, y = np.asarray(a[g], np.float64), np.asarray(b[g], np.float64)
     if x.shape != y.shape:
-      raise ConfigError(f"scores for group {g!r} have shapes {x.shape} and {y.shape}; both "
-                        "criteria must score the same channels.")
+      raise ValueError(f"scores for group {g!r} have shapes {x.shape} and {y.shape}; both "
+                       "criteria must score the same channels.")
     if masks is not None and g in masks:
       live = np.asarray(masks[g]) != 0
       x, y = x[live], y[live]

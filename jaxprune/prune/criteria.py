@@ -128,14 +128,14 @@ def _full_masks(groups, masks) -> dict[str, jax.Array]:
   widths = dict(groups)
   unknown = [g for g in masks if g not in widths]
   if unknown:
-    raise ConfigError(f"masks name unknown groups {unknown}; the prunable groups are "
-                      f"{list(widths)}.")
+    raise ValueError(f"masks name unknown groups {unknown}; the prunable groups are "
+                     f"{list(widths)}.")
   out = {}
   for g, c in groups:
     m = jnp.ones((c,), jnp.float32) if g not in masks else jnp.asarray(masks[g], jnp.float32)
     if m.shape != (c,):
-      raise ConfigError(f"mask for group {g!r} has shape {tuple(m.shape)}; criteria need "
-                        f"shape ({c},).")
+      raise ValueError(f"mask for group {g!r} has shape {tuple(m.shape)}; criteria need "
+                       f"shape ({c},).")
     out[g] = m
   return out
 
@@ -207,8 +207,13 @@ class Random(Criterion):
     return _as_numpy(state['scores'])
 
 
-def _kernel_slices(structure, group: str) -> tuple[tuple[tuple[str, ...], int], ...]:
-  """(kernel leaf, channel axis) pairs holding a group's filter; see the module docstring."""
+def _kernel_slices(structure, group: str,
+                   criterion: str) -> tuple[tuple[tuple[str, ...], int], ...]:
+  """(kernel leaf, channel axis) pairs holding a group's filter; see the module docstring.
+
+  A model whose group has no filter is a ConfigError: the user chose a weight criterion
+  (`criterion`) for a model it cannot score.
+  """
   tags_of = structure.axes
   selection = any(key[0] == INDICES and group in tags for key, tags in tags_of.items())
   role = -2 if selection else -1
@@ -217,8 +222,9 @@ def _kernel_slices(structure, group: str) -> tuple[tuple[tuple[str, ...], int], 
                 and tags[role] == group)
   if not found:
     where = 'input' if selection else 'output'
-    raise ConfigError(f"group {group!r} tags no kernel {where} axis, so weight criteria "
-                      "cannot score it; use a data criterion such as 'taylor'.")
+    raise ConfigError(f"criterion={criterion} weighs filters, but group {group!r} tags no "
+                      f"kernel {where} axis; use a data criterion such as taylor.",
+                      settings=('criterion',))
   return found
 
 
@@ -230,7 +236,7 @@ class WeightNorm(Criterion):
 
   def init(self, structure, rng=None):
     return {'groups': _group_table(structure),
-            'slices': _Static(tuple((g, _kernel_slices(structure, g))
+            'slices': _Static(tuple((g, _kernel_slices(structure, g, self.name))
                                     for g in structure.prunable))}
 
   def finalize(self, state, model, variables):
@@ -266,10 +272,10 @@ class BnScale(Criterion):
       else:
         missing.append(g)
     if missing:
-      raise ConfigError(f"bn_scale ranks channels by the scale of the BatchNorm producing "
-                        f"them, but groups {missing} have no single BatchNorm; use a model "
-                        "whose pruned channels all come out of a BatchNorm, or another "
-                        "criterion.")
+      raise ConfigError(f"criterion=bn_scale ranks channels by the scale of the BatchNorm "
+                        f"producing them, but groups {missing} have no single BatchNorm; "
+                        "choose another criterion or a model whose pruned channels all come "
+                        "out of a BatchNorm.", settings=('criterion', 'model'))
     return {'groups': _group_table(structure), 'scales': _Static(tuple(found))}
 
   def finalize(self, state, model, variables):
@@ -568,22 +574,35 @@ CRITERIA: dict[str, Criterion] = {
 }
 
 
+# Options whose value a user may set (a benchmark flag, say): None or a positive integer.
+_SIZE_OPTIONS = ('chunk_size', 'memory_bytes')
+
+
 def get(name: str, **options) -> Criterion:
-  """The registered criterion `name`, with dataclass fields (e.g. chunk_size) replaced by `options`."""
-  choose('criterion', name, CRITERIA)
+  """The registered criterion `name`, with dataclass fields (e.g. chunk_size) replaced.
+
+  An unknown `name` or a size option that is not a positive integer is a ConfigError
+  (a user's setting); an option the criterion lacks is the caller's bug (ValueError).
+  """
+  choose('criterion', name, CRITERIA, setting='criterion')
   criterion = CRITERIA[name]
   if not options:
     return criterion
   allowed = [f.name for f in dataclasses.fields(criterion) if f.name != 'name']
   bad = [k for k in options if k not in allowed]
   if bad:
-    raise ConfigError(f"criterion {name!r} has no options {bad}; its options are "
-                      f"{allowed or 'none'}.")
+    raise ValueError(f"criterion {name!r} has no options {bad}; its options are "
+                     f"{allowed or 'none'}.")
+  for key in _SIZE_OPTIONS:
+    value = options.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                              or value < 1):
+      raise ConfigError(f"{key} must be a positive integer, got {value!r}.", settings=(key,))
   return dataclasses.replace(criterion, **options)
 
 
 class _ByIdentity:
-  """A model as a static jit argument, compared by identity (pruned models hold unhashable widths)."""
+  """A model as a static jit argument, compared by identity (its widths are unhashable)."""
 
   def __init__(self, obj):
     self.obj = obj
@@ -636,7 +655,7 @@ def score(name: str, model: nn.Module, variables, batches: Iterable[Mapping] | N
   batches = iter(batches if batches is not None else ())
   first = next(batches, None)
   if first is None:
-    raise ConfigError(f"criterion {name!r} needs at least one batch of data, got none.")
+    raise ValueError(f"criterion {name!r} needs at least one batch of data, got none.")
   structure = structure or structure_lib.derive(model, tuple(first['image'].shape[1:]))
   state = criterion.init(structure, rng)
   full = _full_masks(_groups(state), masks)

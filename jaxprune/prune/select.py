@@ -3,7 +3,7 @@
 Scores are `{group: (C,) array}`, higher = more important, for every prunable
 group of a `Structure`. `select(name, structure, scores, ...)` returns
 `{group: (C,) float32 numpy array}` of 0/1 (1 = keep) for every prunable group.
-`SELECTIONS` is the registry keyed by the names `--selection` accepts:
+`SELECTIONS` is the registry keyed by the names the `selection` setting accepts:
 
   layer      each group keeps its int(C * (1 - ratio)) highest-scoring channels.
   global     all channels of all groups ranked together; the lowest int(ratio * total)
@@ -135,13 +135,14 @@ def _identify_model(structure: Structure) -> str | None:
 
 def preset_ratios(preset: str, structure: Structure) -> dict[str, float]:
   """The preset's removal ratio for every prunable group, after checking the model family."""
-  choose('preset', preset, PRESETS)
+  choose('preset', preset, PRESETS, setting='preset')
   spec = PRESETS[preset]
   groups = frozenset(structure.widths)
   if not any(_group_names(m) == groups for m in spec.models):
     found = _identify_model(structure)
-    raise ConfigError(f"preset {preset!r} is for {' or '.join(spec.models)}, not for "
-                      f"{found if found else 'a model with groups ' + str(sorted(groups))}.")
+    raise ConfigError(f"preset={preset} is for {' or '.join(spec.models)}, not for "
+                      f"{found if found else 'a model with groups ' + str(sorted(groups))}.",
+                      settings=('preset',))
   return {g: float(spec.ratios.get(g, 0.0)) for g in structure.prunable}
 
 
@@ -159,27 +160,32 @@ def preset_widths(preset: str, structure: Structure) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation.
+# Validation. Scores and current masks come from code (a criterion, an earlier selection), so
+# a wrong one is a bug (ValueError, KeyError); the policy, its argument and the counts are
+# what a user sets, so a wrong one is a ConfigError naming the setting.
+
+# The setting each policy argument comes from: `ratio` is what users know as `prune_ratio`.
+_SETTING = {'ratio': 'prune_ratio', 'target_macs': 'target_macs', 'preset': 'preset'}
 
 
 def _check_scores(structure: Structure, scores: Scores) -> dict[str, np.ndarray]:
   missing = [g for g in structure.prunable if g not in scores]
   if missing:
-    raise ConfigError(f"scores are missing the prunable groups {missing}; every prunable "
-                      "group needs a score per channel.")
+    raise KeyError(f"scores are missing the prunable groups {missing}; every prunable "
+                   "group needs a score per channel.")
   unknown = [g for g in scores if g not in structure.prunable]
   if unknown:
-    raise ConfigError(f"scores name groups {unknown} that are not prunable; the prunable "
-                      f"groups are {list(structure.prunable)}.")
+    raise ValueError(f"scores name groups {unknown} that are not prunable; the prunable "
+                     f"groups are {list(structure.prunable)}.")
   out = {}
   for g in structure.prunable:
     s = np.asarray(scores[g], dtype=np.float64)
     if s.shape != (structure.widths[g],):
-      raise ConfigError(f"scores for group {g!r} have shape {s.shape}; expected "
-                        f"({structure.widths[g]},), one per channel.")
+      raise ValueError(f"scores for group {g!r} have shape {s.shape}; expected "
+                       f"({structure.widths[g]},), one per channel.")
     if not np.all(np.isfinite(s)):
-      raise ConfigError(f"scores for group {g!r} contain NaN or infinite values; "
-                        "selection needs finite scores.")
+      raise ValueError(f"scores for group {g!r} contain NaN or infinite values; "
+                       "selection needs finite scores.")
     out[g] = s
   return out
 
@@ -189,50 +195,58 @@ def _check_live(structure: Structure, current: Mapping | None) -> dict[str, np.n
   live = {g: np.ones(structure.widths[g], bool) for g in structure.prunable}
   for g, mask in (current or {}).items():
     if g not in live:
-      raise ConfigError(f"current mask for group {g!r}, which is not prunable; the prunable "
-                        f"groups are {list(structure.prunable)}.")
+      raise ValueError(f"current mask for group {g!r}, which is not prunable; the prunable "
+                       f"groups are {list(structure.prunable)}.")
     mask = np.asarray(mask)
     if mask.shape != live[g].shape:
-      raise ConfigError(f"current mask for group {g!r} has shape {mask.shape}; expected "
-                        f"{live[g].shape}.")
+      raise ValueError(f"current mask for group {g!r} has shape {mask.shape}; expected "
+                       f"{live[g].shape}.")
     if not mask.any():
-      raise ConfigError(f"current mask for group {g!r} removes all its channels; every group "
-                        "must keep at least one.")
+      raise ValueError(f"current mask for group {g!r} removes all its channels; every group "
+                       "must keep at least one.")
     live[g] = mask != 0
   return live
 
 
 def _check_count(name: str, value) -> int:
   if int(value) != value or value < 1:
-    raise ConfigError(f"{name} must be an integer of at least 1, got {value!r}.")
+    raise ConfigError(f"{name} must be an integer of at least 1, got {value!r}.",
+                      settings=(name,))
   return int(value)
+
+
+def _check_penalty(flops_penalty) -> float:
+  if flops_penalty < 0:
+    raise ConfigError(f"flops_penalty must be at least 0, got {flops_penalty!r}.",
+                      settings=('flops_penalty',))
+  return float(flops_penalty)
 
 
 def _check_ratio(name: str, ratio) -> float:
   if ratio is None:
-    raise ConfigError(f"selection {name!r} needs a ratio, the fraction of channels to "
-                      "remove, in [0, 1).")
+    raise ConfigError(f"selection={name} needs prune_ratio, the fraction of channels to "
+                      "remove, in [0, 1).", settings=('selection', 'prune_ratio'))
   if not 0 <= ratio < 1:
-    raise ConfigError(f"ratio {ratio!r} is outside [0, 1); it is the fraction of "
-                      "channels to remove.")
+    raise ConfigError(f"prune_ratio={ratio!r} is outside [0, 1); it is the fraction of "
+                      "channels to remove.", settings=('prune_ratio',))
   return float(ratio)
 
 
 def _check_target(name: str, target_macs) -> float:
   if target_macs is None:
-    raise ConfigError(f"selection {name!r} needs target_macs, the fraction of the "
-                      "original MACs to keep, in (0, 1].")
+    raise ConfigError(f"selection={name} needs target_macs, the fraction of the "
+                      "original MACs to keep, in (0, 1].", settings=('selection', 'target_macs'))
   if not 0 < target_macs <= 1:
-    raise ConfigError(f"target_macs {target_macs!r} is outside (0, 1]; it is the fraction "
-                      "of the original MACs to keep.")
+    raise ConfigError(f"target_macs={target_macs!r} is outside (0, 1]; it is the fraction "
+                      "of the original MACs to keep.", settings=('target_macs',))
   return float(target_macs)
 
 
 def _check_preset(name: str, preset) -> str:
   if preset is None:
-    raise ConfigError(f"selection {name!r} needs a preset; choose one of: "
-                      f"{', '.join(sorted(PRESETS))}.")
-  choose('preset', preset, PRESETS)
+    raise ConfigError(f"selection={name} needs preset; choose one of: "
+                      f"{', '.join(sorted(PRESETS))}.", settings=('selection', 'preset'))
+  choose('preset', preset, PRESETS, setting='preset')
   return preset
 
 
@@ -374,9 +388,9 @@ def _global(structure, scores, live, *, ratio, min_channels, flops_penalty, norm
   wanted = int(ratio * total)
   order = _removal_order(structure, scores, live, min_channels)
   if wanted - removed > len(order):
-    raise ConfigError(f"ratio {ratio} removes {wanted} of the {total} prunable channels, but "
-                      f"keeping min_channels={min_channels} per group allows removing at most "
-                      f"{removed + len(order)}.")
+    raise ConfigError(f"prune_ratio={ratio} removes {wanted} of the {total} prunable channels, "
+                      f"but keeping min_channels={min_channels} per group allows removing at "
+                      f"most {removed + len(order)}.", settings=('prune_ratio', 'min_channels'))
   return _remove(live, order, max(0, wanted - removed))
 
 
@@ -405,9 +419,10 @@ def _macs(structure, scores, live, *, target_macs, min_channels, flops_penalty,
   floor_widths.update({g: min(min_channels, floor_widths[g]) for g in structure.prunable})
   floor = flops.count(structure, floor_widths).macs
   if floor > budget:
-    raise ConfigError(f"target_macs {target_macs} ({int(budget):,} MACs) is below the "
+    raise ConfigError(f"target_macs={target_macs} ({int(budget):,} MACs) is below the "
                       f"{floor:,} MACs ({floor / original:.4f} of the original) that keeping "
-                      f"min_channels={min_channels} per group allows.")
+                      f"min_channels={min_channels} per group allows.",
+                      settings=('target_macs', 'min_channels'))
   widths = _live_widths(structure, live)
   current = flops.count(structure, widths).macs
   model = _Macs(structure)
@@ -466,7 +481,8 @@ def select(name: str, structure: Structure, scores: Scores, *, ratio: float | No
     name: a key of `SELECTIONS`.
     structure: the model's structure (`structure.derive`).
     scores: {group: (C,) scores} for every prunable group, higher = keep.
-    ratio: fraction of the structure's channels to remove (layer, global*, slimming).
+    ratio: fraction of the structure's channels to remove (layer, global*, slimming); the
+      `prune_ratio` setting, the name its errors use.
     target_macs: fraction of the structure's MACs to keep at most (macs*).
     preset: a key of `PRESETS` (preset).
     min_channels: live channels every group keeps at least.
@@ -477,25 +493,27 @@ def select(name: str, structure: Structure, scores: Scores, *, ratio: float | No
   Returns:
     {group: (C,) float32 numpy array of 0/1} for every prunable group.
   """
-  choose('selection', name, SELECTIONS)
+  choose('selection', name, SELECTIONS, setting='selection')
   round_to = _check_count('round_to', round_to)
   policy = SELECTIONS[name]
   given = {'ratio': ratio, 'target_macs': target_macs, 'preset': preset}
-  extra = [k for k, v in given.items() if v is not None and k != policy.needs]
+  extra = [_SETTING[k] for k, v in given.items() if v is not None and k != policy.needs]
   if extra:
-    raise ConfigError(f"selection {name!r} takes {policy.needs}, not {' or '.join(extra)}.")
+    raise ConfigError(f"selection={name} takes {_SETTING[policy.needs]}, not "
+                      f"{' or '.join(extra)}.",
+                      settings=('selection', _SETTING[policy.needs], *extra))
   if flops_penalty and not policy.penalty:
-    raise ConfigError(f"selection {name!r} takes no flops_penalty; the global policies "
-                      f"{[n for n, s in SELECTIONS.items() if s.penalty]} do.")
-  if flops_penalty < 0:
-    raise ConfigError(f"flops_penalty must be at least 0, got {flops_penalty!r}.")
+    raise ConfigError(f"selection={name} takes no flops_penalty; the global policies "
+                      f"{', '.join(n for n, s in SELECTIONS.items() if s.penalty)} do.",
+                      settings=('selection', 'flops_penalty'))
+  flops_penalty = _check_penalty(flops_penalty)
   checks = {'ratio': _check_ratio, 'target_macs': _check_target, 'preset': _check_preset}
   argument = checks[policy.needs](name, given[policy.needs])
   min_channels = _check_count('min_channels', min_channels)
   scores = _check_scores(structure, scores)
   live = _check_live(structure, current)
   keep = policy.fn(structure, scores, live, **{policy.needs: argument},
-                   min_channels=min_channels, flops_penalty=float(flops_penalty))
+                   min_channels=min_channels, flops_penalty=flops_penalty)
   if round_to > 1:
     keep = {g: _keep_top(scores[g], live[g],
                          min(int(live[g].sum()), -(-int(keep[g].sum()) // round_to) * round_to))
@@ -518,9 +536,8 @@ def remove_lowest(structure: Structure, scores: Scores, current: Mapping | None,
     Masks for every prunable group with exactly k more zeros than `current`.
   """
   if int(k) != k or k < 0:
-    raise ConfigError(f"k must be a non-negative integer number of channels, got {k!r}.")
-  if flops_penalty < 0:
-    raise ConfigError(f"flops_penalty must be at least 0, got {flops_penalty!r}.")
+    raise ValueError(f"k must be a non-negative integer number of channels, got {k!r}.")
+  flops_penalty = _check_penalty(flops_penalty)
   min_channels = _check_count('min_channels', min_channels)
   scores = _check_scores(structure, scores)
   live = _check_live(structure, current)
@@ -530,6 +547,6 @@ def remove_lowest(structure: Structure, scores: Scores, current: Mapping | None,
   order = _removal_order(structure, scores, live, min_channels)
   if k > len(order):
     raise ConfigError(f"cannot remove {k} more channels: keeping min_channels={min_channels} "
-                      f"per group leaves only {len(order)} removable.")
+                      f"per group leaves only {len(order)} removable.", settings=('min_channels',))
   keep = _remove(live, order, int(k))
   return {g: keep[g].astype(np.float32) for g in structure.prunable}

@@ -5,7 +5,6 @@ from typing import Mapping
 import numpy as np
 from flax import traverse_util
 
-from jaxprune.errors import ConfigError
 from jaxprune.prune.structure import Structure
 
 
@@ -14,22 +13,23 @@ def kept_indices(structure: Structure, masks: Mapping) -> dict[str, np.ndarray]:
 
   No architecture here can drop a whole group (an empty ResNet block would still add
   its BN shift to the stream), so a mask that removes every channel of a group is
-  rejected.
+  rejected. Masks come from code (a selection), so a wrong one is a ValueError; a caller
+  that reads masks from a user's file says so in its own ConfigError.
   """
   kept = {}
   for group, mask in masks.items():
     if group not in structure.prunable:
-      raise ConfigError(f"mask for unknown group {group!r}; the prunable groups are "
-                        f"{list(structure.prunable)}.")
+      raise ValueError(f"mask for unknown group {group!r}; the prunable groups are "
+                       f"{list(structure.prunable)}.")
     mask = np.asarray(mask)
     width = structure.widths[group]
     if mask.shape != (width,):
-      raise ConfigError(f"mask for group {group!r} has shape {mask.shape}; shrinking needs "
-                        f"shape ({width},).")
+      raise ValueError(f"mask for group {group!r} has shape {mask.shape}; shrinking needs "
+                       f"shape ({width},).")
     keep = np.flatnonzero(mask)
     if keep.size == 0:
-      raise ConfigError(f"mask for group {group!r} removes all {width} channels; "
-                        "every group must keep at least one.")
+      raise ValueError(f"mask for group {group!r} removes all {width} channels; "
+                       "every group must keep at least one.")
     kept[group] = keep
   return kept
 
