@@ -45,13 +45,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import errors
-from jaxprune.errors import ConfigError
+from jaxprune.errors import ConfigError, DataError
 
 NPZ_KEYS = ('train_images', 'train_labels', 'test_images', 'test_labels')
 
 # How to go on without preparing a TFDS dataset; ends every "cannot prepare" sentence.
-_ALTERNATIVES = ("pass --data_dir=DIR holding a prepared TFDS copy (array_record), or use "
-                 "--dataset=npz --data_path=FILE.npz or --dataset=digits")
+_ALTERNATIVES = ("pass data_dir=DIR holding a prepared TFDS copy (array_record), or use "
+                 "dataset=npz with data_path=FILE.npz, or dataset=digits")
+# The settings data errors may name (a command line shows them as its flags).
+_SETTINGS = ('dataset', 'data_path', 'data_dir')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +123,7 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
 
 def _positive_int(what: str, value) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ConfigError(f"{what} must be a positive integer, got {value!r}.")
+    raise ConfigError(f"{what} must be a positive integer, got {value!r}.", settings=(what,))
   return int(value)
 
 
@@ -140,52 +142,52 @@ def _subset(images, labels, max_train):
 def _load_npz(data_path, data_dir, max_train) -> Dataset:
   del data_dir
   if not data_path:
-    raise ConfigError("--dataset=npz needs --data_path=FILE.npz.")
+    raise ConfigError("dataset=npz needs data_path=FILE.npz.", settings=_SETTINGS)
   path = os.fspath(data_path)
   try:
     with np.load(path, allow_pickle=False) as f:
       arrays = {k: f[k] for k in f.files}
   except FileNotFoundError:
-    raise ConfigError(f"npz file {path!r} does not exist.") from None
+    raise DataError(f"npz file {path!r} does not exist.") from None
   except (OSError, ValueError) as e:  # not a zip, a pickled object array, a truncated file
-    raise ConfigError(f"cannot read npz file {path!r}: {str(e).rstrip('.')}.") from e
+    raise DataError(f"cannot read npz file {path!r}: {str(e).rstrip('.')}.") from e
   missing = [k for k in NPZ_KEYS if k not in arrays]
   if missing:
-    raise ConfigError(f"npz file {path!r} lacks {', '.join(missing)}; it needs "
+    raise DataError(f"npz file {path!r} lacks {', '.join(missing)}; it needs "
                       f"{', '.join(NPZ_KEYS)}.")
   for split in ('train', 'test'):
     images, labels = arrays[f'{split}_images'], arrays[f'{split}_labels']
     if images.ndim != 4:
-      raise ConfigError(f"npz file {path!r}: {split}_images has shape {images.shape} (rank "
+      raise DataError(f"npz file {path!r}: {split}_images has shape {images.shape} (rank "
                         f"{images.ndim}) but must be NHWC of rank 4 (for grayscale add a "
                         "channel axis: images[..., None]).")
     if images.dtype != np.uint8:
-      raise ConfigError(f"npz file {path!r}: {split}_images has dtype {images.dtype} but must "
+      raise DataError(f"npz file {path!r}: {split}_images has dtype {images.dtype} but must "
                         "be uint8 in 0..255.")
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-      raise ConfigError(f"npz file {path!r}: {split}_labels has shape {labels.shape} and dtype "
+      raise DataError(f"npz file {path!r}: {split}_labels has shape {labels.shape} and dtype "
                         f"{labels.dtype} but must be integers of shape (N,).")
     if len(images) != len(labels):
-      raise ConfigError(f"npz file {path!r}: {split}_images has {len(images)} images but "
+      raise DataError(f"npz file {path!r}: {split}_images has {len(images)} images but "
                         f"{split}_labels has {len(labels)} labels.")
     if len(images) == 0:
-      raise ConfigError(f"npz file {path!r}: {split}_images is empty.")
+      raise DataError(f"npz file {path!r}: {split}_images is empty.")
   train_shape, test_shape = arrays['train_images'].shape[1:], arrays['test_images'].shape[1:]
   if train_shape != test_shape:
-    raise ConfigError(f"npz file {path!r}: train images are {train_shape} but test images are "
+    raise DataError(f"npz file {path!r}: train images are {train_shape} but test images are "
                       f"{test_shape}; both must have the same HWC shape.")
   lowest = min(int(arrays['train_labels'].min()), int(arrays['test_labels'].min()))
   highest = max(int(arrays['train_labels'].max()), int(arrays['test_labels'].max()))
   if 'num_classes' in arrays:
     num_classes = arrays['num_classes']
     if num_classes.shape != () or not np.issubdtype(num_classes.dtype, np.integer) or num_classes < 1:
-      raise ConfigError(f"npz file {path!r}: num_classes must be a positive integer scalar, "
+      raise DataError(f"npz file {path!r}: num_classes must be a positive integer scalar, "
                         f"got {num_classes!r}.")
     num_classes = int(num_classes)
   else:
     num_classes = highest + 1
   if lowest < 0 or highest >= num_classes:
-    raise ConfigError(f"npz file {path!r}: labels range over {lowest}..{highest} but must lie "
+    raise DataError(f"npz file {path!r}: labels range over {lowest}..{highest} but must lie "
                       f"in 0..{num_classes - 1}.")
   mean, std = channel_stats(arrays['train_images'])
   train_images, train_labels = _subset(arrays['train_images'], arrays['train_labels'], max_train)
@@ -266,27 +268,28 @@ def _tfds_sources(spec: _Tfds, data_dir):
       raise ConfigError(
           f"{spec.name} in {where} is prepared but cannot be read with tfds.data_source ({e}); "
           f"prepare it as array_record (tfds build {spec.name} --file_format=array_record), or "
-          "use --dataset=npz --data_path=FILE.npz or --dataset=digits.") from e
+          "use dataset=npz with data_path=FILE.npz, or dataset=digits.", settings=_SETTINGS) from e
   # Not prepared: fail fast, before TFDS retries a download for minutes or downloads
   # 170 MB only to find TensorFlow missing when it starts writing.
   if not _reachable(spec.download_host):
     raise ConfigError(
         f"{spec.name} is not prepared in {where} and cannot be downloaded ({spec.download_host} "
-        f"is unreachable, we seem to be offline); {_ALTERNATIVES}.")
+        f"is unreachable, we seem to be offline); {_ALTERNATIVES}.", settings=_SETTINGS)
   if not _tensorflow_available():
     raise ConfigError(
         f"{spec.name} is not prepared in {where} and preparing it needs TensorFlow, which is "
-        f"not installed: pip install 'jaxprune[prepare]' (tensorflow-cpu), or {_ALTERNATIVES}.")
+        f"not installed: pip install 'jaxprune[prepare]' (tensorflow-cpu), or {_ALTERNATIVES}.",
+        settings=_SETTINGS)
   try:
     return tfds.data_source(spec.name, download=True, **kwargs)
   except ImportError as e:
     raise ConfigError(
         f"preparing {spec.name} in {where} needs the missing Python module {e.name!r} "
-        f"(pip install 'jaxprune[prepare]'), or {_ALTERNATIVES}.") from e
+        f"(pip install 'jaxprune[prepare]'), or {_ALTERNATIVES}.", settings=_SETTINGS) from e
   except (OSError, tfds.download.DownloadError) as e:  # requests' ConnectionError is an OSError
     raise ConfigError(
         f"{spec.name} is not prepared in {where} and downloading it failed ({e}); "
-        f"{_ALTERNATIVES}.") from e
+        f"{_ALTERNATIVES}.", settings=_SETTINGS) from e
 
 
 def _read_records(source, limit) -> tuple[np.ndarray, np.ndarray]:
@@ -307,7 +310,7 @@ def _read_records(source, limit) -> tuple[np.ndarray, np.ndarray]:
 _CIFAR10_MEAN, _CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 _CIFAR100_MEAN, _CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
-# --dataset value -> loader(data_path, data_dir, max_train) -> Dataset.
+# dataset value -> loader(data_path, data_dir, max_train) -> Dataset.
 DATASETS: Mapping[str, Callable[..., Dataset]] = {
     'cifar10': _Tfds('cifar10', 10, _CIFAR10_MEAN, _CIFAR10_STD, 'www.cs.toronto.edu'),
     'cifar100': _Tfds('cifar100', 100, _CIFAR100_MEAN, _CIFAR100_STD, 'www.cs.toronto.edu'),
@@ -336,8 +339,9 @@ def load(name: str, data_path=None, data_dir=None, max_train: int | None = None)
   given = {'data_path': data_path, 'data_dir': data_dir}
   for arg, value in given.items():
     if value is not None and arg not in _USES[name]:
-      raise ConfigError(f"--{arg} is not used by --dataset={name}; it is for "
-                        f"{', '.join(n for n, u in _USES.items() if arg in u)}.")
+      raise ConfigError(f"{arg} is not used by dataset={name}; it is for "
+                        f"{', '.join(n for n, u in _USES.items() if arg in u)}.",
+                        settings=_SETTINGS)
   if max_train is not None:
     max_train = _positive_int('max_train', max_train)
   return DATASETS[name](data_path, data_dir, max_train)
@@ -375,7 +379,8 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
   """Full training batches per epoch (the remainder is dropped, a fresh one each epoch)."""
   batch_size = _positive_int('batch_size', batch_size)
   if batch_size > n:
-    raise ConfigError(f"batch_size {batch_size} exceeds the {n} training examples.")
+    raise ConfigError(f"batch_size {batch_size} exceeds the {n} training examples.",
+                      settings=('batch_size',))
   return n // batch_size
 
 

@@ -74,7 +74,8 @@ def as_flags(error: ConfigError) -> str:
   """The message with every setting it names written as the flag (`prune_ratio` -> `--prune_ratio`)."""
   message = str(error)
   for name in error.settings:
-    message = re.sub(rf'(?<![\w-]){re.escape(name)}\b', f'--{name}', message)
+    # A whole word, not part of a path, a file name or a flag already.
+    message = re.sub(rf'(?<![\w\-/.]){re.escape(name)}(?![\w/-])', f'--{name}', message)
   return message
 
 

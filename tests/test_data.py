@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprune import data
+from jaxprune import data, errors
 from jaxprune.errors import ConfigError
 
 SPEC = data.DataSpec(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), crop_padding=2, flip=True)
@@ -100,8 +100,9 @@ def test_bad_npz_is_one_sentence_config_error(tmp_path, change, words):
 
 
 def test_npz_without_data_path_or_with_a_missing_file_is_config_error(tmp_path):
-  with pytest.raises(ConfigError, match='--data_path'):
+  with pytest.raises(ConfigError) as info:
     data.load('npz')
+  assert errors.as_flags(info.value) == '--dataset=npz needs --data_path=FILE.npz.'
   with pytest.raises(ConfigError, match='does not exist'):
     data.load('npz', data_path=tmp_path / 'nope.npz')
 
@@ -109,8 +110,9 @@ def test_npz_without_data_path_or_with_a_missing_file_is_config_error(tmp_path):
 def test_unknown_dataset_and_unused_arguments_are_config_errors(tmp_path):
   with pytest.raises(ConfigError, match='cifar10, cifar100, digits, npz'):
     data.load('mnist')
-  with pytest.raises(ConfigError, match='--data_dir'):
+  with pytest.raises(ConfigError) as info:
     data.load('digits', data_dir=tmp_path)
+  assert errors.as_flags(info.value).startswith('--data_dir is not used by --dataset=digits')
   with pytest.raises(ConfigError, match='max_train'):
     data.load('digits', max_train=0)
 
@@ -181,7 +183,7 @@ def test_unprepared_cifar_offline_says_how_to_proceed(tmp_path, monkeypatch, no_
   monkeypatch.setattr(data, '_tensorflow_available', lambda: True)
   with pytest.raises(ConfigError) as info:
     data.load('cifar10', data_dir=tmp_path)
-  message = str(info.value)
+  message = errors.as_flags(info.value)
   assert _one_sentence(message), message
   for word in ('offline', '--data_dir', '--dataset=npz', '--data_path', '--dataset=digits'):
     assert word in message, message
@@ -193,7 +195,7 @@ def test_unprepared_cifar_without_tensorflow_names_the_prepare_extra(tmp_path, m
   monkeypatch.setattr(data, '_tensorflow_available', lambda: False)
   with pytest.raises(ConfigError) as info:
     data.load('cifar100', data_dir=tmp_path)
-  message = str(info.value)
+  message = errors.as_flags(info.value)
   assert _one_sentence(message), message
   for word in ("pip install 'jaxprune[prepare]'", '--data_dir', '--dataset=npz', '--dataset=digits'):
     assert word in message, message
