@@ -1,13 +1,19 @@
 """Prints a model's widths, MACs and params per group, and what a preset or saved widths prune.
 
-  python -m jaxprune.summary --model=resnet56
-  python -m jaxprune.summary --model=resnet56 --preset=resnet56_b
-  python -m jaxprune.summary --model=vgg16 --widths_file=runs/x/prune.json --json
+  python -m jaxprune.summary --model=resnet20
+  python -m jaxprune.summary --model=vgg16 --dataset=cifar10
+  python -m jaxprune.summary --model=resnet56 --dataset=cifar10 --preset=resnet56_b
+  python -m jaxprune.summary --model=tiny --widths_file=runs/x/prune/record.json --json
 
-A widths file is JSON holding `{"widths": {group: width}}` (a saved prune record
-with a `widths` key is fine; groups not named keep their width) or
+The model is counted at the images and classes of `--dataset` (default digits, as
+for launch.py: 8x8x1, 10 classes); cifar10 and cifar100 give 32x32x3. Their shapes
+come from the dataset's metadata (TFDS's for CIFAR, which needs no download), digits
+from its bundled copy, npz from the `--data_path` file.
+
+A widths file is JSON holding `{"widths": {group: width}}` (a run's prune record,
+`WORKDIR/prune/record.json`, has that key; groups not named keep their width) or
 `{"masks": {group: [0/1, ...]}}`. `--json` prints one JSON object instead of the
-table. A wrong value prints one sentence to stderr and exits with status 2.
+table. A wrong value prints one sentence to stderr and exits with status 1.
 
 A layer's MACs and params are counted under the group of its output channels;
 a layer whose output width is fixed (a DenseNet growth conv, the classifier)
@@ -17,25 +23,28 @@ under the group it reads; a layer that follows no group (a fixed stem) under
 
 import json
 import math
-import sys
 from typing import Mapping
 
 from absl import app, flags, logging
 
-from jaxprune import models
+from jaxprune import data, errors, models
+from jaxprune.errors import ConfigError
 from jaxprune.prune import flops, select, shrink, structure
-from jaxprune.errors import ConfigError, choose
 
 FIXED = '(fixed)'
 
+# Datasets read through TFDS: their builder's metadata has the image shape and classes.
+_TFDS = ('cifar10', 'cifar100')
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string('model', None, f"model to summarise: {', '.join(models.MODELS)}.")
-flags.DEFINE_integer('image_size', 32, 'input height and width in pixels.', lower_bound=1)
-flags.DEFINE_integer('num_classes', 10, 'number of classes of the classifier.', lower_bound=1)
+flags.DEFINE_string('dataset', 'digits', 'dataset whose image shape and classes the model is '
+                    f"counted at: {', '.join(data.DATASETS)} (as for launch.py).")
+flags.DEFINE_string('data_path', None, 'the .npz file of --dataset=npz.')
 flags.DEFINE_string('preset', None,
                     f"Li et al. preset to apply: {', '.join(select.PRESETS)}.")
-flags.DEFINE_string('widths_file', None,
-                    'JSON file with {"widths": {...}} (e.g. a prune record) or {"masks": {...}}.')
+flags.DEFINE_string('widths_file', None, 'JSON file with {"widths": {...}} (e.g. a run\'s '
+                    'prune/record.json) or {"masks": {...}}.')
 flags.DEFINE_bool('json', False, 'print one JSON object instead of a table.')
 
 
@@ -73,41 +82,59 @@ def per_group(struct: structure.Structure, widths: Mapping[str, int]) -> dict[st
 
 def load_widths(path: str, struct: structure.Structure) -> dict[str, int]:
   """Full widths from a JSON widths file or masks file (see the module docstring)."""
+  where = f'widths_file {path!r}'
+  fail = lambda message: ConfigError(message, settings=('widths_file',))
   try:
     with open(path) as f:
       record = json.load(f)
   except OSError as e:
-    raise ConfigError(f"cannot read widths file {path!r}: {e.strerror or e}.") from None
+    raise fail(f"cannot read {where}: {e.strerror or e}.") from None
   except json.JSONDecodeError as e:
-    raise ConfigError(f"widths file {path!r} is not valid JSON ({e.msg} at line {e.lineno}).") \
-        from None
+    raise fail(f"{where} is not valid JSON ({e.msg} at line {e.lineno}).") from None
   if not isinstance(record, dict) or not ('widths' in record or 'masks' in record):
-    raise ConfigError(f"widths file {path!r} must be a JSON object with a 'widths' or a "
-                      "'masks' key.")
+    raise fail(f"{where} must hold a JSON object with a 'widths' or a 'masks' key.")
   widths = dict(struct.widths)
   if 'widths' in record:
     given = record['widths']
     if not isinstance(given, dict):
-      raise ConfigError(f"'widths' in {path!r} must map group names to widths.")
+      raise fail(f"'widths' in {where} must map group names to widths.")
     unknown = [g for g in given if g not in struct.widths]
     if unknown:
-      raise ConfigError(f"widths file {path!r} names unknown groups {unknown}; the groups are "
-                        f"{list(struct.widths)}.")
+      raise fail(f"{where} names unknown groups {unknown}; the groups are "
+                 f"{list(struct.widths)}.")
     bad = {g: w for g, w in given.items()
            if isinstance(w, bool) or not isinstance(w, int) or w < 1}
     if bad:
-      raise ConfigError(f"widths in {path!r} must be positive integers, got {bad}.")
+      raise fail(f"widths in {where} must be positive integers, got {bad}.")
     widths.update(given)
   else:
     given = record['masks']
     if not isinstance(given, dict):
-      raise ConfigError(f"'masks' in {path!r} must map group names to lists of 0/1.")
+      raise fail(f"'masks' in {where} must map group names to lists of 0/1.")
     try:
       kept = shrink.kept_indices(struct, given)
-    except ValueError as e:
-      raise ConfigError(f"masks in {path!r}: {e}") from None
+    except ValueError as e:  # the checks a selection's masks pass, here on a user's file
+      raise fail(f"masks in {where}: {e}") from None
     widths.update({g: int(k.size) for g, k in kept.items()})
   return widths
+
+
+def dataset_shape(name: str, data_path: str | None = None) -> tuple[tuple[int, ...], int]:
+  """(image shape, number of classes) of the dataset `name` (a key of `data.DATASETS`).
+
+  CIFAR's come from TFDS's metadata, so no image is read or downloaded; digits and npz
+  are loaded (digits is bundled and small; an npz's shape is only in its file).
+  """
+  errors.choose('dataset', name, data.DATASETS, setting='dataset')
+  if name in _TFDS:
+    if data_path is not None:
+      raise ConfigError(f"data_path is for dataset=npz, not dataset={name}.",
+                        settings=('data_path', 'dataset'))
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    features = tfds.builder(name).info.features
+    return tuple(features['image'].shape), int(features['label'].num_classes)
+  loaded = data.load(name, data_path=data_path)
+  return loaded.image_shape, loaded.num_classes
 
 
 def _cost_dict(cost: flops.Cost) -> dict[str, int]:
@@ -118,20 +145,31 @@ def _reduction(before: int, after: int) -> float:
   return 100.0 * (before - after) / before if before else 0.0
 
 
-def summarize(model: str, image_size: int = 32, num_classes: int = 10,
+def summarize(model: str, dataset: str = 'digits', data_path: str | None = None,
               preset: str | None = None, widths_file: str | None = None) -> dict:
-  """The summary as a JSON-ready dict: totals, widths and per-group costs, pruned if asked."""
+  """The summary as a JSON-ready dict: totals, widths and per-group costs, pruned if asked.
+
+  The model is counted at `dataset`'s image shape and classes (`dataset_shape`).
+  """
   if preset is not None and widths_file is not None:
-    raise ConfigError("give either --preset or --widths_file, not both.")
+    raise ConfigError("give either preset or widths_file, not both.",
+                      settings=('preset', 'widths_file'))
+  errors.choose('model', model, models.MODELS, setting='model')
   if preset is not None:
-    choose('preset', preset, select.PRESETS)  # before the seconds that deriving takes
-  struct = structure.derive(models.build(model, num_classes=num_classes),
-                            (image_size, image_size, 3))
+    # Before the seconds that deriving takes.
+    errors.choose('preset', preset, select.PRESETS, setting='preset')
+  image_shape, num_classes = dataset_shape(dataset, data_path)
+  try:
+    struct = structure.derive(models.build(model, num_classes=num_classes), image_shape)
+  except ConfigError as e:  # e.g. a VGG's five poolings on 8x8 digits
+    shape = 'x'.join(map(str, image_shape))
+    raise ConfigError(f"model={model} cannot take the {shape} images of dataset={dataset}: "
+                      f"{e}", settings=('model', 'dataset', *e.settings)) from None
   total = flops.count(struct)
   out = {
-      'model': model, 'image_size': image_size, 'num_classes': num_classes,
-      'macs': total.macs, 'params': total.params, 'widths': dict(struct.widths),
-      'prunable': list(struct.prunable),
+      'model': model, 'dataset': dataset, 'image_shape': list(image_shape),
+      'num_classes': num_classes, 'macs': total.macs, 'params': total.params,
+      'widths': dict(struct.widths), 'prunable': list(struct.prunable),
       'groups': {g: _cost_dict(c) for g, c in per_group(struct, struct.widths).items()},
   }
   if preset is None and widths_file is None:
@@ -153,9 +191,9 @@ def summarize(model: str, image_size: int = 32, num_classes: int = 10,
 def format_summary(summary: dict) -> str:
   """The summary as an aligned text table with totals."""
   pruned = summary.get('pruned')
-  size = summary['image_size']
-  lines = [f"{summary['model']} at {size}x{size}x3, {summary['num_classes']} classes"
-           + (f"; pruned by {pruned['source']}" if pruned else '')]
+  shape = 'x'.join(map(str, summary['image_shape']))
+  lines = [f"{summary['model']} at {shape} ({summary['dataset']}), {summary['num_classes']} "
+           "classes" + (f"; pruned by {pruned['source']}" if pruned else '')]
   header = ['group', 'prunable', 'width']
   if pruned:
     header += ['pruned', 'MACs', 'pruned MACs', 'params', 'pruned params']
@@ -199,17 +237,14 @@ def main(argv):
   if not FLAGS['verbosity'].present:
     # JAX logs its backend search at INFO; the tool's stderr is for its one error sentence.
     logging.set_verbosity(logging.WARNING)
-  if len(argv) > 1:
-    print(f"unexpected arguments {argv[1:]}; all options are --flags.", file=sys.stderr)
-    sys.exit(2)
-  try:
+  with errors.exit_on_user_error():
+    if len(argv) > 1:
+      raise ConfigError(f"unexpected arguments {argv[1:]}; all options are flags.")
     if FLAGS.model is None:
-      raise ConfigError(f"--model is required; choose one of: {', '.join(models.MODELS)}.")
-    summary = summarize(FLAGS.model, FLAGS.image_size, FLAGS.num_classes, FLAGS.preset,
+      raise ConfigError(f"model is required; choose one of: {', '.join(models.MODELS)}.",
+                        settings=('model',))
+    summary = summarize(FLAGS.model, FLAGS.dataset, FLAGS.data_path, FLAGS.preset,
                         FLAGS.widths_file)
-  except ConfigError as e:
-    print(e, file=sys.stderr)
-    sys.exit(2)
   print(json.dumps(summary) if FLAGS.json else format_summary(summary))
 
 
