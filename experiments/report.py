@@ -11,6 +11,8 @@ Tables (Markdown and CSV) are byte-for-byte reproducible: rows sorted, keys sort
 fixed float formats, no timestamps or absolute paths. PNGs are written with the Agg
 backend and no metadata (no date, no software string); they are stable across reruns
 with the same matplotlib and FreeType, but are not part of the byte-for-byte claim.
+Without matplotlib the tables are still written and one line on stderr says the
+plots were skipped.
 """
 
 import argparse
@@ -500,6 +502,9 @@ def _save(fig, path):
   plt.close(fig)
 
 
+# The experiments whose results include a plot.
+PLOTTED = ('random_vs_criterion', 'crowley', 'taylor_curves')
+
 LABELS = {
     'rethinking': ('method', 'preset', 'regime'),
     'crowley': ('family', 'budget', 'regime'),
@@ -533,6 +538,9 @@ def build(root: str, out: str) -> list[str]:
       crowley_plot(snaps, out)
     else:
       generic(name, snaps, write, LABELS.get(name, ('criterion', 'regime')))
+  if _pyplot() is None and any(name in found for name in PLOTTED):
+    print("plots skipped: matplotlib is not installed (pip install -e '.[plots]' installs it).",
+          file=sys.stderr)
   index = ['# Experiment results\n', f'Built by `python -m experiments.report` from {len(found)} '
            'experiment(s):\n'] + [f'* [{n}]({n}) ' for n in sorted(written) if n.endswith('.md')]
   write('index.md', '\n'.join(index) + '\n')
