@@ -26,12 +26,17 @@ def bench(script, *args):
      "--shapes entry '32x32x16' is not 'size:cin:cout:kernel:stride'"),
     ('conv_rule.py', ['--passes=fwd,dw'], "--passes ['dw'] are not among fwd, dx, dk."),
     ('throughput.py', ['--steps=0'], 'flag --steps=0: 0 is not a positive integer'),
-    ('criteria_cost.py', ['--criteria=l1,bogus'], "error: unknown criterion 'bogus'; choose"),
+    ('criteria_cost.py', ['--criteria=l1,bogus'], "--criteria ['bogus'] are not criteria; "
+     'choose from random,'),
     # compiles.py runs each pipeline in a worker process: the worker's sentence is passed on.
     ('compiles.py', ['--regime=bogus'], "error: unknown regime 'bogus'; choose one of:"),
     # seeds.py runs launch.py: launch.py's sentence is passed on.
     ('seeds.py', ['--data_path=/nope.npz'], "error: npz file '/nope.npz' does not exist."),
     ('seeds.py', ['--seeds=0'], 'flag --seeds=0: 0 is not a positive integer'),
+    # The sample npz has no default place on a machine: the scripts that read it ask for it.
+    ('seeds.py', [], '--data_path is required: the .npz of the CIFAR-10 sample'),
+    ('epoch_throughput.py', ['--frameworks=jax'],
+     '--data_path is required: the .npz of the CIFAR-10 sample'),
 ])
 def test_a_bad_setting_is_one_sentence(script, args, sentence):
   returncode, stderr = bench(script, *args)
@@ -45,6 +50,8 @@ def test_a_bad_setting_is_one_sentence(script, args, sentence):
     (['steps'], "error: 'steps' is not a part (step, epoch, seeds, all), --data_path=NPZ or "
                 "--rounds=N."),
     ([], 'error: no part given.'),
+    (['step', 'seeds'], 'error: epoch and seeds need --data_path=NPZ, the .npz of the CIFAR-10 '
+     'sample.'),
 ])
 def test_accelerator_script_refuses_bad_arguments_before_running_anything(tmp_path, args,
                                                                          sentence):

@@ -23,7 +23,7 @@
 # It needs the repository (run it from anywhere), jax with the accelerator's plugin, flax,
 # optax, orbax-checkpoint, absl-py, etils, scipy and scikit-learn, and PyTorch for `step`
 # and `epoch`; jaxprune itself is put on PYTHONPATH, so it needs no install. `epoch` and
-# `seeds` read the CIFAR-10 sample npz (--data_path; default: the benchmarks' own default).
+# `seeds` read the CIFAR-10 sample npz, which --data_path names (required for them).
 # On one H200 GPU with --rounds=1, epoch took 158 s, seeds about 5 minutes (seven launch.py
 # processes of 38-57 s, mostly compilation) and step over 150 s: where a call is
 # time-limited, run one part per call.
@@ -51,6 +51,10 @@ for arg in "$@"; do
 done
 if [ ${#parts[@]} -eq 0 ]; then
   echo "error: no part given. $usage" >&2
+  exit 2
+fi
+if [ ${#data_flag[@]} -eq 0 ] && [[ " ${parts[*]} " =~ " "(epoch|seeds)" " ]]; then
+  echo "error: epoch and seeds need --data_path=NPZ, the .npz of the CIFAR-10 sample." >&2
   exit 2
 fi
 

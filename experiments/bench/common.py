@@ -157,6 +157,15 @@ def require_torch(asked: str, instead: str) -> None:
                          f"'jaxprune[bench]', or {instead}.")
 
 
+def require_data_path(path: str | None) -> None:
+  """absl's UsageError, in one sentence, when --data_path is missing: the sample has no
+  default place on a machine, so the scripts that read it ask for it."""
+  from absl import app
+  if not path:
+    raise app.UsageError('--data_path is required: the .npz of the CIFAR-10 sample (uint8 '
+                         'NHWC train_images, train_labels, test_images, test_labels).')
+
+
 def check_models(models: list[str], frameworks: list[str]) -> None:
   """absl's UsageError naming a --frameworks entry other than jax or torch, or the --models
   entries that cannot be timed in `frameworks`.

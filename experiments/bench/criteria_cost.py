@@ -32,7 +32,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from absl import flags  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 import common  # noqa: E402
 from jaxprune import models, train  # noqa: E402
@@ -249,8 +249,10 @@ def _print(costs, oracles):
 def main(argv):
   del argv
   # Unknown names stop here, in one sentence, before anything is timed.
-  for name in FLAGS.criteria:
-    criteria.get(name)
+  unknown = [name for name in FLAGS.criteria if name not in criteria.CRITERIA]
+  if unknown:
+    raise app.UsageError(f"--criteria {unknown} are not criteria; choose from "
+                         f"{', '.join(criteria.CRITERIA)}.")
   for name in [FLAGS.model] + FLAGS.oracle_models:
     models.build(name)
   costs = criterion_costs()

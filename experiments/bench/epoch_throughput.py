@@ -1,6 +1,6 @@
 r"""Epoch throughput, data loading included: `train.fit` against a standard PyTorch CIFAR loop.
 
-    python experiments/bench/epoch_throughput.py --out=/tmp/epoch_throughput.json
+    python experiments/bench/epoch_throughput.py --data_path=NPZ --out=epoch_throughput.json
 
 The project's GPU target is stated for whole epochs, input pipeline included; this script
 measures exactly that on any backend (the CPU here, a GPU where one is available).
@@ -41,8 +41,8 @@ import common  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_list('models', ['vgg16', 'resnet56'], 'Models (jaxprune registry names).')
 flags.DEFINE_list('frameworks', ['jax', 'torch'], 'Frameworks to time.')
-flags.DEFINE_string('data_path', '/work/shared/data/cifar10_sample.npz',
-                    'The CIFAR-10 sample (.npz: uint8 NHWC train/test images and labels).')
+flags.DEFINE_string('data_path', None, 'The CIFAR-10 sample (.npz: uint8 NHWC train/test '
+                    'images and labels); required.')
 flags.DEFINE_integer('images', 2048, 'Training images per epoch (the first N of the npz).',
                      lower_bound=1)
 flags.DEFINE_integer('batch', 128, 'Batch size.', lower_bound=1)
@@ -147,6 +147,7 @@ def main(argv):
   if FLAGS.worker:
     common.reply((jax_worker if FLAGS.worker == 'jax' else torch_worker)(FLAGS.model))
     return
+  common.require_data_path(FLAGS.data_path)
   if FLAGS.epochs < 2:
     raise app.UsageError(f'--epochs must be at least 2 (the first is the warm-up), got '
                          f'{FLAGS.epochs}.')

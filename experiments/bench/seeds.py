@@ -1,6 +1,6 @@
 r"""What `--seeds=N` saves: one launch.py process training N seeds against N separate runs.
 
-    python experiments/bench/seeds.py --out=/tmp/seeds.json
+    python experiments/bench/seeds.py --data_path=NPZ --out=seeds.json
 
 Runs the same small job (baseline -> --criterion scores -> --selection -> one --regime) on
 the CIFAR-10 sample npz, as users run it, each command a fresh `python launch.py` process
@@ -52,8 +52,8 @@ flags.DEFINE_integer('batch_size', 128, 'Batch size (training and evaluation).',
 flags.DEFINE_string('criterion', 'l1', 'Criterion (l1: data-free, so scoring costs little).')
 flags.DEFINE_string('selection', 'global_l2', 'Selection policy (launch.py\'s default).')
 flags.DEFINE_string('regime', 'scratch', 'Retraining regime.')
-flags.DEFINE_string('data_path', '/work/shared/data/cifar10_sample.npz',
-                    'The CIFAR-10 sample (.npz: 10000 training, 2000 test images).')
+flags.DEFINE_string('data_path', None, 'The CIFAR-10 sample (.npz: 10000 training, 2000 '
+                    'test images); required.')
 flags.DEFINE_bool('cached_runs', True, 'Also time the separate runs sharing one persistent '
                   'compilation cache (N more processes).')
 flags.DEFINE_string('out', None, 'Write the table as JSON here.')
@@ -96,6 +96,7 @@ def _total(runs: list[dict]) -> dict:
 
 def main(argv):
   del argv
+  common.require_data_path(FLAGS.data_path)
   import jax
   load_before = os.getloadavg()
   with tempfile.TemporaryDirectory() as tmp:
