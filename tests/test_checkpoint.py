@@ -1,4 +1,5 @@
-"""Resumable stages: a crash or a preemption changes no result; a done stage is not redone."""
+"""Resumable stages: a crash, a preemption or a divergence changes no result; a done stage is
+not redone."""
 
 import functools
 import os
@@ -11,12 +12,13 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from jaxprune import data, train
+from jaxprune import data, errors, models, train
 from jaxprune.train import checkpoint
-from test_train import learnable_dataset, python_process, tiny, two_copies
+from test_train import learnable_dataset, numpy_variables, python_process, tiny, two_copies
 
 EPOCHS, BATCH = 3, 32  # 8 steps per epoch on the 256 training images.
-OPTIMIZER = train.OptimizerConfig(learning_rate=0.05, weight_decay=1e-3)
+OPTIONS = train.TrainOptions(epochs=EPOCHS, batch_size=BATCH, optimizer=train.OptimizerConfig(
+    learning_rate=0.05, weight_decay=1e-3))
 
 
 class Crash(Exception):
@@ -59,10 +61,9 @@ def run_fit(stage_dir, step_hook=pruning_hook, callbacks=()):
   ds, arrays = problem()
   model, struct, variables = tiny()
   masks = {g: jnp.ones(w) for g, w in struct.widths.items() if g in struct.prunable}
-  return train.fit(model, variables, arrays, ds.spec, epochs=EPOCHS, batch_size=BATCH,
-                   optimizer=OPTIMIZER, stage_dir=stage_dir, seed=7, masks=masks,
-                   structure=struct, step_hook=step_hook, hook_state=jnp.zeros((), jnp.int32),
-                   callbacks=callbacks)
+  return train.fit(model, variables, arrays, ds.spec, OPTIONS, stage_dir=stage_dir, seed=7,
+                   masks=masks, structure=struct, step_hook=step_hook,
+                   hook_state=jnp.zeros((), jnp.int32), callbacks=callbacks)
 
 
 @pytest.fixture(scope='module')
@@ -99,18 +100,17 @@ def test_fit_resumed_after_crash_matches_uninterrupted_fit(tmp_path, uninterrupt
 
 @pytest.mark.parametrize('step', [13, 16])  # Mid epoch 2; the last step of epoch 2.
 def test_fit_resumed_after_preemption_matches_uninterrupted_fit(tmp_path, uninterrupted, step):
-  with pytest.raises(checkpoint.Preempted) as preempted:
+  with pytest.raises(errors.Preempted) as preempted:
     run_fit(tmp_path, step_hook=crash_at(step, lambda: os.kill(os.getpid(), signal.SIGTERM)))
-  assert preempted.value.code == 0
   assert checkpoint.RunCheckpoints(tmp_path).latest_step() == step == preempted.value.step
   variables, result = run_fit(tmp_path)
   assert_same_run(tmp_path, variables, result, *uninterrupted)
 
 
 def test_sigterm_in_the_last_step_finishes_the_stage_then_stops(tmp_path, uninterrupted):
-  with pytest.raises(checkpoint.Preempted) as preempted:
+  with pytest.raises(errors.Preempted) as preempted:
     run_fit(tmp_path, step_hook=crash_at(EPOCHS * 8, lambda: os.kill(os.getpid(), signal.SIGTERM)))
-  assert preempted.value.code == 0 and preempted.value.step == EPOCHS * 8
+  assert preempted.value.step == EPOCHS * 8
   assert checkpoint.is_done(tmp_path)
   variables, result = run_fit(tmp_path)   # Done: loaded, not trained again.
   assert_same_run(tmp_path, variables, result, *uninterrupted)
@@ -132,8 +132,8 @@ def test_finished_stage_is_skipped_on_rerun(uninterrupted):
 def run_copies(root):
   ds, arrays = problem()
   model, inits, seeds = two_copies()
-  return train.fit_copies(model, inits, arrays, ds.spec, epochs=EPOCHS, batch_size=BATCH,
-                          optimizer=OPTIMIZER, stage_dirs=[root / 'a', root / 'b'], seeds=seeds,
+  return train.fit_copies(model, inits, arrays, ds.spec, OPTIONS,
+                          stage_dirs=[root / 'a', root / 'b'], seeds=seeds,
                           checkpoint_dir=root / 'group')
 
 
@@ -182,6 +182,45 @@ def test_fit_copies_stopped_between_copies_final_writes_finishes_the_rest(tmp_pa
   assert_same_copies(tmp_path / 'crashed', resumed, tmp_path / 'uninterrupted', expected)
 
 
+class StopAfterEpoch(Exception):
+  pass
+
+
+def stop_after_epoch(state, record):
+  raise StopAfterEpoch()
+
+
+def test_diverged_stage_keeps_its_last_good_checkpoint_and_resumes_with_a_smaller_lr(tmp_path):
+  ds = data.load('digits')
+  model = models.build('tiny', num_classes=ds.num_classes)
+  arrays = data.device_put_dataset(ds)
+  variables = numpy_variables(model, ds.image_shape)
+
+  def fit(learning_rate, callbacks=()):
+    options = train.TrainOptions(epochs=2, batch_size=64, optimizer=train.OptimizerConfig(
+        learning_rate=learning_rate, schedule='constant'))
+    return train.fit(model, variables, arrays, ds.spec, options, stage_dir=tmp_path,
+                     callbacks=callbacks)
+
+  with pytest.raises(StopAfterEpoch):  # One good epoch (22 steps): its checkpoint.
+    fit(0.05, callbacks=[stop_after_epoch])
+  [first_epoch] = checkpoint.read_metrics(tmp_path)
+  with pytest.raises(errors.Diverged) as diverged:
+    fit(1e6)
+  error = diverged.value
+  assert error.stage == str(tmp_path) and error.resume_step == 22
+  assert error.epoch == 2 and 22 < error.step <= 44
+  assert f'epoch 2, step {error.step}' in str(error)
+  assert checkpoint.RunCheckpoints(tmp_path).latest_step() == error.resume_step
+  assert checkpoint.read_metrics(tmp_path) == [first_epoch]
+  assert checkpoint.read_diverged(tmp_path) == {
+      'epoch': 2, 'step': error.step, 'resume_step': 22, 'learning_rate': 1e6}
+  _, result = fit(0.05)
+  assert result['steps'] == 44 and np.isfinite(result['train_loss'])
+  assert checkpoint.is_done(tmp_path) and checkpoint.read_diverged(tmp_path) is None
+  assert checkpoint.read_metrics(tmp_path)[0] == first_epoch
+
+
 def test_result_is_never_overwritten(tmp_path):
   checkpoint.mark_done(tmp_path, {'test_accuracy': 0.5})
   with pytest.raises(FileExistsError):
@@ -195,6 +234,7 @@ def test_result_is_never_overwritten(tmp_path):
 RUN_STAGE = """
 import sys, time
 from pathlib import Path
+from jaxprune import errors
 import test_checkpoint
 
 stage, slow = Path(sys.argv[1]), sys.argv[2] == 'slow'
@@ -210,7 +250,8 @@ def hook(state, batch, masks, removed):
     time.sleep(0.05)
   return test_checkpoint.pruning_hook(state, batch, masks, removed)
 
-test_checkpoint.run_fit(stage, step_hook=hook)
+with errors.exit_on_user_error():
+  test_checkpoint.run_fit(stage, step_hook=hook)
 print('finished without preemption')
 """
 
@@ -232,14 +273,15 @@ def signal_after(proc, stage, steps, sig):
   return proc.returncode, stdout, stderr
 
 
-def test_sigterm_saves_at_next_step_and_exits_zero(tmp_path):
+def test_sigterm_saves_at_next_step_and_exits_75(tmp_path):
   returncode, stdout, stderr = signal_after(run_stage(tmp_path, slow=True), tmp_path, 3,
                                             signal.SIGTERM)
-  assert returncode == 0, stderr[-3000:]
+  assert returncode == errors.EXIT_STATUS[errors.Preempted] == 75, stderr[-3000:]
   assert 'finished without preemption' not in stdout
   step = checkpoint.RunCheckpoints(tmp_path).latest_step()
   assert 3 <= step < EPOCHS * 8
-  assert f'Preempted: saved step {step}' in stderr
+  assert str(errors.Preempted(step, str(tmp_path))) in stderr.splitlines()
+  assert 'Traceback' not in stderr
   assert not checkpoint.is_done(tmp_path)
 
 

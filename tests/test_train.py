@@ -1,4 +1,5 @@
-"""Training: it learns, masked channels stay frozen, no recompiles, the optimizer, 8 devices."""
+"""Training: it learns, masked channels stay frozen, no recompiles, the optimizer, evaluation,
+errors, 8 devices."""
 
 import functools
 import json
@@ -16,8 +17,9 @@ import pytest
 from flax import traverse_util
 
 from jaxprune import data, models, train
-from jaxprune.prune import structure
 from jaxprune.errors import ConfigError
+from jaxprune.prune import structure
+from jaxprune.train import checkpoint
 
 IMAGE = (8, 8, 3)
 CLASSES = 4
@@ -153,17 +155,6 @@ def test_masked_channels_parameters_and_momentum_stay_fixed():
   assert checked >= 6
 
 
-def test_train_step_compiles_once_for_any_mask_values():
-  model, struct, variables = tiny()
-  trainer = train.Trainer(model, sgd(), struct)
-  state = trainer.init_state(variables, seed=0)
-  batch = trainer.shard_batch(fixed_batch())
-  for seed in range(3):
-    state, _ = trainer.train_step(state, batch, prune_masks(struct, seed), lr(0.1 / (seed + 1)))
-  jax.block_until_ready(state)
-  assert trainer.train_step._cache_size() == 1
-
-
 def count_train_step_compiles(caplog, fn):
   """fn()'s result and how many times it compiled the train step (jax_log_compiles)."""
   jax.config.update('jax_log_compiles', True)
@@ -177,6 +168,21 @@ def count_train_step_compiles(caplog, fn):
                   if 'Compiling' in r.getMessage() and 'sharded_train_step' in r.getMessage())
 
 
+def test_train_step_compiles_once_for_any_mask_values(caplog):
+  model, struct, variables = tiny()
+  trainer = train.Trainer(model, sgd(), struct)
+  state = trainer.init_state(variables, seed=0)
+  batch = trainer.shard_batch(fixed_batch())
+
+  def steps(state):
+    for seed in range(3):
+      state, _ = trainer.train_step(state, batch, prune_masks(struct, seed), lr(0.1 / (seed + 1)))
+    return jax.block_until_ready(state)
+
+  _, compiles = count_train_step_compiles(caplog, lambda: steps(state))
+  assert compiles == 1
+
+
 def test_fits_with_other_schedules_and_lengths_share_one_compiled_step(tmp_path, caplog):
   ds = learnable_dataset()
   arrays = data.device_put_dataset(ds)
@@ -187,17 +193,16 @@ def test_fits_with_other_schedules_and_lengths_share_one_compiled_step(tmp_path,
   finetune = train.OptimizerConfig(learning_rate=0.01, schedule='constant')
 
   def both():
-    train.fit(model, variables, arrays, ds.spec, epochs=2, batch_size=64, optimizer=scratch,
+    train.fit(model, variables, arrays, ds.spec, train.TrainOptions(2, 64, scratch),
               stage_dir=tmp_path / 'scratch')
-    return train.fit(model, variables, arrays, ds.spec, epochs=1, batch_size=64,
-                     optimizer=finetune, stage_dir=tmp_path / 'finetune')
+    return train.fit(model, variables, arrays, ds.spec, train.TrainOptions(1, 64, finetune),
+                     stage_dir=tmp_path / 'finetune')
 
   (_, result), compiles = count_train_step_compiles(caplog, both)
   assert result['steps'] == 4
   assert compiles == 1
-  trainer = train.trainer_for(model, finetune, None, train.make_mesh())
-  assert trainer is train.trainer_for(model, scratch, None, train.make_mesh())
-  assert trainer.train_step._cache_size() == 1
+  assert (train.trainer_for(model, finetune, None, train.make_mesh())
+          is train.trainer_for(model, scratch, None, train.make_mesh()))
   lines = (tmp_path / 'scratch' / 'metrics.jsonl').read_text().splitlines()
   # Two epochs put both milestones (50%, 75%) at epoch 1.
   assert [json.loads(l)['learning_rate'] for l in lines] == pytest.approx([0.1, 0.001])
@@ -240,18 +245,23 @@ def test_train_step_is_sgd_with_momentum_and_the_schedule():
     np.testing.assert_allclose(momentum[key], buffer, rtol=1e-5, atol=1e-6, err_msg=str(key))
 
 
-def test_bfloat16_step_keeps_parameters_optimizer_state_and_statistics_float32():
+def test_bfloat16_step_keeps_parameters_optimizer_state_and_statistics_float32(caplog):
   model, struct, variables = tiny()
   trainer = train.Trainer(model, sgd(bn_l1=1e-3), struct, precision='bfloat16')
   state = trainer.init_state(variables, seed=0)
-  state, metrics = trainer.train_step(state, trainer.shard_batch(fixed_batch()),
-                                      prune_masks(struct, 0), lr(0.1))
-  leaves = jax.tree.leaves((state.params, state.opt_state, state.batch_stats))
-  assert leaves and {leaf.dtype for leaf in leaves} == {jnp.dtype(jnp.float32)}
-  assert metrics['loss'].dtype == jnp.float32
-  # The next step takes that state as it is: same input types, no second compile.
-  trainer.train_step(state, trainer.shard_batch(fixed_batch()), prune_masks(struct, 1), lr(0.1))
-  assert trainer.train_step._cache_size() == 1
+
+  def two_steps():
+    first, metrics = trainer.train_step(state, trainer.shard_batch(fixed_batch()),
+                                        prune_masks(struct, 0), lr(0.1))
+    leaves = jax.tree.leaves((first.params, first.opt_state, first.batch_stats))
+    assert leaves and {leaf.dtype for leaf in leaves} == {jnp.dtype(jnp.float32)}
+    assert metrics['loss'].dtype == jnp.float32
+    return jax.block_until_ready(trainer.train_step(
+        first, trainer.shard_batch(fixed_batch()), prune_masks(struct, 1), lr(0.1)))
+
+  # The second step takes the first one's state as it is: same input types, one compile.
+  _, compiles = count_train_step_compiles(caplog, two_steps)
+  assert compiles == 1
 
 
 def test_bfloat16_loss_is_close_to_the_float32_loss():
@@ -261,7 +271,7 @@ def test_bfloat16_loss_is_close_to_the_float32_loss():
     trainer = train.Trainer(model, sgd(), struct, precision=precision)
     state = trainer.init_state(variables, seed=0)
     batch = trainer.shard_batch(fixed_batch())
-    evaluated = jax.device_get(trainer.eval_step(state, batch, None))
+    evaluated = jax.device_get(trainer.eval_step(state.variables, batch, None))
     losses[precision + ' eval'] = float(evaluated['loss_sum'] / evaluated['count'])
     _, metrics = trainer.train_step(state, batch, None, lr(0.1))  # donates the state
     losses[precision] = float(metrics['loss'])
@@ -273,12 +283,92 @@ def test_bfloat16_loss_is_close_to_the_float32_loss():
 def test_bfloat16_fit_learns_digits(tmp_path):
   ds = data.load('digits')
   model = models.build('tiny', num_classes=ds.num_classes)
+  options = train.TrainOptions(
+      epochs=10, batch_size=64, precision='bfloat16',
+      optimizer=train.OptimizerConfig(learning_rate=0.1, schedule='cosine'))
   _, result = train.fit(model, numpy_variables(model, ds.image_shape), data.device_put_dataset(ds),
-                        ds.spec, epochs=10, batch_size=64, stage_dir=tmp_path,
-                        optimizer=train.OptimizerConfig(learning_rate=0.1, schedule='cosine'),
-                        precision='bfloat16')
+                        ds.spec, options, stage_dir=tmp_path)
   # Chance is 0.1; measured 0.81 (float32: 0.80).
   assert result['test_accuracy'] > 0.5
+
+
+def count_eval_step_compiles(caplog, fn):
+  """fn()'s result and how many times it compiled an eval step (jax_log_compiles)."""
+  jax.config.update('jax_log_compiles', True)
+  try:
+    with caplog.at_level(logging.WARNING):
+      caplog.clear()
+      out = fn()
+  finally:
+    jax.config.update('jax_log_compiles', False)
+  return out, sum(1 for r in caplog.records
+                  if 'Compiling' in r.getMessage() and 'sharded_eval_step' in r.getMessage())
+
+
+def test_evaluate_variables_is_the_fits_evaluation_and_compiles_nothing_more(tmp_path, caplog):
+  ds = learnable_dataset()
+  arrays = data.device_put_dataset(ds)
+  model, _, variables = tiny()
+  options = train.TrainOptions(epochs=1, batch_size=64, eval_batch_size=48,
+                               optimizer=train.OptimizerConfig(learning_rate=0.05))
+  record = {'performance': {'conv_impl': 'auto'}}
+  final, result = train.fit(model, variables, arrays, ds.spec, options, stage_dir=tmp_path,
+                            record=record)
+  assert checkpoint.read_result(tmp_path)['performance'] == record['performance']
+  host_test_set = {'test_images': ds.test_images, 'test_labels': ds.test_labels}
+
+  def evaluations():
+    return [train.evaluate_variables(model, final, test_set, ds.spec, batch_size=48)
+            for test_set in (arrays, host_test_set, host_test_set)]
+
+  evaluated, compiles = count_eval_step_compiles(caplog, evaluations)
+  assert compiles == 0
+  for test in evaluated:
+    assert test == {'loss': result['test_loss'], 'accuracy': result['test_accuracy']}
+  # Saved variables (host arrays) evaluate as the trained ones.
+  saved = checkpoint.load_variables(tmp_path / checkpoint.FINAL)
+  assert train.evaluate_variables(model, saved, arrays, ds.spec, batch_size=48) == evaluated[0]
+
+
+def test_evaluate_variables_honours_the_precision():
+  ds = learnable_dataset()
+  model, _, variables = tiny()
+  tests = {precision: train.evaluate_variables(model, variables, data.device_put_dataset(ds),
+                                               ds.spec, batch_size=64, precision=precision)
+           for precision in train.PRECISIONS}
+  assert tests['bfloat16'] != tests['float32']
+  assert tests['bfloat16']['loss'] == pytest.approx(tests['float32']['loss'], rel=0.02)
+
+
+def test_a_record_entry_fit_writes_itself_is_refused_before_training(tmp_path):
+  ds = learnable_dataset()
+  model, _, variables = tiny()
+  with pytest.raises(ValueError, match="'seed'"):
+    train.fit(model, variables, data.device_put_dataset(ds), ds.spec,
+              train.TrainOptions(epochs=1, batch_size=64), stage_dir=tmp_path,
+              record={'seed': 5})
+  assert not (tmp_path / checkpoint.CHECKPOINTS).exists()
+
+
+@pytest.mark.parametrize('options, setting', [
+    (dict(epochs=0, batch_size=64), 'epochs'),
+    (dict(epochs=1, batch_size=0), 'batch_size'),
+    (dict(epochs=1, batch_size=64, eval_batch_size=0), 'eval_batch_size'),
+    (dict(epochs=1, batch_size=64, precision='float16'), 'precision'),
+])
+def test_bad_train_options_are_config_errors_naming_the_setting(options, setting):
+  with pytest.raises(ConfigError) as error:
+    train.TrainOptions(**options)
+  assert error.value.settings == (setting,)
+  assert setting in str(error.value) and '--' not in str(error.value)
+
+
+def test_a_two_dimensional_training_mask_is_a_value_error():
+  model, struct, variables = tiny()
+  masks = {g: jnp.ones((1, struct.widths[g])) for g in struct.prunable}
+  with pytest.raises(ValueError, match=r'must have shape \(C,\)') as error:
+    train.keep_multipliers(struct, masks, variables['params'], 'params')
+  assert not isinstance(error.value, ConfigError)
 
 
 def test_unknown_precision_is_a_config_error():
@@ -341,11 +431,13 @@ def test_learning_rate_schedule_at_boundaries(config, epochs, expected):
       np.testing.assert_allclose(rates[step], value, rtol=1e-5, atol=1e-9, err_msg=str(step))
 
 
-@pytest.mark.parametrize('config', [dict(schedule='linear'), dict(decay_fractions=(0.5, 1.5)),
-                                    dict(decay_epochs=(10, 300))])
-def test_bad_schedule_is_a_config_error(config):
-  with pytest.raises(ConfigError):
+@pytest.mark.parametrize('config, setting', [
+    (dict(schedule='linear'), 'schedule'), (dict(decay_fractions=(0.5, 1.5)), 'decay_fractions'),
+    (dict(decay_epochs=(10, 300)), 'decay_epochs')])
+def test_bad_schedule_is_a_config_error(config, setting):
+  with pytest.raises(ConfigError) as error:
     train.learning_rate_schedule(train.OptimizerConfig(**config), 200, 5)
+  assert error.value.settings == (setting,) and '--' not in str(error.value)
 
 
 def test_global_batch_on_one_process_is_the_local_batch():
@@ -360,7 +452,7 @@ import json, sys, tempfile
 import jax, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from flax import traverse_util
-from jaxprune import data, train
+from jaxprune import data, errors, train
 from test_train import learnable_dataset, prune_masks, tiny, two_copies
 
 assert jax.device_count() == 8, jax.devices()
@@ -371,17 +463,23 @@ out = {}
 for n in (1, 8):
   mesh = train.make_mesh(jax.devices()[:n])
   arrays = data.device_put_dataset(ds, NamedSharding(mesh, PartitionSpec()))
-  final, result = train.fit(model, variables, arrays, ds.spec, epochs=1, batch_size=64,
-                            optimizer=optimizer, stage_dir=tempfile.mkdtemp(), seed=3, mesh=mesh,
+  options = train.TrainOptions(epochs=1, batch_size=64, optimizer=optimizer)
+  final, result = train.fit(model, variables, arrays, ds.spec, options,
+                            stage_dir=tempfile.mkdtemp(), seed=3, mesh=mesh,
                             masks=prune_masks(struct, 0), structure=struct)
   leaves = traverse_util.flatten_dict(jax.device_get(final))
   out[n] = {'result': result, 'leaves': {'/'.join(k): np.asarray(v).ravel().tolist()
                                          for k, v in leaves.items()}}
   copies_model, inits, seeds = two_copies()
-  copies = train.fit_copies(copies_model, inits, arrays, ds.spec, epochs=1, batch_size=64,
-                            optimizer=optimizer, stage_dirs=[tempfile.mkdtemp() for _ in seeds],
+  copies = train.fit_copies(copies_model, inits, arrays, ds.spec, options,
+                            stage_dirs=[tempfile.mkdtemp() for _ in seeds],
                             seeds=seeds, checkpoint_dir=tempfile.mkdtemp(), mesh=mesh)
   out[f'copies{n}'] = [r['test_loss'] for _, r in copies]
+try:
+  train.fit(model, variables, arrays, ds.spec, train.TrainOptions(epochs=1, batch_size=60),
+            stage_dir=tempfile.mkdtemp(), mesh=mesh)
+except errors.ConfigError as error:
+  out['indivisible'] = {'message': str(error), 'settings': list(error.settings)}
 print('RESULT' + json.dumps(out))
 """
 
@@ -399,6 +497,8 @@ def test_eight_devices_train_like_one():
     np.testing.assert_allclose(eight['leaves'][key], value, rtol=1e-4, atol=1e-5, err_msg=key)
   # Vmapped copies split each copy's batch over the devices the same way.
   np.testing.assert_allclose(out['copies8'], out['copies1'], rtol=1e-4, atol=1e-5)
+  assert out['indivisible'] == {
+      'message': 'batch_size 60 is not divisible by the 8 devices.', 'settings': ['batch_size']}
 
 
 def two_copies():
@@ -411,14 +511,15 @@ def test_fit_copies_equal_separate_fits(tmp_path):
   ds = learnable_dataset()
   arrays = data.device_put_dataset(ds)
   model, inits, seeds = two_copies()
-  settings = dict(epochs=2, batch_size=32,
-                  optimizer=train.OptimizerConfig(learning_rate=0.05, weight_decay=1e-3))
+  options = train.TrainOptions(
+      epochs=2, batch_size=32,
+      optimizer=train.OptimizerConfig(learning_rate=0.05, weight_decay=1e-3))
   stages = [tmp_path / 'copy0', tmp_path / 'copy1']
-  together = train.fit_copies(model, inits, arrays, ds.spec, stage_dirs=stages, seeds=seeds,
-                              checkpoint_dir=tmp_path / 'group', **settings)
+  together = train.fit_copies(model, inits, arrays, ds.spec, options, stage_dirs=stages,
+                              seeds=seeds, checkpoint_dir=tmp_path / 'group')
   for i, (init, seed) in enumerate(zip(inits, seeds)):
-    alone_variables, alone = train.fit(model, init, arrays, ds.spec, seed=seed,
-                                       stage_dir=tmp_path / f'alone{i}', **settings)
+    alone_variables, alone = train.fit(model, init, arrays, ds.spec, options, seed=seed,
+                                       stage_dir=tmp_path / f'alone{i}')
     variables, result = together[i]
     assert result['seed'] == seed and result['steps'] == alone['steps'] == 16
     for metric in ('train_loss', 'test_loss', 'train_accuracy', 'test_accuracy'):
@@ -434,8 +535,8 @@ def test_fit_copies_equal_separate_fits(tmp_path):
   # Each copy trained its own run, not the same one twice.
   assert together[0][1]['train_loss'] != together[1][1]['train_loss']
   # A copy's stage is an ordinary finished stage: fit only loads it.
-  _, loaded = train.fit(model, inits[0], arrays, ds.spec, seed=seeds[0], stage_dir=stages[0],
-                        **settings)
+  _, loaded = train.fit(model, inits[0], arrays, ds.spec, options, seed=seeds[0],
+                        stage_dir=stages[0])
   assert loaded == together[0][1]
 
 
@@ -443,6 +544,6 @@ def test_fit_copies_needs_one_variables_seed_and_stage_per_copy(tmp_path):
   ds = learnable_dataset()
   model, inits, seeds = two_copies()
   with pytest.raises(ValueError, match='one of each per copy'):
-    train.fit_copies(model, inits, data.device_put_dataset(ds), ds.spec, epochs=1, batch_size=32,
-                     optimizer=train.OptimizerConfig(), stage_dirs=[tmp_path / 'a'], seeds=seeds,
-                     checkpoint_dir=tmp_path / 'group')
+    train.fit_copies(model, inits, data.device_put_dataset(ds), ds.spec,
+                     train.TrainOptions(epochs=1, batch_size=32), stage_dirs=[tmp_path / 'a'],
+                     seeds=seeds, checkpoint_dir=tmp_path / 'group')

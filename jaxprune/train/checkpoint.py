@@ -5,6 +5,8 @@ Layout of one stage directory (a local path or `gs://...`, through `etils.epath`
   checkpoints/<step>/   orbax checkpoints of the whole training run (latest 2 kept)
   final/                the final model variables (params, batch_stats, indices), no optimizer
   metrics.jsonl         one JSON record per finished epoch
+  tensorboard/          TensorBoard event files of the epochs' metrics (local stages only)
+  diverged.json         written when the loss became non-finite; removed when the stage finishes
   result.json           written last: its presence marks the stage done
 
 A done stage is never trained or written again; `fit` returns what it recorded.
@@ -24,6 +26,8 @@ CHECKPOINTS = 'checkpoints'
 FINAL = 'final'
 METRICS = 'metrics.jsonl'
 RESULT = 'result.json'
+DIVERGED = 'diverged.json'
+TENSORBOARD = 'tensorboard'
 
 
 def stage_path(stage_dir) -> epath.Path:
@@ -55,6 +59,31 @@ def mark_done(stage_dir, result: Mapping[str, Any]) -> None:
   if path.exists():
     raise FileExistsError(f"stage {stage_dir} is already done; its {RESULT} is never overwritten.")
   _write_text(path, json.dumps(dict(result), indent=2, sort_keys=True) + '\n')
+
+
+def mark_diverged(stage_dir, epoch: int, step: int, resume_step: int,
+                  learning_rate: float) -> None:
+  """Writes diverged.json: the stage's loss became non-finite at `step` of `epoch` (1-based).
+
+  `resume_step` is the step of the checkpoint a rerun resumes from (0: none, it starts
+  over) and `learning_rate` the configured (peak) learning rate that diverged.
+  """
+  record = {'epoch': epoch, 'step': step, 'resume_step': resume_step,
+            'learning_rate': learning_rate}
+  _write_text(stage_path(stage_dir) / DIVERGED, json.dumps(record, indent=2, sort_keys=True) + '\n')
+
+
+def read_diverged(stage_dir) -> dict | None:
+  """diverged.json's record, or None if the stage has not diverged since it last finished."""
+  path = stage_path(stage_dir) / DIVERGED
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def clear_diverged(stage_dir) -> None:
+  """Removes diverged.json (the stage has since finished)."""
+  path = stage_path(stage_dir) / DIVERGED
+  if jax.process_index() == 0 and path.exists():
+    path.unlink()
 
 
 def write_metrics(stage_dir, records) -> None:
@@ -130,14 +159,6 @@ class RunCheckpoints:
 
   def close(self) -> None:
     self._manager.close()
-
-
-class Preempted(SystemExit):
-  """Raised after the state was saved on SIGTERM; uncaught, the process exits with status 0."""
-
-  def __init__(self, step: int):
-    super().__init__(0)
-    self.step = step
 
 
 class PreemptionGuard:

@@ -1,38 +1,92 @@
 """`fit`: the resumable training loop every stage uses (one run, or K vmapped copies).
 
 `fit` shuffles and augments on device, checkpoints every epoch (resuming after a crash or
-preemption) and leaves metrics.jsonl and result.json in the stage directory.
-`fit_copies` trains K runs of equal widths (e.g. K seeds) as one vmapped program
-through the same loop, leaving each run's stage directory as its own `fit` would.
+preemption) and leaves metrics.jsonl, TensorBoard events and result.json in the stage
+directory. `fit_copies` trains K runs of equal widths (e.g. K seeds) as one vmapped
+program through the same loop, leaving each run's stage directory as its own `fit` would.
+`evaluate_variables` is the test-set evaluation of the loop and of any saved variables.
+The events are written by tensorboardX, a small pure-Python writer without TensorFlow.
+
+A call of the loop restores the latest checkpoint (`_restore`), then per epoch trains
+(`_train_epoch`, one wait for the device at its end), checks the loss was finite
+(`_check_finite`), evaluates and records (`_record_epoch`), and at the end writes each
+copy's final variables and result (`_finish`). `fit` is the case K = 1.
 """
 
+import dataclasses
 import functools
+import itertools
+import json
+import os
 import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+import tensorboardX
 from absl import logging
+from etils import epath
 from jax.sharding import Mesh, NamedSharding
 
 from jaxprune import data
-from jaxprune.errors import ConfigError
+from jaxprune.errors import ConfigError, Diverged, Preempted
 from jaxprune.models import widths_of
 from jaxprune.prune import structure as structure_lib
 from jaxprune.train import checkpoint
 from jaxprune.train.optim import OptimizerConfig, learning_rates
-from jaxprune.train.step import Masks, Trainer, TrainState, epoch_keys, make_mesh, trainer_for
+from jaxprune.train.step import (Evaluator, Masks, Trainer, TrainState, compute_dtype, epoch_keys,
+                                 evaluator_for, make_mesh, trainer_for)
 
 StepHook = Callable[[TrainState, Mapping, Masks, Any], tuple[Masks, Any]]
 EpochCallback = Callable[[TrainState, dict], None]
 
 
-def _zero_sums(copies: int | None = None) -> dict:
-  """Sums of the epoch's per-step metrics (checkpointed: a resumed epoch logs the same)."""
-  shape = () if copies is None else (copies,)
-  return {'loss': np.zeros(shape, np.float32), 'accuracy': np.zeros(shape, np.float32)}
+@dataclasses.dataclass(frozen=True)
+class TrainOptions:
+  """How a stage trains, apart from the model, its data and where it writes.
+
+  Attributes:
+    epochs: length of training.
+    batch_size: the global training batch (over all devices); the last partial batch
+      of an epoch is dropped.
+    optimizer: the `OptimizerConfig`; its schedule is evaluated once for every step.
+    precision: the compute dtype of training and evaluation, one of PRECISIONS.
+    eval_batch_size: the test batch (default: batch_size).
+    max_to_keep: epoch checkpoints kept.
+  """
+  epochs: int
+  batch_size: int
+  optimizer: OptimizerConfig = OptimizerConfig()
+  precision: str = 'float32'
+  eval_batch_size: int | None = None
+  max_to_keep: int = 2
+
+  def __post_init__(self):
+    for name in ('epochs', 'batch_size', 'eval_batch_size', 'max_to_keep'):
+      value = getattr(self, name)
+      if value is not None and value < 1:
+        raise ConfigError(f"{name} must be at least 1, got {value}.", settings=(name,))
+    compute_dtype(self.precision)
+
+  @property
+  def test_batch_size(self) -> int:
+    return self.eval_batch_size or self.batch_size
+
+
+# What `_finish` writes to result.json; a caller's `record` may not use these keys.
+_RESULT_KEYS = ('test_accuracy', 'test_loss', 'train_accuracy', 'train_loss', 'epochs', 'steps',
+                'batch_size', 'seed', 'wall_time_s')
+_TRAIN_SET = ('train_images', 'train_labels')
+_TEST_SET = ('test_images', 'test_labels')
+
+
+def _check_divisible(name: str, size: int, mesh: Mesh) -> None:
+  if size % mesh.size:
+    raise ConfigError(f"{name} {size} is not divisible by the {mesh.size} devices.",
+                      settings=(name,))
 
 
 def _as_masks(masks: Masks) -> Masks:
@@ -53,10 +107,35 @@ def _progress_bar(total: int, initial: int):
   return tqdm.tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True)
 
 
+# ----------------------------------------------------------------------------- device data
+
+_PLACED: dict = {}
+_PLACED_KEPT = 2
+
+
+def _on_mesh(arrays: Mapping, names: Sequence[str], sharding: NamedSharding) -> dict:
+  """{name: arrays[name]} for `names`, replicated with `sharding`.
+
+  Arrays placed so already are used as they are. Others (host arrays, another mesh) are
+  copied once per source and sharding and kept for the last few datasets, so evaluating
+  one test set again and again copies it once.
+  """
+  sources = tuple(arrays[name] for name in names)
+  if all(getattr(x, 'sharding', None) == sharding for x in sources):
+    return dict(zip(names, sources))
+  key = (tuple(map(id, sources)), sharding)
+  if key not in _PLACED:
+    if len(_PLACED) >= _PLACED_KEPT:
+      _PLACED.pop(next(iter(_PLACED)))
+    # The sources stay referenced by their entry, so no other array can take their ids.
+    _PLACED[key] = (sources, jax.device_put(dict(zip(names, sources)), sharding))
+  return _PLACED[key][1]
+
+
 _EPOCH_FNS: dict = {}
 
 
-def _epoch_fns(trainer: Trainer, arrays: Mapping, spec: data.DataSpec, batch_size: int):
+def _epoch_fns(trainer: Trainer, train_set: Mapping, spec: data.DataSpec, batch_size: int):
   """Jitted (permutation, batch) makers for the device-resident training set.
 
   With a copies trainer both are vmapped over the stacked states' keys: each copy gets
@@ -64,7 +143,7 @@ def _epoch_fns(trainer: Trainer, arrays: Mapping, spec: data.DataSpec, batch_siz
   same set size, batch size, spec and shardings (the seeds and regimes of a run): made
   anew per fit, they compiled twice per fit, 8 s of a five-seed resnet20 run.
   """
-  images, labels = arrays['train_images'], arrays['train_labels']
+  images, labels = train_set['train_images'], train_set['train_labels']
   key = (int(labels.shape[0]), batch_size, spec, trainer.copies, trainer.replicated,
          trainer.batch_sharding)
   if key not in _EPOCH_FNS:
@@ -92,30 +171,423 @@ def _make_epoch_fns(n: int, batch_size: int, spec: data.DataSpec, copies: bool,
           jax.jit(make_batch, out_shardings=batch_sharding))
 
 
-def evaluate(trainer: Trainer, state: TrainState, arrays: Mapping, spec: data.DataSpec,
-             masks: Masks, batch_size: int) -> dict:
-  """Test-set {'loss', 'accuracy'} of the state (one host sync at the end).
+# ----------------------------------------------------------------------------- evaluation
 
-  Floats; with a copies trainer, float arrays with one entry per copy.
+
+def _evaluate(evaluator: Evaluator, variables, test_set: Mapping, spec: data.DataSpec,
+              masks: Masks, batch_size: int) -> dict:
+  """Test-set {'loss', 'accuracy'}: float arrays, shape (K,) with copies, else ().
+
+  The batches' sums stay on device; the one host sync is at the end.
   """
   sums = None
-  for batch in data.eval_batches(arrays['test_images'], arrays['test_labels'], batch_size, spec):
-    out = trainer.eval_step(state, batch, masks)
-    sums = out if sums is None else trainer.add(sums, out)
+  for batch in data.eval_batches(test_set['test_images'], test_set['test_labels'], batch_size,
+                                 spec):
+    out = evaluator.eval_step(variables, batch, masks)
+    sums = out if sums is None else evaluator.add(sums, out)
   sums = jax.device_get(sums)
-  loss, accuracy = sums['loss_sum'] / sums['count'], sums['correct'] / sums['count']
-  if trainer.copies:
-    return {'loss': np.asarray(loss, float), 'accuracy': np.asarray(accuracy, float)}
-  return {'loss': float(loss), 'accuracy': float(accuracy)}
+  return {'loss': np.asarray(sums['loss_sum'] / sums['count'], float),
+          'accuracy': np.asarray(sums['correct'] / sums['count'], float)}
 
 
-def fit(model: nn.Module, variables: Mapping, arrays: Mapping, spec: data.DataSpec, *,
-        epochs: int, batch_size: int, optimizer: OptimizerConfig, stage_dir, seed: int = 0,
-        masks: Masks = None, structure: structure_lib.Structure | None = None,
-        step_hook: StepHook | None = None,
+def evaluate_variables(model: nn.Module, variables: Mapping, arrays: Mapping,
+                       spec: data.DataSpec, *, batch_size: int, precision: str = 'float32',
+                       masks: Masks = None, mesh: Mesh | None = None) -> dict:
+  """Test-set {'loss': float, 'accuracy': float} of `model` with `variables` (eval mode).
+
+  The same compiled step as `fit`'s per-epoch evaluation of that model, precision and
+  mesh (`evaluator_for`). `arrays` holds 'test_images' and 'test_labels'
+  (`data.device_put_dataset(ds)`, or host arrays, copied to the mesh once per dataset);
+  `batch_size` is global, divisible by the devices, the last batch padded.
+  """
+  mesh = mesh if mesh is not None else make_mesh()
+  _check_divisible('batch_size', batch_size, mesh)
+  evaluator = evaluator_for(model, mesh, precision)
+  test_set = _on_mesh(arrays, _TEST_SET, evaluator.replicated)
+  variables, masks = jax.device_put((dict(variables), _as_masks(masks)), evaluator.replicated)
+  test = _evaluate(evaluator, variables, test_set, spec, masks, batch_size)
+  return {name: float(value) for name, value in test.items()}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass(frozen=True)
+class _Copies:
+  """The K runs one call of the loop trains, and where each writes.
+
+  Attributes:
+    inits, seeds, stages: per copy, its initial variables, seed and stage directory
+      (metrics.jsonl, tensorboard/, final/, result.json).
+    group: the stage directory of the training checkpoints (a copy's own for `fit`).
+    vmapped: whether the copies train vmapped (`fit_copies`, any K) or alone (`fit`).
+    record: extra entries of every copy's result.json.
+  """
+  inits: Sequence[Mapping]
+  seeds: Sequence[int]
+  stages: Sequence[epath.Path]
+  group: epath.Path
+  vmapped: bool
+  record: Mapping[str, Any]
+
+
+@dataclasses.dataclass
+class _Run:
+  """What stays fixed while the loop runs: the copies, the compiled pieces, the schedule."""
+  copies: _Copies
+  options: TrainOptions
+  trainer: Trainer
+  spec: data.DataSpec
+  rates: np.ndarray
+  steps_per_epoch: int
+  permutation: Callable
+  make_batch: Callable
+  test_set: dict
+  checkpoints: checkpoint.RunCheckpoints
+  step_hook: StepHook | None
+  callbacks: Sequence[EpochCallback]
+
+  @property
+  def total_steps(self) -> int:
+    return self.options.epochs * self.steps_per_epoch
+
+  @property
+  def copy_shape(self) -> tuple[int, ...]:
+    """The leading shape of per-copy values on device: (K,) vmapped, () alone."""
+    return (len(self.copies.stages),) if self.copies.vmapped else ()
+
+  def zero_sums(self) -> dict:
+    """Sums of the epoch's per-step metrics (checkpointed: a resumed epoch logs the same)."""
+    return self.trainer.replicate({'loss': np.zeros(self.copy_shape, np.float32),
+                                   'accuracy': np.zeros(self.copy_shape, np.float32)})
+
+
+@dataclasses.dataclass
+class _Progress:
+  """Where the run is: the checkpointed carry, the copies' epoch records and the clock.
+
+  `first_nonfinite` holds, per copy on device, the first step of the current epoch whose
+  loss was not finite (0: none yet). It is not checkpointed: no checkpoint is saved
+  while it is set.
+  """
+  step: int
+  state: TrainState
+  masks: Masks
+  hook_state: Any
+  sums: dict
+  first_nonfinite: jax.Array
+  histories: list[list[dict]]
+  elapsed_before: float
+  started: float = dataclasses.field(default_factory=time.time)
+
+  def elapsed(self) -> float:
+    return self.elapsed_before + time.time() - self.started
+
+  def carry(self) -> dict:
+    return {'train': self.state, 'masks': self.masks, 'hook': self.hook_state, 'sums': self.sums}
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def _accumulate(sums, first_nonfinite, metrics, step):
+  """Adds a step's metrics to the epoch's sums; notes `step` if its loss is the first non-finite."""
+  bad = (first_nonfinite == 0) & ~jnp.isfinite(metrics['loss'])
+  return jax.tree.map(jnp.add, sums, metrics), jnp.where(bad, step, first_nonfinite)
+
+
+class _Clock:
+  """Seconds per step for the ETA, from the end of this call's first step on.
+
+  That first step compiles the train step (and the batch makers) unless an earlier fit
+  already did; counting it made the first epoch's ETA minutes when the run takes seconds.
+  """
+
+  def __init__(self):
+    self._start: tuple[float, int] | None = None
+
+  def stepped(self, step: int) -> None:
+    if self._start is None:
+      self._start = (time.time(), step)
+
+  def eta(self, step: int, total_steps: int) -> str:
+    started, first = self._start
+    if step == first:
+      return '?'
+    return _format_seconds((total_steps - step) * (time.time() - started) / (step - first))
+
+
+_WRITERS_OPENED = itertools.count()
+
+
+class _Boards:
+  """Each copy's TensorBoard writer in its stage's tensorboard/ (process 0, local stages).
+
+  A resumed run purges the events its earlier attempts wrote after the step it resumes
+  from (they may be of steps it trains again).
+  """
+
+  def __init__(self, stages: Sequence[epath.Path], resumed_step: int):
+    self._writers = []
+    if jax.process_index() != 0:
+      return
+    remote = [str(stage) for stage in stages if '://' in str(stage)]
+    if remote:
+      logging.warning('Writing no TensorBoard events for %s: tensorboardX writes to local '
+                      'directories only.', ', '.join(remote))
+    purge = resumed_step + 1 if resumed_step else None
+    # tensorboardX names a file by the second it opened it; an attempt resumed within the
+    # same second would overwrite the earlier attempt's file without a suffix of its own.
+    self._writers = [None if '://' in str(stage) else tensorboardX.SummaryWriter(
+        logdir=str(stage / checkpoint.TENSORBOARD), purge_step=purge,
+        filename_suffix=f'.{os.getpid()}.{next(_WRITERS_OPENED)}') for stage in stages]
+
+  def write(self, histories: Sequence[list[dict]]) -> None:
+    """Writes each copy's latest epoch record at its optimizer step."""
+    for writer, history in zip(self._writers, histories):
+      if writer is None:
+        continue
+      record = history[-1]
+      for tag, name in (('train/loss', 'train_loss'), ('train/accuracy', 'train_accuracy'),
+                        ('test/loss', 'test_loss'), ('test/accuracy', 'test_accuracy'),
+                        ('learning_rate', 'learning_rate')):
+        writer.add_scalar(tag, record[name], global_step=record['step'])
+
+  def close(self) -> None:
+    for writer in self._writers:
+      if writer is not None:
+        writer.close()
+
+
+def _prepare(model: nn.Module, options: TrainOptions, arrays: Mapping, spec: data.DataSpec,
+             copies: _Copies, structure, mesh: Mesh | None, step_hook, callbacks) -> _Run:
+  """Checks the settings and builds (or takes from the caches) what the loop runs."""
+  clash = sorted(set(copies.record) & set(_RESULT_KEYS))
+  if clash:
+    raise ValueError(f'record entries {clash} would replace what fit records in result.json.')
+  json.dumps(dict(copies.record))  # A record that is not JSON fails now, not after training.
+  mesh = mesh if mesh is not None else make_mesh()
+  _check_divisible('batch_size', options.batch_size, mesh)
+  _check_divisible('eval_batch_size', options.test_batch_size, mesh)
+  steps_per_epoch = data.steps_per_epoch(int(arrays['train_labels'].shape[0]), options.batch_size)
+  trainer = trainer_for(model, options.optimizer, structure, mesh, options.precision,
+                        copies.vmapped)
+  permutation, make_batch = _epoch_fns(
+      trainer, _on_mesh(arrays, _TRAIN_SET, trainer.replicated), spec, options.batch_size)
+  return _Run(copies=copies, options=options, trainer=trainer, spec=spec,
+              rates=learning_rates(options.optimizer, options.epochs, steps_per_epoch),
+              steps_per_epoch=steps_per_epoch, permutation=permutation, make_batch=make_batch,
+              test_set=_on_mesh(arrays, _TEST_SET, trainer.replicated),
+              checkpoints=checkpoint.RunCheckpoints(copies.group, options.max_to_keep),
+              step_hook=step_hook, callbacks=callbacks)
+
+
+def _initial_state(run: _Run) -> TrainState:
+  if run.copies.vmapped:
+    return run.trainer.init_state(run.copies.inits, run.copies.seeds)
+  [variables], [seed] = run.copies.inits, run.copies.seeds
+  return run.trainer.init_state(variables, seed)
+
+
+def _restore(run: _Run, masks: Masks, hook_state: Any) -> _Progress:
+  """The copies' progress from the group's latest checkpoint, or their start if it has none."""
+  trainer = run.trainer
+  carry = {'train': _initial_state(run), 'masks': trainer.replicate(masks),
+           'hook': trainer.replicate(hook_state), 'sums': run.zero_sums()}
+  log = {'records': [[] for _ in run.copies.stages], 'elapsed_s': 0.0}
+  restored = run.checkpoints.restore_latest(carry)
+  if restored is not None:
+    carry, log = restored
+    logging.info('Resuming %s from step %d.', run.copies.group, run.checkpoints.latest_step())
+  records = log['records']
+  # `fit`'s checkpoints from before it shared this loop with fit_copies hold one flat list.
+  if not records or isinstance(records[0], dict):
+    records = [records]
+  state = carry['train']
+  return _Progress(step=int(np.reshape(jax.device_get(state.step), -1)[0]), state=state,
+                   masks=carry['masks'], hook_state=carry['hook'], sums=carry['sums'],
+                   first_nonfinite=trainer.replicate(np.zeros(run.copy_shape, np.int32)),
+                   histories=[list(r) for r in records], elapsed_before=float(log['elapsed_s']))
+
+
+def _save(run: _Run, progress: _Progress) -> None:
+  """Starts saving the checkpoint of the current step (the carry and every copy's records)."""
+  run.checkpoints.save(progress.step, progress.carry(),
+                       {'records': progress.histories, 'elapsed_s': progress.elapsed()})
+
+
+def _check_finite(run: _Run, first_nonfinite: np.ndarray) -> None:
+  """Raises Diverged if a copy's loss was not finite, after marking that copy's stage.
+
+  Nothing of the epoch is saved, so the last good checkpoint stays the latest and a
+  rerun (e.g. with a smaller learning rate, a step input) resumes from it.
+  """
+  steps = np.reshape(first_nonfinite, -1)
+  bad = [(stage, int(step)) for stage, step in zip(run.copies.stages, steps) if step]
+  if not bad:
+    return
+  run.checkpoints.wait()
+  resume_step = run.checkpoints.latest_step() or 0
+  for stage, step in bad:
+    checkpoint.mark_diverged(stage, epoch=(step - 1) // run.steps_per_epoch + 1, step=step,
+                             resume_step=resume_step,
+                             learning_rate=run.options.optimizer.learning_rate)
+  stage, step = bad[0]
+  raise Diverged(stage=str(stage), epoch=(step - 1) // run.steps_per_epoch + 1, step=step,
+                 resume_step=resume_step)
+
+
+def _stop_if_preempted(run: _Run, progress: _Progress, guard: checkpoint.PreemptionGuard,
+                       saved: bool) -> None:
+  """After a SIGTERM: saves the step (unless `saved`) and raises Preempted.
+
+  Called once for every step number, as the multi-process sync point requires.
+  """
+  if not guard.reached(progress.step):
+    return
+  if not saved:
+    # Mid-epoch the loss has not been checked yet; a non-finite one is never saved.
+    _check_finite(run, jax.device_get(progress.first_nonfinite))
+    _save(run, progress)
+  run.checkpoints.wait()
+  logging.warning('Preempted: saved step %d of %d in %s.', progress.step, run.total_steps,
+                  run.copies.group)
+  raise Preempted(progress.step, str(run.copies.group))
+
+
+def _train_epoch(run: _Run, progress: _Progress, guard: checkpoint.PreemptionGuard, bar,
+                 clock: _Clock) -> dict:
+  """Trains the rest of the current epoch; returns its sums, fetched in its one host sync."""
+  trainer = run.trainer
+  epoch = progress.step // run.steps_per_epoch
+  epoch_end = (epoch + 1) * run.steps_per_epoch
+  order = run.permutation(progress.state.rng, epoch)
+  while progress.step < epoch_end:
+    batch = run.make_batch(order, progress.state.rng, progress.step)
+    progress.state, metrics = trainer.train_step(progress.state, batch, progress.masks,
+                                                 run.rates[progress.step])
+    progress.sums, progress.first_nonfinite = _accumulate(
+        progress.sums, progress.first_nonfinite, metrics, progress.state.step)
+    progress.step += 1
+    clock.stepped(progress.step)
+    if run.step_hook is not None:
+      progress.masks, progress.hook_state = run.step_hook(progress.state, batch, progress.masks,
+                                                          progress.hook_state)
+    if bar is not None:
+      bar.update(1)
+    if progress.step < epoch_end:
+      _stop_if_preempted(run, progress, guard, saved=False)
+  return jax.device_get({**progress.sums, 'first_nonfinite': progress.first_nonfinite})
+
+
+def _record_epoch(run: _Run, progress: _Progress, totals: dict, test: dict,
+                  images_per_second: float, boards: _Boards) -> None:
+  """Appends the epoch's record to every copy's history, then saves the checkpoint,
+  metrics.jsonl and the TensorBoard events."""
+  step, per_epoch = progress.step, run.steps_per_epoch
+  values = {'train_loss': totals['loss'] / per_epoch,
+            'train_accuracy': totals['accuracy'] / per_epoch,
+            'test_loss': test['loss'], 'test_accuracy': test['accuracy']}
+  for i, history in enumerate(progress.histories):
+    history.append({
+        'epoch': step // per_epoch, 'step': step,
+        **{name: float(np.reshape(v, -1)[i]) for name, v in values.items()},
+        'learning_rate': float(run.rates[step - 1]),
+        'images_per_second': images_per_second,
+        'elapsed_s': progress.elapsed(),
+    })
+  progress.sums = run.zero_sums()
+  _save(run, progress)
+  for stage, history in zip(run.copies.stages, progress.histories):
+    checkpoint.write_metrics(stage, history)
+  boards.write(progress.histories)
+
+
+def _log_epoch(run: _Run, progress: _Progress, clock: _Clock) -> None:
+  records = [history[-1] for history in progress.histories]
+  count = len(records)
+  mean = lambda name: np.mean([r[name] for r in records])
+  logging.info('epoch %d/%d  loss %.4f  acc %.4f  test loss %.4f  test acc %s  lr %.3g  '
+               '%.0f img/s%s  eta %s', records[0]['epoch'], run.options.epochs,
+               mean('train_loss'), mean('train_accuracy'), mean('test_loss'),
+               ' '.join(f'{r["test_accuracy"]:.4f}' for r in records),
+               records[0]['learning_rate'], records[0]['images_per_second'] * count,
+               f' ({count} copies; losses are means)' if run.copies.vmapped else '',
+               clock.eta(progress.step, run.total_steps))
+
+
+def _finish(run: _Run, progress: _Progress) -> list[tuple[dict, dict]]:
+  """Writes each copy's final/ and result.json (and drops its diverged.json)."""
+  options = run.options
+  outputs = []
+  for i, (stage, seed, history) in enumerate(zip(run.copies.stages, run.copies.seeds,
+                                                 progress.histories)):
+    variables = run.trainer.variables_of(progress.state, i)
+    if checkpoint.is_done(stage):
+      # A copy written before the group stopped: its saved result stands.
+      outputs.append((variables, checkpoint.read_result(stage)))
+      continue
+    final = history[-1]
+    result = {
+        **run.copies.record,
+        'test_accuracy': final['test_accuracy'], 'test_loss': final['test_loss'],
+        'train_accuracy': final['train_accuracy'], 'train_loss': final['train_loss'],
+        'epochs': options.epochs, 'steps': run.total_steps, 'batch_size': options.batch_size,
+        'seed': seed, 'wall_time_s': final['elapsed_s'],
+    }
+    checkpoint.save_variables(stage / checkpoint.FINAL, variables)
+    checkpoint.clear_diverged(stage)
+    checkpoint.mark_done(stage, result)
+    outputs.append((variables, result))
+  return outputs
+
+
+def _train(run: _Run, masks: Masks, hook_state: Any) -> list[tuple[dict, dict]]:
+  """The loop of `fit` and `fit_copies`: restore, then per epoch train, check, evaluate,
+  record; then finish. Returns [(variables, result)] per copy."""
+  options = run.options
+  bar = boards = None
+  # The guard is up before restoring, so a SIGTERM during start-up is not lost.
+  with checkpoint.PreemptionGuard() as guard:
+    try:
+      progress = _restore(run, masks, hook_state)
+      boards = _Boards(run.copies.stages, progress.step)
+      bar = _progress_bar(run.total_steps, progress.step)
+      clock = _Clock()
+      while progress.step < run.total_steps:
+        epoch_start, first_step = time.time(), progress.step
+        totals = _train_epoch(run, progress, guard, bar, clock)
+        train_seconds = time.time() - epoch_start
+        _check_finite(run, totals['first_nonfinite'])
+        variables = progress.state.variables
+        test = _evaluate(run.trainer.evaluator, variables, run.test_set, run.spec,
+                         progress.masks, options.test_batch_size)
+        images_per_second = (progress.step - first_step) * options.batch_size / train_seconds
+        _record_epoch(run, progress, totals, test, images_per_second, boards)
+        _log_epoch(run, progress, clock)
+        for callback in run.callbacks:
+          callback(progress.state, progress.histories[0][-1])
+        if progress.step < run.total_steps:
+          _stop_if_preempted(run, progress, guard, saved=True)
+      run.checkpoints.wait()
+    finally:
+      if bar is not None:
+        bar.close()
+      if boards is not None:
+        boards.close()
+      run.checkpoints.close()
+  outputs = _finish(run, progress)
+  if guard.signalled:
+    # SIGTERM during the last step: the stage is finished and saved, but the process must
+    # still stop rather than start the next stage.
+    logging.warning('Preempted after the last step; %s is finished.', run.copies.group)
+    raise Preempted(run.total_steps, str(run.copies.group))
+  return outputs
+
+
+def fit(model: nn.Module, variables: Mapping, arrays: Mapping, spec: data.DataSpec,
+        options: TrainOptions, *, stage_dir, seed: int = 0, masks: Masks = None,
+        structure: structure_lib.Structure | None = None, step_hook: StepHook | None = None,
         hook_state: Any = None, callbacks: Sequence[EpochCallback] = (),
-        mesh: Mesh | None = None, eval_batch_size: int | None = None,
-        max_to_keep: int = 2, precision: str = 'float32') -> tuple[dict, dict]:
+        mesh: Mesh | None = None, record: Mapping | None = None) -> tuple[dict, dict]:
   """Trains `model` from `variables`; resumable, and a no-op for a stage already done.
 
   Args:
@@ -124,10 +596,9 @@ def fit(model: nn.Module, variables: Mapping, arrays: Mapping, spec: data.DataSp
     arrays: the dataset on device, `data.device_put_dataset(ds)` (placed replicated on
       the mesh if it is not already).
     spec: `ds.spec`, the augmentation and normalisation of `data.train_batch`.
-    epochs, batch_size: length of training; batch_size is global (over all devices)
-      and the last partial batch of an epoch is dropped.
-    optimizer: the `OptimizerConfig`; its schedule is evaluated once for every step.
-    stage_dir: directory (local or gs://) for checkpoints, metrics.jsonl, final/ and result.json.
+    options: the `TrainOptions` (length, batch size, optimizer, precision).
+    stage_dir: directory (local or gs://) for checkpoints, metrics.jsonl, tensorboard/
+      (local only), final/ and result.json.
     seed: the run's seed; permutations and augmentations derive from (seed, epoch, step).
     masks: {group: (C,)} masks applied throughout; removed channels' parameters stay fixed.
       Give all-ones masks for every group a `step_hook` may prune later.
@@ -140,9 +611,7 @@ def fit(model: nn.Module, variables: Mapping, arrays: Mapping, spec: data.DataSp
     callbacks: called after every epoch (after its checkpoint is started) with the
       state and the epoch's record.
     mesh: devices to train on (default: all, `make_mesh()`).
-    eval_batch_size: test batch size (default: batch_size).
-    max_to_keep: epoch checkpoints kept.
-    precision: the compute dtype of training and evaluation, one of PRECISIONS.
+    record: extra JSON-able entries of result.json (e.g. the performance options).
 
   Returns:
     (variables, result): final variables, and {'test_accuracy', 'test_loss',
@@ -151,8 +620,10 @@ def fit(model: nn.Module, variables: Mapping, arrays: Mapping, spec: data.DataSp
     saved final variables and result are returned.
 
   Raises:
-    checkpoint.Preempted: after saving on SIGTERM (a SystemExit(0): uncaught, the
-      process exits cleanly and a rerun resumes from that step).
+    errors.Preempted: after saving on SIGTERM; a rerun resumes from that step.
+    errors.Diverged: an epoch's loss was not finite. Nothing of that epoch is saved and
+      stage_dir/diverged.json says where; a rerun (e.g. with a smaller learning rate)
+      resumes from the last good checkpoint, and diverged.json goes when the stage finishes.
   """
   stage = checkpoint.stage_path(stage_dir)
   if checkpoint.is_done(stage):
@@ -164,32 +635,31 @@ def fit(model: nn.Module, variables: Mapping, arrays: Mapping, spec: data.DataSp
     structure = structure_lib.derive(model, tuple(arrays['train_images'].shape[1:]))
   if structure is not None and dict(structure.widths) != widths_of(model):
     raise ValueError('the structure was derived for other widths than the model has.')
-  [trained] = _train(model, [variables], [seed], [stage], stage, copies=False, epochs=epochs,
-                     batch_size=batch_size, optimizer=optimizer, arrays=arrays, spec=spec,
-                     masks=masks, structure=structure, step_hook=step_hook,
-                     hook_state=hook_state, callbacks=callbacks, mesh=mesh,
-                     eval_batch_size=eval_batch_size, max_to_keep=max_to_keep,
-                     precision=precision)
+  copies = _Copies(inits=[variables], seeds=[seed], stages=[stage], group=stage, vmapped=False,
+                   record=dict(record or {}))
+  run = _prepare(model, options, arrays, spec, copies, structure, mesh, step_hook, callbacks)
+  [trained] = _train(run, masks, hook_state)
   return trained
 
 
 def fit_copies(model: nn.Module, variables: Sequence[Mapping], arrays: Mapping,
-               spec: data.DataSpec, *, epochs: int, batch_size: int, optimizer: OptimizerConfig,
-               stage_dirs: Sequence, seeds: Sequence[int], checkpoint_dir,
-               mesh: Mesh | None = None, eval_batch_size: int | None = None,
-               max_to_keep: int = 2, precision: str = 'float32') -> list[tuple[dict, dict]]:
+               spec: data.DataSpec, options: TrainOptions, *, stage_dirs: Sequence,
+               seeds: Sequence[int], checkpoint_dir, mesh: Mesh | None = None,
+               record: Mapping | None = None) -> list[tuple[dict, dict]]:
   """Trains K independent copies of `model` as one program, vmapped over the copies.
 
   Copy i is the run `fit(model, variables[i], ..., stage_dir=stage_dirs[i],
   seed=seeds[i])`: same initial variables, data order and augmentation, and its stage
-  directory ends the same way (metrics.jsonl, final/, result.json), so a later `fit` of
-  that stage only loads it. Its numbers agree with the separate run up to float
-  rounding (the vmapped step may sum in another order), not bit for bit. Every copy
-  has the same widths and settings; masks and step hooks are not supported.
+  directory ends the same way (metrics.jsonl, tensorboard/, final/, result.json), so a
+  later `fit` of that stage only loads it. Its numbers agree with the separate run up to
+  float rounding (the vmapped step may sum in another order), not bit for bit. Every
+  copy has the same widths and options; masks and step hooks are not supported.
 
   The group's training checkpoints live in checkpoint_dir/copies-<seeds> (resumable
   like `fit`'s). When every stage is done they are only loaded; a group stopped after
   some of its copies were written resumes, and the written ones are left as they are.
+  A non-finite loss in any copy stops the group (errors.Diverged, naming the first
+  such copy's stage; each such stage gets its diverged.json).
 
   Returns:
     [(variables, result)] per copy, as `fit` returns them.
@@ -207,150 +677,7 @@ def fit_copies(model: nn.Module, variables: Sequence[Mapping], arrays: Mapping,
   # Named by every copy, so a group stopped between its copies' final writes resumes
   # from its last checkpoint and writes only what is missing.
   group = checkpoint.stage_path(checkpoint_dir) / ('copies-' + '-'.join(map(str, seeds)))
-  return _train(model, list(variables), list(seeds), stages, group, copies=True, epochs=epochs,
-                batch_size=batch_size, optimizer=optimizer, arrays=arrays, spec=spec,
-                masks=None, structure=None, step_hook=None, hook_state=None, callbacks=(),
-                mesh=mesh, eval_batch_size=eval_batch_size, max_to_keep=max_to_keep,
-                precision=precision)
-
-
-def _train(model, inits, seeds, stages, checkpoint_stage, *, copies: bool, epochs, batch_size,
-           optimizer, arrays, spec, masks, structure, step_hook, hook_state, callbacks, mesh,
-           eval_batch_size, max_to_keep, precision) -> list[tuple[dict, dict]]:
-  """The training loop of `fit` (one run) and `fit_copies` (K vmapped runs).
-
-  Training checkpoints go to `checkpoint_stage`; each copy's metrics.jsonl, final/ and
-  result.json to its entry of `stages`.
-  """
-  if epochs < 1:
-    raise ConfigError(f"epochs must be at least 1, got {epochs}.")
-  steps_per_epoch = data.steps_per_epoch(int(arrays['train_labels'].shape[0]), batch_size)
-  mesh = mesh if mesh is not None else make_mesh()
-  eval_batch_size = eval_batch_size or batch_size
-  for name, size in (('batch size', batch_size), ('eval batch size', eval_batch_size)):
-    if size % mesh.size:
-      raise ConfigError(f"{name} {size} is not divisible by the {mesh.size} devices.")
-  total_steps = epochs * steps_per_epoch
-  count = len(stages)
-
-  rates = learning_rates(optimizer, epochs, steps_per_epoch)
-  trainer = trainer_for(model, optimizer, structure, mesh, precision, copies)
-  arrays = jax.device_put(dict(arrays), trainer.replicated)
-  permutation, make_batch = _epoch_fns(trainer, arrays, spec, batch_size)
-
-  run = checkpoint.RunCheckpoints(checkpoint_stage, max_to_keep)
-  bar = None
-  # The guard is up before restoring, so a SIGTERM during start-up is not lost.
-  with checkpoint.PreemptionGuard() as guard:
-    try:
-      initial = (trainer.init_state(inits, seeds) if copies
-                 else trainer.init_state(inits[0], seeds[0]))
-      carry = {'train': initial, 'masks': trainer.replicate(masks),
-               'hook': trainer.replicate(hook_state),
-               'sums': trainer.replicate(_zero_sums(count if copies else None))}
-      # One run's log holds its records; a group's, one list of records per copy.
-      log = {'records': [[] for _ in stages] if copies else [], 'elapsed_s': 0.0}
-      restored = run.restore_latest(carry)
-      if restored is not None:
-        carry, log = restored
-        logging.info('Resuming %s from step %d.', checkpoint_stage, run.latest_step())
-      state, masks, hook_state, sums = carry['train'], carry['masks'], carry['hook'], carry['sums']
-      histories = [list(r) for r in log['records']] if copies else [list(log['records'])]
-      step = int(np.reshape(jax.device_get(state.step), -1)[0])
-      run_start, elapsed_before = time.time(), float(log['elapsed_s'])
-
-      def elapsed():
-        return elapsed_before + time.time() - run_start
-
-      def save(at_step):
-        run.save(at_step, {'train': state, 'masks': masks, 'hook': hook_state, 'sums': sums},
-                 {'records': histories if copies else histories[0], 'elapsed_s': elapsed()})
-
-      def stop_if_preempted(at_step, saved):
-        # Called once for every step number, as the multi-process sync point requires.
-        if guard.reached(at_step):
-          if not saved:
-            save(at_step)
-          run.wait()
-          logging.warning('Preempted: saved step %d of %d in %s.', at_step, total_steps,
-                          checkpoint_stage)
-          raise checkpoint.Preempted(at_step)
-
-      bar = _progress_bar(total_steps, step)
-      while step < total_steps:
-        epoch = step // steps_per_epoch
-        epoch_end = (epoch + 1) * steps_per_epoch
-        order = permutation(state.rng, epoch)
-        epoch_start, first_step = time.time(), step
-        while step < epoch_end:
-          batch = make_batch(order, state.rng, step)
-          state, metrics = trainer.train_step(state, batch, masks, rates[step])
-          sums = trainer.add(sums, metrics)
-          step += 1
-          if step_hook is not None:
-            masks, hook_state = step_hook(state, batch, masks, hook_state)
-          if bar is not None:
-            bar.update(1)
-          if step < epoch_end:
-            stop_if_preempted(step, saved=False)
-        totals = jax.device_get(sums)  # The epoch's one wait for the device.
-        train_time = time.time() - epoch_start
-        test = evaluate(trainer, state, arrays, spec, masks, eval_batch_size)
-        values = {'train_loss': totals['loss'] / steps_per_epoch,
-                  'train_accuracy': totals['accuracy'] / steps_per_epoch,
-                  'test_loss': test['loss'], 'test_accuracy': test['accuracy']}
-        for i, history in enumerate(histories):
-          history.append({
-              'epoch': epoch + 1, 'step': step,
-              **{name: float(np.reshape(v, -1)[i]) for name, v in values.items()},
-              'learning_rate': float(rates[step - 1]),
-              'images_per_second': (step - first_step) * batch_size / train_time,
-              'elapsed_s': elapsed(),
-          })
-        sums = trainer.replicate(_zero_sums(count if copies else None))
-        save(step)
-        for stage, history in zip(stages, histories):
-          checkpoint.write_metrics(stage, history)
-        eta = (epochs - epoch - 1) * (time.time() - epoch_start)
-        test_accuracies = ' '.join(f'{history[-1]["test_accuracy"]:.4f}' for history in histories)
-        logging.info('epoch %d/%d  loss %.4f  acc %.4f  test loss %.4f  test acc %s  lr %.3g  '
-                     '%.0f img/s%s  eta %s', epoch + 1, epochs, np.mean(values['train_loss']),
-                     np.mean(values['train_accuracy']), np.mean(values['test_loss']),
-                     test_accuracies, float(rates[step - 1]),
-                     histories[0][-1]['images_per_second'] * count,
-                     f' ({count} copies; losses are means)' if copies else '',
-                     _format_seconds(eta))
-        for callback in callbacks:
-          callback(state, histories[0][-1])
-        if step < total_steps:
-          stop_if_preempted(step, saved=True)
-      run.wait()
-    finally:
-      if bar is not None:
-        bar.close()
-      run.close()
-
-  outputs = []
-  for i, (stage, history) in enumerate(zip(stages, histories)):
-    variables = trainer.copy_at(state.variables, i) if copies else state.variables
-    if checkpoint.is_done(stage):
-      # A copy written before the group stopped: its saved result stands.
-      outputs.append((variables, checkpoint.read_result(stage)))
-      continue
-    final = history[-1]
-    result = {
-        'test_accuracy': final['test_accuracy'], 'test_loss': final['test_loss'],
-        'train_accuracy': final['train_accuracy'], 'train_loss': final['train_loss'],
-        'epochs': epochs, 'steps': total_steps, 'batch_size': batch_size, 'seed': seeds[i],
-        'wall_time_s': final['elapsed_s'],
-    }
-    checkpoint.save_variables(stage / checkpoint.FINAL, variables)
-    checkpoint.mark_done(stage, result)
-    outputs.append((variables, result))
-  if guard.signalled:
-    # SIGTERM during the last step: the stage is finished and saved, but the process must
-    # still stop rather than start the next stage.
-    logging.warning('Preempted after the last step; %s is finished.', checkpoint_stage)
-    raise checkpoint.Preempted(total_steps)
-  return outputs
-
+  copies = _Copies(inits=list(variables), seeds=list(seeds), stages=stages, group=group,
+                   vmapped=True, record=dict(record or {}))
+  run = _prepare(model, options, arrays, spec, copies, None, mesh, None, ())
+  return _train(run, None, None)

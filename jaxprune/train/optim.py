@@ -17,6 +17,7 @@ from flax import traverse_util
 
 from jaxprune.errors import ConfigError, choose
 
+
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
   """SGD settings; the defaults are [R]'s CIFAR baseline (lr 0.1 x0.1 at 50% and 75%, wd 1e-4).
@@ -50,11 +51,13 @@ def _step_schedule(cfg: OptimizerConfig, epochs: int, steps_per_epoch: int) -> o
     milestones = list(cfg.decay_epochs)
     bad = [m for m in milestones if int(m) != m or not 0 <= m <= epochs]
     if bad:
-      raise ConfigError(f"decay epochs {bad} are not whole epochs in [0, {epochs}].")
+      raise ConfigError(f"decay_epochs {bad} are not whole epochs in [0, {epochs}].",
+                        settings=('decay_epochs',))
   else:
     bad = [f for f in cfg.decay_fractions if not 0 < f < 1]
     if bad:
-      raise ConfigError(f"decay fractions {bad} are not between 0 and 1 (exclusive).")
+      raise ConfigError(f"decay_fractions {bad} are not between 0 and 1 (exclusive).",
+                        settings=('decay_fractions',))
     milestones = [int(f * epochs) for f in cfg.decay_fractions]
   scales = {}
   for epoch in milestones:
@@ -74,7 +77,7 @@ SCHEDULES: dict[str, Callable[[OptimizerConfig, int, int], optax.Schedule]] = {
 def learning_rate_schedule(cfg: OptimizerConfig, epochs: int,
                            steps_per_epoch: int) -> optax.Schedule:
   """The learning rate as a function of the optimizer step."""
-  choose('learning-rate schedule', cfg.schedule, SCHEDULES)
+  choose('learning-rate schedule', cfg.schedule, SCHEDULES, setting='schedule')
   return SCHEDULES[cfg.schedule](cfg, epochs, steps_per_epoch)
 
 

@@ -1,9 +1,10 @@
-"""Train and eval steps: the state, the pure steps, and `Trainer`, which jits them over a mesh.
+"""Train and eval steps: the state, the pure steps, and `Trainer` / `Evaluator`, which jit them.
 
 * `TrainState` is a pytree: everything a checkpoint needs to continue bit-for-bit.
-* `train_step(state, batch, masks, learning_rate)` / `eval_step` are pure; `Trainer` jits
-  them over a `jax.sharding.Mesh` of all devices (batch split along 'data', state
-  replicated), so the same code runs on one CPU, eight TPU cores or a multi-host pod.
+* `train_step(state, batch, masks, learning_rate)` / `eval_step(variables, ...)` are pure;
+  `Trainer` and `Evaluator` jit them over a `jax.sharding.Mesh` of all devices (batch split
+  along 'data', state replicated), so the same code runs on one CPU, eight TPU cores or a
+  multi-host pod.
 * Masks and the learning rate are jit inputs: changing their values (iterative pruning,
   another schedule or length) never recompiles, and the parameters of masked-out channels
   are held fixed (no gradient, decay, L1 or momentum moves them).
@@ -90,8 +91,8 @@ def keep_multipliers(structure: structure_lib.Structure, masks: Mapping, tree, c
       if group in masks:
         mask = masks[group]
         if mask.ndim != 1:
-          raise ConfigError(f"training masks must have shape (C,); group {group!r} has "
-                            f"shape {tuple(mask.shape)}.")
+          raise ValueError(f"training masks must have shape (C,); group {group!r} has "
+                           f"shape {tuple(mask.shape)}.")
         shape = [1] * leaf.ndim
         shape[axis] = -1
         keep = keep * (mask != 0).astype(leaf.dtype).reshape(shape)
@@ -115,7 +116,7 @@ PRECISIONS: dict[str, Any] = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 def compute_dtype(precision: str):
   """The dtype of `precision` (ConfigError for an unknown one)."""
-  choose('precision', precision, PRECISIONS)
+  choose('precision', precision, PRECISIONS, setting='precision')
   return PRECISIONS[precision]
 
 
@@ -175,14 +176,16 @@ def train_step(state: TrainState, batch: Mapping, masks: Masks, learning_rate: j
   return new_state, {'loss': loss, 'accuracy': accuracy}
 
 
-def eval_step(state: TrainState, batch: Mapping, masks: Masks, *, model: nn.Module,
+def eval_step(variables: Mapping, batch: Mapping, masks: Masks, *, model: nn.Module,
               precision: str = 'float32') -> dict:
   """Sums over the valid examples of a batch: {'loss_sum', 'correct', 'count'} (pure).
 
-  Computes in `precision` like `train_step` (BN statistics stay float32), the loss in float32.
+  Takes the model variables (`TrainState.variables`, or a `fit` result), so a training
+  state and saved variables run the same program. Computes in `precision` like
+  `train_step` (BN statistics stay float32), the loss in float32.
   """
   dtype = compute_dtype(precision)
-  variables = {**state.variables, 'params': _cast_floats(state.params, dtype)}
+  variables = {**variables, 'params': _cast_floats(variables['params'], dtype)}
   logits = model.apply(variables, batch['image'].astype(dtype), train=False, masks=masks)
   logits = logits.astype(jnp.float32)
   valid = batch.get('valid')
@@ -217,8 +220,8 @@ def host_batch_slice(global_batch_size: int) -> slice:
   """The rows of a global batch this process feeds (contiguous, in process order)."""
   per_process, rest = divmod(global_batch_size, jax.process_count())
   if rest:
-    raise ConfigError(f"batch size {global_batch_size} is not divisible by the "
-                      f"{jax.process_count()} processes.")
+    raise ConfigError(f"batch_size {global_batch_size} is not divisible by the "
+                      f"{jax.process_count()} processes.", settings=('batch_size',))
   start = jax.process_index() * per_process
   return slice(start, start + per_process)
 
@@ -236,6 +239,35 @@ def epoch_keys(rng, epoch):
   return perm_key, augment_key
 
 
+class Evaluator:
+  """The jitted, sharded evaluation of one model and precision on one mesh.
+
+  `eval_step(variables, batch, masks)` returns the batch's sums on device (`eval_step`),
+  and `add` accumulates them, so an evaluation waits for the device once, at the end.
+  With `copies=True` the step is vmapped over a leading copy axis of the variables and
+  every copy reads the same test batch. It holds no optimizer, so every Trainer of the
+  model and saved variables share one (`evaluator_for`).
+  """
+
+  def __init__(self, model: nn.Module, mesh: Mesh, precision: str = 'float32',
+               copies: bool = False):
+    compute_dtype(precision)
+    self.mesh = mesh
+    self.copies = copies
+    self.replicated = NamedSharding(mesh, PartitionSpec())
+    self.batch_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    evaluation = functools.partial(eval_step, model=model, precision=precision)
+    if copies:
+      evaluation = jax.vmap(evaluation, in_axes=(0, None, None))
+
+    def sharded_eval_step(variables, batch, masks):
+      batch = jax.lax.with_sharding_constraint(batch, self.batch_sharding)
+      return evaluation(variables, batch, masks)
+
+    self.eval_step = compiler.jit(sharded_eval_step, out_shardings=self.replicated)
+    self.add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
+
+
 class Trainer:
   """The jitted, sharded steps of one model, optimizer and precision on one mesh.
 
@@ -249,38 +281,35 @@ class Trainer:
   With `copies=True` the steps are vmapped over a leading copy axis of the state and of
   the training batch (K independent runs, `fit_copies`): one program trains them all,
   and every copy reads the same test batches in `eval_step`. Masks are not vmapped.
+  `evaluator` is the Evaluator to use (default: one of its own).
   """
 
   def __init__(self, model: nn.Module, tx: optax.GradientTransformation,
                structure: structure_lib.Structure | None = None, mesh: Mesh | None = None,
-               precision: str = 'float32', copies: bool = False):
+               precision: str = 'float32', copies: bool = False,
+               evaluator: Evaluator | None = None):
     compute_dtype(precision)
     self.tx = tx
     self.copies = copies
     self.mesh = mesh if mesh is not None else make_mesh()
+    self.evaluator = (evaluator if evaluator is not None
+                      else Evaluator(model, self.mesh, precision, copies))
+    self.eval_step = self.evaluator.eval_step
+    self.add = self.evaluator.add
     self.replicated = NamedSharding(self.mesh, PartitionSpec())
-    self.eval_batch_sharding = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
     self.batch_sharding = (NamedSharding(self.mesh, PartitionSpec(None, DATA_AXIS)) if copies
-                           else self.eval_batch_sharding)
+                           else NamedSharding(self.mesh, PartitionSpec(DATA_AXIS)))
     step = functools.partial(train_step, model=model, tx=tx, structure=structure,
                              precision=precision)
-    evaluation = functools.partial(eval_step, model=model, precision=precision)
     if copies:
       step = jax.vmap(step, in_axes=(0, 0, None, None))
-      evaluation = jax.vmap(evaluation, in_axes=(0, None, None))
 
     def sharded_train_step(state, batch, masks, learning_rate):
       batch = jax.lax.with_sharding_constraint(batch, self.batch_sharding)
       return step(state, batch, masks, learning_rate)
 
-    def sharded_eval_step(state, batch, masks):
-      batch = jax.lax.with_sharding_constraint(batch, self.eval_batch_sharding)
-      return evaluation(state, batch, masks)
-
     self.train_step = compiler.jit(sharded_train_step, donate_argnums=0,
                                    out_shardings=(self.replicated, self.replicated))
-    self.eval_step = compiler.jit(sharded_eval_step, out_shardings=self.replicated)
-    self.add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
     # Copy i of a stacked tree, replicated; one program for every i (jitted, so it also
     # works on arrays spread over several processes).
     self.copy_at = jax.jit(lambda tree, i: jax.tree.map(lambda x: x[i], tree),
@@ -297,6 +326,10 @@ class Trainer:
     states = [jax.device_get(create_state(v, self.tx, s)) for v, s in zip(variables, seed)]
     return self.replicate(jax.tree.map(lambda *leaves: np.stack(leaves), *states))
 
+  def variables_of(self, state: TrainState, copy: int = 0) -> dict:
+    """The model variables of copy `copy` of the state (the state's own without copies)."""
+    return self.copy_at(state.variables, copy) if self.copies else state.variables
+
   def replicate(self, tree):
     # Through host memory, so that every process contributes the same global value.
     return jax.device_put(jax.device_get(tree), self.replicated)
@@ -306,7 +339,21 @@ class Trainer:
     return jax.device_put(dict(batch), self.batch_sharding)
 
 
+def _mesh_key(mesh: Mesh) -> tuple:
+  return tuple(d.id for d in mesh.devices.flat), mesh.axis_names
+
+
+_EVALUATORS: dict = {}
 _TRAINERS: dict = {}
+
+
+def evaluator_for(model: nn.Module, mesh: Mesh, precision: str = 'float32',
+                  copies: bool = False) -> Evaluator:
+  """The Evaluator shared by every evaluation (in `fit` or of saved variables) of one program."""
+  key = (repr(model), _mesh_key(mesh), precision, copies)
+  if key not in _EVALUATORS:
+    _EVALUATORS[key] = Evaluator(model, mesh, precision, copies)
+  return _EVALUATORS[key]
 
 
 def trainer_for(model: nn.Module, optimizer: OptimizerConfig,
@@ -317,14 +364,14 @@ def trainer_for(model: nn.Module, optimizer: OptimizerConfig,
   The key holds only what the compiled step depends on: the model, the optimizer settings
   `make_optimizer` builds in (not the learning rate, its schedule or the run's length,
   which are step inputs), the structure, the mesh and the precision. So N seeds trained
-  one after another, and every regime that trains the same widths, compile each step once.
+  one after another, and every regime that trains the same widths, compile each step once;
+  their evaluation is `evaluator_for`'s, whatever the optimizer.
   """
   key = (repr(model),
          (optimizer.momentum, optimizer.nesterov, optimizer.weight_decay, optimizer.bn_l1),
          None if structure is None else (tuple(structure.widths.items()), structure.prunable),
-         tuple(d.id for d in mesh.devices.flat), mesh.axis_names, precision, copies)
+         _mesh_key(mesh), precision, copies)
   if key not in _TRAINERS:
-    _TRAINERS[key] = Trainer(model, make_optimizer(optimizer), structure, mesh, precision, copies)
+    _TRAINERS[key] = Trainer(model, make_optimizer(optimizer), structure, mesh, precision, copies,
+                             evaluator_for(model, mesh, precision, copies))
   return _TRAINERS[key]
-
-
