@@ -295,24 +295,37 @@ def _accumulate(sums, first_nonfinite, metrics, step):
 
 
 class _Clock:
-  """Seconds per step for the ETA, from the end of this call's first step on.
+  """Seconds per step for the ETA, without the compilations of this call's first epoch.
 
-  That first step compiles the train step (and the batch makers) unless an earlier fit
-  already did; counting it made the first epoch's ETA minutes when the run takes seconds.
+  The first step compiles the train step (and the batch makers), and the first evaluation
+  the eval step, unless an earlier fit did; counted, they made the first epoch's ETA
+  minutes when the run takes seconds. So the first epoch's rate is that of its training
+  steps after the first, and each later epoch's that of the whole epoch before it
+  (training, evaluation, checkpoint).
   """
 
   def __init__(self):
     self._start: tuple[float, int] | None = None
+    self._lap: tuple[float, int] | None = None
+    self._per_step: float | None = None
 
   def stepped(self, step: int) -> None:
     if self._start is None:
       self._start = (time.time(), step)
 
-  def eta(self, step: int, total_steps: int) -> str:
+  def synced(self, step: int) -> None:
+    """At the host sync of an epoch's training."""
     started, first = self._start
-    if step == first:
-      return '?'
-    return _format_seconds((total_steps - step) * (time.time() - started) / (step - first))
+    if self._lap is None and step > first:
+      self._per_step = (time.time() - started) / (step - first)
+
+  def lap(self, step: int, total_steps: int) -> str:
+    """At an epoch's end: the ETA of the remaining steps."""
+    now = time.time()
+    if self._lap is not None:
+      self._per_step = (now - self._lap[0]) / (step - self._lap[1])
+    self._lap = (now, step)
+    return '?' if self._per_step is None else _format_seconds((total_steps - step) * self._per_step)
 
 
 _WRITERS_OPENED = itertools.count()
@@ -475,7 +488,9 @@ def _train_epoch(run: _Run, progress: _Progress, guard: checkpoint.PreemptionGua
       bar.update(1)
     if progress.step < epoch_end:
       _stop_if_preempted(run, progress, guard, saved=False)
-  return jax.device_get({**progress.sums, 'first_nonfinite': progress.first_nonfinite})
+  totals = jax.device_get({**progress.sums, 'first_nonfinite': progress.first_nonfinite})
+  clock.synced(progress.step)
+  return totals
 
 
 def _record_epoch(run: _Run, progress: _Progress, totals: dict, test: dict,
@@ -511,7 +526,7 @@ def _log_epoch(run: _Run, progress: _Progress, clock: _Clock) -> None:
                ' '.join(f'{r["test_accuracy"]:.4f}' for r in records),
                records[0]['learning_rate'], records[0]['images_per_second'] * count,
                f' ({count} copies; losses are means)' if run.copies.vmapped else '',
-               clock.eta(progress.step, run.total_steps))
+               clock.lap(progress.step, run.total_steps))
 
 
 def _finish(run: _Run, progress: _Progress) -> list[tuple[dict, dict]]:
