@@ -73,8 +73,8 @@ def jax_worker(name: str) -> dict:
                                                                np.float32))
   with tempfile.TemporaryDirectory() as stage:
     _, result = train.fit(model, variables, data.device_put_dataset(dataset), dataset.spec,
-                          epochs=FLAGS.epochs, batch_size=FLAGS.batch,
-                          optimizer=train.OptimizerConfig(), stage_dir=stage)
+                          train.TrainOptions(epochs=FLAGS.epochs, batch_size=FLAGS.batch),
+                          stage_dir=stage)
     records = checkpoint.read_metrics(stage)
   return {'framework': 'jax', 'device': jax.devices()[0].device_kind,
           'epoch_images_per_s': [r['images_per_second'] for r in records],
