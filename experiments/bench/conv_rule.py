@@ -135,7 +135,7 @@ def main(argv):
   for (size, cin, cout, k, s), used_by in shapes.items():
     x = jax.random.normal(jax.random.key(0), (FLAGS.batch, size, size, cin))
     kernel = jax.random.normal(jax.random.key(1), (k, k, cin, cout)) / (k * cin ** 0.5)
-    pads = conv._pads((size, size), (k, k), (s, s), 'SAME')
+    pads = tuple(jax.lax.padtype_to_pads((size, size), (k, k), (s, s), 'SAME'))
     fns, y = {}, None
     for name in names:
       f = conv.FORMULATIONS[name]
