@@ -92,3 +92,28 @@ def test_timing_torch_without_pytorch_installed_is_one_sentence(monkeypatch):
                      r"installed: .* or leave --torch out\.$"):
     common.require_torch('--torch asks for PyTorch', 'leave --torch out')
   common.check_models(['vgg16'], ['jax'])
+
+
+def test_no_script_reaches_into_a_private_name_of_jaxprune():
+  """The benchmarks time the library as users call it: through its public names only."""
+  import ast
+  found = []
+  for name in sorted(os.listdir(BENCH)):
+    if not name.endswith('.py'):
+      continue
+    tree = ast.parse(open(os.path.join(BENCH, name)).read())
+    modules = set()  # local names bound to jaxprune modules
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and (node.module or '').startswith('jaxprune'):
+        found += [f'{name}: from {node.module} import {a.name}' for a in node.names
+                  if a.name.startswith('_')]
+        modules.update(a.asname or a.name for a in node.names)
+      elif isinstance(node, ast.Import):
+        modules.update((a.asname or a.name).split('.')[0] for a in node.names
+                       if a.name.startswith('jaxprune'))
+    for node in ast.walk(tree):
+      if (isinstance(node, ast.Attribute) and node.attr.startswith('_')
+          and not node.attr.startswith('__') and isinstance(node.value, ast.Name)
+          and node.value.id in modules):
+        found.append(f'{name}:{node.lineno}: {node.value.id}.{node.attr}')
+  assert not found, found
