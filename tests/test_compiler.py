@@ -1,4 +1,7 @@
-"""Compiler options: what each backend gets, the overrides, and that jitted model code uses them."""
+"""Compiler options: what each backend gets, the overrides, and that jitted model code uses them.
+
+Also the performance options' record: validation, the environment, the dict.
+"""
 
 import os
 
@@ -9,15 +12,15 @@ import optax
 import pytest
 
 from jaxprune import models, train
-from jaxprune.kernels import compiler
 from jaxprune.errors import ConfigError
+from jaxprune.kernels import compiler
+from jaxprune.kernels.options import PerformanceOptions
 
 on_cpu = pytest.mark.skipif(jax.default_backend() != 'cpu', reason='CPU options only')
 
 
 @pytest.fixture(autouse=True)
 def _no_overrides(monkeypatch):
-  monkeypatch.delenv(compiler.ENV_VAR, raising=False)
   monkeypatch.delenv('XLA_FLAGS', raising=False)
 
 
@@ -43,9 +46,9 @@ def test_other_backends_get_no_options():
     assert compiler.compiler_options(backend) == {}
 
 
-def test_xla_choice_passes_no_options(monkeypatch):
-  monkeypatch.setenv(compiler.ENV_VAR, 'xla')
-  assert compiler.compiler_options('cpu') == {}
+def test_the_xla_option_set_passes_no_options():
+  assert compiler.compiler_options('cpu', xla_options='xla') == {}
+  assert compiler.compiler_options('cpu', once=True, xla_options='xla') == {}
 
 
 def test_the_users_xla_flags_win(monkeypatch):
@@ -53,11 +56,29 @@ def test_the_users_xla_flags_win(monkeypatch):
   assert compiler.compiler_options('cpu') == {}
 
 
-def test_an_unknown_choice_is_one_sentence(monkeypatch):
-  monkeypatch.setenv(compiler.ENV_VAR, 'fast')
-  with pytest.raises(ConfigError, match=r"JAXPRUNE_XLA_OPTIONS='fast' is not a choice; use one "
-                     r"of jaxprune, xla\."):
-    compiler.compiler_options('cpu')
+def test_an_unknown_option_set_is_a_config_error_as_a_setting_and_a_bug_as_an_argument():
+  with pytest.raises(ConfigError, match=r"^unknown xla_options 'fast'; choose one of: jaxprune, "
+                                        r"xla\.$") as error:
+    PerformanceOptions(xla_options='fast')
+  assert error.value.settings == ('xla_options',)
+  with pytest.raises(ValueError, match='jaxprune, xla') as error:
+    compiler.jit(lambda x: x, xla_options='fast')
+  assert not isinstance(error.value, ConfigError)
+
+
+def test_performance_options_from_the_environment():
+  assert PerformanceOptions.from_env({}) == PerformanceOptions()
+  assert PerformanceOptions().as_dict() == {
+      'conv_impl': 'auto', 'batch_norm': 'jaxprune', 'xla_options': 'jaxprune'}
+  options = PerformanceOptions.from_env(
+      {'JAXPRUNE_CONV_IMPL': ' Native', 'JAXPRUNE_BATCH_NORM': '', 'JAXPRUNE_XLA_OPTIONS': 'xla'})
+  assert options.as_dict() == {'conv_impl': 'native', 'batch_norm': 'jaxprune',
+                               'xla_options': 'xla'}
+  # What the user typed is the variable, so the message names it (and no setting).
+  with pytest.raises(ConfigError, match=r"^unknown JAXPRUNE_BATCH_NORM 'cudnn'; choose one of: "
+                                        r"flax, jaxprune\.$") as error:
+    PerformanceOptions.from_env({'JAXPRUNE_BATCH_NORM': 'cudnn'})
+  assert error.value.settings == ()
 
 
 def test_an_option_this_jaxlib_does_not_know_is_dropped(monkeypatch):
@@ -81,10 +102,21 @@ def test_jit_with_options_computes_the_same_values():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_models_init_compiles_with_the_models_option_set(monkeypatch):
+  asked = []
+  real = compiler.compiler_options
+  monkeypatch.setattr(compiler, 'compiler_options',
+                      lambda **kwargs: asked.append(kwargs) or real(**kwargs))
+  model = models.build('tiny', num_classes=5, performance=PerformanceOptions(xla_options='xla'))
+  models.init(model, jax.random.key(0), (8, 8, 3))
+  assert asked == [{'once': True, 'xla_options': 'xla'}]
+
+
 def test_trainer_steps_compile_with_the_options(monkeypatch):
   # An option XLA rejects makes the first call fail, so the steps must carry the options.
   monkeypatch.setattr(compiler, 'compiler_options',
-                      lambda backend=None, once=False: {'xla_cpu_no_such_option_jaxprune': 'true'})
+                      lambda backend=None, once=False, xla_options='jaxprune': {
+                          'xla_cpu_no_such_option_jaxprune': 'true'})
   model = models.build('tiny', num_classes=3)
   images = jnp.zeros((4, 8, 8, 3))
   variables = model.init(jax.random.key(0), images[:1])

@@ -1,4 +1,5 @@
-"""The convolution module: both formulations agree, the auto rule, overrides, nn.Conv's parameters."""
+"""The convolution module: both formulations agree, the auto rule, the model's choice,
+nn.Conv's parameters."""
 
 import flax.linen as nn
 import jax
@@ -10,18 +11,11 @@ from flax import traverse_util
 from jaxprune import models
 from jaxprune.prune import structure
 from jaxprune.errors import ConfigError
-from jaxprune.models import layers
 from jaxprune.kernels import conv
+from jaxprune.kernels.options import PerformanceOptions
+from jaxprune.models import layers
 
 CASES = [(kernel, stride, size) for kernel in (1, 3) for stride in (1, 2) for size in (2, 5, 8)]
-
-
-@pytest.fixture(autouse=True)
-def _no_global_setting(monkeypatch):
-  monkeypatch.delenv(conv.ENV_VAR, raising=False)
-  conv.set_default_impl(None)
-  yield
-  conv.set_default_impl(None)
 
 
 def _inputs(kernel, size, channels_in=5, channels_out=7, seed=0):
@@ -112,18 +106,14 @@ def test_module_follows_the_auto_rule_on_cpu():
   assert _uses_native_conv(module, jnp.ones((2, 8, 8, 3)))
 
 
-def test_override_precedence_field_context_default_env(monkeypatch):
-  x = jnp.ones((2, 8, 8, 3))  # 'auto' would pick native on CPU, and always does elsewhere
-  monkeypatch.setenv(conv.ENV_VAR, 'patches')
-  assert conv.current_impl() == 'patches'
-  assert not _uses_native_conv(conv.Conv(4, (3, 3)), x)
-  conv.set_default_impl('native')
-  assert _uses_native_conv(conv.Conv(4, (3, 3)), x)
-  with conv.use_impl('patches'):
-    assert conv.current_impl() == 'patches'
-    assert not _uses_native_conv(conv.Conv(4, (3, 3)), x)
-    assert _uses_native_conv(conv.Conv(4, (3, 3), impl='native'), x)
-  assert conv.current_impl() == 'native'
+def test_a_model_computes_its_convolutions_as_its_performance_options_say():
+  x = jnp.ones((2, 8, 8, 3))  # 'auto' picks native for tiny's 8x8 and 4x4 maps
+  assert _uses_native_conv(models.build('tiny'), x)
+  assert not _uses_native_conv(
+      models.build('tiny', performance=PerformanceOptions(conv_impl='patches')), x)
+  layer = layers.conv(PerformanceOptions(conv_impl='patches'), 4, 3)
+  assert layer.impl == 'patches'
+  assert not _uses_native_conv(layer, x)
 
 
 def test_materialize_is_exactly_the_identity_with_identity_gradient():
@@ -162,17 +152,14 @@ def test_auto_module_equals_native_module(size, channels):
     _close(a, b)
 
 
-@pytest.mark.parametrize('where', ['env', 'field', 'default'])
-def test_unknown_impl_is_a_config_error(monkeypatch, where):
-  x = jnp.ones((1, 4, 4, 2))
-  with pytest.raises(ConfigError, match='native'):
-    if where == 'env':
-      monkeypatch.setenv(conv.ENV_VAR, 'fast')
-      conv.Conv(3, (3, 3)).init(jax.random.key(0), x)
-    elif where == 'field':
-      conv.Conv(3, (3, 3), impl='fast').init(jax.random.key(0), x)
-    else:
-      conv.set_default_impl('fast')
+def test_an_unknown_impl_is_a_config_error_as_a_setting_and_a_bug_as_a_field():
+  with pytest.raises(ConfigError, match=r"^unknown conv_impl 'fast'; choose one of: auto, native, "
+                                        r"patches\.$") as error:
+    PerformanceOptions(conv_impl='fast')
+  assert error.value.settings == ('conv_impl',)
+  with pytest.raises(ValueError, match='native') as error:
+    conv.Conv(3, (3, 3), impl='fast').init(jax.random.key(0), jnp.ones((1, 4, 4, 2)))
+  assert not isinstance(error.value, ConfigError)
 
 
 @pytest.mark.parametrize('use_bias', [False, True])
@@ -192,7 +179,7 @@ def test_parameters_identical_to_nn_conv(use_bias, kernel, stride):
 
 
 def test_layers_conv_is_an_nn_conv_with_unchanged_paths():
-  module = layers.conv(8, 3, 2, name='conv1_conv')
+  module = layers.conv(PerformanceOptions(), 8, 3, 2, name='conv1_conv')
   assert isinstance(module, nn.Conv) and isinstance(module, conv.Conv)
   model = models.build('tiny')
   flat = traverse_util.flatten_dict(model.init(jax.random.key(0), jnp.ones((1, 8, 8, 3)))['params'])
@@ -204,6 +191,7 @@ def test_layers_conv_is_an_nn_conv_with_unchanged_paths():
   assert positions[('params', 'conv2_conv', 'kernel')] == 16
 
 
-def test_unsupported_configuration_is_a_config_error():
-  with pytest.raises(ConfigError, match='feature_group_count'):
+def test_an_unsupported_configuration_is_a_value_error():
+  with pytest.raises(ValueError, match='feature_group_count') as error:
     conv.Conv(4, (3, 3), feature_group_count=2).init(jax.random.key(0), jnp.ones((1, 4, 4, 4)))
+  assert not isinstance(error.value, ConfigError)

@@ -12,9 +12,10 @@ import pytest
 from flax import traverse_util
 
 from jaxprune import models
-from jaxprune.prune import flops, shrink, structure
-from jaxprune.models import layers
 from jaxprune.errors import ConfigError
+from jaxprune.kernels.options import PerformanceOptions
+from jaxprune.models import layers
+from jaxprune.prune import flops, shrink, structure
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments.bench.common import CompileLog  # noqa: E402
@@ -53,6 +54,11 @@ def random_masks(struct, density, rng, single=False):
       keep[rng.integers(width)] = True
     masks[group] = jnp.asarray(keep, jnp.float32)
   return masks
+
+
+def _library_error(match):
+  """A wrong value from library code: a ValueError that is not a user's ConfigError."""
+  return pytest.raises(ValueError, match=match)
 
 
 @functools.cache
@@ -125,8 +131,9 @@ def test_init_is_one_program_per_model_and_matches_eager_init(name):
 
 def test_shrink_rejects_a_mask_that_empties_a_group():
   _, _, struct, variables = setup('tiny')
-  with pytest.raises(ConfigError, match="'conv2' removes all 16 channels"):
+  with _library_error("'conv2' removes all 16 channels") as error:
     shrink.shrink(struct, variables, {'conv2': jnp.zeros(16)})
+  assert not isinstance(error.value, ConfigError)
 
 
 @pytest.mark.parametrize('name', ALL_MODELS)
@@ -220,17 +227,72 @@ def test_widths_with_missing_or_extra_groups_are_refused_by_name():
   widths = models.build('tiny').default_widths()
   x = jnp.zeros((1, 8, 8, 3))
   missing = {k: v for k, v in widths.items() if k != 'fc'}
-  with pytest.raises(ConfigError, match=r"missing groups \['fc'\]"):
-    models.build('tiny', widths=missing).init(jax.random.key(0), x)
-  with pytest.raises(ConfigError, match=r"unknown groups \['conv3'\]"):
-    models.build('tiny', widths={**widths, 'conv3': 4}).init(jax.random.key(0), x)
+  cases = [(missing, r"missing groups \['fc'\]"),
+           ({**widths, 'conv3': 4}, r"unknown groups \['conv3'\]"),
+           ({**widths, 'fc': 0}, r"must be positive integers, got \{'fc': 0\}")]
+  for given, match in cases:
+    with _library_error(match) as error:
+      jax.eval_shape(models.build('tiny', widths=given).init, jax.random.key(0), x)
+    assert not isinstance(error.value, ConfigError)
+
+
+def test_a_resnet_stage_narrower_than_the_one_before_is_a_library_error():
+  widths = {**models.build('resnet8').default_widths(), 'stage2': 8}
+  with _library_error(r"stage2 width 8 is narrower than the stage before it \(16\)") as error:
+    jax.eval_shape(models.build('resnet8', widths=widths).init, jax.random.key(0),
+                   jnp.zeros((1, 8, 8, 3)))
+  assert not isinstance(error.value, ConfigError)
+
+
+def test_images_too_small_for_the_model_are_a_config_error():
+  # The images are the user's (dataset, image size), so this one is theirs to fix.
+  with pytest.raises(ConfigError, match=r"needs images of at least 16x16 pixels, got 8x8"):
+    jax.eval_shape(models.build('vgg11').init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
 
 
 def test_masks_with_wrong_shape_or_group_are_refused_by_name():
   model, x, struct, variables = setup('tiny')
-  with pytest.raises(ConfigError, match=r"group 'conv1' has shape \(7,\); allowed are \(8,\) or \(2, 8\)"):
+  shape = r"group 'conv1' has shape \(7,\); allowed are \(8,\) or \(2, 8\)"
+  with _library_error(shape) as error:
     model.apply(variables, x, masks={'conv1': jnp.ones(7)})
-  with pytest.raises(ConfigError, match=r"unknown group 'conv9'"):
+  assert not isinstance(error.value, ConfigError)
+  with _library_error(r"unknown group 'conv9'"):
     model.apply(variables, x, masks={'conv9': jnp.ones(8)})
-  with pytest.raises(ConfigError, match=r"mask for group 'fc' has shape \(3,\)"):
+  with _library_error(r"mask for group 'fc' has shape \(3,\)"):
     shrink.shrink(struct, variables, {'fc': np.ones(3)})
+
+
+def test_models_of_the_same_widths_and_options_are_equal_and_hash_alike():
+  widths = models.build('resnet20').default_widths()
+  model = models.build('resnet20', widths=widths)
+  same = models.build('resnet20', widths=dict(reversed(list(widths.items()))),
+                      performance=PerformanceOptions())
+  assert model == same and hash(model) == hash(same)
+  assert {model: 'compiled'}[same] == 'compiled'
+  given = dict(widths)
+  copied = models.build('resnet20', widths=given)
+  given['stage1_block1'] = 1
+  assert copied == model
+  # Construction with a plain dict (as structure derivation clones) freezes it too.
+  clone = model.clone(widths=dict(widths))
+  assert clone == model and hash(clone) == hash(model)
+  assert type(models.widths_of(model)) is dict and models.widths_of(model) == widths
+  assert models.widths_of(models.build('resnet20')) == widths
+  others = [models.build('resnet20', widths={**widths, 'stage1_block1': 3}),
+            models.build('resnet20', widths=widths, performance=PerformanceOptions('native')),
+            models.build('resnet20', widths=widths,
+                         performance=PerformanceOptions(batch_norm='flax')),
+            models.build('resnet20', widths=widths,
+                         performance=PerformanceOptions(xla_options='xla'))]
+  for other in others:
+    assert other != model
+  assert len({model, *others}) == 5
+
+
+def test_build_uses_the_default_options_not_the_environment(monkeypatch):
+  monkeypatch.setenv('JAXPRUNE_CONV_IMPL', 'patches')
+  model = models.build('tiny')
+  assert model.performance == PerformanceOptions()
+  options = PerformanceOptions.from_env()
+  assert models.build('tiny', performance=options).performance.conv_impl == 'patches'
+  assert model.clone(widths=model.default_widths()).performance == PerformanceOptions()

@@ -9,6 +9,7 @@ import pytest
 from jaxprune import models, train
 from jaxprune.errors import ConfigError
 from jaxprune.kernels import norm
+from jaxprune.kernels.options import PerformanceOptions
 
 SETTINGS = dict(momentum=0.9, epsilon=1e-5)
 
@@ -115,20 +116,18 @@ def test_bfloat16_input_keeps_float32_statistics_and_nn_batch_norms_output_dtype
 
 
 @pytest.mark.parametrize('name', ['resnet20', 'vgg11', 'densenet10'])
-def test_a_models_loss_gradients_and_statistics_equal_those_with_nn_batch_norm(name, monkeypatch):
-  model = models.build(name)
+def test_a_models_loss_gradients_and_statistics_equal_those_with_nn_batch_norm(name):
   x = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
   labels = jnp.arange(8) % 10
-  variables = model.init(jax.random.key(1), x)
+  variables = models.build(name).init(jax.random.key(1), x)
 
   def step(impl):
-    monkeypatch.setenv(norm.ENV_VAR, impl)
+    model = models.build(name, performance=PerformanceOptions(batch_norm=impl))
 
     def loss_fn(params):
       logits, updated = model.apply({**variables, 'params': params}, x, train=True,
                                     mutable=['batch_stats'])
       return jnp.mean(train.cross_entropy(logits, labels)), updated['batch_stats']
-    # A fresh jit per implementation: the choice is read while tracing.
     return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables['params'])
 
   (loss, stats), grads = step('jaxprune')
@@ -141,8 +140,26 @@ def test_a_models_loss_gradients_and_statistics_equal_those_with_nn_batch_norm(n
                grads, ref_grads)
 
 
-def test_an_unknown_implementation_is_one_sentence_naming_it(monkeypatch):
-  monkeypatch.setenv(norm.ENV_VAR, 'cudnn')
-  with pytest.raises(ConfigError, match=r"JAXPRUNE_BATCH_NORM='cudnn' is not a BatchNorm "
-                                        r"implementation; choose one of jaxprune, flax\."):
-    models.build('resnet20').init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+def test_the_models_options_choose_the_module_and_both_have_the_same_variables():
+  x = jnp.zeros((1, 8, 8, 3))
+  norms, shapes = {}, {}
+  for impl in ('jaxprune', 'flax'):
+    model = models.build('tiny', performance=PerformanceOptions(batch_norm=impl))
+    called = set()
+
+    def record(next_fun, args, kwargs, context):
+      called.add(type(context.module))
+      return next_fun(*args, **kwargs)
+    with nn.intercept_methods(record):
+      variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    norms[impl] = called & {norm.BatchNorm, nn.BatchNorm}
+    shapes[impl] = jax.tree.map(jnp.shape, variables)
+  assert norms == {'jaxprune': {norm.BatchNorm}, 'flax': {nn.BatchNorm}}
+  assert shapes['jaxprune'] == shapes['flax']
+
+
+def test_an_unknown_implementation_is_one_sentence_naming_the_setting():
+  with pytest.raises(ConfigError, match=r"^unknown batch_norm 'cudnn'; choose one of: flax, "
+                                        r"jaxprune\.$") as error:
+    PerformanceOptions(batch_norm='cudnn')
+  assert error.value.settings == ('batch_norm',)

@@ -1,2 +1,3 @@
 """What makes the models fast on each backend: the convolution (conv), BatchNorm (norm) and
-the XLA options every jitted model function compiles with (compiler)."""
+the XLA options every jitted model function compiles with (compiler), chosen by one recorded
+`PerformanceOptions` value (options)."""

@@ -1,25 +1,17 @@
 """The XLA compiler options jaxprune compiles its model code with, per backend.
 
 On the CPU backend, jaxlib's XLA hands some operations to the YNNPACK library, chosen by
-the debug option `xla_cpu_experimental_ynn_fusion_type`. Measured with jaxlib 0.10.2 on a
-2-core x86 CPU at batch 128 (experiments/bench/README.md, section 7), limiting it to
-reductions made XLA's own convolutions faster, the kernel gradient most (a 32x32, 64->64
-layer: 70 against 399 ms), and was the fastest setting tried there for both VGG-16 and
-ResNet-56 train steps (ResNet-56 951-982 against 1440-1446 ms with the default set).
-With it and `jaxprune.kernels.conv`'s rule, the train step took 1188 ms (VGG-16) and 1103
-ms (ResNet-56) against 1915 and 1751 ms with the rule alone (experiments/bench/
-throughput.py, nn.BatchNorm in both).
-
-So every function jaxprune jits over a model (train and eval steps, criteria, evaluation)
-is compiled with `compiler_options()`: on the CPU backend {ynn fusion types: reductions
-only}; elsewhere nothing. The convolution rule in `jaxprune.kernels.conv` was measured
-under these options.
+the debug option `xla_cpu_experimental_ynn_fusion_type`. Limiting it to reductions makes
+XLA's own convolutions faster, the kernel gradient most, and was the fastest setting
+tried for both VGG and ResNet train steps. So every function jaxprune jits over a model
+(train and eval steps, criteria, evaluation) is compiled with `compiler_options()`: on the
+CPU backend {ynn fusion types: reductions only}; elsewhere nothing. The convolution rule
+in `jaxprune.kernels.conv` was measured under these options.
 
 Programs that run once per model (`jit_once`: initialising the variables) add
-{xla_backend_optimization_level: 1} on the CPU: a lower LLVM optimisation level compiled
-resnet20's init in 1.4 s against 3.6 s, and every variable of resnet20, vgg16,
-densenet40 and wrn16_2 came out bitwise the same. Steps that run thousands of times keep
-XLA's full optimisation.
+{xla_backend_optimization_level: 1} on the CPU: a lower LLVM optimisation level compiles
+them much faster, and the variables of every model checked came out bitwise the same.
+Steps that run thousands of times keep XLA's full optimisation.
 
 Compiled programs also persist across processes (`use_persistent_cache`, on in launch.py
 and the experiment drivers by default): JAX's compilation cache in a directory, so a run
@@ -27,13 +19,18 @@ of the same model and widths (another seed, criterion or sweep point that keeps 
 baseline, a preempted run that restarts) loads its train and eval steps instead of
 compiling them. JAX stores the programs that took at least a second to compile
 (`jax_persistent_cache_min_compile_time_secs`); the key covers the program, these options
-and the jaxlib version. Measured: the README quick start took 37.3 s with an empty cache
-and 22.8 s with the cache the first run filled (1.5 MB), same table.
+and the jaxlib version.
 
-Overrides: a user who sets the same option in XLA_FLAGS keeps their setting (jaxprune
-then passes nothing for it), and JAXPRUNE_XLA_OPTIONS=xla passes no options at all
-(XLA's defaults; 'jaxprune', the default, is the behaviour above). A jaxlib that does not
-know an option is probed once and gets no options.
+Which set applies is an argument, `xla_options` (a key of
+`jaxprune.kernels.options.XLA_OPTION_SETS`): 'jaxprune', the default, is the behaviour
+above; 'xla' passes no options at all (XLA's defaults). Callers jitting a model's code
+pass `model.performance.xla_options`, so that the options a model was built with are the
+ones it compiles with. A user who sets the same option in XLA_FLAGS keeps their setting
+(jaxprune then passes nothing for it), and a jaxlib that does not know an option is
+probed once and gets no options.
+
+The measurements behind these choices are in experiments/bench/README.md (sections 4
+and 7).
 """
 
 import functools
@@ -45,22 +42,13 @@ import jax.numpy as jnp
 from absl import logging
 
 from jaxprune.errors import ConfigError
+from jaxprune.kernels.options import XLA_OPTION_SETS
 
-ENV_VAR = 'JAXPRUNE_XLA_OPTIONS'
 CACHE_ENV_VAR = 'JAX_COMPILATION_CACHE_DIR'
 DEFAULT_CACHE_DIR = '~/.cache/jaxprune/xla'
-CHOICES = ('jaxprune', 'xla')
 YNN_FUSION_TYPES = 'xla_cpu_experimental_ynn_fusion_type'
 CPU_OPTIONS = {YNN_FUSION_TYPES: 'LIBRARY_FUSION_TYPE_REDUCE'}
 CPU_ONCE_OPTIONS = {**CPU_OPTIONS, 'xla_backend_optimization_level': 1}
-
-
-def choice() -> str:
-  """JAXPRUNE_XLA_OPTIONS, checked: 'jaxprune' (the default) or 'xla'."""
-  value = os.environ.get(ENV_VAR, '').strip().lower() or 'jaxprune'
-  if value not in CHOICES:
-    raise ConfigError(f"{ENV_VAR}={value!r} is not a choice; use one of {', '.join(CHOICES)}.")
-  return value
 
 
 @functools.cache
@@ -73,12 +61,18 @@ def _accepted(options: tuple) -> bool:
   return True
 
 
-def compiler_options(backend: str | None = None, once: bool = False) -> dict:
+def compiler_options(backend: str | None = None, once: bool = False,
+                     xla_options: str = 'jaxprune') -> dict:
   """The compiler options for jitting model code on `backend` (default: JAX's default).
 
   `once`: for a program that runs once per model (see the module docstring).
+  `xla_options`: a key of XLA_OPTION_SETS, normally `model.performance.xla_options`.
   """
-  if choice() == 'xla' or (backend or jax.default_backend()) != 'cpu':
+  if xla_options not in XLA_OPTION_SETS:
+    # PerformanceOptions checked the user's value; anything else is a bug in the caller.
+    raise ValueError(f"xla_options {xla_options!r} is not one of "
+                     f"{', '.join(XLA_OPTION_SETS)}.")
+  if xla_options == 'xla' or (backend or jax.default_backend()) != 'cpu':
     return {}
   user_flags = os.environ.get('XLA_FLAGS', '')
   wanted = CPU_ONCE_OPTIONS if once else CPU_OPTIONS
@@ -88,14 +82,22 @@ def compiler_options(backend: str | None = None, once: bool = False) -> dict:
   return options
 
 
-def jit(fun: Callable, **jit_kwargs) -> Callable:
-  """`jax.jit(fun, **jit_kwargs)` compiled with `compiler_options()`."""
-  return jax.jit(fun, compiler_options=compiler_options(), **jit_kwargs)
+def jit(fun: Callable, xla_options: str = 'jaxprune', **jit_kwargs) -> Callable:
+  """`jax.jit(fun, **jit_kwargs)` compiled with `compiler_options(xla_options=xla_options)`.
+
+  Pass the jitted model's `performance.xla_options`.
+  """
+  return jax.jit(fun, compiler_options=compiler_options(xla_options=xla_options),
+                 **jit_kwargs)
 
 
-def jit_once(fun: Callable, **jit_kwargs) -> Callable:
-  """`jax.jit(fun, **jit_kwargs)` for a program that runs once: `compiler_options(once=True)`."""
-  return jax.jit(fun, compiler_options=compiler_options(once=True), **jit_kwargs)
+def jit_once(fun: Callable, xla_options: str = 'jaxprune', **jit_kwargs) -> Callable:
+  """`jax.jit(fun, **jit_kwargs)` for a program that runs once: `compiler_options(once=True)`.
+
+  Pass the jitted model's `performance.xla_options`.
+  """
+  return jax.jit(fun, compiler_options=compiler_options(once=True, xla_options=xla_options),
+                 **jit_kwargs)
 
 
 def use_persistent_cache(directory: str | None = None) -> str:

@@ -1,13 +1,12 @@
 """A 2-D convolution with nn.Conv's parameters, computed the fastest way measured on CPU.
 
 XLA's CPU backend runs `lax.conv_general_dilated` at a small fraction of its usual speed
-when the output map is tiny. Measured with jaxlib 0.10.2 on a 2-core x86 CPU (batch 128,
-512 -> 512 channels, 3x3 'SAME'; experiments/bench/conv_rule.py), the forward pass and the
-input gradient on a 2x2 map ran at 0.2-2.2 GFLOP/s against 200-270 GFLOP/s at 4x4, so the
-last stage of a CIFAR VGG dominated its train step. Written as patches x matrix (im2col:
-the kh*kw shifted, strided views of the zero-padded input concatenated along channels,
-times the kernel reshaped to (kh*kw*C_in, C_out)) the same convolution is one matmul, and
-its gradients are a matmul plus pads: 100-250x faster there.
+when the output map is tiny, so the last stage of a CIFAR VGG dominated its train step.
+Written as patches x matrix (im2col: the kh*kw shifted, strided views of the zero-padded
+input concatenated along channels, times the kernel reshaped to (kh*kw*C_in, C_out)) the
+same convolution is one matmul, and its gradients are a matmul plus pads, which XLA runs
+at full speed there. The measurements behind every choice below are in
+experiments/bench/README.md (section 1, `experiments/bench/conv_rule.py`).
 
 `Conv` is an `nn.Conv` subclass (so `isinstance(m, nn.Conv)` holds and MAC counting sees it)
 that creates exactly nn.Conv's parameters: `kernel` (kh, kw, C_in, C_out) HWIO with the
@@ -16,46 +15,36 @@ changes no parameter path, shape or initial value, so structure derivation, shri
 checkpoints do not notice. Only NHWC inputs, feature_group_count 1, no dilation and no mask
 are supported (what jaxprune's models use); padding is 'SAME', 'VALID' or explicit pairs.
 
-Which formulation runs (`IMPLS`):
+Which formulation runs is the module's `impl`, a key of
+`jaxprune.kernels.options.CONV_IMPLS` (models pass their `performance.conv_impl`):
   native   `lax.conv_general_dilated` (what nn.Conv does).
   patches  im2col + one matmul: the same convolution, same padding and strides; float32
-           results agree to rounding (about 1e-6 relative), forward and gradients.
+           results agree to rounding, forward and gradients.
   auto     on the CPU backend, `choose_impl`'s rule: 'patches' when the output map has at
-           most PATCHES_MAX_OUTPUT_PIXELS (4) positions, H_out * W_out, else 'native';
-           and the input is passed through `materialize` (below). Basis
-           (experiments/bench/conv_rule.py, round-robin medians; README there): at 2x2
-           patches is 108x faster for the forward pass and 54x for the input gradient
-           and ties native for the kernel gradient; from 4x4 up native is faster in every
-           pass a layer needs (the kernel gradient by 1.3-5x) except the input gradients
-           of stride-2 layers, where patches would save 0.9-3 ms (under 1 % of a step).
-           That holds under the compiler options of `jaxprune.kernels.compiler`; with XLA's default
-           CPU options native's kernel gradient is 1.4-5.7x slower, and patches won it for
-           VGG's wide layers. Off the CPU 'auto' is plain 'native' (not measured here;
-           cuDNN and the TPU compiler have no such cliff that we know of).
+           most PATCHES_MAX_OUTPUT_PIXELS positions (H_out * W_out), else 'native'; and
+           the input is passed through `materialize` (below). Those tiny maps are where
+           native is many times slower in the forward pass and the input gradient; from
+           the next size up native is the faster choice in every pass a layer needs. The
+           rule was measured under the compiler options of `jaxprune.kernels.compiler`,
+           which make native's kernel gradient much faster than XLA's default CPU options
+           do. Off the CPU 'auto' is plain 'native' (cuDNN and the TPU compiler have no
+           such cliff that we know of).
 
 `materialize(x, kernel)` returns x / one, with `one` a runtime 1.0 derived from the kernel
 (exact: x / 1 == x, and its gradient is the identity). Why: in a train step XLA's CPU
 fusion recomputes a cheap elementwise producer inside every consumer instead of reading
 the buffer it already wrote, and the backward pass's kernel-gradient convolution consumes
 its input through a transpose. For a residual stream, x_k = relu(bn(conv(.)) + x_{k-1}),
-each such transpose re-derived the whole stage's chain of blocks (fusions with up to 51
-operands, read in transposed order): 2.0 s of a 4.1 s ResNet-56 step (batch 128).
-A floating-point division is one of the ops XLA will not duplicate, so the conv input is
-computed once; the same step took 2.4 s instead of 4.1 s, bitwise the same loss, and
-VGG-16 (no residual chain) was unchanged. Rerun under `jaxprune.kernels.compiler`'s options, two
-rounds: 0.89-0.90 s with it against 1.38-1.41 s without. 'native' and 'patches' never apply it.
+each such transpose re-derived the whole stage's chain of blocks, and that was most of a
+ResNet-56 step. A floating-point division is one of the ops XLA will not duplicate, so
+the conv input is computed once, with a bitwise identical loss; a network without a
+residual chain (VGG) is not slowed. 'native' and 'patches' never apply it.
 
-The implementation is resolved at trace time, in this order: the module's `impl` field, the
-innermost `use_impl(...)` context, `set_default_impl(...)`, the environment variable
-JAXPRUNE_CONV_IMPL, then 'auto'. Because it is resolved while tracing, a function that jit
-has already compiled keeps the formulation it was traced with; set the choice before the
-first call (or jit a fresh function).
+The formulation is chosen while tracing, so a compiled function keeps the one it was
+traced with; a model with other options is another (unequal) module and compiles anew.
 """
 
-import contextlib
-import contextvars
 import math
-import os
 from typing import Sequence
 
 import flax.linen as nn
@@ -63,60 +52,29 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxprune.errors import ConfigError
-
-IMPLS = ('auto', 'native', 'patches')
-ENV_VAR = 'JAXPRUNE_CONV_IMPL'
+from jaxprune.kernels.options import CONV_IMPLS
 
 # The 'auto' rule on the CPU backend (measured; see the module docstring): the largest output
 # map (H_out * W_out) computed as patches.
 PATCHES_MAX_OUTPUT_PIXELS = 4
 
-_DEFAULT: str | None = None
-_CONTEXT: contextvars.ContextVar = contextvars.ContextVar('conv_impl', default=None)
 
-
-def _check(impl, what: str) -> str:
-  if impl not in IMPLS:
-    raise ConfigError(f"{what} {impl!r} is not a convolution implementation; choose one of "
-                      f"{', '.join(IMPLS)}.")
+def _check(impl) -> str:
+  # Models pass a PerformanceOptions value, checked when it was made: anything else is a bug.
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"conv implementation {impl!r} is not one of {', '.join(CONV_IMPLS)}.")
   return impl
-
-
-def set_default_impl(impl: str | None) -> None:
-  """Sets the process-wide implementation (None: back to JAXPRUNE_CONV_IMPL / 'auto')."""
-  global _DEFAULT
-  _DEFAULT = None if impl is None else _check(impl, 'conv implementation')
-
-
-@contextlib.contextmanager
-def use_impl(impl: str):
-  """Within the block, modules without an `impl` field trace with `impl`."""
-  token = _CONTEXT.set(_check(impl, 'conv implementation'))
-  try:
-    yield
-  finally:
-    _CONTEXT.reset(token)
-
-
-def current_impl() -> str:
-  """The implementation a module without an `impl` field uses now (may be 'auto')."""
-  for impl in (_CONTEXT.get(), _DEFAULT):
-    if impl is not None:
-      return impl
-  env = os.environ.get(ENV_VAR, '').strip().lower()
-  return _check(env, f'{ENV_VAR}=') if env else 'auto'
 
 
 def choose_impl(impl: str, output_spatial: Sequence[int], backend: str | None = None) -> str:
   """The formulation (a key of FORMULATIONS) of one convolution: `impl`, or the rule for 'auto'.
 
   Args:
-    impl: one of IMPLS.
+    impl: a key of CONV_IMPLS.
     output_spatial: the output map's spatial shape (H_out, W_out).
     backend: the JAX backend the convolution runs on (default `jax.default_backend()`).
   """
-  _check(impl, 'conv implementation')
+  _check(impl)
   if impl != 'auto':
     return impl
   if (backend or jax.default_backend()) != 'cpu':
@@ -129,8 +87,8 @@ def _pads(spatial, kernel_size, strides, padding) -> tuple[tuple[int, int], ...]
   """Explicit (low, high) pads per spatial dim, as lax.conv_general_dilated computes them."""
   if isinstance(padding, str):
     if padding not in ('SAME', 'VALID'):
-      raise ConfigError(f"conv padding {padding!r} is not supported; use 'SAME', 'VALID' or "
-                        "(low, high) pairs.")
+      raise ValueError(f"conv padding {padding!r} is not supported; use 'SAME', 'VALID' or "
+                       "(low, high) pairs.")
     pads = lax.padtype_to_pads(spatial, kernel_size, strides, padding)
   else:
     pads = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
@@ -185,9 +143,9 @@ class Conv(nn.Conv):
   """nn.Conv (2-D, NHWC, no groups or dilation) computed as `choose_impl` chooses.
 
   Attributes (beyond nn.Conv's):
-    impl: one of IMPLS, or None to follow `current_impl()` (the global setting).
+    impl: a key of CONV_IMPLS (see the module docstring).
   """
-  impl: str | None = None
+  impl: str = 'auto'
 
   @nn.compact
   def __call__(self, inputs):
@@ -207,9 +165,9 @@ class Conv(nn.Conv):
       if d not in (None, 1) and tuple(d) != (1,) * len(kernel_size):
         unsupported.append(f'{field} 1')
     if unsupported:
-      raise ConfigError(f"jaxprune's Conv supports only {', '.join(unsupported)}; use nn.Conv "
-                        "for other configurations.")
-    impl = _check(self.impl, 'Conv.impl') if self.impl is not None else current_impl()
+      raise ValueError(f"jaxprune's Conv supports only {', '.join(unsupported)}; use nn.Conv "
+                       "for other configurations.")
+    impl = _check(self.impl)
 
     pads = _pads(inputs.shape[1:3], kernel_size, strides, self.padding)
     # The same param calls, in the same order, as nn.Conv: identical names, shapes and init.

@@ -11,39 +11,22 @@ extra full-size tensor from the forward pass and spends three reductions and two
 elementwise passes per layer. `batch_norm_train`'s custom VJP needs two reductions
 (sum dy, sum dy * (x - mean)) and one elementwise pass, from x and four per-channel
 vectors. A channel-pruning study trains small CIFAR networks whose activations are large
-next to their convolutions, so these passes are a visible share of a step: ResNet-56's
-train step on a 2-core CPU took 1041 ms with it against 1103 ms with nn.BatchNorm, VGG-16's
-1160 against 1188 ms (batch 128, medians of three alternating rounds;
-experiments/bench/README.md, section 2).
+next to their convolutions, so these passes are a visible share of a train step
+(measured in experiments/bench/README.md, section 2).
 
 The gradient is the exact derivative of the same function, including the cotangents of
-the returned mean and variance and the clip at zero; tests/test_models.py compares it with
-nn.BatchNorm's to float tolerance. JAXPRUNE_BATCH_NORM=flax builds nn.BatchNorm instead
-('jaxprune', the default, is this module); like the convolution choice it is read while
-tracing.
+the returned mean and variance and the clip at zero; tests/test_norm.py compares it with
+nn.BatchNorm's to float tolerance. Models build this module or nn.BatchNorm as their
+`performance.batch_norm` says ('jaxprune' or 'flax', the keys of
+`jaxprune.kernels.options.BATCH_NORMS`).
 """
 
 import functools
-import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
-
-from jaxprune.errors import ConfigError
-
-IMPLS = ('jaxprune', 'flax')
-ENV_VAR = 'JAXPRUNE_BATCH_NORM'
-
-
-def current_impl() -> str:
-  """JAXPRUNE_BATCH_NORM, checked: 'jaxprune' (the default) or 'flax'."""
-  value = os.environ.get(ENV_VAR, '').strip().lower() or 'jaxprune'
-  if value not in IMPLS:
-    raise ConfigError(f"{ENV_VAR}={value!r} is not a BatchNorm implementation; choose one "
-                      f"of {', '.join(IMPLS)}.")
-  return value
 
 
 def _axes(x) -> tuple[int, ...]:

@@ -1,7 +1,9 @@
-"""Model registry: names accepted by `--model` -> constructors taking (num_classes, widths).
+"""Model registry: the names the `model` setting accepts -> their constructors.
 
-Every model is a Flax Linen module with `default_widths()`, `prunable_groups()` and
-`__call__(x, train=False, masks=None)`; a pruned model is the same class built
+Every model is a Flax Linen module (a `layers.Network`) with `default_widths()`,
+`prunable_groups()` and `__call__(x, train=False, masks=None)`, and the fields `widths`
+(a frozen mapping, so that models hash and compare by value) and `performance` (the
+`PerformanceOptions` its layers compute with). A pruned model is the same class built
 with smaller `widths`.
 """
 
@@ -12,8 +14,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jaxprune.kernels import compiler
 from jaxprune.errors import choose
+from jaxprune.kernels import compiler
+from jaxprune.kernels.options import PerformanceOptions
 from jaxprune.models.densenet import DenseNet
 from jaxprune.models.resnet import PreResNet, ResNet, WideResNet
 from jaxprune.models.tiny import TinyCNN
@@ -34,13 +37,20 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     'densenet40': functools.partial(DenseNet, depth=40),
 }
 
-_INITS: dict[str, Callable] = {}
+_INITS: dict[nn.Module, Callable] = {}
 
 
-def build(name: str, num_classes: int = 10, widths: Mapping[str, int] | None = None) -> nn.Module:
-  """Returns the registered model `name`, with default widths unless `widths` is given."""
+def build(name: str, num_classes: int = 10, widths: Mapping[str, int] | None = None,
+          performance: PerformanceOptions | None = None) -> nn.Module:
+  """Returns the registered model `name`, with default widths unless `widths` is given.
+
+  `performance` None is `PerformanceOptions()`, the defaults; entry points pass the
+  options they read (`PerformanceOptions.from_env`), library code passes them on.
+  """
   choose('model', name, MODELS)
-  return MODELS[name](num_classes=num_classes, widths=None if widths is None else dict(widths))
+  # The model freezes `widths` (layers.Network), which also copies it.
+  return MODELS[name](num_classes=num_classes, widths=widths,
+                      performance=PerformanceOptions() if performance is None else performance)
 
 
 def widths_of(model: nn.Module) -> dict[str, int]:
@@ -52,15 +62,14 @@ def init(model: nn.Module, rng: jax.Array, image_shape) -> dict:
   """The model's initial variables for (H, W, C) images, made by one compiled program.
 
   Called eagerly, `model.init` compiles every primitive of every layer as a program of its
-  own: resnet20's first init in a process compiled 111 programs in 8.4 s, and most of a
-  one-shot pipeline run's compiles outside training were such (experiments/bench/
-  compiles.py, README section 4). Here it is one program per model and widths,
-  compiled for a single run (`compiler.jit_once`). The values equal eager init's to float
-  rounding (the fused program rounds a few initialisers' last bit differently).
+  own, and those compiles were most of a one-shot pipeline run's compile time outside
+  training (experiments/bench/README.md, section 4). Here it is one program per model
+  (class, widths and performance options), compiled for a single run
+  (`compiler.jit_once`, with the model's XLA option set). The values equal eager init's
+  to float rounding (the fused program rounds a few initialisers' last bit differently).
   """
-  # Keyed by repr: modules with a widths dict do not hash, and a new jit of `model.init` (a
-  # new bound method each time) would compile again for every seed of the same model.
-  key = repr(model)
-  if key not in _INITS:
-    _INITS[key] = compiler.jit_once(model.init)
-  return _INITS[key](rng, np.zeros((1,) + tuple(image_shape), np.float32))
+  # Keyed by the model itself (models hash by value): a new jit of `model.init`, a new bound
+  # method each time, would compile again for every seed of the same model.
+  if model not in _INITS:
+    _INITS[model] = compiler.jit_once(model.init, xla_options=model.performance.xla_options)
+  return _INITS[model](rng, np.zeros((1,) + tuple(image_shape), np.float32))

@@ -12,19 +12,21 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxprune.errors import ConfigError
+from jaxprune.kernels.options import PerformanceOptions
 from jaxprune.models import layers
 
 
-class DenseNet(nn.Module):
+class DenseNet(layers.Network):
   depth: int = 40
   growth: int = 12
   num_classes: int = 10
   widths: Mapping[str, int] | None = None
+  performance: PerformanceOptions = PerformanceOptions()
 
   def layers_per_block(self) -> int:
     n, rest = divmod(self.depth - 4, 3)
     if rest or n < 1:
-      raise ConfigError(f"DenseNet depth must be 3n+4 with n >= 1, got {self.depth}.")
+      raise ValueError(f"DenseNet depth must be 3n+4 with n >= 1, got {self.depth}.")
     return n
 
   def prunable_groups(self) -> tuple[str, ...]:
@@ -41,27 +43,29 @@ class DenseNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False, masks: Mapping | None = None):
+    perf = self.performance
     widths = layers.resolve_widths('DenseNet', self.default_widths(), self.widths)
     layers.check_masks(masks, widths, self.prunable_groups(), x.shape[0])
     if min(x.shape[1:3]) < 4:
+      # The images are the user's dataset (and image size): a ConfigError.
       raise ConfigError(f"DenseNet halves the image twice and needs at least 4x4 pixels, "
                         f"got {x.shape[1]}x{x.shape[2]}.")
-    x = layers.conv(2 * self.growth, 3, name='stem')(x)
+    x = layers.conv(perf, 2 * self.growth, 3, name='stem')(x)
     for d in (1, 2, 3):
       for l in range(1, self.layers_per_block() + 1):
         group = f'block{d}_layer{l}'
-        y = layers.SelectBnRelu(widths[group], train, name=f'{group}_select')(x)
+        y = layers.SelectBnRelu(widths[group], train, perf, name=f'{group}_select')(x)
         y = layers.gate(self, y, masks, group)
-        y = layers.conv(self.growth, 3, name=f'{group}_conv')(y)
+        y = layers.conv(perf, self.growth, 3, name=f'{group}_conv')(y)
         x = jnp.concatenate([x, y], axis=-1)
       if d < 3:
         group = f'transition{d}'
         channels = x.shape[-1]
-        y = layers.SelectBnRelu(widths[group], train, name=f'{group}_select')(x)
+        y = layers.SelectBnRelu(widths[group], train, perf, name=f'{group}_select')(x)
         y = layers.gate(self, y, masks, group)
-        x = layers.conv(channels, 1, name=f'{group}_conv')(y)
+        x = layers.conv(perf, channels, 1, name=f'{group}_conv')(y)
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
-    x = layers.SelectBnRelu(widths['final'], train, name='final_select')(x)
+    x = layers.SelectBnRelu(widths['final'], train, perf, name='final_select')(x)
     x = layers.gate(self, x, masks, 'final')
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, name='head')(x)

@@ -6,6 +6,11 @@ Every model in jaxprune is a Flax Linen module whose channel counts come from a
 mask at the point where a removed channel's contribution becomes exactly zero
 (after BN and the nonlinearity). The same point is where activation criteria read
 the channel (`sow` into the 'intermediates' collection).
+
+Every model also carries a `performance` field (`PerformanceOptions`), which chooses how
+its convolutions and BatchNorms are computed (`conv`, `batch_norm` here); models derive
+from `Network`, which makes the `widths` mapping immutable so that a model hashes and
+compares by value, and the options become part of any cache keyed on the model.
 """
 
 import contextlib
@@ -14,10 +19,11 @@ from typing import Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
+from flax.core import FrozenDict
 
-from jaxprune.errors import ConfigError
 from jaxprune.kernels import norm
 from jaxprune.kernels.conv import Conv
+from jaxprune.kernels.options import PerformanceOptions
 
 # Collection holding, for channel-selection layers, the indices of the stream
 # channels the layer reads. It is structural data, not a learned parameter.
@@ -30,23 +36,44 @@ _OFFSETS: contextvars.ContextVar = contextvars.ContextVar('activation_offsets', 
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-def batch_norm(train: bool, name: str | None = None) -> norm.BatchNorm | nn.BatchNorm:
+class Network(nn.Module):
+  """The base of jaxprune's models, which declare `widths` and `performance` fields.
+
+  A widths dict would make the module unhashable, so construction (`build`, `clone`,
+  a model made directly) freezes it: two models of the same class, widths and options
+  are equal and hash alike, whatever mapping the widths came in.
+  """
+
+  def __post_init__(self):
+    if self.widths is not None and not isinstance(self.widths, FrozenDict):
+      # Before Module.__post_init__ the fields are still settable, as in a dataclass.
+      object.__setattr__(self, 'widths', FrozenDict(self.widths))
+    super().__post_init__()
+
+
+def batch_norm(performance: PerformanceOptions, train: bool,
+               name: str | None = None) -> norm.BatchNorm | nn.BatchNorm:
   # momentum 0.9 here is PyTorch's momentum 0.1, the papers' setting. norm.BatchNorm is
   # nn.BatchNorm's function and variables with a backward pass of fewer memory passes.
-  module = norm.BatchNorm if norm.current_impl() == 'jaxprune' else nn.BatchNorm
+  module = norm.BatchNorm if performance.batch_norm == 'jaxprune' else nn.BatchNorm
   return module(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
-def conv(features: int, kernel: int, stride: int = 1, name: str | None = None) -> Conv:
-  # conv.Conv has nn.Conv's parameters (and is one), but computes small CPU feature maps
-  # as patches x matrix, where XLA's native convolution is many times slower.
+def conv(performance: PerformanceOptions, features: int, kernel: int, stride: int = 1,
+         name: str | None = None) -> Conv:
+  # conv.Conv has nn.Conv's parameters (and is one), but can compute small CPU feature
+  # maps as patches x matrix, where XLA's native convolution is many times slower.
   return Conv(features, (kernel, kernel), strides=(stride, stride), padding='SAME',
-              use_bias=False, kernel_init=conv_init, name=name)
+              use_bias=False, kernel_init=conv_init, impl=performance.conv_impl, name=name)
 
 
 def resolve_widths(model_name: str, default: Mapping[str, int],
                    given: Mapping[str, int] | None) -> dict[str, int]:
-  """Returns the widths to build with, checking `given` has exactly the default's groups."""
+  """Returns the widths to build with, checking `given` has exactly the default's groups.
+
+  Widths come from library code (a selection, a shrink), so a wrong mapping is a bug
+  there: ValueError.
+  """
   if given is None:
     return dict(default)
   missing = [g for g in default if g not in given]
@@ -57,27 +84,30 @@ def resolve_widths(model_name: str, default: Mapping[str, int],
       parts.append(f"missing groups {missing}")
     if extra:
       parts.append(f"unknown groups {extra}")
-    raise ConfigError(f"widths for {model_name} have {' and '.join(parts)}; "
-                      f"the groups are {list(default)}.")
+    raise ValueError(f"widths for {model_name} have {' and '.join(parts)}; "
+                     f"the groups are {list(default)}.")
   bad = {g: w for g, w in given.items() if int(w) != w or w < 1}
   if bad:
-    raise ConfigError(f"widths for {model_name} must be positive integers, got {bad}.")
+    raise ValueError(f"widths for {model_name} must be positive integers, got {bad}.")
   return {g: int(given[g]) for g in default}
 
 
 def check_masks(masks: Mapping | None, widths: Mapping[str, int], prunable, x_batch: int):
-  """Checks mask group names and shapes; a mask may be (C,) or a (B, C) per-example gate."""
+  """Checks mask group names and shapes; a mask may be (C,) or a (B, C) per-example gate.
+
+  Masks come from library code, so a wrong one is a ValueError.
+  """
   if masks is None:
     return
   for group, mask in masks.items():
     if group not in prunable:
-      raise ConfigError(f"mask for unknown group {group!r}; the prunable groups are "
-                        f"{list(prunable)}.")
+      raise ValueError(f"mask for unknown group {group!r}; the prunable groups are "
+                       f"{list(prunable)}.")
     c = widths[group]
     shape = tuple(mask.shape)
     if shape not in ((c,), (x_batch, c)):
-      raise ConfigError(f"mask for group {group!r} has shape {shape}; allowed are "
-                        f"({c},) or ({x_batch}, {c}).")
+      raise ValueError(f"mask for group {group!r} has shape {shape}; allowed are "
+                       f"({c},) or ({x_batch}, {c}).")
 
 
 def gate(module: nn.Module, x, masks: Mapping | None, group: str):
@@ -124,9 +154,10 @@ class SelectBnRelu(nn.Module):
   """
   width: int
   train: bool
+  performance: PerformanceOptions
 
   @nn.compact
   def __call__(self, x):
     index = self.variable(INDICES, 'input_channels', lambda: jnp.arange(self.width, dtype=jnp.int32))
     x = jnp.take(x, index.value, axis=-1)
-    return nn.relu(batch_norm(self.train)(x))
+    return nn.relu(batch_norm(self.performance, self.train)(x))

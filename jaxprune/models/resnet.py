@@ -11,10 +11,12 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxprune.errors import ConfigError
+from jaxprune.kernels.options import PerformanceOptions
 from jaxprune.models import layers
 
 
 def _check_image(x, downsamplings: int):
+  # The images are the user's dataset (and image size): a ConfigError.
   need = 2 ** downsamplings
   if min(x.shape[1:3]) < need:
     raise ConfigError(f"this network halves the image {downsamplings} times and needs at "
@@ -24,11 +26,11 @@ def _check_image(x, downsamplings: int):
 def _blocks_per_stage(name: str, depth: int, per_block: int, extra: int) -> int:
   n, rest = divmod(depth - extra, per_block)
   if rest or n < 1:
-    raise ConfigError(f"{name} depth must be {per_block}n+{extra} with n >= 1, got {depth}.")
+    raise ValueError(f"{name} depth must be {per_block}n+{extra} with n >= 1, got {depth}.")
   return n
 
 
-class ResNet(nn.Module):
+class ResNet(layers.Network):
   """Basic-block CIFAR ResNet with the parameter-free shortcut (subsample + zero-pad).
 
   Prunable: `stage{s}_block{b}`, the output of each block's first conv (s, b from 1).
@@ -37,6 +39,7 @@ class ResNet(nn.Module):
   stage_widths: Sequence[int] = (16, 32, 64)
   num_classes: int = 10
   widths: Mapping[str, int] | None = None
+  performance: PerformanceOptions = PerformanceOptions()
 
   def blocks_per_stage(self) -> int:
     return _blocks_per_stage('ResNet', self.depth, 6, 2)
@@ -52,24 +55,25 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False, masks: Mapping | None = None):
+    perf = self.performance
     widths = layers.resolve_widths('ResNet', self.default_widths(), self.widths)
     layers.check_masks(masks, widths, self.prunable_groups(), x.shape[0])
     _check_image(x, 2)
-    x = layers.conv(widths['stage1'], 3, name='stem')(x)
-    x = nn.relu(layers.batch_norm(train, name='stem_bn')(x))
+    x = layers.conv(perf, widths['stage1'], 3, name='stem')(x)
+    x = nn.relu(layers.batch_norm(perf, train, name='stem_bn')(x))
     for s in (1, 2, 3):
       out = widths[f'stage{s}']
       if out < x.shape[-1]:
-        raise ConfigError(f"stage{s} width {out} is narrower than the stage before it "
-                          f"({x.shape[-1]}); the zero-padding shortcut needs it at least as wide.")
+        raise ValueError(f"stage{s} width {out} is narrower than the stage before it "
+                         f"({x.shape[-1]}); the zero-padding shortcut needs it at least as wide.")
       for b in range(1, self.blocks_per_stage() + 1):
         group = f'stage{s}_block{b}'
         stride = 2 if s > 1 and b == 1 else 1
-        y = layers.conv(widths[group], 3, stride, name=f'{group}_conv1')(x)
-        y = nn.relu(layers.batch_norm(train, name=f'{group}_bn1')(y))
+        y = layers.conv(perf, widths[group], 3, stride, name=f'{group}_conv1')(x)
+        y = nn.relu(layers.batch_norm(perf, train, name=f'{group}_bn1')(y))
         y = layers.gate(self, y, masks, group)
-        y = layers.conv(out, 3, name=f'{group}_conv2')(y)
-        y = layers.batch_norm(train, name=f'{group}_bn2')(y)
+        y = layers.conv(perf, out, 3, name=f'{group}_conv2')(y)
+        y = layers.batch_norm(perf, train, name=f'{group}_bn2')(y)
         shortcut = x[:, ::stride, ::stride, :]
         shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0), (0, out - x.shape[-1])))
         x = nn.relu(y + shortcut)
@@ -77,7 +81,7 @@ class ResNet(nn.Module):
     return nn.Dense(self.num_classes, name='head')(x)
 
 
-class PreResNet(nn.Module):
+class PreResNet(layers.Network):
   """Pre-activation bottleneck ResNet (depth 9n+2), pruned as network slimming does.
 
   Each block reads its input through a channel selection (`stage{s}_block{b}_in`:
@@ -90,6 +94,7 @@ class PreResNet(nn.Module):
   expansion: int = 4
   num_classes: int = 10
   widths: Mapping[str, int] | None = None
+  performance: PerformanceOptions = PerformanceOptions()
 
   def blocks_per_stage(self) -> int:
     return _blocks_per_stage('PreResNet', self.depth, 9, 2)
@@ -116,33 +121,34 @@ class PreResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False, masks: Mapping | None = None):
+    perf = self.performance
     widths = layers.resolve_widths('PreResNet', self.default_widths(), self.widths)
     layers.check_masks(masks, widths, self.prunable_groups(), x.shape[0])
     _check_image(x, 2)
-    x = layers.conv(widths['stem'], 3, name='stem')(x)
+    x = layers.conv(perf, widths['stem'], 3, name='stem')(x)
     for s in (1, 2, 3):
       for b in range(1, self.blocks_per_stage() + 1):
         block = f'stage{s}_block{b}'
         stride = 2 if s > 1 and b == 1 else 1
-        y = layers.SelectBnRelu(widths[f'{block}_in'], train, name=f'{block}_in_select')(x)
+        y = layers.SelectBnRelu(widths[f'{block}_in'], train, perf, name=f'{block}_in_select')(x)
         y = layers.gate(self, y, masks, f'{block}_in')
-        y = layers.conv(widths[f'{block}_mid1'], 1, name=f'{block}_conv1')(y)
-        y = nn.relu(layers.batch_norm(train, name=f'{block}_bn2')(y))
+        y = layers.conv(perf, widths[f'{block}_mid1'], 1, name=f'{block}_conv1')(y)
+        y = nn.relu(layers.batch_norm(perf, train, name=f'{block}_bn2')(y))
         y = layers.gate(self, y, masks, f'{block}_mid1')
-        y = layers.conv(widths[f'{block}_mid2'], 3, stride, name=f'{block}_conv2')(y)
-        y = nn.relu(layers.batch_norm(train, name=f'{block}_bn3')(y))
+        y = layers.conv(perf, widths[f'{block}_mid2'], 3, stride, name=f'{block}_conv2')(y)
+        y = nn.relu(layers.batch_norm(perf, train, name=f'{block}_bn3')(y))
         y = layers.gate(self, y, masks, f'{block}_mid2')
-        y = layers.conv(widths[f'stage{s}'], 1, name=f'{block}_conv3')(y)
+        y = layers.conv(perf, widths[f'stage{s}'], 1, name=f'{block}_conv3')(y)
         if b == 1:
-          x = layers.conv(widths[f'stage{s}'], 1, stride, name=f'{block}_shortcut')(x)
+          x = layers.conv(perf, widths[f'stage{s}'], 1, stride, name=f'{block}_shortcut')(x)
         x = x + y
-    x = layers.SelectBnRelu(widths['final'], train, name='final_select')(x)
+    x = layers.SelectBnRelu(widths['final'], train, perf, name='final_select')(x)
     x = layers.gate(self, x, masks, 'final')
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, name='head')(x)
 
 
-class WideResNet(nn.Module):
+class WideResNet(layers.Network):
   """Pre-activation WideResNet WRN-depth-k (depth 6n+4).
 
   Prunable: `stage{s}_block{b}`, the output of each block's first conv, as in
@@ -153,6 +159,7 @@ class WideResNet(nn.Module):
   widen_factor: int = 2
   num_classes: int = 10
   widths: Mapping[str, int] | None = None
+  performance: PerformanceOptions = PerformanceOptions()
 
   def blocks_per_stage(self) -> int:
     return _blocks_per_stage('WideResNet', self.depth, 6, 4)
@@ -171,10 +178,11 @@ class WideResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False, masks: Mapping | None = None):
+    perf = self.performance
     widths = layers.resolve_widths('WideResNet', self.default_widths(), self.widths)
     layers.check_masks(masks, widths, self.prunable_groups(), x.shape[0])
     _check_image(x, 2)
-    x = layers.conv(widths.get('stem', widths['stage1']), 3, name='stem')(x)
+    x = layers.conv(perf, widths.get('stem', widths['stage1']), 3, name='stem')(x)
     for s in (1, 2, 3):
       for b in range(1, self.blocks_per_stage() + 1):
         group = f'stage{s}_block{b}'
@@ -182,19 +190,20 @@ class WideResNet(nn.Module):
         # Projection iff the default network changes width or resolution here; a
         # structural choice that must not depend on the (prunable) widths.
         project = b == 1 and (s > 1 or self.widen_factor != 1)
-        pre = nn.relu(layers.batch_norm(train, name=f'{group}_bn1')(x))
+        pre = nn.relu(layers.batch_norm(perf, train, name=f'{group}_bn1')(x))
         if project:
-          shortcut = layers.conv(widths[f'stage{s}'], 1, stride, name=f'{group}_shortcut')(pre)
+          shortcut = layers.conv(perf, widths[f'stage{s}'], 1, stride,
+                                 name=f'{group}_shortcut')(pre)
         else:
           shortcut = x
-        y = layers.conv(widths[group], 3, stride, name=f'{group}_conv1')(pre)
-        y = nn.relu(layers.batch_norm(train, name=f'{group}_bn2')(y))
+        y = layers.conv(perf, widths[group], 3, stride, name=f'{group}_conv1')(pre)
+        y = nn.relu(layers.batch_norm(perf, train, name=f'{group}_bn2')(y))
         y = layers.gate(self, y, masks, group)
-        y = layers.conv(widths[f'stage{s}'], 3, name=f'{group}_conv2')(y)
+        y = layers.conv(perf, widths[f'stage{s}'], 3, name=f'{group}_conv2')(y)
         if shortcut.shape[-1] != y.shape[-1]:
-          raise ConfigError(f"stage{s} width {y.shape[-1]} must equal the width entering it "
-                            f"({shortcut.shape[-1]}) for a WideResNet with identity shortcuts.")
+          raise ValueError(f"stage{s} width {y.shape[-1]} must equal the width entering it "
+                           f"({shortcut.shape[-1]}) for a WideResNet with identity shortcuts.")
         x = y + shortcut
-    x = nn.relu(layers.batch_norm(train, name='final_bn')(x))
+    x = nn.relu(layers.batch_norm(perf, train, name='final_bn')(x))
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, name='head')(x)

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxprune.errors import ConfigError
+from jaxprune.kernels.options import PerformanceOptions
 from jaxprune.models import layers
 
 CFGS = {
@@ -39,12 +40,13 @@ def conv_names(cfg: Sequence) -> list[str]:
   return names
 
 
-class VGG(nn.Module):
+class VGG(layers.Network):
   cfg: Sequence = CFGS['vgg16']
   classifier: str = 'linear'
   fc_width: int = 512
   num_classes: int = 10
   widths: Mapping[str, int] | None = None
+  performance: PerformanceOptions = PerformanceOptions()
 
   def default_widths(self) -> dict[str, int]:
     widths = dict(zip(conv_names(self.cfg), [c for c in self.cfg if c != 'M']))
@@ -60,9 +62,11 @@ class VGG(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False, masks: Mapping | None = None):
+    perf = self.performance
     widths = layers.resolve_widths(type(self).__name__, self.default_widths(), self.widths)
     layers.check_masks(masks, widths, self.prunable_groups(), x.shape[0])
     if min(x.shape[1:3]) < self.min_image_size():
+      # The images are the user's dataset (and image size): a ConfigError.
       raise ConfigError(f"this VGG needs images of at least {self.min_image_size()}x"
                         f"{self.min_image_size()} pixels, got {x.shape[1]}x{x.shape[2]}.")
     names = iter(conv_names(self.cfg))
@@ -71,14 +75,14 @@ class VGG(nn.Module):
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
         continue
       name = next(names)
-      x = layers.conv(widths[name], 3, name=f'{name}_conv')(x)
-      x = nn.relu(layers.batch_norm(train, name=f'{name}_bn')(x))
+      x = layers.conv(perf, widths[name], 3, name=f'{name}_conv')(x)
+      x = nn.relu(layers.batch_norm(perf, train, name=f'{name}_bn')(x))
       x = layers.gate(self, x, masks, name)
     x = jnp.mean(x, axis=(1, 2))
     if self.classifier == 'mlp':
       x = nn.Dense(widths['fc'], name='fc_dense')(x)
-      x = nn.relu(layers.batch_norm(train, name='fc_bn')(x))
+      x = nn.relu(layers.batch_norm(perf, train, name='fc_bn')(x))
       x = layers.gate(self, x, masks, 'fc')
     elif self.classifier != 'linear':
-      raise ConfigError(f"unknown VGG classifier {self.classifier!r}; choose 'linear' or 'mlp'.")
+      raise ValueError(f"unknown VGG classifier {self.classifier!r}; choose 'linear' or 'mlp'.")
     return nn.Dense(self.num_classes, name='head')(x)

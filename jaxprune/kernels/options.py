@@ -1,0 +1,80 @@
+"""The performance options: which convolution, BatchNorm and XLA option set a run computes with.
+
+They are meant not to change what a network computes, but they change its floating-point
+rounding, and rounding can tip which channels a criterion ranks lowest. So they are one
+recorded value, `PerformanceOptions`, passed down rather than read from the environment
+where they take effect: every model carries one as its `performance` field (so it is part
+of the model's hash, and of every cache of compiled steps keyed on the model), and the
+jitting helpers of `jaxprune.kernels.compiler` take the XLA option set as an argument.
+
+Only entry points read the environment (`PerformanceOptions.from_env`, once); library code
+that is given no options uses the defaults.
+"""
+
+import dataclasses
+import os
+from typing import Mapping
+
+from jaxprune.errors import choose
+
+CONV_IMPLS = {
+    'auto': "on the CPU, 'patches' for tiny output maps and 'native' otherwise; elsewhere "
+            "'native' (jaxprune.kernels.conv)",
+    'native': "lax.conv_general_dilated, what nn.Conv computes",
+    'patches': 'im2col: the strided views of the padded input times the kernel, one matmul',
+}
+BATCH_NORMS = {
+    'jaxprune': "jaxprune.kernels.norm.BatchNorm: nn.BatchNorm's function with a leaner "
+                'backward pass',
+    'flax': 'nn.BatchNorm',
+}
+XLA_OPTION_SETS = {
+    'jaxprune': 'the compiler options of jaxprune.kernels.compiler for this backend',
+    'xla': "no compiler options: XLA's defaults",
+}
+
+# Each option, its registry and the environment variable `from_env` reads it from.
+_OPTIONS = {
+    'conv_impl': (CONV_IMPLS, 'JAXPRUNE_CONV_IMPL'),
+    'batch_norm': (BATCH_NORMS, 'JAXPRUNE_BATCH_NORM'),
+    'xla_options': (XLA_OPTION_SETS, 'JAXPRUNE_XLA_OPTIONS'),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PerformanceOptions:
+  """How a model's code is computed; the values are the keys of the registries above.
+
+  Attributes:
+    conv_impl: a key of CONV_IMPLS.
+    batch_norm: a key of BATCH_NORMS.
+    xla_options: a key of XLA_OPTION_SETS.
+  """
+  conv_impl: str = 'auto'
+  batch_norm: str = 'jaxprune'
+  xla_options: str = 'jaxprune'
+
+  def __post_init__(self):
+    for name, (registry, _) in _OPTIONS.items():
+      choose(name, getattr(self, name), registry, setting=name)
+
+  @classmethod
+  def from_env(cls, environ: Mapping[str, str] = os.environ) -> 'PerformanceOptions':
+    """The options JAXPRUNE_CONV_IMPL, JAXPRUNE_BATCH_NORM and JAXPRUNE_XLA_OPTIONS name.
+
+    For entry points, which pass the result down (or use it as their flags' defaults). An
+    unset or empty variable leaves the default; a value is compared case-insensitively. A
+    value that is not allowed is a ConfigError naming the variable, since that is what the
+    user typed.
+    """
+    values = {}
+    for name, (registry, env) in _OPTIONS.items():
+      value = environ.get(env, '').strip().lower()
+      if value:
+        choose(env, value, registry)
+        values[name] = value
+    return cls(**values)
+
+  def as_dict(self) -> dict[str, str]:
+    """The options by name, for records (e.g. a run's result or config file)."""
+    return dataclasses.asdict(self)
