@@ -25,7 +25,6 @@ import time
 from typing import Callable, Sequence
 
 SCALES = ('mini', 'full')
-DEFAULT_DATA_PATH = '/work/shared/data/cifar10_sample.npz'
 
 # [R]'s CIFAR budgets: SGD lr 0.1, batch 64, 160 epochs, fine-tune 40 epochs at 1e-3, 5 runs.
 FULL = dict(dataset='cifar10', epochs=160, batch_size=64, lr=0.1, weight_decay=1e-4,
@@ -52,25 +51,30 @@ class Run:
     return os.path.join(self.config.workdir, f'results_{self.config.regime}.json')
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument('--scale', choices=SCALES, default='mini')
+# The settings an experiment's command line may override; help and types come from their
+# declaration (jaxprune.pipeline.config.SETTINGS).
+OVERRIDABLE = ('model', 'dataset', 'data_path', 'data_dir', 'epochs', 'batch_size', 'lr',
+               'max_train', 'finetune_epochs', 'compilation_cache_dir')
+
+
+def add_flags(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+  """The flags every experiment takes; `defaults` ({scale: settings}) shows its own in --help."""
+  from jaxprune.pipeline import config
+  parser.add_argument('--scale', choices=SCALES, default='mini',
+                      help='mini: the CIFAR-10 sample npz (--data_path) on a CPU; full: '
+                           "CIFAR through TFDS with the papers' budgets. Default: mini.")
   parser.add_argument('--root', default='runs/experiments',
-                      help='Root of the work directories (local path or gs://).')
-  parser.add_argument('--data_path', default=None,
-                      help=f'The .npz of --scale=mini (default {DEFAULT_DATA_PATH}).')
-  parser.add_argument('--data_dir', default=None, help='TFDS data directory (--scale=full).')
-  parser.add_argument('--dataset', default=None, help='Override the dataset (e.g. cifar100).')
+                      help='Root of the work directories (local path or gs://). '
+                           'Default: runs/experiments.')
   parser.add_argument('--seeds', default=None,
-                      help='Comma-separated seeds (default 0,1,2 mini; 0..4 full).')
-  parser.add_argument('--model', default=None, help="Override the experiment's model.")
-  parser.add_argument('--epochs', type=int, default=None)
-  parser.add_argument('--batch_size', type=int, default=None)
-  parser.add_argument('--lr', type=float, default=None)
-  parser.add_argument('--max_train', type=int, default=None)
-  parser.add_argument('--finetune_epochs', type=int, default=None)
-  parser.add_argument('--compilation_cache_dir', default=None,
-                      help='Persistent compilation cache (launch.py\'s flag of the same name; '
-                           "'' turns it off).")
+                      help='Comma-separated seeds. Default: 0,1,2 (mini), 0,1,2,3,4 (full).')
+  shown = {}
+  for name in OVERRIDABLE:
+    values = {scale: (defaults or {}).get(scale, {}).get(name, budget.get(name))
+              for scale, budget in (('mini', MINI), ('full', FULL))}
+    if any(v is not None for v in values.values()):
+      shown[name] = ', '.join(f'{v} ({scale})' for scale, v in values.items() if v is not None)
+  config.add_arguments(parser, OVERRIDABLE, defaults=shown)
   parser.add_argument('--dry_run', action='store_true',
                       help='Print the planned runs and their budgets; run nothing.')
 
@@ -89,15 +93,15 @@ def seeds_of(args) -> tuple[int, ...]:
 def base_settings(args, **experiment_defaults) -> dict:
   """Config fields shared by every run: the scale's budget, the experiment's, then flags."""
   settings = dict(MINI if args.scale == 'mini' else FULL)
-  if args.scale == 'full':
-    settings['data_dir'] = args.data_dir
-  else:
-    settings['data_path'] = args.data_path or DEFAULT_DATA_PATH
   settings.update(experiment_defaults.get(args.scale, {}))
-  for name in ('model', 'epochs', 'batch_size', 'lr', 'max_train', 'finetune_epochs', 'dataset'):
+  for name in OVERRIDABLE:
     value = getattr(args, name, None)
     if value is not None:
       settings[name] = value
+  if settings.get('dataset') == 'npz' and not settings.get('data_path'):
+    from jaxprune.errors import ConfigError
+    raise ConfigError(f'--scale={args.scale} trains on an .npz file (dataset npz): give '
+                      '--data_path=FILE.npz, e.g. the CIFAR-10 sample.')
   if settings.get('dataset') != 'npz':
     settings.pop('data_path', None)
     if args.max_train is None:
@@ -108,7 +112,7 @@ def base_settings(args, **experiment_defaults) -> dict:
 def baseline_dir(root: str, settings: dict) -> str:
   """One baseline per model x seed x baseline settings: the name shows model and seed, a hash the rest."""
   from jaxprune import pipeline
-  keys = {k: settings.get(k, getattr(pipeline.Config(workdir=''), k)) for k in pipeline._BASELINE_KEYS}
+  keys = pipeline.stage_settings(pipeline.make(**settings), 'baseline')
   digest = hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:8]
   return os.path.join(root, 'baselines', f"{keys['model']}_s{keys['seed']}_{digest}")
 
@@ -118,8 +122,8 @@ def make_run(experiment: str, root: str, path: str, regime: str, labels: dict,
   """A run in ROOT/EXPERIMENT/PATH (shared by its regimes) with a shared baseline."""
   from jaxprune import pipeline
   workdir = os.path.join(root, experiment, path)
-  config = pipeline.Config(workdir=workdir, regime=regime,
-                           baseline_dir=baseline_dir(root, settings), **settings)
+  config = pipeline.make(workdir=workdir, regime=regime,
+                         baseline_dir=baseline_dir(root, settings), **settings)
   pipeline.validate(config)
   return Run(name=f'{path}/{regime}', config=config,
              labels=dict(labels, experiment=experiment, regime=regime))
@@ -217,12 +221,12 @@ def execute(experiment: str, runs: Sequence[Run], log=print) -> list[dict]:
 
 def main(experiment: str, plan: Callable, argv=None,
          extra_flags: Callable[[argparse.ArgumentParser], None] | None = None,
-         description: str = '') -> list:
+         description: str = '', defaults: dict | None = None) -> list:
   """Parses the common flags (plus the experiment's), plans, and dry-runs or executes."""
   parser = argparse.ArgumentParser(prog=f'python -m experiments.{experiment}',
                                    description=description,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  add_flags(parser)
+  add_flags(parser, defaults)
   if extra_flags:
     extra_flags(parser)
   args = parser.parse_args(argv)
@@ -259,16 +263,3 @@ def _quiet_logging() -> None:
   # On the 'absl' logger itself, so the filter holds whichever handler prints the records
   # (absl's own, or the root's default one when absl.app did not start the program).
   std_logging.getLogger('absl').addFilter(keep)
-
-
-def csv_list(text: str, cast, flag: str) -> tuple:
-  """The comma-separated entries of `text` as `cast` values; `flag` names it in errors."""
-  from jaxprune.errors import ConfigError
-  entries = [x.strip() for x in text.split(',') if x.strip()]
-  kind = {int: 'whole numbers', float: 'numbers'}.get(cast, 'names')
-  if not entries:
-    raise ConfigError(f'--{flag} is empty; give one or more comma-separated {kind}.')
-  try:
-    return tuple(cast(x) for x in entries)
-  except ValueError:
-    raise ConfigError(f'--{flag} {text!r} is not a comma-separated list of {kind}.') from None

@@ -34,25 +34,23 @@ def plan(args) -> list:
   settings = common.base_settings(args, **DEFAULTS)
   planned = []
   for seed in common.seeds_of(args):
-    config = pipeline.Config(workdir='', seed=seed, **settings)
-    config = pipeline.Config(**dict(vars(config), baseline_dir=common.baseline_dir(
-        args.root, dict(settings, seed=seed))))
     workdir = os.path.join(args.root, EXPERIMENT, f"{settings['model']}/s{seed}")
-    planned.append((pipeline.Config(**dict(vars(config), workdir=workdir)), workdir))
+    config = pipeline.make(
+        workdir=workdir, seed=seed,
+        baseline_dir=common.baseline_dir(args.root, dict(settings, seed=seed)), **settings)
+    planned.append((config, workdir))
   return planned
 
 
 def measure(config, criteria_names, batches: int) -> dict:
   import numpy as np
-  from jaxprune import data, pipeline
+  from jaxprune import pipeline
   from jaxprune.prune import agreement, criteria, structure
-  from etils import epath
-  dataset = data.load(config.dataset, data_path=config.data_path, data_dir=config.data_dir,
-                      max_train=config.max_train)
-  arrays = data.device_put_dataset(dataset)
+  data = pipeline.load_data(config)
+  dataset = data.dataset
   # The pipeline's own baseline stage (resumable, shared through baseline_dir).
-  model, _, variables, base = pipeline._baseline(config, dataset, arrays,
-                                                 epath.Path(config.baseline_dir).absolute())
+  baseline = pipeline.baseline(config, data)
+  model, variables, base = baseline.model, baseline.variables, baseline.result
   struct = structure.derive(model, dataset.image_shape)
   from jaxprune.errors import ConfigError
   scores, skipped = {}, {}
@@ -92,9 +90,11 @@ def main(argv=None):
   parser = argparse.ArgumentParser(prog=f'python -m experiments.{EXPERIMENT}',
                                    description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  common.add_flags(parser)
-  parser.add_argument('--criteria', default=','.join(CRITERIA))
-  parser.add_argument('--batches', type=int, default=4, help='Scoring batches per criterion.')
+  common.add_flags(parser, DEFAULTS)
+  from jaxprune.pipeline import config
+  config.add_list_argument(parser, 'criteria', 'criterion', CRITERIA)
+  parser.add_argument('--batches', type=int, default=4,
+                      help='Scoring batches per criterion. Default: 4.')
   args = parser.parse_args(argv)
   from jaxprune.errors import exit_on_user_error
   # One sentence, no traceback; every finished agreement.json is already on disk.
@@ -103,13 +103,12 @@ def main(argv=None):
 
 
 def _plan_and_measure(args) -> list:
-  from jaxprune.prune import criteria
   from jaxprune.errors import ConfigError
-  names = common.csv_list(args.criteria, str, 'criteria')
-  for name in names:
-    criteria.get(name)  # an unknown name stops here, before any baseline trains
+  from jaxprune.pipeline import config as config_lib
+  # An unknown name stops here, before any baseline trains.
+  names = config_lib.parse_list(args.criteria, 'criteria', 'criterion')
   if args.batches < 1:
-    raise ConfigError(f'--batches must be at least 1, got {args.batches}.')
+    raise ConfigError(f'batches must be at least 1, got {args.batches}.', settings=('batches',))
   planned = plan(args)
   print(f'{EXPERIMENT} at scale {args.scale}: {len(planned)} runs under {args.root}')
   for config, workdir in planned:

@@ -30,23 +30,23 @@ DEFAULTS = {'mini': {'model': 'wrn10_1'},
 
 
 def extra_flags(parser):
-  parser.add_argument('--budgets', default=','.join(map(str, BUDGETS)),
-                      help='Fractions of the MACs kept.')
-  parser.add_argument('--regimes', default=','.join(REGIMES))
-  parser.add_argument('--prune_every', type=int, default=None,
-                      help='Steps between removals (default: 10 mini, 100 full).')
-  parser.add_argument('--prune_step', type=int, default=None,
-                      help='Channels removed at a time (default: 4 mini, 1 full).')
+  from jaxprune.pipeline import config
+  config.add_list_argument(parser, 'budgets', 'target_macs', BUDGETS)
+  config.add_list_argument(parser, 'regimes', 'regime', REGIMES)
+  config.add_arguments(parser, ('prune_every', 'prune_step'), defaults={
+      'prune_every': f"{PRUNE_EVERY['mini']} (mini), {PRUNE_EVERY['full']} (full)",
+      'prune_step': f"{PRUNE_STEP['mini']} (mini), {PRUNE_STEP['full']} (full)"})
 
 
 def plan(args) -> list:
+  from jaxprune.pipeline import config
   settings = common.base_settings(args, **DEFAULTS)
   prune_every = PRUNE_EVERY[args.scale] if args.prune_every is None else args.prune_every
   prune_step = PRUNE_STEP[args.scale] if args.prune_step is None else args.prune_step
   runs = []
   for seed in common.seeds_of(args):
-    for budget in common.csv_list(args.budgets, float, 'budgets'):
-      for regime in common.csv_list(args.regimes, str, 'regimes'):
+    for budget in config.parse_list(args.budgets, 'budgets', 'target_macs'):
+      for regime in config.parse_list(args.regimes, 'regimes', 'regime'):
         path = f'fisher/macs{budget:.2f}/s{seed}'
         family = 'uniformly reduced (MACs-matched)' if regime == 'reduced' else 'fisher-pruned'
         runs.append(common.make_run(
@@ -58,4 +58,4 @@ def plan(args) -> list:
 
 
 if __name__ == '__main__':
-  common.main(EXPERIMENT, plan, extra_flags=extra_flags, description=__doc__)
+  common.main(EXPERIMENT, plan, extra_flags=extra_flags, description=__doc__, defaults=DEFAULTS)

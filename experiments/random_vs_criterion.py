@@ -27,20 +27,23 @@ DEFAULTS = {'mini': {'model': 'resnet8'}, 'full': {'model': 'vgg16'}}
 
 
 def extra_flags(parser):
-  parser.add_argument('--criteria', default=','.join(CRITERIA))
-  parser.add_argument('--budgets', default=','.join(map(str, BUDGETS)),
-                      help='Fractions of the MACs kept (comma-separated).')
-  parser.add_argument('--regimes', default=','.join(REGIMES))
-  parser.add_argument('--selection', default='macs', choices=('macs', 'macs_l2'))
+  from jaxprune.pipeline import config
+  config.add_list_argument(parser, 'criteria', 'criterion', CRITERIA)
+  config.add_list_argument(parser, 'budgets', 'target_macs', BUDGETS)
+  config.add_list_argument(parser, 'regimes', 'regime', REGIMES)
+  parser.add_argument('--selection', default='macs', choices=('macs', 'macs_l2'),
+                      help='The global MACs-target policy (macs_l2: per-layer L2-normalised '
+                           'scores). Default: macs.')
 
 
 def plan(args) -> list:
+  from jaxprune.pipeline import config
   settings = common.base_settings(args, **DEFAULTS)
   runs = []
   for seed in common.seeds_of(args):
-    for budget in common.csv_list(args.budgets, float, 'budgets'):
-      for criterion in common.csv_list(args.criteria, str, 'criteria'):
-        for regime in common.csv_list(args.regimes, str, 'regimes'):
+    for budget in config.parse_list(args.budgets, 'budgets', 'target_macs'):
+      for criterion in config.parse_list(args.criteria, 'criteria', 'criterion'):
+        for regime in config.parse_list(args.regimes, 'regimes', 'regime'):
           path = f'{criterion}/{args.selection}{budget:.2f}/s{seed}'
           labels = {'criterion': criterion, 'budget': budget, 'seed': seed,
                     'selection': args.selection}
@@ -51,4 +54,4 @@ def plan(args) -> list:
 
 
 if __name__ == '__main__':
-  common.main(EXPERIMENT, plan, extra_flags=extra_flags, description=__doc__)
+  common.main(EXPERIMENT, plan, extra_flags=extra_flags, description=__doc__, defaults=DEFAULTS)

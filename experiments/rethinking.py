@@ -40,10 +40,12 @@ MINI = (
 
 
 def extra_flags(parser):
-  parser.add_argument('--regimes', default=','.join(REGIMES))
+  from jaxprune.pipeline import config
+  config.add_list_argument(parser, 'regimes', 'regime', REGIMES)
 
 
 def plan(args) -> list:
+  from jaxprune.pipeline import config
   runs = []
   for method, model, criterion, selection, target, bn_l1 in (MINI if args.scale == 'mini' else FULL):
     args_model = args.model
@@ -54,7 +56,7 @@ def plan(args) -> list:
     key = {'ratio': 'prune_ratio', 'preset': 'preset'}[
         'preset' if selection == 'preset' else 'ratio']
     for seed in common.seeds_of(args):
-      for regime in common.csv_list(args.regimes, str, 'regimes'):
+      for regime in config.parse_list(args.regimes, 'regimes', 'regime'):
         tag = method.split(' ')[0]
         path = f'{tag}/{model}_{target}/s{seed}'
         labels = {'method': method, 'preset': f'{model} {target}', 'seed': seed}

@@ -1,6 +1,6 @@
 r"""A class-balanced, seeded subset of an npz dataset (the CIFAR-10 sample is sorted by class).
 
-    python -m experiments.subset --data_path=/work/shared/data/cifar10_sample.npz \
+    python -m experiments.subset --data_path=cifar10_sample.npz \
         --per_class=200 --out=/tmp/cifar10_2k.npz
 
 `--max_train=N` keeps a fixed random subset of N training images, so its classes are
@@ -11,7 +11,6 @@ repository, for when exact balance matters.
 
 import argparse
 import os
-import sys
 
 import numpy as np
 
@@ -32,22 +31,28 @@ def main(argv=None):
   parser.add_argument('--seed', type=int, default=0, help='Seed of the permutation.')
   parser.add_argument('--out', required=True, help='The npz to write; it must not exist yet.')
   args = parser.parse_args(argv)
-  if os.path.exists(args.out):
-    sys.exit(f'error: --out {args.out!r} exists; remove it or choose another path (nothing '
-             'was written).')
-  if args.per_class < 1:
-    sys.exit(f'error: --per_class must be at least 1, got {args.per_class}.')
-  from jaxprune import data
   from jaxprune.errors import exit_on_user_error
   with exit_on_user_error():
-    # The same checks (keys, ranks, dtypes, label range) as every run that reads an npz.
-    d = data.load('npz', data_path=args.data_path)
+    _write_subset(args)
+
+
+def _write_subset(args) -> None:
+  from jaxprune import data
+  from jaxprune.errors import ConfigError
+  if os.path.exists(args.out):
+    raise ConfigError(f'out {args.out!r} exists; remove it or choose another path (nothing '
+                      'was written).', settings=('out',))
+  if args.per_class < 1:
+    raise ConfigError(f'per_class must be at least 1, got {args.per_class}.',
+                      settings=('per_class',))
+  # The same checks (keys, ranks, dtypes, label range) as every run that reads an npz.
+  d = data.load('npz', data_path=args.data_path)
   counts = np.bincount(d.train_labels)
   classes = np.flatnonzero(counts)
   smallest = classes[np.argmin(counts[classes])]
   if counts[smallest] < args.per_class:
-    sys.exit(f'error: --per_class {args.per_class} exceeds the {counts[smallest]} training '
-             f'images of class {smallest}.')
+    raise ConfigError(f'per_class {args.per_class} exceeds the {counts[smallest]} training '
+                      f'images of class {smallest}.', settings=('per_class',))
   idx = balanced(d.train_labels, args.per_class, args.seed)
   np.savez(args.out, train_images=d.train_images[idx], train_labels=d.train_labels[idx],
            test_images=d.test_images, test_labels=d.test_labels)

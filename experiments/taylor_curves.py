@@ -23,36 +23,37 @@ EXPERIMENT = 'taylor_curves'
 CRITERIA = ('taylor', 'min_weight', 'mean_activation', 'fisher', 'random')
 PRUNE_EVERY = (10, 30)
 PRUNE_STEP = {'mini': 8, 'full': 1}
+PRUNE_RATIO = 0.5
 DEFAULTS = {'mini': {'model': 'resnet8'}, 'full': {'model': 'vgg16', 'finetune_lr': 1e-4}}
 
 
 def extra_flags(parser):
-  parser.add_argument('--criteria', default=','.join(CRITERIA),
-                      help='Comma-separated criteria (any of jaxprune.prune.criteria.CRITERIA).')
-  parser.add_argument('--prune_ratio', type=float, default=0.5,
-                      help='Fraction of the prunable channels removed by the end.')
-  parser.add_argument('--prune_every', default=','.join(map(str, PRUNE_EVERY)),
-                      help='Fine-tuning steps between removals; one run per value.')
-  parser.add_argument('--prune_step', type=int, default=None,
-                      help='Channels removed at a time (default: 8 mini, 1 full).')
+  from jaxprune.pipeline import config
+  config.add_list_argument(parser, 'criteria', 'criterion', CRITERIA)
+  config.add_list_argument(parser, 'prune_every', 'prune_every', PRUNE_EVERY)
+  config.add_arguments(parser, ('prune_ratio', 'prune_step'), defaults={
+      'prune_ratio': PRUNE_RATIO,
+      'prune_step': f"{PRUNE_STEP['mini']} (mini), {PRUNE_STEP['full']} (full)"})
 
 
 def plan(args) -> list:
+  from jaxprune.pipeline import config
   settings = common.base_settings(args, **DEFAULTS)
   prune_step = PRUNE_STEP[args.scale] if args.prune_step is None else args.prune_step
+  prune_ratio = PRUNE_RATIO if args.prune_ratio is None else args.prune_ratio
   runs = []
   for seed in common.seeds_of(args):
-    for every in common.csv_list(args.prune_every, int, 'prune_every'):
-      for criterion in common.csv_list(args.criteria, str, 'criteria'):
+    for every in config.parse_list(args.prune_every, 'prune_every', 'prune_every'):
+      for criterion in config.parse_list(args.criteria, 'criteria', 'criterion'):
         path = f'{criterion}/every{every}/s{seed}'
         runs.append(common.make_run(
             EXPERIMENT, args.root, path, 'finetune',
             {'criterion': criterion, 'prune_every': every, 'seed': seed},
             criterion=criterion, selection='global_l2', schedule='iterative',
-            prune_ratio=args.prune_ratio, prune_every=every, prune_step=prune_step,
+            prune_ratio=prune_ratio, prune_every=every, prune_step=prune_step,
             seed=seed, **settings))
   return runs
 
 
 if __name__ == '__main__':
-  common.main(EXPERIMENT, plan, extra_flags=extra_flags, description=__doc__)
+  common.main(EXPERIMENT, plan, extra_flags=extra_flags, description=__doc__, defaults=DEFAULTS)

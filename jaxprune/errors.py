@@ -48,10 +48,11 @@ class Diverged(Exception):
   """The training loss became non-finite; nothing after the last good checkpoint was saved."""
 
   def __init__(self, stage: str, epoch: int, step: int, resume_step: int):
-    super().__init__(
-        f'training diverged in stage {stage}: the loss is not finite at epoch {epoch}, step '
-        f'{step}; the checkpoint of step {resume_step} is kept, and rerunning with a smaller '
-        'lr resumes from it.')
+    kept = (f'the checkpoint of step {resume_step} is kept, and rerunning with a smaller lr '
+            'resumes from it' if resume_step else
+            'no checkpoint came before it, so rerunning with a smaller lr starts the stage again')
+    super().__init__(f'training diverged in stage {stage}: the loss is not finite at epoch '
+                     f'{epoch}, step {step}; {kept}.')
     self.stage = stage
     self.epoch = epoch
     self.step = step

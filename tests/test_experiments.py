@@ -14,6 +14,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import common, report  # noqa: E402
 
 PLANNED = ('random_vs_criterion', 'rethinking', 'taylor_curves', 'crowley')
+# Dry runs check settings but read no data: the mini scale's npz need not exist.
+MINI_DATA = '--data_path=cifar10_sample.npz'
+
+
+def error_line(capsys, main, *args, **kwargs) -> str:
+  """The one line a command-line tool prints when it stops on bad input (exit status 1)."""
+  with pytest.raises(SystemExit) as stopped:
+    main(*args, **kwargs)
+  assert stopped.value.code == 1
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1, lines
+  return lines[0]
 
 
 @pytest.mark.parametrize('name', PLANNED)
@@ -21,7 +33,7 @@ PLANNED = ('random_vs_criterion', 'rethinking', 'taylor_curves', 'crowley')
 def test_dry_run_prints_planned_runs_and_runs_nothing(name, scale, tmp_path, capsys):
   module = importlib.import_module(f'experiments.{name}')
   runs = common.main(module.EXPERIMENT, module.plan, extra_flags=module.extra_flags,
-                     argv=[f'--scale={scale}', f'--root={tmp_path}', '--dry_run'])
+                     argv=[f'--scale={scale}', f'--root={tmp_path}', '--dry_run', MINI_DATA])
   out = capsys.readouterr().out
   assert runs and f'{len(runs)} runs' in out
   for run in runs:
@@ -30,30 +42,33 @@ def test_dry_run_prints_planned_runs_and_runs_nothing(name, scale, tmp_path, cap
 
 
 @pytest.mark.parametrize('flag, sentence', [
-    ('--budgets=1.5', 'error: --target_macs must be a fraction of the MACs in (0, 1], got 1.5.'),
+    ('--budgets=1.5', "error: --budgets value 1.5: target_macs must be at most 1, got 1.5."),
     ('--seeds=0,one', "error: --seeds '0,one' is not a comma-separated list of whole numbers "
                       ">= 0, e.g. 0,1,2."),
     ('--budgets=0.5,half', "error: --budgets '0.5,half' is not a comma-separated list of numbers."),
     ('--regimes=', 'error: --regimes is empty; give one or more comma-separated names.'),
+    ('--data_path=', 'error: --scale=mini trains on an .npz file (dataset npz): give '
+                     '--data_path=FILE.npz, e.g. the CIFAR-10 sample.'),
 ])
-def test_a_bad_value_stops_with_one_sentence(tmp_path, flag, sentence):
+def test_a_bad_value_stops_with_one_sentence(tmp_path, capsys, flag, sentence):
   module = importlib.import_module('experiments.random_vs_criterion')
-  with pytest.raises(SystemExit) as stopped:
-    common.main(module.EXPERIMENT, module.plan, extra_flags=module.extra_flags,
-                argv=[f'--root={tmp_path}', flag, '--dry_run'])
-  assert stopped.value.code == sentence
+  line = error_line(capsys, common.main, module.EXPERIMENT, module.plan,
+                    extra_flags=module.extra_flags,
+                    argv=[f'--root={tmp_path}', MINI_DATA, flag, '--dry_run'])
+  assert line == sentence
 
 
 @pytest.mark.parametrize('flag, sentence', [
     ('--seeds=-1', "error: --seeds '-1' is not a comma-separated list"),
-    ('--criteria=l1,bogus', "error: unknown criterion 'bogus'; choose one of:"),
+    ('--criteria=l1,bogus', "error: --criteria value 'bogus': unknown criterion 'bogus'; choose "
+                            "one of:"),
     ('--batches=0', 'error: --batches must be at least 1, got 0.'),
 ])
-def test_criteria_vs_oracle_bad_values_stop_with_one_sentence(tmp_path, flag, sentence):
+def test_criteria_vs_oracle_bad_values_stop_with_one_sentence(tmp_path, capsys, flag, sentence):
   from experiments import criteria_vs_oracle
-  with pytest.raises(SystemExit) as stopped:
-    criteria_vs_oracle.main([f'--root={tmp_path}', '--dry_run', flag])
-  assert stopped.value.code.startswith(sentence)
+  line = error_line(capsys, criteria_vs_oracle.main,
+                    [f'--root={tmp_path}', '--dry_run', MINI_DATA, flag])
+  assert line.startswith(sentence)
   assert list(tmp_path.iterdir()) == []
 
 
@@ -68,7 +83,8 @@ def test_report_without_results_says_so_and_writes_nothing(tmp_path):
 
 def test_criteria_vs_oracle_dry_run_prints_one_line_per_seed(tmp_path, capsys):
   from experiments import criteria_vs_oracle
-  planned = criteria_vs_oracle.main([f'--root={tmp_path}', '--dry_run', '--seeds=0,1,2'])
+  planned = criteria_vs_oracle.main([f'--root={tmp_path}', '--dry_run', '--seeds=0,1,2',
+                                     MINI_DATA])
   out = capsys.readouterr().out
   assert len(planned) == 3 and out.count('agreement.json') == 3 and 'oracle' in out
   assert list(tmp_path.iterdir()) == []
@@ -77,7 +93,7 @@ def test_criteria_vs_oracle_dry_run_prints_one_line_per_seed(tmp_path, capsys):
 def test_runs_share_one_baseline_per_model_and_seed(tmp_path):
   from experiments import random_vs_criterion as rvc
   runs = common.main(rvc.EXPERIMENT, rvc.plan, extra_flags=rvc.extra_flags,
-                     argv=[f'--root={tmp_path}', '--dry_run', '--seeds=0,1'])
+                     argv=[f'--root={tmp_path}', '--dry_run', '--seeds=0,1', MINI_DATA])
   assert len({r.config.baseline_dir for r in runs}) == 2
   assert len({r.config.workdir for r in runs}) == len(runs) // len(rvc.REGIMES)
 
@@ -211,8 +227,7 @@ def test_subset_is_exactly_balanced_and_refuses_what_it_cannot_do(tmp_path, caps
        '--per_class 5 exceeds the 4 training images of class 2.'),
       ([f"--data_path={tmp_path / 'none.npz'}", f"--out={tmp_path / 'c.npz'}"], 'does not exist'),
   ]:
-    with pytest.raises(SystemExit) as stopped:
-      subset.main(flags)
-    assert stopped.value.code.startswith('error: ') and sentence in stopped.value.code
+    line = error_line(capsys, subset.main, flags)
+    assert line.startswith('error: ') and sentence in line
   assert out.read_bytes() == before
   assert not (tmp_path / 'b.npz').exists() and not (tmp_path / 'c.npz').exists()

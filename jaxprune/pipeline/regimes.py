@@ -20,7 +20,7 @@ baseline that is about to be pruned.
 """
 
 import dataclasses
-from typing import Mapping
+from typing import Callable, Mapping
 
 import jax
 import numpy as np
@@ -71,8 +71,8 @@ def scratch_b_epochs(epochs: int, macs_full: int, macs_pruned: int, cap: float |
   return min(scaled, int(cap * epochs)) if cap else scaled
 
 
-def _fresh(model_name: str, num_classes: int, widths, like, image_shape, rng) -> dict:
-  model = models.build(model_name, num_classes, widths)
+def _fresh(build: Callable, widths, like, image_shape, rng) -> dict:
+  model = build(widths)
   variables = dict(models.init(model, rng, image_shape))
   if like is not None and INDICES in like:
     # Which stream channels a selection layer reads is architecture, not weights.
@@ -80,22 +80,22 @@ def _fresh(model_name: str, num_classes: int, widths, like, image_shape, rng) ->
   return variables
 
 
-def plan(regime: str, pruned: Pruned, *, model_name: str, num_classes: int, image_shape,
-         epochs: int, optimizer: train.OptimizerConfig, finetune_epochs: int,
+def plan(regime: str, pruned: Pruned, *, build: Callable, image_shape, epochs: int,
+         optimizer: train.OptimizerConfig, finetune_epochs: int,
          finetune_lr: float, scratch_b_cap: float | None, seed: int) -> Plan:
-  """The plan of one regime (see the module docstring)."""
+  """The plan of one regime (see the module docstring); `build(widths)` makes the model."""
   retrain = dataclasses.replace(optimizer, bn_l1=0.0)
   rng = jax.random.fold_in(jax.random.key(seed), 1 + REGIMES.index(regime))
   if regime == 'finetune':
     return Plan(pruned.widths, pruned.variables, finetune_epochs,
                 dataclasses.replace(retrain, learning_rate=finetune_lr, schedule='constant'))
   if regime == 'scratch':
-    return Plan(pruned.widths, _fresh(model_name, num_classes, pruned.widths, pruned.variables,
+    return Plan(pruned.widths, _fresh(build, pruned.widths, pruned.variables,
                                       image_shape, rng), epochs, retrain)
   if regime == 'scratch_b':
     full = flops.count(pruned.structure).macs
     small = flops.count(pruned.structure, pruned.widths).macs
-    return Plan(pruned.widths, _fresh(model_name, num_classes, pruned.widths, pruned.variables,
+    return Plan(pruned.widths, _fresh(build, pruned.widths, pruned.variables,
                                       image_shape, rng),
                 scratch_b_epochs(epochs, full, small, scratch_b_cap), retrain)
   if regime == 'lottery':
@@ -103,6 +103,6 @@ def plan(regime: str, pruned: Pruned, *, model_name: str, num_classes: int, imag
     return Plan(pruned.widths, variables, epochs, retrain)
   if regime == 'reduced':
     widths = uniform_widths(pruned.structure, flops.count(pruned.structure, pruned.widths).macs)
-    return Plan(widths, _fresh(model_name, num_classes, widths, None, image_shape, rng),
+    return Plan(widths, _fresh(build, widths, None, image_shape, rng),
                 epochs, retrain)
   raise ValueError(f"unknown regime {regime!r}")

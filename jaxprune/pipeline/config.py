@@ -1,0 +1,386 @@
+"""Every setting of a run, declared once: `SETTINGS`.
+
+A `Setting` has a name, type, default, help text, the registry its values come from (if
+any), its bounds, and the stage it belongs to (`STAGES`). From that one declaration come:
+
+* `Config`, the frozen dataclass a run is described by (one field per setting);
+* `define_flags` (launch.py's absl flags, their `--help` with the allowed values) and
+  `add_arguments` (the experiments' command lines);
+* `validate`, whose messages name the setting (the command line shows it as its flag);
+* `stage_settings(config, stage)`: the settings a stage directory is identified by, so a
+  work directory made with other settings is refused, and nothing else is compared;
+* `to_flagfile`: a stored run's configuration as a --flagfile that reproduces it.
+"""
+
+import argparse
+import dataclasses
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+from jaxprune import data, models
+from jaxprune.errors import ConfigError
+from jaxprune.kernels import compiler, options as kernel_options
+from jaxprune.pipeline import regimes
+from jaxprune.prune import criteria, select
+from jaxprune.train import optim, step
+
+# Where a setting belongs. A stage directory is identified by the settings of its stage and
+# of the stages it starts from ('baseline' -> 'prune' -> a regime); 'performance' settings
+# are recorded in every stage's result but identify none (they change only how fast a step
+# runs, and its float rounding); 'run' settings say where and how to run.
+STAGES = ('run', 'baseline', 'prune', *regimes.REGIMES, 'performance')
+
+PRUNE_SCHEDULES = {
+    'oneshot': 'score once and prune',
+    'iterative': 'fine-tune, accumulating the criterion, and remove prune_step channels '
+                 'every prune_every steps',
+}
+REGIME_CHOICES = {**{name: '' for name in regimes.REGIMES}, 'all': 'every regime in turn'}
+SEED_BATCHING = {
+    'auto': 'loop on CPUs and GPUs, vmap on TPUs',
+    'loop': 'one copy after another through the same compiled steps',
+    'vmap': 'every stage whose copies have the same widths as one vmapped program',
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """One setting: its flag, its Config field, its check and the stage it identifies.
+
+  Attributes:
+    name: the flag and field name.
+    type: str, int, float or bool.
+    default: the value when none is given (None: unset, where `optional`).
+    help: one or two sentences for --help.
+    stage: one of STAGES.
+    choices: returns the registry the value must be a key of.
+    optional: whether None is allowed.
+    minimum / maximum: inclusive bounds; above / below: exclusive bounds.
+    environ: an environment variable that gives the command line's default.
+    retunable: may differ on a rerun of a stage that diverged (a smaller lr resumes it).
+  """
+  name: str
+  type: type
+  default: Any
+  help: str
+  stage: str
+  choices: Callable[[], Mapping] | None = None
+  optional: bool = False
+  minimum: float | None = None
+  maximum: float | None = None
+  above: float | None = None
+  below: float | None = None
+  environ: str | None = None
+  retunable: bool = False
+
+  def __post_init__(self):
+    if self.stage not in STAGES:
+      raise ValueError(f'setting {self.name!r} has stage {self.stage!r}, not one of {STAGES}.')
+    if not self.help.strip():
+      raise ValueError(f'setting {self.name!r} has no help text.')
+
+  def allowed(self) -> Mapping:
+    return self.choices() if self.choices else {}
+
+  def full_help(self) -> str:
+    text = self.help
+    if self.choices:
+      text += ' One of: ' + ', '.join(self.allowed()) + '.'
+    if self.environ:
+      text += f' Default from ${self.environ} when set.'
+    return text
+
+  def check(self, value) -> None:
+    """ConfigError naming this setting unless `value` is allowed."""
+    name = self.name
+    if value is None:
+      if not self.optional:
+        raise ConfigError(f'{name} must be given.', settings=(name,))
+      return
+    if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+      value = float(value)
+    if not isinstance(value, self.type) or (self.type is int and isinstance(value, bool)):
+      kind = {str: 'a string', int: 'a whole number', float: 'a number',
+              bool: 'true or false'}[self.type]
+      raise ConfigError(f'{name} must be {kind}, got {value!r}.', settings=(name,))
+    if self.choices and value not in self.allowed():
+      raise ConfigError(f"unknown {name} {value!r}; choose one of: "
+                        f"{', '.join(self.allowed())}.", settings=(name,))
+    if self.minimum is not None and value < self.minimum:
+      raise ConfigError(f'{name} must be at least {self.minimum:g}, got {value}.',
+                        settings=(name,))
+    if self.maximum is not None and value > self.maximum:
+      raise ConfigError(f'{name} must be at most {self.maximum:g}, got {value}.',
+                        settings=(name,))
+    if self.above is not None and value <= self.above:
+      raise ConfigError(f'{name} must be above {self.above:g}, got {value}.', settings=(name,))
+    if self.below is not None and value >= self.below:
+      raise ConfigError(f'{name} must be below {self.below:g}, got {value}.', settings=(name,))
+
+
+def _selections():
+  return {name: f'needs {_TARGET_OF_NEED[policy.needs]}'
+          for name, policy in select.SELECTIONS.items()}
+
+
+_TARGET_OF_NEED = {'ratio': 'prune_ratio', 'target_macs': 'target_macs', 'preset': 'preset'}
+
+SETTINGS: tuple[Setting, ...] = (
+    # Where and how to run.
+    Setting('workdir', str, 'runs/default', 'Work directory (local path or gs://).', 'run'),
+    Setting('baseline_dir', str, None, 'Reuse (or create) the baseline stage here, shared by '
+            'every criterion x regime run with the same baseline settings.', 'run',
+            optional=True),
+    Setting('data_dir', str, None, 'TFDS data directory holding a prepared cifar10/cifar100.',
+            'run', optional=True),
+    Setting('regime', str, 'scratch', 'Retraining regime(s) to run after pruning.', 'run',
+            choices=lambda: REGIME_CHOICES),
+    Setting('seeds', int, 1, 'Train this many independent copies (seeds seed, seed+1, ...) in '
+            'WORKDIR/seed<N> and report mean ± std.', 'run', minimum=1),
+    Setting('seed_batching', str, 'auto', 'How seeds > 1 copies train.', 'run',
+            choices=lambda: SEED_BATCHING),
+    Setting('multihost', bool, False, 'Join a multi-host run with jax.distributed.initialize() '
+            '(TPU pods).', 'run'),
+    Setting('compilation_cache_dir', str, None, 'Persistent compilation cache (local path or '
+            'gs://): runs of the same model and widths load compiled steps instead of compiling '
+            f"them. Default: $JAX_COMPILATION_CACHE_DIR if set, else {compiler.DEFAULT_CACHE_DIR}; "
+            "'' turns it off.", 'run', optional=True),
+    # The baseline.
+    Setting('model', str, 'tiny', 'Model.', 'baseline', choices=lambda: models.MODELS),
+    Setting('dataset', str, 'digits', "Dataset. digits is scikit-learn's bundled 8x8 "
+            'handwritten digits (offline).', 'baseline', choices=lambda: data.DATASETS),
+    Setting('data_path', str, None, 'The .npz file for dataset=npz (keys train_images, '
+            'train_labels, test_images, test_labels; uint8 NHWC).', 'baseline', optional=True),
+    Setting('max_train', int, None, 'Train on a fixed random subset of N training images (the '
+            'same N images for every seed).', 'baseline', optional=True, minimum=1),
+    Setting('epochs', int, 160, 'Baseline epochs (scratch uses the same; scratch_b scales them '
+            'by the MACs ratio).', 'baseline', minimum=1),
+    Setting('batch_size', int, 64, 'Global batch size.', 'baseline', minimum=1),
+    Setting('lr', float, 0.1, 'Baseline and from-scratch learning rate.', 'baseline', above=0,
+            retunable=True),
+    Setting('lr_schedule', str, 'step', 'Learning-rate schedule (step: x0.1 at 50% and 75% of '
+            'the epochs).', 'baseline', choices=lambda: optim.SCHEDULES),
+    Setting('weight_decay', float, 1e-4, 'Coupled weight decay.', 'baseline', minimum=0),
+    Setting('bn_l1', float, 0.0, "Network slimming's L1 sparsity on BN scales for the baseline "
+            '(1e-4 for VGG).', 'baseline', minimum=0),
+    Setting('precision', str, 'float32', 'Compute dtype of every training and evaluation step '
+            '(parameters, their updates and the optimizer state stay float32; bfloat16 is meant '
+            'for GPUs and TPUs).', 'baseline', choices=lambda: step.PRECISIONS),
+    Setting('seed', int, 0, 'Seed of init, data order and random choices.', 'baseline',
+            minimum=0),
+    # Pruning.
+    Setting('criterion', str, 'taylor', 'Importance criterion.', 'prune',
+            choices=lambda: criteria.CRITERIA),
+    Setting('selection', str, 'global_l2', 'Selection policy.', 'prune', choices=_selections),
+    Setting('prune_ratio', float, None, 'Fraction of prunable channels to remove, in [0, 1) '
+            '(default 0.5 for the ratio policies).', 'prune', optional=True, minimum=0, below=1),
+    Setting('target_macs', float, None, 'Fraction of the MACs to keep, in (0, 1] (macs, '
+            'macs_l2).', 'prune', optional=True, above=0, maximum=1),
+    Setting('preset', str, None, 'Li et al. preset.', 'prune', optional=True,
+            choices=lambda: select.PRESETS),
+    Setting('min_channels', int, 1, 'Channels every group keeps at least.', 'prune', minimum=1),
+    Setting('round_to', int, 1, "Round every group's kept channels up to a multiple of this "
+            '(one-shot; e.g. 8: widths that run faster, MACs slightly above the target).',
+            'prune', minimum=1),
+    Setting('flops_penalty', float, 0.0, 'FLOPs-aware penalty lambda for the global policies '
+            '(1e-3 in Molchanov et al.).', 'prune', minimum=0),
+    Setting('schedule', str, 'oneshot', 'Pruning schedule.', 'prune',
+            choices=lambda: PRUNE_SCHEDULES),
+    Setting('prune_batches', int, 8, 'Training batches a one-shot data criterion reads.',
+            'prune', minimum=1),
+    Setting('prune_every', int, 10, 'Iterative: fine-tuning steps between removals.', 'prune',
+            minimum=1),
+    Setting('prune_step', int, 1, 'Iterative: channels removed at each removal.', 'prune',
+            minimum=1),
+    # The regimes.
+    Setting('finetune_epochs', int, 40, 'Epochs of the finetune regime.', 'finetune', minimum=1),
+    Setting('finetune_lr', float, 1e-3, 'Constant learning rate of fine-tuning.', 'finetune',
+            above=0, retunable=True),
+    Setting('scratch_b_cap', float, None, 'Cap scratch_b at this multiple of epochs.',
+            'scratch_b', optional=True, minimum=1),
+    # How fast a step runs.
+    Setting('conv_impl', str, 'auto', 'Convolution implementation.', 'performance',
+            choices=lambda: kernel_options.CONV_IMPLS, environ='JAXPRUNE_CONV_IMPL'),
+    Setting('batch_norm', str, 'jaxprune', 'BatchNorm implementation (the same function and '
+            'variables either way).', 'performance', choices=lambda: kernel_options.BATCH_NORMS,
+            environ='JAXPRUNE_BATCH_NORM'),
+    Setting('xla_options', str, 'jaxprune', 'XLA compiler options every jitted model function '
+            'compiles with.', 'performance', choices=lambda: kernel_options.XLA_OPTION_SETS,
+            environ='JAXPRUNE_XLA_OPTIONS'),
+)
+
+BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+
+
+def _config_field(setting: Setting):
+  hint = setting.type | None if setting.optional else setting.type
+  return setting.name, hint, dataclasses.field(default=setting.default)
+
+
+Config = dataclasses.make_dataclass(
+    'Config', [_config_field(s) for s in SETTINGS], frozen=True,
+    namespace={'__doc__': 'Everything a run depends on: one field per entry of SETTINGS.',
+               '__module__': __name__})
+
+
+def make(**values) -> 'Config':
+  """A Config from setting values, with the one derived default: the ratio policies'
+  prune_ratio is 0.5 when no ratio is given."""
+  config = Config(**values)
+  policy = select.SELECTIONS.get(config.selection)
+  if policy is not None and policy.needs == 'ratio' and config.prune_ratio is None:
+    config = dataclasses.replace(config, prune_ratio=0.5)
+  return config
+
+
+def performance_options(config) -> kernel_options.PerformanceOptions:
+  return kernel_options.PerformanceOptions(
+      **{s.name: getattr(config, s.name) for s in SETTINGS if s.stage == 'performance'})
+
+
+def stage_settings(config, stage: str) -> dict:
+  """The settings that identify `stage`'s directory: its own and those of the stages it
+  starts from (a regime starts from prune, prune from baseline)."""
+  if stage not in STAGES or stage in ('run', 'performance'):
+    raise ValueError(f'{stage!r} is not a stage with a directory.')
+  chain = {'baseline': ('baseline',), 'prune': ('baseline', 'prune')}.get(
+      stage, ('baseline', 'prune', stage))
+  return {s.name: getattr(config, s.name) for s in SETTINGS if s.stage in chain}
+
+
+def retunable(name: str) -> bool:
+  return BY_NAME[name].retunable
+
+
+def regimes_of(config) -> tuple[str, ...]:
+  return regimes.REGIMES if config.regime == 'all' else (config.regime,)
+
+
+def validate(config) -> None:
+  """Checks every value and combination before anything is trained or written (ConfigError)."""
+  for setting in SETTINGS:
+    setting.check(getattr(config, setting.name))
+  needs = _TARGET_OF_NEED[select.SELECTIONS[config.selection].needs]
+  if getattr(config, needs) is None:
+    raise ConfigError(f'selection={config.selection} needs {needs}.',
+                      settings=('selection', needs))
+  for other in _TARGET_OF_NEED.values():
+    if other != needs and getattr(config, other) is not None:
+      raise ConfigError(f'selection={config.selection} takes {needs}, not {other}.',
+                        settings=('selection', needs, other))
+  if config.preset is not None:
+    family = select.PRESETS[config.preset].models
+    if config.model not in family:
+      raise ConfigError(f"preset {config.preset!r} is for {' or '.join(family)}, not for "
+                        f'{config.model}.', settings=('preset',))
+  if config.schedule == 'iterative' and config.round_to != 1:
+    raise ConfigError(f"round_to={config.round_to} rounds a one-shot selection's widths; use "
+                      'it with schedule=oneshot.', settings=('round_to', 'schedule'))
+  if config.schedule == 'iterative' and needs == 'preset':
+    raise ConfigError('schedule=iterative removes channels globally and cannot follow a '
+                      'per-layer preset; use schedule=oneshot.', settings=('schedule', 'preset'))
+  if config.dataset == 'npz' and not config.data_path:
+    raise ConfigError('dataset=npz needs data_path=FILE.npz.', settings=('dataset', 'data_path'))
+
+
+# ----------------------------------------------------------------------------- command lines
+
+
+def define_flags(flag_values=None) -> None:
+  """Defines one absl flag per setting (launch.py)."""
+  from absl import flags
+  flag_values = flag_values if flag_values is not None else flags.FLAGS
+  define = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+            bool: flags.DEFINE_bool}
+  for setting in SETTINGS:
+    default = setting.default
+    if setting.environ and os.environ.get(setting.environ, '').strip():
+      default = os.environ[setting.environ].strip().lower()
+    define[setting.type](setting.name, default, setting.full_help(), flag_values=flag_values)
+
+
+def from_flags(flag_values=None) -> 'Config':
+  """The Config of parsed absl flags (defined by `define_flags`)."""
+  from absl import flags
+  flag_values = flag_values if flag_values is not None else flags.FLAGS
+  return make(**{s.name: flag_values[s.name].value for s in SETTINGS})
+
+
+def add_arguments(parser: argparse.ArgumentParser, names: Sequence[str],
+                  defaults: Mapping[str, str] | None = None) -> None:
+  """Adds `--NAME` for each named setting to an argparse parser, help from the declaration.
+
+  Their parsed default is None ("the experiment's value"); `defaults` says in --help what
+  that value is (e.g. {'model': 'resnet8 (mini), vgg16 (full)'}).
+  """
+  for name in names:
+    setting = BY_NAME[name]
+    shown = (defaults or {}).get(name)
+    shown = f' Default: {shown}.' if shown else ''
+    kind = {bool: _parse_bool}.get(setting.type, setting.type)
+    parser.add_argument(f'--{name}', type=kind, default=None, metavar=setting.type.__name__.upper(),
+                        help=setting.full_help() + shown)
+
+
+def add_list_argument(parser: argparse.ArgumentParser, flag: str, name: str,
+                      default: Sequence) -> None:
+  """Adds `--FLAG`, a comma-separated list of values of setting `name` (checked by `parse_list`)."""
+  setting = BY_NAME[name]
+  allowed = f" Each one of: {', '.join(setting.allowed())}." if setting.choices else ''
+  parser.add_argument(f'--{flag}', default=','.join(map(str, default)),
+                      help=f'Comma-separated values of {name}: {setting.help}{allowed} '
+                           f"Default: {','.join(map(str, default))}.")
+
+
+def parse_list(text: str, flag: str, name: str) -> tuple:
+  """The entries of a comma-separated `--FLAG` as values of setting `name` (ConfigError)."""
+  setting = BY_NAME[name]
+  entries = [x.strip() for x in text.split(',') if x.strip()]
+  kind = {int: 'whole numbers', float: 'numbers'}.get(setting.type, 'names')
+  if not entries:
+    raise ConfigError(f'{flag} is empty; give one or more comma-separated {kind}.',
+                      settings=(flag,))
+  try:
+    values = tuple(setting.type(x) for x in entries)
+  except ValueError:
+    raise ConfigError(f'{flag} {text!r} is not a comma-separated list of {kind}.',
+                      settings=(flag,)) from None
+  for value in values:
+    try:
+      setting.check(value)
+    except ConfigError as error:
+      raise ConfigError(f'{flag} value {value!r}: {error}', settings=(flag,)) from None
+  return values
+
+
+def _parse_bool(text: str) -> bool:
+  lowered = text.strip().lower()
+  if lowered in ('1', 'true', 'yes'):
+    return True
+  if lowered in ('0', 'false', 'no'):
+    return False
+  raise argparse.ArgumentTypeError(f'{text!r} is not true or false')
+
+
+def to_flagfile(config) -> str:
+  """The configuration as launch.py flags, one per line: `--flagfile=` of it reruns the run."""
+  lines = []
+  for setting in SETTINGS:
+    value = getattr(config, setting.name)
+    if value is None:
+      continue
+    if setting.type is bool:
+      lines.append(f"--{'' if value else 'no'}{setting.name}")
+    else:
+      lines.append(f'--{setting.name}={value!r}' if setting.type is float
+                   else f'--{setting.name}={value}')
+  return '\n'.join(lines) + '\n'
+
+
+def from_record(record: Mapping) -> 'Config':
+  """The Config stored in a results.json's 'config' (settings it does not know are refused)."""
+  unknown = sorted(set(record) - set(BY_NAME))
+  if unknown:
+    raise ConfigError(f"the stored configuration has settings this version does not know: "
+                      f"{', '.join(unknown)}.")
+  return Config(**record)

@@ -1,0 +1,70 @@
+"""A run's results.json, its flagfile, and the summary table printed at the end."""
+
+import dataclasses
+import json
+import platform
+from typing import Mapping
+
+import jax
+import numpy as np
+from etils import epath
+
+from jaxprune.pipeline import config as config_lib
+
+RESULTS = 'results.json'
+FLAGFILE = 'launch.flags'
+
+
+def versions() -> dict:
+  import flax
+  import optax
+  import orbax.checkpoint
+  return {'python': platform.python_version(), 'jax': jax.__version__,
+          'jaxlib': jax.lib.__version__ if hasattr(jax.lib, '__version__') else None,
+          'flax': flax.__version__, 'optax': optax.__version__,
+          'orbax-checkpoint': orbax.checkpoint.__version__, 'numpy': np.__version__}
+
+
+def write(config, body: Mapping) -> dict:
+  """Adds the configuration, performance options, versions and devices to `body` and writes
+  it as WORKDIR/results.json, with WORKDIR/launch.flags that reruns the same configuration.
+  Only the first process writes."""
+  results = {**body, 'config': dataclasses.asdict(config),
+             'performance': config_lib.performance_options(config).as_dict(),
+             'versions': versions(), 'devices': [d.device_kind for d in jax.devices()],
+             'platform': jax.default_backend()}
+  if jax.process_index() == 0:
+    workdir = epath.Path(config.workdir)
+    (workdir / RESULTS).write_text(json.dumps(results, indent=1))
+    (workdir / FLAGFILE).write_text(config_lib.to_flagfile(config))
+  return results
+
+
+def mean_rows(per_seed: list[Mapping]) -> list[dict]:
+  """One row per stage: the mean over seeds, and the test accuracy's std (ddof 1)."""
+  rows = []
+  for i, row in enumerate(per_seed[0]['rows']):
+    values = {k: np.array([r['rows'][i][k] for r in per_seed], float)
+              for k in ('test_accuracy', 'macs', 'params', 'epochs', 'wall_time_s')}
+    rows.append({'stage': row['stage'], **{k: float(v.mean()) for k, v in values.items()},
+                 'test_accuracy_std': float(values['test_accuracy'].std(ddof=1)),
+                 'seeds': len(per_seed)})
+  return rows
+
+
+def format_table(results: Mapping) -> str:
+  """The summary table: one row per stage."""
+  spread = 'test_accuracy_std' in results['rows'][0]
+  accuracy = 'test acc (mean ± std)' if spread else 'test acc'
+  width = 21 if spread else 9
+  header = (f"{'stage':<10} {accuracy:>{width}} {'MACs':>10} {'params':>10} {'epochs':>7} "
+            f"{'time':>8}")
+  lines = [header, '-' * len(header)]
+  for row in results['rows']:
+    acc = f"{100 * row['test_accuracy']:.2f}%"
+    if spread:
+      acc += f" ± {100 * row['test_accuracy_std']:.2f}"
+    lines.append(f"{row['stage']:<10} {acc:>{width}} "
+                 f"{row['macs'] / 1e6:>9.2f}M {row['params'] / 1e6:>9.3f}M {row['epochs']:>7g} "
+                 f"{row['wall_time_s']:>7.1f}s")
+  return '\n'.join(lines)

@@ -1,0 +1,112 @@
+"""The single declaration of settings: every flag, check and stage identity comes from it."""
+
+import argparse
+import dataclasses
+
+import pytest
+from absl import flags
+
+from jaxprune import data, errors, models, pipeline
+from jaxprune.pipeline import config
+from jaxprune.prune import criteria, select
+
+
+def test_every_setting_has_a_stage_a_type_and_help():
+  for setting in config.SETTINGS:
+    assert setting.stage in config.STAGES, setting.name
+    assert setting.type in (str, int, float, bool), setting.name
+    assert setting.help.strip().endswith(('.', ')')), setting.name
+    if setting.default is None:
+      assert setting.optional, setting.name
+    else:
+      setting.check(setting.default)
+
+
+def test_config_has_one_field_per_setting_and_nothing_else():
+  assert [f.name for f in dataclasses.fields(config.Config)] == [s.name for s in config.SETTINGS]
+
+
+def test_a_setting_without_a_stage_or_help_cannot_be_declared():
+  with pytest.raises(ValueError, match='stage'):
+    config.Setting('warmup_epochs', int, 0, 'Warm-up epochs.', 'warmup')
+  with pytest.raises(ValueError, match='help'):
+    config.Setting('warmup_epochs', int, 0, ' ', 'baseline')
+  with pytest.raises(TypeError):
+    config.Setting('warmup_epochs', int, 0, 'Warm-up epochs.')  # pylint: disable=no-value-for-parameter
+
+
+def test_help_lists_the_allowed_values_from_the_registries():
+  flag_values = flags.FlagValues()
+  config.define_flags(flag_values)
+  for name, registry in (('criterion', criteria.CRITERIA), ('model', models.MODELS),
+                         ('dataset', data.DATASETS), ('selection', select.SELECTIONS),
+                         ('preset', select.PRESETS)):
+    for value in registry:
+      assert value in flag_values[name].help, (name, value)
+  assert set(flag_values) >= {s.name for s in config.SETTINGS}
+
+
+def test_stage_identity_grows_along_the_pipeline():
+  c = config.make()
+  baseline = config.stage_settings(c, 'baseline')
+  prune = config.stage_settings(c, 'prune')
+  finetune = config.stage_settings(c, 'finetune')
+  assert set(baseline) < set(prune) < set(finetune)
+  assert 'lr' in baseline and 'criterion' not in baseline
+  assert 'finetune_lr' in finetune and 'finetune_lr' not in config.stage_settings(c, 'scratch')
+  for name in ('workdir', 'seeds', 'conv_impl', 'regime'):
+    assert name not in finetune
+
+
+def test_a_flagfile_from_a_stored_configuration_reproduces_it(tmp_path):
+  original = config.make(workdir=str(tmp_path / 'w'), model='resnet20', criterion='fisher',
+                         selection='macs', target_macs=0.4, lr=0.05, epochs=3, seeds=2,
+                         scratch_b_cap=1.5, multihost=False, compilation_cache_dir='')
+  stored = config.from_record(dataclasses.asdict(original))
+  path = tmp_path / 'launch.flags'
+  path.write_text(config.to_flagfile(stored))
+  flag_values = flags.FlagValues()
+  config.define_flags(flag_values)
+  flag_values(['launch.py', f'--flagfile={path}'])
+  assert config.from_flags(flag_values) == original
+
+
+def test_ratio_policies_default_to_half_the_channels():
+  assert config.make(selection='layer').prune_ratio == 0.5
+  assert config.make(selection='macs', target_macs=0.5).prune_ratio is None
+
+
+@pytest.mark.parametrize('settings, message', [
+    ({'epochs': 0}, '--epochs must be at least 1, got 0.'),
+    ({'lr': 0.0}, '--lr must be above 0, got 0.0.'),
+    ({'target_macs': 1.5, 'selection': 'macs'}, '--target_macs must be at most 1, got 1.5.'),
+    ({'selection': 'macs', 'target_macs': 0.5, 'prune_ratio': 0.3},
+     '--selection=macs takes --target_macs, not --prune_ratio.'),
+    ({'criterion': 'magic'}, "unknown --criterion 'magic'; choose one of: "),
+    ({'epochs': 'ten'}, "--epochs must be a whole number, got 'ten'."),
+])
+def test_validation_names_the_setting_as_a_flag_on_the_command_line(settings, message):
+  with pytest.raises(errors.ConfigError) as raised:
+    config.validate(config.make(**settings))
+  assert errors.as_flags(raised.value).startswith(message)
+  assert '--' not in str(raised.value)
+
+
+def test_experiment_arguments_take_their_help_and_type_from_the_declaration():
+  parser = argparse.ArgumentParser()
+  config.add_arguments(parser, ('epochs', 'model'), defaults={'model': 'resnet8 (mini)'})
+  config.add_list_argument(parser, 'criteria', 'criterion', ('l1', 'random'))
+  text = parser.format_help()
+  assert 'Baseline epochs' in text and 'resnet8 (mini)' in text and 'taylor' in text
+  args = parser.parse_args(['--epochs=3', '--criteria=l1,fisher'])
+  assert args.epochs == 3 and args.model is None
+  assert config.parse_list(args.criteria, 'criteria', 'criterion') == ('l1', 'fisher')
+  with pytest.raises(errors.ConfigError) as raised:
+    config.parse_list('l1,bogus', 'criteria', 'criterion')
+  assert errors.as_flags(raised.value).startswith("--criteria value 'bogus': unknown criterion")
+
+
+def test_the_public_stage_api_is_what_the_package_exports():
+  for name in ('make', 'validate', 'run', 'load_data', 'baseline', 'prune', 'retrain',
+               'stage_settings', 'format_table'):
+    assert callable(getattr(pipeline, name)), name
