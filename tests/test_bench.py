@@ -29,7 +29,7 @@ def bench(script, *args):
     ('criteria_cost.py', ['--criteria=l1,bogus'], "--criteria ['bogus'] are not criteria; "
      'choose from random,'),
     # compiles.py runs each pipeline in a worker process: the worker's sentence is passed on.
-    ('compiles.py', ['--regime=bogus'], "error: unknown regime 'bogus'; choose one of:"),
+    ('compiles.py', ['--regime=bogus'], "error: unknown --regime 'bogus'; choose one of:"),
     # seeds.py runs launch.py: launch.py's sentence is passed on.
     ('seeds.py', ['--data_path=/nope.npz'], "error: npz file '/nope.npz' does not exist."),
     ('seeds.py', ['--seeds=0'], 'flag --seeds=0: 0 is not a positive integer'),

@@ -1,25 +1,25 @@
 r"""How often a pipeline run compiles, and for how long: one-shot and iterative pruning.
 
-    python experiments/bench/compiles.py --out=/tmp/compiles.json
+    python experiments/bench/compiles.py --out=compiles.json
 
-Runs `jaxprune.pipeline.run` twice, each in a fresh process and temporary work directory
-(digits, small epochs):
+Runs the pipeline twice, each in a fresh process and temporary work directory (digits,
+small epochs), stage by stage through its public stage functions (`pipeline.load_data`,
+`baseline`, `prune`, `retrain`):
   oneshot    baseline -> l1 scores, global selection -> shrink -> every regime (--regime)
   iterative  baseline -> fine-tuning with a Taylor accumulator and a global removal every
              --prune_every steps (the masks change many times) -> shrink -> fine-tune
 and counts every XLA backend compilation (jax.monitoring's
-'/jax/core/compile/backend_compile_duration' events, with the jitted function's name),
-attributed to the `train.fit` call (stage) during which it happened; the rest (scoring,
-selection, shrinking, regime planning, eager ops) is one 'outside fit' row.
+'/jax/core/compile/backend_compile_duration' events, with the jitted function's name)
+per stage.
 
 What should hold: the train step (`sharded_train_step`) compiles once per distinct width
 configuration (with or without masks) a run trains, whatever the learning-rate schedule
 or length of each stage (the learning rate is a step input), and changing mask values
-(the iterative stage) never recompiles it: `masks_changed` > 0 with one compile.
+(the iterative prune stage, `removal_rounds` of them: channels removed / --prune_step)
+never recompiles it.
 """
 
 import collections
-import functools
 import json
 import os
 import sys
@@ -52,59 +52,42 @@ def _is_step(fun_name: str) -> bool:
   return STEP in fun_name
 
 
-def run_pipeline(name, config_kwargs, workdir, log):
-  """Runs one pipeline; returns per-stage rows, wall seconds and compiles by function."""
-  from jaxprune import pipeline, train
+def run_pipeline(name, settings, workdir, log):
+  """Runs one pipeline stage by stage; returns per-stage rows, wall seconds and compiles by
+  function."""
+  from jaxprune import pipeline
 
-  spans = []  # (stage, first event index, end event index) of every fit call
-  original_fit = train.fit
-  mask_changes = collections.Counter()
-
-  @functools.wraps(original_fit)
-  def fit(model, *args, **kwargs):
-    stage = os.path.relpath(str(kwargs['stage_dir']), workdir)
-    hook = kwargs.get('step_hook')
-    if hook is not None:
-      def counting_hook(state, batch, masks, hook_state):
-        new_masks, new_state = hook(state, batch, masks, hook_state)
-        if new_masks is not masks:
-          mask_changes[stage] += 1
-        return new_masks, new_state
-      kwargs['step_hook'] = counting_hook
-    first = len(log.events)
-    try:
-      return original_fit(model, *args, **kwargs)
-    finally:
-      spans.append((stage, first, len(log.events)))
-
-  train.fit = fit
-  pipeline.train.fit = fit
-  try:
-    start = time.perf_counter()
-    config = pipeline.Config(workdir=workdir, model=FLAGS.model, dataset='digits',
-                             max_train=FLAGS.max_train, epochs=FLAGS.epochs,
-                             batch_size=FLAGS.batch_size, finetune_epochs=FLAGS.finetune_epochs,
-                             regime=FLAGS.regime, **config_kwargs)
-    pipeline.run(config)
-    wall = time.perf_counter() - start
-  finally:
-    train.fit = original_fit
-    pipeline.train.fit = original_fit
-
-  inside = set()
+  config = pipeline.make(workdir=workdir, model=FLAGS.model, dataset='digits',
+                         max_train=FLAGS.max_train, epochs=FLAGS.epochs,
+                         batch_size=FLAGS.batch_size, finetune_epochs=FLAGS.finetune_epochs,
+                         regime=FLAGS.regime, **settings)
+  pipeline.validate(config)
   segments = []
-  for stage, first, end in spans:
-    segments.append((f'fit {stage}', log.events[first:end]))
-    inside.update(range(first, end))
-  segments.append(('outside fit (prune, planning, eager ops)',
-                   [e for i, e in enumerate(log.events) if i not in inside]))
+
+  def stage(label, fn, *args):
+    first = len(log.events)
+    out = fn(*args)
+    segments.append((label, log.events[first:]))
+    return out
+
+  start = time.perf_counter()
+  data = stage('load_data', pipeline.load_data, config)
+  base = stage('baseline', pipeline.baseline, config, data)
+  outcome = stage('prune', pipeline.prune, config, base, data)
+  for regime in pipeline.regimes_of(config):
+    stage(regime, pipeline.retrain, config, regime, outcome.pruned, data)
+  wall = time.perf_counter() - start
+
+  record = outcome.record
+  removed = sum(record['widths_before'][g] - record['widths'][g] for g in record['masks'])
+  rounds = -(-removed // FLAGS.prune_step) if settings['schedule'] == 'iterative' else 0
   rows = []
-  for stage, events in segments:
+  for label, events in segments:
     step = [d for n, d in events if _is_step(n)]
-    rows.append({'run': name, 'stage': stage, 'compiles': len(events),
+    rows.append({'run': name, 'stage': label, 'compiles': len(events),
                  'compile_s': sum(d for _, d in events), 'train_step_compiles': len(step),
                  'train_step_compile_s': sum(step),
-                 'masks_changed': mask_changes.get(stage.removeprefix('fit '), 0)})
+                 'removal_rounds': rounds if label == 'prune' else 0})
   by_name = collections.Counter(n for n, _ in log.events)
   return rows, wall, dict(by_name)
 
@@ -139,18 +122,16 @@ def main(argv):
     step_compiles = sum(1 for n, _ in log.events if _is_step(n))
     print(json.dumps({'rows': run_rows, 'summary': {
         'run': name, 'wall_s': wall, 'compiles': len(log.events), 'compile_s': log.seconds(),
-        'train_step_compiles': step_compiles, 'fits': sum(1 for r in run_rows
-                                                           if r['stage'].startswith('fit ')),
-        'by_function': by_name}}))
+        'train_step_compiles': step_compiles, 'by_function': by_name}}))
     return
   columns = ['run', 'stage', 'compiles', 'compile_s', 'train_step_compiles',
-             'train_step_compile_s', 'masks_changed']
+             'train_step_compile_s', 'removal_rounds']
   print()
   print(f'{FLAGS.model} on digits, batch {FLAGS.batch_size}, backend {jax.default_backend()}; '
         'compiles = XLA backend compilations during the stage')
   print(common.format_table(rows, columns))
   print()
-  print(common.format_table(summary, ['run', 'wall_s', 'fits', 'compiles', 'compile_s',
+  print(common.format_table(summary, ['run', 'wall_s', 'compiles', 'compile_s',
                                       'train_step_compiles']))
   for s in summary:
     print(f"{s['run']}: compiles by function: "
