@@ -601,36 +601,24 @@ def get(name: str, **options) -> Criterion:
   return dataclasses.replace(criterion, **options)
 
 
-class _ByIdentity:
-  """A model as a static jit argument, compared by identity (its widths are unhashable)."""
-
-  def __init__(self, obj):
-    self.obj = obj
-
-  def __hash__(self):
-    return id(self.obj)
-
-  def __eq__(self, other):
-    return isinstance(other, _ByIdentity) and other.obj is self.obj
-
-
 def _accumulate(criterion, model, state, variables, masks, batch):
-  return criterion.accumulate(state, model.obj, variables, masks, batch)
+  return criterion.accumulate(state, model, variables, masks, batch)
 
 
 @functools.cache
-def _jit_accumulate() -> Callable:
+def _jit_accumulate(xla_options: str) -> Callable:
   # Jitted on first use, not at import: the compiler options depend on the backend.
-  return compiler.jit(_accumulate, static_argnums=(0, 1))
+  return compiler.jit(_accumulate, xla_options=xla_options, static_argnums=(0, 1))
 
 
 def accumulator(criterion: Criterion, model: nn.Module) -> Callable:
   """`criterion.accumulate` jitted for `model`: (state, variables, masks, batch) -> state.
 
-  Compiled once per criterion, model object and input shapes; masks (always pass
-  the same groups, e.g. all of them) are inputs, so new masks do not recompile.
+  Compiled once per criterion, model (models compare by class, widths and performance
+  options) and input shapes; masks (always pass the same groups, e.g. all of them) are
+  inputs, so new masks do not recompile.
   """
-  return functools.partial(_jit_accumulate(), criterion, _ByIdentity(model))
+  return functools.partial(_jit_accumulate(model.performance.xla_options), criterion, model)
 
 
 def score(name: str, model: nn.Module, variables, batches: Iterable[Mapping] | None,

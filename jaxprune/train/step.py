@@ -264,7 +264,8 @@ class Evaluator:
       batch = jax.lax.with_sharding_constraint(batch, self.batch_sharding)
       return evaluation(variables, batch, masks)
 
-    self.eval_step = compiler.jit(sharded_eval_step, out_shardings=self.replicated)
+    self.eval_step = compiler.jit(sharded_eval_step, xla_options=model.performance.xla_options,
+                                  out_shardings=self.replicated)
     self.add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
 
 
@@ -308,7 +309,8 @@ class Trainer:
       batch = jax.lax.with_sharding_constraint(batch, self.batch_sharding)
       return step(state, batch, masks, learning_rate)
 
-    self.train_step = compiler.jit(sharded_train_step, donate_argnums=0,
+    self.train_step = compiler.jit(sharded_train_step, xla_options=model.performance.xla_options,
+                                   donate_argnums=0,
                                    out_shardings=(self.replicated, self.replicated))
     # Copy i of a stacked tree, replicated; one program for every i (jitted, so it also
     # works on arrays spread over several processes).
@@ -350,7 +352,7 @@ _TRAINERS: dict = {}
 def evaluator_for(model: nn.Module, mesh: Mesh, precision: str = 'float32',
                   copies: bool = False) -> Evaluator:
   """The Evaluator shared by every evaluation (in `fit` or of saved variables) of one program."""
-  key = (repr(model), _mesh_key(mesh), precision, copies)
+  key = (model, _mesh_key(mesh), precision, copies)
   if key not in _EVALUATORS:
     _EVALUATORS[key] = Evaluator(model, mesh, precision, copies)
   return _EVALUATORS[key]
@@ -361,13 +363,14 @@ def trainer_for(model: nn.Module, optimizer: OptimizerConfig,
                 precision: str = 'float32', copies: bool = False) -> Trainer:
   """A Trainer shared by every fit that compiles to the same program.
 
-  The key holds only what the compiled step depends on: the model, the optimizer settings
+  The key holds only what the compiled step depends on: the model (its class, widths and
+  performance options), the optimizer settings
   `make_optimizer` builds in (not the learning rate, its schedule or the run's length,
   which are step inputs), the structure, the mesh and the precision. So N seeds trained
   one after another, and every regime that trains the same widths, compile each step once;
   their evaluation is `evaluator_for`'s, whatever the optimizer.
   """
-  key = (repr(model),
+  key = (model,
          (optimizer.momentum, optimizer.nesterov, optimizer.weight_decay, optimizer.bn_l1),
          None if structure is None else (tuple(structure.widths.items()), structure.prunable),
          _mesh_key(mesh), precision, copies)
