@@ -154,5 +154,5 @@ def test_a_cache_directory_that_cannot_be_created_leaves_the_cache_off(
   (tmp_path / 'file').write_text('')
   assert compiler.use_persistent_cache(str(tmp_path / 'file' / 'cache')) == ''
   assert not jax.config.jax_enable_compilation_cache
-  with pytest.raises(ConfigError, match=r"compilation cache directory '.*file' is a file"):
+  with pytest.raises(ConfigError, match=r"compilation_cache_dir '.*file' is a file"):
     compiler.use_persistent_cache(str(tmp_path / 'file'))

@@ -55,6 +55,17 @@ def test_a_bad_flag_is_one_sentence_naming_the_flag_and_exit_status_1(tmp_path, 
   assert not (tmp_path / 'work').exists()
 
 
+def test_a_compilation_cache_path_that_is_a_file_is_one_sentence(tmp_path, launch):
+  (tmp_path / 'file').write_text('')
+  run = launch(*QUICK_FLAGS, f'--compilation_cache_dir={tmp_path / "file"}',
+               workdir=tmp_path / 'w')
+  assert run.returncode == 1
+  assert run.stderr.strip().splitlines()[-1] == (
+      f"error: --compilation_cache_dir '{tmp_path / 'file'}' is a file; give a directory, "
+      "or '' for no cache.")
+  assert not (tmp_path / 'w').exists()
+
+
 def test_a_bad_environment_choice_stops_before_writing(tmp_path, launch):
   run = launch(*QUICK_FLAGS, workdir=tmp_path / 'work', env={'JAXPRUNE_CONV_IMPL': 'fast'})
   assert run.returncode == 1 and 'Traceback' not in run.stderr

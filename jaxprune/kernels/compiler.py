@@ -116,8 +116,8 @@ def use_persistent_cache(directory: str | None = None) -> str:
   if '://' not in directory:
     directory = os.path.expanduser(directory)
     if os.path.exists(directory) and not os.path.isdir(directory):
-      raise ConfigError(f"compilation cache directory {directory!r} is a file; give a "
-                        "directory, or '' for no cache.")
+      raise ConfigError(f"compilation_cache_dir {directory!r} is a file; give a directory, "
+                        "or '' for no cache.", settings=('compilation_cache_dir',))
     try:
       os.makedirs(directory, exist_ok=True)
     except OSError as error:
