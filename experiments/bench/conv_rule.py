@@ -1,6 +1,6 @@
 r"""The measured basis of jaxprune.kernels.conv's rule: each formulation per conv shape.
 
-    python experiments/bench/conv_rule.py --out=/tmp/conv_rule.json
+    python experiments/bench/conv_rule.py --out=conv_rule.json
 
 For every distinct convolution of VGG-16 and ResNet-56 on 32x32 CIFAR images (batch 128,
 float32) it times, on the current backend, the three passes a training step runs:
@@ -12,11 +12,12 @@ lax.conv_general_dilated, 'patches' = im2col + matmul, ...). The formulations ar
 round-robin (one call of each per repetition), so a burst of background load hits all of
 them alike; the table shows medians and GFLOP/s (2 * MACs / s) and marks the fastest.
 Everything is compiled with `jaxprune.kernels.compiler`'s options, as the library compiles its
-steps (JAXPRUNE_XLA_OPTIONS=xla times XLA's defaults instead). With `--torch`, PyTorch's
+steps (`--xla_options=xla` times XLA's defaults instead). With `--torch`, PyTorch's
 conv2d passes (NCHW, `torch.nn.grad` for the gradients) are timed in a separate process
 the same way and shown as a reference column (`pip install torch`).
 """
 
+import functools
 import os
 import sys
 import time
@@ -39,6 +40,8 @@ flags.DEFINE_bool('torch', False, "Also time PyTorch's conv2d passes (NCHW, its 
                   '--threads threads) as a reference column.')
 flags.DEFINE_integer('threads', len(os.sched_getaffinity(0)), 'torch.set_num_threads.',
                      lower_bound=1)
+flags.DEFINE_string('xla_options', 'jaxprune', "The XLA option set to compile with "
+                    "(jaxprune.kernels.options.XLA_OPTION_SETS; 'xla': XLA's defaults).")
 flags.DEFINE_string('out', None, 'Write the table as JSON here.')
 flags.DEFINE_bool('worker', False, 'Internal: time the PyTorch passes and print them as JSON.')
 
@@ -115,7 +118,10 @@ def main(argv):
   if FLAGS.worker:
     common.reply(torch_worker(shapes))
     return
-  from jaxprune.kernels import conv
+  from jaxprune.kernels import conv, options
+  if FLAGS.xla_options not in options.XLA_OPTION_SETS:
+    raise app.UsageError(f"--xla_options={FLAGS.xla_options} is not one of "
+                         f"{', '.join(options.XLA_OPTION_SETS)}.")
   names = FLAGS.formulations or list(conv.FORMULATIONS)
   unknown = [name for name in names if name not in conv.FORMULATIONS]
   if unknown:
@@ -131,6 +137,7 @@ def main(argv):
 
   from jaxprune.kernels import compiler
 
+  jit = functools.partial(compiler.jit, xla_options=FLAGS.xla_options)
   rows = []
   for (size, cin, cout, k, s), used_by in shapes.items():
     x = jax.random.normal(jax.random.key(0), (FLAGS.batch, size, size, cin))
@@ -141,10 +148,10 @@ def main(argv):
       f = conv.FORMULATIONS[name]
       apply = lambda x, w, f=f: f(x, w, (s, s), pads)
       y = apply(x, kernel)
-      fns[(name, 'fwd')] = compiler.jit(apply)
-      fns[(name, 'dx')] = compiler.jit(
+      fns[(name, 'fwd')] = jit(apply)
+      fns[(name, 'dx')] = jit(
           lambda x, w, g, apply=apply: jax.vjp(lambda x: apply(x, w), x)[1](g))
-      fns[(name, 'dk')] = compiler.jit(
+      fns[(name, 'dk')] = jit(
           lambda x, w, g, apply=apply: jax.vjp(lambda w: apply(x, w), w)[1](g))
     g = jax.random.normal(jax.random.key(2), y.shape)
     macs = y.size * k * k * cin

@@ -179,10 +179,11 @@ def oracle_speedup(name):
                                                      st.widths[g])).round().astype(int)
             for g in st.prunable}
 
-  @compiler.jit
   def mean_loss(masks):
     logits = model.apply(variables, batch['image'], masks=masks)
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
+
+  mean_loss = compiler.jit(mean_loss, xla_options=model.performance.xla_options)
 
   def loop():
     base = mean_loss(masks)

@@ -88,7 +88,8 @@ def main(argv):
 
     fns = []
     for label, m, v, macs_ratio in candidates:
-      fn = compiler.jit(lambda v, x, m=m: m.apply(v, x, train=False))
+      fn = compiler.jit(lambda v, x, m=m: m.apply(v, x, train=False),
+                        xla_options=m.performance.xla_options)
       common.block(fn(v, x))  # compile
       fns.append((label, fn, v, macs_ratio))
     times = {label: [] for label, *_ in fns}

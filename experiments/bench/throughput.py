@@ -7,12 +7,13 @@ bfloat16 for jax) it times
   * jax: `jaxprune.train.Trainer(model, make_optimizer(OptimizerConfig())).train_step`
     (SGD momentum 0.9, weight decay 1e-4, learning rate 0.1 as a step input; donated
     state, BN in train mode, loss + accuracy), once per `--jax_variants` entry
-    'CONV_IMPL/XLA_OPTIONS/BATCH_NORM': JAXPRUNE_CONV_IMPL ('native' is the plain
-    `lax.conv_general_dilated` of nn.Conv; 'auto' is jaxprune's rule),
-    JAXPRUNE_XLA_OPTIONS ('xla': XLA's default compiler options; 'jaxprune': those of
-    `jaxprune.kernels.compiler`) and JAXPRUNE_BATCH_NORM ('flax': nn.BatchNorm; 'jaxprune':
-    `jaxprune.kernels.norm`'s, the default when the third part is left out).
-    'native/xla/flax' is the state before any fix, 'auto/jaxprune/jaxprune' the default;
+    'CONV_IMPL/XLA_OPTIONS/BATCH_NORM', the model's `PerformanceOptions` (conv_impl,
+    xla_options, batch_norm): conv_impl 'native' is the plain `lax.conv_general_dilated`
+    of nn.Conv, 'auto' jaxprune's rule; xla_options 'xla' is XLA's default compiler
+    options, 'jaxprune' those of `jaxprune.kernels.compiler`; batch_norm 'flax' is
+    nn.BatchNorm, 'jaxprune' `jaxprune.kernels.norm`'s (the default when the third part is
+    left out). 'native/xla/flax' is the state before any fix, 'auto/jaxprune/jaxprune'
+    the default;
   * torch: the same network (experiments/bench/torch_models.py) with torch.optim.SGD
     (momentum 0.9, weight decay 1e-4), cross-entropy, `torch.set_num_threads(--threads)`;
     on the GPU when PyTorch sees one (cudnn.benchmark on), else on the CPU.
@@ -38,9 +39,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list('models', ['vgg16', 'resnet56'], 'Models (jaxprune registry names).')
 flags.DEFINE_list('jax_variants', ['native/xla/flax', 'auto/xla/flax', 'auto/jaxprune/flax',
                                     'auto/jaxprune/jaxprune'],
-                  "'JAXPRUNE_CONV_IMPL/JAXPRUNE_XLA_OPTIONS[/JAXPRUNE_BATCH_NORM]' entries to "
-                  "time jax with ('native/xla/flax' = before the fixes, "
-                  "'auto/jaxprune/jaxprune' = the default).")
+                  "'CONV_IMPL/XLA_OPTIONS[/BATCH_NORM]' performance options to time jax with "
+                  "('native/xla/flax' = before the fixes, 'auto/jaxprune/jaxprune' = the "
+                  "default).")
 flags.DEFINE_list('precisions', ['float32'], "jax's compute dtypes to time (train.PRECISIONS; "
                   "torch always float32).")
 flags.DEFINE_list('frameworks', ['jax', 'torch'], 'Frameworks to time.')
@@ -59,6 +60,8 @@ flags.DEFINE_string('out', None, 'Write the table as JSON here.')
 flags.DEFINE_string('worker', None, 'Internal: run one measurement (jax or torch).')
 flags.DEFINE_string('model', None, 'Internal: the worker\'s model.')
 flags.DEFINE_string('precision', 'float32', "Internal: the jax worker's compute dtype.")
+flags.DEFINE_string('variant', 'auto/jaxprune/jaxprune',
+                    "Internal: the jax worker's CONV_IMPL/XLA_OPTIONS/BATCH_NORM.")
 
 
 def jax_worker(name: str) -> dict:
@@ -67,11 +70,13 @@ def jax_worker(name: str) -> dict:
   import numpy as np
 
   from jaxprune import models, train
-  from jaxprune.kernels import compiler
-  from jaxprune.kernels import conv, norm
+  from jaxprune.kernels.options import PerformanceOptions
 
+  conv_impl, xla_options, batch_norm = FLAGS.variant.split('/')
+  performance = PerformanceOptions(conv_impl=conv_impl, batch_norm=batch_norm,
+                                   xla_options=xla_options)
   with common.CompileLog() as compiles:
-    model = models.build(name)
+    model = models.build(name, performance=performance)
     key = jax.random.key(0)
     images = jax.random.normal(key, (FLAGS.batch, 32, 32, 3), jnp.float32)
     labels = jax.random.randint(jax.random.key(1), (FLAGS.batch,), 0, 10)
@@ -97,8 +102,7 @@ def jax_worker(name: str) -> dict:
     state, metrics = trainer.train_step(state, batch, None, learning_rate)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
-  return {'framework': 'jax', 'conv_impl': conv.current_impl(),
-          'xla_options': compiler.choice(), 'batch_norm': norm.current_impl(),
+  return {'framework': 'jax', **model.performance.as_dict(),
           'precision': FLAGS.precision, 'compile_s': compile_s, 'first_step_s': first,
           'step_s': times, 'loss': float(metrics['loss'])}
 
@@ -148,18 +152,17 @@ def main(argv):
     return
   common.check_models(FLAGS.models, FLAGS.frameworks)
 
-  from jaxprune.kernels import compiler
-  from jaxprune.kernels import conv, norm
+  from jaxprune.kernels import options
   variants = []  # (conv impl, XLA options, BatchNorm) of every --jax_variants entry
   for variant in FLAGS.jax_variants:
     parts = variant.split('/') + (['jaxprune'] if variant.count('/') == 1 else [])
-    if (len(parts) != 3 or parts[0] not in conv.IMPLS or parts[1] not in compiler.CHOICES
-        or parts[2] not in norm.IMPLS):
+    if (len(parts) != 3 or parts[0] not in options.CONV_IMPLS
+        or parts[1] not in options.XLA_OPTION_SETS or parts[2] not in options.BATCH_NORMS):
       raise app.UsageError(f"--jax_variants entry {variant!r} is not "
                            f"CONV_IMPL/XLA_OPTIONS[/BATCH_NORM] with CONV_IMPL in "
-                           f"{', '.join(conv.IMPLS)}, XLA_OPTIONS in "
-                           f"{', '.join(compiler.CHOICES)} and BATCH_NORM in "
-                           f"{', '.join(norm.IMPLS)}.")
+                           f"{', '.join(options.CONV_IMPLS)}, XLA_OPTIONS in "
+                           f"{', '.join(options.XLA_OPTION_SETS)} and BATCH_NORM in "
+                           f"{', '.join(options.BATCH_NORMS)}.")
     variants.append(tuple(parts))
   from jaxprune import train
   for precision in FLAGS.precisions:
@@ -174,21 +177,19 @@ def main(argv):
   for name in FLAGS.models:
     configs = []
     if 'jax' in FLAGS.frameworks:
-      configs += [('jax', impl, options, batch_norm, precision)
-                  for impl, options, batch_norm in variants for precision in FLAGS.precisions]
+      configs += [('jax', impl, xla, batch_norm, precision)
+                  for impl, xla, batch_norm in variants for precision in FLAGS.precisions]
     if 'torch' in FLAGS.frameworks:
       configs.append(('torch', '-', '-', '-', 'float32'))
     for r in range(FLAGS.rounds):
-      for framework, impl, options, batch_norm, precision in configs:
-        env = ({'JAXPRUNE_CONV_IMPL': impl, 'JAXPRUNE_XLA_OPTIONS': options,
-                'JAXPRUNE_BATCH_NORM': batch_norm} if framework == 'jax' else {})
+      for framework, impl, xla, batch_norm, precision in configs:
         counts = slow if (impl == 'native' and name.startswith('vgg')) else steps
-        res = common.run_worker(script, base + counts + [f'--worker={framework}',
-                                                         f'--model={name}',
-                                                         f'--precision={precision}'], env)
+        res = common.run_worker(script, base + counts + [
+            f'--worker={framework}', f'--model={name}', f'--precision={precision}',
+            f'--variant={impl}/{xla}/{batch_norm}'])
         res.update(model=name, round=r, load_average=os.getloadavg()[0])
         runs.append(res)
-        print(f"{name:9s} {framework:5s} {impl}/{options}/{batch_norm} {precision} round {r}: "
+        print(f"{name:9s} {framework:5s} {impl}/{xla}/{batch_norm} {precision} round {r}: "
               f"median step {common.median(res['step_s']) * 1e3:8.1f} ms, "
               f"compile {res['compile_s']:.1f} s, "
               f"load {res['load_average']:.1f}", flush=True)
@@ -204,11 +205,11 @@ def main(argv):
       if r['model'] == name:
         key = (r['framework'], r['conv_impl'], r['xla_options'], r['batch_norm'], r['precision'])
         groups.setdefault(key, []).append(r)
-    for (framework, impl, options, batch_norm, precision), rs in groups.items():
+    for (framework, impl, xla, batch_norm, precision), rs in groups.items():
       per_round = [common.median(r['step_s']) for r in rs]
       step = common.median(per_round)
       rows.append({
-          'model': name, 'framework': framework, 'conv_impl': impl, 'xla_options': options,
+          'model': name, 'framework': framework, 'conv_impl': impl, 'xla_options': xla,
           'batch_norm': batch_norm, 'precision': precision, 'timed_steps': len(rs[0]['step_s']),
           'step_ms': step * 1e3,
           'step_ms_range': f"{min(per_round) * 1e3:.0f}-{max(per_round) * 1e3:.0f}",
