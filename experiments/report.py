@@ -428,8 +428,8 @@ def criteria_vs_oracle(snaps, write):
   skipped = sorted({f'{c}: {m}' for s in snaps for c, m in s.get('skipped', {}).items()})
   notes = ''.join(f'\nNot scored: {line}\n' for line in skipped)
   write('criteria_vs_oracle.md',
-        f'# criteria_vs_oracle\n\nSpearman rho against the oracle, model {models}, mean ± std over '
-        'seeds.\n\n' + stand_in_line('criteria_vs_oracle', snaps) + markdown(header, rows) +
+        f'# criteria_vs_oracle\n\nSpearman rho against the oracle, model {models}, mean ± std '
+        'over seeds.\n\n' + stand_in_line('criteria_vs_oracle', snaps) + markdown(header, rows) +
         '\nPer layer:\n\n' + markdown(['criterion'] + groups, layer_rows) + notes)
   write('criteria_vs_oracle.csv', csv_text(header, rows))
 

@@ -134,7 +134,8 @@ def check_child(proc: subprocess.CompletedProcess, name: str) -> None:
   raise RuntimeError(f'{name} failed:\n{proc.stderr[-4000:]}')
 
 
-def run_worker(script: str, args: list[str], env: dict | None = None, timeout: float = 3600) -> dict:
+def run_worker(script: str, args: list[str], env: dict | None = None,
+               timeout: float = 3600) -> dict:
   """Runs `python script args` in a fresh process and returns the JSON it prints last.
 
   Each measurement gets its own process, so one framework's thread pools (XLA's Eigen

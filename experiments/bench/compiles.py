@@ -38,7 +38,8 @@ flags.DEFINE_integer('epochs', 2, 'Baseline epochs.', lower_bound=1)
 flags.DEFINE_integer('finetune_epochs', 1, 'Fine-tuning epochs.', lower_bound=1)
 flags.DEFINE_integer('batch_size', 128, 'Batch size.', lower_bound=1)
 flags.DEFINE_integer('max_train', 1024, 'Training images used (of 1437).', lower_bound=1)
-flags.DEFINE_string('regime', 'all', "One-shot run's regime (pipeline's --regime; 'all' = every one).")
+flags.DEFINE_string('regime', 'all',
+                    "One-shot run's regime (pipeline's --regime; 'all' = every one).")
 flags.DEFINE_integer('prune_every', 2, 'Iterative: steps between removals.', lower_bound=1)
 flags.DEFINE_integer('prune_step', 4, 'Iterative: channels removed per removal.', lower_bound=1)
 flags.DEFINE_float('prune_ratio', 0.3, 'Fraction of the prunable channels removed.')
@@ -135,7 +136,8 @@ def main(argv):
                                       'train_step_compiles']))
   for s in summary:
     print(f"{s['run']}: compiles by function: "
-          + ', '.join(f'{k} x{v}' for k, v in sorted(s['by_function'].items(), key=lambda kv: -kv[1])))
+          + ', '.join(f'{k} x{v}' for k, v in sorted(s['by_function'].items(),
+                                                       key=lambda kv: -kv[1])))
   common.write_json(FLAGS.out, {'machine': common.machine(), 'model': FLAGS.model,
                                 'rows': rows, 'summary': summary})
 

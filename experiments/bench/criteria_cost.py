@@ -216,8 +216,8 @@ def oracle_speedup(name):
 
 
 def _print(costs, oracles):
-  print(f"(a) {costs['model']} {costs['image_size']}x{costs['image_size']}, batch {costs['batch']}, "
-        f"{costs['device']}; time per batch relative to one train step")
+  print(f"(a) {costs['model']} {costs['image_size']}x{costs['image_size']}, "
+        f"batch {costs['batch']}, {costs['device']}; time per batch relative to one train step")
   print(f"{'criterion':24s} {'kind':10s} {'compile s':>10s} {'ms':>10s} {'x step':>8s}  target")
   for r in costs['rows']:
     if 'error' in r:

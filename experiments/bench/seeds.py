@@ -64,7 +64,8 @@ STEP = 'sharded_train_step'
 def launch(workdir: str, cache: str, *extra: str) -> dict:
   """Runs launch.py once; its wall seconds, train-step compiles and per-seed accuracies."""
   args = [sys.executable, os.path.join(ROOT, 'launch.py'), f'--workdir={workdir}',
-          f'--compilation_cache_dir={cache}', f'--model={FLAGS.model}', '--dataset=npz', f'--data_path={FLAGS.data_path}',
+          f'--compilation_cache_dir={cache}', f'--model={FLAGS.model}', '--dataset=npz',
+          f'--data_path={FLAGS.data_path}',
           f'--max_train={FLAGS.max_train}', f'--epochs={FLAGS.epochs}',
           f'--batch_size={FLAGS.batch_size}', f'--criterion={FLAGS.criterion}',
           f'--selection={FLAGS.selection}', f'--regime={FLAGS.regime}', *extra]
