@@ -1,5 +1,6 @@
 """Shared fixtures: a quick tiny-model configuration, and launch.py as a user runs it."""
 
+import logging
 import os
 import pathlib
 import subprocess
@@ -21,6 +22,20 @@ def quick_config(tmp_path):
   def make(**settings):
     return pipeline.make(**{'workdir': str(tmp_path / 'work'), **QUICK, **settings})
   return make
+
+
+def count_compiles(caplog, fn, name: str):
+  """fn()'s result and how many programs whose name contains `name` it compiled."""
+  import jax
+  jax.config.update('jax_log_compiles', True)
+  try:
+    with caplog.at_level(logging.WARNING):
+      caplog.clear()
+      out = fn()
+  finally:
+    jax.config.update('jax_log_compiles', False)
+  return out, sum(1 for r in caplog.records
+                  if 'Compiling' in r.getMessage() and name in r.getMessage())
 
 
 def launch_command(*flags, workdir) -> list[str]:

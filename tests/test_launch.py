@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import logging
 import signal
 import subprocess
 import time
@@ -10,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import QUICK_FLAGS, ROOT, launch_command
+from conftest import QUICK_FLAGS, ROOT, count_compiles, launch_command
 from test_tensorboard import TAGS, scalars
 from jaxprune import errors, pipeline
 from jaxprune.pipeline import regimes
@@ -83,7 +82,7 @@ def _bad_npz(path, **overrides):
     ({'criterion': 'magic'}, "unknown --criterion 'magic'"),
     ({'model': 'resnet7'}, "unknown --model 'resnet7'"),
     ({'regime': 'forever'}, "unknown --regime 'forever'"),
-    ({'precision': 'float16'}, "unknown --precision 'float16'; choose one of: float32, bfloat16."),
+    ({'precision': 'float16'}, "unknown --precision 'float16'; choose one of: bfloat16, float32."),
     ({'prune_ratio': 1.5}, '--prune_ratio must be below 1, got 1.5.'),
     ({'round_to': 0}, '--round_to must be at least 1, got 0.'),
     ({'weight_decay': -1.0}, '--weight_decay must be at least 0, got -1.0.'),
@@ -209,19 +208,11 @@ def test_scratch_b_stage_trains_the_scaled_epochs(quick_config, tmp_path):
 
 def test_iterative_schedule_compiles_the_train_step_once_per_stage(quick_config, tmp_path,
                                                                    caplog):
-  import jax
   # Batch 16, which no other test uses: the compiled steps of earlier tests in this process
   # are not reused, so every compilation the run needs is counted.
   config = quick_config(batch_size=16, schedule='iterative', prune_ratio=0.2, prune_every=4,
                         prune_step=2, regime='finetune', criterion='taylor')
-  jax.config.update('jax_log_compiles', True)
-  try:
-    with caplog.at_level(logging.WARNING):
-      pipeline.run(config)
-  finally:
-    jax.config.update('jax_log_compiles', False)
-  compiles = [r for r in caplog.records
-              if 'Compiling' in r.getMessage() and 'sharded_train_step' in r.getMessage()]
+  _, compiles = count_compiles(caplog, lambda: pipeline.run(config), 'sharded_train_step')
   prune_stage = tmp_path / 'work' / 'prune'
   record = json.loads((prune_stage / 'record.json').read_text())
   removed = sum(len(m) - sum(m) for m in record['masks'].values())
@@ -230,7 +221,7 @@ def test_iterative_schedule_compiles_the_train_step_once_per_stage(quick_config,
            (prune_stage / 'finetune' / 'pruning_curve.jsonl').read_text().splitlines()]
   assert curve[-1]['channels_removed'] == removed and curve[-1]['macs'] == record['macs_after']
   # Baseline, iterative pruning (masks changed removed/2 times) and finetune: one each.
-  assert len(compiles) == 3
+  assert compiles == 3
 
 
 def test_sigterm_saves_exits_75_and_the_same_command_resumes(tmp_path, launch):
@@ -273,19 +264,11 @@ def test_sigkill_then_rerun_resumes_to_the_uninterrupted_result(tmp_path, launch
 
 def test_each_seed_copy_equals_a_separate_run_and_shares_compiled_steps(quick_config, tmp_path,
                                                                         caplog):
-  import jax
   config = quick_config(workdir=str(tmp_path / 'many'), prune_ratio=0.3, regime='scratch',
                         seed=3, seeds=2)
-  jax.config.update('jax_log_compiles', True)
-  try:
-    with caplog.at_level(logging.WARNING):
-      many = pipeline.run(config)
-  finally:
-    jax.config.update('jax_log_compiles', False)
-  baseline_compiles = [r for r in caplog.records if 'Compiling' in r.getMessage()
-                       and 'sharded_train_step' in r.getMessage()]
+  many, compiles = count_compiles(caplog, lambda: pipeline.run(config), 'sharded_train_step')
   # Two seeds' baselines share one compiled step; each pruned width set may add one more.
-  assert len(baseline_compiles) <= 3
+  assert compiles <= 3
   alone = pipeline.run(dataclasses.replace(config, seed=4, seeds=1,
                                            workdir=str(tmp_path / 'alone')))
   assert [r['test_accuracy'] for r in many['per_seed'][1]['rows']] == [

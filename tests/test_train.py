@@ -3,7 +3,6 @@ errors, 8 devices."""
 
 import functools
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import count_compiles
 from flax import traverse_util
 
 from jaxprune import data, models, train
@@ -155,19 +155,6 @@ def test_masked_channels_parameters_and_momentum_stay_fixed():
   assert checked >= 6
 
 
-def count_train_step_compiles(caplog, fn):
-  """fn()'s result and how many times it compiled the train step (jax_log_compiles)."""
-  jax.config.update('jax_log_compiles', True)
-  try:
-    with caplog.at_level(logging.WARNING):
-      caplog.clear()
-      out = fn()
-  finally:
-    jax.config.update('jax_log_compiles', False)
-  return out, sum(1 for r in caplog.records
-                  if 'Compiling' in r.getMessage() and 'sharded_train_step' in r.getMessage())
-
-
 def test_train_step_compiles_once_for_any_mask_values(caplog):
   model, struct, variables = tiny()
   trainer = train.Trainer(model, sgd(), struct)
@@ -179,7 +166,7 @@ def test_train_step_compiles_once_for_any_mask_values(caplog):
       state, _ = trainer.train_step(state, batch, prune_masks(struct, seed), lr(0.1 / (seed + 1)))
     return jax.block_until_ready(state)
 
-  _, compiles = count_train_step_compiles(caplog, lambda: steps(state))
+  _, compiles = count_compiles(caplog, lambda: steps(state), 'sharded_train_step')
   assert compiles == 1
 
 
@@ -198,7 +185,7 @@ def test_fits_with_other_schedules_and_lengths_share_one_compiled_step(tmp_path,
     return train.fit(model, variables, arrays, ds.spec, train.TrainOptions(1, 64, finetune),
                      stage_dir=tmp_path / 'finetune')
 
-  (_, result), compiles = count_train_step_compiles(caplog, both)
+  (_, result), compiles = count_compiles(caplog, both, 'sharded_train_step')
   assert result['steps'] == 4
   assert compiles == 1
   assert (train.trainer_for(model, finetune, None, train.make_mesh())
@@ -260,7 +247,7 @@ def test_bfloat16_step_keeps_parameters_optimizer_state_and_statistics_float32(c
         first, trainer.shard_batch(fixed_batch()), prune_masks(struct, 1), lr(0.1)))
 
   # The second step takes the first one's state as it is: same input types, one compile.
-  _, compiles = count_train_step_compiles(caplog, two_steps)
+  _, compiles = count_compiles(caplog, two_steps, 'sharded_train_step')
   assert compiles == 1
 
 
@@ -292,19 +279,6 @@ def test_bfloat16_fit_learns_digits(tmp_path):
   assert result['test_accuracy'] > 0.5
 
 
-def count_eval_step_compiles(caplog, fn):
-  """fn()'s result and how many times it compiled an eval step (jax_log_compiles)."""
-  jax.config.update('jax_log_compiles', True)
-  try:
-    with caplog.at_level(logging.WARNING):
-      caplog.clear()
-      out = fn()
-  finally:
-    jax.config.update('jax_log_compiles', False)
-  return out, sum(1 for r in caplog.records
-                  if 'Compiling' in r.getMessage() and 'sharded_eval_step' in r.getMessage())
-
-
 def test_evaluate_variables_is_the_fits_evaluation_and_compiles_nothing_more(tmp_path, caplog):
   ds = learnable_dataset()
   arrays = data.device_put_dataset(ds)
@@ -321,7 +295,7 @@ def test_evaluate_variables_is_the_fits_evaluation_and_compiles_nothing_more(tmp
     return [train.evaluate_variables(model, final, test_set, ds.spec, batch_size=48)
             for test_set in (arrays, host_test_set, host_test_set)]
 
-  evaluated, compiles = count_eval_step_compiles(caplog, evaluations)
+  evaluated, compiles = count_compiles(caplog, evaluations, 'sharded_eval_step')
   assert compiles == 0
   for test in evaluated:
     assert test == {'loss': result['test_loss'], 'accuracy': result['test_accuracy']}

@@ -18,7 +18,7 @@ import os
 from typing import Any, Callable, Mapping, Sequence
 
 from jaxprune import data, models
-from jaxprune.errors import ConfigError
+from jaxprune.errors import ConfigError, choose
 from jaxprune.kernels import compiler, options as kernel_options
 from jaxprune.pipeline import regimes
 from jaxprune.prune import criteria, select
@@ -103,9 +103,8 @@ class Setting:
       kind = {str: 'a string', int: 'a whole number', float: 'a number',
               bool: 'true or false'}[self.type]
       raise ConfigError(f'{name} must be {kind}, got {value!r}.', settings=(name,))
-    if self.choices and value not in self.allowed():
-      raise ConfigError(f"unknown {name} {value!r}; choose one of: "
-                        f"{', '.join(self.allowed())}.", settings=(name,))
+    if self.choices:
+      choose(name, value, self.allowed(), setting=name)
     if self.minimum is not None and value < self.minimum:
       raise ConfigError(f'{name} must be at least {self.minimum:g}, got {value}.',
                         settings=(name,))
