@@ -246,13 +246,13 @@ def _plan_and_execute(experiment: str, plan: Callable, args) -> list:
   if args.dry_run:
     return runs
   sys.stdout.flush()
-  _quiet_logging()
+  quiet_logging()
   from jaxprune.kernels import compiler
   compiler.use_persistent_cache(args.compilation_cache_dir)
   return execute(experiment, runs, log=lambda s: print(s, flush=True))
 
 
-def _quiet_logging() -> None:
+def quiet_logging() -> None:
   """Progress lines only: drops orbax's and absl's own records (several per checkpoint)."""
   import logging as std_logging
   from absl import logging

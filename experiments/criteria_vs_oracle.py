@@ -119,7 +119,7 @@ def _plan_and_measure(args) -> list:
           f'of {config.batch_size}  -> {workdir}/agreement.json')
   if args.dry_run:
     return planned
-  common._quiet_logging()
+  common.quiet_logging()
   for i, (config, workdir) in enumerate(planned):
     path = os.path.join(workdir, 'agreement.json')
     if os.path.exists(path):
