@@ -33,12 +33,16 @@ XLA_OPTION_SETS = {
     'xla': "no compiler options: XLA's defaults",
 }
 
-# Each option, its registry and the environment variable `from_env` reads it from.
-_OPTIONS = {
-    'conv_impl': (CONV_IMPLS, 'JAXPRUNE_CONV_IMPL'),
-    'batch_norm': (BATCH_NORMS, 'JAXPRUNE_BATCH_NORM'),
-    'xla_options': (XLA_OPTION_SETS, 'JAXPRUNE_XLA_OPTIONS'),
-}
+# Each option's registry, and the environment variable `from_env` reads it from.
+_REGISTRIES = {'conv_impl': CONV_IMPLS, 'batch_norm': BATCH_NORMS,
+               'xla_options': XLA_OPTION_SETS}
+ENV_VARS = {'conv_impl': 'JAXPRUNE_CONV_IMPL', 'batch_norm': 'JAXPRUNE_BATCH_NORM',
+            'xla_options': 'JAXPRUNE_XLA_OPTIONS'}
+
+
+def env_value(name: str, environ: Mapping[str, str] = os.environ) -> str | None:
+  """Option `name`'s value in its environment variable (trimmed, lower case); None if unset."""
+  return environ.get(ENV_VARS[name], '').strip().lower() or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +59,7 @@ class PerformanceOptions:
   xla_options: str = 'jaxprune'
 
   def __post_init__(self):
-    for name, (registry, _) in _OPTIONS.items():
+    for name, registry in _REGISTRIES.items():
       choose(name, getattr(self, name), registry, setting=name)
 
   @classmethod
@@ -68,10 +72,10 @@ class PerformanceOptions:
     user typed.
     """
     values = {}
-    for name, (registry, env) in _OPTIONS.items():
-      value = environ.get(env, '').strip().lower()
-      if value:
-        choose(env, value, registry)
+    for name, registry in _REGISTRIES.items():
+      value = env_value(name, environ)
+      if value is not None:
+        choose(ENV_VARS[name], value, registry)
         values[name] = value
     return cls(**values)
 

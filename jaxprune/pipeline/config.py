@@ -14,7 +14,6 @@ any), its bounds, and the stage it belongs to (`STAGES`). From that one declarat
 
 import argparse
 import dataclasses
-import os
 from typing import Any, Callable, Mapping, Sequence
 
 from jaxprune import data, models
@@ -56,7 +55,8 @@ class Setting:
     choices: returns the registry the value must be a key of.
     optional: whether None is allowed.
     minimum / maximum: inclusive bounds; above / below: exclusive bounds.
-    environ: an environment variable that gives the command line's default.
+    environ: whether an environment variable (kernels.options.ENV_VARS) gives the command
+      line's default.
     retunable: may differ on a rerun of a stage that diverged (a smaller lr resumes it).
   """
   name: str
@@ -70,7 +70,7 @@ class Setting:
   maximum: float | None = None
   above: float | None = None
   below: float | None = None
-  environ: str | None = None
+  environ: bool = False
   retunable: bool = False
 
   def __post_init__(self):
@@ -87,7 +87,7 @@ class Setting:
     if self.choices:
       text += ' One of: ' + ', '.join(self.allowed()) + '.'
     if self.environ:
-      text += f' Default from ${self.environ} when set.'
+      text += f' Default from ${kernel_options.ENV_VARS[self.name]} when set.'
     return text
 
   def check(self, value) -> None:
@@ -199,13 +199,13 @@ SETTINGS: tuple[Setting, ...] = (
             'scratch_b', optional=True, minimum=1),
     # How fast a step runs.
     Setting('conv_impl', str, 'auto', 'Convolution implementation.', 'performance',
-            choices=lambda: kernel_options.CONV_IMPLS, environ='JAXPRUNE_CONV_IMPL'),
+            choices=lambda: kernel_options.CONV_IMPLS, environ=True),
     Setting('batch_norm', str, 'jaxprune', 'BatchNorm implementation (the same function and '
             'variables either way).', 'performance', choices=lambda: kernel_options.BATCH_NORMS,
-            environ='JAXPRUNE_BATCH_NORM'),
+            environ=True),
     Setting('xla_options', str, 'jaxprune', 'XLA compiler options every jitted model function '
             'compiles with.', 'performance', choices=lambda: kernel_options.XLA_OPTION_SETS,
-            environ='JAXPRUNE_XLA_OPTIONS'),
+            environ=True),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
@@ -293,8 +293,8 @@ def define_flags(flag_values=None) -> None:
             bool: flags.DEFINE_bool}
   for setting in SETTINGS:
     default = setting.default
-    if setting.environ and os.environ.get(setting.environ, '').strip():
-      default = os.environ[setting.environ].strip().lower()
+    if setting.environ:
+      default = kernel_options.env_value(setting.name) or default
     define[setting.type](setting.name, default, setting.full_help(), flag_values=flag_values)
 
 
