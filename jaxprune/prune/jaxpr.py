@@ -1,0 +1,768 @@
+"""Channel structure read off a program: `jax.make_jaxpr` of any `apply(variables, x)`.
+
+`derive(apply, variables, x)` traces the function once (shapes only) and ties every
+axis of every value in the program to the axes it must keep equal to, through
+convolutions (with `feature_group_count`), matmuls, elementwise ops with broadcasting,
+reshapes, transposes, reductions, concatenations and the call-like primitives (jit,
+custom_jvp/custom_vjp, checkpoint) whose bodies it reads in place. The result is a
+`Graph`: the channel groups, which axis of which variable leaf each one indexes, and
+what is needed to run the same program masked (`evaluate` with masks) or shrunk
+(`evaluate` with kept indices).
+
+How an axis is described. An axis is a *layout*: a sequence of atoms, each a run of
+channels of one group. Most axes are one atom. A concatenation's output is its inputs'
+layouts end to end, so a DenseNet kernel that reads the concatenated stream has an input
+axis of several groups at their offsets. A grouped convolution (1 < groups < C_in) ties
+channel slot j of every group together ("per-group-slot" granularity: every group loses
+the same slots, so the convolution keeps its group count): its input axis is the atom of
+the kernel's input axis repeated `groups` times, and its output axis an atom of C_out /
+groups repeated likewise. A depthwise convolution (groups = C_in = C_out) ties its input
+channels to its output channels; its group count follows the kept channels. A reshape
+that merges axes keeps the minor one's layout, repeated (a flatten before a Dense keeps
+its conv's channels prunable); a reshape that splits an axis ties its minor part, so
+heads x head_dim becomes head_dim granularity (the same slots of every head), and the
+head axis itself is not prunable.
+
+What is not prunable, and why (`Graph.reasons`): axes tied to the input or the output,
+spatial and kernel-window axes, axes sliced, padded, gathered from, reduced over (a
+mean's divisor would change), cumulated or merged as a major part by a reshape, and by
+default a *stream*: channels written by two or more layers and summed or multiplied
+(a residual stream, a squeeze-and-excitation product), which only shrink together with
+every block that writes them (`prune_streams=True` allows it). A group that no
+convolution or matmul reads is not prunable either: nothing consumes it, so there is
+nowhere to measure or mask it.
+
+Masks sit where a consumer contracts the channels: the input of every convolution and
+matmul reading the group. There a zero is exactly removal (the contraction skips it),
+and a (B, C) gate of ones is the per-example gate whose gradient the gradient criteria
+read. A primitive the derivation does not know, on an axis that would otherwise be
+prunable, is a `ConfigError` naming the primitive and the parameter, never a wrong
+result; so is a program whose shapes depend on data (it cannot be traced at all).
+"""
+
+import collections
+import dataclasses
+import math
+import os
+import traceback
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jcore
+
+from jaxprune.errors import ConfigError
+from jaxprune.prune.structure import Structure
+
+LeafKey = tuple[str, ...]
+Site = tuple[int, ...]
+
+# One result per operand shape: the output may broadcast size-1 axes of an operand.
+_ELEMENTWISE = frozenset("""
+    abs acos acosh add add_any and asin asinh atan atan2 atanh cbrt ceil clamp conj copy copy_p
+    cos cosh convert_element_type digamma div eq erf erf_inv erfc exp exp2 expm1 floor ge gt
+    imag integer_pow is_finite le lgamma log log1p logistic lt max min mul ne neg nextafter not
+    or polygamma population_count pow real reduce_precision rem round rsqrt select_n sign sin
+    sinh sqrt square stop_gradient sub tan tanh xor igamma igammac random_gamma_grad
+    sharding_constraint
+    """.split())
+# One result per operand, each the operand unchanged.
+_IDENTITIES = frozenset(('optimization_barrier', 'device_put'))
+_REDUCTIONS = frozenset('reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or '
+                        'reduce_xor argmax argmin'.split())
+_CUMULATIVE = frozenset('cumsum cumprod cummax cummin cumlogsumexp'.split())
+# Primitives whose body is a jaxpr evaluated once, in place (read and run inline).
+_CALLS = {'jit': 'jaxpr', 'pjit': 'jaxpr', 'closed_call': 'call_jaxpr', 'core_call': 'call_jaxpr',
+          'custom_jvp_call': 'call_jaxpr', 'custom_vjp_call': 'call_jaxpr',
+          'custom_vjp_call_jaxpr': 'fun_jaxpr', 'checkpoint': 'jaxpr', 'remat': 'jaxpr'}
+# Unary ops through which a variable leaf is still "the kernel" of the conv or matmul it feeds.
+_SAME_LEAF = frozenset('convert_element_type copy copy_p reshape transpose'.split())
+
+_INPUT, _OUTPUT, _BATCH = 'the input', 'the output', 'the batch axis'
+
+
+class Atoms:
+  """Union-find over runs of channels ("atoms"), with splitting.
+
+  `refined[root]` lists the atoms a root was split into; `expand` always resolves a layout
+  to unsplit roots, so splitting a class splits every axis that uses it.
+  """
+
+  def __init__(self):
+    self.parent: list[int] = []
+    self.size: list[int] = []
+    self.refined: dict[int, list[int]] = {}
+    self.reason: dict[int, str] = {}
+    self.writers: dict[int, frozenset] = {}
+
+  def new(self, size: int, reason: str | None = None) -> int:
+    self.parent.append(len(self.parent))
+    self.size.append(int(size))
+    atom = len(self.parent) - 1
+    if reason:
+      self.reason[atom] = reason
+    return atom
+
+  def find(self, atom: int) -> int:
+    root = atom
+    while self.parent[root] != root:
+      root = self.parent[root]
+    while self.parent[atom] != root:
+      self.parent[atom], atom = root, self.parent[atom]
+    return root
+
+  def expand(self, layout: Sequence[int]) -> list[int]:
+    # Iterative: a long axis cut channel by channel refines one root thousands deep.
+    out, stack = [], list(reversed(layout))
+    while stack:
+      root = self.find(stack.pop())
+      if root in self.refined:
+        stack.extend(reversed(self.refined[root]))
+      else:
+        out.append(root)
+    return out
+
+  def _split(self, root: int, at: int) -> tuple[int, int]:
+    parts = [self.new(at), self.new(self.size[root] - at)]
+    for part in parts:
+      if root in self.reason:
+        self.reason[part] = self.reason[root]
+      if root in self.writers:
+        self.writers[part] = self.writers[root]
+    self.refined[root] = parts
+    return parts[0], parts[1]
+
+  def union(self, a: int, b: int):
+    a, b = self.find(a), self.find(b)
+    if a == b:
+      return
+    self.parent[b] = a
+    if b in self.reason:
+      self.reason.setdefault(a, self.reason[b])
+    self.writers[a] = self.writers.get(a, frozenset()) | self.writers.pop(b, frozenset())
+
+  def unify(self, first: Sequence[int], second: Sequence[int]):
+    """Ties two layouts of the same total size channel by channel, splitting atoms as needed."""
+    left, right = list(reversed(self.expand(first))), list(reversed(self.expand(second)))
+    while left and right:
+      a, b = self.find(left.pop()), self.find(right.pop())
+      if a in self.refined or b in self.refined:
+        # An earlier step of this walk split a root both sides share.
+        left.extend(reversed(self.expand([a])))
+        right.extend(reversed(self.expand([b])))
+        continue
+      if self.size[a] > self.size[b]:
+        a, rest = self._split(a, self.size[b])
+        left.append(rest)
+      elif self.size[b] > self.size[a]:
+        b, rest = self._split(b, self.size[a])
+        right.append(rest)
+      self.union(a, b)
+    if left or right:
+      raise AssertionError('unify: layouts of different sizes.')
+
+  def fix(self, layout: Sequence[int], reason: str):
+    for root in self.expand(layout):
+      self.reason.setdefault(root, reason)
+
+  def write(self, layout: Sequence[int], writer):
+    for root in self.expand(layout):
+      self.writers[root] = self.writers.get(root, frozenset()) | {writer}
+
+
+@dataclasses.dataclass
+class Consumer:
+  """An operand whose `axes` a convolution or matmul contracts: where masks multiply."""
+  site: Site
+  operand: int
+  axes: tuple[int, ...]
+  layouts: tuple[tuple[int, ...], ...]  # the layouts of all the operand's axes
+  primitive: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+  """One channel group.
+
+  Attributes:
+    name: the group's name (the layer that writes it, or the first leaf it indexes).
+    width: its number of channels.
+    prunable: whether masks and shrinking may remove its channels.
+    reason: why not, when it is not prunable.
+    leaves: (leaf, axis, offset) for every place a leaf axis holds the group's channels
+      (several per axis for a concatenation or a grouped convolution).
+  """
+  name: str
+  width: int
+  prunable: bool
+  reason: str | None
+  leaves: tuple[tuple[LeafKey, int, int], ...]
+
+
+def _leaf_name(key: LeafKey) -> str:
+  return '/'.join(str(k) for k in key)
+
+
+def _user_frame(error: BaseException) -> str:
+  """' at FILE:LINE (CODE)' of the innermost frame of the error outside jax, flax and jaxprune."""
+  skip = [os.path.dirname(m.__file__) for m in (jax, np)]
+  import flax
+  skip.append(os.path.dirname(flax.__file__))
+  skip.append(os.path.dirname(os.path.dirname(__file__)))
+  frames = [f for f in traceback.extract_tb(error.__traceback__)
+            if not any(f.filename.startswith(s) for s in skip)]
+  if not frames:
+    return ''
+  f = frames[-1]
+  return f" at {os.path.basename(f.filename)}:{f.lineno} ({(f.line or '').strip()})"
+
+
+def trace(fn: Callable, leaves: Sequence, x) -> jcore.ClosedJaxpr:
+  """make_jaxpr of fn(leaves, x) on shapes only; a data-dependent program is a ConfigError."""
+  specs = [jax.ShapeDtypeStruct(np.shape(v), jnp.result_type(v)) for v in leaves]
+  spec_x = jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
+  try:
+    return jax.make_jaxpr(fn)(specs, spec_x)
+  except (jax.errors.ConcretizationTypeError, jax.errors.NonConcreteBooleanIndexError,
+          jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError,
+          jax.errors.TracerArrayConversionError) as error:
+    first = str(error).strip().splitlines()[0]
+    raise ConfigError(f"the model's shapes or control flow depend on the data{_user_frame(error)} "
+                      f"({type(error).__name__}: {first}), so its channel structure cannot be "
+                      "read from one traced program; use fixed-size operations "
+                      "(e.g. jnp.where instead of boolean indexing).") from error
+
+
+class Graph:
+  """The channel structure of one traced program (see the module docstring).
+
+  Attributes:
+    jaxpr: the traced program (leaves first, then the input).
+    leaf_keys: the variable leaves, in the jaxpr's argument order.
+    groups: {name: Group}, prunable and not.
+    structure: a `Structure` over the prunable groups for selection, cost counting and the
+      criteria; leaf axes holding several groups appear as one virtual leaf per piece.
+  """
+
+  def __init__(self, jaxpr: jcore.ClosedJaxpr, leaf_keys: Sequence[LeafKey],
+               prune_streams: bool = False):
+    self.jaxpr = jaxpr
+    self.leaf_keys = tuple(leaf_keys)
+    self.atoms = Atoms()
+    self.out_layouts: dict[Site, list] = {}
+    self.const_layouts: dict[Site, list] = {}
+    self.consumers: list[Consumer] = []
+    self.depthwise: set[Site] = set()
+    self.macs: list[tuple[Site, LeafKey, tuple]] = []
+    self.unknown: list[tuple[str, Site, list]] = []
+    self._walk_top(prune_streams)
+
+  # -------------------------------------------------------------------------------------------
+  # The walk: layouts for every value, ties between them.
+
+  def _fresh(self, shape, reason=None) -> list[tuple[int, ...]]:
+    return [(self.atoms.new(n, reason),) for n in shape]
+
+  def _walk_top(self, prune_streams: bool):
+    jaxpr = self.jaxpr.jaxpr
+    n_leaves = len(self.leaf_keys)
+    self.leaf_layouts = [self._fresh(v.aval.shape) for v in jaxpr.invars[:n_leaves]]
+    x_var = jaxpr.invars[n_leaves]
+    x_layouts = self._fresh(x_var.aval.shape, _INPUT)
+    self.batch_atom = x_layouts[0][0] if x_layouts else None
+    if self.batch_atom is not None:
+      self.atoms.reason[self.batch_atom] = _BATCH
+    self.const_layouts[()] = [self._fresh(np.shape(c)) for c in self.jaxpr.consts]
+    origins = {v: key for v, key in zip(jaxpr.invars, self.leaf_keys)}
+    outs = self._walk(jaxpr, self.const_layouts[()], self.leaf_layouts + [x_layouts], (),
+                      {x_var}, origins)
+    for layouts in outs:
+      for layout in layouts:
+        self.atoms.fix(layout, _OUTPUT)
+    self._finish(prune_streams)
+
+  def _walk(self, jaxpr: jcore.Jaxpr, const_layouts, in_layouts, prefix: Site,
+            depends: set, origins: dict) -> list:
+    """Walks one jaxpr; `depends` holds its values computed from the input, `origins` maps
+    values that are a variable leaf (up to dtype and layout) to that leaf."""
+    env = {}
+    for v, layouts in zip(jaxpr.constvars, const_layouts):
+      env[v] = layouts
+    for v, layouts in zip(jaxpr.invars, in_layouts):
+      env[v] = layouts
+
+    def read(v):
+      if isinstance(v, jcore.Literal):
+        return self._fresh(np.shape(v.val))
+      return env[v]
+
+    for index, eqn in enumerate(jaxpr.eqns):
+      site = prefix + (index,)
+      ins = [read(v) for v in eqn.invars]
+      dep = {i for i, v in enumerate(eqn.invars)
+             if not isinstance(v, jcore.Literal) and v in depends}
+      name = eqn.primitive.name
+      if name in _CALLS:
+        inner = eqn.params[_CALLS[name]]
+        closed = inner if hasattr(inner, 'consts') else None
+        body = closed.jaxpr if closed is not None else inner
+        consts = [self._fresh(np.shape(c)) for c in (closed.consts if closed else ())]
+        self.const_layouts[site] = consts
+        inner_depends = {bv for bv, i in zip(body.invars, range(len(ins))) if i in dep}
+        inner_origins = {bv: origins[ov] for bv, ov in zip(body.invars, eqn.invars)
+                         if not isinstance(ov, jcore.Literal) and ov in origins}
+        outs = self._walk(body, consts, ins, site, inner_depends, inner_origins)
+        for ov, bv in zip(eqn.outvars, body.outvars):
+          if not isinstance(bv, jcore.Literal) and bv in inner_origins:
+            origins[ov] = inner_origins[bv]
+        depends.update(ov for ov, bv in zip(eqn.outvars, body.outvars)
+                       if not isinstance(bv, jcore.Literal) and bv in inner_depends)
+      else:
+        outs = self._rule(eqn, ins, site, dep, origins)
+        if dep:
+          depends.update(eqn.outvars)
+      if name in _SAME_LEAF and eqn.invars[0] in origins:
+        origins[eqn.outvars[0]] = origins[eqn.invars[0]]
+      self.out_layouts[site] = outs
+      for v, layouts in zip(eqn.outvars, outs):
+        env[v] = layouts
+    return [read(v) for v in jaxpr.outvars]
+
+  def _rule(self, eqn, ins, site: Site, dep: set, origins: dict) -> list:
+    """The ties one primitive makes; returns its outputs' layouts."""
+    a = self.atoms
+    name, params = eqn.primitive.name, eqn.params
+    shapes = [tuple(np.shape(v.aval)) if hasattr(v, 'aval') else () for v in eqn.invars]
+    out_shapes = [tuple(v.aval.shape) for v in eqn.outvars]
+
+    if name in _ELEMENTWISE:
+      out_shape = out_shapes[0]
+      outs = self._fresh(out_shape)
+      for layouts, shape in zip(ins, shapes):
+        if len(shape) != len(out_shape):
+          continue
+        for axis, (layout, size) in enumerate(zip(layouts, shape)):
+          if size == out_shape[axis]:
+            a.unify(outs[axis], layout)
+      return [outs] * len(eqn.outvars)
+
+    if name in _IDENTITIES:
+      return list(ins)
+
+    if name == 'broadcast_in_dim':
+      outs = self._fresh(out_shapes[0])
+      for axis, dim in enumerate(params['broadcast_dimensions']):
+        if shapes[0][axis] == out_shapes[0][dim]:
+          a.unify(outs[dim], ins[0][axis])
+      return [outs]
+
+    if name == 'reshape':
+      return [self._reshape(ins[0], shapes[0], out_shapes[0])]
+
+    if name == 'transpose':
+      return [[ins[0][p] for p in params['permutation']]]
+
+    if name == 'squeeze':
+      dims = {d % len(shapes[0]) for d in params['dimensions']}
+      return [[l for i, l in enumerate(ins[0]) if i not in dims]]
+
+    if name == 'expand_dims':
+      return [self._reshape(ins[0], shapes[0], out_shapes[0])]
+
+    if name in _REDUCTIONS:
+      axes = set(params['axes'])
+      for axis in axes:
+        a.fix(ins[0][axis], f'reduced over by {name}')
+      return [[l for i, l in enumerate(ins[0]) if i not in axes]]
+
+    if name in _CUMULATIVE:
+      a.fix(ins[0][params['axis']], f'cumulated by {name}')
+      return [ins[0]]
+
+    if name == 'concatenate':
+      dim = params['dimension']
+      outs = []
+      for axis in range(len(out_shapes[0])):
+        if axis == dim:
+          outs.append(tuple(atom for layouts in ins for atom in layouts[axis]))
+        else:
+          for layouts in ins[1:]:
+            a.unify(ins[0][axis], layouts[axis])
+          outs.append(ins[0][axis])
+      return [outs]
+
+    if name in ('pad', 'slice', 'dynamic_slice', 'dynamic_update_slice', 'rev'):
+      return [self._window_like(name, eqn, ins, shapes, out_shapes[0])]
+
+    if name in ('reduce_window_sum', 'reduce_window_max', 'reduce_window_min', 'reduce_window',
+                'cumsum_window', 'argmax_window'):
+      outs = self._fresh(out_shapes[0])
+      for axis, (w, s) in enumerate(zip(params['window_dimensions'], params['window_strides'])):
+        pads = params['padding'][axis]
+        if w == 1 and s == 1 and tuple(pads) == (0, 0) and shapes[0][axis] == out_shapes[0][axis]:
+          a.unify(outs[axis], ins[0][axis])
+        else:
+          a.fix(ins[0][axis], f'pooled by {name}')
+          a.fix(outs[axis], f'pooled by {name}')
+      return [outs]
+
+    if name == 'iota':
+      outs = self._fresh(out_shapes[0])
+      a.fix(outs[params['dimension']], 'counted by iota')
+      return [outs]
+
+    if name == 'gather':
+      return [self._gather(eqn, ins, shapes, out_shapes[0])]
+
+    if name == 'dot_general':
+      return [self._dot(eqn, ins, shapes, out_shapes[0], site, dep, origins)]
+
+    if name == 'conv_general_dilated':
+      return [self._conv(eqn, ins, shapes, out_shapes[0], site, origins)]
+
+    if name == 'split':
+      axis = params['axis']
+      outs = []
+      for shape in out_shapes:
+        layouts = self._fresh(shape)
+        for i in range(len(shape)):
+          if i != axis:
+            a.unify(layouts[i], ins[0][i])
+        outs.append(layouts)
+      a.fix(ins[0][axis], 'split by split')
+      return outs
+
+    outs = [self._fresh(shape, f'produced by {name}') for shape in out_shapes]
+    self.unknown.append((name, site, list(ins) + outs))
+    return outs
+
+  def _reshape(self, layouts, in_shape, out_shape) -> list:
+    """Aligns blocks of equal size; within a block the minor axis keeps its layout."""
+    a = self.atoms
+    outs = [None] * len(out_shape)
+    i = j = 0
+    while i < len(in_shape) or j < len(out_shape):
+      if j < len(out_shape) and out_shape[j] == 1:
+        outs[j] = (a.new(1),)
+        j += 1
+        continue
+      if i < len(in_shape) and in_shape[i] == 1:
+        i += 1
+        continue
+      block_in, block_out = [i], [j]
+      n_in, n_out = in_shape[i], out_shape[j]
+      i, j = i + 1, j + 1
+      while n_in != n_out:
+        if n_in < n_out:
+          block_in.append(i)
+          n_in *= in_shape[i]
+          i += 1
+        else:
+          block_out.append(j)
+          n_out *= out_shape[j]
+          j += 1
+      for axis in block_in[:-1]:
+        a.fix(layouts[axis], 'merged into a larger axis by reshape')
+      merged = tuple(layouts[block_in[-1]]) * math.prod(in_shape[k] for k in block_in[:-1])
+      minor = a.new(out_shape[block_out[-1]])
+      a.unify(merged, (minor,) * (n_out // out_shape[block_out[-1]]))
+      for axis in block_out[:-1]:
+        outs[axis] = (a.new(out_shape[axis], 'split off an axis by reshape'),)
+      outs[block_out[-1]] = (minor,)
+    return outs
+
+  def _window_like(self, name, eqn, ins, shapes, out_shape) -> list:
+    """pad, slice, dynamic_slice, dynamic_update_slice, rev: axes kept whole tie, others fix."""
+    a, params, shape = self.atoms, eqn.params, shapes[0]
+    outs = self._fresh(out_shape)
+    for axis in range(len(out_shape)):
+      if name == 'pad':
+        whole = tuple(params['padding_config'][axis]) == (0, 0, 0)
+      elif name == 'slice':
+        stride = (params['strides'] or (1,) * len(shape))[axis]
+        whole = (params['start_indices'][axis] == 0 and params['limit_indices'][axis] == shape[axis]
+                 and stride == 1)
+      elif name == 'dynamic_update_slice':
+        whole = shapes[1][axis] == shape[axis]
+        if whole:
+          a.unify(ins[1][axis], ins[0][axis])
+        else:
+          a.fix(ins[1][axis], 'written into part of an axis by dynamic_update_slice')
+      elif name == 'rev':
+        whole = axis not in params['dimensions']
+      else:
+        whole = out_shape[axis] == shape[axis]
+      if whole:
+        a.unify(outs[axis], ins[0][axis])
+      else:
+        a.fix(ins[0][axis], f'cut by {name}')
+        a.fix(outs[axis], f'cut by {name}')
+    return outs
+
+  def _gather(self, eqn, ins, shapes, out_shape) -> list:
+    """jnp.take and indexing: gathered operand axes fix; the rest tie to the output or indices."""
+    a, params = self.atoms, eqn.params
+    dn = params['dimension_numbers']
+    operand_shape = shapes[0]
+    outs = self._fresh(out_shape)
+    for axis in dn.start_index_map:
+      a.fix(ins[0][axis], 'indexed by gather')
+    kept = [d for d in range(len(operand_shape))
+            if d not in dn.collapsed_slice_dims and d not in getattr(dn, 'operand_batching_dims', ())]
+    for out_axis, d in zip(dn.offset_dims, kept):
+      if params['slice_sizes'][d] == operand_shape[d]:
+        a.unify(outs[out_axis], ins[0][d])
+      else:
+        a.fix(ins[0][d], 'cut by gather')
+        a.fix(outs[out_axis], 'cut by gather')
+    index_dims = [d for d in range(len(shapes[1])) if d != len(shapes[1]) - 1]
+    batch_out = [d for d in range(len(out_shape)) if d not in dn.offset_dims]
+    for out_axis, d in zip(batch_out, index_dims):
+      a.unify(outs[out_axis], ins[1][d])
+    return outs
+
+  def _dot(self, eqn, ins, shapes, out_shape, site, dep, origins) -> list:
+    a = self.atoms
+    (lc, rc), (lb, rb) = eqn.params['dimension_numbers']
+    lhs, rhs = ins
+    for i, j in zip(lc, rc):
+      a.unify(lhs[i], rhs[j])
+    outs = []
+    for i, j in zip(lb, rb):
+      a.unify(lhs[i], rhs[j])
+      outs.append(lhs[i])
+    lhs_free = [i for i in range(len(lhs)) if i not in lc and i not in lb]
+    rhs_free = [j for j in range(len(rhs)) if j not in rc and j not in rb]
+    outs += [lhs[i] for i in lhs_free] + [rhs[j] for j in rhs_free]
+    lhs_var, rhs_var = eqn.invars
+    # Mask the operand computed from the input (the activation), the lhs when both are.
+    operand = 0 if 0 in dep or 1 not in dep else 1
+    axes = tuple(lc if operand == 0 else rc)
+    self.consumers.append(Consumer(site, operand, axes, tuple(ins[operand]), 'dot_general'))
+    for weight, free, other_free, other in ((rhs_var, rhs_free, lhs_free, lhs),
+                                            (lhs_var, lhs_free, rhs_free, rhs)):
+      if not isinstance(weight, jcore.Literal) and weight in origins:
+        side = 0 if weight is lhs_var else 1
+        for k in free:
+          a.write(ins[side][k], site)
+        self.macs.append((site, origins[weight], tuple(other[k] for k in other_free)))
+        break
+    return outs
+
+  def _conv(self, eqn, ins, shapes, out_shape, site, origins) -> list:
+    a, params = self.atoms, eqn.params
+    lhs_spec, rhs_spec, out_spec = params['dimension_numbers']
+    lhs, rhs = ins
+    groups = params['feature_group_count']
+    if params['batch_group_count'] != 1:
+      self.unknown.append(('conv_general_dilated with batch_group_count > 1', site,
+                           [lhs, rhs]))
+    outs = self._fresh(out_shape)
+    a.unify(outs[out_spec[0]], lhs[lhs_spec[0]])
+    for d in rhs_spec[2:]:
+      a.fix(rhs[d], 'a kernel window')
+    for d in out_spec[2:]:
+      a.fix(outs[d], 'spatial')
+    c_in, c_out = shapes[0][lhs_spec[1]], out_shape[out_spec[1]]
+    lhs_c, rhs_i, rhs_o, out_c = lhs[lhs_spec[1]], rhs[rhs_spec[1]], rhs[rhs_spec[0]], outs[out_spec[1]]
+    a.unify(rhs_o, out_c)
+    if groups == 1:
+      a.unify(lhs_c, rhs_i)
+    elif groups == c_in and c_out == c_in:
+      a.unify(lhs_c, out_c)
+      a.fix(rhs_i, 'the input axis of a depthwise kernel')
+      self.depthwise.add(site)
+    elif groups == c_in:
+      reason = 'read by a depthwise convolution with a channel multiplier'
+      for layout in (lhs_c, rhs_i, out_c):
+        a.fix(layout, reason)
+    else:
+      a.unify(lhs_c, tuple(rhs_i) * groups)
+      slot = a.new(c_out // groups)
+      a.unify(out_c, (slot,) * groups)
+    if site not in self.depthwise:
+      self.consumers.append(Consumer(site, 0, (lhs_spec[1],), tuple(lhs), 'conv_general_dilated'))
+      a.write(out_c, site)
+    kernel = eqn.invars[1]
+    if not isinstance(kernel, jcore.Literal) and kernel in origins:
+      self.macs.append((site, origins[kernel], tuple(outs[d] for d in out_spec[2:])))
+    return outs
+
+  # -------------------------------------------------------------------------------------------
+  # From atoms to groups.
+
+  def _finish(self, prune_streams: bool):
+    a = self.atoms
+    if not prune_streams:
+      for root in set(a.writers):
+        r = a.find(root)
+        if r not in a.refined and len(a.writers.get(r, ())) >= 2:
+          a.reason.setdefault(r, 'a stream written by several layers (prune_streams=True '
+                              'prunes it with all of them)')
+    consumed = set()
+    for c in self.consumers:
+      for axis in c.axes:
+        consumed.update(a.expand(c.layouts[axis]))
+    leaf_roots = [[a.expand(layout) for layout in layouts] for layouts in self.leaf_layouts]
+    self.leaf_roots = leaf_roots
+
+    # Name each group after the first layer that writes it (its kernel's leaf), else after the
+    # first leaf it indexes, in the order the program reads them.
+    writers_first = {}
+    for site, key, _ in self.macs:
+      index = self.leaf_keys.index(key)
+      for axis, roots in enumerate(leaf_roots[index]):
+        for r in roots:
+          if site in a.writers.get(r, ()):
+            writers_first.setdefault(r, key)
+    names, used = {}, collections.Counter()
+    places = collections.defaultdict(list)
+    for index, key in enumerate(self.leaf_keys):
+      for axis, roots in enumerate(leaf_roots[index]):
+        offset = 0
+        for r in roots:
+          places[r].append((key, axis, offset))
+          offset += a.size[r]
+    for r, where in places.items():
+      base_key = writers_first.get(r, where[0][0])
+      base = _leaf_name(base_key[1:-1] if len(base_key) > 2 else base_key)
+      used[base] += 1
+      names[r] = base if used[base] == 1 else f'{base}:{used[base] - 1}'
+
+    for name, site, layouts in self.unknown:
+      for layout in layouts:
+        for r in a.expand(layout):
+          if r in places and r not in a.reason:
+            key, axis, _ = places[r][0]
+            raise ConfigError(
+                f"primitive {name} reads the channels of {_leaf_name(key)} (axis {axis}), and "
+                "jaxprune cannot tell which channels it ties together; rewrite that part of "
+                "the model with supported operations, or keep those channels with "
+                "fixed=[...].")
+    self.names = names
+    self.groups = {}
+    for r, where in places.items():
+      reason = a.reason.get(r)
+      if reason is None and r not in consumed:
+        reason = 'no convolution or matmul reads it'
+      self.groups[names[r]] = Group(names[r], a.size[r], reason is None, reason, tuple(where))
+    self.root_of = {n: r for r, n in names.items()}
+
+  def fix_leaves(self, patterns: Sequence[str]):
+    """Makes every group indexed by a leaf whose path contains one of `patterns` not prunable."""
+    for name, group in list(self.groups.items()):
+      hit = next((p for p in patterns for key, _, _ in group.leaves if p in _leaf_name(key)),
+                 None)
+      if hit is not None and group.prunable:
+        self.groups[name] = dataclasses.replace(group, prunable=False,
+                                                reason=f'kept by fixed={hit!r}')
+
+  @property
+  def prunable(self) -> tuple[str, ...]:
+    return tuple(n for n, g in self.groups.items() if g.prunable)
+
+  def structure(self) -> Structure:
+    """The `Structure` of the prunable groups (virtual leaves for axes holding several)."""
+    a = self.atoms
+    prunable = {self.root_of[n]: n for n in self.prunable}
+    axes, shapes, positions = {}, {}, collections.Counter()
+    pieces_of = {}
+    for index, key in enumerate(self.leaf_keys):
+      per_axis = []
+      for roots in self.leaf_roots[index]:
+        offset, pieces = 0, []
+        for r in roots:
+          pieces.append((offset, a.size[r], prunable.get(r)))
+          offset += a.size[r]
+        # Neighbouring pieces of no prunable group are one constant piece.
+        merged = []
+        for start, size, tag in pieces:
+          if merged and tag is None and merged[-1][2] is None:
+            merged[-1] = (merged[-1][0], merged[-1][1] + size, None)
+          else:
+            merged.append((start, size, tag))
+        per_axis.append(merged)
+      split = any(len(p) > 1 for p in per_axis)
+      keys = []
+      for combo in _product(per_axis):
+        spec = ','.join(f'{s}:{s + n}' for s, n, _ in combo)
+        vkey = key[:-1] + (f'[{spec}]', key[-1]) if split else key
+        axes[vkey] = tuple(t for _, _, t in combo)
+        shapes[vkey] = tuple(n for _, n, _ in combo)
+        keys.append((vkey, tuple(slice(s, s + n) for s, n, _ in combo)))
+      pieces_of[key] = keys
+    batch = a.find(self.batch_atom) if self.batch_atom is not None else None
+    for _, key, layouts in self.macs:
+      per_example = math.prod(sum(a.size[r] for r in a.expand(l)) for l in layouts
+                              if a.expand(l) != [batch])
+      for vkey, _ in pieces_of[key]:
+        positions[vkey] += per_example
+    self.pieces_of = pieces_of
+    return Structure(widths={n: self.groups[n].width for n in self.prunable},
+                     prunable=self.prunable, axes=axes, shapes=shapes, positions=dict(positions))
+
+  def virtual_leaves(self, flat: Mapping[LeafKey, Any]) -> dict[LeafKey, Any]:
+    """The leaves of `structure()`: the real ones, split into pieces where it splits them."""
+    if not hasattr(self, 'pieces_of'):
+      self.structure()
+    return {vkey: np.asarray(flat[key])[index] for key, pieces in self.pieces_of.items()
+            for vkey, index in pieces}
+
+  # -------------------------------------------------------------------------------------------
+  # Channel indices for masks and shrinking.
+
+  def layout_vector(self, layout, per_group: Mapping[str, np.ndarray], fill) -> list:
+    """Concatenates per-atom pieces: per_group[name] for prunable groups, fill(size) else."""
+    parts = []
+    for r in self.atoms.expand(layout):
+      name = self.names.get(r)
+      if name is not None and name in per_group and self.groups[name].prunable:
+        parts.append(per_group[name])
+      else:
+        parts.append(fill(self.atoms.size[r]))
+    return parts
+
+  def kept_positions(self, layout, kept: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """Indices along an axis of `layout` that survive `kept`; None when all do."""
+    pieces, offset, changed = [], 0, False
+    for r in self.atoms.expand(layout):
+      name = self.names.get(r)
+      size = self.atoms.size[r]
+      if name in kept and self.groups[name].prunable:
+        pieces.append(offset + np.asarray(kept[name]))
+        changed |= len(kept[name]) != size
+      else:
+        pieces.append(offset + np.arange(size))
+      offset += size
+    return np.concatenate(pieces).astype(np.int32) if changed else None
+
+  def new_size(self, layout, kept: Mapping[str, np.ndarray]) -> int:
+    total = 0
+    for r in self.atoms.expand(layout):
+      name = self.names.get(r)
+      total += len(kept[name]) if name in kept and self.groups[name].prunable else self.atoms.size[r]
+    return total
+
+  def batch_axis(self, layouts) -> int | None:
+    if self.batch_atom is None:
+      return None
+    batch = [self.atoms.find(self.batch_atom)]
+    return next((i for i, l in enumerate(layouts) if self.atoms.expand(l) == batch), None)
+
+
+def _product(per_axis):
+  combos = [()]
+  for pieces in per_axis:
+    combos = [c + (p,) for c in combos for p in pieces]
+  return combos
+
+
+def slice_leaf(value, layouts, graph: Graph, kept: Mapping[str, np.ndarray]):
+  """A leaf (or a constant of the program) with every axis cut to its kept channels."""
+  value = np.asarray(value)
+  for axis, layout in enumerate(layouts):
+    index = graph.kept_positions(layout, kept)
+    if index is not None:
+      value = np.take(value, index, axis=axis)
+  return value

@@ -1,0 +1,186 @@
+"""Runs a derived program (`jaxpr.Graph`) masked, gated or shrunk: a jaxpr interpreter.
+
+`evaluate` walks the traced program equation by equation and binds each primitive, so
+under `jax.jit` it compiles to the same computation as the model itself, plus:
+
+* masks: before every convolution and matmul that contracts a group's channels, the
+  operand is multiplied by the group's mask, (C,) or a (B, C) per-example gate, laid out
+  along that axis (tiled for grouped convolutions, offset for concatenations);
+* recording: the masked operand at each group's first consumer, (B, positions, C), is
+  returned as that group's activation for the activation criteria;
+* shrinking: the variable leaves are already cut to the kept channels; the program's own
+  constants are cut here, and every shape-carrying parameter (broadcast and reshape
+  shapes, iota, slice limits, gather sizes, a depthwise convolution's group count) is
+  recomputed from the layouts, so the same program runs the smaller arrays.
+
+Call-like primitives (jit, custom_jvp/custom_vjp, checkpoint) are run inline, their
+bodies interpreted like the rest, so JAX differentiates through their primal programs.
+"""
+
+from typing import Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jcore
+
+from jaxprune.prune import jaxpr as jaxpr_lib
+
+
+def _first_consumers(graph: jaxpr_lib.Graph):
+  """{site: [(consumer, axis, group)]} at the first consumer of every prunable group."""
+  seen, out = set(), {}
+  for c in graph.consumers:
+    for axis in c.axes:
+      for r in graph.atoms.expand(c.layouts[axis]):
+        name = graph.names.get(r)
+        if name is not None and graph.groups[name].prunable and name not in seen:
+          seen.add(name)
+          out.setdefault(c.site, []).append((c, axis, name))
+  return out
+
+
+def _mask_vector(graph, layout, masks, batch):
+  """The (N,) or (B, N) multiplier along an axis of `layout`, or None if nothing is masked."""
+  parts = graph.layout_vector(layout, masks, lambda n: None)
+  if all(p is None for p in parts):
+    return None
+  per_example = any(p is not None and p.ndim == 2 for p in parts)
+  sizes = [graph.atoms.size[r] for r in graph.atoms.expand(layout)]
+  full = []
+  for p, n in zip(parts, sizes):
+    if p is None:
+      p = jnp.ones((batch, n) if per_example else (n,), jnp.float32)
+    elif per_example and p.ndim == 1:
+      p = jnp.broadcast_to(p, (batch, n))
+    full.append(p)
+  return jnp.concatenate(full, axis=-1) if len(full) > 1 else full[0]
+
+
+def _apply_mask(graph, value, consumer, masks):
+  for axis in consumer.axes:
+    b = graph.batch_axis(consumer.layouts)
+    batch = value.shape[b] if b is not None else 1
+    m = _mask_vector(graph, consumer.layouts[axis], masks, batch)
+    if m is None:
+      continue
+    shape = [1] * value.ndim
+    shape[axis] = m.shape[-1]
+    if m.ndim == 2:
+      if b is None:
+        raise ValueError(f"a per-example gate reaches {consumer.primitive}, whose operand has no "
+                         "batch axis; use (C,) masks there.")
+      shape[b] = m.shape[0]
+      m = m.reshape(shape) if b < axis else m.T.reshape(shape)
+    else:
+      m = m.reshape(shape)
+    value = value * m.astype(value.dtype)
+  return value
+
+
+def _activation(graph, value, consumer, axis, group):
+  """The group's channels of a consumer's operand as (B, positions, C)."""
+  b = graph.batch_axis(consumer.layouts)
+  z = jnp.moveaxis(value, (b, axis), (0, -1)) if b is not None else jnp.moveaxis(value, axis, -1)[None]
+  pieces, offset = [], 0
+  root = graph.root_of[group]
+  for r in graph.atoms.expand(consumer.layouts[axis]):
+    size = graph.atoms.size[r]
+    if r == root:
+      pieces.append(z[..., offset:offset + size])
+    offset += size
+  z = jnp.stack(pieces, axis=-2) if len(pieces) > 1 else pieces[0]
+  return z.reshape(z.shape[0], -1, z.shape[-1])
+
+
+def _rewrite(graph, eqn, site, invals, kept):
+  """The primitive's parameters for the shrunk shapes (see the module docstring)."""
+  name, params = eqn.primitive.name, dict(eqn.params)
+  out_shapes = [tuple(graph.new_size(l, kept) for l in layouts)
+                for layouts in graph.out_layouts[site]]
+  old = [tuple(np.shape(v.aval)) for v in eqn.invars]
+  if name == 'broadcast_in_dim':
+    params['shape'] = out_shapes[0]
+  elif name == 'reshape':
+    params['new_sizes'] = out_shapes[0]
+  elif name == 'iota':
+    params['shape'] = out_shapes[0]
+  elif name == 'conv_general_dilated' and site in graph.depthwise:
+    params['feature_group_count'] = invals[0].shape[params['dimension_numbers'][0][1]]
+  elif name == 'slice':
+    strides = params['strides'] or (1,) * len(old[0])
+    params['limit_indices'] = tuple(
+        invals[0].shape[i] if (s == 0 and l == old[0][i] and st == 1) else l
+        for i, (s, l, st) in enumerate(zip(params['start_indices'], params['limit_indices'], strides)))
+  elif name in ('gather', 'dynamic_slice'):
+    params['slice_sizes'] = tuple(invals[0].shape[i] if n == old[0][i] else n
+                                  for i, n in enumerate(params['slice_sizes']))
+  return params
+
+
+def evaluate(graph: jaxpr_lib.Graph, leaves, x, *, masks: Mapping | None = None,
+             kept: Mapping[str, np.ndarray] | None = None, record: bool = False):
+  """Runs the graph's program on (leaves, x).
+
+  Args:
+    graph: the derived program.
+    leaves: the variable leaves in `graph.leaf_keys` order (already cut when `kept` is given).
+    x: the input.
+    masks: {group: (C,) mask or (B, C) gate} applied at every consumer; None = unmasked.
+    kept: {group: kept indices} to run the shrunk program instead.
+    record: also return {group: (B, positions, C)} activations at the first consumers.
+
+  Returns:
+    The program's output (its only result, or the tuple of them), and with `record` the
+    activations too.
+  """
+  masks = masks or {}
+  consumers = {}
+  if masks:
+    for c in graph.consumers:
+      consumers.setdefault(c.site, []).append(c)
+  recorders = _first_consumers(graph) if record else {}
+  recorded = {}
+
+  def run(jaxpr, consts, args, prefix):
+    env = {}
+
+    def read(v):
+      return v.val if isinstance(v, jcore.Literal) else env[v]
+
+    for v, value in zip(jaxpr.constvars, consts):
+      env[v] = value
+    for v, value in zip(jaxpr.invars, args):
+      env[v] = value
+    for index, eqn in enumerate(jaxpr.eqns):
+      site = prefix + (index,)
+      invals = [read(v) for v in eqn.invars]
+      for c in consumers.get(site, ()):
+        invals[c.operand] = _apply_mask(graph, invals[c.operand], c, masks)
+      for c, axis, group in recorders.get(site, ()):
+        recorded[group] = _activation(graph, invals[c.operand], c, axis, group)
+      name = eqn.primitive.name
+      if name in jaxpr_lib._CALLS:
+        inner = eqn.params[jaxpr_lib._CALLS[name]]
+        closed = inner if hasattr(inner, 'consts') else None
+        body = closed.jaxpr if closed is not None else inner
+        inner_consts = list(closed.consts) if closed is not None else []
+        if kept is not None:
+          inner_consts = [jaxpr_lib.slice_leaf(c, l, graph, kept)
+                          for c, l in zip(inner_consts, graph.const_layouts[site])]
+        outs = run(body, inner_consts, invals, site)
+      else:
+        params = eqn.params if kept is None else _rewrite(graph, eqn, site, invals, kept)
+        outs = eqn.primitive.bind(*invals, **params)
+        if not eqn.primitive.multiple_results:
+          outs = [outs]
+      for v, value in zip(eqn.outvars, outs):
+        env[v] = value
+    return [read(v) for v in jaxpr.outvars]
+
+  consts = list(graph.jaxpr.consts)
+  if kept is not None:
+    consts = [jaxpr_lib.slice_leaf(c, l, graph, kept)
+              for c, l in zip(consts, graph.const_layouts[()])]
+  outs = run(graph.jaxpr.jaxpr, consts, list(leaves) + [x], ())
+  out = outs[0] if len(outs) == 1 else tuple(outs)
+  return (out, recorded) if record else out

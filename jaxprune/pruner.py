@@ -1,0 +1,311 @@
+"""Prune your own Flax model: `Pruner(model, variables, example_batch)`.
+
+The model knows nothing of jaxprune. Its channel groups come from the program it runs
+(`jaxprune.prune.jaxpr`), and the rest is jaxprune's usual pipeline over them:
+
+    pruner = jaxprune.Pruner(model, variables, images)   # Linen module or apply fn, or NNX
+    pruner.groups                                        # {name: Group}, prunable or why not
+    scores = pruner.score('taylor', batches)             # any criterion of criteria.CRITERIA
+    masks = pruner.select('global', scores, ratio=0.5)   # any policy of select.SELECTIONS
+    pruner.apply(variables, images, masks)               # the masked model (= removal)
+    small = pruner.shrink(masks)                         # smaller variables and a runnable
+    small.apply(small.variables, images)                 # jittable; small.module for NNX
+
+What `model` may be, and what `shrink` gives back:
+
+* A Flax NNX module (no `variables`): traced in eval mode through `nnx.split`/`nnx.merge`.
+  `shrink(...).module` is the user's own module with smaller arrays, its layers' stored
+  feature counts (`in_features`, `out_features`, `feature_group_count`, `kernel_shape`,
+  `num_features`) updated: it trains (`.train()`), evaluates and saves like the original.
+  The contract: the module's layers read their sizes from their parameters (as nnx's
+  layers do), not from integers of its own.
+* A Flax Linen module (called as `model.apply(variables, x)`, so pass
+  `functools.partial(model.apply, train=False)` if it needs flags) or any function
+  `apply(variables, x) -> logits`. A Linen layer checks its parameters' shapes against its
+  constructor fields, so the shrunk model is not the module: it is `shrink(...).apply`,
+  the model's own traced program run on the smaller arrays (any batch size; jit it, save
+  `shrink(...).variables` with orbax, and rebuild it from the full model and the same
+  `kept` indices). A Linen module whose widths are constructor fields can instead be
+  rebuilt with `shrink(...).widths` (group name -> kept channels) by its author.
+
+Scores, masks, selection and costs use `structure`, a `jaxprune.prune.structure.Structure`
+over the prunable groups, so every criterion, policy and cost count works unchanged.
+`taylor_abs_elementwise` needs offsets inside the model and is not available here.
+"""
+
+import dataclasses
+import itertools
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, traverse_util
+
+from jaxprune.errors import ConfigError
+from jaxprune.kernels.options import PerformanceOptions
+from jaxprune.prune import criteria, flops, select as select_lib, shrink as shrink_lib
+from jaxprune.prune import jaxpr as jaxpr_lib
+from jaxprune.prune import jaxpr_run
+
+_COLLECTIONS = {nnx.Param: 'params', nnx.BatchStat: 'batch_stats'}
+
+
+def _collection(variable) -> str:
+  return next((name for cls, name in _COLLECTIONS.items() if isinstance(variable, cls)),
+              type(variable).__name__.lower())
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Model:
+  """The derived program as the criteria see a model: `apply(variables, x, train, masks)`.
+
+  Hashed by identity, so a criterion's jitted accumulator compiles once per Pruner.
+  """
+  pruner: 'Pruner'
+  performance: PerformanceOptions = PerformanceOptions()
+
+  def apply(self, variables, x, train: bool = False, masks=None, mutable=None):
+    del train  # The program was traced in eval mode.
+    graph = self.pruner.graph_for(x)
+    leaves = self.pruner.leaves_of(variables)
+    if mutable and 'intermediates' in mutable:
+      out, acts = jaxpr_run.evaluate(graph, leaves, x, masks=masks, record=True)
+      return out, {'intermediates': {g: (a,) for g, a in acts.items()}}
+    return jaxpr_run.evaluate(graph, leaves, x, masks=masks)
+
+
+@dataclasses.dataclass
+class Shrunk:
+  """A physically smaller model.
+
+  Attributes:
+    variables: the cut variables (same tree as the Pruner's).
+    apply: jitted `apply(variables, x)`: the model's program on the cut arrays.
+    kept: {group: indices of the kept channels in the full model}.
+    widths: {group: number of kept channels} for every prunable group.
+    cost: its MACs and params (`flops.Cost`).
+    module: for an NNX model, the user's module with the cut arrays; None otherwise.
+  """
+  variables: Any
+  apply: Callable
+  kept: dict[str, np.ndarray]
+  widths: dict[str, int]
+  cost: flops.Cost
+  module: Any = None
+
+
+def _batch_images(batch):
+  if isinstance(batch, Mapping):
+    return batch['image']
+  if isinstance(batch, (tuple, list)):
+    return batch[0]
+  return batch
+
+
+def _as_batch(batch) -> dict:
+  if isinstance(batch, Mapping):
+    return {'image': batch['image'], 'label': batch['label']}
+  images, labels = batch
+  return {'image': images, 'label': labels}
+
+
+class Pruner:
+  """Channel pruning for a model that knows nothing of jaxprune (see the module docstring).
+
+  Args:
+    model: an NNX module, a Linen module, or a function `apply(variables, x)`.
+    variables: the Linen variables (omit for NNX).
+    example_batch: images (B, H, W, C), or a batch dict / (images, labels) pair, at the
+      shape the model will be scored at; other batch sizes are traced when they come.
+    prune_streams: also prune channels written by several layers (residual streams),
+      together with every layer writing them.
+    fixed: substrings of leaf paths ('stem', 'params/head') whose channels must be kept.
+  """
+
+  def __init__(self, model, variables=None, example_batch=None, *, prune_streams: bool = False,
+               fixed: Sequence[str] = ()):
+    if example_batch is None:
+      raise ValueError("Pruner needs example_batch, the images the model is traced on.")
+    self._nnx = isinstance(model, nnx.Module)
+    if self._nnx:
+      if variables is not None:
+        raise ConfigError("an NNX module carries its own variables; pass Pruner(module, "
+                          "None, example_batch) or Pruner(module, example_batch=...).")
+      self._module = model
+      self._eval_graphdef, variables = self._nnx_variables(model)
+      apply = self._nnx_apply
+    elif variables is None:
+      raise ConfigError("a Linen module or apply function needs its variables: "
+                        "Pruner(model, variables, example_batch).")
+    else:
+      apply = model.apply if isinstance(model, nn.Module) else model
+    self._apply = apply
+    self._prune_streams = prune_streams
+    self._fixed = tuple(fixed)
+    self.variables = variables
+    flat = traverse_util.flatten_dict(dict(variables))
+    self.leaf_keys = tuple(flat)
+    self._graphs = {}
+    x = jnp.asarray(_batch_images(example_batch))
+    self.graph = self.graph_for(x)
+    self.groups = self.graph.groups
+    self.structure = self.graph.structure()
+    self.model = _Model(self)
+    self._masked = jax.jit(self._masked_apply)
+
+  # NNX: variables as a {collection: tree} dict, and back.
+
+  def _nnx_variables(self, module):
+    eval_module = nnx.merge(*nnx.split(module))
+    eval_module.eval()
+    graphdef, state = nnx.split(eval_module)
+    self._nnx_flat = list(nnx.to_flat_state(state))
+    nested = {}
+    for path, variable in self._nnx_flat:
+      nested[(_collection(variable),) + tuple(str(p) for p in path)] = variable.get_value()
+    self._nnx_keys = list(nested)
+    return graphdef, traverse_util.unflatten_dict(nested)
+
+  def _nnx_state(self, variables, flat_state):
+    flat = traverse_util.flatten_dict(dict(variables))
+    return nnx.from_flat_state([(path, variable.replace(value=flat[key]))
+                                for key, (path, variable) in zip(self._nnx_keys, flat_state)])
+
+  def _nnx_apply(self, variables, x):
+    return nnx.merge(self._eval_graphdef, self._nnx_state(variables, self._nnx_flat))(x)
+
+  # The program.
+
+  def leaves_of(self, variables) -> list:
+    flat = traverse_util.flatten_dict(dict(variables))
+    return [flat[k] for k in self.leaf_keys]
+
+  def graph_for(self, x) -> jaxpr_lib.Graph:
+    """The derived program for inputs shaped like x (traced once per shape and dtype)."""
+    signature = (tuple(np.shape(x)), str(jnp.result_type(x)))
+    if signature not in self._graphs:
+      keys = self.leaf_keys
+
+      def fn(leaves, x):
+        return self._apply(traverse_util.unflatten_dict(dict(zip(keys, leaves))), x)
+
+      leaves = self.leaves_of(self.variables)
+      graph = jaxpr_lib.Graph(jaxpr_lib.trace(fn, leaves, x), keys, self._prune_streams)
+      graph.fix_leaves(self._fixed)
+      if self._graphs:
+        first = next(iter(self._graphs.values()))
+        if graph.prunable != first.prunable or any(
+            graph.groups[g].width != first.groups[g].width for g in graph.prunable):
+          raise ConfigError(f"the model's channel groups change with the input shape "
+                            f"{signature[0]}; score and run it at one shape.")
+      self._graphs[signature] = graph
+    return self._graphs[signature]
+
+  def _masked_apply(self, variables, x, masks):
+    return jaxpr_run.evaluate(self.graph_for(x), self.leaves_of(variables), x, masks=masks)
+
+  def apply(self, variables, x, masks: Mapping | None = None):
+    """The model's output with `masks` ({group: (C,) or (B, C)}) at every consumer; jitted."""
+    masks = {g: jnp.asarray(m, jnp.float32) for g, m in (masks or {}).items()}
+    unknown = [g for g in masks if g not in self.structure.prunable]
+    if unknown:
+      raise ValueError(f"masks name groups {unknown} that are not prunable; the prunable "
+                       f"groups are {list(self.structure.prunable)}.")
+    return self._masked(variables, x, masks)
+
+  # Scores, masks, costs.
+
+  def score(self, criterion: str, batches: Iterable | None = None, masks: Mapping | None = None,
+            rng=None, **options) -> dict[str, np.ndarray]:
+    """{group: (C,) scores} by a criterion of `criteria.CRITERIA`; higher = keep.
+
+    `batches`: {'image', 'label'} dicts or (images, labels) pairs, read once (data-free
+    criteria ignore them).
+    """
+    if criterion == 'taylor_abs_elementwise':
+      raise ConfigError("criterion=taylor_abs_elementwise adds offsets inside jaxprune's own "
+                        "models and is not available for a Pruner; use taylor.",
+                        settings=('criterion',))
+    chosen = criteria.get(criterion, **options)
+    state = chosen.init(self.structure, rng)
+    if chosen.needs_data:
+      batches = iter(batches if batches is not None else ())
+      first = next(batches, None)
+      if first is None:
+        raise ValueError(f"criterion {criterion!r} needs at least one batch of data, got none.")
+      full = {g: jnp.ones((w,), jnp.float32) for g, w in self.structure.widths.items()}
+      full.update({g: jnp.asarray(m, jnp.float32) for g, m in (masks or {}).items()})
+      step = criteria.accumulator(chosen, self.model)
+      for batch in itertools.chain([first], batches):
+        state = step(state, self.variables, full, _as_batch(batch))
+    flat = traverse_util.flatten_dict(dict(self.variables))
+    virtual = traverse_util.unflatten_dict(self.graph.virtual_leaves(flat))
+    return chosen.finalize(state, self.model, virtual)
+
+  def select(self, policy: str, scores: Mapping, **options) -> dict[str, np.ndarray]:
+    """Keep masks by a policy of `select.SELECTIONS` (ratio=, target_macs=, min_channels=, ...)."""
+    return select_lib.select(policy, self.structure, scores, **options)
+
+  def cost(self, masks: Mapping | None = None) -> flops.Cost:
+    """MACs and params of the model, or of the model with `masks` removed."""
+    if not masks:
+      return flops.count(self.structure)
+    return flops.count(self.structure, self._widths(shrink_lib.kept_indices(self.structure, masks)))
+
+  def _widths(self, kept) -> dict[str, int]:
+    widths = dict(self.structure.widths)
+    widths.update({g: int(k.size) for g, k in kept.items()})
+    return widths
+
+  # Shrinking.
+
+  def shrink(self, masks: Mapping, variables=None) -> Shrunk:
+    """Removes the masked-out channels ({group: (C,)}, nonzero = keep) from `variables`
+    (default: the Pruner's own; for NNX, the module's current state)."""
+    kept = shrink_lib.kept_indices(self.structure, masks)
+    if variables is None:
+      variables = (self._nnx_variables(self._module)[1] if self._nnx else self.variables)
+    flat = traverse_util.flatten_dict(dict(variables))
+    cut = {key: jaxpr_lib.slice_leaf(flat[key], layouts, self.graph, kept)
+           for key, layouts in zip(self.leaf_keys, self.graph.leaf_layouts)}
+    small = traverse_util.unflatten_dict(cut)
+
+    def run(variables, x):
+      return jaxpr_run.evaluate(self.graph_for(x), self.leaves_of(variables), x, kept=kept)
+
+    widths = self._widths(kept)
+    return Shrunk(variables=small, apply=jax.jit(run), kept=kept, widths=widths,
+                  cost=flops.count(self.structure, widths),
+                  module=self._shrunk_module(small) if self._nnx else None)
+
+  def _shrunk_module(self, small):
+    graphdef, state = nnx.split(self._module)
+    module = nnx.merge(graphdef, self._nnx_state(small, list(nnx.to_flat_state(state))))
+    for _, node in nnx.iter_graph(module):
+      _update_features(node)
+    return module
+
+
+def _shape(param):
+  return None if param is None else tuple(np.shape(param.get_value()))
+
+
+def _update_features(node):
+  """Sets an nnx layer's stored feature counts from its (cut) parameters."""
+  if isinstance(node, nnx.Conv):
+    kernel = _shape(node.kernel)
+    depthwise = node.feature_group_count == node.in_features and node.feature_group_count > 1
+    if depthwise:
+      node.feature_group_count = kernel[-1]
+    node.in_features = kernel[-2] * node.feature_group_count
+    node.out_features = kernel[-1]
+    node.kernel_shape = kernel
+  elif isinstance(node, nnx.Linear):
+    node.in_features, node.out_features = _shape(node.kernel)
+  elif isinstance(node, (nnx.BatchNorm, nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm)):
+    params = [getattr(node, n, None) for n in ('scale', 'bias', 'mean', 'var')]
+    shape = next((_shape(p) for p in params if isinstance(p, nnx.Variable)), None)
+    if shape is not None:
+      node.num_features = shape[-1]
