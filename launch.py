@@ -41,11 +41,15 @@ def main(argv):
 
 
 def _quiet_libraries(record) -> bool:
-  # Orbax logs every checkpoint write at INFO; the per-epoch progress lines are ours.
+  # Orbax logs every checkpoint write at INFO; the per-epoch progress lines are ours. A
+  # failed asynchronous write (a full disk) is also logged by asyncio with orbax's
+  # traceback; the error line at exit says what failed.
+  if record.name == 'asyncio' and 'exception was never retrieved' in record.getMessage():
+    return False
   return '/orbax/' not in record.pathname and '/absl/' not in record.pathname
 
 
 if __name__ == '__main__':
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_quiet_libraries)
-  app.run(main)
+  app.run(main, flags_parser=pipeline.config.parse_command_line)

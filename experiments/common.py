@@ -5,8 +5,8 @@ Each run is one `pipeline.Config` for one regime. Runs of the same pruned networ
 `--root`, so the prune stage is computed once and every regime gets its own stage
 directory; runs of the same model x seed (and baseline settings) share one
 baseline through `baseline_dir` under `ROOT/baselines/`. After a run the runner
-snapshots the pipeline's results (whose `results.json` only holds the regimes of
-the latest call) into `WORKDIR/results_<regime>.json`, with the experiment's name
+snapshots the pipeline's results (whose `results.json` holds every regime finished
+in the work directory) into `WORKDIR/results_<regime>.json`, with the experiment's name
 and the run's labels added; `experiments.report` reads only those snapshots (and
 `agreement.json` of criteria_vs_oracle). A run whose snapshot exists is skipped
 without loading anything; an interrupted run resumes inside the pipeline.
@@ -214,9 +214,13 @@ def execute(experiment: str, runs: Sequence[Run], log=print) -> list[dict]:
     spent = time.time() - start
     eta = spent / done * (total - done) if done else 0.0
     log(f'[{i + 1}/{len(runs)}] {run.name}: test acc '
-        f"{100 * results['rows'][-1]['test_accuracy']:.2f}%  in {time.time() - t:.0f}s; "
-        f'elapsed {_format_seconds(spent)}, eta {_format_seconds(eta)}')
+        f"{100 * _row_of(results, run.config.regime)['test_accuracy']:.2f}%  in "
+        f'{time.time() - t:.0f}s; elapsed {_format_seconds(spent)}, eta {_format_seconds(eta)}')
   return out
+
+
+def _row_of(results: dict, regime: str) -> dict:
+  return next(r for r in results['rows'] if r['stage'] == regime)
 
 
 def main(experiment: str, plan: Callable, argv=None,

@@ -153,7 +153,9 @@ def _row(snap, stage):
 
 
 def _last(snap):
-  return snap['rows'][-1]
+  """The row of the regime the snapshot's run trained (results hold every finished one)."""
+  regime = snap.get('config', {}).get('regime')
+  return next((r for r in snap['rows'] if r['stage'] == regime), snap['rows'][-1])
 
 
 def _baseline(snap):
@@ -558,7 +560,12 @@ def main(argv=None):
   if not load(args.root):
     sys.exit(f"error: no experiment results (results_*.json or agreement.json files) under "
              f"{args.root!r}; give the --root the experiments ran with.")
-  for name in build(args.root, args.out):
+  try:
+    written = build(args.root, args.out)
+  except OSError as error:
+    sys.exit(f'error: cannot write the tables to --out {args.out!r}: '
+             f'{error.strerror or error}{f" ({error.filename})" if error.filename else ""}.')
+  for name in written:
     print(os.path.join(args.out, name))
 
 

@@ -12,7 +12,9 @@ Loading (host, numpy) -- `load(name, ...)` returns a `Dataset`:
   `test_labels`; images uint8 NHWC (rank 4: a grayscale (N, H, W) array is
   rejected, add the channel axis with `images[..., None]`), labels integers of
   rank 1 and >= 0. An optional scalar `num_classes` entry fixes the number of
-  classes (labels must then lie below it); otherwise it is the largest label + 1.
+  classes (labels must then lie below it); otherwise it is the largest training label
+  + 1; a label below 1% of the average class count (where that is 100 or more) and a
+  test label beyond the training labels are refused rather than taken for new classes.
   Mean/std are computed from all training images in the file.
 * `digits`: scikit-learn's bundled 8x8 handwritten digits (1797 images, no
   download), values 0..16 scaled to uint8 0..255 (round(v * 255 / 16)), shape
@@ -35,9 +37,11 @@ test set in order, padding the last batch and marking it with `valid`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import os
 import socket
+import zipfile
 from typing import Callable, Iterator, Mapping
 
 import jax
@@ -104,6 +108,18 @@ class Dataset:
 # Host-side loading.
 
 
+def fingerprint(ds: Dataset) -> str:
+  """A digest of the dataset's content (every image and label, and the class count): the
+  same file rewritten with other data is another dataset."""
+  digest = hashlib.blake2b(digest_size=12)
+  for array in (ds.train_images, ds.train_labels, ds.test_images, ds.test_labels):
+    array = np.ascontiguousarray(array)
+    digest.update(f'{array.dtype.str}{array.shape}'.encode())
+    digest.update(memoryview(array).cast('B'))
+  digest.update(str(ds.num_classes).encode())
+  return 'blake2b:' + digest.hexdigest()
+
+
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
   """Per-channel mean and std of uint8 NHWC images, in [0, 1] units.
 
@@ -139,6 +155,34 @@ def _subset(images, labels, max_train):
   return images[keep], labels[keep]
 
 
+# A label this much rarer than the average class is taken for a mislabelled example, not a
+# class, unless the file says how many classes it has; judged only where the average class
+# has enough examples to tell.
+_RARE_CLASS_FRACTION = 0.01
+_RARE_CLASS_MIN_MEAN = 100
+
+
+def _classes_from_labels(path: str, train_labels: np.ndarray, test_labels: np.ndarray) -> int:
+  """The class count of an npz without `num_classes`: the training labels' 0..max; a label
+  far rarer than the rest, or a test label beyond them, is refused rather than taken for a
+  new class."""
+  if min(train_labels.min(), test_labels.min()) < 0:
+    return int(max(train_labels.max(), test_labels.max())) + 1  # refused by the range check
+  counts = np.bincount(train_labels)
+  num_classes = len(counts)
+  hint = '; if it is right, store num_classes={} in the npz'
+  mean = counts.mean()
+  rare = np.flatnonzero((counts > 0) & (counts < _RARE_CLASS_FRACTION * mean))
+  if mean >= _RARE_CLASS_MIN_MEAN and rare.size:
+    raise DataError(f"npz file {path!r}: label {rare[0]} occurs {counts[rare[0]]} time(s) "
+                    f"against {mean:,.0f} per class on average{hint.format(num_classes)}.")
+  outside = test_labels[(test_labels < 0) | (test_labels >= num_classes)]
+  if outside.size:
+    raise DataError(f"npz file {path!r}: test label {outside[0]} lies outside the training "
+                    f"labels 0..{num_classes - 1}{hint.format(int(test_labels.max()) + 1)}.")
+  return num_classes
+
+
 def _load_npz(data_path, data_dir, max_train) -> Dataset:
   del data_dir
   if not data_path:
@@ -149,8 +193,18 @@ def _load_npz(data_path, data_dir, max_train) -> Dataset:
       arrays = {k: f[k] for k in f.files}
   except FileNotFoundError:
     raise DataError(f"npz file {path!r} does not exist.") from None
-  except (OSError, ValueError) as e:  # not a zip, a pickled object array, a truncated file
+  except IsADirectoryError:
+    raise DataError(f"npz file {path!r} is a directory.") from None
+  except (zipfile.BadZipFile, EOFError) as e:  # a truncated or damaged archive
+    raise DataError(f"npz file {path!r} is damaged (truncated or corrupted: "
+                    f"{str(e).rstrip('.')}); write it again.") from e
+  except ValueError as e:
+    if not zipfile.is_zipfile(path):
+      # np.load takes what is neither .npy nor a zip for a pickle, which we do not load.
+      raise DataError(f"{path!r} is not an npz archive (np.savez writes one).") from e
     raise DataError(f"cannot read npz file {path!r}: {str(e).rstrip('.')}.") from e
+  except OSError as e:
+    raise DataError(f"cannot read npz file {path!r}: {e.strerror or e}.") from e
   missing = [k for k in NPZ_KEYS if k not in arrays]
   if missing:
     raise DataError(f"npz file {path!r} lacks {', '.join(missing)}; it needs "
@@ -185,7 +239,7 @@ def _load_npz(data_path, data_dir, max_train) -> Dataset:
                         f"got {num_classes!r}.")
     num_classes = int(num_classes)
   else:
-    num_classes = highest + 1
+    num_classes = _classes_from_labels(path, arrays['train_labels'], arrays['test_labels'])
   if lowest < 0 or highest >= num_classes:
     raise DataError(f"npz file {path!r}: labels range over {lowest}..{highest} but must lie "
                       f"in 0..{num_classes - 1}.")

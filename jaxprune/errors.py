@@ -3,16 +3,20 @@
 * `ConfigError`: a value the user typed or a file they supplied is wrong; the message is one
   sentence naming the value and what is allowed. `DataError` is its sibling for data files.
 * `Preempted`: a SIGTERM stopped training after a checkpoint was saved; rerunning the same
-  command resumes from it.
+  command resumes from it. `Interrupted` is the same after Ctrl-C (SIGINT).
 * `Diverged`: the training loss became non-finite; the stage's last good checkpoint is kept
   and a rerun (e.g. with a smaller learning rate) resumes from it.
 
 Every other exception is a bug and keeps its traceback. Command-line entry points wrap their
-work in `exit_on_user_error()`, which turns exactly these four into one line and an exit
-status (`EXIT_STATUS`).
+work in `exit_on_user_error()`, which turns exactly these into one line and an exit status
+(`EXIT_STATUS`), and so do storage failures that are no bug (no space left, read-only or
+unwritable storage, a path that is not a directory: `storage_error`) and a Ctrl-C outside
+training.
 """
 
 import contextlib
+import errno
+import os
 import re
 import sys
 from typing import Iterable
@@ -44,6 +48,16 @@ class Preempted(Exception):
     self.stage = stage
 
 
+class Interrupted(Preempted):
+  """Ctrl-C (SIGINT) stopped training at `step`, after saving it; rerun to resume."""
+
+  def __init__(self, step: int, stage: str = ''):
+    super().__init__(step, stage)
+    where = f' of {stage}' if stage else ''
+    self.args = (f'interrupted: step {step}{where} is saved; rerun the same command to '
+                 'resume.',)
+
+
 class Diverged(Exception):
   """The training loss became non-finite; nothing after the last good checkpoint was saved."""
 
@@ -61,7 +75,13 @@ class Diverged(Exception):
 
 # Exit statuses of the command-line tools. 75 is EX_TEMPFAIL: "try again", which is what a
 # preempted run needs (a scheduler may requeue on it).
-EXIT_STATUS = {ConfigError: 1, Diverged: 3, Preempted: 75}
+# 130 is the shell's status of a process ended by Ctrl-C (128 + SIGINT).
+EXIT_STATUS = {ConfigError: 1, Diverged: 3, Preempted: 75, Interrupted: 130}
+
+# OSError numbers that say the storage cannot take what a run writes or reads, not that
+# jaxprune has a bug.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                            errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EIO})
 
 
 def choose(kind: str, value: str, allowed, setting: str | None = None) -> None:
@@ -80,11 +100,63 @@ def as_flags(error: ConfigError) -> str:
   return message
 
 
+# Tensorstore (under orbax) reports an OS failure as a ValueError whose message ends in
+# "[os_error_code='28']" and quotes the file it failed on.
+_TENSORSTORE_OS_ERROR = re.compile(r"os_error_code='(\d+)'")
+_TENSORSTORE_FILE = re.compile(r'(?:Failed writing|local file): "([^"]+)"')
+# Where a checkpoint's own files start: the path above them names what was being saved.
+_CHECKPOINT_INTERNALS = re.compile(r'(\.orbax-checkpoint-tmp|/ocdbt\.process_|/d/[0-9a-f]{16})')
+
+
+def _tensorstore_os_error(error: BaseException) -> OSError | None:
+  code = _TENSORSTORE_OS_ERROR.search(str(error))
+  if code is None or int(code.group(1)) not in STORAGE_ERRNOS:
+    return None
+  number = int(code.group(1))
+  path = _TENSORSTORE_FILE.search(str(error))
+  filename = _CHECKPOINT_INTERNALS.split(path.group(1))[0] if path else None
+  return OSError(number, os.strerror(number), filename)
+
+
+def storage_error(error: BaseException) -> OSError | None:
+  """The OSError of a storage failure (STORAGE_ERRNOS) that caused `error`, if one did
+  (libraries such as orbax re-raise it inside their own exceptions)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+      return error
+    found = _tensorstore_os_error(error)
+    if found is not None:
+      return found
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def describe_storage_error(error: OSError) -> str:
+  """'cannot write PATH: No space left on device.'"""
+  verb = 'write' if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) else 'use'
+  where = f' {error.filename}' if error.filename else ''
+  return f'cannot {verb}{where}: {error.strerror or error}.'
+
+
+def _drop_closed_event_loop_callbacks(unraisable) -> None:
+  # A failed checkpoint write leaves tensorstore callbacks that fire into the event loop
+  # orbax has closed; each would print a traceback above the one-line error.
+  if (isinstance(unraisable.exc_value, RuntimeError)
+      and str(unraisable.exc_value) == 'Event loop is closed'):
+    return
+  sys.__unraisablehook__(unraisable)
+
+
 @contextlib.contextmanager
 def exit_on_user_error():
-  """For command-line entry points: a ConfigError, Preempted or Diverged raised inside ends
-  the process with 'error: MESSAGE' (or the preemption line) on stderr and its EXIT_STATUS,
-  without a traceback. Anything else propagates with its traceback."""
+  """For command-line entry points: a ConfigError, Preempted, Interrupted or Diverged
+  raised inside, a storage failure (`storage_error`) or a Ctrl-C ends the process with
+  'error: MESSAGE' (or the preemption line) on stderr and its exit status, without a
+  traceback. Anything else propagates with its traceback."""
+  previous_hook = sys.unraisablehook
+  sys.unraisablehook = _drop_closed_event_loop_callbacks
   try:
     yield
   except ConfigError as error:
@@ -95,4 +167,20 @@ def exit_on_user_error():
     sys.exit(EXIT_STATUS[Diverged])
   except Preempted as error:
     sys.stderr.write(f'{error}\n')
-    sys.exit(EXIT_STATUS[Preempted])
+    sys.exit(EXIT_STATUS[type(error)])
+  except KeyboardInterrupt:
+    sys.stderr.write('interrupted: finished stages and the last checkpoint are kept; rerun the '
+                     'same command to resume.\n')
+    sys.exit(EXIT_STATUS[Interrupted])
+  except Exception as error:  # pylint: disable=broad-except
+    cause = storage_error(error)
+    if cause is None:
+      raise
+    sys.stderr.write(f'error: {describe_storage_error(cause)}\n')
+    # The failed write's leftover callbacks would still fire while the interpreter shuts
+    # down, printing tracebacks under the sentence; nothing is left to save, so end here.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_STATUS[ConfigError])
+  finally:
+    sys.unraisablehook = previous_hook

@@ -14,12 +14,14 @@ any), its bounds, and the stage it belongs to (`STAGES`). From that one declarat
 
 import argparse
 import dataclasses
+import hashlib
+import json
 from typing import Any, Callable, Mapping, Sequence
 
 from jaxprune import data, models
 from jaxprune.errors import ConfigError, choose
 from jaxprune.kernels import compiler, options as kernel_options
-from jaxprune.pipeline import regimes
+from jaxprune.pipeline import regimes, workdir
 from jaxprune.prune import criteria, select
 from jaxprune.train import optim, step
 
@@ -28,6 +30,8 @@ from jaxprune.train import optim, step
 # are recorded in every stage's result but identify none (they change only how fast a step
 # runs, and its float rounding); 'run' settings say where and how to run.
 STAGES = ('run', 'baseline', 'prune', *regimes.REGIMES, 'performance')
+# Where runs without a workdir live (`default_dirs`).
+DEFAULT_ROOT = 'runs'
 
 PRUNE_SCHEDULES = {
     'oneshot': 'score once and prune',
@@ -126,9 +130,14 @@ _TARGET_OF_NEED = {'ratio': 'prune_ratio', 'target_macs': 'target_macs', 'preset
 
 SETTINGS: tuple[Setting, ...] = (
     # Where and how to run.
-    Setting('workdir', str, 'runs/default', 'Work directory (local path or gs://).', 'run'),
+    Setting('workdir', str, None, 'Work directory (local path or gs://). Default: '
+            f'{DEFAULT_ROOT}/MODEL-DATASET/CRITERION-SELECTION-<digest of the baseline, prune '
+            'and regime settings>, so runs of other settings never share one.', 'run',
+            optional=True),
     Setting('baseline_dir', str, None, 'Reuse (or create) the baseline stage here, shared by '
-            'every criterion x regime run with the same baseline settings.', 'run',
+            'every criterion x regime run with the same baseline settings. Default: '
+            'WORKDIR/baseline when workdir is given, else '
+            f'{DEFAULT_ROOT}/MODEL-DATASET/baseline-<digest of the baseline settings>.', 'run',
             optional=True),
     Setting('data_dir', str, None, 'TFDS data directory holding a prepared cifar10/cifar100.',
             'run', optional=True),
@@ -223,13 +232,34 @@ Config = dataclasses.make_dataclass(
 
 
 def make(**values) -> 'Config':
-  """A Config from setting values, with the one derived default: the ratio policies'
-  prune_ratio is 0.5 when no ratio is given."""
+  """A Config from setting values, with the derived defaults: the ratio policies'
+  prune_ratio is 0.5 when no ratio is given, and without a workdir the work and baseline
+  directories are named from the settings that identify their stages (`default_dirs`)."""
   config = Config(**values)
   policy = select.SELECTIONS.get(config.selection)
   if policy is not None and policy.needs == 'ratio' and config.prune_ratio is None:
     config = dataclasses.replace(config, prune_ratio=0.5)
+  if config.workdir is None:
+    derived_workdir, derived_baseline_dir = default_dirs(config)
+    config = dataclasses.replace(config, workdir=derived_workdir,
+                                 baseline_dir=config.baseline_dir or derived_baseline_dir)
   return config
+
+
+def _digest(settings: Mapping) -> str:
+  text = json.dumps(dict(settings), sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def default_dirs(config) -> tuple[str, str]:
+  """(workdir, baseline_dir) named from the settings: runs that differ in any baseline,
+  prune or regime setting get their own work directory, and every run with the same
+  baseline settings shares one baseline."""
+  root = f'{DEFAULT_ROOT}/{config.model}-{config.dataset}'
+  identity = {s.name: getattr(config, s.name) for s in SETTINGS
+              if s.stage not in ('run', 'performance')}
+  return (f'{root}/{config.criterion}-{config.selection}-{_digest(identity)}',
+          f"{root}/baseline-{_digest(stage_settings(config, 'baseline'))}")
 
 
 def performance_options(config) -> kernel_options.PerformanceOptions:
@@ -280,6 +310,9 @@ def validate(config) -> None:
                       'per-layer preset; use schedule=oneshot.', settings=('schedule', 'preset'))
   if config.dataset == 'npz' and not config.data_path:
     raise ConfigError('dataset=npz needs data_path=FILE.npz.', settings=('dataset', 'data_path'))
+  workdir.check_workdir(config.workdir)
+  if config.baseline_dir:
+    workdir.check_workdir(config.baseline_dir, 'baseline_dir')
 
 
 # ----------------------------------------------------------------------------- command lines
@@ -296,6 +329,19 @@ def define_flags(flag_values=None) -> None:
     if setting.environ:
       default = kernel_options.env_value(setting.name) or default
     define[setting.type](setting.name, default, setting.full_help(), flag_values=flag_values)
+
+
+def parse_command_line(argv: Sequence[str]) -> list[str]:
+  """absl's flag parsing for `app.run(flags_parser=...)`, with one sentence (and exit status
+  1) for a --flagfile that is not a text file, where absl raises UnicodeDecodeError."""
+  from absl import app
+  try:
+    return app.parse_flags_with_usage(list(argv))
+  except UnicodeDecodeError as error:
+    named = [a.split('=', 1)[1] for a in argv if a.startswith(('--flagfile=', '-flagfile='))]
+    which = f' {named[0]}' if len(named) == 1 else ''
+    raise SystemExit(f'error: --flagfile{which} is not a text file of flags (byte '
+                     f'{error.start} is not UTF-8).') from None
 
 
 def from_flags(flag_values=None) -> 'Config':

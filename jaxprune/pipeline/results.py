@@ -7,8 +7,10 @@ from typing import Mapping
 
 import jax
 import numpy as np
+from absl import logging
 from etils import epath
 
+from jaxprune import errors
 from jaxprune.pipeline import config as config_lib
 
 RESULTS = 'results.json'
@@ -35,18 +37,29 @@ def write(config, body: Mapping) -> dict:
              'platform': jax.default_backend()}
   if jax.process_index() == 0:
     workdir = epath.Path(config.workdir)
-    (workdir / RESULTS).write_text(json.dumps(results, indent=1))
-    (workdir / FLAGFILE).write_text(config_lib.to_flagfile(config))
+    try:
+      (workdir / RESULTS).write_text(json.dumps(results, indent=1))
+      (workdir / FLAGFILE).write_text(config_lib.to_flagfile(config))
+    except OSError as error:
+      if errors.storage_error(error) is None:
+        raise
+      # The results are computed and returned; only their copy on disk is missing.
+      logging.warning('results not saved: %s', errors.describe_storage_error(error))
   return results
 
 
 def mean_rows(per_seed: list[Mapping]) -> list[dict]:
-  """One row per stage: the mean over seeds, and the test accuracy's std (ddof 1)."""
+  """One row per stage that every seed has: the mean over seeds, and the test accuracy's
+  std (ddof 1)."""
+  by_stage = [{r['stage']: r for r in seed['rows']} for seed in per_seed]
   rows = []
-  for i, row in enumerate(per_seed[0]['rows']):
-    values = {k: np.array([r['rows'][i][k] for r in per_seed], float)
+  for row in per_seed[0]['rows']:
+    stage = row['stage']
+    if not all(stage in seed for seed in by_stage):
+      continue
+    values = {k: np.array([seed[stage][k] for seed in by_stage], float)
               for k in ('test_accuracy', 'macs', 'params', 'epochs', 'wall_time_s')}
-    rows.append({'stage': row['stage'], **{k: float(v.mean()) for k, v in values.items()},
+    rows.append({'stage': stage, **{k: float(v.mean()) for k, v in values.items()},
                  'test_accuracy_std': float(values['test_accuracy'].std(ddof=1)),
                  'seeds': len(per_seed)})
   return rows

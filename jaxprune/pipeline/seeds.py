@@ -8,6 +8,7 @@ trains the stages whose copies have equal widths as one vmapped program
 (`train.fit_copies`: equal to the separate runs up to float rounding).
 """
 
+import contextlib
 import dataclasses
 
 import jax
@@ -15,7 +16,8 @@ from absl import logging
 
 from jaxprune import train
 from jaxprune.pipeline import config as config_lib
-from jaxprune.pipeline import regimes, results, stages
+from jaxprune.pipeline import regimes, results, stages, workdir
+from jaxprune.prune import flops
 
 
 def seed_batching_for(name: str, backend: str) -> str:
@@ -46,17 +48,24 @@ def run(config) -> dict:
   # The copies differ only in seed and directories: one dataset (a max_train subset is the
   # same for every seed) serves them all.
   data = stages.load_data(config)
-  if config.seeds == 1:
-    return stages.run_one(config, data)
-  copies = seed_configs(config)
-  if batching == 'vmap':
-    _train_copies_together(config, copies, data)
-  per_seed = []
-  for i, copy in enumerate(copies):
-    logging.info('Seed %d (%d of %d)', copy.seed, i + 1, len(copies))
-    per_seed.append(stages.run_one(copy, data))
-  return results.write(config, {'rows': results.mean_rows(per_seed), 'per_seed': per_seed,
-                                'seed_batching': batching})
+  copies = [config] if config.seeds == 1 else seed_configs(config)
+  # Everything the settings, the data and the directories must allow is checked before
+  # anything is written, so a refused value leaves nothing behind.
+  stages.check_feasible(config, data)
+  for copy in copies:
+    stages.check_directories(copy, data)
+  with workdir.claimed(stages.absolute(config.workdir), wait=False,
+                       what=f'workdir {config.workdir}', settings=('workdir',)):
+    if config.seeds == 1:
+      return stages.run_one(config, data)
+    if batching == 'vmap':
+      _train_copies_together(config, copies, data)
+    per_seed = []
+    for i, copy in enumerate(copies):
+      logging.info('Seed %d (%d of %d)', copy.seed, i + 1, len(copies))
+      per_seed.append(stages.run_one(copy, data))
+    return results.write(config, {'rows': results.mean_rows(per_seed), 'per_seed': per_seed,
+                                  'seed_batching': batching})
 
 
 def _train_copies_together(config, copies: list, data: stages.Data) -> None:
@@ -70,14 +79,18 @@ def _train_copies_together(config, copies: list, data: stages.Data) -> None:
   """
   seeds = [c.seed for c in copies]
   baseline_root = stages.absolute(config.baseline_dir or config.workdir)
-  starts = [stages.baseline_start(c, data) for c in copies]
-  model = starts[0][0]
-  logging.info('Stage baseline: seeds %s as one vmapped program', seeds)
-  trained = train.fit_copies(
-      model, [init for _, init, _ in starts], data.arrays, data.dataset.spec,
-      stages.train_options(config, config.epochs, stages.optimizer(config)),
-      stage_dirs=[stage for _, _, stage in starts], seeds=seeds,
-      checkpoint_dir=baseline_root / 'vmapped' / 'baseline', record=stages.stage_record(config))
+  with contextlib.ExitStack() as claims:
+    for copy in sorted(copies, key=lambda c: str(stages.baseline_stage(c))):
+      claims.enter_context(stages.baseline_claim(copy))
+    starts = [stages.baseline_start(c, data) for c in copies]
+    model = starts[0][0]
+    logging.info('Stage baseline: seeds %s as one vmapped program', seeds)
+    trained = train.fit_copies(
+        model, [init for _, init, _ in starts], data.arrays, data.dataset.spec,
+        stages.train_options(config, config.epochs, stages.optimizer(config)),
+        stage_dirs=[stage for _, _, stage in starts], seeds=seeds,
+        checkpoint_dir=baseline_root / 'vmapped' / 'baseline',
+        record=stages.stage_record(config))
   pruned = []
   for copy, (_, init, stage), (variables, result) in zip(copies, starts, trained):
     base = stages.Baseline(model, init, variables, result, stage)
@@ -98,4 +111,5 @@ def _train_copies_together(config, copies: list, data: stages.Data) -> None:
           data.dataset.spec, stages.train_options(config, plan.epochs, plan.optimizer),
           stage_dirs=[planned[i][0] for i in members], seeds=[seeds[i] for i in members],
           checkpoint_dir=stages.absolute(config.workdir) / 'vmapped' / regime,
-          record=stages.stage_record(config))
+          record=stages.regime_record(config, flops.count(pruned[members[0]].structure,
+                                                          plan.widths)))

@@ -19,6 +19,7 @@ Every stage writes `stage_config.json` with the settings that identify it
 finished stage is only read.
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -36,7 +37,7 @@ from jaxprune import data as data_lib
 from jaxprune import models, train
 from jaxprune.errors import ConfigError
 from jaxprune.pipeline import config as config_lib
-from jaxprune.pipeline import iterative, regimes, results
+from jaxprune.pipeline import iterative, regimes, results, workdir
 from jaxprune.prune import criteria, flops, select, shrink
 from jaxprune.prune import structure as structure_lib
 from jaxprune.train import checkpoint
@@ -44,9 +45,11 @@ from jaxprune.train import checkpoint
 
 @dataclasses.dataclass(frozen=True)
 class Data:
-  """A dataset on the host and its arrays on the devices."""
+  """A dataset on the host, its arrays on the devices and its content's fingerprint (part
+  of the baseline's identity: the same file with other contents is another baseline)."""
   dataset: data_lib.Dataset
   arrays: Mapping
+  fingerprint: str = ''
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +80,53 @@ def load_data(config) -> Data:
                           max_train=config.max_train)
   jax.eval_shape(model_builder(config, dataset.num_classes)(None).init, jax.random.key(0),
                  jax.ShapeDtypeStruct((1,) + dataset.image_shape, jnp.float32))
-  return Data(dataset, data_lib.device_put_dataset(dataset))
+  return Data(dataset, data_lib.device_put_dataset(dataset), data_lib.fingerprint(dataset))
+
+
+def check_feasible(config, data: Data) -> None:
+  """Raises ConfigError for anything the settings cannot do with this dataset and model,
+  before any stage is claimed or trained: a batch larger than the training set or not
+  divisible by the devices, a selection the model's channels cannot reach (a ratio or a
+  MACs target beyond what min_channels keeps)."""
+  dataset = data.dataset
+  data_lib.steps_per_epoch(dataset.num_train, config.batch_size)
+  devices = jax.device_count()
+  if config.batch_size % devices:
+    raise ConfigError(f'batch_size {config.batch_size} is not divisible by the {devices} '
+                      'devices.', settings=('batch_size',))
+  structure = structure_lib.derive(model_builder(config, dataset.num_classes)(None),
+                                   dataset.image_shape)
+  # Feasibility depends on the channel counts only, never on the scores' values.
+  rng = np.random.default_rng(0)
+  scores = {g: rng.random(structure.widths[g]) for g in structure.prunable}
+  select.select(config.selection, structure, scores, ratio=config.prune_ratio,
+                target_macs=config.target_macs, preset=config.preset,
+                min_channels=config.min_channels, flops_penalty=config.flops_penalty,
+                round_to=config.round_to)
+
+
+def check_directories(config, data: Data) -> None:
+  """Raises ConfigError, before anything is written, if `config`'s baseline_dir is not a
+  baseline stage, or a stage directory of the run holds something made with other settings."""
+  root = absolute(config.workdir)
+  if config.baseline_dir:
+    prune_only = [s.name for s in config_lib.SETTINGS
+                  if s.stage not in ('run', 'baseline', 'performance')]
+    workdir.check_baseline_dir(baseline_stage(config), prune_only, root)
+  check_identity(baseline_stage(config), baseline_identity(config, data))
+  check_identity(root / 'prune', config_lib.stage_settings(config, 'prune'))
+  for regime in config_lib.regimes_of(config):
+    check_identity(root / regime, config_lib.stage_settings(config, regime))
+
+
+def baseline_claim(config):
+  """The baseline stage's claim (a context manager): a run that finds another training the
+  same baseline waits for it, then reuses it. A finished baseline is only read: no claim."""
+  stage = baseline_stage(config)
+  if checkpoint.is_done(stage):
+    return contextlib.nullcontext()
+  return workdir.claimed(stage, wait=True, what=f'baseline {stage}',
+                         settings=('baseline_dir',))
 
 
 def model_builder(config, num_classes: int) -> Callable[[Mapping | None], nn.Module]:
@@ -101,30 +150,81 @@ def stage_record(config) -> dict:
   return {'performance': config_lib.performance_options(config).as_dict()}
 
 
+# The baseline identity's entry for its data's content (`Data.fingerprint`).
+DATA_FINGERPRINT = 'data_fingerprint'
+
+
+def _identity_changes(stage: epath.Path, settings: Mapping) -> tuple[dict | None, dict]:
+  """(the stage's stored identity or None, {setting: stored value} where `settings` differ).
+
+  Only settings the stored identity holds are compared: a stage made by a version that knew
+  fewer settings is taken to have had their values."""
+  path = stage / workdir.STAGE_CONFIG
+  if not path.exists():
+    return None, {}
+  before = json.loads(path.read_text())
+  return before, {k: before[k] for k, v in settings.items() if k in before and before[k] != v}
+
+
+def _refusal(stage: epath.Path, key: str, before, value) -> ConfigError:
+  if key == DATA_FINGERPRINT:
+    return ConfigError(f'{stage} was trained on other data (the dataset\'s contents differ '
+                       'from when it was made, though its settings are the same); use another '
+                       'workdir (or baseline_dir) for this data.',
+                       settings=('workdir', 'baseline_dir'))
+  return ConfigError(f'{stage} was made with {key}={before!r}, not {value!r}; use '
+                     'another workdir (or baseline_dir) for a different configuration.',
+                     settings=(key, 'workdir', 'baseline_dir'))
+
+
+def check_identity(stage: epath.Path, settings: Mapping) -> None:
+  """Raises ConfigError if `stage` holds something computed with other `settings` (a stage
+  that diverged may change its retunable settings; an unstarted one any)."""
+  before, changed = _identity_changes(stage, settings)
+  if not changed or workdir.unstarted(stage):
+    return
+  diverged = (stage / checkpoint.DIVERGED).exists()
+  for key, value in changed.items():
+    if not (diverged and key in config_lib.BY_NAME and config_lib.retunable(key)):
+      raise _refusal(stage, key, value, settings[key])
+
+
 def claim(stage: epath.Path, settings: Mapping) -> None:
   """Records a stage's identifying settings, or refuses a directory made with other ones.
 
   A stage that diverged (diverged.json, written by the training loop) may be rerun with
   other values of the retunable settings (the learning rates): it resumes from its last
-  good checkpoint, and its stage_config.json is updated to the new values.
+  good checkpoint, and its stage_config.json is updated to the new values. A stage that
+  holds nothing computed yet (`workdir.unstarted`: a run refused or stopped before it
+  started) takes the new settings, and its initial variables are made again.
   """
-  path = stage / 'stage_config.json'
-  if not path.exists():
+  check_identity(stage, settings)
+  path = stage / workdir.STAGE_CONFIG
+  before, changed = _identity_changes(stage, settings)
+  if before is None or (changed and workdir.unstarted(stage)):
     stage.mkdir(parents=True, exist_ok=True)
+    if before is not None:
+      logging.warning('%s held nothing computed yet; it now has %s.', stage,
+                      ', '.join(f'{k}={settings[k]!r}' for k in changed))
+      if (stage / 'init').exists():
+        (stage / 'init').rmtree()
     path.write_text(json.dumps(dict(settings), indent=1))
     return
-  before = json.loads(path.read_text())
-  changed = {k: v for k, v in settings.items() if k in before and before[k] != v}
-  diverged = (stage / checkpoint.DIVERGED).exists()
-  for key, value in changed.items():
-    if not (diverged and config_lib.retunable(key)):
-      raise ConfigError(f'{stage} was made with {key}={before[key]!r}, not {value!r}; use '
-                        'another workdir (or baseline_dir) for a different configuration.',
-                        settings=(key, 'workdir', 'baseline_dir'))
   if changed:
     logging.warning('%s diverged before; resuming it with %s.', stage,
-                    ', '.join(f'{k}={v!r}' for k, v in changed.items()))
-    path.write_text(json.dumps({**before, **changed}, indent=1))
+                    ', '.join(f'{k}={settings[k]!r}' for k in changed))
+  added = {k: v for k, v in settings.items() if k not in before}
+  if changed or added:
+    try:
+      path.write_text(json.dumps({**before, **settings}, indent=1))
+    except OSError as error:
+      # Read-only storage: a finished stage is still read; recording new entries waits.
+      if error.errno not in workdir.READ_ONLY_ERRNOS or changed:
+        raise
+
+
+def baseline_identity(config, data: Data) -> dict:
+  return {**config_lib.stage_settings(config, 'baseline'), DATA_FINGERPRINT: data.fingerprint}
 
 
 def baseline_stage(config) -> epath.Path:
@@ -137,7 +237,7 @@ def baseline_start(config, data: Data) -> tuple[nn.Module, Mapping, epath.Path]:
   """The baseline model, its initial variables (made once, then read from stage/init) and
   its stage directory (claimed)."""
   stage = baseline_stage(config)
-  claim(stage, config_lib.stage_settings(config, 'baseline'))
+  claim(stage, baseline_identity(config, data))
   model = model_builder(config, data.dataset.num_classes)(None)
   init_path = stage / 'init'
   like = jax.eval_shape(model.init, jax.random.key(0),
@@ -246,19 +346,46 @@ def retrain(config, regime: str, pruned: regimes.Pruned, data: Data) -> dict:
   """Trains (or resumes, or reads) one regime; returns its row of the summary table."""
   stage, plan = regime_plan(config, regime, pruned, data)
   logging.info('Stage %s: %d epochs', regime, plan.epochs)
+  cost = flops.count(pruned.structure, plan.widths)
   _, result = train.fit(model_builder(config, data.dataset.num_classes)(plan.widths),
                         plan.variables, data.arrays, data.dataset.spec,
                         train_options(config, plan.epochs, plan.optimizer), stage_dir=stage,
-                        seed=config.seed, record=stage_record(config))
-  cost = flops.count(pruned.structure, plan.widths)
-  return {'stage': regime, 'test_accuracy': result['test_accuracy'], 'macs': cost.macs,
-          'params': cost.params, 'epochs': plan.epochs, 'wall_time_s': result['wall_time_s']}
+                        seed=config.seed, record=regime_record(config, cost))
+  return regime_row(regime, result)
+
+
+def regime_record(config, cost: flops.Cost) -> dict:
+  """What a regime's result.json records besides its numbers: its network's cost, so the
+  summary can show a finished regime without planning it again."""
+  return {**stage_record(config), 'macs': cost.macs, 'params': cost.params}
+
+
+def regime_row(regime: str, result: Mapping) -> dict:
+  return {'stage': regime, 'test_accuracy': result['test_accuracy'], 'macs': result['macs'],
+          'params': result['params'], 'epochs': result['epochs'],
+          'wall_time_s': result['wall_time_s']}
+
+
+def finished_rows(config, regimes_run: tuple[str, ...]) -> list[dict]:
+  """The rows of the regimes finished in the work directory by earlier calls with other
+  regime settings, in `regimes.REGIMES` order (stages from before results recorded their
+  cost are left out)."""
+  rows = []
+  for regime in regimes.REGIMES:
+    stage = absolute(config.workdir) / regime
+    if regime in regimes_run or not checkpoint.is_done(stage):
+      continue
+    result = checkpoint.read_result(stage)
+    if 'macs' in result:
+      rows.append(regime_row(regime, result))
+  return rows
 
 
 def run_one(config, data: Data) -> dict:
   """Every stage of one seed's run; returns (and writes) its results.json."""
   absolute(config.workdir).mkdir(parents=True, exist_ok=True)
-  base = baseline(config, data)
+  with baseline_claim(config):
+    base = baseline(config, data)
   outcome = prune(config, base, data)
   record = outcome.record
   before = flops.count(outcome.pruned.structure)
@@ -268,8 +395,11 @@ def run_one(config, data: Data) -> dict:
           {'stage': 'pruned', 'test_accuracy': record['test_accuracy'],
            'macs': record['macs_after'], 'params': record['params_after'], 'epochs': 0,
            'wall_time_s': record['wall_time_s']}]
-  rows += [retrain(config, regime, outcome.pruned, data)
-           for regime in config_lib.regimes_of(config)]
+  regimes_run = config_lib.regimes_of(config)
+  rows += [retrain(config, regime, outcome.pruned, data) for regime in regimes_run]
+  rows += finished_rows(config, regimes_run)
+  order = ('baseline', 'pruned', *regimes.REGIMES)
+  rows.sort(key=lambda row: order.index(row['stage']))
   prune_summary = {k: record[k] for k in ('criterion', 'selection', 'schedule', 'widths',
                                           'macs_reduction_percent', 'params_reduction_percent')}
   return results.write(config, {'rows': rows, 'prune': prune_summary})

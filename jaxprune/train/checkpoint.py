@@ -3,6 +3,7 @@
 Layout of one stage directory (a local path or `gs://...`, through `etils.epath`):
 
   checkpoints/<step>/   orbax checkpoints of the whole training run (latest 2 kept)
+  corrupt_checkpoints/  checkpoints that did not restore, set aside (resume skips them)
   final/                the final model variables (params, batch_stats, indices), no optimizer
   metrics.jsonl         one JSON record per finished epoch
   tensorboard/          TensorBoard event files of the epochs' metrics (local stages only)
@@ -12,9 +13,11 @@ Layout of one stage directory (a local path or `gs://...`, through `etils.epath`
 A done stage is never trained or written again; `fit` returns what it recorded.
 """
 
+import contextlib
 import json
 import signal
 import threading
+import time
 from typing import Any, Mapping
 
 import jax
@@ -22,12 +25,27 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from jaxprune.errors import DataError
+
 CHECKPOINTS = 'checkpoints'
+CORRUPT = 'corrupt_checkpoints'
 FINAL = 'final'
 METRICS = 'metrics.jsonl'
 RESULT = 'result.json'
 DIVERGED = 'diverged.json'
 TENSORBOARD = 'tensorboard'
+
+
+@contextlib.contextmanager
+def naming(path):
+  """Re-raises an OSError that names no file (a failed write() or close() names none) as
+  one that names `path`, so the one-line storage error says where."""
+  try:
+    yield
+  except OSError as error:
+    if error.filename is None and error.errno is not None:
+      raise OSError(error.errno, error.strerror, str(path)) from error
+    raise
 
 
 def stage_path(stage_dir) -> epath.Path:
@@ -38,15 +56,30 @@ def _write_text(path: epath.Path, text: str) -> None:
   """Writes a small file from the primary process, via a temporary name (never half-written)."""
   if jax.process_index() != 0:
     return
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / (path.name + '.tmp')
-  tmp.write_text(text)
-  tmp.replace(path)
+  with naming(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / (path.name + '.tmp')
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def is_done(stage_dir) -> bool:
   """Whether the stage finished (its result.json exists)."""
   return (stage_path(stage_dir) / RESULT).exists()
+
+
+def load_final(stage_dir, like):
+  """The final variables of a done stage, or None (logged) if they do not restore; then the
+  stage is no longer done (its result.json is removed, to be rewritten from its last
+  checkpoint by the training loop, which resumes at the end)."""
+  stage = stage_path(stage_dir)
+  try:
+    return load_variables(stage / FINAL, like=like)
+  except DataError as error:
+    logging.warning('%s Rebuilding %s from the last checkpoint.', error, stage / FINAL)
+    if jax.process_index() == 0:
+      (stage / RESULT).unlink()
+    return None
 
 
 def read_result(stage_dir) -> dict:
@@ -102,9 +135,17 @@ def read_metrics(stage_dir) -> list[dict]:
 def save_variables(path, variables) -> None:
   """Saves model variables (a nested dict of arrays) to `path`, replacing what is there."""
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(epath.Path(path), variables, force=True)
-  checkpointer.wait_until_finished()
-  checkpointer.close()
+  try:
+    with naming(path):
+      checkpointer.save(epath.Path(path), variables, force=True)
+      checkpointer.wait_until_finished()
+  finally:
+    checkpointer.close()
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {text[0] if text else ""}'.rstrip(': ')
 
 
 def load_variables(path, like=None):
@@ -112,11 +153,20 @@ def load_variables(path, like=None):
 
   `like` (arrays or jax.ShapeDtypeStruct with shardings) fixes the structure, dtypes and
   placement; without it the saved structure is restored onto the default device.
+
+  Raises:
+    DataError: the saved variables do not restore (a damaged or missing file), naming the
+      directory and the first line of the failure.
   """
   checkpointer = ocp.StandardCheckpointer()
   target = None if like is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-  variables = checkpointer.restore(epath.Path(path), target)
-  checkpointer.close()
+  try:
+    variables = checkpointer.restore(epath.Path(path), target)
+  except Exception as error:  # pylint: disable=broad-except
+    # Orbax and tensorstore raise many types for a damaged file; all mean "unreadable".
+    raise DataError(f'the variables in {path} do not restore ({_first_line(error)}).') from error
+  finally:
+    checkpointer.close()
   return variables
 
 
@@ -129,7 +179,8 @@ class RunCheckpoints:
 
   def __init__(self, stage_dir, max_to_keep: int = 2):
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    self._manager = ocp.CheckpointManager(stage_path(stage_dir) / CHECKPOINTS, options=options,
+    self._directory = stage_path(stage_dir) / CHECKPOINTS
+    self._manager = ocp.CheckpointManager(self._directory, options=options,
                                           item_names=('state', 'log'))
 
   def latest_step(self) -> int | None:
@@ -137,69 +188,111 @@ class RunCheckpoints:
 
   def save(self, step: int, tree, log: Mapping[str, Any]) -> None:
     """Starts saving `tree` (arrays) and `log` (JSON-able) as checkpoint `step`."""
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(tree), log=ocp.args.JsonSave(dict(log))), force=True)
+    with naming(self._directory / str(step)):
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(tree), log=ocp.args.JsonSave(dict(log))), force=True)
 
   def restore_latest(self, like):
-    """Returns (tree, log) of the latest checkpoint, or None if there is none.
+    """Returns (tree, log) of the newest checkpoint that restores, or None if there is none.
 
     `like` is a pytree with the saved structure (arrays or ShapeDtypeStructs); restored
-    arrays take its dtypes and shardings.
+    arrays take its dtypes and shardings. A checkpoint that does not restore (a truncated
+    or corrupted file) is logged, moved to CORRUPT/<step> and skipped for the next newest;
+    when none restores, a DataError names the stage and the first failure.
     """
-    step = self._manager.latest_step()
-    if step is None:
-      return None
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), log=ocp.args.JsonRestore()))
-    return restored.state, restored.log
+    failures = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), log=ocp.args.JsonRestore()))
+      except Exception as error:  # pylint: disable=broad-except
+        # Orbax and tensorstore raise many types for a damaged file; all mean "unreadable".
+        reason = _first_line(error)
+        logging.warning('Checkpoint %s of %s does not restore (%s); skipping it.', step,
+                        self._directory, reason)
+        failures.append((step, reason))
+        self._set_aside(step)
+        continue
+      if failures:
+        logging.warning('Resuming %s from checkpoint %d instead of the damaged %s.',
+                        self._directory, step, ', '.join(str(s) for s, _ in failures))
+      return restored.state, restored.log
+    if failures:
+      step, reason = failures[0]
+      raise DataError(f'no checkpoint of stage {self._directory.parent} restores: '
+                      f'{self._directory / str(step)} fails with {reason!r}; they are set aside '
+                      f'in {self._directory.parent / CORRUPT}, and a rerun trains the stage '
+                      'again.')
+    return None
+
+  def _set_aside(self, step: int) -> None:
+    # Out of the manager's directory, so that training can save this step again.
+    if jax.process_index() == 0:
+      aside = self._directory.parent / CORRUPT
+      aside.mkdir(parents=True, exist_ok=True)
+      target = aside / str(step)
+      if target.exists():
+        target = aside / f'{step}.{int(time.time())}'
+      (self._directory / str(step)).rename(target)
+    self._manager.reload()
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with naming(self._directory):
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.close()
 
 
 class PreemptionGuard:
-  """Notices preemption between training steps, without any device synchronisation.
+  """Notices preemption (SIGTERM) and Ctrl-C (SIGINT) between training steps, without any
+  device synchronisation.
 
-  Single process: a SIGTERM handler sets a flag that `reached(step)` reads (a Python
-  bool, so checking it every step costs nothing). Several processes must all stop at
-  the same step, so there orbax's `reached_preemption` (JAX's preemption sync point,
+  Single process: a signal handler sets a flag that `reached(step)` reads (a Python
+  bool, so checking it every step costs nothing). A second Ctrl-C is not caught: it
+  interrupts at once, as a user pressing it twice means. Several processes must all stop
+  at the same step, so there orbax's `reached_preemption` (JAX's preemption sync point,
   agreed through the distributed coordination service) decides; JAX's own handler
   receives the SIGTERM.
 
-  Use as a context manager around the training loop; the previous handler is restored on exit.
+  Use as a context manager around the training loop; the previous handlers are restored on
+  exit.
   """
 
   def __init__(self):
     self._flag = False
-    self._previous = None
-    self._installed = False
+    self.interrupted = False
+    self._previous = {}
 
   def _handler(self, signum, frame):
-    del signum, frame
-    logging.warning('SIGTERM received: saving at the next step, then exiting.')
+    del frame
+    if signum == signal.SIGINT:
+      self.interrupted = True
+      signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
+      logging.warning('Ctrl-C: saving at the next step, then exiting (Ctrl-C again to stop '
+                      'at once, losing the steps since the last checkpoint).')
+    else:
+      logging.warning('SIGTERM received: saving at the next step, then exiting.')
     self._flag = True
 
   def __enter__(self):
     # Signal handlers can only be installed from the main thread; elsewhere only
     # the multi-process sync point can report preemption.
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handler)
-      self._installed = True
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._handler)
     return self
 
   def __exit__(self, *exc):
-    if self._installed:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._installed = False
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
     return False
 
   @property
   def signalled(self) -> bool:
-    """Whether this process received SIGTERM while the guard was up."""
+    """Whether this process received SIGTERM or Ctrl-C while the guard was up."""
     return self._flag
 
   def reached(self, step: int) -> bool:

@@ -32,7 +32,7 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding
 
 from jaxprune import data
-from jaxprune.errors import ConfigError, Diverged, Preempted
+from jaxprune.errors import ConfigError, Diverged, Interrupted, Preempted
 from jaxprune.models import widths_of
 from jaxprune.prune import structure as structure_lib
 from jaxprune.train import checkpoint
@@ -339,7 +339,7 @@ class _Boards:
   """
 
   def __init__(self, stages: Sequence[epath.Path], resumed_step: int):
-    self._writers = []
+    self._writers, self._logdirs = [], []
     if jax.process_index() != 0:
       return
     remote = [str(stage) for stage in stages if '://' in str(stage)]
@@ -349,25 +349,29 @@ class _Boards:
     purge = resumed_step + 1 if resumed_step else None
     # tensorboardX names a file by the second it opened it; an attempt resumed within the
     # same second would overwrite the earlier attempt's file without a suffix of its own.
+    self._logdirs = [stage / checkpoint.TENSORBOARD for stage in stages]
     self._writers = [None if '://' in str(stage) else tensorboardX.SummaryWriter(
-        logdir=str(stage / checkpoint.TENSORBOARD), purge_step=purge,
-        filename_suffix=f'.{os.getpid()}.{next(_WRITERS_OPENED)}') for stage in stages]
+        logdir=str(logdir), purge_step=purge,
+        filename_suffix=f'.{os.getpid()}.{next(_WRITERS_OPENED)}')
+        for stage, logdir in zip(stages, self._logdirs)]
 
   def write(self, histories: Sequence[list[dict]]) -> None:
     """Writes each copy's latest epoch record at its optimizer step."""
-    for writer, history in zip(self._writers, histories):
+    for writer, logdir, history in zip(self._writers, self._logdirs, histories):
       if writer is None:
         continue
       record = history[-1]
-      for tag, name in (('train/loss', 'train_loss'), ('train/accuracy', 'train_accuracy'),
-                        ('test/loss', 'test_loss'), ('test/accuracy', 'test_accuracy'),
-                        ('learning_rate', 'learning_rate')):
-        writer.add_scalar(tag, record[name], global_step=record['step'])
+      with checkpoint.naming(logdir):
+        for tag, name in (('train/loss', 'train_loss'), ('train/accuracy', 'train_accuracy'),
+                          ('test/loss', 'test_loss'), ('test/accuracy', 'test_accuracy'),
+                          ('learning_rate', 'learning_rate')):
+          writer.add_scalar(tag, record[name], global_step=record['step'])
 
   def close(self) -> None:
-    for writer in self._writers:
+    for writer, logdir in zip(self._writers, self._logdirs):
       if writer is not None:
-        writer.close()
+        with checkpoint.naming(logdir):
+          writer.close()
 
 
 def _prepare(model: nn.Module, options: TrainOptions, arrays: Mapping, spec: data.DataSpec,
@@ -463,7 +467,8 @@ def _stop_if_preempted(run: _Run, progress: _Progress, guard: checkpoint.Preempt
   run.checkpoints.wait()
   logging.warning('Preempted: saved step %d of %d in %s.', progress.step, run.total_steps,
                   run.copies.group)
-  raise Preempted(progress.step, str(run.copies.group))
+  stop = Interrupted if guard.interrupted else Preempted
+  raise stop(progress.step, str(run.copies.group))
 
 
 def _train_epoch(run: _Run, progress: _Progress, guard: checkpoint.PreemptionGuard, bar,
@@ -594,7 +599,8 @@ def _train(run: _Run, masks: Masks, hook_state: Any) -> list[tuple[dict, dict]]:
     # SIGTERM during the last step: the stage is finished and saved, but the process must
     # still stop rather than start the next stage.
     logging.warning('Preempted after the last step; %s is finished.', run.copies.group)
-    raise Preempted(run.total_steps, str(run.copies.group))
+    stop = Interrupted if guard.interrupted else Preempted
+    raise stop(run.total_steps, str(run.copies.group))
   return outputs
 
 
@@ -642,9 +648,10 @@ def fit(model: nn.Module, variables: Mapping, arrays: Mapping, spec: data.DataSp
   """
   stage = checkpoint.stage_path(stage_dir)
   if checkpoint.is_done(stage):
-    logging.info('Stage %s is done; using its saved result.', stage)
-    return (checkpoint.load_variables(stage / checkpoint.FINAL, like=variables),
-            checkpoint.read_result(stage))
+    final = checkpoint.load_final(stage, like=variables)
+    if final is not None:
+      logging.info('Stage %s is done; using its saved result.', stage)
+      return final, checkpoint.read_result(stage)
   masks = _as_masks(masks)
   if masks and structure is None:
     structure = structure_lib.derive(model, tuple(arrays['train_images'].shape[1:]))
@@ -684,9 +691,10 @@ def fit_copies(model: nn.Module, variables: Sequence[Mapping], arrays: Mapping,
     raise ValueError(f'fit_copies got {len(variables)} variables, {len(seeds)} seeds and '
                      f'{len(stages)} stage directories; it needs one of each per copy.')
   if all(checkpoint.is_done(stage) for stage in stages):
-    logging.info('Stages %s are done; using their saved results.', [str(s) for s in stages])
-    return [(checkpoint.load_variables(stage / checkpoint.FINAL, like=v),
-             checkpoint.read_result(stage)) for stage, v in zip(stages, variables)]
+    finals = [checkpoint.load_final(stage, like=v) for stage, v in zip(stages, variables)]
+    if all(final is not None for final in finals):
+      logging.info('Stages %s are done; using their saved results.', [str(s) for s in stages])
+      return [(final, checkpoint.read_result(stage)) for stage, final in zip(stages, finals)]
   for stage in stages:
     stage.mkdir(parents=True, exist_ok=True)
   # Named by every copy, so a group stopped between its copies' final writes resumes
