@@ -2,13 +2,15 @@ r"""Train a baseline, prune it with a criterion, retrain the pruned network in a
 
     python launch.py --criterion=taylor --regime=scratch
 
-Every stage lives in --workdir and resumes after a crash or preemption; rerunning a
+Every stage lives in --workdir (default: named from the settings, beside a baseline shared by
+every run of the same baseline settings) and resumes after a crash or preemption; rerunning a
 finished command only prints its summary. Every flag is a setting of
 `jaxprune.pipeline.config.SETTINGS`; WORKDIR/launch.flags stores a run's settings, and
 `--flagfile=WORKDIR/launch.flags` reruns it.
 
-Exit status: 0 done; 1 a bad setting or data file (one sentence); 3 training diverged (the
-last good checkpoint is kept; rerun with a smaller lr); 75 preempted (rerun the same command).
+Exit status: 0 done; 1 a bad setting or data file, a work directory in use, or storage that
+cannot be written (one sentence); 3 training diverged (the last good checkpoint is kept; rerun
+with a smaller lr); 75 preempted, 130 interrupted by Ctrl-C (rerun the same command).
 """
 
 import sys

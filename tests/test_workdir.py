@@ -113,6 +113,22 @@ def test_a_claim_of_a_dead_process_is_taken_over(quick_config, tmp_path):
   assert (work / 'scratch' / 'result.json').exists() and not (work / workdir.CLAIM).exists()
 
 
+def test_a_claim_is_renewed_while_held_and_a_stale_one_from_another_host_taken_over(
+    tmp_path, monkeypatch):
+  monkeypatch.setattr(workdir, 'HEARTBEAT_S', 0.05)
+  directory = epath.Path(tmp_path / 'stage')
+  directory.mkdir()
+  (directory / workdir.CLAIM).write_text(json.dumps(
+      {'host': 'elsewhere', 'pid': 1, 'since': 0.0, 'heartbeat': time.time() - workdir.STALE_S - 1}))
+  with workdir.claimed(directory, wait=False, what='stage'):
+    first = json.loads((directory / workdir.CLAIM).read_text())
+    time.sleep(0.3)
+    renewed = json.loads((directory / workdir.CLAIM).read_text())
+  assert first['pid'] == renewed['pid'] == os.getpid()
+  assert renewed['heartbeat'] > first['heartbeat']
+  assert not (directory / workdir.CLAIM).exists()
+
+
 def test_a_run_waits_for_the_process_training_its_shared_baseline(quick_config, tmp_path,
                                                                   monkeypatch):
   monkeypatch.setattr(workdir, 'WAIT_POLL_S', 0.1)
@@ -153,6 +169,21 @@ def test_two_runs_sharing_a_baseline_started_2s_apart_train_it_once(tmp_path):
   for work in ('W1', 'W2'):
     rows = json.loads((tmp_path / work / 'results.json').read_text())['rows']
     assert rows[0]['test_accuracy'] == baseline['test_accuracy']
+
+
+@pytest.mark.slow
+def test_a_second_process_on_the_same_workdir_is_refused_and_the_first_finishes(tmp_path):
+  flags = (*QUICK_FLAGS, '--epochs=4', '--max_train=1024')
+  first = subprocess.Popen(launch_command(*flags, workdir=tmp_path / 'W'), cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  time.sleep(2)
+  second = subprocess.run(launch_command(*flags, workdir=tmp_path / 'W'), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+  _, first_err = first.communicate(timeout=600)
+  assert first.returncode == 0, first_err[-2000:]
+  assert second.returncode == 1 and 'Traceback' not in second.stderr
+  assert second.stderr.strip().splitlines()[-1].startswith(
+      f'error: --workdir {tmp_path / "W"} is in use by process {first.pid} on ')
 
 
 # ------------------------------------------------- 3. damaged checkpoints

@@ -15,8 +15,11 @@ Each stage lives in a directory of the work directory:
       <regime>/     checkpoints, metrics.jsonl, tensorboard/, result.json
 
 Every stage writes `stage_config.json` with the settings that identify it
-(`config.stage_settings`); a stage directory made with other settings is refused, and a
-finished stage is only read.
+(`config.stage_settings`; the baseline's also holds its data's fingerprint); a stage
+directory made with other settings is refused, and a finished stage is only read. A run
+first checks everything its settings need of the data, the model and the directories
+(`check_feasible`, `check_directories`), so a refused value writes nothing; then it claims
+its work directory and, while training it, the baseline stage (`workdir.claimed`).
 """
 
 import contextlib

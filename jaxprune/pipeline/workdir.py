@@ -122,6 +122,10 @@ def _me() -> dict:
   return {'host': socket.gethostname(), 'pid': os.getpid(), 'since': now, 'heartbeat': now}
 
 
+def _key(holder: dict) -> tuple:
+  return holder['host'], holder['pid'], holder['since']
+
+
 def _read_claim(path: epath.Path) -> dict | None:
   try:
     return json.loads(path.read_text())
@@ -180,6 +184,13 @@ class _Heartbeat(threading.Thread):
 
   def run(self):
     while not self._stop_event.wait(HEARTBEAT_S):
+      current = _read_claim(self._path)
+      if current is None or _key(current) != _key(self._holder):
+        # Taken over after this process was thought dead (e.g. suspended for minutes):
+        # renewing would overwrite the new holder's claim.
+        logging.error('the claim %s now belongs to %s; not renewing it.', self._path,
+                      describe(current) if current else 'nobody')
+        return
       self._holder['heartbeat'] = time.time()
       tmp = self._path.parent / (self._path.name + f'.{os.getpid()}.tmp')
       try:
@@ -226,7 +237,8 @@ def claimed(directory: epath.Path, *, wait: bool, what: str, settings=()) -> Ite
     yield
   finally:
     heartbeat.stop()
-    if _read_claim(path) == acquired:
+    current = _read_claim(path)
+    if current is not None and _key(current) == _key(acquired):
       path.unlink()
 
 
