@@ -153,6 +153,8 @@ class Pruner:
     self.groups = self.graph.groups
     self.structure = self.graph.structure()
     self.model = _Model(self)
+    # Plain jax.jit, not compiler.jit: users call these inside their own jitted steps, and
+    # compiler options are only allowed on the outermost jit.
     self._masked = jax.jit(self._masked_apply)
 
   # NNX: variables as a {collection: tree} dict, and back.
@@ -268,7 +270,7 @@ class Pruner:
     if variables is None:
       variables = (self._nnx_variables(self._module)[1] if self._nnx else self.variables)
     flat = traverse_util.flatten_dict(dict(variables))
-    cut = {key: jaxpr_lib.slice_leaf(flat[key], layouts, self.graph, kept)
+    cut = {key: jnp.asarray(jaxpr_lib.slice_leaf(flat[key], layouts, self.graph, kept))
            for key, layouts in zip(self.leaf_keys, self.graph.leaf_layouts)}
     small = traverse_util.unflatten_dict(cut)
 

@@ -80,6 +80,9 @@ _CALLS = {'jit': 'jaxpr', 'pjit': 'jaxpr', 'closed_call': 'call_jaxpr', 'core_ca
 _SAME_LEAF = frozenset('convert_element_type copy copy_p reshape transpose'.split())
 
 _INPUT, _OUTPUT, _BATCH = 'the input', 'the output', 'the batch axis'
+_WINDOW, _DEPTHWISE_IN = 'a kernel window', 'the input axis of a depthwise kernel'
+# Leaf axes that index no channels: not groups at all.
+_NOT_CHANNELS = (_WINDOW, _DEPTHWISE_IN)
 
 
 class Atoms:
@@ -561,7 +564,7 @@ class Graph:
     outs = self._fresh(out_shape)
     a.unify(outs[out_spec[0]], lhs[lhs_spec[0]])
     for d in rhs_spec[2:]:
-      a.fix(rhs[d], 'a kernel window')
+      a.fix(rhs[d], _WINDOW)
     for d in out_spec[2:]:
       a.fix(outs[d], 'spatial')
     c_in, c_out = shapes[0][lhs_spec[1]], out_shape[out_spec[1]]
@@ -571,7 +574,7 @@ class Graph:
       a.unify(lhs_c, rhs_i)
     elif groups == c_in and c_out == c_in:
       a.unify(lhs_c, out_c)
-      a.fix(rhs_i, 'the input axis of a depthwise kernel')
+      a.fix(rhs_i, _DEPTHWISE_IN)
       self.depthwise.add(site)
     elif groups == c_in:
       reason = 'read by a depthwise convolution with a channel multiplier'
@@ -624,6 +627,12 @@ class Graph:
         for r in roots:
           places[r].append((key, axis, offset))
           offset += a.size[r]
+    for r in [r for r in places if a.reason.get(r) in _NOT_CHANNELS]:
+      del places[r]
+    # In program order: by the first layer writing the group, then by leaf order.
+    first_site = {r: min(a.writers[r]) for r in places if a.writers.get(r)}
+    order = sorted(places, key=lambda r: (0, first_site[r]) if r in first_site else (1,))
+    places = {r: places[r] for r in order}
     for r, where in places.items():
       base_key = writers_first.get(r, where[0][0])
       base = _leaf_name(base_key[1:-1] if len(base_key) > 2 else base_key)
