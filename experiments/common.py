@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Callable, Sequence
 
-SCALES = ('mini', 'full')
+SCALES = ('mini', 'midi', 'full')
 
 # [R]'s CIFAR budgets: SGD lr 0.1, batch 64, 160 epochs, fine-tune 40 epochs at 1e-3, 5 runs.
 FULL = dict(dataset='cifar10', epochs=160, batch_size=64, lr=0.1, weight_decay=1e-4,
@@ -37,6 +37,14 @@ FULL_SEEDS = (0, 1, 2, 3, 4)
 MINI = dict(dataset='npz', epochs=8, batch_size=32, lr=0.1, weight_decay=1e-4,
             finetune_epochs=3, finetune_lr=1e-3, max_train=1000, scratch_b_cap=2.0)
 MINI_SEEDS = (0, 1, 2)
+# Real CIFAR-10 on a 2-core CPU: the full decoded training set (50,000 images) and test set
+# (10,000), [R]'s schedule shortened to 15 epochs (x0.1 at 50 % and 75 %), batch 64, on
+# VGG-11 at half width (about an hour per pruned network's regimes); scratch_b uncapped.
+MIDI = dict(dataset='npz', model='vgg11', width_multiplier=0.5, epochs=15, batch_size=64,
+            lr=0.1, weight_decay=1e-4, finetune_epochs=3, finetune_lr=1e-3)
+MIDI_SEEDS = (0, 1)
+BUDGETS = {'mini': MINI, 'midi': MIDI, 'full': FULL}
+SEEDS = {'mini': MINI_SEEDS, 'midi': MIDI_SEEDS, 'full': FULL_SEEDS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,25 +61,36 @@ class Run:
 
 # The settings an experiment's command line may override; help and types come from their
 # declaration (jaxprune.pipeline.config.SETTINGS).
-OVERRIDABLE = ('model', 'dataset', 'data_path', 'data_dir', 'epochs', 'batch_size', 'lr',
-               'max_train', 'finetune_epochs', 'compilation_cache_dir')
+OVERRIDABLE = ('model', 'width_multiplier', 'dataset', 'data_path', 'data_dir', 'epochs',
+               'batch_size', 'lr', 'max_train', 'finetune_epochs', 'compilation_cache_dir')
 
 
-def add_flags(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:
-  """The flags every experiment takes; `defaults` ({scale: settings}) shows its own in --help."""
+_SCALE_HELP = {
+    'mini': 'a 1,000-image subset of a CIFAR-10 npz (--data_path, e.g. the sample) on a CPU',
+    'midi': 'the full CIFAR-10 as an npz (--data_path; 50,000 training images) on a CPU, '
+            '15 epochs of VGG-11 at half width',
+    'full': "CIFAR through TFDS with the papers' budgets",
+}
+
+
+def add_flags(parser: argparse.ArgumentParser, defaults: dict | None = None,
+              scales: Sequence[str] = ('mini', 'full')) -> None:
+  """The flags every experiment takes; `defaults` ({scale: settings}) shows its own in --help,
+  `scales` are the scales the experiment plans."""
   from jaxprune.pipeline import config
-  parser.add_argument('--scale', choices=SCALES, default='mini',
-                      help='mini: the CIFAR-10 sample npz (--data_path) on a CPU; full: '
-                           "CIFAR through TFDS with the papers' budgets. Default: mini.")
+  parser.add_argument('--scale', choices=scales, default='mini',
+                      help='; '.join(f'{s}: {_SCALE_HELP[s]}' for s in scales) +
+                           '. Default: mini.')
   parser.add_argument('--root', default='runs/experiments',
                       help='Root of the work directories (local path or gs://). '
                            'Default: runs/experiments.')
   parser.add_argument('--seeds', default=None,
-                      help='Comma-separated seeds. Default: 0,1,2 (mini), 0,1,2,3,4 (full).')
+                      help='Comma-separated seeds. Default: ' + ', '.join(
+                          f"{','.join(map(str, SEEDS[s]))} ({s})" for s in scales) + '.')
   shown = {}
   for name in OVERRIDABLE:
-    values = {scale: (defaults or {}).get(scale, {}).get(name, budget.get(name))
-              for scale, budget in (('mini', MINI), ('full', FULL))}
+    values = {scale: (defaults or {}).get(scale, {}).get(name, BUDGETS[scale].get(name))
+              for scale in scales}
     if any(v is not None for v in values.values()):
       shown[name] = ', '.join(f'{v} ({scale})' for scale, v in values.items() if v is not None)
   config.add_arguments(parser, OVERRIDABLE, defaults=shown)
@@ -87,12 +106,12 @@ def seeds_of(args) -> tuple[int, ...]:
       raise ConfigError(f"--seeds {args.seeds!r} is not a comma-separated list of whole "
                         "numbers >= 0, e.g. 0,1,2.")
     return tuple(int(entry) for entry in entries)
-  return MINI_SEEDS if args.scale == 'mini' else FULL_SEEDS
+  return SEEDS[args.scale]
 
 
 def base_settings(args, **experiment_defaults) -> dict:
   """Config fields shared by every run: the scale's budget, the experiment's, then flags."""
-  settings = dict(MINI if args.scale == 'mini' else FULL)
+  settings = dict(BUDGETS[args.scale])
   settings.update(experiment_defaults.get(args.scale, {}))
   for name in OVERRIDABLE:
     value = getattr(args, name, None)
@@ -154,7 +173,8 @@ def describe(runs: Sequence[Run]) -> str:
   for run in runs:
     c = run.config
     data = c.dataset + (f' ({c.max_train} train)' if c.max_train else '')
-    rows.append((run.name, c.model, data, c.criterion, c.selection, _budget(c), c.schedule,
+    model = c.model + (f' x{c.width_multiplier:g}' if c.width_multiplier != 1.0 else '')
+    rows.append((run.name, model, data, c.criterion, c.selection, _budget(c), c.schedule,
                  c.regime, str(c.epochs), _regime_epochs(c), str(c.seed)))
   widths = [max(len(columns[i]), *(len(r[i]) for r in rows)) if rows else len(columns[i])
             for i in range(len(columns))]
@@ -225,12 +245,13 @@ def _row_of(results: dict, regime: str) -> dict:
 
 def main(experiment: str, plan: Callable, argv=None,
          extra_flags: Callable[[argparse.ArgumentParser], None] | None = None,
-         description: str = '', defaults: dict | None = None) -> list:
+         description: str = '', defaults: dict | None = None,
+         scales: Sequence[str] = ('mini', 'full')) -> list:
   """Parses the common flags (plus the experiment's), plans, and dry-runs or executes."""
   parser = argparse.ArgumentParser(prog=f'python -m experiments.{experiment}',
                                    description=description,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  add_flags(parser, defaults)
+  add_flags(parser, defaults, scales)
   if extra_flags:
     extra_flags(parser)
   args = parser.parse_args(argv)

@@ -14,6 +14,11 @@ full-size models, so mini prunes resnet8 per layer by l1 at ratio 0.5 (`layer`,
 the inner convolution of every block, as the ResNet presets do) as the L1
 stand-in, and slims preresnet11, the shallowest PreResNet (bn_l1 1e-5,
 percent 0.4), standing in for PreResNet-164.
+midi ([R]'s L1 comparison on the full CIFAR-10 at a CPU's budget): VGG-11 (the single-Dense
+head, BN scales initialised to 1) at half width, 15 epochs, batch 64, lr 0.1 with x0.1 at
+50 % and 75 %, wd 1e-4, standard augmentation; every conv pruned by 50 % by l1 (`layer`);
+fine-tune 3 epochs at 1e-3, scratch-E 15 epochs, scratch-B 15 x the MACs ratio, uncapped;
+seeds 0 and 1; no lottery row.
 """
 
 from experiments import common
@@ -37,26 +42,33 @@ MINI = (
     ('slimming (preresnet11 stand-in for preresnet164)', 'preresnet11', 'bn_scale',
      'slimming', 0.4, 1e-5),
 )
+MIDI = (('l1 (every conv 50 % per layer)', 'vgg11', 'l1', 'layer', 0.5, 0.0),)
+ROWS = {'mini': MINI, 'midi': MIDI, 'full': FULL}
+MIDI_REGIMES = ('finetune', 'scratch', 'scratch_b')
+SCALES = ('mini', 'midi', 'full')
 
 
 def extra_flags(parser):
   from jaxprune.pipeline import config
-  config.add_list_argument(parser, 'regimes', 'regime', REGIMES)
+  config.add_list_argument(parser, 'regimes', 'regime',
+                           {'mini': REGIMES, 'midi': MIDI_REGIMES, 'full': REGIMES})
 
 
 def plan(args) -> list:
   from jaxprune.pipeline import config
   runs = []
-  for method, model, criterion, selection, target, bn_l1 in (MINI if args.scale == 'mini' else FULL):
+  regimes = (config.parse_list(args.regimes, 'regimes', 'regime') if args.regimes else
+             MIDI_REGIMES if args.scale == 'midi' else REGIMES)
+  for method, model, criterion, selection, target, bn_l1 in ROWS[args.scale]:
     args_model = args.model
     args.model = None  # each row has its own model
-    settings = common.base_settings(args, mini={'model': model}, full={'model': model})
+    settings = common.base_settings(args, **{scale: {'model': model} for scale in SCALES})
     args.model = args_model
     settings['bn_l1'] = bn_l1
     key = {'ratio': 'prune_ratio', 'preset': 'preset'}[
         'preset' if selection == 'preset' else 'ratio']
     for seed in common.seeds_of(args):
-      for regime in config.parse_list(args.regimes, 'regimes', 'regime'):
+      for regime in regimes:
         tag = method.split(' ')[0]
         path = f'{tag}/{model}_{target}/s{seed}'
         labels = {'method': method, 'preset': f'{model} {target}', 'seed': seed}
@@ -67,4 +79,4 @@ def plan(args) -> list:
 
 
 if __name__ == '__main__':
-  common.main(EXPERIMENT, plan, extra_flags=extra_flags, description=__doc__)
+  common.main(EXPERIMENT, plan, extra_flags=extra_flags, description=__doc__, scales=SCALES)

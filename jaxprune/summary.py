@@ -30,6 +30,7 @@ from absl import app, flags, logging
 from jaxprune import data, errors, models
 from jaxprune.errors import ConfigError
 from jaxprune.prune import flops, select, shrink, structure
+from jaxprune.pipeline import config
 
 FIXED = '(fixed)'
 
@@ -45,6 +46,8 @@ flags.DEFINE_string('preset', None,
                     f"Li et al. preset to apply: {', '.join(select.PRESETS)}.")
 flags.DEFINE_string('widths_file', None, 'JSON file with {"widths": {...}} (e.g. a run\'s '
                     'prune/record.json) or {"masks": {...}}.')
+flags.DEFINE_float('width_multiplier', 1.0, "every default width times this, as launch.py's "
+                   '--width_multiplier builds the model.')
 flags.DEFINE_bool('json', False, 'print one JSON object instead of a table.')
 
 
@@ -146,7 +149,8 @@ def _reduction(before: int, after: int) -> float:
 
 
 def summarize(model: str, dataset: str = 'digits', data_path: str | None = None,
-              preset: str | None = None, widths_file: str | None = None) -> dict:
+              preset: str | None = None, widths_file: str | None = None,
+              width_multiplier: float = 1.0) -> dict:
   """The summary as a JSON-ready dict: totals, widths and per-group costs, pruned if asked.
 
   The model is counted at `dataset`'s image shape and classes (`dataset_shape`).
@@ -158,16 +162,19 @@ def summarize(model: str, dataset: str = 'digits', data_path: str | None = None,
   if preset is not None:
     # Before the seconds that deriving takes.
     errors.choose('preset', preset, select.PRESETS, setting='preset')
+  config.BY_NAME['width_multiplier'].check(width_multiplier)
   image_shape, num_classes = dataset_shape(dataset, data_path)
   try:
-    struct = structure.derive(models.build(model, num_classes=num_classes), image_shape)
+    struct = structure.derive(models.build(model, num_classes=num_classes,
+                                           width_multiplier=width_multiplier), image_shape)
   except ConfigError as e:  # e.g. a VGG's five poolings on 8x8 digits
     shape = 'x'.join(map(str, image_shape))
     raise ConfigError(f"model={model} cannot take the {shape} images of dataset={dataset}: "
                       f"{e}", settings=('model', 'dataset', *e.settings)) from None
   total = flops.count(struct)
   out = {
-      'model': model, 'dataset': dataset, 'image_shape': list(image_shape),
+      'model': model, 'width_multiplier': width_multiplier, 'dataset': dataset,
+      'image_shape': list(image_shape),
       'num_classes': num_classes, 'macs': total.macs, 'params': total.params,
       'widths': dict(struct.widths), 'prunable': list(struct.prunable),
       'groups': {g: _cost_dict(c) for g, c in per_group(struct, struct.widths).items()},
@@ -192,8 +199,11 @@ def format_summary(summary: dict) -> str:
   """The summary as an aligned text table with totals."""
   pruned = summary.get('pruned')
   shape = 'x'.join(map(str, summary['image_shape']))
-  lines = [f"{summary['model']} at {shape} ({summary['dataset']}), {summary['num_classes']} "
-           "classes" + (f"; pruned by {pruned['source']}" if pruned else '')]
+  multiplier = summary.get('width_multiplier', 1.0)
+  scaled = f" x{multiplier:g} widths" if multiplier != 1.0 else ''
+  lines = [f"{summary['model']}{scaled} at {shape} ({summary['dataset']}), "
+           f"{summary['num_classes']} classes" +
+           (f"; pruned by {pruned['source']}" if pruned else '')]
   header = ['group', 'prunable', 'width']
   if pruned:
     header += ['pruned', 'MACs', 'pruned MACs', 'params', 'pruned params']
@@ -244,7 +254,7 @@ def main(argv):
       raise ConfigError(f"model is required; choose one of: {', '.join(models.MODELS)}.",
                         settings=('model',))
     summary = summarize(FLAGS.model, FLAGS.dataset, FLAGS.data_path, FLAGS.preset,
-                        FLAGS.widths_file)
+                        FLAGS.widths_file, FLAGS.width_multiplier)
   print(json.dumps(summary) if FLAGS.json else format_summary(summary))
 
 

@@ -110,3 +110,18 @@ def test_the_public_stage_api_is_what_the_package_exports():
   for name in ('make', 'validate', 'run', 'load_data', 'baseline', 'prune', 'retrain',
                'stage_settings', 'format_table'):
     assert callable(getattr(pipeline, name)), name
+
+
+def test_width_multiplier_scales_every_default_width_and_identifies_the_baseline():
+  from jaxprune import models
+  from jaxprune.pipeline import stages
+  full = models.widths_of(models.build('vgg11'))
+  half = models.widths_of(stages.model_builder(config.make(model='vgg11', width_multiplier=0.5),
+                                               10)(None))
+  assert half == {g: w // 2 for g, w in full.items()}
+  assert models.widths_of(models.build('tiny', width_multiplier=0.01)) == {
+      g: 1 for g in models.widths_of(models.build('tiny'))}
+  assert config.stage_settings(config.make(width_multiplier=0.5), 'baseline')[
+      'width_multiplier'] == 0.5
+  with pytest.raises(errors.ConfigError, match="width_multiplier must be above 0, got 0"):
+    config.validate(config.make(width_multiplier=0.0))

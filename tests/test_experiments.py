@@ -28,12 +28,16 @@ def error_line(capsys, main, *args, **kwargs) -> str:
   return lines[0]
 
 
-@pytest.mark.parametrize('name', PLANNED)
-@pytest.mark.parametrize('scale', common.SCALES)
+def _scales(name: str) -> tuple[str, ...]:
+  return getattr(importlib.import_module(f'experiments.{name}'), 'SCALES', ('mini', 'full'))
+
+
+@pytest.mark.parametrize('name, scale', [(n, s) for n in PLANNED for s in _scales(n)])
 def test_dry_run_prints_planned_runs_and_runs_nothing(name, scale, tmp_path, capsys):
   module = importlib.import_module(f'experiments.{name}')
   runs = common.main(module.EXPERIMENT, module.plan, extra_flags=module.extra_flags,
-                     argv=[f'--scale={scale}', f'--root={tmp_path}', '--dry_run', MINI_DATA])
+                     argv=[f'--scale={scale}', f'--root={tmp_path}', '--dry_run', MINI_DATA],
+                     scales=_scales(name))
   out = capsys.readouterr().out
   assert runs and f'{len(runs)} runs' in out
   for run in runs:
@@ -96,6 +100,30 @@ def test_runs_share_one_baseline_per_model_and_seed(tmp_path):
                      argv=[f'--root={tmp_path}', '--dry_run', '--seeds=0,1', MINI_DATA])
   assert len({r.config.baseline_dir for r in runs}) == 2
   assert len({r.config.workdir for r in runs}) == len(runs) // len(rvc.REGIMES)
+
+
+def test_midi_scale_runs_the_issue_settings(tmp_path):
+  from experiments import random_vs_criterion, rethinking
+  argv = ['--scale=midi', f'--root={tmp_path}', '--dry_run', MINI_DATA]
+  l1 = common.main(rethinking.EXPERIMENT, rethinking.plan, extra_flags=rethinking.extra_flags,
+                   argv=argv, scales=rethinking.SCALES)
+  open_question = common.main(random_vs_criterion.EXPERIMENT, random_vs_criterion.plan,
+                              extra_flags=random_vs_criterion.extra_flags, argv=argv,
+                              scales=random_vs_criterion.SCALES)
+  for run in l1 + open_question:
+    c = run.config
+    assert (c.model, c.width_multiplier, c.epochs, c.batch_size, c.lr, c.lr_schedule,
+            c.weight_decay, c.max_train, c.scratch_b_cap) == (
+                'vgg11', 0.5, 15, 64, 0.1, 'step', 1e-4, None, None)
+  assert {(r.config.regime, r.config.selection, r.config.prune_ratio, r.config.seed) for r in l1} == {
+      (regime, 'layer', 0.5, seed) for regime in ('finetune', 'scratch', 'scratch_b')
+      for seed in (0, 1)}
+  assert all((r.config.finetune_epochs, r.config.finetune_lr) == (3, 1e-3) for r in l1)
+  assert {(r.config.criterion, r.config.selection, r.config.target_macs, r.config.regime)
+          for r in open_question} == {(c, 'macs_l2', b, 'scratch') for c in ('taylor', 'random')
+                                      for b in (0.5, 0.25)}
+  # The open question prunes the same baselines as the L1 comparison.
+  assert {r.config.baseline_dir for r in l1} == {r.config.baseline_dir for r in open_question}
 
 
 def test_beats_random_needs_more_than_the_seed_spread():

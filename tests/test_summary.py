@@ -26,6 +26,14 @@ def test_resnet56_totals_read_125_5m_macs_and_0_85m_params():
   assert 'MACs 125.5M (125,485,696), params 0.85M (853,018)' in text
 
 
+def test_a_width_multiplier_is_shown_and_counted():
+  half = summary.summarize('vgg11', dataset='cifar10', width_multiplier=0.5)
+  full = summary.summarize('vgg11', dataset='cifar10')
+  assert half['width_multiplier'] == 0.5
+  assert half['widths'] == {g: w // 2 for g, w in full['widths'].items()}
+  assert 'vgg11 x0.5 widths at 32x32x3 (cifar10)' in summary.format_summary(half)
+
+
 def test_digits_is_the_default_and_has_one_input_channel():
   result = summary.summarize('resnet20')
   assert (result['dataset'], result['image_shape'], result['num_classes']) == (

@@ -40,17 +40,28 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 _INITS: dict[nn.Module, Callable] = {}
 
 
+def scaled_widths(widths: Mapping[str, int], multiplier: float) -> dict[str, int]:
+  """Every width times `multiplier`, rounded to the nearest channel, at least 1."""
+  return {g: max(1, int(round(w * multiplier))) for g, w in widths.items()}
+
+
 def build(name: str, num_classes: int = 10, widths: Mapping[str, int] | None = None,
-          performance: PerformanceOptions | None = None) -> nn.Module:
+          performance: PerformanceOptions | None = None,
+          width_multiplier: float = 1.0) -> nn.Module:
   """Returns the registered model `name`, with default widths unless `widths` is given.
 
-  `performance` None is `PerformanceOptions()`, the defaults; entry points pass the
-  options they read (`PerformanceOptions.from_env`), library code passes them on.
+  `width_multiplier` scales the default widths (`scaled_widths`), making a narrower (or
+  wider) member of the family; explicit `widths` are taken as they are. `performance`
+  None is `PerformanceOptions()`, the defaults; entry points pass the options they read
+  (`PerformanceOptions.from_env`), library code passes them on.
   """
   choose('model', name, MODELS)
   # The model freezes `widths` (layers.Network), which also copies it.
-  return MODELS[name](num_classes=num_classes, widths=widths,
-                      performance=PerformanceOptions() if performance is None else performance)
+  model = MODELS[name](num_classes=num_classes, widths=widths,
+                       performance=PerformanceOptions() if performance is None else performance)
+  if widths is None and width_multiplier != 1.0:
+    model = model.clone(widths=scaled_widths(model.default_widths(), width_multiplier))
+  return model
 
 
 def widths_of(model: nn.Module) -> dict[str, int]:

@@ -155,6 +155,9 @@ SETTINGS: tuple[Setting, ...] = (
             "'' turns it off.", 'run', optional=True),
     # The baseline.
     Setting('model', str, 'tiny', 'Model.', 'baseline', choices=lambda: models.MODELS),
+    Setting('width_multiplier', float, 1.0, "Every default width of the model times this "
+            '(rounded, at least 1 channel): e.g. 0.5 for a half-width member of the family.',
+            'baseline', above=0),
     Setting('dataset', str, 'digits', "Dataset. digits is scikit-learn's bundled 8x8 "
             'handwritten digits (offline).', 'baseline', choices=lambda: data.DATASETS),
     Setting('data_path', str, None, 'The .npz file for dataset=npz (keys train_images, '
@@ -368,13 +371,20 @@ def add_arguments(parser: argparse.ArgumentParser, names: Sequence[str],
 
 
 def add_list_argument(parser: argparse.ArgumentParser, flag: str, name: str,
-                      default: Sequence) -> None:
-  """Adds `--FLAG`, a comma-separated list of values of setting `name` (checked by `parse_list`)."""
+                      default: Sequence | Mapping[str, Sequence]) -> None:
+  """Adds `--FLAG`, a comma-separated list of values of setting `name` (checked by `parse_list`).
+
+  `default` is the list, or {scale: list} where the default depends on the experiment's
+  scale; then the parsed default is None and --help shows every scale's."""
   setting = BY_NAME[name]
   allowed = f" Each one of: {', '.join(setting.allowed())}." if setting.choices else ''
-  parser.add_argument(f'--{flag}', default=','.join(map(str, default)),
+  if isinstance(default, Mapping):
+    value, shown = None, '; '.join(f"{','.join(map(str, v))} ({k})" for k, v in default.items())
+  else:
+    value = shown = ','.join(map(str, default))
+  parser.add_argument(f'--{flag}', default=value,
                       help=f'Comma-separated values of {name}: {setting.help}{allowed} '
-                           f"Default: {','.join(map(str, default))}.")
+                           f'Default: {shown}.')
 
 
 def parse_list(text: str, flag: str, name: str) -> tuple:

@@ -57,8 +57,9 @@ def mean_rows(per_seed: list[Mapping]) -> list[dict]:
     stage = row['stage']
     if not all(stage in seed for seed in by_stage):
       continue
-    values = {k: np.array([seed[stage][k] for seed in by_stage], float)
-              for k in ('test_accuracy', 'macs', 'params', 'epochs', 'wall_time_s')}
+    keys = [k for k in ('test_accuracy', 'best_test_accuracy', 'macs', 'params', 'epochs',
+                        'wall_time_s') if all(k in seed[stage] for seed in by_stage)]
+    values = {k: np.array([seed[stage][k] for seed in by_stage], float) for k in keys}
     rows.append({'stage': stage, **{k: float(v.mean()) for k, v in values.items()},
                  'test_accuracy_std': float(values['test_accuracy'].std(ddof=1)),
                  'seeds': len(per_seed)})
@@ -66,18 +67,22 @@ def mean_rows(per_seed: list[Mapping]) -> list[dict]:
 
 
 def format_table(results: Mapping) -> str:
-  """The summary table: one row per stage."""
+  """The summary table: one row per stage, its final test accuracy and the best epoch's."""
   spread = 'test_accuracy_std' in results['rows'][0]
   accuracy = 'test acc (mean ± std)' if spread else 'test acc'
   width = 21 if spread else 9
-  header = (f"{'stage':<10} {accuracy:>{width}} {'MACs':>10} {'params':>10} {'epochs':>7} "
-            f"{'time':>8}")
+  header = (f"{'stage':<10} {accuracy:>{width}} {'best':>7} {'MACs':>10} {'params':>10} "
+            f"{'epochs':>7} {'time':>8}")
   lines = [header, '-' * len(header)]
   for row in results['rows']:
     acc = f"{100 * row['test_accuracy']:.2f}%"
     if spread:
       acc += f" ± {100 * row['test_accuracy_std']:.2f}"
-    lines.append(f"{row['stage']:<10} {acc:>{width}} "
+    best = row.get('best_test_accuracy')
+    best = '' if best is None else f'{100 * best:.2f}%'
+    lines.append(f"{row['stage']:<10} {acc:>{width}} {best:>7} "
                  f"{row['macs'] / 1e6:>9.2f}M {row['params'] / 1e6:>9.3f}M {row['epochs']:>7g} "
                  f"{row['wall_time_s']:>7.1f}s")
+  lines.append('test acc: after the last epoch; best: the best epoch\'s (as [R]\'s code '
+               'reports).')
   return '\n'.join(lines)

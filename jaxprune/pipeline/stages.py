@@ -135,7 +135,8 @@ def baseline_claim(config):
 def model_builder(config, num_classes: int) -> Callable[[Mapping | None], nn.Module]:
   """widths -> the configured model with those widths (None: its default widths)."""
   return functools.partial(models.build, config.model, num_classes,
-                           performance=config_lib.performance_options(config))
+                           performance=config_lib.performance_options(config),
+                           width_multiplier=config.width_multiplier)
 
 
 def optimizer(config) -> train.OptimizerConfig:
@@ -354,7 +355,7 @@ def retrain(config, regime: str, pruned: regimes.Pruned, data: Data) -> dict:
                         plan.variables, data.arrays, data.dataset.spec,
                         train_options(config, plan.epochs, plan.optimizer), stage_dir=stage,
                         seed=config.seed, record=regime_record(config, cost))
-  return regime_row(regime, result)
+  return regime_row(regime, result, stage)
 
 
 def regime_record(config, cost: flops.Cost) -> dict:
@@ -363,8 +364,18 @@ def regime_record(config, cost: flops.Cost) -> dict:
   return {**stage_record(config), 'macs': cost.macs, 'params': cost.params}
 
 
-def regime_row(regime: str, result: Mapping) -> dict:
-  return {'stage': regime, 'test_accuracy': result['test_accuracy'], 'macs': result['macs'],
+def best_test_accuracy(stage: epath.Path, result: Mapping) -> float:
+  """The best epoch's test accuracy of a trained stage (read from its metrics where the
+  result predates recording it)."""
+  if 'best_test_accuracy' in result:
+    return result['best_test_accuracy']
+  return max([r['test_accuracy'] for r in checkpoint.read_metrics(stage)],
+             default=result['test_accuracy'])
+
+
+def regime_row(regime: str, result: Mapping, stage: epath.Path) -> dict:
+  return {'stage': regime, 'test_accuracy': result['test_accuracy'],
+          'best_test_accuracy': best_test_accuracy(stage, result), 'macs': result['macs'],
           'params': result['params'], 'epochs': result['epochs'],
           'wall_time_s': result['wall_time_s']}
 
@@ -380,7 +391,7 @@ def finished_rows(config, regimes_run: tuple[str, ...]) -> list[dict]:
       continue
     result = checkpoint.read_result(stage)
     if 'macs' in result:
-      rows.append(regime_row(regime, result))
+      rows.append(regime_row(regime, result, stage))
   return rows
 
 
@@ -393,9 +404,11 @@ def run_one(config, data: Data) -> dict:
   record = outcome.record
   before = flops.count(outcome.pruned.structure)
   rows = [{'stage': 'baseline', 'test_accuracy': base.result['test_accuracy'],
+           'best_test_accuracy': best_test_accuracy(base.stage, base.result),
            'macs': before.macs, 'params': before.params, 'epochs': config.epochs,
            'wall_time_s': base.result['wall_time_s']},
           {'stage': 'pruned', 'test_accuracy': record['test_accuracy'],
+           'best_test_accuracy': record['test_accuracy'],
            'macs': record['macs_after'], 'params': record['params_after'], 'epochs': 0,
            'wall_time_s': record['wall_time_s']}]
   regimes_run = config_lib.regimes_of(config)

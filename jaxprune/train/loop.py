@@ -77,8 +77,9 @@ class TrainOptions:
 
 
 # What `_finish` writes to result.json; a caller's `record` may not use these keys.
-_RESULT_KEYS = ('test_accuracy', 'test_loss', 'train_accuracy', 'train_loss', 'epochs', 'steps',
-                'batch_size', 'seed', 'wall_time_s')
+_RESULT_KEYS = ('test_accuracy', 'test_loss', 'best_test_accuracy', 'best_epoch',
+                'train_accuracy', 'train_loss', 'epochs', 'steps', 'batch_size', 'seed',
+                'wall_time_s')
 _TRAIN_SET = ('train_images', 'train_labels')
 _TEST_SET = ('test_images', 'test_labels')
 
@@ -546,9 +547,12 @@ def _finish(run: _Run, progress: _Progress) -> list[tuple[dict, dict]]:
       outputs.append((variables, checkpoint.read_result(stage)))
       continue
     final = history[-1]
+    # [R]'s code reports the best epoch's test accuracy; the final one is ours.
+    best = max(history, key=lambda r: r['test_accuracy'])
     result = {
         **run.copies.record,
         'test_accuracy': final['test_accuracy'], 'test_loss': final['test_loss'],
+        'best_test_accuracy': best['test_accuracy'], 'best_epoch': best['epoch'],
         'train_accuracy': final['train_accuracy'], 'train_loss': final['train_loss'],
         'epochs': options.epochs, 'steps': run.total_steps, 'batch_size': options.batch_size,
         'seed': seed, 'wall_time_s': final['elapsed_s'],
