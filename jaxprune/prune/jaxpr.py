@@ -98,6 +98,8 @@ class Atoms:
     self.refined: dict[int, list[int]] = {}
     self.reason: dict[int, str] = {}
     self.writers: dict[int, frozenset] = {}
+    # Roots whose channels two computed values meet in elementwise (a sum, a product).
+    self.joined: set[int] = set()
 
   def new(self, size: int, reason: str | None = None) -> int:
     self.parent.append(len(self.parent))
@@ -133,6 +135,8 @@ class Atoms:
         self.reason[part] = self.reason[root]
       if root in self.writers:
         self.writers[part] = self.writers[root]
+      if root in self.joined:
+        self.joined.add(part)
     self.refined[root] = parts
     return parts[0], parts[1]
 
@@ -144,6 +148,8 @@ class Atoms:
     if b in self.reason:
       self.reason.setdefault(a, self.reason[b])
     self.writers[a] = self.writers.get(a, frozenset()) | self.writers.pop(b, frozenset())
+    if b in self.joined:
+      self.joined.add(a)
 
   def unify(self, first: Sequence[int], second: Sequence[int]):
     """Ties two layouts of the same total size channel by channel, splitting atoms as needed."""
@@ -168,6 +174,9 @@ class Atoms:
   def fix(self, layout: Sequence[int], reason: str):
     for root in self.expand(layout):
       self.reason.setdefault(root, reason)
+
+  def join(self, layout: Sequence[int]):
+    self.joined.update(self.expand(layout))
 
   def write(self, layout: Sequence[int], writer):
     for root in self.expand(layout):
@@ -342,12 +351,17 @@ class Graph:
     if name in _ELEMENTWISE:
       out_shape = out_shapes[0]
       outs = self._fresh(out_shape)
-      for layouts, shape in zip(ins, shapes):
+      meeting = collections.Counter()
+      for i, (layouts, shape) in enumerate(zip(ins, shapes)):
         if len(shape) != len(out_shape):
           continue
         for axis, (layout, size) in enumerate(zip(layouts, shape)):
           if size == out_shape[axis]:
             a.unify(outs[axis], layout)
+            meeting[axis] += i in dep
+      for axis, count in meeting.items():
+        if count >= 2:
+          a.join(outs[axis])
       return [outs] * len(eqn.outvars)
 
     if name in _IDENTITIES:
@@ -598,9 +612,9 @@ class Graph:
   def _finish(self, prune_streams: bool):
     a = self.atoms
     if not prune_streams:
-      for root in set(a.writers):
+      for root in set(a.writers) | a.joined:
         r = a.find(root)
-        if r not in a.refined and len(a.writers.get(r, ())) >= 2:
+        if r not in a.refined and r in a.joined and len(a.writers.get(r, ())) >= 2:
           a.reason.setdefault(r, 'a stream written by several layers (prune_streams=True '
                               'prunes it with all of them)')
     consumed = set()
@@ -639,11 +653,12 @@ class Graph:
       used[base] += 1
       names[r] = base if used[base] == 1 else f'{base}:{used[base] - 1}'
 
-    for name, site, layouts in self.unknown:
-      for layout in layouts:
+    for name, site, operands in self.unknown:
+      for layout in (layout for layouts in operands for layout in layouts):
         for r in a.expand(layout):
           if r in places and r not in a.reason:
-            key, axis, _ = places[r][0]
+            # A kernel names the layer best.
+            key, axis, _ = min(places[r], key=lambda p: p[0][-1] != 'kernel')
             raise ConfigError(
                 f"primitive {name} reads the channels of {_leaf_name(key)} (axis {axis}), and "
                 "jaxprune cannot tell which channels it ties together; rewrite that part of "

@@ -1,0 +1,202 @@
+"""Channel groups read off the traced program (jaxprune.prune.jaxpr), as a specification.
+
+The main property: for every built-in model, the groups the jaxpr derivation finds are
+exactly `structure.derive`'s (the same partition of (leaf, axis) pairs, the same prunable
+ones), although it reads only the program and none of the models' width declarations.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxprune import Pruner, models
+from jaxprune.errors import ConfigError
+from jaxprune.kernels.options import PerformanceOptions
+from jaxprune.prune import flops, structure as structure_lib
+
+IMAGE = (32, 32, 3)
+# WRN-k-2's stem output is read only by its first block (BN, conv1 and a projection
+# shortcut), so it is structurally prunable; the hand-written model declares it not.
+DECLARED_UNPRUNABLE = {'wrn16_2': ('params/stem/kernel',), 'wrn40_2': ('params/stem/kernel',)}
+
+
+def _zeros_like_init(model):
+  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                          jnp.zeros((1,) + IMAGE))
+  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+
+
+def _builtin(name, fixed=()):
+  # 'native' convolutions: on the CPU 'auto' reads one kernel element at run time
+  # (kernels.conv.materialize), which cuts every kernel's channels as far as a program shows.
+  model = models.build(name, performance=PerformanceOptions(conv_impl='native'))
+  pruner = Pruner(functools.partial(model.apply, train=False), _zeros_like_init(model),
+                  np.zeros((2,) + IMAGE, np.float32), fixed=fixed)
+  return structure_lib.derive(model, IMAGE), pruner
+
+
+def _partition(structure):
+  groups = {}
+  for key, tags in structure.axes.items():
+    for axis, tag in enumerate(tags):
+      if tag is not None:
+        groups.setdefault(tag, set()).add((key, axis))
+  return groups
+
+
+# The deepest of each family take seconds each to derive both ways; their shallower
+# siblings run by default.
+_SLOW = ('resnet56', 'resnet110', 'preresnet56', 'preresnet164', 'densenet40')
+
+
+@pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW else n
+                                  for n in models.MODELS])
+def test_builtin_groups_equal_structure_derive(name):
+  derived, pruner = _builtin(name, DECLARED_UNPRUNABLE.get(name, ()))
+  expected = {frozenset(pairs): g in derived.prunable for g, pairs in _partition(derived).items()}
+  width_axes = set().union(*expected)
+  found = {}
+  for group in pruner.groups.values():
+    pairs = frozenset((key, axis) for key, axis, _ in group.leaves)
+    if pairs & width_axes:
+      found[pairs] = group.prunable
+    else:
+      # Axes of a constant size in the built-in model (the classes, the channels of a
+      # DenseNet's concatenated stream) are never prunable from the program either.
+      assert not group.prunable, (group.name, group.reason)
+  assert found == expected
+  assert pruner.structure.positions == derived.positions
+  assert pruner.cost() == flops.count(derived)
+
+
+def test_wrn_stem_is_the_only_declared_choice():
+  derived, pruner = _builtin('wrn16_2')
+  assert len(pruner.structure.prunable) == len(derived.prunable) + 1
+  stem = pruner.groups['stem']
+  assert stem.prunable and (('params', 'stem', 'kernel'), 3, 0) in stem.leaves
+
+
+class _Heads(nn.Module):
+  """Self-attention over the pixels: Dense -> (heads, head_dim) -> attention -> Dense."""
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, _ = x.shape
+    x = nn.Conv(16, (3, 3))(x).reshape(b, h * w, 16)
+    q, k, v = (nn.Dense(16)(x).reshape(b, h * w, 4, 4) for _ in range(3))
+    attention = jax.nn.softmax(jnp.einsum('bqhd,bkhd->bhqk', q, k), axis=-1)
+    y = jnp.einsum('bhqk,bkhd->bqhd', attention, v).reshape(b, h * w, 16)
+    return nn.Dense(10)(jnp.mean(nn.Dense(16)(y), axis=1))
+
+
+def _linen(module, shape=(2, 8, 8, 3), **kwargs):
+  x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+  variables = jax.jit(module.init)(jax.random.key(0), x)
+  return Pruner(module.apply, variables, x, **kwargs), x
+
+
+def test_heads_split_is_head_dim_granular():
+  pruner, x = _linen(_Heads())
+  query = next(g for g in pruner.groups.values() if g.name == 'Dense_0')
+  assert query.prunable and query.width == 4
+  assert [o for key, _, o in query.leaves if key == ('params', 'Dense_0', 'kernel')] == [0, 4, 8, 12]
+  # The same slots of the keys: q and k are contracted over head_dim.
+  assert [o for key, _, o in query.leaves if key == ('params', 'Dense_1', 'kernel')] == [0, 4, 8, 12]
+  masks = {g: np.eye(w, dtype=np.float32)[0] + (np.arange(w) % 2)
+           for g, w in pruner.structure.widths.items()}
+  small = pruner.shrink(masks)
+  np.testing.assert_allclose(small.apply(small.variables, x), pruner.apply(pruner.variables, x, masks),
+                             rtol=1e-5, atol=1e-6)
+
+
+class _Flatten(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(6, (3, 3), strides=2)(x))
+    return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+def test_flatten_keeps_the_conv_channels_prunable():
+  pruner, x = _linen(_Flatten())
+  conv = pruner.groups['Conv_0']
+  dense_offsets = [o for key, axis, o in conv.leaves if key == ('params', 'Dense_0', 'kernel')]
+  assert conv.prunable and dense_offsets == list(range(0, 16 * 6, 6))
+  masks = {'Conv_0': np.array([1, 0, 1, 0, 0, 1], np.float32)}
+  small = pruner.shrink(masks)
+  assert small.variables['params']['Dense_0']['kernel'].shape == (16 * 3, 10)
+  np.testing.assert_allclose(small.apply(small.variables, x), pruner.apply(pruner.variables, x, masks),
+                             rtol=1e-5, atol=1e-6)
+
+
+class _ChannelLayerNorm(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.LayerNorm()(nn.Conv(8, (3, 3))(x))
+    return nn.Dense(10)(jnp.mean(nn.relu(nn.Conv(8, (3, 3))(x)), axis=(1, 2)))
+
+
+def test_a_reduction_over_channels_makes_them_unprunable():
+  pruner, _ = _linen(_ChannelLayerNorm())
+  assert not pruner.groups['Conv_0'].prunable
+  assert 'reduced over' in pruner.groups['Conv_0'].reason
+  assert pruner.groups['Conv_1'].prunable
+
+
+class _Residual(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(8, (3, 3))(x)
+    x = x + nn.Conv(8, (3, 3))(nn.relu(nn.Conv(4, (3, 3))(x)))
+    return nn.Dense(10)(jnp.mean(x, axis=(1, 2)))
+
+
+def test_streams_prune_only_when_asked():
+  pruner, _ = _linen(_Residual())
+  # Conv_1 adds into Conv_0's channels; Conv_2 is the block's inner conv.
+  assert 'stream' in pruner.groups['Conv_0'].reason and pruner.groups['Conv_2'].prunable
+  streams, x = _linen(_Residual(), prune_streams=True)
+  assert streams.groups['Conv_0'].prunable
+  masks = {g: (np.arange(w) % 3 != 1).astype(np.float32) for g, w in streams.structure.widths.items()}
+  small = streams.shrink(masks)
+  np.testing.assert_allclose(small.apply(small.variables, x), streams.apply(streams.variables, x, masks),
+                             rtol=1e-5, atol=1e-6)
+
+
+class _Sorted(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.sort(nn.Conv(8, (3, 3))(x), axis=-1)
+    return nn.Dense(10)(jnp.mean(nn.Conv(8, (3, 3))(x), axis=(1, 2)))
+
+
+def test_unsupported_primitive_is_one_sentence_naming_it_and_the_parameter():
+  with pytest.raises(ConfigError) as error:
+    _linen(_Sorted())
+  message = str(error.value)
+  assert 'primitive sort' in message and 'params/Conv_0/kernel' in message
+  assert '\n' not in message and message.count('. ') == 0 and message.endswith('.')
+
+
+class _DataDependent(nn.Module):
+  select: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(8, (3, 3))(x)
+    if self.select:
+      x = x[..., jnp.mean(x, axis=(0, 1, 2)) > 0]
+    return nn.Dense(10)(jnp.mean(x, axis=(1, 2)))
+
+
+def test_data_dependent_shape_is_one_sentence():
+  x = np.ones((2, 8, 8, 3), np.float32)
+  variables = jax.jit(_DataDependent(select=False).init)(jax.random.key(0), x)
+  with pytest.raises(ConfigError) as error:
+    Pruner(_DataDependent().apply, variables, x)
+  message = str(error.value)
+  assert 'depend on the data' in message and 'test_jaxpr_structure.py' in message
+  assert 'NonConcreteBooleanIndexError' in message and '\n' not in message
