@@ -17,6 +17,7 @@ from conftest import ROOT
 from jaxprune import Pruner
 from jaxprune.kernels import compiler
 from jaxprune.prune import criteria
+from random_variables import random_like
 
 EXAMPLES = ('mobilenet_v2', 'resnext', 'densenet_concat')
 IMAGES = (4, 16, 16, 3)
@@ -35,32 +36,20 @@ def _batch(seed=0, shape=IMAGES):
           'label': rng.integers(0, 10, size=shape[0]).astype(np.int32)}
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _perturbed(tree, seed):
-  """Positive noise on BN statistics and scales, so that every channel matters differently."""
-  leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree.unflatten(treedef, [l + 0.3 * jnp.abs(jax.random.normal(k, l.shape))
-                                      for l, k in zip(leaves, keys)])
-
-
 @functools.cache
 def _pruner(name) -> Pruner:
   x = _batch()['image']
   if name == 'mobilenet_v2':
-    # Built in one compiled program: eagerly, every initialiser op compiles on its own.
-    graphdef, state = compiler.jit_once(lambda: nnx.split(_example(name).MobileNetV2(rngs=nnx.Rngs(0))),
-                                       static_argnums=())()
-    model = nnx.merge(graphdef, state)
-    norms = [node for _, node in nnx.iter_graph(model) if isinstance(node, nnx.BatchNorm)]
-    values = _perturbed([(n.mean[...], n.var[...], n.scale[...]) for n in norms], 1)
-    for node, (mean, var, scale) in zip(norms, values):
-      node.mean[...], node.var[...], node.scale[...] = mean, var, scale
+    abstract = nnx.eval_shape(lambda: _example(name).MobileNetV2(rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    flat = list(nnx.to_flat_state(state))
+    values = traverse_util.flatten_dict(random_like(
+        traverse_util.unflatten_dict({path: v.get_value() for path, v in flat})))
+    model = nnx.merge(graphdef, nnx.from_flat_state(
+        [(path, v.replace(value=jnp.asarray(values[path]))) for path, v in flat]))
     return Pruner(model, None, x)
   model = _example(name).ResNeXt() if name == 'resnext' else _example(name).DenseNet()
-  variables = compiler.jit_once(model.init)(jax.random.key(0), x)
-  variables = {'params': variables['params'],
-               'batch_stats': _perturbed(variables['batch_stats'], 1)}
+  variables = random_like(jax.eval_shape(model.init, jax.random.key(0), x))
   return Pruner(functools.partial(model.apply, train=False), variables, x)
 
 

@@ -17,6 +17,7 @@ from jaxprune import Pruner, models
 from jaxprune.errors import ConfigError
 from jaxprune.kernels.options import PerformanceOptions
 from jaxprune.prune import flops, structure as structure_lib
+from random_variables import random_like
 
 IMAGE = (32, 32, 3)
 # WRN-k-2's stem output is read only by its first block (BN, conv1 and a projection
@@ -95,7 +96,7 @@ class _Heads(nn.Module):
 
 def _linen(module, shape=(2, 8, 8, 3), **kwargs):
   x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
-  variables = jax.jit(module.init)(jax.random.key(0), x)
+  variables = random_like(jax.eval_shape(module.init, jax.random.key(0), x))
   return Pruner(module.apply, variables, x, **kwargs), x
 
 
@@ -194,7 +195,7 @@ class _DataDependent(nn.Module):
 
 def test_data_dependent_shape_is_one_sentence():
   x = np.ones((2, 8, 8, 3), np.float32)
-  variables = jax.jit(_DataDependent(select=False).init)(jax.random.key(0), x)
+  variables = random_like(jax.eval_shape(_DataDependent(select=False).init, jax.random.key(0), x))
   with pytest.raises(ConfigError) as error:
     Pruner(_DataDependent().apply, variables, x)
   message = str(error.value)

@@ -15,6 +15,7 @@ import pytest
 from conftest import ROOT
 from jaxprune import Pruner
 from jaxprune.errors import ConfigError
+from random_variables import random_like
 
 
 def _readme_snippet() -> str:
@@ -45,7 +46,7 @@ def small():
   rng = np.random.default_rng(0)
   batch = {'image': rng.normal(size=(4, 8, 8, 3)).astype(np.float32),
            'label': rng.integers(0, 10, 4).astype(np.int32)}
-  variables = jax.jit(_Small().init)(jax.random.key(0), batch['image'])
+  variables = random_like(jax.eval_shape(_Small().init, jax.random.key(0), batch['image']))
   return Pruner(_Small().apply, variables, batch['image']), batch
 
 
