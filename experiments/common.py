@@ -129,10 +129,13 @@ def base_settings(args, **experiment_defaults) -> dict:
 
 
 def baseline_dir(root: str, settings: dict) -> str:
-  """One baseline per model x seed x baseline settings: the name shows model and seed, a hash the rest."""
+  """One baseline per model x seed x baseline settings: the name shows model and seed, a hash
+  the settings that differ from their defaults (so a setting added later, at its default,
+  names the same baselines)."""
   from jaxprune import pipeline
   keys = pipeline.stage_settings(pipeline.make(**settings), 'baseline')
-  digest = hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:8]
+  changed = {k: v for k, v in keys.items() if v != pipeline.config.BY_NAME[k].default}
+  digest = hashlib.sha1(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
   return os.path.join(root, 'baselines', f"{keys['model']}_s{keys['seed']}_{digest}")
 
 

@@ -125,3 +125,13 @@ def test_width_multiplier_scales_every_default_width_and_identifies_the_baseline
       'width_multiplier'] == 0.5
   with pytest.raises(errors.ConfigError, match="width_multiplier must be above 0, got 0"):
     config.validate(config.make(width_multiplier=0.0))
+
+
+def test_default_dirs_are_named_by_the_settings_that_differ_from_their_defaults():
+  plain = config.make()
+  assert config.make(weight_decay=1e-4, lr=0.1) == plain  # the defaults, given explicitly
+  other = config.make(weight_decay=5e-4)
+  assert other.workdir != plain.workdir and other.baseline_dir != plain.baseline_dir
+  pruned_otherwise = config.make(prune_ratio=0.3)
+  assert pruned_otherwise.workdir != plain.workdir
+  assert pruned_otherwise.baseline_dir == plain.baseline_dir

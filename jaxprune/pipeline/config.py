@@ -250,8 +250,10 @@ def make(**values) -> 'Config':
 
 
 def _digest(settings: Mapping) -> str:
-  text = json.dumps(dict(settings), sort_keys=True)
-  return hashlib.sha256(text.encode()).hexdigest()[:8]
+  # Only values that differ from their defaults: a setting added later, at its default,
+  # leaves every existing name as it was.
+  changed = {k: v for k, v in settings.items() if v != BY_NAME[k].default}
+  return hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def default_dirs(config) -> tuple[str, str]:
