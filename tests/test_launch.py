@@ -224,18 +224,23 @@ def test_iterative_schedule_compiles_the_train_step_once_per_stage(quick_config,
   assert compiles == 3
 
 
-def test_sigterm_saves_exits_75_and_the_same_command_resumes(tmp_path, launch):
+@pytest.mark.parametrize('signum, status, said, last_line', [
+    (signal.SIGTERM, 75, 'SIGTERM received: saving at the next step', 'preempted: step '),
+    (signal.SIGINT, 130, 'Ctrl-C: saving at the next step', 'interrupted: step '),
+], ids=['sigterm', 'ctrl_c'])
+def test_sigterm_or_ctrl_c_saves_exits_with_its_status_and_the_same_command_resumes(
+    tmp_path, launch, signum, status, said, last_line):
   flags = (*QUICK_FLAGS, '--epochs=3', '--max_train=512', '--regime=scratch')
   proc = subprocess.Popen(launch_command(*flags, workdir=tmp_path), cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
   while not list(tmp_path.glob('baseline/checkpoints/*')) and time.time() < deadline:
     time.sleep(0.2)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(signum)
   _, stderr = proc.communicate(timeout=300)
-  assert proc.returncode == 75, stderr[-2000:]
-  assert 'Traceback' not in stderr
-  assert stderr.strip().splitlines()[-1].startswith('preempted: step ')
+  assert proc.returncode == status, stderr[-2000:]
+  assert 'Traceback' not in stderr and said in stderr
+  assert stderr.strip().splitlines()[-1].startswith(last_line)
   resumed = launch(*flags, workdir=tmp_path)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert (tmp_path / 'scratch' / 'result.json').exists()

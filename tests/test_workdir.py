@@ -4,7 +4,6 @@ make shared baselines safe, damaged checkpoints recovered, storage failures in o
 import json
 import multiprocessing
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -360,23 +359,6 @@ def test_report_to_an_unwritable_out_is_one_sentence(tmp_path, quick_config):
     report.main(['--root', str(tmp_path / 'root'), '--out', str(tmp_path / 'file' / 'out')])
   assert str(raised.value).startswith(f"error: cannot write the tables to --out "
                                       f"'{tmp_path / 'file' / 'out'}': ")
-
-
-def test_ctrl_c_saves_like_sigterm_says_so_and_the_same_command_resumes(tmp_path, launch):
-  flags = (*QUICK_FLAGS, '--epochs=3', '--max_train=512', '--regime=scratch')
-  proc = subprocess.Popen(launch_command(*flags, workdir=tmp_path), cwd=ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 300
-  while not list(tmp_path.glob('baseline/checkpoints/*')) and time.time() < deadline:
-    time.sleep(0.2)
-  proc.send_signal(signal.SIGINT)
-  _, stderr = proc.communicate(timeout=300)
-  assert proc.returncode == 130, stderr[-2000:]
-  assert 'Traceback' not in stderr and 'Ctrl-C: saving at the next step' in stderr
-  assert stderr.strip().splitlines()[-1].startswith('interrupted: step ')
-  resumed = launch(*flags, workdir=tmp_path)
-  assert resumed.returncode == 0, resumed.stderr[-2000:]
-  assert (tmp_path / 'scratch' / 'result.json').exists()
 
 
 def test_an_npz_replaced_by_other_data_is_another_baseline(quick_config, tmp_path):
