@@ -5,10 +5,13 @@ r"""[R]'s CIFAR tables: L1-norm presets and network slimming, each pruned networ
 
 Rows: the unpruned baseline, fine-tuned, scratch-E, scratch-B and lottery ([R]'s
 "unpruned / fine-tuned / scratch-E / scratch-B" plus the lottery-ticket comparison).
-full: L1 presets VGG-16-A (vgg16), ResNet-56-A/B (resnet56), ResNet-110-A/B
-(resnet110) with criterion l1 and selection preset; network slimming on VGG-19
-(bn_l1 1e-4, percent 0.7), PreResNet-164 and DenseNet-40 (bn_l1 1e-5, 0.4 and 0.6):
-criterion bn_scale, selection slimming. 160 epochs, batch 64, lr 0.1, 5 seeds.
+full: L1 presets VGG-16-A (vgg16_mlp: pool -> Dense 512 -> BN -> ReLU -> Dense, [R]'s
+L1-norm VGG), ResNet-56-A/B (resnet56), ResNet-110-A/B (resnet110) with criterion l1 and
+selection preset; network slimming on VGG-19 (bn_l1 1e-4, percent 0.7), PreResNet-164 and
+DenseNet-40 (bn_l1 1e-5, 0.4 and 0.6): criterion bn_scale, selection slimming. 160 epochs,
+batch 64, lr 0.1, 5 seeds. Initialisation as [R]'s code (`FULL_INIT`): every BN gamma 0.5
+in the VGGs, PreResNet-164 and DenseNet-40 (1 in the ResNets), the VGGs' Dense layers
+N(0, 0.01) with zero bias.
 mini (stand-ins, stated in the table): Li et al.'s presets exist only for the
 full-size models, so mini prunes resnet8 per layer by l1 at ratio 0.5 (`layer`,
 the inner convolution of every block, as the ResNet presets do) as the L1
@@ -26,7 +29,7 @@ from experiments import common
 EXPERIMENT = 'rethinking'
 REGIMES = ('finetune', 'scratch', 'scratch_b', 'lottery')
 FULL = (  # (method, model, criterion, selection, target, bn_l1)
-    ('l1', 'vgg16', 'l1', 'preset', 'vgg16_a', 0.0),
+    ('l1', 'vgg16_mlp', 'l1', 'preset', 'vgg16_a', 0.0),
     ('l1', 'resnet56', 'l1', 'preset', 'resnet56_a', 0.0),
     ('l1', 'resnet56', 'l1', 'preset', 'resnet56_b', 0.0),
     ('l1', 'resnet110', 'l1', 'preset', 'resnet110_a', 0.0),
@@ -37,6 +40,10 @@ FULL = (  # (method, model, criterion, selection, target, bn_l1)
     ('slimming', 'densenet40', 'bn_scale', 'slimming', 0.4, 1e-5),
     ('slimming', 'densenet40', 'bn_scale', 'slimming', 0.6, 1e-5),
 )
+# [R]'s initial values where they are not jaxprune's defaults (full scale).
+_R_VGG_INIT = dict(bn_scale_init=0.5, dense_init='normal_0.01')
+FULL_INIT = {'vgg16_mlp': _R_VGG_INIT, 'vgg19': _R_VGG_INIT,
+             'preresnet164': dict(bn_scale_init=0.5), 'densenet40': dict(bn_scale_init=0.5)}
 MINI = (
     ('l1 (per-layer 0.5 stand-in for the presets)', 'resnet8', 'l1', 'layer', 0.5, 0.0),
     ('slimming (preresnet11 stand-in for preresnet164)', 'preresnet11', 'bn_scale',
@@ -65,6 +72,8 @@ def plan(args) -> list:
     settings = common.base_settings(args, **{scale: {'model': model} for scale in SCALES})
     args.model = args_model
     settings['bn_l1'] = bn_l1
+    if args.scale == 'full':
+      settings.update(FULL_INIT.get(model, {}))
     key = {'ratio': 'prune_ratio', 'preset': 'preset'}[
         'preset' if selection == 'preset' else 'ratio']
     for seed in common.seeds_of(args):

@@ -259,3 +259,21 @@ def test_subset_is_exactly_balanced_and_refuses_what_it_cannot_do(tmp_path, caps
     assert line.startswith('error: ') and sentence in line
   assert out.read_bytes() == before
   assert not (tmp_path / 'b.npz').exists() and not (tmp_path / 'c.npz').exists()
+
+
+def _full_plan(name, tmp_path, *argv):
+  module = importlib.import_module(f'experiments.{name}')
+  return common.main(module.EXPERIMENT, module.plan, extra_flags=module.extra_flags,
+                     argv=['--scale=full', f'--root={tmp_path}', '--dry_run', *argv],
+                     scales=_scales(name))
+
+
+def test_rethinking_full_vgg16_a_is_the_mlp_vgg_with_r_initialisation(tmp_path):
+  runs = _full_plan('rethinking', tmp_path, '--seeds=0')
+  l1_vgg = [r.config for r in runs if r.config.preset == 'vgg16_a']
+  assert l1_vgg and all((c.model, c.dense_init, c.bn_scale_init) ==
+                        ('vgg16_mlp', 'normal_0.01', 0.5) for c in l1_vgg)
+  inits = {(r.config.model, r.config.bn_scale_init, r.config.dense_init) for r in runs}
+  assert inits == {('vgg16_mlp', 0.5, 'normal_0.01'), ('resnet56', 1.0, 'lecun_normal'),
+                   ('resnet110', 1.0, 'lecun_normal'), ('vgg19', 0.5, 'normal_0.01'),
+                   ('preresnet164', 0.5, 'lecun_normal'), ('densenet40', 0.5, 'lecun_normal')}

@@ -296,3 +296,33 @@ def test_build_uses_the_default_options_not_the_environment(monkeypatch):
   options = PerformanceOptions.from_env()
   assert models.build('tiny', performance=options).performance.conv_impl == 'patches'
   assert model.clone(widths=model.default_widths()).performance == PerformanceOptions()
+
+
+def _bn_scales(model, x) -> list:
+  params = model.init(jax.random.key(0), x)['params']
+  return [v for k, v in traverse_util.flatten_dict(params).items() if k[-1] == 'scale']
+
+
+@pytest.mark.parametrize('name', FAST_MODELS)
+def test_every_batch_norm_scale_starts_at_bn_scale_init(name):
+  # setup's input: eager init reuses the primitives test_shrunk_model_matches_masked_model
+  # compiled for it.
+  _, x, _, _ = setup(name)
+  for bn_scale_init, model in ((1.0, models.build(name)),
+                               (0.5, models.build(name, bn_scale_init=0.5))):
+    scales = _bn_scales(model, x)
+    assert scales
+    for scale in scales:
+      np.testing.assert_array_equal(scale, np.full(scale.shape, bn_scale_init, np.float32))
+
+
+def test_dense_init_normal_001_draws_every_dense_kernel_from_n_0_001_with_zero_bias():
+  _, x, _, _ = setup('vgg11_mlp')
+  params = models.build('vgg11_mlp', dense_init='normal_0.01').init(jax.random.key(0), x)['params']
+  for layer in ('fc_dense', 'head'):
+    kernel = np.asarray(params[layer]['kernel'])
+    assert abs(kernel.std() - 0.01) < 0.001 and abs(kernel.mean()) < 0.001, layer
+    np.testing.assert_array_equal(params[layer]['bias'], 0)
+  default = models.build('vgg11_mlp').init(jax.random.key(0), x)['params']
+  # Flax's default (LeCun) init: variance 1 / fan_in = 1 / 512.
+  assert np.asarray(default['fc_dense']['kernel']).std() > 0.03

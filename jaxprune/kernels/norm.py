@@ -22,6 +22,7 @@ nn.BatchNorm's to float tolerance. Models build this module or nn.BatchNorm as t
 """
 
 import functools
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -95,17 +96,19 @@ class BatchNorm(nn.Module):
       the batch's (training, which also updates them).
     momentum: running average decay (0.9 = PyTorch's momentum 0.1).
     epsilon: added to the variance.
+    scale_init: the initialiser of the scale (gamma), as nn.BatchNorm's.
   """
   use_running_average: bool = False
   momentum: float = 0.99
   epsilon: float = 1e-5
+  scale_init: Callable = nn.initializers.ones
 
   @nn.compact
   def __call__(self, x):
     features = (x.shape[-1],)
     running_mean = self.variable('batch_stats', 'mean', jnp.zeros, features, jnp.float32)
     running_var = self.variable('batch_stats', 'var', jnp.ones, features, jnp.float32)
-    scale = self.param('scale', nn.initializers.ones, features, jnp.float32)
+    scale = self.param('scale', self.scale_init, features, jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, features, jnp.float32)
     if self.use_running_average:
       return _normalize(x, running_mean.value, lax.rsqrt(running_var.value + self.epsilon),

@@ -3,8 +3,9 @@
 Every model is a Flax Linen module (a `layers.Network`) with `default_widths()`,
 `prunable_groups()` and `__call__(x, train=False, masks=None)`, and the fields `widths`
 (a frozen mapping, so that models hash and compare by value) and `performance` (the
-`PerformanceOptions` its layers compute with). A pruned model is the same class built
-with smaller `widths`.
+`PerformanceOptions` its layers compute with), `bn_scale_init` (every BatchNorm's initial
+gamma) and `dense_init` (the initialiser of every Dense kernel, a key of
+`layers.DENSE_INITS`). A pruned model is the same class built with smaller `widths`.
 """
 
 import functools
@@ -17,6 +18,7 @@ import numpy as np
 from jaxprune.errors import choose
 from jaxprune.kernels import compiler
 from jaxprune.kernels.options import PerformanceOptions
+from jaxprune.models import layers
 from jaxprune.models.densenet import DenseNet
 from jaxprune.models.resnet import PreResNet, ResNet, WideResNet
 from jaxprune.models.tiny import TinyCNN
@@ -47,18 +49,22 @@ def scaled_widths(widths: Mapping[str, int], multiplier: float) -> dict[str, int
 
 def build(name: str, num_classes: int = 10, widths: Mapping[str, int] | None = None,
           performance: PerformanceOptions | None = None,
-          width_multiplier: float = 1.0) -> nn.Module:
+          width_multiplier: float = 1.0, bn_scale_init: float = 1.0,
+          dense_init: str = 'lecun_normal') -> nn.Module:
   """Returns the registered model `name`, with default widths unless `widths` is given.
 
   `width_multiplier` scales the default widths (`scaled_widths`), making a narrower (or
   wider) member of the family; explicit `widths` are taken as they are. `performance`
   None is `PerformanceOptions()`, the defaults; entry points pass the options they read
-  (`PerformanceOptions.from_env`), library code passes them on.
+  (`PerformanceOptions.from_env`), library code passes them on. `bn_scale_init` and
+  `dense_init` choose the initial values (the defaults: gamma 1, Flax's Dense init).
   """
   choose('model', name, MODELS)
+  choose('Dense initialiser', dense_init, layers.DENSE_INITS, setting='dense_init')
   # The model freezes `widths` (layers.Network), which also copies it.
   model = MODELS[name](num_classes=num_classes, widths=widths,
-                       performance=PerformanceOptions() if performance is None else performance)
+                       performance=PerformanceOptions() if performance is None else performance,
+                       bn_scale_init=bn_scale_init, dense_init=dense_init)
   if widths is None and width_multiplier != 1.0:
     model = model.clone(widths=scaled_widths(model.default_widths(), width_multiplier))
   return model

@@ -22,6 +22,8 @@ class DenseNet(layers.Network):
   num_classes: int = 10
   widths: Mapping[str, int] | None = None
   performance: PerformanceOptions = PerformanceOptions()
+  bn_scale_init: float = 1.0
+  dense_init: str = 'lecun_normal'
 
   def layers_per_block(self) -> int:
     n, rest = divmod(self.depth - 4, 3)
@@ -54,18 +56,21 @@ class DenseNet(layers.Network):
     for d in (1, 2, 3):
       for l in range(1, self.layers_per_block() + 1):
         group = f'block{d}_layer{l}'
-        y = layers.SelectBnRelu(widths[group], train, perf, name=f'{group}_select')(x)
+        y = layers.SelectBnRelu(widths[group], train, perf, self.bn_scale_init,
+                                name=f'{group}_select')(x)
         y = layers.gate(self, y, masks, group)
         y = layers.conv(perf, self.growth, 3, name=f'{group}_conv')(y)
         x = jnp.concatenate([x, y], axis=-1)
       if d < 3:
         group = f'transition{d}'
         channels = x.shape[-1]
-        y = layers.SelectBnRelu(widths[group], train, perf, name=f'{group}_select')(x)
+        y = layers.SelectBnRelu(widths[group], train, perf, self.bn_scale_init,
+                                name=f'{group}_select')(x)
         y = layers.gate(self, y, masks, group)
         x = layers.conv(perf, channels, 1, name=f'{group}_conv')(y)
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
-    x = layers.SelectBnRelu(widths['final'], train, perf, name='final_select')(x)
+    x = layers.SelectBnRelu(widths['final'], train, perf, self.bn_scale_init,
+                            name='final_select')(x)
     x = layers.gate(self, x, masks, 'final')
     x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes, name='head')(x)
+    return layers.dense(self.num_classes, self.dense_init, name='head')(x)

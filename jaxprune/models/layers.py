@@ -51,12 +51,31 @@ class Network(nn.Module):
     super().__post_init__()
 
 
-def batch_norm(performance: PerformanceOptions, train: bool,
+# The initialisers the `dense_init` setting names for every Dense layer's kernel (biases
+# start at zero either way).
+DENSE_INITS = {
+    'lecun_normal': "Flax's default, truncated normal of variance 1/fan_in",
+    'normal_0.01': "N(0, 0.01^2), as [R]'s VGGs initialise their Linear layers",
+}
+_DENSE_KERNEL_INITS = {'lecun_normal': nn.initializers.lecun_normal(),
+                       'normal_0.01': nn.initializers.normal(stddev=0.01)}
+
+
+def batch_norm(performance: PerformanceOptions, train: bool, scale_init: float = 1.0,
                name: str | None = None) -> norm.BatchNorm | nn.BatchNorm:
   # momentum 0.9 here is PyTorch's momentum 0.1, the papers' setting. norm.BatchNorm is
   # nn.BatchNorm's function and variables with a backward pass of fewer memory passes.
   module = norm.BatchNorm if performance.batch_norm == 'jaxprune' else nn.BatchNorm
-  return module(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+  # ones (not constant(1.0)) at 1: the initial variables stay bit-identical to before.
+  gamma = nn.initializers.ones if scale_init == 1.0 else nn.initializers.constant(scale_init)
+  return module(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                scale_init=gamma, name=name)
+
+
+def dense(features: int, init: str = 'lecun_normal', name: str | None = None) -> nn.Dense:
+  """A Dense layer whose kernel starts from `DENSE_INITS[init]` and whose bias from zero."""
+  return nn.Dense(features, kernel_init=_DENSE_KERNEL_INITS[init],
+                  bias_init=nn.initializers.zeros, name=name)
 
 
 def conv(performance: PerformanceOptions, features: int, kernel: int, stride: int = 1,
@@ -155,9 +174,10 @@ class SelectBnRelu(nn.Module):
   width: int
   train: bool
   performance: PerformanceOptions
+  bn_scale_init: float = 1.0
 
   @nn.compact
   def __call__(self, x):
     index = self.variable(INDICES, 'input_channels', lambda: jnp.arange(self.width, dtype=jnp.int32))
     x = jnp.take(x, index.value, axis=-1)
-    return nn.relu(batch_norm(self.performance, self.train)(x))
+    return nn.relu(batch_norm(self.performance, self.train, self.bn_scale_init)(x))

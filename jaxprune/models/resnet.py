@@ -40,6 +40,8 @@ class ResNet(layers.Network):
   num_classes: int = 10
   widths: Mapping[str, int] | None = None
   performance: PerformanceOptions = PerformanceOptions()
+  bn_scale_init: float = 1.0
+  dense_init: str = 'lecun_normal'
 
   def blocks_per_stage(self) -> int:
     return _blocks_per_stage('ResNet', self.depth, 6, 2)
@@ -60,7 +62,7 @@ class ResNet(layers.Network):
     layers.check_masks(masks, widths, self.prunable_groups(), x.shape[0])
     _check_image(x, 2)
     x = layers.conv(perf, widths['stage1'], 3, name='stem')(x)
-    x = nn.relu(layers.batch_norm(perf, train, name='stem_bn')(x))
+    x = nn.relu(layers.batch_norm(perf, train, self.bn_scale_init, name='stem_bn')(x))
     for s in (1, 2, 3):
       out = widths[f'stage{s}']
       if out < x.shape[-1]:
@@ -70,15 +72,15 @@ class ResNet(layers.Network):
         group = f'stage{s}_block{b}'
         stride = 2 if s > 1 and b == 1 else 1
         y = layers.conv(perf, widths[group], 3, stride, name=f'{group}_conv1')(x)
-        y = nn.relu(layers.batch_norm(perf, train, name=f'{group}_bn1')(y))
+        y = nn.relu(layers.batch_norm(perf, train, self.bn_scale_init, name=f'{group}_bn1')(y))
         y = layers.gate(self, y, masks, group)
         y = layers.conv(perf, out, 3, name=f'{group}_conv2')(y)
-        y = layers.batch_norm(perf, train, name=f'{group}_bn2')(y)
+        y = layers.batch_norm(perf, train, self.bn_scale_init, name=f'{group}_bn2')(y)
         shortcut = x[:, ::stride, ::stride, :]
         shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0), (0, out - x.shape[-1])))
         x = nn.relu(y + shortcut)
     x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes, name='head')(x)
+    return layers.dense(self.num_classes, self.dense_init, name='head')(x)
 
 
 class PreResNet(layers.Network):
@@ -95,6 +97,8 @@ class PreResNet(layers.Network):
   num_classes: int = 10
   widths: Mapping[str, int] | None = None
   performance: PerformanceOptions = PerformanceOptions()
+  bn_scale_init: float = 1.0
+  dense_init: str = 'lecun_normal'
 
   def blocks_per_stage(self) -> int:
     return _blocks_per_stage('PreResNet', self.depth, 9, 2)
@@ -130,22 +134,24 @@ class PreResNet(layers.Network):
       for b in range(1, self.blocks_per_stage() + 1):
         block = f'stage{s}_block{b}'
         stride = 2 if s > 1 and b == 1 else 1
-        y = layers.SelectBnRelu(widths[f'{block}_in'], train, perf, name=f'{block}_in_select')(x)
+        y = layers.SelectBnRelu(widths[f'{block}_in'], train, perf, self.bn_scale_init,
+                                name=f'{block}_in_select')(x)
         y = layers.gate(self, y, masks, f'{block}_in')
         y = layers.conv(perf, widths[f'{block}_mid1'], 1, name=f'{block}_conv1')(y)
-        y = nn.relu(layers.batch_norm(perf, train, name=f'{block}_bn2')(y))
+        y = nn.relu(layers.batch_norm(perf, train, self.bn_scale_init, name=f'{block}_bn2')(y))
         y = layers.gate(self, y, masks, f'{block}_mid1')
         y = layers.conv(perf, widths[f'{block}_mid2'], 3, stride, name=f'{block}_conv2')(y)
-        y = nn.relu(layers.batch_norm(perf, train, name=f'{block}_bn3')(y))
+        y = nn.relu(layers.batch_norm(perf, train, self.bn_scale_init, name=f'{block}_bn3')(y))
         y = layers.gate(self, y, masks, f'{block}_mid2')
         y = layers.conv(perf, widths[f'stage{s}'], 1, name=f'{block}_conv3')(y)
         if b == 1:
           x = layers.conv(perf, widths[f'stage{s}'], 1, stride, name=f'{block}_shortcut')(x)
         x = x + y
-    x = layers.SelectBnRelu(widths['final'], train, perf, name='final_select')(x)
+    x = layers.SelectBnRelu(widths['final'], train, perf, self.bn_scale_init,
+                            name='final_select')(x)
     x = layers.gate(self, x, masks, 'final')
     x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes, name='head')(x)
+    return layers.dense(self.num_classes, self.dense_init, name='head')(x)
 
 
 class WideResNet(layers.Network):
@@ -160,6 +166,8 @@ class WideResNet(layers.Network):
   num_classes: int = 10
   widths: Mapping[str, int] | None = None
   performance: PerformanceOptions = PerformanceOptions()
+  bn_scale_init: float = 1.0
+  dense_init: str = 'lecun_normal'
 
   def blocks_per_stage(self) -> int:
     return _blocks_per_stage('WideResNet', self.depth, 6, 4)
@@ -190,20 +198,20 @@ class WideResNet(layers.Network):
         # Projection iff the default network changes width or resolution here; a
         # structural choice that must not depend on the (prunable) widths.
         project = b == 1 and (s > 1 or self.widen_factor != 1)
-        pre = nn.relu(layers.batch_norm(perf, train, name=f'{group}_bn1')(x))
+        pre = nn.relu(layers.batch_norm(perf, train, self.bn_scale_init, name=f'{group}_bn1')(x))
         if project:
           shortcut = layers.conv(perf, widths[f'stage{s}'], 1, stride,
                                  name=f'{group}_shortcut')(pre)
         else:
           shortcut = x
         y = layers.conv(perf, widths[group], 3, stride, name=f'{group}_conv1')(pre)
-        y = nn.relu(layers.batch_norm(perf, train, name=f'{group}_bn2')(y))
+        y = nn.relu(layers.batch_norm(perf, train, self.bn_scale_init, name=f'{group}_bn2')(y))
         y = layers.gate(self, y, masks, group)
         y = layers.conv(perf, widths[f'stage{s}'], 3, name=f'{group}_conv2')(y)
         if shortcut.shape[-1] != y.shape[-1]:
           raise ValueError(f"stage{s} width {y.shape[-1]} must equal the width entering it "
                            f"({shortcut.shape[-1]}) for a WideResNet with identity shortcuts.")
         x = y + shortcut
-    x = nn.relu(layers.batch_norm(perf, train, name='final_bn')(x))
+    x = nn.relu(layers.batch_norm(perf, train, self.bn_scale_init, name='final_bn')(x))
     x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes, name='head')(x)
+    return layers.dense(self.num_classes, self.dense_init, name='head')(x)

@@ -13,6 +13,8 @@ class TinyCNN(layers.Network):
   num_classes: int = 10
   widths: Mapping[str, int] | None = None
   performance: PerformanceOptions = PerformanceOptions()
+  bn_scale_init: float = 1.0
+  dense_init: str = 'lecun_normal'
 
   def default_widths(self) -> dict[str, int]:
     return {'conv1': 8, 'conv2': 16, 'fc': 16}
@@ -26,12 +28,12 @@ class TinyCNN(layers.Network):
     widths = layers.resolve_widths('TinyCNN', self.default_widths(), self.widths)
     layers.check_masks(masks, widths, self.prunable_groups(), x.shape[0])
     x = layers.conv(perf, widths['conv1'], 3, name='conv1_conv')(x)
-    x = nn.relu(layers.batch_norm(perf, train, name='conv1_bn')(x))
+    x = nn.relu(layers.batch_norm(perf, train, self.bn_scale_init, name='conv1_bn')(x))
     x = layers.gate(self, x, masks, 'conv1')
     x = layers.conv(perf, widths['conv2'], 3, stride=2, name='conv2_conv')(x)
-    x = nn.relu(layers.batch_norm(perf, train, name='conv2_bn')(x))
+    x = nn.relu(layers.batch_norm(perf, train, self.bn_scale_init, name='conv2_bn')(x))
     x = layers.gate(self, x, masks, 'conv2')
     x = jnp.mean(x, axis=(1, 2))
-    x = nn.relu(nn.Dense(widths['fc'], name='fc_dense')(x))
+    x = nn.relu(layers.dense(widths['fc'], self.dense_init, name='fc_dense')(x))
     x = layers.gate(self, x, masks, 'fc')
-    return nn.Dense(self.num_classes, name='head')(x)
+    return layers.dense(self.num_classes, self.dense_init, name='head')(x)

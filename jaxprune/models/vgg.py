@@ -47,6 +47,8 @@ class VGG(layers.Network):
   num_classes: int = 10
   widths: Mapping[str, int] | None = None
   performance: PerformanceOptions = PerformanceOptions()
+  bn_scale_init: float = 1.0
+  dense_init: str = 'lecun_normal'
 
   def default_widths(self) -> dict[str, int]:
     widths = dict(zip(conv_names(self.cfg), [c for c in self.cfg if c != 'M']))
@@ -76,13 +78,13 @@ class VGG(layers.Network):
         continue
       name = next(names)
       x = layers.conv(perf, widths[name], 3, name=f'{name}_conv')(x)
-      x = nn.relu(layers.batch_norm(perf, train, name=f'{name}_bn')(x))
+      x = nn.relu(layers.batch_norm(perf, train, self.bn_scale_init, name=f'{name}_bn')(x))
       x = layers.gate(self, x, masks, name)
     x = jnp.mean(x, axis=(1, 2))
     if self.classifier == 'mlp':
-      x = nn.Dense(widths['fc'], name='fc_dense')(x)
-      x = nn.relu(layers.batch_norm(perf, train, name='fc_bn')(x))
+      x = layers.dense(widths['fc'], self.dense_init, name='fc_dense')(x)
+      x = nn.relu(layers.batch_norm(perf, train, self.bn_scale_init, name='fc_bn')(x))
       x = layers.gate(self, x, masks, 'fc')
     elif self.classifier != 'linear':
       raise ValueError(f"unknown VGG classifier {self.classifier!r}; choose 'linear' or 'mlp'.")
-    return nn.Dense(self.num_classes, name='head')(x)
+    return layers.dense(self.num_classes, self.dense_init, name='head')(x)

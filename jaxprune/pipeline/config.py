@@ -158,6 +158,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting('width_multiplier', float, 1.0, "Every default width of the model times this "
             '(rounded, at least 1 channel): e.g. 0.5 for a half-width member of the family.',
             'baseline', above=0),
+    Setting('bn_scale_init', float, 1.0, "Every BatchNorm scale's (gamma's) initial value "
+            "(0.5 in [R]'s network-slimming models and L1-norm VGG).", 'baseline', minimum=0),
+    Setting('dense_init', str, 'lecun_normal', "Initialiser of every Dense layer's kernel "
+            '(biases start at zero).', 'baseline', choices=lambda: models.layers.DENSE_INITS),
     Setting('dataset', str, 'digits', "Dataset. digits is scikit-learn's bundled 8x8 "
             'handwritten digits (offline).', 'baseline', choices=lambda: data.DATASETS),
     Setting('data_path', str, None, 'The .npz file for dataset=npz (keys train_images, '

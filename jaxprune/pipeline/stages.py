@@ -136,7 +136,8 @@ def model_builder(config, num_classes: int) -> Callable[[Mapping | None], nn.Mod
   """widths -> the configured model with those widths (None: its default widths)."""
   return functools.partial(models.build, config.model, num_classes,
                            performance=config_lib.performance_options(config),
-                           width_multiplier=config.width_multiplier)
+                           width_multiplier=config.width_multiplier,
+                           bn_scale_init=config.bn_scale_init, dense_init=config.dense_init)
 
 
 def optimizer(config) -> train.OptimizerConfig:
