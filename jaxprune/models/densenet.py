@@ -3,7 +3,10 @@
 Every BN in the network reads the concatenated feature stream through a channel
 selection: `block{d}_layer{l}` before each 3x3 conv, `transition{d}` before each
 1x1 transition conv and `final` before the classifier. Those selections are the
-prunable groups; the concatenated stream itself is never changed.
+prunable groups; the concatenated stream itself is never changed. Its widths, the
+stem's and the growth rate, are fields (`stem_width`, `growth`): a thinner member of the
+family is `clone(growth=..., stem_width=...)`, whose default selections read the whole
+stream.
 """
 
 from typing import Mapping
@@ -19,6 +22,7 @@ from jaxprune.models import layers
 class DenseNet(layers.Network):
   depth: int = 40
   growth: int = 12
+  stem_width: int | None = None  # None: 2 * growth
   num_classes: int = 10
   widths: Mapping[str, int] | None = None
   performance: PerformanceOptions = PerformanceOptions()
@@ -34,8 +38,11 @@ class DenseNet(layers.Network):
   def prunable_groups(self) -> tuple[str, ...]:
     return tuple(self.default_widths())
 
+  def stem_channels(self) -> int:
+    return 2 * self.growth if self.stem_width is None else self.stem_width
+
   def default_widths(self) -> dict[str, int]:
-    widths, channels = {}, 2 * self.growth
+    widths, channels = {}, self.stem_channels()
     for d in (1, 2, 3):
       for l in range(1, self.layers_per_block() + 1):
         widths[f'block{d}_layer{l}'] = channels
@@ -52,7 +59,7 @@ class DenseNet(layers.Network):
       # The images are the user's dataset (and image size): a ConfigError.
       raise ConfigError(f"DenseNet halves the image twice and needs at least 4x4 pixels, "
                         f"got {x.shape[1]}x{x.shape[2]}.")
-    x = layers.conv(perf, 2 * self.growth, 3, name='stem')(x)
+    x = layers.conv(perf, self.stem_channels(), 3, name='stem')(x)
     for d in (1, 2, 3):
       for l in range(1, self.layers_per_block() + 1):
         group = f'block{d}_layer{l}'

@@ -211,6 +211,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting('finetune_epochs', int, 40, 'Epochs of the finetune regime.', 'finetune', minimum=1),
     Setting('finetune_lr', float, 1e-3, 'Constant learning rate of fine-tuning.', 'finetune',
             above=0, retunable=True),
+    Setting('reduced_match', str, 'macs', "What the reduced regime's uniformly thinner "
+            'network matches.', 'reduced', choices=lambda: regimes.REDUCED_MATCH),
     Setting('scratch_b_cap', float, None, 'Cap scratch_b at this multiple of epochs.',
             'scratch_b', optional=True, minimum=1),
     # How fast a step runs.

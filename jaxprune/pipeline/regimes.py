@@ -12,8 +12,13 @@ A regime is a plan, not a script; `pipeline` trains every plan with the same `tr
 * `lottery` [R]: the pruned architecture started from the baseline's *initial*
   weights, sliced by the kept channels.
 * `reduced` [C]: the unpruned architecture made uniformly thinner (every width,
-  stream widths included, times one factor) until its MACs do not exceed the
-  pruned network's; fresh init, the baseline's epochs.
+  stream widths included, times one factor) until its MACs (`reduced_match` macs) or
+  its parameters (`reduced_match` params, the stem kept at its width as [C]'s reduced
+  WideResNets keep theirs at 16) do not exceed the pruned network's; fresh init, the
+  baseline's epochs. A DenseNet's stream is its stem and growth rate, fields rather
+  than widths: its reduced network has the largest growth rate within the budget and
+  every selection reading the whole stream, and since a growth rate is a whole number
+  of channels, its stem is widened to take up the rest of the budget.
 
 Retraining never applies network slimming's BN-scale sparsity: it belongs to the
 baseline that is about to be pruned.
@@ -22,15 +27,23 @@ baseline that is about to be pruned.
 import dataclasses
 from typing import Callable, Mapping
 
+import flax.linen as nn
 import jax
 import numpy as np
 
 from jaxprune import models, train
 from jaxprune.prune import flops, shrink
+from jaxprune.models.densenet import DenseNet
 from jaxprune.models.layers import INDICES
+from jaxprune.prune import structure as structure_lib
 from jaxprune.prune.structure import Structure
 
 REGIMES = ('finetune', 'scratch', 'scratch_b', 'lottery', 'reduced')
+REDUCED_MATCH = {
+    'macs': "at most the pruned network's MACs, every width (the stem's too) scaled",
+    'params': "at most the pruned network's parameters, the stem kept at its width "
+              "([C]'s reduced WideResNets)",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,24 +58,64 @@ class Pruned:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
+  """What a regime trains: `build(widths)` (or `model`, where the regime made a network
+  that is not the configured model at other widths), from `variables`."""
   widths: Mapping[str, int]
   variables: Mapping
   epochs: int
   optimizer: train.OptimizerConfig
+  model: nn.Module | None = None
+
+  def network(self, build: Callable) -> nn.Module:
+    return build(self.widths) if self.model is None else self.model
+
+  def cost(self, structure: Structure, image_shape) -> flops.Cost:
+    """The trained network's cost (`structure` is the unpruned model's)."""
+    if self.model is None:
+      return flops.count(structure, self.widths)
+    return flops.count(structure_lib.derive(self.model, image_shape))
 
 
-def uniform_widths(structure: Structure, max_macs: int) -> dict[str, int]:
-  """The widths scaled by one factor, as large as possible with MACs <= max_macs."""
+def uniform_widths(structure: Structure, budget: int, measure: str = 'macs',
+                   fixed: tuple[str, ...] = ()) -> dict[str, int]:
+  """The widths scaled by one factor (the groups in `fixed` kept), as large as possible
+  with the `measure` ('macs' or 'params') of `flops.count` at most `budget`."""
   def scaled(factor):
-    return {g: max(1, int(round(w * factor))) for g, w in structure.widths.items()}
+    return {g: w if g in fixed else max(1, int(round(w * factor)))
+            for g, w in structure.widths.items()}
   low, high = 0.0, 1.0
   for _ in range(40):
     mid = (low + high) / 2
-    if flops.count(structure, scaled(mid)).macs <= max_macs:
+    if getattr(flops.count(structure, scaled(mid)), measure) <= budget:
       low = mid
     else:
       high = mid
   return scaled(low)
+
+
+def _largest(fits: Callable[[int], bool], low: int, high: int) -> int:
+  """The largest n in [low, high] with fits(n), for fits true up to some n (low if none)."""
+  while low < high:
+    mid = (low + high + 1) // 2
+    if fits(mid):
+      low = mid
+    else:
+      high = mid - 1
+  return low
+
+
+def reduced_densenet(model: DenseNet, image_shape, budget: int, measure: str) -> DenseNet:
+  """The thinner DenseNet of the `reduced` regime (module docstring) within `budget`."""
+  def cost(growth, stem):
+    thinner = model.clone(growth=growth, stem_width=stem, widths=None)
+    return getattr(flops.count(structure_lib.derive(thinner, image_shape)), measure)
+  stem_of = (lambda g: 2 * g) if measure == 'macs' else (lambda g: model.stem_channels())
+  growth = _largest(lambda g: cost(g, stem_of(g)) <= budget, 1, model.growth)
+  low = high = stem_of(growth)
+  while cost(growth, 2 * high) <= budget:
+    high *= 2
+  stem = _largest(lambda s: cost(growth, s) <= budget, low, 2 * high)
+  return model.clone(growth=growth, stem_width=stem, widths=None)
 
 
 def scratch_b_epochs(epochs: int, macs_full: int, macs_pruned: int, cap: float | None) -> int:
@@ -82,7 +135,8 @@ def _fresh(build: Callable, widths, like, image_shape, rng) -> dict:
 
 def plan(regime: str, pruned: Pruned, *, build: Callable, image_shape, epochs: int,
          optimizer: train.OptimizerConfig, finetune_epochs: int,
-         finetune_lr: float, scratch_b_cap: float | None, seed: int) -> Plan:
+         finetune_lr: float, scratch_b_cap: float | None, seed: int,
+         reduced_match: str = 'macs') -> Plan:
   """The plan of one regime (see the module docstring); `build(widths)` makes the model."""
   retrain = dataclasses.replace(optimizer, bn_l1=0.0)
   rng = jax.random.fold_in(jax.random.key(seed), 1 + REGIMES.index(regime))
@@ -102,7 +156,14 @@ def plan(regime: str, pruned: Pruned, *, build: Callable, image_shape, epochs: i
     _, variables, _ = shrink.shrink(pruned.structure, pruned.baseline_init, pruned.masks)
     return Plan(pruned.widths, variables, epochs, retrain)
   if regime == 'reduced':
-    widths = uniform_widths(pruned.structure, flops.count(pruned.structure, pruned.widths).macs)
+    budget = getattr(flops.count(pruned.structure, pruned.widths), reduced_match)
+    base = build(None)
+    if isinstance(base, DenseNet):
+      model = reduced_densenet(base, image_shape, budget, reduced_match)
+      return Plan(models.widths_of(model), dict(models.init(model, rng, image_shape)),
+                  epochs, retrain, model)
+    fixed = ('stem',) if reduced_match == 'params' else ()
+    widths = uniform_widths(pruned.structure, budget, reduced_match, fixed)
     return Plan(widths, _fresh(build, widths, None, image_shape, rng),
                 epochs, retrain)
   raise ValueError(f"unknown regime {regime!r}")

@@ -17,7 +17,6 @@ from absl import logging
 from jaxprune import train
 from jaxprune.pipeline import config as config_lib
 from jaxprune.pipeline import regimes, results, stages, workdir
-from jaxprune.prune import flops
 
 
 def seed_batching_for(name: str, backend: str) -> str:
@@ -100,16 +99,16 @@ def _train_copies_together(config, copies: list, data: stages.Data) -> None:
     planned = [stages.regime_plan(c, regime, p, data) for c, p in zip(copies, pruned)]
     groups: dict[tuple, list[int]] = {}
     for i, (_, plan) in enumerate(planned):
-      key = (tuple(sorted(plan.widths.items())), plan.epochs, plan.optimizer)
+      key = (tuple(sorted(plan.widths.items())), plan.epochs, plan.optimizer, plan.model)
       groups.setdefault(key, []).append(i)
     for members in groups.values():
       plan: regimes.Plan = planned[members[0]][1]
       logging.info('Stage %s: seeds %s as one vmapped program, %d epochs', regime,
                    [seeds[i] for i in members], plan.epochs)
       train.fit_copies(
-          build(plan.widths), [planned[i][1].variables for i in members], data.arrays,
+          plan.network(build), [planned[i][1].variables for i in members], data.arrays,
           data.dataset.spec, stages.train_options(config, plan.epochs, plan.optimizer),
           stage_dirs=[planned[i][0] for i in members], seeds=[seeds[i] for i in members],
           checkpoint_dir=stages.absolute(config.workdir) / 'vmapped' / regime,
-          record=stages.regime_record(config, flops.count(pruned[members[0]].structure,
-                                                          plan.widths)))
+          record=stages.regime_record(config, plan.cost(pruned[members[0]].structure,
+                                                        data.dataset.image_shape)))

@@ -343,7 +343,7 @@ def regime_plan(config, regime: str, pruned: regimes.Pruned,
                       image_shape=data.dataset.image_shape, epochs=config.epochs,
                       optimizer=optimizer(config), finetune_epochs=config.finetune_epochs,
                       finetune_lr=config.finetune_lr, scratch_b_cap=config.scratch_b_cap,
-                      seed=config.seed)
+                      seed=config.seed, reduced_match=config.reduced_match)
   return stage, plan
 
 
@@ -351,8 +351,8 @@ def retrain(config, regime: str, pruned: regimes.Pruned, data: Data) -> dict:
   """Trains (or resumes, or reads) one regime; returns its row of the summary table."""
   stage, plan = regime_plan(config, regime, pruned, data)
   logging.info('Stage %s: %d epochs', regime, plan.epochs)
-  cost = flops.count(pruned.structure, plan.widths)
-  _, result = train.fit(model_builder(config, data.dataset.num_classes)(plan.widths),
+  cost = plan.cost(pruned.structure, data.dataset.image_shape)
+  _, result = train.fit(plan.network(model_builder(config, data.dataset.num_classes)),
                         plan.variables, data.arrays, data.dataset.spec,
                         train_options(config, plan.epochs, plan.optimizer), stage_dir=stage,
                         seed=config.seed, record=regime_record(config, cost))

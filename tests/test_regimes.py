@@ -1,0 +1,74 @@
+"""The regimes' plans: what each retraining trains, and at which cost."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune import models, train
+from jaxprune.models import layers
+from jaxprune.pipeline import regimes
+from jaxprune.prune import flops, select, structure
+
+IMAGE = (8, 8, 3)
+
+
+def pruned_to_half_the_macs(name: str) -> regimes.Pruned:
+  """`name` pruned by random scores to half its MACs (the regimes read only the widths)."""
+  struct = structure.derive(models.build(name), IMAGE)
+  rng = np.random.default_rng(0)
+  scores = {g: rng.random(struct.widths[g]) for g in struct.prunable}
+  masks = select.select('macs', struct, scores, target_macs=0.5)
+  widths = {**struct.widths, **{g: int(m.sum()) for g, m in masks.items()}}
+  return regimes.Pruned(struct, masks, widths, variables={}, baseline_init={})
+
+
+def reduced_plan(name: str, pruned: regimes.Pruned, reduced_match: str) -> regimes.Plan:
+  return regimes.plan('reduced', pruned, build=functools.partial(models.build, name, 10),
+                      image_shape=IMAGE, epochs=1, optimizer=train.OptimizerConfig(),
+                      finetune_epochs=1, finetune_lr=1e-3, scratch_b_cap=None, seed=0,
+                      reduced_match=reduced_match)
+
+
+def stream_reads(model: nn.Module) -> dict[str, tuple[int, int]]:
+  """{selection layer: (channels it reads, channels of the stream it reads from)}."""
+  reads = {}
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, layers.SelectBnRelu) and context.method_name == '__call__':
+      reads[context.module.name] = (context.module.width, args[0].shape[-1])
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    # A new function: a cached trace of `model.init` would run no Python, record nothing.
+    jax.eval_shape(lambda x: model.init(jax.random.key(0), x), jnp.zeros((1,) + IMAGE))
+  return reads
+
+
+def test_a_reduced_densenet_reads_every_channel_it_builds_and_meets_the_macs_target():
+  pruned = pruned_to_half_the_macs('densenet10')
+  plan = reduced_plan('densenet10', pruned, 'macs')
+  reads = stream_reads(plan.model)
+  assert len(reads) == len(pruned.structure.prunable)
+  assert all(width == stream for width, stream in reads.values()), reads
+  target = flops.count(pruned.structure, pruned.widths).macs
+  macs = plan.cost(pruned.structure, IMAGE).macs
+  print(f'densenet10 reduced: growth {plan.model.growth}, stem {plan.model.stem_width}, '
+        f'MACs {macs / target:.3f} of the pruned network\'s')
+  assert 0.95 * target <= macs <= target
+  assert jax.tree.map(jnp.shape, plan.variables) == jax.tree.map(
+      jnp.shape, plan.model.init(jax.random.key(0), jnp.zeros((1,) + IMAGE)))
+
+
+def test_params_matched_reduced_keeps_the_stem_and_meets_the_pruned_params():
+  pruned = pruned_to_half_the_macs('wrn16_2')
+  widths = regimes.uniform_widths(pruned.structure, flops.count(
+      pruned.structure, pruned.widths).params, 'params', fixed=('stem',))
+  target = flops.count(pruned.structure, pruned.widths).params
+  params = flops.count(pruned.structure, widths).params
+  print(f'wrn16_2 params-matched reduced: {params / target:.3f} of the pruned params, '
+        f"stem {widths['stem']}, stages {[widths[f'stage{s}'] for s in (1, 2, 3)]}")
+  assert widths['stem'] == 16
+  assert 0.97 * target <= params <= target
