@@ -51,6 +51,15 @@ def test_a_bad_flag_is_one_sentence_naming_the_flag_and_exit_status_1(tmp_path, 
   assert not (tmp_path / 'work').exists()
 
 
+def test_help_lists_every_setting_and_exits_0(tmp_path, launch):
+  run = launch('--help', workdir=tmp_path / 'work')
+  assert run.returncode == 0, run.stderr[-2000:]
+  for setting in pipeline.SETTINGS:
+    shown = f'--[no]{setting.name}' if setting.type is bool else f'--{setting.name}'
+    assert shown in run.stdout, setting.name
+  assert not (tmp_path / 'work').exists()
+
+
 def test_a_compilation_cache_path_that_is_a_file_is_one_sentence(tmp_path, launch):
   (tmp_path / 'file').write_text('')
   run = launch(*QUICK_FLAGS, f'--compilation_cache_dir={tmp_path / "file"}',

@@ -139,5 +139,6 @@ def test_cli_errors_exit_1_with_one_sentence_and_no_traceback(args, message):
 
 
 def test_cli_help_names_the_prune_record_where_runs_write_it():
-  usage = run_cli('--help').stdout
-  assert 'runs/x/prune/record.json' in usage and 'prune.json' not in usage
+  done = run_cli('--help')
+  assert done.returncode == 0
+  assert 'runs/x/prune/record.json' in done.stdout and 'prune.json' not in done.stdout

@@ -175,7 +175,15 @@ SETTINGS: tuple[Setting, ...] = (
             retunable=True),
     Setting('lr_schedule', str, 'step', 'Learning-rate schedule (step: x0.1 at 50% and 75% of '
             'the epochs).', 'baseline', choices=lambda: optim.SCHEDULES),
+    Setting('lr_decay_epochs', str, None, 'Comma-separated epochs at which the step schedule '
+            'multiplies the learning rate by lr_decay_factor (default: 50% and 75% of the '
+            "epochs; scratch_b scales them with its epochs). [C]: 60,120,160.", 'baseline',
+            optional=True),
+    Setting('lr_decay_factor', float, 0.1, "The step schedule's multiplier at each decay "
+            "([C]: 0.2).", 'baseline', above=0, maximum=1),
     Setting('weight_decay', float, 1e-4, 'Coupled weight decay.', 'baseline', minimum=0),
+    Setting('pad_mode', str, 'zero', "How the random crop's border is filled.", 'baseline',
+            choices=lambda: data.PAD_MODES),
     Setting('bn_l1', float, 0.0, "Network slimming's L1 sparsity on BN scales for the baseline "
             '(1e-4 for VGG).', 'baseline', minimum=0),
     Setting('precision', str, 'float32', 'Compute dtype of every training and evaluation step '
@@ -199,10 +207,16 @@ SETTINGS: tuple[Setting, ...] = (
             'prune', minimum=1),
     Setting('flops_penalty', float, 0.0, 'FLOPs-aware penalty lambda for the global policies '
             '(1e-3 in Molchanov et al.).', 'prune', minimum=0),
+    Setting('flops_cost', str, 'relative', "What the FLOPs penalty multiplies: absolute with "
+            "flops_penalty=1e-3 is the unnormalised form of [M]'s public code.", 'prune',
+            choices=lambda: select.FLOPS_COSTS),
     Setting('schedule', str, 'oneshot', 'Pruning schedule.', 'prune',
             choices=lambda: PRUNE_SCHEDULES),
     Setting('prune_batches', int, 8, 'Training batches a one-shot data criterion reads.',
             'prune', minimum=1),
+    Setting('finetune_batch_size', int, None, 'Batch size of fine-tuning: the iterative '
+            "schedule's and the finetune regime's (default: batch_size; [M]: 32).", 'prune',
+            optional=True, minimum=1),
     Setting('prune_every', int, 10, 'Iterative: fine-tuning steps between removals.', 'prune',
             minimum=1),
     Setting('prune_step', int, 1, 'Iterative: channels removed at each removal.', 'prune',
@@ -296,6 +310,27 @@ def regimes_of(config) -> tuple[str, ...]:
   return regimes.REGIMES if config.regime == 'all' else (config.regime,)
 
 
+def decay_epochs(config) -> tuple[int, ...] | None:
+  """The step schedule's decay epochs of `lr_decay_epochs` (None: 50% and 75%); ConfigError
+  unless they are ascending whole epochs within the baseline's and the schedule is 'step'."""
+  if config.lr_decay_epochs is None:
+    return None
+  text = config.lr_decay_epochs
+  if config.lr_schedule != 'step':
+    raise ConfigError(f'lr_decay_epochs={text} sets the step schedule\'s decays; '
+                      f'lr_schedule is {config.lr_schedule}.',
+                      settings=('lr_decay_epochs', 'lr_schedule'))
+  entries = [x.strip() for x in text.split(',')]
+  if not all(x.isdigit() for x in entries):
+    raise ConfigError(f'lr_decay_epochs {text!r} is not a comma-separated list of whole '
+                      'epochs, e.g. 60,120,160.', settings=('lr_decay_epochs',))
+  epochs = tuple(int(x) for x in entries)
+  if list(epochs) != sorted(epochs) or not 0 < epochs[0] or epochs[-1] > config.epochs:
+    raise ConfigError(f'lr_decay_epochs {text!r} must ascend within 1..{config.epochs} '
+                      '(the epochs).', settings=('lr_decay_epochs', 'epochs'))
+  return epochs
+
+
 def validate(config) -> None:
   """Checks every value and combination before anything is trained or written (ConfigError)."""
   for setting in SETTINGS:
@@ -319,6 +354,7 @@ def validate(config) -> None:
   if config.schedule == 'iterative' and needs == 'preset':
     raise ConfigError('schedule=iterative removes channels globally and cannot follow a '
                       'per-layer preset; use schedule=oneshot.', settings=('schedule', 'preset'))
+  decay_epochs(config)
   if config.dataset == 'npz' and not config.data_path:
     raise ConfigError('dataset=npz needs data_path=FILE.npz.', settings=('dataset', 'data_path'))
   workdir.check_workdir(config.workdir)
@@ -342,12 +378,20 @@ def define_flags(flag_values=None) -> None:
     define[setting.type](setting.name, default, setting.full_help(), flag_values=flag_values)
 
 
+_HELP_FLAGS = ('--help', '-help', '-h', '-?', '--helpshort', '--helpfull', '--helpxml')
+
+
 def parse_command_line(argv: Sequence[str]) -> list[str]:
   """absl's flag parsing for `app.run(flags_parser=...)`, with one sentence (and exit status
-  1) for a --flagfile that is not a text file, where absl raises UnicodeDecodeError."""
+  1) for a --flagfile that is not a text file, where absl raises UnicodeDecodeError, and
+  exit status 0 after --help (absl exits 1 once it has printed the help asked for)."""
   from absl import app
   try:
     return app.parse_flags_with_usage(list(argv))
+  except SystemExit as stop:
+    if stop.code == 1 and any(a in _HELP_FLAGS for a in argv[1:]):
+      raise SystemExit(0) from None
+    raise
   except UnicodeDecodeError as error:
     named = [a.split('=', 1)[1] for a in argv if a.startswith(('--flagfile=', '-flagfile='))]
     which = f' {named[0]}' if len(named) == 1 else ''
