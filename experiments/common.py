@@ -168,17 +168,29 @@ def _regime_epochs(config) -> str:
   return str(config.epochs)
 
 
+def _lr_schedule(config) -> str:
+  if config.lr_schedule != 'step':
+    return config.lr_schedule
+  at = (f'epochs {config.lr_decay_epochs}' if config.lr_decay_epochs
+        else '50% and 75% of the epochs')
+  return f'step x{config.lr_decay_factor:g} at {at}'
+
+
+def _init(config) -> str:
+  return f'bn {config.bn_scale_init:g}, dense {config.dense_init}'
+
+
 def describe(runs: Sequence[Run]) -> str:
   """The dry-run listing: one line per run with everything its budget depends on."""
-  columns = ('run', 'model', 'data', 'criterion', 'selection', 'budget', 'schedule', 'regime',
-             'baseline ep', 'regime ep', 'seed')
+  columns = ('run', 'model', 'init', 'data', 'criterion', 'selection', 'budget', 'schedule',
+             'regime', 'baseline ep', 'regime ep', 'seed')
   rows = []
   for run in runs:
     c = run.config
     data = c.dataset + (f' ({c.max_train} train)' if c.max_train else '')
     model = c.model + (f' x{c.width_multiplier:g}' if c.width_multiplier != 1.0 else '')
-    rows.append((run.name, model, data, c.criterion, c.selection, _budget(c), c.schedule,
-                 c.regime, str(c.epochs), _regime_epochs(c), str(c.seed)))
+    rows.append((run.name, model, _init(c), data, c.criterion, c.selection, _budget(c),
+                 c.schedule, c.regime, str(c.epochs), _regime_epochs(c), str(c.seed)))
   widths = [max(len(columns[i]), *(len(r[i]) for r in rows)) if rows else len(columns[i])
             for i in range(len(columns))]
   lines = ['  '.join(h.ljust(w) for h, w in zip(columns, widths))]
@@ -190,7 +202,16 @@ def describe(runs: Sequence[Run]) -> str:
   if c0 is not None:
     lines.append(f'{len(runs)} runs in {len(workdirs)} work directories, {len(baselines)} '
                  f'shared baselines; batch {c0.batch_size}, lr {c0.lr:g}, wd {c0.weight_decay:g}, '
-                 f'lr schedule {c0.lr_schedule}.')
+                 f'lr schedule {_lr_schedule(c0)}, crop padding {c0.pad_mode}.')
+    finetuned = [r.config for r in runs if r.config.regime == 'finetune'
+                 or r.config.schedule == 'iterative']
+    if finetuned:
+      f = finetuned[0]
+      lines.append(f'Fine-tuning: lr {f.finetune_lr:g} (constant), batch '
+                   f'{f.finetune_batch_size or f.batch_size}, wd {f.weight_decay:g}.')
+    reduced = [r.config for r in runs if r.config.regime == 'reduced']
+    if reduced:
+      lines.append(f'Reduced networks matched on {reduced[0].reduced_match}.')
   return '\n'.join(lines)
 
 

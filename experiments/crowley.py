@@ -7,14 +7,14 @@ normalisation as in [C]'s code, `prune_step` channels every `prune_every` steps)
 takes the baseline to several MACs budgets; each pruned network is fine-tuned
 (`finetune`), its architecture is trained from scratch (`scratch`), and both are
 compared with the same family made uniformly thinner to the same MACs
-(`reduced`, from scratch). The report plots accuracy against parameters. [C]
-matches parameter counts; jaxprune's `reduced` regime matches MACs (stated in the
-table).
-full: wrn40_2 on CIFAR-10 (the papers' 200-epoch WRN schedule is approximated by
-jaxprune's step schedule over --epochs=200; lr 0.1), 5 seeds.
-full: one channel every 100 steps, as [C]'s code does.
+(`reduced`, from scratch). The report plots accuracy against parameters.
+full: [C]'s recipe: wrn40_2 on CIFAR-10, 200 epochs, lr 0.1 x0.2 at epochs 60, 120 and
+160, batch 128 (training and pruning fine-tune), wd 5e-4, reflect padding for the random
+crop, one channel every 100 steps at lr 8e-4; the reduced networks matched on parameters
+with the stem fixed at 16 (`reduced_match` params), as [C]'s code does; 5 seeds.
 mini: wrn10_1 (the shallowest, thinnest WRN) stands in for wrn40_2; 4 channels
-every 10 steps.
+every 10 steps; jaxprune's defaults otherwise (x0.1 at 50 % and 75 %, zero padding),
+the reduced networks matched on MACs (stated in the table).
 """
 
 from experiments import common
@@ -25,8 +25,10 @@ REGIMES = ('finetune', 'scratch', 'reduced')
 PRUNE_EVERY = {'mini': 10, 'full': 100}
 PRUNE_STEP = {'mini': 4, 'full': 1}
 DEFAULTS = {'mini': {'model': 'wrn10_1'},
-            'full': {'model': 'wrn40_2', 'epochs': 200, 'weight_decay': 5e-4,
-                     'finetune_lr': 8e-4}}
+            'full': {'model': 'wrn40_2', 'epochs': 200, 'batch_size': 128, 'lr': 0.1,
+                     'lr_decay_epochs': '60,120,160', 'lr_decay_factor': 0.2,
+                     'weight_decay': 5e-4, 'pad_mode': 'reflect', 'finetune_lr': 8e-4,
+                     'reduced_match': 'params'}}
 
 
 def extra_flags(parser):
@@ -48,7 +50,9 @@ def plan(args) -> list:
     for budget in config.parse_list(args.budgets, 'budgets', 'target_macs'):
       for regime in config.parse_list(args.regimes, 'regimes', 'regime'):
         path = f'fisher/macs{budget:.2f}/s{seed}'
-        family = 'uniformly reduced (MACs-matched)' if regime == 'reduced' else 'fisher-pruned'
+        match = settings.get('reduced_match', 'macs')
+        family = (f"uniformly reduced ({'MACs' if match == 'macs' else 'params'}-matched)"
+                  if regime == 'reduced' else 'fisher-pruned')
         runs.append(common.make_run(
             EXPERIMENT, args.root, path, regime,
             {'family': f"{settings['model']} {family}", 'budget': budget, 'seed': seed},

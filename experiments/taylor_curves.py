@@ -12,7 +12,8 @@ prune stage's `prune/finetune/pruning_curve.jsonl` (per epoch: test accuracy,
 channels removed and the exact MACs of the masked network) and plots accuracy
 against the MACs kept.
 full: vgg16 on CIFAR-10 (stand-in for [M]'s ImageNet-pretrained VGG-16 on
-Birds/Flowers, which jaxprune does not load), fine-tune lr 1e-4, prune_step 1, 5 seeds.
+Birds/Flowers, which jaxprune does not load), [M]'s fine-tuning: lr 1e-4, momentum 0.9,
+wd 1e-4, batch 32; prune_step 1, 5 seeds.
 mini: resnet8 (baselines shared with random_vs_criterion), prune_step 8 (a run
 removes half of resnet8's 112 prunable channels in 7 removals).
 """
@@ -24,7 +25,8 @@ CRITERIA = ('taylor', 'min_weight', 'mean_activation', 'fisher', 'random')
 PRUNE_EVERY = (10, 30)
 PRUNE_STEP = {'mini': 8, 'full': 1}
 PRUNE_RATIO = 0.5
-DEFAULTS = {'mini': {'model': 'resnet8'}, 'full': {'model': 'vgg16', 'finetune_lr': 1e-4}}
+DEFAULTS = {'mini': {'model': 'resnet8'},
+            'full': {'model': 'vgg16', 'finetune_lr': 1e-4, 'finetune_batch_size': 32}}
 
 
 def extra_flags(parser):

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import errors
-from jaxprune.errors import ConfigError, DataError
+from jaxprune.errors import ConfigError, DataError, choose
 
 NPZ_KEYS = ('train_images', 'train_labels', 'test_images', 'test_labels')
 
@@ -60,6 +60,13 @@ _ALTERNATIVES = ("pass data_dir=DIR holding a prepared TFDS copy (array_record),
 _SETTINGS = ('dataset', 'data_path', 'data_dir')
 
 
+# How the random crop's border is filled (`augment`).
+PAD_MODES = {
+    'zero': 'black borders, padded before normalisation ([R]; torchvision RandomCrop(32, 4))',
+    'reflect': "the image mirrored into the border ([C]'s code)",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
   """What augmentation and normalisation need: hashable, so it can be a static jit argument."""
@@ -67,6 +74,7 @@ class DataSpec:
   std: tuple[float, ...]
   crop_padding: int = 0
   flip: bool = False
+  pad_mode: str = 'zero'
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -452,12 +460,11 @@ def augment(images: jax.Array, rng: jax.Array, crop_padding: int, flip: bool,
 
   Per image, independently: the (H + 2p, W + 2p) padded image is cropped back to H x W
   at an offset drawn uniformly from {0..2p}^2, then mirrored left-right with
-  probability 1/2 when `flip`. `pad_mode` is 'zero' (as in the papers: black borders,
+  probability 1/2 when `flip`. `pad_mode` is a key of PAD_MODES: 'zero' (black borders,
   padded before normalisation) or 'reflect'. Keeps the dtype; `crop_padding`, `flip`
   and `pad_mode` are static. With crop_padding=0 and flip=False it is the identity.
   """
-  if pad_mode not in ('zero', 'reflect'):
-    raise ConfigError(f"unknown pad_mode {pad_mode!r}; choose one of: reflect, zero.")
+  choose('pad_mode', pad_mode, PAD_MODES, setting='pad_mode')
   b, h, w, _ = images.shape
   crop_key, flip_key = jax.random.split(rng)
   if crop_padding:
@@ -491,7 +498,8 @@ def train_batch(images: jax.Array, labels: jax.Array, indices: jax.Array, rng: j
   `images` / `labels` are the on-device uint8 / int32 training arrays, `indices` one
   row of `epoch_permutation`, `rng` a fresh key per step, `spec` = `Dataset.spec` (static).
   """
-  batch = augment(jnp.take(images, indices, axis=0), rng, spec.crop_padding, spec.flip)
+  batch = augment(jnp.take(images, indices, axis=0), rng, spec.crop_padding, spec.flip,
+                  spec.pad_mode)
   return {'image': normalize(batch, spec.mean, spec.std),
           'label': jnp.take(labels, indices, axis=0).astype(jnp.int32)}
 

@@ -297,6 +297,19 @@ def test_train_batch_gathers_augments_and_normalises():
   np.testing.assert_allclose(batch['image'], expected, rtol=1e-6, atol=1e-6)
 
 
+def test_train_batch_pads_the_crop_as_its_spec_says():
+  import dataclasses
+  images, labels = _images(b=4), jnp.arange(4, dtype=jnp.int32)
+  indices = jnp.arange(4, dtype=jnp.int32)
+  batches = {mode: data.train_batch(images, labels, indices, jax.random.key(6),
+                                    dataclasses.replace(SPEC, pad_mode=mode))['image']
+             for mode in data.PAD_MODES}
+  expected = data.normalize(data.augment(images, jax.random.key(6), 2, True, 'reflect'),
+                            SPEC.mean, SPEC.std)
+  np.testing.assert_allclose(batches['reflect'], expected, rtol=1e-6, atol=1e-6)
+  assert not np.allclose(batches['reflect'], batches['zero'])
+
+
 def test_eval_batches_count_every_test_example_once():
   n, batch_size = 11, 4
   images, labels = _images(b=n), jnp.arange(n, dtype=jnp.int32)

@@ -277,3 +277,25 @@ def test_rethinking_full_vgg16_a_is_the_mlp_vgg_with_r_initialisation(tmp_path):
   assert inits == {('vgg16_mlp', 0.5, 'normal_0.01'), ('resnet56', 1.0, 'lecun_normal'),
                    ('resnet110', 1.0, 'lecun_normal'), ('vgg19', 0.5, 'normal_0.01'),
                    ('preresnet164', 0.5, 'lecun_normal'), ('densenet40', 0.5, 'lecun_normal')}
+
+
+def test_crowley_full_trains_with_c_recipe(tmp_path):
+  from jaxprune.pipeline import stages
+  from jaxprune.train import optim
+  runs = _full_plan('crowley', tmp_path, '--seeds=0')
+  for run in runs:
+    c = run.config
+    assert (c.model, c.epochs, c.batch_size, c.lr, c.lr_decay_epochs, c.lr_decay_factor,
+            c.weight_decay, c.pad_mode, c.finetune_lr, c.prune_every, c.prune_step) == (
+                'wrn40_2', 200, 128, 0.1, '60,120,160', 0.2, 5e-4, 'reflect', 8e-4, 100, 1)
+    assert c.finetune_batch_size is None  # fine-tunes at batch_size, 128
+  assert {r.config.reduced_match for r in runs if r.config.regime == 'reduced'} == {'params'}
+  rates = optim.learning_rates(stages.optimizer(runs[0].config), 200, 1)
+  np.testing.assert_allclose(rates[[0, 59, 60, 119, 120, 160, 199]],
+                             [0.1, 0.1, 0.02, 0.02, 0.004, 0.0008, 0.0008], rtol=1e-6)
+
+
+def test_taylor_curves_full_fine_tunes_at_m_batch_and_lr(tmp_path):
+  runs = _full_plan('taylor_curves', tmp_path, '--seeds=0')
+  assert {(r.config.finetune_batch_size, r.config.finetune_lr, r.config.weight_decay)
+          for r in runs} == {(32, 1e-4, 1e-4)}

@@ -72,3 +72,31 @@ def test_params_matched_reduced_keeps_the_stem_and_meets_the_pruned_params():
         f"stem {widths['stem']}, stages {[widths[f'stage{s}'] for s in (1, 2, 3)]}")
   assert widths['stem'] == 16
   assert 0.97 * target <= params <= target
+
+
+def test_scratch_b_scales_explicit_decay_epochs_with_its_epochs():
+  pruned = pruned_to_half_the_macs('tiny')
+  plan = regimes.plan('scratch_b', pruned, build=functools.partial(models.build, 'tiny', 10),
+                      image_shape=IMAGE, epochs=200,
+                      optimizer=train.OptimizerConfig(decay_epochs=(60, 120, 160)),
+                      finetune_epochs=1, finetune_lr=1e-3, scratch_b_cap=None, seed=0)
+  ratio = plan.epochs / 200
+  assert ratio > 1.5
+  assert plan.optimizer.decay_epochs == tuple(int(m * ratio) for m in (60, 120, 160))
+
+
+def test_c_schedule_pad_mode_and_finetune_batch_reach_the_trained_stages(quick_config):
+  from jaxprune import pipeline
+  from jaxprune.pipeline import stages
+  from jaxprune.train import checkpoint
+  config = quick_config(epochs=4, lr_decay_epochs='1,3', lr_decay_factor=0.2,
+                        pad_mode='reflect', finetune_batch_size=16, regime='finetune')
+  pipeline.validate(config)
+  data = stages.load_data(config)
+  assert stages.data_spec(config, data).pad_mode == 'reflect'
+  pipeline.run(config)
+  rates = [r['learning_rate'] for r in checkpoint.read_metrics(stages.baseline_stage(config))]
+  np.testing.assert_allclose(rates, [0.1, 0.02, 0.02, 0.004], rtol=1e-6)
+  finetuned = checkpoint.read_result(stages.absolute(config.workdir) / 'finetune')
+  assert (finetuned['batch_size'], checkpoint.read_result(
+      stages.baseline_stage(config))['batch_size']) == (16, 32)

@@ -215,6 +215,15 @@ def test_flops_penalty_removes_the_costliest_channel_among_equal_scores(tiny):
   assert {g for g, m in masks.items() if m.sum() < m.size} == {costliest}
 
 
+def test_absolute_flops_cost_subtracts_lambda_times_the_macs_one_channel_costs(tiny):
+  scores = random_scores(tiny)
+  penalised = sel._penalised(tiny, scores, sel._check_live(tiny, None), 1e-3, 'absolute')
+  full = flops.count(tiny).macs
+  for g in tiny.prunable:
+    saved = full - flops.count(tiny, {**tiny.widths, g: tiny.widths[g] - 1}).macs
+    np.testing.assert_allclose(penalised[g], scores[g] - 1e-3 * saved)
+
+
 def test_remove_lowest_removes_exactly_k_more_of_the_live_channels(tiny):
   scores = random_scores(tiny)
   current = {'fc': (scores['fc'] > np.sort(scores['fc'])[2]).astype(np.float32)}

@@ -39,13 +39,14 @@ def _removals(config, model, structure, variables) -> int:
 
 
 def prune(config, model, structure, variables, data, stage, *, options: train.TrainOptions,
-          scoring_batches: Callable[[], Iterable], record: Mapping):
-  """(masks, fine-tuned variables, final scores or None) of iterative pruning in `stage`."""
+          spec: data_lib.DataSpec, scoring_batches: Callable[[], Iterable], record: Mapping):
+  """(masks, fine-tuned variables, final scores or None) of iterative pruning in `stage`,
+  fine-tuning with `options` on batches augmented as `spec` says."""
   dataset = data.dataset
   total = sum(structure.widths[g] for g in structure.prunable)
   removals = _removals(config, model, structure, variables)
   rounds = math.ceil(removals / config.prune_step) if removals else 0
-  steps_per_epoch = data_lib.steps_per_epoch(dataset.num_train, config.batch_size)
+  steps_per_epoch = data_lib.steps_per_epoch(dataset.num_train, options.batch_size)
   epochs = max(1, math.ceil(rounds * config.prune_every / steps_per_epoch))
   criterion = criteria.get(config.criterion)
   accumulate = criteria.accumulator(criterion, model)
@@ -71,6 +72,7 @@ def prune(config, model, structure, variables, data, stage, *, options: train.Tr
                  for g, m in select.remove_lowest(
                      structure, scores, host_masks, k, normalize=normalize,
                      flops_penalty=config.flops_penalty,
+                     flops_cost=config.flops_cost,
                      min_channels=config.min_channels).items()}
       masks.update({g: np.asarray(m) for g, m in current.items()})
       progress['removed'] += k
@@ -96,7 +98,7 @@ def prune(config, model, structure, variables, data, stage, *, options: train.Tr
   hook_state = {'criterion': criterion.init(structure, rng), 'since': jnp.asarray(0),
                 'removed': jnp.asarray(0)}
   finetuned, _ = train.fit(
-      model, variables, data.arrays, dataset.spec, dataclasses.replace(options, epochs=epochs),
+      model, variables, data.arrays, spec, dataclasses.replace(options, epochs=epochs),
       stage_dir=stage / 'finetune', seed=config.seed, masks=masks, structure=structure,
       step_hook=hook, hook_state=hook_state, callbacks=(save_masks,), record=record)
   masks = {g: np.asarray(m, np.float32) for g, m in json.loads(masks_path.read_text()).items()}
@@ -106,5 +108,6 @@ def prune(config, model, structure, variables, data, stage, *, options: train.Tr
                           rng=rng, structure=structure)
   masks = select.select(config.selection, structure, scores, target_macs=config.target_macs,
                         min_channels=config.min_channels, flops_penalty=config.flops_penalty,
+                        flops_cost=config.flops_cost,
                         current=masks)
   return masks, finetuned, scores

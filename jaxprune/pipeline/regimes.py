@@ -3,12 +3,13 @@
 A regime is a plan, not a script; `pipeline` trains every plan with the same `train.fit`.
 
 * `finetune` [R]: the pruned network with its inherited weights, `finetune_epochs`
-  at a constant learning rate `finetune_lr`.
+  at a constant learning rate `finetune_lr`, batches of `finetune_batch_size`.
 * `scratch` (scratch-E) [R]: the pruned architecture, fresh random init, the
   baseline's epochs and schedule.
 * `scratch_b` [R]: as scratch, with the baseline's computation budget:
   int(epochs * MACs_full / MACs_pruned) epochs (at most `scratch_b_cap` x epochs
-  when a cap is set); the step schedule decays at the same fractions (50%, 75%).
+  when a cap is set); the step schedule decays at the same fractions (50%, 75%, or
+  explicit decay epochs scaled by the same ratio).
 * `lottery` [R]: the pruned architecture started from the baseline's *initial*
   weights, sliced by the kept channels.
 * `reduced` [C]: the unpruned architecture made uniformly thinner (every width,
@@ -59,12 +60,14 @@ class Pruned:
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """What a regime trains: `build(widths)` (or `model`, where the regime made a network
-  that is not the configured model at other widths), from `variables`."""
+  that is not the configured model at other widths), from `variables`, in batches of
+  `batch_size` (None: the baseline's)."""
   widths: Mapping[str, int]
   variables: Mapping
   epochs: int
   optimizer: train.OptimizerConfig
   model: nn.Module | None = None
+  batch_size: int | None = None
 
   def network(self, build: Callable) -> nn.Module:
     return build(self.widths) if self.model is None else self.model
@@ -136,22 +139,26 @@ def _fresh(build: Callable, widths, like, image_shape, rng) -> dict:
 def plan(regime: str, pruned: Pruned, *, build: Callable, image_shape, epochs: int,
          optimizer: train.OptimizerConfig, finetune_epochs: int,
          finetune_lr: float, scratch_b_cap: float | None, seed: int,
-         reduced_match: str = 'macs') -> Plan:
+         reduced_match: str = 'macs', finetune_batch_size: int | None = None) -> Plan:
   """The plan of one regime (see the module docstring); `build(widths)` makes the model."""
   retrain = dataclasses.replace(optimizer, bn_l1=0.0)
   rng = jax.random.fold_in(jax.random.key(seed), 1 + REGIMES.index(regime))
   if regime == 'finetune':
     return Plan(pruned.widths, pruned.variables, finetune_epochs,
-                dataclasses.replace(retrain, learning_rate=finetune_lr, schedule='constant'))
+                dataclasses.replace(retrain, learning_rate=finetune_lr, schedule='constant'),
+                batch_size=finetune_batch_size)
   if regime == 'scratch':
     return Plan(pruned.widths, _fresh(build, pruned.widths, pruned.variables,
                                       image_shape, rng), epochs, retrain)
   if regime == 'scratch_b':
     full = flops.count(pruned.structure).macs
     small = flops.count(pruned.structure, pruned.widths).macs
+    longer = scratch_b_epochs(epochs, full, small, scratch_b_cap)
+    if retrain.decay_epochs is not None:
+      retrain = dataclasses.replace(retrain, decay_epochs=tuple(
+          int(m * longer / epochs) for m in retrain.decay_epochs))
     return Plan(pruned.widths, _fresh(build, pruned.widths, pruned.variables,
-                                      image_shape, rng),
-                scratch_b_epochs(epochs, full, small, scratch_b_cap), retrain)
+                                      image_shape, rng), longer, retrain)
   if regime == 'lottery':
     _, variables, _ = shrink.shrink(pruned.structure, pruned.baseline_init, pruned.masks)
     return Plan(pruned.widths, variables, epochs, retrain)

@@ -85,7 +85,8 @@ def _train_copies_together(config, copies: list, data: stages.Data) -> None:
     model = starts[0][0]
     logging.info('Stage baseline: seeds %s as one vmapped program', seeds)
     trained = train.fit_copies(
-        model, [init for _, init, _ in starts], data.arrays, data.dataset.spec,
+        model, [init for _, init, _ in starts], data.arrays,
+        stages.data_spec(config, data),
         stages.train_options(config, config.epochs, stages.optimizer(config)),
         stage_dirs=[stage for _, _, stage in starts], seeds=seeds,
         checkpoint_dir=baseline_root / 'vmapped' / 'baseline',
@@ -99,7 +100,8 @@ def _train_copies_together(config, copies: list, data: stages.Data) -> None:
     planned = [stages.regime_plan(c, regime, p, data) for c, p in zip(copies, pruned)]
     groups: dict[tuple, list[int]] = {}
     for i, (_, plan) in enumerate(planned):
-      key = (tuple(sorted(plan.widths.items())), plan.epochs, plan.optimizer, plan.model)
+      key = (tuple(sorted(plan.widths.items())), plan.epochs, plan.optimizer, plan.model,
+             plan.batch_size)
       groups.setdefault(key, []).append(i)
     for members in groups.values():
       plan: regimes.Plan = planned[members[0]][1]
@@ -107,7 +109,8 @@ def _train_copies_together(config, copies: list, data: stages.Data) -> None:
                    [seeds[i] for i in members], plan.epochs)
       train.fit_copies(
           plan.network(build), [planned[i][1].variables for i in members], data.arrays,
-          data.dataset.spec, stages.train_options(config, plan.epochs, plan.optimizer),
+          stages.data_spec(config, data),
+          stages.train_options(config, plan.epochs, plan.optimizer, plan.batch_size),
           stage_dirs=[planned[i][0] for i in members], seeds=[seeds[i] for i in members],
           checkpoint_dir=stages.absolute(config.workdir) / 'vmapped' / regime,
           record=stages.regime_record(config, plan.cost(pruned[members[0]].structure,

@@ -92,11 +92,15 @@ def check_feasible(config, data: Data) -> None:
   divisible by the devices, a selection the model's channels cannot reach (a ratio or a
   MACs target beyond what min_channels keeps)."""
   dataset = data.dataset
-  data_lib.steps_per_epoch(dataset.num_train, config.batch_size)
   devices = jax.device_count()
-  if config.batch_size % devices:
-    raise ConfigError(f'batch_size {config.batch_size} is not divisible by the {devices} '
-                      'devices.', settings=('batch_size',))
+  for name in ('batch_size', 'finetune_batch_size'):
+    batch_size = getattr(config, name)
+    if batch_size is None:
+      continue
+    data_lib.steps_per_epoch(dataset.num_train, batch_size)
+    if batch_size % devices:
+      raise ConfigError(f'{name} {batch_size} is not divisible by the {devices} devices.',
+                        settings=(name,))
   structure = structure_lib.derive(model_builder(config, dataset.num_classes)(None),
                                    dataset.image_shape)
   # Feasibility depends on the channel counts only, never on the scores' values.
@@ -105,6 +109,7 @@ def check_feasible(config, data: Data) -> None:
   select.select(config.selection, structure, scores, ratio=config.prune_ratio,
                 target_macs=config.target_macs, preset=config.preset,
                 min_channels=config.min_channels, flops_penalty=config.flops_penalty,
+                flops_cost=config.flops_cost,
                 round_to=config.round_to)
 
 
@@ -142,12 +147,25 @@ def model_builder(config, num_classes: int) -> Callable[[Mapping | None], nn.Mod
 
 def optimizer(config) -> train.OptimizerConfig:
   return train.OptimizerConfig(learning_rate=config.lr, schedule=config.lr_schedule,
+                               decay_epochs=config_lib.decay_epochs(config),
+                               decay_factor=config.lr_decay_factor,
                                weight_decay=config.weight_decay, bn_l1=config.bn_l1)
 
 
-def train_options(config, epochs: int, optimizer_config: train.OptimizerConfig):
-  return train.TrainOptions(epochs=epochs, batch_size=config.batch_size,
+def data_spec(config, data: Data) -> data_lib.DataSpec:
+  """The augmentation and normalisation every training stage of `config` uses."""
+  return dataclasses.replace(data.dataset.spec, pad_mode=config.pad_mode)
+
+
+def train_options(config, epochs: int, optimizer_config: train.OptimizerConfig,
+                  batch_size: int | None = None):
+  """`batch_size` None: the baseline's."""
+  return train.TrainOptions(epochs=epochs, batch_size=batch_size or config.batch_size,
                             optimizer=optimizer_config, precision=config.precision)
+
+
+def finetune_batch_size(config) -> int:
+  return config.finetune_batch_size or config.batch_size
 
 
 def stage_record(config) -> dict:
@@ -259,7 +277,7 @@ def baseline(config, data: Data) -> Baseline:
   """Trains (or resumes, or reads) the baseline."""
   model, init, stage = baseline_start(config, data)
   logging.info('Stage baseline: %s', stage)
-  variables, result = train.fit(model, init, data.arrays, data.dataset.spec,
+  variables, result = train.fit(model, init, data.arrays, data_spec(config, data),
                                 train_options(config, config.epochs, optimizer(config)),
                                 stage_dir=stage, seed=config.seed, record=stage_record(config))
   return Baseline(model, init, variables, result, stage)
@@ -301,12 +319,15 @@ def prune(config, base: Baseline, data: Data) -> PruneOutcome:
     masks = select.select(config.selection, structure, scores, ratio=config.prune_ratio,
                           target_macs=config.target_macs, preset=config.preset,
                           min_channels=config.min_channels, flops_penalty=config.flops_penalty,
+                          flops_cost=config.flops_cost,
                           round_to=config.round_to)
     source = base.variables
   else:
     masks, source, scores = iterative.prune(
         config, base.model, structure, base.variables, data, stage,
-        options=train_options(config, 1, iterative.finetune_optimizer(config)),
+        options=train_options(config, 1, iterative.finetune_optimizer(config),
+                              finetune_batch_size(config)),
+        spec=data_spec(config, data),
         scoring_batches=lambda: scoring_batches(dataset, config.batch_size,
                                                 config.prune_batches, config.seed),
         record=stage_record(config))
@@ -343,7 +364,8 @@ def regime_plan(config, regime: str, pruned: regimes.Pruned,
                       image_shape=data.dataset.image_shape, epochs=config.epochs,
                       optimizer=optimizer(config), finetune_epochs=config.finetune_epochs,
                       finetune_lr=config.finetune_lr, scratch_b_cap=config.scratch_b_cap,
-                      seed=config.seed, reduced_match=config.reduced_match)
+                      seed=config.seed, reduced_match=config.reduced_match,
+                      finetune_batch_size=finetune_batch_size(config))
   return stage, plan
 
 
@@ -353,8 +375,9 @@ def retrain(config, regime: str, pruned: regimes.Pruned, data: Data) -> dict:
   logging.info('Stage %s: %d epochs', regime, plan.epochs)
   cost = plan.cost(pruned.structure, data.dataset.image_shape)
   _, result = train.fit(plan.network(model_builder(config, data.dataset.num_classes)),
-                        plan.variables, data.arrays, data.dataset.spec,
-                        train_options(config, plan.epochs, plan.optimizer), stage_dir=stage,
+                        plan.variables, data.arrays, data_spec(config, data),
+                        train_options(config, plan.epochs, plan.optimizer, plan.batch_size),
+                        stage_dir=stage,
                         seed=config.seed, record=regime_record(config, cost))
   return regime_row(regime, result, stage)
 

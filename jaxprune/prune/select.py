@@ -43,6 +43,13 @@ prunable channels. The penalty is thus dimensionless (1 = the average channel's
 cost), independent of image size and model; `DEFAULT_FLOPS_PENALTY` (1e-3, [M]'s
 lambda) is the value to use when it is switched on. It is applied after L2
 normalisation and computed once, at the widths the selection starts from.
+`flops_cost='absolute'` (`FLOPS_COSTS`) drops the division by `mean_m`: the penalty is
+`lambda * m_g` with `m_g` a count of MACs, which is the form of [M]'s public code
+(NVlabs/Taylor_pruning, `apply_flops_regularization`: score - mu * the layer's FLOPs per
+output channel, unnormalised; that code leaves it switched off, "not used in the paper").
+Its per-channel cost is that layer's own convolution (plus 3 per output position for BN);
+`m_g` here is every MAC the channel takes part in (its producer's output and its
+consumers' input), so the two agree on a layer's own MACs only.
 """
 
 import collections
@@ -58,6 +65,11 @@ from jaxprune.errors import ConfigError, choose
 from jaxprune.prune.structure import Structure
 
 DEFAULT_FLOPS_PENALTY = 1e-3
+# What the FLOPs penalty multiplies (module docstring): the keys the `flops_cost` setting takes.
+FLOPS_COSTS = {
+    'relative': "a channel's MACs over the mean live channel's (dimensionless)",
+    'absolute': "a channel's MACs as a count, as [M]'s public code (unnormalised)",
+}
 
 Scores = Mapping[str, np.ndarray]
 Masks = dict[str, np.ndarray]
@@ -305,13 +317,16 @@ def _live_widths(structure: Structure, live: Mapping[str, np.ndarray]) -> dict[s
   return widths
 
 
-def _penalised(structure: Structure, scores: Scores, live, penalty: float) -> dict:
+def _penalised(structure: Structure, scores: Scores, live, penalty: float,
+               cost: str = 'relative') -> dict:
   """Scores minus the FLOPs penalty (see the module docstring)."""
   if not penalty:
     return dict(scores)
   widths = _live_widths(structure, live)
   macs = _Macs(structure)
   per_channel = {g: macs.drop_one(g, widths) for g in structure.prunable}
+  if cost == 'absolute':
+    return {g: s - penalty * per_channel[g] for g, s in scores.items()}
   n_live = sum(widths[g] for g in structure.prunable)
   mean = sum(per_channel[g] * widths[g] for g in structure.prunable) / n_live
   if mean == 0:
@@ -379,10 +394,11 @@ def _preset(structure, scores, live, *, preset, min_channels, flops_penalty):
                     min_channels)
 
 
-def _global(structure, scores, live, *, ratio, min_channels, flops_penalty, normalize=False):
+def _global(structure, scores, live, *, ratio, min_channels, flops_penalty, flops_cost,
+            normalize=False):
   if normalize:
     scores = l2_normalize(scores, live)
-  scores = _penalised(structure, scores, live, flops_penalty)
+  scores = _penalised(structure, scores, live, flops_penalty, flops_cost)
   total = sum(structure.widths[g] for g in structure.prunable)
   removed = total - sum(int(m.sum()) for m in live.values())
   wanted = int(ratio * total)
@@ -408,11 +424,11 @@ def _slimming(structure, scores, live, *, ratio, min_channels, flops_penalty):
   return keep
 
 
-def _macs(structure, scores, live, *, target_macs, min_channels, flops_penalty,
+def _macs(structure, scores, live, *, target_macs, min_channels, flops_penalty, flops_cost,
           normalize=False):
   if normalize:
     scores = l2_normalize(scores, live)
-  scores = _penalised(structure, scores, live, flops_penalty)
+  scores = _penalised(structure, scores, live, flops_penalty, flops_cost)
   original = flops.count(structure).macs
   budget = target_macs * original
   floor_widths = _live_widths(structure, live)
@@ -474,7 +490,7 @@ SELECTIONS: dict[str, Selection] = {
 def select(name: str, structure: Structure, scores: Scores, *, ratio: float | None = None,
            target_macs: float | None = None, preset: str | None = None, min_channels: int = 1,
            flops_penalty: float = 0.0, current: Mapping | None = None,
-           round_to: int = 1) -> Masks:
+           round_to: int = 1, flops_cost: str = 'relative') -> Masks:
   """Turns scores into keep masks with the policy `name` (see the module docstring).
 
   Args:
@@ -489,6 +505,7 @@ def select(name: str, structure: Structure, scores: Scores, *, ratio: float | No
     flops_penalty: lambda of the FLOPs-aware penalty (global*, macs*); 0 = off.
     current: {group: (C,) mask} of channels already removed (0); missing groups are live.
     round_to: round every group's kept channels up to a multiple of this (1 = exact).
+    flops_cost: what the penalty multiplies, a key of `FLOPS_COSTS`.
 
   Returns:
     {group: (C,) float32 numpy array of 0/1} for every prunable group.
@@ -507,13 +524,15 @@ def select(name: str, structure: Structure, scores: Scores, *, ratio: float | No
                       f"{', '.join(n for n, s in SELECTIONS.items() if s.penalty)} do.",
                       settings=('selection', 'flops_penalty'))
   flops_penalty = _check_penalty(flops_penalty)
+  choose('flops_cost', flops_cost, FLOPS_COSTS, setting='flops_cost')
   checks = {'ratio': _check_ratio, 'target_macs': _check_target, 'preset': _check_preset}
   argument = checks[policy.needs](name, given[policy.needs])
   min_channels = _check_count('min_channels', min_channels)
   scores = _check_scores(structure, scores)
   live = _check_live(structure, current)
+  cost = {'flops_cost': flops_cost} if policy.penalty else {}
   keep = policy.fn(structure, scores, live, **{policy.needs: argument},
-                   min_channels=min_channels, flops_penalty=flops_penalty)
+                   min_channels=min_channels, flops_penalty=flops_penalty, **cost)
   if round_to > 1:
     keep = {g: _keep_top(scores[g], live[g],
                          min(int(live[g].sum()), -(-int(keep[g].sum()) // round_to) * round_to))
@@ -523,11 +542,11 @@ def select(name: str, structure: Structure, scores: Scores, *, ratio: float | No
 
 def remove_lowest(structure: Structure, scores: Scores, current: Mapping | None, k: int, *,
                   normalize: bool = False, flops_penalty: float = 0.0,
-                  min_channels: int = 1) -> Masks:
+                  min_channels: int = 1, flops_cost: str = 'relative') -> Masks:
   """Removes the k globally lowest-scoring live channels (one step of iterative pruning).
 
   Args:
-    structure, scores, min_channels, flops_penalty: as for `select`.
+    structure, scores, min_channels, flops_penalty, flops_cost: as for `select`.
     current: masks of the channels already removed (None = all live).
     k: how many more channels to remove.
     normalize: L2-normalise each group's scores over its live channels first [M].
@@ -538,12 +557,13 @@ def remove_lowest(structure: Structure, scores: Scores, current: Mapping | None,
   if int(k) != k or k < 0:
     raise ValueError(f"k must be a non-negative integer number of channels, got {k!r}.")
   flops_penalty = _check_penalty(flops_penalty)
+  choose('flops_cost', flops_cost, FLOPS_COSTS, setting='flops_cost')
   min_channels = _check_count('min_channels', min_channels)
   scores = _check_scores(structure, scores)
   live = _check_live(structure, current)
   if normalize:
     scores = l2_normalize(scores, live)
-  scores = _penalised(structure, scores, live, flops_penalty)
+  scores = _penalised(structure, scores, live, flops_penalty, flops_cost)
   order = _removal_order(structure, scores, live, min_channels)
   if k > len(order):
     raise ConfigError(f"cannot remove {k} more channels: keeping min_channels={min_channels} "
