@@ -177,7 +177,9 @@ def _lr_schedule(config) -> str:
 
 
 def _init(config) -> str:
-  return f'bn {config.bn_scale_init:g}, dense {config.dense_init}'
+  shortcut = (f', {config.resnet_shortcut}'
+              if config.resnet_shortcut != 'subsample' else '')
+  return f'bn {config.bn_scale_init:g}, dense {config.dense_init}{shortcut}'
 
 
 def describe(runs: Sequence[Run]) -> str:
@@ -209,6 +211,11 @@ def describe(runs: Sequence[Run]) -> str:
       f = finetuned[0]
       lines.append(f'Fine-tuning: lr {f.finetune_lr:g} (constant), batch '
                    f'{f.finetune_batch_size or f.batch_size}, wd {f.weight_decay:g}.')
+    lottery = sorted({(r.labels.get('method', ''), r.config.lottery_style) for r in runs
+                      if r.config.regime == 'lottery'})
+    if lottery:
+      lines.append('Lottery: ' + ', '.join(f'{style} ({method})' if method else style
+                                           for method, style in lottery) + '.')
     reduced = [r.config for r in runs if r.config.regime == 'reduced']
     if reduced:
       lines.append(f'Reduced networks matched on {reduced[0].reduced_match}.')

@@ -9,9 +9,14 @@ full: L1 presets VGG-16-A (vgg16_mlp: pool -> Dense 512 -> BN -> ReLU -> Dense, 
 L1-norm VGG), ResNet-56-A/B (resnet56), ResNet-110-A/B (resnet110) with criterion l1 and
 selection preset; network slimming on VGG-19 (bn_l1 1e-4, percent 0.7), PreResNet-164 and
 DenseNet-40 (bn_l1 1e-5, 0.4 and 0.6): criterion bn_scale, selection slimming. 160 epochs,
-batch 64, lr 0.1, 5 seeds. Initialisation as [R]'s code (`FULL_INIT`): every BN gamma 0.5
-in the VGGs, PreResNet-164 and DenseNet-40 (1 in the ResNets), the VGGs' Dense layers
-N(0, 0.01) with zero bias.
+batch 64, lr 0.1, 5 seeds. As [R]'s code (`FULL_CODE`): every BN gamma starts at 0.5 in
+the VGGs, PreResNet-164 and DenseNet-40 (1 in the ResNets), the VGGs' Dense layers at
+N(0, 0.01) with zero bias; the ResNets' downsampling shortcut is a 2x2 average pool +
+zero-pad with no gradient through it (`resnet_shortcut` avgpool_detached); the L1 rows'
+lottery keeps the full network with the removed filters held at zero (`lottery_style`
+mask). [R]'s lottery code covers L1-norm pruning only: the slimming rows' lottery is
+jaxprune's sliced one (their PreResNet and DenseNet groups are channel selections, which
+no conv filter produces).
 mini (stand-ins, stated in the table): Li et al.'s presets exist only for the
 full-size models, so mini prunes resnet8 per layer by l1 at ratio 0.5 (`layer`,
 the inner convolution of every block, as the ResNet presets do) as the L1
@@ -40,10 +45,13 @@ FULL = (  # (method, model, criterion, selection, target, bn_l1)
     ('slimming', 'densenet40', 'bn_scale', 'slimming', 0.4, 1e-5),
     ('slimming', 'densenet40', 'bn_scale', 'slimming', 0.6, 1e-5),
 )
-# [R]'s initial values where they are not jaxprune's defaults (full scale).
-_R_VGG_INIT = dict(bn_scale_init=0.5, dense_init='normal_0.01')
-FULL_INIT = {'vgg16_mlp': _R_VGG_INIT, 'vgg19': _R_VGG_INIT,
-             'preresnet164': dict(bn_scale_init=0.5), 'densenet40': dict(bn_scale_init=0.5)}
+# [R]'s code where it is not jaxprune's default (full scale): per model, and for every row.
+_R_VGG = dict(bn_scale_init=0.5, dense_init='normal_0.01')
+_R_RESNET = dict(resnet_shortcut='avgpool_detached')
+FULL_CODE = {'vgg16_mlp': _R_VGG, 'vgg19': _R_VGG, 'resnet56': _R_RESNET,
+             'resnet110': _R_RESNET, 'preresnet164': dict(bn_scale_init=0.5),
+             'densenet40': dict(bn_scale_init=0.5)}
+FULL_CODE_L1 = dict(lottery_style='mask')
 MINI = (
     ('l1 (per-layer 0.5 stand-in for the presets)', 'resnet8', 'l1', 'layer', 0.5, 0.0),
     ('slimming (preresnet11 stand-in for preresnet164)', 'preresnet11', 'bn_scale',
@@ -73,7 +81,7 @@ def plan(args) -> list:
     args.model = args_model
     settings['bn_l1'] = bn_l1
     if args.scale == 'full':
-      settings.update(FULL_INIT.get(model, {}))
+      settings.update(FULL_CODE[model], **(FULL_CODE_L1 if method == 'l1' else {}))
     key = {'ratio': 'prune_ratio', 'preset': 'preset'}[
         'preset' if selection == 'preset' else 'ratio']
     for seed in common.seeds_of(args):

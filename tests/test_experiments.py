@@ -268,15 +268,21 @@ def _full_plan(name, tmp_path, *argv):
                      scales=_scales(name))
 
 
-def test_rethinking_full_vgg16_a_is_the_mlp_vgg_with_r_initialisation(tmp_path):
+def test_rethinking_full_rows_are_r_code_vgg16_a_mlp_init_shortcut_lottery(tmp_path):
   runs = _full_plan('rethinking', tmp_path, '--seeds=0')
   l1_vgg = [r.config for r in runs if r.config.preset == 'vgg16_a']
   assert l1_vgg and all((c.model, c.dense_init, c.bn_scale_init) ==
                         ('vgg16_mlp', 'normal_0.01', 0.5) for c in l1_vgg)
-  inits = {(r.config.model, r.config.bn_scale_init, r.config.dense_init) for r in runs}
-  assert inits == {('vgg16_mlp', 0.5, 'normal_0.01'), ('resnet56', 1.0, 'lecun_normal'),
-                   ('resnet110', 1.0, 'lecun_normal'), ('vgg19', 0.5, 'normal_0.01'),
-                   ('preresnet164', 0.5, 'lecun_normal'), ('densenet40', 0.5, 'lecun_normal')}
+  code = {(r.config.model, r.config.bn_scale_init, r.config.dense_init,
+           r.config.resnet_shortcut) for r in runs}
+  assert code == {('vgg16_mlp', 0.5, 'normal_0.01', 'subsample'),
+                  ('resnet56', 1.0, 'lecun_normal', 'avgpool_detached'),
+                  ('resnet110', 1.0, 'lecun_normal', 'avgpool_detached'),
+                  ('vgg19', 0.5, 'normal_0.01', 'subsample'),
+                  ('preresnet164', 0.5, 'lecun_normal', 'subsample'),
+                  ('densenet40', 0.5, 'lecun_normal', 'subsample')}
+  assert {(r.labels['method'], r.config.lottery_style) for r in runs} == {
+      ('l1', 'mask'), ('slimming', 'slice')}
 
 
 def test_crowley_full_trains_with_c_recipe(tmp_path):

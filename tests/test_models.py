@@ -326,3 +326,20 @@ def test_dense_init_normal_001_draws_every_dense_kernel_from_n_0_001_with_zero_b
   default = models.build('vgg11_mlp').init(jax.random.key(0), x)['params']
   # Flax's default (LeCun) init: variance 1 / fan_in = 1 / 512.
   assert np.asarray(default['fc_dense']['kernel']).std() > 0.03
+
+
+def test_avgpool_detached_shortcut_averages_pads_and_passes_no_gradient():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
+  detached = models.build('resnet8', resnet_shortcut='avgpool_detached')
+  out = detached.downsampled(x, 2, 32)
+  expected = x.reshape(2, 4, 2, 4, 2, 16).mean(axis=(2, 4))
+  np.testing.assert_allclose(out[..., :16], expected, rtol=1e-6)
+  np.testing.assert_array_equal(out[..., 16:], 0)
+  assert not jnp.any(jax.grad(lambda x: detached.downsampled(x, 2, 32).sum())(x))
+  default = models.build('resnet8')
+  np.testing.assert_array_equal(default.downsampled(x, 2, 32)[..., :16], x[:, ::2, ::2, :])
+  assert jnp.all(jax.grad(lambda x: default.downsampled(x, 2, 32).sum())(x)[:, ::2, ::2] == 1)
+  # Identity blocks keep the identity shortcut either way.
+  assert detached.downsampled(x, 1, 16) is x
+  with pytest.raises(ConfigError, match='resnet_shortcut'):
+    models.build('vgg11', resnet_shortcut='avgpool_detached')

@@ -6,8 +6,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxprune import models, train
+from jaxprune.errors import ConfigError
 from jaxprune.models import layers
 from jaxprune.pipeline import regimes
 from jaxprune.prune import flops, select, structure
@@ -100,3 +102,36 @@ def test_c_schedule_pad_mode_and_finetune_batch_reach_the_trained_stages(quick_c
   finetuned = checkpoint.read_result(stages.absolute(config.workdir) / 'finetune')
   assert (finetuned['batch_size'], checkpoint.read_result(
       stages.baseline_stage(config))['batch_size']) == (16, 32)
+
+
+def test_mask_lottery_holds_removed_filters_at_zero_and_trains_the_rest(quick_config):
+  from jaxprune import pipeline
+  from jaxprune.pipeline import stages
+  from jaxprune.train import checkpoint
+  from flax import traverse_util
+  config = quick_config(regime='lottery', lottery_style='mask', selection='layer')
+  row = next(r for r in pipeline.run(config)['rows'] if r['stage'] == 'lottery')
+  data = stages.load_data(config)
+  pruned = stages.prune(config, stages.baseline(config, data), data).pruned
+  stage, plan = stages.regime_plan(config, 'lottery', pruned, data)
+  final = traverse_util.flatten_dict(checkpoint.load_final(stage, like=plan.variables)['params'])
+  start = traverse_util.flatten_dict(plan.variables['params'])
+  for group, layer, shift in (('conv1', 'conv1_conv', 'conv1_bn'),
+                              ('conv2', 'conv2_conv', 'conv2_bn'), ('fc', 'fc_dense', 'fc_dense')):
+    removed = pruned.masks[group] == 0
+    kernel = final[(layer, 'kernel')]
+    np.testing.assert_array_equal(kernel[..., removed], 0)
+    moved = kernel[..., ~removed] != start[(layer, 'kernel')][..., ~removed]
+    assert np.all(np.any(moved.reshape(-1, moved.shape[-1]), axis=0))
+    # A removed channel's output is relu(beta); beta starts at 0, the ReLU's kink, and
+    # gets no gradient there, so the channel emits zero as in the sliced lottery.
+    np.testing.assert_array_equal(final[(shift, 'bias')][removed], 0)
+  full = flops.count(pruned.structure)
+  assert row['macs'] < full.macs and row['params'] < full.params
+  assert row['macs'] == flops.count_masked(pruned.structure, plan.variables['weight_masks']).macs
+
+
+def test_mask_lottery_refuses_channels_no_conv_filter_produces():
+  pruned = pruned_to_half_the_macs('densenet10')
+  with pytest.raises(ConfigError, match='lottery_style=slice'):
+    regimes.filter_masks(pruned.structure, pruned.masks)

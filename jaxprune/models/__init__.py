@@ -15,12 +15,12 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jaxprune.errors import choose
+from jaxprune.errors import ConfigError, choose
 from jaxprune.kernels import compiler
 from jaxprune.kernels.options import PerformanceOptions
 from jaxprune.models import layers
 from jaxprune.models.densenet import DenseNet
-from jaxprune.models.resnet import PreResNet, ResNet, WideResNet
+from jaxprune.models.resnet import SHORTCUTS, PreResNet, ResNet, WideResNet
 from jaxprune.models.tiny import TinyCNN
 from jaxprune.models.vgg import CFGS, VGG
 
@@ -50,14 +50,16 @@ def scaled_widths(widths: Mapping[str, int], multiplier: float) -> dict[str, int
 def build(name: str, num_classes: int = 10, widths: Mapping[str, int] | None = None,
           performance: PerformanceOptions | None = None,
           width_multiplier: float = 1.0, bn_scale_init: float = 1.0,
-          dense_init: str = 'lecun_normal') -> nn.Module:
+          dense_init: str = 'lecun_normal', resnet_shortcut: str = 'subsample') -> nn.Module:
   """Returns the registered model `name`, with default widths unless `widths` is given.
 
   `width_multiplier` scales the default widths (`scaled_widths`), making a narrower (or
   wider) member of the family; explicit `widths` are taken as they are. `performance`
   None is `PerformanceOptions()`, the defaults; entry points pass the options they read
   (`PerformanceOptions.from_env`), library code passes them on. `bn_scale_init` and
-  `dense_init` choose the initial values (the defaults: gamma 1, Flax's Dense init).
+  `dense_init` choose the initial values (the defaults: gamma 1, Flax's Dense init);
+  `resnet_shortcut` the downsampling shortcut of the basic-block ResNets (a key of
+  `resnet.SHORTCUTS`; ConfigError for another family unless it is the default).
   """
   choose('model', name, MODELS)
   choose('Dense initialiser', dense_init, layers.DENSE_INITS, setting='dense_init')
@@ -65,6 +67,12 @@ def build(name: str, num_classes: int = 10, widths: Mapping[str, int] | None = N
   model = MODELS[name](num_classes=num_classes, widths=widths,
                        performance=PerformanceOptions() if performance is None else performance,
                        bn_scale_init=bn_scale_init, dense_init=dense_init)
+  if resnet_shortcut != 'subsample':
+    choose('ResNet shortcut', resnet_shortcut, SHORTCUTS, setting='resnet_shortcut')
+    if not isinstance(model, ResNet):
+      raise ConfigError(f'resnet_shortcut={resnet_shortcut} is for the basic-block ResNets '
+                        f'(resnet*), not {name}.', settings=('resnet_shortcut', 'model'))
+    model = model.clone(shortcut=resnet_shortcut)
   if widths is None and width_multiplier != 1.0:
     model = model.clone(widths=scaled_widths(model.default_widths(), width_multiplier))
   return model

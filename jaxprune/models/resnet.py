@@ -8,6 +8,7 @@ stage adds into them. The prunable groups are the channels internal to a block.
 from typing import Mapping, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jaxprune.errors import ConfigError
@@ -30,8 +31,17 @@ def _blocks_per_stage(name: str, depth: int, per_block: int, extra: int) -> int:
   return n
 
 
+# The parameter-free shortcuts of a basic-block ResNet's downsampling blocks.
+SHORTCUTS = {
+    'subsample': 'strided subsample + zero-pad channels; gradients flow through it',
+    'avgpool_detached': "[R]'s code: 2x2 average pool + zero-pad, built from detached data "
+                        '(no gradient flows through it)',
+}
+
+
 class ResNet(layers.Network):
-  """Basic-block CIFAR ResNet with the parameter-free shortcut (subsample + zero-pad).
+  """Basic-block CIFAR ResNet with the parameter-free shortcut (`shortcut`, a key of
+  SHORTCUTS, in the blocks that downsample; identity elsewhere).
 
   Prunable: `stage{s}_block{b}`, the output of each block's first conv (s, b from 1).
   """
@@ -42,6 +52,7 @@ class ResNet(layers.Network):
   performance: PerformanceOptions = PerformanceOptions()
   bn_scale_init: float = 1.0
   dense_init: str = 'lecun_normal'
+  shortcut: str = 'subsample'
 
   def blocks_per_stage(self) -> int:
     return _blocks_per_stage('ResNet', self.depth, 6, 2)
@@ -76,11 +87,22 @@ class ResNet(layers.Network):
         y = layers.gate(self, y, masks, group)
         y = layers.conv(perf, out, 3, name=f'{group}_conv2')(y)
         y = layers.batch_norm(perf, train, self.bn_scale_init, name=f'{group}_bn2')(y)
-        shortcut = x[:, ::stride, ::stride, :]
-        shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0), (0, out - x.shape[-1])))
-        x = nn.relu(y + shortcut)
+        x = nn.relu(y + self.downsampled(x, stride, out))
     x = jnp.mean(x, axis=(1, 2))
     return layers.dense(self.num_classes, self.dense_init, name='head')(x)
+
+  def downsampled(self, x, stride: int, out: int):
+    """The block's shortcut: `x` itself, or `shortcut`'s parameter-free downsampling."""
+    if stride == 1 and out == x.shape[-1]:
+      return x
+    if self.shortcut == 'subsample':
+      y = x[:, ::stride, ::stride, :]
+    elif self.shortcut == 'avgpool_detached':
+      y = jax.lax.stop_gradient(nn.avg_pool(x, (stride, stride), strides=(stride, stride),
+                                            padding='SAME', count_include_pad=False))
+    else:
+      raise ValueError(f'unknown ResNet shortcut {self.shortcut!r}; one of {list(SHORTCUTS)}.')
+    return jnp.pad(y, ((0, 0), (0, 0), (0, 0), (0, out - x.shape[-1])))
 
 
 class PreResNet(layers.Network):

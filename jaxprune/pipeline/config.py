@@ -162,6 +162,9 @@ SETTINGS: tuple[Setting, ...] = (
             "(0.5 in [R]'s network-slimming models and L1-norm VGG).", 'baseline', minimum=0),
     Setting('dense_init', str, 'lecun_normal', "Initialiser of every Dense layer's kernel "
             '(biases start at zero).', 'baseline', choices=lambda: models.layers.DENSE_INITS),
+    Setting('resnet_shortcut', str, 'subsample', 'The downsampling shortcut of the '
+            'basic-block ResNets (resnet*).', 'baseline',
+            choices=lambda: models.resnet.SHORTCUTS),
     Setting('dataset', str, 'digits', "Dataset. digits is scikit-learn's bundled 8x8 "
             'handwritten digits (offline).', 'baseline', choices=lambda: data.DATASETS),
     Setting('data_path', str, None, 'The .npz file for dataset=npz (keys train_images, '
@@ -225,6 +228,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting('finetune_epochs', int, 40, 'Epochs of the finetune regime.', 'finetune', minimum=1),
     Setting('finetune_lr', float, 1e-3, 'Constant learning rate of fine-tuning.', 'finetune',
             above=0, retunable=True),
+    Setting('lottery_style', str, 'slice', "How the lottery regime starts from the "
+            "baseline's initial weights ([R]'s numbers: mask).", 'lottery',
+            choices=lambda: regimes.LOTTERY_STYLES),
     Setting('reduced_match', str, 'macs', "What the reduced regime's uniformly thinner "
             'network matches.', 'reduced', choices=lambda: regimes.REDUCED_MATCH),
     Setting('scratch_b_cap', float, None, 'Cap scratch_b at this multiple of epochs.',
@@ -355,6 +361,11 @@ def validate(config) -> None:
     raise ConfigError('schedule=iterative removes channels globally and cannot follow a '
                       'per-layer preset; use schedule=oneshot.', settings=('schedule', 'preset'))
   decay_epochs(config)
+  if config.resnet_shortcut != BY_NAME['resnet_shortcut'].default and not isinstance(
+      models.build(config.model), models.ResNet):
+    raise ConfigError(f'resnet_shortcut={config.resnet_shortcut} is for the basic-block '
+                      f'ResNets (resnet*), not {config.model}.',
+                      settings=('resnet_shortcut', 'model'))
   if config.dataset == 'npz' and not config.data_path:
     raise ConfigError('dataset=npz needs data_path=FILE.npz.', settings=('dataset', 'data_path'))
   workdir.check_workdir(config.workdir)

@@ -10,8 +10,15 @@ A regime is a plan, not a script; `pipeline` trains every plan with the same `tr
   int(epochs * MACs_full / MACs_pruned) epochs (at most `scratch_b_cap` x epochs
   when a cap is set); the step schedule decays at the same fractions (50%, 75%, or
   explicit decay epochs scaled by the same ratio).
-* `lottery` [R]: the pruned architecture started from the baseline's *initial*
-  weights, sliced by the kept channels.
+* `lottery` [R]: the pruned network started from the baseline's *initial* weights
+  (`lottery_style`): `slice`, the pruned architecture sliced by the kept channels; or
+  `mask`, as [R]'s lottery code: the full network, every filter (conv or Dense kernel
+  column) producing a removed channel zeroed and held at zero (`train.WEIGHT_MASKS`);
+  the MACs count the nonzero weights. A removed channel then emits relu(beta) with beta
+  (or the Dense bias) at its initial 0, the ReLU's kink, where it gets no gradient:
+  zero, as in `slice`, so the two styles train the same function and differ in float
+  rounding and in the MACs they count. Channels no filter produces (channel
+  selections) cannot be masked: ConfigError.
 * `reduced` [C]: the unpruned architecture made uniformly thinner (every width,
   stream widths included, times one factor) until its MACs (`reduced_match` macs) or
   its parameters (`reduced_match` params, the stem kept at its width as [C]'s reduced
@@ -31,8 +38,10 @@ from typing import Callable, Mapping
 import flax.linen as nn
 import jax
 import numpy as np
+from flax import traverse_util
 
 from jaxprune import models, train
+from jaxprune.errors import ConfigError
 from jaxprune.prune import flops, shrink
 from jaxprune.models.densenet import DenseNet
 from jaxprune.models.layers import INDICES
@@ -40,6 +49,12 @@ from jaxprune.prune import structure as structure_lib
 from jaxprune.prune.structure import Structure
 
 REGIMES = ('finetune', 'scratch', 'scratch_b', 'lottery', 'reduced')
+LOTTERY_STYLES = {
+    'slice': "the pruned architecture, the baseline's initial weights sliced by the kept "
+             'channels',
+    'mask': "[R]'s code: the full network from the baseline's initial weights, the removed "
+            "channels' conv filters zeroed and held at zero",
+}
 REDUCED_MATCH = {
     'macs': "at most the pruned network's MACs, every width (the stem's too) scaled",
     'params': "at most the pruned network's parameters, the stem kept at its width "
@@ -74,9 +89,39 @@ class Plan:
 
   def cost(self, structure: Structure, image_shape) -> flops.Cost:
     """The trained network's cost (`structure` is the unpruned model's)."""
-    if self.model is None:
-      return flops.count(structure, self.widths)
-    return flops.count(structure_lib.derive(self.model, image_shape))
+    if self.model is not None:
+      return flops.count(structure_lib.derive(self.model, image_shape))
+    if train.WEIGHT_MASKS in self.variables:
+      return flops.count_masked(structure, self.variables[train.WEIGHT_MASKS])
+    return flops.count(structure, self.widths)
+
+
+def filter_masks(structure: Structure, masks: Mapping[str, np.ndarray]) -> dict:
+  """Weight masks (`train.WEIGHT_MASKS`) zeroing the output filters of the channels
+  `masks` removes in every conv (and Dense) kernel that produces them; BN layers are not
+  masked, as in [R]'s lottery code (which prunes convs only)."""
+  flat = {}
+  for key, tags in structure.axes.items():
+    if key[0] == 'params' and key[-1] == 'kernel' and tags[-1] in masks:
+      flat[key[1:]] = np.broadcast_to(np.asarray(masks[tags[-1]], np.float32),
+                                      structure.shapes[key]).copy()
+  produced = {structure.axes[('params',) + key][-1] for key in flat}
+  unmaskable = sorted(g for g, m in masks.items() if not m.all() and g not in produced)
+  if unmaskable:
+    raise ConfigError(f"lottery_style=mask zeroes the filters that produce the removed "
+                      f"channels, but {', '.join(unmaskable)} are no conv's or Dense layer's "
+                      "output (e.g. a channel selection); use lottery_style=slice.",
+                      settings=('lottery_style',))
+  return traverse_util.unflatten_dict(flat)
+
+
+def masked_start(variables: Mapping, weight_masks: Mapping) -> dict:
+  """`variables` with the masked weights zeroed and the masks in `train.WEIGHT_MASKS`."""
+  flat = traverse_util.flatten_dict(dict(variables['params']))
+  for key, mask in traverse_util.flatten_dict(weight_masks).items():
+    flat[key] = flat[key] * mask
+  return {**variables, 'params': traverse_util.unflatten_dict(flat),
+          train.WEIGHT_MASKS: weight_masks}
 
 
 def uniform_widths(structure: Structure, budget: int, measure: str = 'macs',
@@ -139,7 +184,8 @@ def _fresh(build: Callable, widths, like, image_shape, rng) -> dict:
 def plan(regime: str, pruned: Pruned, *, build: Callable, image_shape, epochs: int,
          optimizer: train.OptimizerConfig, finetune_epochs: int,
          finetune_lr: float, scratch_b_cap: float | None, seed: int,
-         reduced_match: str = 'macs', finetune_batch_size: int | None = None) -> Plan:
+         reduced_match: str = 'macs', finetune_batch_size: int | None = None,
+         lottery_style: str = 'slice') -> Plan:
   """The plan of one regime (see the module docstring); `build(widths)` makes the model."""
   retrain = dataclasses.replace(optimizer, bn_l1=0.0)
   rng = jax.random.fold_in(jax.random.key(seed), 1 + REGIMES.index(regime))
@@ -160,6 +206,11 @@ def plan(regime: str, pruned: Pruned, *, build: Callable, image_shape, epochs: i
     return Plan(pruned.widths, _fresh(build, pruned.widths, pruned.variables,
                                       image_shape, rng), longer, retrain)
   if regime == 'lottery':
+    if lottery_style == 'mask':
+      return Plan(dict(pruned.structure.widths),
+                  masked_start(pruned.baseline_init, filter_masks(pruned.structure,
+                                                                  pruned.masks)),
+                  epochs, retrain)
     _, variables, _ = shrink.shrink(pruned.structure, pruned.baseline_init, pruned.masks)
     return Plan(pruned.widths, variables, epochs, retrain)
   if regime == 'reduced':

@@ -142,7 +142,8 @@ def model_builder(config, num_classes: int) -> Callable[[Mapping | None], nn.Mod
   return functools.partial(models.build, config.model, num_classes,
                            performance=config_lib.performance_options(config),
                            width_multiplier=config.width_multiplier,
-                           bn_scale_init=config.bn_scale_init, dense_init=config.dense_init)
+                           bn_scale_init=config.bn_scale_init, dense_init=config.dense_init,
+                           resnet_shortcut=config.resnet_shortcut)
 
 
 def optimizer(config) -> train.OptimizerConfig:
@@ -365,7 +366,8 @@ def regime_plan(config, regime: str, pruned: regimes.Pruned,
                       optimizer=optimizer(config), finetune_epochs=config.finetune_epochs,
                       finetune_lr=config.finetune_lr, scratch_b_cap=config.scratch_b_cap,
                       seed=config.seed, reduced_match=config.reduced_match,
-                      finetune_batch_size=finetune_batch_size(config))
+                      finetune_batch_size=finetune_batch_size(config),
+                      lottery_style=config.lottery_style)
   return stage, plan
 
 

@@ -15,6 +15,9 @@ import dataclasses
 import math
 from typing import Mapping
 
+import numpy as np
+from flax import traverse_util
+
 from jaxprune.prune.structure import Structure
 
 
@@ -49,3 +52,14 @@ def per_group(structure: Structure, widths: Mapping[str, int] | None = None) -> 
     less = count(structure, fewer)
     out[g] = Cost(macs=total.macs - less.macs, params=total.params - less.params)
   return out
+
+
+def count_masked(structure: Structure, weight_masks: Mapping) -> Cost:
+  """MACs and params of the structure's model at its widths without the weights that
+  `weight_masks` (0/1 arrays at the params' paths, `train.WEIGHT_MASKS`) zero: a masked
+  kernel's MACs are its output positions times its unmasked weights."""
+  zeros = {('params',) + key: int(np.size(mask) - np.count_nonzero(mask))
+           for key, mask in traverse_util.flatten_dict(dict(weight_masks)).items()}
+  full = count(structure)
+  return Cost(macs=full.macs - sum(structure.positions.get(k, 0) * n for k, n in zeros.items()),
+              params=full.params - sum(zeros.values()))

@@ -5,7 +5,8 @@ from jaxprune.train.loop import (EpochCallback, StepHook, TrainOptions, evaluate
                                  fit_copies)
 from jaxprune.train.optim import (SCHEDULES, OptimizerConfig, add_bn_scale_l1, is_bn_scale,
                                   learning_rate_schedule, learning_rates, make_optimizer)
-from jaxprune.train.step import (DATA_AXIS, PRECISIONS, Evaluator, Masks, Trainer, TrainState,
+from jaxprune.train.step import (DATA_AXIS, PRECISIONS, WEIGHT_MASKS, Evaluator, Masks, Trainer,
+                                 TrainState,
                                  compute_dtype, create_state, cross_entropy, epoch_keys,
                                  eval_step, evaluator_for, global_batch, host_batch_slice,
                                  initialize_multihost, keep_multipliers, make_mesh, train_step,

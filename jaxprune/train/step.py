@@ -10,6 +10,9 @@
   are held fixed (no gradient, decay, L1 or momentum moves them).
 * `precision` (one of PRECISIONS) is the dtype the forward and backward passes compute in;
   parameters, their updates, optimizer state and BN statistics are always float32.
+* Weight masks (the `WEIGHT_MASKS` variable collection, 0/1 arrays at the paths of the
+  params they mask) hold individual weights at zero: a masked weight starts at zero and
+  no update or momentum moves it. They travel in the state, so they are jit inputs too.
 """
 
 import functools
@@ -21,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from flax import struct
+from flax import struct, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxprune.errors import ConfigError, choose
@@ -32,6 +35,8 @@ from jaxprune.train.optim import OptimizerConfig, make_optimizer
 DATA_AXIS = 'data'
 
 Masks = Mapping[str, jax.Array] | None
+# The variable collection of weight masks (module docstring).
+WEIGHT_MASKS = 'weight_masks'
 
 
 @struct.dataclass
@@ -101,6 +106,14 @@ def keep_multipliers(structure: structure_lib.Structure, masks: Mapping, tree, c
   return jax.tree_util.tree_map_with_path(multiplier, tree)
 
 
+def weight_keep(params, weight_masks: Mapping):
+  """Multipliers for each leaf of `params`: its weight mask, or the Python scalar 1.0."""
+  flat = traverse_util.flatten_dict(dict(weight_masks))
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: flat[key].astype(leaf.dtype)
+      if (key := tuple(k.key for k in path)) in flat else 1.0, params)
+
+
 def _freeze(new, old, keep):
   return new if isinstance(keep, float) else jnp.where(keep != 0, new, old)
 
@@ -139,6 +152,7 @@ def train_step(state: TrainState, batch: Mapping, masks: Masks, learning_rate: j
   gradient; weight decay, the BN L1 term and momentum would still move them, so the
   updates, the momentum buffers and the BN statistics of everything a removed channel
   indexes (`keep_multipliers`, from `structure`) are held at their current values.
+  Weights that the state's `WEIGHT_MASKS` mask get no update and no momentum either.
 
   With precision 'bfloat16' the parameters and the image are cast to bfloat16 inside the
   loss (BN still normalises and keeps its statistics in float32) and the logits back to
@@ -168,6 +182,10 @@ def train_step(state: TrainState, batch: Mapping, masks: Masks, learning_rate: j
     opt_state = optax.tree_utils.tree_map_params(tx, lambda s, k: s * k, opt_state, keep)
     keep_stats = keep_multipliers(structure, masks, state.batch_stats, 'batch_stats')
     batch_stats = jax.tree.map(_freeze, batch_stats, state.batch_stats, keep_stats)
+  if WEIGHT_MASKS in state.constants:
+    keep = weight_keep(state.params, state.constants[WEIGHT_MASKS])
+    updates = jax.tree.map(lambda u, k: u * k, updates, keep)
+    opt_state = optax.tree_utils.tree_map_params(tx, lambda s, k: s * k, opt_state, keep)
   step_size = -jnp.asarray(learning_rate, jnp.float32)
   updates = jax.tree.map(lambda u: step_size * u, updates)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
