@@ -135,3 +135,15 @@ def test_default_dirs_are_named_by_the_settings_that_differ_from_their_defaults(
   pruned_otherwise = config.make(prune_ratio=0.3)
   assert pruned_otherwise.workdir != plain.workdir
   assert pruned_otherwise.baseline_dir == plain.baseline_dir
+
+
+def test_width_multiplier_thins_a_densenets_stream_so_every_channel_is_read():
+  from jaxprune import models
+  from jaxprune.prune import structure
+  half = models.build('densenet10', width_multiplier=0.5)
+  full = models.build('densenet10')
+  assert (half.growth, half.stem_channels()) == (full.growth // 2, full.stem_channels() // 2)
+  # Every selection reads the whole (thinner) stream: its widths are its defaults.
+  assert half.widths is None
+  derived = structure.derive(half, (8, 8, 3))
+  assert derived.widths['final'] == half.stem_channels() + 3 * 2 * half.growth

@@ -42,18 +42,13 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 _INITS: dict[nn.Module, Callable] = {}
 
 
-def scaled_widths(widths: Mapping[str, int], multiplier: float) -> dict[str, int]:
-  """Every width times `multiplier`, rounded to the nearest channel, at least 1."""
-  return {g: max(1, int(round(w * multiplier))) for g, w in widths.items()}
-
-
 def build(name: str, num_classes: int = 10, widths: Mapping[str, int] | None = None,
           performance: PerformanceOptions | None = None,
           width_multiplier: float = 1.0, bn_scale_init: float = 1.0,
           dense_init: str = 'lecun_normal', resnet_shortcut: str = 'subsample') -> nn.Module:
   """Returns the registered model `name`, with default widths unless `widths` is given.
 
-  `width_multiplier` scales the default widths (`scaled_widths`), making a narrower (or
+  `width_multiplier` scales the default widths (`layers.Network.scaled`), making a narrower (or
   wider) member of the family; explicit `widths` are taken as they are. `performance`
   None is `PerformanceOptions()`, the defaults; entry points pass the options they read
   (`PerformanceOptions.from_env`), library code passes them on. `bn_scale_init` and
@@ -74,7 +69,7 @@ def build(name: str, num_classes: int = 10, widths: Mapping[str, int] | None = N
                         f'(resnet*), not {name}.', settings=('resnet_shortcut', 'model'))
     model = model.clone(shortcut=resnet_shortcut)
   if widths is None and width_multiplier != 1.0:
-    model = model.clone(widths=scaled_widths(model.default_widths(), width_multiplier))
+    model = model.scaled(width_multiplier)
   return model
 
 

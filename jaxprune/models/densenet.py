@@ -38,6 +38,13 @@ class DenseNet(layers.Network):
   def prunable_groups(self) -> tuple[str, ...]:
     return tuple(self.default_widths())
 
+  def scaled(self, multiplier: float) -> 'DenseNet':
+    # The stream's widths are the growth rate and the stem's, not selections: scaling the
+    # selections alone would leave channels of the stream that no layer reads.
+    def scale(width):
+      return max(1, int(round(width * multiplier)))
+    return self.clone(growth=scale(self.growth), stem_width=scale(self.stem_channels()))
+
   def stem_channels(self) -> int:
     return 2 * self.growth if self.stem_width is None else self.stem_width
 

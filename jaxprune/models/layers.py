@@ -44,6 +44,12 @@ class Network(nn.Module):
   are equal and hash alike, whatever mapping the widths came in.
   """
 
+  def scaled(self, multiplier: float) -> 'Network':
+    """A narrower (or wider) member of the family: every default width times `multiplier`,
+    rounded, at least 1. Models whose widths follow fields of their own override it."""
+    return self.clone(widths={g: max(1, int(round(w * multiplier)))
+                              for g, w in self.default_widths().items()})
+
   def __post_init__(self):
     if self.widths is not None and not isinstance(self.widths, FrozenDict):
       # Before Module.__post_init__ the fields are still settable, as in a dataclass.
