@@ -343,10 +343,10 @@ def test_a_finished_run_on_read_only_storage_prints_its_table(tmpfs, launch):
 
 def test_a_full_disk_is_one_sentence_naming_the_path(tmpfs, launch):
   storage = tmpfs('200k')
-  run = launch(*QUICK_FLAGS, workdir=storage / 'work')
+  run = launch(*QUICK_FLAGS, workdir=storage / 'run')
   assert run.returncode == 1 and 'Traceback' not in run.stderr, run.stderr[-3000:]
   last = run.stderr.strip().splitlines()[-1]
-  assert last.startswith(f'error: cannot write {storage}/work/') and last.endswith(
+  assert last.startswith(f'error: cannot write {storage / "run"}/') and last.endswith(
       ': No space left on device.'), last
 
 

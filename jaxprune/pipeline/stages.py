@@ -201,16 +201,18 @@ def _refusal(stage: epath.Path, key: str, before, value) -> ConfigError:
                      settings=(key, 'workdir', 'baseline_dir'))
 
 
-def check_identity(stage: epath.Path, settings: Mapping) -> None:
+def check_identity(stage: epath.Path, settings: Mapping) -> tuple[dict | None, dict]:
   """Raises ConfigError if `stage` holds something computed with other `settings` (a stage
-  that diverged may change its retunable settings; an unstarted one any)."""
+  that diverged may change its retunable settings; an unstarted one any); else returns
+  `_identity_changes`."""
   before, changed = _identity_changes(stage, settings)
   if not changed or workdir.unstarted(stage):
-    return
+    return before, changed
   diverged = (stage / checkpoint.DIVERGED).exists()
   for key, value in changed.items():
     if not (diverged and key in config_lib.BY_NAME and config_lib.retunable(key)):
       raise _refusal(stage, key, value, settings[key])
+  return before, changed
 
 
 def claim(stage: epath.Path, settings: Mapping) -> None:
@@ -222,9 +224,8 @@ def claim(stage: epath.Path, settings: Mapping) -> None:
   holds nothing computed yet (`workdir.unstarted`: a run refused or stopped before it
   started) takes the new settings, and its initial variables are made again.
   """
-  check_identity(stage, settings)
+  before, changed = check_identity(stage, settings)
   path = stage / workdir.STAGE_CONFIG
-  before, changed = _identity_changes(stage, settings)
   if before is None or (changed and workdir.unstarted(stage)):
     stage.mkdir(parents=True, exist_ok=True)
     if before is not None:
