@@ -152,8 +152,19 @@ SETTINGS: tuple[Setting, ...] = (
             'Ctrl-C is honoured at the next call boundary, so this bounds how late; 1 steps one '
             'by one. Fits with a per-step hook (iterative pruning) always step one by one.',
             'run', minimum=1),
-    Setting('multihost', bool, False, 'Join a multi-host run with jax.distributed.initialize() '
-            '(TPU pods).', 'run'),
+    Setting('multihost', bool, False, 'Join a multi-process run (jax.distributed): a TPU VM '
+            "pod's workers, SLURM or Open MPI tasks find each other; elsewhere give "
+            'coordinator_address, num_processes and process_id.', 'run'),
+    Setting('coordinator_address', str, None, "multihost: process 0's HOST:PORT, the same for "
+            'every process (default: detected on TPU VMs, SLURM, Open MPI).', 'run',
+            optional=True),
+    Setting('num_processes', int, None, 'multihost: how many processes the run has (default: '
+            'detected).', 'run', optional=True, minimum=1),
+    Setting('process_id', int, None, "multihost: this process's index, 0 to num_processes-1 "
+            '(default: detected).', 'run', optional=True, minimum=0),
+    Setting('multihost_timeout', int, 300, 'multihost: seconds to wait for every process to '
+            'join, or to answer an agreement; a process silent this long counts as dead and the '
+            'others stop.', 'run', minimum=1),
     Setting('compilation_cache_dir', str, None, 'Persistent compilation cache (local path or '
             'gs://): runs of the same model and widths load compiled steps instead of compiling '
             f"them. Default: $JAX_COMPILATION_CACHE_DIR if set, else {compiler.DEFAULT_CACHE_DIR}; "
