@@ -29,7 +29,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     **{name: functools.partial(VGG, cfg=cfg) for name, cfg in CFGS.items()},
     **{f'{name}_mlp': functools.partial(VGG, cfg=cfg, classifier='mlp') for name, cfg in CFGS.items()},
     **{f'resnet{d}': functools.partial(ResNet, depth=d) for d in (8, 20, 32, 44, 56, 110)},
-    **{f'preresnet{d}': functools.partial(PreResNet, depth=d) for d in (11, 20, 56, 164)},
+    **{f'preresnet{d}': functools.partial(PreResNet, depth=d) for d in (11, 20, 56, 110, 164)},
     'wrn10_1': functools.partial(WideResNet, depth=10, widen_factor=1),
     'wrn16_2': functools.partial(WideResNet, depth=16, widen_factor=2),
     'wrn40_1': functools.partial(WideResNet, depth=40, widen_factor=1),
@@ -37,6 +37,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     'densenet10': functools.partial(DenseNet, depth=10),
     'densenet16': functools.partial(DenseNet, depth=16),
     'densenet40': functools.partial(DenseNet, depth=40),
+    'densenet100_c': functools.partial(DenseNet, depth=100, compression=2),
 }
 
 _INITS: dict[nn.Module, Callable] = {}

@@ -1,4 +1,4 @@
-"""DenseNet for CIFAR (depth 3n+4, no bottleneck, no compression), pruned as network slimming does.
+"""DenseNet for CIFAR (depth 3n+4, no bottleneck), pruned as network slimming does.
 
 Every BN in the network reads the concatenated feature stream through a channel
 selection: `block{d}_layer{l}` before each 3x3 conv, `transition{d}` before each
@@ -7,6 +7,10 @@ prunable groups; the concatenated stream itself is never changed. Its widths, th
 stem's and the growth rate, are fields (`stem_width`, `growth`): a thinner member of the
 family is `clone(growth=..., stem_width=...)`, whose default selections read the whole
 stream.
+
+`compression` is [R]'s compressionRate: each transition conv outputs the stream's channels
+floor-divided by it (1: as many as it reads; `densenet100_c` is depth 100 with 2, the
+network [R]'s weight-level code trains as DenseNet-BC-100, without bottleneck layers).
 """
 
 from typing import Mapping
@@ -23,6 +27,7 @@ class DenseNet(layers.Network):
   depth: int = 40
   growth: int = 12
   stem_width: int | None = None  # None: 2 * growth
+  compression: int = 1
   num_classes: int = 10
   widths: Mapping[str, int] | None = None
   performance: PerformanceOptions = PerformanceOptions()
@@ -55,6 +60,7 @@ class DenseNet(layers.Network):
         widths[f'block{d}_layer{l}'] = channels
         channels += self.growth
       widths[f'transition{d}' if d < 3 else 'final'] = channels
+      channels //= self.compression
     return widths
 
   @nn.compact
@@ -77,7 +83,7 @@ class DenseNet(layers.Network):
         x = jnp.concatenate([x, y], axis=-1)
       if d < 3:
         group = f'transition{d}'
-        channels = x.shape[-1]
+        channels = x.shape[-1] // self.compression
         y = layers.SelectBnRelu(widths[group], train, perf, self.bn_scale_init,
                                 name=f'{group}_select')(x)
         y = layers.gate(self, y, masks, group)

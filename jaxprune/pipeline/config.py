@@ -22,7 +22,7 @@ from jaxprune import data, models
 from jaxprune.errors import ConfigError, choose
 from jaxprune.kernels import compiler, options as kernel_options
 from jaxprune.pipeline import regimes, workdir
-from jaxprune.prune import criteria, select
+from jaxprune.prune import criteria, select, weights
 from jaxprune.train import optim, step
 
 # Where a setting belongs. A stage directory is identified by the settings of its stage and
@@ -214,6 +214,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting('criterion', str, 'taylor', 'Importance criterion.', 'prune',
             choices=lambda: criteria.CRITERIA),
     Setting('selection', str, 'global_l2', 'Selection policy.', 'prune', choices=_selections),
+    Setting('granularity', str, 'channel', 'What pruning removes.', 'prune',
+            choices=lambda: weights.GRANULARITIES),
     Setting('prune_ratio', float, None, 'Fraction of prunable channels to remove, in [0, 1) '
             '(default 0.5 for the ratio policies).', 'prune', optional=True, minimum=0, below=1),
     Setting('target_macs', float, None, 'Fraction of the MACs to keep, in (0, 1] (macs, '
@@ -353,6 +355,21 @@ def decay_epochs(config) -> tuple[int, ...] | None:
   return epochs
 
 
+def _check_weight_level(config) -> None:
+  """granularity=weight takes [R]'s weight-level recipe's pruning settings only."""
+  if config.criterion != weights.WEIGHT_CRITERION:
+    raise ConfigError(f'granularity=weight scores every conv weight by |w| '
+                      f'(criterion={weights.WEIGHT_CRITERION}), not criterion={config.criterion}.',
+                      settings=('granularity', 'criterion'))
+  if config.selection not in weights.WEIGHT_SELECTIONS:
+    raise ConfigError(f"granularity=weight thresholds |w| over all conv weights (global) or "
+                      f"within each conv (layer), not selection={config.selection}.",
+                      settings=('granularity', 'selection'))
+  if config.schedule != 'oneshot':
+    raise ConfigError(f'granularity=weight prunes once (schedule=oneshot), not '
+                      f'schedule={config.schedule}.', settings=('granularity', 'schedule'))
+
+
 def validate(config) -> None:
   """Checks every value and combination before anything is trained or written (ConfigError)."""
   for setting in SETTINGS:
@@ -365,6 +382,8 @@ def validate(config) -> None:
     if other != needs and getattr(config, other) is not None:
       raise ConfigError(f'selection={config.selection} takes {needs}, not {other}.',
                         settings=('selection', needs, other))
+  if config.granularity == 'weight':
+    _check_weight_level(config)
   if config.preset is not None:
     family = select.PRESETS[config.preset].models
     if config.model not in family:

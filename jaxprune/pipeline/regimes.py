@@ -19,6 +19,14 @@ A regime is a plan, not a script; `pipeline` trains every plan with the same `tr
   zero, as in `slice`, so the two styles train the same function and differ in float
   rounding and in the MACs they count. Channels no filter produces (channel
   selections) cannot be masked: ConfigError.
+* Weight-level pruning (`Pruned.weight_masks`, `prune.weights`): the network keeps its
+  widths and every regime holds the removed conv weights at zero (`train.WEIGHT_MASKS`).
+  finetune starts from the masked trained weights; scratch and scratch_b from a fresh
+  init masked the same way, each masked kernel's init std divided by sqrt(its kept
+  fraction) as [R]'s weight-level code draws it (`weights.rescale_for_density`);
+  scratch_b's budget and reduced's match count the nonzero weights' MACs
+  (`flops.count_masked`); lottery masks the baseline's initial weights (any
+  `lottery_style`: a weight mask cannot be sliced).
 * `reduced` [C]: the unpruned architecture made uniformly thinner (every width,
   stream widths included, times one factor) until its MACs (`reduced_match` macs) or
   its parameters (`reduced_match` params, the stem kept at its width as [C]'s reduced
@@ -42,7 +50,7 @@ from flax import traverse_util
 
 from jaxprune import models, train
 from jaxprune.errors import ConfigError
-from jaxprune.prune import flops, shrink
+from jaxprune.prune import flops, shrink, weights
 from jaxprune.models.densenet import DenseNet
 from jaxprune.models.layers import INDICES
 from jaxprune.prune import structure as structure_lib
@@ -68,8 +76,15 @@ class Pruned:
   structure: Structure          # of the unpruned model
   masks: Mapping[str, np.ndarray]
   widths: Mapping[str, int]     # after shrinking
-  variables: Mapping            # shrunk, trained weights
+  variables: Mapping            # shrunk, trained weights (weight-level: masked, with the masks)
   baseline_init: Mapping        # the unpruned model's initial variables
+  weight_masks: Mapping | None = None  # weight-level pruning's masks (`prune.weights`)
+
+  def cost(self) -> flops.Cost:
+    """The pruned network's MACs and params (weight-level: of its nonzero weights)."""
+    if self.weight_masks is not None:
+      return flops.count_masked(self.structure, self.weight_masks)
+    return flops.count(self.structure, self.widths)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,12 +187,15 @@ def scratch_b_epochs(epochs: int, macs_full: int, macs_pruned: int, cap: float |
   return min(scaled, int(cap * epochs)) if cap else scaled
 
 
-def _fresh(build: Callable, widths, like, image_shape, rng) -> dict:
+def _fresh(build: Callable, widths, like, image_shape, rng, weight_masks=None) -> dict:
   model = build(widths)
   variables = dict(models.init(model, rng, image_shape))
   if like is not None and INDICES in like:
     # Which stream channels a selection layer reads is architecture, not weights.
     variables[INDICES] = like[INDICES]
+  if weight_masks is not None:
+    variables['params'] = weights.rescale_for_density(variables['params'], weight_masks)
+    variables = masked_start(variables, weight_masks)
   return variables
 
 
@@ -195,17 +213,20 @@ def plan(regime: str, pruned: Pruned, *, build: Callable, image_shape, epochs: i
                 batch_size=finetune_batch_size)
   if regime == 'scratch':
     return Plan(pruned.widths, _fresh(build, pruned.widths, pruned.variables,
-                                      image_shape, rng), epochs, retrain)
+                                      image_shape, rng, pruned.weight_masks), epochs, retrain)
   if regime == 'scratch_b':
     full = flops.count(pruned.structure).macs
-    small = flops.count(pruned.structure, pruned.widths).macs
+    small = pruned.cost().macs
     longer = scratch_b_epochs(epochs, full, small, scratch_b_cap)
     if retrain.decay_epochs is not None:
       retrain = dataclasses.replace(retrain, decay_epochs=tuple(
           int(m * longer / epochs) for m in retrain.decay_epochs))
     return Plan(pruned.widths, _fresh(build, pruned.widths, pruned.variables,
-                                      image_shape, rng), longer, retrain)
+                                      image_shape, rng, pruned.weight_masks), longer, retrain)
   if regime == 'lottery':
+    if pruned.weight_masks is not None:
+      return Plan(pruned.widths, masked_start(pruned.baseline_init, pruned.weight_masks),
+                  epochs, retrain)
     if lottery_style == 'mask':
       return Plan(dict(pruned.structure.widths),
                   masked_start(pruned.baseline_init, filter_masks(pruned.structure,
@@ -214,7 +235,7 @@ def plan(regime: str, pruned: Pruned, *, build: Callable, image_shape, epochs: i
     _, variables, _ = shrink.shrink(pruned.structure, pruned.baseline_init, pruned.masks)
     return Plan(pruned.widths, variables, epochs, retrain)
   if regime == 'reduced':
-    budget = getattr(flops.count(pruned.structure, pruned.widths), reduced_match)
+    budget = getattr(pruned.cost(), reduced_match)
     base = build(None)
     if isinstance(base, DenseNet):
       model = reduced_densenet(base, image_shape, budget, reduced_match)

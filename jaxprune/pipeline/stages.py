@@ -35,13 +35,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
+from flax import traverse_util
 
 from jaxprune import data as data_lib
 from jaxprune import models, train
 from jaxprune.errors import ConfigError
 from jaxprune.pipeline import config as config_lib
 from jaxprune.pipeline import iterative, regimes, results, workdir
-from jaxprune.prune import criteria, flops, select, shrink
+from jaxprune.prune import criteria, flops, select, shrink, weights
 from jaxprune.prune import structure as structure_lib
 from jaxprune.train import checkpoint
 
@@ -304,6 +305,8 @@ def prune(config, base: Baseline, data: Data) -> PruneOutcome:
   build = model_builder(config, dataset.num_classes)
   structure = structure_lib.derive(base.model, dataset.image_shape)
   record_path = stage / 'record.json'
+  if config.granularity == 'weight':
+    return prune_weights(config, base, data, stage, structure)
   if record_path.exists():
     record = json.loads(record_path.read_text())
     masks = {g: np.asarray(m, np.float32) for g, m in record['masks'].items()}
@@ -355,6 +358,51 @@ def prune(config, base: Baseline, data: Data) -> PruneOutcome:
   checkpoint.save_variables(stage / 'variables', small)
   record_path.write_text(json.dumps(record))
   return PruneOutcome(regimes.Pruned(structure, masks, widths, small, base.init), record)
+
+
+def prune_weights(config, base: Baseline, data: Data, stage: epath.Path,
+                  structure: structure_lib.Structure) -> PruneOutcome:
+  """Weight-level pruning (`prune.weights`): masks the baseline's conv weights by |w|, or
+  reads the finished stage. The network keeps its widths; record.json holds every masked
+  kernel's kept fraction, variables/ the masked weights with their masks."""
+  record_path = stage / 'record.json'
+  kernels = weights.conv_kernels(structure)
+  if record_path.exists():
+    like_masks = traverse_util.unflatten_dict(
+        {key: jax.ShapeDtypeStruct(structure.shapes[('params',) + key], jnp.float32)
+         for key in kernels})
+    like = {**jax.eval_shape(lambda: dict(base.variables)), train.WEIGHT_MASKS: like_masks}
+    variables = checkpoint.load_variables(stage / 'variables', like=like)
+    weight_masks = jax.tree.map(np.asarray, variables[train.WEIGHT_MASKS])
+    return PruneOutcome(regimes.Pruned(structure, {}, dict(structure.widths), variables,
+                                       base.init, weight_masks),
+                        json.loads(record_path.read_text()))
+  start = time.time()
+  weight_masks = weights.magnitude_masks(structure, base.variables['params'],
+                                         config.prune_ratio, config.selection)
+  variables = regimes.masked_start(base.variables, weight_masks)
+  before, after = flops.count(structure), flops.count_masked(structure, weight_masks)
+  dataset = data.dataset
+  test = train.evaluate_variables(base.model, variables, data.arrays, dataset.spec,
+                                  batch_size=config.batch_size, precision=config.precision)
+  record = {
+      'criterion': config.criterion, 'selection': config.selection, 'schedule': config.schedule,
+      'granularity': config.granularity, 'seed': config.seed,
+      'widths': dict(structure.widths), 'widths_before': dict(structure.widths),
+      'kept_weight_fraction': weights.kept_fraction(weight_masks),
+      'kernel_densities': weights.densities(weight_masks),
+      'macs_before': before.macs, 'macs_after': after.macs,
+      'params_before': before.params, 'params_after': after.params,
+      'macs_reduction_percent': 100 * (1 - after.macs / before.macs),
+      'params_reduction_percent': 100 * (1 - after.params / before.params),
+      'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
+      'wall_time_s': time.time() - start,
+      **stage_record(config),
+  }
+  checkpoint.save_variables(stage / 'variables', variables)
+  record_path.write_text(json.dumps(record))
+  return PruneOutcome(regimes.Pruned(structure, {}, dict(structure.widths), variables,
+                                     base.init, weight_masks), record)
 
 
 def regime_plan(config, regime: str, pruned: regimes.Pruned,
