@@ -191,7 +191,8 @@ def describe(runs: Sequence[Run]) -> str:
     c = run.config
     data = c.dataset + (f' ({c.max_train} train)' if c.max_train else '')
     model = c.model + (f' x{c.width_multiplier:g}' if c.width_multiplier != 1.0 else '')
-    rows.append((run.name, model, _init(c), data, c.criterion, c.selection, _budget(c),
+    selection = c.selection + (' (weights)' if c.granularity == 'weight' else '')
+    rows.append((run.name, model, _init(c), data, c.criterion, selection, _budget(c),
                  c.schedule, c.regime, str(c.epochs), _regime_epochs(c), str(c.seed)))
   widths = [max(len(columns[i]), *(len(r[i]) for r in rows)) if rows else len(columns[i])
             for i in range(len(columns))]

@@ -17,11 +17,20 @@ lottery keeps the full network with the removed filters held at zero (`lottery_s
 mask). [R]'s lottery code covers L1-norm pruning only: the slimming rows' lottery is
 jaxprune's sliced one (their PreResNet and DenseNet groups are channel selections, which
 no conv filter produces).
+Weight-level rows ([R] section 5, its `cifar/weight-level/` code): VGG-19, PreResNet-110
+(bottleneck, as that code builds depth 110) and densenet100_c (depth 100, compression 2,
+no bottleneck: that code's DenseNet-BC-100), baselines with every BN gamma at 1 (the VGG's
+Dense at N(0, 0.01)); every conv weight pruned by one global |w| threshold at 30 % and
+80 % (`granularity` weight, selection global); fine-tuned, scratch-E and scratch-B only, as
+that code trains. Scratch-B's epochs are 160 x the MACs ratio of the nonzero weights;
+[R]'s code divides FLOPs that also count BN, ReLU and pooling operations, which pruning
+does not remove, so its ratio (and its scratch-B) is slightly smaller.
 mini (stand-ins, stated in the table): Li et al.'s presets exist only for the
 full-size models, so mini prunes resnet8 per layer by l1 at ratio 0.5 (`layer`,
 the inner convolution of every block, as the ResNet presets do) as the L1
 stand-in, and slims preresnet11, the shallowest PreResNet (bn_l1 1e-5,
-percent 0.4), standing in for PreResNet-164.
+percent 0.4), standing in for PreResNet-164; the weight-level row prunes the L1 row's
+resnet8 baseline by one global |w| threshold at 80 %.
 midi ([R]'s L1 comparison on the full CIFAR-10 at a CPU's budget): VGG-11 (the single-Dense
 head, BN scales initialised to 1) at half width, 15 epochs, batch 64, lr 0.1 with x0.1 at
 50 % and 75 %, wd 1e-4, standard augmentation; every conv pruned by 50 % by l1 (`layer`);
@@ -33,6 +42,9 @@ from experiments import common
 
 EXPERIMENT = 'rethinking'
 REGIMES = ('finetune', 'scratch', 'scratch_b', 'lottery')
+# [R]'s weight-level (non-structured) rows: 30 % is its code's README example; 80 % the
+# sparse end of its weight-level table.
+WEIGHT_RATIOS = (0.3, 0.8)
 FULL = (  # (method, model, criterion, selection, target, bn_l1)
     ('l1', 'vgg16_mlp', 'l1', 'preset', 'vgg16_a', 0.0),
     ('l1', 'resnet56', 'l1', 'preset', 'resnet56_a', 0.0),
@@ -44,6 +56,8 @@ FULL = (  # (method, model, criterion, selection, target, bn_l1)
     ('slimming', 'preresnet164', 'bn_scale', 'slimming', 0.6, 1e-5),
     ('slimming', 'densenet40', 'bn_scale', 'slimming', 0.4, 1e-5),
     ('slimming', 'densenet40', 'bn_scale', 'slimming', 0.6, 1e-5),
+    *(('weight', model, 'l1', 'global', ratio, 0.0)
+      for model in ('vgg19', 'preresnet110', 'densenet100_c') for ratio in WEIGHT_RATIOS),
 )
 # [R]'s code where it is not jaxprune's default (full scale): per model, and for every row.
 _R_VGG = dict(bn_scale_init=0.5, dense_init='normal_0.01')
@@ -52,10 +66,15 @@ FULL_CODE = {'vgg16_mlp': _R_VGG, 'vgg19': _R_VGG, 'resnet56': _R_RESNET,
              'resnet110': _R_RESNET, 'preresnet164': dict(bn_scale_init=0.5),
              'densenet40': dict(bn_scale_init=0.5)}
 FULL_CODE_L1 = dict(lottery_style='mask')
+# [R]'s weight-level code: BN gammas start at 1 in every model, the VGG's Linear at N(0, 0.01).
+FULL_CODE_WEIGHT = {'vgg19': dict(dense_init='normal_0.01'), 'preresnet110': {},
+                    'densenet100_c': {}}
+WEIGHT_REGIMES = ('finetune', 'scratch', 'scratch_b')  # [R]'s weight-level code trains these
 MINI = (
     ('l1 (per-layer 0.5 stand-in for the presets)', 'resnet8', 'l1', 'layer', 0.5, 0.0),
     ('slimming (preresnet11 stand-in for preresnet164)', 'preresnet11', 'bn_scale',
      'slimming', 0.4, 1e-5),
+    ('weight (global |w| 0.8, resnet8 stand-in)', 'resnet8', 'l1', 'global', 0.8, 0.0),
 )
 MIDI = (('l1 (every conv 50 % per layer)', 'vgg11', 'l1', 'layer', 0.5, 0.0),)
 ROWS = {'mini': MINI, 'midi': MIDI, 'full': FULL}
@@ -80,13 +99,17 @@ def plan(args) -> list:
     settings = common.base_settings(args, **{scale: {'model': model} for scale in SCALES})
     args.model = args_model
     settings['bn_l1'] = bn_l1
+    tag = method.split(' ')[0]
+    if tag == 'weight':
+      settings['granularity'] = 'weight'
     if args.scale == 'full':
-      settings.update(FULL_CODE[model], **(FULL_CODE_L1 if method == 'l1' else {}))
+      settings.update(FULL_CODE_WEIGHT[model] if tag == 'weight' else FULL_CODE[model],
+                      **(FULL_CODE_L1 if method == 'l1' else {}))
     key = {'ratio': 'prune_ratio', 'preset': 'preset'}[
         'preset' if selection == 'preset' else 'ratio']
+    row_regimes = [r for r in regimes if tag != 'weight' or r in WEIGHT_REGIMES]
     for seed in common.seeds_of(args):
-      for regime in regimes:
-        tag = method.split(' ')[0]
+      for regime in row_regimes:
         path = f'{tag}/{model}_{target}/s{seed}'
         labels = {'method': method, 'preset': f'{model} {target}', 'seed': seed}
         runs.append(common.make_run(EXPERIMENT, args.root, path, regime, labels,

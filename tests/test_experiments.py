@@ -274,15 +274,30 @@ def test_rethinking_full_rows_are_r_code_vgg16_a_mlp_init_shortcut_lottery(tmp_p
   assert l1_vgg and all((c.model, c.dense_init, c.bn_scale_init) ==
                         ('vgg16_mlp', 'normal_0.01', 0.5) for c in l1_vgg)
   code = {(r.config.model, r.config.bn_scale_init, r.config.dense_init,
-           r.config.resnet_shortcut) for r in runs}
+           r.config.resnet_shortcut) for r in runs if r.config.granularity == 'channel'}
   assert code == {('vgg16_mlp', 0.5, 'normal_0.01', 'subsample'),
                   ('resnet56', 1.0, 'lecun_normal', 'avgpool_detached'),
                   ('resnet110', 1.0, 'lecun_normal', 'avgpool_detached'),
                   ('vgg19', 0.5, 'normal_0.01', 'subsample'),
                   ('preresnet164', 0.5, 'lecun_normal', 'subsample'),
                   ('densenet40', 0.5, 'lecun_normal', 'subsample')}
-  assert {(r.labels['method'], r.config.lottery_style) for r in runs} == {
-      ('l1', 'mask'), ('slimming', 'slice')}
+  assert {(r.labels['method'], r.config.lottery_style) for r in runs
+          if r.config.regime == 'lottery'} == {('l1', 'mask'), ('slimming', 'slice')}
+
+
+def test_rethinking_full_weight_level_rows_are_r_weight_level_code(tmp_path):
+  runs = [r for r in _full_plan('rethinking', tmp_path, '--seeds=0')
+          if r.config.granularity == 'weight']
+  rows = {(r.config.model, r.config.prune_ratio, r.config.regime, r.config.bn_scale_init,
+           r.config.dense_init) for r in runs}
+  assert rows == {(model, ratio, regime, 1.0, 'normal_0.01' if model == 'vgg19' else
+                   'lecun_normal')
+                  for model in ('vgg19', 'preresnet110', 'densenet100_c')
+                  for ratio in (0.3, 0.8) for regime in ('finetune', 'scratch', 'scratch_b')}
+  for c in (r.config for r in runs):
+    assert (c.criterion, c.selection, c.epochs, c.batch_size, c.lr, c.weight_decay,
+            c.finetune_epochs, c.finetune_lr, c.scratch_b_cap, c.bn_l1) == (
+                'l1', 'global', 160, 64, 0.1, 1e-4, 40, 1e-3, None, 0.0)
 
 
 def test_crowley_full_trains_with_c_recipe(tmp_path):
