@@ -8,6 +8,9 @@ finished command only prints its summary. Every flag is a setting of
 `jaxprune.pipeline.config.SETTINGS`; WORKDIR/launch.flags stores a run's settings, and
 `--flagfile=WORKDIR/launch.flags` reruns it.
 
+With --multihost every process of a pod (or cluster, or `python -m jaxprune.local_cluster`)
+runs this same command; process 0 prints the table.
+
 Exit status: 0 done; 1 a bad setting or data file, a work directory in use, or storage that
 cannot be written (one sentence); 3 training diverged (the last good checkpoint is kept; rerun
 with a smaller lr); 75 preempted, 130 interrupted by Ctrl-C (rerun the same command).
@@ -15,12 +18,12 @@ with a smaller lr); 75 preempted, 130 interrupted by Ctrl-C (rerun the same comm
 
 import sys
 
+import jax
 from absl import app, flags, logging
 
-from jaxprune import pipeline
-from jaxprune.errors import exit_on_user_error
+from jaxprune import multihost, pipeline
+from jaxprune.errors import ConfigError, exit_on_user_error
 from jaxprune.kernels import compiler
-from jaxprune.train import step
 
 pipeline.config.define_flags()
 # --help lists them as this program's own flags.
@@ -35,11 +38,20 @@ def main(argv):
     config = pipeline.from_flags(FLAGS)
     pipeline.validate(config)
     if config.multihost:
-      step.initialize_multihost()
+      multihost.initialize(config.coordinator_address, config.num_processes, config.process_id,
+                           timeout_s=config.multihost_timeout)
+      for setting in ('workdir', 'baseline_dir'):
+        if getattr(config, setting):
+          multihost.check_shared(pipeline.stages.absolute(getattr(config, setting)), setting)
+    elif config.coordinator_address or config.num_processes or config.process_id is not None:
+      raise ConfigError('coordinator_address, num_processes and process_id are settings of a '
+                        'multi-process run; add multihost.', settings=('multihost',))
     compiler.use_persistent_cache(config.compilation_cache_dir)
     results = pipeline.run(config)
-  print(pipeline.format_table(results))
-  print(f"results: {config.workdir}/results.json")
+  # A pod's workers print into one terminal (gcloud ... --worker=all): one table.
+  if jax.process_index() == 0:
+    print(pipeline.format_table(results))
+    print(f"results: {config.workdir}/results.json")
 
 
 def _quiet_libraries(record) -> bool:

@@ -6,6 +6,9 @@
   command resumes from it. `Interrupted` is the same after Ctrl-C (SIGINT).
 * `Diverged`: the training loss became non-finite; the stage's last good checkpoint is kept
   and a rerun (e.g. with a smaller learning rate) resumes from it.
+* A lost process (`lost_process`): another process of a multi-process run died (SIGKILL, a
+  crash, its host gone), so a collective or the coordination service failed; the last
+  checkpoint is kept and the same command on every process resumes from it.
 
 Every other exception is a bug and keeps its traceback. Command-line entry points wrap their
 work in `exit_on_user_error()`, which turns exactly these into one line and an exit status
@@ -77,6 +80,8 @@ class Diverged(Exception):
 # preempted run needs (a scheduler may requeue on it).
 # 130 is the shell's status of a process ended by Ctrl-C (128 + SIGINT).
 EXIT_STATUS = {ConfigError: 1, Diverged: 3, Preempted: 75, Interrupted: 130}
+# A lost process is retried like a preemption: the rerun resumes from the last checkpoint.
+LOST_PROCESS_STATUS = 75
 
 # OSError numbers that say the storage cannot take what a run writes or reads, not that
 # jaxprune has a bug.
@@ -140,6 +145,33 @@ def describe_storage_error(error: OSError) -> str:
   return f'cannot {verb}{where}: {error.strerror or error}.'
 
 
+# How XLA's CPU collectives (gloo) and JAX's coordination service report that a peer process
+# is gone: its connection reset, its heartbeats stopped, or the service itself unreachable.
+_LOST_PROCESS = re.compile(r'Gloo [\w-]+ failed|Connection (?:reset|closed) by peer|'
+                           r'heartbeat timeout|tasks are unhealthy|coordination service')
+
+
+def lost_process(error: BaseException) -> str | None:
+  """The first line of the failure that says another process of the run is gone, if
+  `error` (or what caused it) is one."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    text = str(error).strip()
+    if _LOST_PROCESS.search(text):
+      return text.splitlines()[0]
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _exit_now(status: int) -> None:
+  # Skips interpreter shutdown: a failed checkpoint write's leftover callbacks would print
+  # tracebacks under the sentence, and JAX's exit handler would wait for lost processes.
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(status)
+
+
 def _drop_closed_event_loop_callbacks(unraisable) -> None:
   # A failed checkpoint write leaves tensorstore callbacks that fire into the event loop
   # orbax has closed; each would print a traceback above the one-line error.
@@ -152,9 +184,9 @@ def _drop_closed_event_loop_callbacks(unraisable) -> None:
 @contextlib.contextmanager
 def exit_on_user_error():
   """For command-line entry points: a ConfigError, Preempted, Interrupted or Diverged
-  raised inside, a storage failure (`storage_error`) or a Ctrl-C ends the process with
-  'error: MESSAGE' (or the preemption line) on stderr and its exit status, without a
-  traceback. Anything else propagates with its traceback."""
+  raised inside, a lost process (`lost_process`), a storage failure (`storage_error`) or a
+  Ctrl-C ends the process with 'error: MESSAGE' (or the preemption line) on stderr and its
+  exit status, without a traceback. Anything else propagates with its traceback."""
   previous_hook = sys.unraisablehook
   sys.unraisablehook = _drop_closed_event_loop_callbacks
   try:
@@ -173,14 +205,16 @@ def exit_on_user_error():
                      'same command to resume.\n')
     sys.exit(EXIT_STATUS[Interrupted])
   except Exception as error:  # pylint: disable=broad-except
+    lost = lost_process(error)
+    if lost is not None:
+      sys.stderr.write('error: another process of this multi-process run stopped or cannot be '
+                       f'reached ({lost}); the last checkpoint is kept, and the same command '
+                       'on every process resumes from it.\n')
+      _exit_now(LOST_PROCESS_STATUS)
     cause = storage_error(error)
     if cause is None:
       raise
     sys.stderr.write(f'error: {describe_storage_error(cause)}\n')
-    # The failed write's leftover callbacks would still fire while the interpreter shuts
-    # down, printing tracebacks under the sentence; nothing is left to save, so end here.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(EXIT_STATUS[ConfigError])
+    _exit_now(EXIT_STATUS[ConfigError])
   finally:
     sys.unraisablehook = previous_hook

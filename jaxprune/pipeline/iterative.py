@@ -86,6 +86,8 @@ def prune(config, model, structure, variables, data, stage, *, options: train.Tr
 
   def save_masks(state, epoch_record):
     # After every epoch's checkpoint, so a finished (or resumed) stage always has them.
+    if jax.process_index() != 0:
+      return
     masks_path.write_text(json.dumps({g: m.tolist() for g, m in masks.items()}))
     live = {g: int(m.sum()) for g, m in masks.items()}
     point = {'epoch': epoch_record['epoch'], 'test_accuracy': epoch_record['test_accuracy'],

@@ -38,7 +38,7 @@ from etils import epath
 from flax import traverse_util
 
 from jaxprune import data as data_lib
-from jaxprune import models, train
+from jaxprune import models, multihost, train
 from jaxprune.errors import ConfigError
 from jaxprune.pipeline import config as config_lib
 from jaxprune.pipeline import iterative, regimes, results, workdir
@@ -219,6 +219,14 @@ def check_identity(stage: epath.Path, settings: Mapping) -> tuple[dict | None, d
 def claim(stage: epath.Path, settings: Mapping) -> None:
   """Records a stage's identifying settings, or refuses a directory made with other ones.
 
+  In a multi-process run process 0 records (or refuses) for every process (`_claim`).
+  """
+  multihost.agree(f'identity of {stage}', lambda: _claim(stage, settings))
+
+
+def _claim(stage: epath.Path, settings: Mapping) -> None:
+  """`claim` in one process.
+
   A stage that diverged (diverged.json, written by the training loop) may be rerun with
   other values of the retunable settings (the learning rates): it resumes from its last
   good checkpoint, and its stage_config.json is updated to the new values. A stage that
@@ -356,7 +364,7 @@ def prune(config, base: Baseline, data: Data) -> PruneOutcome:
       **stage_record(config),
   }
   checkpoint.save_variables(stage / 'variables', small)
-  record_path.write_text(json.dumps(record))
+  checkpoint.write_text(record_path, json.dumps(record))
   return PruneOutcome(regimes.Pruned(structure, masks, widths, small, base.init), record)
 
 
@@ -400,7 +408,7 @@ def prune_weights(config, base: Baseline, data: Data, stage: epath.Path,
       **stage_record(config),
   }
   checkpoint.save_variables(stage / 'variables', variables)
-  record_path.write_text(json.dumps(record))
+  checkpoint.write_text(record_path, json.dumps(record))
   return PruneOutcome(regimes.Pruned(structure, {}, dict(structure.widths), variables,
                                      base.init, weight_masks), record)
 

@@ -30,6 +30,7 @@ import jax
 from absl import logging
 from etils import epath
 
+from jaxprune import multihost
 from jaxprune.errors import ConfigError
 
 CLAIM = 'claim.json'
@@ -206,8 +207,9 @@ class _Heartbeat(threading.Thread):
 
 @contextlib.contextmanager
 def claimed(directory: epath.Path, *, wait: bool, what: str, settings=()) -> Iterator[None]:
-  """Holds `directory`'s claim for the duration (only the first process of a multi-host run
-  claims; the others are the same run).
+  """Holds `directory`'s claim for the duration. In a multi-process run process 0 claims for
+  the run: every process gets its outcome (a refusal is every process's ConfigError), and
+  all have done their checks of the directory before any goes on to write in it.
 
   Args:
     directory: the directory to claim (created if absent).
@@ -215,20 +217,23 @@ def claimed(directory: epath.Path, *, wait: bool, what: str, settings=()) -> Ite
     what: how messages name the directory ('workdir W', 'baseline B').
     settings: the settings a refusal names.
   """
-  if jax.process_index() != 0:
-    yield
-    return
   path = directory / CLAIM
-  holder = _me()
-  try:
-    directory.mkdir(parents=True, exist_ok=True)
-    acquired = _acquire(path, holder, wait=wait, what=what, settings=settings)
-  except OSError as error:
-    if error.errno not in READ_ONLY_ERRNOS:
-      raise
-    # Read-only storage: a finished run can still be read and its table printed; anything
-    # that must be written fails on its own, naming the path.
-    logging.warning('cannot claim %s (%s); reading it without a claim.', what, error.strerror)
+
+  def acquire() -> dict | None:
+    try:
+      directory.mkdir(parents=True, exist_ok=True)
+      return _acquire(path, _me(), wait=wait, what=what, settings=settings)
+    except OSError as error:
+      if error.errno not in READ_ONLY_ERRNOS:
+        raise
+      # Read-only storage: a finished run can still be read and its table printed; anything
+      # that must be written fails on its own, naming the path.
+      logging.warning('cannot claim %s (%s); reading it without a claim.', what, error.strerror)
+      return None
+
+  acquired = multihost.agree(f'claim of {what}', acquire)
+  multihost.barrier(f'claimed {what}')
+  if jax.process_index() != 0 or acquired is None:
     yield
     return
   heartbeat = _Heartbeat(path, acquired)

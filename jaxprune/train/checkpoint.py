@@ -14,6 +14,7 @@ A done stage is never trained or written again; `fit` returns what it recorded.
 """
 
 import contextlib
+import itertools
 import json
 import signal
 import threading
@@ -21,10 +22,12 @@ import time
 from typing import Any, Mapping
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from jaxprune import multihost
 from jaxprune.errors import DataError
 
 CHECKPOINTS = 'checkpoints'
@@ -52,8 +55,8 @@ def stage_path(stage_dir) -> epath.Path:
   return epath.Path(stage_dir)
 
 
-def _write_text(path: epath.Path, text: str) -> None:
-  """Writes a small file from the primary process, via a temporary name (never half-written)."""
+def write_text(path: epath.Path, text: str) -> None:
+  """Writes a small file from process 0 only, via a temporary name (never half-written)."""
   if jax.process_index() != 0:
     return
   with naming(path):
@@ -64,8 +67,9 @@ def _write_text(path: epath.Path, text: str) -> None:
 
 
 def is_done(stage_dir) -> bool:
-  """Whether the stage finished (its result.json exists)."""
-  return (stage_path(stage_dir) / RESULT).exists()
+  """Whether the stage finished (its result.json exists). Every process of a multi-process
+  run gets process 0's answer, so none skips a stage that another trains."""
+  return multihost.agree(f'{stage_dir} done', (stage_path(stage_dir) / RESULT).exists)
 
 
 def load_final(stage_dir, like):
@@ -89,9 +93,9 @@ def read_result(stage_dir) -> dict:
 def mark_done(stage_dir, result: Mapping[str, Any]) -> None:
   """Writes result.json, the marker that the stage is finished; refuses to overwrite one."""
   path = stage_path(stage_dir) / RESULT
-  if path.exists():
+  if jax.process_index() == 0 and path.exists():
     raise FileExistsError(f"stage {stage_dir} is already done; its {RESULT} is never overwritten.")
-  _write_text(path, json.dumps(dict(result), indent=2, sort_keys=True) + '\n')
+  write_text(path, json.dumps(dict(result), indent=2, sort_keys=True) + '\n')
 
 
 def mark_diverged(stage_dir, epoch: int, step: int, resume_step: int,
@@ -103,7 +107,7 @@ def mark_diverged(stage_dir, epoch: int, step: int, resume_step: int,
   """
   record = {'epoch': epoch, 'step': step, 'resume_step': resume_step,
             'learning_rate': learning_rate}
-  _write_text(stage_path(stage_dir) / DIVERGED, json.dumps(record, indent=2, sort_keys=True) + '\n')
+  write_text(stage_path(stage_dir) / DIVERGED, json.dumps(record, indent=2, sort_keys=True) + '\n')
 
 
 def read_diverged(stage_dir) -> dict | None:
@@ -121,7 +125,7 @@ def clear_diverged(stage_dir) -> None:
 
 def write_metrics(stage_dir, records) -> None:
   """Rewrites metrics.jsonl with all records (rewriting, not appending, works on object stores)."""
-  _write_text(stage_path(stage_dir) / METRICS,
+  write_text(stage_path(stage_dir) / METRICS,
               ''.join(json.dumps(r, sort_keys=True) + '\n' for r in records))
 
 
@@ -132,12 +136,23 @@ def read_metrics(stage_dir) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _savable(tree):
+  """`tree` as orbax saves it from every process: arrays of one process's devices (`init`'s,
+  the same on every process) become host arrays, which orbax writes once, from process 0."""
+  if jax.process_count() == 1:
+    return tree
+  return jax.tree.map(
+      lambda x: np.asarray(x) if isinstance(x, jax.Array) and x.is_fully_addressable else x, tree)
+
+
 def save_variables(path, variables) -> None:
-  """Saves model variables (a nested dict of arrays) to `path`, replacing what is there."""
+  """Saves model variables (a nested dict of arrays) to `path`, replacing what is there.
+
+  Every process of a multi-process run calls it (orbax saves collectively)."""
   checkpointer = ocp.StandardCheckpointer()
   try:
     with naming(path):
-      checkpointer.save(epath.Path(path), variables, force=True)
+      checkpointer.save(epath.Path(path), _savable(variables), force=True)
       checkpointer.wait_until_finished()
   finally:
     checkpointer.close()
@@ -245,16 +260,27 @@ class RunCheckpoints:
     self._manager.close()
 
 
+# Preemption checks made by this process, over all stages (`PreemptionGuard`).
+_SYNC_CHECKS = itertools.count(1)
+
+
 class PreemptionGuard:
   """Notices preemption (SIGTERM) and Ctrl-C (SIGINT) between training steps, without any
   device synchronisation.
 
   Single process: a signal handler sets a flag that `reached(step)` reads (a Python
   bool, so checking it every step costs nothing). A second Ctrl-C is not caught: it
-  interrupts at once, as a user pressing it twice means. Several processes must all stop
-  at the same step, so there orbax's `reached_preemption` (JAX's preemption sync point,
-  agreed through the distributed coordination service) decides; JAX's own handler
-  receives the SIGTERM.
+  interrupts at once, as a user pressing it twice means.
+
+  Several processes must all stop at the same step, so there orbax's `reached_preemption`
+  (JAX's preemption sync point) decides, and JAX's own handler receives the SIGTERM: a
+  SIGTERM to any one process is passed to all through the coordination service, which
+  picks the first check that every process has not yet passed, and there all save and stop.
+  That protocol needs check numbers that only grow, the same on every process; a stage's
+  step restarts at 0 (and a resumed one at its checkpoint), so the checks are counted over
+  the whole process instead (`_SYNC_CHECKS`), every process making the same ones. A SIGTERM
+  after a stage's last check stops the run at the next stage's first; after the run's last,
+  the run simply finishes. Ctrl-C is not caught there (KeyboardInterrupt, status 130).
 
   Use as a context manager around the training loop; the previous handlers are restored on
   exit.
@@ -296,7 +322,8 @@ class PreemptionGuard:
     return self._flag
 
   def reached(self, step: int) -> bool:
-    """Whether to save and stop now; call with consecutive step numbers on every process."""
+    """Whether to save and stop now at `step`; every process makes the same calls."""
+    del step  # Only the order of the calls matters (class docstring).
     if jax.process_count() > 1:
-      return ocp.multihost.reached_preemption(step)
+      return ocp.multihost.reached_preemption(next(_SYNC_CHECKS))
     return self._flag

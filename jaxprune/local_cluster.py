@@ -1,0 +1,134 @@
+r"""Runs launch.py as N processes of one multi-process run on this machine, as a pod runs it.
+
+    python -m jaxprune.local_cluster --processes=2 --devices_per_process=1 -- \
+        --workdir=runs/quickstart-2p --model=resnet20 --epochs=10 --criterion=taylor
+
+Every process runs `launch.py --multihost` with the coordinator on a free localhost port,
+`--num_processes`, its `--process_id` and the flags after `--`, on CPU devices
+(`--devices_per_process` of them each, XLA's host platform), so a pod configuration can be
+debugged on a laptop. Process 0 writes to this terminal; process i to LOG_DIR/process<i>.log.
+
+SIGTERM or SIGINT to this launcher is passed to every process (a TPU maintenance event
+reaches every worker); they save the same step and exit with 75 (130 for SIGINT). When a
+process ends with a failure the others are given `--grace_s` to stop on their own (they
+notice a lost peer at their next collective) before they are killed. The exit status is
+process 0's, or the first failure's when process 0 succeeded.
+"""
+
+import argparse
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+LAUNCH = pathlib.Path(__file__).resolve().parents[1] / 'launch.py'
+POLL_S = 0.2
+
+
+def free_port() -> int:
+  """A TCP port nothing listens on now (the OS picks it)."""
+  with socket.socket() as probe:
+    probe.bind(('localhost', 0))
+    return probe.getsockname()[1]
+
+
+def commands(processes: int, port: int, flags) -> list[list[str]]:
+  """The launch.py command line of each process."""
+  return [[sys.executable, str(LAUNCH), '--multihost', f'--coordinator_address=localhost:{port}',
+           f'--num_processes={processes}', f'--process_id={i}', *flags]
+          for i in range(processes)]
+
+
+def environment(devices_per_process: int) -> dict:
+  """This environment, with JAX on `devices_per_process` CPU devices."""
+  env = dict(os.environ)
+  xla_flags = [f for f in env.get('XLA_FLAGS', '').split()
+               if not f.startswith('--xla_force_host_platform_device_count')]
+  env['XLA_FLAGS'] = ' '.join(
+      [*xla_flags, f'--xla_force_host_platform_device_count={devices_per_process}'])
+  env['JAX_PLATFORMS'] = 'cpu'
+  return env
+
+
+def _describe(status: int) -> str:
+  if status < 0:
+    return f'was killed by {signal.Signals(-status).name}'
+  return f'exited with status {status}'
+
+
+def run(processes: int, devices_per_process: int, flags, log_dir: pathlib.Path,
+        grace_s: float) -> int:
+  """Starts the processes, passes signals on, waits for all; returns the exit status."""
+  log_dir.mkdir(parents=True, exist_ok=True)
+  env = environment(devices_per_process)
+  logs = [open(log_dir / f'process{i}.log', 'w') for i in range(1, processes)]
+  children = []
+  for i, command in enumerate(commands(processes, free_port(), flags)):
+    out = None if i == 0 else logs[i - 1]
+    children.append(subprocess.Popen(command, env=env, stdout=out,
+                                     stderr=None if i == 0 else subprocess.STDOUT))
+
+  def forward(signum, frame):
+    del frame
+    for child in children:
+      if child.poll() is None:
+        child.send_signal(signum)
+
+  for signum in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(signum, forward)
+  first_failure = None
+  deadline = None
+  while any(child.poll() is None for child in children):
+    for i, child in enumerate(children):
+      if first_failure is None and child.returncode not in (None, 0):
+        first_failure = i
+        deadline = time.time() + grace_s
+    if deadline is not None and time.time() > deadline:
+      for child in children:
+        if child.poll() is None:
+          child.kill()
+    time.sleep(POLL_S)
+  for log in logs:
+    log.close()
+  statuses = [child.returncode for child in children]
+  for i, status in enumerate(statuses):
+    if status != 0:
+      where = '' if i == 0 else f' (log: {log_dir / f"process{i}.log"})'
+      sys.stderr.write(f'local_cluster: process {i} {_describe(status)}{where}.\n')
+  if statuses[0] != 0 or first_failure is None:
+    status = statuses[0]
+  else:
+    status = statuses[first_failure]
+  return status if status >= 0 else 128 - status
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      prog='python -m jaxprune.local_cluster', description=__doc__.split('\n\n')[0],
+      usage='%(prog)s [--processes=N] [--devices_per_process=K] -- LAUNCH_FLAGS...')
+  parser.add_argument('--processes', type=int, default=2, help='processes to start (default 2)')
+  parser.add_argument('--devices_per_process', type=int, default=1,
+                      help='CPU devices of each process (default 1)')
+  parser.add_argument('--log_dir', default=None,
+                      help='where processes 1..N-1 write their logs (default: a new temporary '
+                           'directory)')
+  parser.add_argument('--grace_s', type=float, default=60.0,
+                      help='seconds the others get to stop after one fails (default 60)')
+  parser.add_argument('flags', nargs='*', help='launch.py flags, after --')
+  args = parser.parse_args(argv)
+  for name in ('processes', 'devices_per_process'):
+    if getattr(args, name) < 1:
+      parser.error(f'--{name} must be at least 1, got {getattr(args, name)}.')
+  log_dir = pathlib.Path(args.log_dir or tempfile.mkdtemp(prefix='local_cluster-'))
+  if args.processes > 1:
+    sys.stderr.write(f'local_cluster: {args.processes} processes x {args.devices_per_process} '
+                     f'CPU devices; logs of processes 1-{args.processes - 1} in {log_dir}\n')
+  return run(args.processes, args.devices_per_process, args.flags, log_dir, args.grace_s)
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,194 @@
+"""Several processes as one run (`jax.distributed`): joining it, and what they agree on.
+
+* `initialize(...)`: joins the run. On a Cloud TPU VM pod, under SLURM or Open MPI JAX
+  detects the coordinator, the process count and this process's index; elsewhere all three
+  are given. CPU collectives go over gloo, so N processes on one machine are a pod too
+  (`jaxprune.local_cluster`). Not joining within the timeout is one sentence.
+* `agree(name, decide)`: process 0 decides (reads the work directory, takes a claim) and
+  every process gets its answer, or its ConfigError, so no process skips a stage another
+  trains or trains on after another refused. Answers travel through the coordination
+  service's key-value store: no device is involved, and waiting costs no collective.
+* `check_shared(directory)`: a marker process 0 writes that every process must find, so a
+  work directory on per-host disks is refused before any process writes to it.
+* `barrier(name)`: every process waits for the others (at most the timeout).
+
+With one process each is its single-process case (`agree` just decides).
+"""
+
+import itertools
+import json
+import os
+import uuid
+from typing import Any, Callable
+
+import jax
+from absl import logging
+from etils import epath
+from jax._src import distributed
+
+from jaxprune.errors import ConfigError, DataError
+
+SETTINGS = ('coordinator_address', 'num_processes', 'process_id')
+# How long one wait for process 0's answer lasts before it is retried: process 0 may take
+# hours (waiting for another run's baseline); its death ends the run through JAX's heartbeats.
+_ANSWER_POLL_MS = 10_000
+_agreements = itertools.count()
+_timeout_s = 300
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, timeout_s: int = 300) -> None:
+  """Joins the processes of a multi-process run; call before any other JAX call.
+
+  The three settings come together or not at all (then the cluster must be detectable).
+  `timeout_s` bounds joining and every barrier, and is JAX's heartbeat timeout: a process
+  silent that long counts as dead and the others stop.
+
+  Raises:
+    ConfigError: the settings are inconsistent, no cluster is detected, or the processes
+      did not all join within `timeout_s`.
+  """
+  global _timeout_s
+  given = {'coordinator_address': coordinator_address, 'num_processes': num_processes,
+           'process_id': process_id}
+  missing = [name for name, value in given.items() if value is None]
+  if 0 < len(missing) < len(given):
+    raise ConfigError(f"multihost takes {', '.join(SETTINGS)} together (or none of them on a "
+                      f"TPU VM, SLURM or Open MPI, which detect them); {', '.join(missing)} "
+                      'is missing.', settings=('multihost', *missing))
+  if not missing and process_id >= num_processes:
+    raise ConfigError(f'process_id {process_id} is not below num_processes {num_processes}; '
+                      'the processes are numbered 0 to num_processes-1.',
+                      settings=('process_id', 'num_processes'))
+  _timeout_s = timeout_s
+  # Gloo lets CPU devices of different processes take part in one collective.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  try:
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               initialization_timeout=timeout_s,
+                               heartbeat_timeout_seconds=timeout_s)
+  except ValueError as error:
+    if missing:
+      raise ConfigError('multihost found no TPU VM, SLURM or Open MPI cluster to join; give '
+                        f"{', '.join(SETTINGS)} ({_first_line(error)}).",
+                        settings=('multihost', *SETTINGS)) from error
+    raise
+  except Exception as error:  # pylint: disable=broad-except
+    # JAX reports a coordinator that never answered, or processes that never all came,
+    # as a runtime error of the coordination service (DEADLINE_EXCEEDED, UNAVAILABLE).
+    _forget_client()
+    who = f'process {process_id}' if process_id is not None else 'this process'
+    raise ConfigError(
+        f'{who} could not join the run at coordinator '
+        f'{coordinator_address or "(detected)"} within {timeout_s} s '
+        f'({_first_line(error)}); check that every process got the same coordinator_address '
+        "(process 0's HOST:PORT, reachable from every host) and num_processes, and that "
+        'that many processes started.', settings=('multihost_timeout', *SETTINGS)) from error
+  logging.info('process %d of %d: %d local of %d devices', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _forget_client() -> None:
+  # A client that never connected cannot shut down cleanly: JAX's exit handler would print
+  # a traceback about it under the one-line error.
+  state = distributed.global_state
+  state.client = state.service = state.preemption_sync_manager = None
+
+
+def _first_line(error: BaseException) -> str:
+  lines = str(error).strip().splitlines()
+  return lines[0] if lines else type(error).__name__
+
+
+def _client():
+  return distributed.global_state.client
+
+
+def agree(name: str, decide: Callable[[], Any]) -> Any:
+  """`decide()` on process 0, its JSON-able value returned on every process.
+
+  Every process calls `agree` at the same point of the same program (the answers are
+  matched by call order). A ConfigError (or DataError) of process 0 is raised on every
+  process with the same message; any other exception stops process 0 with its traceback,
+  and the others with one sentence naming `name`.
+  """
+  if jax.process_count() == 1:
+    return decide()
+  key = f'jaxprune/agree/{next(_agreements)}/{name}'
+  client = _client()
+  if jax.process_index() == 0:
+    try:
+      value = decide()
+    except ConfigError as error:
+      client.key_value_set(key, json.dumps({'error': str(error), 'settings': error.settings,
+                                            'data': isinstance(error, DataError)}))
+      raise
+    except BaseException as error:
+      client.key_value_set(key, json.dumps({'failed': _first_line(error)}))
+      raise
+    client.key_value_set(key, json.dumps({'value': value}))
+    return value
+  answer = json.loads(_answer(client, key))
+  if 'error' in answer:
+    error_type = DataError if answer['data'] else ConfigError
+    raise error_type(answer['error'], settings=answer['settings'])
+  if 'failed' in answer:
+    raise RuntimeError(f'process 0 failed while deciding {name} ({answer["failed"]}); its log '
+                       'has the traceback.')
+  return answer['value']
+
+
+def _answer(client, key: str) -> str:
+  while True:
+    try:
+      return client.blocking_key_value_get(key, _ANSWER_POLL_MS)
+    except Exception as error:  # pylint: disable=broad-except
+      if 'DEADLINE_EXCEEDED' not in str(error):
+        raise
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches `barrier(name)` (ConfigError after the timeout)."""
+  if jax.process_count() == 1:
+    return
+  try:
+    _client().wait_at_barrier(f'jaxprune/barrier/{next(_agreements)}/{name}', _timeout_s * 1000)
+  except Exception as error:  # pylint: disable=broad-except
+    if 'DEADLINE_EXCEEDED' not in str(error):
+      raise
+    raise ConfigError(f'not every process reached {name} within {_timeout_s} s; every process '
+                      'must run the same command (the same settings).',
+                      settings=('multihost_timeout',)) from error
+
+
+def check_shared(directory: epath.Path, setting: str) -> None:
+  """Raises ConfigError on every process unless each sees the marker process 0 writes in
+  `directory` (created if absent): a directory on each host's own disk is not one work
+  directory, and checkpoints written collectively into it would be torn apart."""
+  if jax.process_count() == 1:
+    return
+
+  def write_marker():
+    marker = directory / f'.multihost-{uuid.uuid4().hex}'
+    directory.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(os.getpid()))
+    return marker.name
+
+  marker = directory / agree(f'{setting} marker', write_marker)
+  _client().key_value_set(f'jaxprune/shared/{marker.name}/{jax.process_index()}',
+                          str(int(marker.exists())))
+
+  def blind_processes():
+    blind = [i for i in range(jax.process_count())
+             if _client().blocking_key_value_get(f'jaxprune/shared/{marker.name}/{i}',
+                                                 _timeout_s * 1000) != '1']
+    marker.unlink()
+    if blind:
+      names = ', '.join(map(str, blind))
+      raise ConfigError(f'{setting} {directory} is not one directory for every process: '
+                        f'process{"es" if len(blind) > 1 else ""} {names} cannot see the file '
+                        'process 0 wrote there; give every process the same storage (a shared '
+                        'file system or gs://).', settings=(setting,))
+    return None
+
+  agree(f'{setting} is shared', blind_processes)
