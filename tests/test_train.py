@@ -414,13 +414,6 @@ def test_bad_schedule_is_a_config_error(config, setting):
   assert error.value.settings == (setting,) and '--' not in str(error.value)
 
 
-def test_global_batch_on_one_process_is_the_local_batch():
-  mesh = train.make_mesh()
-  local = {'label': np.arange(8, dtype=np.int32)}
-  assert train.host_batch_slice(8) == slice(0, 8)
-  np.testing.assert_array_equal(train.global_batch(local, mesh)['label'], local['label'])
-
-
 EIGHT_DEVICES = """
 import json, sys, tempfile
 import jax, numpy as np

@@ -8,6 +8,5 @@ from jaxprune.train.optim import (SCHEDULES, OptimizerConfig, add_bn_scale_l1, i
 from jaxprune.train.step import (DATA_AXIS, PRECISIONS, WEIGHT_MASKS, Evaluator, Masks, Trainer,
                                  TrainState,
                                  compute_dtype, create_state, cross_entropy, epoch_keys,
-                                 eval_step, evaluator_for, global_batch, host_batch_slice,
-                                 initialize_multihost, keep_multipliers, make_mesh, train_step,
-                                 trainer_for)
+                                 eval_step, evaluator_for, keep_multipliers, make_mesh,
+                                 train_step, trainer_for)

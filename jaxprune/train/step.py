@@ -4,7 +4,8 @@
 * `train_step(state, batch, masks, learning_rate)` / `eval_step(variables, ...)` are pure;
   `Trainer` and `Evaluator` jit them over a `jax.sharding.Mesh` of all devices (batch split
   along 'data', state replicated), so the same code runs on one CPU, eight TPU cores or a
-  multi-host pod.
+  multi-host pod (every process runs the same program on global arrays; `jaxprune.multihost`
+  joins them).
 * Masks and the learning rate are jit inputs: changing their values (iterative pruning,
   another schedule or length) never recompiles, and the parameters of masked-out channels
   are held fixed (no gradient, decay, L1 or momentum moves them).
@@ -23,11 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 from flax import struct, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxprune.errors import ConfigError, choose
+from jaxprune.errors import choose
 from jaxprune.kernels import compiler
 from jaxprune.prune import structure as structure_lib
 from jaxprune.train.optim import OptimizerConfig, make_optimizer
@@ -219,36 +219,6 @@ def eval_step(variables: Mapping, batch: Mapping, masks: Masks, *, model: nn.Mod
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D mesh over all devices (of all processes), axis 'data'."""
   return Mesh(np.asarray(devices if devices is not None else jax.devices()), (DATA_AXIS,))
-
-
-def initialize_multihost(**kwargs) -> None:
-  """Joins the processes of a multi-host run (`jax.distributed.initialize(**kwargs)`).
-
-  Call once per process before any other JAX call; on Cloud TPU and SLURM the
-  coordinator is found automatically. Every process then runs the same program
-  (`fit` included) on global arrays; `host_batch_slice` and `global_batch` let each
-  process feed its part of a host-made batch.
-  """
-  jax.distributed.initialize(**kwargs)
-  logging.info('process %d of %d: %d local of %d devices', jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
-
-
-def host_batch_slice(global_batch_size: int) -> slice:
-  """The rows of a global batch this process feeds (contiguous, in process order)."""
-  per_process, rest = divmod(global_batch_size, jax.process_count())
-  if rest:
-    raise ConfigError(f"batch_size {global_batch_size} is not divisible by the "
-                      f"{jax.process_count()} processes.", settings=('batch_size',))
-  start = jax.process_index() * per_process
-  return slice(start, start + per_process)
-
-
-def global_batch(local_batch: Mapping, mesh: Mesh) -> dict:
-  """Assembles each process's rows (`host_batch_slice`) into one batch sharded along 'data'."""
-  sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local_batch.items()}
 
 
 def epoch_keys(rng, epoch):
