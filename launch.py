@@ -45,7 +45,8 @@ def main(argv):
           multihost.check_shared(pipeline.stages.absolute(getattr(config, setting)), setting)
     elif config.coordinator_address or config.num_processes or config.process_id is not None:
       raise ConfigError('coordinator_address, num_processes and process_id are settings of a '
-                        'multi-process run; add multihost.', settings=('multihost',))
+                        'multi-process run; add multihost.',
+                        settings=('multihost', *multihost.SETTINGS))
     compiler.use_persistent_cache(config.compilation_cache_dir)
     results = pipeline.run(config)
   # A pod's workers print into one terminal (gcloud ... --worker=all): one table.

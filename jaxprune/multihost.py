@@ -18,6 +18,8 @@ With one process each is its single-process case (`agree` just decides).
 import itertools
 import json
 import os
+import sys
+import threading
 import uuid
 from typing import Any, Callable
 
@@ -26,12 +28,14 @@ from absl import logging
 from etils import epath
 from jax._src import distributed
 
-from jaxprune.errors import ConfigError, DataError
+from jaxprune.errors import EXIT_STATUS, ConfigError, DataError, as_flags
 
 SETTINGS = ('coordinator_address', 'num_processes', 'process_id')
 # How long one wait for process 0's answer lasts before it is retried: process 0 may take
 # hours (waiting for another run's baseline); its death ends the run through JAX's heartbeats.
 _ANSWER_POLL_MS = 10_000
+# JAX's own join timeout is this much longer than ours, so ours speaks first.
+_JAX_JOIN_GRACE_S = 30
 _agreements = itertools.count()
 _timeout_s = 300
 
@@ -44,18 +48,21 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   `timeout_s` bounds joining and every barrier, and is JAX's heartbeat timeout: a process
   silent that long counts as dead and the others stop.
 
+  Processes that have not all joined within `timeout_s` end this one: 'error: SENTENCE' on
+  stderr and exit status 1 (JAX would abort it a little later, with a stack dump).
+
   Raises:
-    ConfigError: the settings are inconsistent, no cluster is detected, or the processes
-      did not all join within `timeout_s`.
+    ConfigError: the settings are inconsistent, or no cluster is detected.
   """
   global _timeout_s
   given = {'coordinator_address': coordinator_address, 'num_processes': num_processes,
            'process_id': process_id}
   missing = [name for name, value in given.items() if value is None]
   if 0 < len(missing) < len(given):
-    raise ConfigError(f"multihost takes {', '.join(SETTINGS)} together (or none of them on a "
-                      f"TPU VM, SLURM or Open MPI, which detect them); {', '.join(missing)} "
-                      'is missing.', settings=('multihost', *missing))
+    raise ConfigError(f'multihost takes {SETTINGS[0]}, {SETTINGS[1]} and {SETTINGS[2]} '
+                      'together (or none of them on a TPU VM, SLURM or Open MPI, which detect '
+                      f"them); {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                      'missing.', settings=('multihost', *SETTINGS))
   if not missing and process_id >= num_processes:
     raise ConfigError(f'process_id {process_id} is not below num_processes {num_processes}; '
                       'the processes are numbered 0 to num_processes-1.',
@@ -63,9 +70,21 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   _timeout_s = timeout_s
   # Gloo lets CPU devices of different processes take part in one collective.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  who = f'process {process_id}' if process_id is not None else 'this process'
+  not_joined = ConfigError(
+      f'{who} could not join the run at coordinator {coordinator_address or "(detected)"} '
+      f'within {timeout_s} s; check that every process got the same coordinator_address '
+      "(process 0's HOST:PORT, reachable from every host) and num_processes, and that that "
+      'many processes started.', settings=('multihost_timeout', *SETTINGS))
+  # JAX ends a process that cannot join (an unreachable coordinator, fewer processes than
+  # num_processes) with an abort of its own, no exception, when its timeout expires; this
+  # timer ends it a little earlier, with the sentence.
+  timer = threading.Timer(timeout_s, _exit_with, (not_joined,))
+  timer.daemon = True
+  timer.start()
   try:
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
-                               initialization_timeout=timeout_s,
+                               initialization_timeout=timeout_s + _JAX_JOIN_GRACE_S,
                                heartbeat_timeout_seconds=timeout_s)
   except ValueError as error:
     if missing:
@@ -73,26 +92,16 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                         f"{', '.join(SETTINGS)} ({_first_line(error)}).",
                         settings=('multihost', *SETTINGS)) from error
     raise
-  except Exception as error:  # pylint: disable=broad-except
-    # JAX reports a coordinator that never answered, or processes that never all came,
-    # as a runtime error of the coordination service (DEADLINE_EXCEEDED, UNAVAILABLE).
-    _forget_client()
-    who = f'process {process_id}' if process_id is not None else 'this process'
-    raise ConfigError(
-        f'{who} could not join the run at coordinator '
-        f'{coordinator_address or "(detected)"} within {timeout_s} s '
-        f'({_first_line(error)}); check that every process got the same coordinator_address '
-        "(process 0's HOST:PORT, reachable from every host) and num_processes, and that "
-        'that many processes started.', settings=('multihost_timeout', *SETTINGS)) from error
+  finally:
+    timer.cancel()
   logging.info('process %d of %d: %d local of %d devices', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
-def _forget_client() -> None:
-  # A client that never connected cannot shut down cleanly: JAX's exit handler would print
-  # a traceback about it under the one-line error.
-  state = distributed.global_state
-  state.client = state.service = state.preemption_sync_manager = None
+def _exit_with(error: ConfigError) -> None:
+  sys.stderr.write(f'error: {as_flags(error)}\n')
+  sys.stderr.flush()
+  os._exit(EXIT_STATUS[ConfigError])
 
 
 def _first_line(error: BaseException) -> str:

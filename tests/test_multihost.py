@@ -1,0 +1,261 @@
+"""launch.py as several processes of one run (`jaxprune.local_cluster`): a pod on this machine.
+
+The default tests are the configuration mistakes a new pod user makes, each one sentence
+within seconds; the slow ones run the pipeline as 2 processes, equal to one process,
+preempted and resumed, and with one process killed.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import QUICK_FLAGS, ROOT, launch_command
+from jaxprune import local_cluster
+from jaxprune.train import checkpoint
+
+# Seconds a process waits for the others: short, so a mistake shows within the test.
+TIMEOUT_FLAG = '--multihost_timeout=8'
+# Long enough a baseline (8 epochs of 16 steps) to be signalled in the middle.
+LONG_FLAGS = ('--model=tiny', '--epochs=8', '--batch_size=32', '--max_train=512',
+              '--regime=finetune', '--finetune_epochs=1', '--multihost_timeout=30')
+# Accuracies of the same job on 1 and on 2 processes: the steps sum gradients over the
+# devices in another order, so they agree to float rounding, not bit for bit.
+ATOL = 1e-6
+
+
+def cluster_command(*flags, workdir, processes=2, devices=1, log_dir, grace_s=120):
+  return [sys.executable, '-m', 'jaxprune.local_cluster', f'--processes={processes}',
+          f'--devices_per_process={devices}', f'--log_dir={log_dir}', f'--grace_s={grace_s}',
+          '--', f'--workdir={workdir}', '--compilation_cache_dir=', *flags]
+
+
+def run_cluster(*flags, workdir, log_dir, **kwargs):
+  return subprocess.run(cluster_command(*flags, workdir=workdir, log_dir=log_dir, **kwargs),
+                        capture_output=True, text=True, cwd=ROOT, timeout=900)
+
+
+def last_line(text: str) -> str:
+  return text.strip().splitlines()[-1]
+
+
+def accuracies(workdir: pathlib.Path) -> dict:
+  rows = json.loads((workdir / 'results.json').read_text())['rows']
+  return {row['stage']: row['test_accuracy'] for row in rows}
+
+
+# ----------------------------------------------------------------------------- mistakes
+
+
+def test_some_but_not_all_cluster_settings_are_one_sentence(tmp_path, launch):
+  run = launch(*QUICK_FLAGS, '--multihost', '--num_processes=2', workdir=tmp_path / 'w')
+  assert run.returncode == 1 and 'Traceback' not in run.stderr
+  assert last_line(run.stderr) == (
+      'error: --multihost takes --coordinator_address, --num_processes and --process_id '
+      'together (or none of them on a TPU VM, SLURM or Open MPI, which detect them); '
+      '--coordinator_address and --process_id are missing.')
+
+
+def test_a_process_id_beyond_the_process_count_is_one_sentence(tmp_path, launch):
+  run = launch(*QUICK_FLAGS, '--multihost', '--coordinator_address=localhost:1',
+               '--num_processes=2', '--process_id=2', workdir=tmp_path / 'w')
+  assert run.returncode == 1
+  assert last_line(run.stderr) == ('error: --process_id 2 is not below --num_processes 2; the '
+                                   'processes are numbered 0 to num_processes-1.')
+
+
+def test_cluster_settings_without_multihost_are_one_sentence(tmp_path, launch):
+  run = launch(*QUICK_FLAGS, '--num_processes=2', workdir=tmp_path / 'w')
+  assert run.returncode == 1
+  assert last_line(run.stderr) == ('error: --coordinator_address, --num_processes and '
+                                   '--process_id are settings of a multi-process run; add '
+                                   '--multihost.')
+
+
+def test_an_unreachable_coordinator_is_one_sentence_after_the_timeout(tmp_path, launch):
+  port = local_cluster.free_port()
+  start = time.time()
+  run = launch(*QUICK_FLAGS, '--multihost', f'--coordinator_address=localhost:{port}',
+               '--num_processes=2', '--process_id=1', TIMEOUT_FLAG, workdir=tmp_path / 'w')
+  assert run.returncode == 1 and 'Traceback' not in run.stderr, run.stderr[-3000:]
+  assert last_line(run.stderr).startswith(
+      f'error: process 1 could not join the run at coordinator localhost:{port} within 8 s; '
+      'check that every process got the same --coordinator_address')
+  assert time.time() - start < 60
+  assert not (tmp_path / 'w').exists()
+
+
+def test_a_wrong_process_count_is_one_sentence_on_every_process(tmp_path):
+  # Two processes started, each told the run has three (a later flag wins).
+  run = run_cluster(*QUICK_FLAGS, '--num_processes=3', TIMEOUT_FLAG, workdir=tmp_path / 'w',
+                    log_dir=tmp_path / 'logs')
+  assert run.returncode == 1, run.stderr[-3000:]
+  process1 = (tmp_path / 'logs' / 'process1.log').read_text()
+  for out in (run.stderr, process1):
+    assert 'Traceback' not in out
+    assert any(line.startswith('error: process ') and 'could not join the run at coordinator '
+               'localhost:' in line and 'within 8 s' in line for line in out.splitlines()), out
+
+
+def test_a_work_directory_not_every_process_sees_is_one_sentence(tmp_path):
+  # Per-host disks: each process's --workdir is a different directory.
+  port = local_cluster.free_port()
+  env = local_cluster.environment(1)
+  procs = [subprocess.Popen(
+      launch_command(*QUICK_FLAGS, '--multihost', f'--coordinator_address=localhost:{port}',
+                     '--num_processes=2', f'--process_id={i}', TIMEOUT_FLAG,
+                     workdir=tmp_path / f'host{i}'),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+      for i in range(2)]
+  outputs = [p.communicate(timeout=300) for p in procs]
+  expected = (f"error: --workdir {tmp_path / 'host0'} is not one directory for every process: "
+              'process 1 cannot see the file process 0 wrote there; give every process the '
+              'same storage (a shared file system or gs://).')
+  for proc, (_, stderr) in zip(procs, outputs):
+    assert proc.returncode == 1 and 'Traceback' not in stderr, stderr[-3000:]
+    assert last_line(stderr) == expected
+  assert list((tmp_path / 'host0').iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  """LONG_FLAGS run once as 2 processes and once as 1: (2-process workdir, 1-process workdir)."""
+  root = tmp_path_factory.mktemp('uninterrupted')
+  two = run_cluster(*LONG_FLAGS, workdir=root / 'two', log_dir=root / 'logs')
+  assert two.returncode == 0, two.stderr[-3000:]
+  one = subprocess.run(launch_command(*LONG_FLAGS, workdir=root / 'one'), capture_output=True,
+                       text=True, cwd=ROOT, timeout=900)
+  assert one.returncode == 0, one.stderr[-3000:]
+  return root / 'two', root / 'one', two.stdout, one.stdout
+
+
+@pytest.mark.slow
+def test_two_processes_print_the_single_process_table(uninterrupted):
+  two, one, two_stdout, one_stdout = uninterrupted
+  np.testing.assert_allclose(list(accuracies(two).values()), list(accuracies(one).values()),
+                             atol=ATOL)
+  # The table (without its wall-time column) is the same.
+  strip = lambda text: [line.rsplit(None, 1)[0] for line in text.splitlines()[2:5]]
+  assert strip(two_stdout) == strip(one_stdout)
+  # The same batches in the same order: every epoch's training loss agrees.
+  losses = [[r['train_loss'] for r in checkpoint.read_metrics(w / 'baseline')]
+            for w in (two, one)]
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_checkpoint_directory_holds_one_whole_checkpoint_per_saved_step(uninterrupted):
+  two, one = uninterrupted[:2]
+  steps = sorted(int(p.name) for p in (two / 'baseline' / 'checkpoints').iterdir())
+  assert steps == [112, 128]  # epochs 7 and 8 of 16 steps; two kept
+  for step in steps:
+    directory = two / 'baseline' / 'checkpoints' / str(step)
+    # Finalised (orbax writes this last), and nothing left of an unfinished write.
+    assert (directory / '_CHECKPOINT_METADATA').exists()
+    assert not any('tmp' in p.name for p in directory.rglob('*'))
+    restored = ocp.StandardCheckpointer().restore(directory / 'state')
+    alone = ocp.StandardCheckpointer().restore(one / 'baseline' / 'checkpoints' / str(step) /
+                                               'state')
+    assert int(np.asarray(restored['train']['step'])) == step
+    for a, b in zip(*(jax.tree.leaves(t['train']['params']) for t in (restored, alone))):
+      np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_only_one_process_writes_tensorboard_events(uninterrupted):
+  two = uninterrupted[0]
+  for stage in ('baseline', 'finetune'):
+    events = list((two / stage / checkpoint.TENSORBOARD).iterdir())
+    assert len(events) == 1, events
+
+
+def wait_for_epoch(workdir: pathlib.Path, proc: subprocess.Popen) -> None:
+  """Returns once the baseline has recorded its first epoch."""
+  metrics = workdir / 'baseline' / checkpoint.METRICS
+  deadline = time.time() + 600
+  while not (metrics.exists() and metrics.read_text().strip()):
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    assert time.time() < deadline
+    time.sleep(0.05)
+
+
+def preempted_step(text: str) -> int:
+  [line] = [l for l in text.splitlines() if l.startswith('preempted: step ')]
+  return int(line.split()[2])
+
+
+@pytest.mark.slow
+def test_sigterm_to_every_process_saves_one_step_and_the_rerun_resumes_it(tmp_path,
+                                                                          uninterrupted):
+  workdir, logs = tmp_path / 'w', tmp_path / 'logs'
+  command = cluster_command(*LONG_FLAGS, workdir=workdir, log_dir=logs)
+  proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          cwd=ROOT)
+  wait_for_epoch(workdir, proc)
+  proc.send_signal(signal.SIGTERM)  # passed on to both processes
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 75, stderr[-3000:]
+  process1 = (logs / 'process1.log').read_text()
+  step = preempted_step(stderr)
+  assert preempted_step(process1) == step and 16 <= step < 128
+  assert (f'preempted: step {step} of {workdir / "baseline"} is saved; rerun the same command '
+          'to resume.') in stderr.splitlines()
+  assert step in [int(p.name) for p in (workdir / 'baseline' / 'checkpoints').iterdir()]
+  rerun = run_cluster(*LONG_FLAGS, workdir=workdir, log_dir=logs)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  resumed = f'Resuming {workdir / "baseline"} from step {step}.'
+  assert resumed in rerun.stderr and resumed in (logs / 'process1.log').read_text()
+  assert accuracies(workdir) == accuracies(uninterrupted[0])
+
+
+def process_pid(workdir: pathlib.Path, process_id: int) -> int:
+  """The pid of the launch.py process with `--process_id` of the run in `workdir`."""
+  wanted = {f'--workdir={workdir}', f'--process_id={process_id}'}
+  for entry in pathlib.Path('/proc').iterdir():
+    if entry.name.isdigit():
+      try:
+        args = set((entry / 'cmdline').read_bytes().decode().split('\0'))
+      except OSError:
+        continue
+      if wanted <= args and any(a.endswith('launch.py') for a in args):
+        return int(entry.name)
+  raise AssertionError(f'no process {process_id} of {workdir}')
+
+
+# A process of two that dies is noticed at the other's next collective: within a step.
+LOST_WITHIN_S = 30
+
+
+@pytest.mark.slow
+def test_sigkill_of_one_process_stops_the_other_with_one_sentence_and_the_rerun_resumes(
+    tmp_path, uninterrupted):
+  workdir, logs = tmp_path / 'w', tmp_path / 'logs'
+  proc = subprocess.Popen(cluster_command(*LONG_FLAGS, workdir=workdir, log_dir=logs),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+  wait_for_epoch(workdir, proc)
+  os.kill(process_pid(workdir, 1), signal.SIGKILL)
+  killed = time.time()
+  _, stderr = proc.communicate(timeout=300)
+  assert time.time() - killed < LOST_WITHIN_S
+  lines = stderr.strip().splitlines()
+  assert lines[-2:] == ['local_cluster: process 0 exited with status 75.',
+                        'local_cluster: process 1 was killed by SIGKILL '
+                        f'(log: {logs / "process1.log"}).']
+  assert lines[-3].startswith('error: another process of this multi-process run stopped or '
+                              'cannot be reached (')
+  assert 'Traceback' not in stderr
+  rerun = run_cluster(*LONG_FLAGS, workdir=workdir, log_dir=logs)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert f'Resuming {workdir / "baseline"} from step ' in rerun.stderr
+  assert accuracies(workdir) == accuracies(uninterrupted[0])
