@@ -8,8 +8,10 @@ Every process runs `launch.py --multihost` with the coordinator on a free localh
 (`--devices_per_process` of them each, XLA's host platform), so a pod configuration can be
 debugged on a laptop. Process 0 writes to this terminal; process i to LOG_DIR/process<i>.log.
 
-SIGTERM or SIGINT to this launcher is passed to every process (a TPU maintenance event
-reaches every worker); they save the same step and exit with 75 (130 for SIGINT). When a
+SIGTERM or Ctrl-C (SIGINT) to this launcher reaches every process as SIGTERM, as a TPU
+maintenance event reaches every worker: they save the same step and exit with 75 (rerun the
+same command to resume). The processes run in sessions of their own, so a Ctrl-C in the
+terminal reaches them only that way. When a
 process ends with a failure the others are given `--grace_s` to stop on their own (they
 notice a lost peer at their next collective) before they are killed. The exit status is
 process 0's, or the first failure's when process 0 succeeded.
@@ -70,13 +72,16 @@ def run(processes: int, devices_per_process: int, flags, log_dir: pathlib.Path,
   for i, command in enumerate(commands(processes, free_port(), flags)):
     out = None if i == 0 else logs[i - 1]
     children.append(subprocess.Popen(command, env=env, stdout=out,
-                                     stderr=None if i == 0 else subprocess.STDOUT))
+                                     stderr=None if i == 0 else subprocess.STDOUT,
+                                     start_new_session=True))
 
   def forward(signum, frame):
-    del frame
+    del signum, frame
+    # SIGTERM is what the processes agree on a step to save at; a SIGINT each would stop
+    # every one wherever it is.
     for child in children:
       if child.poll() is None:
-        child.send_signal(signum)
+        child.send_signal(signal.SIGTERM)
 
   for signum in (signal.SIGTERM, signal.SIGINT):
     signal.signal(signum, forward)
