@@ -126,6 +126,16 @@ def test_a_work_directory_not_every_process_sees_is_one_sentence(tmp_path):
   assert list((tmp_path / 'host0').iterdir()) == []
 
 
+def test_records_are_written_by_process_0_only(tmp_path, monkeypatch):
+  monkeypatch.setattr(jax, 'process_index', lambda: 1)
+  stage = tmp_path / 'stage'
+  checkpoint.write_metrics(stage, [{'epoch': 1, 'test_accuracy': 0.5}])
+  checkpoint.mark_diverged(stage, epoch=1, step=2, resume_step=0, learning_rate=0.1)
+  checkpoint.mark_done(stage, {'test_accuracy': 0.5})
+  checkpoint.write_text(stage / 'record.json', '{}')
+  assert not stage.exists()
+
+
 # ----------------------------------------------------------------------------- the job
 
 
