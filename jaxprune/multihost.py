@@ -96,7 +96,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   except ValueError as error:
     if missing:
       raise ConfigError('multihost found no TPU VM, SLURM or Open MPI cluster to join; give '
-                        f"{', '.join(SETTINGS)} ({_first_line(error)}).",
+                        f'{SETTINGS[0]}, {SETTINGS[1]} and {SETTINGS[2]}.',
                         settings=('multihost', *SETTINGS)) from error
     raise
   finally:
