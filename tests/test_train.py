@@ -1,9 +1,11 @@
 """Training: it learns, masked channels stay frozen, no recompiles, the optimizer, evaluation,
 errors, 8 devices."""
 
+import dataclasses
 import functools
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -16,10 +18,10 @@ import pytest
 from conftest import count_compiles
 from flax import traverse_util
 
-from jaxprune import data, models, train
+from jaxprune import data, errors, models, train
 from jaxprune.errors import ConfigError
 from jaxprune.prune import structure
-from jaxprune.train import checkpoint
+from jaxprune.train import checkpoint, loop
 
 IMAGE = (8, 8, 3)
 CLASSES = 4
@@ -514,3 +516,99 @@ def test_fit_copies_needs_one_variables_seed_and_stage_per_copy(tmp_path):
     train.fit_copies(model, inits, data.device_put_dataset(ds), ds.spec,
                      train.TrainOptions(epochs=1, batch_size=32), stage_dirs=[tmp_path / 'a'],
                      seeds=seeds, checkpoint_dir=tmp_path / 'group')
+
+
+# ----------------------------------------------------------------------------- many steps per call
+
+# 8 steps per epoch of the 256 training images: calls of 3, 3 and 2 steps.
+CALLS = train.TrainOptions(epochs=2, batch_size=32, steps_per_call=3, optimizer=train.OptimizerConfig(
+    learning_rate=0.05, weight_decay=1e-3))
+
+
+def fit_tiny(stage_dir, options=CALLS):
+  ds = learnable_dataset()
+  model, struct, variables = tiny()
+  return train.fit(model, variables, data.device_put_dataset(ds), ds.spec, options,
+                   stage_dir=stage_dir, seed=3, masks=prune_masks(struct, 0), structure=struct)
+
+
+@pytest.fixture(scope='module')
+def fitted_in_calls(tmp_path_factory):
+  stage = tmp_path_factory.mktemp('calls')
+  variables, result = fit_tiny(stage)
+  return stage, jax.device_get(variables), result
+
+
+def records_without_timing(stage):
+  return [{k: v for k, v in r.items() if k not in ('elapsed_s', 'images_per_second')}
+          for r in checkpoint.read_metrics(stage)]
+
+
+def test_steps_in_one_call_equal_stepping_one_by_one(tmp_path, fitted_in_calls):
+  # Not bit for bit: XLA compiles the loop body's convolutions and fusions otherwise than
+  # a lone step's, which moves some values by an ulp per step; over 16 steps the runs
+  # stay within float32 rounding of each other.
+  stage, variables, result = fitted_in_calls
+  alone_variables, alone = fit_tiny(tmp_path, dataclasses.replace(CALLS, steps_per_call=1))
+  for metric in ('train_loss', 'test_loss', 'train_accuracy', 'test_accuracy'):
+    np.testing.assert_allclose(result[metric], alone[metric], rtol=1e-5, atol=1e-6,
+                               err_msg=metric)
+  flat, expected = (traverse_util.flatten_dict(jax.device_get(v))
+                    for v in (variables, alone_variables))
+  for key, value in expected.items():
+    np.testing.assert_allclose(flat[key], value, rtol=1e-5, atol=1e-6, err_msg=str(key))
+  records, expected_records = records_without_timing(stage), records_without_timing(tmp_path)
+  assert [(r['step'], r['learning_rate']) for r in records] == [
+      (r['step'], r['learning_rate']) for r in expected_records]
+  assert [r['step'] for r in records] == [8, 16]
+
+
+def test_preempted_between_calls_saves_at_the_call_and_resumes_to_the_same_bits(
+    tmp_path, fitted_in_calls, monkeypatch, caplog):
+  """SIGTERM during epoch 2's first call (steps 8-10): saved at step 11, then resumed,
+  every call of the resumed epoch has other bounds; the run is bit for bit the same."""
+  expected_stage, expected_variables, expected = fitted_in_calls
+  calls = []
+  train_steps = loop._train_steps
+
+  def signal_in_fourth_call(run, progress, order, epoch_rates, stop):
+    train_steps(run, progress, order, epoch_rates, stop)
+    calls.append(stop)
+    if len(calls) == 4:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(loop, '_train_steps', signal_in_fourth_call)
+  with pytest.raises(errors.Preempted) as preempted:
+    fit_tiny(tmp_path)
+  assert calls == [3, 6, 8, 11]
+  assert preempted.value.step == 11 == checkpoint.RunCheckpoints(tmp_path).latest_step()
+  monkeypatch.setattr(loop, '_train_steps', train_steps)
+  resumed = functools.partial(fit_tiny, tmp_path, dataclasses.replace(CALLS, steps_per_call=4))
+  (variables, result), compiles = count_compiles(caplog, resumed, 'sharded_train_steps')
+  assert compiles == 0  # Calls of 4 steps (and a resumed epoch's 11..15) run the same program.
+  assert {k: v for k, v in result.items() if k != 'wall_time_s'} == {
+      k: v for k, v in expected.items() if k != 'wall_time_s'}
+  flat, want = (traverse_util.flatten_dict(jax.device_get(v))
+                for v in (variables, expected_variables))
+  for key, value in want.items():
+    np.testing.assert_array_equal(flat[key], value, err_msg=str(key))
+  assert records_without_timing(tmp_path) == records_without_timing(expected_stage)
+
+
+@pytest.mark.slow
+def test_vmapped_copies_in_calls_equal_vmapped_copies_step_by_step(tmp_path):
+  ds = learnable_dataset()
+  arrays = data.device_put_dataset(ds)
+  model, inits, seeds = two_copies()
+  outs = [train.fit_copies(model, inits, arrays, ds.spec,
+                           dataclasses.replace(CALLS, steps_per_call=per_call),
+                           stage_dirs=[tmp_path / f'{per_call}a', tmp_path / f'{per_call}b'],
+                           seeds=seeds, checkpoint_dir=tmp_path / f'group{per_call}')
+          for per_call in (1, 3)]
+  for (alone_variables, alone), (variables, result) in zip(*outs):
+    for metric in ('train_loss', 'test_loss', 'train_accuracy', 'test_accuracy'):
+      np.testing.assert_allclose(result[metric], alone[metric], rtol=1e-5, atol=1e-6)
+    flat, expected = (traverse_util.flatten_dict(jax.device_get(v))
+                      for v in (variables, alone_variables))
+    for key, value in expected.items():
+      np.testing.assert_allclose(flat[key], value, rtol=1e-5, atol=1e-6, err_msg=str(key))

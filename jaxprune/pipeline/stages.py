@@ -163,7 +163,8 @@ def train_options(config, epochs: int, optimizer_config: train.OptimizerConfig,
                   batch_size: int | None = None):
   """`batch_size` None: the baseline's."""
   return train.TrainOptions(epochs=epochs, batch_size=batch_size or config.batch_size,
-                            optimizer=optimizer_config, precision=config.precision)
+                            optimizer=optimizer_config, precision=config.precision,
+                            steps_per_call=config.steps_per_call)
 
 
 def finetune_batch_size(config) -> int:

@@ -8,7 +8,9 @@ program through the same loop, leaving each run's stage directory as its own `fi
 The events are written by tensorboardX, a small pure-Python writer without TensorFlow.
 
 A call of the loop restores the latest checkpoint (`_restore`), then per epoch trains
-(`_train_epoch`, one wait for the device at its end), checks the loss was finite
+(`_train_epoch`: calls of `steps_per_call` steps, each one compiled loop on the device, or
+one step per call for a fit with a step hook; one wait for the device per call), checks the
+loss was finite
 (`_check_finite`), evaluates and records (`_record_epoch`), and at the end writes each
 copy's final variables and result (`_finish`). `fit` is the case K = 1.
 """
@@ -33,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxprune import data
 from jaxprune.errors import ConfigError, Diverged, Interrupted, Preempted
+from jaxprune.kernels import compiler
 from jaxprune.models import widths_of
 from jaxprune.prune import structure as structure_lib
 from jaxprune.train import checkpoint
@@ -56,6 +59,16 @@ class TrainOptions:
     precision: the compute dtype of training and evaluation, one of PRECISIONS.
     eval_batch_size: the test batch (default: batch_size).
     max_to_keep: epoch checkpoints kept.
+    steps_per_call: training steps per compiled call: one `lax.fori_loop` on the device
+      that makes each batch, looks up its learning rate, steps and adds its metrics; a
+      call never crosses an epoch's end. Every call length runs the same program, so every
+      value above 1 (and a resume at any step) gives the same bits; against stepping one by one
+      (1, a separate program per step) they agree up to float rounding, because XLA
+      compiles a loop body's convolutions and fusions differently from a lone step's. The host notices a SIGTERM or Ctrl-C between calls, so
+      preemption saves at most this many steps (one call) after the signal, or, in the
+      epoch's last call, after the epoch's evaluation and checkpoint. A fit with a
+      `step_hook` steps one by one whatever this says (the hook runs on the host).
+      None: `default_steps_per_call` of the backend.
   """
   epochs: int
   batch_size: int
@@ -63,9 +76,10 @@ class TrainOptions:
   precision: str = 'float32'
   eval_batch_size: int | None = None
   max_to_keep: int = 2
+  steps_per_call: int | None = None
 
   def __post_init__(self):
-    for name in ('epochs', 'batch_size', 'eval_batch_size', 'max_to_keep'):
+    for name in ('epochs', 'batch_size', 'eval_batch_size', 'max_to_keep', 'steps_per_call'):
       value = getattr(self, name)
       if value is not None and value < 1:
         raise ConfigError(f"{name} must be at least 1, got {value}.", settings=(name,))
@@ -74,6 +88,17 @@ class TrainOptions:
   @property
   def test_batch_size(self) -> int:
     return self.eval_batch_size or self.batch_size
+
+
+def default_steps_per_call(backend: str) -> int:
+  """`TrainOptions.steps_per_call` when none is given: 1 on CPUs, 50 on GPUs and TPUs.
+
+  On the CPU, XLA ran the steps of a loop body many times slower than the same steps
+  compiled alone (experiments/bench/README.md), so there the loop steps one by one. On an
+  accelerator a CIFAR step takes milliseconds and a call per step keeps the device waiting
+  on the host; 50 steps are then well under a second, far inside a preemption's notice.
+  """
+  return 1 if backend == 'cpu' else 50
 
 
 # What `_finish` writes to result.json; a caller's `record` may not use these keys.
@@ -153,23 +178,64 @@ def _epoch_fns(trainer: Trainer, train_set: Mapping, spec: data.DataSpec, batch_
   return permutation, functools.partial(make_batch, images, labels)
 
 
-def _make_epoch_fns(n: int, batch_size: int, spec: data.DataSpec, copies: bool,
-                    replicated: NamedSharding, batch_sharding: NamedSharding):
+def _batch_maker(spec: data.DataSpec, copies: bool) -> Callable:
+  """`make_batch(images, labels, order, rng, step)`: step `step`'s augmented batch (pure).
 
-  def permutation(rng, epoch):
-    return data.epoch_permutation(epoch_keys(rng, epoch)[0], n, batch_size)
-
+  With copies it is vmapped over the orders and keys: each copy's own batch.
+  """
   def make_batch(images, labels, order, rng, step):
     steps_per_epoch = order.shape[0]
     epoch, index = step // steps_per_epoch, step % steps_per_epoch
     key = jax.random.fold_in(epoch_keys(rng, epoch)[1], index)
     return data.train_batch(images, labels, order[index], key, spec)
 
+  return jax.vmap(make_batch, in_axes=(None, None, 0, 0, None)) if copies else make_batch
+
+
+def _make_epoch_fns(n: int, batch_size: int, spec: data.DataSpec, copies: bool,
+                    replicated: NamedSharding, batch_sharding: NamedSharding):
+
+  def permutation(rng, epoch):
+    return data.epoch_permutation(epoch_keys(rng, epoch)[0], n, batch_size)
+
   if copies:
     permutation = jax.vmap(permutation, in_axes=(0, None))
-    make_batch = jax.vmap(make_batch, in_axes=(None, None, 0, 0, None))
   return (jax.jit(permutation, out_shardings=replicated),
-          jax.jit(make_batch, out_shardings=batch_sharding))
+          jax.jit(_batch_maker(spec, copies), out_shardings=batch_sharding))
+
+
+_TRAIN_CALLS: dict = {}
+
+
+def _train_calls(trainer: Trainer, spec: data.DataSpec) -> Callable:
+  """The jitted program of many steps, `sharded_train_steps(state, sums, first_nonfinite,
+  masks, images, labels, order, rates, start, stop)`: trains steps start..stop-1 of the epoch
+  whose permutation is `order` and returns the new (state, sums, first_nonfinite).
+
+  Each step is the step-by-step loop's make_batch, train_step and `_add_metrics`, in one
+  `lax.fori_loop`; `rates` are the epoch's learning rates, one per step (so fits of other
+  lengths share the program). start and stop are inputs, so every call length (a short
+  last call, a resumed epoch) runs the same compiled program;
+  state, sums and first_nonfinite are donated. Shared by every fit with this trainer and spec.
+  """
+  key = (trainer, spec)
+  if key not in _TRAIN_CALLS:
+    make_batch = _batch_maker(spec, trainer.copies)
+
+    def sharded_train_steps(state, sums, first_nonfinite, masks, images, labels, order, rates,
+                            start, stop):
+      def one_step(step, carry):
+        state, sums, first_nonfinite = carry
+        batch = make_batch(images, labels, order, state.rng, step)
+        state, metrics = trainer.sharded_train_step(state, batch, masks,
+                                                    rates[step % rates.shape[0]])
+        return (state, *_add_metrics(sums, first_nonfinite, metrics, state.step))
+
+      return jax.lax.fori_loop(start, stop, one_step, (state, sums, first_nonfinite))
+
+    _TRAIN_CALLS[key] = compiler.jit(sharded_train_steps, xla_options=trainer.xla_options,
+                                     donate_argnums=(0, 1, 2), out_shardings=trainer.replicated)
+  return _TRAIN_CALLS[key]
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -234,7 +300,11 @@ class _Copies:
 
 @dataclasses.dataclass
 class _Run:
-  """What stays fixed while the loop runs: the copies, the compiled pieces, the schedule."""
+  """What stays fixed while the loop runs: the copies, the compiled pieces, the schedule.
+
+  `train_calls` is `_train_calls`'s program, or None where the loop steps one by one
+  (steps_per_call 1, or a step hook); `steps_per_call` is the options' or the backend's.
+  """
   copies: _Copies
   options: TrainOptions
   trainer: Trainer
@@ -243,10 +313,13 @@ class _Run:
   steps_per_epoch: int
   permutation: Callable
   make_batch: Callable
+  train_set: dict
   test_set: dict
   checkpoints: checkpoint.RunCheckpoints
   step_hook: StepHook | None
   callbacks: Sequence[EpochCallback]
+  train_calls: Callable | None
+  steps_per_call: int
 
   @property
   def total_steps(self) -> int:
@@ -288,11 +361,13 @@ class _Progress:
     return {'train': self.state, 'masks': self.masks, 'hook': self.hook_state, 'sums': self.sums}
 
 
-@functools.partial(jax.jit, donate_argnums=(0, 1))
-def _accumulate(sums, first_nonfinite, metrics, step):
+def _add_metrics(sums, first_nonfinite, metrics, step):
   """Adds a step's metrics to the epoch's sums; notes `step` if its loss is the first non-finite."""
   bad = (first_nonfinite == 0) & ~jnp.isfinite(metrics['loss'])
   return jax.tree.map(jnp.add, sums, metrics), jnp.where(bad, step, first_nonfinite)
+
+
+_accumulate = jax.jit(_add_metrics, donate_argnums=(0, 1))
 
 
 class _Clock:
@@ -388,14 +463,18 @@ def _prepare(model: nn.Module, options: TrainOptions, arrays: Mapping, spec: dat
   steps_per_epoch = data.steps_per_epoch(int(arrays['train_labels'].shape[0]), options.batch_size)
   trainer = trainer_for(model, options.optimizer, structure, mesh, options.precision,
                         copies.vmapped)
-  permutation, make_batch = _epoch_fns(
-      trainer, _on_mesh(arrays, _TRAIN_SET, trainer.replicated), spec, options.batch_size)
-  return _Run(copies=copies, options=options, trainer=trainer, spec=spec,
-              rates=learning_rates(options.optimizer, options.epochs, steps_per_epoch),
+  train_set = _on_mesh(arrays, _TRAIN_SET, trainer.replicated)
+  permutation, make_batch = _epoch_fns(trainer, train_set, spec, options.batch_size)
+  rates = learning_rates(options.optimizer, options.epochs, steps_per_epoch)
+  steps_per_call = options.steps_per_call or default_steps_per_call(jax.default_backend())
+  in_calls = steps_per_call > 1 and step_hook is None
+  return _Run(copies=copies, options=options, trainer=trainer, spec=spec, rates=rates,
               steps_per_epoch=steps_per_epoch, permutation=permutation, make_batch=make_batch,
-              test_set=_on_mesh(arrays, _TEST_SET, trainer.replicated),
+              train_set=train_set, test_set=_on_mesh(arrays, _TEST_SET, trainer.replicated),
               checkpoints=checkpoint.RunCheckpoints(copies.group, options.max_to_keep),
-              step_hook=step_hook, callbacks=callbacks)
+              step_hook=step_hook, callbacks=callbacks,
+              train_calls=_train_calls(trainer, spec) if in_calls else None,
+              steps_per_call=steps_per_call)
 
 
 def _initial_state(run: _Run) -> TrainState:
@@ -454,12 +533,15 @@ def _check_finite(run: _Run, first_nonfinite: np.ndarray) -> None:
 
 
 def _stop_if_preempted(run: _Run, progress: _Progress, guard: checkpoint.PreemptionGuard,
-                       saved: bool) -> None:
+                       saved: bool, asked_until: int) -> None:
   """After a SIGTERM: saves the step (unless `saved`) and raises Preempted.
 
-  Called once for every step number, as the multi-process sync point requires.
+  The guard is asked about every step number after `asked_until` up to the current one,
+  as the multi-process sync point requires (each number once, in order); every process
+  runs the same calls, so all stop after the call whose steps hold the agreed one.
   """
-  if not guard.reached(progress.step):
+  steps = range(asked_until + 1, progress.step + 1)
+  if not any(guard.reached(step) for step in steps):
     return
   if not saved:
     # Mid-epoch the loss has not been checked yet; a non-finite one is never saved.
@@ -472,31 +554,58 @@ def _stop_if_preempted(run: _Run, progress: _Progress, guard: checkpoint.Preempt
   raise stop(progress.step, str(run.copies.group))
 
 
+def _train_steps(run: _Run, progress: _Progress, order, epoch_rates, stop: int) -> None:
+  """Trains steps progress.step..stop-1: one compiled call, or one step per call."""
+  if run.train_calls is not None:
+    progress.state, progress.sums, progress.first_nonfinite = run.train_calls(
+        progress.state, progress.sums, progress.first_nonfinite, progress.masks,
+        run.train_set['train_images'], run.train_set['train_labels'], order, epoch_rates,
+        np.int32(progress.step), np.int32(stop))
+    progress.step = stop
+    return
+  batch = run.make_batch(order, progress.state.rng, progress.step)
+  progress.state, metrics = run.trainer.train_step(progress.state, batch, progress.masks,
+                                                   run.rates[progress.step])
+  progress.sums, progress.first_nonfinite = _accumulate(
+      progress.sums, progress.first_nonfinite, metrics, progress.state.step)
+  progress.step += 1
+  if run.step_hook is not None:
+    progress.masks, progress.hook_state = run.step_hook(progress.state, batch, progress.masks,
+                                                        progress.hook_state)
+
+
 def _train_epoch(run: _Run, progress: _Progress, guard: checkpoint.PreemptionGuard, bar,
-                 clock: _Clock) -> dict:
-  """Trains the rest of the current epoch; returns its sums, fetched in its one host sync."""
-  trainer = run.trainer
+                 clock: _Clock) -> tuple[dict, int]:
+  """Trains the rest of the current epoch.
+
+  Returns its sums, fetched in its one host sync, and the last step number the guard was
+  asked about (the epoch's last call's steps are asked about after its checkpoint).
+  """
   epoch = progress.step // run.steps_per_epoch
   epoch_end = (epoch + 1) * run.steps_per_epoch
+  per_call = 1 if run.train_calls is None else run.steps_per_call
   order = run.permutation(progress.state.rng, epoch)
+  epoch_rates = (None if run.train_calls is None else jax.device_put(
+      run.rates[epoch_end - run.steps_per_epoch:epoch_end], run.trainer.replicated))
+  asked_until = progress.step
   while progress.step < epoch_end:
-    batch = run.make_batch(order, progress.state.rng, progress.step)
-    progress.state, metrics = trainer.train_step(progress.state, batch, progress.masks,
-                                                 run.rates[progress.step])
-    progress.sums, progress.first_nonfinite = _accumulate(
-        progress.sums, progress.first_nonfinite, metrics, progress.state.step)
-    progress.step += 1
-    clock.stepped(progress.step)
-    if run.step_hook is not None:
-      progress.masks, progress.hook_state = run.step_hook(progress.state, batch, progress.masks,
-                                                          progress.hook_state)
+    start = progress.step
+    _train_steps(run, progress, order, epoch_rates, min(start + per_call, epoch_end))
     if bar is not None:
-      bar.update(1)
+      bar.update(progress.step - start)
     if progress.step < epoch_end:
-      _stop_if_preempted(run, progress, guard, saved=False)
+      if run.train_calls is not None:
+        # The signal is looked at once the call has run, so the host never queues more than
+        # one call ahead of the device: that is what bounds how late a SIGTERM is honoured.
+        jax.block_until_ready(progress.first_nonfinite)
+      clock.stepped(progress.step)
+      _stop_if_preempted(run, progress, guard, saved=False, asked_until=asked_until)
+      asked_until = progress.step
+    else:
+      clock.stepped(progress.step)
   totals = jax.device_get({**progress.sums, 'first_nonfinite': progress.first_nonfinite})
   clock.synced(progress.step)
-  return totals
+  return totals, asked_until
 
 
 def _record_epoch(run: _Run, progress: _Progress, totals: dict, test: dict,
@@ -578,7 +687,7 @@ def _train(run: _Run, masks: Masks, hook_state: Any) -> list[tuple[dict, dict]]:
       clock = _Clock()
       while progress.step < run.total_steps:
         epoch_start, first_step = time.time(), progress.step
-        totals = _train_epoch(run, progress, guard, bar, clock)
+        totals, asked_until = _train_epoch(run, progress, guard, bar, clock)
         train_seconds = time.time() - epoch_start
         _check_finite(run, totals['first_nonfinite'])
         variables = progress.state.variables
@@ -590,7 +699,7 @@ def _train(run: _Run, masks: Masks, hook_state: Any) -> list[tuple[dict, dict]]:
         for callback in run.callbacks:
           callback(progress.state, progress.histories[0][-1])
         if progress.step < run.total_steps:
-          _stop_if_preempted(run, progress, guard, saved=True)
+          _stop_if_preempted(run, progress, guard, saved=True, asked_until=asked_until)
       run.checkpoints.wait()
     finally:
       if bar is not None:

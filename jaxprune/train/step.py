@@ -270,7 +270,8 @@ class Trainer:
   With `copies=True` the steps are vmapped over a leading copy axis of the state and of
   the training batch (K independent runs, `fit_copies`): one program trains them all,
   and every copy reads the same test batches in `eval_step`. Masks are not vmapped.
-  `evaluator` is the Evaluator to use (default: one of its own).
+  `evaluator` is the Evaluator to use (default: one of its own). `sharded_train_step` is
+  the same step unjitted, for a program that loops over many steps in one call.
   """
 
   def __init__(self, model: nn.Module, tx: optax.GradientTransformation,
@@ -297,6 +298,8 @@ class Trainer:
       batch = jax.lax.with_sharding_constraint(batch, self.batch_sharding)
       return step(state, batch, masks, learning_rate)
 
+    self.sharded_train_step = sharded_train_step
+    self.xla_options = model.performance.xla_options
     self.train_step = compiler.jit(sharded_train_step, xla_options=model.performance.xla_options,
                                    donate_argnums=0,
                                    out_shardings=(self.replicated, self.replicated))
