@@ -22,9 +22,11 @@ the global batch, which is the batch one process would make. CIFAR-10 is 184 MB 
 so every host holding all of it costs nothing that matters.
 """
 
+import atexit
 import itertools
 import json
 import os
+import socket
 import sys
 import threading
 import uuid
@@ -35,7 +37,7 @@ from absl import logging
 from etils import epath
 from jax._src import distributed
 
-from jaxprune.errors import EXIT_STATUS, ConfigError, DataError, as_flags
+from jaxprune.errors import EXIT_STATUS, LOST_PROCESS_STATUS, ConfigError, DataError, as_flags
 
 SETTINGS = ('coordinator_address', 'num_processes', 'process_id')
 # How long one wait for process 0's answer lasts before it is retried: process 0 may take
@@ -103,6 +105,70 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     timer.cancel()
   logging.info('process %d of %d: %d local of %d devices', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
+  if jax.process_count() > 1:
+    _hold_lifelines()
+
+
+# What a process says on its lifelines when it ends on its own terms (done, a refusal, a
+# preemption, even a traceback): the others then stop watching it.
+_GOODBYE = b'bye'
+# A process introduces itself to process 0 by its index, in this many bytes.
+_INDEX_BYTES = 8
+
+
+def _hold_lifelines() -> None:
+  """Connects process 0 with every other process by a TCP socket that a watcher thread
+  reads: a process killed or crashed closes its sockets at once (its kernel does), so the
+  others stop within a second with one sentence. Without them a process that is not in a
+  collective when a peer dies learns it only from JAX's heartbeats, `timeout_s` later, and
+  then JAX aborts it with a stack dump. Each process says goodbye at exit (`atexit`)."""
+  client = _client()
+  if jax.process_index() == 0:
+    listener = socket.create_server(('', 0))
+    listener.settimeout(_timeout_s)
+    # Process 0 is the coordinator, so its address reaches this host from every other.
+    host = distributed.global_state.coordinator_address.rsplit(':', 1)[0]
+    client.key_value_set('jaxprune/lifeline', f'{host}:{listener.getsockname()[1]}')
+    peers, names = [], []
+    for _ in range(jax.process_count() - 1):
+      peer = listener.accept()[0]
+      peer.settimeout(_timeout_s)
+      names.append(f'process {int(peer.recv(_INDEX_BYTES))}')
+      peer.settimeout(None)
+      peers.append(peer)
+    listener.close()
+  else:
+    host, port = _answer(client, 'jaxprune/lifeline').rsplit(':', 1)
+    peer = socket.create_connection((host, int(port)), timeout=_timeout_s)
+    peer.sendall(str(jax.process_index()).encode().ljust(_INDEX_BYTES))
+    peer.settimeout(None)
+    peers, names = [peer], ['process 0']
+  for peer, name in zip(peers, names):
+    threading.Thread(target=_watch, args=(peer, name), daemon=True,
+                     name=f'lifeline to {name}').start()
+  atexit.register(_say_goodbye, peers)
+
+
+def _watch(peer: socket.socket, name: str) -> None:
+  try:
+    heard = peer.recv(len(_GOODBYE))
+  except OSError:
+    heard = b''
+  if heard == _GOODBYE:
+    return
+  sys.stderr.write(f'error: {name} of this multi-process run stopped without saying goodbye '
+                   '(killed, or crashed); the last checkpoint is kept, and the same command '
+                   'on every process resumes from it.\n')
+  sys.stderr.flush()
+  os._exit(LOST_PROCESS_STATUS)
+
+
+def _say_goodbye(peers) -> None:
+  for peer in peers:
+    try:
+      peer.sendall(_GOODBYE)
+    except OSError:
+      pass
 
 
 def _exit_with(error: ConfigError) -> None:

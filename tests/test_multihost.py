@@ -181,12 +181,21 @@ def test_the_checkpoint_directory_holds_one_whole_checkpoint_per_saved_step(unin
     # Finalised (orbax writes this last), and nothing left of an unfinished write.
     assert (directory / '_CHECKPOINT_METADATA').exists()
     assert not any('tmp' in p.name for p in directory.rglob('*'))
-    restored = ocp.StandardCheckpointer().restore(directory / 'state')
-    alone = ocp.StandardCheckpointer().restore(one / 'baseline' / 'checkpoints' / str(step) /
-                                               'state')
+    restored = restore_here(directory / 'state')
+    alone = restore_here(one / 'baseline' / 'checkpoints' / str(step) / 'state')
     assert int(np.asarray(restored['train']['step'])) == step
     for a, b in zip(*(jax.tree.leaves(t['train']['params']) for t in (restored, alone))):
-      np.testing.assert_allclose(a, b, atol=1e-5)
+      np.testing.assert_allclose(a, b, atol=ATOL)
+
+
+def restore_here(path: pathlib.Path):
+  """A checkpoint saved over several devices, restored onto this process's first one."""
+  checkpointer = ocp.StandardCheckpointer()
+  metadata = checkpointer.metadata(path)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        getattr(metadata, 'item_metadata', metadata))
+  return checkpointer.restore(path, target)
 
 
 @pytest.mark.slow
@@ -255,8 +264,8 @@ def process_pid(workdir: pathlib.Path, process_id: int) -> int:
   raise AssertionError(f'no process {process_id} of {workdir}')
 
 
-# A process of two that dies is noticed at the other's next collective: within a step.
-LOST_WITHIN_S = 30
+# A process of two that dies closes its lifeline socket; the other notices at once.
+LOST_WITHIN_S = 10
 
 
 @pytest.mark.slow
@@ -274,8 +283,9 @@ def test_sigkill_of_one_process_stops_the_other_with_one_sentence_and_the_rerun_
   assert lines[-2:] == ['local_cluster: process 0 exited with status 75.',
                         'local_cluster: process 1 was killed by SIGKILL '
                         f'(log: {logs / "process1.log"}).']
-  assert lines[-3].startswith('error: another process of this multi-process run stopped or '
-                              'cannot be reached (')
+  assert lines[-3] == ('error: process 1 of this multi-process run stopped without saying '
+                       'goodbye (killed, or crashed); the last checkpoint is kept, and the same '
+                       'command on every process resumes from it.')
   assert 'Traceback' not in stderr
   rerun = run_cluster(*LONG_FLAGS, workdir=workdir, log_dir=logs)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
