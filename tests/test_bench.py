@@ -117,3 +117,61 @@ def test_no_script_reaches_into_a_private_name_of_jaxprune():
           and node.value.id in modules):
         found.append(f'{name}:{node.lineno}: {node.value.id}.{node.attr}')
   assert not found, found
+
+
+def jpeg_npz(path, train=8, test=4):
+  """A JPEG npz in the layout r_row.py decodes: concatenated files, their offsets, labels."""
+  import io
+
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  arrays = {}
+  for split, n in (('train', train), ('test', test)):
+    files = []
+    for _ in range(n):
+      buffer = io.BytesIO()
+      Image.fromarray(rng.integers(0, 255, (32, 32, 3), np.uint8)).save(buffer, 'JPEG')
+      files.append(buffer.getvalue())
+    arrays[f'{split}_jpeg'] = np.frombuffer(b''.join(files), np.uint8)
+    arrays[f'{split}_offsets'] = np.cumsum([0] + [len(f) for f in files])
+    arrays[f'{split}_labels'] = rng.integers(0, 10, n)
+  np.savez(path, **arrays)
+
+
+def test_r_row_decodes_every_jpeg_as_pillow_reads_it(tmp_path):
+  sys.path.insert(0, BENCH)
+  import r_row
+  jpeg_npz(tmp_path / 'jpeg.npz')
+  shapes = r_row.decode(str(tmp_path / 'jpeg.npz'), str(tmp_path / 'out.npz'))
+  assert shapes == {'train_images': [8, 32, 32, 3], 'train_labels': [8],
+                    'test_images': [4, 32, 32, 3], 'test_labels': [4]}
+  decoded = np.load(tmp_path / 'out.npz')
+  assert decoded['train_images'].dtype == np.uint8 and decoded['test_labels'].dtype == np.int32
+
+
+def test_r_row_dry_run_prints_the_full_scale_plan():
+  proc = subprocess.run([sys.executable, os.path.join(BENCH, 'r_row.py'), '--dry_run'],
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = proc.stdout.splitlines()
+  assert [line.split(':')[0] for line in lines[1:4]] == ['finetune', 'scratch', 'scratch_b']
+  assert all('--epochs=160 --batch_size=64' in line and '--preset=vgg16_a' in line
+             and '--finetune_epochs=40 --finetune_lr=0.001' in line and '--seeds=5' in line
+             for line in lines[1:4])
+  assert 'baseline 160 epochs, finetune 40, scratch-E 160' in lines[4]
+
+
+@pytest.mark.slow
+def test_r_row_runs_end_to_end_at_tiny_settings(tmp_path):
+  """The whole script on the CPU: 64 images, one epoch per stage, two vmapped seeds."""
+  jpeg_npz(tmp_path / 'jpeg.npz', train=64, test=32)
+  proc = subprocess.run(
+      [sys.executable, os.path.join(BENCH, 'r_row.py'), f'--jpeg_npz={tmp_path / "jpeg.npz"}',
+       f'--out={tmp_path / "out"}', '--epochs=1', '--finetune_epochs=1', '--batch_size=32',
+       '--seeds=2', '--budget_s=1500'], capture_output=True, text=True, timeout=1800)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  table = (tmp_path / 'out' / 'table.txt').read_text().splitlines()
+  assert [line.split()[:2] for line in table[1:]] == [
+      ['unpruned', '2'], ['fine-tuned', '2'], ['scratch-E', '2'], ['scratch-B', '2']]
+  assert all((tmp_path / 'out' / 'logs' / f'{regime}.log').exists()
+             for regime in ('finetune', 'scratch', 'scratch_b'))

@@ -1,0 +1,182 @@
+r"""Steady-state training throughput: steps one by one against many steps per call, and one
+copy against K vmapped copies, with compilation timed apart.
+
+    python experiments/bench/steady_state.py --data_path=NPZ --out=steady_state.json
+
+For each --models x --batches x --precisions (one worker process each, the training set
+of the npz on the device, as `train.fit` holds it) and each --copies K:
+  calls   `fit`'s many-step program (`loop._train_calls`: batches made, learning rates
+          looked up and metrics summed inside one `lax.fori_loop`), --steps steps a call;
+  steps   `fit`'s step-by-step path (`steps_per_call=1`: the batch maker, the train step and
+          the metric sum dispatched once per step), --steps steps then one wait.
+K = 1 is one run (`copies=False`); K > 1 trains K copies vmapped (`fit_copies`'s
+programs). Each program is compiled ahead of time (lower + compile: `compile_s`), run
+once untimed (one call of --steps steps), then --repeats times timed; images/s is
+K x batch x steps over the median call. K sequential copies run the one-copy program K
+times (one compile for all of them), so their images/s is the one-copy figure; the
+table says so rather than timing the same program again.
+"""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from absl import flags  # noqa: E402
+
+import common  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list('models', ['resnet20'], 'Models (jaxprune registry names).')
+flags.DEFINE_list('batches', ['128'], 'Batch sizes (per copy).')
+flags.DEFINE_list('precisions', ['float32'], 'Compute dtypes (train.PRECISIONS).')
+flags.DEFINE_list('copies', ['1', '2', '4', '8'], 'Copy counts K (1: one run).')
+flags.DEFINE_list('modes', ['calls', 'steps'], 'calls and/or steps (module docstring).')
+flags.DEFINE_integer('steps', 10, 'Steps per timed call.', lower_bound=1)
+flags.DEFINE_integer('repeats', 2, 'Timed calls per measurement (the median is reported).',
+                     lower_bound=1)
+flags.DEFINE_string('data_path', None, 'The CIFAR-10 .npz (uint8 NHWC train_images, '
+                    'train_labels, test_images, test_labels); required.')
+flags.DEFINE_string('out', None, 'Write the table as JSON here.')
+flags.DEFINE_string('worker', None, 'Internal: model,batch,precision of one worker.')
+
+MODES = ('calls', 'steps')
+
+
+def _measure(trainer, arrays, spec, variables_of, copies, batch, mode, steps, repeats):
+  """{'compile_s', 'call_s' (each timed call), 'images_per_second'} of one program."""
+  import jax
+  import numpy as np
+
+  from jaxprune.train import loop
+
+  seeds = list(range(copies))
+  state = (trainer.init_state([variables_of(s) for s in seeds], seeds) if copies > 1
+           else trainer.init_state(variables_of(0), 0))
+  train_set = {k: arrays[k] for k in ('train_images', 'train_labels')}
+  permutation, make_batch = loop._epoch_fns(trainer, train_set, spec, batch)
+  order = permutation(state.rng, 0)
+  shape = (copies,) if copies > 1 else ()
+  sums = trainer.replicate({'loss': np.zeros(shape, np.float32),
+                            'accuracy': np.zeros(shape, np.float32)})
+  first_nonfinite = trainer.replicate(np.zeros(shape, np.int32))
+  steps_per_epoch = order.shape[-2]
+  rates = jax.device_put(np.full(steps_per_epoch, 0.01, np.float32), trainer.replicated)
+  step = 0
+  if mode == 'calls':
+    program = loop._train_calls(trainer, spec)
+    args = (state, sums, first_nonfinite, None, train_set['train_images'],
+            train_set['train_labels'], order, rates)
+    start = time.perf_counter()
+    compiled = program.lower(*args, np.int32(0), np.int32(steps)).compile()
+    compile_s = time.perf_counter() - start
+
+    def run(carry, step):
+      state, sums, first_nonfinite = carry
+      return compiled(state, sums, first_nonfinite, None, train_set['train_images'],
+                      train_set['train_labels'], order, rates, np.int32(step),
+                      np.int32(step + steps))
+  else:
+    batch0 = make_batch(order, state.rng, 0)
+    learning_rate = np.float32(0.01)
+    start = time.perf_counter()
+    compiled = trainer.train_step.lower(state, batch0, None, learning_rate).compile()
+    compile_s = time.perf_counter() - start
+
+    def run(carry, step):
+      state, sums, first_nonfinite = carry
+      for i in range(step, step + steps):
+        state, metrics = compiled(state, make_batch(order, state.rng, i), None, learning_rate)
+        sums, first_nonfinite = loop._accumulate(sums, first_nonfinite, metrics, state.step)
+      return state, sums, first_nonfinite
+
+  carry = (state, sums, first_nonfinite)
+  carry = common.block(run(carry, step))  # Untimed: the batch maker's and the sum's compiles.
+  step += steps
+  call_s = []
+  for _ in range(repeats):
+    if step + steps > steps_per_epoch:
+      step = 0
+    start = time.perf_counter()
+    carry = common.block(run(carry, step))
+    call_s.append(time.perf_counter() - start)
+    step += steps
+  return {'compile_s': compile_s, 'call_s': call_s,
+          'images_per_second': copies * batch * steps / common.median(call_s)}
+
+
+def worker(spec_text: str) -> None:
+  import jax
+  import numpy as np
+
+  from jaxprune import data, models, train
+
+  name, batch, precision = spec_text.split(',')
+  batch = int(batch)
+  ds = data.load('npz', data_path=FLAGS.data_path)
+  arrays = data.device_put_dataset(ds)
+  model = models.build(name, num_classes=ds.num_classes)
+  init = jax.jit(model.init)
+  image = np.zeros((1,) + tuple(ds.train_images.shape[1:]), np.float32)
+  variables_of = lambda seed: jax.device_get(init(jax.random.key(seed), image))
+  mesh = train.make_mesh()
+  rows = []
+  for copies in map(int, FLAGS.copies):
+    trainer = train.trainer_for(model, train.OptimizerConfig(), None, mesh, precision,
+                                copies > 1)
+    for mode in FLAGS.modes:
+      row = {'model': name, 'batch': batch, 'precision': precision, 'copies': copies,
+             'mode': mode, 'steps': FLAGS.steps, 'train_images': int(ds.train_labels.shape[0])}
+      row.update(_measure(trainer, arrays, ds.spec, variables_of, copies, batch, mode,
+                          FLAGS.steps, FLAGS.repeats))
+      print(row, file=sys.stderr, flush=True)
+      rows.append(row)
+  common.reply({'rows': rows})
+
+
+def _annotate(rows: list[dict]) -> None:
+  """Adds vs_one_copy (vmapped K against K sequential copies) and calls_vs_steps."""
+  by_key = {(r['model'], r['batch'], r['precision'], r['copies'], r['mode']): r for r in rows}
+  for r in rows:
+    one = by_key.get((r['model'], r['batch'], r['precision'], 1, r['mode']))
+    if one is not None:
+      r['vs_sequential'] = r['images_per_second'] / one['images_per_second']
+    steps = by_key.get((r['model'], r['batch'], r['precision'], r['copies'], 'steps'))
+    if r['mode'] == 'calls' and steps is not None:
+      r['calls_vs_steps'] = r['images_per_second'] / steps['images_per_second']
+
+
+def main(argv):
+  del argv
+  if FLAGS.worker:
+    worker(FLAGS.worker)
+    return
+  common.require_data_path(FLAGS.data_path)
+  from absl import app
+  unknown = sorted(set(FLAGS.modes) - set(MODES))
+  if unknown:
+    raise app.UsageError(f'--modes {unknown} are not calls or steps.')
+  rows = []
+  here = os.path.abspath(__file__)
+  for name in FLAGS.models:
+    for batch in FLAGS.batches:
+      for precision in FLAGS.precisions:
+        args = [f'--worker={name},{batch},{precision}', f'--data_path={FLAGS.data_path}',
+                f'--copies={",".join(FLAGS.copies)}', f'--modes={",".join(FLAGS.modes)}',
+                f'--steps={FLAGS.steps}', f'--repeats={FLAGS.repeats}']
+        started = time.time()
+        rows += common.run_worker(here, args)['rows']
+        print(f'{name} batch {batch} {precision}: {time.time() - started:.0f} s', flush=True)
+        _annotate(rows)
+        common.write_json(FLAGS.out, {'machine': common.machine(), 'rows': rows,
+                                      'flags': {f: getattr(FLAGS, f) for f in (
+                                          'models', 'batches', 'precisions', 'copies',
+                                          'modes', 'steps', 'repeats')}})
+  print(common.format_table(rows, ['model', 'batch', 'precision', 'copies', 'mode',
+                                   'compile_s', 'images_per_second', 'vs_sequential',
+                                   'calls_vs_steps']))
+
+
+if __name__ == '__main__':
+  common.run(main)
