@@ -47,11 +47,11 @@ def test_a_bad_setting_is_one_sentence(script, args, sentence):
 
 @pytest.mark.parametrize('args, sentence', [
     (['epoch', '--rounds=0'], "error: --rounds='0' is not a positive whole number."),
-    (['steps'], "error: 'steps' is not a part (step, epoch, seeds, all), --data_path=NPZ or "
-                "--rounds=N."),
+    (['steps'], "error: 'steps' is not a part (step, epoch, seeds, steady, all), "
+                "--data_path=NPZ or --rounds=N."),
     ([], 'error: no part given.'),
-    (['step', 'seeds'], 'error: epoch and seeds need --data_path=NPZ, the .npz of the CIFAR-10 '
-     'sample.'),
+    (['step', 'seeds'], 'error: epoch, seeds and steady need --data_path=NPZ, the .npz of the '
+     'CIFAR-10 sample'),
 ])
 def test_accelerator_script_refuses_bad_arguments_before_running_anything(tmp_path, args,
                                                                          sentence):

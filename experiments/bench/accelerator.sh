@@ -14,7 +14,11 @@
 #           resnet20, 32 steps per stage, every seed pruned to the same widths (section 6;
 #           the target: --seeds=5 at least 1.5x five sequential runs). The separate runs go once,
 #           without a compilation cache (--nocached_runs: five fewer processes).
-#   all     the three, in that order.
+#   steady  steady_state.py: resnet20, resnet56 and vgg16 at batch 64 and 128, float32 and
+#           bfloat16, steps one by one against 50-step calls, one copy against K = 2, 4, 8
+#           vmapped copies, compilation timed apart (issue #19's table); over the full
+#           CIFAR-10 npz that --data_path names.
+#   all     step, epoch and seeds, in that order.
 # --rounds sets step's and epoch's alternating rounds (default 2; 1 where a call's time is
 # short). Each part writes OUT_DIR/PART.json (its table, the machine and the versions) and
 # OUT_DIR/PART.log (everything it printed). Parts run one after another and a failing part
@@ -29,7 +33,7 @@
 # time-limited, run one part per call.
 set -uo pipefail
 
-usage="usage: $0 OUT_DIR PART... [--data_path=NPZ] [--rounds=N]; PART is step, epoch, seeds or all"
+usage="usage: $0 OUT_DIR PART... [--data_path=NPZ] [--rounds=N]; PART is step, epoch, seeds, steady or all"
 out=${1:?$usage}
 shift
 data_flag=()
@@ -43,9 +47,9 @@ for arg in "$@"; do
         echo "error: --rounds='$rounds' is not a positive whole number." >&2
         exit 2
       fi ;;
-    step|epoch|seeds) parts+=("$arg") ;;
+    step|epoch|seeds|steady) parts+=("$arg") ;;
     all) parts+=(step epoch seeds) ;;
-    *) echo "error: '$arg' is not a part (step, epoch, seeds, all), --data_path=NPZ or --rounds=N." >&2
+    *) echo "error: '$arg' is not a part (step, epoch, seeds, steady, all), --data_path=NPZ or --rounds=N." >&2
        exit 2 ;;
   esac
 done
@@ -53,8 +57,8 @@ if [ ${#parts[@]} -eq 0 ]; then
   echo "error: no part given. $usage" >&2
   exit 2
 fi
-if [ ${#data_flag[@]} -eq 0 ] && [[ " ${parts[*]} " =~ " "(epoch|seeds)" " ]]; then
-  echo "error: epoch and seeds need --data_path=NPZ, the .npz of the CIFAR-10 sample." >&2
+if [ ${#data_flag[@]} -eq 0 ] && [[ " ${parts[*]} " =~ " "(epoch|seeds|steady)" " ]]; then
+  echo "error: epoch, seeds and steady need --data_path=NPZ, the .npz of the CIFAR-10 sample (steady: the full CIFAR-10)." >&2
   exit 2
 fi
 
@@ -73,6 +77,9 @@ for part in "${parts[@]}"; do
                 "${data_flag[@]}") ;;
     seeds) cmd=("$bench/seeds.py" --selection=layer --max_train=2048 --epochs=2
                 --nocached_runs "${data_flag[@]}") ;;
+    steady) cmd=("$bench/steady_state.py" --models=resnet20,resnet56,vgg16 --batches=64,128
+                 --precisions=float32,bfloat16 --copies=1,2,4,8 --modes=calls,steps
+                 --steps=50 --repeats=3 "${data_flag[@]}") ;;
   esac
   echo "== $part: $python ${cmd[*]} --out=$out/$part.json  ($(date -u +%H:%M:%S) UTC)"
   start=$SECONDS
