@@ -11,10 +11,10 @@ debugged on a laptop. Process 0 writes to this terminal; process i to LOG_DIR/pr
 SIGTERM or Ctrl-C (SIGINT) to this launcher reaches every process as SIGTERM, as a TPU
 maintenance event reaches every worker: they save the same step and exit with 75 (rerun the
 same command to resume). The processes run in sessions of their own, so a Ctrl-C in the
-terminal reaches them only that way. When a
-process ends with a failure the others are given `--grace_s` to stop on their own (they
-notice a lost peer at their next collective) before they are killed. The exit status is
-process 0's, or the first failure's when process 0 succeeded.
+terminal reaches them only that way. When a process ends with a failure the others get
+`--grace_s` to stop on their own (a killed process's lifeline socket closes:
+`jaxprune.multihost`) before they are killed. The exit status is process 0's, or the first
+failure's when process 0 succeeded.
 """
 
 import argparse

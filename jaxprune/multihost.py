@@ -3,7 +3,9 @@
 * `initialize(...)`: joins the run. On a Cloud TPU VM pod, under SLURM or Open MPI JAX
   detects the coordinator, the process count and this process's index; elsewhere all three
   are given. CPU collectives go over gloo, so N processes on one machine are a pod too
-  (`jaxprune.local_cluster`). Not joining within the timeout is one sentence.
+  (`jaxprune.local_cluster`). Not joining within the timeout is one sentence. Process 0
+  and every other process then hold a lifeline socket: when one is killed or crashes, the
+  others stop within a second with one sentence.
 * `agree(name, decide)`: process 0 decides (reads the work directory, takes a claim) and
   every process gets its answer, or its ConfigError, so no process skips a stage another
   trains or trains on after another refused. Answers travel through the coordination
