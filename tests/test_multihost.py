@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import QUICK_FLAGS, ROOT, launch_command
-from jaxprune import local_cluster
+from jaxprune import errors, local_cluster, multihost
 from jaxprune.train import checkpoint
 
 # Seconds a process waits for the others: short, so a mistake shows within the test.
@@ -56,21 +56,20 @@ def accuracies(workdir: pathlib.Path) -> dict:
 # ----------------------------------------------------------------------------- mistakes
 
 
-def test_some_but_not_all_cluster_settings_are_one_sentence(tmp_path, launch):
-  run = launch(*QUICK_FLAGS, '--multihost', '--num_processes=2', workdir=tmp_path / 'w')
-  assert run.returncode == 1 and 'Traceback' not in run.stderr
-  assert last_line(run.stderr) == (
-      'error: --multihost takes --coordinator_address, --num_processes and --process_id '
-      'together (or none of them on a TPU VM, SLURM or Open MPI, which detect them); '
-      '--coordinator_address and --process_id are missing.')
+def test_some_but_not_all_cluster_settings_are_one_sentence():
+  with pytest.raises(errors.ConfigError) as error:
+    multihost.initialize(num_processes=2)
+  assert errors.as_flags(error.value) == (
+      '--multihost takes --coordinator_address, --num_processes and --process_id together (or '
+      'none of them on a TPU VM, SLURM or Open MPI, which detect them); --coordinator_address '
+      'and --process_id are missing.')
 
 
-def test_a_process_id_beyond_the_process_count_is_one_sentence(tmp_path, launch):
-  run = launch(*QUICK_FLAGS, '--multihost', '--coordinator_address=localhost:1',
-               '--num_processes=2', '--process_id=2', workdir=tmp_path / 'w')
-  assert run.returncode == 1
-  assert last_line(run.stderr) == ('error: --process_id 2 is not below --num_processes 2; the '
-                                   'processes are numbered 0 to num_processes-1.')
+def test_a_process_id_beyond_the_process_count_is_one_sentence():
+  with pytest.raises(errors.ConfigError) as error:
+    multihost.initialize('localhost:1', num_processes=2, process_id=2)
+  assert errors.as_flags(error.value) == ('--process_id 2 is not below --num_processes 2; the '
+                                          'processes are numbered 0 to num_processes-1.')
 
 
 def test_cluster_settings_without_multihost_are_one_sentence(tmp_path, launch):
