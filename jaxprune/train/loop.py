@@ -593,16 +593,14 @@ def _train_epoch(run: _Run, progress: _Progress, guard: checkpoint.PreemptionGua
     _train_steps(run, progress, order, epoch_rates, min(start + per_call, epoch_end))
     if bar is not None:
       bar.update(progress.step - start)
+    if run.train_calls is not None and progress.step < epoch_end:
+      # The signal is looked at once the call has run, so the host never queues more than
+      # one call ahead of the device: that is what bounds how late a SIGTERM is honoured.
+      jax.block_until_ready(progress.first_nonfinite)
+    clock.stepped(progress.step)
     if progress.step < epoch_end:
-      if run.train_calls is not None:
-        # The signal is looked at once the call has run, so the host never queues more than
-        # one call ahead of the device: that is what bounds how late a SIGTERM is honoured.
-        jax.block_until_ready(progress.first_nonfinite)
-      clock.stepped(progress.step)
       _stop_if_preempted(run, progress, guard, saved=False, asked_until=asked_until)
       asked_until = progress.step
-    else:
-      clock.stepped(progress.step)
   totals = jax.device_get({**progress.sums, 'first_nonfinite': progress.first_nonfinite})
   clock.synced(progress.step)
   return totals, asked_until
