@@ -152,10 +152,10 @@ def uninterrupted(tmp_path_factory):
 
 
 def table_without_times(stdout: str) -> list[str]:
-  """The rows of the printed table without their wall-time column (gloo prints above it)."""
-  lines = stdout.splitlines()
-  start = next(i for i, line in enumerate(lines) if line.startswith('stage '))
-  return [line.rsplit(None, 1)[0] for line in lines[start + 2:start + 5]]
+  """The rows of the printed table without their wall-time column (gloo prints its own
+  lines to stdout too)."""
+  return [line.rsplit(None, 1)[0] for line in stdout.splitlines()
+          if line.split(' ', 1)[0] in ('baseline', 'pruned', 'finetune')]
 
 
 @pytest.mark.slow
@@ -213,6 +213,18 @@ def wait_for_epoch(workdir: pathlib.Path, proc: subprocess.Popen) -> None:
     assert proc.poll() is None, proc.communicate()[1][-3000:]
     assert time.time() < deadline
     time.sleep(0.05)
+
+
+def wait_for_checkpoint(workdir: pathlib.Path, proc: subprocess.Popen) -> int:
+  """The step of the baseline's first finished checkpoint, once there is one (orbax
+  renames a checkpoint's directory to its bare step number when it is complete)."""
+  checkpoints = workdir / 'baseline' / 'checkpoints'
+  deadline = time.time() + 600
+  while not (checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir())):
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    assert time.time() < deadline
+    time.sleep(0.05)
+  return min(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
 
 
 def preempted_step(text: str) -> int:
@@ -273,7 +285,7 @@ def test_sigkill_of_one_process_stops_the_other_with_one_sentence_and_the_rerun_
   workdir, logs = tmp_path / 'w', tmp_path / 'logs'
   proc = subprocess.Popen(cluster_command(*LONG_FLAGS, workdir=workdir, log_dir=logs),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-  wait_for_epoch(workdir, proc)
+  saved = wait_for_checkpoint(workdir, proc)
   os.kill(process_pid(workdir, 1), signal.SIGKILL)
   killed = time.time()
   _, stderr = proc.communicate(timeout=300)
@@ -288,5 +300,7 @@ def test_sigkill_of_one_process_stops_the_other_with_one_sentence_and_the_rerun_
   assert 'Traceback' not in stderr
   rerun = run_cluster(*LONG_FLAGS, workdir=workdir, log_dir=logs)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
-  assert f'Resuming {workdir / "baseline"} from step ' in rerun.stderr
+  [resumed] = [line for line in rerun.stderr.splitlines()
+               if f'Resuming {workdir / "baseline"} from step ' in line]
+  assert int(resumed.rsplit(' ', 1)[1].rstrip('.')) >= saved
   assert accuracies(workdir) == accuracies(uninterrupted[0])
