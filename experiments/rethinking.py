@@ -82,10 +82,27 @@ MIDI_REGIMES = ('finetune', 'scratch', 'scratch_b')
 SCALES = ('mini', 'midi', 'full')
 
 
+METHODS = ('l1', 'slimming', 'weight')
+
+
 def extra_flags(parser):
   from jaxprune.pipeline import config
   config.add_list_argument(parser, 'regimes', 'regime',
                            {'mini': REGIMES, 'midi': MIDI_REGIMES, 'full': REGIMES})
+  parser.add_argument('--methods', default=','.join(METHODS),
+                      help="Comma-separated rows to plan, by method: l1 (Li et al.'s L1-norm "
+                           'pruning), slimming (network slimming), weight (weight-level '
+                           f"magnitude pruning). Default: {','.join(METHODS)}.")
+
+
+def _methods(text: str) -> tuple[str, ...]:
+  from jaxprune.errors import ConfigError
+  methods = tuple(m.strip() for m in text.split(',') if m.strip())
+  unknown = [m for m in methods if m not in METHODS]
+  if unknown or not methods:
+    raise ConfigError(f"methods {text!r} must be one or more of {', '.join(METHODS)}, "
+                      'comma-separated.', settings=('methods',))
+  return methods
 
 
 def plan(args) -> list:
@@ -93,7 +110,10 @@ def plan(args) -> list:
   runs = []
   regimes = (config.parse_list(args.regimes, 'regimes', 'regime') if args.regimes else
              MIDI_REGIMES if args.scale == 'midi' else REGIMES)
+  methods = _methods(args.methods)
   for method, model, criterion, selection, target, bn_l1 in ROWS[args.scale]:
+    if method.split(' ')[0] not in methods:
+      continue
     args_model = args.model
     args.model = None  # each row has its own model
     settings = common.base_settings(args, **{scale: {'model': model} for scale in SCALES})

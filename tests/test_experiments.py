@@ -320,3 +320,17 @@ def test_taylor_curves_full_fine_tunes_at_m_batch_and_lr(tmp_path):
   runs = _full_plan('taylor_curves', tmp_path, '--seeds=0')
   assert {(r.config.finetune_batch_size, r.config.finetune_lr, r.config.weight_decay)
           for r in runs} == {(32, 1e-4, 1e-4)}
+
+
+def test_rethinking_methods_plans_only_those_rows(tmp_path, capsys):
+  from experiments import rethinking
+  argv = ['--scale=mini', f'--root={tmp_path}', '--dry_run', MINI_DATA, '--seeds=0']
+  runs = common.main(rethinking.EXPERIMENT, rethinking.plan, extra_flags=rethinking.extra_flags,
+                     argv=argv + ['--methods=weight'], scales=rethinking.SCALES)
+  assert {r.config.granularity for r in runs} == {'weight'}
+  assert sorted(r.config.regime for r in runs) == ['finetune', 'scratch', 'scratch_b']
+  line = error_line(capsys, common.main, rethinking.EXPERIMENT, rethinking.plan,
+                    extra_flags=rethinking.extra_flags, argv=argv + ['--methods=weights'],
+                    scales=rethinking.SCALES)
+  assert line == ("error: --methods 'weights' must be one or more of l1, slimming, weight, "
+                  'comma-separated.')
