@@ -130,8 +130,9 @@ def worker(spec_text: str) -> None:
              'mode': mode, 'steps': FLAGS.steps, 'train_images': int(ds.train_labels.shape[0])}
       row.update(_measure(trainer, arrays, ds.spec, variables_of, copies, batch, mode,
                           FLAGS.steps, FLAGS.repeats))
-      print(row, file=sys.stderr, flush=True)
       rows.append(row)
+      # What finished so far, should a slow grid be stopped before its worker ends.
+      common.write_json(FLAGS.out and FLAGS.out + '.partial', {'rows': rows})
   common.reply({'rows': rows})
 
 
@@ -164,7 +165,7 @@ def main(argv):
       for precision in FLAGS.precisions:
         args = [f'--worker={name},{batch},{precision}', f'--data_path={FLAGS.data_path}',
                 f'--copies={",".join(FLAGS.copies)}', f'--modes={",".join(FLAGS.modes)}',
-                f'--steps={FLAGS.steps}', f'--repeats={FLAGS.repeats}']
+                f'--steps={FLAGS.steps}', f'--repeats={FLAGS.repeats}', f'--out={FLAGS.out or ""}']
         started = time.time()
         rows += common.run_worker(here, args)['rows']
         print(f'{name} batch {batch} {precision}: {time.time() - started:.0f} s', flush=True)
