@@ -113,9 +113,15 @@ def num(x, digits=4) -> str:
   return '' if x is None or (isinstance(x, float) and math.isnan(x)) else f'{x:.{digits}f}'
 
 
+def _cell(value) -> str:
+  # A '|' in a label (e.g. |w|) would end the cell.
+  return str(value).replace('|', '\\|')
+
+
 def markdown(header, rows) -> str:
-  lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---' for _ in header) + '|']
-  lines += ['| ' + ' | '.join(str(v) for v in row) + ' |' for row in rows]
+  lines = ['| ' + ' | '.join(map(_cell, header)) + ' |',
+           '|' + '|'.join('---' for _ in header) + '|']
+  lines += ['| ' + ' | '.join(map(_cell, row)) + ' |' for row in rows]
   return '\n'.join(lines) + '\n'
 
 

@@ -35,3 +35,9 @@ def test_without_matplotlib_the_tables_are_written_and_one_line_says_plots_were_
   err = capsys.readouterr().err.strip().splitlines()
   assert err == ["plots skipped: matplotlib is not installed (pip install -e '.[plots]' "
                  "installs it)."]
+
+
+def test_a_pipe_in_a_markdown_cell_is_escaped():
+  from experiments import report
+  text = report.markdown(['method', 'acc'], [['weight (global |w| 0.8)', 1.0]])
+  assert text.splitlines()[2] == '| weight (global \\|w\\| 0.8) | 1.0 |'
