@@ -45,7 +45,8 @@ flags.DEFINE_list('extra_flags', [], 'More launch.py flags (e.g. --steps_per_cal
 flags.DEFINE_bool('dry_run', False, 'Print the plan (commands, epochs) and exit.')
 
 REGIMES = ('finetune', 'scratch', 'scratch_b')
-# [R] Table 1 (L1-norm filter pruning, CIFAR-10, VGG-16 -> VGG-16-A): mean and std over 5 runs.
+# [R] Table 1 (L1-norm filter pruning, CIFAR-10, VGG-16 -> VGG-16-A): mean and std over 5 runs,
+# transcribed from the paper (REFERENCES.md does not list them): check them there before citing.
 R_ROW = {'baseline': (93.63, 0.16), 'finetune': (93.41, 0.12), 'scratch': (93.62, 0.11),
          'scratch_b': (93.78, 0.15)}
 STAGE_NAMES = {'baseline': 'unpruned', 'finetune': 'fine-tuned', 'scratch': 'scratch-E',
