@@ -305,6 +305,20 @@ def scoring_batches(dataset: data_lib.Dataset, batch_size: int, count: int, seed
            'label': jnp.asarray(dataset.train_labels[idx])}
 
 
+def _outcome_record(config, before: flops.Cost, after: flops.Cost, test: Mapping,
+                    start: float) -> dict:
+  """The entries of a prune record.json that every granularity writes: cost, accuracy, time."""
+  return {
+      'macs_before': before.macs, 'macs_after': after.macs,
+      'params_before': before.params, 'params_after': after.params,
+      'macs_reduction_percent': 100 * (1 - after.macs / before.macs),
+      'params_reduction_percent': 100 * (1 - after.params / before.params),
+      'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
+      'wall_time_s': time.time() - start,
+      **stage_record(config),
+  }
+
+
 def prune(config, base: Baseline, data: Data) -> PruneOutcome:
   """Scores, selects and shrinks the baseline (or reads the finished prune stage)."""
   stage = absolute(config.workdir) / 'prune'
@@ -356,13 +370,7 @@ def prune(config, base: Baseline, data: Data) -> PruneOutcome:
       'masks': {g: np.asarray(m).astype(int).tolist() for g, m in masks.items()},
       'scores': ({g: np.asarray(s).tolist() for g, s in scores.items()}
                  if scores is not None else None),
-      'macs_before': before.macs, 'macs_after': after.macs,
-      'params_before': before.params, 'params_after': after.params,
-      'macs_reduction_percent': 100 * (1 - after.macs / before.macs),
-      'params_reduction_percent': 100 * (1 - after.params / before.params),
-      'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
-      'wall_time_s': time.time() - start,
-      **stage_record(config),
+      **_outcome_record(config, before, after, test, start),
   }
   checkpoint.save_variables(stage / 'variables', small)
   checkpoint.write_text(record_path, json.dumps(record))
@@ -400,13 +408,7 @@ def prune_weights(config, base: Baseline, data: Data, stage: epath.Path,
       'widths': dict(structure.widths), 'widths_before': dict(structure.widths),
       'kept_weight_fraction': weights.kept_fraction(weight_masks),
       'kernel_densities': weights.densities(weight_masks),
-      'macs_before': before.macs, 'macs_after': after.macs,
-      'params_before': before.params, 'params_after': after.params,
-      'macs_reduction_percent': 100 * (1 - after.macs / before.macs),
-      'params_reduction_percent': 100 * (1 - after.params / before.params),
-      'test_accuracy': test['accuracy'], 'test_loss': test['loss'],
-      'wall_time_s': time.time() - start,
-      **stage_record(config),
+      **_outcome_record(config, before, after, test, start),
   }
   checkpoint.save_variables(stage / 'variables', variables)
   checkpoint.write_text(record_path, json.dumps(record))
