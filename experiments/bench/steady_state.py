@@ -5,7 +5,7 @@ copy against K vmapped copies, with compilation timed apart.
 
 For each --models x --batches x --precisions (one worker process each, the training set
 of the npz on the device, as `train.fit` holds it) and each --copies K:
-  calls   `fit`'s many-step program (`loop._train_calls`: batches made, learning rates
+  calls   `fit`'s many-step program (`loop.train_calls`: batches made, learning rates
           looked up and metrics summed inside one `lax.fori_loop`), --steps steps a call;
   steps   `fit`'s step-by-step path (`steps_per_call=1`: the batch maker, the train step and
           the metric sum dispatched once per step), --steps steps then one wait.
@@ -55,7 +55,7 @@ def _measure(trainer, arrays, spec, variables_of, copies, batch, mode, steps, re
   state = (trainer.init_state([variables_of(s) for s in seeds], seeds) if copies > 1
            else trainer.init_state(variables_of(0), 0))
   train_set = {k: arrays[k] for k in ('train_images', 'train_labels')}
-  permutation, make_batch = loop._epoch_fns(trainer, train_set, spec, batch)
+  permutation, make_batch = loop.epoch_programs(trainer, train_set, spec, batch)
   order = permutation(state.rng, 0)
   shape = (copies,) if copies > 1 else ()
   sums = trainer.replicate({'loss': np.zeros(shape, np.float32),
@@ -65,7 +65,7 @@ def _measure(trainer, arrays, spec, variables_of, copies, batch, mode, steps, re
   rates = jax.device_put(np.full(steps_per_epoch, 0.01, np.float32), trainer.replicated)
   step = 0
   if mode == 'calls':
-    program = loop._train_calls(trainer, spec)
+    program = loop.train_calls(trainer, spec)
     args = (state, sums, first_nonfinite, None, train_set['train_images'],
             train_set['train_labels'], order, rates)
     start = time.perf_counter()
@@ -88,7 +88,7 @@ def _measure(trainer, arrays, spec, variables_of, copies, batch, mode, steps, re
       state, sums, first_nonfinite = carry
       for i in range(step, step + steps):
         state, metrics = compiled(state, make_batch(order, state.rng, i), None, learning_rate)
-        sums, first_nonfinite = loop._accumulate(sums, first_nonfinite, metrics, state.step)
+        sums, first_nonfinite = loop.accumulate_metrics(sums, first_nonfinite, metrics, state.step)
       return state, sums, first_nonfinite
 
   carry = (state, sums, first_nonfinite)

@@ -161,7 +161,7 @@ def _on_mesh(arrays: Mapping, names: Sequence[str], sharding: NamedSharding) -> 
 _EPOCH_FNS: dict = {}
 
 
-def _epoch_fns(trainer: Trainer, train_set: Mapping, spec: data.DataSpec, batch_size: int):
+def epoch_programs(trainer: Trainer, train_set: Mapping, spec: data.DataSpec, batch_size: int):
   """Jitted (permutation, batch) makers for the device-resident training set.
 
   With a copies trainer both are vmapped over the stacked states' keys: each copy gets
@@ -207,7 +207,7 @@ def _make_epoch_fns(n: int, batch_size: int, spec: data.DataSpec, copies: bool,
 _TRAIN_CALLS: dict = {}
 
 
-def _train_calls(trainer: Trainer, spec: data.DataSpec) -> Callable:
+def train_calls(trainer: Trainer, spec: data.DataSpec) -> Callable:
   """The jitted program of many steps, `sharded_train_steps(state, sums, first_nonfinite,
   masks, images, labels, order, rates, start, stop)`: trains steps start..stop-1 of the epoch
   whose permutation is `order` and returns the new (state, sums, first_nonfinite).
@@ -302,8 +302,8 @@ class _Copies:
 class _Run:
   """What stays fixed while the loop runs: the copies, the compiled pieces, the schedule.
 
-  `train_calls` is `_train_calls`'s program, or None where the loop steps one by one
-  (steps_per_call 1, or a step hook); `steps_per_call` is the options' or the backend's.
+  `train_calls` is the program `train_calls(trainer, spec)` makes, or None where the loop
+  steps one by one (steps_per_call 1, or a step hook); `steps_per_call` is the options' or the backend's.
   """
   copies: _Copies
   options: TrainOptions
@@ -367,7 +367,7 @@ def _add_metrics(sums, first_nonfinite, metrics, step):
   return jax.tree.map(jnp.add, sums, metrics), jnp.where(bad, step, first_nonfinite)
 
 
-_accumulate = jax.jit(_add_metrics, donate_argnums=(0, 1))
+accumulate_metrics = jax.jit(_add_metrics, donate_argnums=(0, 1))
 
 
 class _Clock:
@@ -464,7 +464,7 @@ def _prepare(model: nn.Module, options: TrainOptions, arrays: Mapping, spec: dat
   trainer = trainer_for(model, options.optimizer, structure, mesh, options.precision,
                         copies.vmapped)
   train_set = _on_mesh(arrays, _TRAIN_SET, trainer.replicated)
-  permutation, make_batch = _epoch_fns(trainer, train_set, spec, options.batch_size)
+  permutation, make_batch = epoch_programs(trainer, train_set, spec, options.batch_size)
   rates = learning_rates(options.optimizer, options.epochs, steps_per_epoch)
   steps_per_call = options.steps_per_call or default_steps_per_call(jax.default_backend())
   in_calls = steps_per_call > 1 and step_hook is None
@@ -473,7 +473,7 @@ def _prepare(model: nn.Module, options: TrainOptions, arrays: Mapping, spec: dat
               train_set=train_set, test_set=_on_mesh(arrays, _TEST_SET, trainer.replicated),
               checkpoints=checkpoint.RunCheckpoints(copies.group, options.max_to_keep),
               step_hook=step_hook, callbacks=callbacks,
-              train_calls=_train_calls(trainer, spec) if in_calls else None,
+              train_calls=train_calls(trainer, spec) if in_calls else None,
               steps_per_call=steps_per_call)
 
 
@@ -566,7 +566,7 @@ def _train_steps(run: _Run, progress: _Progress, order, epoch_rates, stop: int) 
   batch = run.make_batch(order, progress.state.rng, progress.step)
   progress.state, metrics = run.trainer.train_step(progress.state, batch, progress.masks,
                                                    run.rates[progress.step])
-  progress.sums, progress.first_nonfinite = _accumulate(
+  progress.sums, progress.first_nonfinite = accumulate_metrics(
       progress.sums, progress.first_nonfinite, metrics, progress.state.step)
   progress.step += 1
   if run.step_hook is not None:
