@@ -1,5 +1,6 @@
 """The benchmark scripts answer a bad setting with one sentence, not a traceback."""
 
+import json
 import os
 import subprocess
 import sys
@@ -139,10 +140,15 @@ def jpeg_npz(path, train=8, test=4):
 
 
 def test_r_row_decodes_every_jpeg_as_pillow_reads_it(tmp_path):
-  sys.path.insert(0, BENCH)
-  import r_row
+  # In a subprocess: r_row.py defines absl flags on import, and other modules this pytest
+  # process imports define some of the same names.
   jpeg_npz(tmp_path / 'jpeg.npz')
-  shapes = r_row.decode(str(tmp_path / 'jpeg.npz'), str(tmp_path / 'out.npz'))
+  code = ('import json, sys; sys.path.insert(0, sys.argv[1]); import r_row; '
+          'print(json.dumps(r_row.decode(sys.argv[2], sys.argv[3])))')
+  proc = subprocess.run([sys.executable, '-c', code, BENCH, str(tmp_path / 'jpeg.npz'),
+                         str(tmp_path / 'out.npz')], capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  shapes = json.loads(proc.stdout)
   assert shapes == {'train_images': [8, 32, 32, 3], 'train_labels': [8],
                     'test_images': [4, 32, 32, 3], 'test_labels': [4]}
   decoded = np.load(tmp_path / 'out.npz')

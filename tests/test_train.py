@@ -470,6 +470,17 @@ def test_eight_devices_train_like_one():
       'message': 'batch_size 60 is not divisible by the 8 devices.', 'settings': ['batch_size']}
 
 
+def assert_runs_agree(result, variables, expected, expected_variables, rtol, atol):
+  """Two runs' final metrics and every variable agree within the tolerance."""
+  for metric in ('train_loss', 'test_loss', 'train_accuracy', 'test_accuracy'):
+    np.testing.assert_allclose(result[metric], expected[metric], rtol=rtol, atol=atol,
+                               err_msg=metric)
+  flat, flat_expected = (traverse_util.flatten_dict(jax.device_get(v))
+                         for v in (variables, expected_variables))
+  for key, value in flat_expected.items():
+    np.testing.assert_allclose(flat[key], value, rtol=rtol, atol=atol, err_msg=str(key))
+
+
 def two_copies():
   """The tiny model with two initial points and seeds, as two seeds' runs would start."""
   model, _, variables = tiny()
@@ -491,13 +502,7 @@ def test_fit_copies_equal_separate_fits(tmp_path):
                                        stage_dir=tmp_path / f'alone{i}')
     variables, result = together[i]
     assert result['seed'] == seed and result['steps'] == alone['steps'] == 16
-    for metric in ('train_loss', 'test_loss', 'train_accuracy', 'test_accuracy'):
-      np.testing.assert_allclose(result[metric], alone[metric], rtol=1e-4, atol=1e-5,
-                                 err_msg=metric)
-    flat, expected = (traverse_util.flatten_dict(jax.device_get(v))
-                      for v in (variables, alone_variables))
-    for key, value in expected.items():
-      np.testing.assert_allclose(flat[key], value, rtol=1e-4, atol=1e-5, err_msg=str(key))
+    assert_runs_agree(result, variables, alone, alone_variables, rtol=1e-4, atol=1e-5)
     records = [json.loads(line) for line in (stages[i] / 'metrics.jsonl').read_text().splitlines()]
     assert [r['epoch'] for r in records] == [1, 2]
     assert records[-1]['test_loss'] == result['test_loss']
@@ -550,13 +555,7 @@ def test_steps_in_one_call_equal_stepping_one_by_one(tmp_path, fitted_in_calls):
   # stay within float32 rounding of each other.
   stage, variables, result = fitted_in_calls
   alone_variables, alone = fit_tiny(tmp_path, dataclasses.replace(CALLS, steps_per_call=1))
-  for metric in ('train_loss', 'test_loss', 'train_accuracy', 'test_accuracy'):
-    np.testing.assert_allclose(result[metric], alone[metric], rtol=1e-5, atol=1e-6,
-                               err_msg=metric)
-  flat, expected = (traverse_util.flatten_dict(jax.device_get(v))
-                    for v in (variables, alone_variables))
-  for key, value in expected.items():
-    np.testing.assert_allclose(flat[key], value, rtol=1e-5, atol=1e-6, err_msg=str(key))
+  assert_runs_agree(result, variables, alone, alone_variables, rtol=1e-5, atol=1e-6)
   records, expected_records = records_without_timing(stage), records_without_timing(tmp_path)
   assert [(r['step'], r['learning_rate']) for r in records] == [
       (r['step'], r['learning_rate']) for r in expected_records]
