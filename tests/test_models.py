@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments.bench.common import CompileLog  # noqa: E402
 
 # One small member of every family runs in CI; the large ones run with -m slow.
-FAST_MODELS = ['tiny', 'vgg11', 'vgg11_mlp', 'resnet20', 'preresnet11', 'wrn16_2', 'densenet10']
+# One small model of each family runs by default; the rest are `slow`.
+FAST_MODELS = ['tiny', 'vgg11_mlp', 'resnet8', 'preresnet11', 'wrn10_1', 'densenet10']
 SLOW_MODELS = [m for m in models.MODELS if m not in FAST_MODELS]
 ALL_MODELS = FAST_MODELS + [pytest.param(m, marks=pytest.mark.slow) for m in SLOW_MODELS]
 
@@ -32,7 +33,7 @@ def image_size(name):
 
 def perturbed_variables(model, x, seed=0):
   """Initial variables with BN statistics and biases moved off their trivial init values."""
-  variables = model.init(jax.random.key(seed), x)
+  variables = models.init(model, jax.random.key(seed), x.shape[1:])
   rng = np.random.default_rng(seed)
   flat = traverse_util.flatten_dict(variables)
   for key, value in flat.items():
@@ -100,14 +101,14 @@ def test_shrinking_with_all_ones_masks_returns_identical_variables(name):
 
 
 def test_shrink_compiles_nothing():
-  _, _, struct, variables = setup('resnet20')
+  _, _, struct, variables = setup('resnet8')
   masks = random_masks(struct, 0.5, np.random.default_rng(1), False)
   with CompileLog() as compiles:
     shrink.shrink(struct, variables, masks)
   assert compiles.events == []
 
 
-@pytest.mark.parametrize('name', ['resnet20', 'densenet10'])
+@pytest.mark.parametrize('name', ['resnet8', pytest.param('densenet10', marks=pytest.mark.slow)])
 def test_init_is_one_program_per_model_and_matches_eager_init(name):
   # Widths no other test initialises, so that nothing is cached yet.
   widths = {g: max(1, w - 3) for g, w in models.build(name).default_widths().items()}
@@ -161,17 +162,18 @@ def _check_gate_gradient(name):
 
   # Independently, one example at a time: dloss/dactivation through additive offsets
   # at the gates, contracted with the activation over space.
-  _, state = model.apply(variables, x, mutable=['intermediates'])
+  _, state = jax.jit(lambda v, x: model.apply(v, x, mutable=['intermediates']))(variables, x)
   activations = {g: state['intermediates'][g][0] for g in struct.prunable}
 
-  def example_loss(offsets, i):
+  def example_loss(offsets, example, label):
     with layers.activation_offsets(offsets):
-      logits = model.apply(variables, x[i:i + 1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels[i:i + 1]).sum()
+      logits = model.apply(variables, example)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, label).sum()
 
+  example_grad = jax.jit(jax.grad(example_loss))  # one program for every example
   for i in range(x.shape[0]):
     zeros = {g: jnp.zeros_like(a[i:i + 1]) for g, a in activations.items()}
-    activation_grads = jax.grad(example_loss)(zeros, i)
+    activation_grads = example_grad(zeros, x[i:i + 1], labels[i:i + 1])
     for g, a in activations.items():
       spatial = tuple(range(1, a.ndim - 1))
       expected = jnp.sum(a[i:i + 1] * activation_grads[g], axis=spatial)[0]
@@ -299,14 +301,12 @@ def test_build_uses_the_default_options_not_the_environment(monkeypatch):
 
 
 def _bn_scales(model, x) -> list:
-  params = model.init(jax.random.key(0), x)['params']
+  params = models.init(model, jax.random.key(0), x.shape[1:])['params']
   return [v for k, v in traverse_util.flatten_dict(params).items() if k[-1] == 'scale']
 
 
 @pytest.mark.parametrize('name', FAST_MODELS)
 def test_every_batch_norm_scale_starts_at_bn_scale_init(name):
-  # setup's input: eager init reuses the primitives test_shrunk_model_matches_masked_model
-  # compiled for it.
   _, x, _, _ = setup(name)
   for bn_scale_init, model in ((1.0, models.build(name)),
                                (0.5, models.build(name, bn_scale_init=0.5))):
@@ -318,12 +318,13 @@ def test_every_batch_norm_scale_starts_at_bn_scale_init(name):
 
 def test_dense_init_normal_001_draws_every_dense_kernel_from_n_0_001_with_zero_bias():
   _, x, _, _ = setup('vgg11_mlp')
-  params = models.build('vgg11_mlp', dense_init='normal_0.01').init(jax.random.key(0), x)['params']
+  params = models.init(models.build('vgg11_mlp', dense_init='normal_0.01'), jax.random.key(0),
+                       x.shape[1:])['params']
   for layer in ('fc_dense', 'head'):
     kernel = np.asarray(params[layer]['kernel'])
     assert abs(kernel.std() - 0.01) < 0.001 and abs(kernel.mean()) < 0.001, layer
     np.testing.assert_array_equal(params[layer]['bias'], 0)
-  default = models.build('vgg11_mlp').init(jax.random.key(0), x)['params']
+  default = models.init(models.build('vgg11_mlp'), jax.random.key(0), x.shape[1:])['params']
   # Flax's default (LeCun) init: variance 1 / fan_in = 1 / 512.
   assert np.asarray(default['fc_dense']['kernel']).std() > 0.03
 

@@ -119,7 +119,7 @@ def test_bfloat16_input_keeps_float32_statistics_and_nn_batch_norms_output_dtype
 def test_a_models_loss_gradients_and_statistics_equal_those_with_nn_batch_norm(name):
   x = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
   labels = jnp.arange(8) % 10
-  variables = models.build(name).init(jax.random.key(1), x)
+  variables = models.init(models.build(name), jax.random.key(1), x.shape[1:])
 
   def step(impl):
     model = models.build(name, performance=PerformanceOptions(batch_norm=impl))
