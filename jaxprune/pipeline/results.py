@@ -12,6 +12,7 @@ from etils import epath
 
 from jaxprune import errors
 from jaxprune.pipeline import config as config_lib
+from jaxprune.train import checkpoint
 
 RESULTS = 'results.json'
 FLAGFILE = 'launch.flags'
@@ -38,8 +39,8 @@ def write(config, body: Mapping) -> dict:
   if jax.process_index() == 0:
     workdir = epath.Path(config.workdir)
     try:
-      (workdir / RESULTS).write_text(json.dumps(results, indent=1))
-      (workdir / FLAGFILE).write_text(config_lib.to_flagfile(config))
+      checkpoint.write_text(workdir / RESULTS, json.dumps(results, indent=1))
+      checkpoint.write_text(workdir / FLAGFILE, config_lib.to_flagfile(config))
     except OSError as error:
       if errors.storage_error(error) is None:
         raise

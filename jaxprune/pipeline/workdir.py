@@ -32,6 +32,7 @@ from etils import epath
 
 from jaxprune import multihost
 from jaxprune.errors import ConfigError
+from jaxprune.train import checkpoint
 
 CLAIM = 'claim.json'
 STAGE_CONFIG = 'stage_config.json'
@@ -165,12 +166,13 @@ def _create(path: epath.Path, holder: dict) -> bool:
       fd = os.open(os.fspath(path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
       return False
-    with os.fdopen(fd, 'w') as f:
+    with checkpoint.naming(path), os.fdopen(fd, 'w') as f:
       f.write(text)
     return True
   if path.exists():
     return False
-  path.write_text(text)
+  with checkpoint.naming(path):
+    path.write_text(text)
   time.sleep(1.0)  # let a concurrent writer's object land, then see who holds it
   return _read_claim(path) == holder
 

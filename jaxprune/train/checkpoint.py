@@ -150,12 +150,13 @@ def save_variables(path, variables) -> None:
 
   Every process of a multi-process run calls it (orbax saves collectively)."""
   checkpointer = ocp.StandardCheckpointer()
-  try:
-    with naming(path):
+  # close() too: it waits for metadata writes still in flight, whose failure names no file.
+  with naming(path):
+    try:
       checkpointer.save(epath.Path(path), _savable(variables), force=True)
       checkpointer.wait_until_finished()
-  finally:
-    checkpointer.close()
+    finally:
+      checkpointer.close()
 
 
 def _first_line(error: BaseException) -> str:
@@ -257,7 +258,8 @@ class RunCheckpoints:
       self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.close()
+    with naming(self._directory):
+      self._manager.close()
 
 
 # Preemption checks made by this process, over all stages (`PreemptionGuard`).
