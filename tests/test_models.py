@@ -21,7 +21,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments.bench.common import CompileLog  # noqa: E402
 
 # One small member of every family runs in CI; the large ones run with -m slow.
-# One small model of each family runs by default; the rest are `slow`.
 FAST_MODELS = ['tiny', 'vgg11_mlp', 'resnet8', 'preresnet11', 'wrn10_1', 'densenet10']
 SLOW_MODELS = [m for m in models.MODELS if m not in FAST_MODELS]
 ALL_MODELS = FAST_MODELS + [pytest.param(m, marks=pytest.mark.slow) for m in SLOW_MODELS]

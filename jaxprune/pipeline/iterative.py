@@ -89,16 +89,14 @@ def prune(config, model, structure, variables, data, stage, *, options: train.Tr
     # After every epoch's checkpoint, so a finished (or resumed) stage always has them.
     if jax.process_index() != 0:
       return
-    with checkpoint.naming(masks_path):
-      masks_path.write_text(json.dumps({g: m.tolist() for g, m in masks.items()}))
+    checkpoint.write_text(masks_path, json.dumps({g: m.tolist() for g, m in masks.items()}))
     live = {g: int(m.sum()) for g, m in masks.items()}
     point = {'epoch': epoch_record['epoch'], 'test_accuracy': epoch_record['test_accuracy'],
              'channels_removed': int(total - sum(live.values())),
              'macs': flops.count(structure, {**structure.widths, **live}).macs}
     lines = history_path.read_text().splitlines() if history_path.exists() else []
     kept = [l for l in lines if json.loads(l)['epoch'] < epoch_record['epoch']]
-    with checkpoint.naming(history_path):
-      history_path.write_text(''.join(l + '\n' for l in kept + [json.dumps(point)]))
+    checkpoint.write_text(history_path, ''.join(l + '\n' for l in kept + [json.dumps(point)]))
 
   hook_state = {'criterion': criterion.init(structure, rng), 'since': jnp.asarray(0),
                 'removed': jnp.asarray(0)}

@@ -243,8 +243,7 @@ def _claim(stage: epath.Path, settings: Mapping) -> None:
                       ', '.join(f'{k}={settings[k]!r}' for k in changed))
       if (stage / 'init').exists():
         (stage / 'init').rmtree()
-    with checkpoint.naming(path):
-      path.write_text(json.dumps(dict(settings), indent=1))
+    checkpoint.write_text(path, json.dumps(dict(settings), indent=1))
     return
   if changed:
     logging.warning('%s diverged before; resuming it with %s.', stage,
@@ -252,8 +251,7 @@ def _claim(stage: epath.Path, settings: Mapping) -> None:
   added = {k: v for k, v in settings.items() if k not in before}
   if changed or added:
     try:
-      with checkpoint.naming(path):
-        path.write_text(json.dumps({**before, **settings}, indent=1))
+      checkpoint.write_text(path, json.dumps({**before, **settings}, indent=1))
     except OSError as error:
       # Read-only storage: a finished stage is still read; recording new entries waits.
       if error.errno not in workdir.READ_ONLY_ERRNOS or changed:
