@@ -45,22 +45,22 @@ def plan(args) -> list:
 def measure(config, criteria_names, batches: int) -> dict:
   import numpy as np
   from jaxprune import pipeline
-  from jaxprune.prune import agreement, criteria, structure
+  from jaxprune.prune import agreement, criteria, program
   data = pipeline.load_data(config)
   dataset = data.dataset
   # The pipeline's own baseline stage (resumable, shared through baseline_dir).
   baseline = pipeline.baseline(config, data)
   model, variables, base = baseline.model, baseline.variables, baseline.result
-  struct = structure.derive(model, dataset.image_shape)
+  prog = program.derive(model, dataset.image_shape)
   from jaxprune.errors import ConfigError
   scores, skipped = {}, {}
   for name in ('oracle',) + tuple(criteria_names):
     t = time.time()
     try:
       scores[name] = criteria.score(
-          name, model, variables,
+          name, prog, variables,
           pipeline.scoring_batches(dataset, config.batch_size, batches, config.seed),
-          rng=config.seed, structure=struct)
+          rng=config.seed)
     except ConfigError as error:  # e.g. bn_scale on a model whose fc has no BatchNorm
       skipped[name] = str(error)
       print(f'  {name}: skipped ({error})', flush=True)

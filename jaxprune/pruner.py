@@ -16,17 +16,35 @@ What `model` may be, and what `shrink` gives back:
 * A Flax NNX module (no `variables`): traced in eval mode through `nnx.split`/`nnx.merge`.
   `shrink(...).module` is the user's own module with smaller arrays, its layers' stored
   feature counts (`in_features`, `out_features`, `feature_group_count`, `kernel_shape`,
-  `num_features`) updated: it trains (`.train()`), evaluates and saves like the original.
-  The contract: the module's layers read their sizes from their parameters (as nnx's
-  layers do), not from integers of its own.
+  `num_features`; a MultiHeadAttention's `num_heads`, `qkv_features` and its
+  LinearGenerals' feature tuples) updated: it trains (`.train()`), evaluates and saves like
+  the original. The contract: the module's layers read their sizes from their parameters
+  (as nnx's layers do), not from integers of its own. RNG state (`nnx.Dropout`'s and
+  attention's keys and counts) is carried through unchanged, never a channel.
 * A Flax Linen module (called as `model.apply(variables, x)`, so pass
-  `functools.partial(model.apply, train=False)` if it needs flags) or any function
-  `apply(variables, x) -> logits`. A Linen layer checks its parameters' shapes against its
-  constructor fields, so the shrunk model is not the module: it is `shrink(...).apply`,
-  the model's own traced program run on the smaller arrays (any batch size; jit it, save
-  `shrink(...).variables` with orbax, and rebuild it from the full model and the same
-  `kept` indices). A Linen module whose widths are constructor fields can instead be
-  rebuilt with `shrink(...).widths` (group name -> kept channels) by its author.
+  `functools.partial(model.apply, train=False)` if it needs flags; a module whose
+  `__call__` requires `train` is refused until it is bound) or any function
+  `apply(variables, x) -> logits`. Variables boxed by `nn.with_logical_partitioning`, as
+  `model.init` returns them, are unboxed (`nn.meta.unbox`). A Linen layer checks its
+  parameters' shapes against its constructor fields, so the shrunk model is not the
+  module: it is `shrink(...).apply`, the model's own traced program run on the smaller
+  arrays (any batch size; jit it, save `shrink(...).variables` with orbax, and rebuild it
+  from the full model and the same `kept` indices). A Linen module whose widths are
+  constructor fields can instead be rebuilt with `shrink(...).widths` (group name -> kept
+  channels) by its author.
+
+A model returning several values, `(logits, features)`, is scored on its first: the
+criteria take the first output as the logits (`apply` and `shrink(...).apply` return them
+all).
+
+Attention is pruned by whole heads: the heads axis of a product of two computed values
+(q.k and weights.v) is one group across the query, key and value projections and the
+output projection, so a head goes with all its weights. The head dimension keeps its size
+when the attention is scaled by a constant (flax's and jax's attention divide q by
+sqrt(head_dim), a literal in the program): a shrunk module recomputes that scale from the
+cut size, and query, key and value must keep one head size. Gates (squeeze-and-excitation,
+GLU: two computed values multiplied elementwise) are refused like residual streams unless
+`prune_streams=True`.
 
 Scores, masks, selection and costs use `structure`, a `jaxprune.prune.structure.Structure`
 over the prunable groups, so every criterion, policy and cost count works unchanged.
@@ -34,9 +52,11 @@ over the prunable groups, so every criterion, policy and cost count works unchan
 """
 
 import dataclasses
+import inspect
 import itertools
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -72,8 +92,13 @@ class _Model:
     leaves = self.pruner.leaves_of(variables)
     if mutable and 'intermediates' in mutable:
       out, acts = jaxpr_run.evaluate(graph, leaves, x, masks=masks, record=True)
-      return out, {'intermediates': {g: (a,) for g, a in acts.items()}}
-    return jaxpr_run.evaluate(graph, leaves, x, masks=masks)
+      return _logits(out), {'intermediates': {g: (a,) for g, a in acts.items()}}
+    return _logits(jaxpr_run.evaluate(graph, leaves, x, masks=masks))
+
+
+def _logits(out):
+  # A model returning several values, (logits, features), is scored on its first.
+  return out[0] if isinstance(out, tuple) else out
 
 
 @dataclasses.dataclass
@@ -121,7 +146,8 @@ class Pruner:
       shape the model will be scored at; other batch sizes are traced when they come.
     prune_streams: also prune channels written by several layers (residual streams),
       together with every layer writing them.
-    fixed: substrings of leaf paths ('stem', 'params/head') whose channels must be kept.
+    fixed: substrings of leaf paths ('stem', 'params/head') whose channels must be kept; also
+      the way around a primitive jaxprune cannot read (its error names the leaf to give).
   """
 
   def __init__(self, model, variables=None, example_batch=None, *, prune_streams: bool = False,
@@ -129,6 +155,11 @@ class Pruner:
     if example_batch is None:
       raise ValueError("Pruner needs example_batch, the images the model is traced on.")
     self._nnx = isinstance(model, nnx.Module)
+    self._rng_keys = ()
+    if not callable(model):
+      raise ConfigError(f"model={model!r:.80} (a {type(model).__name__}) is not a Flax model; "
+                        "pass an nnx.Module, a Linen nn.Module or a function "
+                        "apply(variables, x).")
     if self._nnx:
       if variables is not None:
         raise ConfigError("an NNX module carries its own variables; pass Pruner(module, "
@@ -140,7 +171,12 @@ class Pruner:
       raise ConfigError("a Linen module or apply function needs its variables: "
                         "Pruner(model, variables, example_batch).")
     else:
+      if isinstance(model, nn.Module):
+        _check_call_arguments(model)
+      elif isinstance(getattr(model, '__self__', None), nn.Module) and model.__name__ == 'apply':
+        _check_call_arguments(model.__self__)
       apply = model.apply if isinstance(model, nn.Module) else model
+      variables = nn.meta.unbox(variables)
     self._apply = apply
     self._prune_streams = prune_streams
     self._fixed = tuple(fixed)
@@ -168,6 +204,8 @@ class Pruner:
     for path, variable in self._nnx_flat:
       nested[(_collection(variable),) + tuple(str(p) for p in path)] = variable.get_value()
     self._nnx_keys = list(nested)
+    self._rng_keys = tuple(key for key, (_, variable) in zip(self._nnx_keys, self._nnx_flat)
+                           if isinstance(variable, nnx.RngState))
     return graphdef, traverse_util.unflatten_dict(nested)
 
   def _nnx_state(self, variables, flat_state):
@@ -181,7 +219,7 @@ class Pruner:
   # The program.
 
   def leaves_of(self, variables) -> list:
-    flat = traverse_util.flatten_dict(dict(variables))
+    flat = traverse_util.flatten_dict(dict(nn.meta.unbox(variables)))
     return [flat[k] for k in self.leaf_keys]
 
   def graph_for(self, x) -> jaxpr_lib.Graph:
@@ -194,8 +232,16 @@ class Pruner:
         return self._apply(traverse_util.unflatten_dict(dict(zip(keys, leaves))), x)
 
       leaves = self.leaves_of(self.variables)
-      graph = jaxpr_lib.Graph(jaxpr_lib.trace(fn, leaves, x), keys, self._prune_streams)
-      graph.fix_leaves(self._fixed)
+      try:
+        jaxpr = jaxpr_lib.trace(fn, leaves, x)
+      except ConfigError:
+        raise
+      except (TypeError, ValueError, flax.errors.ScopeParamShapeError) as error:
+        first = str(error).strip().splitlines()[0].rstrip('.')
+        raise ConfigError(f"images of shape {signature[0]} do not fit the model: "
+                          f"{first}.") from error
+      graph = jaxpr_lib.Graph(jaxpr, keys, self._prune_streams, fixed=self._fixed,
+                              rng_leaves=self._rng_keys)
       if self._graphs:
         first = next(iter(self._graphs.values()))
         if graph.prunable != first.prunable or any(
@@ -240,14 +286,34 @@ class Pruner:
       full = {g: jnp.ones((w,), jnp.float32) for g, w in self.structure.widths.items()}
       full.update({g: jnp.asarray(m, jnp.float32) for g, m in (masks or {}).items()})
       step = criteria.accumulator(chosen, self.model)
-      for batch in itertools.chain([first], batches):
-        state = step(state, self.variables, full, _as_batch(batch))
+      for index, batch in enumerate(itertools.chain([first], batches)):
+        batch = _as_batch(batch)
+        self._check_labels(batch, index)
+        state = step(state, self.variables, full, batch)
     flat = traverse_util.flatten_dict(dict(self.variables))
     virtual = traverse_util.unflatten_dict(self.graph.virtual_leaves(flat))
     return chosen.finalize(state, self.model, virtual)
 
+  def _check_labels(self, batch, index: int):
+    classes = self.graph_for(batch['image']).jaxpr.out_avals[0].shape[-1]
+    labels = np.asarray(batch['label'])
+    outside = labels[(labels < 0) | (labels >= classes)]
+    if outside.size:
+      raise ConfigError(f"batch {index} has label {outside.flat[0]}, outside the model's "
+                        f"{classes} classes; labels must be integers in [0, {classes}).")
+
   def select(self, policy: str, scores: Mapping, **options) -> dict[str, np.ndarray]:
     """Keep masks by a policy of `select.SELECTIONS` (ratio=, target_macs=, min_channels=, ...)."""
+    if not self.structure.prunable:
+      kept = ', '.join(f'{g.name} ({g.reason})' for g in self.groups.values())
+      raise ConfigError(f"select({policy!r}) needs a prunable channel group, and this model "
+                        f"has none: {kept}.")
+    for name, allowed in (('ratio', 'the fraction of channels to remove, in [0, 1)'),
+                          ('target_macs', 'the fraction of MACs to keep, in (0, 1]')):
+      value = options.get(name)
+      if value is not None and (np.ndim(value) != 0
+                                or not np.issubdtype(np.asarray(value).dtype, np.number)):
+        raise ConfigError(f"{name}={value!r} is not a number; it is {allowed}.")
     return select_lib.select(policy, self.structure, scores, **options)
 
   def cost(self, masks: Mapping | None = None) -> flops.Cost:
@@ -269,7 +335,7 @@ class Pruner:
     kept = shrink_lib.kept_indices(self.structure, masks)
     if variables is None:
       variables = (self._nnx_variables(self._module)[1] if self._nnx else self.variables)
-    flat = traverse_util.flatten_dict(dict(variables))
+    flat = traverse_util.flatten_dict(dict(nn.meta.unbox(variables)))
     cut = {key: jnp.asarray(jaxpr_lib.slice_leaf(flat[key], layouts, self.graph, kept))
            for key, layouts in zip(self.leaf_keys, self.graph.leaf_layouts)}
     small = traverse_util.unflatten_dict(cut)
@@ -306,8 +372,32 @@ def _update_features(node):
     node.kernel_shape = kernel
   elif isinstance(node, nnx.Linear):
     node.in_features, node.out_features = _shape(node.kernel)
+  elif isinstance(node, nnx.LinearGeneral):
+    # Its bias is reshaped to out_features at every call.
+    kernel = _shape(node.kernel)
+    start = len(node.batch_axis) + len(node.in_features)
+    node.in_features, node.out_features = kernel[len(node.batch_axis):start], kernel[start:]
+  elif isinstance(node, nnx.MultiHeadAttention):
+    (node.in_features, node.num_heads, node.head_dim), key = map(
+        _shape, (node.query.kernel, node.key.kernel))
+    node.in_kv_features, node.num_kv_heads = key[0], key[1]
+    node.qkv_features = node.num_heads * node.head_dim
+    node.out_features = _shape(node.out.kernel)[-1]
   elif isinstance(node, (nnx.BatchNorm, nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm)):
     params = [getattr(node, n, None) for n in ('scale', 'bias', 'mean', 'var')]
     shape = next((_shape(p) for p in params if isinstance(p, nnx.Variable)), None)
     if shape is not None:
       node.num_features = shape[-1]
+
+
+def _check_call_arguments(module: nn.Module):
+  """A Linen module is called as `model.apply(variables, x)`: every other argument it requires
+  (`train`) must be bound first."""
+  params = list(inspect.signature(module.__call__).parameters.values())[1:]
+  missing = [p.name for p in params if p.default is p.empty
+             and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+  if missing:
+    bound = ', '.join(f'{n}=False' if n == 'train' else f'{n}=...' for n in missing)
+    raise ConfigError(f"the Linen module {type(module).__name__} requires {missing} besides the "
+                      f"images, and Pruner calls model.apply(variables, images); pass "
+                      f"functools.partial(model.apply, {bound}).")

@@ -29,7 +29,7 @@ from absl import app, flags, logging
 
 from jaxprune import data, errors, models
 from jaxprune.errors import ConfigError
-from jaxprune.prune import flops, select, shrink, structure
+from jaxprune.prune import flops, program, select, shrink, structure
 from jaxprune.pipeline import config
 
 FIXED = '(fixed)'
@@ -165,8 +165,8 @@ def summarize(model: str, dataset: str = 'digits', data_path: str | None = None,
   config.BY_NAME['width_multiplier'].check(width_multiplier)
   image_shape, num_classes = dataset_shape(dataset, data_path)
   try:
-    struct = structure.derive(models.build(model, num_classes=num_classes,
-                                           width_multiplier=width_multiplier), image_shape)
+    struct = program.derive(models.build(model, num_classes=num_classes,
+                                         width_multiplier=width_multiplier), image_shape).structure
   except ConfigError as e:  # e.g. a VGG's five poolings on 8x8 digits
     shape = 'x'.join(map(str, image_shape))
     raise ConfigError(f"model={model} cannot take the {shape} images of dataset={dataset}: "

@@ -139,11 +139,11 @@ def test_default_dirs_are_named_by_the_settings_that_differ_from_their_defaults(
 
 def test_width_multiplier_thins_a_densenets_stream_so_every_channel_is_read():
   from jaxprune import models
-  from jaxprune.prune import structure
+  from jaxprune.prune import program
   half = models.build('densenet10', width_multiplier=0.5)
   full = models.build('densenet10')
   assert (half.growth, half.stem_channels()) == (full.growth // 2, full.stem_channels() // 2)
   # Every selection reads the whole (thinner) stream: its widths are its defaults.
   assert half.widths is None
-  derived = structure.derive(half, (8, 8, 3))
+  derived = program.derive(half, (8, 8, 3)).structure
   assert derived.widths['final'] == half.stem_channels() + 3 * 2 * half.growth

@@ -9,7 +9,7 @@ import pytest
 from flax import traverse_util
 
 from jaxprune import models
-from jaxprune.prune import structure
+from jaxprune.prune import program
 from jaxprune.errors import ConfigError
 from jaxprune.kernels import conv
 from jaxprune.kernels.options import PerformanceOptions
@@ -186,7 +186,7 @@ def test_layers_conv_is_an_nn_conv_with_unchanged_paths():
   assert ('conv1_conv', 'kernel') in flat and ('conv2_conv', 'kernel') in flat
   assert flat[('conv2_conv', 'kernel')].shape == (3, 3, 8, 16)
   # MAC counting finds every conv (it looks for nn.Conv instances).
-  positions = structure.derive(model, (8, 8, 3)).positions
+  positions = program.derive(model, (8, 8, 3)).structure.positions
   assert positions[('params', 'conv1_conv', 'kernel')] == 64
   assert positions[('params', 'conv2_conv', 'kernel')] == 16
 

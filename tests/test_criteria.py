@@ -20,9 +20,8 @@ from flax import traverse_util
 from sklearn.datasets import load_digits
 
 from jaxprune import models
-from jaxprune.prune import criteria, structure
+from jaxprune.prune import criteria, program
 from jaxprune.errors import ConfigError
-from jaxprune.models import layers
 
 GRADIENT_CRITERIA = ('taylor', 'taylor_signed_mean', 'taylor_abs_elementwise', 'taylor_fo',
                      'fisher')
@@ -85,7 +84,8 @@ def tiny():
   masks['conv2'][[2, 9]] = 0
   masks['fc'][5] = 0
   untrained = _random_variables(model, x[:8], seed=0)
-  return model, variables, batches, masks, structure.derive(model, (8, 8, 1)), untrained
+  prog = program.derive(model, (8, 8, 1))
+  return prog, variables, batches, masks, prog.structure, untrained
 
 
 @pytest.fixture(scope='module')
@@ -100,7 +100,8 @@ def preresnet():
            'stage3_block1_mid1': np.ones(16, np.float32)}
   masks['stage2_block1_in'][3] = 0
   masks['stage3_block1_mid1'][[0, 11]] = 0
-  return model, variables, [batch], masks, structure.derive(model, (8, 8, 3))
+  prog = program.derive(model, (8, 8, 3))
+  return prog, variables, [batch], masks, prog.structure
 
 
 def _full(st, masks):
@@ -122,8 +123,8 @@ def _brute_activation_gradients(model, variables, batches, masks, st):
     z = {g: a[0] for g, a in state['intermediates'].items()}
 
     def loss(offsets):
-      with layers.activation_offsets(offsets):
-        return _loss(model, variables, x1[None], y1[None], masks)[0]
+      logits = model.apply(variables, x1[None], train=False, masks=masks, offsets=offsets)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y1[None])[0]
 
     dz = jax.grad(loss)({g: jnp.zeros_like(a) for g, a in z.items()})
     return {g: z[g] * dz[g] for g in z}
@@ -201,7 +202,7 @@ def preresnet_products(preresnet):
 @pytest.mark.parametrize('name', GRADIENT_CRITERIA)
 def test_gradient_criteria_match_per_example_loop(tiny, tiny_products, name):
   model, variables, batches, masks, st, _ = tiny
-  got = criteria.score(name, model, variables, batches, masks=masks, structure=st)
+  got = criteria.score(name, model, variables, batches, masks=masks)
   _assert_scores(got, _expected_gradient_scores(name, tiny_products), st)
 
 
@@ -209,23 +210,23 @@ def test_gradient_criteria_match_per_example_loop(tiny, tiny_products, name):
 def test_gradient_criteria_match_per_example_loop_with_channel_selection(
     preresnet, preresnet_products, name):
   model, variables, batches, masks, st = preresnet
-  got = criteria.score(name, model, variables, batches, masks=masks, structure=st)
+  got = criteria.score(name, model, variables, batches, masks=masks)
   _assert_scores(got, _expected_gradient_scores(name, preresnet_products), st, rtol=1e-3,
                  atol=1e-6)
 
 
 def test_oracle_matches_one_channel_at_a_time_loop_on_trained_model(tiny):
   model, variables, batches, masks, st, _ = tiny
-  got = criteria.score('oracle', model, variables, batches, masks=masks, structure=st)
+  got = criteria.score('oracle', model, variables, batches, masks=masks)
   _assert_scores(got, _brute_oracle(model, variables, batches, masks, st), st, atol=2e-6)
 
 
 def test_oracle_chunking_and_unshared_prefix_give_the_same_scores(tiny):
   model, variables, batches, masks, st, _ = tiny
-  base = criteria.score('oracle', model, variables, batches, masks=masks, structure=st)
-  chunked = criteria.score('oracle', model, variables, batches, masks=masks, structure=st,
+  base = criteria.score('oracle', model, variables, batches, masks=masks)
+  chunked = criteria.score('oracle', model, variables, batches, masks=masks,
                            chunk_size=3)
-  unshared = criteria.score('oracle', model, variables, batches, masks=masks, structure=st,
+  unshared = criteria.score('oracle', model, variables, batches, masks=masks,
                             chunk_size=7, share_prefix=False)
   _assert_scores(chunked, base, st, atol=1e-6)
   _assert_scores(unshared, base, st, atol=1e-6)
@@ -233,7 +234,7 @@ def test_oracle_chunking_and_unshared_prefix_give_the_same_scores(tiny):
 
 def test_oracle_matches_loop_with_channel_selection(preresnet):
   model, variables, batches, masks, st = preresnet
-  got = criteria.score('oracle', model, variables, batches, masks=masks, structure=st,
+  got = criteria.score('oracle', model, variables, batches, masks=masks,
                        chunk_size=12)
   _assert_scores(got, _brute_oracle(model, variables, batches, masks, st), st, rtol=1e-3,
                  atol=1e-5)
@@ -241,7 +242,7 @@ def test_oracle_matches_loop_with_channel_selection(preresnet):
 
 def test_second_order_matches_float64_finite_differences(tiny):
   model, variables, batches, masks, st, _ = tiny
-  got = criteria.score('second_order', model, variables, batches, masks=masks, structure=st,
+  got = criteria.score('second_order', model, variables, batches, masks=masks,
                        chunk_size=5)
   # Small enough that no ReLU downstream changes sign (autodiff sees no kinks).
   eps = 1e-5
@@ -272,7 +273,7 @@ def test_weight_criteria_reduce_each_output_filter(tiny):
              'fc': np.asarray(p['fc_dense']['kernel'])}
   for name, fn in (('l1', lambda w: np.abs(w).sum(0)), ('l2', lambda w: np.sqrt((w ** 2).sum(0))),
                    ('min_weight', lambda w: (w ** 2).mean(0))):
-    got = criteria.score(name, model, variables, None, structure=st)
+    got = criteria.score(name, model, variables, None)
     _assert_scores(got, {g: fn(w) for g, w in filters.items()}, st)
 
 
@@ -286,7 +287,7 @@ def test_weight_criteria_use_next_layer_inputs_for_channel_selection(preresnet):
     filters[f'{block}_in'] = np.moveaxis(conv1, 2, -1).reshape(-1, conv1.shape[2])
     filters[f'{block}_mid1'] = conv1.reshape(-1, conv1.shape[3])
     filters[f'{block}_mid2'] = conv2.reshape(-1, conv2.shape[3])
-  got = criteria.score('l1', model, variables, None, structure=st)
+  got = criteria.score('l1', model, variables, None)
   _assert_scores(got, {g: np.abs(w).sum(0) for g, w in filters.items()}, st)
 
 
@@ -299,14 +300,14 @@ def test_bn_scale_is_abs_gamma_of_each_groups_batchnorm(preresnet):
     want[f'{block}_in'] = p[f'{block}_in_select']['BatchNorm_0']['scale']
     want[f'{block}_mid1'] = p[f'{block}_bn2']['scale']
     want[f'{block}_mid2'] = p[f'{block}_bn3']['scale']
-  got = criteria.score('bn_scale', model, variables, None, structure=st)
+  got = criteria.score('bn_scale', model, variables, None)
   _assert_scores(got, {g: np.abs(np.asarray(w)) for g, w in want.items()}, st)
 
 
 def test_bn_scale_without_batchnorm_raises_config_error_naming_group(tiny):
   model, variables, _, _, st, _ = tiny
   with pytest.raises(ConfigError, match=r"criterion=bn_scale .*\['fc'\]") as info:
-    criteria.score('bn_scale', model, variables, None, structure=st)
+    criteria.score('bn_scale', model, variables, None)
   assert info.value.settings == ('criterion', 'model')
 
 
@@ -322,14 +323,14 @@ def test_activation_criteria_match_numpy_over_all_batches(tiny, name):
   stat = {'mean_activation': lambda z: z.mean(0), 'activation_std': lambda z: z.std(0),
           'apoz': lambda z: 1 - (z == 0).mean(0)}[name]
   want = {g: stat(np.concatenate(a)) for g, a in acts.items()}
-  got = criteria.score(name, model, variables, batches, masks=masks, structure=st)
+  got = criteria.score(name, model, variables, batches, masks=masks)
   _assert_scores(got, want, st, atol=1e-5)
 
 
 @pytest.mark.parametrize('name', ('taylor', 'fisher', 'apoz', 'oracle'))
 def test_masked_channels_get_zero_from_data_criteria(tiny, name):
   model, variables, batches, masks, st, _ = tiny
-  got = criteria.score(name, model, variables, batches, masks=masks, structure=st)
+  got = criteria.score(name, model, variables, batches, masks=masks)
   for g, m in masks.items():
     assert np.all(got[g][m == 0] == 0)
     assert np.any(got[g][m == 1] > 0)
@@ -337,9 +338,9 @@ def test_masked_channels_get_zero_from_data_criteria(tiny, name):
 
 def test_random_is_reproducible_per_rng_and_uniform(tiny):
   model, variables, _, _, st, _ = tiny
-  a = criteria.score('random', model, variables, None, rng=jax.random.key(3), structure=st)
-  b = criteria.score('random', model, variables, None, rng=jax.random.key(3), structure=st)
-  c = criteria.score('random', model, variables, None, rng=jax.random.key(4), structure=st)
+  a = criteria.score('random', model, variables, None, rng=jax.random.key(3))
+  b = criteria.score('random', model, variables, None, rng=jax.random.key(3))
+  c = criteria.score('random', model, variables, None, rng=jax.random.key(4))
   _assert_scores(a, b, st, rtol=0, atol=0)
   assert not np.allclose(a['conv2'], c['conv2'])
   assert all(np.all((s >= 0) & (s < 1)) for s in a.values())
@@ -362,30 +363,29 @@ def test_accumulating_two_batches_equals_scoring_their_concatenation(tiny):
   model, variables, batches, masks, st, _ = tiny
   joined = [{k: jnp.concatenate([b[k] for b in batches]) for k in batches[0]}]
   for name in ('fisher', 'activation_std'):
-    got = criteria.score(name, model, variables, batches, masks=masks, structure=st)
-    want = criteria.score(name, model, variables, joined, masks=masks, structure=st)
+    got = criteria.score(name, model, variables, batches, masks=masks)
+    want = criteria.score(name, model, variables, joined, masks=masks)
     _assert_scores(got, want, st, atol=1e-6)
 
 
 def test_unknown_criterion_raises_config_error_naming_it(tiny):
   model, variables, batches, _, st, _ = tiny
   with pytest.raises(ConfigError, match=r"unknown criterion 'taylr'.*taylor") as info:
-    criteria.score('taylr', model, variables, batches, structure=st)
+    criteria.score('taylr', model, variables, batches)
   assert info.value.settings == ('criterion',)
 
 
 def test_data_criterion_without_batches_is_a_bug_not_a_config_error(tiny):
   model, variables, _, _, st, _ = tiny
   with pytest.raises(ValueError, match="'fisher'") as info:
-    criteria.score('fisher', model, variables, [], structure=st)
+    criteria.score('fisher', model, variables, [])
   assert not isinstance(info.value, ConfigError)
 
 
 def test_masks_of_the_wrong_shape_are_a_bug_not_a_config_error(tiny):
   model, variables, batches, _, st, _ = tiny
   with pytest.raises(ValueError, match=r"'conv1' has shape \(3,\)") as info:
-    criteria.score('taylor', model, variables, batches, masks={'conv1': np.ones(3)},
-                   structure=st)
+    criteria.score('taylor', model, variables, batches, masks={'conv1': np.ones(3)})
   assert not isinstance(info.value, ConfigError)
 
 

@@ -1,4 +1,4 @@
-"""The foundation contract: masks, derived structure, shrinking and cost counting."""
+"""The foundation contract: the program-derived structure, masks, shrinking and cost counting."""
 
 import functools
 import os
@@ -14,8 +14,8 @@ from flax import traverse_util
 from jaxprune import models
 from jaxprune.errors import ConfigError
 from jaxprune.kernels.options import PerformanceOptions
-from jaxprune.models import layers
-from jaxprune.prune import flops, shrink, structure
+from jaxprune.prune import flops, program, shrink
+from jaxprune.train import step
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments.bench.common import CompileLog  # noqa: E402
@@ -66,7 +66,7 @@ def setup(name):
   model = models.build(name)
   size = image_size(name)
   x = jax.random.normal(jax.random.key(1), (2, size, size, 3))
-  return model, x, structure.derive(model, x.shape[1:]), perturbed_variables(model, x)
+  return model, x, program.derive(model, x.shape[1:]), perturbed_variables(model, x)
 
 
 def param_count(variables):
@@ -75,24 +75,30 @@ def param_count(variables):
 
 @pytest.mark.parametrize('name', ALL_MODELS)
 def test_shrunk_model_matches_masked_model(name):
-  model, x, struct, variables = setup(name)
+  model, x, prog, variables = setup(name)
+  struct = prog.structure
   rng = np.random.default_rng(0)
-  masked_apply = jax.jit(model.apply)
+  masked_apply = jax.jit(prog.apply)
   for density, single in ((0.3, False), (0.8, False), (0.0, True)):
     masks = random_masks(struct, density, rng, single)
     expected = masked_apply(variables, x, masks=masks)
-    widths, small, _ = shrink.shrink(struct, variables, masks)
+    widths, small, _ = shrink.shrink(prog, variables, masks)
     got = jax.jit(models.build(name, widths=widths).apply)(small, x)
     scale = float(jnp.max(jnp.abs(expected)))
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * scale)
     assert param_count(small) == flops.count(struct, widths).params
+    # What training with masks runs: the model itself, its kernels masked where they read.
+    masked = {**variables, 'params': step.masked_kernels(struct, masks, variables['params'])}
+    np.testing.assert_allclose(jax.jit(model.apply)(masked, x), expected, rtol=0,
+                               atol=1e-5 * scale)
 
 
 @pytest.mark.parametrize('name', FAST_MODELS)
 def test_shrinking_with_all_ones_masks_returns_identical_variables(name):
-  _, _, struct, variables = setup(name)
+  _, _, prog, variables = setup(name)
+  struct = prog.structure
   masks = {g: jnp.ones(struct.widths[g]) for g in struct.prunable}
-  widths, same, kept = shrink.shrink(struct, variables, masks)
+  widths, same, kept = shrink.shrink(prog, variables, masks)
   assert widths == struct.widths
   chex_equal = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), same, variables)
   assert all(jax.tree.leaves(chex_equal))
@@ -100,10 +106,10 @@ def test_shrinking_with_all_ones_masks_returns_identical_variables(name):
 
 
 def test_shrink_compiles_nothing():
-  _, _, struct, variables = setup('resnet8')
-  masks = random_masks(struct, 0.5, np.random.default_rng(1), False)
+  _, _, prog, variables = setup('resnet8')
+  masks = random_masks(prog.structure, 0.5, np.random.default_rng(1), False)
   with CompileLog() as compiles:
-    shrink.shrink(struct, variables, masks)
+    shrink.shrink(prog, variables, masks)
   assert compiles.events == []
 
 
@@ -130,9 +136,9 @@ def test_init_is_one_program_per_model_and_matches_eager_init(name):
 
 
 def test_shrink_rejects_a_mask_that_empties_a_group():
-  _, _, struct, variables = setup('tiny')
+  _, _, prog, variables = setup('tiny')
   with _library_error("'conv2' removes all 16 channels") as error:
-    shrink.shrink(struct, variables, {'conv2': jnp.zeros(16)})
+    shrink.shrink(prog, variables, {'conv2': jnp.zeros(16)})
   assert not isinstance(error.value, ConfigError)
 
 
@@ -146,27 +152,27 @@ def _check_gate_gradient(name):
   # In float64: the check compares two summation orders through up to 164 layers of
   # randomly initialised (unnormalised) networks, where float32 rounding alone reaches
   # 1e-3 of the largest gradient.
-  model, x, struct, variables = setup(name)
+  _, x, prog, variables = setup(name)
+  struct = prog.structure
   variables = jax.tree.map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a,
                            variables)
   x = x.astype(jnp.float64)
   labels = jnp.arange(x.shape[0]) % 10
 
   def summed_loss(gates):
-    logits = model.apply(variables, x, masks=gates)
+    logits = prog.apply(variables, x, masks=gates)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
 
   gates = {g: jnp.ones((x.shape[0], struct.widths[g])) for g in struct.prunable}
   gate_grads = jax.jit(jax.grad(summed_loss))(gates)
 
   # Independently, one example at a time: dloss/dactivation through additive offsets
-  # at the gates, contracted with the activation over space.
-  _, state = jax.jit(lambda v, x: model.apply(v, x, mutable=['intermediates']))(variables, x)
+  # at the record points, contracted with the activation over space.
+  _, state = jax.jit(lambda v, x: prog.apply(v, x, mutable=['intermediates']))(variables, x)
   activations = {g: state['intermediates'][g][0] for g in struct.prunable}
 
   def example_loss(offsets, example, label):
-    with layers.activation_offsets(offsets):
-      logits = model.apply(variables, example)
+    logits = prog.apply(variables, example, offsets=offsets)
     return optax.softmax_cross_entropy_with_integer_labels(logits, label).sum()
 
   example_grad = jax.jit(jax.grad(example_loss))  # one program for every example
@@ -192,7 +198,7 @@ PUBLISHED = {  # model: (MACs, params) as published for CIFAR-10, None where not
 
 @pytest.mark.parametrize('name', sorted(PUBLISHED))
 def test_default_widths_match_published_counts(name):
-  struct = structure.derive(models.build(name))
+  struct = program.derive(models.build(name)).structure
   cost = flops.count(struct)
   macs, params = PUBLISHED[name]
   if name == 'vgg16_mlp':  # the published figure counts the convolutions only
@@ -215,7 +221,7 @@ def test_macs_agree_with_xla_cost_analysis(name, size):
   x = jnp.zeros((1, size, size, 3))
   variables = jax.eval_shape(model.init, jax.random.key(0), x)
   xla_flops = jax.jit(model.apply).lower(variables, x).cost_analysis()['flops']
-  macs = flops.count(structure.derive(model, x.shape[1:])).macs
+  macs = flops.count(program.derive(model, x.shape[1:]).structure).macs
   assert abs(xla_flops / 2 - macs) / macs < 0.05
 
 
@@ -252,15 +258,16 @@ def test_images_too_small_for_the_model_are_a_config_error():
 
 
 def test_masks_with_wrong_shape_or_group_are_refused_by_name():
-  model, x, struct, variables = setup('tiny')
-  shape = r"group 'conv1' has shape \(7,\); allowed are \(8,\) or \(2, 8\)"
+  _, _, prog, variables = setup('tiny')
+  struct = prog.structure
+  shape = r"group 'conv1' has shape \(7,\); allowed: \(8,\) or \(2, 8\)"
   with _library_error(shape) as error:
-    model.apply(variables, x, masks={'conv1': jnp.ones(7)})
+    shrink.check_masks(struct, {'conv1': jnp.ones(7)}, batch=2)
   assert not isinstance(error.value, ConfigError)
   with _library_error(r"unknown group 'conv9'"):
-    model.apply(variables, x, masks={'conv9': jnp.ones(8)})
+    shrink.check_masks(struct, {'conv9': jnp.ones(8)})
   with _library_error(r"mask for group 'fc' has shape \(3,\)"):
-    shrink.shrink(struct, variables, {'fc': np.ones(3)})
+    shrink.shrink(prog, variables, {'fc': np.ones(3)})
 
 
 def test_models_of_the_same_widths_and_options_are_equal_and_hash_alike():

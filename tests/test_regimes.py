@@ -12,19 +12,20 @@ from jaxprune import models, train
 from jaxprune.errors import ConfigError
 from jaxprune.models import layers
 from jaxprune.pipeline import regimes
-from jaxprune.prune import flops, select, structure
+from jaxprune.prune import flops, program, select
 
 IMAGE = (8, 8, 3)
 
 
 def pruned_to_half_the_macs(name: str) -> regimes.Pruned:
   """`name` pruned by random scores to half its MACs (the regimes read only the widths)."""
-  struct = structure.derive(models.build(name), IMAGE)
+  prog = program.derive(models.build(name), IMAGE)
+  struct = prog.structure
   rng = np.random.default_rng(0)
   scores = {g: rng.random(struct.widths[g]) for g in struct.prunable}
   masks = select.select('macs', struct, scores, target_macs=0.5)
   widths = {**struct.widths, **{g: int(m.sum()) for g, m in masks.items()}}
-  return regimes.Pruned(struct, masks, widths, variables={}, baseline_init={})
+  return regimes.Pruned(prog, masks, widths, variables={}, baseline_init={})
 
 
 def reduced_plan(name: str, pruned: regimes.Pruned, reduced_match: str) -> regimes.Plan:

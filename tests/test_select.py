@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 
 from jaxprune import models
-from jaxprune.prune import flops, structure
+from jaxprune.prune import flops, program, structure
 from jaxprune.prune import select as sel
 from jaxprune.errors import ConfigError
 
 
 @functools.lru_cache(maxsize=None)
 def derived(name):
-  return structure.derive(models.build(name))
+  return program.derive(models.build(name)).structure
 
 
 @pytest.fixture
@@ -360,7 +360,7 @@ def test_wrong_scores_from_code_are_value_errors_not_config_errors(tiny, group, 
 
 
 def test_wrong_current_masks_are_value_errors_not_config_errors(tiny):
-  with pytest.raises(ValueError, match='removes all its channels') as info:
+  with pytest.raises(ValueError, match='removes all 8 channels') as info:
     sel.select('layer', tiny, random_scores(tiny), ratio=0.5, current={'conv1': np.zeros(8)})
   assert not isinstance(info.value, ConfigError)
 

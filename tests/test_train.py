@@ -20,7 +20,7 @@ from flax import traverse_util
 
 from jaxprune import data, errors, models, train
 from jaxprune.errors import ConfigError
-from jaxprune.prune import structure
+from jaxprune.prune import program
 from jaxprune.train import checkpoint, loop
 
 IMAGE = (8, 8, 3)
@@ -85,7 +85,7 @@ def run_python(code: str, *args: str, devices: int = 1, timeout: float = 180):
 @functools.cache
 def tiny():
   model = models.build('tiny', num_classes=CLASSES)
-  return model, structure.derive(model, IMAGE), numpy_variables(model)
+  return model, program.derive(model, IMAGE).structure, numpy_variables(model)
 
 
 @functools.cache

@@ -6,13 +6,13 @@ from flax import traverse_util
 
 from jaxprune import models
 from jaxprune.errors import ConfigError
-from jaxprune.prune import flops, structure, weights
+from jaxprune.prune import flops, program, weights
 
 IMAGE = (8, 8, 3)
 
 
 def random_conv_params(name: str, seed: int = 0):
-  struct = structure.derive(models.build(name), IMAGE)
+  struct = program.derive(models.build(name), IMAGE).structure
   rng = np.random.default_rng(seed)
   params = traverse_util.unflatten_dict(
       {key[1:]: rng.normal(size=shape).astype(np.float32)
@@ -119,6 +119,6 @@ def test_compressed_densenet_halves_the_stream_at_each_transition():
   assert widths['transition2'] == (24 + block) // 2 + block
   assert widths['final'] == ((24 + block) // 2 + block) // 2 + block
   small = models.DenseNet(depth=10, compression=2)  # the same rule, two layers a block
-  struct = structure.derive(small, IMAGE)
+  struct = program.derive(small, IMAGE).structure
   assert struct.shapes[('params', 'transition1_conv', 'kernel')] == (1, 1, 48, 24)
   assert struct.shapes[('params', 'block2_layer1_conv', 'kernel')][2] == 24

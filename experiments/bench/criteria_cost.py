@@ -37,7 +37,7 @@ from absl import app, flags  # noqa: E402
 import common  # noqa: E402
 from jaxprune import models, train  # noqa: E402
 from jaxprune.kernels import compiler
-from jaxprune.prune import criteria, structure
+from jaxprune.prune import criteria, program
 from jaxprune.errors import ConfigError  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -74,7 +74,7 @@ def _setup(name, image_size, batch_size, seed=0):
   batch = {'image': jnp.asarray(rng.normal(size=(batch_size,) + shape), jnp.float32),
            'label': jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32)}
   variables = jax.jit(model.init)(jax.random.key(seed), batch['image'][:1])
-  return model, variables, batch, structure.derive(model, shape)
+  return model, variables, batch, program.derive(model, shape)
 
 
 def _once(fn):
@@ -122,7 +122,8 @@ def _train_step(model, variables, batch):
 
 
 def criterion_costs():
-  model, variables, batch, st = _setup(FLAGS.model, FLAGS.image_size, FLAGS.batch)
+  model, variables, batch, prog = _setup(FLAGS.model, FLAGS.image_size, FLAGS.batch)
+  st = prog.structure
   step = _train_step(model, variables, batch)
   compile_step, train_s = _timed(step, FLAGS.reps)
   rows = [{'criterion': 'train_step', 'kind': 'reference', 'compile_s': compile_step - train_s,
@@ -136,11 +137,11 @@ def criterion_costs():
       rows.append({'criterion': name, 'kind': 'n/a', 'error': str(e)})
       continue
     if criterion.needs_data:
-      accumulate = criteria.accumulator(criterion, model)
+      accumulate = criteria.accumulator(criterion, prog)
       run = lambda: accumulate(state, variables, masks, batch)
       kind = 'data'
     else:
-      run = lambda: criterion.finalize(state, model, variables)
+      run = lambda: criterion.finalize(state, prog, variables)
       kind = 'data-free'
     reps = FLAGS.expensive_reps if name in ('oracle', 'second_order') else FLAGS.reps
     first, seconds, step_s = _paired(step, run, reps)
@@ -172,7 +173,9 @@ def prefix_sharing_bound(st) -> float:
 
 
 def oracle_speedup(name):
-  model, variables, batch, st = _setup(name, FLAGS.oracle_image_size, FLAGS.oracle_batch, seed=1)
+  model, variables, batch, prog = _setup(name, FLAGS.oracle_image_size, FLAGS.oracle_batch,
+                                         seed=1)
+  st = prog.structure
   channels = sum(st.widths[g] for g in st.prunable)
   masks = {g: jnp.ones((st.widths[g],), jnp.float32) for g in st.prunable}
   sample = {g: np.linspace(0, st.widths[g] - 1, min(FLAGS.loop_channels or st.widths[g],
@@ -180,7 +183,7 @@ def oracle_speedup(name):
             for g in st.prunable}
 
   def mean_loss(masks):
-    logits = model.apply(variables, batch['image'], masks=masks)
+    logits = prog.apply(variables, batch['image'], masks=masks)
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
 
   mean_loss = compiler.jit(mean_loss, xla_options=model.performance.xla_options)
@@ -202,10 +205,10 @@ def oracle_speedup(name):
     if not share and channels > FLAGS.unshared_max_channels:
       continue
     criterion = criteria.get('oracle', chunk_size=FLAGS.chunk_size, share_prefix=share)
-    accumulate = criteria.accumulator(criterion, model)
+    accumulate = criteria.accumulator(criterion, prog)
     state = criterion.init(st)
     first, seconds = _timed(lambda: accumulate(state, variables, masks, batch), 2)
-    scores = criterion.finalize(accumulate(state, variables, masks, batch), model, variables)
+    scores = criterion.finalize(accumulate(state, variables, masks, batch), prog, variables)
     error = max(float(np.max(np.abs(scores[g][ks] - np.asarray(looped[g]))))
                 for g, ks in sample.items())
     key = 'vmap_shared_prefix' if share else 'vmap_full_forward'

@@ -63,15 +63,16 @@ def main(argv):
 
   from jaxprune import models
   from jaxprune.kernels import compiler
-  from jaxprune.prune import criteria, flops, select, shrink, structure
+  from jaxprune.prune import criteria, flops, program, select, shrink
 
   rows = []
   for name in FLAGS.models:
     model = models.build(name)
     x = jax.random.normal(jax.random.key(0), (FLAGS.batch, 32, 32, 3))
     variables = jax.jit(model.init)(jax.random.key(1), x[:1])
-    struct = structure.derive(model, (32, 32, 3))
-    scores = criteria.score('l1', model, variables, None, structure=struct)
+    prog = program.derive(model, (32, 32, 3))
+    struct = prog.structure
+    scores = criteria.score('l1', prog, variables, None)
     full = flops.count(struct)
     levels = [(f'preset {p}', dict(preset=p), 'preset') for p in PRESETS.get(name, [])]
     targets = FLAGS.vgg_targets if name.startswith('vgg') else FLAGS.resnet_targets
@@ -81,7 +82,7 @@ def main(argv):
     for label, kwargs, policy in levels:
       for multiple in (int(r) for r in FLAGS.round_to):
         masks = select.select(policy, struct, scores, round_to=multiple, **kwargs)
-        widths, small_vars, _ = shrink.shrink(struct, variables, masks)
+        widths, small_vars, _ = shrink.shrink(prog, variables, masks)
         small = models.build(name, widths=widths)
         tag = f'{label}, x{multiple} widths' if multiple > 1 else label
         candidates.append((tag, small, small_vars, flops.count(struct, widths).macs / full.macs))

@@ -1,7 +1,7 @@
 """Model registry: the names the `model` setting accepts -> their constructors.
 
 Every model is a Flax Linen module (a `layers.Network`) with `default_widths()`,
-`prunable_groups()` and `__call__(x, train=False, masks=None)`, and the fields `widths`
+`prunable_groups()`, `group_layers()` and `__call__(x, train=False)`, and the fields `widths`
 (a frozen mapping, so that models hash and compare by value) and `performance` (the
 `PerformanceOptions` its layers compute with), `bn_scale_init` (every BatchNorm's initial
 gamma) and `dense_init` (the initialiser of every Dense kernel, a key of
@@ -13,13 +13,15 @@ from typing import Callable, Mapping
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.errors import ConfigError, choose
 from jaxprune.kernels import compiler
 from jaxprune.kernels.options import PerformanceOptions
-from jaxprune.models import layers
+from jaxprune.models import layers, own
 from jaxprune.models.densenet import DenseNet
+from jaxprune.models.own import OwnModel
 from jaxprune.models.resnet import SHORTCUTS, PreResNet, ResNet, WideResNet
 from jaxprune.models.tiny import TinyCNN
 from jaxprune.models.vgg import CFGS, VGG
@@ -46,8 +48,13 @@ _INITS: dict[nn.Module, Callable] = {}
 def build(name: str, num_classes: int = 10, widths: Mapping[str, int] | None = None,
           performance: PerformanceOptions | None = None,
           width_multiplier: float = 1.0, bn_scale_init: float = 1.0,
-          dense_init: str = 'lecun_normal', resnet_shortcut: str = 'subsample') -> nn.Module:
+          dense_init: str = 'lecun_normal', resnet_shortcut: str = 'subsample',
+          image_shape=(32, 32, 3)) -> nn.Module:
   """Returns the registered model `name`, with default widths unless `widths` is given.
+
+  A `name` of the form package.module:factory is a researcher's own model (`own.OwnModel`,
+  built for `image_shape`); its `widths` are kept channels per group (indices, or a count
+  for the first ones), and the options that shape built-in layers do not apply to it.
 
   `width_multiplier` scales the default widths (`layers.Network.scaled`), making a narrower (or
   wider) member of the family; explicit `widths` are taken as they are. `performance`
@@ -57,11 +64,28 @@ def build(name: str, num_classes: int = 10, widths: Mapping[str, int] | None = N
   `resnet_shortcut` the downsampling shortcut of the basic-block ResNets (a key of
   `resnet.SHORTCUTS`; ConfigError for another family unless it is the default).
   """
+  performance = PerformanceOptions() if performance is None else performance
+  if own.is_own(name):
+    given = {'width_multiplier': (width_multiplier, 1.0), 'bn_scale_init': (bn_scale_init, 1.0),
+             'dense_init': (dense_init, 'lecun_normal'),
+             'resnet_shortcut': (resnet_shortcut, 'subsample')}
+    changed = [k for k, (value, default) in given.items() if value != default]
+    if changed:
+      raise ConfigError(f"{', '.join(changed)} shape{'s' if len(changed) == 1 else ''} the "
+                        f"built-in models' layers; model={name} is your own, whose layers "
+                        'its factory makes.', settings=('model', *changed))
+    model = own.OwnModel(name, num_classes, tuple(image_shape), performance=performance)
+    if not widths:
+      return model
+    from jaxprune.prune import program
+    full = program.derive(model, tuple(image_shape)).structure.widths
+    # Kept channels are indices (a subset) or a count; a group keeping all is not cut.
+    cut = {g: k for g, k in widths.items() if (k if np.ndim(k) == 0 else len(k)) < full[g]}
+    return model.with_kept(cut) if cut else model
   choose('model', name, MODELS)
   choose('Dense initialiser', dense_init, layers.DENSE_INITS, setting='dense_init')
   # The model freezes `widths` (layers.Network), which also copies it.
-  model = MODELS[name](num_classes=num_classes, widths=widths,
-                       performance=PerformanceOptions() if performance is None else performance,
+  model = MODELS[name](num_classes=num_classes, widths=widths, performance=performance,
                        bn_scale_init=bn_scale_init, dense_init=dense_init)
   if resnet_shortcut != 'subsample':
     choose('ResNet shortcut', resnet_shortcut, SHORTCUTS, setting='resnet_shortcut')
@@ -75,7 +99,12 @@ def build(name: str, num_classes: int = 10, widths: Mapping[str, int] | None = N
 
 
 def widths_of(model: nn.Module) -> dict[str, int]:
-  """The widths a model is built with (its defaults when none were given)."""
+  """The widths a model is built with (its defaults when none were given; an own model's
+  prunable groups at its kept channels)."""
+  if isinstance(model, own.OwnModel):
+    from jaxprune.prune import program
+    full = program.derive(model.full(), model.image_shape).structure.widths
+    return {**full, **{g: len(k) for g, k in model.kept}}
   return dict(model.widths) if model.widths is not None else model.default_widths()
 
 
@@ -88,9 +117,26 @@ def init(model: nn.Module, rng: jax.Array, image_shape) -> dict:
   (class, widths and performance options), compiled for a single run
   (`compiler.jit_once`, with the model's XLA option set). The values equal eager init's
   to float rounding (the fused program rounds a few initialisers' last bit differently).
+  An own model initialises as its factory does, a pruned one by `program.fresh_init`.
   """
+  if isinstance(model, own.OwnModel):
+    from jaxprune.prune import program
+    if model.kept:
+      return program.fresh_init(model, rng, image_shape)
+    return model.init(rng, np.zeros((1,) + tuple(image_shape), np.float32))
   # Keyed by the model itself (models hash by value): a new jit of `model.init`, a new bound
   # method each time, would compile again for every seed of the same model.
   if model not in _INITS:
     _INITS[model] = compiler.jit_once(model.init, xla_options=model.performance.xla_options)
   return _INITS[model](rng, np.zeros((1,) + tuple(image_shape), np.float32))
+
+
+def init_shapes(model: nn.Module, image_shape) -> dict:
+  """The shapes and dtypes of `init`'s variables, computing nothing."""
+  if isinstance(model, own.OwnModel):
+    if not model.kept:
+      return model.init_shapes()
+    from jaxprune.prune import program
+    return program.pruned_shapes(model)
+  return jax.eval_shape(model.init, jax.random.key(0),
+                        jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32))

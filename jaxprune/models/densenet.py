@@ -43,6 +43,9 @@ class DenseNet(layers.Network):
   def prunable_groups(self) -> tuple[str, ...]:
     return tuple(self.default_widths())
 
+  def group_layers(self) -> dict[str, str]:
+    return {g: f'{g}_select' for g in self.default_widths()}
+
   def scaled(self, multiplier: float) -> 'DenseNet':
     # The stream's widths are the growth rate and the stem's, not selections: scaling the
     # selections alone would leave channels of the stream that no layer reads.
@@ -64,10 +67,9 @@ class DenseNet(layers.Network):
     return widths
 
   @nn.compact
-  def __call__(self, x, train: bool = False, masks: Mapping | None = None):
+  def __call__(self, x, train: bool = False):
     perf = self.performance
     widths = layers.resolve_widths('DenseNet', self.default_widths(), self.widths)
-    layers.check_masks(masks, widths, self.prunable_groups(), x.shape[0])
     if min(x.shape[1:3]) < 4:
       # The images are the user's dataset (and image size): a ConfigError.
       raise ConfigError(f"DenseNet halves the image twice and needs at least 4x4 pixels, "
@@ -78,7 +80,6 @@ class DenseNet(layers.Network):
         group = f'block{d}_layer{l}'
         y = layers.SelectBnRelu(widths[group], train, perf, self.bn_scale_init,
                                 name=f'{group}_select')(x)
-        y = layers.gate(self, y, masks, group)
         y = layers.conv(perf, self.growth, 3, name=f'{group}_conv')(y)
         x = jnp.concatenate([x, y], axis=-1)
       if d < 3:
@@ -86,11 +87,9 @@ class DenseNet(layers.Network):
         channels = x.shape[-1] // self.compression
         y = layers.SelectBnRelu(widths[group], train, perf, self.bn_scale_init,
                                 name=f'{group}_select')(x)
-        y = layers.gate(self, y, masks, group)
         x = layers.conv(perf, channels, 1, name=f'{group}_conv')(y)
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
     x = layers.SelectBnRelu(widths['final'], train, perf, self.bn_scale_init,
                             name='final_select')(x)
-    x = layers.gate(self, x, masks, 'final')
     x = jnp.mean(x, axis=(1, 2))
     return layers.dense(self.num_classes, self.dense_init, name='head')(x)

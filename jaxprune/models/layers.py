@@ -1,11 +1,11 @@
-"""Building blocks shared by the models: widths handling, masks/gates and channel selection.
+"""Building blocks shared by the models: widths handling and channel selection.
 
-Every model in jaxprune is a Flax Linen module whose channel counts come from a
-`widths` mapping (group name -> number of channels). A subset of the groups is
-*prunable*: `__call__(..., masks=...)` multiplies those groups' activations by a
-mask at the point where a removed channel's contribution becomes exactly zero
-(after BN and the nonlinearity). The same point is where activation criteria read
-the channel (`sow` into the 'intermediates' collection).
+Every model in jaxprune is a plain Flax Linen module whose channel counts come from a
+`widths` mapping (group name -> number of channels); `group_layers()` names, for every
+width group, a layer whose outputs are that group's channels, which is how the channel
+groups read off the model's program (`jaxprune.prune.program`) get the widths' names.
+A subset of the groups is *prunable* (`prunable_groups()`). The models know nothing of
+masks: masking, recording activations and shrinking happen on the traced program.
 
 Every model also carries a `performance` field (`PerformanceOptions`), which chooses how
 its convolutions and BatchNorms are computed (`conv`, `batch_norm` here); models derive
@@ -13,8 +13,6 @@ from `Network`, which makes the `widths` mapping immutable so that a model hashe
 compares by value, and the options become part of any cache keyed on the model.
 """
 
-import contextlib
-import contextvars
 from typing import Mapping
 
 import flax.linen as nn
@@ -28,10 +26,6 @@ from jaxprune.kernels.options import PerformanceOptions
 # Collection holding, for channel-selection layers, the indices of the stream
 # channels the layer reads. It is structural data, not a learned parameter.
 INDICES = 'indices'
-
-# Offsets added to gated activations while `activation_offsets` is active: a way to
-# differentiate the loss w.r.t. the activations themselves (used to check gates).
-_OFFSETS: contextvars.ContextVar = contextvars.ContextVar('activation_offsets', default=None)
 
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
@@ -115,57 +109,6 @@ def resolve_widths(model_name: str, default: Mapping[str, int],
   if bad:
     raise ValueError(f"widths for {model_name} must be positive integers, got {bad}.")
   return {g: int(given[g]) for g in default}
-
-
-def check_masks(masks: Mapping | None, widths: Mapping[str, int], prunable, x_batch: int):
-  """Checks mask group names and shapes; a mask may be (C,) or a (B, C) per-example gate.
-
-  Masks come from library code, so a wrong one is a ValueError.
-  """
-  if masks is None:
-    return
-  for group, mask in masks.items():
-    if group not in prunable:
-      raise ValueError(f"mask for unknown group {group!r}; the prunable groups are "
-                       f"{list(prunable)}.")
-    c = widths[group]
-    shape = tuple(mask.shape)
-    if shape not in ((c,), (x_batch, c)):
-      raise ValueError(f"mask for group {group!r} has shape {shape}; allowed are "
-                       f"({c},) or ({x_batch}, {c}).")
-
-
-def gate(module: nn.Module, x, masks: Mapping | None, group: str):
-  """Applies the group's mask to activation x (channels last) and records it.
-
-  A (C,) mask removes channels; a (B, C) mask of ones is a per-example gate whose
-  gradient is sum over space of activation * dloss/dactivation for every channel.
-  The recorded activation is the masked one, what the next layer actually sees.
-  """
-  if masks is not None and group in masks:
-    m = jnp.asarray(masks[group], x.dtype)
-    if m.ndim == 2:
-      m = m.reshape(m.shape[:1] + (1,) * (x.ndim - 2) + m.shape[1:])
-    x = x * m
-  offsets = _OFFSETS.get()
-  if offsets is not None and group in offsets:
-    x = x + offsets[group]
-  module.sow('intermediates', group, x)
-  return x
-
-
-@contextlib.contextmanager
-def activation_offsets(offsets: Mapping):
-  """Adds `offsets[group]` (shaped like the activation) to each named gate's output.
-
-  With zero offsets the model is unchanged, and `jax.grad` w.r.t. the offsets is
-  dloss/dactivation at every gate, independently of the masks mechanism.
-  """
-  token = _OFFSETS.set(offsets)
-  try:
-    yield
-  finally:
-    _OFFSETS.reset(token)
 
 
 class SelectBnRelu(nn.Module):

@@ -61,16 +61,19 @@ class ResNet(layers.Network):
     n = self.blocks_per_stage()
     return tuple(f'stage{s}_block{b}' for s in (1, 2, 3) for b in range(1, n + 1))
 
+  def group_layers(self) -> dict[str, str]:
+    streams = {'stage1': 'stem', 'stage2': 'stage2_block1_conv2', 'stage3': 'stage3_block1_conv2'}
+    return {**streams, **{g: f'{g}_conv1' for g in self.prunable_groups()}}
+
   def default_widths(self) -> dict[str, int]:
     widths = {f'stage{s}': w for s, w in zip((1, 2, 3), self.stage_widths)}
     widths.update({g: self.stage_widths[int(g[5]) - 1] for g in self.prunable_groups()})
     return widths
 
   @nn.compact
-  def __call__(self, x, train: bool = False, masks: Mapping | None = None):
+  def __call__(self, x, train: bool = False):
     perf = self.performance
     widths = layers.resolve_widths('ResNet', self.default_widths(), self.widths)
-    layers.check_masks(masks, widths, self.prunable_groups(), x.shape[0])
     _check_image(x, 2)
     x = layers.conv(perf, widths['stage1'], 3, name='stem')(x)
     x = nn.relu(layers.batch_norm(perf, train, self.bn_scale_init, name='stem_bn')(x))
@@ -84,7 +87,6 @@ class ResNet(layers.Network):
         stride = 2 if s > 1 and b == 1 else 1
         y = layers.conv(perf, widths[group], 3, stride, name=f'{group}_conv1')(x)
         y = nn.relu(layers.batch_norm(perf, train, self.bn_scale_init, name=f'{group}_bn1')(y))
-        y = layers.gate(self, y, masks, group)
         y = layers.conv(perf, out, 3, name=f'{group}_conv2')(y)
         y = layers.batch_norm(perf, train, self.bn_scale_init, name=f'{group}_bn2')(y)
         x = nn.relu(y + self.downsampled(x, stride, out))
@@ -131,6 +133,14 @@ class PreResNet(layers.Network):
               for part in ('in', 'mid1', 'mid2')]
     return tuple(groups) + ('final',)
 
+  def group_layers(self) -> dict[str, str]:
+    layers_of = {'stem': 'stem', **{f'stage{s}': f'stage{s}_block1_conv3' for s in (1, 2, 3)}}
+    for group in self.prunable_groups():
+      block, _, part = group.rpartition('_')
+      layers_of[group] = {'in': f'{group}_select', 'mid1': f'{block}_conv1',
+                          'mid2': f'{block}_conv2'}.get(part, f'{group}_select')
+    return layers_of
+
   def default_widths(self) -> dict[str, int]:
     stream = [p * self.expansion for p in self.planes]
     widths = {'stem': self.planes[0]}
@@ -146,10 +156,9 @@ class PreResNet(layers.Network):
     return widths
 
   @nn.compact
-  def __call__(self, x, train: bool = False, masks: Mapping | None = None):
+  def __call__(self, x, train: bool = False):
     perf = self.performance
     widths = layers.resolve_widths('PreResNet', self.default_widths(), self.widths)
-    layers.check_masks(masks, widths, self.prunable_groups(), x.shape[0])
     _check_image(x, 2)
     x = layers.conv(perf, widths['stem'], 3, name='stem')(x)
     for s in (1, 2, 3):
@@ -158,20 +167,16 @@ class PreResNet(layers.Network):
         stride = 2 if s > 1 and b == 1 else 1
         y = layers.SelectBnRelu(widths[f'{block}_in'], train, perf, self.bn_scale_init,
                                 name=f'{block}_in_select')(x)
-        y = layers.gate(self, y, masks, f'{block}_in')
         y = layers.conv(perf, widths[f'{block}_mid1'], 1, name=f'{block}_conv1')(y)
         y = nn.relu(layers.batch_norm(perf, train, self.bn_scale_init, name=f'{block}_bn2')(y))
-        y = layers.gate(self, y, masks, f'{block}_mid1')
         y = layers.conv(perf, widths[f'{block}_mid2'], 3, stride, name=f'{block}_conv2')(y)
         y = nn.relu(layers.batch_norm(perf, train, self.bn_scale_init, name=f'{block}_bn3')(y))
-        y = layers.gate(self, y, masks, f'{block}_mid2')
         y = layers.conv(perf, widths[f'stage{s}'], 1, name=f'{block}_conv3')(y)
         if b == 1:
           x = layers.conv(perf, widths[f'stage{s}'], 1, stride, name=f'{block}_shortcut')(x)
         x = x + y
     x = layers.SelectBnRelu(widths['final'], train, perf, self.bn_scale_init,
                             name='final_select')(x)
-    x = layers.gate(self, x, masks, 'final')
     x = jnp.mean(x, axis=(1, 2))
     return layers.dense(self.num_classes, self.dense_init, name='head')(x)
 
@@ -198,6 +203,11 @@ class WideResNet(layers.Network):
     n = self.blocks_per_stage()
     return tuple(f'stage{s}_block{b}' for s in (1, 2, 3) for b in range(1, n + 1))
 
+  def group_layers(self) -> dict[str, str]:
+    layers_of = {'stem': 'stem', **{f'stage{s}': f'stage{s}_block1_conv2' for s in (1, 2, 3)}}
+    layers_of.update({g: f'{g}_conv1' for g in self.prunable_groups()})
+    return {g: layers_of[g] for g in self.default_widths()}
+
   def default_widths(self) -> dict[str, int]:
     stage = [16 * self.widen_factor, 32 * self.widen_factor, 64 * self.widen_factor]
     # With widen factor 1 the stem feeds stage 1 through identity shortcuts: one stream.
@@ -207,10 +217,9 @@ class WideResNet(layers.Network):
     return widths
 
   @nn.compact
-  def __call__(self, x, train: bool = False, masks: Mapping | None = None):
+  def __call__(self, x, train: bool = False):
     perf = self.performance
     widths = layers.resolve_widths('WideResNet', self.default_widths(), self.widths)
-    layers.check_masks(masks, widths, self.prunable_groups(), x.shape[0])
     _check_image(x, 2)
     x = layers.conv(perf, widths.get('stem', widths['stage1']), 3, name='stem')(x)
     for s in (1, 2, 3):
@@ -228,7 +237,6 @@ class WideResNet(layers.Network):
           shortcut = x
         y = layers.conv(perf, widths[group], 3, stride, name=f'{group}_conv1')(pre)
         y = nn.relu(layers.batch_norm(perf, train, self.bn_scale_init, name=f'{group}_bn2')(y))
-        y = layers.gate(self, y, masks, group)
         y = layers.conv(perf, widths[f'stage{s}'], 3, name=f'{group}_conv2')(y)
         if shortcut.shape[-1] != y.shape[-1]:
           raise ValueError(f"stage{s} width {y.shape[-1]} must equal the width entering it "

@@ -22,18 +22,17 @@ class TinyCNN(layers.Network):
   def prunable_groups(self) -> tuple[str, ...]:
     return ('conv1', 'conv2', 'fc')
 
+  def group_layers(self) -> dict[str, str]:
+    return {'conv1': 'conv1_conv', 'conv2': 'conv2_conv', 'fc': 'fc_dense'}
+
   @nn.compact
-  def __call__(self, x, train: bool = False, masks: Mapping | None = None):
+  def __call__(self, x, train: bool = False):
     perf = self.performance
     widths = layers.resolve_widths('TinyCNN', self.default_widths(), self.widths)
-    layers.check_masks(masks, widths, self.prunable_groups(), x.shape[0])
     x = layers.conv(perf, widths['conv1'], 3, name='conv1_conv')(x)
     x = nn.relu(layers.batch_norm(perf, train, self.bn_scale_init, name='conv1_bn')(x))
-    x = layers.gate(self, x, masks, 'conv1')
     x = layers.conv(perf, widths['conv2'], 3, stride=2, name='conv2_conv')(x)
     x = nn.relu(layers.batch_norm(perf, train, self.bn_scale_init, name='conv2_bn')(x))
-    x = layers.gate(self, x, masks, 'conv2')
     x = jnp.mean(x, axis=(1, 2))
     x = nn.relu(layers.dense(widths['fc'], self.dense_init, name='fc_dense')(x))
-    x = layers.gate(self, x, masks, 'fc')
     return layers.dense(self.num_classes, self.dense_init, name='head')(x)

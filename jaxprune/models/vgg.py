@@ -59,14 +59,16 @@ class VGG(layers.Network):
   def prunable_groups(self) -> tuple[str, ...]:
     return tuple(self.default_widths())
 
+  def group_layers(self) -> dict[str, str]:
+    return {g: f'{g}_conv' if g != 'fc' else 'fc_dense' for g in self.default_widths()}
+
   def min_image_size(self) -> int:
     return 2 ** sum(1 for c in self.cfg if c == 'M')
 
   @nn.compact
-  def __call__(self, x, train: bool = False, masks: Mapping | None = None):
+  def __call__(self, x, train: bool = False):
     perf = self.performance
     widths = layers.resolve_widths(type(self).__name__, self.default_widths(), self.widths)
-    layers.check_masks(masks, widths, self.prunable_groups(), x.shape[0])
     if min(x.shape[1:3]) < self.min_image_size():
       # The images are the user's dataset (and image size): a ConfigError.
       raise ConfigError(f"this VGG needs images of at least {self.min_image_size()}x"
@@ -79,12 +81,10 @@ class VGG(layers.Network):
       name = next(names)
       x = layers.conv(perf, widths[name], 3, name=f'{name}_conv')(x)
       x = nn.relu(layers.batch_norm(perf, train, self.bn_scale_init, name=f'{name}_bn')(x))
-      x = layers.gate(self, x, masks, name)
     x = jnp.mean(x, axis=(1, 2))
     if self.classifier == 'mlp':
       x = layers.dense(widths['fc'], self.dense_init, name='fc_dense')(x)
       x = nn.relu(layers.batch_norm(perf, train, self.bn_scale_init, name='fc_bn')(x))
-      x = layers.gate(self, x, masks, 'fc')
     elif self.classifier != 'linear':
       raise ValueError(f"unknown VGG classifier {self.classifier!r}; choose 'linear' or 'mlp'.")
     return layers.dense(self.num_classes, self.dense_init, name='head')(x)

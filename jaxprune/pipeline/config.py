@@ -19,7 +19,7 @@ import json
 from typing import Any, Callable, Mapping, Sequence
 
 from jaxprune import data, models
-from jaxprune.errors import ConfigError, choose
+from jaxprune.errors import ConfigError
 from jaxprune.kernels import compiler, options as kernel_options
 from jaxprune.pipeline import regimes, workdir
 from jaxprune.prune import criteria, select, weights
@@ -57,6 +57,7 @@ class Setting:
     help: one or two sentences for --help.
     stage: one of STAGES.
     choices: returns the registry the value must be a key of.
+    also: what else the value may be, as (description for --help, test of a value).
     optional: whether None is allowed.
     minimum / maximum: inclusive bounds; above / below: exclusive bounds.
     environ: whether an environment variable (kernels.options.ENV_VARS) gives the command
@@ -69,6 +70,7 @@ class Setting:
   help: str
   stage: str
   choices: Callable[[], Mapping] | None = None
+  also: tuple[str, Callable[[Any], bool]] | None = None
   optional: bool = False
   minimum: float | None = None
   maximum: float | None = None
@@ -89,7 +91,8 @@ class Setting:
   def full_help(self) -> str:
     text = self.help
     if self.choices:
-      text += ' One of: ' + ', '.join(self.allowed()) + '.'
+      text += ' One of: ' + ', '.join(self.allowed())
+      text += f', or {self.also[0]}.' if self.also else '.'
     if self.environ:
       text += f' Default from ${kernel_options.ENV_VARS[self.name]} when set.'
     return text
@@ -107,8 +110,10 @@ class Setting:
       kind = {str: 'a string', int: 'a whole number', float: 'a number',
               bool: 'true or false'}[self.type]
       raise ConfigError(f'{name} must be {kind}, got {value!r}.', settings=(name,))
-    if self.choices:
-      choose(name, value, self.allowed(), setting=name)
+    if self.choices and not (self.also and self.also[1](value)) and value not in self.allowed():
+      also = f', or {self.also[0]}' if self.also else ''
+      raise ConfigError(f"unknown {name} {value!r}; choose one of: "
+                        f"{', '.join(sorted(self.allowed()))}{also}.", settings=(name,))
     if self.minimum is not None and value < self.minimum:
       raise ConfigError(f'{name} must be at least {self.minimum:g}, got {value}.',
                         settings=(name,))
@@ -170,7 +175,10 @@ SETTINGS: tuple[Setting, ...] = (
             f"them. Default: $JAX_COMPILATION_CACHE_DIR if set, else {compiler.DEFAULT_CACHE_DIR}; "
             "'' turns it off.", 'run', optional=True),
     # The baseline.
-    Setting('model', str, 'tiny', 'Model.', 'baseline', choices=lambda: models.MODELS),
+    Setting('model', str, 'tiny', 'Model: a built-in one, or your own Flax model as the '
+            'factory that makes it (README, "Your own model").', 'baseline',
+            choices=lambda: models.MODELS,
+            also=('package.module:factory', lambda value: models.own.is_own(value))),
     Setting('width_multiplier', float, 1.0, "Every default width of the model times this "
             '(rounded, at least 1 channel): e.g. 0.5 for a half-width member of the family.',
             'baseline', above=0),

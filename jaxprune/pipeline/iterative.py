@@ -27,30 +27,33 @@ def finetune_optimizer(config) -> train.OptimizerConfig:
                                weight_decay=config.weight_decay)
 
 
-def _removals(config, model, structure, variables) -> int:
+def _removals(config, prog, variables) -> int:
   """How many channels the schedule removes."""
+  structure = prog.structure
   if config.prune_ratio is not None:
     return int(config.prune_ratio * sum(structure.widths[g] for g in structure.prunable))
   # The number of channels a one-shot MACs selection removes sets the schedule's length;
   # a final one-shot top-up guarantees the target.
   guess = select.select(config.selection, structure,
-                        criteria.score('l1', model, variables, None, structure=structure),
+                        criteria.score('l1', prog, variables, None),
                         target_macs=config.target_macs, min_channels=config.min_channels)
   return int(sum(structure.widths[g] - m.sum() for g, m in guess.items()))
 
 
-def prune(config, model, structure, variables, data, stage, *, options: train.TrainOptions,
+def prune(config, model, prog, variables, data, stage, *, options: train.TrainOptions,
           spec: data_lib.DataSpec, scoring_batches: Callable[[], Iterable], record: Mapping):
-  """(masks, fine-tuned variables, final scores or None) of iterative pruning in `stage`,
-  fine-tuning with `options` on batches augmented as `spec` says."""
+  """(masks, fine-tuned variables, final scores or None) of iterative pruning of `model`
+  (whose program is `prog`) in `stage`, fine-tuning with `options` on batches augmented as
+  `spec` says."""
   dataset = data.dataset
+  structure = prog.structure
   total = sum(structure.widths[g] for g in structure.prunable)
-  removals = _removals(config, model, structure, variables)
+  removals = _removals(config, prog, variables)
   rounds = math.ceil(removals / config.prune_step) if removals else 0
   steps_per_epoch = data_lib.steps_per_epoch(dataset.num_train, options.batch_size)
   epochs = max(1, math.ceil(rounds * config.prune_every / steps_per_epoch))
   criterion = criteria.get(config.criterion)
-  accumulate = criteria.accumulator(criterion, model)
+  accumulate = criteria.accumulator(criterion, prog)
   normalize = config.selection.endswith('_l2')
   rng = jax.random.key(config.seed)
   masks = {g: np.ones(structure.widths[g], np.float32) for g in structure.prunable}
@@ -65,7 +68,7 @@ def prune(config, model, structure, variables, data, stage, *, options: train.Tr
     acc = accumulate(hook_state['criterion'], variables_now, current, batch)
     progress['since'] += 1
     if progress['since'] >= config.prune_every and progress['removed'] < removals:
-      scores = criterion.finalize(acc, model, variables_now)
+      scores = criterion.finalize(acc, prog, variables_now)
       k = min(config.prune_step, removals - progress['removed'])
       host_masks = {g: np.asarray(m) for g, m in current.items()}
       # Same dtype and placement as before, so the train step does not recompile.
@@ -107,8 +110,8 @@ def prune(config, model, structure, variables, data, stage, *, options: train.Tr
   masks = {g: np.asarray(m, np.float32) for g, m in json.loads(masks_path.read_text()).items()}
   if config.target_macs is None:
     return masks, finetuned, None
-  scores = criteria.score(config.criterion, model, finetuned, scoring_batches(), masks=masks,
-                          rng=rng, structure=structure)
+  scores = criteria.score(config.criterion, prog, finetuned, scoring_batches(), masks=masks,
+                          rng=rng)
   masks = select.select(config.selection, structure, scores, target_macs=config.target_macs,
                         min_channels=config.min_channels, flops_penalty=config.flops_penalty,
                         flops_cost=config.flops_cost,

@@ -51,9 +51,11 @@ from flax import traverse_util
 from jaxprune import models, train
 from jaxprune.errors import ConfigError
 from jaxprune.prune import flops, shrink, weights
+from jaxprune.models import own
 from jaxprune.models.densenet import DenseNet
 from jaxprune.models.layers import INDICES
-from jaxprune.prune import structure as structure_lib
+from jaxprune.prune import program
+from jaxprune.prune.program import Program
 from jaxprune.prune.structure import Structure
 
 REGIMES = ('finetune', 'scratch', 'scratch_b', 'lottery', 'reduced')
@@ -73,12 +75,22 @@ REDUCED_MATCH = {
 @dataclasses.dataclass(frozen=True)
 class Pruned:
   """What the prune stage hands to the regimes."""
-  structure: Structure          # of the unpruned model
+  program: Program              # of the unpruned model
   masks: Mapping[str, np.ndarray]
   widths: Mapping[str, int]     # after shrinking
   variables: Mapping            # shrunk, trained weights (weight-level: masked, with the masks)
   baseline_init: Mapping        # the unpruned model's initial variables
   weight_masks: Mapping | None = None  # weight-level pruning's masks (`prune.weights`)
+  kept: Mapping[str, np.ndarray] | None = None  # kept channel indices per pruned group
+
+  @property
+  def structure(self) -> Structure:
+    return self.program.structure
+
+  @property
+  def architecture(self) -> Mapping:
+    """What `build` takes for the pruned network (`architecture`)."""
+    return architecture(self.program.model, self.widths, self.kept)
 
   def cost(self) -> flops.Cost:
     """The pruned network's MACs and params (weight-level: of its nonzero weights)."""
@@ -87,25 +99,37 @@ class Pruned:
     return flops.count(self.structure, self.widths)
 
 
+def architecture(model, widths: Mapping[str, int], kept: Mapping | None) -> Mapping:
+  """A pruned network as the model builder takes it: a built-in model's widths, or an own
+  model's kept channels (its program's constants are cut by the same indices as its
+  variables)."""
+  if isinstance(model, own.OwnModel) and kept is not None:
+    return {**widths, **kept}
+  return widths
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """What a regime trains: `build(widths)` (or `model`, where the regime made a network
-  that is not the configured model at other widths), from `variables`, in batches of
-  `batch_size` (None: the baseline's)."""
+  """What a regime trains: `build(architecture)` (default: its widths; or `model`, where the
+  regime made a network that is not the configured model at other widths), from
+  `variables`, in batches of `batch_size` (None: the baseline's)."""
   widths: Mapping[str, int]
   variables: Mapping
   epochs: int
   optimizer: train.OptimizerConfig
   model: nn.Module | None = None
   batch_size: int | None = None
+  architecture: Mapping | None = None
 
   def network(self, build: Callable) -> nn.Module:
-    return build(self.widths) if self.model is None else self.model
+    if self.model is not None:
+      return self.model
+    return build(self.widths if self.architecture is None else self.architecture)
 
   def cost(self, structure: Structure, image_shape) -> flops.Cost:
     """The trained network's cost (`structure` is the unpruned model's)."""
     if self.model is not None:
-      return flops.count(structure_lib.derive(self.model, image_shape))
+      return flops.count(program.derive(self.model, image_shape).structure)
     if train.WEIGHT_MASKS in self.variables:
       return flops.count_masked(structure, self.variables[train.WEIGHT_MASKS])
     return flops.count(structure, self.widths)
@@ -171,7 +195,7 @@ def reduced_densenet(model: DenseNet, image_shape, budget: int, measure: str) ->
   """The thinner DenseNet of the `reduced` regime (module docstring) within `budget`."""
   def cost(growth, stem):
     thinner = model.clone(growth=growth, stem_width=stem, widths=None)
-    return getattr(flops.count(structure_lib.derive(thinner, image_shape)), measure)
+    return getattr(flops.count(program.derive(thinner, image_shape).structure), measure)
   stem_of = (lambda g: 2 * g) if measure == 'macs' else (lambda g: model.stem_channels())
   growth = _largest(lambda g: cost(g, stem_of(g)) <= budget, 1, model.growth)
   low = high = stem_of(growth)
@@ -210,10 +234,11 @@ def plan(regime: str, pruned: Pruned, *, build: Callable, image_shape, epochs: i
   if regime == 'finetune':
     return Plan(pruned.widths, pruned.variables, finetune_epochs,
                 dataclasses.replace(retrain, learning_rate=finetune_lr, schedule='constant'),
-                batch_size=finetune_batch_size)
+                batch_size=finetune_batch_size, architecture=pruned.architecture)
   if regime == 'scratch':
-    return Plan(pruned.widths, _fresh(build, pruned.widths, pruned.variables,
-                                      image_shape, rng, pruned.weight_masks), epochs, retrain)
+    return Plan(pruned.widths, _fresh(build, pruned.architecture, pruned.variables,
+                                      image_shape, rng, pruned.weight_masks), epochs, retrain,
+                architecture=pruned.architecture)
   if regime == 'scratch_b':
     full = flops.count(pruned.structure).macs
     small = pruned.cost().macs
@@ -221,8 +246,9 @@ def plan(regime: str, pruned: Pruned, *, build: Callable, image_shape, epochs: i
     if retrain.decay_epochs is not None:
       retrain = dataclasses.replace(retrain, decay_epochs=tuple(
           int(m * longer / epochs) for m in retrain.decay_epochs))
-    return Plan(pruned.widths, _fresh(build, pruned.widths, pruned.variables,
-                                      image_shape, rng, pruned.weight_masks), longer, retrain)
+    return Plan(pruned.widths, _fresh(build, pruned.architecture, pruned.variables,
+                                      image_shape, rng, pruned.weight_masks), longer, retrain,
+                architecture=pruned.architecture)
   if regime == 'lottery':
     if pruned.weight_masks is not None:
       return Plan(pruned.widths, masked_start(pruned.baseline_init, pruned.weight_masks),
@@ -232,8 +258,8 @@ def plan(regime: str, pruned: Pruned, *, build: Callable, image_shape, epochs: i
                   masked_start(pruned.baseline_init, filter_masks(pruned.structure,
                                                                   pruned.masks)),
                   epochs, retrain)
-    _, variables, _ = shrink.shrink(pruned.structure, pruned.baseline_init, pruned.masks)
-    return Plan(pruned.widths, variables, epochs, retrain)
+    _, variables, _ = shrink.shrink(pruned.program, pruned.baseline_init, pruned.masks)
+    return Plan(pruned.widths, variables, epochs, retrain, architecture=pruned.architecture)
   if regime == 'reduced':
     budget = getattr(pruned.cost(), reduced_match)
     base = build(None)

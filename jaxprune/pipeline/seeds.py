@@ -95,7 +95,7 @@ def _train_copies_together(config, copies: list, data: stages.Data) -> None:
   for copy, (_, init, stage), (variables, result) in zip(copies, starts, trained):
     base = stages.Baseline(model, init, variables, result, stage)
     pruned.append(stages.prune(copy, base, data).pruned)
-  build = stages.model_builder(config, data.dataset.num_classes)
+  build = stages.model_builder(config, data.dataset)
   for regime in config_lib.regimes_of(config):
     planned = [stages.regime_plan(c, regime, p, data) for c, p in zip(copies, pruned)]
     groups: dict[tuple, list[int]] = {}

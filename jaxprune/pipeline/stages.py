@@ -43,7 +43,7 @@ from jaxprune.errors import ConfigError
 from jaxprune.pipeline import config as config_lib
 from jaxprune.pipeline import iterative, regimes, results, workdir
 from jaxprune.prune import criteria, flops, select, shrink, weights
-from jaxprune.prune import structure as structure_lib
+from jaxprune.prune import program as program_lib
 from jaxprune.train import checkpoint
 
 
@@ -82,8 +82,11 @@ def load_data(config) -> Data:
   """The dataset of `config` on the devices; refuses a model that cannot take its images."""
   dataset = data_lib.load(config.dataset, data_path=config.data_path, data_dir=config.data_dir,
                           max_train=config.max_train)
-  jax.eval_shape(model_builder(config, dataset.num_classes)(None).init, jax.random.key(0),
-                 jax.ShapeDtypeStruct((1,) + dataset.image_shape, jnp.float32))
+  model = model_builder(config, dataset)(None)
+  if isinstance(model, models.OwnModel):
+    program_lib.derive_checked(model, dataset.image_shape)
+  else:
+    models.init_shapes(model, dataset.image_shape)
   return Data(dataset, data_lib.device_put_dataset(dataset), data_lib.fingerprint(dataset))
 
 
@@ -102,8 +105,8 @@ def check_feasible(config, data: Data) -> None:
     if batch_size % devices:
       raise ConfigError(f'{name} {batch_size} is not divisible by the {devices} devices.',
                         settings=(name,))
-  structure = structure_lib.derive(model_builder(config, dataset.num_classes)(None),
-                                   dataset.image_shape)
+  structure = program_lib.derive(model_builder(config, dataset)(None),
+                                 dataset.image_shape).structure
   # Feasibility depends on the channel counts only, never on the scores' values.
   rng = np.random.default_rng(0)
   scores = {g: rng.random(structure.widths[g]) for g in structure.prunable}
@@ -138,13 +141,15 @@ def baseline_claim(config):
                          settings=('baseline_dir',))
 
 
-def model_builder(config, num_classes: int) -> Callable[[Mapping | None], nn.Module]:
-  """widths -> the configured model with those widths (None: its default widths)."""
-  return functools.partial(models.build, config.model, num_classes,
+def model_builder(config, dataset: data_lib.Dataset) -> Callable[[Mapping | None], nn.Module]:
+  """widths -> the configured model with those widths (None: its default widths; an own
+  model's kept channels per group)."""
+  return functools.partial(models.build, config.model, dataset.num_classes,
                            performance=config_lib.performance_options(config),
                            width_multiplier=config.width_multiplier,
                            bn_scale_init=config.bn_scale_init, dense_init=config.dense_init,
-                           resnet_shortcut=config.resnet_shortcut)
+                           resnet_shortcut=config.resnet_shortcut,
+                           image_shape=dataset.image_shape)
 
 
 def optimizer(config) -> train.OptimizerConfig:
@@ -176,8 +181,10 @@ def stage_record(config) -> dict:
   return {'performance': config_lib.performance_options(config).as_dict()}
 
 
-# The baseline identity's entry for its data's content (`Data.fingerprint`).
+# The baseline identity's entries for its data's content (`Data.fingerprint`) and an own
+# model's program (`OwnModel.digest`).
 DATA_FINGERPRINT = 'data_fingerprint'
+MODEL_DIGEST = 'model_program_digest'
 
 
 def _identity_changes(stage: epath.Path, settings: Mapping) -> tuple[dict | None, dict]:
@@ -197,6 +204,11 @@ def _refusal(stage: epath.Path, key: str, before, value) -> ConfigError:
     return ConfigError(f'{stage} was trained on other data (the dataset\'s contents differ '
                        'from when it was made, though its settings are the same); use another '
                        'workdir (or baseline_dir) for this data.',
+                       settings=('workdir', 'baseline_dir'))
+  if key == MODEL_DIGEST:
+    return ConfigError(f'{stage} was trained on another version of the model (its program '
+                       'differs from when it was made, though its name is the same); use '
+                       'another workdir (or baseline_dir) for the edited model.',
                        settings=('workdir', 'baseline_dir'))
   return ConfigError(f'{stage} was made with {key}={before!r}, not {value!r}; use '
                      'another workdir (or baseline_dir) for a different configuration.',
@@ -259,7 +271,14 @@ def _claim(stage: epath.Path, settings: Mapping) -> None:
 
 
 def baseline_identity(config, data: Data) -> dict:
-  return {**config_lib.stage_settings(config, 'baseline'), DATA_FINGERPRINT: data.fingerprint}
+  """The baseline's settings and data fingerprint, and for an own model a digest of its
+  traced program: an edited model is a new baseline, never a silently reused one."""
+  identity = {**config_lib.stage_settings(config, 'baseline'),
+              DATA_FINGERPRINT: data.fingerprint}
+  model = model_builder(config, data.dataset)(None)
+  if isinstance(model, models.OwnModel):
+    identity[MODEL_DIGEST] = model.digest()
+  return identity
 
 
 def baseline_stage(config) -> epath.Path:
@@ -273,10 +292,9 @@ def baseline_start(config, data: Data) -> tuple[nn.Module, Mapping, epath.Path]:
   its stage directory (claimed)."""
   stage = baseline_stage(config)
   claim(stage, baseline_identity(config, data))
-  model = model_builder(config, data.dataset.num_classes)(None)
+  model = model_builder(config, data.dataset)(None)
   init_path = stage / 'init'
-  like = jax.eval_shape(model.init, jax.random.key(0),
-                        np.zeros((1,) + data.dataset.image_shape, np.float32))
+  like = models.init_shapes(model, data.dataset.image_shape)
   if init_path.exists():
     init = checkpoint.load_variables(init_path, like=like)
   else:
@@ -325,25 +343,26 @@ def prune(config, base: Baseline, data: Data) -> PruneOutcome:
   claim(stage, config_lib.stage_settings(config, 'prune'))
   logging.info('Stage prune: %s with %s', config.criterion, config.selection)
   dataset = data.dataset
-  build = model_builder(config, dataset.num_classes)
-  structure = structure_lib.derive(base.model, dataset.image_shape)
+  build = model_builder(config, dataset)
+  prog = program_lib.derive(base.model, dataset.image_shape)
+  structure = prog.structure
   record_path = stage / 'record.json'
   if config.granularity == 'weight':
-    return prune_weights(config, base, data, stage, structure)
+    return prune_weights(config, base, data, stage, prog)
   if record_path.exists():
     record = json.loads(record_path.read_text())
     masks = {g: np.asarray(m, np.float32) for g, m in record['masks'].items()}
     widths = record['widths']
-    small = checkpoint.load_variables(
-        stage / 'variables',
-        like=jax.eval_shape(build(widths).init, jax.random.key(0),
-                            np.zeros((1,) + dataset.image_shape, np.float32)))
-    return PruneOutcome(regimes.Pruned(structure, masks, widths, small, base.init), record)
+    kept = {g: np.asarray(k, np.int64) for g, k in record['kept'].items()}
+    network = build(regimes.architecture(base.model, widths, kept))
+    small = checkpoint.load_variables(stage / 'variables',
+                                      like=models.init_shapes(network, dataset.image_shape))
+    return PruneOutcome(regimes.Pruned(prog, masks, widths, small, base.init, kept=kept), record)
   start = time.time()
   if config.schedule == 'oneshot':
     batches = scoring_batches(dataset, config.batch_size, config.prune_batches, config.seed)
-    scores = criteria.score(config.criterion, base.model, base.variables, batches,
-                            rng=jax.random.key(config.seed), structure=structure)
+    scores = criteria.score(config.criterion, prog, base.variables, batches,
+                            rng=jax.random.key(config.seed))
     masks = select.select(config.selection, structure, scores, ratio=config.prune_ratio,
                           target_macs=config.target_macs, preset=config.preset,
                           min_channels=config.min_channels, flops_penalty=config.flops_penalty,
@@ -352,16 +371,16 @@ def prune(config, base: Baseline, data: Data) -> PruneOutcome:
     source = base.variables
   else:
     masks, source, scores = iterative.prune(
-        config, base.model, structure, base.variables, data, stage,
+        config, base.model, prog, base.variables, data, stage,
         options=train_options(config, 1, iterative.finetune_optimizer(config),
                               finetune_batch_size(config)),
         spec=data_spec(config, data),
         scoring_batches=lambda: scoring_batches(dataset, config.batch_size,
                                                 config.prune_batches, config.seed),
         record=stage_record(config))
-  widths, small, kept = shrink.shrink(structure, source, masks)
+  widths, small, kept = shrink.shrink(prog, source, masks)
   before, after = flops.count(structure), flops.count(structure, widths)
-  test = train.evaluate_variables(build(widths), small, data.arrays, dataset.spec,
+  test = train.evaluate_variables(build(regimes.architecture(base.model, widths, kept)), small, data.arrays, dataset.spec,
                                   batch_size=config.batch_size, precision=config.precision)
   record = {
       'criterion': config.criterion, 'selection': config.selection, 'schedule': config.schedule,
@@ -374,15 +393,16 @@ def prune(config, base: Baseline, data: Data) -> PruneOutcome:
   }
   checkpoint.save_variables(stage / 'variables', small)
   checkpoint.write_text(record_path, json.dumps(record))
-  return PruneOutcome(regimes.Pruned(structure, masks, widths, small, base.init), record)
+  return PruneOutcome(regimes.Pruned(prog, masks, widths, small, base.init, kept=kept), record)
 
 
 def prune_weights(config, base: Baseline, data: Data, stage: epath.Path,
-                  structure: structure_lib.Structure) -> PruneOutcome:
+                  prog: program_lib.Program) -> PruneOutcome:
   """Weight-level pruning (`prune.weights`): masks the baseline's conv weights by |w|, or
   reads the finished stage. The network keeps its widths; record.json holds every masked
   kernel's kept fraction, variables/ the masked weights with their masks."""
   record_path = stage / 'record.json'
+  structure = prog.structure
   kernels = weights.conv_kernels(structure)
   if record_path.exists():
     like_masks = traverse_util.unflatten_dict(
@@ -391,7 +411,7 @@ def prune_weights(config, base: Baseline, data: Data, stage: epath.Path,
     like = {**jax.eval_shape(lambda: dict(base.variables)), train.WEIGHT_MASKS: like_masks}
     variables = checkpoint.load_variables(stage / 'variables', like=like)
     weight_masks = jax.tree.map(np.asarray, variables[train.WEIGHT_MASKS])
-    return PruneOutcome(regimes.Pruned(structure, {}, dict(structure.widths), variables,
+    return PruneOutcome(regimes.Pruned(prog, {}, dict(structure.widths), variables,
                                        base.init, weight_masks),
                         json.loads(record_path.read_text()))
   start = time.time()
@@ -412,7 +432,7 @@ def prune_weights(config, base: Baseline, data: Data, stage: epath.Path,
   }
   checkpoint.save_variables(stage / 'variables', variables)
   checkpoint.write_text(record_path, json.dumps(record))
-  return PruneOutcome(regimes.Pruned(structure, {}, dict(structure.widths), variables,
+  return PruneOutcome(regimes.Pruned(prog, {}, dict(structure.widths), variables,
                                      base.init, weight_masks), record)
 
 
@@ -421,7 +441,7 @@ def regime_plan(config, regime: str, pruned: regimes.Pruned,
   """The regime's stage directory (claimed) and its plan."""
   stage = absolute(config.workdir) / regime
   claim(stage, config_lib.stage_settings(config, regime))
-  plan = regimes.plan(regime, pruned, build=model_builder(config, data.dataset.num_classes),
+  plan = regimes.plan(regime, pruned, build=model_builder(config, data.dataset),
                       image_shape=data.dataset.image_shape, epochs=config.epochs,
                       optimizer=optimizer(config), finetune_epochs=config.finetune_epochs,
                       finetune_lr=config.finetune_lr, scratch_b_cap=config.scratch_b_cap,
@@ -436,7 +456,7 @@ def retrain(config, regime: str, pruned: regimes.Pruned, data: Data) -> dict:
   stage, plan = regime_plan(config, regime, pruned, data)
   logging.info('Stage %s: %d epochs', regime, plan.epochs)
   cost = plan.cost(pruned.structure, data.dataset.image_shape)
-  _, result = train.fit(plan.network(model_builder(config, data.dataset.num_classes)),
+  _, result = train.fit(plan.network(model_builder(config, data.dataset)),
                         plan.variables, data.arrays, data_spec(config, data),
                         train_options(config, plan.epochs, plan.optimizer, plan.batch_size),
                         stage_dir=stage,

@@ -22,8 +22,10 @@ Conventions shared by all criteria:
   example's signal does not depend on the rest of its batch and the oracle
   measures the network that would actually be deployed. Loss: softmax
   cross-entropy.
-* The activation z of a channel is the masked activation at the group's gate,
-  after BN and the nonlinearity (what the next layer reads). Because a ReLU
+* Criteria run the model's program (`program.Program.apply`): masks multiply every
+  consumer's input, where a zero is exactly removal. The activation z of a channel
+  is the masked feature map at its group's record point, after BN and the
+  nonlinearity and before any pooling (`jaxpr.Graph.record_points`). Because a ReLU
   passes z * dL/dz unchanged where z > 0 and zeroes it elsewhere, z * dL/dz
   after BN+ReLU equals the "gate after BN" quantity of [M] 2019.
 * Gradient criteria multiply (B, C) gates of ones onto the current (C,) masks and
@@ -40,7 +42,9 @@ The criteria (names as accepted by `--criterion`):
   axis the group tags in `structure.axes`. A channel-selection group (one that
   tags an `indices` leaf: it picks stream channels and has no producing filter)
   uses instead the kernel slices whose INPUT axis it tags: the next layer's
-  weights that read the selected channel.
+  weights that read the selected channel. A group no kernel's output axis holds
+  (attention heads: a middle axis of the query, key and value kernels) uses
+  every kernel slice it tags: its own projections' and its readers' weights.
 * `bn_scale`: |gamma| of the BatchNorm whose scale the group tags (network
   slimming). A group with no such BN (e.g. the Dense `fc` group of `tiny`) has
   no gamma to rank by; rather than mix in another quantity with another scale,
@@ -54,7 +58,7 @@ The criteria (names as accepted by `--criterion`):
   mean over examples and positions, then the absolute value; and
   `taylor_abs_elementwise`, mean over examples of mean_hw |z * dL/dz|, the
   absolute value taken per element (one backward pass w.r.t. zero offsets added
-  to the activations, `layers.activation_offsets`, instead of the gates).
+  to the activations at the record points, instead of the gates).
 * `taylor_fo` ([M] 2019): per step (sum over batch and space of z * dL/dz)^2
   with L the batch's mean loss, i.e. (mean_n g_nk)^2, averaged over steps.
 * `fisher` (Theis et al., [C]): 1/(2N) sum_n g_nk^2 over all N examples.
@@ -90,7 +94,6 @@ import itertools
 import math
 from typing import Any, Callable, Iterable, Mapping
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,9 +101,10 @@ import optax
 from flax import traverse_util
 
 from jaxprune.kernels import compiler
+from jaxprune.prune import shrink
 from jaxprune.prune import structure as structure_lib
+from jaxprune.prune.program import Program
 from jaxprune.errors import ConfigError, choose
-from jaxprune.models import layers
 from jaxprune.models.layers import INDICES
 
 State = Any
@@ -122,22 +126,11 @@ def _group_table(structure) -> _Static:
   return _Static(tuple((g, int(structure.widths[g])) for g in structure.prunable))
 
 
-def _full_masks(groups, masks) -> dict[str, jax.Array]:
+def _full_masks(structure, masks) -> dict[str, jax.Array]:
   """Every prunable group's (C,) float mask, ones where none is given (a fixed pytree for jit)."""
-  masks = {} if masks is None else masks
-  widths = dict(groups)
-  unknown = [g for g in masks if g not in widths]
-  if unknown:
-    raise ValueError(f"masks name unknown groups {unknown}; the prunable groups are "
-                     f"{list(widths)}.")
-  out = {}
-  for g, c in groups:
-    m = jnp.ones((c,), jnp.float32) if g not in masks else jnp.asarray(masks[g], jnp.float32)
-    if m.shape != (c,):
-      raise ValueError(f"mask for group {g!r} has shape {tuple(m.shape)}; criteria need "
-                       f"shape ({c},).")
-    out[g] = m
-  return out
+  masks = shrink.check_masks(structure, masks)
+  return {g: jnp.asarray(masks[g], jnp.float32) if g in masks
+          else jnp.ones((structure.widths[g],), jnp.float32) for g in structure.prunable}
 
 
 def _example_losses(model, variables, x, labels, masks) -> jax.Array:
@@ -180,11 +173,11 @@ class Criterion:
     """A fresh accumulator for the structure's prunable groups."""
     return {'groups': _group_table(structure)}
 
-  def accumulate(self, state: State, model: nn.Module, variables, masks, batch) -> State:
+  def accumulate(self, state: State, model: Program, variables, masks, batch) -> State:
     """Adds one batch's evidence; pure and jittable. Data-free criteria return `state`."""
     return state
 
-  def finalize(self, state: State, model: nn.Module, variables) -> Scores:
+  def finalize(self, state: State, model: Program, variables) -> Scores:
     """{group: (C,) float32 numpy scores} from the accumulated state."""
     raise NotImplementedError
 
@@ -217,13 +210,18 @@ def _kernel_slices(structure, group: str,
   tags_of = structure.axes
   selection = any(key[0] == INDICES and group in tags for key, tags in tags_of.items())
   role = -2 if selection else -1
-  found = tuple((key, len(tags) + role) for key, tags in tags_of.items()
-                if key[0] == 'params' and key[-1] == 'kernel' and len(tags) >= 2
-                and tags[role] == group)
+  kernels = {key: tags for key, tags in tags_of.items()
+             if key[0] == 'params' and key[-1] == 'kernel' and len(tags) >= 2}
+  found = tuple((key, len(tags) + role) for key, tags in kernels.items() if tags[role] == group)
+  if not found and not selection:
+    # No kernel's output axis: attention heads (a middle axis of the query, key and value
+    # kernels) or channels no layer writes; their weights are every kernel slice holding them.
+    found = tuple((key, axis) for key, tags in kernels.items()
+                  for axis, tag in enumerate(tags) if tag == group)
   if not found:
-    where = 'input' if selection else 'output'
+    where = 'input axis' if selection else 'axis'
     raise ConfigError(f"criterion={criterion} weighs filters, but group {group!r} tags no "
-                      f"kernel {where} axis; use a data criterion such as taylor.",
+                      f"kernel {where}; use a data criterion such as taylor.",
                       settings=('criterion',))
   return found
 
@@ -294,7 +292,7 @@ class Activation(Criterion):
             'mean': _counter(groups.value, 0.0), 'm2': _counter(groups.value, 0.0)}
 
   def accumulate(self, state, model, variables, masks, batch):
-    masks = _full_masks(_groups(state), masks)
+    masks = _full_masks(model.structure, masks)
     acts = _activations(model, variables, batch['image'], masks)
     count, mean, m2 = dict(state['count']), dict(state['mean']), dict(state['m2'])
     for g, _ in _groups(state):
@@ -350,9 +348,8 @@ def activation_gradients(model, variables, masks, batch) -> tuple[dict, dict]:
   shapes = _activation_shapes(model, variables, x, masks)
 
   def summed_loss(offsets):
-    with layers.activation_offsets(offsets):
-      logits, state = model.apply(variables, x, train=False, masks=masks,
-                                  mutable=['intermediates'])
+    logits, state = model.apply(variables, x, train=False, masks=masks,
+                                mutable=['intermediates'], offsets=offsets)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
     return jnp.sum(losses), {g: a[0] for g, a in state['intermediates'].items()}
 
@@ -372,7 +369,7 @@ class GateGradient(Criterion):
             'count': jnp.zeros((), jnp.float32)}
 
   def accumulate(self, state, model, variables, masks, batch):
-    masks = _full_masks(_groups(state), masks)
+    masks = _full_masks(model.structure, masks)
     b = batch['image'].shape[0]
     total = dict(state['sum'])
     if self.name == 'taylor_abs_elementwise':
@@ -471,7 +468,7 @@ class Oracle(Criterion):
 
   def accumulate(self, state, model, variables, masks, batch):
     groups = _groups(state)
-    masks = _full_masks(groups, masks)
+    masks = _full_masks(model.structure, masks)
     x, labels = batch['image'], batch['label']
     loss_sum = lambda m: jnp.sum(_example_losses(model, variables, x, labels, m))
     suffix_bytes = _suffix_bytes(model, variables, x, masks, factor=2)
@@ -520,7 +517,7 @@ class SecondOrder(Criterion):
             'hess': _counter(groups.value, 0.0), 'count': jnp.zeros((), jnp.float32)}
 
   def accumulate(self, state, model, variables, masks, batch):
-    masks = _full_masks(_groups(state), masks)
+    masks = _full_masks(model.structure, masks)
     x, labels = batch['image'], batch['label']
     b = x.shape[0]
     # Three tangent streams (two first-order, one second-order) per removal.
@@ -611,42 +608,40 @@ def _jit_accumulate(xla_options: str) -> Callable:
   return compiler.jit(_accumulate, xla_options=xla_options, static_argnums=(0, 1))
 
 
-def accumulator(criterion: Criterion, model: nn.Module) -> Callable:
+def accumulator(criterion: Criterion, model: Program) -> Callable:
   """`criterion.accumulate` jitted for `model`: (state, variables, masks, batch) -> state.
 
-  Compiled once per criterion, model (models compare by class, widths and performance
-  options) and input shapes; masks (always pass the same groups, e.g. all of them) are
-  inputs, so new masks do not recompile.
+  Compiled once per criterion, program (hashed by identity: `program.derive` returns one
+  per model and image shape) and input shapes; masks (always pass the same groups, e.g.
+  all of them) are inputs, so new masks do not recompile.
   """
-  return functools.partial(_jit_accumulate(model.performance.xla_options), criterion, model)
+  return functools.partial(_jit_accumulate(model.xla_options), criterion, model)
 
 
-def score(name: str, model: nn.Module, variables, batches: Iterable[Mapping] | None,
-          masks: Mapping | None = None, rng=None,
-          structure: structure_lib.Structure | None = None, **options) -> Scores:
+def score(name: str, model: Program, variables, batches: Iterable[Mapping] | None,
+          masks: Mapping | None = None, rng=None, **options) -> Scores:
   """{group: (C,) numpy scores} for every prunable group; higher = more important.
 
   Args:
     name: a key of CRITERIA.
-    model, variables: the model and its variables (params, batch_stats, indices).
+    model: the model's program (`program.derive`), whose structure the scores follow.
+    variables: the model's variables (params, batch_stats, indices).
     batches: iterable of {'image', 'label'} batches, read once; ignored (not
       iterated) by data-free criteria.
     masks: {group: (C,)} current masks (0 = removed); missing groups are unmasked.
     rng: a PRNG key or int seed, used by `random`.
-    structure: `structure.derive(model, ...)`; derived here when omitted.
     **options: criterion fields, e.g. chunk_size=32 for `oracle`.
   """
   criterion = get(name, **options)
+  structure = model.structure
   if not criterion.needs_data:
-    structure = structure or structure_lib.derive(model)
     return criterion.finalize(criterion.init(structure, rng), model, variables)
   batches = iter(batches if batches is not None else ())
   first = next(batches, None)
   if first is None:
     raise ValueError(f"criterion {name!r} needs at least one batch of data, got none.")
-  structure = structure or structure_lib.derive(model, tuple(first['image'].shape[1:]))
   state = criterion.init(structure, rng)
-  full = _full_masks(_groups(state), masks)
+  full = _full_masks(model.structure, masks)
   step = accumulator(criterion, model)
   for batch in itertools.chain([first], batches):
     state = step(state, variables, full, batch)

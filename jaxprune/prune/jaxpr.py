@@ -3,11 +3,11 @@
 `derive(apply, variables, x)` traces the function once (shapes only) and ties every
 axis of every value in the program to the axes it must keep equal to, through
 convolutions (with `feature_group_count`), matmuls, elementwise ops with broadcasting,
-reshapes, transposes, reductions, concatenations and the call-like primitives (jit,
-custom_jvp/custom_vjp, checkpoint) whose bodies it reads in place. The result is a
-`Graph`: the channel groups, which axis of which variable leaf each one indexes, and
-what is needed to run the same program masked (`evaluate` with masks) or shrunk
-(`evaluate` with kept indices).
+reshapes, transposes, tiles, reductions, concatenations, splits and the call-like
+primitives (jit, custom_jvp/custom_vjp, checkpoint and so nn.remat) whose bodies it reads
+in place. The result is a `Graph`: the channel groups, which axis of which variable leaf
+each one indexes, and what is needed to run the same program masked (`evaluate` with
+masks) or shrunk (`evaluate` with kept indices).
 
 How an axis is described. An axis is a *layout*: a sequence of atoms, each a run of
 channels of one group. Most axes are one atom. A concatenation's output is its inputs'
@@ -21,23 +21,39 @@ channels to its output channels; its group count follows the kept channels. A re
 that merges axes keeps the minor one's layout, repeated (a flatten before a Dense keeps
 its conv's channels prunable); a reshape that splits an axis ties its minor part, so
 heads x head_dim becomes head_dim granularity (the same slots of every head), and the
-head axis itself is not prunable.
+head axis itself is not prunable. Attention (a matmul of two computed values, q.k and
+weights.v) ties its batch axes, the heads, across query, key, value and the output
+projection, so heads of their own axis (not split off by a reshape) are pruned whole; when
+a constant scales q, k or the scores (flax's q / sqrt(head_dim) is a literal here) its
+other axes, the head dimension, keep their size, since a module recomputes that scale from
+the cut size. A split's input is its outputs' layouts end to end (a conv whose output is
+split has an output axis of several groups), and a tiled axis its layout repeated (a
+size-1 one, a class token tiled over the batch, is a new axis).
 
 What is not prunable, and why (`Graph.reasons`): axes tied to the input or the output,
 spatial and kernel-window axes, axes sliced, padded, gathered from, reduced over (a
 mean's divisor would change), cumulated or merged as a major part by a reshape, and by
-default a *stream*: channels written by two or more layers and summed or multiplied
-(a residual stream, a squeeze-and-excitation product), which only shrink together with
-every block that writes them (`prune_streams=True` allows it). A group that no
+default a *stream*: channels written by two or more layers where two different computed
+values meet, summed (a residual stream) or multiplied (a squeeze-and-excitation or GLU
+gate, with its own reason), which only shrink together with every block that writes them
+(`prune_streams=True` allows it); a value met with a function of itself (softmax divided
+by its own sum) is no meeting. A reduction over the minor part of a split axis is named as
+the group normalisation it is. RNG state (leaves of a PRNG key dtype, and the `rng_leaves`
+a caller names: nnx's keys and counts) is no channel at all. A group that no
 convolution or matmul reads is not prunable either: nothing consumes it, so there is
 nowhere to measure or mask it.
+
+MACs are counted for every convolution and matmul whose kernel is a variable leaf (also
+one transformed without the input: flipped, standardised, weight-normed) and whose
+results reach the program's outputs: an unused head costs nothing, as under jit.
 
 Masks sit where a consumer contracts the channels: the input of every convolution and
 matmul reading the group. There a zero is exactly removal (the contraction skips it),
 and a (B, C) gate of ones is the per-example gate whose gradient the gradient criteria
 read. A primitive the derivation does not know, on an axis that would otherwise be
 prunable, is a `ConfigError` naming the primitive and the parameter, never a wrong
-result; so is a program whose shapes depend on data (it cannot be traced at all).
+result, unless `fixed` keeps those channels (the error names the leaf to keep); so is a
+program whose shapes depend on data (it cannot be traced at all).
 """
 
 import collections
@@ -65,24 +81,42 @@ _ELEMENTWISE = frozenset("""
     imag integer_pow is_finite le lgamma log log1p logistic lt max min mul ne neg nextafter not
     or polygamma population_count pow real reduce_precision rem round rsqrt select_n sign sin
     sinh sqrt square stop_gradient sub tan tanh xor igamma igammac random_gamma_grad
+    shift_left shift_right_logical shift_right_arithmetic bitcast_convert_type
     sharding_constraint
     """.split())
+# Random keys and bits (dropout): `_rule` makes their results fresh.
+_RANDOM = frozenset('random_bits random_wrap random_unwrap random_split random_fold_in '
+                    'random_seed random_clone threefry2x32'.split())
 # One result per operand, each the operand unchanged.
 _IDENTITIES = frozenset(('optimization_barrier', 'device_put'))
 _REDUCTIONS = frozenset('reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or '
                         'reduce_xor argmax argmin'.split())
+# What may stand between a feature map and its consumer without changing which values the
+# channel holds, only how many (`Graph.record_points`).
+_POOLING = frozenset('reduce_window_max reduce_window_sum reduce_window reduce_sum reduce_max '
+                     'reshape convert_element_type copy'.split())
 _CUMULATIVE = frozenset('cumsum cumprod cummax cummin cumlogsumexp'.split())
 # Primitives whose body is a jaxpr evaluated once, in place (read and run inline).
 _CALLS = {'jit': 'jaxpr', 'pjit': 'jaxpr', 'closed_call': 'call_jaxpr', 'core_call': 'call_jaxpr',
           'custom_jvp_call': 'call_jaxpr', 'custom_vjp_call': 'call_jaxpr',
-          'custom_vjp_call_jaxpr': 'fun_jaxpr', 'checkpoint': 'jaxpr', 'remat': 'jaxpr'}
-# Unary ops through which a variable leaf is still "the kernel" of the conv or matmul it feeds.
-_SAME_LEAF = frozenset('convert_element_type copy copy_p reshape transpose'.split())
+          'custom_vjp_call_jaxpr': 'fun_jaxpr', 'checkpoint': 'jaxpr', 'remat': 'jaxpr',
+          'remat2': 'jaxpr'}  # remat2: jax.checkpoint's (and so nn.remat's) primitive
 
 _INPUT, _OUTPUT, _BATCH = 'the input', 'the output', 'the batch axis'
 _WINDOW, _DEPTHWISE_IN = 'a kernel window', 'the input axis of a depthwise kernel'
+# RNG keys and counts (nnx.RngState) are state carried through the program, never channels.
+_RNG = 'RNG state'
 # Leaf axes that index no channels: not groups at all.
-_NOT_CHANNELS = (_WINDOW, _DEPTHWISE_IN)
+_NOT_CHANNELS = (_WINDOW, _DEPTHWISE_IN, _RNG)
+_STREAM = 'a stream written by several layers (prune_streams=True prunes it with all of them)'
+_PRODUCT = ('multiplied elementwise with another computed value (a gate or attention '
+            'product; prune_streams=True prunes it with every layer writing either)')
+# Elementwise primitives that multiply their operands: where two computed values meet in one,
+# the channels are a gate's (squeeze-and-excitation, GLU), not a residual stream's.
+_PRODUCTS = frozenset(('mul', 'div'))
+_ATTENTION = ("a head's dimension in attention scaled by a constant (a module recomputes "
+              "a 1/sqrt(head_dim) scale from the cut size, and query, key and value share it; "
+              "whole heads are pruned instead)")
 
 
 class Atoms:
@@ -98,8 +132,8 @@ class Atoms:
     self.refined: dict[int, list[int]] = {}
     self.reason: dict[int, str] = {}
     self.writers: dict[int, frozenset] = {}
-    # Roots whose channels two computed values meet in elementwise (a sum, a product).
-    self.joined: set[int] = set()
+    # Roots whose channels two computed values meet in elementwise: how (_STREAM, _PRODUCT).
+    self.joined: dict[int, str] = {}
 
   def new(self, size: int, reason: str | None = None) -> int:
     self.parent.append(len(self.parent))
@@ -136,7 +170,7 @@ class Atoms:
       if root in self.writers:
         self.writers[part] = self.writers[root]
       if root in self.joined:
-        self.joined.add(part)
+        self.joined[part] = self.joined[root]
     self.refined[root] = parts
     return parts[0], parts[1]
 
@@ -149,7 +183,7 @@ class Atoms:
       self.reason.setdefault(a, self.reason[b])
     self.writers[a] = self.writers.get(a, frozenset()) | self.writers.pop(b, frozenset())
     if b in self.joined:
-      self.joined.add(a)
+      self.joined.setdefault(a, self.joined[b])
 
   def unify(self, first: Sequence[int], second: Sequence[int]):
     """Ties two layouts of the same total size channel by channel, splitting atoms as needed."""
@@ -175,8 +209,9 @@ class Atoms:
     for root in self.expand(layout):
       self.reason.setdefault(root, reason)
 
-  def join(self, layout: Sequence[int]):
-    self.joined.update(self.expand(layout))
+  def join(self, layout: Sequence[int], how: str):
+    for root in self.expand(layout):
+      self.joined.setdefault(root, how)
 
   def write(self, layout: Sequence[int], writer):
     for root in self.expand(layout):
@@ -258,9 +293,26 @@ class Graph:
   """
 
   def __init__(self, jaxpr: jcore.ClosedJaxpr, leaf_keys: Sequence[LeafKey],
-               prune_streams: bool = False):
+               prune_streams: bool = False, fixed: Sequence[str] = (),
+               rng_leaves: Sequence[LeafKey] = (), state_outputs: Mapping[int, int] = {}):
+    """`fixed`: substrings of leaf paths whose groups are kept (before unknown primitives
+    are refused, so keeping what one reads is the way around it); `rng_leaves`: leaves that
+    are RNG state (keys of a PRNG key dtype are recognised without it); `state_outputs`:
+    {output index: leaf index} for outputs that are a leaf's new value (a train step's
+    BatchNorm statistics), whose axes are that leaf's rather than fixed as outputs."""
     self.jaxpr = jaxpr
     self.leaf_keys = tuple(leaf_keys)
+    self.fixed = tuple(fixed)
+    self.rng_leaves = frozenset(rng_leaves)
+    self.state_outputs = dict(state_outputs)
+    # Every equation by site, the layouts of its operands and the site producing each value:
+    # what finding a group's recording point walks back through.
+    self.eqns: dict[Site, Any] = {}
+    self.in_layouts: dict[Site, list] = {}
+    self.producer: dict[Any, Site] = {}
+    self.dependent: dict[Site, set] = {}
+    # Groups that `structure()` tags although they are not prunable (`name_groups`).
+    self.also_tagged: tuple[str, ...] = ()
     self.atoms = Atoms()
     self.out_layouts: dict[Site, list] = {}
     self.const_layouts: dict[Site, list] = {}
@@ -268,6 +320,12 @@ class Graph:
     self.depthwise: set[Site] = set()
     self.macs: list[tuple[Site, LeafKey, tuple]] = []
     self.unknown: list[tuple[str, Site, list]] = []
+    # {atom: groups}: the minor part of an axis a reshape split into that many groups.
+    self.grouped: dict[int, int] = {}
+    # Products of two computed values (attention: q.k, weights.v) as ((layouts, batch axes),
+    # twice), and the atoms of computed values multiplied or divided by a constant scalar.
+    self.attention: list[tuple] = []
+    self.scaled: list[int] = []
     self._walk_top(prune_streams)
 
   # -------------------------------------------------------------------------------------------
@@ -279,7 +337,10 @@ class Graph:
   def _walk_top(self, prune_streams: bool):
     jaxpr = self.jaxpr.jaxpr
     n_leaves = len(self.leaf_keys)
-    self.leaf_layouts = [self._fresh(v.aval.shape) for v in jaxpr.invars[:n_leaves]]
+    self.leaf_layouts = [
+        self._fresh(v.aval.shape, _RNG if key in self.rng_leaves
+                    or jax.dtypes.issubdtype(v.aval.dtype, jax.dtypes.prng_key) else None)
+        for v, key in zip(jaxpr.invars, self.leaf_keys)]
     x_var = jaxpr.invars[n_leaves]
     x_layouts = self._fresh(x_var.aval.shape, _INPUT)
     self.batch_atom = x_layouts[0][0] if x_layouts else None
@@ -289,15 +350,20 @@ class Graph:
     origins = {v: key for v, key in zip(jaxpr.invars, self.leaf_keys)}
     outs = self._walk(jaxpr, self.const_layouts[()], self.leaf_layouts + [x_layouts], (),
                       {x_var}, origins)
-    for layouts in outs:
-      for layout in layouts:
-        self.atoms.fix(layout, _OUTPUT)
+    for index, layouts in enumerate(outs):
+      if index in self.state_outputs:
+        for layout, leaf_layout in zip(layouts, self.leaf_layouts[self.state_outputs[index]]):
+          self.atoms.unify(layout, leaf_layout)
+      else:
+        for layout in layouts:
+          self.atoms.fix(layout, _OUTPUT)
     self._finish(prune_streams)
 
   def _walk(self, jaxpr: jcore.Jaxpr, const_layouts, in_layouts, prefix: Site,
             depends: set, origins: dict) -> list:
     """Walks one jaxpr; `depends` holds its values computed from the input, `origins` maps
-    values that are a variable leaf (up to dtype and layout) to that leaf."""
+    values computed from a variable leaf alone (up to dtype, layout and smaller or constant
+    operands) to that leaf."""
     env = {}
     for v, layouts in zip(jaxpr.constvars, const_layouts):
       env[v] = layouts
@@ -314,6 +380,9 @@ class Graph:
       ins = [read(v) for v in eqn.invars]
       dep = {i for i, v in enumerate(eqn.invars)
              if not isinstance(v, jcore.Literal) and v in depends}
+      self.eqns[site], self.in_layouts[site], self.dependent[site] = eqn, ins, dep
+      for v in eqn.outvars:
+        self.producer[v] = site
       name = eqn.primitive.name
       if name in _CALLS:
         inner = eqn.params[_CALLS[name]]
@@ -334,8 +403,15 @@ class Graph:
         outs = self._rule(eqn, ins, site, dep, origins)
         if dep:
           depends.update(eqn.outvars)
-      if name in _SAME_LEAF and eqn.invars[0] in origins:
-        origins[eqn.outvars[0]] = origins[eqn.invars[0]]
+        else:
+          # A kernel flipped, standardised or scaled by a weight norm is still that leaf's
+          # kernel, for its MACs and its group's name: the one leaf among the operands of the
+          # result's size (statistics, scales and constants aside).
+          for ov in eqn.outvars:
+            leaves = {origins[v] for v in eqn.invars if not isinstance(v, jcore.Literal)
+                      and v in origins and v.aval.size == ov.aval.size}
+            if len(leaves) == 1:
+              origins[ov] = leaves.pop()
       self.out_layouts[site] = outs
       for v, layouts in zip(eqn.outvars, outs):
         env[v] = layouts
@@ -351,27 +427,57 @@ class Graph:
     if name in _ELEMENTWISE:
       out_shape = out_shapes[0]
       outs = self._fresh(out_shape)
-      meeting = collections.Counter()
-      for i, (layouts, shape) in enumerate(zip(ins, shapes)):
+      # The computed operands' channels before this op ties them: a value met with a function
+      # of itself (softmax divided by its own sum) is one set of channels, not two values.
+      meeting = collections.defaultdict(set)
+      for i in dep:
+        if len(shapes[i]) == len(out_shape):
+          for axis, (layout, size) in enumerate(zip(ins[i], shapes[i])):
+            if size == out_shape[axis]:
+              meeting[axis].add(tuple(a.expand(layout)))
+      for layouts, shape in zip(ins, shapes):
         if len(shape) != len(out_shape):
           continue
         for axis, (layout, size) in enumerate(zip(layouts, shape)):
           if size == out_shape[axis]:
             a.unify(outs[axis], layout)
-            meeting[axis] += i in dep
-      for axis, count in meeting.items():
-        if count >= 2:
-          a.join(outs[axis])
+      for axis, channels in meeting.items():
+        if len(channels) >= 2:
+          a.join(outs[axis], _PRODUCT if name in _PRODUCTS else _STREAM)
+      if name in _PRODUCTS and len(dep) == 1 and any(
+          math.prod(shape) == 1 and i not in dep and not (
+              not isinstance(v, jcore.Literal) and v in origins)
+          for i, (v, shape) in enumerate(zip(eqn.invars, shapes))):
+        self.scaled.extend(atom for layout in ins[next(iter(dep))] for atom in layout)
       return [outs] * len(eqn.outvars)
 
     if name in _IDENTITIES:
       return list(ins)
+
+    if name in _RANDOM:
+      # Keys in, fresh keys or bits out: nothing of the operands' channels reaches them, and
+      # bits that meet an activation (a dropout mask) are tied to it there.
+      return [self._fresh(shape) for shape in out_shapes]
 
     if name == 'broadcast_in_dim':
       outs = self._fresh(out_shapes[0])
       for axis, dim in enumerate(params['broadcast_dimensions']):
         if shapes[0][axis] == out_shapes[0][dim]:
           a.unify(outs[dim], ins[0][axis])
+      return [outs]
+
+    if name == 'tile':
+      # out[i] = in[i % n]: a tiled axis is its layout `reps` times over, like a grouped
+      # convolution's input; a tiled size-1 axis (a class token over the batch) is a
+      # broadcast, a new axis.
+      outs = []
+      for layout, size, reps in zip(ins[0], shapes[0], params['reps']):
+        if reps == 1:
+          outs.append(layout)
+        elif size == 1:
+          outs.append((a.new(reps),))
+        else:
+          outs.append(tuple(layout) * reps)
       return [outs]
 
     if name == 'reshape':
@@ -390,7 +496,7 @@ class Graph:
     if name in _REDUCTIONS:
       axes = set(params['axes'])
       for axis in axes:
-        a.fix(ins[0][axis], f'reduced over by {name}')
+        a.fix(ins[0][axis], self._reduced_reason(name, ins[0][axis]))
       return [[l for i, l in enumerate(ins[0]) if i not in axes]]
 
     if name in _CUMULATIVE:
@@ -439,15 +545,16 @@ class Graph:
       return [self._conv(eqn, ins, shapes, out_shapes[0], site, origins)]
 
     if name == 'split':
+      # The inverse of concatenate: the input axis is its pieces' layouts end to end, so the
+      # producer's channels are tied piecewise to what each piece's readers contract.
       axis = params['axis']
-      outs = []
-      for shape in out_shapes:
-        layouts = self._fresh(shape)
-        for i in range(len(shape)):
-          if i != axis:
+      outs = [self._fresh(shape) for shape in out_shapes]
+      for i in range(len(shapes[0])):
+        if i == axis:
+          a.unify(ins[0][i], tuple(atom for layouts in outs for atom in layouts[i]))
+        else:
+          for layouts in outs:
             a.unify(layouts[i], ins[0][i])
-        outs.append(layouts)
-      a.fix(ins[0][axis], 'split by split')
       return outs
 
     outs = [self._fresh(shape, f'produced by {name}') for shape in out_shapes]
@@ -486,8 +593,21 @@ class Graph:
       a.unify(merged, (minor,) * (n_out // out_shape[block_out[-1]]))
       for axis in block_out[:-1]:
         outs[axis] = (a.new(out_shape[axis], 'split off an axis by reshape'),)
+      if len(block_out) > 1:
+        self.grouped[minor] = n_out // out_shape[block_out[-1]]
       outs[block_out[-1]] = (minor,)
     return outs
+
+  def _reduced_reason(self, name, layout) -> str:
+    """Why an axis reduced over is fixed, naming a group normalisation when it is one."""
+    roots = self.atoms.expand(layout)
+    for atom, groups in self.grouped.items():
+      if self.atoms.expand((atom,)) == roots:
+        size = self.atoms.size[roots[0]]
+        return (f'averaged in groups of {size}, as GroupNorm({groups}) of {groups * size} '
+                f'channels does (a reshape splits the axis into {groups} groups and {name} '
+                'reduces over each)')
+    return f'reduced over by {name}'
 
   def _window_like(self, name, eqn, ins, shapes, out_shape) -> list:
     """pad, slice, dynamic_slice, dynamic_update_slice, rev: axes kept whole tie, others fix."""
@@ -552,6 +672,8 @@ class Graph:
     lhs_free = [i for i in range(len(lhs)) if i not in lc and i not in lb]
     rhs_free = [j for j in range(len(rhs)) if j not in rc and j not in rb]
     outs += [lhs[i] for i in lhs_free] + [rhs[j] for j in rhs_free]
+    if len(dep) == 2:
+      self.attention.append(((lhs, lb), (rhs, rb)))
     lhs_var, rhs_var = eqn.invars
     # Mask the operand computed from the input (the activation), the lhs when both are.
     operand = 0 if 0 in dep or 1 not in dep else 1
@@ -578,7 +700,10 @@ class Graph:
     outs = self._fresh(out_shape)
     a.unify(outs[out_spec[0]], lhs[lhs_spec[0]])
     for d in rhs_spec[2:]:
-      a.fix(rhs[d], _WINDOW)
+      # Not channels, whatever else read them first (a standardisation's statistics), so
+      # the leaf's window axes are no group.
+      for r in a.expand(rhs[d]):
+        a.reason[r] = _WINDOW
     for d in out_spec[2:]:
       a.fix(outs[d], 'spatial')
     c_in, c_out = shapes[0][lhs_spec[1]], out_shape[out_spec[1]]
@@ -611,12 +736,22 @@ class Graph:
 
   def _finish(self, prune_streams: bool):
     a = self.atoms
+    # Attention scaled by a constant (flax's and jax's q / sqrt(head_dim), a literal here): the
+    # constant may be the head size read at run time, so the head dimension keeps its size.
+    scaled = {r for atom in self.scaled for r in a.expand((atom,))}
+    for operands in self.attention:
+      open_roots = {r for layouts, _ in operands for layout in layouts
+                    for r in a.expand(layout) if r not in a.reason}
+      if open_roots & scaled:
+        for layouts, batch in operands:
+          for axis, layout in enumerate(layouts):
+            if axis not in batch:
+              a.fix(layout, _ATTENTION)
     if not prune_streams:
-      for root in set(a.writers) | a.joined:
+      for root in set(a.writers) | set(a.joined):
         r = a.find(root)
         if r not in a.refined and r in a.joined and len(a.writers.get(r, ())) >= 2:
-          a.reason.setdefault(r, 'a stream written by several layers (prune_streams=True '
-                              'prunes it with all of them)')
+          a.reason.setdefault(r, a.joined[r])
     consumed = set()
     for c in self.consumers:
       for axis in c.axes:
@@ -652,18 +787,27 @@ class Graph:
       base = _leaf_name(base_key[1:-1] if len(base_key) > 2 else base_key)
       used[base] += 1
       names[r] = base if used[base] == 1 else f'{base}:{used[base] - 1}'
+    for r, where in places.items():
+      hit = next((p for p in self.fixed for key, _, _ in where if p in _leaf_name(key)), None)
+      if hit is not None:
+        a.reason.setdefault(r, f'kept by fixed={hit!r}')
 
+    open_roots = {r for r in places if r not in a.reason}
     for name, site, operands in self.unknown:
       for layout in (layout for layouts in operands for layout in layouts):
         for r in a.expand(layout):
-          if r in places and r not in a.reason:
-            # A kernel names the layer best.
+          if r in open_roots:
+            # A kernel names the layer best; the advice names the leaf indexing the fewest
+            # other open groups, so following it keeps no more than these channels.
             key, axis, _ = min(places[r], key=lambda p: p[0][-1] != 'kernel')
+            leaf = min((k for k, _, _ in places[r]), key=lambda k: (
+                len({q for roots in leaf_roots[self.leaf_keys.index(k)] for q in roots}
+                    & open_roots - {r}), k[-1] != 'kernel'))
             raise ConfigError(
                 f"primitive {name} reads the channels of {_leaf_name(key)} (axis {axis}), and "
                 "jaxprune cannot tell which channels it ties together; rewrite that part of "
                 "the model with supported operations, or keep those channels with "
-                "fixed=[...].")
+                f"fixed=[{_leaf_name(leaf)!r}].")
     self.names = names
     self.groups = {}
     for r, where in places.items():
@@ -673,23 +817,93 @@ class Graph:
       self.groups[names[r]] = Group(names[r], a.size[r], reason is None, reason, tuple(where))
     self.root_of = {n: r for r, n in names.items()}
 
-  def fix_leaves(self, patterns: Sequence[str]):
-    """Makes every group indexed by a leaf whose path contains one of `patterns` not prunable."""
-    for name, group in list(self.groups.items()):
-      hit = next((p for p in patterns for key, _, _ in group.leaves if p in _leaf_name(key)),
-                 None)
-      if hit is not None and group.prunable:
-        self.groups[name] = dataclasses.replace(group, prunable=False,
-                                                reason=f'kept by fixed={hit!r}')
-
   @property
   def prunable(self) -> tuple[str, ...]:
     return tuple(n for n, g in self.groups.items() if g.prunable)
 
+  def name_groups(self, layers: Mapping[str, str], prunable: Sequence[str], model: str):
+    """Gives groups the names a model declares: `layers` maps each of its width names to a
+    layer (a leaf path under 'params' or another collection) whose leaves' last axis holds
+    that group's channels; only the groups in `prunable` stay prunable, and the others
+    named are tagged in `structure()` too. A declared layer that writes no group, or a
+    group whose width is not the declared one, is the model's bug (ValueError)."""
+    writes = {}
+    for name, group in self.groups.items():
+      for key, axis, _ in group.leaves:
+        if axis == len(self._leaf_shape(key)) - 1:
+          for end in range(2, len(key)):
+            writes.setdefault(_leaf_name(key[1:end]), name)
+    renamed = {}
+    for width_name, layer in layers.items():
+      found = writes.get(layer)
+      if found is None:
+        raise ValueError(f"{model} declares layer {layer!r} for group {width_name!r}, but "
+                         "that layer writes no channel group of its program.")
+      renamed[found] = width_name
+    groups = {}
+    for name, group in self.groups.items():
+      new = renamed.get(name, name)
+      if group.prunable and new not in prunable:
+        group = dataclasses.replace(group, prunable=False,
+                                    reason=f'not one of the prunable groups of {model}')
+      groups[new] = dataclasses.replace(group, name=new)
+    lost = [g for g in prunable if g not in groups or not groups[g].prunable]
+    if lost:
+      raise ValueError(f"{model} declares groups {lost} prunable, but its program cannot "
+                       f"prune them: {[groups[g].reason for g in lost if g in groups]}.")
+    # In the model's order of its widths, which the random criterion's keys and selection's
+    # ties follow.
+    order = [g for g in layers if g in groups] + [g for g in groups if g not in layers]
+    self.groups = {g: groups[g] for g in order}
+    self.names = {r: renamed.get(n, n) for r, n in self.names.items()}
+    self.root_of = {n: r for r, n in self.names.items()}
+    self.also_tagged = tuple(g for g in layers if g not in prunable)
+
+  def _leaf_shape(self, key: LeafKey) -> tuple[int, ...]:
+    return tuple(self.jaxpr.jaxpr.invars[self.leaf_keys.index(key)].aval.shape)
+
+  def record_points(self) -> dict[str, tuple[Site, int, int, tuple]]:
+    """{group: (site, operand, axis, layouts)}: where each prunable group's activation is
+    read, its feature map after normalisation and nonlinearity but before pooling.
+
+    That is the first consumer's operand, walked back through what only pools or reshapes
+    it (max and average pools, a spatial mean, a flatten, a scale by a constant): the
+    point activation criteria read and where a channel's position count is taken. Gate
+    gradients are unchanged by the walk, since those ops pass z * dL/dz through summed.
+    """
+    points = {}
+    for c in self.consumers:
+      for axis in c.axes:
+        for r in self.atoms.expand(c.layouts[axis]):
+          name = self.names.get(r)
+          if name is None or not self.groups[name].prunable or name in points:
+            continue
+          site, operand = c.site, c.operand
+          while True:
+            var = self.eqns[site].invars[operand]
+            before = self.producer.get(var) if not isinstance(var, jcore.Literal) else None
+            if before is None or not self._pools(before):
+              break
+            site, operand = before, 0
+          layouts = tuple(self.in_layouts[site][operand])
+          where = next(i for i, l in enumerate(layouts) if r in self.atoms.expand(l))
+          points[name] = (site, operand, where, layouts)
+    return points
+
+  def _pools(self, site: Site) -> bool:
+    """Whether the equation at `site` only pools, reshapes or rescales its first operand."""
+    eqn = self.eqns[site]
+    name = eqn.primitive.name
+    if name in ('mul', 'div'):
+      # A rescale by a constant (an average's divisor), not a product with computed values.
+      return self.dependent[site] == {0}
+    return name in _POOLING
+
   def structure(self) -> Structure:
     """The `Structure` of the prunable groups (virtual leaves for axes holding several)."""
     a = self.atoms
-    prunable = {self.root_of[n]: n for n in self.prunable}
+    tagged = self.prunable + tuple(n for n in self.also_tagged if n not in self.prunable)
+    prunable = {self.root_of[n]: n for n in tagged}
     axes, shapes, positions = {}, {}, collections.Counter()
     pieces_of = {}
     for index, key in enumerate(self.leaf_keys):
@@ -717,21 +931,25 @@ class Graph:
         keys.append((vkey, tuple(slice(s, s + n) for s, n, _ in combo)))
       pieces_of[key] = keys
     batch = a.find(self.batch_atom) if self.batch_atom is not None else None
-    for _, key, layouts in self.macs:
+    live = _live_sites(self.jaxpr.jaxpr, (), [True] * len(self.jaxpr.jaxpr.outvars))[0]
+    for site, key, layouts in self.macs:
+      if site not in live:
+        continue
       per_example = math.prod(sum(a.size[r] for r in a.expand(l)) for l in layouts
                               if a.expand(l) != [batch])
       for vkey, _ in pieces_of[key]:
         positions[vkey] += per_example
     self.pieces_of = pieces_of
-    return Structure(widths={n: self.groups[n].width for n in self.prunable},
+    return Structure(widths={n: self.groups[n].width for n in tagged},
                      prunable=self.prunable, axes=axes, shapes=shapes, positions=dict(positions))
 
   def virtual_leaves(self, flat: Mapping[LeafKey, Any]) -> dict[LeafKey, Any]:
     """The leaves of `structure()`: the real ones, split into pieces where it splits them."""
     if not hasattr(self, 'pieces_of'):
       self.structure()
-    return {vkey: np.asarray(flat[key])[index] for key, pieces in self.pieces_of.items()
-            for vkey, index in pieces}
+    # A leaf in one piece passes as it is: an RNG key has no numpy form.
+    return {vkey: np.asarray(flat[key])[index] if len(pieces) > 1 else flat[key]
+            for key, pieces in self.pieces_of.items() for vkey, index in pieces}
 
   # -------------------------------------------------------------------------------------------
   # Channel indices for masks and shrinking.
@@ -782,11 +1000,33 @@ def _product(per_axis):
   return combos
 
 
+def _live_sites(jaxpr: jcore.Jaxpr, prefix: Site, needed: Sequence[bool]):
+  """The sites of the equations whose results reach the `needed` outputs (what jit keeps:
+  an unused head costs nothing), and which of the jaxpr's inputs they read."""
+  live = {v for v, n in zip(jaxpr.outvars, needed) if n and not isinstance(v, jcore.Literal)}
+  sites = set()
+  for index in reversed(range(len(jaxpr.eqns))):
+    eqn = jaxpr.eqns[index]
+    if not eqn.effects and not any(v in live for v in eqn.outvars):
+      continue
+    site = prefix + (index,)
+    sites.add(site)
+    reads = eqn.invars
+    if eqn.primitive.name in _CALLS:
+      inner = eqn.params[_CALLS[eqn.primitive.name]]
+      body = inner.jaxpr if hasattr(inner, 'consts') else inner
+      inner_sites, used = _live_sites(body, site, [v in live for v in eqn.outvars])
+      sites |= inner_sites
+      reads = [v for v, u in zip(eqn.invars, used) if u]
+    live.update(v for v in reads if not isinstance(v, jcore.Literal))
+  return sites, [v in live for v in jaxpr.invars]
+
+
 def slice_leaf(value, layouts, graph: Graph, kept: Mapping[str, np.ndarray]):
-  """A leaf (or a constant of the program) with every axis cut to its kept channels."""
-  value = np.asarray(value)
+  """A leaf (or a constant of the program) with every axis cut to its kept channels; a leaf
+  with none cut (RNG state among them) is returned as it is."""
   for axis, layout in enumerate(layouts):
     index = graph.kept_positions(layout, kept)
     if index is not None:
-      value = np.take(value, index, axis=axis)
+      value = np.take(np.asarray(value), index, axis=axis)
   return value

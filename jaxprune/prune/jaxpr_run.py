@@ -6,12 +6,15 @@ under `jax.jit` it compiles to the same computation as the model itself, plus:
 * masks: before every convolution and matmul that contracts a group's channels, the
   operand is multiplied by the group's mask, (C,) or a (B, C) per-example gate, laid out
   along that axis (tiled for grouped convolutions, offset for concatenations);
-* recording: the masked operand at each group's first consumer, (B, positions, C), is
-  returned as that group's activation for the activation criteria;
+* recording: each group's feature map at its record point (`Graph.record_points`: after
+  normalisation and nonlinearity, before pooling), times its mask, as (B, positions, C),
+  is returned as that group's activation for the activation criteria; `offsets` shaped
+  like those activations are added there, so the gradient with respect to them is
+  dL/dz element by element;
 * shrinking: the variable leaves are already cut to the kept channels; the program's own
   constants are cut here, and every shape-carrying parameter (broadcast and reshape
-  shapes, iota, slice limits, gather sizes, a depthwise convolution's group count) is
-  recomputed from the layouts, so the same program runs the smaller arrays.
+  shapes, iota, slice limits, gather and split sizes, a depthwise convolution's group
+  count) is recomputed from the layouts, so the same program runs the smaller arrays.
 
 Call-like primitives (jit, custom_jvp/custom_vjp, checkpoint) are run inline, their
 bodies interpreted like the rest, so JAX differentiates through their primal programs.
@@ -24,19 +27,6 @@ import numpy as np
 from jax.extend import core as jcore
 
 from jaxprune.prune import jaxpr as jaxpr_lib
-
-
-def _first_consumers(graph: jaxpr_lib.Graph):
-  """{site: [(consumer, axis, group)]} at the first consumer of every prunable group."""
-  seen, out = set(), {}
-  for c in graph.consumers:
-    for axis in c.axes:
-      for r in graph.atoms.expand(c.layouts[axis]):
-        name = graph.names.get(r)
-        if name is not None and graph.groups[name].prunable and name not in seen:
-          seen.add(name)
-          out.setdefault(c.site, []).append((c, axis, name))
-  return out
 
 
 def _mask_vector(graph, layout, masks, batch):
@@ -77,19 +67,33 @@ def _apply_mask(graph, value, consumer, masks):
   return value
 
 
-def _activation(graph, value, consumer, axis, group):
-  """The group's channels of a consumer's operand as (B, positions, C)."""
-  b = graph.batch_axis(consumer.layouts)
+def _activation(graph, value, layouts, axis, group):
+  """The group's channels of a value with `layouts` as (B, positions, C)."""
+  b = graph.batch_axis(layouts)
   z = jnp.moveaxis(value, (b, axis), (0, -1)) if b is not None else jnp.moveaxis(value, axis, -1)[None]
   pieces, offset = [], 0
   root = graph.root_of[group]
-  for r in graph.atoms.expand(consumer.layouts[axis]):
+  for r in graph.atoms.expand(layouts[axis]):
     size = graph.atoms.size[r]
     if r == root:
       pieces.append(z[..., offset:offset + size])
     offset += size
   z = jnp.stack(pieces, axis=-2) if len(pieces) > 1 else pieces[0]
   return z.reshape(z.shape[0], -1, z.shape[-1])
+
+
+def _offset(graph, value, layouts, axis, group, offset):
+  """`value` plus a (B, positions, C) offset laid onto the group's channels (one piece)."""
+  b = graph.batch_axis(layouts)
+  z = jnp.moveaxis(value, (b, axis), (0, -1))
+  start = 0
+  for r in graph.atoms.expand(layouts[axis]):
+    if r == graph.root_of[group]:
+      break
+    start += graph.atoms.size[r]
+  piece = offset.reshape(z.shape[:-1] + (offset.shape[-1],)).astype(z.dtype)
+  z = z.at[..., start:start + offset.shape[-1]].add(piece)
+  return jnp.moveaxis(z, (0, -1), (b, axis))
 
 
 def _rewrite(graph, eqn, site, invals, kept):
@@ -102,7 +106,7 @@ def _rewrite(graph, eqn, site, invals, kept):
     params['shape'] = out_shapes[0]
   elif name == 'reshape':
     params['new_sizes'] = out_shapes[0]
-  elif name == 'iota':
+  elif name in ('iota', 'random_bits'):
     params['shape'] = out_shapes[0]
   elif name == 'conv_general_dilated' and site in graph.depthwise:
     params['feature_group_count'] = invals[0].shape[params['dimension_numbers'][0][1]]
@@ -114,11 +118,14 @@ def _rewrite(graph, eqn, site, invals, kept):
   elif name in ('gather', 'dynamic_slice'):
     params['slice_sizes'] = tuple(invals[0].shape[i] if n == old[0][i] else n
                                   for i, n in enumerate(params['slice_sizes']))
+  elif name == 'split':
+    params['sizes'] = tuple(shape[params['axis']] for shape in out_shapes)
   return params
 
 
 def evaluate(graph: jaxpr_lib.Graph, leaves, x, *, masks: Mapping | None = None,
-             kept: Mapping[str, np.ndarray] | None = None, record: bool = False):
+             kept: Mapping[str, np.ndarray] | None = None, record: bool = False,
+             offsets: Mapping | None = None):
   """Runs the graph's program on (leaves, x).
 
   Args:
@@ -127,7 +134,8 @@ def evaluate(graph: jaxpr_lib.Graph, leaves, x, *, masks: Mapping | None = None,
     x: the input.
     masks: {group: (C,) mask or (B, C) gate} applied at every consumer; None = unmasked.
     kept: {group: kept indices} to run the shrunk program instead.
-    record: also return {group: (B, positions, C)} activations at the first consumers.
+    record: also return {group: (B, positions, C)} activations at the record points.
+    offsets: {group: (B, positions, C)} added to the activation at its record point.
 
   Returns:
     The program's output (its only result, or the tuple of them), and with `record` the
@@ -138,8 +146,12 @@ def evaluate(graph: jaxpr_lib.Graph, leaves, x, *, masks: Mapping | None = None,
   if masks:
     for c in graph.consumers:
       consumers.setdefault(c.site, []).append(c)
-  recorders = _first_consumers(graph) if record else {}
+  recorders = {}
+  if record or offsets:
+    for group, (site, operand, axis, layouts) in graph.record_points().items():
+      recorders.setdefault(site, []).append((operand, axis, layouts, group))
   recorded = {}
+  offsets = offsets or {}
 
   def run(jaxpr, consts, args, prefix):
     env = {}
@@ -156,8 +168,15 @@ def evaluate(graph: jaxpr_lib.Graph, leaves, x, *, masks: Mapping | None = None,
       invals = [read(v) for v in eqn.invars]
       for c in consumers.get(site, ()):
         invals[c.operand] = _apply_mask(graph, invals[c.operand], c, masks)
-      for c, axis, group in recorders.get(site, ()):
-        recorded[group] = _activation(graph, invals[c.operand], c, axis, group)
+      for operand, axis, layouts, group in recorders.get(site, ()):
+        if group in offsets:
+          invals[operand] = _offset(graph, invals[operand], layouts, axis, group, offsets[group])
+        if record:
+          z = _activation(graph, invals[operand], layouts, axis, group)
+          if group in masks:
+            m = jnp.asarray(masks[group], z.dtype)
+            z = z * (m[:, None, :] if m.ndim == 2 else m)
+          recorded[group] = z
       name = eqn.primitive.name
       if name in jaxpr_lib._CALLS:
         inner = eqn.params[jaxpr_lib._CALLS[name]]

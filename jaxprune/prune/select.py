@@ -62,6 +62,7 @@ import numpy as np
 
 from jaxprune.prune import flops
 from jaxprune.errors import ConfigError, choose
+from jaxprune.prune import shrink
 from jaxprune.prune.structure import Structure
 
 DEFAULT_FLOPS_PENALTY = 1e-3
@@ -205,18 +206,9 @@ def _check_scores(structure: Structure, scores: Scores) -> dict[str, np.ndarray]
 def _check_live(structure: Structure, current: Mapping | None) -> dict[str, np.ndarray]:
   """Boolean live-channel arrays for every prunable group (all live without `current`)."""
   live = {g: np.ones(structure.widths[g], bool) for g in structure.prunable}
-  for g, mask in (current or {}).items():
-    if g not in live:
-      raise ValueError(f"current mask for group {g!r}, which is not prunable; the prunable "
-                       f"groups are {list(structure.prunable)}.")
-    mask = np.asarray(mask)
-    if mask.shape != live[g].shape:
-      raise ValueError(f"current mask for group {g!r} has shape {mask.shape}; expected "
-                       f"{live[g].shape}.")
-    if not mask.any():
-      raise ValueError(f"current mask for group {g!r} removes all its channels; every group "
-                       "must keep at least one.")
-    live[g] = mask != 0
+  for g, kept in shrink.kept_indices(structure, current or {}).items():
+    live[g] = np.zeros(structure.widths[g], bool)
+    live[g][kept] = True
   return live
 
 
@@ -495,7 +487,7 @@ def select(name: str, structure: Structure, scores: Scores, *, ratio: float | No
 
   Args:
     name: a key of `SELECTIONS`.
-    structure: the model's structure (`structure.derive`).
+    structure: the model's structure (`program.derive(...).structure`).
     scores: {group: (C,) scores} for every prunable group, higher = keep.
     ratio: fraction of the structure's channels to remove (layer, global*, slimming); the
       `prune_ratio` setting, the name its errors use.

@@ -1,64 +1,83 @@
-"""Masks -> a physically smaller model of the same class (a pure function over pytrees)."""
+"""Masks -> physically smaller variables (a pure function over pytrees): the one shrinker.
+
+Every axis of every variable leaf is cut to the channels its groups keep, as the model's
+program lays them out (`jaxpr.Graph`): an axis of one group is indexed by that group's
+kept channels, an axis holding several (a concatenation, a grouped convolution's slots)
+by each piece's. A built-in model is then the same class built with the new widths; any
+other model runs its own program on the smaller arrays.
+"""
 
 from typing import Mapping
 
 import numpy as np
 from flax import traverse_util
 
+from jaxprune.prune import jaxpr as jaxpr_lib
 from jaxprune.prune.structure import Structure
 
 
-def kept_indices(structure: Structure, masks: Mapping) -> dict[str, np.ndarray]:
-  """Indices of the channels a (C,) mask keeps, per group; checks names, shapes and emptiness.
+def check_masks(structure: Structure, masks: Mapping | None, batch: int | None = None) -> dict:
+  """The masks, checked against the structure: each names a prunable group and has shape
+  (C,), or (batch, C) for a per-example gate when `batch` is given.
 
-  No architecture here can drop a whole group (an empty ResNet block would still add
-  its BN shift to the stream), so a mask that removes every channel of a group is
-  rejected. Masks come from code (a selection), so a wrong one is a ValueError; a caller
-  that reads masks from a user's file says so in its own ConfigError.
+  Masks come from code (a selection, a criterion), so a wrong one is a ValueError; a
+  caller that reads masks from a user's file says so in its own ConfigError.
   """
-  kept = {}
+  masks = {} if masks is None else dict(masks)
   for group, mask in masks.items():
     if group not in structure.prunable:
       raise ValueError(f"mask for unknown group {group!r}; the prunable groups are "
                        f"{list(structure.prunable)}.")
-    mask = np.asarray(mask)
     width = structure.widths[group]
-    if mask.shape != (width,):
-      raise ValueError(f"mask for group {group!r} has shape {mask.shape}; shrinking needs "
-                       f"shape ({width},).")
-    keep = np.flatnonzero(mask)
+    allowed = [(width,)] + ([(batch, width)] if batch is not None else [])
+    if tuple(np.shape(mask)) not in allowed:
+      raise ValueError(f"mask for group {group!r} has shape {tuple(np.shape(mask))}; "
+                       f"allowed: {' or '.join(map(str, allowed))}.")
+  return masks
+
+
+def kept_indices(structure: Structure, masks: Mapping) -> dict[str, np.ndarray]:
+  """Indices of the channels a (C,) mask keeps, per group (masks checked by `check_masks`).
+
+  A mask that removes every channel of a group is rejected: nothing downstream of an empty
+  group would be computed from the input any more (an empty ResNet block would still add
+  its BN shift to the stream).
+  """
+  kept = {}
+  for group, mask in check_masks(structure, masks).items():
+    keep = np.flatnonzero(np.asarray(mask))
     if keep.size == 0:
-      raise ValueError(f"mask for group {group!r} removes all {width} channels; "
-                       "every group must keep at least one.")
+      raise ValueError(f"mask for group {group!r} removes all {structure.widths[group]} "
+                       "channels; every group must keep at least one.")
     kept[group] = keep
   return kept
 
 
-def shrink(structure: Structure, variables: Mapping, masks: Mapping):
+def widths_after(structure: Structure, kept: Mapping[str, np.ndarray]) -> dict[str, int]:
+  """The structure's widths with every group in `kept` at its number of kept channels."""
+  widths = dict(structure.widths)
+  widths.update({g: int(k.size) for g, k in kept.items()})
+  return widths
+
+
+def shrink(program, variables: Mapping, masks: Mapping):
   """Removes the masked-out channels.
 
   Args:
-    structure: the model's structure (`structure.derive`).
-    variables: the model's variables at `structure.widths`.
+    program: the model's program (`program.derive`, or a `Pruner`'s), with its `graph`,
+      `structure` and `leaf_keys`.
+    variables: the model's variables at its widths.
     masks: {group: (C,) array}, nonzero = keep; groups not named keep all channels.
 
   Returns:
-    (widths, variables, kept): the new widths, the smaller variables (build the
-    same model class with those widths to use them) and, per masked group, the
-    indices of the kept channels in the input model.
+    (widths, variables, kept): the new widths, the smaller variables and, per masked
+    group, the indices of the kept channels in the input model.
   """
-  kept = kept_indices(structure, masks)
-  widths = dict(structure.widths)
-  widths.update({g: int(k.size) for g, k in kept.items()})
-  removing = {g: k for g, k in kept.items() if k.size < structure.widths[g]}
-  flat = traverse_util.flatten_dict(variables)
-  out = {}
-  for key, value in flat.items():
-    axes = [(axis, tag) for axis, tag in enumerate(structure.axes[key]) if tag in removing]
-    if axes:
-      # On the host: `jnp.take` would compile one program per leaf shape and index count.
-      value = np.asarray(value)
-      for axis, tag in axes:
-        value = np.take(value, removing[tag], axis=axis)
-    out[key] = value
-  return widths, traverse_util.unflatten_dict(out), kept
+  kept = kept_indices(program.structure, masks)
+  graph = program.graph
+  flat = traverse_util.flatten_dict(dict(variables))
+  out = dict(flat)
+  for key, layouts in zip(program.leaf_keys, graph.leaf_layouts):
+    # On the host: `jnp.take` would compile one program per leaf shape and index count.
+    out[key] = jaxpr_lib.slice_leaf(flat[key], layouts, graph, kept)
+  return widths_after(program.structure, kept), traverse_util.unflatten_dict(out), kept

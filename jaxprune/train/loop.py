@@ -37,6 +37,7 @@ from jaxprune import data
 from jaxprune.errors import ConfigError, Diverged, Interrupted, Preempted
 from jaxprune.kernels import compiler
 from jaxprune.models import widths_of
+from jaxprune.prune import program
 from jaxprune.prune import structure as structure_lib
 from jaxprune.train import checkpoint
 from jaxprune.train.optim import OptimizerConfig, learning_rates
@@ -259,7 +260,7 @@ def _evaluate(evaluator: Evaluator, variables, test_set: Mapping, spec: data.Dat
 
 def evaluate_variables(model: nn.Module, variables: Mapping, arrays: Mapping,
                        spec: data.DataSpec, *, batch_size: int, precision: str = 'float32',
-                       masks: Masks = None, mesh: Mesh | None = None) -> dict:
+                       mesh: Mesh | None = None) -> dict:
   """Test-set {'loss': float, 'accuracy': float} of `model` with `variables` (eval mode).
 
   The same compiled step as `fit`'s per-epoch evaluation of that model, precision and
@@ -271,8 +272,8 @@ def evaluate_variables(model: nn.Module, variables: Mapping, arrays: Mapping,
   _check_divisible('batch_size', batch_size, mesh)
   evaluator = evaluator_for(model, mesh, precision)
   test_set = _on_mesh(arrays, _TEST_SET, evaluator.replicated)
-  variables, masks = jax.device_put((dict(variables), _as_masks(masks)), evaluator.replicated)
-  test = _evaluate(evaluator, variables, test_set, spec, masks, batch_size)
+  variables = jax.device_put(dict(variables), evaluator.replicated)
+  test = _evaluate(evaluator, variables, test_set, spec, None, batch_size)
   return {name: float(value) for name, value in test.items()}
 
 
@@ -765,7 +766,7 @@ def fit(model: nn.Module, variables: Mapping, arrays: Mapping, spec: data.DataSp
       return final, checkpoint.read_result(stage)
   masks = _as_masks(masks)
   if masks and structure is None:
-    structure = structure_lib.derive(model, tuple(arrays['train_images'].shape[1:]))
+    structure = program.derive(model, tuple(arrays['train_images'].shape[1:])).structure
   if structure is not None and dict(structure.widths) != widths_of(model):
     raise ValueError('the structure was derived for other widths than the model has.')
   copies = _Copies(inits=[variables], seeds=[seed], stages=[stage], group=stage, vmapped=False,

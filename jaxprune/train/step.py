@@ -106,6 +106,22 @@ def keep_multipliers(structure: structure_lib.Structure, masks: Mapping, tree, c
   return jax.tree_util.tree_map_with_path(multiplier, tree)
 
 
+def masked_kernels(structure: structure_lib.Structure, masks: Masks, params):
+  """`params` with every convolution and matmul kernel multiplied by `masks` along the axes
+  their groups index: zero where a kernel reads (or writes) a removed channel.
+
+  This is the masked model: a consumer whose input weights for a channel are zero never
+  reads it, exactly as if the channel were gone, and the model's own program (with its
+  fast kernels) runs unchanged. Kernels are the leaves whose MACs the structure counts.
+  """
+  if not masks:
+    return params
+  keep = keep_multipliers(structure, masks, params, 'params')
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p, k: p * k if ('params',) + tuple(x.key for x in path) in structure.positions
+      else p, params, keep)
+
+
 def weight_keep(params, weight_masks: Mapping):
   """Multipliers for each leaf of `params`: its weight mask, or the Python scalar 1.0."""
   flat = traverse_util.flatten_dict(dict(weight_masks))
@@ -148,8 +164,8 @@ def train_step(state: TrainState, batch: Mapping, masks: Masks, learning_rate: j
   The parameters move by -learning_rate x `tx`'s update (`make_optimizer`: the momentum
   buffer); the learning rate is a float32 scalar input, so any schedule runs on the same
   compiled step. BN runs in training mode (batch statistics, running averages updated).
-  With masks, a removed channel's activation is zero, so its producing weights get no
-  gradient; weight decay, the BN L1 term and momentum would still move them, so the
+  With masks, the kernels reading a removed channel read zeros (`masked_kernels`), so
+  its producing weights get no gradient; weight decay, the BN L1 term and momentum would still move them, so the
   updates, the momentum buffers and the BN statistics of everything a removed channel
   indexes (`keep_multipliers`, from `structure`) are held at their current values.
   Weights that the state's `WEIGHT_MASKS` mask get no update and no momentum either.
@@ -160,11 +176,14 @@ def train_step(state: TrainState, batch: Mapping, masks: Masks, learning_rate: j
   optimizer and the parameters never see bfloat16.
   """
   dtype = compute_dtype(precision)
+  if masks and structure is None:
+    raise ValueError('train_step with masks needs the model structure.')
 
   def loss_fn(params):
+    params = masked_kernels(structure, masks, params)
     variables = {**state.variables, 'params': _cast_floats(params, dtype)}
     logits, updated = model.apply(variables, batch['image'].astype(dtype), train=True,
-                                  masks=masks, mutable=['batch_stats'])
+                                  mutable=['batch_stats'])
     logits = logits.astype(jnp.float32)
     loss = jnp.mean(cross_entropy(logits, batch['label']))
     return loss, (logits, updated.get('batch_stats', {}))
@@ -175,8 +194,6 @@ def train_step(state: TrainState, batch: Mapping, masks: Masks, learning_rate: j
                              state.batch_stats)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   if masks:
-    if structure is None:
-      raise ValueError('train_step with masks needs the model structure.')
     keep = keep_multipliers(structure, masks, state.params, 'params')
     updates = jax.tree.map(lambda u, k: u * k, updates, keep)
     opt_state = optax.tree_utils.tree_map_params(tx, lambda s, k: s * k, opt_state, keep)
@@ -195,16 +212,21 @@ def train_step(state: TrainState, batch: Mapping, masks: Masks, learning_rate: j
 
 
 def eval_step(variables: Mapping, batch: Mapping, masks: Masks, *, model: nn.Module,
-              precision: str = 'float32') -> dict:
+              precision: str = 'float32',
+              structure: structure_lib.Structure | None = None) -> dict:
   """Sums over the valid examples of a batch: {'loss_sum', 'correct', 'count'} (pure).
 
   Takes the model variables (`TrainState.variables`, or a `fit` result), so a training
   state and saved variables run the same program. Computes in `precision` like
-  `train_step` (BN statistics stay float32), the loss in float32.
+  `train_step` (BN statistics stay float32), the loss in float32; with masks (which need
+  the structure), the masked model's (`masked_kernels`).
   """
   dtype = compute_dtype(precision)
-  variables = {**variables, 'params': _cast_floats(variables['params'], dtype)}
-  logits = model.apply(variables, batch['image'].astype(dtype), train=False, masks=masks)
+  if masks and structure is None:
+    raise ValueError('eval_step with masks needs the model structure.')
+  params = masked_kernels(structure, masks, variables['params'])
+  variables = {**variables, 'params': _cast_floats(params, dtype)}
+  logits = model.apply(variables, batch['image'].astype(dtype), train=False)
   logits = logits.astype(jnp.float32)
   valid = batch.get('valid')
   valid = jnp.ones(logits.shape[:1], jnp.float32) if valid is None else valid.astype(jnp.float32)
@@ -238,13 +260,14 @@ class Evaluator:
   """
 
   def __init__(self, model: nn.Module, mesh: Mesh, precision: str = 'float32',
-               copies: bool = False):
+               copies: bool = False, structure: structure_lib.Structure | None = None):
     compute_dtype(precision)
     self.mesh = mesh
     self.copies = copies
     self.replicated = NamedSharding(mesh, PartitionSpec())
     self.batch_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-    evaluation = functools.partial(eval_step, model=model, precision=precision)
+    evaluation = functools.partial(eval_step, model=model, precision=precision,
+                                   structure=structure)
     if copies:
       evaluation = jax.vmap(evaluation, in_axes=(0, None, None))
 
@@ -283,7 +306,7 @@ class Trainer:
     self.copies = copies
     self.mesh = mesh if mesh is not None else make_mesh()
     self.evaluator = (evaluator if evaluator is not None
-                      else Evaluator(model, self.mesh, precision, copies))
+                      else Evaluator(model, self.mesh, precision, copies, structure))
     self.eval_step = self.evaluator.eval_step
     self.add = self.evaluator.add
     self.replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -340,12 +363,18 @@ _EVALUATORS: dict = {}
 _TRAINERS: dict = {}
 
 
+def _structure_key(structure: structure_lib.Structure | None):
+  return None if structure is None else (tuple(structure.widths.items()), structure.prunable)
+
+
 def evaluator_for(model: nn.Module, mesh: Mesh, precision: str = 'float32',
-                  copies: bool = False) -> Evaluator:
-  """The Evaluator shared by every evaluation (in `fit` or of saved variables) of one program."""
-  key = (model, _mesh_key(mesh), precision, copies)
+                  copies: bool = False,
+                  structure: structure_lib.Structure | None = None) -> Evaluator:
+  """The Evaluator shared by every evaluation (in `fit` or of saved variables) of one program
+  (`structure` only where it evaluates masked models)."""
+  key = (model, _mesh_key(mesh), precision, copies, _structure_key(structure))
   if key not in _EVALUATORS:
-    _EVALUATORS[key] = Evaluator(model, mesh, precision, copies)
+    _EVALUATORS[key] = Evaluator(model, mesh, precision, copies, structure)
   return _EVALUATORS[key]
 
 
@@ -363,9 +392,8 @@ def trainer_for(model: nn.Module, optimizer: OptimizerConfig,
   """
   key = (model,
          (optimizer.momentum, optimizer.nesterov, optimizer.weight_decay, optimizer.bn_l1),
-         None if structure is None else (tuple(structure.widths.items()), structure.prunable),
-         _mesh_key(mesh), precision, copies)
+         _structure_key(structure), _mesh_key(mesh), precision, copies)
   if key not in _TRAINERS:
     _TRAINERS[key] = Trainer(model, make_optimizer(optimizer), structure, mesh, precision, copies,
-                             evaluator_for(model, mesh, precision, copies))
+                             evaluator_for(model, mesh, precision, copies, structure))
   return _TRAINERS[key]

@@ -1,0 +1,266 @@
+"""A researcher's own Flax model in the main job: `--model=package.module:factory`.
+
+The factory is imported from the working directory (or anything on PYTHONPATH) and called
+with the keyword arguments it declares among `num_classes` (int), `image_shape` ((H, W, C))
+and `rngs` (an `nnx.Rngs` made from the run's seed). It returns either
+
+* a Flax NNX module, which jaxprune switches with `.train()` / `.eval()` and calls as
+  `module(images) -> logits`; or
+* a Flax Linen module called as `module.apply(variables, images, train=bool)` (the flax
+  examples' convention), initialised by jaxprune with `init(rngs, images, train=False)`.
+
+`OwnModel` gives both the interface the training loop and the criteria use for built-in
+models: `init(rng, x)` -> {'params': ..., 'batch_stats': ...} and
+`apply(variables, x, train=..., mutable=['batch_stats'])`. Everything of the model that is
+not a parameter and that its forward pass may change lives in 'batch_stats': BatchNorm
+statistics, an NNX module's RNG keys (as key data) and counts, and for a Linen module a
+dropout key that every training call advances, so dropout draws new masks at every step
+and a resumed run draws what the uninterrupted one did. Linen variables created with
+`nn.with_logical_partitioning` are unboxed.
+
+A pruned own model is the same model with `kept` channels: its program (read off the
+full model, `jaxprune.prune.program`) runs on the smaller arrays, so any model the
+structure derivation reads trains pruned, in both modes, with no code of its author's.
+"""
+
+import dataclasses
+import functools
+import hashlib
+import importlib
+import inspect
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, traverse_util
+
+from jaxprune.errors import ConfigError
+from jaxprune.kernels.options import PerformanceOptions
+
+PARAMS, STATE = 'params', 'batch_stats'
+# The Linen dropout key jaxprune keeps in the state collection (module docstring).
+DROPOUT_KEY = '__dropout_key__'
+FACTORY_ARGUMENTS = ('num_classes', 'image_shape', 'rngs')
+
+
+def is_own(name: str) -> bool:
+  """Whether a `model` value names a factory (package.module:factory) rather than a
+  built-in model."""
+  return ':' in name
+
+
+def load_factory(spec: str) -> Callable:
+  """The factory `spec` names; one sentence (ConfigError) when it cannot be imported."""
+  module_name, _, attribute = spec.partition(':')
+  if not module_name or not attribute:
+    raise ConfigError(f'model={spec} is not package.module:factory (e.g. '
+                      'examples.mobilenet_v2:factory).', settings=('model',))
+  try:
+    module = importlib.import_module(module_name)
+  except ImportError as error:
+    raise ConfigError(f'model={spec}: cannot import {module_name} ({error}); run from the '
+                      'directory that holds it or add it to PYTHONPATH.',
+                      settings=('model',)) from None
+  factory = getattr(module, attribute, None)
+  if not callable(factory):
+    raise ConfigError(f'model={spec}: {module_name} has no function {attribute!r}.',
+                      settings=('model',))
+  return factory
+
+
+def _call_factory(spec: str, num_classes: int, image_shape, seed: int):
+  factory = load_factory(spec)
+  try:
+    accepted = inspect.signature(factory).parameters
+  except (TypeError, ValueError):
+    accepted = {}
+  arguments = {'num_classes': num_classes, 'image_shape': tuple(image_shape),
+               'rngs': nnx.Rngs(seed)}
+  module = factory(**{k: v for k, v in arguments.items() if k in accepted})
+  if not isinstance(module, (nnx.Module, nn.Module)):
+    raise ConfigError(f'model={spec}: the factory returned a {type(module).__name__}, not a '
+                      'Flax NNX or Linen module.', settings=('model',))
+  return module
+
+
+def _collection(variable) -> str:
+  return PARAMS if isinstance(variable, nnx.Param) else STATE
+
+
+def _is_key(value) -> bool:
+  return jax.dtypes.issubdtype(jnp.result_type(value), jax.dtypes.prng_key)
+
+
+@dataclasses.dataclass(frozen=True)
+class OwnModel:
+  """A factory's model at its full width (`kept` empty) or pruned to `kept` channels.
+
+  Compares and hashes by value (factory, classes, image shape, kept channels, options), as
+  built-in models do, so compiled steps are shared by every run of the same network.
+
+  Attributes:
+    spec: package.module:factory.
+    num_classes, image_shape: what the factory is given.
+    kept: ((group, kept channel indices), ...) of a pruned network; () for the full one.
+    performance: the options of jaxprune's compiled programs (the model's own layers
+      compute as their author wrote them).
+  """
+  spec: str
+  num_classes: int
+  image_shape: tuple
+  kept: tuple = ()
+  performance: PerformanceOptions = PerformanceOptions()
+
+  def full(self) -> 'OwnModel':
+    return dataclasses.replace(self, kept=())
+
+  def kept_indices(self) -> dict[str, np.ndarray]:
+    return {g: np.asarray(k, np.int64) for g, k in self.kept}
+
+  def with_kept(self, kept: Mapping[str, Any]) -> 'OwnModel':
+    """This model pruned to `kept` ({group: indices, or a count meaning the first ones})."""
+    items = tuple(sorted((g, tuple(int(i) for i in (range(k) if np.ndim(k) == 0 else k)))
+                         for g, k in kept.items()))
+    return dataclasses.replace(self, kept=items)
+
+  # The model as its author wrote it.
+
+  def module(self, seed: int = 0):
+    return _call_factory(self.spec, self.num_classes, self.image_shape, seed)
+
+  def is_nnx(self) -> bool:
+    return isinstance(_template(self.spec, self.num_classes, tuple(self.image_shape)).module,
+                      nnx.Module)
+
+  def init(self, rng, x, train: bool = False) -> dict:
+    """The full network's variables from key `rng` (any `x` of the image shape), sliced to
+    `kept` for a pruned one (`program.fresh_init` makes a pruned network's own)."""
+    del train
+    if self.kept:
+      raise ValueError('initialise the full model and shrink it (program.fresh_init); a '
+                       'pruned own model has no initialiser of its own.')
+    seed = int(jax.random.randint(rng, (), 0, 2 ** 31 - 1))
+    template = _template(self.spec, self.num_classes, tuple(self.image_shape))
+    if template.nnx:
+      return template.variables_of(self.module(seed))
+    variables = nn.meta.unbox(template.module.init(
+        {'params': rng, 'dropout': rng}, jnp.asarray(x, jnp.float32), train=False))
+    stats = dict(variables.get(STATE, {}))
+    stats[DROPOUT_KEY] = jax.random.key_data(jax.random.fold_in(rng, 1))
+    return {**variables, STATE: stats}
+
+  def apply(self, variables, x, train: bool = False, mutable=(), **unused):
+    """Linen-style: the logits, or (logits, {'batch_stats': new state}) when 'batch_stats'
+    is in `mutable`."""
+    del unused
+    if self.kept:
+      from jaxprune.prune import program
+      return program.run_pruned(self, variables, x, train=train,
+                                mutable=STATE in (mutable or ()))
+    template = _template(self.spec, self.num_classes, tuple(self.image_shape))
+    logits, state = template.call(variables, x, train)
+    if mutable and STATE in mutable:
+      return logits, {STATE: state}
+    return logits
+
+  def init_shapes(self) -> dict:
+    """The full network's variables as shapes and dtypes, computing nothing."""
+    template = _template(self.spec, self.num_classes, tuple(self.image_shape))
+    return template.shapes()
+
+  def rng_leaves(self) -> tuple:
+    """The state leaves that are random keys or counts, never channels."""
+    return _template(self.spec, self.num_classes, tuple(self.image_shape)).rng_leaves
+
+  def digest(self) -> str:
+    """A digest of the factory's traced program at the full width: an edited model is
+    another baseline."""
+    return _template(self.spec, self.num_classes, tuple(self.image_shape)).digest()
+
+
+def _first_output(out):
+  # A model returning (logits, features, ...) is scored and trained on its first output.
+  return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _Template:
+  """One factory's module, called functionally on variables given as a dict."""
+
+  def __init__(self, spec, num_classes, image_shape):
+    self.spec, self.image_shape = spec, image_shape
+    self.module = _call_factory(spec, num_classes, image_shape, 0)
+    self.nnx = isinstance(self.module, nnx.Module)
+    if self.nnx:
+      self.graphdef, state = nnx.split(self.module)
+      self.flat = list(nnx.to_flat_state(state))
+      self.keys = [(_collection(v),) + tuple(str(p) for p in path) for path, v in self.flat]
+
+  @property
+  def rng_leaves(self) -> tuple:
+    if not self.nnx:
+      return ((STATE, DROPOUT_KEY),)
+    return tuple(key for key, (_, v) in zip(self.keys, self.flat)
+                 if isinstance(v, (nnx.RngKey, nnx.RngCount)))
+
+  @functools.cache
+  def shapes(self) -> dict:
+    if self.nnx:
+      return jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), jnp.result_type(v)),
+                          self.variables_of(self.module))
+    x = jnp.zeros((1,) + tuple(self.image_shape), jnp.float32)
+    key = jax.random.key(0)
+    variables = jax.eval_shape(lambda: nn.meta.unbox(self.module.init(
+        {'params': key, 'dropout': key}, x, train=False)))
+    return {**variables, STATE: {**variables.get(STATE, {}),
+                                 DROPOUT_KEY: jax.ShapeDtypeStruct((2,), jnp.uint32)}}
+
+  def variables_of(self, module) -> dict:
+    _, state = nnx.split(module)
+    nested = {}
+    for key, (_, variable) in zip(self.keys, nnx.to_flat_state(state)):
+      value = variable.get_value()
+      nested[key] = jax.random.key_data(value) if _is_key(value) else value
+    return traverse_util.unflatten_dict(nested)
+
+  def call(self, variables, x, train: bool):
+    flat = traverse_util.flatten_dict(dict(variables))
+    if self.nnx:
+      pairs = []
+      for key, (path, variable) in zip(self.keys, self.flat):
+        value = flat[key]
+        if _is_key(variable.get_value()):
+          value = jax.random.wrap_key_data(value)
+        pairs.append((path, variable.replace(value=value)))
+      module = nnx.merge(self.graphdef, nnx.from_flat_state(pairs))
+      module.train() if train else module.eval()
+      logits = _first_output(module(x))
+      state = {k: v for k, v in traverse_util.flatten_dict(self.variables_of(module)).items()
+               if k[0] == STATE}
+      return logits, traverse_util.unflatten_dict({k[1:]: v for k, v in state.items()})
+    stats = {k[1:]: v for k, v in flat.items() if k[0] == STATE}
+    key = jax.random.wrap_key_data(stats.pop((DROPOUT_KEY,)))
+    given = traverse_util.unflatten_dict({k: v for k, v in flat.items()
+                                          if k[0] != STATE or k[1:] != (DROPOUT_KEY,)})
+    dropout, advanced = jax.random.split(key)
+    if train:
+      out, updated = self.module.apply(given, x, train=True, mutable=[STATE],
+                                       rngs={'dropout': dropout})
+      new = traverse_util.flatten_dict(dict(updated.get(STATE, {})))
+    else:
+      out, new = self.module.apply(given, x, train=False), stats
+      advanced = key
+    new = {**new, (DROPOUT_KEY,): jax.random.key_data(advanced)}
+    return _first_output(out), traverse_util.unflatten_dict(new)
+
+  @functools.cache
+  def digest(self) -> str:
+    x = jax.ShapeDtypeStruct((1,) + tuple(self.image_shape), jnp.float32)
+    text = str(jax.make_jaxpr(lambda v, x: self.call(v, x, True))(self.shapes(), x))
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+@functools.lru_cache(maxsize=16)
+def _template(spec: str, num_classes: int, image_shape: tuple) -> _Template:
+  return _Template(spec, num_classes, image_shape)

@@ -1,0 +1,230 @@
+"""Model -> program -> structure: a model's traced program and the channel groups read off it.
+
+The one structure derivation of jaxprune. `derive(model, image_shape)` traces the model's
+training step function, `apply(variables, x, train=True) -> (logits, new BatchNorm
+statistics)`, with `jax.make_jaxpr` (shapes only, nothing is computed or compiled) and
+reads its channel groups with `jaxpr.Graph`: the updated statistics are tied to the leaves
+they replace, so a BatchNorm's running mean and variance index their channels like its
+scale does. The same model traced in evaluation mode at a batch's shape is the program the
+criteria run (`Program.apply`: masks at every consumer, activations recorded and offset at
+each group's record point).
+
+Built-in models name their groups: `group_layers()` maps every width name to a layer that
+writes its channels, so the groups read off the program carry the names that `widths`,
+presets and results use, and `prunable_groups()` chooses which of them are pruned. The
+program is traced with `PerformanceOptions(conv_impl='native', batch_norm='flax')`: the
+faster formulations compute the same function with the same variables, and the structure
+is a property of the function (the CPU convolution rule reads a kernel element at run time,
+which a program would show as a cut).
+"""
+
+import dataclasses
+import functools
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from jaxprune.errors import ConfigError
+from jaxprune.kernels.options import PerformanceOptions
+from jaxprune.models import own
+from jaxprune.prune import jaxpr as jaxpr_lib
+from jaxprune.prune import jaxpr_run, shrink
+from jaxprune.prune.structure import Structure
+
+LeafKey = tuple[str, ...]
+# The formulation the program is traced with (module docstring).
+_TRACED = dataclasses.replace(PerformanceOptions(), conv_impl='native', batch_norm='flax')
+
+
+def _canonical(model):
+  if isinstance(model, nn.Module) and hasattr(model, 'performance'):
+    return model.clone(performance=dataclasses.replace(
+        _TRACED, xla_options=model.performance.xla_options))
+  return model
+
+
+def _spec(x) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
+
+
+def _name_groups(graph: jaxpr_lib.Graph, model: nn.Module) -> jaxpr_lib.Graph:
+  if hasattr(model, 'group_layers'):
+    graph.name_groups(model.group_layers(), model.prunable_groups(), type(model).__name__)
+  return graph
+
+
+@dataclasses.dataclass(eq=False)
+class Program:
+  """A built-in (or any Linen `__call__(x, train)`) model's program and structure.
+
+  Hashed by identity, so a criterion's jitted accumulator compiles once per program.
+
+  Attributes:
+    model: the module, as configured (its performance options are the ones it trains with).
+    structure: the `Structure` of its width groups, prunable and not.
+    graph: the training program's `jaxpr.Graph`.
+    leaf_keys: the variable leaves, collection first, in the programs' argument order.
+    xla_options: the compiler option set the criteria's jitted programs use.
+  """
+  model: nn.Module
+  structure: Structure
+  graph: jaxpr_lib.Graph
+  leaf_keys: tuple[LeafKey, ...]
+  xla_options: str
+  _graphs: dict = dataclasses.field(default_factory=dict)
+
+  def leaves_of(self, variables) -> list:
+    flat = traverse_util.flatten_dict(dict(variables))
+    return [flat[k] for k in self.leaf_keys]
+
+  def graph_for(self, x, train: bool = False, leaves=None) -> jaxpr_lib.Graph:
+    """The program for inputs shaped like x, in training or evaluation mode, on the full
+    model's leaves (in the dtypes of `leaves` when given): traced once per signature, with
+    the groups of the program the structure was read from."""
+    full = self.graph.jaxpr.in_avals[:len(self.leaf_keys)]
+    dtypes = ([jnp.result_type(v) for v in leaves] if leaves is not None
+              else [a.dtype for a in full])
+    specs = [jax.ShapeDtypeStruct(a.shape, d) for a, d in zip(full, dtypes)]
+    signature = (tuple(np.shape(x)), str(jnp.result_type(x)), train, tuple(map(str, dtypes)))
+    if signature not in self._graphs:
+      graph, _ = _trace(self.model, specs, _spec(x), train, self.leaf_keys)
+      widths = {g: graph.groups[g].width for g in graph.prunable}
+      if widths != {g: self.structure.widths[g] for g in self.structure.prunable}:
+        raise ValueError(f"{_model_name(self.model)}'s program at input shape "
+                         f"{np.shape(x)} has other prunable groups ({widths}) than at "
+                         "the shape it was derived at.")
+      self._graphs[signature] = graph
+    return self._graphs[signature]
+
+  def apply(self, variables, x, train: bool = False, masks: Mapping | None = None,
+            mutable=None, offsets: Mapping | None = None):
+    """The evaluation program, Linen-style: masks ({group: (C,) or (B, C)}) at every
+    consumer; with 'intermediates' in `mutable`, also the activations at the record points
+    as `(logits, {'intermediates': {group: (activation,)}})`; `offsets` added there."""
+    del train  # Criteria score the deployed network: evaluation mode.
+    masks = shrink.check_masks(self.structure, masks, batch=np.shape(x)[0])
+    leaves = self.leaves_of(variables)
+    graph = self.graph_for(x, leaves=leaves)
+    if mutable and 'intermediates' in mutable:
+      out, acts = jaxpr_run.evaluate(graph, leaves, x, masks=masks, record=True,
+                                     offsets=offsets)
+      return out, {'intermediates': {g: (a,) for g, a in acts.items()}}
+    return jaxpr_run.evaluate(graph, leaves, x, masks=masks, offsets=offsets)
+
+
+def _model_name(model) -> str:
+  return getattr(model, 'spec', None) or type(model).__name__
+
+
+def _shapes(model, image_shape) -> dict:
+  x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
+  if isinstance(model, own.OwnModel):
+    return model.init_shapes()
+  return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
+
+
+def _trace(model, leaf_specs, x, train: bool, keys) -> tuple[jaxpr_lib.Graph, tuple]:
+  """The model's program in one mode, as a Graph named by the model's declarations. In
+  training mode it returns the new state ('batch_stats') after the logits, tied to the
+  leaves it replaces."""
+  traced = _canonical(model)
+  state = [i for i, k in enumerate(keys) if k[0] == own.STATE]
+
+  def fn(leaves, x):
+    variables = traverse_util.unflatten_dict(dict(zip(keys, leaves)))
+    if not train:
+      return traced.apply(variables, x, train=False)
+    logits, updated = traced.apply(variables, x, train=True, mutable=[own.STATE])
+    new = traverse_util.flatten_dict({own.STATE: updated.get(own.STATE, {})})
+    return (logits, *[new[keys[i]] for i in state])
+
+  rng = model.rng_leaves() if isinstance(model, own.OwnModel) else ()
+  graph = jaxpr_lib.Graph(jaxpr_lib.trace(fn, leaf_specs, x), keys, rng_leaves=rng,
+                          state_outputs={1 + n: i for n, i in enumerate(state)} if train else {})
+  return _name_groups(graph, model), keys
+
+
+@functools.lru_cache(maxsize=64)
+def derive(model: nn.Module, image_shape=(32, 32, 3)) -> Program:
+  """The program of `model` (a built-in model built at its widths, or an own model at its
+  full width) for (H, W, C) images."""
+  flat = traverse_util.flatten_dict(dict(_shapes(model, image_shape)))
+  keys = tuple(flat)
+  x = jax.ShapeDtypeStruct((2,) + tuple(image_shape), jnp.float32)
+  graph, _ = _trace(model, [flat[k] for k in keys], x, True, keys)
+  performance = getattr(model, 'performance', PerformanceOptions())
+  return Program(model=model, structure=graph.structure(), graph=graph, leaf_keys=keys,
+                 xla_options=performance.xla_options)
+
+
+def run_pruned(model: own.OwnModel, variables, x, *, train: bool, mutable: bool):
+  """A pruned own model's forward pass: its full program, run on the cut variables with
+  every shape rewritten for the kept channels (`jaxpr_run.evaluate`). With `mutable`,
+  also returns {'batch_stats': new state}, as `OwnModel.apply` does."""
+  prog = derive(model.full(), tuple(model.image_shape))
+  leaves = prog.leaves_of(variables)
+  graph = prog.graph_for(x, train=train, leaves=leaves)
+  out = jaxpr_run.evaluate(graph, leaves, x, kept=model.kept_indices())
+  if not train:
+    return (out, {own.STATE: dict(variables).get(own.STATE, {})}) if mutable else out
+  logits, *new = out
+  state = [k for k in prog.leaf_keys if k[0] == own.STATE]
+  if not mutable:
+    return logits
+  return logits, {own.STATE: traverse_util.unflatten_dict({k[1:]: v for k, v in zip(state, new)})}
+
+
+def fresh_init(model, rng, image_shape) -> dict:
+  """A fresh initialisation of a pruned own model (`model.kept`): the full model
+  initialised from `rng`, cut to the kept channels, and every kernel rescaled by
+  sqrt(fan_in_full / fan_in_pruned), where fan_in is the product of all its axes but the
+  last. A kernel drawn by fan-in variance scaling (Flax's default for Dense, Conv and
+  nnx.Linear / nnx.Conv: lecun_normal) then has the spread its initializer gives at the
+  pruned shape; BatchNorm scales, biases and statistics start as they do at any width."""
+  full = model.full()
+  prog = derive(full, tuple(image_shape))
+  variables = full.init(rng, np.zeros((1,) + tuple(image_shape), np.float32))
+  first = {g: (np.arange(prog.structure.widths[g]) < len(k)).astype(np.float32)
+           for g, k in model.kept_indices().items()}
+  _, small, _ = shrink.shrink(prog, variables, first)
+  flat = traverse_util.flatten_dict(dict(small))
+  before = traverse_util.flatten_dict(dict(variables))
+  for key, value in flat.items():
+    if key[0] == own.PARAMS and key[-1] == 'kernel' and np.ndim(value) >= 2:
+      fan_full = math.prod(np.shape(before[key])[:-1])
+      fan_pruned = math.prod(np.shape(value)[:-1])
+      if fan_pruned != fan_full:
+        flat[key] = np.asarray(value) * np.sqrt(fan_full / fan_pruned).astype(np.float32)
+  return traverse_util.unflatten_dict(flat)
+
+
+def pruned_shapes(model: own.OwnModel) -> dict:
+  """The shapes and dtypes of a pruned own model's variables, computing nothing."""
+  prog = derive(model.full(), tuple(model.image_shape))
+  kept = model.kept_indices()
+  flat = traverse_util.flatten_dict(dict(model.full().init_shapes()))
+  graph = prog.graph
+  out = {key: jax.ShapeDtypeStruct(tuple(graph.new_size(layout, kept) for layout in layouts),
+                                   flat[key].dtype)
+         for key, layouts in zip(prog.leaf_keys, graph.leaf_layouts)}
+  return traverse_util.unflatten_dict(out)
+
+
+def derive_checked(model: own.OwnModel, image_shape) -> Program:
+  """`derive` of an own model, where a model that cannot take these images (or that the
+  factory cannot build for them) is one sentence naming the shape and the first line of
+  what failed."""
+  try:
+    return derive(model, tuple(image_shape))
+  except ConfigError:
+    raise
+  except Exception as error:  # The researcher's code: whatever it raises, say where.
+    first = (str(error).strip().splitlines() or [''])[0]
+    shape = 'x'.join(map(str, image_shape))
+    raise ConfigError(f'model={model.spec} cannot take {shape} images '
+                      f'({type(error).__name__}: {first}).', settings=('model',)) from error
