@@ -46,14 +46,16 @@ cut size, and query, key and value must keep one head size. Gates (squeeze-and-e
 GLU: two computed values multiplied elementwise) are refused like residual streams unless
 `prune_streams=True`.
 
-Scores, masks, selection and costs use `structure`, a `jaxprune.prune.structure.Structure`
-over the prunable groups, so every criterion, policy and cost count works unchanged.
-`taylor_abs_elementwise` needs offsets inside the model and is not available here.
+The Pruner is the main job's machinery on a model you hold: `program` is the model's
+`jaxprune.prune.program.Program` (read in evaluation mode), which the criteria run, and
+`structure` its `Structure` over the prunable groups, which selection and cost counting
+read; `shrink` is `jaxprune.prune.shrink.shrink`. To train, fine-tune or retrain from
+scratch a model of your own with seeds and resumable stages, give its factory to
+`launch.py --model=package.module:factory` (README, "Your own model").
 """
 
 import dataclasses
 import inspect
-import itertools
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import flax
@@ -64,10 +66,10 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from jaxprune.errors import ConfigError
-from jaxprune.kernels.options import PerformanceOptions
 from jaxprune.prune import criteria, flops, select as select_lib, shrink as shrink_lib
 from jaxprune.prune import jaxpr as jaxpr_lib
 from jaxprune.prune import jaxpr_run
+from jaxprune.prune import program as program_lib
 
 _COLLECTIONS = {nnx.Param: 'params', nnx.BatchStat: 'batch_stats'}
 
@@ -78,27 +80,14 @@ def _collection(variable) -> str:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class _Model:
-  """The derived program as the criteria see a model: `apply(variables, x, train, masks)`.
+class _Function:
+  """The model as `program.from_function` reads it: Linen-style `apply(variables, x)`,
+  always in the mode the Pruner was given it in (evaluation)."""
+  fn: Callable
 
-  Hashed by identity, so a criterion's jitted accumulator compiles once per Pruner.
-  """
-  pruner: 'Pruner'
-  performance: PerformanceOptions = PerformanceOptions()
-
-  def apply(self, variables, x, train: bool = False, masks=None, mutable=None):
-    del train  # The program was traced in eval mode.
-    graph = self.pruner.graph_for(x)
-    leaves = self.pruner.leaves_of(variables)
-    if mutable and 'intermediates' in mutable:
-      out, acts = jaxpr_run.evaluate(graph, leaves, x, masks=masks, record=True)
-      return _logits(out), {'intermediates': {g: (a,) for g, a in acts.items()}}
-    return _logits(jaxpr_run.evaluate(graph, leaves, x, masks=masks))
-
-
-def _logits(out):
-  # A model returning several values, (logits, features), is scored on its first.
-  return out[0] if isinstance(out, tuple) else out
+  def apply(self, variables, x, train: bool = False, **unused):
+    del train, unused
+    return self.fn(variables, x)
 
 
 @dataclasses.dataclass
@@ -177,18 +166,15 @@ class Pruner:
         _check_call_arguments(model.__self__)
       apply = model.apply if isinstance(model, nn.Module) else model
       variables = nn.meta.unbox(variables)
-    self._apply = apply
-    self._prune_streams = prune_streams
-    self._fixed = tuple(fixed)
     self.variables = variables
-    flat = traverse_util.flatten_dict(dict(variables))
-    self.leaf_keys = tuple(flat)
-    self._graphs = {}
     x = jnp.asarray(_batch_images(example_batch))
-    self.graph = self.graph_for(x)
+    self.program = self._traced(lambda: program_lib.from_function(
+        _Function(apply), variables, x, prune_streams=prune_streams, fixed=tuple(fixed),
+        rng_leaves=self._rng_keys), x)
+    self.leaf_keys = self.program.leaf_keys
+    self.graph = self.program.graph
     self.groups = self.graph.groups
-    self.structure = self.graph.structure()
-    self.model = _Model(self)
+    self.structure = self.program.structure
     # Plain jax.jit, not compiler.jit: users call these inside their own jitted steps, and
     # compiler options are only allowed on the outermost jit.
     self._masked = jax.jit(self._masked_apply)
@@ -224,43 +210,27 @@ class Pruner:
 
   def graph_for(self, x) -> jaxpr_lib.Graph:
     """The derived program for inputs shaped like x (traced once per shape and dtype)."""
-    signature = (tuple(np.shape(x)), str(jnp.result_type(x)))
-    if signature not in self._graphs:
-      keys = self.leaf_keys
+    return self._traced(lambda: self.program.graph_for(x), x)
 
-      def fn(leaves, x):
-        return self._apply(traverse_util.unflatten_dict(dict(zip(keys, leaves))), x)
-
-      leaves = self.leaves_of(self.variables)
-      try:
-        jaxpr = jaxpr_lib.trace(fn, leaves, x)
-      except ConfigError:
-        raise
-      except (TypeError, ValueError, flax.errors.ScopeParamShapeError) as error:
-        first = str(error).strip().splitlines()[0].rstrip('.')
-        raise ConfigError(f"images of shape {signature[0]} do not fit the model: "
-                          f"{first}.") from error
-      graph = jaxpr_lib.Graph(jaxpr, keys, self._prune_streams, fixed=self._fixed,
-                              rng_leaves=self._rng_keys)
-      if self._graphs:
-        first = next(iter(self._graphs.values()))
-        if graph.prunable != first.prunable or any(
-            graph.groups[g].width != first.groups[g].width for g in graph.prunable):
-          raise ConfigError(f"the model's channel groups change with the input shape "
-                            f"{signature[0]}; score and run it at one shape.")
-      self._graphs[signature] = graph
-    return self._graphs[signature]
+  @staticmethod
+  def _traced(trace: Callable, x):
+    """trace(), where images the model cannot take are one sentence (ConfigError)."""
+    try:
+      return trace()
+    except ConfigError:
+      raise
+    except (TypeError, ValueError, flax.errors.ScopeParamShapeError) as error:
+      first = str(error).strip().splitlines()[0].rstrip('.')
+      raise ConfigError(f"images of shape {tuple(np.shape(x))} do not fit the model: "
+                        f"{first}.") from error
 
   def _masked_apply(self, variables, x, masks):
-    return jaxpr_run.evaluate(self.graph_for(x), self.leaves_of(variables), x, masks=masks)
+    return self.program.apply(nn.meta.unbox(variables), x, masks=masks)
 
   def apply(self, variables, x, masks: Mapping | None = None):
     """The model's output with `masks` ({group: (C,) or (B, C)}) at every consumer; jitted."""
+    self.graph_for(x)
     masks = {g: jnp.asarray(m, jnp.float32) for g, m in (masks or {}).items()}
-    unknown = [g for g in masks if g not in self.structure.prunable]
-    if unknown:
-      raise ValueError(f"masks name groups {unknown} that are not prunable; the prunable "
-                       f"groups are {list(self.structure.prunable)}.")
     return self._masked(variables, x, masks)
 
   # Scores, masks, costs.
@@ -272,27 +242,14 @@ class Pruner:
     `batches`: {'image', 'label'} dicts or (images, labels) pairs, read once (data-free
     criteria ignore them).
     """
-    if criterion == 'taylor_abs_elementwise':
-      raise ConfigError("criterion=taylor_abs_elementwise adds offsets inside jaxprune's own "
-                        "models and is not available for a Pruner; use taylor.",
-                        settings=('criterion',))
-    chosen = criteria.get(criterion, **options)
-    state = chosen.init(self.structure, rng)
-    if chosen.needs_data:
-      batches = iter(batches if batches is not None else ())
-      first = next(batches, None)
-      if first is None:
-        raise ValueError(f"criterion {criterion!r} needs at least one batch of data, got none.")
-      full = {g: jnp.ones((w,), jnp.float32) for g, w in self.structure.widths.items()}
-      full.update({g: jnp.asarray(m, jnp.float32) for g, m in (masks or {}).items()})
-      step = criteria.accumulator(chosen, self.model)
-      for index, batch in enumerate(itertools.chain([first], batches)):
+    def checked():
+      for index, batch in enumerate(batches if batches is not None else ()):
         batch = _as_batch(batch)
         self._check_labels(batch, index)
-        state = step(state, self.variables, full, batch)
-    flat = traverse_util.flatten_dict(dict(self.variables))
-    virtual = traverse_util.unflatten_dict(self.graph.virtual_leaves(flat))
-    return chosen.finalize(state, self.model, virtual)
+        yield batch
+
+    return criteria.score(criterion, self.program, self.variables, checked(), masks=masks,
+                          rng=rng, **options)
 
   def _check_labels(self, batch, index: int):
     classes = self.graph_for(batch['image']).jaxpr.out_avals[0].shape[-1]
@@ -320,30 +277,22 @@ class Pruner:
     """MACs and params of the model, or of the model with `masks` removed."""
     if not masks:
       return flops.count(self.structure)
-    return flops.count(self.structure, self._widths(shrink_lib.kept_indices(self.structure, masks)))
-
-  def _widths(self, kept) -> dict[str, int]:
-    widths = dict(self.structure.widths)
-    widths.update({g: int(k.size) for g, k in kept.items()})
-    return widths
+    kept = shrink_lib.kept_indices(self.structure, masks)
+    return flops.count(self.structure, shrink_lib.widths_after(self.structure, kept))
 
   # Shrinking.
 
   def shrink(self, masks: Mapping, variables=None) -> Shrunk:
     """Removes the masked-out channels ({group: (C,)}, nonzero = keep) from `variables`
     (default: the Pruner's own; for NNX, the module's current state)."""
-    kept = shrink_lib.kept_indices(self.structure, masks)
     if variables is None:
       variables = (self._nnx_variables(self._module)[1] if self._nnx else self.variables)
-    flat = traverse_util.flatten_dict(dict(nn.meta.unbox(variables)))
-    cut = {key: jnp.asarray(jaxpr_lib.slice_leaf(flat[key], layouts, self.graph, kept))
-           for key, layouts in zip(self.leaf_keys, self.graph.leaf_layouts)}
-    small = traverse_util.unflatten_dict(cut)
+    widths, small, kept = shrink_lib.shrink(self.program, nn.meta.unbox(variables), masks)
+    small = jax.tree.map(jnp.asarray, small)
 
     def run(variables, x):
       return jaxpr_run.evaluate(self.graph_for(x), self.leaves_of(variables), x, kept=kept)
 
-    widths = self._widths(kept)
     return Shrunk(variables=small, apply=jax.jit(run), kept=kept, widths=widths,
                   cost=flops.count(self.structure, widths),
                   module=self._shrunk_module(small) if self._nnx else None)

@@ -137,7 +137,7 @@ def test_gate_gradients_match_per_example_brute_force(name):
   pruner = _pruner(name)
   batch = _batch(2)
   masks = {g: jnp.asarray(m) for g, m in _random_masks(pruner, 0.7, 5).items()}
-  gates, _ = compiler.jit_once(functools.partial(criteria.gate_gradients, pruner.model))(
+  gates, _ = compiler.jit_once(functools.partial(criteria.gate_gradients, pruner.program))(
       pruner.variables, masks, batch)
 
   def example_loss(gate, n):

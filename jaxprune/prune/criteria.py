@@ -133,8 +133,13 @@ def _full_masks(structure, masks) -> dict[str, jax.Array]:
           else jnp.ones((structure.widths[g],), jnp.float32) for g in structure.prunable}
 
 
+def _logits(out):
+  # A model returning several values, (logits, features), is scored on its first.
+  return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def _example_losses(model, variables, x, labels, masks) -> jax.Array:
-  logits = model.apply(variables, x, train=False, masks=masks)
+  logits = _logits(model.apply(variables, x, train=False, masks=masks))
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
@@ -239,7 +244,7 @@ class WeightNorm(Criterion):
 
   def finalize(self, state, model, variables):
     # On the host in numpy: a handful of reductions, not worth compiling per shape.
-    flat = traverse_util.flatten_dict(variables)
+    flat = traverse_util.flatten_dict(model.leaf_view(variables))
     scores = {}
     for group, slices in state['slices'].value:
       per_channel = [np.moveaxis(np.asarray(flat[key], np.float64), axis, -1)
@@ -277,7 +282,7 @@ class BnScale(Criterion):
     return {'groups': _group_table(structure), 'scales': _Static(tuple(found))}
 
   def finalize(self, state, model, variables):
-    flat = traverse_util.flatten_dict(variables)
+    flat = traverse_util.flatten_dict(model.leaf_view(variables))
     return _as_numpy({g: np.abs(np.asarray(flat[key])) for g, key in state['scales'].value})
 
 
@@ -348,9 +353,10 @@ def activation_gradients(model, variables, masks, batch) -> tuple[dict, dict]:
   shapes = _activation_shapes(model, variables, x, masks)
 
   def summed_loss(offsets):
-    logits, state = model.apply(variables, x, train=False, masks=masks,
-                                mutable=['intermediates'], offsets=offsets)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    out, state = model.apply(variables, x, train=False, masks=masks,
+                             mutable=['intermediates'], offsets=offsets)
+    losses = optax.softmax_cross_entropy_with_integer_labels(
+        _logits(out).astype(jnp.float32), labels)
     return jnp.sum(losses), {g: a[0] for g, a in state['intermediates'].items()}
 
   zeros = {g: jnp.zeros(shape, jnp.float32) for g, shape in shapes.items()}

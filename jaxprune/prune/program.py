@@ -60,7 +60,7 @@ def _name_groups(graph: jaxpr_lib.Graph, model: nn.Module) -> jaxpr_lib.Graph:
 
 @dataclasses.dataclass(eq=False)
 class Program:
-  """A built-in (or any Linen `__call__(x, train)`) model's program and structure.
+  """A model's program and structure (`derive`, or `from_function` for a `Pruner`).
 
   Hashed by identity, so a criterion's jitted accumulator compiles once per program.
 
@@ -76,11 +76,18 @@ class Program:
   graph: jaxpr_lib.Graph
   leaf_keys: tuple[LeafKey, ...]
   xla_options: str
+  graph_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   _graphs: dict = dataclasses.field(default_factory=dict)
 
   def leaves_of(self, variables) -> list:
     flat = traverse_util.flatten_dict(dict(variables))
     return [flat[k] for k in self.leaf_keys]
+
+  def leaf_view(self, variables) -> dict:
+    """The variables as `structure` names its leaves: an axis holding several groups (a
+    concatenation's reader) split into one virtual leaf per piece."""
+    flat = traverse_util.flatten_dict(dict(variables))
+    return traverse_util.unflatten_dict(self.graph.virtual_leaves(flat))
 
   def graph_for(self, x, train: bool = False, leaves=None) -> jaxpr_lib.Graph:
     """The program for inputs shaped like x, in training or evaluation mode, on the full
@@ -92,7 +99,7 @@ class Program:
     specs = [jax.ShapeDtypeStruct(a.shape, d) for a, d in zip(full, dtypes)]
     signature = (tuple(np.shape(x)), str(jnp.result_type(x)), train, tuple(map(str, dtypes)))
     if signature not in self._graphs:
-      graph, _ = _trace(self.model, specs, _spec(x), train, self.leaf_keys)
+      graph = _trace(self.model, specs, _spec(x), train, self.leaf_keys, self.graph_options)
       widths = {g: graph.groups[g].width for g in graph.prunable}
       if widths != {g: self.structure.widths[g] for g in self.structure.prunable}:
         raise ValueError(f"{_model_name(self.model)}'s program at input shape "
@@ -128,7 +135,7 @@ def _shapes(model, image_shape) -> dict:
   return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
 
 
-def _trace(model, leaf_specs, x, train: bool, keys) -> tuple[jaxpr_lib.Graph, tuple]:
+def _trace(model, leaf_specs, x, train: bool, keys, options: Mapping) -> jaxpr_lib.Graph:
   """The model's program in one mode, as a Graph named by the model's declarations. In
   training mode it returns the new state ('batch_stats') after the logits, tied to the
   leaves it replaces."""
@@ -143,10 +150,9 @@ def _trace(model, leaf_specs, x, train: bool, keys) -> tuple[jaxpr_lib.Graph, tu
     new = traverse_util.flatten_dict({own.STATE: updated.get(own.STATE, {})})
     return (logits, *[new[keys[i]] for i in state])
 
-  rng = model.rng_leaves() if isinstance(model, own.OwnModel) else ()
-  graph = jaxpr_lib.Graph(jaxpr_lib.trace(fn, leaf_specs, x), keys, rng_leaves=rng,
+  graph = jaxpr_lib.Graph(jaxpr_lib.trace(fn, leaf_specs, x), keys, **options,
                           state_outputs={1 + n: i for n, i in enumerate(state)} if train else {})
-  return _name_groups(graph, model), keys
+  return _name_groups(graph, model)
 
 
 @functools.lru_cache(maxsize=64)
@@ -156,10 +162,22 @@ def derive(model: nn.Module, image_shape=(32, 32, 3)) -> Program:
   flat = traverse_util.flatten_dict(dict(_shapes(model, image_shape)))
   keys = tuple(flat)
   x = jax.ShapeDtypeStruct((2,) + tuple(image_shape), jnp.float32)
-  graph, _ = _trace(model, [flat[k] for k in keys], x, True, keys)
+  options = {'rng_leaves': model.rng_leaves()} if isinstance(model, own.OwnModel) else {}
+  graph = _trace(model, [flat[k] for k in keys], x, True, keys, options)
   performance = getattr(model, 'performance', PerformanceOptions())
   return Program(model=model, structure=graph.structure(), graph=graph, leaf_keys=keys,
-                 xla_options=performance.xla_options)
+                 xla_options=performance.xla_options, graph_options=options)
+
+
+def from_function(model, variables, x, **options) -> Program:
+  """The program of any model called Linen-style, `model.apply(variables, x, train=False)`,
+  read in evaluation mode at x's shape (`jaxprune.Pruner`'s). `options` go to `jaxpr.Graph`
+  (prune_streams, fixed, rng_leaves)."""
+  flat = traverse_util.flatten_dict(dict(variables))
+  keys = tuple(flat)
+  graph = _trace(model, [_spec(flat[k]) for k in keys], _spec(x), False, keys, options)
+  return Program(model=model, structure=graph.structure(), graph=graph, leaf_keys=keys,
+                 xla_options=PerformanceOptions().xla_options, graph_options=options)
 
 
 def run_pruned(model: own.OwnModel, variables, x, *, train: bool, mutable: bool):
