@@ -3,6 +3,8 @@
 Plain Linen, written without jaxprune and without channel selections: each layer's
 BatchNorm and conv read the whole concatenated stream, so pruning a layer's output
 removes it at its offset in every later layer's input.
+`python launch.py --model=examples.densenet_concat:factory` trains and prunes it in every
+regime.
 """
 
 import flax.linen as nn
@@ -29,3 +31,8 @@ class DenseNet(nn.Module):
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
     x = jnp.mean(nn.relu(norm()(x)), axis=(1, 2))
     return nn.Dense(self.num_classes)(x)
+
+
+def factory(num_classes: int) -> DenseNet:
+  """The model for `launch.py --model=examples.densenet_concat:factory` (called with train=...)."""
+  return DenseNet(num_classes=num_classes)

@@ -1,7 +1,8 @@
 """A small MobileNetV2 in Flax NNX (Sandler et al. 2018): inverted residuals, depthwise convs.
 
-Plain NNX, written without jaxprune: `jaxprune.Pruner(MobileNetV2(...), None, images)`
-prunes it (see the README's "Prune your own model").
+Plain NNX, written without jaxprune. `python launch.py --model=examples.mobilenet_v2:factory`
+trains, prunes and retrains it in every regime; `jaxprune.Pruner(MobileNetV2(...), None,
+images)` prunes it in your own code (README, "Your own model").
 """
 
 from typing import Sequence
@@ -48,8 +49,9 @@ class InvertedResidual(nnx.Module):
 class MobileNetV2(nnx.Module):
 
   def __init__(self, num_classes: int = 10, stem: int = 8, last: int = 32,
-               blocks: Sequence[tuple[int, int, int, int]] = SMALL, *, rngs: nnx.Rngs):
-    self.stem = ConvBN(3, stem, 3, rngs=rngs)
+               blocks: Sequence[tuple[int, int, int, int]] = SMALL, channels: int = 3, *,
+               rngs: nnx.Rngs):
+    self.stem = ConvBN(channels, stem, 3, rngs=rngs)
     layers, c = [], stem
     for t, c_out, n, s in blocks:
       for i in range(n):
@@ -65,3 +67,8 @@ class MobileNetV2(nnx.Module):
       x = block(x)
     x = jnp.mean(self.last(x), axis=(1, 2))
     return self.head(x)
+
+
+def factory(num_classes: int, image_shape: tuple[int, int, int], rngs: nnx.Rngs) -> MobileNetV2:
+  """The model for `launch.py --model=examples.mobilenet_v2:factory`."""
+  return MobileNetV2(num_classes, channels=image_shape[-1], rngs=rngs)

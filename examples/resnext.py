@@ -1,7 +1,9 @@
 """A stack of ResNeXt blocks in Flax Linen (Xie et al. 2017): grouped 3x3 convolutions.
 
 Plain Linen, written without jaxprune; its widths are constructor fields.
-`jaxprune.Pruner(functools.partial(model.apply, train=False), variables, images)` prunes it.
+`python launch.py --model=examples.resnext:factory` trains and prunes it in every regime;
+`jaxprune.Pruner(functools.partial(model.apply, train=False), variables, images)` prunes it
+in your own code.
 """
 
 from typing import Sequence
@@ -44,3 +46,8 @@ class ResNeXt(nn.Module):
       x = Bottleneck(width, out, self.cardinality, stride)(x, train)
       x = Bottleneck(width, out, self.cardinality)(x, train)
     return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+
+
+def factory(num_classes: int) -> ResNeXt:
+  """The model for `launch.py --model=examples.resnext:factory` (called with train=...)."""
+  return ResNeXt(num_classes=num_classes)

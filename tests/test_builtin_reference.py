@@ -1,8 +1,9 @@
 """The built-in models through the program-derived structure give what width probing gave.
 
-tests/fixtures/builtin_reference.{npz,json} were recorded by
-tests/fixtures/record_builtin_reference.py at commit 08a41c0, when structure came from
-probing `init` at other widths and the models applied masks at gates of their own. Every
+tests/fixtures/builtin_reference.{npz,json} were recorded at commit 08a41c0 (by
+tests/fixtures/record_builtin_reference.py, removed since: it called the width-probing
+derivation), when structure came from probing `init` at other widths and the models
+applied masks at gates of their own. Every
 criterion's scores, every selection's masks, the costs and the masked and shrunk outputs
 must stay what they were (scores to float rounding: the program runs the same arithmetic
 in another order).
