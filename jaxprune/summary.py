@@ -38,7 +38,8 @@ FIXED = '(fixed)'
 _TFDS = ('cifar10', 'cifar100')
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('model', None, f"model to summarise: {', '.join(models.MODELS)}.")
+flags.DEFINE_string('model', None, f"model to summarise: {', '.join(models.MODELS)}, or "
+                    'your own as package.module:factory (as for launch.py).')
 flags.DEFINE_string('dataset', 'digits', 'dataset whose image shape and classes the model is '
                     f"counted at: {', '.join(data.DATASETS)} (as for launch.py).")
 flags.DEFINE_string('data_path', None, 'the .npz file of --dataset=npz.')
@@ -158,15 +159,21 @@ def summarize(model: str, dataset: str = 'digits', data_path: str | None = None,
   if preset is not None and widths_file is not None:
     raise ConfigError("give either preset or widths_file, not both.",
                       settings=('preset', 'widths_file'))
-  errors.choose('model', model, models.MODELS, setting='model')
+  config.BY_NAME['model'].check(model)
+  if models.own.is_own(model):
+    models.own.load_factory(model)
   if preset is not None:
     # Before the seconds that deriving takes.
     errors.choose('preset', preset, select.PRESETS, setting='preset')
   config.BY_NAME['width_multiplier'].check(width_multiplier)
   image_shape, num_classes = dataset_shape(dataset, data_path)
   try:
-    struct = program.derive(models.build(model, num_classes=num_classes,
-                                         width_multiplier=width_multiplier), image_shape).structure
+    built = models.build(model, num_classes=num_classes, width_multiplier=width_multiplier,
+                         image_shape=image_shape)
+    if isinstance(built, models.OwnModel):
+      struct = program.derive_checked(built, image_shape).structure
+    else:
+      struct = program.derive(built, image_shape).structure
   except ConfigError as e:  # e.g. a VGG's five poolings on 8x8 digits
     shape = 'x'.join(map(str, image_shape))
     raise ConfigError(f"model={model} cannot take the {shape} images of dataset={dataset}: "

@@ -49,7 +49,12 @@ def test_structure_and_costs_are_unchanged(name, reference):
   assert [cost.macs, cost.params] == meta[name]['cost']
 
 
-@pytest.mark.parametrize('name', MODELS)
+# The larger reference models take a minute each to score with every criterion: -m slow.
+_SCORED_BY_DEFAULT = ('tiny', 'resnet8', 'preresnet11', 'wrn10_1')
+
+
+@pytest.mark.parametrize('name', [n if n in _SCORED_BY_DEFAULT else
+                                  pytest.param(n, marks=pytest.mark.slow) for n in MODELS])
 def test_every_criterion_scores_as_before(name, reference):
   meta, arrays = reference
   model, prog, variables = _setup(name)

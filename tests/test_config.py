@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import types
 
 import pytest
 from absl import flags
@@ -116,8 +117,9 @@ def test_width_multiplier_scales_every_default_width_and_identifies_the_baseline
   from jaxprune import models
   from jaxprune.pipeline import stages
   full = models.widths_of(models.build('vgg11'))
+  cifar = types.SimpleNamespace(num_classes=10, image_shape=(32, 32, 3))
   half = models.widths_of(stages.model_builder(config.make(model='vgg11', width_multiplier=0.5),
-                                               10)(None))
+                                               cifar)(None))
   assert half == {g: w // 2 for g, w in full.items()}
   assert models.widths_of(models.build('tiny', width_multiplier=0.01)) == {
       g: 1 for g in models.widths_of(models.build('tiny'))}

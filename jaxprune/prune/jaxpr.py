@@ -1,6 +1,6 @@
 """Channel structure read off a program: `jax.make_jaxpr` of any `apply(variables, x)`.
 
-`derive(apply, variables, x)` traces the function once (shapes only) and ties every
+`trace(fn, leaves, x)` traces `fn(leaves, x)` once (shapes only) and `Graph` ties every
 axis of every value in the program to the axes it must keep equal to, through
 convolutions (with `feature_group_count`), matmuls, elementwise ops with broadcasting,
 reshapes, transposes, tiles, reductions, concatenations, splits and the call-like
