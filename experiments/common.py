@@ -136,7 +136,8 @@ def baseline_dir(root: str, settings: dict) -> str:
   keys = pipeline.stage_settings(pipeline.make(**settings), 'baseline')
   changed = {k: v for k, v in keys.items() if v != pipeline.config.BY_NAME[k].default}
   digest = hashlib.sha1(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
-  return os.path.join(root, 'baselines', f"{keys['model']}_s{keys['seed']}_{digest}")
+  model = keys['model'].replace(':', '.')  # an own model's package.module:factory
+  return os.path.join(root, 'baselines', f"{model}_s{keys['seed']}_{digest}")
 
 
 def make_run(experiment: str, root: str, path: str, regime: str, labels: dict,

@@ -21,7 +21,7 @@ from random_variables import random_like
 
 def _readme_snippet() -> str:
   text = (ROOT / 'README.md').read_text()
-  section = text[text.index('## Pruning your own model'):]
+  section = text[text.index('### In your own code'):]
   return re.search(r'```python\n(.*?)```', section, re.S).group(1)
 
 

@@ -312,7 +312,8 @@ def default_dirs(config) -> tuple[str, str]:
   """(workdir, baseline_dir) named from the settings: runs that differ in any baseline,
   prune or regime setting get their own work directory, and every run with the same
   baseline settings shares one baseline."""
-  root = f'{DEFAULT_ROOT}/{config.model}-{config.dataset}'
+  # An own model's package.module:factory, with a dot for the colon paths dislike.
+  root = f"{DEFAULT_ROOT}/{config.model.replace(':', '.')}-{config.dataset}"
   identity = {s.name: getattr(config, s.name) for s in SETTINGS
               if s.stage not in ('run', 'performance')}
   return (f'{root}/{config.criterion}-{config.selection}-{_digest(identity)}',
