@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, launch_command
+from conftest import QUICK_FLAGS, ROOT, launch_command
 from jaxprune import models, pipeline
 from jaxprune.errors import ConfigError
 from jaxprune.prune import program, shrink
@@ -117,3 +117,18 @@ def test_sigkill_twice_then_rerun_gives_the_uninterrupted_table(tmp_path, launch
   got = json.loads((workdir / 'results.json').read_text())['rows']
   assert [(r['stage'], r['test_accuracy'], r['macs']) for r in got] == [
       (r['stage'], r['test_accuracy'], r['macs']) for r in expected]
+
+
+@pytest.mark.slow
+def test_two_processes_train_an_own_model_as_one_process_on_two_devices(tmp_path):
+  from jaxprune import local_cluster
+  from test_multihost import ATOL, accuracies, run_cluster
+  flags = ('--model=tests.own_factories:nnx_factory', *QUICK_FLAGS, '--regime=all',
+           '--multihost_timeout=30')
+  two = run_cluster(*flags, workdir=tmp_path / 'two', log_dir=tmp_path / 'logs')
+  assert two.returncode == 0, two.stderr[-3000:]
+  one = subprocess.run(launch_command(*flags, workdir=tmp_path / 'one'), capture_output=True,
+                       text=True, cwd=ROOT, timeout=900, env=local_cluster.environment(2))
+  assert one.returncode == 0, one.stderr[-3000:]
+  np.testing.assert_allclose(list(accuracies(tmp_path / 'two').values()),
+                             list(accuracies(tmp_path / 'one').values()), atol=ATOL)

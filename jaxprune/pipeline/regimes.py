@@ -34,7 +34,12 @@ A regime is a plan, not a script; `pipeline` trains every plan with the same `tr
   baseline's epochs. A DenseNet's stream is its stem and growth rate, fields rather
   than widths: its reduced network has the largest growth rate within the budget and
   every selection reading the whole stream, and since a growth rate is a whole number
-  of channels, its stem is widened to take up the rest of the budget.
+  of channels, its stem is widened to take up the rest of the budget. A model of one's
+  own (`models.own`) has no stream widths to scale: every prunable group keeps the same
+  fraction of its channels.
+
+An own model's pruned network is built from its kept channels (`architecture`), and its
+fresh initialisation is `program.fresh_init`'s.
 
 Retraining never applies network slimming's BN-scale sparsity: it belongs to the
 baseline that is about to be pruned.

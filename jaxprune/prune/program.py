@@ -16,6 +16,11 @@ program is traced with `PerformanceOptions(conv_impl='native', batch_norm='flax'
 faster formulations compute the same function with the same variables, and the structure
 is a property of the function (the CPU convolution rule reads a kernel element at run time,
 which a program would show as a cut).
+
+A researcher's own model (`models.own.OwnModel`) is traced the same way and names its
+groups after its layers' paths. Pruned, it has no class to rebuild at other widths: it runs
+its full program on the cut variables with every shape rewritten (`run_pruned`), and a
+fresh pruned network starts from `fresh_init`.
 """
 
 import dataclasses
@@ -191,10 +196,10 @@ def run_pruned(model: own.OwnModel, variables, x, *, train: bool, mutable: bool)
   if not train:
     return (out, {own.STATE: dict(variables).get(own.STATE, {})}) if mutable else out
   logits, *new = out
-  state = [k for k in prog.leaf_keys if k[0] == own.STATE]
   if not mutable:
     return logits
-  return logits, {own.STATE: traverse_util.unflatten_dict({k[1:]: v for k, v in zip(state, new)})}
+  state = [k[1:] for k in prog.leaf_keys if k[0] == own.STATE]
+  return logits, {own.STATE: traverse_util.unflatten_dict(dict(zip(state, new)))}
 
 
 def fresh_init(model, rng, image_shape) -> dict:
