@@ -116,6 +116,25 @@ def test_a_model_computes_its_convolutions_as_its_performance_options_say():
   assert not _uses_native_conv(layer, x)
 
 
+@pytest.mark.parametrize('spatial,kernel,stride,padding', [
+    ((8, 8), (3, 3), (1, 1), 'SAME'), ((9, 7), (3, 3), (2, 2), 'SAME'),
+    ((9, 7), (3, 3), (2, 2), 'VALID'), ((11, 10), (5, 3), (2, 1), 'SAME'),
+    ((8, 8), (1, 1), (2, 2), 'SAME'), ((7, 7), (3, 3), (1, 1), ((2, 1), (0, 2))),
+    ((3, 3), (3, 3), (2, 2), 'SAME')])
+def test_canonical_layout_gradients_equal_lax_bit_for_bit(spatial, kernel, stride, padding):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2,) + spatial + (5,)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=kernel + (5, 6)), jnp.float32)
+  pads = conv._pads(spatial, kernel, stride, padding)
+  cotangent = jnp.asarray(rng.normal(size=conv.conv_native(x, k, stride, pads).shape))
+  vjps = [jax.vjp(lambda x, k, fn=fn: fn(x, k, stride, pads), x, k)[1]
+          for fn in (conv.conv_native, conv.conv_canonical)]
+  for jitted in (False, True):
+    grads = [(jax.jit(vjp) if jitted else vjp)(cotangent) for vjp in vjps]
+    for native, canonical in zip(*grads):
+      np.testing.assert_array_equal(np.asarray(canonical), np.asarray(native))
+
+
 def test_materialize_is_exactly_the_identity_with_identity_gradient():
   x, k = _inputs(3, 5)
   # (XLA's CPU backend flushes denormals in every op, the convolution included.)

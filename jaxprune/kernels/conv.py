@@ -30,6 +30,17 @@ Which formulation runs is the module's `impl`, a key of
            do. Off the CPU 'auto' is plain 'native' (cuDNN and the TPU compiler have no
            such cliff that we know of).
 
+On the CPU, 'auto' also computes the native convolution's gradients itself
+(`conv_canonical`, a `jax.custom_vjp`): both backward convolutions are written in the
+forward pass's NHWC x HWIO -> NHWC layout (input gradient: the cotangent, dilated by the
+strides, convolved with the spatially flipped kernel whose in and out axes are swapped;
+kernel gradient: the input as (C, H, W, N) convolved with the cotangent as (H, W, N, O),
+dilated by the strides, transposed back). XLA:CPU rewrites JAX's own backward
+convolutions (`b01f_01oi->b01f`, `f01b_i01o->01bf`) into that layout only in the entry
+computation; inside a loop body (`steps_per_call` > 1) they stayed generic loop-emitted
+convolutions, tens of times slower (experiments/bench/README.md, section 13). The gradients
+are lax's bit for bit (tests/test_conv.py).
+
 `materialize(x, kernel)` returns x / one, with `one` a runtime 1.0 derived from the kernel
 (exact: x / 1 == x, and its gradient is the identity). Why: in a train step XLA's CPU
 fusion recomputes a cheap elementwise producer inside every consumer instead of reading
@@ -44,6 +55,7 @@ The formulation is chosen while tracing, so a compiled function keeps the one it
 traced with; a model with other options is another (unequal) module and compiles anew.
 """
 
+import functools
 import math
 from typing import Sequence
 
@@ -136,6 +148,45 @@ def conv_native(x, kernel, strides, pads, precision=None):
                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=precision)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv_canonical(x, kernel, strides, pads, precision=None):
+  """`conv_native` whose backward convolutions are written in the forward's NHWC x HWIO ->
+  NHWC layout (see the module docstring): the same gradients, which XLA's CPU backend
+  runs at full speed inside a loop body too."""
+  return conv_native(x, kernel, strides, pads, precision)
+
+
+def _conv_canonical_forward(x, kernel, strides, pads, precision):
+  return conv_native(x, kernel, strides, pads, precision), (x, kernel)
+
+
+def _conv_canonical_backward(strides, pads, precision, residuals, cotangent):
+  x, kernel = residuals
+  input_pads, kernel_pads = [], []
+  for size, out, k, s, (low, _) in zip(x.shape[1:3], cotangent.shape[1:3], kernel.shape[:2],
+                                       strides, pads):
+    # The paddings of lax's own convolution VJPs (no dilation of the forward pass).
+    out_dilated = (out - 1) * s + 1
+    before = k - low - 1
+    input_pads.append((before, size + k - 1 - out_dilated - before))
+    kernel_pads.append((low, out_dilated - size + k - low - 1))
+  # Input gradient: the cotangent, dilated by the strides, convolved with the spatially
+  # flipped kernel whose in and out axes are swapped (HWOI read as HWIO).
+  flipped = lax.rev(kernel, (0, 1)).transpose(0, 1, 3, 2)
+  dx = lax.conv_general_dilated(cotangent, flipped.astype(cotangent.dtype), (1, 1),
+                                input_pads, lhs_dilation=strides,
+                                dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=precision)
+  # Kernel gradient: the input as (C, H, W, N) convolved with the cotangent as (H, W, N, O),
+  # dilated by the strides: (C, kh, kw, O), then back to HWIO.
+  dk = lax.conv_general_dilated(x.transpose(3, 1, 2, 0),
+                                cotangent.transpose(1, 2, 0, 3).astype(x.dtype), (1, 1),
+                                kernel_pads, rhs_dilation=strides,
+                                dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=precision)
+  return dx.astype(x.dtype), dk.transpose(1, 2, 0, 3).astype(kernel.dtype)
+
+
+conv_canonical.defvjp(_conv_canonical_forward, _conv_canonical_backward)
+
 FORMULATIONS = {'native': conv_native, 'patches': conv_patches}
 
 
@@ -178,9 +229,11 @@ class Conv(nn.Conv):
     inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
     out_spatial = [(size + lo + hi - k) // s + 1
                    for size, (lo, hi), k, s in zip(inputs.shape[1:3], pads, kernel_size, strides)]
+    formulation = FORMULATIONS[choose_impl(impl, out_spatial)]
     if impl == 'auto' and jax.default_backend() == 'cpu':
       inputs = materialize(inputs, kernel)
-    formulation = FORMULATIONS[choose_impl(impl, out_spatial)]
+      if formulation is conv_native:
+        formulation = conv_canonical
     y = formulation(inputs, kernel, strides, pads, self.precision)
     if bias is not None:
       y = y + bias
