@@ -156,7 +156,7 @@ SETTINGS: tuple[Setting, ...] = (
             'device: batches, augmentation and learning rates made inside it). A SIGTERM or '
             'Ctrl-C is honoured at the next call boundary, so this bounds how late; 1 steps one '
             'by one. Fits with a per-step hook (iterative pruning) always step one by one. '
-            'Default: 1 on CPUs, 50 on GPUs and TPUs.', 'run', optional=True, minimum=1),
+            'Default: 10 on CPUs, 50 on GPUs and TPUs.', 'run', optional=True, minimum=1),
     Setting('multihost', bool, False, 'Join a multi-process run (jax.distributed): a TPU VM '
             "pod's workers, SLURM or Open MPI tasks find each other; elsewhere give "
             'coordinator_address, num_processes and process_id.', 'run'),
