@@ -25,9 +25,9 @@ def test_a_second_run_loads_compiled_programs_from_the_cache(tmp_path, launch):
   assert any(cache.iterdir())
   second = launch(*flags, workdir=tmp_path / 'second', env=env)
   assert second.returncode == 0, second.stderr[-2000:]
-  # The baseline's and the pruned network's train steps: compiled by the first run, loaded
-  # by the second.
-  hit = "Persistent compilation cache hit for 'jit_sharded_train_step'"
+  # The baseline's and the pruned network's training calls (steps_per_call steps each):
+  # compiled by the first run, loaded by the second.
+  hit = "Persistent compilation cache hit for 'jit_sharded_train_steps'"
   assert (first.stderr.count(hit), second.stderr.count(hit)) == (0, 2)
   rows = [json.loads((tmp_path / run / 'results.json').read_text())['rows']
           for run in ('first', 'second')]
