@@ -68,7 +68,7 @@ def test_an_edited_model_is_a_new_baseline_not_a_reused_one(quick_config, tmp_pa
                         baseline_dir=str(tmp_path / 'base'))
   pipeline.run(config)
   monkeypatch.setattr(own_factories, 'linen_factory', own_factories.linen_wider_factory)
-  models.own._template.cache_clear()
+  models.own._cached_template.cache_clear()
   program.derive.cache_clear()
   with pytest.raises(ConfigError, match='trained on another version of the model'):
     pipeline.run(dataclasses.replace(config, workdir=str(tmp_path / 'other')))

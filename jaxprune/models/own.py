@@ -42,7 +42,6 @@ from jaxprune.kernels.options import PerformanceOptions
 PARAMS, STATE = 'params', 'batch_stats'
 # The Linen dropout key jaxprune keeps in the state collection (module docstring).
 DROPOUT_KEY = '__dropout_key__'
-FACTORY_ARGUMENTS = ('num_classes', 'image_shape', 'rngs')
 
 
 def is_own(name: str) -> bool:
@@ -130,19 +129,18 @@ class OwnModel:
   def module(self, seed: int = 0):
     return _call_factory(self.spec, self.num_classes, self.image_shape, seed)
 
-  def is_nnx(self) -> bool:
-    return isinstance(_template(self.spec, self.num_classes, tuple(self.image_shape)).module,
-                      nnx.Module)
+  def _template(self) -> '_Template':
+    return _cached_template(self.spec, self.num_classes, tuple(self.image_shape))
 
   def init(self, rng, x, train: bool = False) -> dict:
-    """The full network's variables from key `rng` (any `x` of the image shape), sliced to
-    `kept` for a pruned one (`program.fresh_init` makes a pruned network's own)."""
+    """The full network's variables from key `rng` (any `x` of the image shape); a pruned
+    network's come from `program.fresh_init`."""
     del train
     if self.kept:
       raise ValueError('initialise the full model and shrink it (program.fresh_init); a '
                        'pruned own model has no initialiser of its own.')
     seed = int(jax.random.randint(rng, (), 0, 2 ** 31 - 1))
-    template = _template(self.spec, self.num_classes, tuple(self.image_shape))
+    template = self._template()
     if template.nnx:
       return template.variables_of(self.module(seed))
     variables = nn.meta.unbox(template.module.init(
@@ -159,29 +157,27 @@ class OwnModel:
       from jaxprune.prune import program
       return program.run_pruned(self, variables, x, train=train,
                                 mutable=STATE in (mutable or ()))
-    template = _template(self.spec, self.num_classes, tuple(self.image_shape))
-    logits, state = template.call(variables, x, train)
+    logits, state = self._template().call(variables, x, train)
     if mutable and STATE in mutable:
       return logits, {STATE: state}
     return logits
 
   def init_shapes(self) -> dict:
     """The full network's variables as shapes and dtypes, computing nothing."""
-    template = _template(self.spec, self.num_classes, tuple(self.image_shape))
-    return template.shapes()
+    return self._template().shapes()
 
   def rng_leaves(self) -> tuple:
     """The state leaves that are random keys or counts, never channels."""
-    return _template(self.spec, self.num_classes, tuple(self.image_shape)).rng_leaves
+    return self._template().rng_leaves
 
   def digest(self) -> str:
     """A digest of the factory's traced program at the full width: an edited model is
     another baseline."""
-    return _template(self.spec, self.num_classes, tuple(self.image_shape)).digest()
+    return self._template().digest()
 
 
-def _first_output(out):
-  # A model returning (logits, features, ...) is scored and trained on its first output.
+def first_output(out):
+  """A model's logits: the first of several outputs, (logits, features, ...)."""
   return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -235,7 +231,7 @@ class _Template:
         pairs.append((path, variable.replace(value=value)))
       module = nnx.merge(self.graphdef, nnx.from_flat_state(pairs))
       module.train() if train else module.eval()
-      logits = _first_output(module(x))
+      logits = first_output(module(x))
       state = {k: v for k, v in traverse_util.flatten_dict(self.variables_of(module)).items()
                if k[0] == STATE}
       return logits, traverse_util.unflatten_dict({k[1:]: v for k, v in state.items()})
@@ -252,7 +248,7 @@ class _Template:
       out, new = self.module.apply(given, x, train=False), stats
       advanced = key
     new = {**new, (DROPOUT_KEY,): jax.random.key_data(advanced)}
-    return _first_output(out), traverse_util.unflatten_dict(new)
+    return first_output(out), traverse_util.unflatten_dict(new)
 
   @functools.cache
   def digest(self) -> str:
@@ -262,5 +258,5 @@ class _Template:
 
 
 @functools.lru_cache(maxsize=16)
-def _template(spec: str, num_classes: int, image_shape: tuple) -> _Template:
+def _cached_template(spec: str, num_classes: int, image_shape: tuple) -> _Template:
   return _Template(spec, num_classes, image_shape)

@@ -380,7 +380,8 @@ def prune(config, base: Baseline, data: Data) -> PruneOutcome:
         record=stage_record(config))
   widths, small, kept = shrink.shrink(prog, source, masks)
   before, after = flops.count(structure), flops.count(structure, widths)
-  test = train.evaluate_variables(build(regimes.architecture(base.model, widths, kept)), small, data.arrays, dataset.spec,
+  network = build(regimes.architecture(base.model, widths, kept))
+  test = train.evaluate_variables(network, small, data.arrays, dataset.spec,
                                   batch_size=config.batch_size, precision=config.precision)
   record = {
       'criterion': config.criterion, 'selection': config.selection, 'schedule': config.schedule,

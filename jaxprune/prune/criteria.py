@@ -106,6 +106,7 @@ from jaxprune.prune import structure as structure_lib
 from jaxprune.prune.program import Program
 from jaxprune.errors import ConfigError, choose
 from jaxprune.models.layers import INDICES
+from jaxprune.models.own import first_output
 
 State = Any
 Scores = dict[str, np.ndarray]
@@ -133,13 +134,8 @@ def _full_masks(structure, masks) -> dict[str, jax.Array]:
           else jnp.ones((structure.widths[g],), jnp.float32) for g in structure.prunable}
 
 
-def _logits(out):
-  # A model returning several values, (logits, features), is scored on its first.
-  return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def _example_losses(model, variables, x, labels, masks) -> jax.Array:
-  logits = _logits(model.apply(variables, x, train=False, masks=masks))
+  logits = first_output(model.apply(variables, x, train=False, masks=masks))
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
@@ -356,7 +352,7 @@ def activation_gradients(model, variables, masks, batch) -> tuple[dict, dict]:
     out, state = model.apply(variables, x, train=False, masks=masks,
                              mutable=['intermediates'], offsets=offsets)
     losses = optax.softmax_cross_entropy_with_integer_labels(
-        _logits(out).astype(jnp.float32), labels)
+        first_output(out).astype(jnp.float32), labels)
     return jnp.sum(losses), {g: a[0] for g, a in state['intermediates'].items()}
 
   zeros = {g: jnp.zeros(shape, jnp.float32) for g, shape in shapes.items()}

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jaxprune import models
 from jaxprune.errors import ConfigError
 from jaxprune.kernels.options import PerformanceOptions
 from jaxprune.models import own
@@ -133,13 +134,6 @@ def _model_name(model) -> str:
   return getattr(model, 'spec', None) or type(model).__name__
 
 
-def _shapes(model, image_shape) -> dict:
-  x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
-  if isinstance(model, own.OwnModel):
-    return model.init_shapes()
-  return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
-
-
 def _trace(model, leaf_specs, x, train: bool, keys, options: Mapping) -> jaxpr_lib.Graph:
   """The model's program in one mode, as a Graph named by the model's declarations. In
   training mode it returns the new state ('batch_stats') after the logits, tied to the
@@ -164,7 +158,7 @@ def _trace(model, leaf_specs, x, train: bool, keys, options: Mapping) -> jaxpr_l
 def derive(model: nn.Module, image_shape=(32, 32, 3)) -> Program:
   """The program of `model` (a built-in model built at its widths, or an own model at its
   full width) for (H, W, C) images."""
-  flat = traverse_util.flatten_dict(dict(_shapes(model, image_shape)))
+  flat = traverse_util.flatten_dict(dict(models.init_shapes(model, image_shape)))
   keys = tuple(flat)
   x = jax.ShapeDtypeStruct((2,) + tuple(image_shape), jnp.float32)
   options = {'rng_leaves': model.rng_leaves()} if isinstance(model, own.OwnModel) else {}
