@@ -42,7 +42,7 @@ MINI_SEEDS = (0, 1, 2)
 # VGG-11 at half width (about an hour per pruned network's regimes); scratch_b uncapped.
 MIDI = dict(dataset='npz', model='vgg11', width_multiplier=0.5, epochs=15, batch_size=64,
             lr=0.1, weight_decay=1e-4, finetune_epochs=3, finetune_lr=1e-3)
-MIDI_SEEDS = (0, 1)
+MIDI_SEEDS = (0, 1, 2)
 BUDGETS = {'mini': MINI, 'midi': MIDI, 'full': FULL}
 SEEDS = {'mini': MINI_SEEDS, 'midi': MIDI_SEEDS, 'full': FULL_SEEDS}
 
@@ -149,7 +149,7 @@ def make_run(experiment: str, root: str, path: str, regime: str, labels: dict,
                          baseline_dir=baseline_dir(root, settings), **settings)
   pipeline.validate(config)
   return Run(name=f'{path}/{regime}', config=config,
-             labels=dict(labels, experiment=experiment, regime=regime))
+             labels={'regime': regime, **labels, 'experiment': experiment})
 
 
 def _budget(config) -> str:
@@ -185,16 +185,21 @@ def _init(config) -> str:
 
 def describe(runs: Sequence[Run]) -> str:
   """The dry-run listing: one line per run with everything its budget depends on."""
-  columns = ('run', 'model', 'init', 'data', 'criterion', 'selection', 'budget', 'schedule',
-             'regime', 'baseline ep', 'regime ep', 'seed')
+  columns = ('run', 'architecture', 'model', 'init', 'data', 'criterion', 'selection', 'budget',
+             'schedule', 'regime', 'baseline ep', 'regime ep', 'seed')
   rows = []
   for run in runs:
     c = run.config
     data = c.dataset + (f' ({c.max_train} train)' if c.max_train else '')
     model = c.model + (f' x{c.width_multiplier:g}' if c.width_multiplier != 1.0 else '')
     selection = c.selection + (' (weights)' if c.granularity == 'weight' else '')
-    rows.append((run.name, model, _init(c), data, c.criterion, selection, _budget(c),
-                 c.schedule, c.regime, str(c.epochs), _regime_epochs(c), str(c.seed)))
+    if c.width_profile != 0 or c.selection == 'random_widths':
+      selection += f' #{c.width_profile}'
+    if c.kept_channels != 'criterion':
+      selection += f', {c.kept_channels} channels'
+    rows.append((run.name, run.labels.get('architecture', '-'), model, _init(c), data,
+                 c.criterion, selection, _budget(c), c.schedule, c.regime, str(c.epochs),
+                 _regime_epochs(c), str(c.seed)))
   widths = [max(len(columns[i]), *(len(r[i]) for r in rows)) if rows else len(columns[i])
             for i in range(len(columns))]
   lines = ['  '.join(h.ljust(w) for h, w in zip(columns, widths))]
@@ -279,8 +284,10 @@ def _row_of(results: dict, regime: str) -> dict:
 def main(experiment: str, plan: Callable, argv=None,
          extra_flags: Callable[[argparse.ArgumentParser], None] | None = None,
          description: str = '', defaults: dict | None = None,
-         scales: Sequence[str] = ('mini', 'full')) -> list:
-  """Parses the common flags (plus the experiment's), plans, and dry-runs or executes."""
+         scales: Sequence[str] = ('mini', 'full'),
+         instead: Callable[[argparse.Namespace, list], bool] | None = None) -> list:
+  """Parses the common flags (plus the experiment's), plans, and dry-runs or executes;
+  `instead(args, runs)` runs first and, when it returns True, in place of the runs."""
   parser = argparse.ArgumentParser(prog=f'python -m experiments.{experiment}',
                                    description=description,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -289,12 +296,14 @@ def main(experiment: str, plan: Callable, argv=None,
     extra_flags(parser)
   args = parser.parse_args(argv)
   from jaxprune.errors import exit_on_user_error
-  # One sentence, no traceback; every finished run's snapshot is already on disk.
-  with exit_on_user_error():
-    return _plan_and_execute(experiment, plan, args)
+  from jaxprune.train import checkpoint
+  # One sentence, no traceback; every finished run's snapshot is already on disk. SIGTERM
+  # and Ctrl-C save what trains and exit 75 and 130 (checkpoint.SIGNALS).
+  with exit_on_user_error(), checkpoint.SIGNALS.installed():
+    return _plan_and_execute(experiment, plan, args, instead)
 
 
-def _plan_and_execute(experiment: str, plan: Callable, args) -> list:
+def _plan_and_execute(experiment: str, plan: Callable, args, instead=None) -> list:
   runs = plan(args)
   names = [r.name for r in runs]
   if len(set(names)) != len(names):
@@ -307,6 +316,8 @@ def _plan_and_execute(experiment: str, plan: Callable, args) -> list:
   quiet_logging()
   from jaxprune.kernels import compiler
   compiler.use_persistent_cache(args.compilation_cache_dir)
+  if instead is not None and instead(args, runs):
+    return runs
   return execute(experiment, runs, log=lambda s: print(s, flush=True))
 
 

@@ -31,6 +31,11 @@ from scipy import stats
 
 # ---------------------------------------------------------------------------- statistics
 
+BOOTSTRAP_RESAMPLES = 10000
+# The references every architecture of random_vs_criterion is compared with, paired by seed.
+REFERENCES = ('random', 'uniform')
+
+
 def mean_std(values) -> tuple[float, float]:
   """Mean and sample std (ddof=1; NaN for fewer than two values)."""
   values = np.asarray(list(values), np.float64)
@@ -46,29 +51,33 @@ def percent_bar(accuracies) -> tuple[float, float]:
   return 100 * mean, 0.0 if math.isnan(std) else 100 * std
 
 
-def beats_random(accuracies: dict, reference: str = 'random') -> dict:
-  """For each criterion: does its mean accuracy beat random's by more than the seed spread?
+def bootstrap_interval(values, level: float = 0.95,
+                       resamples: int | None = None) -> tuple[float, float]:
+  """Percentile bootstrap interval of the mean of `values` (NaN, NaN below two values).
 
-  accuracies: {criterion: [accuracy per seed]}, the reference among them.
-  The spread is the larger of the two sample stds over seeds; a criterion "beats"
-  random when mean(criterion) - mean(random) > spread. With fewer than two seeds
-  on either side the spread is undefined and the answer is False.
-
-  Returns {criterion: {'diff', 'spread', 'beats'}} for every criterion but the reference.
+  The values are resampled with replacement `resamples` times (BOOTSTRAP_RESAMPLES) by a
+  generator of fixed seed, so a table is rebuilt to the same digits. Every resampled mean
+  lies within [min, max] of the values: with two or three seeds the interval is coarse.
   """
-  if reference not in accuracies:
-    return {}
-  ref_mean, ref_std = mean_std(accuracies[reference])
-  out = {}
-  for name in sorted(accuracies):
-    if name == reference:
-      continue
-    mean, std = mean_std(accuracies[name])
-    spread = max(std, ref_std) if not (math.isnan(std) or math.isnan(ref_std)) else float('nan')
-    diff = mean - ref_mean
-    out[name] = {'diff': diff, 'spread': spread,
-                 'beats': bool(not math.isnan(spread) and diff > spread)}
-  return out
+  values = np.asarray(list(values), np.float64)
+  if values.size < 2:
+    return float('nan'), float('nan')
+  rng = np.random.default_rng(0)
+  draws = rng.integers(0, values.size, (resamples or BOOTSTRAP_RESAMPLES, values.size))
+  means = values[draws].mean(axis=1)
+  tail = (1 - level) / 2
+  low, high = np.quantile(means, [tail, 1 - tail])
+  return float(low), float(high)
+
+
+def paired_difference(by_seed: Mapping, reference_by_seed: Mapping) -> dict:
+  """`by_seed` minus `reference_by_seed` over the seeds both ran ({seed: accuracy} each):
+  {'seeds', 'diff' (mean), 'low', 'high' (its 95 % bootstrap interval), 'p' (paired t)}."""
+  seeds = sorted(set(by_seed) & set(reference_by_seed))
+  differences = [by_seed[s] - reference_by_seed[s] for s in seeds]
+  low, high = bootstrap_interval(differences)
+  return {'seeds': len(seeds), 'diff': float(np.mean(differences)) if seeds else float('nan'),
+          'low': low, 'high': high, 'p': paired_p_value(by_seed, reference_by_seed)}
 
 
 def paired_p_value(by_seed: Mapping, reference_by_seed: Mapping) -> float:
@@ -136,22 +145,36 @@ def csv_text(header, rows) -> str:
 # ---------------------------------------------------------------------------- reading
 
 def load(root: str) -> dict:
-  """{experiment: [snapshot dicts, each with '_dir': its work directory relative to root]}."""
+  """{experiment: [snapshot dicts, each with '_dir': its work directory relative to root]}.
+
+  A damaged snapshot stops the report with one sentence naming it (SystemExit)."""
   found = defaultdict(list)
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames.sort()
     for name in sorted(filenames):
       if name.startswith('results_') and name.endswith('.json'):
-        with open(os.path.join(dirpath, name)) as f:
-          snap = json.load(f)
+        snap = _read_snapshot(os.path.join(dirpath, name),
+                              'delete it and rerun its experiment, which rewrites it from the '
+                              'finished stages')
         snap['_dir'] = os.path.relpath(dirpath, root)
         found[snap.get('experiment', 'unknown')].append(snap)
       elif name == 'agreement.json':
-        with open(os.path.join(dirpath, name)) as f:
-          snap = json.load(f)
+        snap = _read_snapshot(os.path.join(dirpath, name),
+                              'delete it and rerun criteria_vs_oracle for it')
         snap['_dir'] = os.path.relpath(dirpath, root)
         found['criteria_vs_oracle'].append(snap)
   return {k: sorted(v, key=lambda s: (s['_dir'], s.get('run', ''))) for k, v in found.items()}
+
+
+def _read_snapshot(path: str, advice: str) -> dict:
+  try:
+    with open(path, encoding='utf-8') as f:
+      snap = json.load(f)
+  except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors.
+    sys.exit(f'error: {path} is damaged ({type(error).__name__}: {error}); {advice}.')
+  if not isinstance(snap, dict):
+    sys.exit(f'error: {path} is damaged (it holds no JSON object); {advice}.')
+  return snap
 
 
 def _row(snap, stage):
@@ -179,63 +202,127 @@ def _seed(snap):
 
 # ---------------------------------------------------------------------------- experiments
 
-def random_vs_criterion(snaps, out, write):
-  cells = defaultdict(list)     # (budget, regime, criterion) -> snaps
+def _architecture(snap) -> str:
+  labels = snap['labels']
+  name = labels.get('architecture', labels['criterion'])
+  return f'{name} (random channels)' if labels.get('channels') == 'random' else name
+
+
+def _regime_group(snap) -> str:
+  """The regime column: the selection is part of it (macs and macs_l2 are different
+  experiments); a control (uniform, sampled profiles) is labelled with the selection of the
+  criteria it stands beside."""
+  labels = snap['labels']
+  selection = labels.get('selection', snap['config'].get('selection', 'macs'))
+  return labels['regime'] + (f' ({selection})' if selection != 'macs' else '')
+
+
+def _interval_text(low, high) -> str:
+  if math.isnan(low):
+    return '-'
+  return f'[{100 * low:+.2f}, {100 * high:+.2f}]'
+
+
+def _called(c: dict) -> bool:
+  """Whether a paired difference is reported as real: its 95 % bootstrap interval excludes 0
+  and the paired t-test's p is below 0.05. With two or three seeds the bootstrap interval is
+  the range of the differences (any three of one sign exclude 0), so it is not enough alone."""
+  return (c['low'] > 0 or c['high'] < 0) and not math.isnan(c['p']) and c['p'] < 0.05
+
+
+def _verdict(budget: float, regime: str, seeds: int, comparisons: list) -> str:
+  """One sentence that says only what the intervals and tests support."""
+  where = f'At {100 * budget:.0f} % of the MACs ({regime}, {seeds} seed{"s" * (seeds != 1)})'
+  measured = [c for c in comparisons if not math.isnan(c['low'])]
+  if not measured:
+    best = max(comparisons, key=lambda c: (c['diff'], c['architecture'], c['reference']))
+    return (f'{where}: fewer than two paired seeds, so no interval; the largest single '
+            f"difference, {best['architecture']} minus {best['reference']}, is "
+            f"{100 * best['diff']:+.2f} pp and says nothing beyond one draw.")
+  called = [c for c in measured if _called(c)]
+  if not called:
+    widest = max(measured, key=lambda c: (abs(c['diff']), c['architecture'], c['reference']))
+    return (f'{where}: no architecture differs from random scores or from uniform by more '
+            'than the seeds allow (no 95 % interval excludes 0 with p < 0.05); the largest '
+            f"difference, {widest['architecture']} minus {widest['reference']}, is "
+            f"{100 * widest['diff']:+.2f} pp, interval "
+            f"{_interval_text(widest['low'], widest['high'])}, p {p_text(widest['p'])}.")
+  parts = [f"{c['architecture']} {'beats' if c['low'] > 0 else 'trails'} {c['reference']} by "
+           f"{100 * c['diff']:+.2f} pp {_interval_text(c['low'], c['high'])}, "
+           f"p {p_text(c['p'])}" for c in called]
+  rest = len(measured) - len(called)
+  tail = (f'; the other {rest} differences are within what the seeds allow' if rest else '')
+  return f"{where}: {'; '.join(parts)}{tail}."
+
+
+def _latency(root: str | None) -> dict:
+  path = os.path.join(root, 'random_vs_criterion', 'latency.json') if root else None
+  if path is None or not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f).get('runs', {})
+
+
+def _ms(values) -> str:
+  values = [v for v in values if v is not None]
+  return f'{np.median(values):.2f}' if values else '-'
+
+
+def random_vs_criterion(snaps, out, write, root=None):
+  cells = defaultdict(list)     # (budget, regime group, architecture) -> snaps
+  several_models = len({s['config']['model'] for s in snaps}) > 1
   for s in snaps:
-    # The selection is part of the regime column: macs and macs_l2 are different experiments.
-    regime = s['labels']['regime']
-    if s['config'].get('selection', 'macs') != 'macs':
-      regime = f"{regime} ({s['config']['selection']})"
-    cells[(s['labels']['budget'], regime, s['labels']['criterion'])].append(s)
-  header = ['budget (MACs kept)', 'regime', 'criterion', 'seeds', 'test acc % (mean ± std)',
-            'MACs kept %', 'params', 'epochs', 'minus random (pp)', 'spread (pp)',
-            'beats random', 'p (paired t)']
-  csv_header = ['budget', 'regime', 'criterion', 'seeds', 'acc_mean', 'acc_std',
-                'macs_kept_mean', 'params_mean', 'epochs_mean', 'diff_vs_random',
-                'spread', 'beats_random', 'p_paired_t']
-  md_rows, csv_rows, verdict_rows, verdict_csv = [], [], [], []
+    group = _regime_group(s)
+    if several_models:
+      group = f"{s['config']['model']}: {group}"
+    cells[(s['labels']['budget'], group, _architecture(s))].append(s)
+  latency = _latency(root)
   budgets = sorted({k[0] for k in cells}, reverse=True)
-  regimes = sorted({k[1] for k in cells})
+  groups = sorted({k[1] for k in cells})
+  cell_rows, cell_csv, comparison_rows, comparison_csv, verdicts = [], [], [], [], []
   for budget in budgets:
-    for regime in regimes:
-      by_seed = {c: {_seed(s): _last(s)['test_accuracy'] for s in v}
-                 for (b, r, c), v in cells.items() if b == budget and r == regime}
+    for regime in groups:
+      by_seed = {a: {_seed(s): _last(s)['test_accuracy'] for s in v}
+                 for (b, r, a), v in cells.items() if b == budget and r == regime}
       if not by_seed:
         continue
-      accs = {c: [seeds[s] for s in sorted(seeds)] for c, seeds in by_seed.items()}
-      verdict = beats_random(accs)
-      p_values = {c: paired_p_value(by_seed[c], by_seed['random']) for c in verdict}
-      for criterion in sorted(accs):
-        group = cells[(budget, regime, criterion)]
+      for architecture in sorted(by_seed):
+        group = cells[(budget, regime, architecture)]
+        accs = [by_seed[architecture][seed] for seed in sorted(by_seed[architecture])]
         kept = [_last(s)['macs'] / _baseline(s)['macs'] for s in group]
         params = [_last(s)['params'] for s in group]
-        epochs = [_last(s)['epochs'] for s in group]
-        v = verdict.get(criterion)
-        mean, std = mean_std(accs[criterion])
-        md_rows.append([f'{budget:.2f}', regime, criterion, len(group), pm(accs[criterion]),
-                        f'{100 * np.mean(kept):.1f}', f'{np.mean(params):.0f}',
-                        f'{np.mean(epochs):.1f}',
-                        f"{100 * v['diff']:+.2f}" if v else '',
-                        pct(v['spread']) if v else '',
-                        ('yes' if v['beats'] else 'no') if v else
-                        ('(reference)' if criterion == 'random' else '(no random run)'),
-                        p_text(p_values.get(criterion))])
-        csv_rows.append([f'{budget:.2f}', regime, criterion, len(group), num(mean), num(std),
-                         num(float(np.mean(kept))), f'{np.mean(params):.1f}',
-                         f'{np.mean(epochs):.2f}', num(v['diff']) if v else '',
-                         num(v['spread']) if v else '',
-                         str(v['beats']) if v else '', num(p_values.get(criterion))])
-      winners = sorted(c for c, v in verdict.items() if v['beats'])
-      best = max(verdict, key=lambda c: (verdict[c]['diff'], c)) if verdict else None
-      verdict_rows.append([f'{budget:.2f}', regime, ', '.join(winners) if winners else 'none',
-                           best or '-',
-                           f"{100 * verdict[best]['diff']:+.2f}" if best else '-',
-                           pct(verdict[best]['spread']) if best else '-',
-                           p_text(p_values[best]) if best else '-'])
-      verdict_csv.append([f'{budget:.2f}', regime, ';'.join(winners), best or '',
-                          num(verdict[best]['diff']) if best else '',
-                          num(verdict[best]['spread']) if best else '',
-                          num(p_values[best]) if best else ''])
+        timed = [latency.get(s['run'], {}) for s in group]
+        mean, std = mean_std(accs)
+        low, high = bootstrap_interval(accs)
+        cell_rows.append([f'{budget:.2f}', regime, architecture, len(group), pm(accs),
+                          _interval_text(low, high).replace('+', ''),
+                          f'{100 * np.mean(kept):.1f}', f'{np.mean(params):.0f}',
+                          f"{np.mean([_last(s)['epochs'] for s in group]):.1f}",
+                          _ms(t.get('ms_batch1') for t in timed),
+                          _ms(t.get('ms_batch128') for t in timed)])
+        cell_csv.append([f'{budget:.2f}', regime, architecture, len(group), num(mean), num(std),
+                         num(low), num(high), num(float(np.mean(kept))),
+                         f'{np.mean(params):.1f}'])
+      comparisons = []
+      for reference in REFERENCES:
+        if reference not in by_seed:
+          continue
+        for architecture in sorted(by_seed):
+          if architecture in REFERENCES[:REFERENCES.index(reference) + 1]:
+            continue
+          c = paired_difference(by_seed[architecture], by_seed[reference])
+          if c['seeds'] == 0:
+            continue
+          comparisons.append(dict(c, architecture=architecture, reference=reference))
+          comparison_rows.append([f'{budget:.2f}', regime, architecture, reference, c['seeds'],
+                                  f"{100 * c['diff']:+.2f}", _interval_text(c['low'], c['high']),
+                                  p_text(c['p'])])
+          comparison_csv.append([f'{budget:.2f}', regime, architecture, reference, c['seeds'],
+                                 num(c['diff']), num(c['low']), num(c['high']), num(c['p'])])
+      if comparisons:
+        seeds = max(len(v) for v in by_seed.values())
+        verdicts.append([f'{budget:.2f}', regime, _verdict(budget, regime, seeds, comparisons)])
+  channel_rows = _channel_comparison(cells)
   base = {}
   for s in snaps:
     base[(s['config']['baseline_dir'] or s['_dir'], _seed(s))] = _baseline(s)['test_accuracy']
@@ -244,21 +331,64 @@ def random_vs_criterion(snaps, out, write):
           f"Model(s): {', '.join(model)}; unpruned baselines: {pm(base.values())} % over "
           f"{len(base)} seeds. {wall_time_line(snaps)}\n",
           stand_in_line('random_vs_criterion', snaps).rstrip('\n') + '\n',
-          'Does any criterion beat random by more than the seed spread (the larger of the two '
-          'sample stds over seeds)?\n',
-          markdown(['budget (MACs kept)', 'regime', 'criteria that beat random', 'best criterion',
-                    'best minus random (pp)', 'spread (pp)', 'best: p (paired t)'], verdict_rows),
-          'p (paired t): two-sided p-value of a paired t-test against random over the seeds '
-          '(runs of one seed share their baseline and data order). With few seeds and many '
-          'cells, a small p here and there is expected by chance.',
-          '\nAll cells (test accuracy of the retrained pruned network, last epoch):\n',
-          markdown(header, md_rows)]
+          'Architectures of equal cost: each criterion\'s pruned widths, `random` (random '
+          'scores, the same selection), `uniform` (every width scaled by one factor to '
+          "random's MACs) and `profileN` (randomly sampled width profiles at the budget).\n",
+          '## Verdicts\n',
+          'A difference is called when its 95 % bootstrap interval excludes 0 and the paired '
+          't-test gives p < 0.05; with two or three seeds the bootstrap interval is the range of '
+          'the differences, so it is not enough alone.\n',
+          markdown(['budget (MACs kept)', 'regime', 'what the seeds support'], verdicts),
+          '## Paired differences\n',
+          'Each architecture minus a reference, paired by seed (runs of one seed share their '
+          'baseline and data order): mean over the paired seeds, its 95 % percentile '
+          f'bootstrap interval ({BOOTSTRAP_RESAMPLES:,} resamples of the seeds; with n seeds it '
+          'lies within the range of the n differences, so with 2 or 3 seeds it is coarse) and '
+          "the two-sided paired t-test's p. With many cells, a small p here and there is "
+          'expected by chance.\n',
+          markdown(['budget (MACs kept)', 'regime', 'architecture', 'minus', 'seeds',
+                    'difference (pp)', '95 % interval (pp)', 'p (paired t)'], comparison_rows)]
+  if channel_rows:
+    text += ['## Channels or widths?\n',
+             "Fine-tuned from the baseline's weights at a criterion's widths: the criterion's "
+             'own channels minus channels drawn at random within each group, paired by '
+             'seed.\n',
+             markdown(['budget (MACs kept)', 'criterion', 'seeds', 'own channels acc %',
+                       'random channels acc %', 'difference (pp)', '95 % interval (pp)',
+                       'p (paired t)'], channel_rows)]
+  text += ['## All cells\n',
+           'Test accuracy of the retrained network (last epoch), mean ± sample std over seeds '
+           'and the 95 % bootstrap interval of the mean; inference latency on the machine '
+           '`--latency` ran on (median ms per batch, eval mode; "-": not timed).\n',
+           markdown(['budget (MACs kept)', 'regime', 'architecture', 'seeds',
+                     'test acc % (mean ± std)', '95 % interval (%)', 'MACs kept %', 'params',
+                     'epochs', 'ms, batch 1', 'ms, batch 128'], cell_rows)]
   write('random_vs_criterion.md', '\n'.join(text))
-  write('random_vs_criterion.csv', csv_text(csv_header, csv_rows))
-  write('random_vs_criterion_verdict.csv',
-        csv_text(['budget', 'regime', 'beats_random', 'best', 'best_diff', 'spread',
-                  'best_p_paired_t'], verdict_csv))
-  _plot_budgets(cells, regimes, out)
+  write('random_vs_criterion.csv', csv_text(
+      ['budget', 'regime', 'architecture', 'seeds', 'acc_mean', 'acc_std', 'acc_low', 'acc_high',
+       'macs_kept_mean', 'params_mean'], cell_csv))
+  write('random_vs_criterion_paired.csv', csv_text(
+      ['budget', 'regime', 'architecture', 'reference', 'seeds', 'diff', 'low', 'high',
+       'p_paired_t'], comparison_csv))
+  write('random_vs_criterion_verdict.csv', csv_text(['budget', 'regime', 'verdict'], verdicts))
+  _plot_budgets(cells, groups, out)
+
+
+def _channel_comparison(cells) -> list:
+  rows = []
+  for (budget, regime, architecture), group in sorted(cells.items()):
+    if 'finetune' not in regime or architecture.endswith('(random channels)'):
+      continue
+    drawn = cells.get((budget, regime, f'{architecture} (random channels)'))
+    if not drawn:
+      continue
+    own = {_seed(s): _last(s)['test_accuracy'] for s in group}
+    other = {_seed(s): _last(s)['test_accuracy'] for s in drawn}
+    c = paired_difference(own, other)
+    rows.append([f'{budget:.2f}', architecture, c['seeds'], pm(own.values()),
+                 pm(other.values()), f"{100 * c['diff']:+.2f}" if c['seeds'] else '-',
+                 _interval_text(c['low'], c['high']), p_text(c['p'])])
+  return rows
 
 
 def _plot_budgets(cells, regimes, out):
@@ -266,22 +396,26 @@ def _plot_budgets(cells, regimes, out):
   if plt is None or out is None:
     return
   for regime in regimes:
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for criterion in sorted({k[2] for k in cells if k[1] == regime}):
-      xs, ys, es = [], [], []
-      for (b, r, c), group in sorted(cells.items()):
-        if r == regime and c == criterion:
-          xs.append(np.mean([_last(s)['macs'] / _baseline(s)['macs'] for s in group]))
-          y, e = percent_bar([_last(s)['test_accuracy'] for s in group])
-          ys.append(y)
-          es.append(e)
-      order = np.argsort(xs)
-      ax.errorbar(np.asarray(xs)[order], np.asarray(ys)[order], yerr=np.asarray(es)[order],
-                  marker='o', capsize=3, label=criterion)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for architecture in sorted({k[2] for k in cells if k[1] == regime}):
+      points = []
+      for (b, r, a), group in sorted(cells.items()):
+        if r == regime and a == architecture:
+          accs = [_last(s)['test_accuracy'] for s in group]
+          mean = float(np.mean(accs))
+          low, high = bootstrap_interval(accs)
+          spread = (0.0, 0.0) if math.isnan(low) else (mean - low, high - mean)
+          points.append((np.mean([_last(s)['macs'] / _baseline(s)['macs'] for s in group]),
+                         100 * mean, 100 * spread[0], 100 * spread[1]))
+      points.sort()
+      xs, ys, below, above = map(np.asarray, zip(*points))
+      ax.errorbar(xs, ys, yerr=np.stack([below, above]), marker='o', capsize=3,
+                  label=architecture)
     ax.set_xlabel('MACs kept (fraction of the unpruned network)')
     ax.set_ylabel('test accuracy (%)')
-    ax.set_title(f'random_vs_criterion: {regime} (mean ± std over seeds)')
-    ax.legend(fontsize=8)
+    ax.set_title(f'random_vs_criterion: {regime}\n(mean over seeds, 95 % bootstrap interval)',
+                 fontsize=9)
+    ax.legend(fontsize=7)
     slug = ''.join(ch if ch.isalnum() or ch == '_' else '_' for ch in regime).strip('_')
     _save(fig, os.path.join(out, f'random_vs_criterion_{slug}.png'))
 
@@ -558,7 +692,7 @@ def build(root: str, out: str) -> list[str]:
   for name in sorted(found):
     snaps = found[name]
     if name == 'random_vs_criterion':
-      random_vs_criterion(snaps, out, write)
+      random_vs_criterion(snaps, out, write, root)
     elif name == 'criteria_vs_oracle':
       criteria_vs_oracle(snaps, write)
     elif name == 'taylor_curves':

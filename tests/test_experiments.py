@@ -1,4 +1,4 @@
-"""The experiments' runner, report tool and "beats random" rule: dry runs, reproducible tables, hand-made numbers."""
+"""The experiments' runner and report tool: dry runs, a run to the tables, paired statistics by hand."""
 
 import importlib
 import json
@@ -99,7 +99,9 @@ def test_runs_share_one_baseline_per_model_and_seed(tmp_path):
   runs = common.main(rvc.EXPERIMENT, rvc.plan, extra_flags=rvc.extra_flags,
                      argv=[f'--root={tmp_path}', '--dry_run', '--seeds=0,1', MINI_DATA])
   assert len({r.config.baseline_dir for r in runs}) == 2
-  assert len({r.config.workdir for r in runs}) == len(runs) // len(rvc.REGIMES)
+  # The regimes of one pruned network, and the uniform network, share its prune stage.
+  shared = [r for r in runs if r.config.workdir.endswith(os.path.join('random', 'macs0.50', 's1'))]
+  assert sorted(r.config.regime for r in shared) == sorted((*rvc.REGIMES, 'reduced'))
 
 
 def test_midi_scale_runs_the_issue_settings(tmp_path):
@@ -117,27 +119,67 @@ def test_midi_scale_runs_the_issue_settings(tmp_path):
                 'vgg11', 0.5, 15, 64, 0.1, 'step', 1e-4, None, None)
   assert {(r.config.regime, r.config.selection, r.config.prune_ratio, r.config.seed) for r in l1} == {
       (regime, 'layer', 0.5, seed) for regime in ('finetune', 'scratch', 'scratch_b')
-      for seed in (0, 1)}
+      for seed in (0, 1, 2)}
   assert all((r.config.finetune_epochs, r.config.finetune_lr) == (3, 1e-3) for r in l1)
-  assert {(r.config.criterion, r.config.selection, r.config.target_macs, r.config.regime)
-          for r in open_question} == {(c, 'macs_l2', b, 'scratch') for c in ('taylor', 'random')
-                                      for b in (0.5, 0.25)}
+  scratch = {(r.labels['architecture'], r.config.selection, r.config.target_macs,
+              r.config.regime) for r in open_question if r.labels['regime'] == 'scratch'}
+  assert scratch == {(a, 'macs_l2', b, 'scratch') for a in ('taylor', 'l1', 'random')
+                     for b in (0.5, 0.25)} | {
+      ('uniform', 'macs_l2', b, 'reduced') for b in (0.5, 0.25)} | {
+      (f'profile{k}', 'random_widths', b, 'scratch') for k in (0, 1) for b in (0.5, 0.25)}
+  finetuned = {(r.config.criterion, r.config.kept_channels, r.config.target_macs)
+               for r in open_question if r.config.regime == 'finetune'}
+  assert finetuned == {(c, k, 0.5) for c in ('taylor', 'l1') for k in ('criterion', 'random')}
+  assert {r.config.seed for r in open_question} == {0, 1, 2}
+  # Every seed trains the same sampled profiles.
+  assert {r.config.width_profile for r in open_question
+          if r.config.selection == 'random_widths'} == {0, 1}
   # The open question prunes the same baselines as the L1 comparison.
   assert {r.config.baseline_dir for r in l1} == {r.config.baseline_dir for r in open_question}
 
 
-def test_beats_random_needs_more_than_the_seed_spread():
-  accs = {'random': [0.50, 0.52, 0.54],        # std 0.02
-          'clear': [0.60, 0.61, 0.62],         # +0.10 > 0.02
-          'within': [0.52, 0.53, 0.54],        # +0.01 < 0.02
-          'noisy': [0.45, 0.60, 0.75]}         # +0.08 < std 0.15
-  verdict = report.beats_random(accs)
-  assert set(verdict) == {'clear', 'within', 'noisy'}
-  assert verdict['clear']['beats'] and not verdict['within']['beats']
-  assert not verdict['noisy']['beats']
-  assert verdict['clear']['diff'] == pytest.approx(0.09)
-  assert verdict['noisy']['spread'] == pytest.approx(0.15)
-  assert not report.beats_random({'random': [0.5], 'x': [0.9]})['x']['beats']  # one seed: no spread
+def test_architectures_of_equal_cost_train_time_and_reach_the_tables(tmp_path):
+  from experiments import random_vs_criterion as rvc
+  argv = ['--scale=mini', '--model=tiny', '--dataset=digits', '--epochs=1', '--finetune_epochs=1',
+          '--budgets=0.5', '--criteria=random', '--regimes=scratch', '--profiles=1',
+          '--channel_criteria=l1', '--seeds=0', f'--root={tmp_path}']
+  kwargs = dict(extra_flags=rvc.extra_flags, scales=rvc.SCALES, instead=rvc.latency_instead)
+  snapshots = common.main(rvc.EXPERIMENT, rvc.plan, argv=argv, **kwargs)
+  by_name = {s['run']: s for s in snapshots}
+  assert sorted(by_name) == sorted([
+      'random/macs0.50/s0/scratch', 'random/macs0.50/s0/reduced',
+      'profile0/random_widths0.50/s0/scratch', 'l1/macs0.50/s0/finetune',
+      'l1_random_channels/macs0.50/s0/finetune'])
+  widths = {name: next(r for r in s['rows'] if r['stage'] == s['config']['regime'])['widths']
+            for name, s in by_name.items()}
+  # Own and random channels are fine-tuned at the same widths.
+  assert (widths['l1/macs0.50/s0/finetune'] ==
+          widths['l1_random_channels/macs0.50/s0/finetune'])
+  assert len({json.dumps(w, sort_keys=True) for w in widths.values()}) == 4
+  common.main(rvc.EXPERIMENT, rvc.plan, argv=argv + ['--latency'], **kwargs)
+  timed = json.loads((tmp_path / rvc.EXPERIMENT / 'latency.json').read_text())['runs']
+  assert set(timed) == set(by_name)
+  assert all(t['timed_macs'] == t['macs'] and t['ms_batch128'] > 0 for t in timed.values())
+  report.build(str(tmp_path), str(tmp_path / 'tables'))
+  table = (tmp_path / 'tables' / 'random_vs_criterion.md').read_text()
+  for cell in ('| 0.50 | scratch | uniform | 1 |', '| 0.50 | scratch | profile0 | 1 |',
+               '| 0.50 | l1 | 1 |', 'fewer than two paired seeds'):
+    assert cell in table, cell
+
+
+def test_bootstrap_interval_of_paired_differences_is_reproducible_and_within_their_range():
+  by_seed = {0: 0.60, 1: 0.62, 2: 0.61}
+  reference = {0: 0.50, 1: 0.55, 2: 0.52, 3: 0.9}   # seed 3 has no pair
+  c = report.paired_difference(by_seed, reference)
+  assert c['seeds'] == 3 and c['diff'] == pytest.approx((0.10 + 0.07 + 0.09) / 3)
+  assert 0.07 - 1e-12 <= c['low'] < c['diff'] < c['high'] <= 0.10 + 1e-12
+  assert report.paired_difference(by_seed, reference) == c
+  assert c['p'] == report.paired_p_value(by_seed, reference)
+  # A 99 % interval is at least as wide; one pair gives none.
+  low, high = report.bootstrap_interval([by_seed[s] - reference[s] for s in range(3)],
+                                        level=0.99)
+  assert low <= c['low'] and high >= c['high']
+  assert all(math.isnan(x) for x in report.bootstrap_interval([0.1]))
 
 
 def _snapshot(root, criterion, budget, seed, regime, acc):
@@ -182,11 +224,21 @@ def test_report_rebuilds_identical_tables_from_results_alone(tmp_path):
   assert 'random_vs_criterion.md' in tables and 'random_vs_criterion.csv' in tables
   for name in tables:
     assert (first / name).read_bytes() == (second / name).read_bytes(), name
-  verdict = (first / 'random_vs_criterion_verdict.csv').read_text().splitlines()
+  paired = (first / 'random_vs_criterion_paired.csv').read_text().splitlines()
   # taylor - random per seed: 0.100, 0.095, 0.090, so t = 0.095 / (0.005 / sqrt(3)) and
-  # p = 1 - t / sqrt(t^2 + 2) = 0.0009 (2 degrees of freedom).
-  assert verdict[1:] == ['0.70,scratch,taylor,taylor,0.0950,0.0100,0.0009',
-                         '0.30,scratch,taylor,taylor,0.0950,0.0100,0.0009']
+  # p = 1 - t / sqrt(t^2 + 2) = 0.0009 (2 degrees of freedom); the bootstrap interval of
+  # three differences lies within their range.
+  taylor = [line.split(',') for line in paired if ',taylor,random,' in line]
+  assert [row[:6] + row[8:] for row in taylor] == [
+      ['0.70', 'scratch', 'taylor', 'random', '3', '0.0950', '0.0009'],
+      ['0.30', 'scratch', 'taylor', 'random', '3', '0.0950', '0.0009']]
+  assert all(0.09 <= float(row[6]) <= 0.095 <= float(row[7]) <= 0.10 for row in taylor)
+  verdict = (first / 'random_vs_criterion_verdict.csv').read_text()
+  # l1 - random is +0.5 pp at every seed: a zero-width interval but no t statistic, so it is
+  # not called.
+  assert ('At 70 % of the MACs (scratch, 3 seeds): taylor beats random by +9.50 pp '
+          '[+9.00, +10.00], p < 0.001; the other 1 differences are within what the seeds '
+          'allow.') in verdict
   assert str(tmp_path) not in (first / 'random_vs_criterion.md').read_text()
 
 

@@ -125,6 +125,7 @@ def test_ties_remove_earlier_group_and_channel_first(tiny):
 EXTREME = {
     'layer': {'ratio': 0.99}, 'slimming': {'ratio': 0.99}, 'global': {'ratio': 0.8},
     'global_l2': {'ratio': 0.8}, 'macs': {'target_macs': 0.13}, 'macs_l2': {'target_macs': 0.13},
+    'random_widths': {'target_macs': 0.13},
 }
 
 
@@ -152,6 +153,47 @@ def test_selecting_again_with_the_result_as_current_changes_nothing(tiny, name, 
   first = sel.select(name, tiny, scores, **arg)
   again = sel.select(name, tiny, scores, current=first, **arg)
   assert all(np.array_equal(first[g], again[g]) for g in first)
+
+
+@functools.lru_cache(maxsize=None)
+def vgg11_half():
+  return program.derive(models.build('vgg11', width_multiplier=0.5)).structure
+
+
+@pytest.mark.parametrize('target', [0.5, 0.25])
+def test_random_widths_profiles_are_reproducible_distinct_and_within_one_percent(target):
+  struct = vgg11_half()
+  full = flops.count(struct).macs
+  profiles = []
+  for profile in range(3):
+    masks = sel.select('random_widths', struct, random_scores(struct), target_macs=target,
+                       width_profile=profile)
+    macs = flops.count(struct, widths_after(struct, masks)).macs
+    assert (target - sel.PROFILE_TOLERANCE) * full <= macs <= target * full
+    # The widths are the profile's: other scores keep as many channels per group.
+    again = sel.select('random_widths', struct, random_scores(struct, seed=7),
+                       target_macs=target, width_profile=profile)
+    assert kept(again) == kept(masks)
+    profiles.append(tuple(kept(masks).values()))
+  assert len(set(profiles)) == 3
+
+
+def test_random_widths_keeps_the_highest_scores_within_each_width(tiny):
+  scores = random_scores(tiny)
+  masks = sel.select('random_widths', tiny, scores, target_macs=0.4, width_profile=1)
+  narrowed = [g for g, m in masks.items() if 0 < m.sum() < m.size]
+  assert narrowed
+  for g in narrowed:
+    assert scores[g][masks[g] == 1].min() > scores[g][masks[g] == 0].max()
+
+
+def test_random_channels_keep_the_counts_and_draw_other_channels(resnet56):
+  masks = sel.select('macs_l2', resnet56, random_scores(resnet56), target_macs=0.5)
+  drawn = sel.random_channels(masks, np.random.default_rng(0))
+  assert kept(drawn) == kept(masks)
+  assert any(not np.array_equal(drawn[g], masks[g]) for g in masks)
+  again = sel.random_channels(masks, np.random.default_rng(0))
+  assert all(np.array_equal(drawn[g], again[g]) for g in drawn)
 
 
 def test_ratio_counts_channels_already_removed(tiny):
@@ -385,6 +427,10 @@ def test_global_ratio_beyond_the_min_channels_floor_is_a_config_error(tiny):
     ('layer', {'ratio': 0.5, 'min_channels': 0}, 'at least 1', ('min_channels',)),
     ('layer', {'ratio': 0.5, 'round_to': 0}, 'round_to must be an integer of at least 1, got 0',
      ('round_to',)),
+    ('random_widths', {'target_macs': 0.5, 'width_profile': -1},
+     'width_profile must be a whole number >= 0, got -1', ('width_profile',)),
+    ('random_widths', {'ratio': 0.5}, 'selection=random_widths takes target_macs',
+     ('selection', 'target_macs', 'prune_ratio')),
 ])
 def test_misused_arguments_are_config_errors_naming_their_settings(tiny, name, kwargs, message,
                                                                    settings):

@@ -239,6 +239,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting('flops_cost', str, 'relative', "What the FLOPs penalty multiplies: absolute with "
             "flops_penalty=1e-3 is the unnormalised form of [M]'s public code.", 'prune',
             choices=lambda: select.FLOPS_COSTS),
+    Setting('width_profile', int, 0, 'selection=random_widths: which sampled width profile, '
+            "the seed of its per-group keep fractions (independent of seed, so one profile "
+            'trains under every seed).', 'prune', minimum=0),
+    Setting('kept_channels', str, 'criterion', 'Which channels each pruned group keeps at the '
+            "widths the selection chose (one-shot channel pruning); random tells a criterion's "
+            'channels from its widths.', 'prune', choices=lambda: select.KEPT_CHANNELS),
     Setting('schedule', str, 'oneshot', 'Pruning schedule.', 'prune',
             choices=lambda: PRUNE_SCHEDULES),
     Setting('prune_batches', int, 8, 'Training batches a one-shot data criterion reads.',
@@ -401,6 +407,20 @@ def validate(config) -> None:
   if config.schedule == 'iterative' and config.round_to != 1:
     raise ConfigError(f"round_to={config.round_to} rounds a one-shot selection's widths; use "
                       'it with schedule=oneshot.', settings=('round_to', 'schedule'))
+  if (config.width_profile != BY_NAME['width_profile'].default
+      and not select.SELECTIONS[config.selection].profile):
+    raise ConfigError(f'width_profile={config.width_profile} numbers the profiles of '
+                      f'selection=random_widths, not of selection={config.selection}.',
+                      settings=('width_profile', 'selection'))
+  if config.kept_channels != 'criterion' and (config.schedule != 'oneshot'
+                                              or config.granularity != 'channel'):
+    raise ConfigError(f'kept_channels={config.kept_channels} redraws the channels of a one-shot '
+                      'channel selection; use it with schedule=oneshot and granularity=channel.',
+                      settings=('kept_channels', 'schedule', 'granularity'))
+  if config.schedule == 'iterative' and select.SELECTIONS[config.selection].profile:
+    raise ConfigError(f'schedule=iterative removes the globally lowest channels and cannot '
+                      f'follow selection={config.selection}; use schedule=oneshot.',
+                      settings=('schedule', 'selection'))
   if config.schedule == 'iterative' and needs == 'preset':
     raise ConfigError('schedule=iterative removes channels globally and cannot follow a '
                       'per-layer preset; use schedule=oneshot.', settings=('schedule', 'preset'))

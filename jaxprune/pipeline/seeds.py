@@ -5,7 +5,7 @@ baseline_dir/seed{seed}). `seed_batching` says how the copies train: 'loop' runs
 after another through shared compiled steps, each exactly its separate run where the
 backend's kernels are deterministic (the CPU; on a GPU XLA's are not by default); 'vmap'
 trains the stages whose copies have equal widths as one vmapped program
-(`train.fit_copies`: equal to the separate runs up to float rounding).
+(`stages.train_stage_copies`: equal to the separate runs up to float rounding).
 """
 
 import contextlib
@@ -14,7 +14,6 @@ import dataclasses
 import jax
 from absl import logging
 
-from jaxprune import train
 from jaxprune.pipeline import config as config_lib
 from jaxprune.pipeline import regimes, results, stages, workdir
 
@@ -84,7 +83,7 @@ def _train_copies_together(config, copies: list, data: stages.Data) -> None:
     starts = [stages.baseline_start(c, data) for c in copies]
     model = starts[0][0]
     logging.info('Stage baseline: seeds %s as one vmapped program', seeds)
-    trained = train.fit_copies(
+    trained = stages.train_stage_copies(
         model, [init for _, init, _ in starts], data.arrays,
         stages.data_spec(config, data),
         stages.train_options(config, config.epochs, stages.optimizer(config)),
@@ -107,11 +106,12 @@ def _train_copies_together(config, copies: list, data: stages.Data) -> None:
       plan: regimes.Plan = planned[members[0]][1]
       logging.info('Stage %s: seeds %s as one vmapped program, %d epochs', regime,
                    [seeds[i] for i in members], plan.epochs)
-      train.fit_copies(
+      stages.train_stage_copies(
           plan.network(build), [planned[i][1].variables for i in members], data.arrays,
           stages.data_spec(config, data),
           stages.train_options(config, plan.epochs, plan.optimizer, plan.batch_size),
           stage_dirs=[planned[i][0] for i in members], seeds=[seeds[i] for i in members],
           checkpoint_dir=stages.absolute(config.workdir) / 'vmapped' / regime,
           record=stages.regime_record(config, plan.cost(pruned[members[0]].structure,
-                                                        data.dataset.image_shape)))
+                                                        data.dataset.image_shape),
+                                      plan.widths))

@@ -39,7 +39,7 @@ from flax import traverse_util
 
 from jaxprune import data as data_lib
 from jaxprune import models, multihost, train
-from jaxprune.errors import ConfigError
+from jaxprune.errors import ConfigError, DataError, Diverged
 from jaxprune.pipeline import config as config_lib
 from jaxprune.pipeline import iterative, regimes, results, workdir
 from jaxprune.prune import criteria, flops, select, shrink, weights
@@ -113,8 +113,8 @@ def check_feasible(config, data: Data) -> None:
   select.select(config.selection, structure, scores, ratio=config.prune_ratio,
                 target_macs=config.target_macs, preset=config.preset,
                 min_channels=config.min_channels, flops_penalty=config.flops_penalty,
-                flops_cost=config.flops_cost,
-                round_to=config.round_to)
+                flops_cost=config.flops_cost, round_to=config.round_to,
+                width_profile=config.width_profile)
 
 
 def check_directories(config, data: Data) -> None:
@@ -192,10 +192,9 @@ def _identity_changes(stage: epath.Path, settings: Mapping) -> tuple[dict | None
 
   Only settings the stored identity holds are compared: a stage made by a version that knew
   fewer settings is taken to have had their values."""
-  path = stage / workdir.STAGE_CONFIG
-  if not path.exists():
+  before = workdir.identity(stage)
+  if before is None:
     return None, {}
-  before = json.loads(path.read_text())
   return before, {k: before[k] for k, v in settings.items() if k in before and before[k] != v}
 
 
@@ -295,21 +294,83 @@ def baseline_start(config, data: Data) -> tuple[nn.Module, Mapping, epath.Path]:
   model = model_builder(config, data.dataset)(None)
   init_path = stage / 'init'
   like = models.init_shapes(model, data.dataset.image_shape)
+  init = None
   if init_path.exists():
-    init = checkpoint.load_variables(init_path, like=like)
-  else:
+    try:
+      init = checkpoint.load_variables(init_path, like=like)
+    except DataError as damage:
+      logging.warning('%s Making them again from the model and seed.', damage)
+  if init is None:
     init = models.init(model, jax.random.key(config.seed), data.dataset.image_shape)
     checkpoint.save_variables(init_path, init)
   return model, init, stage
+
+
+def train_stage(stage: epath.Path, model: nn.Module, variables: Mapping, arrays: Mapping,
+                spec: data_lib.DataSpec, options: train.TrainOptions, *, seed: int,
+                record: Mapping) -> tuple[Mapping, dict]:
+  """`train.fit` in a stage directory, with the stage's record: a done stage (result.json)
+  is only read; a diverged one gets diverged.json (`_trained`). Returns (variables, result),
+  result being fit's summary with `record`'s entries."""
+  [trained] = _trained([stage], [variables], options, record, lambda: [train.fit(
+      model, variables, arrays, spec, options, stage_dir=stage, seed=seed)])
+  return trained
+
+
+def train_stage_copies(model: nn.Module, variables, arrays: Mapping, spec: data_lib.DataSpec,
+                       options: train.TrainOptions, *, stage_dirs, seeds, checkpoint_dir,
+                       record: Mapping) -> list[tuple[Mapping, dict]]:
+  """`train_stage` of K copies of equal widths as one vmapped program (`train.fit_copies`,
+  its checkpoints in checkpoint_dir); each copy's stage ends as its own `train_stage` would."""
+  return _trained([epath.Path(d) for d in stage_dirs], variables, options, record,
+                  lambda: train.fit_copies(model, variables, arrays, spec, options,
+                                           stage_dirs=stage_dirs, seeds=seeds,
+                                           checkpoint_dir=checkpoint_dir))
+
+
+def _trained(stages, inits, options, record, fit) -> list[tuple[Mapping, dict]]:
+  """The stages' (variables, result): read when every stage is done, else `fit()`, then
+  each unfinished stage's final/ and result.json written (in full even when a signal comes:
+  the run stops after them). A stage whose final/ does not restore is finished again from
+  its last checkpoint. When fit diverges every stage gets diverged.json (they all resume
+  from the same checkpoint), which lets a rerun change their learning rates (`claim`);
+  nothing of a diverged run is recorded done."""
+  if all(checkpoint.is_done(stage) for stage in stages):
+    finals = [checkpoint.load_final(stage, like=v) for stage, v in zip(stages, inits)]
+    if all(final is not None for final in finals):
+      logging.info('%s done; using the saved results.', ', '.join(map(str, stages)))
+      return [(final, checkpoint.read_result(stage)) for stage, final in zip(stages, finals)]
+  for stage in stages:
+    stage.mkdir(parents=True, exist_ok=True)
+  try:
+    trained = fit()
+  except Diverged as diverged:
+    for stage in stages:
+      checkpoint.mark_diverged(stage, epoch=diverged.epoch, step=diverged.step,
+                               resume_step=diverged.resume_step,
+                               learning_rate=options.optimizer.learning_rate)
+    raise
+  out = []
+  with checkpoint.SIGNALS.deferred():
+    for stage, (variables, summary) in zip(stages, trained):
+      if checkpoint.is_done(stage):  # Written before a stop between the copies' writes.
+        out.append((variables, checkpoint.read_result(stage)))
+        continue
+      result = {**record, **summary}
+      checkpoint.save_variables(stage / checkpoint.FINAL, variables)
+      checkpoint.clear_diverged(stage)
+      checkpoint.mark_done(stage, result)
+      out.append((variables, result))
+  return out
 
 
 def baseline(config, data: Data) -> Baseline:
   """Trains (or resumes, or reads) the baseline."""
   model, init, stage = baseline_start(config, data)
   logging.info('Stage baseline: %s', stage)
-  variables, result = train.fit(model, init, data.arrays, data_spec(config, data),
-                                train_options(config, config.epochs, optimizer(config)),
-                                stage_dir=stage, seed=config.seed, record=stage_record(config))
+  variables, result = train_stage(stage, model, init, data.arrays, data_spec(config, data),
+                                  train_options(config, config.epochs, optimizer(config)),
+                                  seed=config.seed, record=stage_record(config))
   return Baseline(model, init, variables, result, stage)
 
 
@@ -337,6 +398,21 @@ def _outcome_record(config, before: flops.Cost, after: flops.Cost, test: Mapping
   }
 
 
+def _finished_prune(stage: epath.Path,
+                   read: Callable[[Mapping], PruneOutcome]) -> PruneOutcome | None:
+  """The finished prune stage's outcome, `read` from its record.json; None if the stage has
+  not finished, or if its record.json or variables/ are damaged (logged): then it is
+  computed again from the baseline, as the first time."""
+  record_path = stage / 'record.json'
+  if not record_path.exists():
+    return None
+  try:
+    return read(checkpoint.read_json(record_path))
+  except DataError as damage:
+    logging.warning('%s Computing the prune stage again from the baseline.', damage)
+    return None
+
+
 def prune(config, base: Baseline, data: Data) -> PruneOutcome:
   """Scores, selects and shrinks the baseline (or reads the finished prune stage)."""
   stage = absolute(config.workdir) / 'prune'
@@ -349,8 +425,7 @@ def prune(config, base: Baseline, data: Data) -> PruneOutcome:
   record_path = stage / 'record.json'
   if config.granularity == 'weight':
     return prune_weights(config, base, data, stage, prog)
-  if record_path.exists():
-    record = json.loads(record_path.read_text())
+  def read(record: Mapping) -> PruneOutcome:
     masks = {g: np.asarray(m, np.float32) for g, m in record['masks'].items()}
     widths = record['widths']
     kept = {g: np.asarray(k, np.int64) for g, k in record['kept'].items()}
@@ -358,6 +433,10 @@ def prune(config, base: Baseline, data: Data) -> PruneOutcome:
     small = checkpoint.load_variables(stage / 'variables',
                                       like=models.init_shapes(network, dataset.image_shape))
     return PruneOutcome(regimes.Pruned(prog, masks, widths, small, base.init, kept=kept), record)
+
+  finished = _finished_prune(stage, read)
+  if finished is not None:
+    return finished
   start = time.time()
   if config.schedule == 'oneshot':
     batches = scoring_batches(dataset, config.batch_size, config.prune_batches, config.seed)
@@ -366,8 +445,10 @@ def prune(config, base: Baseline, data: Data) -> PruneOutcome:
     masks = select.select(config.selection, structure, scores, ratio=config.prune_ratio,
                           target_macs=config.target_macs, preset=config.preset,
                           min_channels=config.min_channels, flops_penalty=config.flops_penalty,
-                          flops_cost=config.flops_cost,
-                          round_to=config.round_to)
+                          flops_cost=config.flops_cost, round_to=config.round_to,
+                          width_profile=config.width_profile)
+    if config.kept_channels == 'random':
+      masks = select.random_channels(masks, np.random.default_rng([config.seed, 1]))
     source = base.variables
   else:
     masks, source, scores = iterative.prune(
@@ -376,8 +457,7 @@ def prune(config, base: Baseline, data: Data) -> PruneOutcome:
                               finetune_batch_size(config)),
         spec=data_spec(config, data),
         scoring_batches=lambda: scoring_batches(dataset, config.batch_size,
-                                                config.prune_batches, config.seed),
-        record=stage_record(config))
+                                                config.prune_batches, config.seed))
   widths, small, kept = shrink.shrink(prog, source, masks)
   before, after = flops.count(structure), flops.count(structure, widths)
   network = build(regimes.architecture(base.model, widths, kept))
@@ -405,7 +485,8 @@ def prune_weights(config, base: Baseline, data: Data, stage: epath.Path,
   record_path = stage / 'record.json'
   structure = prog.structure
   kernels = weights.conv_kernels(structure)
-  if record_path.exists():
+
+  def read(record: Mapping) -> PruneOutcome:
     like_masks = traverse_util.unflatten_dict(
         {key: jax.ShapeDtypeStruct(structure.shapes[('params',) + key], jnp.float32)
          for key in kernels})
@@ -413,8 +494,11 @@ def prune_weights(config, base: Baseline, data: Data, stage: epath.Path,
     variables = checkpoint.load_variables(stage / 'variables', like=like)
     weight_masks = jax.tree.map(np.asarray, variables[train.WEIGHT_MASKS])
     return PruneOutcome(regimes.Pruned(prog, {}, dict(structure.widths), variables,
-                                       base.init, weight_masks),
-                        json.loads(record_path.read_text()))
+                                       base.init, weight_masks), record)
+
+  finished = _finished_prune(stage, read)
+  if finished is not None:
+    return finished
   start = time.time()
   weight_masks = weights.magnitude_masks(structure, base.variables['params'],
                                          config.prune_ratio, config.selection)
@@ -457,18 +541,18 @@ def retrain(config, regime: str, pruned: regimes.Pruned, data: Data) -> dict:
   stage, plan = regime_plan(config, regime, pruned, data)
   logging.info('Stage %s: %d epochs', regime, plan.epochs)
   cost = plan.cost(pruned.structure, data.dataset.image_shape)
-  _, result = train.fit(plan.network(model_builder(config, data.dataset)),
-                        plan.variables, data.arrays, data_spec(config, data),
-                        train_options(config, plan.epochs, plan.optimizer, plan.batch_size),
-                        stage_dir=stage,
-                        seed=config.seed, record=regime_record(config, cost))
+  _, result = train_stage(stage, plan.network(model_builder(config, data.dataset)),
+                          plan.variables, data.arrays, data_spec(config, data),
+                          train_options(config, plan.epochs, plan.optimizer, plan.batch_size),
+                          seed=config.seed, record=regime_record(config, cost, plan.widths))
   return regime_row(regime, result, stage)
 
 
-def regime_record(config, cost: flops.Cost) -> dict:
-  """What a regime's result.json records besides its numbers: its network's cost, so the
-  summary can show a finished regime without planning it again."""
-  return {**stage_record(config), 'macs': cost.macs, 'params': cost.params}
+def regime_record(config, cost: flops.Cost, widths: Mapping[str, int]) -> dict:
+  """What a regime's result.json records besides its numbers: its network's widths and
+  cost, so the summary can show a finished regime without planning it again."""
+  return {**stage_record(config), 'macs': cost.macs, 'params': cost.params,
+          'widths': dict(widths)}
 
 
 def best_test_accuracy(stage: epath.Path, result: Mapping) -> float:
@@ -480,25 +564,37 @@ def best_test_accuracy(stage: epath.Path, result: Mapping) -> float:
              default=result['test_accuracy'])
 
 
+def regime_settings(regime: str, stage: epath.Path) -> dict:
+  """The regime's own settings its stage was made with (its stage_config.json): a work
+  directory gathers regimes finished by calls with other regime settings than this one's."""
+  recorded = workdir.identity(stage) or {}
+  return {s.name: recorded[s.name] for s in config_lib.SETTINGS
+          if s.stage == regime and s.name in recorded}
+
+
 def regime_row(regime: str, result: Mapping, stage: epath.Path) -> dict:
   return {'stage': regime, 'test_accuracy': result['test_accuracy'],
           'best_test_accuracy': best_test_accuracy(stage, result), 'macs': result['macs'],
           'params': result['params'], 'epochs': result['epochs'],
-          'wall_time_s': result['wall_time_s']}
+          'wall_time_s': result['wall_time_s'], 'widths': result.get('widths'),
+          'settings': regime_settings(regime, stage)}
 
 
 def finished_rows(config, regimes_run: tuple[str, ...]) -> list[dict]:
   """The rows of the regimes finished in the work directory by earlier calls with other
   regime settings, in `regimes.REGIMES` order (stages from before results recorded their
-  cost are left out)."""
+  cost are left out, and so are damaged ones, logged with what to do)."""
   rows = []
   for regime in regimes.REGIMES:
     stage = absolute(config.workdir) / regime
     if regime in regimes_run or not checkpoint.is_done(stage):
       continue
-    result = checkpoint.read_result(stage)
-    if 'macs' in result:
-      rows.append(regime_row(regime, result, stage))
+    try:
+      result = checkpoint.read_result(stage)
+      if 'macs' in result:
+        rows.append(regime_row(regime, result, stage))
+    except DataError as damage:
+      logging.warning('%s Until then the %s row is left out of results.json.', damage, regime)
   return rows
 
 

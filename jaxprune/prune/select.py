@@ -15,6 +15,14 @@ group of a `Structure`. `select(name, structure, scores, ...)` returns
              `target_macs` times the structure's MACs.
   macs_l2    `macs` after per-layer L2 normalisation.
   preset     Li et al.'s L1-norm presets (`PRESETS`): per-group ratios, ranked per layer.
+  random_widths
+             a randomly sampled width profile at `target_macs` (`sampled_widths`): the
+             widths come from the profile's seed `width_profile`, not from the scores, which
+             only pick the channels each group keeps.
+
+`kept_channels` (`KEPT_CHANNELS`) says which channels a group keeps once its width is
+chosen: the highest-scoring ones, or as many drawn at random (`random_channels`), which
+tells a criterion's channels from the widths it chose.
 
 Rules shared by every policy:
   * Every group keeps at least `min_channels` live channels (all of them if it has
@@ -70,6 +78,15 @@ DEFAULT_FLOPS_PENALTY = 1e-3
 FLOPS_COSTS = {
     'relative': "a channel's MACs over the mean live channel's (dimensionless)",
     'absolute': "a channel's MACs as a count, as [M]'s public code (unnormalised)",
+}
+
+# A sampled width profile draws every group's keep fraction from U(PROFILE_LOW, 1).
+PROFILE_LOW = 0.1
+# A sampled profile's MACs are within this fraction below the target.
+PROFILE_TOLERANCE = 0.01
+KEPT_CHANNELS = {
+    'criterion': "each group's highest-scoring channels",
+    'random': "as many channels per group, drawn at random (the run's seed)",
 }
 
 Scores = Mapping[str, np.ndarray]
@@ -444,6 +461,78 @@ def _macs(structure, scores, live, *, target_macs, min_channels, flops_penalty, 
   return _remove(live, order, n)
 
 
+def sampled_widths(structure: Structure, live: Mapping[str, np.ndarray], target_macs: float,
+                   min_channels: int, width_profile: int) -> dict[str, int]:
+  """The width profile number `width_profile` at `target_macs` of the structure's MACs.
+
+  Every prunable group draws a keep fraction f_g from U(PROFILE_LOW, 1) (numpy's generator
+  seeded with `width_profile`, in the structure's group order); the widths are
+  round(s * f_g * live_g), between min_channels and the live width, for the largest common
+  factor s whose MACs stay within the budget; single channels are then added, to the group
+  furthest below its drawn share first, while the MACs stay within it. Groups that are not
+  prunable keep their widths.
+  """
+  rng = np.random.default_rng(width_profile)
+  fractions = dict(zip(structure.prunable,
+                       rng.uniform(PROFILE_LOW, 1.0, len(structure.prunable))))
+  live_widths = _live_widths(structure, live)
+  floor = {g: min(min_channels, live_widths[g]) for g in structure.prunable}
+  budget = target_macs * flops.count(structure).macs
+
+  def scaled(factor: float) -> dict[str, int]:
+    widths = dict(live_widths)
+    for g, f in fractions.items():
+      widths[g] = min(live_widths[g], max(floor[g], int(round(factor * f * live_widths[g]))))
+    return widths
+
+  if flops.count(structure, scaled(0.0)).macs > budget:
+    raise ConfigError(f"target_macs={target_macs} ({int(budget):,} MACs) is below what "
+                      f"keeping min_channels={min_channels} per group allows.",
+                      settings=('target_macs', 'min_channels'))
+  low, high = 0.0, 1.0 / PROFILE_LOW
+  for _ in range(50):
+    mid = (low + high) / 2
+    if flops.count(structure, scaled(mid)).macs <= budget:
+      low = mid
+    else:
+      high = mid
+  widths = scaled(low)
+  macs = flops.count(structure, widths).macs
+  model = _Macs(structure)
+  grew = True
+  while grew:
+    grew = False
+    for g in sorted(structure.prunable,
+                    key=lambda g: widths[g] / (fractions[g] * live_widths[g])):
+      if widths[g] == live_widths[g]:
+        continue
+      added = model.drop_one(g, {**widths, g: widths[g] + 1})
+      if macs + added <= budget:
+        widths[g] += 1
+        macs += added
+        grew = True
+        break
+  return widths
+
+
+def random_channels(masks: Mapping[str, np.ndarray], rng: np.random.Generator) -> Masks:
+  """Masks keeping as many channels per group as `masks`, drawn uniformly at random."""
+  out = {}
+  for g, m in masks.items():
+    m = np.asarray(m)
+    keep = np.zeros(m.shape, np.float32)
+    keep[rng.choice(m.size, size=int((m > 0).sum()), replace=False)] = 1.0
+    out[g] = keep
+  return out
+
+
+def _random_widths(structure, scores, live, *, target_macs, min_channels, flops_penalty,
+                   width_profile):
+  del flops_penalty
+  widths = sampled_widths(structure, live, target_macs, min_channels, width_profile)
+  return {g: _keep_top(scores[g], live[g], widths[g]) for g in structure.prunable}
+
+
 @dataclasses.dataclass(frozen=True)
 class Selection:
   """A registered policy.
@@ -453,11 +542,13 @@ class Selection:
     needs: the one argument of `select` it requires: 'ratio', 'target_macs' or 'preset'.
     penalty: whether it accepts a FLOPs penalty.
     description: one line for `--help`.
+    profile: whether it takes `width_profile`.
   """
   fn: Callable[..., dict]
   needs: str
   penalty: bool
   description: str
+  profile: bool = False
 
 
 SELECTIONS: dict[str, Selection] = {
@@ -476,13 +567,16 @@ SELECTIONS: dict[str, Selection] = {
                          'macs after per-layer L2 normalisation of the scores'),
     'preset': Selection(_preset, 'preset', False,
                         "Li et al.'s per-layer presets (see PRESETS), ranked within each group"),
+    'random_widths': Selection(_random_widths, 'target_macs', False,
+                               'a randomly sampled width profile (width_profile) within '
+                               'target_macs; scores pick the channels', profile=True),
 }
 
 
 def select(name: str, structure: Structure, scores: Scores, *, ratio: float | None = None,
            target_macs: float | None = None, preset: str | None = None, min_channels: int = 1,
            flops_penalty: float = 0.0, current: Mapping | None = None,
-           round_to: int = 1, flops_cost: str = 'relative') -> Masks:
+           round_to: int = 1, flops_cost: str = 'relative', width_profile: int = 0) -> Masks:
   """Turns scores into keep masks with the policy `name` (see the module docstring).
 
   Args:
@@ -498,6 +592,7 @@ def select(name: str, structure: Structure, scores: Scores, *, ratio: float | No
     current: {group: (C,) mask} of channels already removed (0); missing groups are live.
     round_to: round every group's kept channels up to a multiple of this (1 = exact).
     flops_cost: what the penalty multiplies, a key of `FLOPS_COSTS`.
+    width_profile: the seed of random_widths' profile (`sampled_widths`).
 
   Returns:
     {group: (C,) float32 numpy array of 0/1} for every prunable group.
@@ -522,9 +617,14 @@ def select(name: str, structure: Structure, scores: Scores, *, ratio: float | No
   min_channels = _check_count('min_channels', min_channels)
   scores = _check_scores(structure, scores)
   live = _check_live(structure, current)
-  cost = {'flops_cost': flops_cost} if policy.penalty else {}
+  options = {'flops_cost': flops_cost} if policy.penalty else {}
+  if policy.profile:
+    if int(width_profile) != width_profile or width_profile < 0:
+      raise ConfigError(f"width_profile must be a whole number >= 0, got {width_profile!r}.",
+                        settings=('width_profile',))
+    options['width_profile'] = int(width_profile)
   keep = policy.fn(structure, scores, live, **{policy.needs: argument},
-                   min_channels=min_channels, flops_penalty=flops_penalty, **cost)
+                   min_channels=min_channels, flops_penalty=flops_penalty, **options)
   if round_to > 1:
     keep = {g: _keep_top(scores[g], live[g],
                          min(int(live[g].sum()), -(-int(keep[g].sum()) // round_to) * round_to))
