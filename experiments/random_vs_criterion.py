@@ -108,10 +108,11 @@ def _profiles(args) -> int:
 
 
 def plan(args) -> list:
-  models = ((args.model,) if args.model or args.scale != 'full' else FULL_MODELS)
+  settings = common.base_settings(args, **DEFAULTS)
+  models = FULL_MODELS if args.scale == 'full' and args.model is None else (settings['model'],)
   runs = []
   for model in models:
-    settings = dict(common.base_settings(args, **DEFAULTS), model=model)
+    settings = dict(settings, model=model)
     prefix = f'{model}/' if len(models) > 1 else ''
     runs += _plan_model(args, settings, prefix)
   return _unique(runs)
