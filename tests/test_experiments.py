@@ -167,6 +167,20 @@ def test_architectures_of_equal_cost_train_time_and_reach_the_tables(tmp_path):
     assert cell in table, cell
 
 
+def test_full_scale_plans_r_recipe_on_vgg16_and_resnet56_with_five_seeds(tmp_path):
+  from experiments import random_vs_criterion as rvc
+  runs = common.main(rvc.EXPERIMENT, rvc.plan, extra_flags=rvc.extra_flags, scales=rvc.SCALES,
+                     argv=['--scale=full', f'--root={tmp_path}', '--dry_run'])
+  assert {r.config.model for r in runs} == {'vgg16', 'resnet56'}
+  assert {r.config.seed for r in runs} == {0, 1, 2, 3, 4}
+  assert {(r.config.epochs, r.config.batch_size, r.config.lr, r.config.weight_decay,
+           r.config.finetune_epochs, r.config.finetune_lr, r.config.dataset) for r in runs} == {
+      (160, 64, 0.1, 1e-4, 40, 1e-3, 'cifar10')}
+  assert {r.labels['architecture'] for r in runs} == {*rvc.CRITERIA, 'uniform', 'profile0',
+                                                      'profile1'}
+  assert list(tmp_path.iterdir()) == []
+
+
 def test_bootstrap_interval_of_paired_differences_is_reproducible_and_within_their_range():
   by_seed = {0: 0.60, 1: 0.62, 2: 0.61}
   reference = {0: 0.50, 1: 0.55, 2: 0.52, 3: 0.9}   # seed 3 has no pair
