@@ -16,6 +16,7 @@ cannot be written (one sentence); 3 training diverged (the last good checkpoint 
 with a smaller lr); 75 preempted, 130 interrupted by Ctrl-C (rerun the same command).
 """
 
+import contextlib
 import sys
 
 import jax
@@ -24,6 +25,7 @@ from absl import app, flags, logging
 from jaxprune import multihost, pipeline
 from jaxprune.errors import ConfigError, exit_on_user_error
 from jaxprune.kernels import compiler
+from jaxprune.train import checkpoint
 
 pipeline.config.define_flags()
 # --help lists them as this program's own flags.
@@ -48,7 +50,9 @@ def main(argv):
                         'multi-process run; add multihost.',
                         settings=('multihost', *multihost.SETTINGS))
     compiler.use_persistent_cache(config.compilation_cache_dir)
-    results = pipeline.run(config)
+    # Several processes stop together through JAX's preemption service instead (SIGNALS).
+    with contextlib.nullcontext() if config.multihost else checkpoint.SIGNALS.installed():
+      results = pipeline.run(config)
   # A pod's workers print into one terminal (gcloud ... --worker=all): one table.
   if jax.process_index() == 0:
     print(pipeline.format_table(results))

@@ -145,31 +145,38 @@ def csv_text(header, rows) -> str:
 # ---------------------------------------------------------------------------- reading
 
 def load(root: str) -> dict:
-  """{experiment: [snapshot dicts, each with '_dir': its work directory relative to root]}.
+  """{experiment: [snapshot dicts, each with '_dir': its work directory relative to root]};
+  `root` is a local path or gs://.
 
   A damaged snapshot stops the report with one sentence naming it (SystemExit)."""
+  from etils import epath
+  top = epath.Path(root)
+  # gs:// walks name their directories without the scheme: compare without it.
+  base = str(top).split('://', 1)[-1].rstrip('/')
   found = defaultdict(list)
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames.sort()
-    for name in sorted(filenames):
-      if name.startswith('results_') and name.endswith('.json'):
-        snap = _read_snapshot(os.path.join(dirpath, name),
-                              'delete it and rerun its experiment, which rewrites it from the '
-                              'finished stages')
-        snap['_dir'] = os.path.relpath(dirpath, root)
-        found[snap.get('experiment', 'unknown')].append(snap)
-      elif name == 'agreement.json':
-        snap = _read_snapshot(os.path.join(dirpath, name),
-                              'delete it and rerun criteria_vs_oracle for it')
-        snap['_dir'] = os.path.relpath(dirpath, root)
-        found['criteria_vs_oracle'].append(snap)
+  for directory, _, names in sorted(top.walk(), key=lambda w: str(w[0])):
+    where = str(directory).split('://', 1)[-1][len(base):].lstrip('/') or '.'
+    folder = top if where == '.' else top / where
+    for name in sorted(n for n in names if n.endswith('.json')):
+      _add(found, folder / name, where)
   return {k: sorted(v, key=lambda s: (s['_dir'], s.get('run', ''))) for k, v in found.items()}
 
 
-def _read_snapshot(path: str, advice: str) -> dict:
+def _add(found: dict, path, where: str) -> None:
+  """Files a snapshot (results_*.json) or criteria_vs_oracle's agreement.json under its
+  experiment."""
+  if path.name.startswith('results_'):
+    snap = _read_snapshot(path, 'delete it and rerun its experiment, which rewrites it from '
+                                'the finished stages')
+    found[snap.get('experiment', 'unknown')].append(dict(snap, _dir=where))
+  elif path.name == 'agreement.json':
+    snap = _read_snapshot(path, 'delete it and rerun criteria_vs_oracle for it')
+    found['criteria_vs_oracle'].append(dict(snap, _dir=where))
+
+
+def _read_snapshot(path, advice: str) -> dict:
   try:
-    with open(path, encoding='utf-8') as f:
-      snap = json.load(f)
+    snap = json.loads(path.read_text(encoding='utf-8'))
   except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors.
     sys.exit(f'error: {path} is damaged ({type(error).__name__}: {error}); {advice}.')
   if not isinstance(snap, dict):
@@ -256,11 +263,11 @@ def _verdict(budget: float, regime: str, seeds: int, comparisons: list) -> str:
 
 
 def _latency(root: str | None) -> dict:
-  path = os.path.join(root, 'random_vs_criterion', 'latency.json') if root else None
-  if path is None or not os.path.exists(path):
+  from etils import epath
+  path = epath.Path(root) / 'random_vs_criterion' / 'latency.json' if root else None
+  if path is None or not path.exists():
     return {}
-  with open(path) as f:
-    return json.load(f).get('runs', {})
+  return json.loads(path.read_text()).get('runs', {})
 
 
 def _ms(values) -> str:
@@ -720,7 +727,10 @@ def main(argv=None):
   parser.add_argument('--root', required=True)
   parser.add_argument('--out', required=True)
   args = parser.parse_args(argv)
-  if not os.path.isdir(args.root):
+  from etils import epath
+  from jaxprune import storage
+  storage.configure()  # gs:// roots: gcsfs's settings for reading what other processes wrote
+  if not epath.Path(args.root).is_dir():
     sys.exit(f'error: --root {args.root!r} is not a directory.')
   if not load(args.root):
     sys.exit(f"error: no experiment results (results_*.json or agreement.json files) under "

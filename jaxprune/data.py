@@ -4,17 +4,18 @@ Loading (host, numpy) -- `load(name, ...)` returns a `Dataset`:
 
 * `cifar10`, `cifar100`: read through `tfds.data_source` (random access over
   array_record files; no TensorFlow needed to *read*). Preparing (downloading and
-  writing) a dataset that is not yet in `data_dir` is TFDS's job and needs
-  TensorFlow (`pip install 'jaxprune[prepare]'`) and network access; without
-  either we stop with one sentence saying how to proceed. Mean/std are the
-  standard CIFAR training-set values.
+  writing) a dataset is a step of its own, with TFDS, TensorFlow
+  (`pip install 'jaxprune[prepare]'`) and network access; loading one that is not
+  prepared in `data_dir` stops with one sentence saying how to prepare it, and never
+  touches the network. Mean/std are the standard CIFAR training-set values.
 * `npz`: any `.npz` file with `train_images`, `train_labels`, `test_images`,
   `test_labels`; images uint8 NHWC (rank 4: a grayscale (N, H, W) array is
   rejected, add the channel axis with `images[..., None]`), labels integers of
-  rank 1 and >= 0. An optional scalar `num_classes` entry fixes the number of
-  classes (labels must then lie below it); otherwise it is the largest training label
-  + 1; a label below 1% of the average class count (where that is 100 or more) and a
-  test label beyond the training labels are refused rather than taken for new classes.
+  rank 1. The training labels are the classes 0..K-1, each with at least one
+  example, and the test labels lie among them; an optional scalar `num_classes`
+  entry instead fixes the number of classes (every label then lies in
+  0..num_classes-1, and a class may lack examples). A stray label (255 among 0..9)
+  is thus refused, naming it and where it is, never taken for 246 new classes.
   Mean/std are computed from all training images in the file.
 * `digits`: scikit-learn's bundled 8x8 handwritten digits (1797 images, no
   download), values 0..16 scaled to uint8 0..255 (round(v * 255 / 16)), shape
@@ -38,9 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import os
-import socket
 import zipfile
 from typing import Callable, Iterator, Mapping
 
@@ -53,9 +52,8 @@ from jaxprune.errors import ConfigError, DataError, choose
 
 NPZ_KEYS = ('train_images', 'train_labels', 'test_images', 'test_labels')
 
-# How to go on without preparing a TFDS dataset; ends every "cannot prepare" sentence.
-_ALTERNATIVES = ("pass data_dir=DIR holding a prepared TFDS copy (array_record), or use "
-                 "dataset=npz with data_path=FILE.npz, or dataset=digits")
+# The datasets that need no preparing; ends every sentence refusing a TFDS dataset.
+_ALTERNATIVES = "use dataset=npz with data_path=FILE.npz, or dataset=digits"
 # The settings data errors may name (a command line shows them as its flags).
 _SETTINGS = ('dataset', 'data_path', 'data_dir')
 
@@ -163,31 +161,117 @@ def _subset(images, labels, max_train):
   return images[keep], labels[keep]
 
 
-# A label this much rarer than the average class is taken for a mislabelled example, not a
-# class, unless the file says how many classes it has; judged only where the average class
-# has enough examples to tell.
-_RARE_CLASS_FRACTION = 0.01
-_RARE_CLASS_MIN_MEAN = 100
+def _runs(values: np.ndarray) -> list[tuple[int, int]]:
+  """The runs of consecutive integers in sorted, distinct `values`: [(first, last), ...]."""
+  breaks = np.flatnonzero(np.diff(values) != 1)
+  starts = np.concatenate([[0], breaks + 1])
+  ends = np.concatenate([breaks, [len(values) - 1]])
+  return [(int(values[a]), int(values[b])) for a, b in zip(starts, ends)]
 
 
-def _classes_from_labels(path: str, train_labels: np.ndarray, test_labels: np.ndarray) -> int:
-  """The class count of an npz without `num_classes`: the training labels' 0..max; a label
-  far rarer than the rest, or a test label beyond them, is refused rather than taken for a
-  new class."""
-  if min(train_labels.min(), test_labels.min()) < 0:
-    return int(max(train_labels.max(), test_labels.max())) + 1  # refused by the range check
-  counts = np.bincount(train_labels)
-  num_classes = len(counts)
-  hint = '; if it is right, store num_classes={} in the npz'
-  mean = counts.mean()
-  rare = np.flatnonzero((counts > 0) & (counts < _RARE_CLASS_FRACTION * mean))
-  if mean >= _RARE_CLASS_MIN_MEAN and rare.size:
-    raise DataError(f"npz file {path!r}: label {rare[0]} occurs {counts[rare[0]]} time(s) "
-                    f"against {mean:,.0f} per class on average{hint.format(num_classes)}.")
-  outside = test_labels[(test_labels < 0) | (test_labels >= num_classes)]
-  if outside.size:
-    raise DataError(f"npz file {path!r}: test label {outside[0]} lies outside the training "
-                    f"labels 0..{num_classes - 1}{hint.format(int(test_labels.max()) + 1)}.")
+def _describe_runs(runs: list[tuple[int, int]], most: int = 4) -> str:
+  """'0..9, 255' (at most `most` runs, then how many more)."""
+  words = [str(a) if a == b else f'{a}..{b}' for a, b in runs[:most]]
+  if len(runs) > most:
+    words.append(f'and {len(runs) - most} more runs')
+  return ', '.join(words)
+
+
+def _first_index(mask: np.ndarray) -> int:
+  """The index of `mask`'s first True (it has one)."""
+  return int(np.argmax(mask))
+
+
+def _check_label_type(path: str, split: str, labels: np.ndarray) -> None:
+  """Refuses labels that are not a rank-1 array of integers, naming a non-integer one."""
+  if labels.ndim != 1:
+    raise DataError(f"npz file {path!r}: {split}_labels has shape {labels.shape} but must be "
+                    "integer class indices of shape (N,).")
+  if np.issubdtype(labels.dtype, np.integer):
+    return
+  whole = labels.dtype == np.bool_
+  example = ''
+  if np.issubdtype(labels.dtype, np.floating):
+    fractional = ~np.isfinite(labels) | (labels != np.round(labels))
+    whole = not fractional.any()
+    if not whole:
+      i = _first_index(fractional)
+      example = f' ({split}_labels[{i}] is {labels[i]})'
+  fix = f'; its values are whole numbers: store {split}_labels.astype(np.int64)' if whole else ''
+  raise DataError(f"npz file {path!r}: {split}_labels has dtype {labels.dtype}{example} but "
+                  f"must hold integer class indices{fix}.")
+
+
+# What a file's labels must be, ending every sentence that refuses them.
+_LABELS_ALLOWED = ("an npz file without num_classes must label its classes 0..K-1 with every "
+                   "class in its training labels, or store num_classes (its labels then lie "
+                   "in 0..num_classes-1)")
+
+
+# Without a num_classes entry, a class with fewer training examples than this fraction of
+# the average is refused as a probable stray label.
+RARE_CLASS_FRACTION = 0.01
+
+
+def _num_classes(path: str, arrays: Mapping[str, np.ndarray]) -> int:
+  """The class count of an npz file: its `num_classes` entry, or else K of training labels
+  that are exactly 0..K-1. A label outside the classes, negative, one that leaves a class
+  without a training example, or a class far rarer than the rest (`RARE_CLASS_FRACTION`) is
+  refused, naming its value and where it is."""
+  train_labels, test_labels = arrays['train_labels'], arrays['test_labels']
+  if 'num_classes' in arrays:
+    num_classes = arrays['num_classes']
+    if (num_classes.shape != () or not np.issubdtype(num_classes.dtype, np.integer)
+        or num_classes < 1):
+      raise DataError(f"npz file {path!r}: num_classes must be a positive integer scalar, "
+                      f"got {num_classes!r}.")
+    num_classes = int(num_classes)
+    for split, labels in (('train', train_labels), ('test', test_labels)):
+      outside = (labels < 0) | (labels >= num_classes)
+      if outside.any():
+        i = _first_index(outside)
+        others = int(outside.sum()) - 1
+        tail = (f" (and {others:,} more label{'s' if others > 1 else ''} outside it)"
+                if others else '')
+        raise DataError(f"npz file {path!r}: {split}_labels[{i}] is {labels[i]}, but its "
+                        f"num_classes={num_classes} allows only labels 0..{num_classes - 1}"
+                        f"{tail}.")
+    return num_classes
+  for split, labels in (('train', train_labels), ('test', test_labels)):
+    negative = labels < 0
+    if negative.any():
+      i = _first_index(negative)
+      raise DataError(f"npz file {path!r}: {split}_labels[{i}] is {labels[i]}, a negative "
+                      f"label; {_LABELS_ALLOWED}.")
+  present = np.unique(train_labels)
+  runs = _runs(present)
+  if present[0] != 0 or len(runs) > 1:
+    # The first label above the first class without an example.
+    above = runs[0][0] if present[0] != 0 else runs[1][0]
+    gaps = ([(0, runs[0][0] - 1)] if present[0] != 0 else []) + [
+        (b + 1, a - 1) for (_, b), (a, _) in zip(runs, runs[1:])]
+    missing = sum(b - a + 1 for a, b in gaps)
+    what = 'class' if missing == 1 else f'{missing:,} classes'
+    where = _first_index(train_labels == above)
+    raise DataError(f"npz file {path!r}: the training labels {_describe_runs(runs)} leave "
+                    f"{what} {_describe_runs(gaps)} without a training example (label {above} "
+                    f"is train_labels[{where}]); {_LABELS_ALLOWED}.")
+  num_classes = int(present[-1]) + 1
+  counts = np.bincount(train_labels, minlength=num_classes)
+  average = len(train_labels) / num_classes
+  rare = np.flatnonzero(counts < RARE_CLASS_FRACTION * average)
+  if len(rare):
+    # A class this rare is more likely a stray label than a class (e.g. one 10 among 0-9).
+    label = int(rare[-1])
+    raise DataError(f"npz file {path!r}: label {label} occurs {counts[label]} time(s) against "
+                    f"{average:.0f} per class on average (train_labels["
+                    f"{_first_index(train_labels == label)}]); if it is right, store "
+                    f"num_classes={num_classes} in the npz.")
+  beyond = test_labels >= num_classes
+  if beyond.any():
+    i = _first_index(beyond)
+    raise DataError(f"npz file {path!r}: test_labels[{i}] is {test_labels[i]}, beyond the "
+                    f"training labels 0..{num_classes - 1}; {_LABELS_ALLOWED}.")
   return num_classes
 
 
@@ -197,8 +281,10 @@ def _load_npz(data_path, data_dir, max_train) -> Dataset:
     raise ConfigError("dataset=npz needs data_path=FILE.npz.", settings=_SETTINGS)
   path = os.fspath(data_path)
   try:
-    with np.load(path, allow_pickle=False) as f:
-      arrays = {k: f[k] for k in f.files}
+    loaded = np.load(path, allow_pickle=False)
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+      with loaded:
+        arrays = {k: loaded[k] for k in loaded.files}
   except FileNotFoundError:
     raise DataError(f"npz file {path!r} does not exist.") from None
   except IsADirectoryError:
@@ -213,44 +299,33 @@ def _load_npz(data_path, data_dir, max_train) -> Dataset:
     raise DataError(f"cannot read npz file {path!r}: {str(e).rstrip('.')}.") from e
   except OSError as e:
     raise DataError(f"cannot read npz file {path!r}: {e.strerror or e}.") from e
+  if not isinstance(loaded, np.lib.npyio.NpzFile):
+    raise DataError(f"{path!r} holds one array of shape {loaded.shape} (np.save writes one), "
+                    f"not an npz archive of {', '.join(NPZ_KEYS)} (np.savez writes one).")
   missing = [k for k in NPZ_KEYS if k not in arrays]
   if missing:
     raise DataError(f"npz file {path!r} lacks {', '.join(missing)}; it needs "
-                      f"{', '.join(NPZ_KEYS)}.")
+                    f"{', '.join(NPZ_KEYS)}.")
   for split in ('train', 'test'):
     images, labels = arrays[f'{split}_images'], arrays[f'{split}_labels']
-    if images.ndim != 4:
+    if images.ndim != 4 or 0 in images.shape[1:]:
       raise DataError(f"npz file {path!r}: {split}_images has shape {images.shape} (rank "
-                        f"{images.ndim}) but must be NHWC of rank 4 (for grayscale add a "
-                        "channel axis: images[..., None]).")
+                      f"{images.ndim}) but must be NHWC of rank 4 with H, W, C >= 1 (for "
+                      "grayscale add a channel axis: images[..., None]).")
     if images.dtype != np.uint8:
       raise DataError(f"npz file {path!r}: {split}_images has dtype {images.dtype} but must "
-                        "be uint8 in 0..255.")
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-      raise DataError(f"npz file {path!r}: {split}_labels has shape {labels.shape} and dtype "
-                        f"{labels.dtype} but must be integers of shape (N,).")
+                      "be uint8 in 0..255.")
+    _check_label_type(path, split, labels)
     if len(images) != len(labels):
       raise DataError(f"npz file {path!r}: {split}_images has {len(images)} images but "
-                        f"{split}_labels has {len(labels)} labels.")
+                      f"{split}_labels has {len(labels)} labels.")
     if len(images) == 0:
       raise DataError(f"npz file {path!r}: {split}_images is empty.")
   train_shape, test_shape = arrays['train_images'].shape[1:], arrays['test_images'].shape[1:]
   if train_shape != test_shape:
     raise DataError(f"npz file {path!r}: train images are {train_shape} but test images are "
-                      f"{test_shape}; both must have the same HWC shape.")
-  lowest = min(int(arrays['train_labels'].min()), int(arrays['test_labels'].min()))
-  highest = max(int(arrays['train_labels'].max()), int(arrays['test_labels'].max()))
-  if 'num_classes' in arrays:
-    num_classes = arrays['num_classes']
-    if num_classes.shape != () or not np.issubdtype(num_classes.dtype, np.integer) or num_classes < 1:
-      raise DataError(f"npz file {path!r}: num_classes must be a positive integer scalar, "
-                        f"got {num_classes!r}.")
-    num_classes = int(num_classes)
-  else:
-    num_classes = _classes_from_labels(path, arrays['train_labels'], arrays['test_labels'])
-  if lowest < 0 or highest >= num_classes:
-    raise DataError(f"npz file {path!r}: labels range over {lowest}..{highest} but must lie "
-                      f"in 0..{num_classes - 1}.")
+                    f"{test_shape}; both must have the same HWC shape.")
+  num_classes = _num_classes(path, arrays)
   mean, std = channel_stats(arrays['train_images'])
   train_images, train_labels = _subset(arrays['train_images'], arrays['train_labels'], max_train)
   return Dataset(
@@ -289,7 +364,6 @@ class _Tfds:
   num_classes: int
   mean: tuple[float, ...]
   std: tuple[float, ...]
-  download_host: str  # probed before TFDS starts its (minutes-long) retrying download
 
   def __call__(self, data_path, data_dir, max_train) -> Dataset:
     del data_path
@@ -302,56 +376,32 @@ class _Tfds:
         mean=self.mean, std=self.std, crop_padding=4, flip=True)
 
 
-def _tensorflow_available() -> bool:
-  return importlib.util.find_spec('tensorflow') is not None
-
-
-def _reachable(host: str, port: int = 443, timeout: float = 5.0) -> bool:
-  try:
-    socket.create_connection((host, port), timeout=timeout).close()
-    return True
-  except OSError:
-    return False
-
-
 def _tfds_sources(spec: _Tfds, data_dir):
-  """(train, test) random-access sources, preparing the dataset first if it is missing."""
+  """(train, test) random-access sources of a dataset prepared as array_record.
+
+  Preparing (downloading and writing) is a step of its own, never taken here: a missing
+  dataset is one sentence saying how to prepare it.
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  where = repr(os.fspath(data_dir)) if data_dir else 'the default TFDS data_dir'
-  # data_source only reads array_record; with an explicit data_dir TFDS would otherwise
-  # prepare in its default tfrecord format, which it then cannot read back.
-  kwargs = dict(split=['train', 'test'], data_dir=data_dir,
-                builder_kwargs={'file_format': 'array_record'})
+  data_dir = os.fspath(data_dir) if data_dir else None
+  where = repr(data_dir) if data_dir else 'the default TFDS data_dir'
+  # data_source reads only array_record files.
   try:
-    return tfds.data_source(spec.name, download=False, **kwargs)
+    return tfds.data_source(spec.name, split=['train', 'test'], data_dir=data_dir,
+                            download=False, builder_kwargs={'file_format': 'array_record'})
   except Exception as e:  # pylint: disable=broad-except
-    builder = tfds.builder(spec.name, data_dir=data_dir, file_format='array_record')
-    if builder.is_prepared():
+    prepare = (f"tfds build {spec.name} --file_format=array_record"
+               + (f' --data_dir={data_dir}' if data_dir else ''))
+    if tfds.builder(spec.name, data_dir=data_dir, file_format='array_record').is_prepared():
       raise ConfigError(
           f"{spec.name} in {where} is prepared but cannot be read with tfds.data_source ({e}); "
-          f"prepare it as array_record (tfds build {spec.name} --file_format=array_record), or "
-          "use dataset=npz with data_path=FILE.npz, or dataset=digits.", settings=_SETTINGS) from e
-  # Not prepared: fail fast, before TFDS retries a download for minutes or downloads
-  # 170 MB only to find TensorFlow missing when it starts writing.
-  if not _reachable(spec.download_host):
+          f"prepare it as array_record ({prepare}), or {_ALTERNATIVES}.",
+          settings=_SETTINGS) from e
     raise ConfigError(
-        f"{spec.name} is not prepared in {where} and cannot be downloaded ({spec.download_host} "
-        f"is unreachable, we seem to be offline); {_ALTERNATIVES}.", settings=_SETTINGS)
-  if not _tensorflow_available():
-    raise ConfigError(
-        f"{spec.name} is not prepared in {where} and preparing it needs TensorFlow, which is "
-        f"not installed: pip install 'jaxprune[prepare]' (tensorflow-cpu), or {_ALTERNATIVES}.",
-        settings=_SETTINGS)
-  try:
-    return tfds.data_source(spec.name, download=True, **kwargs)
-  except ImportError as e:
-    raise ConfigError(
-        f"preparing {spec.name} in {where} needs the missing Python module {e.name!r} "
-        f"(pip install 'jaxprune[prepare]'), or {_ALTERNATIVES}.", settings=_SETTINGS) from e
-  except (OSError, tfds.download.DownloadError) as e:  # requests' ConnectionError is an OSError
-    raise ConfigError(
-        f"{spec.name} is not prepared in {where} and downloading it failed ({e}); "
-        f"{_ALTERNATIVES}.", settings=_SETTINGS) from e
+        f"{spec.name} is not prepared in {where}; prepare it once with {prepare} (TensorFlow "
+        f"and network access needed: pip install 'jaxprune[prepare]'), or pass data_dir=DIR "
+        f"holding a prepared array_record copy, or {_ALTERNATIVES}.",
+        settings=_SETTINGS) from e
 
 
 def _read_records(source, limit) -> tuple[np.ndarray, np.ndarray]:
@@ -374,8 +424,8 @@ _CIFAR100_MEAN, _CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.276
 
 # dataset value -> loader(data_path, data_dir, max_train) -> Dataset.
 DATASETS: Mapping[str, Callable[..., Dataset]] = {
-    'cifar10': _Tfds('cifar10', 10, _CIFAR10_MEAN, _CIFAR10_STD, 'www.cs.toronto.edu'),
-    'cifar100': _Tfds('cifar100', 100, _CIFAR100_MEAN, _CIFAR100_STD, 'www.cs.toronto.edu'),
+    'cifar10': _Tfds('cifar10', 10, _CIFAR10_MEAN, _CIFAR10_STD),
+    'cifar100': _Tfds('cifar100', 100, _CIFAR100_MEAN, _CIFAR100_STD),
     'npz': _load_npz,
     'digits': _load_digits,
 }
@@ -395,7 +445,7 @@ def load(name: str, data_path=None, data_dir=None, max_train: int | None = None)
 
   Raises:
     ConfigError: unknown name, an argument the dataset does not use, a malformed npz
-      file, or a TFDS dataset that is not prepared and cannot be prepared here.
+      file (`DataError`), or a TFDS dataset that is not prepared.
   """
   errors.choose('dataset', name, DATASETS)
   given = {'data_path': data_path, 'data_dir': data_dir}

@@ -4,8 +4,9 @@
   sentence naming the value and what is allowed. `DataError` is its sibling for data files.
 * `Preempted`: a SIGTERM stopped training after a checkpoint was saved; rerunning the same
   command resumes from it. `Interrupted` is the same after Ctrl-C (SIGINT).
-* `Diverged`: the training loss became non-finite; the stage's last good checkpoint is kept
-  and a rerun (e.g. with a smaller learning rate) resumes from it.
+* `Diverged`: training diverged (`train.loop`'s rule: a loss that is not finite or explodes,
+  parameters that are not finite); the stage's last healthy checkpoint is kept and a rerun
+  (e.g. with a smaller learning rate) resumes from it.
 * A lost process (`lost_process`): another process of a multi-process run died (SIGKILL, a
   crash, its host gone), so a collective or the coordination service failed; the last
   checkpoint is kept and the same command on every process resumes from it.
@@ -41,36 +42,44 @@ class DataError(ConfigError):
   """A data file the user supplied cannot be used (missing, unreadable, wrong keys or shapes)."""
 
 
-class Preempted(Exception):
-  """Training stopped on SIGTERM at `step`, after saving it; rerun the same command to resume."""
+def _saved(step: int | None, stage: str) -> str:
+  if step is None:
+    return 'finished stages and the last checkpoint are kept'
+  return f"step {step}{f' of {stage}' if stage else ''} is saved"
 
-  def __init__(self, step: int, stage: str = ''):
-    where = f' of {stage}' if stage else ''
-    super().__init__(f'preempted: step {step}{where} is saved; rerun the same command to resume.')
+
+class Preempted(Exception):
+  """A SIGTERM stopped the run, after saving training at `step` (None: outside training, with
+  finished stages and the last checkpoint kept); rerun the same command to resume."""
+
+  def __init__(self, step: int | None = None, stage: str = ''):
+    super().__init__(f'preempted: {_saved(step, stage)}; rerun the same command to resume.')
     self.step = step
     self.stage = stage
 
 
 class Interrupted(Preempted):
-  """Ctrl-C (SIGINT) stopped training at `step`, after saving it; rerun to resume."""
+  """Ctrl-C (SIGINT) stopped the run, as Preempted says; rerun to resume."""
 
-  def __init__(self, step: int, stage: str = ''):
+  def __init__(self, step: int | None = None, stage: str = ''):
     super().__init__(step, stage)
-    where = f' of {stage}' if stage else ''
-    self.args = (f'interrupted: step {step}{where} is saved; rerun the same command to '
-                 'resume.',)
+    self.args = (f'interrupted: {_saved(step, stage)}; rerun the same command to resume.',)
 
 
 class Diverged(Exception):
-  """The training loss became non-finite; nothing after the last good checkpoint was saved."""
+  """Training diverged (`reason`, e.g. a loss that is not finite, at `step` of `epoch`);
+  nothing after the last healthy checkpoint (`resume_step`, 0: none) was saved."""
 
-  def __init__(self, stage: str, epoch: int, step: int, resume_step: int):
-    kept = (f'the checkpoint of step {resume_step} is kept, and rerunning with a smaller lr '
-            'resumes from it' if resume_step else
-            'no checkpoint came before it, so rerunning with a smaller lr starts the stage again')
-    super().__init__(f'training diverged in stage {stage}: the loss is not finite at epoch '
-                     f'{epoch}, step {step}; {kept}.')
+  def __init__(self, stage: str, epoch: int, step: int, resume_step: int,
+               reason: str = 'the loss is not finite'):
+    kept = (f'the healthy checkpoint of step {resume_step} is kept, and rerunning with a smaller '
+            'lr resumes from it' if resume_step else
+            'no healthy checkpoint came before it, so rerunning with a smaller lr starts the '
+            'stage again')
+    super().__init__(f'training diverged in stage {stage}: {reason} at epoch {epoch}, step '
+                     f'{step}; {kept}.')
     self.stage = stage
+    self.reason = reason
     self.epoch = epoch
     self.step = step
     self.resume_step = resume_step

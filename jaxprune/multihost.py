@@ -8,8 +8,9 @@
   others stop within a second with one sentence.
 * `agree(name, decide)`: process 0 decides (reads the work directory, takes a claim) and
   every process gets its answer, or its ConfigError, so no process skips a stage another
-  trains or trains on after another refused. Answers travel through the coordination
-  service's key-value store: no device is involved, and waiting costs no collective.
+  trains or trains on after another refused. Answers travel over the lifeline sockets (JAX
+  has no public way to its coordination service's key-value store): no device is
+  involved, and waiting costs no collective.
 * `check_shared(directory)`: a marker process 0 writes that every process must find, so a
   work directory on per-host disks is refused before any process writes to it.
 * `barrier(name)`: every process waits for the others (at most the timeout).
@@ -31,20 +32,19 @@ import os
 import socket
 import sys
 import threading
+import time
 import uuid
 from typing import Any, Callable
 
 import jax
+import numpy as np
 from absl import logging
 from etils import epath
-from jax._src import distributed
+from jax.experimental import multihost_utils
 
 from jaxprune.errors import EXIT_STATUS, LOST_PROCESS_STATUS, ConfigError, DataError, as_flags
 
 SETTINGS = ('coordinator_address', 'num_processes', 'process_id')
-# How long one wait for process 0's answer lasts before it is retried: process 0 may take
-# hours (waiting for another run's baseline); its death ends the run through JAX's heartbeats.
-_ANSWER_POLL_MS = 10_000
 # JAX's own join timeout is this much longer than ours, so ours speaks first.
 _JAX_JOIN_GRACE_S = 30
 _agreements = itertools.count()
@@ -108,69 +108,127 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   logging.info('process %d of %d: %d local of %d devices', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   if jax.process_count() > 1:
-    _hold_lifelines()
+    _hold_lifelines(coordinator_address)
 
 
 # What a process says on its lifelines when it ends on its own terms (done, a refusal, a
 # preemption, even a traceback): the others then stop watching it.
-_GOODBYE = b'bye'
-# A process introduces itself to process 0 by its index, in this many bytes.
-_INDEX_BYTES = 8
+_GOODBYE = 'goodbye'
+# The longest "HOST:PORT" of process 0's lifeline listener that fits the broadcast.
+_ADDRESS_BYTES = 256
+
+# The other processes' lifeline sockets by process index: every other process on process 0,
+# process 0 on the others.
+_peers: dict[int, socket.socket] = {}
+# What the other processes sent, by (key, sender), until it is received; and the processes
+# that said goodbye, which will send nothing more.
+_inbox: dict[tuple[str, int], Any] = {}
+_gone: set[int] = set()
+_arrived = threading.Condition()
 
 
-def _hold_lifelines() -> None:
+def _hold_lifelines(coordinator_address: str | None) -> None:
   """Connects process 0 with every other process by a TCP socket that a watcher thread
   reads: a process killed or crashed closes its sockets at once (its kernel does), so the
   others stop within a second with one sentence. Without them a process that is not in a
   collective when a peer dies learns it only from JAX's heartbeats, `timeout_s` later, and
-  then JAX aborts it with a stack dump. Each process says goodbye at exit (`atexit`)."""
-  client = _client()
+  then JAX aborts it with a stack dump. The same sockets carry the messages of `agree`,
+  `barrier` and `check_shared`. Each process says goodbye at exit (`atexit`)."""
+  listener = None
+  address = ''
   if jax.process_index() == 0:
     listener = socket.create_server(('', 0))
     listener.settimeout(_timeout_s)
-    # Process 0 is the coordinator, so its address reaches this host from every other.
-    host = distributed.global_state.coordinator_address.rsplit(':', 1)[0]
-    client.key_value_set('jaxprune/lifeline', f'{host}:{listener.getsockname()[1]}')
-    peers, names = [], []
+    # Process 0 is the coordinator, so its address reaches this host from every other; a
+    # detected cluster (TPU VM, SLURM) names its hosts, and this is one of them.
+    host = coordinator_address.rsplit(':', 1)[0] if coordinator_address else socket.getfqdn()
+    address = f'{host}:{listener.getsockname()[1]}'
+  address = _from_process_0(address)
+  readers = {}
+  if listener is not None:
     for _ in range(jax.process_count() - 1):
       peer = listener.accept()[0]
       peer.settimeout(_timeout_s)
-      names.append(f'process {int(peer.recv(_INDEX_BYTES))}')
+      reader = peer.makefile('rb')
+      index = int(json.loads(reader.readline())['value'])
       peer.settimeout(None)
-      peers.append(peer)
+      _peers[index], readers[index] = peer, reader
     listener.close()
   else:
-    host, port = _answer(client, 'jaxprune/lifeline').rsplit(':', 1)
+    host, port = address.rsplit(':', 1)
     peer = socket.create_connection((host, int(port)), timeout=_timeout_s)
-    peer.sendall(str(jax.process_index()).encode().ljust(_INDEX_BYTES))
     peer.settimeout(None)
-    peers, names = [peer], ['process 0']
-  for peer, name in zip(peers, names):
-    threading.Thread(target=_watch, args=(peer, name), daemon=True,
-                     name=f'lifeline to {name}').start()
-  atexit.register(_say_goodbye, peers)
+    _peers[0], readers[0] = peer, peer.makefile('rb')
+    _send(0, 'index', jax.process_index())
+  for index, reader in readers.items():
+    threading.Thread(target=_watch, args=(reader, index), daemon=True,
+                     name=f'lifeline to process {index}').start()
+  atexit.register(_say_goodbye)
 
 
-def _watch(peer: socket.socket, name: str) -> None:
+def _from_process_0(text: str) -> str:
+  """Process 0's `text` on every process, through one collective (every process calls it)."""
+  encoded = text.encode()
+  if len(encoded) > _ADDRESS_BYTES:
+    raise ValueError(f'{text!r} is longer than {_ADDRESS_BYTES} bytes.')
+  padded = np.frombuffer(encoded.ljust(_ADDRESS_BYTES, b'\0'), np.uint8)
+  return bytes(multihost_utils.broadcast_one_to_all(padded)).rstrip(b'\0').decode()
+
+
+def _send(index: int, key: str, value: Any) -> None:
+  """Sends `value` (JSON-able) under `key` to process `index`. A process that is gone cannot
+  take it; its lifeline's watcher ends this process with the sentence that says so."""
   try:
-    heard = peer.recv(len(_GOODBYE))
+    _peers[index].sendall(json.dumps({'key': key, 'value': value}).encode() + b'\n')
   except OSError:
-    heard = b''
-  if heard == _GOODBYE:
-    return
-  sys.stderr.write(f'error: {name} of this multi-process run stopped without saying goodbye '
-                   '(killed, or crashed); the last checkpoint is kept, and the same command '
-                   'on every process resumes from it.\n')
+    pass
+
+
+def _receive(key: str, sender: int, timeout_s: float | None = None) -> Any:
+  """What process `sender` sent under `key`, once it has (TimeoutError after `timeout_s`).
+
+  A sender that ended on its own terms without sending it (a refusal or a traceback of its
+  own) ends this process too, with one sentence, rather than leaving it waiting.
+  """
+  with _arrived:
+    if not _arrived.wait_for(lambda: (key, sender) in _inbox or sender in _gone, timeout_s):
+      raise TimeoutError(f'nothing from process {sender} under {key} within {timeout_s} s')
+    if (key, sender) in _inbox:
+      return _inbox.pop((key, sender))
+  sys.stderr.write(f'error: process {sender} of this multi-process run ended while this '
+                   'process waited for it (its output says why); the last checkpoint is kept, '
+                   'and the same command on every process resumes from it.\n')
+  sys.stderr.flush()
+  # An orderly exit: at exit JAX's shutdown meets the sender's, which is under way.
+  sys.exit(LOST_PROCESS_STATUS)
+
+
+def _watch(reader, sender: int) -> None:
+  """Files every message from process `sender` in the inbox until it says goodbye; ends this
+  process with one sentence when its socket closes first (it was killed, or crashed)."""
+  try:
+    for line in reader:
+      message = json.loads(line)
+      with _arrived:
+        if message['key'] == _GOODBYE:
+          _gone.add(sender)
+        else:
+          _inbox[message['key'], sender] = message['value']
+        _arrived.notify_all()
+      if sender in _gone:
+        return
+  except (OSError, ValueError):  # a reset connection, or a message cut short by its death
+    pass
+  sys.stderr.write(f'error: process {sender} of this multi-process run stopped without saying '
+                   'goodbye (killed, or crashed); the last checkpoint is kept, and the same '
+                   'command on every process resumes from it.\n')
   sys.stderr.flush()
   os._exit(LOST_PROCESS_STATUS)
 
 
-def _say_goodbye(peers) -> None:
-  for peer in peers:
-    try:
-      peer.sendall(_GOODBYE)
-    except OSError:
-      pass
+def _say_goodbye() -> None:
+  for index in _peers:
+    _send(index, _GOODBYE, None)
 
 
 def _exit_with(error: ConfigError) -> None:
@@ -184,10 +242,6 @@ def _first_line(error: BaseException) -> str:
   return lines[0] if lines else type(error).__name__
 
 
-def _client():
-  return distributed.global_state.client
-
-
 def agree(name: str, decide: Callable[[], Any]) -> Any:
   """`decide()` on process 0, its JSON-able value returned on every process.
 
@@ -198,21 +252,22 @@ def agree(name: str, decide: Callable[[], Any]) -> Any:
   """
   if jax.process_count() == 1:
     return decide()
-  key = f'jaxprune/agree/{next(_agreements)}/{name}'
-  client = _client()
+  key = f'agree/{next(_agreements)}/{name}'
   if jax.process_index() == 0:
     try:
       value = decide()
     except ConfigError as error:
-      client.key_value_set(key, json.dumps({'error': str(error), 'settings': error.settings,
-                                            'data': isinstance(error, DataError)}))
+      _tell_others(key, {'error': str(error), 'settings': error.settings,
+                         'data': isinstance(error, DataError)})
       raise
     except BaseException as error:
-      client.key_value_set(key, json.dumps({'failed': _first_line(error)}))
+      _tell_others(key, {'failed': _first_line(error)})
       raise
-    client.key_value_set(key, json.dumps({'value': value}))
+    _tell_others(key, {'value': value})
     return value
-  answer = json.loads(_answer(client, key))
+  # Process 0 may take hours (waiting for another run's baseline); its death ends this
+  # process through the lifeline.
+  answer = _receive(key, 0)
   if 'error' in answer:
     error_type = DataError if answer['data'] else ConfigError
     raise error_type(answer['error'], settings=answer['settings'])
@@ -222,27 +277,42 @@ def agree(name: str, decide: Callable[[], Any]) -> Any:
   return answer['value']
 
 
-def _answer(client, key: str) -> str:
-  while True:
-    try:
-      return client.blocking_key_value_get(key, _ANSWER_POLL_MS)
-    except Exception as error:  # pylint: disable=broad-except
-      if 'DEADLINE_EXCEEDED' not in str(error):
-        raise
+def _tell_others(key: str, value: Any) -> None:
+  for index in _peers:
+    _send(index, key, value)
+
+
+def _not_reached(name: str) -> ConfigError:
+  return ConfigError(f'not every process reached {name} within {_timeout_s} s; every process '
+                     'must run the same command (the same settings).',
+                     settings=('multihost_timeout',))
+
+
+def _collect(key: str, name: str) -> dict[int, Any]:
+  """On process 0: what every other process sent it under `key`, by process index;
+  ConfigError when one has not within the timeout."""
+  deadline = time.monotonic() + _timeout_s
+  try:
+    return {index: _receive(key, index, max(0.0, deadline - time.monotonic()))
+            for index in sorted(_peers)}
+  except TimeoutError as error:
+    raise _not_reached(name) from error
 
 
 def barrier(name: str) -> None:
   """Waits until every process reaches `barrier(name)` (ConfigError after the timeout)."""
   if jax.process_count() == 1:
     return
+  key = f'barrier/{next(_agreements)}/{name}'
+  if jax.process_index() == 0:
+    _collect(key, name)
+    _tell_others(key, None)
+    return
+  _send(0, key, None)
   try:
-    _client().wait_at_barrier(f'jaxprune/barrier/{next(_agreements)}/{name}', _timeout_s * 1000)
-  except Exception as error:  # pylint: disable=broad-except
-    if 'DEADLINE_EXCEEDED' not in str(error):
-      raise
-    raise ConfigError(f'not every process reached {name} within {_timeout_s} s; every process '
-                      'must run the same command (the same settings).',
-                      settings=('multihost_timeout',)) from error
+    _receive(key, 0, _timeout_s)
+  except TimeoutError as error:
+    raise _not_reached(name) from error
 
 
 def check_shared(directory: epath.Path, setting: str) -> None:
@@ -259,13 +329,13 @@ def check_shared(directory: epath.Path, setting: str) -> None:
     return marker.name
 
   marker = directory / agree(f'{setting} marker', write_marker)
-  _client().key_value_set(f'jaxprune/shared/{marker.name}/{jax.process_index()}',
-                          str(int(marker.exists())))
+  key = f'shared/{next(_agreements)}/{setting}'
+  if jax.process_index() != 0:
+    _send(0, key, marker.exists())
 
   def blind_processes():
-    blind = [i for i in range(jax.process_count())
-             if _client().blocking_key_value_get(f'jaxprune/shared/{marker.name}/{i}',
-                                                 _timeout_s * 1000) != '1']
+    seen = {0: marker.exists(), **_collect(key, f'the check of {setting}')}
+    blind = [i for i, sees in sorted(seen.items()) if not sees]
     marker.unlink()
     if blind:
       names = ', '.join(map(str, blind))

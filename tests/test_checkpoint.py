@@ -1,5 +1,5 @@
-"""Resumable stages: a crash, a preemption or a divergence changes no result; a done stage is
-not redone."""
+"""Resumable stages: a crash or a preemption changes no result; a done stage is not redone
+(divergence: test_divergence.py)."""
 
 import functools
 import os
@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from jaxprune import data, errors, models, train
+from jaxprune import data, errors, train
+from jaxprune.pipeline import stages
 from jaxprune.train import checkpoint
-from test_train import learnable_dataset, numpy_variables, python_process, tiny, two_copies
+from test_train import learnable_dataset, python_process, tiny, two_copies
 
 EPOCHS, BATCH = 3, 32  # 8 steps per epoch on the 256 training images.
 OPTIONS = train.TrainOptions(epochs=EPOCHS, batch_size=BATCH, optimizer=train.OptimizerConfig(
@@ -58,12 +59,13 @@ def problem():
 
 
 def run_fit(stage_dir, step_hook=pruning_hook, callbacks=()):
+  """`fit` in a pipeline stage: final/ and result.json written at the end."""
   ds, arrays = problem()
   model, struct, variables = tiny()
   masks = {g: jnp.ones(w) for g, w in struct.widths.items() if g in struct.prunable}
-  return train.fit(model, variables, arrays, ds.spec, OPTIONS, stage_dir=stage_dir, seed=7,
-                   masks=masks, structure=struct, step_hook=step_hook,
-                   hook_state=jnp.zeros((), jnp.int32), callbacks=callbacks)
+  return stages.train_stage(stage_dir, model, variables, arrays, ds.spec, OPTIONS, seed=7,
+                            record={}, masks=masks, structure=struct, step_hook=step_hook,
+                            hook_state=jnp.zeros((), jnp.int32), callbacks=callbacks)
 
 
 @pytest.fixture(scope='module')
@@ -100,7 +102,7 @@ def test_fit_resumed_after_crash_matches_uninterrupted_fit(tmp_path, uninterrupt
 
 @pytest.mark.parametrize('step', [13, 16])  # Mid epoch 2; the last step of epoch 2.
 def test_fit_resumed_after_preemption_matches_uninterrupted_fit(tmp_path, uninterrupted, step):
-  with pytest.raises(errors.Preempted) as preempted:
+  with pytest.raises(errors.Preempted) as preempted, checkpoint.SIGNALS.installed():
     run_fit(tmp_path, step_hook=crash_at(step, lambda: os.kill(os.getpid(), signal.SIGTERM)))
   assert checkpoint.RunCheckpoints(tmp_path).latest_step() == step == preempted.value.step
   variables, result = run_fit(tmp_path)
@@ -108,7 +110,7 @@ def test_fit_resumed_after_preemption_matches_uninterrupted_fit(tmp_path, uninte
 
 
 def test_sigterm_in_the_last_step_finishes_the_stage_then_stops(tmp_path, uninterrupted):
-  with pytest.raises(errors.Preempted) as preempted:
+  with pytest.raises(errors.Preempted) as preempted, checkpoint.SIGNALS.installed():
     run_fit(tmp_path, step_hook=crash_at(EPOCHS * 8, lambda: os.kill(os.getpid(), signal.SIGTERM)))
   assert preempted.value.step == EPOCHS * 8
   assert checkpoint.is_done(tmp_path)
@@ -132,9 +134,9 @@ def test_finished_stage_is_skipped_on_rerun(uninterrupted):
 def run_copies(root):
   ds, arrays = problem()
   model, inits, seeds = two_copies()
-  return train.fit_copies(model, inits, arrays, ds.spec, OPTIONS,
-                          stage_dirs=[root / 'a', root / 'b'], seeds=seeds,
-                          checkpoint_dir=root / 'group')
+  return stages.train_stage_copies(model, inits, arrays, ds.spec, OPTIONS,
+                                   stage_dirs=[root / 'a', root / 'b'], seeds=seeds,
+                                   checkpoint_dir=root / 'group', record={})
 
 
 def crash_after_first_call(monkeypatch, name):
@@ -182,45 +184,6 @@ def test_fit_copies_stopped_between_copies_final_writes_finishes_the_rest(tmp_pa
   assert_same_copies(tmp_path / 'crashed', resumed, tmp_path / 'uninterrupted', expected)
 
 
-class StopAfterEpoch(Exception):
-  pass
-
-
-def stop_after_epoch(state, record):
-  raise StopAfterEpoch()
-
-
-def test_diverged_stage_keeps_its_last_good_checkpoint_and_resumes_with_a_smaller_lr(tmp_path):
-  ds = data.load('digits')
-  model = models.build('tiny', num_classes=ds.num_classes)
-  arrays = data.device_put_dataset(ds)
-  variables = numpy_variables(model, ds.image_shape)
-
-  def fit(learning_rate, callbacks=()):
-    options = train.TrainOptions(epochs=2, batch_size=64, optimizer=train.OptimizerConfig(
-        learning_rate=learning_rate, schedule='constant'))
-    return train.fit(model, variables, arrays, ds.spec, options, stage_dir=tmp_path,
-                     callbacks=callbacks)
-
-  with pytest.raises(StopAfterEpoch):  # One good epoch (22 steps): its checkpoint.
-    fit(0.05, callbacks=[stop_after_epoch])
-  [first_epoch] = checkpoint.read_metrics(tmp_path)
-  with pytest.raises(errors.Diverged) as diverged:
-    fit(1e6)
-  error = diverged.value
-  assert error.stage == str(tmp_path) and error.resume_step == 22
-  assert error.epoch == 2 and 22 < error.step <= 44
-  assert f'epoch 2, step {error.step}' in str(error)
-  assert checkpoint.RunCheckpoints(tmp_path).latest_step() == error.resume_step
-  assert checkpoint.read_metrics(tmp_path) == [first_epoch]
-  assert checkpoint.read_diverged(tmp_path) == {
-      'epoch': 2, 'step': error.step, 'resume_step': 22, 'learning_rate': 1e6}
-  _, result = fit(0.05)
-  assert result['steps'] == 44 and np.isfinite(result['train_loss'])
-  assert checkpoint.is_done(tmp_path) and checkpoint.read_diverged(tmp_path) is None
-  assert checkpoint.read_metrics(tmp_path)[0] == first_epoch
-
-
 def test_result_is_never_overwritten(tmp_path):
   checkpoint.mark_done(tmp_path, {'test_accuracy': 0.5})
   with pytest.raises(FileExistsError):
@@ -235,6 +198,7 @@ RUN_STAGE = """
 import sys, time
 from pathlib import Path
 from jaxprune import errors
+from jaxprune.train import checkpoint
 import test_checkpoint
 
 stage, slow = Path(sys.argv[1]), sys.argv[2] == 'slow'
@@ -250,7 +214,7 @@ def hook(state, batch, masks, removed):
     time.sleep(0.05)
   return test_checkpoint.pruning_hook(state, batch, masks, removed)
 
-with errors.exit_on_user_error():
+with errors.exit_on_user_error(), checkpoint.SIGNALS.installed():
   test_checkpoint.run_fit(stage, step_hook=hook)
 print('finished without preemption')
 """

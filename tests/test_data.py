@@ -2,12 +2,14 @@
 
 import re
 import socket
+import subprocess
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import QUICK_FLAGS, ROOT, launch_command
 from jaxprune import data, errors
 from jaxprune.errors import ConfigError
 
@@ -22,7 +24,7 @@ def _arrays(n_train=10, n_test=6, shape=(6, 6, 3), seed=0):
   rng = np.random.default_rng(seed)
   return {
       'train_images': rng.integers(0, 256, (n_train, *shape), dtype=np.uint8),
-      'train_labels': rng.integers(0, 4, n_train).astype(np.int64),
+      'train_labels': rng.permutation(np.arange(n_train) % 4),  # every class in training
       'test_images': rng.integers(0, 256, (n_test, *shape), dtype=np.uint8),
       'test_labels': np.arange(n_test) % 4,
   }
@@ -81,11 +83,11 @@ def test_max_train_on_class_sorted_data_still_sees_every_class():
     (lambda a: a.pop('test_labels'), ['test_labels']),
     (lambda a: a.update(train_images=a['train_images'][..., 0]), ['train_images', 'rank 3']),
     (lambda a: a.update(test_images=a['test_images'].astype(np.float32) / 255), ['test_images', 'float32']),
-    (lambda a: a.update(train_labels=-a['train_labels'] - 1), ['labels', '-4']),
-    (lambda a: a.update(num_classes=np.int64(3)), ['labels', '0..2']),
+    (lambda a: a.update(test_images=a['test_images'][:, :0]), ['test_images', '(6, 0, 6, 3)']),
     (lambda a: a.update(train_labels=a['train_labels'][:-1]), ['train_labels', '9 labels']),
-], ids=['missing_key', 'rank3', 'float_images', 'negative_labels', 'labels_over_num_classes',
-        'mismatched_lengths'])
+    (lambda a: a.update(train_labels=a['train_labels'][:, None]), ['train_labels', '(10, 1)']),
+], ids=['missing_key', 'rank3', 'float_images', 'empty_height', 'mismatched_lengths',
+        'rank2_labels'])
 def test_bad_npz_is_one_sentence_config_error(tmp_path, change, words):
   arrays = _arrays()
   change(arrays)
@@ -97,6 +99,162 @@ def test_bad_npz_is_one_sentence_config_error(tmp_path, change, words):
   assert str(path) in message
   for word in words:
     assert word in message, message
+
+
+# How every refusal of a file's labels ends.
+LABELS_ALLOWED = ('an npz file without num_classes must label its classes 0..K-1 with every '
+                  'class in its training labels, or store num_classes (its labels then lie in '
+                  '0..num_classes-1).')
+
+
+def _ten_classes(**changes):
+  """40 training examples of classes 0..9 (label i % 10 at index i) and one test example
+  of each; `changes` replace training labels by index, or add entries."""
+  arrays = _arrays(n_train=40, n_test=10)
+  arrays['train_labels'] = np.arange(40) % 10
+  arrays['test_labels'] = np.arange(10)
+  for key, value in changes.items():
+    if key.startswith('train_label_'):
+      arrays['train_labels'][int(key.rsplit('_', 1)[1])] = value
+    else:
+      arrays[key] = value
+  return arrays
+
+
+def _refusal(tmp_path, arrays) -> tuple[str, str]:
+  """(the ConfigError's message, the file's path as the message quotes it)."""
+  path = _write(tmp_path, arrays)
+  with pytest.raises(ConfigError) as info:
+    data.load('npz', data_path=path)
+  message = str(info.value)
+  assert _one_sentence(message), message
+  return message, repr(str(path))
+
+
+def test_a_huge_label_is_one_sentence_at_once(tmp_path):
+  message, path = _refusal(tmp_path, _ten_classes(train_label_7=10**9))
+  assert message == (f'npz file {path}: the training labels 0..9, 1000000000 leave 999,999,990 '
+                     'classes 10..999999999 without a training example (label 1000000000 is '
+                     f'train_labels[7]); {LABELS_ALLOWED}')
+
+
+def test_a_stray_255_among_ten_classes_is_refused_not_taken_for_256_classes(tmp_path):
+  arrays = _ten_classes()
+  arrays['train_labels'] = arrays['train_labels'].astype(np.uint8)
+  arrays['train_labels'][23] = 255
+  message, path = _refusal(tmp_path, arrays)
+  assert message == (f'npz file {path}: the training labels 0..9, 255 leave 245 classes '
+                     '10..254 without a training example (label 255 is train_labels[23]); '
+                     f'{LABELS_ALLOWED}')
+
+
+def test_a_negative_label_is_one_sentence(tmp_path):
+  message, path = _refusal(tmp_path, _ten_classes(train_label_3=-1))
+  assert message == (f'npz file {path}: train_labels[3] is -1, a negative label; '
+                     f'{LABELS_ALLOWED}')
+  arrays = _ten_classes()
+  arrays['test_labels'][4] = -2
+  message, path = _refusal(tmp_path, arrays)
+  assert message.startswith(f'npz file {path}: test_labels[4] is -2, a negative label; ')
+
+
+def test_a_non_integer_label_is_one_sentence(tmp_path):
+  arrays = _ten_classes()
+  arrays['train_labels'] = arrays['train_labels'] + np.where(np.arange(40) == 5, 0.5, 0.0)
+  message, path = _refusal(tmp_path, arrays)
+  assert message == (f'npz file {path}: train_labels has dtype float64 (train_labels[5] is '
+                     '5.5) but must hold integer class indices.')
+  arrays['train_labels'] = np.arange(40, dtype=np.float32) % 10
+  message, path = _refusal(tmp_path, arrays)
+  assert message == (f'npz file {path}: train_labels has dtype float32 but must hold integer '
+                     'class indices; its values are whole numbers: store '
+                     'train_labels.astype(np.int64).')
+
+
+def test_a_class_missing_from_training_is_one_sentence(tmp_path):
+  arrays = _ten_classes()
+  arrays['train_labels'][arrays['train_labels'] == 3] = 4
+  message, path = _refusal(tmp_path, arrays)
+  assert message == (f'npz file {path}: the training labels 0..2, 4..9 leave class 3 without a '
+                     f'training example (label 4 is train_labels[3]); {LABELS_ALLOWED}')
+  # Labels counted from 1 leave class 0 out.
+  arrays['train_labels'] = np.arange(40) % 10 + 1
+  message, path = _refusal(tmp_path, arrays)
+  assert message.startswith(f'npz file {path}: the training labels 1..10 leave class 0 without '
+                            'a training example (label 1 is train_labels[0]); ')
+
+
+def test_a_test_label_beyond_the_training_classes_is_one_sentence(tmp_path):
+  arrays = _ten_classes()
+  arrays['test_labels'][6] = 10
+  message, path = _refusal(tmp_path, arrays)
+  assert message == (f'npz file {path}: test_labels[6] is 10, beyond the training labels 0..9; '
+                     f'{LABELS_ALLOWED}')
+
+
+def test_num_classes_in_the_file_is_honoured(tmp_path):
+  # Classes 3 and 10..11 without a training example, the test set with one of class 11.
+  arrays = _ten_classes(num_classes=np.int64(12))
+  arrays['train_labels'][arrays['train_labels'] == 3] = 4
+  arrays['test_labels'][6] = 11
+  ds = data.load('npz', data_path=_write(tmp_path, arrays))
+  assert ds.num_classes == 12
+  np.testing.assert_array_equal(ds.train_labels, arrays['train_labels'])
+  np.testing.assert_array_equal(ds.test_labels, arrays['test_labels'])
+  # A label it does not allow is still refused.
+  message, path = _refusal(tmp_path, _ten_classes(num_classes=np.int64(10), train_label_7=255,
+                                                  train_label_9=10))
+  assert message == (f'npz file {path}: train_labels[7] is 255, but its num_classes=10 allows '
+                     'only labels 0..9 (and 1 more label outside it).')
+  message, path = _refusal(tmp_path, _ten_classes(num_classes=np.float32(10)))
+  assert message.startswith(f'npz file {path}: num_classes must be a positive integer scalar')
+
+
+def test_a_npy_array_under_an_npz_name_is_one_sentence(tmp_path):
+  path = tmp_path / 'ds.npz'
+  with open(path, 'wb') as f:
+    np.save(f, _arrays()['train_images'])
+  with pytest.raises(ConfigError) as info:
+    data.load('npz', data_path=path)
+  assert str(info.value) == (
+      f'{str(path)!r} holds one array of shape (10, 6, 6, 3) (np.save writes one), not an npz '
+      'archive of train_images, train_labels, test_images, test_labels (np.savez writes one).')
+
+
+@pytest.mark.parametrize('keep', [0.5, 0.99, 0.0], ids=['half', 'last_bytes_cut', 'empty'])
+def test_a_truncated_npz_is_one_sentence(tmp_path, keep):
+  path = _write(tmp_path, _arrays())
+  content = path.read_bytes()
+  path.write_bytes(content[:int(len(content) * keep)])
+  with pytest.raises(ConfigError) as info:
+    data.load('npz', data_path=path)
+  message = str(info.value)
+  assert _one_sentence(message), message
+  assert message.startswith(f'npz file {str(path)!r} is damaged (truncated or corrupted: ')
+  assert message.endswith('); write it again.')
+
+
+def test_a_text_file_under_an_npz_name_is_one_sentence(tmp_path):
+  path = tmp_path / 'ds.npz'
+  path.write_text('train_images,train_labels\n')
+  with pytest.raises(ConfigError) as info:
+    data.load('npz', data_path=path)
+  assert str(info.value) == f'{str(path)!r} is not an npz archive (np.savez writes one).'
+
+
+def test_launch_refuses_a_huge_label_in_one_line_before_writing_anything(tmp_path):
+  path = _write(tmp_path, _ten_classes(train_label_7=10**9))
+  workdir = tmp_path / 'work'
+  run = subprocess.run(launch_command(*QUICK_FLAGS, '--dataset=npz', f'--data_path={path}',
+                                      workdir=workdir),
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert run.returncode == 1, run.stderr[-3000:]
+  assert 'Traceback' not in run.stderr
+  assert run.stderr.strip().splitlines()[-1] == (
+      f"error: npz file {str(path)!r}: the training labels 0..9, 1000000000 leave 999,999,990 "
+      'classes 10..999999999 without a training example (label 1000000000 is train_labels[7]); '
+      f'{LABELS_ALLOWED}')
+  assert not workdir.exists()
 
 
 def test_npz_without_data_path_or_with_a_missing_file_is_config_error(tmp_path):
@@ -164,45 +322,41 @@ def test_cifar10_through_mocked_tfds(tmp_path):
 
 
 @pytest.fixture
-def no_download(monkeypatch):
-  """No name resolves and TFDS's downloads fail at once (no retries, no network)."""
-  tfds = pytest.importorskip('tensorflow_datasets')
+def network_calls(monkeypatch):
+  """Every attempt to resolve a name or open a connection, refused and recorded."""
+  calls = []
 
-  def offline(*args, **kwargs):
-    raise socket.gaierror(socket.EAI_NONAME, 'Name or service not known')
+  def refuse(what):
+    def call(*args, **kwargs):
+      calls.append((what, args))
+      raise OSError(f'{what} is refused in this test')
+    return call
 
-  def fail(*args, **kwargs):
-    raise ConnectionError('network disabled in tests')
-
-  monkeypatch.setattr(socket, 'getaddrinfo', offline)
-  monkeypatch.setattr(tfds.download.DownloadManager, 'download_and_extract', fail)
-  monkeypatch.setattr(tfds.download.DownloadManager, 'download', fail)
+  monkeypatch.setattr(socket, 'getaddrinfo', refuse('getaddrinfo'))
+  monkeypatch.setattr(socket, 'create_connection', refuse('create_connection'))
+  monkeypatch.setattr(socket.socket, 'connect', refuse('connect'))
+  return calls
 
 
-def test_unprepared_cifar_offline_says_how_to_proceed(tmp_path, monkeypatch, no_download):
-  monkeypatch.setattr(data, '_tensorflow_available', lambda: True)
+@pytest.mark.parametrize('name', ['cifar10', 'cifar100'])
+def test_unprepared_cifar_says_how_to_prepare_it_without_touching_the_network(
+    tmp_path, name, network_calls):
+  pytest.importorskip('tensorflow_datasets')
   with pytest.raises(ConfigError) as info:
-    data.load('cifar10', data_dir=tmp_path)
+    data.load(name, data_dir=tmp_path)
   message = errors.as_flags(info.value)
   assert _one_sentence(message), message
-  for word in ('offline', '--data_dir', '--dataset=npz', '--data_path', '--dataset=digits'):
+  assert message.startswith(f"{name} is not prepared in '{tmp_path}'; prepare it once with "
+                            f'tfds build {name} --file_format=array_record '
+                            f'--data_dir={tmp_path} '), message
+  for word in ("pip install 'jaxprune[prepare]'", '--data_dir=DIR', '--dataset=npz',
+               '--data_path', '--dataset=digits'):
     assert word in message, message
-
-
-def test_unprepared_cifar_without_tensorflow_names_the_prepare_extra(tmp_path, monkeypatch,
-                                                                     no_download):
-  monkeypatch.setattr(data, '_reachable', lambda host: True)
-  monkeypatch.setattr(data, '_tensorflow_available', lambda: False)
-  with pytest.raises(ConfigError) as info:
-    data.load('cifar100', data_dir=tmp_path)
-  message = errors.as_flags(info.value)
-  assert _one_sentence(message), message
-  for word in ("pip install 'jaxprune[prepare]'", '--data_dir', '--dataset=npz', '--dataset=digits'):
-    assert word in message, message
+  assert network_calls == []
 
 
 def test_prepared_but_unreadable_cifar_says_to_prepare_array_record(tmp_path, monkeypatch,
-                                                                   no_download):
+                                                                   network_calls):
   tfds = pytest.importorskip('tensorflow_datasets')
 
   def tfrecord_only(*args, **kwargs):
@@ -215,6 +369,7 @@ def test_prepared_but_unreadable_cifar_says_to_prepare_array_record(tmp_path, mo
   message = str(info.value)
   assert _one_sentence(message), message
   assert '--file_format=array_record' in message and str(tmp_path) in message
+  assert network_calls == []
 
 
 # --------------------------------------------------------------------------- device side

@@ -100,6 +100,11 @@ def _bad_npz(path, **overrides):
      "unknown --seed_batching 'parallel'; choose one of: auto, loop, vmap."),
     ({'round_to': 8, 'schedule': 'iterative'}, "--round_to=8 rounds a one-shot selection's widths"),
     ({'width_profile': 2}, '--width_profile=2 numbers the profiles of --selection=random_widths'),
+    ({'lr': float('nan')}, '--lr must be a finite number, got nan.'),
+    ({'weight_decay': float('nan')}, '--weight_decay must be a finite number, got nan.'),
+    ({'width_multiplier': float('nan')}, '--width_multiplier must be a finite number, got nan.'),
+    ({'bn_scale_init': float('inf')}, '--bn_scale_init must be a finite number, got inf.'),
+    ({'lr_decay_factor': float('nan')}, '--lr_decay_factor must be a finite number, got nan.'),
     ({'kept_channels': 'random', 'schedule': 'iterative'},
      '--kept_channels=random redraws the channels of a one-shot channel selection'),
     ({'selection': 'random_widths', 'prune_ratio': None, 'target_macs': 0.5,
@@ -124,6 +129,18 @@ def test_bad_input_is_one_sentence_before_anything_is_written(tmp_path, quick_co
     pipeline.run(config)
   line = errors.as_flags(raised.value)
   assert message in line and '\n' not in line
+  assert not (tmp_path / 'work').exists()
+
+
+def test_a_model_too_large_for_the_memory_is_one_sentence_before_anything_is_written(
+    tmp_path, quick_config, monkeypatch):
+  from jaxprune.pipeline import stages
+  monkeypatch.setattr(stages, 'device_memory', lambda: 2 ** 30)
+  with pytest.raises(errors.ConfigError) as raised:
+    pipeline.run(quick_config(width_multiplier=300.0))
+  line = errors.as_flags(raised.value)
+  assert line.startswith('tiny at --width_multiplier=300 with --batch_size=') and (
+      'GiB per device to train' in line and 'a device here has 1.0 GiB' in line)
   assert not (tmp_path / 'work').exists()
 
 

@@ -29,7 +29,7 @@ LONG_FLAGS = ('--model=tiny', '--epochs=8', '--batch_size=32', '--max_train=512'
               '--regime=finetune', '--finetune_epochs=1', '--multihost_timeout=30')
 # The 2-process job against one process on as many devices (the same mesh, so the same
 # reductions): equal up to float rounding. Against one device the sums run in another
-# order, and training at lr 0.1 amplifies that rounding (README, Multi-host).
+# order, and training at lr 0.1 amplifies that rounding (docs/multihost.md).
 ATOL = 1e-6
 
 
@@ -123,6 +123,48 @@ def test_a_work_directory_not_every_process_sees_is_one_sentence(tmp_path):
     assert proc.returncode == 1 and 'Traceback' not in stderr, stderr[-3000:]
     assert last_line(stderr) == expected
   assert list((tmp_path / 'host0').iterdir()) == []
+
+
+# Two processes joined by `multihost.initialize`: they agree on values, meet at a barrier,
+# share a refusal of process 0, and then process 0 stops before answering the next question.
+_EXCHANGE = """
+import sys
+from jaxprune import errors, multihost
+port, index = sys.argv[1], int(sys.argv[2])
+multihost.initialize(f'localhost:{port}', 2, index, timeout_s=30)
+print('agreed', [multihost.agree(f'value {i}', lambda: [i, 'from process 0']) for i in range(3)])
+multihost.barrier('the middle')
+try:
+  multihost.agree('a refusal', lambda: multihost.agree.bad_setting)
+except AttributeError:
+  print('process 0 failed')
+except RuntimeError as error:
+  print(error)
+with errors.exit_on_user_error():
+  if index == 0:
+    raise errors.ConfigError('process 0 refuses to answer.')
+  multihost.agree('the unanswered question', lambda: 0)
+"""
+
+
+def test_processes_agree_meet_and_stop_when_process_0_ends_without_answering():
+  port = local_cluster.free_port()
+  procs = [subprocess.Popen([sys.executable, '-c', _EXCHANGE, str(port), str(i)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=local_cluster.environment(1)) for i in range(2)]
+  (out0, err0), (out1, err1) = [p.communicate(timeout=120) for p in procs]
+  agreed = "agreed [[0, 'from process 0'], [1, 'from process 0'], [2, 'from process 0']]"
+  assert agreed in out0.splitlines() and agreed in out1.splitlines(), (err0[-2000:], err1[-2000:])
+  assert 'process 0 failed' in out0.splitlines()
+  assert ('process 0 failed while deciding a refusal (\'function\' object has no attribute '
+          "'bad_setting'); its log has the traceback.") in out1.splitlines()
+  assert procs[0].returncode == 1
+  assert last_line(err0) == 'error: process 0 refuses to answer.'
+  assert procs[1].returncode == errors.LOST_PROCESS_STATUS, err1[-2000:]
+  assert last_line(err1) == ('error: process 0 of this multi-process run ended while this '
+                             'process waited for it (its output says why); the last checkpoint '
+                             'is kept, and the same command on every process resumes from it.')
+  assert 'Traceback' not in err1
 
 
 def test_records_are_written_by_process_0_only(tmp_path, monkeypatch):

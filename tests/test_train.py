@@ -3,12 +3,14 @@ errors, 8 devices."""
 
 import dataclasses
 import functools
+import gc
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +22,10 @@ from flax import traverse_util
 
 from jaxprune import data, errors, models, train
 from jaxprune.errors import ConfigError
+from jaxprune.pipeline import stages as pipeline_stages
 from jaxprune.prune import program
 from jaxprune.train import checkpoint, loop
+from jaxprune.train import step as step_lib
 
 IMAGE = (8, 8, 3)
 CLASSES = 4
@@ -197,6 +201,25 @@ def test_fits_with_other_schedules_and_lengths_share_one_compiled_step(tmp_path,
   assert [json.loads(l)['learning_rate'] for l in lines] == pytest.approx([0.1, 0.001])
 
 
+def test_the_compiled_programs_of_models_no_longer_trained_are_let_go():
+  mesh = train.make_mesh()
+  optimizer = train.OptimizerConfig()
+
+  def trainer(width):
+    model = models.build('tiny', num_classes=CLASSES,
+                         widths={'conv1': width, 'conv2': width, 'fc': width})
+    return train.trainer_for(model, optimizer, None, mesh)
+
+  first = trainer(3)
+  assert trainer(3) is first
+  kept = weakref.ref(first), weakref.ref(first.evaluator)
+  del first
+  for width in range(4, 4 + step_lib.PROGRAMS_KEPT):  # An experiment's many pruned networks.
+    trainer(width)
+  gc.collect()
+  assert [ref() for ref in kept] == [None, None]
+
+
 def test_train_step_is_sgd_with_momentum_and_the_schedule():
   """Against optax.sgd with the schedule inside the optimizer, across a learning-rate decay."""
   model, _, variables = tiny()
@@ -287,10 +310,7 @@ def test_evaluate_variables_is_the_fits_evaluation_and_compiles_nothing_more(tmp
   model, _, variables = tiny()
   options = train.TrainOptions(epochs=1, batch_size=64, eval_batch_size=48,
                                optimizer=train.OptimizerConfig(learning_rate=0.05))
-  record = {'performance': {'conv_impl': 'auto'}}
-  final, result = train.fit(model, variables, arrays, ds.spec, options, stage_dir=tmp_path,
-                            record=record)
-  assert checkpoint.read_result(tmp_path)['performance'] == record['performance']
+  final, result = train.fit(model, variables, arrays, ds.spec, options, stage_dir=tmp_path)
   host_test_set = {'test_images': ds.test_images, 'test_labels': ds.test_labels}
 
   def evaluations():
@@ -302,7 +322,8 @@ def test_evaluate_variables_is_the_fits_evaluation_and_compiles_nothing_more(tmp
   for test in evaluated:
     assert test == {'loss': result['test_loss'], 'accuracy': result['test_accuracy']}
   # Saved variables (host arrays) evaluate as the trained ones.
-  saved = checkpoint.load_variables(tmp_path / checkpoint.FINAL)
+  checkpoint.save_variables(tmp_path / 'saved', final)
+  saved = checkpoint.load_variables(tmp_path / 'saved')
   assert train.evaluate_variables(model, saved, arrays, ds.spec, batch_size=48) == evaluated[0]
 
 
@@ -314,16 +335,6 @@ def test_evaluate_variables_honours_the_precision():
            for precision in train.PRECISIONS}
   assert tests['bfloat16'] != tests['float32']
   assert tests['bfloat16']['loss'] == pytest.approx(tests['float32']['loss'], rel=0.02)
-
-
-def test_a_record_entry_fit_writes_itself_is_refused_before_training(tmp_path):
-  ds = learnable_dataset()
-  model, _, variables = tiny()
-  with pytest.raises(ValueError, match="'seed'"):
-    train.fit(model, variables, data.device_put_dataset(ds), ds.spec,
-              train.TrainOptions(epochs=1, batch_size=64), stage_dir=tmp_path,
-              record={'seed': 5})
-  assert not (tmp_path / checkpoint.CHECKPOINTS).exists()
 
 
 @pytest.mark.parametrize('options, setting', [
@@ -495,8 +506,10 @@ def test_fit_copies_equal_separate_fits(tmp_path):
       epochs=2, batch_size=32,
       optimizer=train.OptimizerConfig(learning_rate=0.05, weight_decay=1e-3))
   stages = [tmp_path / 'copy0', tmp_path / 'copy1']
-  together = train.fit_copies(model, inits, arrays, ds.spec, options, stage_dirs=stages,
-                              seeds=seeds, checkpoint_dir=tmp_path / 'group')
+  record = {'performance': {'conv_impl': 'auto'}}
+  together = pipeline_stages.train_stage_copies(model, inits, arrays, ds.spec, options,
+                                                stage_dirs=stages, seeds=seeds,
+                                                checkpoint_dir=tmp_path / 'group', record=record)
   for i, (init, seed) in enumerate(zip(inits, seeds)):
     alone_variables, alone = train.fit(model, init, arrays, ds.spec, options, seed=seed,
                                        stage_dir=tmp_path / f'alone{i}')
@@ -508,10 +521,12 @@ def test_fit_copies_equal_separate_fits(tmp_path):
     assert records[-1]['test_loss'] == result['test_loss']
   # Each copy trained its own run, not the same one twice.
   assert together[0][1]['train_loss'] != together[1][1]['train_loss']
-  # A copy's stage is an ordinary finished stage: fit only loads it.
-  _, loaded = train.fit(model, inits[0], arrays, ds.spec, options, seed=seeds[0],
-                        stage_dir=stages[0])
+  # A copy's stage is an ordinary finished stage, which is only read.
+  assert checkpoint.read_result(stages[0]) == together[0][1] == {**record, **together[0][1]}
+  _, loaded = pipeline_stages.train_stage(stages[0], model, inits[0], arrays, ds.spec, options,
+                                          seed=seeds[0], record=record)
   assert loaded == together[0][1]
+  assert not (stages[0] / checkpoint.CHECKPOINTS).exists()
 
 
 def test_fit_copies_needs_one_variables_seed_and_stage_per_copy(tmp_path):
@@ -526,8 +541,8 @@ def test_fit_copies_needs_one_variables_seed_and_stage_per_copy(tmp_path):
 # ----------------------------------------------------------------------------- many steps per call
 
 # 8 steps per epoch of the 256 training images: calls of 3, 3 and 2 steps.
-CALLS = train.TrainOptions(epochs=2, batch_size=32, steps_per_call=3, optimizer=train.OptimizerConfig(
-    learning_rate=0.05, weight_decay=1e-3))
+CALLS = train.TrainOptions(epochs=2, batch_size=32, steps_per_call=3,
+                           optimizer=train.OptimizerConfig(learning_rate=0.05, weight_decay=1e-3))
 
 
 def fit_tiny(stage_dir, options=CALLS):
@@ -568,20 +583,25 @@ def test_preempted_between_calls_saves_at_the_call_and_resumes_to_the_same_bits(
   every call of the resumed epoch has other bounds; the run is bit for bit the same."""
   expected_stage, expected_variables, expected = fitted_in_calls
   calls = []
-  train_steps = loop._train_steps
+  train_calls = loop.train_calls
 
-  def signal_in_fourth_call(run, progress, order, epoch_rates, stop):
-    train_steps(run, progress, order, epoch_rates, stop)
-    calls.append(stop)
-    if len(calls) == 4:
-      os.kill(os.getpid(), signal.SIGTERM)
+  def signalling_calls(trainer, spec):
+    program = train_calls(trainer, spec)
 
-  monkeypatch.setattr(loop, '_train_steps', signal_in_fourth_call)
-  with pytest.raises(errors.Preempted) as preempted:
+    def signal_in_fourth_call(*args):
+      out = program(*args)
+      calls.append(int(args[-1]))
+      if len(calls) == 4:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return out
+    return signal_in_fourth_call
+
+  monkeypatch.setattr(loop, 'train_calls', signalling_calls)
+  with pytest.raises(errors.Preempted) as preempted, checkpoint.SIGNALS.installed():
     fit_tiny(tmp_path)
   assert calls == [3, 6, 8, 11]
   assert preempted.value.step == 11 == checkpoint.RunCheckpoints(tmp_path).latest_step()
-  monkeypatch.setattr(loop, '_train_steps', train_steps)
+  monkeypatch.setattr(loop, 'train_calls', train_calls)
   resumed = functools.partial(fit_tiny, tmp_path, dataclasses.replace(CALLS, steps_per_call=4))
   (variables, result), compiles = count_compiles(caplog, resumed, 'sharded_train_steps')
   assert compiles == 0  # Calls of 4 steps (and a resumed epoch's 11..15) run the same program.

@@ -163,7 +163,7 @@ def test_two_runs_sharing_a_baseline_started_2s_apart_train_it_once(tmp_path):
   assert 'Waiting for baseline' in second.stderr
   # The baseline trained in the first process only: its epochs appear once, in its log.
   assert first_err.count('Stage baseline: ') == 1 and 'epoch 4/4' in first_err
-  assert 'is done; using its saved result' in second.stderr
+  assert 'done; using the saved results' in second.stderr
   baseline = json.loads((tmp_path / 'B' / 'result.json').read_text())
   for work in ('W1', 'W2'):
     rows = json.loads((tmp_path / work / 'results.json').read_text())['rows']
@@ -390,8 +390,9 @@ def test_a_stray_label_is_refused_rather_than_a_new_class(tmp_path):
   labels[3] = 10
   with pytest.raises(errors.DataError) as raised:
     data.load('npz', data_path=str(_npz(tmp_path / 'data.npz', n_train=2000, labels=labels)))
-  assert 'label 10 occurs 1 time(s) against 182 per class on average; if it is right, store ' \
-         'num_classes=11 in the npz.' in _one_line(raised.value)
+  line = _one_line(raised.value)
+  assert 'label 10 occurs 1 time(s) against 182 per class on average' in line
+  assert line.endswith('if it is right, store num_classes=11 in the npz.')
 
 
 # ------------------------------------------------- 8. the README's two commands
@@ -408,3 +409,132 @@ def test_the_readmes_two_commands_get_their_own_workdirs_and_share_the_baseline(
   second = pipeline.run(random)
   assert first['rows'][0] == second['rows'][0]
   assert len(list((tmp_path / 'runs' / 'tiny-digits').glob('baseline-*'))) == 1
+
+
+# ------------------------------------------------- 9. paths and provenance
+
+
+@pytest.mark.parametrize('case', ['loop', 'dangling', 'proc', 'line break'])
+def test_a_workdir_that_cannot_hold_a_run_is_one_sentence(quick_config, tmp_path, case):
+  if case == 'loop':
+    os.symlink(tmp_path / 'loop', tmp_path / 'loop')
+    path = tmp_path / 'loop' / 'run'
+    message = (f"--workdir '{path}' lies under '{tmp_path / 'loop'}', which is a loop of "
+               'symbolic links; give a directory that resolves.')
+  elif case == 'dangling':
+    os.symlink(tmp_path / 'unmounted', tmp_path / 'link')
+    path = tmp_path / 'link'
+    message = (f"--workdir '{path}' is a symbolic link to '{tmp_path / 'unmounted'}', which "
+               'does not exist; create that directory or give another one.')
+  elif case == 'proc':
+    path = '/proc/jaxprune-run'
+    message = ("--workdir /proc/jaxprune-run cannot hold a run's files (creating "
+               '/proc/jaxprune-run fails: No such file or directory); give a directory on '
+               'writable storage.')
+  else:
+    path = tmp_path / 'runs\nnew'
+    message = (f'--workdir {str(path)!r} holds a line break, which launch.flags cannot store; '
+               'give a name without one.')
+  before = sorted(tmp_path.iterdir())
+  with pytest.raises(errors.ConfigError) as raised:
+    pipeline.run(quick_config(workdir=str(path)))
+  assert _one_line(raised.value) == message
+  assert sorted(tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize('inside', ['baseline', 'scratch', 'scratch/more'])
+def test_a_workdir_inside_another_runs_stage_is_refused(quick_config, tmp_path, inside):
+  pipeline.run(quick_config())
+  before = _files(tmp_path)
+  nested = tmp_path / 'work' / inside
+  with pytest.raises(errors.ConfigError) as raised:
+    pipeline.run(quick_config(workdir=str(nested)))
+  stage = tmp_path / 'work' / inside.split('/')[0]
+  where = 'is' if nested == stage else f'lies under {str(stage)!r}, which is'
+  assert _one_line(raised.value) == (
+      f"--workdir {str(nested)!r} {where} a stage directory of another run (it holds "
+      "stage_config.json); give a directory outside every run's stages.")
+  assert _files(tmp_path) == before and not (tmp_path / 'work' / 'scratch' / 'more').exists()
+
+
+def test_launch_flags_rerun_a_workdir_named_with_a_trailing_space_equals_and_hash(quick_config,
+                                                                                  tmp_path):
+  from absl import flags
+  config = quick_config(workdir=str(tmp_path / 'lr=0.1 #2 '))
+  pipeline.run(config)
+  done = tmp_path / 'lr=0.1 #2 ' / 'scratch' / 'result.json'
+  stamp = done.stat().st_mtime_ns
+  parsed = flags.FlagValues()
+  config_lib.define_flags(parsed)
+  parsed(['launch.py', f"--flagfile={tmp_path / 'lr=0.1 #2 ' / 'launch.flags'}"])
+  again = config_lib.from_flags(parsed)
+  assert os.path.abspath(again.workdir) == os.path.abspath(config.workdir)
+  assert {s: config_lib.stage_settings(again, s) for s in ('baseline', 'prune', 'scratch')} == {
+      s: config_lib.stage_settings(config, s) for s in ('baseline', 'prune', 'scratch')}
+  pipeline.run(again)
+  assert done.stat().st_mtime_ns == stamp
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['lr=0.1 #2 ']
+
+
+def test_results_record_per_row_the_regime_settings_that_made_it(quick_config, tmp_path):
+  pipeline.run(quick_config(regime='finetune'))
+  pipeline.run(quick_config(regime='lottery'))
+  results = pipeline.run(quick_config(regime='scratch', finetune_epochs=5, lottery_style='mask'))
+  stored = json.loads((tmp_path / 'work' / 'results.json').read_text())
+  assert stored['config']['finetune_epochs'] == 5 and stored['config']['lottery_style'] == 'mask'
+  for rows in (results['rows'], stored['rows']):
+    settings = {r['stage']: r.get('settings') for r in rows}
+    assert settings == {'baseline': None, 'pruned': None, 'scratch': {},
+                        'finetune': {'finetune_epochs': 1, 'finetune_lr': 0.001},
+                        'lottery': {'lottery_style': 'slice'}}
+
+
+def _claim_of(directory, host, heartbeat):
+  # Written aside and renamed, as the holder's heartbeat is: never read half-written.
+  text = json.dumps({'host': host, 'pid': 1, 'since': heartbeat, 'heartbeat': heartbeat})
+  (directory / 'claim.tmp').write_text(text)
+  (directory / 'claim.tmp').replace(directory / workdir.CLAIM)
+
+
+def test_a_claim_from_a_clock_ahead_is_skew_aged_from_now_and_taken_over(tmp_path, monkeypatch,
+                                                                        caplog):
+  monkeypatch.setattr(workdir, 'STALE_S', 0.5)
+  monkeypatch.setattr(workdir, 'WAIT_POLL_S', 0.05)
+  directory = epath.Path(tmp_path / 'work')
+  directory.mkdir()
+  _claim_of(directory, 'elsewhere', time.time() + 86400)
+  start = time.time()
+  with workdir.claimed(directory, wait=False, what=f'workdir {directory}'):
+    assert json.loads((directory / workdir.CLAIM).read_text())['pid'] == os.getpid()
+  assert workdir.STALE_S <= time.time() - start < 60
+  [skew] = [r.getMessage() for r in caplog.records if 'skewed' in r.getMessage()]
+  assert skew.startswith(f'workdir {directory} is claimed by process 1 on elsewhere (since ')
+  assert "s ahead of this host's clock: the clock of elsewhere is skewed" in skew
+  assert 'which is gone; taking it over' in caplog.text
+
+
+def test_a_renewed_claim_from_a_clock_ahead_is_refused_saying_so(tmp_path, monkeypatch):
+  monkeypatch.setattr(workdir, 'WAIT_POLL_S', 0.05)
+  directory = epath.Path(tmp_path / 'work')
+  directory.mkdir()
+  stop = threading.Event()
+
+  def renew():
+    while not stop.is_set():
+      _claim_of(directory, 'elsewhere', time.time() + 86400)
+      time.sleep(0.05)
+
+  holder = threading.Thread(target=renew)
+  holder.start()
+  try:
+    time.sleep(0.1)
+    with pytest.raises(errors.ConfigError) as raised:
+      with workdir.claimed(directory, wait=False, what=f'workdir {directory}',
+                           settings=('workdir',)):
+        pass
+  finally:
+    stop.set()
+    holder.join()
+  line = _one_line(raised.value)
+  assert line.startswith(f'--workdir {directory} is in use by process 1 on elsewhere (since ')
+  assert "(its clock runs 8640" in line and "s ahead of this host's); wait for that run" in line

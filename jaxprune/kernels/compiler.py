@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from jaxprune import storage
 from jaxprune.errors import ConfigError
 from jaxprune.kernels.options import XLA_OPTION_SETS
 
@@ -105,7 +106,9 @@ def use_persistent_cache(directory: str | None = None) -> str:
 
   None: JAX_COMPILATION_CACHE_DIR when set, else DEFAULT_CACHE_DIR. '': no cache (also when
   JAX_COMPILATION_CACHE_DIR is set). A local directory that cannot be created logs one
-  warning and leaves the cache off (returns ''); a path that is a file is a ConfigError.
+  warning and leaves the cache off (returns ''); a path that is a file is a ConfigError, and
+  so is a gs:// URL that cannot be used (`storage.check`): every compilation would otherwise
+  wait on the bucket's retries.
   Call it before anything compiles: JAX decides once per process whether it uses the cache.
   """
   if directory is None:
@@ -113,7 +116,9 @@ def use_persistent_cache(directory: str | None = None) -> str:
   if not directory:
     jax.config.update('jax_enable_compilation_cache', False)
     return ''
-  if '://' not in directory:
+  if '://' in directory:
+    storage.check(directory, 'compilation_cache_dir')
+  else:
     directory = os.path.expanduser(directory)
     if os.path.exists(directory) and not os.path.isdir(directory):
       raise ConfigError(f"compilation_cache_dir {directory!r} is a file; give a directory, "

@@ -6,7 +6,7 @@ Written as patches x matrix (im2col: the kh*kw shifted, strided views of the zer
 input concatenated along channels, times the kernel reshaped to (kh*kw*C_in, C_out)) the
 same convolution is one matmul, and its gradients are a matmul plus pads, which XLA runs
 at full speed there. The measurements behind every choice below are in
-experiments/bench/README.md (section 1, `experiments/bench/conv_rule.py`).
+experiments/bench/README.md (section 1).
 
 `Conv` is an `nn.Conv` subclass (so `isinstance(m, nn.Conv)` holds and MAC counting sees it)
 that creates exactly nn.Conv's parameters: `kernel` (kh, kw, C_in, C_out) HWIO with the

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 from typing import Any, Callable, Mapping, Sequence
 
 from jaxprune import data, models
@@ -110,6 +111,8 @@ class Setting:
       kind = {str: 'a string', int: 'a whole number', float: 'a number',
               bool: 'true or false'}[self.type]
       raise ConfigError(f'{name} must be {kind}, got {value!r}.', settings=(name,))
+    if self.type is float and not math.isfinite(value):
+      raise ConfigError(f'{name} must be a finite number, got {value}.', settings=(name,))
     if self.choices and not (self.also and self.also[1](value)) and value not in self.allowed():
       also = f', or {self.also[0]}' if self.also else ''
       raise ConfigError(f"unknown {name} {value!r}; choose one of: "

@@ -10,7 +10,7 @@ per-epoch pruning curve goes to pruning_curve.jsonl.
 import dataclasses
 import json
 import math
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +41,7 @@ def _removals(config, prog, variables) -> int:
 
 
 def prune(config, model, prog, variables, data, stage, *, options: train.TrainOptions,
-          spec: data_lib.DataSpec, scoring_batches: Callable[[], Iterable], record: Mapping):
+          spec: data_lib.DataSpec, scoring_batches: Callable[[], Iterable]):
   """(masks, fine-tuned variables, final scores or None) of iterative pruning of `model`
   (whose program is `prog`) in `stage`, fine-tuning with `options` on batches augmented as
   `spec` says."""
@@ -106,7 +106,7 @@ def prune(config, model, prog, variables, data, stage, *, options: train.TrainOp
   finetuned, _ = train.fit(
       model, variables, data.arrays, spec, dataclasses.replace(options, epochs=epochs),
       stage_dir=stage / 'finetune', seed=config.seed, masks=masks, structure=structure,
-      step_hook=hook, hook_state=hook_state, callbacks=(save_masks,), record=record)
+      step_hook=hook, hook_state=hook_state, callbacks=(save_masks,))
   masks = {g: np.asarray(m, np.float32) for g, m in json.loads(masks_path.read_text()).items()}
   if config.target_macs is None:
     return masks, finetuned, None

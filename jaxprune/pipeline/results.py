@@ -16,6 +16,9 @@ from jaxprune.train import checkpoint
 
 RESULTS = 'results.json'
 FLAGFILE = 'launch.flags'
+# The settings that name directories. A flagfile line loses its trailing whitespace (absl
+# strips every line), so such a value is written with '/.' after it: the same directory.
+_DIRECTORY_SETTINGS = ('workdir', 'baseline_dir', 'data_dir', 'compilation_cache_dir')
 
 
 def versions() -> dict:
@@ -40,13 +43,24 @@ def write(config, body: Mapping) -> dict:
     workdir = epath.Path(config.workdir)
     try:
       checkpoint.write_text(workdir / RESULTS, json.dumps(results, indent=1))
-      checkpoint.write_text(workdir / FLAGFILE, config_lib.to_flagfile(config))
+      checkpoint.write_text(workdir / FLAGFILE, config_lib.to_flagfile(_flagfile_config(config)))
     except OSError as error:
       if errors.storage_error(error) is None:
         raise
       # The results are computed and returned; only their copy on disk is missing.
       logging.warning('results not saved: %s', errors.describe_storage_error(error))
   return results
+
+
+def _flagfile_config(config):
+  """`config` with every directory whose name ends in whitespace written as 'NAME/.', which
+  a flagfile keeps (and which names the same directory)."""
+  kept = {}
+  for name in _DIRECTORY_SETTINGS:
+    value = getattr(config, name)
+    if value and value != value.rstrip():
+      kept[name] = f'{value}/.'
+  return dataclasses.replace(config, **kept)
 
 
 def mean_rows(per_seed: list[Mapping]) -> list[dict]:
@@ -63,7 +77,8 @@ def mean_rows(per_seed: list[Mapping]) -> list[dict]:
     values = {k: np.array([seed[stage][k] for seed in by_stage], float) for k in keys}
     rows.append({'stage': stage, **{k: float(v.mean()) for k, v in values.items()},
                  'test_accuracy_std': float(values['test_accuracy'].std(ddof=1)),
-                 'seeds': len(per_seed)})
+                 'seeds': len(per_seed),
+                 **({'settings': row['settings']} if 'settings' in row else {})})
   return rows
 
 

@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import os
 import time
 from typing import Callable, Mapping
 
@@ -107,6 +108,7 @@ def check_feasible(config, data: Data) -> None:
                         settings=(name,))
   structure = program_lib.derive(model_builder(config, dataset)(None),
                                  dataset.image_shape).structure
+  check_memory(config, structure, data)
   # Feasibility depends on the channel counts only, never on the scores' values.
   rng = np.random.default_rng(0)
   scores = {g: rng.random(structure.widths[g]) for g in structure.prunable}
@@ -115,6 +117,47 @@ def check_feasible(config, data: Data) -> None:
                 min_channels=config.min_channels, flops_penalty=config.flops_penalty,
                 flops_cost=config.flops_cost, round_to=config.round_to,
                 width_profile=config.width_profile)
+
+
+def device_memory() -> int | None:
+  """Bytes of memory the first device may use: its allocator's limit on an accelerator; on a
+  CPU the memory the machine has available now (Linux's MemAvailable, else its physical
+  memory); None where none is known."""
+  device = jax.local_devices()[0]
+  stats = device.memory_stats() if device.platform != 'cpu' else None
+  if stats and stats.get('bytes_limit'):
+    return int(stats['bytes_limit'])
+  try:
+    with open('/proc/meminfo') as f:
+      for line in f:
+        if line.startswith('MemAvailable:'):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  try:
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+def check_memory(config, structure, data: Data) -> None:
+  """ConfigError when one training step cannot fit in a device's memory: the lower estimate
+  `flops.training_bytes` of the model and batch (split over the devices) plus the dataset,
+  which lives on the devices."""
+  available = device_memory()
+  if available is None:
+    return
+  per_device_batch = max(1, config.batch_size // jax.device_count())
+  data_bytes = sum(int(a.nbytes) for a in jax.tree.leaves(data.arrays)) // jax.device_count()
+  needed = flops.training_bytes(structure, per_device_batch) + data_bytes
+  if needed > available:
+    gib = 2 ** 30
+    raise ConfigError(
+        f'{config.model} at width_multiplier={config.width_multiplier:g} with batch_size='
+        f'{config.batch_size} needs at least {needed / gib:.1f} GiB per device to train '
+        f'({flops.count(structure).params:,} parameters) but a device here has '
+        f'{available / gib:.1f} GiB; use a smaller width_multiplier, batch_size or model.',
+        settings=('width_multiplier', 'batch_size', 'model'))
 
 
 def check_directories(config, data: Data) -> None:
@@ -308,12 +351,13 @@ def baseline_start(config, data: Data) -> tuple[nn.Module, Mapping, epath.Path]:
 
 def train_stage(stage: epath.Path, model: nn.Module, variables: Mapping, arrays: Mapping,
                 spec: data_lib.DataSpec, options: train.TrainOptions, *, seed: int,
-                record: Mapping) -> tuple[Mapping, dict]:
-  """`train.fit` in a stage directory, with the stage's record: a done stage (result.json)
-  is only read; a diverged one gets diverged.json (`_trained`). Returns (variables, result),
+                record: Mapping, **fit_args) -> tuple[Mapping, dict]:
+  """`train.fit` in a stage directory (`fit_args`: fit's other arguments, e.g. masks), with
+  the stage's record: a done stage (result.json) is only read, a finished one gets final/
+  and result.json, a diverged one diverged.json (`_trained`). Returns (variables, result),
   result being fit's summary with `record`'s entries."""
   [trained] = _trained([stage], [variables], options, record, lambda: [train.fit(
-      model, variables, arrays, spec, options, stage_dir=stage, seed=seed)])
+      model, variables, arrays, spec, options, stage_dir=stage, seed=seed, **fit_args)])
   return trained
 
 
@@ -330,11 +374,11 @@ def train_stage_copies(model: nn.Module, variables, arrays: Mapping, spec: data_
 
 def _trained(stages, inits, options, record, fit) -> list[tuple[Mapping, dict]]:
   """The stages' (variables, result): read when every stage is done, else `fit()`, then
-  each unfinished stage's final/ and result.json written (in full even when a signal comes:
-  the run stops after them). A stage whose final/ does not restore is finished again from
-  its last checkpoint. When fit diverges every stage gets diverged.json (they all resume
-  from the same checkpoint), which lets a rerun change their learning rates (`claim`);
-  nothing of a diverged run is recorded done."""
+  each unfinished stage's final/ and result.json written; a signal during the last steps or
+  the writes stops the run once they are written (its step is the last). A stage whose final/ does not restore is
+  finished again from its last checkpoint. When fit diverges every stage gets diverged.json
+  (they all resume from the same checkpoint), which lets a rerun change their learning rates
+  (`claim`); nothing of a diverged run is recorded done."""
   if all(checkpoint.is_done(stage) for stage in stages):
     finals = [checkpoint.load_final(stage, like=v) for stage, v in zip(stages, inits)]
     if all(final is not None for final in finals):
@@ -342,16 +386,16 @@ def _trained(stages, inits, options, record, fit) -> list[tuple[Mapping, dict]]:
       return [(final, checkpoint.read_result(stage)) for stage, final in zip(stages, finals)]
   for stage in stages:
     stage.mkdir(parents=True, exist_ok=True)
-  try:
-    trained = fit()
-  except Diverged as diverged:
-    for stage in stages:
-      checkpoint.mark_diverged(stage, epoch=diverged.epoch, step=diverged.step,
-                               resume_step=diverged.resume_step,
-                               learning_rate=options.optimizer.learning_rate)
-    raise
   out = []
   with checkpoint.SIGNALS.deferred():
+    try:
+      trained = fit()
+    except Diverged as diverged:
+      for stage in stages:
+        checkpoint.mark_diverged(stage, epoch=diverged.epoch, step=diverged.step,
+                                 resume_step=diverged.resume_step,
+                                 learning_rate=options.optimizer.learning_rate)
+      raise
     for stage, (variables, summary) in zip(stages, trained):
       if checkpoint.is_done(stage):  # Written before a stop between the copies' writes.
         out.append((variables, checkpoint.read_result(stage)))
@@ -361,6 +405,8 @@ def _trained(stages, inits, options, record, fit) -> list[tuple[Mapping, dict]]:
       checkpoint.clear_diverged(stage)
       checkpoint.mark_done(stage, result)
       out.append((variables, result))
+    if checkpoint.SIGNALS.noted is not None:  # It came after the last preemption check.
+      raise checkpoint.SIGNALS.stop(trained[0][1]['steps'], str(stages[0]))
   return out
 
 

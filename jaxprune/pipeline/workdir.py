@@ -9,12 +9,17 @@
   it once the first has trained it) or refused (a work directory: two processes training
   the same stages would do the work twice and write each other's checkpoints). A claim
   whose process died is taken over: on the same host when its pid is gone, on any host
-  when its heartbeat (rewritten every `HEARTBEAT_S`) is older than `STALE_S`.
+  when its heartbeat (rewritten every `HEARTBEAT_S`) is older than `STALE_S`. A heartbeat
+  more than `CLOCK_SKEW_S` ahead of this host's clock (the holder's clock is ahead) is
+  logged as clock skew and aged from when this process first saw it; a work directory so
+  claimed from another host is refused only once the claim is seen renewed.
 
 Claims are files in the claimed directory, so they work on any storage every host sees.
-On a local disk the claim is created atomically (O_EXCL); on object stores (gs://), which
-have no exclusive create, the claim is written and read back, and the last writer holds
-it: two processes starting within the same second on a bucket can still collide.
+On a disk the claim is created atomically (O_EXCL). On Google Cloud Storage (gs://) every
+change of the claim object is conditional on its generation (`jaxprune.storage`): it is
+created only if absent, renewed only by its holder, taken over only from the dead claim
+that was read and released only while it is still the holder's, so of several processes
+claiming at once exactly one holds it.
 """
 
 import contextlib
@@ -22,6 +27,7 @@ import errno
 import json
 import os
 import socket
+import stat
 import threading
 import time
 from typing import Iterator
@@ -30,14 +36,17 @@ import jax
 from absl import logging
 from etils import epath
 
-from jaxprune import multihost
-from jaxprune.errors import ConfigError
+from jaxprune import errors, multihost, storage
+from jaxprune.errors import ConfigError, DataError
 from jaxprune.train import checkpoint
 
 CLAIM = 'claim.json'
 STAGE_CONFIG = 'stage_config.json'
 HEARTBEAT_S = 10.0
 STALE_S = 120.0
+# A heartbeat further ahead of this host's clock than this comes from a host whose clock is
+# ahead (clock skew): its age is counted from when this process first saw it instead.
+CLOCK_SKEW_S = 60.0
 WAIT_POLL_S = 2.0
 WAIT_LOG_S = 60.0
 # What a stage directory holds before anything of it is computed: its identity, its claim,
@@ -52,27 +61,71 @@ def _local(path: epath.Path) -> bool:
 
 
 def check_workdir(path: str, setting: str = 'workdir') -> None:
-  """Raises ConfigError unless `path` can be (or already is) a directory."""
+  """Raises ConfigError unless `path` can be (or already is) a directory of this run: not a
+  file or under one, not under a dangling symbolic link or a loop of them, not inside a stage
+  directory of another run (nor one itself, for a workdir; a baseline_dir is one), and with
+  no line break, which a flagfile line cannot hold. A URL must be a gs:// one its bucket
+  allows (`storage.check`)."""
   if not path:
     raise ConfigError(f'{setting} is empty; give a directory (a local path or gs://...).',
                       settings=(setting,))
   if '://' in path:
+    storage.check(path, setting)
     return
-  current = os.path.abspath(path)
+  if '\n' in path or '\r' in path:
+    raise ConfigError(f'{setting} {path!r} holds a line break, which launch.flags cannot store; '
+                      'give a name without one.', settings=(setting,))
+  given = os.path.abspath(path)
+  current = given
   while True:
-    if os.path.exists(current) and not os.path.isdir(current):
-      where = 'is' if current == os.path.abspath(path) else f'lies under {current!r}, which is'
-      raise ConfigError(f'{setting} {path!r} {where} a file, not a directory.',
-                        settings=(setting,))
+    where = 'is' if current == given else f'lies under {current!r}, which is'
+    try:
+      status = os.stat(current)
+    except OSError as error:
+      # A missing directory is made; under a file (ENOTDIR) its parent says so; an unreadable
+      # one (EACCES) fails, naming itself, when it is written.
+      if error.errno == errno.ELOOP and os.path.islink(current):
+        raise ConfigError(f'{setting} {path!r} {where} a loop of symbolic links; give a '
+                          'directory that resolves.', settings=(setting,)) from None
+      if error.errno == errno.ENOENT and os.path.islink(current):
+        raise ConfigError(f'{setting} {path!r} {where} a symbolic link to '
+                          f'{os.readlink(current)!r}, which does not exist; create that '
+                          'directory or give another one.', settings=(setting,)) from None
+    else:
+      if not stat.S_ISDIR(status.st_mode):
+        raise ConfigError(f'{setting} {path!r} {where} a file, not a directory.',
+                          settings=(setting,))
+      if ((current != given or setting == 'workdir')
+          and os.path.isfile(os.path.join(current, STAGE_CONFIG))):
+        raise ConfigError(f'{setting} {path!r} {where} a stage directory of another run (it '
+                          f'holds {STAGE_CONFIG}); give a directory outside every run\'s '
+                          'stages.', settings=(setting,))
     parent = os.path.dirname(current)
     if parent == current:
       return
     current = parent
 
 
-def _identity(stage: epath.Path) -> dict | None:
+def identity(stage: epath.Path) -> dict | None:
+  """The settings `stage` was made with (its stage_config.json), or None if it records none.
+
+  A damaged record of a stage that holds nothing computed yet counts as none (the run's
+  settings replace it); of any other stage it is a DataError saying what to do.
+  """
   path = stage / STAGE_CONFIG
-  return json.loads(path.read_text()) if path.exists() else None
+  if not path.exists():
+    return None
+  try:
+    return checkpoint.read_json(
+        path, f'it records the settings {stage} was made with: if this command\'s settings '
+        'made it, delete the file and rerun (they are recorded again), else use another '
+        'workdir (or baseline_dir).', settings=('workdir', 'baseline_dir'))
+  except DataError:
+    if not unstarted(stage):
+      raise
+    logging.warning('%s holds nothing computed yet: its damaged %s is replaced by this run\'s '
+                    'settings.', stage, STAGE_CONFIG)
+    return None
 
 
 def check_baseline_dir(path: epath.Path, prune_settings, workdir: epath.Path) -> None:
@@ -95,13 +148,15 @@ def check_baseline_dir(path: epath.Path, prune_settings, workdir: epath.Path) ->
   if not path.is_dir():
     raise ConfigError(f'baseline_dir {shown!r} is a file, not a directory.',
                       settings=('baseline_dir',))
-  identity = _identity(path)
-  if identity is not None:
-    foreign = sorted(set(identity) & set(prune_settings))
+  recorded = identity(path)
+  if recorded is not None:
+    foreign = sorted(set(recorded) & set(prune_settings))
     if foreign:
       raise ConfigError(f'baseline_dir {shown!r} is a prune or regime stage (its '
                         f'{STAGE_CONFIG} holds {foreign[0]}), not a baseline stage.',
                         settings=('baseline_dir',))
+    return
+  if unstarted(path):
     return
   names = {p.name for p in path.iterdir() if not p.name.startswith(CLAIM)}
   if names & {'baseline', 'prune', 'results.json'}:
@@ -128,19 +183,24 @@ def _key(holder: dict) -> tuple:
   return holder['host'], holder['pid'], holder['since']
 
 
-def _read_claim(path: epath.Path) -> dict | None:
+def _holder(text: str, written) -> dict:
+  """The holder a claim's `text` names; a claim that names none (created but not yet written
+  by its holder, or damaged) is held until it is as old as a stale heartbeat, counted from
+  `written()`, when it was written."""
   try:
-    return json.loads(path.read_text())
-  except FileNotFoundError:
-    return None
+    holder = json.loads(text)
   except ValueError:
-    # Created but not yet written by its holder: held until it is as old as a stale heartbeat.
-    written = os.path.getmtime(os.fspath(path)) if _local(path) else time.time()
-    return {'host': '?', 'pid': -1, 'since': written, 'heartbeat': written}
+    holder = None
+  if isinstance(holder, dict) and {'host', 'pid', 'since', 'heartbeat'} <= holder.keys():
+    return holder
+  when = written()
+  return {'host': '?', 'pid': -1, 'since': when, 'heartbeat': when}
 
 
-def _alive(holder: dict) -> bool:
-  if time.time() - holder['heartbeat'] > STALE_S:
+def _alive(holder: dict, heartbeat: float | None = None) -> bool:
+  """Whether the holder may still be running: its heartbeat (or `heartbeat`, the time this
+  process counts it from) is not stale, and on this host its process exists."""
+  if time.time() - (holder['heartbeat'] if heartbeat is None else heartbeat) > STALE_S:
     return False
   if holder['host'] != socket.gethostname():
     return True
@@ -158,49 +218,119 @@ def describe(holder: dict) -> str:
   return f"process {holder['pid']} on {holder['host']} (since {since})"
 
 
-def _create(path: epath.Path, holder: dict) -> bool:
-  """Creates the claim file with `holder`; False if another process holds it now."""
-  text = json.dumps(holder)
-  if _local(path):
+class _DiskClaim:
+  """A claim file on a disk (local, or mounted on every host): created with O_EXCL, renewed
+  by writing it aside and renaming it, taken over by removing it and creating it again."""
+
+  def __init__(self, path: epath.Path):
+    self.path = path
+
+  def read(self) -> dict | None:
     try:
-      fd = os.open(os.fspath(path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      text = self.path.read_text()
+    except FileNotFoundError:
+      return None
+    return _holder(text, lambda: os.path.getmtime(os.fspath(self.path)))
+
+  def create(self, holder: dict) -> bool:
+    """Creates the claim naming `holder`; False if another process holds it."""
+    try:
+      fd = os.open(os.fspath(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
       return False
-    with checkpoint.naming(path), os.fdopen(fd, 'w') as f:
-      f.write(text)
+    with checkpoint.naming(self.path), os.fdopen(fd, 'w') as f:
+      f.write(json.dumps(holder))
     return True
-  if path.exists():
-    return False
-  with checkpoint.naming(path):
-    path.write_text(text)
-  time.sleep(1.0)  # let a concurrent writer's object land, then see who holds it
-  return _read_claim(path) == holder
+
+  def take_over(self, holder: dict) -> bool:
+    """Replaces the dead claim last read by one naming `holder`; False if another process
+    claimed it first."""
+    with contextlib.suppress(FileNotFoundError):
+      self.path.unlink()
+    return self.create(holder)
+
+  def renew(self, holder: dict) -> bool:
+    """Rewrites the claim with `holder`'s heartbeat; False if another process holds it."""
+    current = self.read()
+    if current is None or _key(current) != _key(holder):
+      return False
+    tmp = self.path.parent / (self.path.name + f'.{os.getpid()}.tmp')
+    tmp.write_text(json.dumps(holder))
+    tmp.replace(self.path)
+    return True
+
+  def release(self, holder: dict) -> None:
+    """Removes the claim if `holder` still holds it."""
+    current = self.read()
+    if current is not None and _key(current) == _key(holder):
+      self.path.unlink()
+
+
+class _ObjectClaim:
+  """A claim object on gs://, changed only through generation preconditions (`storage`)."""
+
+  def __init__(self, path: epath.Path):
+    self.path = path
+    self._url = str(path)
+    self._seen = None  # The generation of the claim as last read.
+    self._held = None  # The generation of this process's own claim.
+
+  def read(self) -> dict | None:
+    found = storage.read(self._url)
+    if found is None:
+      self._seen = None
+      return None
+    self._seen = found.generation
+    return _holder(found.text, lambda: storage.updated(self._url, found.generation)
+                   or time.time())
+
+  def create(self, holder: dict) -> bool:
+    self._held = storage.create(self._url, json.dumps(holder))
+    return self._held is not None
+
+  def take_over(self, holder: dict) -> bool:
+    if self._seen is None:
+      return self.create(holder)
+    self._held = storage.replace(self._url, json.dumps(holder), self._seen)
+    return self._held is not None
+
+  def renew(self, holder: dict) -> bool:
+    self._held = storage.replace(self._url, json.dumps(holder), self._held)
+    return self._held is not None
+
+  def release(self, holder: dict) -> None:
+    del holder  # Its own generation says whether the claim is still this process's.
+    if self._held is not None:
+      storage.delete(self._url, self._held)
+
+
+def _claim(path: epath.Path) -> _DiskClaim | _ObjectClaim:
+  return _DiskClaim(path) if _local(path) else _ObjectClaim(path)
 
 
 class _Heartbeat(threading.Thread):
-  """Rewrites the claim's heartbeat until stopped, so other hosts see the holder alive."""
+  """Renews the claim's heartbeat until stopped, so other hosts see the holder alive."""
 
-  def __init__(self, path: epath.Path, holder: dict):
-    super().__init__(daemon=True, name=f'claim heartbeat {path}')
-    self._path, self._holder = path, holder
+  def __init__(self, claim: _DiskClaim | _ObjectClaim, holder: dict):
+    super().__init__(daemon=True, name=f'claim heartbeat {claim.path}')
+    self._claim, self._holder = claim, holder
     self._stop_event = threading.Event()
 
   def run(self):
     while not self._stop_event.wait(HEARTBEAT_S):
-      current = _read_claim(self._path)
-      if current is None or _key(current) != _key(self._holder):
+      self._holder['heartbeat'] = time.time()
+      try:
+        renewed = self._claim.renew(self._holder)
+      except (OSError, ConfigError) as error:
+        logging.warning('could not renew the claim %s: %s', self._claim.path, error)
+        continue
+      if not renewed:
         # Taken over after this process was thought dead (e.g. suspended for minutes):
         # renewing would overwrite the new holder's claim.
-        logging.error('the claim %s now belongs to %s; not renewing it.', self._path,
+        current = self._claim.read()
+        logging.error('the claim %s now belongs to %s; not renewing it.', self._claim.path,
                       describe(current) if current else 'nobody')
         return
-      self._holder['heartbeat'] = time.time()
-      tmp = self._path.parent / (self._path.name + f'.{os.getpid()}.tmp')
-      try:
-        tmp.write_text(json.dumps(self._holder))
-        tmp.replace(self._path)
-      except OSError as error:
-        logging.warning('could not renew the claim %s: %s', self._path, error)
 
   def stop(self):
     self._stop_event.set()
@@ -219,15 +349,21 @@ def claimed(directory: epath.Path, *, wait: bool, what: str, settings=()) -> Ite
     what: how messages name the directory ('workdir W', 'baseline B').
     settings: the settings a refusal names.
   """
-  path = directory / CLAIM
+  claim = _claim(directory / CLAIM)
 
   def acquire() -> dict | None:
     try:
       directory.mkdir(parents=True, exist_ok=True)
-      return _acquire(path, _me(), wait=wait, what=what, settings=settings)
+      return _acquire(claim, _me(), wait=wait, what=what, settings=settings)
     except OSError as error:
       if error.errno not in READ_ONLY_ERRNOS:
-        raise
+        if errors.storage_error(error) is not None:
+          raise
+        # Not storage at all (/proc) or a path that changed under the checks: one sentence.
+        failed = f' {error.filename}' if error.filename else ''
+        raise ConfigError(f'{what} cannot hold a run\'s files (creating{failed} fails: '
+                          f'{error.strerror}); give a directory on writable storage.',
+                          settings=settings) from None
       # Read-only storage: a finished run can still be read and its table printed; anything
       # that must be written fails on its own, naming the path.
       logging.warning('cannot claim %s (%s); reading it without a claim.', what, error.strerror)
@@ -238,34 +374,51 @@ def claimed(directory: epath.Path, *, wait: bool, what: str, settings=()) -> Ite
   if jax.process_index() != 0 or acquired is None:
     yield
     return
-  heartbeat = _Heartbeat(path, acquired)
+  heartbeat = _Heartbeat(claim, acquired)
   heartbeat.start()
   try:
     yield
   finally:
     heartbeat.stop()
-    current = _read_claim(path)
-    if current is not None and _key(current) == _key(acquired):
-      path.unlink()
+    claim.release(acquired)
 
 
-def _acquire(path: epath.Path, holder: dict, *, wait: bool, what: str, settings) -> dict:
+def _acquire(claim: _DiskClaim | _ObjectClaim, holder: dict, *, wait: bool, what: str,
+             settings) -> dict:
   last_log = 0.0
+  # For a claim whose heartbeat is ahead of this host's clock: (the claim as first read, when
+  # this process read it, whether its heartbeat has changed since).
+  skewed = None
   while True:
-    if _create(path, holder):
+    if claim.create(holder):
       return holder
-    current = _read_claim(path)
+    current = claim.read()
     if current is None:
       continue  # released between our attempt and the read
-    if not _alive(current):
+    ahead = current['heartbeat'] - time.time()
+    if ahead <= CLOCK_SKEW_S:
+      skewed = None
+    elif skewed is None:
+      logging.warning('%s is claimed by %s, whose heartbeat is %.0f s ahead of this host\'s '
+                      'clock: the clock of %s is skewed, so the claim counts as renewed now '
+                      'and as gone once it goes %.0f s without renewal.', what,
+                      describe(current), ahead, current['host'], STALE_S)
+      skewed = (current, time.time(), False)
+    elif skewed[0] != current:
+      skewed = (current, time.time(), True)
+    if not _alive(current, skewed[1] if skewed else None):
       logging.warning('%s was claimed by %s, which is gone; taking it over.', what,
                       describe(current))
-      with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-      continue
-    if not wait:
-      raise ConfigError(f'{what} is in use by {describe(current)}; wait for that run to end, '
-                        'or use another directory.', settings=settings)
+      if claim.take_over(holder):
+        return holder
+      continue  # another process took it over first
+    # A skewed claim from another host is only known alive once it is renewed.
+    watching = skewed is not None and not skewed[2] and current['host'] != socket.gethostname()
+    if not wait and not watching:
+      skew = (f" (its clock runs {ahead:.0f} s ahead of this host's)" if skewed is not None
+              else '')
+      raise ConfigError(f'{what} is in use by {describe(current)}{skew}; wait for that run to '
+                        'end, or use another directory.', settings=settings)
     if time.time() - last_log > WAIT_LOG_S:
       logging.info('Waiting for %s: %s is training it.', what, describe(current))
       last_log = time.time()

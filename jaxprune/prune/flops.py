@@ -41,6 +41,23 @@ def count(structure: Structure, widths: Mapping[str, int] | None = None) -> Cost
   return Cost(macs=macs, params=params)
 
 
+# Bytes per float32 parameter while training: the parameter, its gradient, the SGD momentum,
+# the updated copy, the initial weights a run keeps (lottery) and a checkpoint's host copy.
+PARAMETER_BYTES = 6 * 4
+# Bytes per float32 activation while training: each Conv/Dense output, its BatchNorm and
+# nonlinearity outputs kept for the backward pass, and one gradient at a time.
+ACTIVATION_BYTES = 4 * 4
+
+
+def training_bytes(structure: Structure, batch_size: int) -> int:
+  """A lower estimate of the memory one training step needs: the parameters and optimizer
+  state, and the activations of a batch (every Conv/Dense output kept for the backward
+  pass). XLA's buffers, fusion and the data add to it, so a larger need is certain."""
+  activations = sum(n * structure.shapes[k][-1] for k, n in structure.positions.items())
+  return (count(structure).params * PARAMETER_BYTES
+          + batch_size * activations * ACTIVATION_BYTES)
+
+
 def per_group(structure: Structure, widths: Mapping[str, int] | None = None) -> dict[str, Cost]:
   """MACs and params that would go away if one channel of each group were removed."""
   widths = structure.widths if widths is None else widths

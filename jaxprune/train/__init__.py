@@ -1,12 +1,10 @@
-"""Training: the optimizer (`optim`), the jitted steps (`step`), the resumable loop (`loop`)
-and the stage directory on disk (`checkpoint`). The loop's public names are here too."""
+"""Training: the optimizer (`optim`), the jitted steps and programs (`step`), the resumable loop
+(`loop`) and the stage directory on disk (`checkpoint`). The loop's public names are here too."""
 
-from jaxprune.train.loop import (EpochCallback, StepHook, TrainOptions, evaluate_variables, fit,
-                                 fit_copies)
+from jaxprune.train.loop import EpochCallback, StepHook, TrainOptions, fit, fit_copies
 from jaxprune.train.optim import (SCHEDULES, OptimizerConfig, add_bn_scale_l1, is_bn_scale,
                                   learning_rate_schedule, learning_rates, make_optimizer)
 from jaxprune.train.step import (DATA_AXIS, PRECISIONS, WEIGHT_MASKS, Evaluator, Masks, Trainer,
-                                 TrainState,
-                                 compute_dtype, create_state, cross_entropy, epoch_keys,
-                                 eval_step, evaluator_for, keep_multipliers, make_mesh,
-                                 train_step, trainer_for)
+                                 TrainState, compute_dtype, create_state, cross_entropy,
+                                 epoch_keys, eval_step, evaluate_variables, evaluator_for,
+                                 keep_multipliers, make_mesh, train_step, trainer_for)

@@ -4,22 +4,30 @@ Layout of one stage directory (a local path or `gs://...`, through `etils.epath`
 
   checkpoints/<step>/   orbax checkpoints of the whole training run (latest 2 kept)
   corrupt_checkpoints/  checkpoints that did not restore, set aside (resume skips them)
-  final/                the final model variables (params, batch_stats, indices), no optimizer
+  final/                the final model variables (params, batch_stats, indices), no optimizer,
+                        with checksums.json (`save_variables`)
   metrics.jsonl         one JSON record per finished epoch
   tensorboard/          TensorBoard event files of the epochs' metrics (local stages only)
-  diverged.json         written when the loss became non-finite; removed when the stage finishes
+  diverged.json         written when training diverged (`train.loop`'s rule); removed when the
+                        stage finishes
   result.json           written last: its presence marks the stage done
 
-A done stage is never trained or written again; `fit` returns what it recorded.
+The pipeline writes final/, result.json and diverged.json (`pipeline.stages.train_stage`); a
+done stage is never trained or written again.
 """
 
 import contextlib
+import gc
+import inspect
 import itertools
 import json
 import signal
+import sys
 import threading
 import time
-from typing import Any, Mapping
+import warnings
+import zlib
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -27,8 +35,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from jaxprune import multihost
-from jaxprune.errors import DataError
+from jaxprune import multihost, storage
+from jaxprune.errors import ConfigError, DataError, Interrupted, Preempted
 
 CHECKPOINTS = 'checkpoints'
 CORRUPT = 'corrupt_checkpoints'
@@ -37,6 +45,11 @@ METRICS = 'metrics.jsonl'
 RESULT = 'result.json'
 DIVERGED = 'diverged.json'
 TENSORBOARD = 'tensorboard'
+# Beside orbax's files of a `save_variables` directory: a CRC-32 of every array. Orbax
+# restores compressed data with flipped bytes without complaint, as other numbers.
+CHECKSUMS = 'checksums.json'
+# The same checksums inside a training checkpoint's JSON log.
+_LOG_CHECKSUMS = 'checksums'
 
 
 @contextlib.contextmanager
@@ -56,10 +69,14 @@ def stage_path(stage_dir) -> epath.Path:
 
 
 def write_text(path: epath.Path, text: str) -> None:
-  """Writes a small file from process 0 only, via a temporary name (never half-written)."""
+  """Writes a small file from process 0 only, never half-written: on a disk via a temporary
+  name; an object store (gs://) makes an object visible only once it is whole."""
   if jax.process_index() != 0:
     return
   with naming(path):
+    if '://' in str(path):
+      path.write_text(text)
+      return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / (path.name + '.tmp')
     tmp.write_text(text)
@@ -73,21 +90,50 @@ def is_done(stage_dir) -> bool:
 
 
 def load_final(stage_dir, like):
-  """The final variables of a done stage, or None (logged) if they do not restore; then the
-  stage is no longer done (its result.json is removed, to be rewritten from its last
-  checkpoint by the training loop, which resumes at the end)."""
+  """The final variables of a done stage, or None (logged) if they or its result.json are
+  damaged; then the stage is no longer done (its result.json is removed), and training it
+  resumes from its last checkpoint, at its end, to write both again.
+
+  Raises:
+    ConfigError: final/ holds variables of another structure than `like` (the model's code
+      or a library changed since the stage was trained); nothing is removed.
+  """
   stage = stage_path(stage_dir)
   try:
+    read_json(stage / RESULT)
     return load_variables(stage / FINAL, like=like)
   except DataError as error:
-    logging.warning('%s Rebuilding %s from the last checkpoint.', error, stage / FINAL)
+    logging.warning('%s Rebuilding %s and %s from the last checkpoint.', error, stage / FINAL,
+                    RESULT)
     if jax.process_index() == 0:
-      (stage / RESULT).unlink()
+      (stage / RESULT).unlink(missing_ok=True)
     return None
 
 
+def read_json(path: epath.Path, advice: str = '', settings=()) -> dict:
+  """The JSON object in the file `path`.
+
+  Raises:
+    DataError: the file is damaged (not UTF-8 JSON, or no object: a truncated or overwritten
+      file), naming it, the damage and `advice` (what to do about it, if given); `settings`
+      are the settings the advice names.
+  """
+  try:
+    value = json.loads(path.read_text())
+  except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors.
+    reason = _first_line(error)
+  else:
+    if isinstance(value, dict):
+      return value
+    reason = f'it holds a JSON {type(value).__name__}, not an object'
+  raise DataError(f'{path} is damaged ({reason})' + (f'; {advice}' if advice else '.'),
+                  settings=settings)
+
+
 def read_result(stage_dir) -> dict:
-  return json.loads((stage_path(stage_dir) / RESULT).read_text())
+  """The stage's result.json (DataError if it is damaged)."""
+  return read_json(stage_path(stage_dir) / RESULT,
+                   'a run of the stage rebuilds it from its last checkpoint.')
 
 
 def mark_done(stage_dir, result: Mapping[str, Any]) -> None:
@@ -100,7 +146,7 @@ def mark_done(stage_dir, result: Mapping[str, Any]) -> None:
 
 def mark_diverged(stage_dir, epoch: int, step: int, resume_step: int,
                   learning_rate: float) -> None:
-  """Writes diverged.json: the stage's loss became non-finite at `step` of `epoch` (1-based).
+  """Writes diverged.json: the stage's training diverged at `step` of `epoch` (1-based).
 
   `resume_step` is the step of the checkpoint a rerun resumes from (0: none, it starts
   over) and `learning_rate` the configured (peak) learning rate that diverged.
@@ -130,10 +176,16 @@ def write_metrics(stage_dir, records) -> None:
 
 
 def read_metrics(stage_dir) -> list[dict]:
+  """metrics.jsonl's records (DataError if it is damaged)."""
   path = stage_path(stage_dir) / METRICS
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  try:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  except ValueError as error:
+    raise DataError(f'{path} is damaged ({_first_line(error)}); delete it and rerun: training '
+                    'rewrites it from the checkpoints, and a finished stage reports without '
+                    'it.') from None
 
 
 def _savable(tree):
@@ -146,7 +198,8 @@ def _savable(tree):
 
 
 def save_variables(path, variables) -> None:
-  """Saves model variables (a nested dict of arrays) to `path`, replacing what is there.
+  """Saves model variables (a nested dict of arrays) to `path`, replacing what is there, with
+  their checksums (CHECKSUMS).
 
   Every process of a multi-process run calls it (orbax saves collectively)."""
   checkpointer = ocp.StandardCheckpointer()
@@ -157,6 +210,7 @@ def save_variables(path, variables) -> None:
       checkpointer.wait_until_finished()
     finally:
       checkpointer.close()
+  write_text(epath.Path(path) / CHECKSUMS, json.dumps(checksums(variables)))
 
 
 def _first_line(error: BaseException) -> str:
@@ -164,25 +218,187 @@ def _first_line(error: BaseException) -> str:
   return f'{type(error).__name__}: {text[0] if text else ""}'.rstrip(': ')
 
 
+def _leaf_name(path) -> str:
+  """A pytree path as 'params/conv1/kernel', whatever its keys' kinds (orbax's metadata has
+  dict keys where the restored tree has a dataclass's attributes)."""
+  names = []
+  for key in path:
+    for attribute in ('key', 'name', 'idx'):
+      if hasattr(key, attribute):
+        names.append(str(getattr(key, attribute)))
+        break
+    else:
+      names.append(str(key))
+  return '/'.join(names)
+
+
+def _host_values(leaf) -> np.ndarray | None:
+  """The leaf's values on this host; None for an array split over several processes."""
+  if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+    return np.asarray(leaf.addressable_data(0)) if leaf.is_fully_replicated else None
+  return np.asarray(leaf)
+
+
+def checksums(tree) -> dict[str, int | None]:
+  """{leaf name: CRC-32 of its bytes} for every array of `tree` (None: the array is split
+  over several processes, so no process sees all of it)."""
+  sums = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    values = _host_values(leaf)
+    sums[_leaf_name(path)] = (None if values is None else
+                              zlib.crc32(np.ascontiguousarray(values).reshape(-1).view(np.uint8)))
+  return sums
+
+
+def _checksum_failure(restored, expected: Mapping[str, int | None] | None) -> str | None:
+  """Why `restored` is not what was saved (its first array whose checksum differs), or None.
+  Checkpoints saved before checksums were recorded (`expected` None) are taken as they are."""
+  if expected is None:
+    return None
+  actual = checksums(restored)
+  for name, saved in expected.items():
+    if saved is not None and actual.get(name) not in (None, saved):
+      return f'the checksum of {name} differs from when it was saved'
+  return None
+
+
+# A failed orbax read leaves coroutines behind that report themselves when they are collected:
+# a RuntimeWarning for those never started, and for those still waiting on tensorstore a
+# traceback that prints tensorstore's whole spec, whenever tensorstore lets go of them (even
+# at exit); tensorstore's callbacks into orbax's closed event loop report 'Event loop is
+# closed'. Hundreds of lines about a failure already said in one sentence: once a read has
+# failed in this process, they are dropped.
+_reads_failed = False
+
+
+def _is_leftover_of_failed_read(unraisable) -> bool:
+  if inspect.iscoroutine(unraisable.object):
+    return '/orbax/' in unraisable.object.cr_code.co_filename
+  error = unraisable.exc_value
+  return isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
+
+
+def _drop_leftovers_of_failed_reads() -> None:
+  """Wraps the current sys.unraisablehook to drop those reports after a failed read."""
+  current = sys.unraisablehook
+  if getattr(current, 'drops_leftovers_of_failed_reads', False):
+    return
+
+  def hook(unraisable):
+    if not (_reads_failed and _is_leftover_of_failed_read(unraisable)):
+      current(unraisable)
+
+  hook.drops_leftovers_of_failed_reads = True
+  sys.unraisablehook = hook
+
+
+# Now, so that the hook an entry point restores after its run (and so the one at exit, when
+# the last leftovers may be collected) drops them too; after a failure, again, for the hook
+# an entry point has installed meanwhile.
+_drop_leftovers_of_failed_reads()
+
+
+def _root_cause(error: BaseException) -> str:
+  # Orbax wraps tensorstore's error (which names the file and the damage) in its own.
+  while error.__cause__ is not None:
+    error = error.__cause__
+  return _first_line(error)
+
+
+def _attempt(read: Callable[[], Any]) -> tuple[Any, str | None]:
+  """(read(), None), or (None, the first line of its failure). Orbax and tensorstore raise
+  many types for a damaged or missing file; all mean "unreadable"."""
+  global _reads_failed
+  with warnings.catch_warnings():
+    # Active when the failure's traceback, which holds the coroutines never started, goes.
+    warnings.filterwarnings('ignore', message='coroutine .* was never awaited',
+                            category=RuntimeWarning)
+    try:
+      return read(), None
+    except Exception as error:  # pylint: disable=broad-except
+      logging.debug('The checkpoint read failed.', exc_info=True)
+      _reads_failed = True
+      _drop_leftovers_of_failed_reads()
+      reason = _root_cause(error)
+    gc.collect()
+  return None, reason
+
+
+def _structure(tree) -> dict[str, tuple]:
+  """{leaf name: (shape, dtype)} of arrays, ShapeDtypeStructs or orbax's array metadata."""
+  return {_leaf_name(path): (tuple(leaf.shape), np.dtype(leaf.dtype))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _difference(saved, expected) -> str | None:
+  """The first difference between the saved structure and the expected one, in words."""
+  saved, expected = _structure(saved), _structure(expected)
+  for name in sorted(set(saved) | set(expected)):
+    if name not in expected:
+      return f'it holds {name}, which the expected variables do not have'
+    if name not in saved:
+      return f'it lacks {name}'
+    if saved[name] != expected[name]:
+      (shape, dtype), (want_shape, want_dtype) = saved[name], expected[name]
+      return (f'{name} is {dtype.name}{list(shape)} there, {want_dtype.name}{list(want_shape)} '
+              'expected')
+  return None
+
+
+def _saved_structure(directory: epath.Path) -> tuple[Any, str | None]:
+  """(the tree of array metadata saved in an orbax checkpoint directory, None), or (None,
+  why it does not read)."""
+  # The handler, not a Checkpointer: a training checkpoint's item has no step metadata of its
+  # own, which a Checkpointer would log as missing.
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    return _attempt(lambda: handler.metadata(directory).tree)
+  finally:
+    handler.close()
+
+
+def _mismatch(what: str, difference: str) -> ConfigError:
+  return ConfigError(
+      f'{what} holds variables of another structure than this code builds ({difference}): '
+      'the model\'s code or a library changed since it was saved, and nothing was moved or '
+      'deleted; use another workdir (or baseline_dir) to train with this code, or the version '
+      'that saved it to read it.', settings=('workdir', 'baseline_dir'))
+
+
 def load_variables(path, like=None):
-  """Loads variables saved by `save_variables`.
+  """Loads variables saved by `save_variables`, checked against their checksums.
 
   `like` (arrays or jax.ShapeDtypeStruct with shardings) fixes the structure, dtypes and
   placement; without it the saved structure is restored onto the default device.
 
   Raises:
-    DataError: the saved variables do not restore (a damaged or missing file), naming the
-      directory and the first line of the failure.
+    DataError: the saved variables do not restore (a damaged or missing file, or values that
+      differ from their checksums), naming the directory and the first failure.
+    ConfigError: they have another structure than `like` (another tree, shape or dtype),
+      naming the first difference; nothing is changed.
   """
-  checkpointer = ocp.StandardCheckpointer()
+  path = epath.Path(path)
   target = None if like is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-  try:
-    variables = checkpointer.restore(epath.Path(path), target)
-  except Exception as error:  # pylint: disable=broad-except
-    # Orbax and tensorstore raise many types for a damaged file; all mean "unreadable".
-    raise DataError(f'the variables in {path} do not restore ({_first_line(error)}).') from error
-  finally:
-    checkpointer.close()
+  saved, reason = _saved_structure(path)
+  if reason is None and target is not None:
+    difference = _difference(saved, target)
+    if difference is not None:
+      raise _mismatch(str(path), difference)
+  if reason is None:
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+      variables, reason = _attempt(lambda: checkpointer.restore(path, target))
+    finally:
+      checkpointer.close()
+  if reason is None and (path / CHECKSUMS).exists():
+    try:
+      expected = read_json(path / CHECKSUMS)
+    except DataError:
+      reason = f'its {CHECKSUMS} is damaged'
+    else:
+      reason = _checksum_failure(variables, expected)
+  if reason is not None:
+    raise DataError(f'the variables in {path} do not restore ({reason}).')
   return variables
 
 
@@ -203,28 +419,39 @@ class RunCheckpoints:
     return self._manager.latest_step()
 
   def save(self, step: int, tree, log: Mapping[str, Any]) -> None:
-    """Starts saving `tree` (arrays) and `log` (JSON-able) as checkpoint `step`."""
+    """Starts saving `tree` (arrays) and `log` (JSON-able, with the arrays' checksums added)
+    as checkpoint `step`."""
+    log = {**log, _LOG_CHECKSUMS: checksums(tree)}
     with naming(self._directory / str(step)):
       self._manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(tree), log=ocp.args.JsonSave(dict(log))), force=True)
+          state=ocp.args.StandardSave(tree), log=ocp.args.JsonSave(log)), force=True)
 
   def restore_latest(self, like):
     """Returns (tree, log) of the newest checkpoint that restores, or None if there is none.
 
     `like` is a pytree with the saved structure (arrays or ShapeDtypeStructs); restored
-    arrays take its dtypes and shardings. A checkpoint that does not restore (a truncated
-    or corrupted file) is logged, moved to CORRUPT/<step> and skipped for the next newest;
-    when none restores, a DataError names the stage and the first failure.
+    arrays take its dtypes and shardings. A damaged checkpoint (a truncated, missing or
+    corrupted file, or arrays that differ from their checksums) is logged, moved to
+    CORRUPT/<step> and skipped for the next newest; when none restores, a DataError names
+    the stage and the first failure. A checkpoint of another structure than `like` (the
+    model's code or a library changed) is a ConfigError naming the stage and the first
+    difference, and nothing is moved.
     """
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    stage = self._directory.parent
     failures = []
     for step in sorted(self._manager.all_steps(), reverse=True):
-      try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), log=ocp.args.JsonRestore()))
-      except Exception as error:  # pylint: disable=broad-except
-        # Orbax and tensorstore raise many types for a damaged file; all mean "unreadable".
-        reason = _first_line(error)
+      saved, reason = _saved_structure(self._directory / str(step) / 'state')
+      if reason is None:
+        difference = _difference(saved, target)
+        if difference is not None:
+          raise _mismatch(f'checkpoint {step} of stage {stage}', difference)
+        restored, reason = _attempt(lambda step=step: self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                          log=ocp.args.JsonRestore())))
+      if reason is None:
+        reason = _checksum_failure(restored.state, restored.log.get(_LOG_CHECKSUMS))
+      if reason is not None:
         logging.warning('Checkpoint %s of %s does not restore (%s); skipping it.', step,
                         self._directory, reason)
         failures.append((step, reason))
@@ -233,13 +460,13 @@ class RunCheckpoints:
       if failures:
         logging.warning('Resuming %s from checkpoint %d instead of the damaged %s.',
                         self._directory, step, ', '.join(str(s) for s, _ in failures))
-      return restored.state, restored.log
+      log = {k: v for k, v in restored.log.items() if k != _LOG_CHECKSUMS}
+      return restored.state, log
     if failures:
       step, reason = failures[0]
-      raise DataError(f'no checkpoint of stage {self._directory.parent} restores: '
+      raise DataError(f'no checkpoint of stage {stage} restores: '
                       f'{self._directory / str(step)} fails with {reason!r}; they are set aside '
-                      f'in {self._directory.parent / CORRUPT}, and a rerun trains the stage '
-                      'again.')
+                      f'in {stage / CORRUPT}, and a rerun trains the stage again.')
     return None
 
   def _set_aside(self, step: int) -> None:
@@ -250,7 +477,10 @@ class RunCheckpoints:
       target = aside / str(step)
       if target.exists():
         target = aside / f'{step}.{int(time.time())}'
-      (self._directory / str(step)).rename(target)
+      if '://' in str(target):
+        storage.move(str(self._directory / str(step)), str(target))
+      else:
+        (self._directory / str(step)).rename(target)
     self._manager.reload()
 
   def wait(self) -> None:
@@ -262,70 +492,96 @@ class RunCheckpoints:
       self._manager.close()
 
 
-# Preemption checks made by this process, over all stages (`PreemptionGuard`).
+# Preemption checks made by this process, over all stages (`Signals.reached`).
 _SYNC_CHECKS = itertools.count(1)
 
 
-class PreemptionGuard:
-  """Notices preemption (SIGTERM) and Ctrl-C (SIGINT) between training steps, without any
-  device synchronisation.
+class Signals:
+  """How a command-line run stops on SIGTERM (preemption) and Ctrl-C: exit status 75 or 130,
+  with what it finished saved and every claim released.
 
-  Single process: a signal handler sets a flag that `reached(step)` reads (a Python
-  bool, so checking it every step costs nothing). A second Ctrl-C is not caught: it
-  interrupts at once, as a user pressing it twice means.
+  Entry points install the handlers (`installed`, one process); library calls install none,
+  so a notebook's Ctrl-C interrupts as Python's does and SIGTERM ends the process.
 
-  Several processes must all stop at the same step, so there orbax's `reached_preemption`
-  (JAX's preemption sync point) decides, and JAX's own handler receives the SIGTERM: a
-  SIGTERM to any one process is passed to all through the coordination service, which
-  picks the first check that every process has not yet passed, and there all save and stop.
-  That protocol needs check numbers that only grow, the same on every process; a stage's
-  step restarts at 0 (and a resumed one at its checkpoint), so the checks are counted over
-  the whole process instead (`_SYNC_CHECKS`), every process making the same ones. A SIGTERM
-  after a stage's last check stops the run at the next stage's first; after the run's last,
-  the run simply finishes. Ctrl-C is not caught there (KeyboardInterrupt, status 130).
+  With the handlers up, a signal inside a `deferred` section (the training loop, a stage's
+  final writes) is noted: the loop asks `reached()` after every call and there saves and
+  raises `stop(step)`, and the outermost section that ends with a signal noted raises
+  `stop()`. A signal anywhere else (scoring, waiting for a claim) raises `stop()` where the
+  program is, releasing what it holds on the way out. A second Ctrl-C interrupts at once.
 
-  Use as a context manager around the training loop; the previous handlers are restored on
-  exit.
+  Several processes must all stop at the same step, so there no handler is installed:
+  JAX's receives the SIGTERM, and orbax's `reached_preemption` (JAX's preemption sync
+  point) decides. A SIGTERM to any one process is passed to all through the coordination
+  service, which picks the first check that every process has not yet passed, and there all
+  save and stop. That protocol needs check numbers that only grow, the same on every
+  process, so the checks are counted over the whole process (`_SYNC_CHECKS`), every process
+  making the same ones. A SIGTERM after a stage's last check stops the run at the next
+  stage's first; after the run's last, the run simply finishes.
   """
 
   def __init__(self):
-    self._flag = False
-    self.interrupted = False
     self._previous = {}
+    self._deferring = 0
+    self.noted = None  # The signal a deferred section has not acted on yet.
 
-  def _handler(self, signum, frame):
+  @contextlib.contextmanager
+  def installed(self):
+    """Installs the handlers for the duration (from the main thread, once; else nothing)."""
+    if self._previous or threading.current_thread() is not threading.main_thread():
+      yield
+      return
+    self._previous = {signum: signal.signal(signum, self._handle)
+                      for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+      yield
+    finally:
+      for signum, previous in self._previous.items():
+        signal.signal(signum, previous)
+      self._previous, self.noted = {}, None
+
+  def _handle(self, signum, frame):
     del frame
+    if self._deferring:
+      if signum == signal.SIGINT:
+        signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
+        logging.warning('Ctrl-C: saving at the next step, then exiting (Ctrl-C again to stop '
+                        'at once, losing the steps since the last checkpoint).')
+      else:
+        logging.warning('SIGTERM received: saving at the next step, then exiting.')
+      self.noted = signum
+      return
     if signum == signal.SIGINT:
-      self.interrupted = True
-      signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
-      logging.warning('Ctrl-C: saving at the next step, then exiting (Ctrl-C again to stop '
-                      'at once, losing the steps since the last checkpoint).')
-    else:
-      logging.warning('SIGTERM received: saving at the next step, then exiting.')
-    self._flag = True
+      raise KeyboardInterrupt
+    # The way out (releasing claims) must not be cut short by another one.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Preempted()
 
-  def __enter__(self):
-    # Signal handlers can only be installed from the main thread; elsewhere only
-    # the multi-process sync point can report preemption.
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      for signum in (signal.SIGTERM, signal.SIGINT):
-        self._previous[signum] = signal.signal(signum, self._handler)
-    return self
+  @contextlib.contextmanager
+  def deferred(self):
+    """Within, a signal is noted rather than acted on where it arrives (class docstring)."""
+    self._deferring += 1
+    try:
+      yield
+    except BaseException:
+      self._deferring -= 1
+      if not self._deferring:
+        self.noted = None
+      raise
+    self._deferring -= 1
+    if not self._deferring and self.noted is not None:
+      raise self.stop()
 
-  def __exit__(self, *exc):
-    for signum, previous in self._previous.items():
-      signal.signal(signum, previous)
-    self._previous = {}
-    return False
-
-  @property
-  def signalled(self) -> bool:
-    """Whether this process received SIGTERM or Ctrl-C while the guard was up."""
-    return self._flag
-
-  def reached(self, step: int) -> bool:
-    """Whether to save and stop now at `step`; every process makes the same calls."""
-    del step  # Only the order of the calls matters (class docstring).
+  def reached(self) -> bool:
+    """Whether to save and stop now; every process makes the same calls."""
     if jax.process_count() > 1:
       return ocp.multihost.reached_preemption(next(_SYNC_CHECKS))
-    return self._flag
+    return self.noted is not None
+
+  def stop(self, step: int | None = None, stage: str = '') -> Preempted:
+    """The exception that ends the run for the noted signal (no longer noted): Interrupted
+    for Ctrl-C, else Preempted; `step` is the step of `stage` it saved, if any."""
+    interrupted, self.noted = self.noted == signal.SIGINT, None
+    return (Interrupted if interrupted else Preempted)(step, stage)
+
+
+SIGNALS = Signals()

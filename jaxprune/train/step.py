@@ -14,10 +14,14 @@
 * Weight masks (the `WEIGHT_MASKS` variable collection, 0/1 arrays at the paths of the
   params they mask) hold individual weights at zero: a masked weight starts at zero and
   no update or momentum moves it. They travel in the state, so they are jit inputs too.
+* The programs `fit` runs (`train_calls`: many steps in one call, batches made on the
+  device; `evaluate`: a test set's sums) and `evaluate_variables`, the same evaluation of
+  any saved variables, are built from these steps and shared by every fit they fit.
 """
 
+import dataclasses
 import functools
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -27,12 +31,16 @@ import optax
 from flax import struct, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxprune.errors import choose
+from jaxprune import data
+from jaxprune.errors import ConfigError, choose
 from jaxprune.kernels import compiler
 from jaxprune.prune import structure as structure_lib
 from jaxprune.train.optim import OptimizerConfig, make_optimizer
 
 DATA_AXIS = 'data'
+# How many Trainers, Evaluators and other compiled programs of each kind a process keeps (the
+# least recently used go, with their executables): a run uses a few, an experiment many.
+PROGRAMS_KEPT = 8
 
 Masks = Mapping[str, jax.Array] | None
 # The variable collection of weight masks (module docstring).
@@ -76,6 +84,7 @@ def create_state(variables: Mapping, tx: optax.GradientTransformation, seed: int
   # Jitted: called eagerly, tx.init compiles a program per distinct leaf shape.
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                     constants=rest, opt_state=jax.jit(tx.init)(params),
+                    # A raw uint32 key: checkpoints store (and checksum) plain arrays.
                     rng=jax.random.PRNGKey(seed))
 
 
@@ -165,9 +174,10 @@ def train_step(state: TrainState, batch: Mapping, masks: Masks, learning_rate: j
   buffer); the learning rate is a float32 scalar input, so any schedule runs on the same
   compiled step. BN runs in training mode (batch statistics, running averages updated).
   With masks, the kernels reading a removed channel read zeros (`masked_kernels`), so
-  its producing weights get no gradient; weight decay, the BN L1 term and momentum would still move them, so the
-  updates, the momentum buffers and the BN statistics of everything a removed channel
-  indexes (`keep_multipliers`, from `structure`) are held at their current values.
+  its producing weights get no gradient; weight decay, the BN L1 term and momentum would
+  still move them, so the updates, the momentum buffers and the BN statistics of everything
+  a removed channel indexes (`keep_multipliers`, from `structure`) are held at their
+  current values.
   Weights that the state's `WEIGHT_MASKS` mask get no update and no momentum either.
 
   With precision 'bfloat16' the parameters and the image are cast to bfloat16 inside the
@@ -355,16 +365,16 @@ class Trainer:
     return jax.device_put(dict(batch), self.batch_sharding)
 
 
-def _mesh_key(mesh: Mesh) -> tuple:
-  return tuple(d.id for d in mesh.devices.flat), mesh.axis_names
+@dataclasses.dataclass(frozen=True)
+class _ByKey:
+  """`value` hashed and compared by `key`, to pass an unhashable value to an lru_cache."""
+  key: Any
+  value: Any = dataclasses.field(compare=False)
 
 
-_EVALUATORS: dict = {}
-_TRAINERS: dict = {}
-
-
-def _structure_key(structure: structure_lib.Structure | None):
-  return None if structure is None else (tuple(structure.widths.items()), structure.prunable)
+def _structure(structure: structure_lib.Structure | None) -> _ByKey:
+  return _ByKey(None if structure is None else (tuple(structure.widths.items()),
+                                                structure.prunable), structure)
 
 
 def evaluator_for(model: nn.Module, mesh: Mesh, precision: str = 'float32',
@@ -372,10 +382,12 @@ def evaluator_for(model: nn.Module, mesh: Mesh, precision: str = 'float32',
                   structure: structure_lib.Structure | None = None) -> Evaluator:
   """The Evaluator shared by every evaluation (in `fit` or of saved variables) of one program
   (`structure` only where it evaluates masked models)."""
-  key = (model, _mesh_key(mesh), precision, copies, _structure_key(structure))
-  if key not in _EVALUATORS:
-    _EVALUATORS[key] = Evaluator(model, mesh, precision, copies, structure)
-  return _EVALUATORS[key]
+  return _evaluator(model, mesh, precision, copies, _structure(structure))
+
+
+@functools.lru_cache(maxsize=PROGRAMS_KEPT)
+def _evaluator(model, mesh, precision, copies, structure: _ByKey) -> Evaluator:
+  return Evaluator(model, mesh, precision, copies, structure.value)
 
 
 def trainer_for(model: nn.Module, optimizer: OptimizerConfig,
@@ -384,16 +396,158 @@ def trainer_for(model: nn.Module, optimizer: OptimizerConfig,
   """A Trainer shared by every fit that compiles to the same program.
 
   The key holds only what the compiled step depends on: the model (its class, widths and
-  performance options), the optimizer settings
-  `make_optimizer` builds in (not the learning rate, its schedule or the run's length,
-  which are step inputs), the structure, the mesh and the precision. So N seeds trained
-  one after another, and every regime that trains the same widths, compile each step once;
-  their evaluation is `evaluator_for`'s, whatever the optimizer.
+  performance options), the optimizer settings `make_optimizer` builds in (not the learning
+  rate, its schedule or the run's length, which are step inputs), the structure, the mesh
+  and the precision. So N seeds trained one after another, and every regime that trains the
+  same widths, compile each step once; their evaluation is `evaluator_for`'s.
   """
-  key = (model,
-         (optimizer.momentum, optimizer.nesterov, optimizer.weight_decay, optimizer.bn_l1),
-         _structure_key(structure), _mesh_key(mesh), precision, copies)
-  if key not in _TRAINERS:
-    _TRAINERS[key] = Trainer(model, make_optimizer(optimizer), structure, mesh, precision, copies,
-                             evaluator_for(model, mesh, precision, copies, structure))
-  return _TRAINERS[key]
+  built_in = OptimizerConfig(momentum=optimizer.momentum, nesterov=optimizer.nesterov,
+                             weight_decay=optimizer.weight_decay, bn_l1=optimizer.bn_l1)
+  return _trainer(model, built_in, _structure(structure), mesh, precision, copies)
+
+
+@functools.lru_cache(maxsize=PROGRAMS_KEPT)
+def _trainer(model, optimizer, structure: _ByKey, mesh, precision, copies) -> Trainer:
+  return Trainer(model, make_optimizer(optimizer), structure.value, mesh, precision, copies,
+                 evaluator_for(model, mesh, precision, copies, structure.value))
+
+
+# ----------------------------------------------------------------------------- programs
+
+TRAIN_SET = ('train_images', 'train_labels')
+TEST_SET = ('test_images', 'test_labels')
+
+
+def check_divisible(name: str, size: int, mesh: Mesh) -> None:
+  if size % mesh.size:
+    raise ConfigError(f"{name} {size} is not divisible by the {mesh.size} devices.",
+                      settings=(name,))
+
+
+_PLACED: dict = {}
+_PLACED_KEPT = 2
+
+
+def on_mesh(arrays: Mapping, names: Sequence[str], sharding: NamedSharding) -> dict:
+  """{name: arrays[name]} for `names`, replicated with `sharding`: as they are when placed
+  so, else copied once per source and kept for the last few datasets (so evaluating one
+  host test set again and again copies it once)."""
+  sources = tuple(arrays[name] for name in names)
+  if all(getattr(x, 'sharding', None) == sharding for x in sources):
+    return dict(zip(names, sources))
+  key = (tuple(map(id, sources)), sharding)
+  if key not in _PLACED:
+    if len(_PLACED) >= _PLACED_KEPT:
+      _PLACED.pop(next(iter(_PLACED)))
+    # The sources stay referenced by their entry, so no other array can take their ids.
+    _PLACED[key] = (sources, jax.device_put(dict(zip(names, sources)), sharding))
+  return _PLACED[key][1]
+
+
+def _batch_maker(spec: data.DataSpec, copies: bool) -> Callable:
+  """`make_batch(images, labels, order, rng, step)`: step `step`'s augmented batch (pure);
+  with copies vmapped over the orders and keys, each copy's own batch."""
+  def make_batch(images, labels, order, rng, step):
+    epoch, index = step // order.shape[0], step % order.shape[0]
+    key = jax.random.fold_in(epoch_keys(rng, epoch)[1], index)
+    return data.train_batch(images, labels, order[index], key, spec)
+
+  return jax.vmap(make_batch, in_axes=(None, None, 0, 0, None)) if copies else make_batch
+
+
+@functools.lru_cache(maxsize=PROGRAMS_KEPT)
+def _epoch_fns(n: int, batch_size: int, spec: data.DataSpec, copies: bool,
+               replicated: NamedSharding, batch_sharding: NamedSharding):
+  def permutation(rng, epoch):
+    return data.epoch_permutation(epoch_keys(rng, epoch)[0], n, batch_size)
+
+  if copies:
+    permutation = jax.vmap(permutation, in_axes=(0, None))
+  return (jax.jit(permutation, out_shardings=replicated),
+          jax.jit(_batch_maker(spec, copies), out_shardings=batch_sharding))
+
+
+def epoch_programs(trainer: Trainer, train_set: Mapping, spec: data.DataSpec, batch_size: int):
+  """Jitted (permutation(rng, epoch), make_batch(order, rng, step)) of the device-resident
+  training set; with a copies trainer each copy draws what its own run would. Shared by every
+  fit of the same set size, batch, spec and shardings (the seeds and regimes of a run)."""
+  images, labels = train_set['train_images'], train_set['train_labels']
+  permutation, make_batch = _epoch_fns(int(labels.shape[0]), batch_size, spec, trainer.copies,
+                                       trainer.replicated, trainer.batch_sharding)
+  return permutation, functools.partial(make_batch, images, labels)
+
+
+def _add_metrics(sums, bad, metrics, step, limit):
+  """Adds a step's loss and accuracy to the sums; notes `step` and its loss in `bad` if it is
+  the first whose loss is not finite or above `limit` (bad['step'] 0: none yet)."""
+  first = (bad['step'] == 0) & ~(metrics['loss'] <= limit)
+  bad = {'step': jnp.where(first, step, bad['step']),
+         'loss': jnp.where(first, metrics['loss'], bad['loss'])}
+  return {name: sums[name] + metrics[name] for name in sums}, bad
+
+
+accumulate_metrics = jax.jit(_add_metrics, donate_argnums=(0, 1))
+
+
+@functools.lru_cache(maxsize=PROGRAMS_KEPT)
+def train_calls(trainer: Trainer, spec: data.DataSpec) -> Callable:
+  """The jitted program of many steps, `sharded_train_steps(state, sums, bad, masks, images,
+  labels, order, rates, limit, start, stop)` -> (state, sums, bad): steps start..stop-1 of the
+  epoch whose permutation is `order`, each one make_batch, train_step and `_add_metrics`.
+  `rates` are the epoch's learning rates; start and stop are inputs, so every call length
+  (and fits of other lengths) run the same compiled program. state, sums and bad are donated."""
+  make_batch = _batch_maker(spec, trainer.copies)
+
+  def sharded_train_steps(state, sums, bad, masks, images, labels, order, rates, limit, start,
+                          stop):
+    def one_step(step, carry):
+      state, sums, bad = carry
+      batch = make_batch(images, labels, order, state.rng, step)
+      state, metrics = trainer.sharded_train_step(state, batch, masks,
+                                                  rates[step % rates.shape[0]])
+      return (state, *_add_metrics(sums, bad, metrics, state.step, limit))
+
+    return jax.lax.fori_loop(start, stop, one_step, (state, sums, bad))
+
+  return compiler.jit(sharded_train_steps, xla_options=trainer.xla_options,
+                      donate_argnums=(0, 1, 2), out_shardings=trainer.replicated)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def all_finite(tree, copies: bool):
+  """Per copy ((K,), or (1,) without copies): whether every leaf of `tree` is finite."""
+  return jnp.stack([jnp.isfinite(x).reshape(x.shape[0] if copies else 1, -1).all(1)
+                    for x in jax.tree.leaves(tree)]).all(0)
+
+
+def evaluate(evaluator: Evaluator, variables, test_set: Mapping, spec: data.DataSpec,
+             masks: Masks, batch_size: int) -> dict:
+  """Test-set {'loss', 'accuracy'}: float arrays, shape (K,) with copies, else (). The
+  batches' sums stay on device; the one host sync is at the end."""
+  sums = None
+  for batch in data.eval_batches(test_set['test_images'], test_set['test_labels'], batch_size,
+                                 spec):
+    out = evaluator.eval_step(variables, batch, masks)
+    sums = out if sums is None else evaluator.add(sums, out)
+  sums = jax.device_get(sums)
+  return {'loss': np.asarray(sums['loss_sum'] / sums['count'], float),
+          'accuracy': np.asarray(sums['correct'] / sums['count'], float)}
+
+
+def evaluate_variables(model: nn.Module, variables: Mapping, arrays: Mapping,
+                       spec: data.DataSpec, *, batch_size: int, precision: str = 'float32',
+                       mesh: Mesh | None = None) -> dict:
+  """Test-set {'loss': float, 'accuracy': float} of `model` with `variables` (eval mode).
+
+  The same compiled step as `fit`'s per-epoch evaluation of that model, precision and
+  mesh (`evaluator_for`). `arrays` holds 'test_images' and 'test_labels'
+  (`data.device_put_dataset(ds)`, or host arrays, copied to the mesh once per dataset);
+  `batch_size` is global, divisible by the devices, the last batch padded.
+  """
+  mesh = mesh if mesh is not None else make_mesh()
+  check_divisible('batch_size', batch_size, mesh)
+  evaluator = evaluator_for(model, mesh, precision)
+  test_set = on_mesh(arrays, TEST_SET, evaluator.replicated)
+  variables = jax.device_put(dict(variables), evaluator.replicated)
+  test = evaluate(evaluator, variables, test_set, spec, None, batch_size)
+  return {name: float(value) for name, value in test.items()}
