@@ -6,9 +6,10 @@
   python -m jaxprune.summary --model=tiny --widths_file=runs/x/prune/record.json --json
 
 The model is counted at the images and classes of `--dataset` (default digits, as
-for launch.py: 8x8x1, 10 classes); cifar10 and cifar100 give 32x32x3. Their shapes
-come from the dataset's metadata (TFDS's for CIFAR, which needs no download), digits
-from its bundled copy, npz from the `--data_path` file.
+for launch.py: 8x8x1, 10 classes); cifar10 and cifar100 give 32x32x3, imagenet2012
+224x224x3 and 1000 classes. Their shapes come from the dataset's metadata (TFDS's for
+CIFAR, which needs no download), ImageNet's from the constants its models are built for
+(nothing is read), digits from its bundled copy, npz from the `--data_path` file.
 
 A widths file is JSON holding `{"widths": {group: width}}` (a run's prune record,
 `WORKDIR/prune/record.json`, has that key; groups not named keep their width) or
@@ -36,12 +37,16 @@ FIXED = '(fixed)'
 
 # Datasets read through TFDS: their builder's metadata has the image shape and classes.
 _TFDS = ('cifar10', 'cifar100')
+# Datasets counted at constants: ImageNet's images vary in size, and its models (and the
+# papers' MACs) take 224x224 crops. {dataset: (image shape, classes)}.
+IMAGE_SHAPES = {'imagenet2012': ((224, 224, 3), 1000)}
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('model', None, f"model to summarise: {', '.join(models.MODELS)}, or "
                     'your own as package.module:factory (as for launch.py).')
 flags.DEFINE_string('dataset', 'digits', 'dataset whose image shape and classes the model is '
-                    f"counted at: {', '.join(data.DATASETS)} (as for launch.py).")
+                    f"counted at: {', '.join({**data.DATASETS, **IMAGE_SHAPES})} (as for "
+                    'launch.py).')
 flags.DEFINE_string('data_path', None, 'the .npz file of --dataset=npz.')
 flags.DEFINE_string('preset', None,
                     f"Li et al. preset to apply: {', '.join(select.PRESETS)}.")
@@ -124,16 +129,20 @@ def load_widths(path: str, struct: structure.Structure) -> dict[str, int]:
 
 
 def dataset_shape(name: str, data_path: str | None = None) -> tuple[tuple[int, ...], int]:
-  """(image shape, number of classes) of the dataset `name` (a key of `data.DATASETS`).
+  """(image shape, number of classes) of the dataset `name` (a key of `data.DATASETS` or
+  `IMAGE_SHAPES`).
 
-  CIFAR's come from TFDS's metadata, so no image is read or downloaded; digits and npz
-  are loaded (digits is bundled and small; an npz's shape is only in its file).
+  CIFAR's come from TFDS's metadata and ImageNet's from `IMAGE_SHAPES`, so no image is
+  read or downloaded; digits and npz are loaded (digits is bundled and small; an npz's
+  shape is only in its file).
   """
-  errors.choose('dataset', name, data.DATASETS, setting='dataset')
+  errors.choose('dataset', name, {**data.DATASETS, **IMAGE_SHAPES}, setting='dataset')
+  if data_path is not None and (name in _TFDS or name in IMAGE_SHAPES):
+    raise ConfigError(f"data_path is for dataset=npz, not dataset={name}.",
+                      settings=('data_path', 'dataset'))
+  if name in IMAGE_SHAPES:
+    return IMAGE_SHAPES[name]
   if name in _TFDS:
-    if data_path is not None:
-      raise ConfigError(f"data_path is for dataset=npz, not dataset={name}.",
-                        settings=('data_path', 'dataset'))
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     features = tfds.builder(name).info.features
     return tuple(features['image'].shape), int(features['label'].num_classes)

@@ -26,7 +26,14 @@ SLOW_MODELS = [m for m in models.MODELS if m not in FAST_MODELS]
 ALL_MODELS = FAST_MODELS + [pytest.param(m, marks=pytest.mark.slow) for m in SLOW_MODELS]
 
 
+# The ImageNet models downsample 32x: a 32x32 image leaves them one position to pool.
+IMAGENET_MODELS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'vgg11_bn', 'vgg16_bn',
+                   'vgg11_bn_fcbn')
+
+
 def image_size(name):
+  if name in IMAGENET_MODELS:
+    return 32
   return 16 if name.startswith('vgg') else 8
 
 

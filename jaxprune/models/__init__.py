@@ -22,9 +22,10 @@ from jaxprune.kernels.options import PerformanceOptions
 from jaxprune.models import layers, own
 from jaxprune.models.densenet import DenseNet
 from jaxprune.models.own import OwnModel
-from jaxprune.models.resnet import SHORTCUTS, PreResNet, ResNet, WideResNet
+from jaxprune.models.resnet import (IMAGENET_DEPTHS, SHORTCUTS, ImageNetResNet, PreResNet,
+                                    ResNet, WideResNet)
 from jaxprune.models.tiny import TinyCNN
-from jaxprune.models.vgg import CFGS, VGG
+from jaxprune.models.vgg import CFGS, VGG, ImageNetVGG
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     'tiny': TinyCNN,
@@ -40,9 +41,12 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     'densenet16': functools.partial(DenseNet, depth=16),
     'densenet40': functools.partial(DenseNet, depth=40),
     'densenet100_c': functools.partial(DenseNet, depth=100, compression=2),
+    # ImageNet (224x224): torchvision's names, the `--arch` values of [R]'s and [M]'s ImageNet
+    # code; none is a CIFAR name (resnet{8,20,32,44,56,110}, vgg{11,13,16,19}).
+    **{f'resnet{d}': functools.partial(ImageNetResNet, depth=d) for d in IMAGENET_DEPTHS},
+    **{f'{name}_bn': functools.partial(ImageNetVGG, cfg=CFGS[name]) for name in ('vgg11', 'vgg16')},
+    'vgg11_bn_fcbn': functools.partial(ImageNetVGG, cfg=CFGS['vgg11'], classifier='bn'),
 }
-
-_INITS: dict[nn.Module, Callable] = {}
 
 
 def build(name: str, num_classes: int = 10, widths: Mapping[str, int] | None = None,
@@ -90,8 +94,10 @@ def build(name: str, num_classes: int = 10, widths: Mapping[str, int] | None = N
   if resnet_shortcut != 'subsample':
     choose('ResNet shortcut', resnet_shortcut, SHORTCUTS, setting='resnet_shortcut')
     if not isinstance(model, ResNet):
-      raise ConfigError(f'resnet_shortcut={resnet_shortcut} is for the basic-block ResNets '
-                        f'(resnet*), not {name}.', settings=('resnet_shortcut', 'model'))
+      cifar = [n for n, make in MODELS.items() if getattr(make, 'func', None) is ResNet]
+      raise ConfigError(f'resnet_shortcut={resnet_shortcut} is for the CIFAR basic-block '
+                        f"ResNets ({', '.join(cifar)}), not {name}.",
+                        settings=('resnet_shortcut', 'model'))
     model = model.clone(shortcut=resnet_shortcut)
   if widths is None and width_multiplier != 1.0:
     model = model.scaled(width_multiplier)
@@ -124,11 +130,14 @@ def init(model: nn.Module, rng: jax.Array, image_shape) -> dict:
     if model.kept:
       return program.fresh_init(model, rng, image_shape)
     return model.init(rng, np.zeros((1,) + tuple(image_shape), np.float32))
-  # Keyed by the model itself (models hash by value): a new jit of `model.init`, a new bound
-  # method each time, would compile again for every seed of the same model.
-  if model not in _INITS:
-    _INITS[model] = compiler.jit_once(model.init, xla_options=model.performance.xla_options)
-  return _INITS[model](rng, np.zeros((1,) + tuple(image_shape), np.float32))
+  return _init_program(model)(rng, np.zeros((1,) + tuple(image_shape), np.float32))
+
+
+# Keyed by the model itself (models hash by value): a new jit of `model.init`, a new bound
+# method each time, would compile again for every seed of the same model.
+@functools.lru_cache(maxsize=8)
+def _init_program(model: nn.Module) -> Callable:
+  return compiler.jit_once(model.init, xla_options=model.performance.xla_options)
 
 
 def init_shapes(model: nn.Module, image_shape) -> dict:

@@ -1,4 +1,5 @@
-"""CIFAR ResNets: basic-block ResNet (6n+2), pre-activation bottleneck ResNet (9n+2), WideResNet.
+"""ResNets. CIFAR: basic-block ResNet (6n+2), pre-activation bottleneck ResNet (9n+2),
+WideResNet. ImageNet: torchvision's ResNet-18/34/50/101 (`ImageNetResNet`).
 
 Stream widths (the residual sum of a stage) are groups named `stage{s}`; they can be
 changed to build thinner networks but are not prunable, because every block of the
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxprune.errors import ConfigError
+from jaxprune.kernels.conv import Conv
 from jaxprune.kernels.options import PerformanceOptions
 from jaxprune.models import layers
 
@@ -243,5 +245,123 @@ class WideResNet(layers.Network):
                            f"({shortcut.shape[-1]}) for a WideResNet with identity shortcuts.")
         x = y + shortcut
     x = nn.relu(layers.batch_norm(perf, train, self.bn_scale_init, name='final_bn')(x))
+    x = jnp.mean(x, axis=(1, 2))
+    return layers.dense(self.num_classes, self.dense_init, name='head')(x)
+
+
+# torchvision's ImageNet ResNets by depth: the block and the blocks of each of the 4 stages.
+IMAGENET_DEPTHS = {18: ('basic', (2, 2, 2, 2)), 34: ('basic', (3, 4, 6, 3)),
+                   50: ('bottleneck', (3, 4, 6, 3)), 101: ('bottleneck', (3, 4, 23, 3))}
+# A bottleneck's stream is this many times its inner width.
+EXPANSION = 4
+
+
+def _torch_conv(performance: PerformanceOptions, features: int, kernel: int, stride: int = 1,
+                name: str | None = None) -> Conv:
+  # `layers.conv`, padded k // 2 on every side as PyTorch pads: 'SAME' would pad a strided
+  # convolution at the bottom and right only and sample other positions than torchvision.
+  pad = (kernel // 2, kernel // 2)
+  return Conv(features, (kernel, kernel), strides=(stride, stride), padding=(pad, pad),
+              use_bias=False, kernel_init=layers.conv_init, impl=performance.conv_impl,
+              name=name)
+
+
+class ImageNetResNet(layers.Network):
+  """torchvision's ImageNet ResNet (the one [R]'s and [M]'s ImageNet code build).
+
+  Stem: 7x7/2 conv (64) + BN + ReLU + 3x3/2 max pool. Four stages of `stage_widths`
+  (64, 128, 256, 512) with basic blocks (depth 18, 34) or bottleneck blocks (50, 101: 1x1,
+  3x3 and 1x1 convs, the stream 4x the inner width, the stride on the 3x3 as torchvision's
+  "ResNet v1.5"); the first block of stages 2-4 (and of stage 1 in a bottleneck network,
+  64 -> 256) adds a projection shortcut, 1x1 conv (stride 2 where it downsamples) + BN;
+  global average pool, Dense head. Convolutions are padded as PyTorch pads them.
+
+  Groups: `stage{s}` (s = 1..4), each stage's residual stream (not prunable: every block of
+  the stage writes it). Basic blocks: `stage{s}_block{b}`, the first conv's output,
+  prunable ([R]'s L1-norm ResNet-34 prunes these). Bottleneck blocks:
+  `stage{s}_block{b}_mid1` and `_mid2`, the 1x1 and 3x3 convs' outputs, both prunable,
+  and `stem`, the stem's 64 channels, which stage 1's first block and its projection read
+  (not prunable: none of the papers prunes it; in a basic-block network the stem writes
+  stage 1's stream).
+  Differences from torchvision: the head's kernel starts from `dense_init` (PyTorch draws
+  U(+-1/sqrt(fan_in))). The final map is averaged whole, as torchvision's adaptive pool
+  does (the 7x7 average pool of [R]'s older torchvision is the same at 224x224).
+  """
+  depth: int = 50
+  stage_widths: Sequence[int] = (64, 128, 256, 512)
+  num_classes: int = 1000
+  widths: Mapping[str, int] | None = None
+  performance: PerformanceOptions = PerformanceOptions()
+  bn_scale_init: float = 1.0
+  dense_init: str = 'lecun_normal'
+
+  def architecture(self) -> tuple[str, tuple[int, ...]]:
+    if self.depth not in IMAGENET_DEPTHS:
+      raise ValueError(f'ImageNetResNet depth must be one of {sorted(IMAGENET_DEPTHS)}, '
+                       f'got {self.depth}.')
+    return IMAGENET_DEPTHS[self.depth]
+
+  def _blocks(self) -> list[tuple[int, int, str]]:
+    """(stage, block, name) of every block, in order."""
+    _, stages = self.architecture()
+    return [(s, b, f'stage{s}_block{b}') for s, n in enumerate(stages, 1)
+            for b in range(1, n + 1)]
+
+  def _bottleneck(self) -> bool:
+    return self.architecture()[0] == 'bottleneck'
+
+  def prunable_groups(self) -> tuple[str, ...]:
+    parts = ('_mid1', '_mid2') if self._bottleneck() else ('',)
+    return tuple(f'{block}{part}' for _, _, block in self._blocks() for part in parts)
+
+  def group_layers(self) -> dict[str, str]:
+    last = 'conv3' if self._bottleneck() else 'conv2'
+    layers_of = {'stem': 'stem'} if self._bottleneck() else {}
+    layers_of.update({f'stage{s}': f'stage{s}_block1_{last}' for s in (1, 2, 3, 4)})
+    for group in self.prunable_groups():
+      block, _, part = group.rpartition('_')
+      layers_of[group] = (f'{block}_conv1' if part == 'mid1' else f'{block}_conv2'
+                          if part == 'mid2' else f'{group}_conv1')
+    return layers_of
+
+  def default_widths(self) -> dict[str, int]:
+    expansion = EXPANSION if self._bottleneck() else 1
+    widths = {'stem': self.stage_widths[0]} if self._bottleneck() else {}
+    widths.update({f'stage{s}': w * expansion for s, w in enumerate(self.stage_widths, 1)})
+    for group in self.prunable_groups():
+      widths[group] = self.stage_widths[int(group[5]) - 1]
+    return widths
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    perf = self.performance
+    widths = layers.resolve_widths('ImageNetResNet', self.default_widths(), self.widths)
+    _check_image(x, 5)
+    bottleneck = self._bottleneck()
+    bn = lambda name: layers.batch_norm(perf, train, self.bn_scale_init, name=name)
+    x = _torch_conv(perf, widths['stem' if bottleneck else 'stage1'], 7, 2, name='stem')(x)
+    x = nn.relu(bn('stem_bn')(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for s, b, block in self._blocks():
+      stride = 2 if s > 1 and b == 1 else 1
+      out = widths[f'stage{s}']
+      if bottleneck:
+        y = _torch_conv(perf, widths[f'{block}_mid1'], 1, name=f'{block}_conv1')(x)
+        y = nn.relu(bn(f'{block}_bn1')(y))
+        y = _torch_conv(perf, widths[f'{block}_mid2'], 3, stride, name=f'{block}_conv2')(y)
+        y = nn.relu(bn(f'{block}_bn2')(y))
+        y = bn(f'{block}_bn3')(_torch_conv(perf, out, 1, name=f'{block}_conv3')(y))
+      else:
+        y = _torch_conv(perf, widths[block], 3, stride, name=f'{block}_conv1')(x)
+        y = nn.relu(bn(f'{block}_bn1')(y))
+        y = bn(f'{block}_bn2')(_torch_conv(perf, out, 3, name=f'{block}_conv2')(y))
+      # Projection iff the default network changes width or resolution here (torchvision's
+      # rule); a structural choice that must not depend on the (prunable) widths.
+      if b == 1 and (s > 1 or bottleneck):
+        shortcut = _torch_conv(perf, out, 1, stride, name=f'{block}_shortcut')(x)
+        shortcut = bn(f'{block}_shortcut_bn')(shortcut)
+      else:
+        shortcut = x
+      x = nn.relu(y + shortcut)
     x = jnp.mean(x, axis=(1, 2))
     return layers.dense(self.num_classes, self.dense_init, name='head')(x)

@@ -85,7 +85,7 @@ def _activation(graph, value, layouts, axis, group):
 def _offset(graph, value, layouts, axis, group, offset):
   """`value` plus a (B, positions, C) offset laid onto the group's channels (one piece)."""
   b = graph.batch_axis(layouts)
-  z = jnp.moveaxis(value, (b, axis), (0, -1))
+  z = jnp.moveaxis(value, (b, axis), (0, -1)) if b is not None else jnp.moveaxis(value, axis, -1)[None]
   start = 0
   for r in graph.atoms.expand(layouts[axis]):
     if r == graph.root_of[group]:
@@ -93,7 +93,7 @@ def _offset(graph, value, layouts, axis, group, offset):
     start += graph.atoms.size[r]
   piece = offset.reshape(z.shape[:-1] + (offset.shape[-1],)).astype(z.dtype)
   z = z.at[..., start:start + offset.shape[-1]].add(piece)
-  return jnp.moveaxis(z, (0, -1), (b, axis))
+  return jnp.moveaxis(z, (0, -1), (b, axis)) if b is not None else jnp.moveaxis(z[0], -1, axis)
 
 
 def _rewrite(graph, eqn, site, invals, kept):
