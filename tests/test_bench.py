@@ -1,4 +1,6 @@
-"""The benchmark scripts answer a bad setting with one sentence, not a traceback."""
+"""The benchmark scripts answer a bad setting with one sentence, not a traceback, time the
+library through its public names, and run end to end at tiny settings; the GPU row script
+(experiments/gpu_row.py) decodes its data and plans [R]'s row."""
 
 import json
 import os
@@ -8,8 +10,10 @@ import sys
 import numpy as np
 import pytest
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                     'experiments', 'bench')
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           'experiments')
+BENCH = os.path.join(EXPERIMENTS, 'bench')
+GPU_ROW = os.path.join(EXPERIMENTS, 'gpu_row.py')
 
 
 def bench(script, *args):
@@ -23,21 +27,20 @@ def bench(script, *args):
     ('latency.py', ['--vgg_targets=0.5,abc'],
      '--vgg_targets entries are fractions of the MACs in (0, 1], e.g. 0.5,0.25.'),
     ('latency.py', ['--round_to=0'], '--round_to entries are whole numbers >= 1, e.g. 1,8.'),
-    ('conv_rule.py', ['--shapes=32x32x16'],
-     "--shapes entry '32x32x16' is not 'size:cin:cout:kernel:stride'"),
-    ('conv_rule.py', ['--passes=fwd,dw'], "--passes ['dw'] are not among fwd, dx, dk."),
     ('throughput.py', ['--steps=0'], 'flag --steps=0: 0 is not a positive integer'),
+    ('throughput.py', ['--frameworks=jax', '--jax_variants=auto/fast'],
+     "--jax_variants entry 'auto/fast' is not CONV_IMPL/XLA_OPTIONS[/BATCH_NORM]"),
     ('criteria_cost.py', ['--criteria=l1,bogus'], "--criteria ['bogus'] are not criteria; "
      'choose from random,'),
-    # compiles.py runs each pipeline in a worker process: the worker's sentence is passed on.
-    ('compiles.py', ['--regime=bogus'], "error: unknown --regime 'bogus'; choose one of:"),
-    # seeds.py runs launch.py: launch.py's sentence is passed on.
-    ('seeds.py', ['--data_path=/nope.npz'], "error: npz file '/nope.npz' does not exist."),
-    ('seeds.py', ['--seeds=0'], 'flag --seeds=0: 0 is not a positive integer'),
     # The sample npz has no default place on a machine: the scripts that read it ask for it.
-    ('seeds.py', [], '--data_path is required: the .npz of the CIFAR-10 sample'),
     ('epoch_throughput.py', ['--frameworks=jax'],
      '--data_path is required: the .npz of the CIFAR-10 sample'),
+    ('steady_state.py', [], '--data_path is required: the .npz of the CIFAR-10 sample'),
+    # A worker process's one sentence (jaxprune's, for a file it cannot read) is passed on.
+    ('steady_state.py', ['--data_path=/nope.npz', '--models=tiny'],
+     "error: npz file '/nope.npz' does not exist."),
+    ('epoch_throughput.py', ['--loader_workers=0,-1'],
+     '--loader_workers entries are whole numbers >= 0.'),
 ])
 def test_a_bad_setting_is_one_sentence(script, args, sentence):
   returncode, stderr = bench(script, *args)
@@ -48,10 +51,10 @@ def test_a_bad_setting_is_one_sentence(script, args, sentence):
 
 @pytest.mark.parametrize('args, sentence', [
     (['epoch', '--rounds=0'], "error: --rounds='0' is not a positive whole number."),
-    (['steps'], "error: 'steps' is not a part (step, epoch, seeds, steady, all), "
+    (['steps'], "error: 'steps' is not a part (step, epoch, steady, all), "
                 "--data_path=NPZ or --rounds=N."),
     ([], 'error: no part given.'),
-    (['step', 'seeds'], 'error: epoch, seeds and steady need --data_path=NPZ, the .npz of the '
+    (['step', 'epoch'], 'error: epoch and steady need --data_path=NPZ, the .npz of the '
      'CIFAR-10 sample'),
 ])
 def test_accelerator_script_refuses_bad_arguments_before_running_anything(tmp_path, args,
@@ -99,10 +102,10 @@ def test_no_script_reaches_into_a_private_name_of_jaxprune():
   """The benchmarks time the library as users call it: through its public names only."""
   import ast
   found = []
-  for name in sorted(os.listdir(BENCH)):
-    if not name.endswith('.py'):
-      continue
-    tree = ast.parse(open(os.path.join(BENCH, name)).read())
+  scripts = [os.path.join(BENCH, n) for n in sorted(os.listdir(BENCH)) if n.endswith('.py')]
+  for path in scripts + [GPU_ROW]:
+    name = os.path.basename(path)
+    tree = ast.parse(open(path).read())
     modules = set()  # local names bound to jaxprune modules
     for node in ast.walk(tree):
       if isinstance(node, ast.ImportFrom) and (node.module or '').startswith('jaxprune'):
@@ -120,8 +123,61 @@ def test_no_script_reaches_into_a_private_name_of_jaxprune():
   assert not found, found
 
 
+def sample_npz(path, train=64, test=16):
+  """A CIFAR-shaped npz in the sample's layout."""
+  rng = np.random.default_rng(0)
+  np.savez(path, train_images=rng.integers(0, 256, (train, 32, 32, 3), np.uint8),
+           train_labels=np.arange(train) % 10,
+           test_images=rng.integers(0, 256, (test, 32, 32, 3), np.uint8),
+           test_labels=np.arange(test) % 10)
+  return path
+
+
+# Every benchmark at tiny settings, jax only (PyTorch is a bench-only extra): the table it
+# writes has a row for each measurement asked for.
+SMOKE = [
+    ('latency.py', ['--models=tiny', '--resnet_targets=0.5', '--round_to=1,8', '--batch=4',
+                    '--reps=1'], lambda out: len(out['rows']) == 3),
+    pytest.param('criteria_cost.py', ['--model=tiny', '--image_size=8', '--batch=4', '--reps=1',
+                                      '--criteria=l1,taylor,oracle', '--oracle_models=tiny',
+                                      '--oracle_image_size=8', '--oracle_batch=2'],
+                 lambda out: ([r['criterion'] for r in out['criteria']['rows']]
+                              == ['train_step', 'l1', 'taylor', 'oracle']
+                              and len(out['oracle'][0]['methods']) == 3),
+                 marks=pytest.mark.slow),
+    pytest.param('throughput.py', ['--models=tiny', '--frameworks=jax',
+                                   '--jax_variants=auto/jaxprune', '--rounds=1', '--batch=8',
+                                   '--steps=2', '--warmup=0'],
+                 lambda out: [r['config'] for r in out['rows']] == [
+                     'jax auto/jaxprune/jaxprune float32'], marks=pytest.mark.slow),
+    pytest.param('epoch_throughput.py', ['--models=tiny', '--frameworks=jax', '--images=32',
+                                         '--batch=8', '--epochs=2', '--rounds=1', 'NPZ'],
+                 lambda out: out['rows'][0]['images_per_s'] > 0, marks=pytest.mark.slow),
+    pytest.param('epoch_overhead.py', ['--model=tiny', '--batch_size=8', '--steps_per_epoch=3',
+                                       '--test_size=16', '--epochs=2', '--reps=2'],
+                 lambda out: [r['epoch'] for r in out['rows']] == [1, 2],
+                 marks=pytest.mark.slow),
+    pytest.param('steady_state.py', ['--models=tiny', '--batches=8', '--copies=1,2',
+                                     '--steps=2', '--repeats=1', 'NPZ'],
+                 lambda out: [(r['copies'], r['mode']) for r in out['rows']] == [
+                     (1, 'calls'), (1, 'steps'), (2, 'calls'), (2, 'steps')],
+                 marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize('script, args, check', SMOKE)
+def test_script_runs_at_tiny_settings_and_writes_its_table(tmp_path, script, args, check):
+  data_path = f'--data_path={sample_npz(tmp_path / "sample.npz")}'
+  args = [data_path if a == 'NPZ' else a for a in args]
+  returncode, stderr = bench(script, *args, f'--out={tmp_path / "out.json"}')
+  assert returncode == 0, stderr[-3000:]
+  out = json.loads((tmp_path / 'out.json').read_text())
+  assert out['machine']['backend'] == 'cpu'
+  assert check(out), out
+
+
 def jpeg_npz(path, train=8, test=4):
-  """A JPEG npz in the layout r_row.py decodes: concatenated files, their offsets, labels."""
+  """A JPEG npz in the layout gpu_row.py decodes: concatenated files, their offsets, labels."""
   import io
 
   from PIL import Image
@@ -139,13 +195,13 @@ def jpeg_npz(path, train=8, test=4):
   np.savez(path, **arrays)
 
 
-def test_r_row_decodes_every_jpeg_as_pillow_reads_it(tmp_path):
-  # In a subprocess: r_row.py defines absl flags on import, and other modules this pytest
+def test_gpu_row_decodes_every_jpeg_as_pillow_reads_it(tmp_path):
+  # In a subprocess: gpu_row.py defines absl flags on import, and other modules this pytest
   # process imports define some of the same names.
   jpeg_npz(tmp_path / 'jpeg.npz')
-  code = ('import json, sys; sys.path.insert(0, sys.argv[1]); import r_row; '
-          'print(json.dumps(r_row.decode(sys.argv[2], sys.argv[3])))')
-  proc = subprocess.run([sys.executable, '-c', code, BENCH, str(tmp_path / 'jpeg.npz'),
+  code = ('import json, sys; sys.path.insert(0, sys.argv[1]); import gpu_row; '
+          'print(json.dumps(gpu_row.decode(sys.argv[2], sys.argv[3])))')
+  proc = subprocess.run([sys.executable, '-c', code, EXPERIMENTS, str(tmp_path / 'jpeg.npz'),
                          str(tmp_path / 'out.npz')], capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   shapes = json.loads(proc.stdout)
@@ -155,8 +211,8 @@ def test_r_row_decodes_every_jpeg_as_pillow_reads_it(tmp_path):
   assert decoded['train_images'].dtype == np.uint8 and decoded['test_labels'].dtype == np.int32
 
 
-def test_r_row_dry_run_prints_the_full_scale_plan():
-  proc = subprocess.run([sys.executable, os.path.join(BENCH, 'r_row.py'), '--dry_run'],
+def test_gpu_row_dry_run_prints_the_full_scale_plan():
+  proc = subprocess.run([sys.executable, GPU_ROW, '--dry_run'],
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   lines = proc.stdout.splitlines()
@@ -168,11 +224,11 @@ def test_r_row_dry_run_prints_the_full_scale_plan():
 
 
 @pytest.mark.slow
-def test_r_row_runs_end_to_end_at_tiny_settings(tmp_path):
+def test_gpu_row_runs_end_to_end_at_tiny_settings(tmp_path):
   """The whole script on the CPU: 64 images, one epoch per stage, two vmapped seeds."""
   jpeg_npz(tmp_path / 'jpeg.npz', train=64, test=32)
   proc = subprocess.run(
-      [sys.executable, os.path.join(BENCH, 'r_row.py'), f'--jpeg_npz={tmp_path / "jpeg.npz"}',
+      [sys.executable, GPU_ROW, f'--jpeg_npz={tmp_path / "jpeg.npz"}',
        f'--out={tmp_path / "out"}', '--epochs=1', '--finetune_epochs=1', '--batch_size=32',
        '--seeds=2', '--budget_s=1500'], capture_output=True, text=True, timeout=1800)
   assert proc.returncode == 0, proc.stderr[-3000:]

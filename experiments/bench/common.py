@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: timing, compile counting, machine info, tables."""
+"""Helpers shared by the benchmark scripts: timing, compile counting, worker processes that
+alternate, PyTorch's side of a comparison, one-sentence refusals, tables and JSON."""
 
 import contextlib
 import importlib.util
@@ -11,157 +12,205 @@ import sys
 import time
 
 import jax
+import numpy as np
+from absl import app, flags
+
+THREADS = len(os.sched_getaffinity(0))
+median = statistics.median
+block = jax.block_until_ready
 
 
 def machine() -> dict:
   """What the numbers were measured on."""
-  info = {'python': platform.python_version(), 'jax': jax.__version__,
-          'jaxlib': jax.lib.__version__ if hasattr(jax.lib, '__version__') else None,
-          'backend': jax.default_backend(), 'devices': len(jax.devices()),
-          'cpus_available': len(os.sched_getaffinity(0)), 'cpu': platform.processor()}
-  try:
-    import jaxlib
-    info['jaxlib'] = jaxlib.__version__
-  except ImportError:
-    pass
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          info['cpu'] = line.split(':', 1)[1].strip()
-          break
-  except OSError:
-    pass
-  try:
-    info['load_average'] = os.getloadavg()
-  except OSError:
-    pass
-  return info
+  import jaxlib
+  cpu = platform.processor()
+  with contextlib.suppress(OSError), open('/proc/cpuinfo') as f:
+    cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')),
+               cpu)
+  return {'python': platform.python_version(), 'jax': jax.__version__,
+          'jaxlib': jaxlib.__version__, 'backend': jax.default_backend(),
+          'devices': len(jax.devices()), 'cpus_available': THREADS, 'cpu': cpu,
+          'load_average': os.getloadavg()}
 
 
-def block(tree):
-  return jax.block_until_ready(tree)
+def timed(fn, *args):
+  """(wall seconds, result) of one call of fn(*args), its result waited for."""
+  start = time.perf_counter()
+  result = block(fn(*args))
+  return time.perf_counter() - start, result
 
 
-def median(values):
-  return statistics.median(values)
+def step_times(step, warmup: int, steps: int):
+  """(seconds of the first call, seconds of each of `steps` calls after `warmup` untimed
+  ones, the last call's result) of step()."""
+  first, result = timed(step)
+  times = []
+  for _ in range(warmup + steps):
+    seconds, result = timed(step)
+    times.append(seconds)
+  return first, times[warmup:], result
+
+
+def stepper(trainer, variables, batch: dict, learning_rate: float = 0.1):
+  """A function running `trainer`'s train step on `batch` once per call, each call training on
+  from the last (the step donates its state): returns (state, metrics)."""
+  holder = {'state': trainer.init_state(variables, seed=0)}
+  batch = trainer.shard_batch(batch)
+  rate = np.float32(learning_rate)
+
+  def step():
+    holder['state'], metrics = trainer.train_step(holder['state'], batch, None, rate)
+    return holder['state'], metrics
+
+  return step
+
+
+def random_batch(size: int, image_shape, seed: int = 0) -> dict:
+  """A batch of normal random images and random labels of 10 classes (numpy)."""
+  rng = np.random.default_rng(seed)
+  return {'image': rng.normal(size=(size, *image_shape)).astype(np.float32),
+          'label': rng.integers(0, 10, size).astype(np.int32)}
+
+
+_ACTIVE_LOGS = []
+
+
+def _record(event, duration, **kwargs):
+  if event == '/jax/core/compile/backend_compile_duration':
+    for log in _ACTIVE_LOGS:
+      log.events.append((kwargs.get('fun_name', '?'), float(duration)))
+
+
+jax.monitoring.register_event_duration_secs_listener(_record)
 
 
 class CompileLog:
-  """Counts XLA compilations (and their seconds) through `jax.monitoring` while active.
-
-  Every backend compilation JAX performs records '/jax/core/compile/backend_compile_duration'
-  with the function's name; a cache hit in jit's in-memory cache records nothing.
-  """
-  EVENT = '/jax/core/compile/backend_compile_duration'
-  _active: list = []
-  _registered = False
+  """The XLA compilations (function name, seconds) while active, from `jax.monitoring`: every
+  backend compilation records '/jax/core/compile/backend_compile_duration'; a hit in jit's
+  in-memory cache records nothing."""
 
   def __init__(self):
     self.events: list[tuple[str, float]] = []
 
-  @classmethod
-  def _listener(cls, event, duration, **kwargs):
-    if event == cls.EVENT:
-      for log in cls._active:
-        log.events.append((kwargs.get('fun_name', '?'), float(duration)))
-
   def __enter__(self):
-    if not CompileLog._registered:
-      jax.monitoring.register_event_duration_secs_listener(CompileLog._listener)
-      CompileLog._registered = True
-    CompileLog._active.append(self)
+    _ACTIVE_LOGS.append(self)
     return self
 
   def __exit__(self, *exc):
-    CompileLog._active.remove(self)
+    _ACTIVE_LOGS.remove(self)
 
-  def count(self, name_contains: str | None = None) -> int:
-    return sum(1 for n, _ in self.events if name_contains is None or name_contains in n)
-
-  def seconds(self, name_contains: str | None = None) -> float:
-    return sum(d for n, d in self.events if name_contains is None or name_contains in n)
-
-  def by_name(self) -> dict:
-    out = {}
-    for n, d in self.events:
-      c, s = out.get(n, (0, 0.0))
-      out[n] = (c + 1, s + d)
-    return out
+  def seconds(self) -> float:
+    return sum(d for _, d in self.events)
 
 
 def format_table(rows: list[dict], columns: list[str], floats: str = '.3g') -> str:
   """A plain-text table of `rows` (dicts) in the given column order."""
-  def cell(v):
-    if isinstance(v, float):
-      return format(v, floats)
-    return str(v)
-  cells = [[c for c in columns]] + [[cell(r.get(c, '')) for c in columns] for r in rows]
+  cells = [columns] + [[format(r[c], floats) if isinstance(r.get(c), float) else
+                        str(r.get(c, '')) for c in columns] for r in rows]
   widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
   lines = ['  '.join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
   lines.insert(1, '  '.join('-' * w for w in widths))
   return '\n'.join(lines)
 
 
-def torch_device():
-  """PyTorch's device for a reference run: the GPU when it sees one (cudnn autotuning on,
-  as reference training scripts set it), else the CPU. Imports torch (bench-only)."""
-  import torch
-  if torch.cuda.is_available():
-    torch.backends.cudnn.benchmark = True
-    return torch.device('cuda')
-  return torch.device('cpu')
-
-
-def write_json(path: str | None, payload: dict) -> None:
+def write_json(path: str | None, **payload) -> None:
+  """Writes `payload` and the machine it was measured on to `path` (nothing without one)."""
   if not path:
     return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, 'w') as f:
-    json.dump(payload, f, indent=2, sort_keys=False, default=str)
+    json.dump({'machine': machine(), **payload}, f, indent=2, default=str)
   print(f'wrote {path}')
 
 
-def check_child(proc: subprocess.CompletedProcess, name: str) -> None:
-  """Returns if `proc` succeeded. A child that ended with one `error: ...` sentence (a bad
-  setting, as `run` and launch.py report it) passes that sentence on and exits; any other
-  failure raises with the end of the child's stderr."""
-  if proc.returncode == 0:
-    return
-  last_line = (proc.stderr.strip().splitlines() or [''])[-1]
-  if last_line.startswith('error: '):
-    sys.exit(last_line)
-  raise RuntimeError(f'{name} failed:\n{proc.stderr[-4000:]}')
+def run_worker(script: str, args: list[str], timeout: float = 3600) -> dict:
+  """The JSON that `python script args` prints last, run in a process of its own so that one
+  framework's idle thread pools never compete with the other's. A worker's one `error: ...`
+  sentence is passed on; any other failure raises with the end of its stderr."""
+  proc = subprocess.run([sys.executable, script] + args, capture_output=True, text=True,
+                        timeout=timeout)
+  if proc.returncode != 0:
+    last_line = (proc.stderr.strip().splitlines() or [''])[-1]
+    if last_line.startswith('error: '):
+      sys.exit(last_line)
+    raise RuntimeError(f'worker {args} failed:\n{proc.stderr[-4000:]}')
+  return json.loads([line for line in proc.stdout.splitlines() if line.startswith('{')][-1])
 
 
-def run_worker(script: str, args: list[str], env: dict | None = None,
-               timeout: float = 3600) -> dict:
-  """Runs `python script args` in a fresh process and returns the JSON it prints last.
+def reply(result: dict) -> None:
+  """A worker's side of `run_worker`: prints `result` as the JSON line its parent reads."""
+  print(json.dumps(result), flush=True)
 
-  Each measurement gets its own process, so one framework's thread pools (XLA's Eigen
-  pool, torch's OpenMP threads) never spin while the other one is being timed.
-  """
-  full_env = dict(os.environ)
-  full_env.update(env or {})
-  proc = subprocess.run([sys.executable, script] + args, env=full_env, capture_output=True,
-                        text=True, timeout=timeout)
-  check_child(proc, f'worker {args}')
-  last = [line for line in proc.stdout.splitlines() if line.startswith('{')][-1]
-  return json.loads(last)
+
+def define_comparison_flags(rounds: int) -> None:
+  """The flags of a jax-against-PyTorch comparison (throughput.py, epoch_throughput.py)."""
+  flags.DEFINE_list('models', ['vgg16', 'resnet56'], 'Models (jaxprune registry names).')
+  flags.DEFINE_list('frameworks', ['jax', 'torch'], 'Frameworks to time.')
+  flags.DEFINE_integer('batch', 128, 'Batch size.', lower_bound=1)
+  flags.DEFINE_integer('rounds', rounds, 'Alternating rounds (one process per configuration '
+                       'and round).', lower_bound=1)
+  flags.DEFINE_integer('threads', THREADS, 'torch.set_num_threads; XLA uses one thread per '
+                       'available core.', lower_bound=1)
+  flags.DEFINE_string('out', None, 'Write the table as JSON here.')
+  flags.DEFINE_string('worker', None, 'Internal: run one measurement (jax or torch).')
+  flags.DEFINE_string('model', None, "Internal: the worker's model.")
+
+
+def compare(script: str, configs: dict[str, list[str]], passed: list[str], rate, extra):
+  """(runs, rows) of every --models entry under every configuration ({label: worker flags},
+  each worker also given `passed`), one worker process each, the configurations alternating
+  for --rounds rounds so that all see the same background load. runs: the workers' results
+  with their model, config, round and load average; rows: per model and configuration the
+  median over rounds of rate(run) (images/s), its range, vs_torch (over the fastest torch
+  configuration's) and extra(its runs)."""
+  FLAGS = flags.FLAGS
+  runs, rows = [], []
+  for name in FLAGS.models:
+    for r in range(FLAGS.rounds):
+      for label, args in configs.items():
+        result = run_worker(script, passed + args + [
+            f'--model={name}', f'--batch={FLAGS.batch}', f'--threads={FLAGS.threads}'])
+        result.update(model=name, config=label, round=r, load_average=os.getloadavg()[0])
+        runs.append(result)
+        print(f"{name:9s} {label:34s} round {r}: {rate(result):8.1f} images/s, load "
+              f"{result['load_average']:.1f}", flush=True)
+    model_rows = []
+    for label in configs:
+      rs = [r for r in runs if r['model'] == name and r['config'] == label]
+      per_round = [rate(r) for r in rs]
+      model_rows.append({'model': name, 'config': label, 'images_per_s': median(per_round),
+                         'range': f'{min(per_round):.1f}-{max(per_round):.1f}', **extra(rs)})
+    fastest = max((r['images_per_s'] for r in model_rows if r['config'].startswith('torch')),
+                  default=None)
+    rows += [{**row, 'vs_torch': row['images_per_s'] / fastest if fastest else None}
+             for row in model_rows]
+  return runs, rows
+
+
+def torch_training(name: str, threads: int):
+  """(device, model, optimizer): `name`'s twin in torch_models.py, training, with SGD (lr 0.1,
+  momentum 0.9, weight decay 1e-4) on the GPU when PyTorch sees one (cudnn autotuning on, as
+  reference training scripts set it), else on `threads` CPU threads."""
+  import torch
+  import torch_models
+  torch.set_num_threads(threads)
+  torch.manual_seed(0)
+  device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+  torch.backends.cudnn.benchmark = device.type == 'cuda'
+  model = torch_models.build(name).to(device).train()
+  return device, model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9,
+                                        weight_decay=1e-4)
 
 
 def require_torch(asked: str, instead: str) -> None:
   """absl's UsageError, in one sentence, when PyTorch (a bench-only extra) is missing."""
-  from absl import app
   if importlib.util.find_spec('torch') is None:
     raise app.UsageError(f"{asked}, but PyTorch is not installed: pip install "
                          f"'jaxprune[bench]', or {instead}.")
 
 
 def require_data_path(path: str | None) -> None:
-  """absl's UsageError, in one sentence, when --data_path is missing: the sample has no
-  default place on a machine, so the scripts that read it ask for it."""
-  from absl import app
+  """absl's UsageError when --data_path is missing: the sample has no default place."""
   if not path:
     raise app.UsageError('--data_path is required: the .npz of the CIFAR-10 sample (uint8 '
                          'NHWC train_images, train_labels, test_images, test_labels).')
@@ -169,12 +218,8 @@ def require_data_path(path: str | None) -> None:
 
 def check_models(models: list[str], frameworks: list[str]) -> None:
   """absl's UsageError naming a --frameworks entry other than jax or torch, or the --models
-  entries that cannot be timed in `frameworks`.
-
-  jax times any registered jaxprune model; torch only those with a twin in torch_models.
-  """
-  from absl import app
-
+  entries that cannot be timed in `frameworks`: jax times any registered jaxprune model,
+  torch only those with a twin in torch_models."""
   from jaxprune import models as registry
   unknown = sorted(set(frameworks) - {'jax', 'torch'})
   if unknown:
@@ -190,34 +235,10 @@ def check_models(models: list[str], frameworks: list[str]) -> None:
                          f"{','.join(frameworks)}; choose from {', '.join(sorted(allowed))}.")
 
 
-def reply(result: dict) -> None:
-  """A worker's side of `run_worker`: prints `result` as the JSON line its parent reads."""
-  print(json.dumps(result), flush=True)
-
-
-def timed(fn, *args, repeats: int) -> list[float]:
-  """Seconds of `repeats` calls of fn(*args), each waited for."""
-  out = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    block(fn(*args))
-    out.append(time.perf_counter() - start)
-  return out
-
-
-@contextlib.contextmanager
-def stopwatch(into: dict, key: str):
-  start = time.perf_counter()
-  yield
-  into[key] = time.perf_counter() - start
-
-
 def run(main) -> None:
   """`app.run(main)`, with a bad setting that jaxprune rejects (an unknown model, criterion
   or regime, a MACs target outside (0, 1], ...) printed as its one-sentence ConfigError
   instead of a traceback."""
-  from absl import app
-
   from jaxprune.errors import exit_on_user_error
 
   def guarded(argv):

@@ -2,29 +2,18 @@ r"""Cost of each importance criterion, and of the vmapped oracle against a loop.
 
     python experiments/bench/criteria_cost.py --out=/tmp/criteria_cost.json
 
-(a) On one batch: the steady-state time of every criterion's `accumulate`
-    (data criteria) or `finalize` (data-free ones) relative to one training step
-    on the same batch and model (jaxprune's own step, `train.Trainer(...).train_step`:
-    train-mode forward, backward, SGD momentum with weight decay), the two timed
-    alternately, best of --reps each. Compile time is excluded and reported apart;
-    `oracle` and `second_order` are timed --expensive_reps times.
-    The project's targets: gradient criteria <= 0.8x a step, activation
-    criteria <= 0.5x.
-(b) The oracle on models with >= 256 prunable channels: the vmapped criterion
-    against removing one channel at a time with a jitted full forward pass
-    (masks are inputs, so the loop compiles once; compiled with `jaxprune.kernels.compiler`'s
-    options, as the criteria are). Every loop call is the same
-    full forward, so with --loop_channels the loop is timed on that many
-    channels per group and scaled to all of them (its scores are compared on
-    those channels). Where the model has at most --unshared_max_channels, the
-    vmapped oracle without prefix sharing (one full forward per removal) is
-    timed too. Target: >= 5x faster than the loop.
+(a) Every criterion's `accumulate` (or `finalize`, data-free ones) on one batch against one
+    call of jaxprune's train step on the same model and batch, the two alternating, best of
+    --reps (targets: gradient criteria <= 0.8x a step, activation criteria <= 0.5x).
+(b) The vmapped oracle against a loop of one jitted forward pass per removed channel (masks
+    are inputs: one compile); --loop_channels times the loop on that many channels per group
+    and scales it; up to --unshared_max_channels the oracle without prefix sharing is timed
+    too (target: >= 5x faster than the loop). Bench README, section 9.
 """
 
 import math
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,9 +25,9 @@ from absl import app, flags  # noqa: E402
 
 import common  # noqa: E402
 from jaxprune import models, train  # noqa: E402
-from jaxprune.kernels import compiler
-from jaxprune.prune import criteria, program
 from jaxprune.errors import ConfigError  # noqa: E402
+from jaxprune.kernels import compiler  # noqa: E402
+from jaxprune.prune import criteria, program  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('model', 'resnet20', 'Model for (a).')
@@ -46,20 +35,18 @@ flags.DEFINE_integer('image_size', 32, 'Image side for (a).', lower_bound=8)
 flags.DEFINE_integer('batch', 64, 'Batch size for (a).', lower_bound=1)
 flags.DEFINE_list('criteria', list(criteria.CRITERIA), 'Criteria to time in (a).')
 flags.DEFINE_integer('reps', 7, 'Timed repetitions (the best is reported).', lower_bound=1)
-flags.DEFINE_integer('expensive_reps', 1, 'Timed repetitions for oracle and second_order in (a).',
+flags.DEFINE_integer('expensive_reps', 1, 'Repetitions of oracle and second_order in (a).',
                      lower_bound=1)
 flags.DEFINE_list('oracle_models', ['resnet20', 'vgg11'],
                   'Models for (b); each needs >= 256 prunable channels.')
 flags.DEFINE_integer('oracle_image_size', 16, 'Image side for (b).', lower_bound=8)
 flags.DEFINE_integer('oracle_batch', 8, 'Batch size for (b).', lower_bound=1)
-flags.DEFINE_integer('chunk_size', None,
-                     'Cap on removals vmapped at once (default: the memory bound alone).',
-                     lower_bound=1)
+flags.DEFINE_integer('chunk_size', None, 'Cap on removals vmapped at once (default: the '
+                     'memory bound alone).', lower_bound=1)
 flags.DEFINE_integer('loop_channels', 0, 'Channels per group the loop times (0: all).',
                      lower_bound=0)
-flags.DEFINE_integer('unshared_max_channels', 512,
-                     'Time the oracle without prefix sharing only up to this many channels.',
-                     lower_bound=0)
+flags.DEFINE_integer('unshared_max_channels', 512, 'Time the oracle without prefix sharing '
+                     'only up to this many channels.', lower_bound=0)
 flags.DEFINE_string('out', None, 'Write the tables as JSON here.')
 
 GRADIENT = ('taylor', 'taylor_signed_mean', 'taylor_abs_elementwise', 'taylor_fo', 'fisher')
@@ -68,64 +55,26 @@ TARGETS = {**{n: 0.8 for n in GRADIENT}, **{n: 0.5 for n in ACTIVATION}}
 
 
 def _setup(name, image_size, batch_size, seed=0):
-  model = models.build(name)
-  shape = (image_size, image_size, 3)
-  rng = np.random.default_rng(seed)
-  batch = {'image': jnp.asarray(rng.normal(size=(batch_size,) + shape), jnp.float32),
-           'label': jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32)}
-  variables = jax.jit(model.init)(jax.random.key(seed), batch['image'][:1])
-  return model, variables, batch, program.derive(model, shape)
-
-
-def _once(fn):
-  start = time.perf_counter()
-  jax.block_until_ready(fn())
-  return time.perf_counter() - start
-
-
-def _timed(fn, reps):
-  """(first call seconds, best steady-state seconds) of fn(), blocking on its result.
-
-  The best of several runs, not the mean: on a shared machine the noise only ever
-  adds time.
-  """
-  first = _once(fn)
-  return first, min(_once(fn) for _ in range(reps))
+  model, shape = models.build(name), (image_size, image_size, 3)
+  return (model, models.init(model, jax.random.key(seed), shape),
+          common.random_batch(batch_size, shape, seed), program.derive(model, shape))
 
 
 def _paired(reference, fn, reps):
-  """(first call of fn, best of fn, best of reference), the two timed alternately.
-
-  Alternating keeps the ratio honest on a machine whose load drifts.
-  """
-  first = _once(fn)
-  pairs = [(_once(reference), _once(fn)) for _ in range(reps)]
+  """(first call of fn, best of fn, best of reference), the two timed alternately: the ratio
+  stays honest on a machine whose load drifts, and on a shared machine noise only adds time."""
+  first = common.timed(fn)[0]
+  pairs = [(common.timed(reference)[0], common.timed(fn)[0]) for _ in range(reps)]
   return first, min(p[1] for p in pairs), min(p[0] for p in pairs)
-
-
-def _train_step(model, variables, batch):
-  """One call of jaxprune's train step per call of the returned function.
-
-  The step donates its state, so each call trains on from the previous one; the time of a
-  step does not depend on the values.
-  """
-  trainer = train.Trainer(model, train.make_optimizer(train.OptimizerConfig()))
-  holder = {'state': trainer.init_state(variables, seed=0)}
-  batch = trainer.shard_batch(batch)
-  learning_rate = np.float32(0.1)
-
-  def step():
-    holder['state'], metrics = trainer.train_step(holder['state'], batch, None, learning_rate)
-    return holder['state'], metrics
-
-  return step
 
 
 def criterion_costs():
   model, variables, batch, prog = _setup(FLAGS.model, FLAGS.image_size, FLAGS.batch)
   st = prog.structure
-  step = _train_step(model, variables, batch)
-  compile_step, train_s = _timed(step, FLAGS.reps)
+  step = common.stepper(train.Trainer(model, train.make_optimizer(train.OptimizerConfig())),
+                        variables, batch)
+  compile_step, times, _ = common.step_times(step, 0, FLAGS.reps)
+  train_s = min(times)
   rows = [{'criterion': 'train_step', 'kind': 'reference', 'compile_s': compile_step - train_s,
            'seconds': train_s, 'ratio': 1.0}]
   masks = {g: jnp.ones((st.widths[g],), jnp.float32) for g in st.prunable}
@@ -193,58 +142,44 @@ def oracle_speedup(name):
     return {g: jnp.stack([jnp.abs(mean_loss({**masks, g: masks[g].at[k].set(0.0)}) - base)
                           for k in ks]) for g, ks in sample.items()}
 
-  compile_loop = _once(lambda: mean_loss(masks))
+  compile_loop = common.timed(mean_loss, masks)[0]
   looped = jax.block_until_ready(loop())
   calls = sum(len(ks) for ks in sample.values())
-  loop_s = min(_once(loop) for _ in range(2)) * channels / calls
-  result = {'model': name, 'image_size': FLAGS.oracle_image_size, 'batch': FLAGS.oracle_batch,
-            'channels': channels, 'loop_calls_timed': calls, 'loop_s': loop_s,
-            'loop_compile_s': compile_loop, 'chunk_size': FLAGS.chunk_size,
-            'prefix_sharing_macs_bound': prefix_sharing_bound(st)}
+  loop_s = min(common.timed(loop)[0] for _ in range(2)) * channels / calls
+  methods = [{'method': 'loop, one channel per call', 'compile_s': compile_loop,
+              'seconds': loop_s, 'speedup': 1.0}]
   for share in (True, False):
     if not share and channels > FLAGS.unshared_max_channels:
       continue
     criterion = criteria.get('oracle', chunk_size=FLAGS.chunk_size, share_prefix=share)
     accumulate = criteria.accumulator(criterion, prog)
     state = criterion.init(st)
-    first, seconds = _timed(lambda: accumulate(state, variables, masks, batch), 2)
+    first, times, _ = common.step_times(lambda: accumulate(state, variables, masks, batch), 0, 2)
     scores = criterion.finalize(accumulate(state, variables, masks, batch), prog, variables)
-    error = max(float(np.max(np.abs(scores[g][ks] - np.asarray(looped[g]))))
-                for g, ks in sample.items())
-    key = 'vmap_shared_prefix' if share else 'vmap_full_forward'
-    result[key] = {'seconds': seconds, 'compile_s': max(0.0, first - seconds),
-                   'speedup': loop_s / seconds, 'max_abs_diff_vs_loop': error}
-  result['meets_target'] = bool(result['vmap_shared_prefix']['speedup'] >= 5)
-  return result
+    methods.append({
+        'method': 'vmap, prefix shared (default)' if share else 'vmap, full forward per removal',
+        'compile_s': max(0.0, first - min(times)), 'seconds': min(times),
+        'speedup': loop_s / min(times),
+        'max_abs_diff_vs_loop': max(float(np.max(np.abs(scores[g][ks] - np.asarray(looped[g]))))
+                                    for g, ks in sample.items())})
+  return {'model': name, 'image_size': FLAGS.oracle_image_size, 'batch': FLAGS.oracle_batch,
+          'channels': channels, 'loop_calls_timed': calls, 'chunk_size': FLAGS.chunk_size,
+          'prefix_sharing_macs_bound': prefix_sharing_bound(st), 'methods': methods,
+          'meets_target': bool(methods[1]['speedup'] >= 5)}
 
 
 def _print(costs, oracles):
-  print(f"(a) {costs['model']} {costs['image_size']}x{costs['image_size']}, "
-        f"batch {costs['batch']}, {costs['device']}; time per batch relative to one train step")
-  print(f"{'criterion':24s} {'kind':10s} {'compile s':>10s} {'ms':>10s} {'x step':>8s}  target")
-  for r in costs['rows']:
-    if 'error' in r:
-      print(f"{r['criterion']:24s} {'n/a':10s} {r['error']}")
-      continue
-    target = ''
-    if 'target' in r:
-      target = f"<= {r['target']} {'ok' if r['meets_target'] else 'MISSED'}"
-    print(f"{r['criterion']:24s} {r['kind']:10s} {r['compile_s']:10.2f} {1e3 * r['seconds']:10.2f} "
-          f"{r['ratio']:8.3f}  {target}")
+  print(f"(a) {costs['model']} {costs['image_size']}x{costs['image_size']}, batch "
+        f"{costs['batch']}, {costs['device']}; time per batch relative to one train step")
+  print(common.format_table(
+      [{**r, 'ms': 1e3 * r['seconds']} if 'seconds' in r else r for r in costs['rows']],
+      ['criterion', 'kind', 'compile_s', 'ms', 'ratio', 'target', 'meets_target', 'error']))
   for oracle in oracles:
-    print()
-    print(f"(b) oracle on {oracle['model']} {oracle['image_size']}x{oracle['image_size']}, batch "
-          f"{oracle['batch']}, {oracle['channels']} prunable channels, chunk cap "
+    print(f"\n(b) oracle on {oracle['model']} {oracle['image_size']}x{oracle['image_size']}, "
+          f"batch {oracle['batch']}, {oracle['channels']} prunable channels, chunk cap "
           f"{oracle['chunk_size']}; loop timed on {oracle['loop_calls_timed']} calls, scaled")
-    print(f"{'method':34s} {'compile s':>10s} {'s':>9s} {'speedup':>8s} {'max |diff|':>11s}")
-    print(f"{'loop, one channel per call':34s} {oracle['loop_compile_s']:10.2f} "
-          f"{oracle['loop_s']:9.3f} {1.0:8.1f}")
-    for key, label in (('vmap_shared_prefix', 'vmap, prefix shared (default)'),
-                       ('vmap_full_forward', 'vmap, full forward per removal')):
-      if key in oracle:
-        r = oracle[key]
-        print(f"{label:34s} {r['compile_s']:10.2f} {r['seconds']:9.3f} {r['speedup']:8.1f} "
-              f"{r['max_abs_diff_vs_loop']:11.2e}")
+    print(common.format_table(oracle['methods'], ['method', 'compile_s', 'seconds', 'speedup',
+                                                  'max_abs_diff_vs_loop']))
     print(f"target >= 5x: {'ok' if oracle['meets_target'] else 'MISSED'}; loop MACs / vmapped "
           f"MACs (the arithmetic bound of prefix sharing): "
           f"{oracle['prefix_sharing_macs_bound']:.1f}x")
@@ -262,8 +197,7 @@ def main(argv):
   costs = criterion_costs()
   oracles = [oracle_speedup(name) for name in FLAGS.oracle_models]
   _print(costs, oracles)
-  common.write_json(FLAGS.out, {'machine': common.machine(), 'criteria': costs,
-                                'oracle': oracles})
+  common.write_json(FLAGS.out, criteria=costs, oracle=oracles)
 
 
 if __name__ == '__main__':

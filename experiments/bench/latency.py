@@ -2,25 +2,15 @@ r"""Does shrinking pay? Inference latency of shrunk models against the full one,
 
     python experiments/bench/latency.py --out=/tmp/latency.json
 
-For VGG-16 (Li et al.'s VGG-16-A preset, and global MACs targets) and ResNet-56 (the
-ResNet-56-A/B presets and global MACs targets, 50% among them), with l1 scores of the
-initial weights: select -> shrink -> build the model at the new widths, and time
-`compiler.jit(model.apply)` (jaxprune's compiler options) in eval mode (batch 128, float32,
-32x32 inputs). The full model and every shrunk one are timed round-robin (one call of each
-per repetition) so that they see the same background load; the table gives medians.
-Compile time is excluded. Each level is timed twice: at the exact selected widths, and with
-every group's width rounded up to a multiple of 8 (`select(..., round_to=8)`), since XLA's
-CPU convolutions run channel counts such as 15 or 63 slower than 16 or 64.
-
-Columns: macs_ratio = shrunk / full MACs (jaxprune.prune.flops), latency_ratio = shrunk / full
-median latency, and ok = latency_ratio <= 1.1 x macs_ratio (shrinking delivers, within 10%,
-the speed-up its MACs promise).
+l1 scores of the initial weights, select (presets and global MACs targets; each level at its
+exact widths and rounded up to multiples of --round_to), shrink, build at the new widths;
+`compiler.jit(model.apply)` in eval mode, every model timed round-robin, medians, compile
+excluded. ok = latency ratio <= 1.1 x MACs ratio (bench README, section 3).
 """
 
 import functools
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,7 +59,7 @@ def main(argv):
   for name in FLAGS.models:
     model = models.build(name)
     x = jax.random.normal(jax.random.key(0), (FLAGS.batch, 32, 32, 3))
-    variables = jax.jit(model.init)(jax.random.key(1), x[:1])
+    variables = models.init(model, jax.random.key(1), (32, 32, 3))
     prog = program.derive(model, (32, 32, 3))
     struct = prog.structure
     scores = criteria.score('l1', prog, variables, None)
@@ -87,18 +77,15 @@ def main(argv):
         tag = f'{label}, x{multiple} widths' if multiple > 1 else label
         candidates.append((tag, small, small_vars, flops.count(struct, widths).macs / full.macs))
 
-    fns = []
-    for label, m, v, macs_ratio in candidates:
-      fn = compiler.jit(lambda v, x, m=m: m.apply(v, x, train=False),
-                        xla_options=m.performance.xla_options)
+    fns = [(label, compiler.jit(lambda v, x, m=m: m.apply(v, x, train=False),
+                                xla_options=m.performance.xla_options), v, macs_ratio)
+           for label, m, v, macs_ratio in candidates]
+    for _, fn, v, _ in fns:
       common.block(fn(v, x))  # compile
-      fns.append((label, fn, v, macs_ratio))
     times = {label: [] for label, *_ in fns}
     for _ in range(FLAGS.reps):
       for label, fn, v, _ in fns:
-        start = time.perf_counter()
-        common.block(fn(v, x))
-        times[label].append(time.perf_counter() - start)
+        times[label].append(common.timed(fn, v, x)[0])
     base = common.median(times['full'])
     for label, _, _, macs_ratio in fns:
       latency = common.median(times[label])
@@ -108,13 +95,11 @@ def main(argv):
                    'ok': 'yes' if ratio <= 1.1 * macs_ratio else 'no'})
       print(common.format_table([rows[-1]], list(rows[-1])).splitlines()[-1], flush=True)
 
-  columns = ['model', 'pruning', 'macs_ratio', 'latency_ms', 'latency_ratio', 'ok']
-  print()
-  print(f'eval-mode forward, batch {FLAGS.batch}, float32, backend {jax.default_backend()}, '
+  print(f'\neval-mode forward, batch {FLAGS.batch}, float32, backend {jax.default_backend()}, '
         f'median of {FLAGS.reps} round-robin repetitions; l1 scores of the initial weights; '
         'ok = latency_ratio <= 1.1 x macs_ratio')
-  print(common.format_table(rows, columns))
-  common.write_json(FLAGS.out, {'machine': common.machine(), 'batch': FLAGS.batch, 'rows': rows})
+  print(common.format_table(rows, list(rows[0])))
+  common.write_json(FLAGS.out, batch=FLAGS.batch, rows=rows)
 
 
 if __name__ == '__main__':

@@ -3,18 +3,13 @@ copy against K vmapped copies, with compilation timed apart.
 
     python experiments/bench/steady_state.py --data_path=NPZ --out=steady_state.json
 
-For each --models x --batches x --precisions (one worker process each, the training set
-of the npz on the device, as `train.fit` holds it) and each --copies K:
-  calls   `fit`'s many-step program (`loop.train_calls`: batches made, learning rates
-          looked up and metrics summed inside one `lax.fori_loop`), --steps steps a call;
-  steps   `fit`'s step-by-step path (`steps_per_call=1`: the batch maker, the train step and
-          the metric sum dispatched once per step), --steps steps then one wait.
-K = 1 is one run (`copies=False`); K > 1 trains K copies vmapped (`fit_copies`'s
-programs). Each program is compiled ahead of time (lower + compile: `compile_s`), run
-once untimed (one call of --steps steps), then --repeats times timed; images/s is
-K x batch x steps over the median call. K sequential copies run the one-copy program K
-times (one compile for all of them), so their images/s is the one-copy figure; the
-table says so rather than timing the same program again.
+One worker process per --models x --batches x --precisions, the npz's training set on the
+device. calls: fit's program of --steps steps in one `lax.fori_loop` (`train_calls`); steps:
+the batch maker, the train step and the metric sum dispatched once per step. K > 1 --copies
+train vmapped (`fit_copies`' programs). Each program is compiled ahead of time (compile_s),
+run once untimed, then --repeats times timed; images/s is K x batch x steps over the median
+call. K sequential copies would run the one-copy program K times, so vs_sequential divides
+by the one-copy figure (bench README, sections 11 and 13).
 """
 
 import os
@@ -41,66 +36,56 @@ flags.DEFINE_string('data_path', None, 'The CIFAR-10 .npz (uint8 NHWC train_imag
 flags.DEFINE_string('out', None, 'Write the table as JSON here.')
 flags.DEFINE_string('worker', None, 'Internal: model,batch,precision of one worker.')
 
-MODES = ('calls', 'steps')
-
 
 def _measure(trainer, arrays, spec, variables_of, copies, batch, mode, steps, repeats):
   """{'compile_s', 'call_s' (each timed call), 'images_per_second'} of one program."""
   import jax
   import numpy as np
 
-  from jaxprune.train import loop
+  from jaxprune.train.step import accumulate_metrics, epoch_programs, train_calls
 
   seeds = list(range(copies))
   state = (trainer.init_state([variables_of(s) for s in seeds], seeds) if copies > 1
            else trainer.init_state(variables_of(0), 0))
-  train_set = {k: arrays[k] for k in ('train_images', 'train_labels')}
-  permutation, make_batch = loop.epoch_programs(trainer, train_set, spec, batch)
+  images, labels = arrays['train_images'], arrays['train_labels']
+  permutation, make_batch = epoch_programs(
+      trainer, {'train_images': images, 'train_labels': labels}, spec, batch)
   order = permutation(state.rng, 0)
   shape = (copies,) if copies > 1 else ()
   sums = trainer.replicate({'loss': np.zeros(shape, np.float32),
                             'accuracy': np.zeros(shape, np.float32)})
-  first_nonfinite = trainer.replicate(np.zeros(shape, np.int32))
+  bad = trainer.replicate({'step': np.zeros(shape, np.int32), 'loss': np.zeros(shape, np.float32)})
+  limit = np.float32(np.inf)  # Notes only a NaN loss: the health check is not timed here.
   steps_per_epoch = order.shape[-2]
   rates = jax.device_put(np.full(steps_per_epoch, 0.01, np.float32), trainer.replicated)
-  step = 0
   if mode == 'calls':
-    program = loop.train_calls(trainer, spec)
-    args = (state, sums, first_nonfinite, None, train_set['train_images'],
-            train_set['train_labels'], order, rates)
-    start = time.perf_counter()
-    compiled = program.lower(*args, np.int32(0), np.int32(steps)).compile()
-    compile_s = time.perf_counter() - start
+    compile_s, compiled = common.timed(lambda: train_calls(trainer, spec).lower(
+        state, sums, bad, None, images, labels, order, rates, limit, np.int32(0),
+        np.int32(steps)).compile())
 
     def run(carry, step):
-      state, sums, first_nonfinite = carry
-      return compiled(state, sums, first_nonfinite, None, train_set['train_images'],
-                      train_set['train_labels'], order, rates, np.int32(step),
+      return compiled(*carry, None, images, labels, order, rates, limit, np.int32(step),
                       np.int32(step + steps))
   else:
     batch0 = make_batch(order, state.rng, 0)
     learning_rate = np.float32(0.01)
-    start = time.perf_counter()
-    compiled = trainer.train_step.lower(state, batch0, None, learning_rate).compile()
-    compile_s = time.perf_counter() - start
+    compile_s, compiled = common.timed(
+        lambda: trainer.train_step.lower(state, batch0, None, learning_rate).compile())
 
     def run(carry, step):
-      state, sums, first_nonfinite = carry
+      state, sums, bad = carry
       for i in range(step, step + steps):
         state, metrics = compiled(state, make_batch(order, state.rng, i), None, learning_rate)
-        sums, first_nonfinite = loop.accumulate_metrics(sums, first_nonfinite, metrics, state.step)
-      return state, sums, first_nonfinite
+        sums, bad = accumulate_metrics(sums, bad, metrics, state.step, limit)
+      return state, sums, bad
 
-  carry = (state, sums, first_nonfinite)
-  carry = common.block(run(carry, step))  # Untimed: the batch maker's and the sum's compiles.
-  step += steps
-  call_s = []
+  # Untimed: the batch maker's and the sum's compiles.
+  carry = common.block(run((state, sums, bad), 0))
+  step, call_s = steps, []
   for _ in range(repeats):
-    if step + steps > steps_per_epoch:
-      step = 0
-    start = time.perf_counter()
-    carry = common.block(run(carry, step))
-    call_s.append(time.perf_counter() - start)
+    step = 0 if step + steps > steps_per_epoch else step
+    seconds, carry = common.timed(run, carry, step)
+    call_s.append(seconds)
     step += steps
   return {'compile_s': compile_s, 'call_s': call_s,
           'images_per_second': copies * batch * steps / common.median(call_s)}
@@ -108,7 +93,6 @@ def _measure(trainer, arrays, spec, variables_of, copies, batch, mode, steps, re
 
 def worker(spec_text: str) -> None:
   import jax
-  import numpy as np
 
   from jaxprune import data, models, train
 
@@ -117,9 +101,8 @@ def worker(spec_text: str) -> None:
   ds = data.load('npz', data_path=FLAGS.data_path)
   arrays = data.device_put_dataset(ds)
   model = models.build(name, num_classes=ds.num_classes)
-  init = jax.jit(model.init)
-  image = np.zeros((1,) + tuple(ds.train_images.shape[1:]), np.float32)
-  variables_of = lambda seed: jax.device_get(init(jax.random.key(seed), image))
+  variables_of = lambda seed: jax.device_get(models.init(model, jax.random.key(seed),
+                                                         ds.image_shape))
   mesh = train.make_mesh()
   rows = []
   for copies in map(int, FLAGS.copies):
@@ -132,7 +115,7 @@ def worker(spec_text: str) -> None:
                           FLAGS.steps, FLAGS.repeats))
       rows.append(row)
       # What finished so far, should a slow grid be stopped before its worker ends.
-      common.write_json(FLAGS.out and FLAGS.out + '.partial', {'rows': rows})
+      common.write_json(FLAGS.out and FLAGS.out + '.partial', rows=rows)
   common.reply({'rows': rows})
 
 
@@ -155,7 +138,7 @@ def main(argv):
     return
   common.require_data_path(FLAGS.data_path)
   from absl import app
-  unknown = sorted(set(FLAGS.modes) - set(MODES))
+  unknown = sorted(set(FLAGS.modes) - {'calls', 'steps'})
   if unknown:
     raise app.UsageError(f'--modes {unknown} are not calls or steps.')
   rows = []
@@ -170,10 +153,8 @@ def main(argv):
         rows += common.run_worker(here, args)['rows']
         print(f'{name} batch {batch} {precision}: {time.time() - started:.0f} s', flush=True)
         _annotate(rows)
-        common.write_json(FLAGS.out, {'machine': common.machine(), 'rows': rows,
-                                      'flags': {f: getattr(FLAGS, f) for f in (
-                                          'models', 'batches', 'precisions', 'copies',
-                                          'modes', 'steps', 'repeats')}})
+        common.write_json(FLAGS.out, rows=rows, flags={f: getattr(FLAGS, f) for f in (
+            'models', 'batches', 'precisions', 'copies', 'modes', 'steps', 'repeats')})
   print(common.format_table(rows, ['model', 'batch', 'precision', 'copies', 'mode',
                                    'compile_s', 'images_per_second', 'vs_sequential',
                                    'calls_vs_steps']))

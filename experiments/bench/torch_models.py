@@ -1,9 +1,9 @@
-"""PyTorch twins of jaxprune's CIFAR VGG and ResNet, for the throughput comparison only.
+"""PyTorch twins of jaxprune's CIFAR VGG and ResNet, for the throughput comparisons only.
 
 Same layers as jaxprune.models.vgg.VGG (linear classifier) and jaxprune.models.resnet.ResNet:
-3x3 convs without bias, BatchNorm (momentum 0.1, eps 1e-5) and ReLU, 2x2 max-pools,
-global average pooling and a Linear head; the ResNet's shortcut is the parameter-free
-subsample + zero-pad ("option A"). The library never imports torch; only the benchmark does.
+3x3 convs without bias, BatchNorm (momentum 0.1, eps 1e-5) and ReLU, 2x2 max-pools, global
+average pooling and a Linear head; the ResNet's shortcut is the parameter-free subsample +
+zero-pad ("option A"). The library never imports torch; only the benchmarks do.
 """
 
 from torch import nn
@@ -12,24 +12,23 @@ from torch.nn import functional as F
 VGG16 = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512)
 
 
+def conv_bn(cin, cout, stride=1):
+  return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)]
+
+
 class VGG(nn.Module):
 
   def __init__(self, cfg=VGG16, num_classes=10):
     super().__init__()
     layers, c = [], 3
     for item in cfg:
-      if item == 'M':
-        layers.append(nn.MaxPool2d(2, 2))
-      else:
-        layers += [nn.Conv2d(c, item, 3, padding=1, bias=False), nn.BatchNorm2d(item),
-                   nn.ReLU(inplace=True)]
-        c = item
+      layers += [nn.MaxPool2d(2, 2)] if item == 'M' else conv_bn(c, item) + [nn.ReLU(True)]
+      c = c if item == 'M' else item
     self.features = nn.Sequential(*layers)
     self.head = nn.Linear(c, num_classes)
 
   def forward(self, x):
-    x = self.features(x)
-    return self.head(x.mean(dim=(2, 3)))
+    return self.head(self.features(x).mean(dim=(2, 3)))
 
 
 class BasicBlock(nn.Module):
@@ -37,14 +36,11 @@ class BasicBlock(nn.Module):
   def __init__(self, cin, cout, stride):
     super().__init__()
     self.stride, self.pad = stride, cout - cin
-    self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-    self.bn1 = nn.BatchNorm2d(cout)
-    self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-    self.bn2 = nn.BatchNorm2d(cout)
+    self.conv1, self.bn1 = conv_bn(cin, cout, stride)
+    self.conv2, self.bn2 = conv_bn(cout, cout)
 
   def forward(self, x):
-    y = F.relu(self.bn1(self.conv1(x)))
-    y = self.bn2(self.conv2(y))
+    y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
     shortcut = x[:, :, ::self.stride, ::self.stride]
     if self.pad:
       shortcut = F.pad(shortcut, (0, 0, 0, 0, 0, self.pad))
@@ -56,8 +52,7 @@ class ResNet(nn.Module):
   def __init__(self, depth=56, widths=(16, 32, 64), num_classes=10):
     super().__init__()
     n = (depth - 2) // 6
-    self.stem = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
-    self.stem_bn = nn.BatchNorm2d(widths[0])
+    self.stem, self.stem_bn = conv_bn(3, widths[0])
     blocks, c = [], widths[0]
     for s, w in enumerate(widths):
       for b in range(n):
@@ -67,9 +62,7 @@ class ResNet(nn.Module):
     self.head = nn.Linear(c, num_classes)
 
   def forward(self, x):
-    x = F.relu(self.stem_bn(self.stem(x)))
-    x = self.blocks(x)
-    return self.head(x.mean(dim=(2, 3)))
+    return self.head(self.blocks(F.relu(self.stem_bn(self.stem(x)))).mean(dim=(2, 3)))
 
 
 MODELS = {'vgg16': VGG, 'resnet56': ResNet}

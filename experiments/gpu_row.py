@@ -1,7 +1,7 @@
 r"""[R]'s VGG-16-A row (L1-norm preset) at full budget on one accelerator, within a time limit.
 
-    python experiments/bench/r_row.py --jpeg_npz=JPEG_NPZ --out=OUT            # <= --budget_s
-    python experiments/bench/r_row.py --dry_run                                 # the plan only
+    python experiments/gpu_row.py --jpeg_npz=JPEG_NPZ --out=OUT  # <= --budget_s
+    python experiments/gpu_row.py --dry_run                       # the plan only
 
 1. Decodes the JPEG CIFAR-10 (--jpeg_npz: keys {train,test}_jpeg, the images' JPEG files
    concatenated, {train,test}_offsets, their start offsets and the end, {train,test}_labels)
@@ -29,7 +29,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('jpeg_npz', None, 'The JPEG CIFAR-10 npz (module docstring).')
