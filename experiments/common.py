@@ -109,6 +109,17 @@ def seeds_of(args) -> tuple[int, ...]:
   return SEEDS[args.scale]
 
 
+def choices_of(text: str, flag: str, allowed: Sequence[str]) -> tuple[str, ...]:
+  """The comma-separated names of `text`, each one of `allowed` (ConfigError otherwise)."""
+  from jaxprune.errors import ConfigError
+  names = tuple(name.strip() for name in text.split(',') if name.strip())
+  unknown = [name for name in names if name not in allowed]
+  if unknown or not names:
+    raise ConfigError(f"{flag} {text!r} must be one or more of {', '.join(allowed)}, "
+                      'comma-separated.', settings=(flag,))
+  return names
+
+
 def base_settings(args, **experiment_defaults) -> dict:
   """Config fields shared by every run: the scale's budget, the experiment's, then flags."""
   settings = dict(BUDGETS[args.scale])

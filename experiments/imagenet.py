@@ -96,16 +96,6 @@ def extra_flags(parser):
                            f"Taylor-FO, ResNet-50/101). Default: {','.join(METHODS)}.")
 
 
-def _methods(text: str) -> tuple[str, ...]:
-  from jaxprune.errors import ConfigError
-  methods = tuple(m.strip() for m in text.split(',') if m.strip())
-  unknown = [m for m in methods if m not in METHODS]
-  if unknown or not methods:
-    raise ConfigError(f"methods {text!r} must be one or more of {', '.join(METHODS)}, "
-                      'comma-separated.', settings=('methods',))
-  return methods
-
-
 def plan(args) -> list:
   from jaxprune.errors import ConfigError
   if args.scale not in SCALES:
@@ -114,7 +104,7 @@ def plan(args) -> list:
   if args.model is not None:
     raise ConfigError(f'model={args.model}: every ImageNet recipe names the network it '
                       'prunes; choose recipes with methods.', settings=('model', 'methods'))
-  methods = _methods(args.methods)
+  methods = common.choices_of(args.methods, 'methods', METHODS)
   seeds = common.seeds_of(args) if args.seeds else SEEDS
   runs = []
   for method, model, tag, recipe, regimes in rows():

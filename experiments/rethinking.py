@@ -95,22 +95,12 @@ def extra_flags(parser):
                            f"magnitude pruning). Default: {','.join(METHODS)}.")
 
 
-def _methods(text: str) -> tuple[str, ...]:
-  from jaxprune.errors import ConfigError
-  methods = tuple(m.strip() for m in text.split(',') if m.strip())
-  unknown = [m for m in methods if m not in METHODS]
-  if unknown or not methods:
-    raise ConfigError(f"methods {text!r} must be one or more of {', '.join(METHODS)}, "
-                      'comma-separated.', settings=('methods',))
-  return methods
-
-
 def plan(args) -> list:
   from jaxprune.pipeline import config
   runs = []
   regimes = (config.parse_list(args.regimes, 'regimes', 'regime') if args.regimes else
              MIDI_REGIMES if args.scale == 'midi' else REGIMES)
-  methods = _methods(args.methods)
+  methods = common.choices_of(args.methods, 'methods', METHODS)
   for method, model, criterion, selection, target, bn_l1 in ROWS[args.scale]:
     if method.split(' ')[0] not in methods:
       continue
