@@ -38,8 +38,8 @@ def test_fit_from_python_leaves_the_signal_handlers_alone(tmp_path):
   before, during = _handlers(), []
   train.fit(model, variables, data.device_put_dataset(ds), ds.spec, OPTIONS, stage_dir=tmp_path,
             callbacks=[lambda state, record: during.append(_handlers())])
+  # Whatever the process had (Python's default, or SIG_IGN under nohup) stays.
   assert during == [before] and _handlers() == before
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_sigterm_outside_training_stops_at_once_in_one_line_and_the_handlers_come_back():
