@@ -112,11 +112,20 @@ def check_feasible(config, data: Data) -> None:
   # Feasibility depends on the channel counts only, never on the scores' values.
   rng = np.random.default_rng(0)
   scores = {g: rng.random(structure.widths[g]) for g in structure.prunable}
-  select.select(config.selection, structure, scores, ratio=config.prune_ratio,
-                target_macs=config.target_macs, preset=config.preset,
-                min_channels=config.min_channels, flops_penalty=config.flops_penalty,
-                flops_cost=config.flops_cost, round_to=config.round_to,
-                width_profile=config.width_profile)
+  select_masks(config, structure, scores)
+
+
+def select_masks(config, structure, scores) -> dict:
+  """The one-shot selection the settings ask for: the policy's masks, with the channels
+  within each width redrawn at random where `kept_channels` says so."""
+  masks = select.select(config.selection, structure, scores, ratio=config.prune_ratio,
+                        target_macs=config.target_macs, preset=config.preset,
+                        min_channels=config.min_channels, flops_penalty=config.flops_penalty,
+                        flops_cost=config.flops_cost, round_to=config.round_to,
+                        width_profile=config.width_profile)
+  if config.kept_channels == 'random':
+    masks = select.random_channels(masks, np.random.default_rng([config.seed, 1]))
+  return masks
 
 
 def device_memory() -> int | None:
@@ -488,13 +497,7 @@ def prune(config, base: Baseline, data: Data) -> PruneOutcome:
     batches = scoring_batches(dataset, config.batch_size, config.prune_batches, config.seed)
     scores = criteria.score(config.criterion, prog, base.variables, batches,
                             rng=jax.random.key(config.seed))
-    masks = select.select(config.selection, structure, scores, ratio=config.prune_ratio,
-                          target_macs=config.target_macs, preset=config.preset,
-                          min_channels=config.min_channels, flops_penalty=config.flops_penalty,
-                          flops_cost=config.flops_cost, round_to=config.round_to,
-                          width_profile=config.width_profile)
-    if config.kept_channels == 'random':
-      masks = select.random_channels(masks, np.random.default_rng([config.seed, 1]))
+    masks = select_masks(config, structure, scores)
     source = base.variables
   else:
     masks, source, scores = iterative.prune(
