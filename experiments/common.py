@@ -15,14 +15,14 @@ Two scales: `mini` (the CIFAR-10 sample npz on a CPU, small models and epochs,
 >= 3 seeds) and `full` (CIFAR-10/100 through TFDS with the papers' budgets).
 """
 
-import argparse
 import dataclasses
 import hashlib
 import json
 import os
 import sys
 import time
-from typing import Callable, Sequence
+import types
+from typing import Any, Callable, Mapping, Sequence
 
 SCALES = ('mini', 'midi', 'full')
 
@@ -73,29 +73,90 @@ _SCALE_HELP = {
 }
 
 
-def add_flags(parser: argparse.ArgumentParser, defaults: dict | None = None,
-              scales: Sequence[str] = ('mini', 'full')) -> None:
-  """The flags every experiment takes; `defaults` ({scale: settings}) shows its own in --help,
-  `scales` are the scales the experiment plans."""
-  from jaxprune.pipeline import config
-  parser.add_argument('--scale', choices=scales, default='mini',
-                      help='; '.join(f'{s}: {_SCALE_HELP[s]}' for s in scales) +
-                           '. Default: mini.')
-  parser.add_argument('--root', default='runs/experiments',
-                      help='Root of the work directories (local path or gs://). '
-                           'Default: runs/experiments.')
-  parser.add_argument('--seeds', default=None,
-                      help='Comma-separated seeds. Default: ' + ', '.join(
-                          f"{','.join(map(str, SEEDS[s]))} ({s})" for s in scales) + '.')
+def define_flags(flag_values, defaults: dict | None = None,
+                 scales: Sequence[str] = ('mini', 'full')) -> None:
+  """Defines the absl flags every experiment takes on `flag_values`; `defaults` ({scale:
+  settings}) shows its own in --help, `scales` are the scales the experiment plans (without
+  mini, --scale must be given)."""
+  from absl import flags
+  flags.DEFINE_enum('scale', 'mini' if 'mini' in scales else None, scales,
+                    '; '.join(f'{s}: {_SCALE_HELP[s]}' for s in scales) + '.',
+                    flag_values=flag_values)
+  if 'mini' not in scales:
+    flags.mark_flag_as_required('scale', flag_values=flag_values)
+  flags.DEFINE_string('root', 'runs/experiments',
+                      'Root of the work directories (local path or gs://).',
+                      flag_values=flag_values)
+  flags.DEFINE_string('seeds', None, 'Comma-separated seeds. Default: ' + ', '.join(
+      f"{','.join(map(str, SEEDS[s]))} ({s})" for s in scales) + '.', flag_values=flag_values)
   shown = {}
   for name in OVERRIDABLE:
     values = {scale: (defaults or {}).get(scale, {}).get(name, BUDGETS[scale].get(name))
               for scale in scales}
-    if any(v is not None for v in values.values()):
-      shown[name] = ', '.join(f'{v} ({scale})' for scale, v in values.items() if v is not None)
-  config.add_arguments(parser, OVERRIDABLE, defaults=shown)
-  parser.add_argument('--dry_run', action='store_true',
-                      help='Print the planned runs and their budgets; run nothing.')
+    shown[name] = ', '.join(f'{v} ({scale})' for scale, v in values.items() if v is not None)
+  define_setting_flags(flag_values, shown)
+  flags.DEFINE_bool('dry_run', False, 'Print the planned runs and their budgets; run nothing.',
+                    flag_values=flag_values)
+
+
+def define_setting_flags(flag_values, shown: Mapping[str, str]) -> None:
+  """Defines the flags of the settings named in `shown` as launch.py does
+  (`config.define_flags`), but unset by default, meaning "the experiment's value"; `shown`
+  says in --help what that value is ('' says nothing)."""
+  from jaxprune.pipeline import config
+  config.define_flags(flag_values, names=tuple(shown))
+  for name, text in shown.items():
+    flag_values.set_default(name, None)
+    if text:
+      flag_values[name].help += f' Default: {text}.'
+
+
+def define_list_flag(flag_values, flag: str, name: str,
+                     default: Sequence | Mapping[str, Sequence]) -> None:
+  """Defines `--FLAG`, comma-separated values of setting `name` (read by `config.parse_list`).
+
+  `default` is the list, or {scale: list} where the default depends on the experiment's
+  scale; then the flag is unset by default and --help shows every scale's."""
+  from absl import flags
+  from jaxprune.pipeline import config
+  setting = config.BY_NAME[name]
+  text = f'Comma-separated values of {name}: {setting.help}'
+  if setting.choices:
+    text += f" Each one of: {', '.join(setting.allowed())}."
+  if isinstance(default, Mapping):
+    value = None
+    text += ' Default: ' + '; '.join(f"{','.join(map(str, v))} ({k})"
+                                     for k, v in default.items()) + '.'
+  else:
+    value = ','.join(map(str, default))
+  flags.DEFINE_string(flag, value, text, flag_values=flag_values)
+
+
+def parse(flag_values, argv: Sequence[str] | None, program: str,
+          description: str) -> types.SimpleNamespace:
+  """The values of the flags defined on `flag_values`, parsed from `argv` (default:
+  sys.argv[1:]), as attributes. --help prints `description` and every flag, then exits 0; a
+  bad flag raises ConfigError (one sentence)."""
+  from absl import flags
+  from jaxprune.errors import ConfigError
+  from jaxprune.pipeline import config
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if any(arg in config._HELP_FLAGS for arg in argv):  # launch.py's spellings
+    print(f'usage: {program} [--flag=value ...]\n\n{description.strip()}\n\nflags:\n'
+          f'{flag_values.get_help()}')
+    raise SystemExit(0)
+  try:
+    unparsed = flag_values([program, *argv])
+  except flags.Error as error:
+    message = str(error)
+    raise ConfigError(message if message.endswith('.') else f'{message}.') from None
+  except UnicodeDecodeError as error:
+    raise ConfigError(f'--flagfile is not a text file of flags (byte {error.start} is not '
+                      'UTF-8).') from None
+  if len(unparsed) > 1:
+    raise ConfigError(f'unexpected arguments {unparsed[1:]}; every setting is a --flag (see '
+                      '--help).')
+  return types.SimpleNamespace(**flag_values.flag_values_dict())
 
 
 def seeds_of(args) -> tuple[int, ...]:
@@ -292,25 +353,26 @@ def _row_of(results: dict, regime: str) -> dict:
   return next(r for r in results['rows'] if r['stage'] == regime)
 
 
-def main(experiment: str, plan: Callable, argv=None,
-         extra_flags: Callable[[argparse.ArgumentParser], None] | None = None,
+def main(experiment: str, plan: Callable, argv: Sequence[str] | None = None,
+         extra_flags: Callable[[Any], None] | None = None,
          description: str = '', defaults: dict | None = None,
          scales: Sequence[str] = ('mini', 'full'),
-         instead: Callable[[argparse.Namespace, list], bool] | None = None) -> list:
-  """Parses the common flags (plus the experiment's), plans, and dry-runs or executes;
-  `instead(args, runs)` runs first and, when it returns True, in place of the runs."""
-  parser = argparse.ArgumentParser(prog=f'python -m experiments.{experiment}',
-                                   description=description,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  add_flags(parser, defaults, scales)
-  if extra_flags:
-    extra_flags(parser)
-  args = parser.parse_args(argv)
+         instead: Callable[[Any, list], bool] | None = None) -> list:
+  """Parses the common flags (plus those `extra_flags(flag_values)` defines), plans, and
+  dry-runs or executes; `instead(args, runs)` runs first and, when it returns True, in place
+  of the runs."""
+  from absl import flags
   from jaxprune.errors import exit_on_user_error
   from jaxprune.train import checkpoint
+  # A FlagValues of its own: one process (the tests) may run several experiments.
+  flag_values = flags.FlagValues()
+  define_flags(flag_values, defaults, scales)
+  if extra_flags:
+    extra_flags(flag_values)
   # One sentence, no traceback; every finished run's snapshot is already on disk. SIGTERM
   # and Ctrl-C save what trains and exit 75 and 130 (checkpoint.SIGNALS).
   with exit_on_user_error(), checkpoint.SIGNALS.installed():
+    args = parse(flag_values, argv, f'python -m experiments.{experiment}', description)
     return _plan_and_execute(experiment, plan, args, instead)
 
 

@@ -14,10 +14,11 @@ activation mean 0.56 / 0.64, std 0.57 / 0.66, Taylor 0.73 / 0.73.
 mini: resnet8 (baselines shared with random_vs_criterion); full: vgg16 on CIFAR-10 (not [M]'s fine-grained datasets).
 """
 
-import argparse
 import json
 import os
 import time
+
+from absl import flags
 
 from experiments import common
 
@@ -87,18 +88,14 @@ def _finite(x):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(prog=f'python -m experiments.{EXPERIMENT}',
-                                   description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  common.add_flags(parser, DEFAULTS)
-  from jaxprune.pipeline import config
-  config.add_list_argument(parser, 'criteria', 'criterion', CRITERIA)
-  parser.add_argument('--batches', type=int, default=4,
-                      help='Scoring batches per criterion. Default: 4.')
-  args = parser.parse_args(argv)
+  flag_values = flags.FlagValues()
+  common.define_flags(flag_values, DEFAULTS)
+  common.define_list_flag(flag_values, 'criteria', 'criterion', CRITERIA)
+  flags.DEFINE_integer('batches', 4, 'Scoring batches per criterion.', flag_values=flag_values)
   from jaxprune.errors import exit_on_user_error
   # One sentence, no traceback; every finished agreement.json is already on disk.
   with exit_on_user_error():
+    args = common.parse(flag_values, argv, f'python -m experiments.{EXPERIMENT}', __doc__)
     return _plan_and_measure(args)
 
 

@@ -31,11 +31,10 @@ DEFAULTS = {'mini': {'model': 'wrn10_1'},
                      'reduced_match': 'params'}}
 
 
-def extra_flags(parser):
-  from jaxprune.pipeline import config
-  config.add_list_argument(parser, 'budgets', 'target_macs', BUDGETS)
-  config.add_list_argument(parser, 'regimes', 'regime', REGIMES)
-  config.add_arguments(parser, ('prune_every', 'prune_step'), defaults={
+def extra_flags(flag_values):
+  common.define_list_flag(flag_values, 'budgets', 'target_macs', BUDGETS)
+  common.define_list_flag(flag_values, 'regimes', 'regime', REGIMES)
+  common.define_setting_flags(flag_values, {
       'prune_every': f"{PRUNE_EVERY['mini']} (mini), {PRUNE_EVERY['full']} (full)",
       'prune_step': f"{PRUNE_STEP['mini']} (mini), {PRUNE_STEP['full']} (full)"})
 

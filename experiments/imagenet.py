@@ -30,6 +30,8 @@ ResNet-34-A/B, the regression-pruning and sparse-structure-selection models, Thi
 VGG-16 models): experiments/README.md, "ImageNet recipes".
 """
 
+from absl import flags
+
 from experiments import common
 
 EXPERIMENT = 'imagenet'
@@ -88,19 +90,16 @@ def rows() -> list[tuple[str, str, str, dict, tuple[str, ...]]]:
   return out
 
 
-def extra_flags(parser):
-  parser.add_argument('--methods', default=','.join(METHODS),
-                      help='Comma-separated rows to plan: slimming ([R]: network slimming, '
-                           'VGG-11), thinet ([R]: ThiNet-30/50/70 from scratch, ResNet-50), '
-                           'weight ([R]: weight-level, VGG-16-BN and ResNet-50), taylor ([M]: '
-                           f"Taylor-FO, ResNet-50/101). Default: {','.join(METHODS)}.")
+def extra_flags(flag_values):
+  flags.DEFINE_string('methods', ','.join(METHODS),
+                      'Comma-separated rows to plan: slimming ([R]: network slimming, VGG-11), '
+                      'thinet ([R]: ThiNet-30/50/70 from scratch, ResNet-50), weight ([R]: '
+                      'weight-level, VGG-16-BN and ResNet-50), taylor ([M]: Taylor-FO, '
+                      'ResNet-50/101).', flag_values=flag_values)
 
 
 def plan(args) -> list:
   from jaxprune.errors import ConfigError
-  if args.scale not in SCALES:
-    raise ConfigError(f'scale={args.scale}: the ImageNet recipes are planned at full size '
-                      'only; pass scale=full.', settings=('scale',))
   if args.model is not None:
     raise ConfigError(f'model={args.model}: every ImageNet recipe names the network it '
                       'prunes; choose recipes with methods.', settings=('model', 'methods'))

@@ -40,6 +40,8 @@ MACs, scratch-E, 3 seeds; taylor's and l1's channels against random channels fin
 64, lr 0.1, fine-tuning 40 epochs at 1e-3, 5 seeds. Override any list with its flag.
 """
 
+from absl import flags
+
 from experiments import common
 
 EXPERIMENT = 'random_vs_criterion'
@@ -65,28 +67,24 @@ SELECTION = {'mini': 'macs', 'midi': 'macs_l2', 'full': 'macs'}
 UNIFORM_OF = 'random'
 
 
-def extra_flags(parser):
-  from jaxprune.pipeline import config
-  config.add_list_argument(parser, 'criteria', 'criterion', LISTS['criteria'])
-  config.add_list_argument(parser, 'budgets', 'target_macs', LISTS['budgets'])
-  config.add_list_argument(parser, 'regimes', 'regime', LISTS['regimes'])
-  config.add_list_argument(parser, 'channel_criteria', 'criterion', LISTS['channel_criteria'])
-  # An empty --channel_criteria (or --channel_budgets) leaves the channel comparison out.
-  config.add_list_argument(parser, 'channel_budgets', 'target_macs', LISTS['channel_budgets'])
-  parser.add_argument('--profiles', type=int, default=None,
-                      help='Randomly sampled width profiles per budget (0: none). Default: ' +
-                           '; '.join(f'{v} ({k})' for k, v in PROFILES.items()) + '.')
-  parser.add_argument('--uniform', default=True, action='store_true',
-                      help='Train the uniformly thinner network of every budget (default).')
-  parser.add_argument('--nouniform', dest='uniform', action='store_false',
-                      help='Leave the uniform network out.')
-  parser.add_argument('--selection', default=None, choices=('macs', 'macs_l2'),
-                      help='The global MACs-target policy (macs_l2: per-layer L2-normalised '
-                           'scores). Default: ' +
-                           '; '.join(f'{v} ({k})' for k, v in SELECTION.items()) + '.')
-  parser.add_argument('--latency', action='store_true',
-                      help='Run nothing; time every finished architecture on this machine '
-                           '(batch 1 and 128) into ROOT/random_vs_criterion/latency.json.')
+def extra_flags(flag_values):
+  for flag, setting in (('criteria', 'criterion'), ('budgets', 'target_macs'),
+                        ('regimes', 'regime'), ('channel_criteria', 'criterion'),
+                        ('channel_budgets', 'target_macs')):
+    # An empty --channel_criteria (or --channel_budgets) leaves the channel comparison out.
+    common.define_list_flag(flag_values, flag, setting, LISTS[flag])
+  flags.DEFINE_integer('profiles', None, 'Randomly sampled width profiles per budget (0: none). '
+                       'Default: ' + '; '.join(f'{v} ({k})' for k, v in PROFILES.items()) + '.',
+                       flag_values=flag_values)
+  flags.DEFINE_bool('uniform', True, 'Train the uniformly thinner network of every budget '
+                    '(--nouniform leaves it out).', flag_values=flag_values)
+  flags.DEFINE_enum('selection', None, ('macs', 'macs_l2'), 'The global MACs-target policy '
+                    '(macs_l2: per-layer L2-normalised scores). Default: ' +
+                    '; '.join(f'{v} ({k})' for k, v in SELECTION.items()) + '.',
+                    flag_values=flag_values)
+  flags.DEFINE_bool('latency', False, 'Run nothing; time every finished architecture on this '
+                    'machine (batch 1 and 128) into ROOT/random_vs_criterion/latency.json.',
+                    flag_values=flag_values)
 
 
 def _list(args, flag: str, setting: str) -> tuple:

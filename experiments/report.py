@@ -15,7 +15,6 @@ Without matplotlib the tables are still written and one line on stderr says the
 plots were skipped.
 """
 
-import argparse
 import csv
 import io
 import json
@@ -26,7 +25,10 @@ from collections import defaultdict
 from typing import Mapping
 
 import numpy as np
+from absl import flags
 from scipy import stats
+
+from experiments import common
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -722,11 +724,14 @@ def build(root: str, out: str) -> list[str]:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--root', required=True)
-  parser.add_argument('--out', required=True)
-  args = parser.parse_args(argv)
+  flag_values = flags.FlagValues()
+  flags.DEFINE_string('root', None, 'The --root the experiments ran with.',
+                      flag_values=flag_values, required=True)
+  flags.DEFINE_string('out', None, 'Where to write the tables and plots.',
+                      flag_values=flag_values, required=True)
+  from jaxprune.errors import exit_on_user_error
+  with exit_on_user_error():
+    args = common.parse(flag_values, argv, 'python -m experiments.report', __doc__)
   from etils import epath
   from jaxprune import storage
   storage.configure()  # gs:// roots: gcsfs's settings for reading what other processes wrote

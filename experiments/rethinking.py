@@ -38,6 +38,8 @@ fine-tune 3 epochs at 1e-3, scratch-E 15 epochs, scratch-B 15 x the MACs ratio, 
 seeds 0 and 1; no lottery row.
 """
 
+from absl import flags
+
 from experiments import common
 
 EXPERIMENT = 'rethinking'
@@ -85,14 +87,13 @@ SCALES = ('mini', 'midi', 'full')
 METHODS = ('l1', 'slimming', 'weight')
 
 
-def extra_flags(parser):
-  from jaxprune.pipeline import config
-  config.add_list_argument(parser, 'regimes', 'regime',
-                           {'mini': REGIMES, 'midi': MIDI_REGIMES, 'full': REGIMES})
-  parser.add_argument('--methods', default=','.join(METHODS),
-                      help="Comma-separated rows to plan, by method: l1 (Li et al.'s L1-norm "
-                           'pruning), slimming (network slimming), weight (weight-level '
-                           f"magnitude pruning). Default: {','.join(METHODS)}.")
+def extra_flags(flag_values):
+  common.define_list_flag(flag_values, 'regimes', 'regime',
+                          {'mini': REGIMES, 'midi': MIDI_REGIMES, 'full': REGIMES})
+  flags.DEFINE_string('methods', ','.join(METHODS),
+                      "Comma-separated rows to plan, by method: l1 (Li et al.'s L1-norm "
+                      'pruning), slimming (network slimming), weight (weight-level magnitude '
+                      'pruning).', flag_values=flag_values)
 
 
 def plan(args) -> list:

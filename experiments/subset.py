@@ -9,10 +9,12 @@ only roughly balanced. This writes exactly `--per_class` images of every class
 repository, for when exact balance matters.
 """
 
-import argparse
 import os
 
 import numpy as np
+from absl import flags
+
+from experiments import common
 
 
 def balanced(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
@@ -23,17 +25,17 @@ def balanced(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(prog='python -m experiments.subset', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--data_path', required=True, help='The npz to take the subset of.')
-  parser.add_argument('--per_class', type=int, default=200,
-                      help='Training images kept of every class.')
-  parser.add_argument('--seed', type=int, default=0, help='Seed of the permutation.')
-  parser.add_argument('--out', required=True, help='The npz to write; it must not exist yet.')
-  args = parser.parse_args(argv)
+  flag_values = flags.FlagValues()
+  flags.DEFINE_string('data_path', None, 'The npz to take the subset of.',
+                      flag_values=flag_values, required=True)
+  flags.DEFINE_integer('per_class', 200, 'Training images kept of every class.',
+                       flag_values=flag_values)
+  flags.DEFINE_integer('seed', 0, 'Seed of the permutation.', flag_values=flag_values)
+  flags.DEFINE_string('out', None, 'The npz to write; it must not exist yet.',
+                      flag_values=flag_values, required=True)
   from jaxprune.errors import exit_on_user_error
   with exit_on_user_error():
-    _write_subset(args)
+    _write_subset(common.parse(flag_values, argv, 'python -m experiments.subset', __doc__))
 
 
 def _write_subset(args) -> None:

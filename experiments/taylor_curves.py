@@ -29,12 +29,11 @@ DEFAULTS = {'mini': {'model': 'resnet8'},
             'full': {'model': 'vgg16', 'finetune_lr': 1e-4, 'finetune_batch_size': 32}}
 
 
-def extra_flags(parser):
-  from jaxprune.pipeline import config
-  config.add_list_argument(parser, 'criteria', 'criterion', CRITERIA)
-  config.add_list_argument(parser, 'prune_every', 'prune_every', PRUNE_EVERY)
-  config.add_arguments(parser, ('prune_ratio', 'prune_step'), defaults={
-      'prune_ratio': PRUNE_RATIO,
+def extra_flags(flag_values):
+  common.define_list_flag(flag_values, 'criteria', 'criterion', CRITERIA)
+  common.define_list_flag(flag_values, 'prune_every', 'prune_every', PRUNE_EVERY)
+  common.define_setting_flags(flag_values, {
+      'prune_ratio': str(PRUNE_RATIO),
       'prune_step': f"{PRUNE_STEP['mini']} (mini), {PRUNE_STEP['full']} (full)"})
 
 

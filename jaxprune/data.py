@@ -2,7 +2,7 @@
 
 Loading (host, numpy) -- `load(name, ...)` returns a `Dataset`:
 
-* `cifar10`, `cifar100`: read through `tfds.data_source` (random access over
+* `cifar10`, `cifar100`, `tfds:NAME`: read through `tfds.data_source` (random access over
   array_record files; no TensorFlow needed to *read*). Preparing (downloading and
   writing) a dataset is a step of its own, with TFDS, TensorFlow
   (`pip install 'jaxprune[prepare]'`) and network access; loading one that is not
@@ -149,7 +149,7 @@ def _positive_int(what: str, value) -> int:
   return int(value)
 
 
-def _subset_indices(n: int, max_train: int | None) -> np.ndarray:
+def subset_indices(n: int, max_train: int | None) -> np.ndarray:
   """A fixed random subset of range(n) of size max_train, in increasing order."""
   if max_train is None or max_train >= n:
     return np.arange(n)
@@ -157,7 +157,7 @@ def _subset_indices(n: int, max_train: int | None) -> np.ndarray:
 
 
 def _subset(images, labels, max_train):
-  keep = _subset_indices(len(labels), max_train)
+  keep = subset_indices(len(labels), max_train)
   return images[keep], labels[keep]
 
 
@@ -359,25 +359,29 @@ def _load_digits(data_path, data_dir, max_train) -> Dataset:
 
 @dataclasses.dataclass(frozen=True)
 class _Tfds:
-  """A TFDS image-classification dataset read with `tfds.data_source`."""
+  """A TFDS image-classification dataset of fixed-shape images, read whole with
+  `tfds.data_source`."""
   name: str
-  num_classes: int
-  mean: tuple[float, ...]
-  std: tuple[float, ...]
 
   def __call__(self, data_path, data_dir, max_train) -> Dataset:
     del data_path
-    train, test = _tfds_sources(self, data_dir)
+    builder_name = self.name[len(TFDS_PREFIX):] if self.name.startswith(TFDS_PREFIX) else self.name
+    train, test = tfds_sources(builder_name, data_dir, ('train', 'test'))
     train_images, train_labels = _read_records(train, max_train)
     test_images, test_labels = _read_records(test, None)
+    known = KNOWN_STATISTICS.get(builder_name)
+    mean, std = known if known else channel_stats(train_images)
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    features = tfds.builder(builder_name, data_dir=data_dir).info.features
+    num_classes = int(features['label'].num_classes)
     return Dataset(
         name=self.name, train_images=train_images, train_labels=train_labels,
-        test_images=test_images, test_labels=test_labels, num_classes=self.num_classes,
-        mean=self.mean, std=self.std, crop_padding=4, flip=True)
+        test_images=test_images, test_labels=test_labels, num_classes=num_classes,
+        mean=mean, std=std, crop_padding=4, flip=True)
 
 
-def _tfds_sources(spec: _Tfds, data_dir):
-  """(train, test) random-access sources of a dataset prepared as array_record.
+def tfds_sources(name: str, data_dir, splits: tuple[str, ...]) -> list:
+  """Random-access sources of TFDS dataset `name`'s `splits`, prepared as array_record.
 
   Preparing (downloading and writing) is a step of its own, never taken here: a missing
   dataset is one sentence saying how to prepare it.
@@ -387,18 +391,18 @@ def _tfds_sources(spec: _Tfds, data_dir):
   where = repr(data_dir) if data_dir else 'the default TFDS data_dir'
   # data_source reads only array_record files.
   try:
-    return tfds.data_source(spec.name, split=['train', 'test'], data_dir=data_dir,
-                            download=False, builder_kwargs={'file_format': 'array_record'})
+    return tfds.data_source(name, split=list(splits), data_dir=data_dir, download=False,
+                            builder_kwargs={'file_format': 'array_record'})
   except Exception as e:  # pylint: disable=broad-except
-    prepare = (f"tfds build {spec.name} --file_format=array_record"
+    prepare = (f"tfds build {name} --file_format=array_record"
                + (f' --data_dir={data_dir}' if data_dir else ''))
-    if tfds.builder(spec.name, data_dir=data_dir, file_format='array_record').is_prepared():
+    if tfds.builder(name, data_dir=data_dir, file_format='array_record').is_prepared():
       raise ConfigError(
-          f"{spec.name} in {where} is prepared but cannot be read with tfds.data_source ({e}); "
+          f"{name} in {where} is prepared but cannot be read with tfds.data_source ({e}); "
           f"prepare it as array_record ({prepare}), or {_ALTERNATIVES}.",
           settings=_SETTINGS) from e
     raise ConfigError(
-        f"{spec.name} is not prepared in {where}; prepare it once with {prepare} (TensorFlow "
+        f"{name} is not prepared in {where}; prepare it once with {prepare} (TensorFlow "
         f"and network access needed: pip install 'jaxprune[prepare]'), or pass data_dir=DIR "
         f"holding a prepared array_record copy, or {_ALTERNATIVES}.",
         settings=_SETTINGS) from e
@@ -410,7 +414,7 @@ def _read_records(source, limit) -> tuple[np.ndarray, np.ndarray]:
   One `__getitems__` call lets array_record fetch the records in parallel rather than
   one seek per image.
   """
-  keep = _subset_indices(len(source), limit)
+  keep = subset_indices(len(source), limit)
   n = len(keep)
   records = source.__getitems__(keep.tolist())
   images = np.stack([np.asarray(r['image'], dtype=np.uint8) for r in records])
@@ -418,45 +422,65 @@ def _read_records(source, limit) -> tuple[np.ndarray, np.ndarray]:
   return images, labels
 
 
-# Standard CIFAR training-set statistics (population std), in [0, 1] units.
-_CIFAR10_MEAN, _CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-_CIFAR100_MEAN, _CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+def _refuse_on_device(name: str):
+  def refuse(data_path, data_dir, max_train) -> Dataset:
+    raise ConfigError(f'dataset={name} does not fit on a device (its images vary in size); '
+                      'read it with input=stream (or input=auto).',
+                      settings=('dataset', 'input'))
+  return refuse
 
-# dataset value -> loader(data_path, data_dir, max_train) -> Dataset.
+
+TFDS_PREFIX = 'tfds:'
+# Published training-set statistics (population std), in [0, 1] units, by TFDS name.
+KNOWN_STATISTICS = {
+    'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    'imagenet2012': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+# dataset value -> loader(data_path, data_dir, max_train) -> Dataset (the device path).
 DATASETS: Mapping[str, Callable[..., Dataset]] = {
-    'cifar10': _Tfds('cifar10', 10, _CIFAR10_MEAN, _CIFAR10_STD),
-    'cifar100': _Tfds('cifar100', 100, _CIFAR100_MEAN, _CIFAR100_STD),
+    'cifar10': _Tfds('cifar10'),
+    'cifar100': _Tfds('cifar100'),
+    'imagenet2012': _refuse_on_device('imagenet2012'),
     'npz': _load_npz,
     'digits': _load_digits,
 }
+# What else `dataset` may be: any TFDS image-classification dataset by its TFDS name.
+OTHER_DATASETS = ('tfds:NAME (a TFDS image-classification dataset prepared as array_record)',
+                  lambda value: isinstance(value, str) and value.startswith(TFDS_PREFIX)
+                  and len(value) > len(TFDS_PREFIX))
 
 # Which of load's optional arguments each dataset reads; giving one it ignores is a mistake.
-_USES = {'cifar10': {'data_dir'}, 'cifar100': {'data_dir'}, 'npz': {'data_path'}, 'digits': set()}
+_USES = {'cifar10': {'data_dir'}, 'cifar100': {'data_dir'}, 'imagenet2012': {'data_dir'},
+         'npz': {'data_path'}, 'digits': set()}
 
 
 def load(name: str, data_path=None, data_dir=None, max_train: int | None = None) -> Dataset:
-  """Loads dataset `name` (a key of `DATASETS`) into host memory.
+  """Loads dataset `name` (a key of `DATASETS`, or tfds:NAME) into host memory.
 
   Args:
-    name: `cifar10`, `cifar100`, `npz` or `digits`.
+    name: `cifar10`, `cifar100`, `npz`, `digits`, or tfds:NAME for a TFDS dataset of
+      fixed-shape images (`imagenet2012` is refused: it streams, `jaxprune.stream`).
     data_path: the .npz file (`npz` only).
-    data_dir: the TFDS data directory (`cifar10` / `cifar100` only; default TFDS's own).
+    data_dir: the TFDS data directory (TFDS datasets only; default TFDS's own).
     max_train: keep a fixed random subset of `max_train` training examples (None: all).
 
   Raises:
     ConfigError: unknown name, an argument the dataset does not use, a malformed npz
       file (`DataError`), or a TFDS dataset that is not prepared.
   """
-  errors.choose('dataset', name, DATASETS)
+  if not OTHER_DATASETS[1](name):
+    errors.choose('dataset', name, DATASETS)
   given = {'data_path': data_path, 'data_dir': data_dir}
   for arg, value in given.items():
-    if value is not None and arg not in _USES[name]:
+    if value is not None and arg not in _USES.get(name, {'data_dir'}):
       raise ConfigError(f"{arg} is not used by dataset={name}; it is for "
                         f"{', '.join(n for n, u in _USES.items() if arg in u)}.",
                         settings=_SETTINGS)
   if max_train is not None:
     max_train = _positive_int('max_train', max_train)
-  return DATASETS[name](data_path, data_dir, max_train)
+  return DATASETS.get(name, _Tfds(name))(data_path, data_dir, max_train)
 
 
 # ---------------------------------------------------------------------------------------------

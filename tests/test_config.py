@@ -1,6 +1,5 @@
 """The single declaration of settings: every flag, check and stage identity comes from it."""
 
-import argparse
 import dataclasses
 import types
 
@@ -90,15 +89,21 @@ def test_validation_names_the_setting_as_a_flag_on_the_command_line(settings, me
   assert '--' not in str(raised.value)
 
 
-def test_experiment_arguments_take_their_help_and_type_from_the_declaration():
-  parser = argparse.ArgumentParser()
-  config.add_arguments(parser, ('epochs', 'model'), defaults={'model': 'resnet8 (mini)'})
-  config.add_list_argument(parser, 'criteria', 'criterion', ('l1', 'random'))
-  text = parser.format_help()
-  assert 'Baseline epochs' in text and 'resnet8 (mini)' in text and 'taylor' in text
-  args = parser.parse_args(['--epochs=3', '--criteria=l1,fisher'])
-  assert args.epochs == 3 and args.model is None
-  assert config.parse_list(args.criteria, 'criteria', 'criterion') == ('l1', 'fisher')
+def test_named_flags_are_defined_as_launch_py_defines_them():
+  everything, named = flags.FlagValues(), flags.FlagValues()
+  config.define_flags(everything)
+  config.define_flags(named, names=('epochs', 'model'))
+  assert sorted(named) == ['epochs', 'model']
+  for name in named:
+    assert (named[name].help, named[name].default, type(named[name].parser)) == (
+        everything[name].help, everything[name].default, type(everything[name].parser))
+  named(['experiment', '--epochs=3'])
+  assert (named.epochs, named.model) == (3, config.BY_NAME['model'].default)
+
+
+def test_a_list_flag_is_read_as_values_of_its_setting():
+  assert config.parse_list('l1, fisher', 'criteria', 'criterion') == ('l1', 'fisher')
+  assert config.parse_list('0.5,0.25', 'budgets', 'target_macs') == (0.5, 0.25)
   with pytest.raises(errors.ConfigError) as raised:
     config.parse_list('l1,bogus', 'criteria', 'criterion')
   assert errors.as_flags(raised.value).startswith("--criteria value 'bogus': unknown criterion")

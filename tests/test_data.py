@@ -266,7 +266,7 @@ def test_npz_without_data_path_or_with_a_missing_file_is_config_error(tmp_path):
 
 
 def test_unknown_dataset_and_unused_arguments_are_config_errors(tmp_path):
-  with pytest.raises(ConfigError, match='cifar10, cifar100, digits, npz'):
+  with pytest.raises(ConfigError, match='cifar10, cifar100, digits, imagenet2012, npz'):
     data.load('mnist')
   with pytest.raises(ConfigError) as info:
     data.load('digits', data_dir=tmp_path)

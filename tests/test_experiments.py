@@ -62,6 +62,72 @@ def test_a_bad_value_stops_with_one_sentence(tmp_path, capsys, flag, sentence):
   assert line == sentence
 
 
+@pytest.mark.parametrize('argv, sentence', [
+    (['--scale=bogus'], 'error: flag --scale=bogus: value should be one of <mini|midi|full>.'),
+    (['--epochs=ten'], "error: flag --epochs=ten: invalid literal for int() with base 10: 'ten'."),
+    (['--selection=global'], 'error: flag --selection=global: value should be one of '
+                             '<macs|macs_l2>.'),
+    (['--bogus=1'], "error: Unknown command line flag 'bogus'."),
+    (['runs'], "error: unexpected arguments ['runs']; every setting is a --flag (see --help)."),
+])
+def test_a_flag_that_does_not_parse_stops_with_one_sentence(tmp_path, capsys, argv, sentence):
+  from experiments import random_vs_criterion as rvc
+  line = error_line(capsys, common.main, rvc.EXPERIMENT, rvc.plan, extra_flags=rvc.extra_flags,
+                    scales=rvc.SCALES, argv=[f'--root={tmp_path}', MINI_DATA, '--dry_run', *argv])
+  assert line == sentence
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_setting_flags_are_launch_py_flags_unset_with_the_scale_defaults_in_help():
+  from absl import flags
+  from jaxprune.pipeline import config
+  flag_values = flags.FlagValues()
+  common.define_flags(flag_values, {'mini': {'model': 'resnet8'}}, scales=('mini', 'full'))
+  for name in common.OVERRIDABLE:
+    assert flag_values[name].default is None
+    assert flag_values[name].help.startswith(config.BY_NAME[name].full_help()), name
+  assert flag_values['model'].help.endswith(' Default: resnet8 (mini).')
+  assert flag_values['epochs'].help.endswith(' Default: 8 (mini), 160 (full).')
+
+
+@pytest.mark.parametrize('name', PLANNED + ('imagenet', 'criteria_vs_oracle', 'report', 'subset'))
+def test_help_lists_every_flag_and_exits_0(name, capsys):
+  module = importlib.import_module(f'experiments.{name}')
+  with pytest.raises(SystemExit) as stopped:
+    if hasattr(module, 'plan') and name != 'criteria_vs_oracle':
+      common.main(module.EXPERIMENT, module.plan, extra_flags=module.extra_flags,
+                  description=module.__doc__, scales=_scales(name), argv=['--help'])
+    else:
+      module.main(['--help'])
+  assert stopped.value.code == 0
+  text = capsys.readouterr().out
+  assert text.startswith(f'usage: python -m experiments.{name} ')
+  assert module.__doc__.strip().splitlines()[0] in text
+  expected = {'report': ('root', 'out'), 'subset': ('data_path', 'per_class', 'seed', 'out')}.get(
+      name, ('scale', 'root', 'seeds', '[no]dry_run', *common.OVERRIDABLE))
+  for flag in expected + ('flagfile',):
+    assert f'  --{flag}: ' in text, flag
+  if name == 'random_vs_criterion':
+    assert 'Default: 8 (mini), 15 (midi), 160 (full).' in ' '.join(text.split())
+    for flag in ('criteria', 'budgets', 'regimes', 'channel_criteria', 'channel_budgets',
+                 'profiles', '[no]uniform', 'selection', '[no]latency'):
+      assert f'  --{flag}: ' in text, flag
+
+
+def test_bool_flags_take_absl_spellings_and_values_may_follow_their_flag(tmp_path):
+  from experiments import random_vs_criterion as rvc
+  argv = ['--root', str(tmp_path), '--dry_run', '--seeds', '0', MINI_DATA, '--budgets=0.5']
+  planned = {}
+  for uniform in ('--uniform', '--nouniform', '--uniform=false'):
+    runs = common.main(rvc.EXPERIMENT, rvc.plan, extra_flags=rvc.extra_flags, scales=rvc.SCALES,
+                       argv=argv + [uniform])
+    planned[uniform] = {r.config.regime for r in runs}
+    assert {r.config.workdir.split(os.sep)[len(tmp_path.parts)] for r in runs} == {rvc.EXPERIMENT}
+  assert 'reduced' in planned['--uniform']
+  assert 'reduced' not in planned['--nouniform'] and planned['--nouniform'] == planned[
+      '--uniform=false']
+
+
 @pytest.mark.parametrize('flag, sentence', [
     ('--seeds=-1', "error: --seeds '-1' is not a comma-separated list"),
     ('--criteria=l1,bogus', "error: --criteria value 'bogus': unknown criterion 'bogus'; choose "

@@ -146,10 +146,15 @@ def test_a_bad_value_stops_with_one_sentence(tmp_path, capsys, flags, sentence):
   assert one_line_error(capsys, tmp_path, *STAND_IN, *flags) == sentence
 
 
-def test_a_scale_other_than_full_is_refused(tmp_path, capsys):
+@pytest.mark.parametrize('scale, sentence', [
+    ([], 'error: flag --scale=None: Flag --scale must have a value other than None.'),
+    (['--scale=mini'], 'error: flag --scale=mini: value should be one of <full>.'),
+])
+def test_the_scale_must_be_full(tmp_path, capsys, scale, sentence):
   with pytest.raises(SystemExit) as stopped:
     common.main(imagenet.EXPERIMENT, imagenet.plan, extra_flags=imagenet.extra_flags,
-                argv=[f'--root={tmp_path}', '--dry_run', *STAND_IN], scales=imagenet.SCALES)
+                argv=[*scale, f'--root={tmp_path}', '--dry_run', *STAND_IN],
+                scales=imagenet.SCALES)
   assert stopped.value.code == 1
-  assert capsys.readouterr().err == ('error: --scale=mini: the ImageNet recipes are planned '
-                                     'at full size only; pass --scale=full.\n')
+  assert capsys.readouterr().err == sentence + '\n'
+  assert list(tmp_path.iterdir()) == []

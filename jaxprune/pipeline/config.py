@@ -4,22 +4,21 @@ A `Setting` has a name, type, default, help text, the registry its values come f
 any), its bounds, and the stage it belongs to (`STAGES`). From that one declaration come:
 
 * `Config`, the frozen dataclass a run is described by (one field per setting);
-* `define_flags` (launch.py's absl flags, their `--help` with the allowed values) and
-  `add_arguments` (the experiments' command lines);
+* `define_flags`: the absl flags of launch.py (every setting) and of the experiments (the
+  settings they let a command line override), their `--help` with the allowed values;
 * `validate`, whose messages name the setting (the command line shows it as its flag);
 * `stage_settings(config, stage)`: the settings a stage directory is identified by, so a
   work directory made with other settings is refused, and nothing else is compared;
 * `to_flagfile`: a stored run's configuration as a --flagfile that reproduces it.
 """
 
-import argparse
 import dataclasses
 import hashlib
 import json
 import math
 from typing import Any, Callable, Mapping, Sequence
 
-from jaxprune import data, models
+from jaxprune import data, models, stream
 from jaxprune.errors import ConfigError
 from jaxprune.kernels import compiler, options as kernel_options
 from jaxprune.pipeline import regimes, workdir
@@ -147,7 +146,8 @@ SETTINGS: tuple[Setting, ...] = (
             'WORKDIR/baseline when workdir is given, else '
             f'{DEFAULT_ROOT}/MODEL-DATASET/baseline-<digest of the baseline settings>.', 'run',
             optional=True),
-    Setting('data_dir', str, None, 'TFDS data directory holding a prepared cifar10/cifar100.',
+    Setting('data_dir', str, None, 'TFDS data directory holding a prepared cifar10, cifar100, '
+            'imagenet2012 or tfds:NAME (as array_record).',
             'run', optional=True),
     Setting('regime', str, 'scratch', 'Retraining regime(s) to run after pruning.', 'run',
             choices=lambda: REGIME_CHOICES),
@@ -193,7 +193,16 @@ SETTINGS: tuple[Setting, ...] = (
             'basic-block ResNets (resnet*).', 'baseline',
             choices=lambda: models.resnet.SHORTCUTS),
     Setting('dataset', str, 'digits', "Dataset. digits is scikit-learn's bundled 8x8 "
-            'handwritten digits (offline).', 'baseline', choices=lambda: data.DATASETS),
+            'handwritten digits (offline).', 'baseline', choices=lambda: data.DATASETS,
+            also=data.OTHER_DATASETS),
+    Setting('input', str, 'auto', 'How the data reaches the training step.', 'baseline',
+            choices=lambda: stream.INPUTS),
+    Setting('image_size', int, 224, 'Side of the square crops of a dataset whose images vary '
+            'in size (imagenet2012): random-resized crops for training, the centre crop of '
+            'the image resized to image_size x 256/224 for testing.', 'baseline', minimum=8),
+    Setting('input_workers', int, None, 'input=stream: host processes that decode and augment '
+            'images (0: threads of the training process). Default: the CPU cores less one, '
+            'at most 16.', 'run', optional=True, minimum=0),
     Setting('data_path', str, None, 'The .npz file for dataset=npz (keys train_images, '
             'train_labels, test_images, test_labels; uint8 NHWC).', 'baseline', optional=True),
     Setting('max_train', int, None, 'Train on a fixed random subset of N training images (the '
@@ -443,13 +452,13 @@ def validate(config) -> None:
 # ----------------------------------------------------------------------------- command lines
 
 
-def define_flags(flag_values=None) -> None:
-  """Defines one absl flag per setting (launch.py)."""
+def define_flags(flag_values=None, names: Sequence[str] | None = None) -> None:
+  """Defines one absl flag per setting (launch.py), or per setting of `names` (an experiment's)."""
   from absl import flags
   flag_values = flag_values if flag_values is not None else flags.FLAGS
   define = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEFINE_float,
             bool: flags.DEFINE_bool}
-  for setting in SETTINGS:
+  for setting in SETTINGS if names is None else [BY_NAME[name] for name in names]:
     default = setting.default
     if setting.environ:
       default = kernel_options.env_value(setting.name) or default
@@ -484,39 +493,6 @@ def from_flags(flag_values=None) -> 'Config':
   return make(**{s.name: flag_values[s.name].value for s in SETTINGS})
 
 
-def add_arguments(parser: argparse.ArgumentParser, names: Sequence[str],
-                  defaults: Mapping[str, str] | None = None) -> None:
-  """Adds `--NAME` for each named setting to an argparse parser, help from the declaration.
-
-  Their parsed default is None ("the experiment's value"); `defaults` says in --help what
-  that value is (e.g. {'model': 'resnet8 (mini), vgg16 (full)'}).
-  """
-  for name in names:
-    setting = BY_NAME[name]
-    shown = (defaults or {}).get(name)
-    shown = f' Default: {shown}.' if shown else ''
-    kind = {bool: _parse_bool}.get(setting.type, setting.type)
-    parser.add_argument(f'--{name}', type=kind, default=None, metavar=setting.type.__name__.upper(),
-                        help=setting.full_help() + shown)
-
-
-def add_list_argument(parser: argparse.ArgumentParser, flag: str, name: str,
-                      default: Sequence | Mapping[str, Sequence]) -> None:
-  """Adds `--FLAG`, a comma-separated list of values of setting `name` (checked by `parse_list`).
-
-  `default` is the list, or {scale: list} where the default depends on the experiment's
-  scale; then the parsed default is None and --help shows every scale's."""
-  setting = BY_NAME[name]
-  allowed = f" Each one of: {', '.join(setting.allowed())}." if setting.choices else ''
-  if isinstance(default, Mapping):
-    value, shown = None, '; '.join(f"{','.join(map(str, v))} ({k})" for k, v in default.items())
-  else:
-    value = shown = ','.join(map(str, default))
-  parser.add_argument(f'--{flag}', default=value,
-                      help=f'Comma-separated values of {name}: {setting.help}{allowed} '
-                           f'Default: {shown}.')
-
-
 def parse_list(text: str, flag: str, name: str) -> tuple:
   """The entries of a comma-separated `--FLAG` as values of setting `name` (ConfigError)."""
   setting = BY_NAME[name]
@@ -536,15 +512,6 @@ def parse_list(text: str, flag: str, name: str) -> tuple:
     except ConfigError as error:
       raise ConfigError(f'{flag} value {value!r}: {error}', settings=(flag,)) from None
   return values
-
-
-def _parse_bool(text: str) -> bool:
-  lowered = text.strip().lower()
-  if lowered in ('1', 'true', 'yes'):
-    return True
-  if lowered in ('0', 'false', 'no'):
-    return False
-  raise argparse.ArgumentTypeError(f'{text!r} is not true or false')
 
 
 def to_flagfile(config) -> str:

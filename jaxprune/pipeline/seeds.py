@@ -14,20 +14,28 @@ import dataclasses
 import jax
 from absl import logging
 
+from jaxprune import stream
+from jaxprune.errors import ConfigError
 from jaxprune.pipeline import config as config_lib
 from jaxprune.pipeline import regimes, results, stages, workdir
 
 
-def seed_batching_for(name: str, backend: str) -> str:
+def seed_batching_for(name: str, backend: str, streamed: bool = False) -> str:
   """'loop' or 'vmap': what `name` (a SEED_BATCHING key) means on `backend`.
 
   'auto' loops on CPUs and GPUs, where vmapped copies were measured no faster than the loop
   (experiments/bench/README.md) and the loop keeps each copy equal to its separate run; on
-  TPUs, whose matrix units want large batches, it vmaps.
+  TPUs, whose matrix units want large batches, it vmaps. A streamed dataset feeds one run at
+  a time, so its copies loop.
   """
   config_lib.BY_NAME['seed_batching'].check(name)
+  if streamed and name == 'vmap':
+    raise ConfigError('seed_batching=vmap trains the copies from a dataset held on the '
+                      'devices, but this one streams (input); use seed_batching=loop (or '
+                      'auto), or input=device for a dataset that fits.',
+                      settings=('seed_batching', 'input'))
   if name == 'auto':
-    return 'vmap' if backend == 'tpu' else 'loop'
+    return 'vmap' if backend == 'tpu' and not streamed else 'loop'
   return name
 
 
@@ -42,7 +50,8 @@ def seed_configs(config) -> list:
 def run(config) -> dict:
   """Runs (or resumes) every stage of `config` and returns the results (also in results.json)."""
   config_lib.validate(config)
-  batching = seed_batching_for(config.seed_batching, jax.default_backend())
+  batching = seed_batching_for(config.seed_batching, jax.default_backend(),
+                               stream.streams(config.dataset, config.input))
   # The copies differ only in seed and directories: one dataset (a max_train subset is the
   # same for every seed) serves them all.
   data = stages.load_data(config)

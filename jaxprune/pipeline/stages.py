@@ -39,7 +39,7 @@ from etils import epath
 from flax import traverse_util
 
 from jaxprune import data as data_lib
-from jaxprune import models, multihost, train
+from jaxprune import models, multihost, stream, train
 from jaxprune.errors import ConfigError, DataError, Diverged
 from jaxprune.pipeline import config as config_lib
 from jaxprune.pipeline import iterative, regimes, results, workdir
@@ -79,15 +79,33 @@ def absolute(path: str) -> epath.Path:
   return epath.Path(path) if '://' in path else epath.Path(path).absolute()
 
 
+def input_workers(config) -> int:
+  if config.input_workers is not None:
+    return config.input_workers
+  return max(0, min(16, (os.cpu_count() or 1) - 1))
+
+
 def load_data(config) -> Data:
-  """The dataset of `config` on the devices; refuses a model that cannot take its images."""
-  dataset = data_lib.load(config.dataset, data_path=config.data_path, data_dir=config.data_dir,
-                          max_train=config.max_train)
+  """The dataset of `config`, on the devices or as a stream (setting `input`); refuses a
+  model that cannot take its images."""
+  streamed = stream.streams(config.dataset, config.input)
+  logging.info('Input: %s %s.', config.dataset, 'streamed batch by batch (grain)' if streamed
+               else 'held whole on every device')
+  if streamed:
+    dataset = stream.open_stream(config.dataset, data_path=config.data_path,
+                                 data_dir=config.data_dir, max_train=config.max_train,
+                                 image_size=config.image_size, workers=input_workers(config),
+                                 pad_mode=config.pad_mode)
+  else:
+    dataset = data_lib.load(config.dataset, data_path=config.data_path,
+                            data_dir=config.data_dir, max_train=config.max_train)
   model = model_builder(config, dataset)(None)
   if isinstance(model, models.OwnModel):
     program_lib.derive_checked(model, dataset.image_shape)
   else:
     models.init_shapes(model, dataset.image_shape)
+  if streamed:
+    return Data(dataset, dataset, dataset.fingerprint)
   return Data(dataset, data_lib.device_put_dataset(dataset), data_lib.fingerprint(dataset))
 
 
@@ -157,7 +175,8 @@ def check_memory(config, structure, data: Data) -> None:
   if available is None:
     return
   per_device_batch = max(1, config.batch_size // jax.device_count())
-  data_bytes = sum(int(a.nbytes) for a in jax.tree.leaves(data.arrays)) // jax.device_count()
+  data_bytes = (0 if isinstance(data.arrays, stream.Stream) else
+                sum(int(a.nbytes) for a in jax.tree.leaves(data.arrays)) // jax.device_count())
   needed = flops.training_bytes(structure, per_device_batch) + data_bytes
   if needed > available:
     gib = 2 ** 30
@@ -429,8 +448,14 @@ def baseline(config, data: Data) -> Baseline:
   return Baseline(model, init, variables, result, stage)
 
 
-def scoring_batches(dataset: data_lib.Dataset, batch_size: int, count: int, seed: int):
+def scoring_batches(dataset: data_lib.Dataset | stream.Stream, batch_size: int, count: int,
+                    seed: int):
   """`count` unaugmented training batches in a seeded order, for data-driven criteria."""
+  if isinstance(dataset, stream.Stream):
+    for host in stream.scoring_batches(dataset, batch_size, count, seed):
+      yield {'image': data_lib.normalize(jnp.asarray(host['image']), dataset.mean, dataset.std),
+             'label': jnp.asarray(host['label'])}
+    return
   order = np.random.default_rng(seed).permutation(dataset.num_train)
   for i in range(min(count, dataset.num_train // batch_size)):
     idx = order[i * batch_size:(i + 1) * batch_size]

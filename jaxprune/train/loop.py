@@ -10,6 +10,9 @@ steps and sums the metrics), with periodic actions on the host:
   every epoch's end   the health check, the test-set evaluation, the log line (with its
                       ETA), metrics.jsonl, TensorBoard events, the checkpoint, the callbacks
 
+A streamed dataset (`stream.Stream`) steps one by one instead, each step taking the next
+host batch of its grain iterator, whose position every checkpoint stores beside the state.
+
 It first restores the latest checkpoint, so a crash, kill -9 or preemption loses at most the
 steps since then. `fit_copies` runs the same loop over K runs of equal widths stacked along
 a leading axis (one vmapped program); only writing each run's metrics knows there are K.
@@ -42,7 +45,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from jaxprune import data
+from jaxprune import data, stream
 from jaxprune.errors import ConfigError, Diverged
 from jaxprune.models import widths_of
 from jaxprune.prune import program
@@ -56,6 +59,8 @@ from jaxprune.train.step import (TEST_SET, TRAIN_SET, Masks, TrainState, accumul
 StepHook = Callable[[TrainState, Mapping, Masks, Any], tuple[Masks, Any]]
 EpochCallback = Callable[[TrainState, dict], None]
 LOSS_LIMIT_FACTOR = 10.0
+# A streamed run's checkpoint log entry: the input iterator's position (`stream`).
+INPUT_STATE = 'input_state'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,19 +177,31 @@ def _fit(model, inits, seeds, arrays, spec, options: TrainOptions, *, checkpoint
   mesh = mesh if mesh is not None else make_mesh()
   check_divisible('batch_size', options.batch_size, mesh)
   check_divisible('eval_batch_size', options.test_batch_size, mesh)
-  per_epoch = data.steps_per_epoch(int(arrays['train_labels'].shape[0]), options.batch_size)
+  streamed = isinstance(arrays, stream.Stream)
+  if streamed and copies:
+    raise ValueError('a stream feeds one run; train seed copies one by one.')
+  per_epoch = data.steps_per_epoch(
+      arrays.num_train if streamed else int(arrays['train_labels'].shape[0]), options.batch_size)
   total = options.epochs * per_epoch
   rates = learning_rates(options.optimizer, options.epochs, per_epoch)
   trainer = trainer_for(model, options.optimizer, structure, mesh, options.precision, copies)
-  train_set = on_mesh(arrays, TRAIN_SET, trainer.replicated)
-  test_set = on_mesh(arrays, TEST_SET, trainer.replicated)
-  permutation, make_batch = epoch_programs(trainer, train_set, spec, options.batch_size)
-  per_call = (1 if step_hook is not None else
+  if streamed:
+    test_set, image_shape = arrays, arrays.image_shape
+    batches = stream.train_iterator(arrays, seed=seeds[0], batch_size=options.batch_size,
+                                    epochs=options.epochs)
+    make_batch = lambda *_: stream.to_device(next(batches), trainer.batch_sharding, spec)
+    permutation = lambda *_: None
+  else:
+    train_set = on_mesh(arrays, TRAIN_SET, trainer.replicated)
+    test_set, image_shape = on_mesh(arrays, TEST_SET, trainer.replicated), arrays[
+        'train_images'].shape[1:]
+    permutation, make_batch = epoch_programs(trainer, train_set, spec, options.batch_size)
+  # Host batches come one per step; a per-step hook looks at every step.
+  per_call = (1 if step_hook is not None or streamed else
               options.steps_per_call or default_steps_per_call(jax.default_backend()))
   calls = train_calls(trainer, spec) if per_call > 1 else None
   classes = jax.eval_shape(functools.partial(model.apply, train=False), inits[0],
-                           jax.ShapeDtypeStruct((1, *arrays['train_images'].shape[1:]),
-                                                jnp.float32)).shape[-1]
+                           jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)).shape[-1]
   limit = np.float32(loss_limit(classes))
   count = len(metric_dirs)
   zeros = lambda dtype: trainer.replicate(np.zeros((count,) if copies else (), dtype))
@@ -203,6 +220,8 @@ def _fit(model, inits, seeds, arrays, spec, options: TrainOptions, *, checkpoint
       if restored is not None:
         carry, log = restored
         logging.info('Resuming %s from step %d.', checkpoint_dir, checkpoints.latest_step())
+        if streamed:
+          batches.set_state(log[INPUT_STATE])
       state, masks, hook_state, sums = (carry[k] for k in ('train', 'masks', 'hook', 'sums'))
       # A single run's records may be one flat list (checkpoints written by earlier versions).
       histories = [list(r) for r in (log['records'] if log['records'] and isinstance(
@@ -213,7 +232,8 @@ def _fit(model, inits, seeds, arrays, spec, options: TrainOptions, *, checkpoint
 
       def save():
         checkpoints.save(step, {'train': state, 'masks': masks, 'hook': hook_state, 'sums': sums},
-                         {'records': histories, 'elapsed_s': elapsed()})
+                         {'records': histories, 'elapsed_s': elapsed(),
+                          **({INPUT_STATE: batches.get_state()} if streamed else {})})
 
       def fetch():  # The host's one wait for the device in an epoch.
         return jax.device_get({'bad': bad, 'sums': sums, 'finite': all_finite(
@@ -328,6 +348,8 @@ def _fit(model, inits, seeds, arrays, spec, options: TrainOptions, *, checkpoint
           with checkpoint.naming(directory / checkpoint.TENSORBOARD):
             writer.close()
       checkpoints.close()
+      if streamed:
+        batches.close()
   variables = ([trainer.variables_of(state, i) for i in range(count)] if copies else
                [state.variables])
   return [(v, _summary(h, options, total, seed)) for v, h, seed in zip(variables, histories, seeds)]
@@ -342,7 +364,8 @@ def fit(model: nn.Module, variables: Mapping, arrays: Mapping, spec: data.DataSp
 
   Args:
     model, variables: the Flax model and its initial variables.
-    arrays: the dataset, `data.device_put_dataset(ds)` (placed on the mesh if it is not).
+    arrays: the dataset, `data.device_put_dataset(ds)` (placed on the mesh if it is not),
+      or a `stream.Stream` read batch by batch (its position saved in every checkpoint).
     spec: `ds.spec`, the augmentation and normalisation of `data.train_batch`.
     options: the `TrainOptions` (length, batch size, optimizer, precision).
     stage_dir: directory (local or gs://) of the checkpoints, metrics.jsonl and tensorboard/.

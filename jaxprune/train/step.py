@@ -31,7 +31,7 @@ import optax
 from flax import struct, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxprune import data
+from jaxprune import data, stream
 from jaxprune.errors import ConfigError, choose
 from jaxprune.kernels import compiler
 from jaxprune.prune import structure as structure_lib
@@ -523,10 +523,16 @@ def all_finite(tree, copies: bool):
 def evaluate(evaluator: Evaluator, variables, test_set: Mapping, spec: data.DataSpec,
              masks: Masks, batch_size: int) -> dict:
   """Test-set {'loss', 'accuracy'}: float arrays, shape (K,) with copies, else (). The
-  batches' sums stay on device; the one host sync is at the end."""
+  batches' sums stay on device; the one host sync is at the end. `test_set` is the
+  device-resident test arrays or a `stream.Stream`."""
   sums = None
-  for batch in data.eval_batches(test_set['test_images'], test_set['test_labels'], batch_size,
-                                 spec):
+  if isinstance(test_set, stream.Stream):
+    batches = (stream.to_device(host, evaluator.batch_sharding, spec)
+               for host in stream.test_batches(test_set, batch_size))
+  else:
+    batches = data.eval_batches(test_set['test_images'], test_set['test_labels'], batch_size,
+                                spec)
+  for batch in batches:
     out = evaluator.eval_step(variables, batch, masks)
     sums = out if sums is None else evaluator.add(sums, out)
   sums = jax.device_get(sums)
@@ -541,13 +547,15 @@ def evaluate_variables(model: nn.Module, variables: Mapping, arrays: Mapping,
 
   The same compiled step as `fit`'s per-epoch evaluation of that model, precision and
   mesh (`evaluator_for`). `arrays` holds 'test_images' and 'test_labels'
-  (`data.device_put_dataset(ds)`, or host arrays, copied to the mesh once per dataset);
+  (`data.device_put_dataset(ds)`, or host arrays, copied to the mesh once per dataset), or
+  is a `stream.Stream`;
   `batch_size` is global, divisible by the devices, the last batch padded.
   """
   mesh = mesh if mesh is not None else make_mesh()
   check_divisible('batch_size', batch_size, mesh)
   evaluator = evaluator_for(model, mesh, precision)
-  test_set = on_mesh(arrays, TEST_SET, evaluator.replicated)
+  test_set = (arrays if isinstance(arrays, stream.Stream) else
+              on_mesh(arrays, TEST_SET, evaluator.replicated))
   variables = jax.device_put(dict(variables), evaluator.replicated)
   test = evaluate(evaluator, variables, test_set, spec, None, batch_size)
   return {name: float(value) for name, value in test.items()}

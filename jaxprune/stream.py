@@ -1,0 +1,375 @@
+"""Streaming input: a dataset read batch by batch from storage, for data that does not fit
+on a device (ImageNet: 1.28 M images, about 150 GB as JPEG).
+
+`open_stream(name, ...)` returns a `Stream`: random-access sources of the training and test
+splits (`tfds.data_source` over a dataset prepared as array_record, or the arrays of an npz
+or digits when streaming is forced) plus how to augment them. grain reads them:
+
+* Training (`train_iterator`): every epoch a fresh global permutation of the training set
+  (numpy, seeded by (seed, epoch)) cut into global batches of `batch_size`, the remainder
+  dropped as on the device path. Process p of P reads slice p of every global batch, so the
+  processes together read each example of an epoch exactly once. Examples are decoded and
+  augmented on the host, by `workers` worker processes (0: threads of this process), each
+  with a random generator derived from (seed, position), and prefetched.
+* State: the iterator's position is its state (`get_state`), stored in every training
+  checkpoint; a resumed run reads the batch the uninterrupted run would have read next.
+* Evaluation (`test_batches`): the test split in order, the last global batch padded and
+  marked with `valid` False, as `data.eval_indices` does on the device path.
+
+Augmentation, on the host:
+
+* images of one fixed shape (CIFAR, an npz, digits): pad by the dataset's crop_padding
+  (zero or reflect), random crop back, random horizontal flip: `data.augment`'s.
+* images of varying size (ImageNet): the papers' random-resized crop to image_size x
+  image_size (area 8-100 % of the image, aspect ratio 3/4-4/3 log-uniform, ten tries and
+  then a centre crop, torchvision's RandomResizedCrop) and a random horizontal flip;
+  evaluation resizes the shorter side to image_size x 256/224 and takes the centre square.
+
+Normalisation (mean, std) happens on the device: batches travel as uint8.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+from absl import flags
+
+from jaxprune import data
+from jaxprune.errors import ConfigError
+
+# How a dataset reaches the training step (setting `input`).
+INPUTS = {
+    'auto': 'device for digits, npz, cifar10 and cifar100 (they fit on a device); stream for '
+            'imagenet2012 and tfds:NAME',
+    'device': 'the whole dataset on every device as uint8, batches and augmentation made '
+              'inside the compiled step',
+    'stream': 'read batch by batch with grain, decoded and augmented on the host',
+}
+# The datasets `auto` streams, besides every tfds:NAME.
+STREAMED = ('imagenet2012',)
+# Evaluation resizes the shorter side to image_size x RESIZE_RATIO (256 for 224).
+RESIZE_RATIO = 256 / 224
+# Training examples whose statistics stand for a tfds:NAME dataset's mean and std.
+STATISTICS_SAMPLE = 2000
+
+
+def streams(name: str, input_setting: str) -> bool:
+  """Whether dataset `name` is read with grain under `input_setting` (a key of INPUTS)."""
+  if input_setting == 'auto':
+    return name in STREAMED or name.startswith(data.TFDS_PREFIX)
+  return input_setting == 'stream'
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+  """The host-side transforms of one dataset (picklable: grain's workers run them)."""
+  fixed_shape: bool
+  image_size: int
+  crop_padding: int = 0
+  flip: bool = True
+  pad_mode: str = 'zero'
+
+  def train(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    if self.fixed_shape:
+      image = _pad_crop(image, rng, self.crop_padding, self.pad_mode)
+    else:
+      image = _resized_crop(image, rng, self.image_size)
+    if self.flip and rng.random() < 0.5:
+      image = image[:, ::-1]
+    return np.ascontiguousarray(image)
+
+  def test(self, image: np.ndarray) -> np.ndarray:
+    if self.fixed_shape:
+      return image
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    h, w = image.shape[:2]
+    shorter = round(self.image_size * RESIZE_RATIO)
+    scale = shorter / min(h, w)
+    size = (max(shorter, round(w * scale)), max(shorter, round(h * scale)))
+    resized = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    top, left = (size[1] - self.image_size) // 2, (size[0] - self.image_size) // 2
+    return resized[top:top + self.image_size, left:left + self.image_size]
+
+
+def _pad_crop(image, rng, padding: int, pad_mode: str) -> np.ndarray:
+  if not padding:
+    return image
+  h, w = image.shape[:2]
+  widths = ((padding, padding), (padding, padding), (0, 0))
+  padded = np.pad(image, widths, mode='constant' if pad_mode == 'zero' else 'reflect')
+  top, left = rng.integers(0, 2 * padding + 1, size=2)
+  return padded[top:top + h, left:left + w]
+
+
+def _resized_crop(image, rng, size: int) -> np.ndarray:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  h, w = image.shape[:2]
+  for _ in range(10):
+    area = h * w * rng.uniform(0.08, 1.0)
+    aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+    if 0 < cw <= w and 0 < ch <= h:
+      top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+      break
+  else:  # The centre crop of the image's aspect clamped to [3/4, 4/3].
+    ratio = w / h
+    cw, ch = ((w, round(w / (3 / 4))) if ratio < 3 / 4 else
+              (round(h * 4 / 3), h) if ratio > 4 / 3 else (w, h))
+    cw, ch = min(cw, w), min(ch, h)
+    top, left = (h - ch) // 2, (w - cw) // 2
+  return np.asarray(Image.fromarray(image).resize(
+      (size, size), Image.BILINEAR, box=(left, top, left + cw, top + ch)))
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+class ArraySource:
+  """Random access to in-memory images and labels, as records {'image', 'label'}."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray):
+    self.images, self.labels = images, labels
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __getitem__(self, index: int) -> dict:
+    return {'image': self.images[index], 'label': self.labels[index]}
+
+
+class _Subset:
+  """The records `indices` of `source`, renumbered 0..len-1."""
+
+  def __init__(self, source, indices: np.ndarray):
+    self.source, self.indices = source, indices
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, index: int) -> dict:
+    return self.source[int(self.indices[index])]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Stream:
+  """A dataset read from storage batch by batch: what `data.Dataset` says of a dataset in
+  memory (name, classes, image shape, statistics, sizes), with sources instead of arrays."""
+  name: str
+  train: Any
+  test: Any
+  num_classes: int
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  image_shape: tuple[int, int, int]
+  augment: Augment
+  fingerprint: str
+  workers: int = 0
+
+  @property
+  def num_train(self) -> int:
+    return len(self.train)
+
+  @property
+  def num_test(self) -> int:
+    return len(self.test)
+
+  @property
+  def spec(self):
+    """The device's part: normalisation only (augmentation happened on the host)."""
+    return data.DataSpec(mean=self.mean, std=self.std)
+
+
+def _tfds_stream(name: str, data_dir, max_train, image_size: int, workers: int,
+                 pad_mode: str) -> Stream:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder_name = name[len(data.TFDS_PREFIX):] if name.startswith(data.TFDS_PREFIX) else name
+  data_dir = os.fspath(data_dir) if data_dir else None
+  try:
+    builder = tfds.builder(builder_name, data_dir=data_dir, file_format='array_record')
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(f'dataset {name!r}: TFDS has no dataset {builder_name!r} ({e}); give '
+                      'tfds:NAME with the name of a TFDS image-classification dataset.',
+                      settings=('dataset',)) from e
+  features = builder.info.features
+  if 'image' not in features or 'label' not in features:
+    raise ConfigError(f"dataset {name!r} has features {', '.join(features)}; a stream needs "
+                      "an image-classification dataset (features 'image' and 'label').",
+                      settings=('dataset',))
+  test_split = next((s for s in ('test', 'validation') if s in builder.info.splits), 'test')
+  train, test = data.tfds_sources(builder_name, data_dir, ('train', test_split))
+  shape = tuple(features['image'].shape)
+  fixed = None not in shape
+  known = data.KNOWN_STATISTICS.get(builder_name)
+  if max_train is not None and max_train < len(train):
+    train = _Subset(train, data.subset_indices(len(train), max_train))
+  augment = Augment(fixed_shape=fixed, image_size=image_size, crop_padding=4 if fixed else 0,
+                    pad_mode=pad_mode)
+  if known is not None:
+    mean, std = known
+  else:
+    sample = data.subset_indices(len(train), STATISTICS_SAMPLE)
+    mean, std = data.channel_stats(np.stack(
+        [augment.test(np.asarray(train[int(i)]['image'], np.uint8)) for i in sample]))
+  image_shape = shape if fixed else (image_size, image_size, shape[-1])
+  fingerprint = (f'tfds:{builder_name}:{builder.info.version}:{len(train)}:{len(test)}:'
+                 f'{builder.info.dataset_size}')
+  return Stream(name=name, train=train, test=test,
+                num_classes=int(features['label'].num_classes), mean=tuple(mean),
+                std=tuple(std), image_shape=tuple(image_shape), augment=augment,
+                fingerprint=fingerprint, workers=workers)
+
+
+def open_stream(name: str, *, data_path=None, data_dir=None, max_train=None,
+                image_size: int = 224, workers: int = 0, pad_mode: str = 'zero') -> Stream:
+  """The `Stream` of dataset `name`: a TFDS dataset (cifar10, cifar100, imagenet2012,
+  tfds:NAME) prepared as array_record in `data_dir`, or an npz / digits read from memory."""
+  if name in ('npz', 'digits'):
+    loaded = data.load(name, data_path=data_path, data_dir=data_dir, max_train=max_train)
+    return Stream(name=name, train=ArraySource(loaded.train_images, loaded.train_labels),
+                  test=ArraySource(loaded.test_images, loaded.test_labels),
+                  num_classes=loaded.num_classes, mean=loaded.mean, std=loaded.std,
+                  image_shape=loaded.image_shape,
+                  augment=Augment(fixed_shape=True, image_size=loaded.image_shape[0],
+                                  crop_padding=loaded.crop_padding, flip=loaded.flip,
+                                  pad_mode=pad_mode),
+                  fingerprint=data.fingerprint(loaded), workers=workers)
+  if data_path is not None:
+    raise ConfigError(f'data_path is for dataset=npz, not dataset={name}.',
+                      settings=('data_path', 'dataset'))
+  return _tfds_stream(name, data_dir, max_train, image_size, workers, pad_mode)
+
+
+# ----------------------------------------------------------------------------- pipelines
+
+
+class _TrainPositions:
+  """Example k of this process's reading order, for k in 0..epochs x steps x local - 1: step
+  k // local's global batch, slice `process` of it (numpy only: grain's workers pickle it)."""
+
+  def __init__(self, source, batch_size: int, local: int, process: int, seed: int,
+               epochs: int):
+    self.source, self.batch_size, self.local, self.process = source, batch_size, local, process
+    self.seed, self.epochs = seed, epochs
+    self.steps = len(source) // batch_size
+    self._orders: dict = {}
+
+  def __len__(self) -> int:
+    return self.epochs * self.steps * self.local
+
+  def order(self, epoch: int) -> np.ndarray:
+    if epoch not in self._orders:
+      self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(
+          len(self.source))}
+    return self._orders[epoch]
+
+  def __getitem__(self, k: int) -> dict:
+    step, within = divmod(int(k), self.local)
+    epoch, index = divmod(step, self.steps)
+    position = index * self.batch_size + self.process * self.local + within
+    return self.source[int(self.order(epoch)[position])]
+
+
+class _TrainExample:
+  def __init__(self, augment: Augment):
+    self.augment = augment
+
+  def __call__(self, record: dict, rng: np.random.Generator) -> dict:
+    return {'image': self.augment.train(np.asarray(record['image'], np.uint8), rng),
+            'label': np.int32(record['label'])}
+
+
+class _TestPositions:
+  """Example k of this process's share of the test split in order, the last global batch
+  padded with example 0 marked invalid."""
+
+  def __init__(self, source, batch_size: int, local: int, process: int, augment: Augment):
+    self.source, self.batch_size, self.local, self.process = source, batch_size, local, process
+    self.augment = augment
+    self.steps = -(-len(source) // batch_size)
+
+  def __len__(self) -> int:
+    return self.steps * self.local
+
+  def __getitem__(self, k: int) -> dict:
+    step, within = divmod(int(k), self.local)
+    position = step * self.batch_size + self.process * self.local + within
+    valid = position < len(self.source)
+    record = self.source[position if valid else 0]
+    return {'image': self.augment.test(np.asarray(record['image'], np.uint8)),
+            'label': np.int32(record['label']), 'valid': np.bool_(valid)}
+
+
+def _local_batch(batch_size: int) -> int:
+  count = jax.process_count()
+  if batch_size % count:
+    raise ConfigError(f'batch_size {batch_size} is not divisible by the {count} processes.',
+                      settings=('batch_size',))
+  return batch_size // count
+
+
+def _iterator(dataset, workers: int):
+  import grain  # pylint: disable=g-import-not-at-top
+  # Each element is a whole batch: a few in flight per reader keep memory bounded.
+  iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+  if workers:
+    # grain's workers read its absl flags; outside an absl program they keep their defaults.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return iter(iterable)
+
+
+def train_iterator(stream: Stream, *, seed: int, batch_size: int, epochs: int):
+  """This process's slices of every training batch of `epochs` epochs, as grain iterator
+  of {'image': uint8 (local, H, W, C), 'label': int32 (local,)}; `get_state()` /
+  `set_state()` save and restore its position."""
+  import grain  # pylint: disable=g-import-not-at-top
+  local = _local_batch(batch_size)
+  positions = _TrainPositions(stream.train, batch_size, local, jax.process_index(), seed, epochs)
+  dataset = (grain.MapDataset.source(positions)
+             .random_map(_TrainExample(stream.augment), seed=seed)
+             .batch(local, drop_remainder=True))
+  return _iterator(dataset, stream.workers)
+
+
+def test_batches(stream: Stream, batch_size: int) -> Iterator[dict]:
+  """This process's slices of the test split's global batches, in order: {'image', 'label',
+  'valid'}; padded entries have valid False."""
+  import grain  # pylint: disable=g-import-not-at-top
+  local = _local_batch(batch_size)
+  positions = _TestPositions(stream.test, batch_size, local, jax.process_index(), stream.augment)
+  return _iterator(grain.MapDataset.source(positions).batch(local), stream.workers)
+
+
+def scoring_batches(stream: Stream, batch_size: int, count: int, seed: int) -> Iterator[dict]:
+  """`count` unaugmented training batches (the evaluation transform) in a seeded order, the
+  whole batch on every process: what data-driven criteria read."""
+  order = np.random.default_rng(seed).permutation(stream.num_train)
+  for i in range(min(count, stream.num_train // batch_size)):
+    records = [stream.train[int(j)] for j in order[i * batch_size:(i + 1) * batch_size]]
+    yield {'image': np.stack([stream.augment.test(np.asarray(r['image'], np.uint8))
+                              for r in records]),
+           'label': np.asarray([r['label'] for r in records], np.int32)}
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _normalize(images, mean, std):
+  return data.normalize(images, mean, std)
+
+
+def to_device(host: dict, sharding, spec: data.DataSpec) -> dict:
+  """A batch of every process's slices as global arrays on `sharding` (split over the batch
+  axis), its images normalised as `data.normalize` does on the device path."""
+  placed = {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in host.items()}
+  placed['image'] = _normalize(placed['image'], spec.mean, spec.std)
+  return placed
