@@ -10,7 +10,8 @@ or digits when streaming is forced) plus how to augment them. grain reads them:
   dropped as on the device path. Process p of P reads slice p of every global batch, so the
   processes together read each example of an epoch exactly once. Examples are decoded and
   augmented on the host, by `workers` worker processes (0: threads of this process), each
-  with a random generator derived from (seed, position), and prefetched.
+  with a random generator of (seed, its place in the run's global batches), so the batches
+  are the same whatever the number of processes, and prefetched.
 * State: the iterator's position is its state (`get_state`), stored in every training
   checkpoint; a resumed run reads the batch the uninterrupted run would have read next.
 * Evaluation (`test_batches`): the test split in order, the last global batch padded and
@@ -228,10 +229,21 @@ def _tfds_stream(name: str, data_dir, max_train, image_size: int, workers: int,
                 fingerprint=fingerprint, workers=workers)
 
 
+def _check_installed() -> None:
+  try:
+    import grain  # pylint: disable=g-import-not-at-top,unused-import
+    import PIL  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    raise ConfigError(f"input=stream reads with grain and decodes with Pillow ({e}); install "
+                      "them with pip install 'jaxprune[stream]', or use input=device for a "
+                      'dataset that fits on a device.', settings=('input',)) from e
+
+
 def open_stream(name: str, *, data_path=None, data_dir=None, max_train=None,
                 image_size: int = 224, workers: int = 0, pad_mode: str = 'zero') -> Stream:
   """The `Stream` of dataset `name`: a TFDS dataset (cifar10, cifar100, imagenet2012,
   tfds:NAME) prepared as array_record in `data_dir`, or an npz / digits read from memory."""
+  _check_installed()
   if name in ('npz', 'digits'):
     loaded = data.load(name, data_path=data_path, data_dir=data_dir, max_train=max_train)
     return Stream(name=name, train=ArraySource(loaded.train_images, loaded.train_labels),
@@ -267,22 +279,29 @@ class _TrainPositions:
 
   def order(self, epoch: int) -> np.ndarray:
     if epoch not in self._orders:
-      self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(
+      self._orders = {epoch: np.random.default_rng([self.seed, 0, epoch]).permutation(
           len(self.source))}
     return self._orders[epoch]
 
-  def __getitem__(self, k: int) -> dict:
+  def __getitem__(self, k: int) -> tuple[int, dict]:
+    """(the example's place in the whole run's sequence of global batches, its record)."""
     step, within = divmod(int(k), self.local)
     epoch, index = divmod(step, self.steps)
     position = index * self.batch_size + self.process * self.local + within
-    return self.source[int(self.order(epoch)[position])]
+    return step * self.batch_size + position % self.batch_size, self.source[
+        int(self.order(epoch)[position])]
 
 
 class _TrainExample:
-  def __init__(self, augment: Augment):
-    self.augment = augment
+  """Augments an example with a generator of (seed, its place in the run): the same
+  augmentation whatever the number of processes that read it."""
 
-  def __call__(self, record: dict, rng: np.random.Generator) -> dict:
+  def __init__(self, augment: Augment, seed: int):
+    self.augment, self.seed = augment, seed
+
+  def __call__(self, placed: tuple[int, dict]) -> dict:
+    place, record = placed
+    rng = np.random.default_rng([self.seed, 1, place])
     return {'image': self.augment.train(np.asarray(record['image'], np.uint8), rng),
             'label': np.int32(record['label'])}
 
@@ -336,7 +355,7 @@ def train_iterator(stream: Stream, *, seed: int, batch_size: int, epochs: int):
   local = _local_batch(batch_size)
   positions = _TrainPositions(stream.train, batch_size, local, jax.process_index(), seed, epochs)
   dataset = (grain.MapDataset.source(positions)
-             .random_map(_TrainExample(stream.augment), seed=seed)
+             .map(_TrainExample(stream.augment, seed))
              .batch(local, drop_remainder=True))
   return _iterator(dataset, stream.workers)
 

@@ -95,7 +95,7 @@ def test_train_positions_of_processes_split_every_global_batch():
             for process in range(2)]
   steps = 50 // 12
   for epoch in range(2):
-    read = [[int(shard[k]['label']) for k in range(epoch * steps * 6, (epoch + 1) * steps * 6)]
+    read = [[int(shard[k][1]['label']) for k in range(epoch * steps * 6, (epoch + 1) * steps * 6)]
             for shard in shards]
     assert not set(read[0]) & set(read[1])
     assert sorted(read[0] + read[1]) == sorted(shards[0].order(epoch)[:steps * 12].tolist())
@@ -108,16 +108,17 @@ from jaxprune import multihost, stream
 port, index, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 multihost.initialize(f'localhost:{port}', 2, index, timeout_s=60)
 s = stream.open_stream('npz', data_path=path)
-print(json.dumps([b['label'].tolist() for b in
-                  stream.train_iterator(s, seed=5, batch_size=8, epochs=2)]))
+print(json.dumps([[b['label'].tolist(), b['image'].reshape(len(b['image']), -1).tolist()]
+                  for b in stream.train_iterator(s, seed=5, batch_size=8, epochs=2)]))
 """
 
 
-def test_two_processes_read_their_own_halves_of_every_batch(tmp_path):
+def test_two_processes_read_their_own_halves_of_one_process_batches(tmp_path):
   n = 44
   path = tmp_path / 'ids.npz'
-  np.savez(path, train_images=np.zeros((n, 4, 4, 3), np.uint8), train_labels=np.arange(n),
-           test_images=np.zeros((4, 4, 4, 3), np.uint8), test_labels=np.arange(4))
+  images = np.random.default_rng(0).integers(0, 256, (n, 6, 6, 3), dtype=np.uint8)
+  np.savez(path, train_images=images, train_labels=np.arange(n),
+           test_images=images[:4], test_labels=np.arange(4))
   port = local_cluster.free_port()
   procs = [subprocess.Popen([sys.executable, '-c', _SHARDS, str(port), str(i), str(path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
@@ -125,8 +126,15 @@ def test_two_processes_read_their_own_halves_of_every_batch(tmp_path):
   outputs = [p.communicate(timeout=300) for p in procs]
   for proc, (_, err) in zip(procs, outputs):
     assert proc.returncode == 0, err[-3000:]
-  halves = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+  read_by = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+  halves = [[labels for labels, _ in batches] for batches in read_by]
   steps = n // 8
+  # Put together, the halves are the batches one process reads, augmentation included.
+  whole = list(stream.train_iterator(stream.open_stream('npz', data_path=path), seed=5,
+                                     batch_size=8, epochs=2))
+  for i, batch in enumerate(whole):
+    assert batch['label'].tolist() == read_by[0][i][0] + read_by[1][i][0]
+    assert batch['image'].reshape(8, -1).tolist() == read_by[0][i][1] + read_by[1][i][1]
   assert [len(h) for h in halves] == [2 * steps] * 2
   for epoch in range(2):
     read = [sum(h[epoch * steps:(epoch + 1) * steps], []) for h in halves]
