@@ -3,11 +3,15 @@ r"""The papers' ImageNet recipes: [R]'s ImageNet tables and [M]'s Taylor-FO ResN
     python -m experiments.imagenet --scale=full --root=gs://BUCKET/exp --dry_run
 
 One scale, `full`: ImageNet (imagenet2012, 224x224 crops, 1000 classes) at the budgets of
-the papers' code. Every baseline is trained as [R]'s ImageNet scripts train from scratch
+the papers' code, read with `--dataset=imagenet2012` streamed from array_record
+(`jaxprune.stream`). Every baseline is trained as [R]'s ImageNet scripts train from scratch
 (the defaults of its `main_E.py`, PyTorch's ImageNet example): 90 epochs, batch 256, SGD
 lr 0.1 with momentum 0.9, x0.1 at epochs 30 and 60, weight decay 1e-4. One seed (0), as
 the papers ran ImageNet; --seeds adds more. Rows (`--methods`):
 
+* l1: [R]'s L1-norm ResNet-34-A and -B (presets `resnet34_a`, `resnet34_b`: the first conv
+  of the blocks that Li et al. prune, per-stage ratios, stage 4 kept); fine-tuned 20 epochs
+  at lr 1e-3, scratch-E, scratch-B (capped at 180 epochs).
 * slimming: network slimming on [R]'s VGG-11 (`vgg11_bn_fcbn`: BN in the classifier, every
   BN gamma starting at 0.5, Dense layers at N(0, 0.01)), BN-scale sparsity 1e-5 while
   training the baseline, 50 % of all BN channels (conv and classifier) removed by one
@@ -25,9 +29,9 @@ the papers ran ImageNet; --seeds adds more. Rows (`--methods`):
   ranking, fine-tuning at lr 1e-3 throughout; 25 epochs in all (the pruning stage's epoch
   and 24 of the finetune regime).
 
-What the settings cannot say, and [R]'s rows that cannot be planned (its L1-norm
-ResNet-34-A/B, the regression-pruning and sparse-structure-selection models, ThiNet's
-VGG-16 models): experiments/README.md, "ImageNet recipes".
+What the settings cannot say, and [R]'s rows that cannot be planned (the
+regression-pruning and sparse-structure-selection models, ThiNet's VGG-16 models):
+experiments/README.md, "ImageNet recipes".
 """
 
 from absl import flags
@@ -36,7 +40,7 @@ from experiments import common
 
 EXPERIMENT = 'imagenet'
 SCALES = ('full',)
-METHODS = ('slimming', 'thinet', 'weight', 'taylor')
+METHODS = ('l1', 'slimming', 'thinet', 'weight', 'taylor')
 # [R]'s from-scratch ImageNet recipe (its main_E.py defaults).
 DEFAULTS = {'full': dict(dataset='imagenet2012', epochs=90, batch_size=256, lr=0.1,
                          lr_decay_epochs='30,60', weight_decay=1e-4)}
@@ -46,7 +50,7 @@ SEEDS = (0,)
 # code, not in its network-slimming and weight-level code.
 CAP = 2.0
 # [R]'s fine-tuning (main_finetune.py defaults): epochs at a constant lr 1e-3.
-FINETUNE_EPOCHS = {'slimming': 5, 'weight': 10}
+FINETUNE_EPOCHS = {'l1': 20, 'slimming': 5, 'weight': 10}
 # [M]'s configs (NVlabs/Taylor_pruning configs/imagenet_resnet*_prune*.json): the gates kept
 # (the file name's percentage) and prune_neurons_max, the channels removed in all.
 TAYLOR = {'resnet50': ((91, 1000), (81, 2200), (72, 3200), (56, 5500)),
@@ -65,7 +69,12 @@ def taylor_gates(model: str) -> int:
 
 def rows() -> list[tuple[str, str, str, dict, tuple[str, ...]]]:
   """(method, model, tag, settings, regimes) of every planned recipe."""
-  out = [('slimming', 'vgg11_bn_fcbn', '0.5',
+  out = [('l1', 'resnet34', preset[-1].upper(),
+          dict(criterion='l1', selection='preset', preset=preset,
+               finetune_epochs=FINETUNE_EPOCHS['l1'], finetune_lr=1e-3, scratch_b_cap=CAP),
+          ('finetune', 'scratch', 'scratch_b'))
+         for preset in ('resnet34_a', 'resnet34_b')]
+  out += [('slimming', 'vgg11_bn_fcbn', '0.5',
           dict(criterion='bn_scale', selection='slimming', prune_ratio=0.5, bn_l1=1e-5,
                bn_scale_init=0.5, dense_init='normal_0.01',
                finetune_epochs=FINETUNE_EPOCHS['slimming'], finetune_lr=1e-3),
@@ -92,7 +101,8 @@ def rows() -> list[tuple[str, str, str, dict, tuple[str, ...]]]:
 
 def extra_flags(flag_values):
   flags.DEFINE_string('methods', ','.join(METHODS),
-                      'Comma-separated rows to plan: slimming ([R]: network slimming, VGG-11), '
+                      'Comma-separated rows to plan: l1 ([R]: L1-norm ResNet-34-A/B), '
+                      'slimming ([R]: network slimming, VGG-11), '
                       'thinet ([R]: ThiNet-30/50/70 from scratch, ResNet-50), weight ([R]: '
                       'weight-level, VGG-16-BN and ResNet-50), taylor ([M]: Taylor-FO, '
                       'ResNet-50/101).', flag_values=flag_values)

@@ -111,19 +111,19 @@ class Preset:
   description: str
 
 
-def _li_resnet(depth: int, stage_ratios, skip) -> dict[str, float]:
+def _li_resnet(blocks: tuple[int, ...], stage_ratios, skip) -> dict[str, float]:
   """Ratios of the first conv of every block, Li et al.'s numbering.
 
-  Convs are numbered from 1 (the stem); block j (0-based over the whole network)
-  has first conv 2 + 2j, the only one pruned. Skipped convs keep all channels.
+  `blocks` are the basic blocks per stage. Convs are numbered from 1 (the stem); block j
+  (0-based over the whole network) has first conv 2 + 2j, the only one pruned. Skipped
+  convs keep all channels.
   """
-  n = (depth - 2) // 6
-  ratios = {}
-  for s in (1, 2, 3):
-    for b in range(1, n + 1):
-      conv = 2 + 2 * ((s - 1) * n + b - 1)
-      if conv not in skip and stage_ratios[s - 1] > 0:
-        ratios[f'stage{s}_block{b}'] = stage_ratios[s - 1]
+  ratios, j = {}, 0
+  for s, (count, ratio) in enumerate(zip(blocks, stage_ratios), start=1):
+    for b in range(1, count + 1):
+      if 2 + 2 * j not in skip and ratio > 0:
+        ratios[f'stage{s}_block{b}'] = ratio
+      j += 1
   return ratios
 
 
@@ -133,19 +133,30 @@ PRESETS: dict[str, Preset] = {
         ratios={'conv1_1': 0.5, **{f'conv{s}_{i}': 0.5 for s in (4, 5) for i in (1, 2, 3)}},
         description='VGG-16-A: conv1_1 keeps 32 of 64, conv4_1..conv5_3 keep 256 of 512.'),
     'resnet56_a': Preset(
-        models=('resnet56',), ratios=_li_resnet(56, (0.1, 0.1, 0.1), {16, 20, 38, 54}),
+        models=('resnet56',), ratios=_li_resnet((9, 9, 9), (0.1, 0.1, 0.1), {16, 20, 38, 54}),
         description='ResNet-56-A: stage ratios (0.1, 0.1, 0.1), skipping convs 16, 20, 38, 54.'),
     'resnet56_b': Preset(
         models=('resnet56',),
-        ratios=_li_resnet(56, (0.6, 0.3, 0.1), {16, 18, 20, 34, 38, 54}),
+        ratios=_li_resnet((9, 9, 9), (0.6, 0.3, 0.1), {16, 18, 20, 34, 38, 54}),
         description='ResNet-56-B: stage ratios (0.6, 0.3, 0.1), skipping convs 16, 18, 20, '
         '34, 38, 54.'),
     'resnet110_a': Preset(
-        models=('resnet110',), ratios=_li_resnet(110, (0.5, 0.0, 0.0), {36}),
+        models=('resnet110',), ratios=_li_resnet((18, 18, 18), (0.5, 0.0, 0.0), {36}),
         description='ResNet-110-A: stage ratios (0.5, 0, 0), skipping conv 36.'),
     'resnet110_b': Preset(
-        models=('resnet110',), ratios=_li_resnet(110, (0.5, 0.4, 0.3), {36, 38, 74}),
+        models=('resnet110',), ratios=_li_resnet((18, 18, 18), (0.5, 0.4, 0.3), {36, 38, 74}),
         description='ResNet-110-B: stage ratios (0.5, 0.4, 0.3), skipping convs 36, 38, 74.'),
+    # [R]'s ImageNet L1-norm code (imagenet/l1-norm-pruning/prune.py) skips these convs.
+    'resnet34_a': Preset(
+        models=('resnet34',),
+        ratios=_li_resnet((3, 4, 6, 3), (0.3, 0.3, 0.3, 0.0), {2, 8, 14, 16, 26, 28, 30, 32}),
+        description='ResNet-34-A (ImageNet): stage ratios (0.3, 0.3, 0.3, 0), skipping convs '
+        '2, 8, 14, 16, 26, 28, 30, 32.'),
+    'resnet34_b': Preset(
+        models=('resnet34',),
+        ratios=_li_resnet((3, 4, 6, 3), (0.5, 0.6, 0.4, 0.0), {2, 8, 14, 16, 26, 28, 30, 32}),
+        description='ResNet-34-B (ImageNet): stage ratios (0.5, 0.6, 0.4, 0), skipping convs '
+        '2, 8, 14, 16, 26, 28, 30, 32.'),
 }
 
 
