@@ -365,14 +365,18 @@ class _Tfds:
 
   def __call__(self, data_path, data_dir, max_train) -> Dataset:
     del data_path
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     builder_name = self.name[len(TFDS_PREFIX):] if self.name.startswith(TFDS_PREFIX) else self.name
     train, test = tfds_sources(builder_name, data_dir, ('train', 'test'))
+    features = tfds.builder(builder_name, data_dir=data_dir).info.features
+    if None in tuple(features['image'].shape):
+      raise ConfigError(f"dataset={self.name} has images of varying size "
+                        f"{tuple(features['image'].shape)}, which cannot be held on a device "
+                        'as one array; read it with input=stream.', settings=('dataset', 'input'))
     train_images, train_labels = _read_records(train, max_train)
     test_images, test_labels = _read_records(test, None)
     known = KNOWN_STATISTICS.get(builder_name)
     mean, std = known if known else channel_stats(train_images)
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    features = tfds.builder(builder_name, data_dir=data_dir).info.features
     num_classes = int(features['label'].num_classes)
     return Dataset(
         name=self.name, train_images=train_images, train_labels=train_labels,

@@ -56,6 +56,8 @@ INPUTS = {
 STREAMED = ('imagenet2012',)
 # Evaluation resizes the shorter side to image_size x RESIZE_RATIO (256 for 224).
 RESIZE_RATIO = 256 / 224
+# Batches each reading process (the training process or a worker) makes at once.
+READ_THREADS = 2
 # Training examples whose statistics stand for a tfds:NAME dataset's mean and std.
 STATISTICS_SAMPLE = 2000
 
@@ -338,7 +340,8 @@ def _local_batch(batch_size: int) -> int:
 def _iterator(dataset, workers: int):
   import grain  # pylint: disable=g-import-not-at-top
   # Each element is a whole batch: a few in flight per reader keep memory bounded.
-  iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+  iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS,
+                                                       prefetch_buffer_size=2 * READ_THREADS))
   if workers:
     # grain's workers read its absl flags; outside an absl program they keep their defaults.
     if not flags.FLAGS.is_parsed():

@@ -41,6 +41,14 @@ def bench(script, *args):
      "error: npz file '/nope.npz' does not exist."),
     ('epoch_throughput.py', ['--loader_workers=0,-1'],
      '--loader_workers entries are whole numbers >= 0.'),
+    ('input_throughput.py', ['--workers=-1'],
+     '--workers entries are whole numbers >= 0, e.g. 0,1,2.'),
+    ('input_throughput.py', ['--device_images_per_second=3000,fast'],
+     '--device_images_per_second entries are images/s above 0, e.g. 3000,12000.'),
+    # Refused before any JPEG is written: the first round of 2 x 2 batches is not timed.
+    ('input_throughput.py', ['--records=256', '--batch=64'],
+     '--records=256 makes 4 batches of --batch=64, none left to time after the first round '
+     'of 4 (2 per process); give --records=320 or more.'),
 ])
 def test_a_bad_setting_is_one_sentence(script, args, sentence):
   returncode, stderr = bench(script, *args)
@@ -237,3 +245,45 @@ def test_gpu_row_runs_end_to_end_at_tiny_settings(tmp_path):
       ['unpruned', '2'], ['fine-tuned', '2'], ['scratch-E', '2'], ['scratch-B', '2']]
   assert all((tmp_path / 'out' / 'logs' / f'{regime}.log').exists()
              for regime in ('finetune', 'scratch', 'scratch_b'))
+
+
+def test_input_throughput_times_both_transforms_and_sizes_the_host_for_a_device(tmp_path):
+  """JPEGs written to --data_dir, read back by the stream with 0 and 1 workers: every row
+  times the pass after the first round, the table prints, the host cores follow from the
+  train rate of the most workers; a second run reuses the data_dir or refuses another size."""
+  script = os.path.join(BENCH, 'input_throughput.py')
+  data_dir, out = tmp_path / 'tfds', tmp_path / 'out.json'
+  args = ['--images=8', '--batch=8', '--image_size=32', f'--data_dir={data_dir}']
+  proc = subprocess.run([sys.executable, script, *args, '--records=64', '--workers=0,1',
+                         '--device_images_per_second=1000,2500.5', f'--out={out}'],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  rows = result['rows']
+  # 8 batches a pass; the first round is 2 batches per process.
+  assert [(r['workers'], r['transform'], r['images']) for r in rows] == [
+      (0, 'train', 48), (0, 'test', 48), (1, 'train', 48), (1, 'test', 48)]
+  assert all(r['images_per_s'] > 0 and r['cpu_s'] > 0 for r in rows)
+  assert all(r['images_per_s_per_core'] == r['images_per_s'] for r in rows)  # one core each
+  per_core = rows[2]['images_per_cpu_s']
+  assert result['per_core_train_images_per_cpu_s'] == per_core
+  assert result['feeds'] == [
+      {'device_images_per_s': 1000.0, 'host_cores': int(np.ceil(1000 / per_core))},
+      {'device_images_per_s': 2500.5, 'host_cores': int(np.ceil(2500.5 / per_core))}]
+  assert 60 < result['jpeg_kb'] < 140  # ImageNet-like photos, not flat colour
+  lines = proc.stdout.splitlines()
+  header = lines.index(next(line for line in lines if line.startswith('workers  transform')))
+  assert [line.split()[:3] for line in lines[header + 2:header + 6]] == [
+      ['0', 'train', '48'], ['0', 'test', '48'], ['1', 'train', '48'], ['1', 'test', '48']]
+  assert 'device_images_per_s  host_cores' in proc.stdout
+  assert 'wrote 8 JPEGs' in proc.stdout
+
+  again = subprocess.run([sys.executable, script, *args, '--records=64', '--workers=0'],
+                         capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert 'wrote 8 JPEGs' not in again.stdout
+  other = subprocess.run([sys.executable, script, *args, '--records=128', '--workers=0'],
+                         capture_output=True, text=True, timeout=300)
+  assert other.returncode != 0 and 'Traceback' not in other.stderr
+  assert (f'--data_dir {data_dir} holds input_throughput_jpegs with 64 records per split, not '
+          '--records=128; give --records=64 or another --data_dir.') in other.stderr

@@ -274,8 +274,12 @@ def test_a_streamed_run_of_digits_learns_and_vmapped_seeds_are_refused(tmp_path)
     pipeline.run(pipeline.config.make(**values, seeds=2, seed_batching='vmap'))
 
 
-def test_imagenet_on_the_device_path_and_unknown_tfds_names_are_one_sentence(tmp_path):
+def test_imagenet_on_the_device_path_and_unknown_tfds_names_are_one_sentence(tmp_path,
+                                                                             jpeg_dir):
   with pytest.raises(ConfigError, match='dataset=imagenet2012 does not fit on a device'):
     data.load('imagenet2012', data_dir=str(tmp_path))
+  with pytest.raises(ConfigError, match=rf'dataset=tfds:{NAME} has images of varying size '
+                                        r'\(None, None, 3\), which cannot be held'):
+    data.load(f'tfds:{NAME}', data_dir=str(jpeg_dir))
   with pytest.raises(ConfigError, match="TFDS has no dataset 'no_such_set'"):
     stream.open_stream('tfds:no_such_set', data_dir=str(tmp_path))

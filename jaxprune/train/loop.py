@@ -46,7 +46,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from jaxprune import data, stream
-from jaxprune.errors import ConfigError, Diverged
+from jaxprune.errors import Diverged
 from jaxprune.models import widths_of
 from jaxprune.prune import program
 from jaxprune.prune import structure as structure_lib
@@ -92,10 +92,11 @@ class TrainOptions:
   steps_per_call: int | None = None
 
   def __post_init__(self):
+    # The settings are validated where a user gives them; this guards code that builds one.
     for name in ('epochs', 'batch_size', 'eval_batch_size', 'max_to_keep', 'steps_per_call'):
       value = getattr(self, name)
       if value is not None and value < 1:
-        raise ConfigError(f"{name} must be at least 1, got {value}.", settings=(name,))
+        raise ValueError(f'TrainOptions.{name} must be at least 1, got {value}.')
     compute_dtype(self.precision)
 
   @property

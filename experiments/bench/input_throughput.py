@@ -1,0 +1,222 @@
+r"""Input throughput: images/s of the streaming input's host work (JPEG decoding, augmentation,
+batching) per host core, and the host cores a device step consuming R images/s needs.
+
+    python experiments/bench/input_throughput.py --out=input_throughput.json
+
+Writes --images JPEGs of ImageNet-like photos (sides drawn around 500x375, landscape or
+portrait, quality 90, smooth noise at several scales plus fine grain: about 100 KB each, as
+ImageNet's average) as an array_record TFDS dataset whose splits hold --records records each,
+the photos repeated, in a temporary data_dir or --data_dir (reused when it holds them). Then
+for each --workers entry W, `stream.open_stream('tfds:input_throughput_jpegs', image_size=...,
+workers=W)` and one pass over each split: train, `stream.train_iterator` (decode,
+random-resized crop, flip, batch); test, `stream.test_batches` (decode, resize, centre crop,
+batch). Host only: no batch reaches a device. Untimed: the batches of the pipeline's first
+round (each process's reader threads make one batch each at once: 2 x max(W, 1) batches,
+worker start-up included); timed: the rest of the pass. images/s is wall clock; cores counts
+a worker process as one core and no workers as one; cpu_s is the CPU time of this process and
+its workers over the timed batches, so images/cpu_s is the per-core rate without the other
+processes on the machine. Each --device_images_per_second R needs ceil(R / images/cpu_s of
+the train row with the most workers) host cores (bench README, section 14).
+"""
+
+import io
+import math
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+import common  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer('images', 512, 'Distinct JPEGs written.', lower_bound=1)
+flags.DEFINE_integer('records', 2560, 'Records in each split (the JPEGs repeated): one pass '
+                     'of each is timed.', lower_bound=1)
+flags.DEFINE_integer('image_size', 224, 'Side of the square crops (open_stream image_size).',
+                     lower_bound=1)
+flags.DEFINE_integer('batch', 64, 'Batch size.', lower_bound=1)
+flags.DEFINE_list('workers', ['0', '1', '2'], 'Decoding worker processes, one measurement '
+                  'each (0: threads of this process).')
+flags.DEFINE_list('device_images_per_second', [], 'Training-step rates (images/s) of devices '
+                  'to feed: the host cores each needs at the measured train rate.')
+flags.DEFINE_string('data_dir', None, 'TFDS data_dir for the JPEGs (default: a temporary '
+                    'one, removed at the end); reused when it holds them already.')
+flags.DEFINE_string('out', None, 'Write the table as JSON here.')
+
+
+def _all(parse, allowed, values) -> bool:
+  try:
+    return all(allowed(parse(v)) for v in values)
+  except ValueError:
+    return False
+
+
+flags.register_validator('workers', lambda v: _all(int, lambda w: w >= 0, v),
+                         '--workers entries are whole numbers >= 0, e.g. 0,1,2.')
+flags.register_validator('device_images_per_second', lambda v: _all(float, lambda r: r > 0, v),
+                         '--device_images_per_second entries are images/s above 0, e.g. '
+                         '3000,12000.')
+
+NAME = 'input_throughput_jpegs'
+# ImageNet's photos: mostly 500 pixels on the long side, 4:3 to 3:2, a quarter portrait.
+LONG_SIDE = (450, 500)
+ASPECT = (1.25, 1.5)
+PORTRAIT = 0.25
+# Smooth noise of (cells across the long side, amplitude) and per-pixel grain: at quality 90
+# about 100 KB per 500x375 image, ImageNet's average (1.28 M JPEGs in ~140 GB).
+OCTAVES = ((4, 50.0), (16, 30.0), (64, 25.0), (160, 20.0))
+GRAIN = 16.0
+
+
+def photo(rng: np.random.Generator) -> np.ndarray:
+  """One uint8 RGB image of an ImageNet-like size whose JPEG costs what a photo's does."""
+  from PIL import Image
+  long_side = int(rng.integers(*LONG_SIDE, endpoint=True))
+  short_side = round(long_side / rng.uniform(*ASPECT))
+  h, w = (long_side, short_side) if rng.random() < PORTRAIT else (short_side, long_side)
+  image = np.full((h, w, 3), 128.0, np.float32)
+  for cells, amplitude in OCTAVES:
+    grid = (max(2, cells * h // max(h, w)), max(2, cells * w // max(h, w)))
+    for c in range(3):
+      small = rng.normal(0, amplitude, grid).astype(np.float32)
+      image[..., c] += np.asarray(Image.fromarray(small, 'F').resize((w, h), Image.BICUBIC))
+  image += rng.normal(0, GRAIN, image.shape).astype(np.float32)
+  return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def jpeg(image: np.ndarray) -> bytes:
+  from PIL import Image
+  out = io.BytesIO()
+  Image.fromarray(image).save(out, format='JPEG', quality=90)
+  return out.getvalue()
+
+
+class InputThroughputJpegs(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """--records records of 1000 classes per split, the --images photos repeated. Unregistered:
+  the stream reads the files back through TFDS's own builder, which grain's workers unpickle
+  without this script."""
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
+        'label': tfds.features.ClassLabel(num_classes=1000)}))
+
+  def _split_generators(self, dl_manager):
+    rng = np.random.default_rng(0)
+    files = [jpeg(photo(rng)) for _ in range(FLAGS.images)]
+    return {'train': self._generate_examples(files), 'test': self._generate_examples(files)}
+
+  def _generate_examples(self, files):
+    for i in range(FLAGS.records):
+      yield i, {'image': io.BytesIO(files[i % len(files)]), 'label': i % 1000}
+
+
+def prepare(data_dir: str) -> float:
+  """Writes NAME into `data_dir` unless it is there; the mean KB of its records."""
+  builder = InputThroughputJpegs(data_dir=data_dir, file_format='array_record')
+  if not builder.is_prepared():
+    start = time.perf_counter()
+    builder.download_and_prepare()
+    print(f'wrote {FLAGS.images} JPEGs as 2 splits of {FLAGS.records} records to {data_dir} '
+          f'in {time.perf_counter() - start:.1f} s', flush=True)
+  held = builder.info.splits['train'].num_examples
+  if held != FLAGS.records:
+    raise app.UsageError(f'--data_dir {data_dir} holds {NAME} with {held} records per split, '
+                         f'not --records={FLAGS.records}; give --records={held} or another '
+                         '--data_dir.')
+  return int(builder.info.dataset_size) / (2 * held) / 1e3
+
+
+def cpu_seconds(process) -> float:
+  """CPU seconds of this process (every thread) and of all its descendants, living (grain's
+  worker processes) or ended (a process's time passes to its parent's children_* once the
+  parent has waited for it)."""
+  import psutil
+  ended = os.times()
+  total = time.process_time() + ended.children_user + ended.children_system
+  for child in process.children(recursive=True):
+    try:
+      times = child.cpu_times()
+    except psutil.NoSuchProcess:  # Waited for between the listing and the reading: counted
+      continue                    # in its parent's children_* from then on.
+    total += times.user + times.system + times.children_user + times.children_system
+  return total
+
+
+def measure(batches, warmup: int, count: int) -> dict:
+  """Images, wall and CPU seconds of the `count` batches of iterator `batches` after
+  `warmup` untimed ones, up to the last one's arrival: the end of the iterator would add the
+  workers' exit."""
+  import psutil
+  process = psutil.Process()
+  for _ in range(warmup):
+    next(batches)
+  cpu, start = cpu_seconds(process), time.perf_counter()
+  images = sum(len(next(batches)['label']) for _ in range(count))
+  seconds, cpu = time.perf_counter() - start, cpu_seconds(process) - cpu
+  batches.close()
+  return {'images': images, 'seconds': seconds, 'cpu_s': cpu}
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  from jaxprune import stream
+
+  warmup = stream.READ_THREADS * max(1, *(int(w) for w in FLAGS.workers))
+  if FLAGS.records // FLAGS.batch <= warmup:
+    raise app.UsageError(
+        f'--records={FLAGS.records} makes {FLAGS.records // FLAGS.batch} batches of --batch='
+        f'{FLAGS.batch}, none left to time after the first round of {warmup} (2 per process); '
+        f'give --records={(warmup + 1) * FLAGS.batch} or more.')
+  with tempfile.TemporaryDirectory() as scratch:
+    data_dir = FLAGS.data_dir or scratch
+    jpeg_kb = prepare(data_dir)
+    rows = []
+    for workers in (int(w) for w in FLAGS.workers):
+      s = stream.open_stream(f'tfds:{NAME}', data_dir=data_dir, image_size=FLAGS.image_size,
+                             workers=workers)
+      first_round = stream.READ_THREADS * max(1, workers)
+      for transform, batches, count in (
+          ('train', stream.train_iterator(s, seed=0, batch_size=FLAGS.batch, epochs=1),
+           s.num_train // FLAGS.batch),
+          ('test', stream.test_batches(s, FLAGS.batch), -(-s.num_test // FLAGS.batch))):
+        timed = measure(batches, first_round, count - first_round)
+        cores = max(1, workers)
+        rate = timed['images'] / timed['seconds']
+        rows.append({'workers': workers, 'transform': transform, 'images': timed['images'],
+                     'seconds': timed['seconds'], 'images_per_s': rate, 'cores': cores,
+                     'images_per_s_per_core': rate / cores, 'cpu_s': timed['cpu_s'],
+                     'cores_busy': timed['cpu_s'] / timed['seconds'],
+                     'images_per_cpu_s': timed['images'] / timed['cpu_s'],
+                     'load_average': os.getloadavg()[0]})
+        print(common.format_table([rows[-1]], list(rows[-1])).splitlines()[-1], flush=True)
+
+  reference = max((r for r in rows if r['transform'] == 'train'), key=lambda r: r['workers'])
+  per_core = reference['images_per_cpu_s']
+  feeds = [{'device_images_per_s': float(r), 'host_cores': math.ceil(float(r) / per_core)}
+           for r in FLAGS.device_images_per_second]
+  print(f'\nhost input of tfds:{NAME} ({FLAGS.images} JPEGs, {jpeg_kb:.0f} KB per record), '
+        f'{FLAGS.image_size}x{FLAGS.image_size}, batch {FLAGS.batch}, one pass of '
+        f'{FLAGS.records} records after the first round of batches; cores: worker processes '
+        '(0: 1); images_per_cpu_s: per CPU second of this process and its workers')
+  print(common.format_table(rows, list(rows[0])))
+  print(f'\nper-core train rate: {per_core:.1f} images per CPU second ({reference["workers"]} '
+        'workers); host cores a device needs = ceil(its images/s / that rate)')
+  if feeds:
+    print(common.format_table(feeds, list(feeds[0]), floats='.6g'))
+  common.write_json(FLAGS.out, images=FLAGS.images, records=FLAGS.records, jpeg_kb=jpeg_kb,
+                    image_size=FLAGS.image_size, batch=FLAGS.batch, rows=rows,
+                    per_core_train_images_per_cpu_s=per_core,
+                    reference_workers=reference['workers'], feeds=feeds)
+
+
+if __name__ == '__main__':
+  common.run(main)
