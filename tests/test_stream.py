@@ -283,3 +283,39 @@ def test_imagenet_on_the_device_path_and_unknown_tfds_names_are_one_sentence(tmp
     data.load(f'tfds:{NAME}', data_dir=str(jpeg_dir))
   with pytest.raises(ConfigError, match="TFDS has no dataset 'no_such_set'"):
     stream.open_stream('tfds:no_such_set', data_dir=str(tmp_path))
+
+
+STREAMED = ('--dataset=digits', '--input=stream', '--input_workers=1', '--model=tiny',
+            '--epochs=4', '--batch_size=32', '--criterion=taylor', '--regime=scratch',
+            '--compilation_cache_dir=', '--multihost_timeout=60')
+
+
+@pytest.mark.slow
+def test_two_processes_preempted_mid_epoch_resume_to_one_process_result(tmp_path):
+  import time
+  two, logs = tmp_path / 'two', tmp_path / 'logs'
+  command = [sys.executable, '-m', 'jaxprune.local_cluster', '--processes=2',
+             '--devices_per_process=1', f'--log_dir={logs}', '--', f'--workdir={two}',
+             *STREAMED]
+  proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          cwd=ROOT)
+  metrics = two / 'baseline' / 'metrics.jsonl'
+  deadline = time.time() + 600
+  while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 75, err[-3000:]
+  step = int(err.split('preempted: step ')[1].split()[0])
+  assert step % (1437 // 32)  # mid-epoch, so the readers' positions matter
+  resumed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f'from step {step}.' in resumed.stderr
+  one = subprocess.run([sys.executable, str(ROOT / 'launch.py'), f'--workdir={tmp_path / "one"}',
+                        *STREAMED], capture_output=True, text=True, cwd=ROOT, timeout=900,
+                       env=local_cluster.environment(1))
+  assert one.returncode == 0, one.stderr[-3000:]
+  rows = [json.loads((w / 'results.json').read_text())['rows'] for w in (two, tmp_path / 'one')]
+  assert [(r['stage'], r['test_accuracy']) for r in rows[0]] == [
+      (r['stage'], r['test_accuracy']) for r in rows[1]]

@@ -107,11 +107,9 @@ class TrainOptions:
 def default_steps_per_call(backend: str) -> int:
   """`TrainOptions.steps_per_call` when none is given: 10 on CPUs, 50 on GPUs and TPUs.
 
-  On the CPU, calls of 10 steps ran 1.14-1.26x the images/s of stepping one by one
-  (resnet20, resnet56, vgg16 at batch 64 and 128 on CIFAR-10; experiments/bench/README.md,
-  section 13), and a SIGTERM waits for at most one call, seconds there. On an accelerator
-  a CIFAR step takes milliseconds and a call per step keeps the device waiting on the host;
-  50 steps are then well under a second, far inside a preemption's notice.
+  Longer calls keep the device from waiting on the host between steps (on the CPU too:
+  experiments/bench/README.md, section 13), and a SIGTERM waits for at most one call, which
+  at these lengths stays far inside a preemption's notice.
   """
   return 10 if backend == 'cpu' else 50
 
