@@ -163,7 +163,7 @@ def _hold_lifelines(coordinator_address: str | None) -> None:
   for index, reader in readers.items():
     threading.Thread(target=_watch, args=(reader, index), daemon=True,
                      name=f'lifeline to process {index}').start()
-  atexit.register(_say_goodbye)
+  atexit.register(_tell_others, _GOODBYE, None)
 
 
 def _from_process_0(text: str) -> str:
@@ -226,11 +226,6 @@ def _watch(reader, sender: int) -> None:
   os._exit(LOST_PROCESS_STATUS)
 
 
-def _say_goodbye() -> None:
-  for index in _peers:
-    _send(index, _GOODBYE, None)
-
-
 def _exit_with(error: ConfigError) -> None:
   sys.stderr.write(f'error: {as_flags(error)}\n')
   sys.stderr.flush()
@@ -282,21 +277,17 @@ def _tell_others(key: str, value: Any) -> None:
     _send(index, key, value)
 
 
-def _not_reached(name: str) -> ConfigError:
-  return ConfigError(f'not every process reached {name} within {_timeout_s} s; every process '
-                     'must run the same command (the same settings).',
-                     settings=('multihost_timeout',))
-
-
 def _collect(key: str, name: str) -> dict[int, Any]:
-  """On process 0: what every other process sent it under `key`, by process index;
-  ConfigError when one has not within the timeout."""
+  """What every peer (`_peers`) sent under `key`, by process index; ConfigError when one has
+  not within the timeout."""
   deadline = time.monotonic() + _timeout_s
   try:
     return {index: _receive(key, index, max(0.0, deadline - time.monotonic()))
             for index in sorted(_peers)}
   except TimeoutError as error:
-    raise _not_reached(name) from error
+    raise ConfigError(f'not every process reached {name} within {_timeout_s} s; every process '
+                      'must run the same command (the same settings).',
+                      settings=('multihost_timeout',)) from error
 
 
 def barrier(name: str) -> None:
@@ -307,12 +298,9 @@ def barrier(name: str) -> None:
   if jax.process_index() == 0:
     _collect(key, name)
     _tell_others(key, None)
-    return
-  _send(0, key, None)
-  try:
-    _receive(key, 0, _timeout_s)
-  except TimeoutError as error:
-    raise _not_reached(name) from error
+  else:
+    _send(0, key, None)
+    _collect(key, name)  # process 0's go-ahead
 
 
 def check_shared(directory: epath.Path, setting: str) -> None:

@@ -179,10 +179,8 @@ def summarize(model: str, dataset: str = 'digits', data_path: str | None = None,
   try:
     built = models.build(model, num_classes=num_classes, width_multiplier=width_multiplier,
                          image_shape=image_shape)
-    if isinstance(built, models.OwnModel):
-      struct = program.derive_checked(built, image_shape).structure
-    else:
-      struct = program.derive(built, image_shape).structure
+    derive = program.derive_checked if isinstance(built, models.OwnModel) else program.derive
+    struct = derive(built, image_shape).structure
   except ConfigError as e:  # e.g. a VGG's five poolings on 8x8 digits
     shape = 'x'.join(map(str, image_shape))
     raise ConfigError(f"model={model} cannot take the {shape} images of dataset={dataset}: "
@@ -220,28 +218,19 @@ def format_summary(summary: dict) -> str:
   lines = [f"{summary['model']}{scaled} at {shape} ({summary['dataset']}), "
            f"{summary['num_classes']} classes" +
            (f"; pruned by {pruned['source']}" if pruned else '')]
-  header = ['group', 'prunable', 'width']
-  if pruned:
-    header += ['pruned', 'MACs', 'pruned MACs', 'params', 'pruned params']
-  else:
-    header += ['MACs', 'params']
+  header = ['group', 'prunable', 'width'] + (
+      ['pruned', 'MACs', 'pruned MACs', 'params', 'pruned params'] if pruned else ['MACs', 'params'])
+
+  def costs(before, after):  # MACs, then params: before, and after pruning if pruned
+    return [human(c[m]) for m in ('macs', 'params') for c in (before, after) if c is not None]
+
   rows = []
   for g, cost in summary['groups'].items():
-    width = summary['widths'].get(g)
-    row = [g, 'yes' if g in summary['prunable'] else '', '' if width is None else str(width)]
+    row = [g, 'yes' if g in summary['prunable'] else '', str(summary['widths'].get(g, ''))]
     if pruned:
-      after = pruned['groups'][g]
-      new = pruned['widths'].get(g)
-      row += ['' if new is None else str(new), human(cost['macs']), human(after['macs']),
-              human(cost['params']), human(after['params'])]
-    else:
-      row += [human(cost['macs']), human(cost['params'])]
-    rows.append(row)
-  if pruned:
-    rows.append(['total', '', '', '', human(summary['macs']), human(pruned['macs']),
-                 human(summary['params']), human(pruned['params'])])
-  else:
-    rows.append(['total', '', '', human(summary['macs']), human(summary['params'])])
+      row.append(str(pruned['widths'].get(g, '')))
+    rows.append(row + costs(cost, pruned and pruned['groups'][g]))
+  rows.append(['total', '', ''] + ([''] if pruned else []) + costs(summary, pruned))
   widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
 
   def fmt(row):

@@ -1,10 +1,10 @@
 """Model registry: the names the `model` setting accepts -> their constructors.
 
 Every model is a Flax Linen module (a `layers.Network`) with `default_widths()`,
-`prunable_groups()`, `group_layers()` and `__call__(x, train=False)`, and the fields `widths`
-(a frozen mapping, so that models hash and compare by value) and `performance` (the
-`PerformanceOptions` its layers compute with), `bn_scale_init` (every BatchNorm's initial
-gamma) and `dense_init` (the initialiser of every Dense kernel, a key of
+`prunable_groups()`, `group_layers()` and `__call__(x, train=False)`, and the fields
+`num_classes`, `widths` (a frozen mapping, so that models hash and compare by value),
+`performance` (the `PerformanceOptions` its layers compute with), `bn_scale_init` (every
+BatchNorm's initial gamma) and `dense_init` (every Dense kernel's initialiser, a key of
 `layers.DENSE_INITS`). A pruned model is the same class built with smaller `widths`.
 """
 

@@ -13,13 +13,9 @@ floor-divided by it (1: as many as it reads; `densenet100_c` is depth 100 with 2
 network [R]'s weight-level code trains as DenseNet-BC-100, without bottleneck layers).
 """
 
-from typing import Mapping
-
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxprune.errors import ConfigError
-from jaxprune.kernels.options import PerformanceOptions
 from jaxprune.models import layers
 
 
@@ -28,11 +24,6 @@ class DenseNet(layers.Network):
   growth: int = 12
   stem_width: int | None = None  # None: 2 * growth
   compression: int = 1
-  num_classes: int = 10
-  widths: Mapping[str, int] | None = None
-  performance: PerformanceOptions = PerformanceOptions()
-  bn_scale_init: float = 1.0
-  dense_init: str = 'lecun_normal'
 
   def layers_per_block(self) -> int:
     n, rest = divmod(self.depth - 4, 3)
@@ -69,27 +60,21 @@ class DenseNet(layers.Network):
   @nn.compact
   def __call__(self, x, train: bool = False):
     perf = self.performance
-    widths = layers.resolve_widths('DenseNet', self.default_widths(), self.widths)
-    if min(x.shape[1:3]) < 4:
-      # The images are the user's dataset (and image size): a ConfigError.
-      raise ConfigError(f"DenseNet halves the image twice and needs at least 4x4 pixels, "
-                        f"got {x.shape[1]}x{x.shape[2]}.")
+    widths = self.resolved_widths()
+    layers.check_image(x, 4, 'DenseNet halves the image twice and needs')
+
+    def select(group):
+      return layers.SelectBnRelu(widths[group], train, perf, self.bn_scale_init,
+                                 name=f'{group}_select')
+
     x = layers.conv(perf, self.stem_channels(), 3, name='stem')(x)
     for d in (1, 2, 3):
       for l in range(1, self.layers_per_block() + 1):
         group = f'block{d}_layer{l}'
-        y = layers.SelectBnRelu(widths[group], train, perf, self.bn_scale_init,
-                                name=f'{group}_select')(x)
-        y = layers.conv(perf, self.growth, 3, name=f'{group}_conv')(y)
+        y = layers.conv(perf, self.growth, 3, name=f'{group}_conv')(select(group)(x))
         x = jnp.concatenate([x, y], axis=-1)
       if d < 3:
-        group = f'transition{d}'
         channels = x.shape[-1] // self.compression
-        y = layers.SelectBnRelu(widths[group], train, perf, self.bn_scale_init,
-                                name=f'{group}_select')(x)
-        x = layers.conv(perf, channels, 1, name=f'{group}_conv')(y)
+        x = layers.conv(perf, channels, 1, name=f'transition{d}_conv')(select(f'transition{d}')(x))
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
-    x = layers.SelectBnRelu(widths['final'], train, perf, self.bn_scale_init,
-                            name='final_select')(x)
-    x = jnp.mean(x, axis=(1, 2))
-    return layers.dense(self.num_classes, self.dense_init, name='head')(x)
+    return self.classify(select('final')(x))

@@ -1,16 +1,11 @@
-"""Building blocks shared by the models: widths handling and channel selection.
+"""Building blocks shared by the models: the `Network` base, layers and channel selection.
 
-Every model in jaxprune is a plain Flax Linen module whose channel counts come from a
-`widths` mapping (group name -> number of channels); `group_layers()` names, for every
-width group, a layer whose outputs are that group's channels, which is how the channel
-groups read off the model's program (`jaxprune.prune.program`) get the widths' names.
-A subset of the groups is *prunable* (`prunable_groups()`). The models know nothing of
-masks: masking, recording activations and shrinking happen on the traced program.
-
-Every model also carries a `performance` field (`PerformanceOptions`), which chooses how
-its convolutions and BatchNorms are computed (`conv`, `batch_norm` here); models derive
-from `Network`, which makes the `widths` mapping immutable so that a model hashes and
-compares by value, and the options become part of any cache keyed on the model.
+Every model's channel counts come from a `widths` mapping (group name -> channels);
+`group_layers()` names, for every width group, a layer whose outputs are that group's
+channels, which is how the groups read off the model's program (`jaxprune.prune.program`)
+get the widths' names. The models know nothing of masks: masking, recording activations
+and shrinking happen on the traced program. The `performance` field chooses how
+convolutions and BatchNorms are computed (`conv`, `batch_norm` here).
 """
 
 from typing import Mapping
@@ -19,6 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
+from jaxprune.errors import ConfigError
 from jaxprune.kernels import norm
 from jaxprune.kernels.conv import Conv
 from jaxprune.kernels.options import PerformanceOptions
@@ -31,12 +27,17 @@ conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
 class Network(nn.Module):
-  """The base of jaxprune's models, which declare `widths` and `performance` fields.
+  """The base of jaxprune's models: the fields they all have, and their layers' makers.
 
   A widths dict would make the module unhashable, so construction (`build`, `clone`,
   a model made directly) freezes it: two models of the same class, widths and options
   are equal and hash alike, whatever mapping the widths came in.
   """
+  num_classes: int = 10
+  widths: Mapping[str, int] | None = None
+  performance: PerformanceOptions = PerformanceOptions()
+  bn_scale_init: float = 1.0
+  dense_init: str = 'lecun_normal'
 
   def scaled(self, multiplier: float) -> 'Network':
     """A narrower (or wider) member of the family: every default width times `multiplier`,
@@ -49,6 +50,20 @@ class Network(nn.Module):
       # Before Module.__post_init__ the fields are still settable, as in a dataclass.
       object.__setattr__(self, 'widths', FrozenDict(self.widths))
     super().__post_init__()
+
+  # Helpers of the models' compact __call__ (nowrap: they only construct layers).
+  @nn.nowrap
+  def resolved_widths(self) -> dict[str, int]:
+    return resolve_widths(type(self).__name__, self.default_widths(), self.widths)
+
+  @nn.nowrap
+  def batch_norm(self, train: bool, name: str) -> norm.BatchNorm | nn.BatchNorm:
+    return batch_norm(self.performance, train, self.bn_scale_init, name=name)
+
+  @nn.nowrap
+  def classify(self, x):
+    """The logits of the globally average-pooled feature map (the Dense layer `head`)."""
+    return dense(self.num_classes, self.dense_init, name='head')(jnp.mean(x, axis=(1, 2)))
 
 
 # The initialisers the `dense_init` setting names for every Dense layer's kernel (biases
@@ -79,11 +94,20 @@ def dense(features: int, init: str = 'lecun_normal', name: str | None = None) ->
 
 
 def conv(performance: PerformanceOptions, features: int, kernel: int, stride: int = 1,
-         name: str | None = None) -> Conv:
+         name: str | None = None, torch_padding: bool = False) -> Conv:
   # conv.Conv has nn.Conv's parameters (and is one), but can compute small CPU feature
   # maps as patches x matrix, where XLA's native convolution is many times slower.
-  return Conv(features, (kernel, kernel), strides=(stride, stride), padding='SAME',
+  # torch_padding pads k // 2 on every side as PyTorch does: 'SAME' pads a strided
+  # convolution at the bottom and right only, sampling other positions than torchvision.
+  padding = ((kernel // 2,) * 2,) * 2 if torch_padding else 'SAME'
+  return Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
               use_bias=False, kernel_init=conv_init, impl=performance.conv_impl, name=name)
+
+
+def check_image(x, need: int, what: str):
+  """ConfigError unless the images are at least need x need: they are the user's dataset."""
+  if min(x.shape[1:3]) < need:
+    raise ConfigError(f"{what} at least {need}x{need} pixels, got {x.shape[1]}x{x.shape[2]}.")
 
 
 def resolve_widths(model_name: str, default: Mapping[str, int],

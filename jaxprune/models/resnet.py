@@ -6,24 +6,19 @@ changed to build thinner networks but are not prunable, because every block of t
 stage adds into them. The prunable groups are the channels internal to a block.
 """
 
-from typing import Mapping, Sequence
+import functools
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxprune.errors import ConfigError
-from jaxprune.kernels.conv import Conv
-from jaxprune.kernels.options import PerformanceOptions
 from jaxprune.models import layers
 
 
 def _check_image(x, downsamplings: int):
-  # The images are the user's dataset (and image size): a ConfigError.
-  need = 2 ** downsamplings
-  if min(x.shape[1:3]) < need:
-    raise ConfigError(f"this network halves the image {downsamplings} times and needs at "
-                      f"least {need}x{need} pixels, got {x.shape[1]}x{x.shape[2]}.")
+  layers.check_image(x, 2 ** downsamplings,
+                     f'this network halves the image {downsamplings} times and needs')
 
 
 def _blocks_per_stage(name: str, depth: int, per_block: int, extra: int) -> int:
@@ -31,6 +26,20 @@ def _blocks_per_stage(name: str, depth: int, per_block: int, extra: int) -> int:
   if rest or n < 1:
     raise ValueError(f"{name} depth must be {per_block}n+{extra} with n >= 1, got {depth}.")
   return n
+
+
+def _blocks(per_stage: Sequence[int]) -> list[tuple[int, int, str]]:
+  """(stage, block, name) of every block, in order, both counted from 1."""
+  return [(s, b, f'stage{s}_block{b}') for s, n in enumerate(per_stage, 1)
+          for b in range(1, n + 1)]
+
+
+def _basic_branch(conv, bn, x, width: int, out: int, stride: int, block: str):
+  """A basic block's residual branch: 3x3 conv (`width`, `stride`), BN, ReLU, 3x3 conv
+  (`out`), BN; `conv` and `bn` make the layers."""
+  y = conv(width, 3, stride, name=f'{block}_conv1')(x)
+  y = nn.relu(bn(f'{block}_bn1')(y))
+  return bn(f'{block}_bn2')(conv(out, 3, name=f'{block}_conv2')(y))
 
 
 # The parameter-free shortcuts of a basic-block ResNet's downsampling blocks.
@@ -49,19 +58,13 @@ class ResNet(layers.Network):
   """
   depth: int = 56
   stage_widths: Sequence[int] = (16, 32, 64)
-  num_classes: int = 10
-  widths: Mapping[str, int] | None = None
-  performance: PerformanceOptions = PerformanceOptions()
-  bn_scale_init: float = 1.0
-  dense_init: str = 'lecun_normal'
   shortcut: str = 'subsample'
 
   def blocks_per_stage(self) -> int:
     return _blocks_per_stage('ResNet', self.depth, 6, 2)
 
   def prunable_groups(self) -> tuple[str, ...]:
-    n = self.blocks_per_stage()
-    return tuple(f'stage{s}_block{b}' for s in (1, 2, 3) for b in range(1, n + 1))
+    return tuple(block for _, _, block in _blocks((self.blocks_per_stage(),) * 3))
 
   def group_layers(self) -> dict[str, str]:
     streams = {'stage1': 'stem', 'stage2': 'stage2_block1_conv2', 'stage3': 'stage3_block1_conv2'}
@@ -74,26 +77,20 @@ class ResNet(layers.Network):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    perf = self.performance
-    widths = layers.resolve_widths('ResNet', self.default_widths(), self.widths)
+    widths = self.resolved_widths()
     _check_image(x, 2)
-    x = layers.conv(perf, widths['stage1'], 3, name='stem')(x)
-    x = nn.relu(layers.batch_norm(perf, train, self.bn_scale_init, name='stem_bn')(x))
-    for s in (1, 2, 3):
+    conv = functools.partial(layers.conv, self.performance)
+    bn = lambda name: self.batch_norm(train, name)
+    x = nn.relu(bn('stem_bn')(conv(widths['stage1'], 3, name='stem')(x)))
+    for s, b, block in _blocks((self.blocks_per_stage(),) * 3):
       out = widths[f'stage{s}']
-      if out < x.shape[-1]:
+      if b == 1 and out < x.shape[-1]:
         raise ValueError(f"stage{s} width {out} is narrower than the stage before it "
                          f"({x.shape[-1]}); the zero-padding shortcut needs it at least as wide.")
-      for b in range(1, self.blocks_per_stage() + 1):
-        group = f'stage{s}_block{b}'
-        stride = 2 if s > 1 and b == 1 else 1
-        y = layers.conv(perf, widths[group], 3, stride, name=f'{group}_conv1')(x)
-        y = nn.relu(layers.batch_norm(perf, train, self.bn_scale_init, name=f'{group}_bn1')(y))
-        y = layers.conv(perf, out, 3, name=f'{group}_conv2')(y)
-        y = layers.batch_norm(perf, train, self.bn_scale_init, name=f'{group}_bn2')(y)
-        x = nn.relu(y + self.downsampled(x, stride, out))
-    x = jnp.mean(x, axis=(1, 2))
-    return layers.dense(self.num_classes, self.dense_init, name='head')(x)
+      stride = 2 if s > 1 and b == 1 else 1
+      y = _basic_branch(conv, bn, x, widths[block], out, stride, block)
+      x = nn.relu(y + self.downsampled(x, stride, out))
+    return self.classify(x)
 
   def downsampled(self, x, stride: int, out: int):
     """The block's shortcut: `x` itself, or `shortcut`'s parameter-free downsampling."""
@@ -120,26 +117,20 @@ class PreResNet(layers.Network):
   depth: int = 164
   planes: Sequence[int] = (16, 32, 64)
   expansion: int = 4
-  num_classes: int = 10
-  widths: Mapping[str, int] | None = None
-  performance: PerformanceOptions = PerformanceOptions()
-  bn_scale_init: float = 1.0
-  dense_init: str = 'lecun_normal'
 
   def blocks_per_stage(self) -> int:
     return _blocks_per_stage('PreResNet', self.depth, 9, 2)
 
   def prunable_groups(self) -> tuple[str, ...]:
-    n = self.blocks_per_stage()
-    groups = [f'stage{s}_block{b}_{part}' for s in (1, 2, 3) for b in range(1, n + 1)
-              for part in ('in', 'mid1', 'mid2')]
+    blocks = _blocks((self.blocks_per_stage(),) * 3)
+    groups = [f'{block}_{part}' for _, _, block in blocks for part in ('in', 'mid1', 'mid2')]
     return tuple(groups) + ('final',)
 
   def group_layers(self) -> dict[str, str]:
     layers_of = {'stem': 'stem', **{f'stage{s}': f'stage{s}_block1_conv3' for s in (1, 2, 3)}}
     for group in self.prunable_groups():
       block, _, part = group.rpartition('_')
-      layers_of[group] = {'in': f'{group}_select', 'mid1': f'{block}_conv1',
+      layers_of[group] = {'mid1': f'{block}_conv1',
                           'mid2': f'{block}_conv2'}.get(part, f'{group}_select')
     return layers_of
 
@@ -147,40 +138,35 @@ class PreResNet(layers.Network):
     stream = [p * self.expansion for p in self.planes]
     widths = {'stem': self.planes[0]}
     widths.update({f'stage{s}': w for s, w in zip((1, 2, 3), stream)})
-    n = self.blocks_per_stage()
-    for s in (1, 2, 3):
-      for b in range(1, n + 1):
-        reads = self.planes[0] if (s, b) == (1, 1) else stream[s - 1 if b > 1 else s - 2]
-        widths[f'stage{s}_block{b}_in'] = reads
-        widths[f'stage{s}_block{b}_mid1'] = self.planes[s - 1]
-        widths[f'stage{s}_block{b}_mid2'] = self.planes[s - 1]
+    for s, b, block in _blocks((self.blocks_per_stage(),) * 3):
+      reads = self.planes[0] if (s, b) == (1, 1) else stream[s - 1 if b > 1 else s - 2]
+      widths[f'{block}_in'] = reads
+      widths[f'{block}_mid1'] = self.planes[s - 1]
+      widths[f'{block}_mid2'] = self.planes[s - 1]
     widths['final'] = stream[-1]
     return widths
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     perf = self.performance
-    widths = layers.resolve_widths('PreResNet', self.default_widths(), self.widths)
+    widths = self.resolved_widths()
     _check_image(x, 2)
     x = layers.conv(perf, widths['stem'], 3, name='stem')(x)
-    for s in (1, 2, 3):
-      for b in range(1, self.blocks_per_stage() + 1):
-        block = f'stage{s}_block{b}'
-        stride = 2 if s > 1 and b == 1 else 1
-        y = layers.SelectBnRelu(widths[f'{block}_in'], train, perf, self.bn_scale_init,
-                                name=f'{block}_in_select')(x)
-        y = layers.conv(perf, widths[f'{block}_mid1'], 1, name=f'{block}_conv1')(y)
-        y = nn.relu(layers.batch_norm(perf, train, self.bn_scale_init, name=f'{block}_bn2')(y))
-        y = layers.conv(perf, widths[f'{block}_mid2'], 3, stride, name=f'{block}_conv2')(y)
-        y = nn.relu(layers.batch_norm(perf, train, self.bn_scale_init, name=f'{block}_bn3')(y))
-        y = layers.conv(perf, widths[f'stage{s}'], 1, name=f'{block}_conv3')(y)
-        if b == 1:
-          x = layers.conv(perf, widths[f'stage{s}'], 1, stride, name=f'{block}_shortcut')(x)
-        x = x + y
+    for s, b, block in _blocks((self.blocks_per_stage(),) * 3):
+      stride = 2 if s > 1 and b == 1 else 1
+      y = layers.SelectBnRelu(widths[f'{block}_in'], train, perf, self.bn_scale_init,
+                              name=f'{block}_in_select')(x)
+      y = layers.conv(perf, widths[f'{block}_mid1'], 1, name=f'{block}_conv1')(y)
+      y = nn.relu(self.batch_norm(train, f'{block}_bn2')(y))
+      y = layers.conv(perf, widths[f'{block}_mid2'], 3, stride, name=f'{block}_conv2')(y)
+      y = nn.relu(self.batch_norm(train, f'{block}_bn3')(y))
+      y = layers.conv(perf, widths[f'stage{s}'], 1, name=f'{block}_conv3')(y)
+      if b == 1:
+        x = layers.conv(perf, widths[f'stage{s}'], 1, stride, name=f'{block}_shortcut')(x)
+      x = x + y
     x = layers.SelectBnRelu(widths['final'], train, perf, self.bn_scale_init,
                             name='final_select')(x)
-    x = jnp.mean(x, axis=(1, 2))
-    return layers.dense(self.num_classes, self.dense_init, name='head')(x)
+    return self.classify(x)
 
 
 class WideResNet(layers.Network):
@@ -192,18 +178,12 @@ class WideResNet(layers.Network):
   """
   depth: int = 40
   widen_factor: int = 2
-  num_classes: int = 10
-  widths: Mapping[str, int] | None = None
-  performance: PerformanceOptions = PerformanceOptions()
-  bn_scale_init: float = 1.0
-  dense_init: str = 'lecun_normal'
 
   def blocks_per_stage(self) -> int:
     return _blocks_per_stage('WideResNet', self.depth, 6, 4)
 
   def prunable_groups(self) -> tuple[str, ...]:
-    n = self.blocks_per_stage()
-    return tuple(f'stage{s}_block{b}' for s in (1, 2, 3) for b in range(1, n + 1))
+    return tuple(block for _, _, block in _blocks((self.blocks_per_stage(),) * 3))
 
   def group_layers(self) -> dict[str, str]:
     layers_of = {'stem': 'stem', **{f'stage{s}': f'stage{s}_block1_conv2' for s in (1, 2, 3)}}
@@ -221,32 +201,26 @@ class WideResNet(layers.Network):
   @nn.compact
   def __call__(self, x, train: bool = False):
     perf = self.performance
-    widths = layers.resolve_widths('WideResNet', self.default_widths(), self.widths)
+    widths = self.resolved_widths()
     _check_image(x, 2)
     x = layers.conv(perf, widths.get('stem', widths['stage1']), 3, name='stem')(x)
-    for s in (1, 2, 3):
-      for b in range(1, self.blocks_per_stage() + 1):
-        group = f'stage{s}_block{b}'
-        stride = 2 if s > 1 and b == 1 else 1
-        # Projection iff the default network changes width or resolution here; a
-        # structural choice that must not depend on the (prunable) widths.
-        project = b == 1 and (s > 1 or self.widen_factor != 1)
-        pre = nn.relu(layers.batch_norm(perf, train, self.bn_scale_init, name=f'{group}_bn1')(x))
-        if project:
-          shortcut = layers.conv(perf, widths[f'stage{s}'], 1, stride,
-                                 name=f'{group}_shortcut')(pre)
-        else:
-          shortcut = x
-        y = layers.conv(perf, widths[group], 3, stride, name=f'{group}_conv1')(pre)
-        y = nn.relu(layers.batch_norm(perf, train, self.bn_scale_init, name=f'{group}_bn2')(y))
-        y = layers.conv(perf, widths[f'stage{s}'], 3, name=f'{group}_conv2')(y)
-        if shortcut.shape[-1] != y.shape[-1]:
-          raise ValueError(f"stage{s} width {y.shape[-1]} must equal the width entering it "
-                           f"({shortcut.shape[-1]}) for a WideResNet with identity shortcuts.")
-        x = y + shortcut
-    x = nn.relu(layers.batch_norm(perf, train, self.bn_scale_init, name='final_bn')(x))
-    x = jnp.mean(x, axis=(1, 2))
-    return layers.dense(self.num_classes, self.dense_init, name='head')(x)
+    for s, b, block in _blocks((self.blocks_per_stage(),) * 3):
+      stride = 2 if s > 1 and b == 1 else 1
+      pre = nn.relu(self.batch_norm(train, f'{block}_bn1')(x))
+      # Projection iff the default network changes width or resolution here; a
+      # structural choice that must not depend on the (prunable) widths.
+      if b == 1 and (s > 1 or self.widen_factor != 1):
+        shortcut = layers.conv(perf, widths[f'stage{s}'], 1, stride, name=f'{block}_shortcut')(pre)
+      else:
+        shortcut = x
+      y = layers.conv(perf, widths[block], 3, stride, name=f'{block}_conv1')(pre)
+      y = nn.relu(self.batch_norm(train, f'{block}_bn2')(y))
+      y = layers.conv(perf, widths[f'stage{s}'], 3, name=f'{block}_conv2')(y)
+      if shortcut.shape[-1] != y.shape[-1]:
+        raise ValueError(f"stage{s} width {y.shape[-1]} must equal the width entering it "
+                         f"({shortcut.shape[-1]}) for a WideResNet with identity shortcuts.")
+      x = y + shortcut
+    return self.classify(nn.relu(self.batch_norm(train, 'final_bn')(x)))
 
 
 # torchvision's ImageNet ResNets by depth: the block and the blocks of each of the 4 stages.
@@ -254,16 +228,6 @@ IMAGENET_DEPTHS = {18: ('basic', (2, 2, 2, 2)), 34: ('basic', (3, 4, 6, 3)),
                    50: ('bottleneck', (3, 4, 6, 3)), 101: ('bottleneck', (3, 4, 23, 3))}
 # A bottleneck's stream is this many times its inner width.
 EXPANSION = 4
-
-
-def _torch_conv(performance: PerformanceOptions, features: int, kernel: int, stride: int = 1,
-                name: str | None = None) -> Conv:
-  # `layers.conv`, padded k // 2 on every side as PyTorch pads: 'SAME' would pad a strided
-  # convolution at the bottom and right only and sample other positions than torchvision.
-  pad = (kernel // 2, kernel // 2)
-  return Conv(features, (kernel, kernel), strides=(stride, stride), padding=(pad, pad),
-              use_bias=False, kernel_init=layers.conv_init, impl=performance.conv_impl,
-              name=name)
 
 
 class ImageNetResNet(layers.Network):
@@ -287,13 +251,9 @@ class ImageNetResNet(layers.Network):
   U(+-1/sqrt(fan_in))). The final map is averaged whole, as torchvision's adaptive pool
   does (the 7x7 average pool of [R]'s older torchvision is the same at 224x224).
   """
+  num_classes: int = 1000
   depth: int = 50
   stage_widths: Sequence[int] = (64, 128, 256, 512)
-  num_classes: int = 1000
-  widths: Mapping[str, int] | None = None
-  performance: PerformanceOptions = PerformanceOptions()
-  bn_scale_init: float = 1.0
-  dense_init: str = 'lecun_normal'
 
   def architecture(self) -> tuple[str, tuple[int, ...]]:
     if self.depth not in IMAGENET_DEPTHS:
@@ -301,18 +261,13 @@ class ImageNetResNet(layers.Network):
                        f'got {self.depth}.')
     return IMAGENET_DEPTHS[self.depth]
 
-  def _blocks(self) -> list[tuple[int, int, str]]:
-    """(stage, block, name) of every block, in order."""
-    _, stages = self.architecture()
-    return [(s, b, f'stage{s}_block{b}') for s, n in enumerate(stages, 1)
-            for b in range(1, n + 1)]
-
   def _bottleneck(self) -> bool:
     return self.architecture()[0] == 'bottleneck'
 
   def prunable_groups(self) -> tuple[str, ...]:
     parts = ('_mid1', '_mid2') if self._bottleneck() else ('',)
-    return tuple(f'{block}{part}' for _, _, block in self._blocks() for part in parts)
+    return tuple(f'{block}{part}' for _, _, block in _blocks(self.architecture()[1])
+                 for part in parts)
 
   def group_layers(self) -> dict[str, str]:
     last = 'conv3' if self._bottleneck() else 'conv2'
@@ -320,48 +275,43 @@ class ImageNetResNet(layers.Network):
     layers_of.update({f'stage{s}': f'stage{s}_block1_{last}' for s in (1, 2, 3, 4)})
     for group in self.prunable_groups():
       block, _, part = group.rpartition('_')
-      layers_of[group] = (f'{block}_conv1' if part == 'mid1' else f'{block}_conv2'
-                          if part == 'mid2' else f'{group}_conv1')
+      layers_of[group] = {'mid1': f'{block}_conv1',
+                          'mid2': f'{block}_conv2'}.get(part, f'{group}_conv1')
     return layers_of
 
   def default_widths(self) -> dict[str, int]:
     expansion = EXPANSION if self._bottleneck() else 1
     widths = {'stem': self.stage_widths[0]} if self._bottleneck() else {}
     widths.update({f'stage{s}': w * expansion for s, w in enumerate(self.stage_widths, 1)})
-    for group in self.prunable_groups():
-      widths[group] = self.stage_widths[int(group[5]) - 1]
+    widths.update({g: self.stage_widths[int(g[5]) - 1] for g in self.prunable_groups()})
     return widths
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    perf = self.performance
-    widths = layers.resolve_widths('ImageNetResNet', self.default_widths(), self.widths)
+    widths = self.resolved_widths()
     _check_image(x, 5)
     bottleneck = self._bottleneck()
-    bn = lambda name: layers.batch_norm(perf, train, self.bn_scale_init, name=name)
-    x = _torch_conv(perf, widths['stem' if bottleneck else 'stage1'], 7, 2, name='stem')(x)
+    conv = functools.partial(layers.conv, self.performance, torch_padding=True)
+    bn = lambda name: self.batch_norm(train, name)
+    x = conv(widths['stem' if bottleneck else 'stage1'], 7, 2, name='stem')(x)
     x = nn.relu(bn('stem_bn')(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    for s, b, block in self._blocks():
+    for s, b, block in _blocks(self.architecture()[1]):
       stride = 2 if s > 1 and b == 1 else 1
       out = widths[f'stage{s}']
       if bottleneck:
-        y = _torch_conv(perf, widths[f'{block}_mid1'], 1, name=f'{block}_conv1')(x)
+        y = conv(widths[f'{block}_mid1'], 1, name=f'{block}_conv1')(x)
         y = nn.relu(bn(f'{block}_bn1')(y))
-        y = _torch_conv(perf, widths[f'{block}_mid2'], 3, stride, name=f'{block}_conv2')(y)
+        y = conv(widths[f'{block}_mid2'], 3, stride, name=f'{block}_conv2')(y)
         y = nn.relu(bn(f'{block}_bn2')(y))
-        y = bn(f'{block}_bn3')(_torch_conv(perf, out, 1, name=f'{block}_conv3')(y))
+        y = bn(f'{block}_bn3')(conv(out, 1, name=f'{block}_conv3')(y))
       else:
-        y = _torch_conv(perf, widths[block], 3, stride, name=f'{block}_conv1')(x)
-        y = nn.relu(bn(f'{block}_bn1')(y))
-        y = bn(f'{block}_bn2')(_torch_conv(perf, out, 3, name=f'{block}_conv2')(y))
+        y = _basic_branch(conv, bn, x, widths[block], out, stride, block)
       # Projection iff the default network changes width or resolution here (torchvision's
       # rule); a structural choice that must not depend on the (prunable) widths.
       if b == 1 and (s > 1 or bottleneck):
-        shortcut = _torch_conv(perf, out, 1, stride, name=f'{block}_shortcut')(x)
-        shortcut = bn(f'{block}_shortcut_bn')(shortcut)
+        shortcut = bn(f'{block}_shortcut_bn')(conv(out, 1, stride, name=f'{block}_shortcut')(x))
       else:
         shortcut = x
       x = nn.relu(y + shortcut)
-    x = jnp.mean(x, axis=(1, 2))
-    return layers.dense(self.num_classes, self.dense_init, name='head')(x)
+    return self.classify(x)

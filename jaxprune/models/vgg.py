@@ -11,14 +11,12 @@ Dense(fc) -> BN -> ReLU -> Dense (L1-norm filter pruning's VGG), whose hidden
 units form the prunable group `fc`.
 """
 
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxprune.errors import ConfigError
-from jaxprune.kernels.options import PerformanceOptions
 from jaxprune.models import layers
 
 CFGS = {
@@ -31,29 +29,25 @@ CFGS = {
 }
 
 
-def conv_names(cfg: Sequence) -> list[str]:
-  names, stage, index = [], 1, 0
+def conv_widths(cfg: Sequence) -> dict[str, int]:
+  """{conv group: channels} of a layer list, in order."""
+  widths, stage, index = {}, 1, 0
   for item in cfg:
     if item == 'M':
       stage, index = stage + 1, 0
     else:
       index += 1
-      names.append(f'conv{stage}_{index}')
-  return names
+      widths[f'conv{stage}_{index}'] = item
+  return widths
 
 
 class VGG(layers.Network):
   cfg: Sequence = CFGS['vgg16']
   classifier: str = 'linear'
   fc_width: int = 512
-  num_classes: int = 10
-  widths: Mapping[str, int] | None = None
-  performance: PerformanceOptions = PerformanceOptions()
-  bn_scale_init: float = 1.0
-  dense_init: str = 'lecun_normal'
 
   def default_widths(self) -> dict[str, int]:
-    widths = dict(zip(conv_names(self.cfg), [c for c in self.cfg if c != 'M']))
+    widths = conv_widths(self.cfg)
     if self.classifier == 'mlp':
       widths['fc'] = self.fc_width
     return widths
@@ -62,31 +56,35 @@ class VGG(layers.Network):
     return tuple(self.default_widths())
 
   def group_layers(self) -> dict[str, str]:
-    return {g: f'{g}_conv' if g != 'fc' else 'fc_dense' for g in self.default_widths()}
+    return {g: f'{g}_dense' if g.startswith('fc') else f'{g}_conv' for g in self.default_widths()}
+
+  def layer_items(self) -> tuple:
+    """The conv stack: `cfg`'s channels and max pools ('M')."""
+    return tuple(self.cfg)
 
   def min_image_size(self) -> int:
-    return 2 ** sum(1 for c in self.cfg if c == 'M')
+    return 2 ** self.layer_items().count('M')
+
+  @nn.nowrap
+  def features(self, x, train: bool, widths: dict[str, int]):
+    layers.check_image(x, self.min_image_size(), 'this VGG needs images of')
+    names = iter(conv_widths(self.cfg))
+    for item in self.layer_items():
+      if item == 'M':
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      else:
+        name = next(names)
+        x = layers.conv(self.performance, widths[name], 3, name=f'{name}_conv')(x)
+        x = nn.relu(self.batch_norm(train, f'{name}_bn')(x))
+    return x
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    perf = self.performance
-    widths = layers.resolve_widths(type(self).__name__, self.default_widths(), self.widths)
-    if min(x.shape[1:3]) < self.min_image_size():
-      # The images are the user's dataset (and image size): a ConfigError.
-      raise ConfigError(f"this VGG needs images of at least {self.min_image_size()}x"
-                        f"{self.min_image_size()} pixels, got {x.shape[1]}x{x.shape[2]}.")
-    names = iter(conv_names(self.cfg))
-    for item in self.cfg:
-      if item == 'M':
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        continue
-      name = next(names)
-      x = layers.conv(perf, widths[name], 3, name=f'{name}_conv')(x)
-      x = nn.relu(layers.batch_norm(perf, train, self.bn_scale_init, name=f'{name}_bn')(x))
-    x = jnp.mean(x, axis=(1, 2))
+    widths = self.resolved_widths()
+    x = jnp.mean(self.features(x, train, widths), axis=(1, 2))
     if self.classifier == 'mlp':
       x = layers.dense(widths['fc'], self.dense_init, name='fc_dense')(x)
-      x = nn.relu(layers.batch_norm(perf, train, self.bn_scale_init, name='fc_bn')(x))
+      x = nn.relu(self.batch_norm(train, 'fc_bn')(x))
     elif self.classifier != 'linear':
       raise ValueError(f"unknown VGG classifier {self.classifier!r}; choose 'linear' or 'mlp'.")
     return layers.dense(self.num_classes, self.dense_init, name='head')(x)
@@ -99,14 +97,13 @@ IMAGENET_CLASSIFIERS = {
 }
 
 
-class ImageNetVGG(layers.Network):
+class ImageNetVGG(VGG):
   """VGG with BatchNorm for 224x224 images: torchvision's vgg11_bn / vgg16_bn.
 
-  The conv stack of `cfg` (a CIFAR `CFGS` entry, groups `conv{stage}_{index}` as `VGG`'s),
-  each conv followed by BN and ReLU, then a fifth 2x2 max pool; the classifier reads the
-  flattened final map (7x7x512 at 224x224, as the torchvision of [R]'s code, whose VGG
-  flattens its features directly) through two hidden Dense layers of `fc_width` units,
-  the prunable groups `fc1` and `fc2`, and the Dense head. Every group is prunable.
+  `VGG`'s conv stack, then a fifth 2x2 max pool; the classifier reads the flattened final
+  map (7x7x512 at 224x224, as the torchvision of [R]'s code, whose VGG flattens its
+  features directly) through two hidden Dense layers of `fc_width` units, the prunable
+  groups `fc1` and `fc2`, and the Dense head. Every group is prunable.
 
   Dropout (`classifier` 'dropout'): as torchvision, Dropout(0.5) after each hidden ReLU
   while training; its key is the state variable `batch_stats/dropout_key` (PRNG key data),
@@ -121,54 +118,30 @@ class ImageNetVGG(layers.Network):
   another size than 224x224 feeds its own map size to fc1, where torchvision's adaptive
   pool would first average or repeat it to 7x7.
   """
-  cfg: Sequence = CFGS['vgg16']
+  num_classes: int = 1000
   classifier: str = 'dropout'
   fc_width: int = 4096
   dropout_rate: float = 0.5
-  num_classes: int = 1000
-  widths: Mapping[str, int] | None = None
-  performance: PerformanceOptions = PerformanceOptions()
-  bn_scale_init: float = 1.0
-  dense_init: str = 'lecun_normal'
 
   def default_widths(self) -> dict[str, int]:
-    widths = dict(zip(conv_names(self.cfg), [c for c in self.cfg if c != 'M']))
-    return {**widths, 'fc1': self.fc_width, 'fc2': self.fc_width}
+    return {**conv_widths(self.cfg), 'fc1': self.fc_width, 'fc2': self.fc_width}
 
-  def prunable_groups(self) -> tuple[str, ...]:
-    return tuple(self.default_widths())
-
-  def group_layers(self) -> dict[str, str]:
-    return {g: f'{g}_dense' if g.startswith('fc') else f'{g}_conv' for g in self.default_widths()}
-
-  def min_image_size(self) -> int:
-    return 2 ** (1 + sum(1 for c in self.cfg if c == 'M'))
+  def layer_items(self) -> tuple:
+    return tuple(self.cfg) + ('M',)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    perf = self.performance
     if self.classifier not in IMAGENET_CLASSIFIERS:
       raise ValueError(f'unknown ImageNetVGG classifier {self.classifier!r}; one of '
                        f'{list(IMAGENET_CLASSIFIERS)}.')
-    widths = layers.resolve_widths(type(self).__name__, self.default_widths(), self.widths)
-    if min(x.shape[1:3]) < self.min_image_size():
-      # The images are the user's dataset (and image size): a ConfigError.
-      raise ConfigError(f"this VGG needs images of at least {self.min_image_size()}x"
-                        f"{self.min_image_size()} pixels, got {x.shape[1]}x{x.shape[2]}.")
-    names = iter(conv_names(self.cfg))
-    for item in tuple(self.cfg) + ('M',):
-      if item == 'M':
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        continue
-      name = next(names)
-      x = layers.conv(perf, widths[name], 3, name=f'{name}_conv')(x)
-      x = nn.relu(layers.batch_norm(perf, train, self.bn_scale_init, name=f'{name}_bn')(x))
+    widths = self.resolved_widths()
+    x = self.features(x, train, widths)
     x = x.reshape(x.shape[0], -1)
     keys = self._dropout_keys(train) if self.classifier == 'dropout' else None
     for i, group in enumerate(('fc1', 'fc2')):
       x = layers.dense(widths[group], self.dense_init, name=f'{group}_dense')(x)
       if self.classifier == 'bn':
-        x = layers.batch_norm(perf, train, self.bn_scale_init, name=f'{group}_bn')(x)
+        x = self.batch_norm(train, f'{group}_bn')(x)
       x = nn.relu(x)
       if keys is not None:
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x, rng=keys[i])

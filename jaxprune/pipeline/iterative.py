@@ -75,8 +75,7 @@ def prune(config, model, prog, variables, data, stage, *, options: train.TrainOp
       current = {g: jax.device_put(m.astype(host_masks[g].dtype), current[g].sharding)
                  for g, m in select.remove_lowest(
                      structure, scores, host_masks, k, normalize=normalize,
-                     flops_penalty=config.flops_penalty,
-                     flops_cost=config.flops_cost,
+                     flops_penalty=config.flops_penalty, flops_cost=config.flops_cost,
                      min_channels=config.min_channels).items()}
       masks.update({g: np.asarray(m) for g, m in current.items()})
       progress['removed'] += k
@@ -114,6 +113,5 @@ def prune(config, model, prog, variables, data, stage, *, options: train.TrainOp
                           rng=rng)
   masks = select.select(config.selection, structure, scores, target_macs=config.target_macs,
                         min_channels=config.min_channels, flops_penalty=config.flops_penalty,
-                        flops_cost=config.flops_cost,
-                        current=masks)
+                        flops_cost=config.flops_cost, current=masks)
   return masks, finetuned, scores

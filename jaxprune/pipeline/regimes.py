@@ -55,11 +55,10 @@ from flax import traverse_util
 
 from jaxprune import models, train
 from jaxprune.errors import ConfigError
-from jaxprune.prune import flops, shrink, weights
 from jaxprune.models import own
 from jaxprune.models.densenet import DenseNet
 from jaxprune.models.layers import INDICES
-from jaxprune.prune import program
+from jaxprune.prune import flops, program, shrink, weights
 from jaxprune.prune.program import Program
 from jaxprune.prune.structure import Structure
 
@@ -240,19 +239,16 @@ def plan(regime: str, pruned: Pruned, *, build: Callable, image_shape, epochs: i
     return Plan(pruned.widths, pruned.variables, finetune_epochs,
                 dataclasses.replace(retrain, learning_rate=finetune_lr, schedule='constant'),
                 batch_size=finetune_batch_size, architecture=pruned.architecture)
-  if regime == 'scratch':
+  if regime in ('scratch', 'scratch_b'):
+    length = epochs
+    if regime == 'scratch_b':
+      length = scratch_b_epochs(epochs, flops.count(pruned.structure).macs, pruned.cost().macs,
+                                scratch_b_cap)
+      if retrain.decay_epochs is not None:
+        retrain = dataclasses.replace(retrain, decay_epochs=tuple(
+            int(m * length / epochs) for m in retrain.decay_epochs))
     return Plan(pruned.widths, _fresh(build, pruned.architecture, pruned.variables,
-                                      image_shape, rng, pruned.weight_masks), epochs, retrain,
-                architecture=pruned.architecture)
-  if regime == 'scratch_b':
-    full = flops.count(pruned.structure).macs
-    small = pruned.cost().macs
-    longer = scratch_b_epochs(epochs, full, small, scratch_b_cap)
-    if retrain.decay_epochs is not None:
-      retrain = dataclasses.replace(retrain, decay_epochs=tuple(
-          int(m * longer / epochs) for m in retrain.decay_epochs))
-    return Plan(pruned.widths, _fresh(build, pruned.architecture, pruned.variables,
-                                      image_shape, rng, pruned.weight_masks), longer, retrain,
+                                      image_shape, rng, pruned.weight_masks), length, retrain,
                 architecture=pruned.architecture)
   if regime == 'lottery':
     if pruned.weight_masks is not None:
@@ -274,6 +270,5 @@ def plan(regime: str, pruned: Pruned, *, build: Callable, image_shape, epochs: i
                   epochs, retrain, model)
     fixed = ('stem',) if reduced_match == 'params' else ()
     widths = uniform_widths(pruned.structure, budget, reduced_match, fixed)
-    return Plan(widths, _fresh(build, widths, None, image_shape, rng),
-                epochs, retrain)
+    return Plan(widths, _fresh(build, widths, None, image_shape, rng), epochs, retrain)
   raise ValueError(f"unknown regime {regime!r}")

@@ -26,9 +26,9 @@ def versions() -> dict:
   import optax
   import orbax.checkpoint
   return {'python': platform.python_version(), 'jax': jax.__version__,
-          'jaxlib': jax.lib.__version__ if hasattr(jax.lib, '__version__') else None,
-          'flax': flax.__version__, 'optax': optax.__version__,
-          'orbax-checkpoint': orbax.checkpoint.__version__, 'numpy': np.__version__}
+          'jaxlib': getattr(jax.lib, '__version__', None), 'flax': flax.__version__,
+          'optax': optax.__version__, 'orbax-checkpoint': orbax.checkpoint.__version__,
+          'numpy': np.__version__}
 
 
 def write(config, body: Mapping) -> dict:

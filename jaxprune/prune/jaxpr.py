@@ -58,6 +58,7 @@ program whose shapes depend on data (it cannot be traced at all).
 
 import collections
 import dataclasses
+import itertools
 import math
 import os
 import traceback
@@ -164,13 +165,9 @@ class Atoms:
 
   def _split(self, root: int, at: int) -> tuple[int, int]:
     parts = [self.new(at), self.new(self.size[root] - at)]
-    for part in parts:
-      if root in self.reason:
-        self.reason[part] = self.reason[root]
-      if root in self.writers:
-        self.writers[part] = self.writers[root]
-      if root in self.joined:
-        self.joined[part] = self.joined[root]
+    for tags in (self.reason, self.writers, self.joined):
+      if root in tags:
+        tags.update(dict.fromkeys(parts, tags[root]))
     self.refined[root] = parts
     return parts[0], parts[1]
 
@@ -247,15 +244,25 @@ class Group:
   leaves: tuple[tuple[LeafKey, int, int], ...]
 
 
+def call_body(eqn) -> tuple[jcore.Jaxpr, list]:
+  """The body and constants of a call-like primitive's equation (`_CALLS`)."""
+  inner = eqn.params[_CALLS[eqn.primitive.name]]
+  return (inner.jaxpr, list(inner.consts)) if hasattr(inner, 'consts') else (inner, [])
+
+
+def _var_in(v, values) -> bool:
+  """Whether `v` is a variable (a literal has no identity) among `values`."""
+  return not isinstance(v, jcore.Literal) and v in values
+
+
 def _leaf_name(key: LeafKey) -> str:
   return '/'.join(str(k) for k in key)
 
 
 def _user_frame(error: BaseException) -> str:
   """' at FILE:LINE (CODE)' of the innermost frame of the error outside jax, flax and jaxprune."""
-  skip = [os.path.dirname(m.__file__) for m in (jax, np)]
   import flax
-  skip.append(os.path.dirname(flax.__file__))
+  skip = [os.path.dirname(m.__file__) for m in (jax, np, flax)]
   skip.append(os.path.dirname(os.path.dirname(__file__)))
   frames = [f for f in traceback.extract_tb(error.__traceback__)
             if not any(f.filename.startswith(s) for s in skip)]
@@ -287,9 +294,8 @@ class Graph:
   Attributes:
     jaxpr: the traced program (leaves first, then the input).
     leaf_keys: the variable leaves, in the jaxpr's argument order.
-    groups: {name: Group}, prunable and not.
-    structure: a `Structure` over the prunable groups for selection, cost counting and the
-      criteria; leaf axes holding several groups appear as one virtual leaf per piece.
+    groups: {name: Group}, prunable and not (`structure()` is what selection, cost
+      counting and the criteria read of them).
   """
 
   def __init__(self, jaxpr: jcore.ClosedJaxpr, leaf_keys: Sequence[LeafKey],
@@ -364,11 +370,7 @@ class Graph:
     """Walks one jaxpr; `depends` holds its values computed from the input, `origins` maps
     values computed from a variable leaf alone (up to dtype, layout and smaller or constant
     operands) to that leaf."""
-    env = {}
-    for v, layouts in zip(jaxpr.constvars, const_layouts):
-      env[v] = layouts
-    for v, layouts in zip(jaxpr.invars, in_layouts):
-      env[v] = layouts
+    env = {**dict(zip(jaxpr.constvars, const_layouts)), **dict(zip(jaxpr.invars, in_layouts))}
 
     def read(v):
       if isinstance(v, jcore.Literal):
@@ -378,27 +380,24 @@ class Graph:
     for index, eqn in enumerate(jaxpr.eqns):
       site = prefix + (index,)
       ins = [read(v) for v in eqn.invars]
-      dep = {i for i, v in enumerate(eqn.invars)
-             if not isinstance(v, jcore.Literal) and v in depends}
+      dep = {i for i, v in enumerate(eqn.invars) if _var_in(v, depends)}
       self.eqns[site], self.in_layouts[site], self.dependent[site] = eqn, ins, dep
       for v in eqn.outvars:
         self.producer[v] = site
       name = eqn.primitive.name
       if name in _CALLS:
-        inner = eqn.params[_CALLS[name]]
-        closed = inner if hasattr(inner, 'consts') else None
-        body = closed.jaxpr if closed is not None else inner
-        consts = [self._fresh(np.shape(c)) for c in (closed.consts if closed else ())]
+        body, body_consts = call_body(eqn)
+        consts = [self._fresh(np.shape(c)) for c in body_consts]
         self.const_layouts[site] = consts
-        inner_depends = {bv for bv, i in zip(body.invars, range(len(ins))) if i in dep}
+        inner_depends = {bv for i, bv in enumerate(body.invars) if i in dep}
         inner_origins = {bv: origins[ov] for bv, ov in zip(body.invars, eqn.invars)
-                         if not isinstance(ov, jcore.Literal) and ov in origins}
+                         if _var_in(ov, origins)}
         outs = self._walk(body, consts, ins, site, inner_depends, inner_origins)
         for ov, bv in zip(eqn.outvars, body.outvars):
-          if not isinstance(bv, jcore.Literal) and bv in inner_origins:
+          if _var_in(bv, inner_origins):
             origins[ov] = inner_origins[bv]
         depends.update(ov for ov, bv in zip(eqn.outvars, body.outvars)
-                       if not isinstance(bv, jcore.Literal) and bv in inner_depends)
+                       if _var_in(bv, inner_depends))
       else:
         outs = self._rule(eqn, ins, site, dep, origins)
         if dep:
@@ -408,8 +407,8 @@ class Graph:
           # kernel, for its MACs and its group's name: the one leaf among the operands of the
           # result's size (statistics, scales and constants aside).
           for ov in eqn.outvars:
-            leaves = {origins[v] for v in eqn.invars if not isinstance(v, jcore.Literal)
-                      and v in origins and v.aval.size == ov.aval.size}
+            leaves = {origins[v] for v in eqn.invars
+                      if _var_in(v, origins) and v.aval.size == ov.aval.size}
             if len(leaves) == 1:
               origins[ov] = leaves.pop()
       self.out_layouts[site] = outs
@@ -445,8 +444,7 @@ class Graph:
         if len(channels) >= 2:
           a.join(outs[axis], _PRODUCT if name in _PRODUCTS else _STREAM)
       if name in _PRODUCTS and len(dep) == 1 and any(
-          math.prod(shape) == 1 and i not in dep and not (
-              not isinstance(v, jcore.Literal) and v in origins)
+          math.prod(shape) == 1 and i not in dep and not _var_in(v, origins)
           for i, (v, shape) in enumerate(zip(eqn.invars, shapes))):
         self.scaled.extend(atom for layout in ins[next(iter(dep))] for atom in layout)
       return [outs] * len(eqn.outvars)
@@ -480,7 +478,7 @@ class Graph:
           outs.append(tuple(layout) * reps)
       return [outs]
 
-    if name == 'reshape':
+    if name in ('reshape', 'expand_dims'):
       return [self._reshape(ins[0], shapes[0], out_shapes[0])]
 
     if name == 'transpose':
@@ -489,9 +487,6 @@ class Graph:
     if name == 'squeeze':
       dims = {d % len(shapes[0]) for d in params['dimensions']}
       return [[l for i, l in enumerate(ins[0]) if i not in dims]]
-
-    if name == 'expand_dims':
-      return [self._reshape(ins[0], shapes[0], out_shapes[0])]
 
     if name in _REDUCTIONS:
       axes = set(params['axes'])
@@ -681,7 +676,7 @@ class Graph:
     self.consumers.append(Consumer(site, operand, axes, tuple(ins[operand]), 'dot_general'))
     for weight, free, other_free, other in ((rhs_var, rhs_free, lhs_free, lhs),
                                             (lhs_var, lhs_free, rhs_free, rhs)):
-      if not isinstance(weight, jcore.Literal) and weight in origins:
+      if _var_in(weight, origins):
         side = 0 if weight is lhs_var else 1
         for k in free:
           a.write(ins[side][k], site)
@@ -727,7 +722,7 @@ class Graph:
       self.consumers.append(Consumer(site, 0, (lhs_spec[1],), tuple(lhs), 'conv_general_dilated'))
       a.write(out_c, site)
     kernel = eqn.invars[1]
-    if not isinstance(kernel, jcore.Literal) and kernel in origins:
+    if _var_in(kernel, origins):
       self.macs.append((site, origins[kernel], tuple(outs[d] for d in out_spec[2:])))
     return outs
 
@@ -776,12 +771,10 @@ class Graph:
         for r in roots:
           places[r].append((key, axis, offset))
           offset += a.size[r]
-    for r in [r for r in places if a.reason.get(r) in _NOT_CHANNELS]:
-      del places[r]
     # In program order: by the first layer writing the group, then by leaf order.
     first_site = {r: min(a.writers[r]) for r in places if a.writers.get(r)}
     order = sorted(places, key=lambda r: (0, first_site[r]) if r in first_site else (1,))
-    places = {r: places[r] for r in order}
+    places = {r: places[r] for r in order if a.reason.get(r) not in _NOT_CHANNELS}
     for r, where in places.items():
       base_key = writers_first.get(r, where[0][0])
       base = _leaf_name(base_key[1:-1] if len(base_key) > 2 else base_key)
@@ -909,21 +902,19 @@ class Graph:
     for index, key in enumerate(self.leaf_keys):
       per_axis = []
       for roots in self.leaf_roots[index]:
-        offset, pieces = 0, []
+        merged, offset = [], 0
         for r in roots:
-          pieces.append((offset, a.size[r], prunable.get(r)))
-          offset += a.size[r]
-        # Neighbouring pieces of no prunable group are one constant piece.
-        merged = []
-        for start, size, tag in pieces:
+          size, tag = a.size[r], prunable.get(r)
+          # Neighbouring pieces of no prunable group are one constant piece.
           if merged and tag is None and merged[-1][2] is None:
             merged[-1] = (merged[-1][0], merged[-1][1] + size, None)
           else:
-            merged.append((start, size, tag))
+            merged.append((offset, size, tag))
+          offset += size
         per_axis.append(merged)
       split = any(len(p) > 1 for p in per_axis)
       keys = []
-      for combo in _product(per_axis):
+      for combo in itertools.product(*per_axis):
         spec = ','.join(f'{s}:{s + n}' for s, n, _ in combo)
         vkey = key[:-1] + (f'[{spec}]', key[-1]) if split else key
         axes[vkey] = tuple(t for _, _, t in combo)
@@ -954,50 +945,33 @@ class Graph:
   # -------------------------------------------------------------------------------------------
   # Channel indices for masks and shrinking.
 
-  def layout_vector(self, layout, per_group: Mapping[str, np.ndarray], fill) -> list:
-    """Concatenates per-atom pieces: per_group[name] for prunable groups, fill(size) else."""
-    parts = []
+  def pieces(self, layout, per_group: Mapping[str, Any]) -> list[tuple[int, Any]]:
+    """(size, per_group[group] or None) for every atom of an axis of `layout`: None where
+    the atom is no prunable group that `per_group` names."""
+    pieces = []
     for r in self.atoms.expand(layout):
       name = self.names.get(r)
-      if name is not None and name in per_group and self.groups[name].prunable:
-        parts.append(per_group[name])
-      else:
-        parts.append(fill(self.atoms.size[r]))
-    return parts
+      named = name in per_group and self.groups[name].prunable
+      pieces.append((self.atoms.size[r], per_group[name] if named else None))
+    return pieces
 
   def kept_positions(self, layout, kept: Mapping[str, np.ndarray]) -> np.ndarray | None:
     """Indices along an axis of `layout` that survive `kept`; None when all do."""
-    pieces, offset, changed = [], 0, False
-    for r in self.atoms.expand(layout):
-      name = self.names.get(r)
-      size = self.atoms.size[r]
-      if name in kept and self.groups[name].prunable:
-        pieces.append(offset + np.asarray(kept[name]))
-        changed |= len(kept[name]) != size
-      else:
-        pieces.append(offset + np.arange(size))
+    positions, offset, changed = [], 0, False
+    for size, k in self.pieces(layout, kept):
+      positions.append(offset + (np.arange(size) if k is None else np.asarray(k)))
+      changed |= k is not None and len(k) != size
       offset += size
-    return np.concatenate(pieces).astype(np.int32) if changed else None
+    return np.concatenate(positions).astype(np.int32) if changed else None
 
   def new_size(self, layout, kept: Mapping[str, np.ndarray]) -> int:
-    total = 0
-    for r in self.atoms.expand(layout):
-      name = self.names.get(r)
-      total += len(kept[name]) if name in kept and self.groups[name].prunable else self.atoms.size[r]
-    return total
+    return sum(size if k is None else len(k) for size, k in self.pieces(layout, kept))
 
   def batch_axis(self, layouts) -> int | None:
     if self.batch_atom is None:
       return None
     batch = [self.atoms.find(self.batch_atom)]
     return next((i for i, l in enumerate(layouts) if self.atoms.expand(l) == batch), None)
-
-
-def _product(per_axis):
-  combos = [()]
-  for pieces in per_axis:
-    combos = [c + (p,) for c in combos for p in pieces]
-  return combos
 
 
 def _live_sites(jaxpr: jcore.Jaxpr, prefix: Site, needed: Sequence[bool]):
@@ -1013,9 +987,7 @@ def _live_sites(jaxpr: jcore.Jaxpr, prefix: Site, needed: Sequence[bool]):
     sites.add(site)
     reads = eqn.invars
     if eqn.primitive.name in _CALLS:
-      inner = eqn.params[_CALLS[eqn.primitive.name]]
-      body = inner.jaxpr if hasattr(inner, 'consts') else inner
-      inner_sites, used = _live_sites(body, site, [v in live for v in eqn.outvars])
+      inner_sites, used = _live_sites(call_body(eqn)[0], site, [v in live for v in eqn.outvars])
       sites |= inner_sites
       reads = [v for v, u in zip(eqn.invars, used) if u]
     live.update(v for v in reads if not isinstance(v, jcore.Literal))

@@ -31,13 +31,12 @@ from jaxprune.prune import jaxpr as jaxpr_lib
 
 def _mask_vector(graph, layout, masks, batch):
   """The (N,) or (B, N) multiplier along an axis of `layout`, or None if nothing is masked."""
-  parts = graph.layout_vector(layout, masks, lambda n: None)
-  if all(p is None for p in parts):
+  pieces = graph.pieces(layout, masks)
+  if all(p is None for _, p in pieces):
     return None
-  per_example = any(p is not None and p.ndim == 2 for p in parts)
-  sizes = [graph.atoms.size[r] for r in graph.atoms.expand(layout)]
+  per_example = any(p is not None and p.ndim == 2 for _, p in pieces)
   full = []
-  for p, n in zip(parts, sizes):
+  for n, p in pieces:
     if p is None:
       p = jnp.ones((batch, n) if per_example else (n,), jnp.float32)
     elif per_example and p.ndim == 1:
@@ -67,10 +66,15 @@ def _apply_mask(graph, value, consumer, masks):
   return value
 
 
+def _batch_first_channels_last(value, b, axis):
+  if b is None:
+    return jnp.moveaxis(value, axis, -1)[None]
+  return jnp.moveaxis(value, (b, axis), (0, -1))
+
+
 def _activation(graph, value, layouts, axis, group):
   """The group's channels of a value with `layouts` as (B, positions, C)."""
-  b = graph.batch_axis(layouts)
-  z = jnp.moveaxis(value, (b, axis), (0, -1)) if b is not None else jnp.moveaxis(value, axis, -1)[None]
+  z = _batch_first_channels_last(value, graph.batch_axis(layouts), axis)
   pieces, offset = [], 0
   root = graph.root_of[group]
   for r in graph.atoms.expand(layouts[axis]):
@@ -85,7 +89,7 @@ def _activation(graph, value, layouts, axis, group):
 def _offset(graph, value, layouts, axis, group, offset):
   """`value` plus a (B, positions, C) offset laid onto the group's channels (one piece)."""
   b = graph.batch_axis(layouts)
-  z = jnp.moveaxis(value, (b, axis), (0, -1)) if b is not None else jnp.moveaxis(value, axis, -1)[None]
+  z = _batch_first_channels_last(value, b, axis)
   start = 0
   for r in graph.atoms.expand(layouts[axis]):
     if r == graph.root_of[group]:
@@ -126,20 +130,11 @@ def _rewrite(graph, eqn, site, invals, kept):
 def evaluate(graph: jaxpr_lib.Graph, leaves, x, *, masks: Mapping | None = None,
              kept: Mapping[str, np.ndarray] | None = None, record: bool = False,
              offsets: Mapping | None = None):
-  """Runs the graph's program on (leaves, x).
+  """The output of the graph's program on (leaves, x) (its only result, or the tuple of
+  them), and with `record` the {group: activation} recorded (module docstring).
 
-  Args:
-    graph: the derived program.
-    leaves: the variable leaves in `graph.leaf_keys` order (already cut when `kept` is given).
-    x: the input.
-    masks: {group: (C,) mask or (B, C) gate} applied at every consumer; None = unmasked.
-    kept: {group: kept indices} to run the shrunk program instead.
-    record: also return {group: (B, positions, C)} activations at the record points.
-    offsets: {group: (B, positions, C)} added to the activation at its record point.
-
-  Returns:
-    The program's output (its only result, or the tuple of them), and with `record` the
-    activations too.
+  `leaves` are in `graph.leaf_keys` order, already cut to `kept` ({group: kept indices})
+  when it is given; `masks` and `offsets` are by group, as the module docstring says.
   """
   masks = masks or {}
   consumers = {}
@@ -153,16 +148,18 @@ def evaluate(graph: jaxpr_lib.Graph, leaves, x, *, masks: Mapping | None = None,
   recorded = {}
   offsets = offsets or {}
 
+  def cut(consts, site):
+    if kept is None:
+      return list(consts)
+    return [jaxpr_lib.slice_leaf(c, l, graph, kept)
+            for c, l in zip(consts, graph.const_layouts[site])]
+
   def run(jaxpr, consts, args, prefix):
-    env = {}
+    env = {**dict(zip(jaxpr.constvars, consts)), **dict(zip(jaxpr.invars, args))}
 
     def read(v):
       return v.val if isinstance(v, jcore.Literal) else env[v]
 
-    for v, value in zip(jaxpr.constvars, consts):
-      env[v] = value
-    for v, value in zip(jaxpr.invars, args):
-      env[v] = value
     for index, eqn in enumerate(jaxpr.eqns):
       site = prefix + (index,)
       invals = [read(v) for v in eqn.invars]
@@ -177,16 +174,9 @@ def evaluate(graph: jaxpr_lib.Graph, leaves, x, *, masks: Mapping | None = None,
             m = jnp.asarray(masks[group], z.dtype)
             z = z * (m[:, None, :] if m.ndim == 2 else m)
           recorded[group] = z
-      name = eqn.primitive.name
-      if name in jaxpr_lib._CALLS:
-        inner = eqn.params[jaxpr_lib._CALLS[name]]
-        closed = inner if hasattr(inner, 'consts') else None
-        body = closed.jaxpr if closed is not None else inner
-        inner_consts = list(closed.consts) if closed is not None else []
-        if kept is not None:
-          inner_consts = [jaxpr_lib.slice_leaf(c, l, graph, kept)
-                          for c, l in zip(inner_consts, graph.const_layouts[site])]
-        outs = run(body, inner_consts, invals, site)
+      if eqn.primitive.name in jaxpr_lib._CALLS:
+        body, inner_consts = jaxpr_lib.call_body(eqn)
+        outs = run(body, cut(inner_consts, site), invals, site)
       else:
         params = eqn.params if kept is None else _rewrite(graph, eqn, site, invals, kept)
         outs = eqn.primitive.bind(*invals, **params)
@@ -196,10 +186,6 @@ def evaluate(graph: jaxpr_lib.Graph, leaves, x, *, masks: Mapping | None = None,
         env[v] = value
     return [read(v) for v in jaxpr.outvars]
 
-  consts = list(graph.jaxpr.consts)
-  if kept is not None:
-    consts = [jaxpr_lib.slice_leaf(c, l, graph, kept)
-              for c, l in zip(consts, graph.const_layouts[()])]
-  outs = run(graph.jaxpr.jaxpr, consts, list(leaves) + [x], ())
+  outs = run(graph.jaxpr.jaxpr, cut(graph.jaxpr.consts, ()), list(leaves) + [x], ())
   out = outs[0] if len(outs) == 1 else tuple(outs)
   return (out, recorded) if record else out

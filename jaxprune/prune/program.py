@@ -54,16 +54,6 @@ def _canonical(model):
   return model
 
 
-def _spec(x) -> jax.ShapeDtypeStruct:
-  return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
-
-
-def _name_groups(graph: jaxpr_lib.Graph, model: nn.Module) -> jaxpr_lib.Graph:
-  if hasattr(model, 'group_layers'):
-    graph.name_groups(model.group_layers(), model.prunable_groups(), type(model).__name__)
-  return graph
-
-
 @dataclasses.dataclass(eq=False)
 class Program:
   """A model's program and structure (`derive`, or `from_function` for a `Pruner`).
@@ -105,10 +95,11 @@ class Program:
     specs = [jax.ShapeDtypeStruct(a.shape, d) for a, d in zip(full, dtypes)]
     signature = (tuple(np.shape(x)), str(jnp.result_type(x)), train, tuple(map(str, dtypes)))
     if signature not in self._graphs:
-      graph = _trace(self.model, specs, _spec(x), train, self.leaf_keys, self.graph_options)
+      graph = _trace(self.model, specs, x, train, self.leaf_keys, self.graph_options)
       widths = {g: graph.groups[g].width for g in graph.prunable}
       if widths != {g: self.structure.widths[g] for g in self.structure.prunable}:
-        raise ValueError(f"{_model_name(self.model)}'s program at input shape "
+        name = getattr(self.model, 'spec', None) or type(self.model).__name__
+        raise ValueError(f"{name}'s program at input shape "
                          f"{np.shape(x)} has other prunable groups ({widths}) than at "
                          "the shape it was derived at.")
       self._graphs[signature] = graph
@@ -130,10 +121,6 @@ class Program:
     return jaxpr_run.evaluate(graph, leaves, x, masks=masks, offsets=offsets)
 
 
-def _model_name(model) -> str:
-  return getattr(model, 'spec', None) or type(model).__name__
-
-
 def _trace(model, leaf_specs, x, train: bool, keys, options: Mapping) -> jaxpr_lib.Graph:
   """The model's program in one mode, as a Graph named by the model's declarations. In
   training mode it returns the new state ('batch_stats') after the logits, tied to the
@@ -151,7 +138,17 @@ def _trace(model, leaf_specs, x, train: bool, keys, options: Mapping) -> jaxpr_l
 
   graph = jaxpr_lib.Graph(jaxpr_lib.trace(fn, leaf_specs, x), keys, **options,
                           state_outputs={1 + n: i for n, i in enumerate(state)} if train else {})
-  return _name_groups(graph, model)
+  if hasattr(model, 'group_layers'):
+    graph.name_groups(model.group_layers(), model.prunable_groups(), type(model).__name__)
+  return graph
+
+
+def _program(model, flat: Mapping, x, train: bool, options: Mapping, xla_options: str) -> Program:
+  """The Program of `model` traced on the leaves `flat` ({key: array or spec}) and x."""
+  keys = tuple(flat)
+  graph = _trace(model, [flat[k] for k in keys], x, train, keys, options)
+  return Program(model=model, structure=graph.structure(), graph=graph, leaf_keys=keys,
+                 xla_options=xla_options, graph_options=options)
 
 
 @functools.lru_cache(maxsize=64)
@@ -159,24 +156,18 @@ def derive(model: nn.Module, image_shape=(32, 32, 3)) -> Program:
   """The program of `model` (a built-in model built at its widths, or an own model at its
   full width) for (H, W, C) images."""
   flat = traverse_util.flatten_dict(dict(models.init_shapes(model, image_shape)))
-  keys = tuple(flat)
   x = jax.ShapeDtypeStruct((2,) + tuple(image_shape), jnp.float32)
   options = {'rng_leaves': model.rng_leaves()} if isinstance(model, own.OwnModel) else {}
-  graph = _trace(model, [flat[k] for k in keys], x, True, keys, options)
   performance = getattr(model, 'performance', PerformanceOptions())
-  return Program(model=model, structure=graph.structure(), graph=graph, leaf_keys=keys,
-                 xla_options=performance.xla_options, graph_options=options)
+  return _program(model, flat, x, True, options, performance.xla_options)
 
 
 def from_function(model, variables, x, **options) -> Program:
   """The program of any model called Linen-style, `model.apply(variables, x, train=False)`,
   read in evaluation mode at x's shape (`jaxprune.Pruner`'s). `options` go to `jaxpr.Graph`
   (prune_streams, fixed, rng_leaves)."""
-  flat = traverse_util.flatten_dict(dict(variables))
-  keys = tuple(flat)
-  graph = _trace(model, [_spec(flat[k]) for k in keys], _spec(x), False, keys, options)
-  return Program(model=model, structure=graph.structure(), graph=graph, leaf_keys=keys,
-                 xla_options=PerformanceOptions().xla_options, graph_options=options)
+  return _program(model, traverse_util.flatten_dict(dict(variables)), x, False, options,
+                  PerformanceOptions().xla_options)
 
 
 def run_pruned(model: own.OwnModel, variables, x, *, train: bool, mutable: bool):

@@ -247,10 +247,11 @@ def _check_count(name: str, value) -> int:
   return int(value)
 
 
-def _check_penalty(flops_penalty) -> float:
+def _check_penalty(flops_penalty, flops_cost: str) -> float:
   if flops_penalty < 0:
     raise ConfigError(f"flops_penalty must be at least 0, got {flops_penalty!r}.",
                       settings=('flops_penalty',))
+  choose('flops_cost', flops_cost, FLOPS_COSTS, setting='flops_cost')
   return float(flops_penalty)
 
 
@@ -338,8 +339,11 @@ def _live_widths(structure: Structure, live: Mapping[str, np.ndarray]) -> dict[s
 
 
 def _penalised(structure: Structure, scores: Scores, live, penalty: float,
-               cost: str = 'relative') -> dict:
-  """Scores minus the FLOPs penalty (see the module docstring)."""
+               cost: str = 'relative', normalize: bool = False) -> dict:
+  """Scores (first L2-normalised per group with `normalize`) minus the FLOPs penalty (see
+  the module docstring)."""
+  if normalize:
+    scores = l2_normalize(scores, live)
   if not penalty:
     return dict(scores)
   widths = _live_widths(structure, live)
@@ -402,23 +406,19 @@ def _remove(live, order, n: int) -> dict:
 # Policies. Each takes validated float64 scores and boolean live masks.
 
 
-def _layer(structure, scores, live, *, ratio, min_channels, flops_penalty):
-  del flops_penalty
+def _layer(structure, scores, live, *, ratio, min_channels):
   ratios = {g: ratio for g in structure.prunable}
   return _per_layer(scores, live, ratios, structure.widths, min_channels)
 
 
-def _preset(structure, scores, live, *, preset, min_channels, flops_penalty):
-  del flops_penalty
+def _preset(structure, scores, live, *, preset, min_channels):
   return _per_layer(scores, live, preset_ratios(preset, structure), structure.widths,
                     min_channels)
 
 
 def _global(structure, scores, live, *, ratio, min_channels, flops_penalty, flops_cost,
             normalize=False):
-  if normalize:
-    scores = l2_normalize(scores, live)
-  scores = _penalised(structure, scores, live, flops_penalty, flops_cost)
+  scores = _penalised(structure, scores, live, flops_penalty, flops_cost, normalize)
   total = sum(structure.widths[g] for g in structure.prunable)
   removed = total - sum(int(m.sum()) for m in live.values())
   wanted = int(ratio * total)
@@ -430,8 +430,7 @@ def _global(structure, scores, live, *, ratio, min_channels, flops_penalty, flop
   return _remove(live, order, max(0, wanted - removed))
 
 
-def _slimming(structure, scores, live, *, ratio, min_channels, flops_penalty):
-  del flops_penalty
+def _slimming(structure, scores, live, *, ratio, min_channels):
   magnitude = {g: np.where(live[g], np.abs(s), -np.inf) for g, s in scores.items()}
   pooled = np.sort(np.concatenate(list(magnitude.values())))
   threshold = pooled[int(len(pooled) * ratio)]
@@ -446,9 +445,7 @@ def _slimming(structure, scores, live, *, ratio, min_channels, flops_penalty):
 
 def _macs(structure, scores, live, *, target_macs, min_channels, flops_penalty, flops_cost,
           normalize=False):
-  if normalize:
-    scores = l2_normalize(scores, live)
-  scores = _penalised(structure, scores, live, flops_penalty, flops_cost)
+  scores = _penalised(structure, scores, live, flops_penalty, flops_cost, normalize)
   original = flops.count(structure).macs
   budget = target_macs * original
   floor_widths = _live_widths(structure, live)
@@ -537,9 +534,7 @@ def random_channels(masks: Mapping[str, np.ndarray], rng: np.random.Generator) -
   return out
 
 
-def _random_widths(structure, scores, live, *, target_macs, min_channels, flops_penalty,
-                   width_profile):
-  del flops_penalty
+def _random_widths(structure, scores, live, *, target_macs, min_channels, width_profile):
   widths = sampled_widths(structure, live, target_macs, min_channels, width_profile)
   return {g: _keep_top(scores[g], live[g], widths[g]) for g in structure.prunable}
 
@@ -621,21 +616,20 @@ def select(name: str, structure: Structure, scores: Scores, *, ratio: float | No
     raise ConfigError(f"selection={name} takes no flops_penalty; the global policies "
                       f"{', '.join(n for n, s in SELECTIONS.items() if s.penalty)} do.",
                       settings=('selection', 'flops_penalty'))
-  flops_penalty = _check_penalty(flops_penalty)
-  choose('flops_cost', flops_cost, FLOPS_COSTS, setting='flops_cost')
+  flops_penalty = _check_penalty(flops_penalty, flops_cost)
   checks = {'ratio': _check_ratio, 'target_macs': _check_target, 'preset': _check_preset}
   argument = checks[policy.needs](name, given[policy.needs])
   min_channels = _check_count('min_channels', min_channels)
   scores = _check_scores(structure, scores)
   live = _check_live(structure, current)
-  options = {'flops_cost': flops_cost} if policy.penalty else {}
+  options = {'flops_penalty': flops_penalty, 'flops_cost': flops_cost} if policy.penalty else {}
   if policy.profile:
     if int(width_profile) != width_profile or width_profile < 0:
       raise ConfigError(f"width_profile must be a whole number >= 0, got {width_profile!r}.",
                         settings=('width_profile',))
     options['width_profile'] = int(width_profile)
   keep = policy.fn(structure, scores, live, **{policy.needs: argument},
-                   min_channels=min_channels, flops_penalty=flops_penalty, **options)
+                   min_channels=min_channels, **options)
   if round_to > 1:
     keep = {g: _keep_top(scores[g], live[g],
                          min(int(live[g].sum()), -(-int(keep[g].sum()) // round_to) * round_to))
@@ -659,14 +653,11 @@ def remove_lowest(structure: Structure, scores: Scores, current: Mapping | None,
   """
   if int(k) != k or k < 0:
     raise ValueError(f"k must be a non-negative integer number of channels, got {k!r}.")
-  flops_penalty = _check_penalty(flops_penalty)
-  choose('flops_cost', flops_cost, FLOPS_COSTS, setting='flops_cost')
+  flops_penalty = _check_penalty(flops_penalty, flops_cost)
   min_channels = _check_count('min_channels', min_channels)
   scores = _check_scores(structure, scores)
   live = _check_live(structure, current)
-  if normalize:
-    scores = l2_normalize(scores, live)
-  scores = _penalised(structure, scores, live, flops_penalty, flops_cost)
+  scores = _penalised(structure, scores, live, flops_penalty, flops_cost, normalize)
   order = _removal_order(structure, scores, live, min_channels)
   if k > len(order):
     raise ConfigError(f"cannot remove {k} more channels: keeping min_channels={min_channels} "

@@ -298,13 +298,6 @@ def _drop_leftovers_of_failed_reads() -> None:
 _drop_leftovers_of_failed_reads()
 
 
-def _root_cause(error: BaseException) -> str:
-  # Orbax wraps tensorstore's error (which names the file and the damage) in its own.
-  while error.__cause__ is not None:
-    error = error.__cause__
-  return _first_line(error)
-
-
 def _attempt(read: Callable[[], Any]) -> tuple[Any, str | None]:
   """(read(), None), or (None, the first line of its failure). Orbax and tensorstore raise
   many types for a damaged or missing file; all mean "unreadable"."""
@@ -319,7 +312,10 @@ def _attempt(read: Callable[[], Any]) -> tuple[Any, str | None]:
       logging.debug('The checkpoint read failed.', exc_info=True)
       _reads_failed = True
       _drop_leftovers_of_failed_reads()
-      reason = _root_cause(error)
+      # Orbax wraps tensorstore's error (which names the file and the damage) in its own.
+      while error.__cause__ is not None:
+        error = error.__cause__
+      reason = _first_line(error)
     gc.collect()
   return None, reason
 
@@ -345,24 +341,27 @@ def _difference(saved, expected) -> str | None:
   return None
 
 
-def _saved_structure(directory: epath.Path) -> tuple[Any, str | None]:
-  """(the tree of array metadata saved in an orbax checkpoint directory, None), or (None,
-  why it does not read)."""
+def _unreadable(directory: epath.Path, target, what: str) -> str | None:
+  """Why the array metadata of an orbax checkpoint directory does not read, or None.
+
+  Raises:
+    ConfigError: it holds another structure than `target` (if given), naming `what`.
+  """
   # The handler, not a Checkpointer: a training checkpoint's item has no step metadata of its
   # own, which a Checkpointer would log as missing.
   handler = ocp.StandardCheckpointHandler()
   try:
-    return _attempt(lambda: handler.metadata(directory).tree)
+    saved, reason = _attempt(lambda: handler.metadata(directory).tree)
   finally:
     handler.close()
-
-
-def _mismatch(what: str, difference: str) -> ConfigError:
-  return ConfigError(
-      f'{what} holds variables of another structure than this code builds ({difference}): '
-      'the model\'s code or a library changed since it was saved, and nothing was moved or '
-      'deleted; use another workdir (or baseline_dir) to train with this code, or the version '
-      'that saved it to read it.', settings=('workdir', 'baseline_dir'))
+  difference = _difference(saved, target) if reason is None and target is not None else None
+  if difference is not None:
+    raise ConfigError(
+        f'{what} holds variables of another structure than this code builds ({difference}): '
+        'the model\'s code or a library changed since it was saved, and nothing was moved or '
+        'deleted; use another workdir (or baseline_dir) to train with this code, or the version '
+        'that saved it to read it.', settings=('workdir', 'baseline_dir'))
+  return reason
 
 
 def load_variables(path, like=None):
@@ -379,11 +378,7 @@ def load_variables(path, like=None):
   """
   path = epath.Path(path)
   target = None if like is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-  saved, reason = _saved_structure(path)
-  if reason is None and target is not None:
-    difference = _difference(saved, target)
-    if difference is not None:
-      raise _mismatch(str(path), difference)
+  reason = _unreadable(path, target, str(path))
   if reason is None:
     checkpointer = ocp.StandardCheckpointer()
     try:
@@ -441,11 +436,9 @@ class RunCheckpoints:
     stage = self._directory.parent
     failures = []
     for step in sorted(self._manager.all_steps(), reverse=True):
-      saved, reason = _saved_structure(self._directory / str(step) / 'state')
+      reason = _unreadable(self._directory / str(step) / 'state', target,
+                           f'checkpoint {step} of stage {stage}')
       if reason is None:
-        difference = _difference(saved, target)
-        if difference is not None:
-          raise _mismatch(f'checkpoint {step} of stage {stage}', difference)
         restored, reason = _attempt(lambda step=step: self._manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                           log=ocp.args.JsonRestore())))
