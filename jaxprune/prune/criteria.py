@@ -68,8 +68,8 @@ The criteria (names as accepted by `--criterion`):
   value of that estimate, the second-order approximation of `oracle`. Both
   derivatives come from forward-over-forward mode (jvp of jvp along e_k)
   vmapped over one-hot tangents, chunked: exact like forward-over-reverse (jvp
-  of grad), which it matched to 4e-7, but on resnet20 7.7x faster on CPU and
-  2.5x quicker to compile, since it needs no backward pass and stores nothing.
+  of grad), but cheaper to run and to compile, since it needs no backward pass
+  and stores nothing (experiments/bench/README.md, section 9).
 * `oracle` ([M]): |L(mask with channel k removed) - L(mask)|, L the mean loss
   over all examples of the batches. One channel per vmapped mask, chunked.
 
@@ -78,9 +78,7 @@ removals of that group's channels only, with everything else closed over. vmap
 batches only values that depend on the vmapped argument, so every layer before
 the group's gate runs once per chunk, unbatched, and only the layers after it
 run once per removed channel. The chunks are a `lax.map`, out of whose loop XLA
-hoists that unchanged prefix (measured on CPU: a one-removal-per-chunk oracle of
-resnet20's last group costs 3 forward passes for 64 channels), so the prefix
-runs once per batch. How many removals are in flight at once is bounded by
+hoists that unchanged prefix, so the prefix runs once per batch. How many removals are in flight at once is bounded by
 `memory_bytes` (the activations after the group's gate, per removal; default
 8 MiB on CPU, where narrow chunks are fastest, 1 GiB on accelerators) and
 capped by `chunk_size` when given. What prefix sharing can save is set by
