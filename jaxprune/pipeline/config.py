@@ -195,7 +195,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting('dataset', str, 'digits', "Dataset. digits is scikit-learn's bundled 8x8 "
             'handwritten digits (offline).', 'baseline', choices=lambda: data.DATASETS,
             also=data.OTHER_DATASETS),
-    Setting('input', str, 'auto', 'How the data reaches the training step.', 'baseline',
+    Setting('input', str, 'auto', 'How the data reaches the training step: device holds the '
+            'whole dataset on every device; stream reads it batch by batch with grain, '
+            'augmented on the host (docs/streaming.md); auto is device for digits, npz, '
+            'cifar10 and cifar100, stream for imagenet2012 and tfds:NAME.', 'baseline',
             choices=lambda: stream.INPUTS),
     Setting('image_size', int, 224, 'Side of the square crops of a dataset whose images vary '
             'in size (imagenet2012): random-resized crops for training, the centre crop of '
