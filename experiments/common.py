@@ -255,6 +255,14 @@ def _init(config) -> str:
   return f'bn {config.bn_scale_init:g}, dense {config.dense_init}{shortcut}'
 
 
+def _augmentation(config) -> str:
+  from jaxprune import stream
+  if stream.streams(config.dataset, config.input) and config.dataset in stream.STREAMED:
+    return (f'streamed, random-resized crops of {config.image_size} and flips, tested on '
+            'centre crops')
+  return f'crop padding {config.pad_mode}'
+
+
 def describe(runs: Sequence[Run]) -> str:
   """The dry-run listing: one line per run with everything its budget depends on."""
   columns = ('run', 'architecture', 'model', 'init', 'data', 'criterion', 'selection', 'budget',
@@ -283,7 +291,7 @@ def describe(runs: Sequence[Run]) -> str:
   if c0 is not None:
     lines.append(f'{len(runs)} runs in {len(workdirs)} work directories, {len(baselines)} '
                  f'shared baselines; batch {c0.batch_size}, lr {c0.lr:g}, wd {c0.weight_decay:g}, '
-                 f'lr schedule {_lr_schedule(c0)}, crop padding {c0.pad_mode}.')
+                 f'lr schedule {_lr_schedule(c0)}, {_augmentation(c0)}.')
     finetuned = [r.config for r in runs if r.config.regime == 'finetune'
                  or r.config.schedule == 'iterative']
     if finetuned:
