@@ -366,7 +366,7 @@ class _Tfds:
   def __call__(self, data_path, data_dir, max_train) -> Dataset:
     del data_path
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    builder_name = self.name[len(TFDS_PREFIX):] if self.name.startswith(TFDS_PREFIX) else self.name
+    builder_name = tfds_name(self.name)
     train, test = tfds_sources(builder_name, data_dir, ('train', 'test'))
     features = tfds.builder(builder_name, data_dir=data_dir).info.features
     if None in tuple(features['image'].shape):
@@ -382,6 +382,11 @@ class _Tfds:
         name=self.name, train_images=train_images, train_labels=train_labels,
         test_images=test_images, test_labels=test_labels, num_classes=num_classes,
         mean=mean, std=std, crop_padding=4, flip=True)
+
+
+def tfds_name(dataset: str) -> str:
+  """The TFDS builder name of a `dataset` value: tfds:NAME's NAME, else the value itself."""
+  return dataset[len(TFDS_PREFIX):] if dataset.startswith(TFDS_PREFIX) else dataset
 
 
 def tfds_sources(name: str, data_dir, splits: tuple[str, ...]) -> list:

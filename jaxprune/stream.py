@@ -194,7 +194,7 @@ class Stream:
 def _tfds_stream(name: str, data_dir, max_train, image_size: int, workers: int,
                  pad_mode: str) -> Stream:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder_name = name[len(data.TFDS_PREFIX):] if name.startswith(data.TFDS_PREFIX) else name
+  builder_name = data.tfds_name(name)
   data_dir = os.fspath(data_dir) if data_dir else None
   try:
     builder = tfds.builder(builder_name, data_dir=data_dir, file_format='array_record')
