@@ -135,6 +135,15 @@ def _plan_model(args, settings: dict, prefix: str) -> list:
   for seed in common.seeds_of(args):
     for budget in _list(args, 'budgets', 'target_macs'):
       where = f'{selection}{budget:.2f}/s{seed}'
+      # The short fine-tuning comparisons first: a study stopped part way has them
+      # for every seed it reached before the long scratch runs.
+      if budget in channel_budgets:
+        for criterion in channel_criteria:
+          add(criterion, f'{criterion}/{where}', 'finetune', budget, seed, criterion=criterion,
+              selection=selection)
+          add(criterion, f'{criterion}_random_channels/{where}', 'finetune', budget, seed,
+              channels='random', criterion=criterion, selection=selection,
+              kept_channels='random')
       for criterion in criteria:
         for regime in regimes:
           add(criterion, f'{criterion}/{where}', regime, budget, seed, criterion=criterion,
@@ -146,13 +155,6 @@ def _plan_model(args, settings: dict, prefix: str) -> list:
         add(f'profile{profile}', f'profile{profile}/random_widths{budget:.2f}/s{seed}',
             'scratch', budget, seed, criterion='random', selection='random_widths',
             width_profile=profile)
-      if budget in channel_budgets:
-        for criterion in channel_criteria:
-          add(criterion, f'{criterion}/{where}', 'finetune', budget, seed, criterion=criterion,
-              selection=selection)
-          add(criterion, f'{criterion}_random_channels/{where}', 'finetune', budget, seed,
-              channels='random', criterion=criterion, selection=selection,
-              kept_channels='random')
   return runs
 
 
