@@ -320,15 +320,11 @@ def _units(run: Run, seen_baselines: set) -> float:
   return float(units)
 
 
-def _format_seconds(s: float) -> str:
-  s = int(round(s))
-  return f'{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s'
-
-
 def execute(experiment: str, runs: Sequence[Run], log=print) -> list[dict]:
   """Runs every run (skipping finished ones) with progress and an ETA; returns the snapshots."""
   from etils import epath
   from jaxprune import pipeline
+  from jaxprune.train.loop import format_duration
   seen: set = set()
   units = [_units(r, seen) for r in runs]
   total, done, spent = sum(units), 0.0, 0.0
@@ -353,7 +349,7 @@ def execute(experiment: str, runs: Sequence[Run], log=print) -> list[dict]:
     eta = spent / done * (total - done) if done else 0.0
     log(f'[{i + 1}/{len(runs)}] {run.name}: test acc '
         f"{100 * _row_of(results, run.config.regime)['test_accuracy']:.2f}%  in "
-        f'{time.time() - t:.0f}s; elapsed {_format_seconds(spent)}, eta {_format_seconds(eta)}')
+        f'{time.time() - t:.0f}s; elapsed {format_duration(spent)}, eta {format_duration(eta)}')
   return out
 
 

@@ -1,30 +1,22 @@
 """`fit`: the resumable training loop of every stage.
 
-`fit` is one loop over the training steps, in calls of `steps_per_call` steps (each call one
-compiled `lax.fori_loop` on the device that makes its batches, looks up its learning rates,
-steps and sums the metrics), with periodic actions on the host:
+One loop over the training steps, in calls of `steps_per_call` steps (each a compiled
+`lax.fori_loop` that makes its batches on the device), with periodic actions on the host:
+every call, the progress bar and the preemption check (after a SIGTERM or Ctrl-C noted by an
+entry point's handlers, `checkpoint.SIGNALS`: save this step and stop); every epoch's end,
+the health check, the test-set evaluation, the log line with its ETA, metrics.jsonl,
+TensorBoard (tensorboardX), the checkpoint and the callbacks. A `stream.Stream` steps one
+host batch at a time; its iterator's position is saved beside the state. The latest
+checkpoint is restored first, so a crash or preemption loses at most the steps since then.
+`fit_copies` runs the same loop over K runs stacked along a leading axis (one vmapped
+program). What a stage directory means (done, result.json, diverged.json) is the pipeline's.
 
-  every call          the progress bar, and the preemption check: after a SIGTERM or Ctrl-C
-                      that an entry point's handlers noted (`checkpoint.SIGNALS`), save this
-                      step and stop
-  every epoch's end   the health check, the test-set evaluation, the log line (with its
-                      ETA), metrics.jsonl, TensorBoard events, the checkpoint, the callbacks
-
-A streamed dataset (`stream.Stream`) steps one by one instead, each step taking the next
-host batch of its grain iterator, whose position every checkpoint stores beside the state.
-
-It first restores the latest checkpoint, so a crash, kill -9 or preemption loses at most the
-steps since then. `fit_copies` runs the same loop over K runs of equal widths stacked along
-a leading axis (one vmapped program); only writing each run's metrics knows there are K.
-What a stage directory means (done, result.json, final/, diverged.json) is the pipeline's.
-
-Health: a run diverges when a training step's loss is not finite or above `LOSS_LIMIT_FACTOR`
-x ln(classes) (23 for ten classes: guessing uniformly scores ln(classes)), when its
-parameters or BN statistics stop being finite, or when an epoch's test loss is not finite.
-The test loss has no upper limit: early in training, BatchNorm's running statistics lag the
-weights and a healthy run's test loss can pass 23 for an epoch. The loop then raises `errors.Diverged` and saves nothing of that epoch, so every
-checkpoint holds a healthy state and the latest is the one a rerun with a smaller learning
-rate resumes from. The events are written by tensorboardX, which needs no TensorFlow.
+Health: a run diverges when a training step's loss is not finite or above
+`LOSS_LIMIT_FACTOR` x ln(classes) (uniform guessing scores ln(classes)), when its parameters
+or BN statistics stop being finite, or when an epoch's test loss is not finite (no upper
+limit there: early on, BN's running statistics lag the weights). It raises `errors.Diverged`
+and saves nothing of that epoch, so the latest checkpoint is healthy and a rerun with a
+smaller learning rate resumes from it.
 """
 
 import dataclasses
@@ -75,12 +67,9 @@ class TrainOptions:
     precision: the compute dtype of training and evaluation, one of PRECISIONS.
     eval_batch_size: the test batch (default: batch_size).
     max_to_keep: epoch checkpoints kept.
-    steps_per_call: training steps per compiled call, which never crosses an epoch's end.
-      Every call length runs the same program, so every value above 1 (and a resume at any
-      step) gives the same bits; stepping one by one (1) agrees up to float rounding, as
-      XLA compiles a loop body otherwise than a lone step. A SIGTERM or Ctrl-C is honoured
-      between calls, so preemption saves at most one call after the signal. A fit with a
-      `step_hook` steps one by one (the hook runs on the host). None:
+    steps_per_call: training steps per compiled call (never across an epoch's end); every
+      value above 1, and a resume at any step, gives the same bits; 1 agrees up to float
+      rounding. Signals are honoured between calls. A `step_hook` forces 1. None:
       `default_steps_per_call` of the backend.
   """
   epochs: int
@@ -105,12 +94,9 @@ class TrainOptions:
 
 
 def default_steps_per_call(backend: str) -> int:
-  """`TrainOptions.steps_per_call` when none is given: 10 on CPUs, 50 on GPUs and TPUs.
-
-  Longer calls keep the device from waiting on the host between steps (on the CPU too:
-  experiments/bench/README.md, section 13), and a SIGTERM waits for at most one call, which
-  at these lengths stays far inside a preemption's notice.
-  """
+  """`TrainOptions.steps_per_call` when none is given: long enough that the device does not
+  wait on the host between steps, short enough that a SIGTERM is honoured well inside a
+  preemption's notice."""
   return 10 if backend == 'cpu' else 50
 
 
@@ -119,8 +105,6 @@ def loss_limit(num_classes: int) -> float:
   return LOSS_LIMIT_FACTOR * math.log(max(num_classes, 2))
 
 
-# ----------------------------------------------------------------------------- what the loop writes
-
 _WRITERS_OPENED = itertools.count()
 _BOARD_TAGS = (('train/loss', 'train_loss'), ('train/accuracy', 'train_accuracy'),
                ('test/loss', 'test_loss'), ('test/accuracy', 'test_accuracy'),
@@ -128,9 +112,8 @@ _BOARD_TAGS = (('train/loss', 'train_loss'), ('train/accuracy', 'train_accuracy'
 
 
 def _open_boards(directories: Sequence[epath.Path], resumed_step: int) -> list:
-  """A TensorBoard writer per directory (process 0; else None), local or gs:// (tensorboardX
-  writes gs:// through google-cloud-storage, the `gcs` extra). A resumed run purges the
-  events its earlier attempts wrote after the step it resumes from."""
+  """A TensorBoard writer per directory (process 0; else None), local or gs:// (the `gcs`
+  extra); a resumed run purges its earlier attempts' events after the step it resumes from."""
   if jax.process_index() != 0:
     return [None] * len(directories)
   # tensorboardX names a file by the second it opened it; an attempt resumed within that
@@ -147,8 +130,9 @@ def _progress_bar(total: int, initial: int):
   return tqdm.tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True)
 
 
-def _format_seconds(seconds: float) -> str:
-  minutes, s = divmod(int(seconds), 60)
+def format_duration(seconds: float) -> str:
+  """'1h02m03s', or '2m03s' under an hour: how progress lines give an ETA."""
+  minutes, s = divmod(int(round(seconds)), 60)
   hours, m = divmod(minutes, 60)
   return f'{hours}h{m:02d}m{s:02d}s' if hours else f'{m}m{s:02d}s'
 
@@ -163,9 +147,6 @@ def _summary(history: Sequence[dict], options: TrainOptions, steps: int, seed: i
           'train_accuracy': final['train_accuracy'], 'train_loss': final['train_loss'],
           'epochs': options.epochs, 'steps': steps, 'batch_size': options.batch_size,
           'seed': seed, 'wall_time_s': final['elapsed_s']}
-
-
-# ----------------------------------------------------------------------------- the loop
 
 
 def _fit(model, inits, seeds, arrays, spec, options: TrainOptions, *, checkpoint_dir,
@@ -192,8 +173,8 @@ def _fit(model, inits, seeds, arrays, spec, options: TrainOptions, *, checkpoint
     permutation = lambda *_: None
   else:
     train_set = on_mesh(arrays, TRAIN_SET, trainer.replicated)
-    test_set, image_shape = on_mesh(arrays, TEST_SET, trainer.replicated), arrays[
-        'train_images'].shape[1:]
+    test_set = on_mesh(arrays, TEST_SET, trainer.replicated)
+    image_shape = arrays['train_images'].shape[1:]
     permutation, make_batch = epoch_programs(trainer, train_set, spec, options.batch_size)
   # Host batches come one per step; a per-step hook looks at every step.
   per_call = (1 if step_hook is not None or streamed else
@@ -258,7 +239,7 @@ def _fit(model, inits, seeds, arrays, spec, options: TrainOptions, *, checkpoint
 
       if step < total:
         boards, bar = _open_boards(metric_dirs, step), _progress_bar(total, step)
-      order, lap, last_epoch_end, per_step = None, None, None, None
+      order, lap = None, None
       while step < total:
         epoch = step // per_epoch
         epoch_end = (epoch + 1) * per_epoch
@@ -281,13 +262,11 @@ def _fit(model, inits, seeds, arrays, spec, options: TrainOptions, *, checkpoint
         if bar is not None:
           bar.update(stop - step)
         step = stop
-        lap = lap or (time.time(), step)  # After the first call, which compiled.
+        lap = lap or (time.time(), step)  # The ETA's clock starts after the compiling call.
 
         if step == epoch_end:
           fetched = fetch()
           train_seconds = time.time() - epoch_started
-          if per_step is None and step > lap[1]:
-            per_step = (time.time() - lap[0]) / (step - lap[1])
           check_health(fetched)
           test = evaluate(trainer.evaluator, state.variables, test_set, spec, masks,
                            options.test_batch_size)
@@ -309,12 +288,7 @@ def _fit(model, inits, seeds, arrays, spec, options: TrainOptions, *, checkpoint
               with checkpoint.naming(directory / checkpoint.TENSORBOARD):
                 for tag, name in _BOARD_TAGS:
                   writer.add_scalar(tag, history[-1][name], global_step=step)
-          # The ETA's rate: the epoch before this one, evaluation and checkpoint included;
-          # in this call's first epoch, its training after the first call.
-          now = time.time()
-          if last_epoch_end is not None:
-            per_step = (now - last_epoch_end[0]) / (step - last_epoch_end[1])
-          last_epoch_end = (now, step)
+          per_step = (time.time() - lap[0]) / (step - lap[1]) if step > lap[1] else None
           mean = lambda name: float(np.mean(values[name]))
           logging.info(
               'epoch %d/%d  loss %.4f  acc %.4f  test loss %.4f  test acc %s  lr %.3g  %.0f img/s'
@@ -323,7 +297,7 @@ def _fit(model, inits, seeds, arrays, spec, options: TrainOptions, *, checkpoint
               ' '.join(f'{a:.4f}' for a in np.reshape(values['test_accuracy'], -1)),
               rates[step - 1], images_per_second * count,
               f' ({count} copies; losses are means)' if copies else '',
-              '?' if per_step is None else _format_seconds((total - step) * per_step))
+              '?' if per_step is None else format_duration((total - step) * per_step))
           for callback in callbacks:
             callback(state, histories[0][-1])
         elif calls is not None:
@@ -363,19 +337,17 @@ def fit(model: nn.Module, variables: Mapping, arrays: Mapping, spec: data.DataSp
 
   Args:
     model, variables: the Flax model and its initial variables.
-    arrays: the dataset, `data.device_put_dataset(ds)` (placed on the mesh if it is not),
-      or a `stream.Stream` read batch by batch (its position saved in every checkpoint).
+    arrays: the dataset (`data.device_put_dataset(ds)`, or arrays it places) or a `stream.Stream`.
     spec: `ds.spec`, the augmentation and normalisation of `data.train_batch`.
-    options: the `TrainOptions` (length, batch size, optimizer, precision).
+    options: the `TrainOptions`.
     stage_dir: directory (local or gs://) of the checkpoints, metrics.jsonl and tensorboard/.
     seed: the run's seed; permutations and augmentations derive from (seed, epoch, step).
     masks: {group: (C,)} masks applied throughout; removed channels' parameters stay fixed.
       Give all-ones masks for every group a `step_hook` may prune later.
     structure: the model's structure (derived when masks are given and it is not).
-    step_hook: called after every step as `hook(state, batch, masks, hook_state) ->
-      (masks, hook_state)`; new mask values (same shapes) take effect from the next step
-      without recompiling. Both are checkpointed, so a hook whose state is a pytree of
-      arrays resumes exactly. It should avoid host syncs on most steps.
+    step_hook: `hook(state, batch, masks, hook_state) -> (masks, hook_state)` after every
+      step; new mask values (same shapes) apply from the next step without recompiling.
+      Both are checkpointed, so a hook whose state is a pytree of arrays resumes exactly.
     hook_state: the hook's initial state (a pytree of arrays, or None).
     callbacks: called after every epoch (its checkpoint started) with the state and record.
     mesh: devices to train on (default: all, `make_mesh()`).
