@@ -72,18 +72,6 @@ def random_batch(size: int, image_shape, seed: int = 0) -> dict:
           'label': rng.integers(0, 10, size).astype(np.int32)}
 
 
-_ACTIVE_LOGS = []
-
-
-def _record(event, duration, **kwargs):
-  if event == '/jax/core/compile/backend_compile_duration':
-    for log in _ACTIVE_LOGS:
-      log.events.append((kwargs.get('fun_name', '?'), float(duration)))
-
-
-jax.monitoring.register_event_duration_secs_listener(_record)
-
-
 class CompileLog:
   """The XLA compilations (function name, seconds) while active, from `jax.monitoring`: every
   backend compilation records '/jax/core/compile/backend_compile_duration'; a hit in jit's
@@ -92,19 +80,24 @@ class CompileLog:
   def __init__(self):
     self.events: list[tuple[str, float]] = []
 
+  def _record(self, event, duration, **kwargs):
+    if event == '/jax/core/compile/backend_compile_duration':
+      self.events.append((kwargs.get('fun_name', '?'), float(duration)))
+
   def __enter__(self):
-    _ACTIVE_LOGS.append(self)
+    jax.monitoring.register_event_duration_secs_listener(self._record)
     return self
 
   def __exit__(self, *exc):
-    _ACTIVE_LOGS.remove(self)
+    jax.monitoring.unregister_event_duration_listener(self._record)
 
   def seconds(self) -> float:
     return sum(d for _, d in self.events)
 
 
-def format_table(rows: list[dict], columns: list[str], floats: str = '.3g') -> str:
-  """A plain-text table of `rows` (dicts) in the given column order."""
+def format_table(rows: list[dict], columns: list[str] | None = None, floats: str = '.3g') -> str:
+  """A plain-text table of `rows` (dicts) in the given column order (default: the first row's)."""
+  columns = columns or list(rows[0])
   cells = [columns] + [[format(r[c], floats) if isinstance(r.get(c), float) else
                         str(r.get(c, '')) for c in columns] for r in rows]
   widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
@@ -123,12 +116,12 @@ def write_json(path: str | None, **payload) -> None:
   print(f'wrote {path}')
 
 
-def run_worker(script: str, args: list[str], timeout: float = 3600) -> dict:
+def run_worker(script: str, args: list[str]) -> dict:
   """The JSON that `python script args` prints last, run in a process of its own so that one
   framework's idle thread pools never compete with the other's. A worker's one `error: ...`
   sentence is passed on; any other failure raises with the end of its stderr."""
   proc = subprocess.run([sys.executable, script] + args, capture_output=True, text=True,
-                        timeout=timeout)
+                        timeout=3600)
   if proc.returncode != 0:
     last_line = (proc.stderr.strip().splitlines() or [''])[-1]
     if last_line.startswith('error: '):
@@ -137,9 +130,16 @@ def run_worker(script: str, args: list[str], timeout: float = 3600) -> dict:
   return json.loads([line for line in proc.stdout.splitlines() if line.startswith('{')][-1])
 
 
-def reply(result: dict) -> None:
-  """A worker's side of `run_worker`: prints `result` as the JSON line its parent reads."""
-  print(json.dumps(result), flush=True)
+def validate_entries(name: str, parse, allowed, message: str) -> None:
+  """Registers absl's check that every entry of list flag `name` parses and is `allowed`;
+  `message` is the one sentence shown when one is not."""
+  def valid(values) -> bool:
+    try:
+      return all(allowed(parse(v)) for v in values)
+    except ValueError:
+      return False
+
+  flags.register_validator(name, valid, message)
 
 
 def define_comparison_flags(rounds: int) -> None:
@@ -157,11 +157,10 @@ def define_comparison_flags(rounds: int) -> None:
 
 
 def compare(script: str, configs: dict[str, list[str]], passed: list[str], rate, extra):
-  """(runs, rows) of every --models entry under every configuration ({label: worker flags},
-  each worker also given `passed`), one worker process each, the configurations alternating
-  for --rounds rounds so that all see the same background load. runs: the workers' results
-  with their model, config, round and load average; rows: per model and configuration the
-  median over rounds of rate(run) (images/s), its range, vs_torch (over the fastest torch
+  """(runs, rows): every --models entry under every configuration ({label: worker flags, to
+  which `passed` is added}) in a worker process of its own, the configurations alternating for
+  --rounds rounds so that all see the same load. rows: per model and configuration the median
+  over rounds of rate(run) in images/s, its range, vs_torch (over the fastest torch
   configuration's) and extra(its runs)."""
   FLAGS = flags.FLAGS
   runs, rows = [], []
@@ -235,14 +234,16 @@ def check_models(models: list[str], frameworks: list[str]) -> None:
                          f"{','.join(frameworks)}; choose from {', '.join(sorted(allowed))}.")
 
 
-def run(main) -> None:
-  """`app.run(main)`, with a bad setting that jaxprune rejects (an unknown model, criterion
-  or regime, a MACs target outside (0, 1], ...) printed as its one-sentence ConfigError
-  instead of a traceback."""
+def run(main, worker=None) -> None:
+  """`app.run(main)`, a bad setting that jaxprune rejects printed as its one-sentence
+  ConfigError instead of a traceback; given --worker, worker(its value) instead of main, its
+  result printed as the JSON line `run_worker` reads."""
   from jaxprune.errors import exit_on_user_error
 
   def guarded(argv):
     with exit_on_user_error():
-      return main(argv)
+      if not (worker and flags.FLAGS.worker):
+        return main(argv)
+      print(json.dumps(worker(flags.FLAGS.worker)), flush=True)
 
   app.run(guarded)

@@ -3,31 +3,24 @@ r"""Cost of each importance criterion, and of the vmapped oracle against a loop.
     python experiments/bench/criteria_cost.py --out=/tmp/criteria_cost.json
 
 (a) Every criterion's `accumulate` (or `finalize`, data-free ones) on one batch against one
-    call of jaxprune's train step on the same model and batch, the two alternating, best of
-    --reps (targets: gradient criteria <= 0.8x a step, activation criteria <= 0.5x).
-(b) The vmapped oracle against a loop of one jitted forward pass per removed channel (masks
-    are inputs: one compile); --loop_channels times the loop on that many channels per group
-    and scales it; up to --unshared_max_channels the oracle without prefix sharing is timed
-    too (target: >= 5x faster than the loop). Bench README, section 9.
+    train step on the same model and batch, alternating, best of --reps.
+(b) The vmapped oracle (and up to --unshared_max_channels, without prefix sharing) against a
+    loop of one jitted forward pass per removed channel, scaled from --loop_channels per
+    group (target: >= 5x faster). Bench README, section 9.
 """
 
 import math
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-import common  # noqa: E402
-from jaxprune import models, train  # noqa: E402
-from jaxprune.errors import ConfigError  # noqa: E402
-from jaxprune.kernels import compiler  # noqa: E402
-from jaxprune.prune import criteria, program  # noqa: E402
+import common
+from jaxprune import models, train
+from jaxprune.errors import ConfigError
+from jaxprune.kernels import compiler
+from jaxprune.prune import criteria, program
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('model', 'resnet20', 'Model for (a).')
@@ -105,12 +98,9 @@ def criterion_costs():
 
 
 def prefix_sharing_bound(st) -> float:
-  """Loop MACs over vmapped-oracle MACs: the speedup prefix sharing alone can give.
-
-  The loop runs every kernel for every channel; the vmapped oracle runs, per
-  channel, only the kernels from the first one that reads the channel's group
-  (structure.positions is in call order).
-  """
+  """Loop MACs over vmapped-oracle MACs, the speedup prefix sharing alone can give: per channel
+  the loop runs every kernel, the oracle those from the first that reads the channel's group
+  on (structure.positions is in call order)."""
   kernels = list(st.positions)
   macs = [st.positions[k] * math.prod(st.shapes[k]) for k in kernels]
   total = sum(macs)
@@ -131,11 +121,10 @@ def oracle_speedup(name):
                                                      st.widths[g])).round().astype(int)
             for g in st.prunable}
 
-  def mean_loss(masks):
-    logits = prog.apply(variables, batch['image'], masks=masks)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
-
-  mean_loss = compiler.jit(mean_loss, xla_options=model.performance.xla_options)
+  mean_loss = compiler.jit(
+      lambda masks: train.cross_entropy(prog.apply(variables, batch['image'], masks=masks),
+                                        batch['label']).mean(),
+      xla_options=model.performance.xla_options)
 
   def loop():
     base = mean_loss(masks)
@@ -168,7 +157,17 @@ def oracle_speedup(name):
           'meets_target': bool(methods[1]['speedup'] >= 5)}
 
 
-def _print(costs, oracles):
+def main(argv):
+  del argv
+  # Unknown names stop here, in one sentence, before anything is timed.
+  unknown = [name for name in FLAGS.criteria if name not in criteria.CRITERIA]
+  if unknown:
+    raise app.UsageError(f"--criteria {unknown} are not criteria; choose from "
+                         f"{', '.join(criteria.CRITERIA)}.")
+  for name in [FLAGS.model] + FLAGS.oracle_models:
+    models.build(name)
+  costs = criterion_costs()
+  oracles = [oracle_speedup(name) for name in FLAGS.oracle_models]
   print(f"(a) {costs['model']} {costs['image_size']}x{costs['image_size']}, batch "
         f"{costs['batch']}, {costs['device']}; time per batch relative to one train step")
   print(common.format_table(
@@ -183,20 +182,6 @@ def _print(costs, oracles):
     print(f"target >= 5x: {'ok' if oracle['meets_target'] else 'MISSED'}; loop MACs / vmapped "
           f"MACs (the arithmetic bound of prefix sharing): "
           f"{oracle['prefix_sharing_macs_bound']:.1f}x")
-
-
-def main(argv):
-  del argv
-  # Unknown names stop here, in one sentence, before anything is timed.
-  unknown = [name for name in FLAGS.criteria if name not in criteria.CRITERIA]
-  if unknown:
-    raise app.UsageError(f"--criteria {unknown} are not criteria; choose from "
-                         f"{', '.join(criteria.CRITERIA)}.")
-  for name in [FLAGS.model] + FLAGS.oracle_models:
-    models.build(name)
-  costs = criterion_costs()
-  oracles = [oracle_speedup(name) for name in FLAGS.oracle_models]
-  _print(costs, oracles)
   common.write_json(FLAGS.out, criteria=costs, oracle=oracles)
 
 

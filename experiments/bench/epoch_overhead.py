@@ -2,23 +2,21 @@ r"""End-to-end epoch time of `train.fit` against steps x the pure train-step tim
 
     python experiments/bench/epoch_overhead.py --out=epoch_overhead.json
 
-On a synthetic CIFAR-shaped dataset on the device: the pure step (`Trainer.train_step` of
-`train.trainer_for`, as fit builds it, on one batch made by `data.train_batch`; median of
-runs before and after the fit), each epoch of `train.fit` (its training phase, from
-`images_per_second`, and the whole epoch, from `elapsed_s`; the first epoch, which compiles,
-is left out of the medians) and one test-set evaluation. Target: the training phase <= 1.05 x
-steps x pure step (bench README, section 5).
+On a synthetic CIFAR-shaped set on the device: the train step fit uses, on one batch made as
+fit makes them (before and after the fit), each epoch of `train.fit` (its training phase and
+the whole epoch; the first, compiling, one left out of the medians) and one test-set
+evaluation. Target: training phase <= 1.05 x steps x pure step (bench README, section 5).
 """
 
-import os
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jax
+import numpy as np
+from absl import flags, logging
 
-from absl import flags, logging  # noqa: E402
-
-import common  # noqa: E402
+import common
+from jaxprune import data, models, train
+from jaxprune.train import checkpoint
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('model', 'resnet20', 'Model.')
@@ -35,12 +33,6 @@ flags.DEFINE_string('out', None, 'Write the table as JSON here.')
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  import jax
-  import numpy as np
-
-  from jaxprune import data, models, train
-  from jaxprune.train import checkpoint
-
   rng = np.random.default_rng(0)
   n_train, n_test = FLAGS.steps_per_epoch * FLAGS.batch_size, FLAGS.test_size
   ds = data.Dataset(
@@ -97,7 +89,7 @@ def main(argv):
         f"{n_test} test images, backend {jax.default_backend()}; pure step {pure * 1e3:.0f} ms "
         "(median before / after the fit: {:.0f} / {:.0f} ms)".format(
             *summary['pure_step_ms_before_after']))
-  print(common.format_table(rows, list(rows[0])))
+  print(common.format_table(rows))
   print(f"\nmedian over epochs 2..{FLAGS.epochs}: train phase {summary['train_ratio']:.3f}x, "
         f"whole epoch {summary['epoch_ratio']:.3f}x steps x pure step (target train phase "
         f"<= 1.05x)\ntest-set evaluation, as at the end of every epoch: {eval_s:.2f} s")

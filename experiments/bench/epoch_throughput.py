@@ -2,27 +2,21 @@ r"""Epoch throughput, data loading included: `train.fit` against a standard PyTo
 
     python experiments/bench/epoch_throughput.py --data_path=NPZ --out=epoch_throughput.json
 
---images training images of the CIFAR-10 sample npz (jax: `data.load`'s fixed random subset,
-as `launch.py --max_train` takes it; torch: the first ones). jax: `train.fit` as `launch.py`
-runs it (the dataset, crops and flips on the device, a checkpoint and a test-set evaluation
-after every epoch), images/s from `metrics.jsonl`; torch: a shuffled DataLoader (one
-measurement per --loader_workers entry) whose dataset pads, crops, flips and normalises each
-image as torchvision's transforms do, then the same network (torch_models.py) and SGD.
-images/s is the median of epochs 2 on, then of --rounds alternating rounds; vs_torch divides
-by the fastest torch configuration (bench README, section 8).
+--images training images of the CIFAR-10 sample npz. jax: `train.fit` as `launch.py` runs it
+(`--max_train`'s subset), images/s from `metrics.jsonl`; torch: a shuffled DataLoader per
+--loader_workers entry whose dataset pads, crops, flips and normalises as torchvision does,
+then the same network (torch_models.py) and SGD. images/s: the median of epochs 2 on, then of
+--rounds alternating rounds (bench README, section 8).
 """
 
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
+from absl import app, flags
 
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-import common  # noqa: E402
+import common
 
 FLAGS = flags.FLAGS
 common.define_comparison_flags(rounds=2)
@@ -34,8 +28,8 @@ flags.DEFINE_integer('epochs', 3, 'Epochs per measurement, the first one the war
 flags.DEFINE_list('loader_workers', sorted({0, min(4, common.THREADS)}),
                   'PyTorch DataLoader worker processes: one torch measurement per entry '
                   '(0 loads in the training process).')
-flags.register_validator('loader_workers', lambda v: all(str(w).isdigit() for w in v),
-                         '--loader_workers entries are whole numbers >= 0.')
+common.validate_entries('loader_workers', str, str.isdigit,
+                        '--loader_workers entries are whole numbers >= 0.')
 
 
 def jax_worker(name: str) -> dict:
@@ -111,9 +105,6 @@ class AugmentedCifar:
 
 def main(argv):
   del argv
-  if FLAGS.worker:
-    common.reply((jax_worker if FLAGS.worker == 'jax' else torch_worker)(FLAGS.model))
-    return
   common.require_data_path(FLAGS.data_path)
   common.check_models(FLAGS.models, FLAGS.frameworks)
   from jaxprune import data
@@ -135,10 +126,10 @@ def main(argv):
         f"epochs (median of epochs 2-{FLAGS.epochs}, then of {FLAGS.rounds} rounds); torch "
         f"threads {FLAGS.threads}; vs_torch = this epoch throughput / the fastest torch "
         "configuration's (GPU target >= 1.5)")
-  print(common.format_table(rows, list(rows[0])))
+  print(common.format_table(rows))
   common.write_json(FLAGS.out, images=FLAGS.images, batch=FLAGS.batch, epochs=FLAGS.epochs,
                     rows=rows, runs=runs)
 
 
 if __name__ == '__main__':
-  common.run(main)
+  common.run(main, lambda kind: (jax_worker if kind == 'jax' else torch_worker)(FLAGS.model))

@@ -3,36 +3,25 @@ batching) per host core, and the host cores a device step consuming R images/s n
 
     python experiments/bench/input_throughput.py --out=input_throughput.json
 
-Writes --images JPEGs of ImageNet-like photos (sides drawn around 500x375, landscape or
-portrait, quality 90, smooth noise at several scales plus fine grain: about 100 KB each, as
-ImageNet's average) as an array_record TFDS dataset whose splits hold --records records each,
-the photos repeated, in a temporary data_dir or --data_dir (reused when it holds them). Then
-for each --workers entry W, `stream.open_stream('tfds:input_throughput_jpegs', image_size=...,
-workers=W)` and one pass over each split: train, `stream.train_iterator` (decode,
-random-resized crop, flip, batch); test, `stream.test_batches` (decode, resize, centre crop,
-batch). Host only: no batch reaches a device. Untimed: the batches of the pipeline's first
-round (each process's reader threads make one batch each at once: 2 x max(W, 1) batches,
-worker start-up included); timed: the rest of the pass. images/s is wall clock; cores counts
-a worker process as one core and no workers as one; cpu_s is the CPU time of this process and
-its workers over the timed batches, so images/cpu_s is the per-core rate without the other
-processes on the machine. Each --device_images_per_second R needs ceil(R / images/cpu_s of
-the train row with the most workers) host cores (bench README, section 14).
+Writes --images JPEGs of ImageNet-like photos as an array_record TFDS dataset of --records
+records per split (in --data_dir, reused when it holds them, else a temporary one), then per
+--workers entry times one pass of `stream.train_iterator` and one of `stream.test_batches`
+on the host, after an untimed first round of batches. cpu_s counts this process and its
+workers; each --device_images_per_second R needs ceil(R / images_per_cpu_s of the train row
+with the most workers) host cores (bench README, section 14).
 """
 
 import io
 import math
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import app, flags, logging
 
-import numpy as np  # noqa: E402
-import tensorflow_datasets as tfds  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-
-import common  # noqa: E402
+import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('images', 512, 'Distinct JPEGs written.', lower_bound=1)
@@ -48,20 +37,11 @@ flags.DEFINE_list('device_images_per_second', [], 'Training-step rates (images/s
 flags.DEFINE_string('data_dir', None, 'TFDS data_dir for the JPEGs (default: a temporary '
                     'one, removed at the end); reused when it holds them already.')
 flags.DEFINE_string('out', None, 'Write the table as JSON here.')
-
-
-def _all(parse, allowed, values) -> bool:
-  try:
-    return all(allowed(parse(v)) for v in values)
-  except ValueError:
-    return False
-
-
-flags.register_validator('workers', lambda v: _all(int, lambda w: w >= 0, v),
-                         '--workers entries are whole numbers >= 0, e.g. 0,1,2.')
-flags.register_validator('device_images_per_second', lambda v: _all(float, lambda r: r > 0, v),
-                         '--device_images_per_second entries are images/s above 0, e.g. '
-                         '3000,12000.')
+common.validate_entries('workers', int, lambda w: w >= 0,
+                        '--workers entries are whole numbers >= 0, e.g. 0,1,2.')
+common.validate_entries('device_images_per_second', float, lambda r: r > 0,
+                        '--device_images_per_second entries are images/s above 0, e.g. '
+                        '3000,12000.')
 
 NAME = 'input_throughput_jpegs'
 # ImageNet's photos: mostly 500 pixels on the long side, 4:3 to 3:2, a quarter portrait.
@@ -69,13 +49,14 @@ LONG_SIDE = (450, 500)
 ASPECT = (1.25, 1.5)
 PORTRAIT = 0.25
 # Smooth noise of (cells across the long side, amplitude) and per-pixel grain: at quality 90
-# about 100 KB per 500x375 image, ImageNet's average (1.28 M JPEGs in ~140 GB).
+# a JPEG of ImageNet's average size (bench README, section 14).
 OCTAVES = ((4, 50.0), (16, 30.0), (64, 25.0), (160, 20.0))
 GRAIN = 16.0
 
 
-def photo(rng: np.random.Generator) -> np.ndarray:
-  """One uint8 RGB image of an ImageNet-like size whose JPEG costs what a photo's does."""
+def photo_jpeg(rng: np.random.Generator) -> bytes:
+  """The quality-90 JPEG of one RGB image of an ImageNet-like size that costs what a photo
+  costs to decode."""
   from PIL import Image
   long_side = int(rng.integers(*LONG_SIDE, endpoint=True))
   short_side = round(long_side / rng.uniform(*ASPECT))
@@ -87,13 +68,8 @@ def photo(rng: np.random.Generator) -> np.ndarray:
       small = rng.normal(0, amplitude, grid).astype(np.float32)
       image[..., c] += np.asarray(Image.fromarray(small, 'F').resize((w, h), Image.BICUBIC))
   image += rng.normal(0, GRAIN, image.shape).astype(np.float32)
-  return np.clip(image, 0, 255).astype(np.uint8)
-
-
-def jpeg(image: np.ndarray) -> bytes:
-  from PIL import Image
   out = io.BytesIO()
-  Image.fromarray(image).save(out, format='JPEG', quality=90)
+  Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(out, format='JPEG', quality=90)
   return out.getvalue()
 
 
@@ -110,7 +86,7 @@ class InputThroughputJpegs(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
 
   def _split_generators(self, dl_manager):
     rng = np.random.default_rng(0)
-    files = [jpeg(photo(rng)) for _ in range(FLAGS.images)]
+    files = [photo_jpeg(rng) for _ in range(FLAGS.images)]
     return {'train': self._generate_examples(files), 'test': self._generate_examples(files)}
 
   def _generate_examples(self, files):
@@ -197,7 +173,7 @@ def main(argv):
                      'cores_busy': timed['cpu_s'] / timed['seconds'],
                      'images_per_cpu_s': timed['images'] / timed['cpu_s'],
                      'load_average': os.getloadavg()[0]})
-        print(common.format_table([rows[-1]], list(rows[-1])).splitlines()[-1], flush=True)
+        print(common.format_table([rows[-1]]).splitlines()[-1], flush=True)
 
   reference = max((r for r in rows if r['transform'] == 'train'), key=lambda r: r['workers'])
   per_core = reference['images_per_cpu_s']
@@ -207,11 +183,11 @@ def main(argv):
         f'{FLAGS.image_size}x{FLAGS.image_size}, batch {FLAGS.batch}, one pass of '
         f'{FLAGS.records} records after the first round of batches; cores: worker processes '
         '(0: 1); images_per_cpu_s: per CPU second of this process and its workers')
-  print(common.format_table(rows, list(rows[0])))
+  print(common.format_table(rows))
   print(f'\nper-core train rate: {per_core:.1f} images per CPU second ({reference["workers"]} '
         'workers); host cores a device needs = ceil(its images/s / that rate)')
   if feeds:
-    print(common.format_table(feeds, list(feeds[0]), floats='.6g'))
+    print(common.format_table(feeds, floats='.6g'))
   common.write_json(FLAGS.out, images=FLAGS.images, records=FLAGS.records, jpeg_kb=jpeg_kb,
                     image_size=FLAGS.image_size, batch=FLAGS.batch, rows=rows,
                     per_core_train_images_per_cpu_s=per_core,

@@ -8,15 +8,13 @@ exact widths and rounded up to multiples of --round_to), shrink, build at the ne
 excluded. ok = latency ratio <= 1.1 x MACs ratio (bench README, section 3).
 """
 
-import functools
-import os
-import sys
+import jax
+from absl import flags, logging
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from absl import flags, logging  # noqa: E402
-
-import common  # noqa: E402
+import common
+from jaxprune import models
+from jaxprune.kernels import compiler
+from jaxprune.prune import criteria, flops, program, select, shrink
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('batch', 128, 'Batch size.', lower_bound=1)
@@ -28,20 +26,11 @@ flags.DEFINE_list('round_to', ['1', '8'],
                   'Also time every pruning level with widths rounded up to these multiples '
                   '(select round_to; 1 = exact widths).')
 flags.DEFINE_string('out', None, 'Write the table as JSON here.')
-
-
-def _all(parse, low, high, values) -> bool:
-  try:
-    return all(low < parse(v) <= high for v in values)
-  except ValueError:
-    return False
-
-
 for _name in ('vgg_targets', 'resnet_targets'):
-  flags.register_validator(_name, functools.partial(_all, float, 0, 1),
-                           f'--{_name} entries are fractions of the MACs in (0, 1], e.g. 0.5,0.25.')
-flags.register_validator('round_to', functools.partial(_all, int, 0, float('inf')),
-                         '--round_to entries are whole numbers >= 1, e.g. 1,8.')
+  common.validate_entries(_name, float, lambda t: 0 < t <= 1,
+                          f'--{_name} entries are fractions of the MACs in (0, 1], e.g. 0.5,0.25.')
+common.validate_entries('round_to', int, lambda r: r >= 1,
+                        '--round_to entries are whole numbers >= 1, e.g. 1,8.')
 
 PRESETS = {'vgg16': ['vgg16_a'], 'resnet56': ['resnet56_a', 'resnet56_b']}
 
@@ -49,12 +38,6 @@ PRESETS = {'vgg16': ['vgg16_a'], 'resnet56': ['resnet56_a', 'resnet56_b']}
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  import jax
-
-  from jaxprune import models
-  from jaxprune.kernels import compiler
-  from jaxprune.prune import criteria, flops, program, select, shrink
-
   rows = []
   for name in FLAGS.models:
     model = models.build(name)
@@ -68,18 +51,17 @@ def main(argv):
     targets = FLAGS.vgg_targets if name.startswith('vgg') else FLAGS.resnet_targets
     levels += [(f'macs {t}', dict(target_macs=float(t)), 'macs') for t in targets]
 
-    candidates = [('full', model, variables, 1.0)]
+    forward = lambda m: compiler.jit(lambda v, x: m.apply(v, x, train=False),
+                                     xla_options=m.performance.xla_options)
+    fns = [('full', forward(model), variables, 1.0)]
     for label, kwargs, policy in levels:
       for multiple in (int(r) for r in FLAGS.round_to):
         masks = select.select(policy, struct, scores, round_to=multiple, **kwargs)
         widths, small_vars, _ = shrink.shrink(prog, variables, masks)
-        small = models.build(name, widths=widths)
         tag = f'{label}, x{multiple} widths' if multiple > 1 else label
-        candidates.append((tag, small, small_vars, flops.count(struct, widths).macs / full.macs))
+        fns.append((tag, forward(models.build(name, widths=widths)), small_vars,
+                    flops.count(struct, widths).macs / full.macs))
 
-    fns = [(label, compiler.jit(lambda v, x, m=m: m.apply(v, x, train=False),
-                                xla_options=m.performance.xla_options), v, macs_ratio)
-           for label, m, v, macs_ratio in candidates]
     for _, fn, v, _ in fns:
       common.block(fn(v, x))  # compile
     times = {label: [] for label, *_ in fns}
@@ -93,12 +75,12 @@ def main(argv):
       rows.append({'model': name, 'pruning': label, 'macs_ratio': macs_ratio,
                    'latency_ms': latency * 1e3, 'latency_ratio': ratio,
                    'ok': 'yes' if ratio <= 1.1 * macs_ratio else 'no'})
-      print(common.format_table([rows[-1]], list(rows[-1])).splitlines()[-1], flush=True)
+      print(common.format_table([rows[-1]]).splitlines()[-1], flush=True)
 
   print(f'\neval-mode forward, batch {FLAGS.batch}, float32, backend {jax.default_backend()}, '
         f'median of {FLAGS.reps} round-robin repetitions; l1 scores of the initial weights; '
         'ok = latency_ratio <= 1.1 x macs_ratio')
-  print(common.format_table(rows, list(rows[0])))
+  print(common.format_table(rows))
   common.write_json(FLAGS.out, batch=FLAGS.batch, rows=rows)
 
 

@@ -5,22 +5,22 @@ copy against K vmapped copies, with compilation timed apart.
 
 One worker process per --models x --batches x --precisions, the npz's training set on the
 device. calls: fit's program of --steps steps in one `lax.fori_loop` (`train_calls`); steps:
-the batch maker, the train step and the metric sum dispatched once per step. K > 1 --copies
-train vmapped (`fit_copies`' programs). Each program is compiled ahead of time (compile_s),
-run once untimed, then --repeats times timed; images/s is K x batch x steps over the median
-call. K sequential copies would run the one-copy program K times, so vs_sequential divides
-by the one-copy figure (bench README, sections 11 and 13).
+one dispatch per step. K > 1 --copies train vmapped. Each program is compiled ahead of time
+(compile_s), run once untimed, then timed --repeats times; vs_sequential divides K copies'
+images/s by one copy's (bench README, sections 11 and 13).
 """
 
+import itertools
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jax
+import numpy as np
+from absl import app, flags
 
-from absl import flags  # noqa: E402
-
-import common  # noqa: E402
+import common
+from jaxprune import data, models, train
+from jaxprune.train.step import accumulate_metrics, epoch_programs, train_calls
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('models', ['resnet20'], 'Models (jaxprune registry names).')
@@ -37,35 +37,28 @@ flags.DEFINE_string('out', None, 'Write the table as JSON here.')
 flags.DEFINE_string('worker', None, 'Internal: model,batch,precision of one worker.')
 
 
-def _measure(trainer, arrays, spec, variables_of, copies, batch, mode, steps, repeats):
+def _measure(trainer, arrays, spec, variables_of, copies, batch, mode):
   """{'compile_s', 'call_s' (each timed call), 'images_per_second'} of one program."""
-  import jax
-  import numpy as np
-
-  from jaxprune.train.step import accumulate_metrics, epoch_programs, train_calls
-
   seeds = list(range(copies))
   state = (trainer.init_state([variables_of(s) for s in seeds], seeds) if copies > 1
            else trainer.init_state(variables_of(0), 0))
   images, labels = arrays['train_images'], arrays['train_labels']
-  permutation, make_batch = epoch_programs(
-      trainer, {'train_images': images, 'train_labels': labels}, spec, batch)
+  permutation, make_batch = epoch_programs(trainer, arrays, spec, batch)
   order = permutation(state.rng, 0)
-  shape = (copies,) if copies > 1 else ()
-  sums = trainer.replicate({'loss': np.zeros(shape, np.float32),
-                            'accuracy': np.zeros(shape, np.float32)})
-  bad = trainer.replicate({'step': np.zeros(shape, np.int32), 'loss': np.zeros(shape, np.float32)})
+  zeros = lambda dtype: trainer.replicate(np.zeros((copies,) if copies > 1 else (), dtype))
+  sums = {'loss': zeros(np.float32), 'accuracy': zeros(np.float32)}
+  bad = {'step': zeros(np.int32), 'loss': zeros(np.float32)}
   limit = np.float32(np.inf)  # Notes only a NaN loss: the health check is not timed here.
   steps_per_epoch = order.shape[-2]
   rates = jax.device_put(np.full(steps_per_epoch, 0.01, np.float32), trainer.replicated)
   if mode == 'calls':
     compile_s, compiled = common.timed(lambda: train_calls(trainer, spec).lower(
         state, sums, bad, None, images, labels, order, rates, limit, np.int32(0),
-        np.int32(steps)).compile())
+        np.int32(FLAGS.steps)).compile())
 
     def run(carry, step):
       return compiled(*carry, None, images, labels, order, rates, limit, np.int32(step),
-                      np.int32(step + steps))
+                      np.int32(step + FLAGS.steps))
   else:
     batch0 = make_batch(order, state.rng, 0)
     learning_rate = np.float32(0.01)
@@ -74,28 +67,24 @@ def _measure(trainer, arrays, spec, variables_of, copies, batch, mode, steps, re
 
     def run(carry, step):
       state, sums, bad = carry
-      for i in range(step, step + steps):
+      for i in range(step, step + FLAGS.steps):
         state, metrics = compiled(state, make_batch(order, state.rng, i), None, learning_rate)
         sums, bad = accumulate_metrics(sums, bad, metrics, state.step, limit)
       return state, sums, bad
 
   # Untimed: the batch maker's and the sum's compiles.
   carry = common.block(run((state, sums, bad), 0))
-  step, call_s = steps, []
-  for _ in range(repeats):
-    step = 0 if step + steps > steps_per_epoch else step
+  step, call_s = FLAGS.steps, []
+  for _ in range(FLAGS.repeats):
+    step = 0 if step + FLAGS.steps > steps_per_epoch else step
     seconds, carry = common.timed(run, carry, step)
     call_s.append(seconds)
-    step += steps
+    step += FLAGS.steps
   return {'compile_s': compile_s, 'call_s': call_s,
-          'images_per_second': copies * batch * steps / common.median(call_s)}
+          'images_per_second': copies * batch * FLAGS.steps / common.median(call_s)}
 
 
-def worker(spec_text: str) -> None:
-  import jax
-
-  from jaxprune import data, models, train
-
+def worker(spec_text: str) -> dict:
   name, batch, precision = spec_text.split(',')
   batch = int(batch)
   ds = data.load('npz', data_path=FLAGS.data_path)
@@ -109,18 +98,17 @@ def worker(spec_text: str) -> None:
     trainer = train.trainer_for(model, train.OptimizerConfig(), None, mesh, precision,
                                 copies > 1)
     for mode in FLAGS.modes:
-      row = {'model': name, 'batch': batch, 'precision': precision, 'copies': copies,
-             'mode': mode, 'steps': FLAGS.steps, 'train_images': int(ds.train_labels.shape[0])}
-      row.update(_measure(trainer, arrays, ds.spec, variables_of, copies, batch, mode,
-                          FLAGS.steps, FLAGS.repeats))
-      rows.append(row)
+      rows.append({'model': name, 'batch': batch, 'precision': precision, 'copies': copies,
+                   'mode': mode, 'steps': FLAGS.steps,
+                   'train_images': int(ds.train_labels.shape[0]),
+                   **_measure(trainer, arrays, ds.spec, variables_of, copies, batch, mode)})
       # What finished so far, should a slow grid be stopped before its worker ends.
       common.write_json(FLAGS.out and FLAGS.out + '.partial', rows=rows)
-  common.reply({'rows': rows})
+  return {'rows': rows}
 
 
 def _annotate(rows: list[dict]) -> None:
-  """Adds vs_one_copy (vmapped K against K sequential copies) and calls_vs_steps."""
+  """Adds vs_sequential (vmapped K against K sequential copies) and calls_vs_steps."""
   by_key = {(r['model'], r['batch'], r['precision'], r['copies'], r['mode']): r for r in rows}
   for r in rows:
     one = by_key.get((r['model'], r['batch'], r['precision'], 1, r['mode']))
@@ -133,32 +121,25 @@ def _annotate(rows: list[dict]) -> None:
 
 def main(argv):
   del argv
-  if FLAGS.worker:
-    worker(FLAGS.worker)
-    return
   common.require_data_path(FLAGS.data_path)
-  from absl import app
   unknown = sorted(set(FLAGS.modes) - {'calls', 'steps'})
   if unknown:
     raise app.UsageError(f'--modes {unknown} are not calls or steps.')
   rows = []
-  here = os.path.abspath(__file__)
-  for name in FLAGS.models:
-    for batch in FLAGS.batches:
-      for precision in FLAGS.precisions:
-        args = [f'--worker={name},{batch},{precision}', f'--data_path={FLAGS.data_path}',
-                f'--copies={",".join(FLAGS.copies)}', f'--modes={",".join(FLAGS.modes)}',
-                f'--steps={FLAGS.steps}', f'--repeats={FLAGS.repeats}', f'--out={FLAGS.out or ""}']
-        started = time.time()
-        rows += common.run_worker(here, args)['rows']
-        print(f'{name} batch {batch} {precision}: {time.time() - started:.0f} s', flush=True)
-        _annotate(rows)
-        common.write_json(FLAGS.out, rows=rows, flags={f: getattr(FLAGS, f) for f in (
-            'models', 'batches', 'precisions', 'copies', 'modes', 'steps', 'repeats')})
+  for name, batch, precision in itertools.product(FLAGS.models, FLAGS.batches, FLAGS.precisions):
+    args = [f'--worker={name},{batch},{precision}', f'--data_path={FLAGS.data_path}',
+            f'--copies={",".join(FLAGS.copies)}', f'--modes={",".join(FLAGS.modes)}',
+            f'--steps={FLAGS.steps}', f'--repeats={FLAGS.repeats}', f'--out={FLAGS.out or ""}']
+    started = time.time()
+    rows += common.run_worker(os.path.abspath(__file__), args)['rows']
+    print(f'{name} batch {batch} {precision}: {time.time() - started:.0f} s', flush=True)
+    _annotate(rows)
+    common.write_json(FLAGS.out, rows=rows, flags={f: getattr(FLAGS, f) for f in (
+        'models', 'batches', 'precisions', 'copies', 'modes', 'steps', 'repeats')})
   print(common.format_table(rows, ['model', 'batch', 'precision', 'copies', 'mode',
                                    'compile_s', 'images_per_second', 'vs_sequential',
                                    'calls_vs_steps']))
 
 
 if __name__ == '__main__':
-  common.run(main)
+  common.run(main, worker)

@@ -2,23 +2,17 @@ r"""Training throughput: jaxprune's train step against the same network's PyTorc
 
     python experiments/bench/throughput.py --out=/tmp/throughput.json
 
-jax: `train.Trainer(model, make_optimizer(OptimizerConfig())).train_step` (SGD momentum 0.9,
-weight decay 1e-4, donated state, BN in train mode) once per --jax_variants entry, the
-model's `PerformanceOptions` CONV_IMPL/XLA_OPTIONS[/BATCH_NORM] ('native/xla/flax': nn.Conv
-and nn.BatchNorm under XLA's default options, before any fix; 'auto/jaxprune/jaxprune': the
-default) and --precisions entry; torch: the same network (torch_models.py), float32. Both
-step on one fixed random batch in memory; every measurement runs in a process of its own,
-the configurations alternating for --rounds rounds (bench README, section 2).
+jax: `train.Trainer(...).train_step` per --jax_variants entry (the model's
+`PerformanceOptions`) and --precisions entry; torch: the same network (torch_models.py),
+float32. One fixed random batch; one process per measurement, the configurations alternating
+for --rounds rounds (bench README, section 2).
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-import common  # noqa: E402
+import common
 
 FLAGS = flags.FLAGS
 common.define_comparison_flags(rounds=3)
@@ -94,9 +88,6 @@ def variant(entry: str) -> str:
 
 def main(argv):
   del argv
-  if FLAGS.worker:
-    common.reply((jax_worker if FLAGS.worker == 'jax' else torch_worker)(FLAGS.model))
-    return
   common.check_models(FLAGS.models, FLAGS.frameworks)
   from jaxprune import train
   unknown = sorted(set(FLAGS.precisions) - set(train.PRECISIONS))
@@ -125,4 +116,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  common.run(main)
+  common.run(main, lambda kind: (jax_worker if kind == 'jax' else torch_worker)(FLAGS.model))

@@ -1,13 +1,10 @@
 """Rank agreement between two criteria's scores: Spearman's rho per layer and across layers [M].
 
-[M] ranks every criterion against the oracle this way: per layer (one rho per
-group, and their mean) and over all layers pooled, after per-layer L2
-normalisation so that layers of different scale are comparable.
-
-Rho is undefined when either ranking is constant (e.g. a layer with all-zero
-scores) or has fewer than two channels; it is then NaN, and `mean_per_layer`
-averages the defined values only (NaN if there are none). Ties get average
-ranks, as in `scipy.stats.spearmanr`.
+[M] ranks every criterion against the oracle this way: per layer (one rho per group, and
+their mean) and over all layers pooled, after per-layer L2 normalisation so that layers of
+different scale are comparable. Rho is NaN when either ranking is constant (e.g. all-zero
+scores) or has fewer than two channels, and `mean_per_layer` averages the defined values
+only (NaN if there are none). Ties get average ranks, as in `scipy.stats.spearmanr`.
 """
 
 import dataclasses

@@ -1,8 +1,7 @@
 """Channel importance criteria: model + variables (+ batches) -> {group: (C,) scores}.
 
-Every criterion answers "how much does this channel matter?" with a higher score
-for a channel worth keeping. `score(name, ...)` is the one-shot entry point;
-iterative pruning uses the pieces it is built from, the `Criterion` protocol:
+Higher score = channel worth keeping. `score(name, ...)` is the one-shot entry point;
+iterative pruning uses the `Criterion` protocol it is built from:
 
     state = criterion.init(structure, rng)
     state = criterion.accumulate(state, model, variables, masks, batch)  # pure, jittable
@@ -11,79 +10,47 @@ iterative pruning uses the pieces it is built from, the `Criterion` protocol:
 `accumulator(criterion, model)` is `accumulate` jitted for one model; masks are
 ordinary inputs, so changing which channels are pruned never recompiles.
 
-Conventions shared by all criteria:
+Conventions:
 
-* Higher = more important. Channels already removed by `masks` get the
-  criterion's natural value (0 for every data criterion, whose signals vanish
-  with the channel; the unchanged weight norm or |gamma| for the weight criteria
-  and bn_scale; a random number for random); selection excludes masked
-  channels itself.
-* Data criteria run the model in eval mode (BN running statistics), so one
-  example's signal does not depend on the rest of its batch and the oracle
-  measures the network that would actually be deployed. Loss: softmax
-  cross-entropy.
-* Criteria run the model's program (`program.Program.apply`): masks multiply every
-  consumer's input, where a zero is exactly removal. The activation z of a channel
-  is the masked feature map at its group's record point, after BN and the
-  nonlinearity and before any pooling (`jaxpr.Graph.record_points`). Because a ReLU
-  passes z * dL/dz unchanged where z > 0 and zeroes it elsewhere, z * dL/dz
-  after BN+ReLU equals the "gate after BN" quantity of [M] 2019.
-* Gradient criteria multiply (B, C) gates of ones onto the current (C,) masks and
-  take ONE backward pass w.r.t. those gates only (no weight gradients). With
-  CE_n the loss of example n, the gate gradient is
-  g_nk = sum_hw z_nhwk * dCE_n/dz_nhwk for every channel of every group.
+* Channels already removed by `masks` get the criterion's natural value (0 for the data
+  criteria, whose signals vanish with the channel); selection excludes them itself.
+* Data criteria run the model's program in eval mode (BN running statistics), so an
+  example's signal does not depend on its batch and the network scored is the one
+  deployed; the loss is softmax cross-entropy. Masks multiply every consumer's input (a
+  zero is exactly removal). A channel's activation z is the masked feature map at its
+  group's record point (`jaxpr.Graph.record_points`: after BN and the nonlinearity,
+  before any pooling); as a ReLU passes z * dL/dz only where z > 0, z * dL/dz there is
+  the "gate after BN" of [M] 2019.
+* Gradient criteria multiply (B, C) gates of ones onto the masks and take ONE backward
+  pass w.r.t. the gates only: with CE_n the loss of example n, the gate gradient is
+  g_nk = sum_hw z_nhwk * dCE_n/dz_nhwk.
 
 The criteria (names as accepted by `--criterion`):
 
 * `random`: uniform in [0, 1), from `rng` (key 0 when none is given).
-* `l1`, `l2`: sum |w| and sqrt(sum w^2) of the channel's filter; `min_weight`:
-  mean w^2 of the filter ([M]'s "minimum weight"). The filter of a group is
-  every kernel slice (Conv/Dense `kernel` leaves, biases excluded) whose OUTPUT
-  axis the group tags in `structure.axes`. A channel-selection group (one that
-  tags an `indices` leaf: it picks stream channels and has no producing filter)
-  uses instead the kernel slices whose INPUT axis it tags: the next layer's
-  weights that read the selected channel. A group no kernel's output axis holds
-  (attention heads: a middle axis of the query, key and value kernels) uses
-  every kernel slice it tags: its own projections' and its readers' weights.
-* `bn_scale`: |gamma| of the BatchNorm whose scale the group tags (network
-  slimming). A group with no such BN (e.g. the Dense `fc` group of `tiny`) has
-  no gamma to rank by; rather than mix in another quantity with another scale,
-  `init` raises a ConfigError naming those groups.
-* `mean_activation`, `activation_std`: mean and (population) standard
-  deviation of z over examples and positions; `apoz`: 1 - the fraction of z
-  that are exactly zero (average percentage of zeros, Hu et al. 2016).
-* `taylor` ([M] 2017): mean over examples of |g_nk| / (H*W), i.e. the
-  per-example |mean_hw(z * dL/dz)| averaged over examples.
-  Public variants: `taylor_signed_mean`, |sum_n g_nk| / (N*H*W), the signed
-  mean over examples and positions, then the absolute value; and
-  `taylor_abs_elementwise`, mean over examples of mean_hw |z * dL/dz|, the
-  absolute value taken per element (one backward pass w.r.t. zero offsets added
-  to the activations at the record points, instead of the gates).
-* `taylor_fo` ([M] 2019): per step (sum over batch and space of z * dL/dz)^2
-  with L the batch's mean loss, i.e. (mean_n g_nk)^2, averaged over steps.
+* `l1`, `l2`: sum |w| and sqrt(sum w^2) of the channel's filter; `min_weight`: mean
+  w^2 ([M]'s "minimum weight"). The filter is every Conv/Dense kernel slice (biases
+  excluded) whose OUTPUT axis the group tags; for a channel-selection group (it tags an
+  `indices` leaf and has no producing filter) the slices whose INPUT axis it tags; for a
+  group no kernel's output axis holds (attention heads) every kernel slice it tags.
+* `bn_scale`: |gamma| of the BatchNorm whose scale the group tags (network slimming).
+  A group with no such BN has no gamma to rank by: `init` raises a ConfigError naming
+  those groups rather than mix in another scale.
+* `mean_activation`, `activation_std`: mean and population standard deviation of z
+  over examples and positions; `apoz`: 1 - the fraction of z that are exactly zero
+  (Hu et al. 2016).
+* `taylor` ([M] 2017): mean over examples of |g_nk| / (H*W). Variants:
+  `taylor_signed_mean`, |sum_n g_nk| / (N*H*W); `taylor_abs_elementwise`, mean over
+  examples of mean_hw |z * dL/dz| (gradient w.r.t. zero offsets added to z).
+* `taylor_fo` ([M] 2019): (mean_n g_nk)^2 per step, averaged over steps.
 * `fisher` (Theis et al., [C]): 1/(2N) sum_n g_nk^2 over all N examples.
-* `second_order` (OBD-like): with L(s) the mean loss as a function of a (C,)
-  channel scale s (ones, times the mask), removing channel k moves s_k by -1,
-  so L changes by about -dL/ds_k + 0.5 d2L/ds_k^2. The score is the absolute
-  value of that estimate, the second-order approximation of `oracle`. Both
-  derivatives come from forward-over-forward mode (jvp of jvp along e_k)
-  vmapped over one-hot tangents, chunked: exact like forward-over-reverse (jvp
-  of grad), but cheaper to run and to compile, since it needs no backward pass
-  and stores nothing (experiments/bench/README.md, section 9).
-* `oracle` ([M]): |L(mask with channel k removed) - L(mask)|, L the mean loss
-  over all examples of the batches. One channel per vmapped mask, chunked.
-
-Why the oracle is cheap: for one group the loss is vmapped over one-hot
-removals of that group's channels only, with everything else closed over. vmap
-batches only values that depend on the vmapped argument, so every layer before
-the group's gate runs once per chunk, unbatched, and only the layers after it
-run once per removed channel. The chunks are a `lax.map`, out of whose loop XLA
-hoists that unchanged prefix, so the prefix runs once per batch. How many removals are in flight at once is bounded by
-`memory_bytes` (the activations after the group's gate, per removal; default
-8 MiB on CPU, where narrow chunks are fastest, 1 GiB on accelerators) and
-capped by `chunk_size` when given. What prefix sharing can save is set by
-arithmetic: loop MACs / vmapped MACs is 2.8 for resnet20 and 3.6 for vgg11 at
-32x32; speedups beyond that come from batching small layers.
+* `second_order` (OBD-like): with L(s) the mean loss as a function of a (C,) channel
+  scale s (ones, times the mask), removing channel k changes L by about
+  -dL/ds_k + 0.5 d2L/ds_k^2; the score is its absolute value. Both derivatives come from
+  forward-over-forward mode (jvp of jvp along e_k): exact like jvp of grad, but cheaper
+  to run and compile.
+* `oracle` ([M]): |L(mask with channel k removed) - L(mask)|, L the mean loss over all
+  examples of the batches (see `Oracle`).
 """
 
 import dataclasses
@@ -147,13 +114,8 @@ def _activation_shapes(model, variables, x, masks) -> dict[str, tuple[int, ...]]
   return {g: s.shape for g, s in shapes.items()}
 
 
-def _positions(shape) -> int:
-  """Positions per example (H * W for a conv activation, 1 for a dense one)."""
-  return math.prod(shape[1:-1])
-
-
-def _counter(groups, init) -> dict[str, jax.Array]:
-  return {g: jnp.full((c,), init, jnp.float32) for g, c in groups}
+def _zeros(groups) -> dict[str, jax.Array]:
+  return {g: jnp.zeros((c,), jnp.float32) for g, c in groups}
 
 
 def _as_numpy(scores: Mapping) -> Scores:
@@ -161,10 +123,8 @@ def _as_numpy(scores: Mapping) -> Scores:
 
 
 class Criterion:
-  """The protocol every criterion implements; higher score = more important.
-
-  Subclasses are frozen dataclasses (hashable, so usable as static jit arguments).
-  """
+  """The protocol every criterion implements; subclasses are frozen dataclasses (hashable,
+  so usable as static jit arguments)."""
   name: str
   needs_data: bool = True
 
@@ -187,9 +147,8 @@ class Random(Criterion):
   needs_data = False
 
   def init(self, structure, rng=None):
-    rng = jax.random.key(0) if rng is None else rng
-    if isinstance(rng, (int, np.integer)):
-      rng = jax.random.key(rng)
+    if rng is None or isinstance(rng, (int, np.integer)):
+      rng = jax.random.key(0 if rng is None else rng)
     keys = jax.random.split(rng, len(structure.prunable))
     return {'groups': _group_table(structure),
             'scores': {g: jax.random.uniform(k, (structure.widths[g],))
@@ -201,11 +160,8 @@ class Random(Criterion):
 
 def _kernel_slices(structure, group: str,
                    criterion: str) -> tuple[tuple[tuple[str, ...], int], ...]:
-  """(kernel leaf, channel axis) pairs holding a group's filter; see the module docstring.
-
-  A model whose group has no filter is a ConfigError: the user chose a weight criterion
-  (`criterion`) for a model it cannot score.
-  """
+  """(kernel leaf, channel axis) pairs holding a group's filter (module docstring); a group
+  with no filter is a ConfigError: the user chose `criterion` for a model it cannot score."""
   tags_of = structure.axes
   selection = any(key[0] == INDICES and group in tags for key, tags in tags_of.items())
   role = -2 if selection else -1
@@ -213,8 +169,7 @@ def _kernel_slices(structure, group: str,
              if key[0] == 'params' and key[-1] == 'kernel' and len(tags) >= 2}
   found = tuple((key, len(tags) + role) for key, tags in kernels.items() if tags[role] == group)
   if not found and not selection:
-    # No kernel's output axis: attention heads (a middle axis of the query, key and value
-    # kernels) or channels no layer writes; their weights are every kernel slice holding them.
+    # No kernel's output axis (attention heads): every kernel slice holding the group.
     found = tuple((key, axis) for key, tags in kernels.items()
                   for axis, tag in enumerate(tags) if tag == group)
   if not found:
@@ -230,6 +185,9 @@ class WeightNorm(Criterion):
   """A norm of each channel's filter: 'l1', 'l2' or 'min_weight' (mean squared weight)."""
   name: str = 'l1'
   needs_data = False
+  _NORMS = {'l1': lambda w: np.sum(np.abs(w), axis=0),
+            'l2': lambda w: np.sqrt(np.sum(np.square(w), axis=0)),
+            'min_weight': lambda w: np.mean(np.square(w), axis=0)}
 
   def init(self, structure, rng=None):
     return {'groups': _group_table(structure),
@@ -244,12 +202,7 @@ class WeightNorm(Criterion):
       per_channel = [np.moveaxis(np.asarray(flat[key], np.float64), axis, -1)
                      for key, axis in slices]
       w = np.concatenate([p.reshape(-1, p.shape[-1]) for p in per_channel], axis=0)
-      if self.name == 'l1':
-        scores[group] = np.sum(np.abs(w), axis=0)
-      elif self.name == 'l2':
-        scores[group] = np.sqrt(np.sum(np.square(w), axis=0))
-      else:
-        scores[group] = np.mean(np.square(w), axis=0)
+      scores[group] = self._NORMS[self.name](w)
     return _as_numpy(scores)
 
 
@@ -260,20 +213,17 @@ class BnScale(Criterion):
   needs_data = False
 
   def init(self, structure, rng=None):
-    found, missing = [], []
-    for g in structure.prunable:
-      keys = [k for k, tags in structure.axes.items()
-              if k[0] == 'params' and k[-1] == 'scale' and tags == (g,)]
-      if len(keys) == 1:
-        found.append((g, keys[0]))
-      else:
-        missing.append(g)
+    scales = {g: [k for k, tags in structure.axes.items()
+                  if k[0] == 'params' and k[-1] == 'scale' and tags == (g,)]
+              for g in structure.prunable}
+    missing = [g for g, keys in scales.items() if len(keys) != 1]
     if missing:
       raise ConfigError(f"criterion=bn_scale ranks channels by the scale of the BatchNorm "
                         f"producing them, but groups {missing} have no single BatchNorm; "
                         "choose another criterion or a model whose pruned channels all come "
                         "out of a BatchNorm.", settings=('criterion', 'model'))
-    return {'groups': _group_table(structure), 'scales': _Static(tuple(found))}
+    return {'groups': _group_table(structure),
+            'scales': _Static(tuple((g, keys[0]) for g, keys in scales.items()))}
 
   def finalize(self, state, model, variables):
     flat = traverse_util.flatten_dict(model.leaf_view(variables))
@@ -287,8 +237,8 @@ class Activation(Criterion):
 
   def init(self, structure, rng=None):
     groups = _group_table(structure)
-    return {'groups': groups, 'count': _counter(groups.value, 0.0),
-            'mean': _counter(groups.value, 0.0), 'm2': _counter(groups.value, 0.0)}
+    return {'groups': groups, 'count': _zeros(groups.value),
+            'mean': _zeros(groups.value), 'm2': _zeros(groups.value)}
 
   def accumulate(self, state, model, variables, masks, batch):
     masks = _full_masks(model.structure, masks)
@@ -297,12 +247,10 @@ class Activation(Criterion):
     for g, _ in _groups(state):
       z = acts[g].reshape(-1, acts[g].shape[-1]).astype(jnp.float32)
       n_b = jnp.float32(z.shape[0])
-      if self.name == 'apoz':
-        # The running "mean" is the fraction of nonzero values, i.e. 1 - APoZ.
-        mean_b, m2_b = jnp.mean((z != 0).astype(jnp.float32), axis=0), 0.0
-      else:
-        mean_b = jnp.mean(z, axis=0)
-        m2_b = jnp.sum(jnp.square(z - mean_b), axis=0) if self.name == 'activation_std' else 0.0
+      if self.name == 'apoz':  # the running "mean" is then the nonzero fraction, 1 - APoZ
+        z = (z != 0).astype(jnp.float32)
+      mean_b = jnp.mean(z, axis=0)
+      m2_b = jnp.sum(jnp.square(z - mean_b), axis=0) if self.name == 'activation_std' else 0.0
       # Chan et al.'s pairwise update: exact mean and variance over all batches
       # without the cancellation of a running sum of squares.
       total = count[g] + n_b
@@ -320,14 +268,13 @@ class Activation(Criterion):
 
 
 def gate_gradients(model, variables, masks, batch) -> tuple[dict, dict]:
-  """Per-example gate gradients g_nk = sum_hw z * dCE_n/dz for every prunable group.
-
-  Returns ({group: (B, C)}, {group: positions per example}). One forward and one
-  backward pass w.r.t. the gates only; `masks` must be the full (C,) masks.
-  """
+  """({group: (B, C) gate gradients g_nk}, {group: positions per example}) from one forward
+  and one backward pass w.r.t. the gates only; `masks` must be the full (C,) masks."""
   x, labels = batch['image'], batch['label']
   b = x.shape[0]
-  positions = {g: _positions(s) for g, s in _activation_shapes(model, variables, x, masks).items()}
+  # Positions per example: H * W for a conv activation, 1 for a dense one.
+  positions = {g: math.prod(s[1:-1])
+               for g, s in _activation_shapes(model, variables, x, masks).items()}
 
   def summed_loss(gates):
     gated = {g: gates[g] * m for g, m in masks.items()}
@@ -338,11 +285,8 @@ def gate_gradients(model, variables, masks, batch) -> tuple[dict, dict]:
 
 
 def activation_gradients(model, variables, masks, batch) -> tuple[dict, dict]:
-  """({group: z}, {group: dCE_n/dz}) at every gate, each shaped like the activation.
-
-  One backward pass w.r.t. zero offsets added to the gated activations, so the
-  gradient is dCE_n/dz element by element; `masks` must be the full (C,) masks.
-  """
+  """({group: z}, {group: dCE_n/dz}), each shaped like the activation, from one backward
+  pass w.r.t. zero offsets added to the gated activations; `masks` must be the full masks."""
   x, labels = batch['image'], batch['label']
   shapes = _activation_shapes(model, variables, x, masks)
 
@@ -365,7 +309,7 @@ class GateGradient(Criterion):
 
   def init(self, structure, rng=None):
     groups = _group_table(structure)
-    return {'groups': groups, 'sum': _counter(groups.value, 0.0),
+    return {'groups': groups, 'sum': _zeros(groups.value),
             'count': jnp.zeros((), jnp.float32)}
 
   def accumulate(self, state, model, variables, masks, batch):
@@ -377,65 +321,51 @@ class GateGradient(Criterion):
       for g, _ in _groups(state):
         per_element = jnp.abs(acts[g] * grads[g]).reshape(b, -1, acts[g].shape[-1])
         total[g] += jnp.sum(jnp.mean(per_element, axis=1), axis=0)
-      return {'groups': state['groups'], 'sum': total, 'count': state['count'] + b}
-    grads, positions = gate_gradients(model, variables, masks, batch)
-    for g, _ in _groups(state):
-      gn = grads[g]
-      if self.name == 'taylor':
-        total[g] += jnp.sum(jnp.abs(gn), axis=0) / positions[g]
-      elif self.name == 'taylor_signed_mean':
-        total[g] += jnp.sum(gn, axis=0) / positions[g]
-      elif self.name == 'taylor_fo':
-        total[g] += jnp.square(jnp.mean(gn, axis=0))
-      else:
-        total[g] += jnp.sum(jnp.square(gn), axis=0)
+    else:
+      grads, positions = gate_gradients(model, variables, masks, batch)
+      for g, _ in _groups(state):
+        gn = grads[g]
+        if self.name == 'taylor':
+          total[g] += jnp.sum(jnp.abs(gn), axis=0) / positions[g]
+        elif self.name == 'taylor_signed_mean':
+          total[g] += jnp.sum(gn, axis=0) / positions[g]
+        elif self.name == 'taylor_fo':
+          total[g] += jnp.square(jnp.mean(gn, axis=0))
+        else:
+          total[g] += jnp.sum(jnp.square(gn), axis=0)
     # taylor_fo averages over steps, the others over examples.
     step = 1.0 if self.name == 'taylor_fo' else float(b)
     return {'groups': state['groups'], 'sum': total, 'count': state['count'] + step}
 
   def finalize(self, state, model, variables):
-    n = state['count']
-    if self.name == 'taylor_signed_mean':
-      return _as_numpy({g: jnp.abs(s) / n for g, s in state['sum'].items()})
-    if self.name == 'fisher':
-      return _as_numpy({g: s / (2 * n) for g, s in state['sum'].items()})
-    return _as_numpy({g: s / n for g, s in state['sum'].items()})
+    n = 2 * state['count'] if self.name == 'fisher' else state['count']
+    signed = self.name == 'taylor_signed_mean'
+    return _as_numpy({g: (jnp.abs(s) if signed else s) / n for g, s in state['sum'].items()})
 
 
-# Default bound on the activations of the removals in flight at once. On a CPU
-# narrow chunks run fastest: XLA hoists the unchanged prefix out of the chunk
-# loop, and a small working set stays in cache (resnet20, 32x32, batch 32, the
-# 32 channels of stage2_block2: 0.31 s CPU one removal at a time, 0.52 s all 32
-# at once). Accelerators want wide batches and have the memory for them.
+# Bound on the activations of the removals in flight at once. On a CPU narrow chunks run
+# fastest (XLA hoists the unchanged prefix out of the chunk loop and a small working set
+# stays in cache); accelerators want wide batches and have the memory for them.
 _CPU_MEMORY_BYTES = 8 * 2 ** 20
 _ACCELERATOR_MEMORY_BYTES = 2 ** 30
 
 
-def _chunk_size(requested: int | None, memory_bytes: int | None, bytes_per_removal: int,
-                channels: int) -> int:
-  """How many removals to vmap at once: the most that fit `memory_bytes`, capped by `requested`."""
-  if memory_bytes is None:
-    cpu = jax.default_backend() == 'cpu'
-    memory_bytes = _CPU_MEMORY_BYTES if cpu else _ACCELERATOR_MEMORY_BYTES
-  chunk = max(1, memory_bytes // max(1, bytes_per_removal))
-  return max(1, min(chunk, requested or channels, channels))
-
-
 def _suffix_bytes(model, variables, x, masks, factor: int) -> dict[str, int]:
-  """Per group, `factor` x the bytes of the gated activations from that group's gate on.
-
-  A removal in group g changes only what follows g's gate; the gates are sown in
-  forward order, so the suffix of g is the gates from g onward. A rough measure of
-  the extra memory and traffic each vmapped removal brings.
-  """
+  """Per group, `factor` x the bytes of the gated activations from that group's gate on
+  (sown in forward order): a rough measure of what each vmapped removal adds, since a
+  removal in group g changes only what follows g's gate."""
   shapes = list(_activation_shapes(model, variables, x, masks).items())
   sizes = [4 * math.prod(shape) for _, shape in shapes]
   return {g: factor * sum(sizes[i:]) for i, (g, _) in enumerate(shapes)}
 
 
-def _over_one_hots(fn: Callable, channels: int, chunk: int):
-  """Stacks fn(one_hots) (a pytree of per-row arrays) over all `channels` one-hot rows,
-  `chunk` rows at a time."""
+def _over_one_hots(fn: Callable, channels: int, bytes_per_removal: int,
+                   requested: int | None):
+  """Stacks fn(one_hots) (a pytree of per-row arrays) over all `channels` one-hot rows, as
+  many at a time as fit the memory bound at `bytes_per_removal` each, at most `requested`."""
+  cpu = jax.default_backend() == 'cpu'
+  memory_bytes = _CPU_MEMORY_BYTES if cpu else _ACCELERATOR_MEMORY_BYTES
+  chunk = max(1, min(memory_bytes // max(1, bytes_per_removal), requested or channels, channels))
   n = -(-channels // chunk)
   chunk = -(-channels // n)  # the same number of chunks with the least padding
   # Rows past `channels` are all zero (nothing removed) and are dropped below.
@@ -450,20 +380,21 @@ def _over_one_hots(fn: Callable, channels: int, chunk: int):
 class Oracle(Criterion):
   """|L(without channel k) - L| by vmapping the loss over one-hot removals.
 
-  With `share_prefix` (the default) each group gets its own vmapped program, so
-  the layers before the group's gate run once per chunk; without it one program
-  vmaps whole-network mask sets over all channels of all groups: a fraction of
-  the compile time (one copy of the model instead of one per group), but every
-  removal pays for a full forward pass.
+  With `share_prefix` (the default) each group's loss is vmapped over removals of its
+  own channels only. vmap batches only what depends on the vmapped argument, so the
+  layers before the group's gate run unbatched, and XLA hoists them out of the
+  `lax.map` over chunks: once per batch. Without it one program vmaps whole-network
+  mask sets over all channels: one copy of the model to compile instead of one per
+  group, but every removal pays a full forward pass. Removals in flight at once are
+  bounded by their activations' memory and capped by `chunk_size`.
   """
   name: str = 'oracle'
   chunk_size: int | None = None
-  memory_bytes: int | None = None
   share_prefix: bool = True
 
   def init(self, structure, rng=None):
     groups = _group_table(structure)
-    return {'groups': groups, 'change': _counter(groups.value, 0.0),
+    return {'groups': groups, 'change': _zeros(groups.value),
             'count': jnp.zeros((), jnp.float32)}
 
   def accumulate(self, state, model, variables, masks, batch):
@@ -477,8 +408,7 @@ class Oracle(Criterion):
       for g, c in groups:
         def without(one_hots, g=g):
           return jax.vmap(lambda e: loss_sum({**masks, g: masks[g] * (1 - e)}))(one_hots)
-        chunk = _chunk_size(self.chunk_size, self.memory_bytes, suffix_bytes[g], c)
-        removed[g] = _over_one_hots(without, c, chunk)
+        removed[g] = _over_one_hots(without, c, suffix_bytes[g], self.chunk_size)
     else:
       widths = [c for _, c in groups]
       splits = np.cumsum(widths)[:-1]
@@ -489,9 +419,8 @@ class Oracle(Criterion):
                            for (g, _), part in zip(groups, jnp.split(e, splits))})
         return jax.vmap(one)(one_hots)
 
-      chunk = _chunk_size(self.chunk_size, self.memory_bytes, max(suffix_bytes.values()),
-                          sum(widths))
-      flat = _over_one_hots(without_any, sum(widths), chunk)
+      flat = _over_one_hots(without_any, sum(widths), max(suffix_bytes.values()),
+                            self.chunk_size)
       removed = {g: part for (g, _), part in zip(groups, jnp.split(flat, splits))}
     base = loss_sum(masks)
     # Removing a channel that is already gone changes nothing; say so exactly
@@ -509,12 +438,11 @@ class SecondOrder(Criterion):
   """|-g + 0.5 h_kk|: the OBD-style second-order estimate of the oracle, per channel."""
   name: str = 'second_order'
   chunk_size: int | None = None
-  memory_bytes: int | None = None
 
   def init(self, structure, rng=None):
     groups = _group_table(structure)
-    return {'groups': groups, 'grad': _counter(groups.value, 0.0),
-            'hess': _counter(groups.value, 0.0), 'count': jnp.zeros((), jnp.float32)}
+    return {'groups': groups, 'grad': _zeros(groups.value),
+            'hess': _zeros(groups.value), 'count': jnp.zeros((), jnp.float32)}
 
   def accumulate(self, state, model, variables, masks, batch):
     masks = _full_masks(model.structure, masks)
@@ -531,16 +459,14 @@ class SecondOrder(Criterion):
       ones = jnp.ones((c,), jnp.float32)
 
       def derivatives(one_hots):
-        # Forward over forward along e = e_k: the first jvp is dL/ds_k, its jvp
-        # d2L/ds_k^2. Forward mode only (no backward pass, nothing stored), and the
-        # two identical first-order tangent streams are one after XLA's CSE.
+        # Along e = e_k the first jvp is dL/ds_k, its jvp d2L/ds_k^2; XLA's CSE merges
+        # the two identical first-order tangent streams.
         def along(e):
           first = lambda s: jax.jvp(mean_loss, (s,), (e,))[1]
           return jax.jvp(first, (ones,), (e,))
         return jax.vmap(along)(one_hots)
 
-      chunk = _chunk_size(self.chunk_size, self.memory_bytes, suffix_bytes[g], c)
-      grad, hess = _over_one_hots(derivatives, c, chunk)
+      grad, hess = _over_one_hots(derivatives, c, suffix_bytes[g], self.chunk_size)
       grad_sum[g] = grad_sum[g] + b * grad
       hess_sum[g] = hess_sum[g] + b * hess
     return {'groups': state['groups'], 'grad': grad_sum, 'hess': hess_sum,
@@ -571,15 +497,12 @@ CRITERIA: dict[str, Criterion] = {
 }
 
 
-# Options whose value a user may set (a benchmark flag, say): None or a positive integer.
-_SIZE_OPTIONS = ('chunk_size', 'memory_bytes')
-
-
 def get(name: str, **options) -> Criterion:
   """The registered criterion `name`, with dataclass fields (e.g. chunk_size) replaced.
 
-  An unknown `name` or a size option that is not a positive integer is a ConfigError
-  (a user's setting); an option the criterion lacks is the caller's bug (ValueError).
+  An unknown `name` or a chunk_size that is not a positive integer is a ConfigError (a
+  user's setting, a benchmark flag say); an option the criterion lacks is the caller's bug
+  (ValueError).
   """
   choose('criterion', name, CRITERIA, setting='criterion')
   criterion = CRITERIA[name]
@@ -590,11 +513,11 @@ def get(name: str, **options) -> Criterion:
   if bad:
     raise ValueError(f"criterion {name!r} has no options {bad}; its options are "
                      f"{allowed or 'none'}.")
-  for key in _SIZE_OPTIONS:
-    value = options.get(key)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-                              or value < 1):
-      raise ConfigError(f"{key} must be a positive integer, got {value!r}.", settings=(key,))
+  size = options.get('chunk_size')
+  if size is not None and (isinstance(size, bool) or not isinstance(size, (int, np.integer))
+                           or size < 1):
+    raise ConfigError(f"chunk_size must be a positive integer, got {size!r}.",
+                      settings=('chunk_size',))
   return dataclasses.replace(criterion, **options)
 
 
@@ -641,7 +564,7 @@ def score(name: str, model: Program, variables, batches: Iterable[Mapping] | Non
   if first is None:
     raise ValueError(f"criterion {name!r} needs at least one batch of data, got none.")
   state = criterion.init(structure, rng)
-  full = _full_masks(model.structure, masks)
+  full = _full_masks(structure, masks)
   step = accumulator(criterion, model)
   for batch in itertools.chain([first], batches):
     state = step(state, variables, full, batch)

@@ -1,14 +1,12 @@
 """Multiply-accumulates (MACs, the pruning papers' "FLOPs") and parameter counts for any widths.
 
-Both are exact polynomials in the widths read off a `Structure`: a leaf's size is
-the product of its axes, each a constant or a group's width, and a kernel's MACs
-are its size times its output positions. Counting takes microseconds and
-compiles nothing, so selection policies can call it after every removed channel.
+Both are exact polynomials in the widths read off a `Structure`: a leaf's size is the
+product of its axes, each a constant or a group's width, and a kernel's MACs are its size
+times its output positions. Counting compiles nothing and takes microseconds.
 
 Conventions: MACs count conv and dense multiply-accumulates for one example
-(k_h * k_w * C_in * C_out * H_out * W_out per conv, padding taps included);
-params count every trainable parameter, BN scale and bias included, not BN
-running statistics.
+(k_h * k_w * C_in * C_out * H_out * W_out per conv, padding taps included); params count
+every trainable parameter, BN scale and bias included, not BN running statistics.
 """
 
 import dataclasses
@@ -62,13 +60,9 @@ def per_group(structure: Structure, widths: Mapping[str, int] | None = None) -> 
   """MACs and params that would go away if one channel of each group were removed."""
   widths = structure.widths if widths is None else widths
   total = count(structure, widths)
-  out = {}
-  for g in structure.widths:
-    fewer = dict(widths)
-    fewer[g] -= 1
-    less = count(structure, fewer)
-    out[g] = Cost(macs=total.macs - less.macs, params=total.params - less.params)
-  return out
+  fewer = {g: count(structure, {**widths, g: widths[g] - 1}) for g in structure.widths}
+  return {g: Cost(macs=total.macs - c.macs, params=total.params - c.params)
+          for g, c in fewer.items()}
 
 
 def count_masked(structure: Structure, weight_masks: Mapping) -> Cost:

@@ -1,59 +1,45 @@
 """Channel structure read off a program: `jax.make_jaxpr` of any `apply(variables, x)`.
 
-`trace(fn, leaves, x)` traces `fn(leaves, x)` once (shapes only) and `Graph` ties every
-axis of every value in the program to the axes it must keep equal to, through
-convolutions (with `feature_group_count`), matmuls, elementwise ops with broadcasting,
-reshapes, transposes, tiles, reductions, concatenations, splits and the call-like
-primitives (jit, custom_jvp/custom_vjp, checkpoint and so nn.remat) whose bodies it reads
-in place. The result is a `Graph`: the channel groups, which axis of which variable leaf
-each one indexes, and what is needed to run the same program masked (`evaluate` with
-masks) or shrunk (`evaluate` with kept indices).
+`trace(fn, leaves, x)` traces `fn(leaves, x)` once (shapes only). `Graph` ties every axis of
+every value to the axes it must keep equal to, through convolutions, matmuls, broadcasting
+elementwise ops, reshapes, transposes, tiles, reductions, concatenations, splits and the
+call-like primitives (jit, custom_jvp/custom_vjp, checkpoint and so nn.remat), whose bodies
+it reads in place. It yields the channel groups, the leaf axes each indexes, and what
+`jaxpr_run.evaluate` needs to run the program masked or shrunk.
 
-How an axis is described. An axis is a *layout*: a sequence of atoms, each a run of
-channels of one group. Most axes are one atom. A concatenation's output is its inputs'
-layouts end to end, so a DenseNet kernel that reads the concatenated stream has an input
-axis of several groups at their offsets. A grouped convolution (1 < groups < C_in) ties
-channel slot j of every group together ("per-group-slot" granularity: every group loses
-the same slots, so the convolution keeps its group count): its input axis is the atom of
-the kernel's input axis repeated `groups` times, and its output axis an atom of C_out /
-groups repeated likewise. A depthwise convolution (groups = C_in = C_out) ties its input
-channels to its output channels; its group count follows the kept channels. A reshape
-that merges axes keeps the minor one's layout, repeated (a flatten before a Dense keeps
-its conv's channels prunable); a reshape that splits an axis ties its minor part, so
-heads x head_dim becomes head_dim granularity (the same slots of every head), and the
-head axis itself is not prunable. Attention (a matmul of two computed values, q.k and
-weights.v) ties its batch axes, the heads, across query, key, value and the output
-projection, so heads of their own axis (not split off by a reshape) are pruned whole; when
-a constant scales q, k or the scores (flax's q / sqrt(head_dim) is a literal here) its
-other axes, the head dimension, keep their size, since a module recomputes that scale from
-the cut size. A split's input is its outputs' layouts end to end (a conv whose output is
-split has an output axis of several groups), and a tiled axis its layout repeated (a
-size-1 one, a class token tiled over the batch, is a new axis).
+An axis is a *layout*: a sequence of atoms, each a run of one group's channels. A
+concatenation's output is its inputs' layouts end to end (a DenseNet kernel reading the
+concatenated stream has an input axis of several groups), a split's input its outputs', a
+tiled axis its layout repeated (a tiled size-1 axis, a class token, is a new axis). A grouped
+convolution (1 < groups < C_in) ties channel slot j of every group, so all groups lose the
+same slots and the group count stays; a depthwise one (groups = C_in = C_out) ties input to
+output channels and its group count follows the kept channels. A reshape that merges axes
+keeps the minor one's layout, repeated (a flatten before a Dense keeps its conv's channels
+prunable); one that splits an axis ties its minor part (heads x head_dim: the same slots of
+every head) and the split-off axis is not prunable. Attention (a matmul of two computed
+values) ties the heads across query, key, value and output projection, so heads on an axis
+of their own are pruned whole; when a constant scales q, k or the scores, the head dimension
+keeps its size, since a module recomputes that 1/sqrt(head_dim) from the cut size.
 
-What is not prunable, and why (`Graph.reasons`): axes tied to the input or the output,
-spatial and kernel-window axes, axes sliced, padded, gathered from, reduced over (a
-mean's divisor would change), cumulated or merged as a major part by a reshape, and by
-default a *stream*: channels written by two or more layers where two different computed
-values meet, summed (a residual stream) or multiplied (a squeeze-and-excitation or GLU
-gate, with its own reason), which only shrink together with every block that writes them
-(`prune_streams=True` allows it); a value met with a function of itself (softmax divided
-by its own sum) is no meeting. A reduction over the minor part of a split axis is named as
-the group normalisation it is. RNG state (leaves of a PRNG key dtype, and the `rng_leaves`
-a caller names: nnx's keys and counts) is no channel at all. A group that no
-convolution or matmul reads is not prunable either: nothing consumes it, so there is
-nowhere to measure or mask it.
+Not prunable (`Group.reason`): axes tied to the input or the output; spatial and
+kernel-window axes; axes sliced, padded, gathered from, reduced over (a mean's divisor would
+change; over a split axis's minor part, named as the group normalisation it is), cumulated
+or merged as a major part by a reshape; a group no convolution or matmul reads (nowhere to
+measure or mask it); and by default a *stream*, channels written by several layers where two
+computed values meet, summed (a residual) or multiplied (a squeeze-and-excitation or GLU
+gate), which shrink only with every block writing them (`prune_streams=True`). A value met
+with a function of itself (softmax divided by its own sum) is no meeting. RNG state (PRNG
+key leaves, and the `rng_leaves` a caller names: nnx's keys and counts) is no channel.
 
-MACs are counted for every convolution and matmul whose kernel is a variable leaf (also
-one transformed without the input: flipped, standardised, weight-normed) and whose
-results reach the program's outputs: an unused head costs nothing, as under jit.
+MACs count every convolution and matmul whose kernel is a variable leaf (also one
+transformed without the input: flipped, standardised, weight-normed) and whose results reach
+the outputs: an unused head costs nothing, as under jit.
 
-Masks sit where a consumer contracts the channels: the input of every convolution and
-matmul reading the group. There a zero is exactly removal (the contraction skips it),
-and a (B, C) gate of ones is the per-example gate whose gradient the gradient criteria
-read. A primitive the derivation does not know, on an axis that would otherwise be
-prunable, is a `ConfigError` naming the primitive and the parameter, never a wrong
-result, unless `fixed` keeps those channels (the error names the leaf to keep); so is a
-program whose shapes depend on data (it cannot be traced at all).
+Masks multiply the input of every convolution and matmul that contracts the group: there a
+zero is exactly removal, and a (B, C) gate of ones is the per-example gate whose gradient the
+gradient criteria read. A primitive the derivation does not know, on an otherwise prunable
+axis, is a `ConfigError` naming it and the leaf to keep with `fixed`, never a wrong result;
+so is a program whose shapes depend on data.
 """
 
 import collections
@@ -85,7 +71,6 @@ _ELEMENTWISE = frozenset("""
     shift_left shift_right_logical shift_right_arithmetic bitcast_convert_type
     sharding_constraint
     """.split())
-# Random keys and bits (dropout): `_rule` makes their results fresh.
 _RANDOM = frozenset('random_bits random_wrap random_unwrap random_split random_fold_in '
                     'random_seed random_clone threefry2x32'.split())
 # One result per operand, each the operand unchanged.
@@ -97,7 +82,7 @@ _REDUCTIONS = frozenset('reduce_sum reduce_max reduce_min reduce_prod reduce_and
 _POOLING = frozenset('reduce_window_max reduce_window_sum reduce_window reduce_sum reduce_max '
                      'reshape convert_element_type copy'.split())
 _CUMULATIVE = frozenset('cumsum cumprod cummax cummin cumlogsumexp'.split())
-# Primitives whose body is a jaxpr evaluated once, in place (read and run inline).
+# Call-like primitives: {name: the param holding the body}.
 _CALLS = {'jit': 'jaxpr', 'pjit': 'jaxpr', 'closed_call': 'call_jaxpr', 'core_call': 'call_jaxpr',
           'custom_jvp_call': 'call_jaxpr', 'custom_vjp_call': 'call_jaxpr',
           'custom_vjp_call_jaxpr': 'fun_jaxpr', 'checkpoint': 'jaxpr', 'remat': 'jaxpr',
@@ -105,15 +90,12 @@ _CALLS = {'jit': 'jaxpr', 'pjit': 'jaxpr', 'closed_call': 'call_jaxpr', 'core_ca
 
 _INPUT, _OUTPUT, _BATCH = 'the input', 'the output', 'the batch axis'
 _WINDOW, _DEPTHWISE_IN = 'a kernel window', 'the input axis of a depthwise kernel'
-# RNG keys and counts (nnx.RngState) are state carried through the program, never channels.
 _RNG = 'RNG state'
 # Leaf axes that index no channels: not groups at all.
 _NOT_CHANNELS = (_WINDOW, _DEPTHWISE_IN, _RNG)
 _STREAM = 'a stream written by several layers (prune_streams=True prunes it with all of them)'
 _PRODUCT = ('multiplied elementwise with another computed value (a gate or attention '
             'product; prune_streams=True prunes it with every layer writing either)')
-# Elementwise primitives that multiply their operands: where two computed values meet in one,
-# the channels are a gate's (squeeze-and-excitation, GLU), not a residual stream's.
 _PRODUCTS = frozenset(('mul', 'div'))
 _ATTENTION = ("a head's dimension in attention scaled by a constant (a module recomputes "
               "a 1/sqrt(head_dim) scale from the cut size, and query, key and value share it; "
@@ -137,9 +119,9 @@ class Atoms:
     self.joined: dict[int, str] = {}
 
   def new(self, size: int, reason: str | None = None) -> int:
-    self.parent.append(len(self.parent))
+    atom = len(self.parent)
+    self.parent.append(atom)
     self.size.append(int(size))
-    atom = len(self.parent) - 1
     if reason:
       self.reason[atom] = reason
     return atom
@@ -176,11 +158,10 @@ class Atoms:
     if a == b:
       return
     self.parent[b] = a
-    if b in self.reason:
-      self.reason.setdefault(a, self.reason[b])
+    for tags in (self.reason, self.joined):
+      if b in tags:
+        tags.setdefault(a, tags[b])
     self.writers[a] = self.writers.get(a, frozenset()) | self.writers.pop(b, frozenset())
-    if b in self.joined:
-      self.joined.setdefault(a, self.joined[b])
 
   def unify(self, first: Sequence[int], second: Sequence[int]):
     """Ties two layouts of the same total size channel by channel, splitting atoms as needed."""
@@ -309,14 +290,12 @@ class Graph:
     self.jaxpr = jaxpr
     self.leaf_keys = tuple(leaf_keys)
     self.fixed = tuple(fixed)
-    self.rng_leaves = frozenset(rng_leaves)
-    self.state_outputs = dict(state_outputs)
-    # Every equation by site, the layouts of its operands and the site producing each value:
-    # what finding a group's recording point walks back through.
+    # By site (an equation's index path through call bodies): the equation, its operands'
+    # layouts, which operands are computed from the input, and the producer of each value.
     self.eqns: dict[Site, Any] = {}
     self.in_layouts: dict[Site, list] = {}
-    self.producer: dict[Any, Site] = {}
     self.dependent: dict[Site, set] = {}
+    self.producer: dict[Any, Site] = {}
     # Groups that `structure()` tags although they are not prunable (`name_groups`).
     self.also_tagged: tuple[str, ...] = ()
     self.atoms = Atoms()
@@ -328,11 +307,12 @@ class Graph:
     self.unknown: list[tuple[str, Site, list]] = []
     # {atom: groups}: the minor part of an axis a reshape split into that many groups.
     self.grouped: dict[int, int] = {}
-    # Products of two computed values (attention: q.k, weights.v) as ((layouts, batch axes),
-    # twice), and the atoms of computed values multiplied or divided by a constant scalar.
+    # Products of two computed values as ((layouts, batch axes), twice), and the atoms of
+    # computed values multiplied or divided by a constant scalar.
     self.attention: list[tuple] = []
     self.scaled: list[int] = []
-    self._walk_top(prune_streams)
+    self._walk_top(frozenset(rng_leaves), state_outputs)
+    self._finish(prune_streams)
 
   # -------------------------------------------------------------------------------------------
   # The walk: layouts for every value, ties between them.
@@ -340,14 +320,13 @@ class Graph:
   def _fresh(self, shape, reason=None) -> list[tuple[int, ...]]:
     return [(self.atoms.new(n, reason),) for n in shape]
 
-  def _walk_top(self, prune_streams: bool):
+  def _walk_top(self, rng_leaves: frozenset, state_outputs: Mapping[int, int]):
     jaxpr = self.jaxpr.jaxpr
-    n_leaves = len(self.leaf_keys)
     self.leaf_layouts = [
-        self._fresh(v.aval.shape, _RNG if key in self.rng_leaves
+        self._fresh(v.aval.shape, _RNG if key in rng_leaves
                     or jax.dtypes.issubdtype(v.aval.dtype, jax.dtypes.prng_key) else None)
         for v, key in zip(jaxpr.invars, self.leaf_keys)]
-    x_var = jaxpr.invars[n_leaves]
+    x_var = jaxpr.invars[len(self.leaf_keys)]
     x_layouts = self._fresh(x_var.aval.shape, _INPUT)
     self.batch_atom = x_layouts[0][0] if x_layouts else None
     if self.batch_atom is not None:
@@ -357,13 +336,12 @@ class Graph:
     outs = self._walk(jaxpr, self.const_layouts[()], self.leaf_layouts + [x_layouts], (),
                       {x_var}, origins)
     for index, layouts in enumerate(outs):
-      if index in self.state_outputs:
-        for layout, leaf_layout in zip(layouts, self.leaf_layouts[self.state_outputs[index]]):
+      if index in state_outputs:
+        for layout, leaf_layout in zip(layouts, self.leaf_layouts[state_outputs[index]]):
           self.atoms.unify(layout, leaf_layout)
       else:
         for layout in layouts:
           self.atoms.fix(layout, _OUTPUT)
-    self._finish(prune_streams)
 
   def _walk(self, jaxpr: jcore.Jaxpr, const_layouts, in_layouts, prefix: Site,
             depends: set, origins: dict) -> list:
@@ -373,29 +351,23 @@ class Graph:
     env = {**dict(zip(jaxpr.constvars, const_layouts)), **dict(zip(jaxpr.invars, in_layouts))}
 
     def read(v):
-      if isinstance(v, jcore.Literal):
-        return self._fresh(np.shape(v.val))
-      return env[v]
+      return self._fresh(np.shape(v.val)) if isinstance(v, jcore.Literal) else env[v]
 
     for index, eqn in enumerate(jaxpr.eqns):
       site = prefix + (index,)
       ins = [read(v) for v in eqn.invars]
       dep = {i for i, v in enumerate(eqn.invars) if _var_in(v, depends)}
       self.eqns[site], self.in_layouts[site], self.dependent[site] = eqn, ins, dep
-      for v in eqn.outvars:
-        self.producer[v] = site
-      name = eqn.primitive.name
-      if name in _CALLS:
+      self.producer.update(dict.fromkeys(eqn.outvars, site))
+      if eqn.primitive.name in _CALLS:
         body, body_consts = call_body(eqn)
-        consts = [self._fresh(np.shape(c)) for c in body_consts]
-        self.const_layouts[site] = consts
+        consts = self.const_layouts[site] = [self._fresh(np.shape(c)) for c in body_consts]
         inner_depends = {bv for i, bv in enumerate(body.invars) if i in dep}
         inner_origins = {bv: origins[ov] for bv, ov in zip(body.invars, eqn.invars)
                          if _var_in(ov, origins)}
         outs = self._walk(body, consts, ins, site, inner_depends, inner_origins)
-        for ov, bv in zip(eqn.outvars, body.outvars):
-          if _var_in(bv, inner_origins):
-            origins[ov] = inner_origins[bv]
+        origins.update({ov: inner_origins[bv] for ov, bv in zip(eqn.outvars, body.outvars)
+                        if _var_in(bv, inner_origins)})
         depends.update(ov for ov, bv in zip(eqn.outvars, body.outvars)
                        if _var_in(bv, inner_depends))
       else:
@@ -403,17 +375,15 @@ class Graph:
         if dep:
           depends.update(eqn.outvars)
         else:
-          # A kernel flipped, standardised or scaled by a weight norm is still that leaf's
-          # kernel, for its MACs and its group's name: the one leaf among the operands of the
-          # result's size (statistics, scales and constants aside).
+          # A kernel flipped, standardised or weight-normed is still that leaf's kernel: the
+          # one leaf among the operands of the result's size.
           for ov in eqn.outvars:
             leaves = {origins[v] for v in eqn.invars
                       if _var_in(v, origins) and v.aval.size == ov.aval.size}
             if len(leaves) == 1:
               origins[ov] = leaves.pop()
       self.out_layouts[site] = outs
-      for v, layouts in zip(eqn.outvars, outs):
-        env[v] = layouts
+      env.update(zip(eqn.outvars, outs))
     return [read(v) for v in jaxpr.outvars]
 
   def _rule(self, eqn, ins, site: Site, dep: set, origins: dict) -> list:
@@ -426,20 +396,18 @@ class Graph:
     if name in _ELEMENTWISE:
       out_shape = out_shapes[0]
       outs = self._fresh(out_shape)
+      # Per operand, the axes the output keeps at their size (the others broadcast).
+      same = [[(axis, layout) for axis, (layout, size) in enumerate(zip(layouts, shape))
+               if size == out_shape[axis]] if len(shape) == len(out_shape) else []
+              for layouts, shape in zip(ins, shapes)]
       # The computed operands' channels before this op ties them: a value met with a function
       # of itself (softmax divided by its own sum) is one set of channels, not two values.
       meeting = collections.defaultdict(set)
       for i in dep:
-        if len(shapes[i]) == len(out_shape):
-          for axis, (layout, size) in enumerate(zip(ins[i], shapes[i])):
-            if size == out_shape[axis]:
-              meeting[axis].add(tuple(a.expand(layout)))
-      for layouts, shape in zip(ins, shapes):
-        if len(shape) != len(out_shape):
-          continue
-        for axis, (layout, size) in enumerate(zip(layouts, shape)):
-          if size == out_shape[axis]:
-            a.unify(outs[axis], layout)
+        for axis, layout in same[i]:
+          meeting[axis].add(tuple(a.expand(layout)))
+      for axis, layout in itertools.chain(*same):
+        a.unify(outs[axis], layout)
       for axis, channels in meeting.items():
         if len(channels) >= 2:
           a.join(outs[axis], _PRODUCT if name in _PRODUCTS else _STREAM)
@@ -453,8 +421,7 @@ class Graph:
       return list(ins)
 
     if name in _RANDOM:
-      # Keys in, fresh keys or bits out: nothing of the operands' channels reaches them, and
-      # bits that meet an activation (a dropout mask) are tied to it there.
+      # Fresh keys or bits: bits that meet an activation (a dropout mask) are tied to it there.
       return [self._fresh(shape) for shape in out_shapes]
 
     if name == 'broadcast_in_dim':
@@ -465,9 +432,7 @@ class Graph:
       return [outs]
 
     if name == 'tile':
-      # out[i] = in[i % n]: a tiled axis is its layout `reps` times over, like a grouped
-      # convolution's input; a tiled size-1 axis (a class token over the batch) is a
-      # broadcast, a new axis.
+      # out[i] = in[i % n]; a tiled size-1 axis (a class token over the batch) is a broadcast.
       outs = []
       for layout, size, reps in zip(ins[0], shapes[0], params['reps']):
         if reps == 1:
@@ -517,12 +482,9 @@ class Graph:
                 'cumsum_window', 'argmax_window'):
       outs = self._fresh(out_shapes[0])
       for axis, (w, s) in enumerate(zip(params['window_dimensions'], params['window_strides'])):
-        pads = params['padding'][axis]
-        if w == 1 and s == 1 and tuple(pads) == (0, 0) and shapes[0][axis] == out_shapes[0][axis]:
-          a.unify(outs[axis], ins[0][axis])
-        else:
-          a.fix(ins[0][axis], f'pooled by {name}')
-          a.fix(outs[axis], f'pooled by {name}')
+        whole = (w == 1 and s == 1 and tuple(params['padding'][axis]) == (0, 0)
+                 and shapes[0][axis] == out_shapes[0][axis])
+        self._tie_or_fix(outs[axis], ins[0][axis], whole, f'pooled by {name}')
       return [outs]
 
     if name == 'iota':
@@ -540,8 +502,7 @@ class Graph:
       return [self._conv(eqn, ins, shapes, out_shapes[0], site, origins)]
 
     if name == 'split':
-      # The inverse of concatenate: the input axis is its pieces' layouts end to end, so the
-      # producer's channels are tied piecewise to what each piece's readers contract.
+      # The inverse of concatenate: the input axis is its pieces' layouts end to end.
       axis = params['axis']
       outs = [self._fresh(shape) for shape in out_shapes]
       for i in range(len(shapes[0])):
@@ -593,6 +554,14 @@ class Graph:
       outs[block_out[-1]] = (minor,)
     return outs
 
+  def _tie_or_fix(self, out, layout, whole: bool, reason: str):
+    """Ties an output axis to its operand's axis when that is kept whole, else fixes both."""
+    if whole:
+      self.atoms.unify(out, layout)
+    else:
+      self.atoms.fix(layout, reason)
+      self.atoms.fix(out, reason)
+
   def _reduced_reason(self, name, layout) -> str:
     """Why an axis reduced over is fixed, naming a group normalisation when it is one."""
     roots = self.atoms.expand(layout)
@@ -625,32 +594,23 @@ class Graph:
         whole = axis not in params['dimensions']
       else:
         whole = out_shape[axis] == shape[axis]
-      if whole:
-        a.unify(outs[axis], ins[0][axis])
-      else:
-        a.fix(ins[0][axis], f'cut by {name}')
-        a.fix(outs[axis], f'cut by {name}')
+      self._tie_or_fix(outs[axis], ins[0][axis], whole, f'cut by {name}')
     return outs
 
   def _gather(self, eqn, ins, shapes, out_shape) -> list:
     """jnp.take and indexing: gathered operand axes fix; the rest tie to the output or indices."""
     a, params = self.atoms, eqn.params
     dn = params['dimension_numbers']
-    operand_shape = shapes[0]
     outs = self._fresh(out_shape)
     for axis in dn.start_index_map:
       a.fix(ins[0][axis], 'indexed by gather')
-    kept = [d for d in range(len(operand_shape))
+    kept = [d for d in range(len(shapes[0]))
             if d not in dn.collapsed_slice_dims and d not in getattr(dn, 'operand_batching_dims', ())]
     for out_axis, d in zip(dn.offset_dims, kept):
-      if params['slice_sizes'][d] == operand_shape[d]:
-        a.unify(outs[out_axis], ins[0][d])
-      else:
-        a.fix(ins[0][d], 'cut by gather')
-        a.fix(outs[out_axis], 'cut by gather')
-    index_dims = [d for d in range(len(shapes[1])) if d != len(shapes[1]) - 1]
+      self._tie_or_fix(outs[out_axis], ins[0][d], params['slice_sizes'][d] == shapes[0][d],
+                       'cut by gather')
     batch_out = [d for d in range(len(out_shape)) if d not in dn.offset_dims]
-    for out_axis, d in zip(batch_out, index_dims):
+    for out_axis, d in zip(batch_out, range(len(shapes[1]) - 1)):
       a.unify(outs[out_axis], ins[1][d])
     return outs
 
@@ -671,15 +631,14 @@ class Graph:
       self.attention.append(((lhs, lb), (rhs, rb)))
     lhs_var, rhs_var = eqn.invars
     # Mask the operand computed from the input (the activation), the lhs when both are.
-    operand = 0 if 0 in dep or 1 not in dep else 1
-    axes = tuple(lc if operand == 0 else rc)
+    operand = 1 if dep == {1} else 0
+    axes = tuple((lc, rc)[operand])
     self.consumers.append(Consumer(site, operand, axes, tuple(ins[operand]), 'dot_general'))
-    for weight, free, other_free, other in ((rhs_var, rhs_free, lhs_free, lhs),
-                                            (lhs_var, lhs_free, rhs_free, rhs)):
+    for weight, layouts, free, other, other_free in ((rhs_var, rhs, rhs_free, lhs, lhs_free),
+                                                     (lhs_var, lhs, lhs_free, rhs, rhs_free)):
       if _var_in(weight, origins):
-        side = 0 if weight is lhs_var else 1
         for k in free:
-          a.write(ins[side][k], site)
+          a.write(layouts[k], site)
         self.macs.append((site, origins[weight], tuple(other[k] for k in other_free)))
         break
     return outs
@@ -695,15 +654,14 @@ class Graph:
     outs = self._fresh(out_shape)
     a.unify(outs[out_spec[0]], lhs[lhs_spec[0]])
     for d in rhs_spec[2:]:
-      # Not channels, whatever else read them first (a standardisation's statistics), so
-      # the leaf's window axes are no group.
+      # No channels, whatever else read them first (a standardisation's statistics).
       for r in a.expand(rhs[d]):
         a.reason[r] = _WINDOW
     for d in out_spec[2:]:
       a.fix(outs[d], 'spatial')
     c_in, c_out = shapes[0][lhs_spec[1]], out_shape[out_spec[1]]
-    lhs_c, rhs_i, rhs_o, out_c = lhs[lhs_spec[1]], rhs[rhs_spec[1]], rhs[rhs_spec[0]], outs[out_spec[1]]
-    a.unify(rhs_o, out_c)
+    lhs_c, rhs_i, out_c = lhs[lhs_spec[1]], rhs[rhs_spec[1]], outs[out_spec[1]]
+    a.unify(rhs[rhs_spec[0]], out_c)
     if groups == 1:
       a.unify(lhs_c, rhs_i)
     elif groups == c_in and c_out == c_in:
@@ -711,13 +669,12 @@ class Graph:
       a.fix(rhs_i, _DEPTHWISE_IN)
       self.depthwise.add(site)
     elif groups == c_in:
-      reason = 'read by a depthwise convolution with a channel multiplier'
       for layout in (lhs_c, rhs_i, out_c):
-        a.fix(layout, reason)
+        a.fix(layout, 'read by a depthwise convolution with a channel multiplier')
     else:
+      # Channel slot j of every group is one set of channels.
       a.unify(lhs_c, tuple(rhs_i) * groups)
-      slot = a.new(c_out // groups)
-      a.unify(out_c, (slot,) * groups)
+      a.unify(out_c, (a.new(c_out // groups),) * groups)
     if site not in self.depthwise:
       self.consumers.append(Consumer(site, 0, (lhs_spec[1],), tuple(lhs), 'conv_general_dilated'))
       a.write(out_c, site)
@@ -731,8 +688,7 @@ class Graph:
 
   def _finish(self, prune_streams: bool):
     a = self.atoms
-    # Attention scaled by a constant (flax's and jax's q / sqrt(head_dim), a literal here): the
-    # constant may be the head size read at run time, so the head dimension keeps its size.
+    # Attention scaled by a constant (q / sqrt(head_dim)): the head dimension keeps its size.
     scaled = {r for atom in self.scaled for r in a.expand((atom,))}
     for operands in self.attention:
       open_roots = {r for layouts, _ in operands for layout in layouts
@@ -747,26 +703,10 @@ class Graph:
         r = a.find(root)
         if r not in a.refined and r in a.joined and len(a.writers.get(r, ())) >= 2:
           a.reason.setdefault(r, a.joined[r])
-    consumed = set()
-    for c in self.consumers:
-      for axis in c.axes:
-        consumed.update(a.expand(c.layouts[axis]))
-    leaf_roots = [[a.expand(layout) for layout in layouts] for layouts in self.leaf_layouts]
-    self.leaf_roots = leaf_roots
-
-    # Name each group after the first layer that writes it (its kernel's leaf), else after the
-    # first leaf it indexes, in the order the program reads them.
-    writers_first = {}
-    for site, key, _ in self.macs:
-      index = self.leaf_keys.index(key)
-      for axis, roots in enumerate(leaf_roots[index]):
-        for r in roots:
-          if site in a.writers.get(r, ()):
-            writers_first.setdefault(r, key)
-    names, used = {}, collections.Counter()
-    places = collections.defaultdict(list)
-    for index, key in enumerate(self.leaf_keys):
-      for axis, roots in enumerate(leaf_roots[index]):
+    self.leaf_roots = [[a.expand(layout) for layout in layouts] for layouts in self.leaf_layouts]
+    places = collections.defaultdict(list)  # {root: [(leaf, axis, offset)]}
+    for key, axes in zip(self.leaf_keys, self.leaf_roots):
+      for axis, roots in enumerate(axes):
         offset = 0
         for r in roots:
           places[r].append((key, axis, offset))
@@ -775,12 +715,20 @@ class Graph:
     first_site = {r: min(a.writers[r]) for r in places if a.writers.get(r)}
     order = sorted(places, key=lambda r: (0, first_site[r]) if r in first_site else (1,))
     places = {r: places[r] for r in order if a.reason.get(r) not in _NOT_CHANNELS}
+    # A group is named after the first layer that writes it (its kernel's leaf), else after
+    # the first leaf it indexes.
+    writer_leaf = {}
+    for site, key, _ in self.macs:
+      for roots in self.leaf_roots[self.leaf_keys.index(key)]:
+        for r in roots:
+          if site in a.writers.get(r, ()):
+            writer_leaf.setdefault(r, key)
+    names, used = {}, collections.Counter()
     for r, where in places.items():
-      base_key = writers_first.get(r, where[0][0])
+      base_key = writer_leaf.get(r, where[0][0])
       base = _leaf_name(base_key[1:-1] if len(base_key) > 2 else base_key)
       used[base] += 1
       names[r] = base if used[base] == 1 else f'{base}:{used[base] - 1}'
-    for r, where in places.items():
       hit = next((p for p in self.fixed for key, _, _ in where if p in _leaf_name(key)), None)
       if hit is not None:
         a.reason.setdefault(r, f'kept by fixed={hit!r}')
@@ -794,13 +742,14 @@ class Graph:
             # other open groups, so following it keeps no more than these channels.
             key, axis, _ = min(places[r], key=lambda p: p[0][-1] != 'kernel')
             leaf = min((k for k, _, _ in places[r]), key=lambda k: (
-                len({q for roots in leaf_roots[self.leaf_keys.index(k)] for q in roots}
+                len({q for roots in self.leaf_roots[self.leaf_keys.index(k)] for q in roots}
                     & open_roots - {r}), k[-1] != 'kernel'))
             raise ConfigError(
                 f"primitive {name} reads the channels of {_leaf_name(key)} (axis {axis}), and "
                 "jaxprune cannot tell which channels it ties together; rewrite that part of "
                 "the model with supported operations, or keep those channels with "
                 f"fixed=[{_leaf_name(leaf)!r}].")
+    consumed = {r for c in self.consumers for axis in c.axes for r in a.expand(c.layouts[axis])}
     self.names = names
     self.groups = {}
     for r, where in places.items():
@@ -816,14 +765,14 @@ class Graph:
 
   def name_groups(self, layers: Mapping[str, str], prunable: Sequence[str], model: str):
     """Gives groups the names a model declares: `layers` maps each of its width names to a
-    layer (a leaf path under 'params' or another collection) whose leaves' last axis holds
-    that group's channels; only the groups in `prunable` stay prunable, and the others
-    named are tagged in `structure()` too. A declared layer that writes no group, or a
-    group whose width is not the declared one, is the model's bug (ValueError)."""
+    layer (a leaf path under a collection) whose leaves' last axis holds that group's
+    channels; only the groups in `prunable` stay prunable, and the others named are tagged
+    in `structure()` too. A declared layer that writes no group, or a declared prunable
+    group the program cannot prune, is the model's bug (ValueError)."""
     writes = {}
     for name, group in self.groups.items():
       for key, axis, _ in group.leaves:
-        if axis == len(self._leaf_shape(key)) - 1:
+        if axis == len(self.leaf_layouts[self.leaf_keys.index(key)]) - 1:
           for end in range(2, len(key)):
             writes.setdefault(_leaf_name(key[1:end]), name)
     renamed = {}
@@ -844,26 +793,18 @@ class Graph:
     if lost:
       raise ValueError(f"{model} declares groups {lost} prunable, but its program cannot "
                        f"prune them: {[groups[g].reason for g in lost if g in groups]}.")
-    # In the model's order of its widths, which the random criterion's keys and selection's
-    # ties follow.
+    # The model's order of its widths, which the random criterion and selection's ties follow.
     order = [g for g in layers if g in groups] + [g for g in groups if g not in layers]
     self.groups = {g: groups[g] for g in order}
     self.names = {r: renamed.get(n, n) for r, n in self.names.items()}
     self.root_of = {n: r for r, n in self.names.items()}
     self.also_tagged = tuple(g for g in layers if g not in prunable)
 
-  def _leaf_shape(self, key: LeafKey) -> tuple[int, ...]:
-    return tuple(self.jaxpr.jaxpr.invars[self.leaf_keys.index(key)].aval.shape)
-
   def record_points(self) -> dict[str, tuple[Site, int, int, tuple]]:
     """{group: (site, operand, axis, layouts)}: where each prunable group's activation is
-    read, its feature map after normalisation and nonlinearity but before pooling.
-
-    That is the first consumer's operand, walked back through what only pools or reshapes
-    it (max and average pools, a spatial mean, a flatten, a scale by a constant): the
-    point activation criteria read and where a channel's position count is taken. Gate
-    gradients are unchanged by the walk, since those ops pass z * dL/dz through summed.
-    """
+    read: its first consumer's operand, walked back through what only pools, reshapes or
+    rescales it, so after normalisation and nonlinearity but before pooling. Gate gradients
+    are unchanged by the walk, since those ops pass z * dL/dz through summed."""
     points = {}
     for c in self.consumers:
       for axis in c.axes:
@@ -885,9 +826,8 @@ class Graph:
 
   def _pools(self, site: Site) -> bool:
     """Whether the equation at `site` only pools, reshapes or rescales its first operand."""
-    eqn = self.eqns[site]
-    name = eqn.primitive.name
-    if name in ('mul', 'div'):
+    name = self.eqns[site].primitive.name
+    if name in _PRODUCTS:
       # A rescale by a constant (an average's divisor), not a product with computed values.
       return self.dependent[site] == {0}
     return name in _POOLING
@@ -897,11 +837,10 @@ class Graph:
     a = self.atoms
     tagged = self.prunable + tuple(n for n in self.also_tagged if n not in self.prunable)
     prunable = {self.root_of[n]: n for n in tagged}
-    axes, shapes, positions = {}, {}, collections.Counter()
-    pieces_of = {}
-    for index, key in enumerate(self.leaf_keys):
+    axes, shapes, positions, pieces_of = {}, {}, collections.Counter(), {}
+    for key, leaf_roots in zip(self.leaf_keys, self.leaf_roots):
       per_axis = []
-      for roots in self.leaf_roots[index]:
+      for roots in leaf_roots:
         merged, offset = [], 0
         for r in roots:
           size, tag = a.size[r], prunable.get(r)
@@ -913,14 +852,13 @@ class Graph:
           offset += size
         per_axis.append(merged)
       split = any(len(p) > 1 for p in per_axis)
-      keys = []
+      pieces_of[key] = []
       for combo in itertools.product(*per_axis):
         spec = ','.join(f'{s}:{s + n}' for s, n, _ in combo)
         vkey = key[:-1] + (f'[{spec}]', key[-1]) if split else key
         axes[vkey] = tuple(t for _, _, t in combo)
         shapes[vkey] = tuple(n for _, n, _ in combo)
-        keys.append((vkey, tuple(slice(s, s + n) for s, n, _ in combo)))
-      pieces_of[key] = keys
+        pieces_of[key].append((vkey, tuple(slice(s, s + n) for s, n, _ in combo)))
     batch = a.find(self.batch_atom) if self.batch_atom is not None else None
     live = _live_sites(self.jaxpr.jaxpr, (), [True] * len(self.jaxpr.jaxpr.outvars))[0]
     for site, key, layouts in self.macs:

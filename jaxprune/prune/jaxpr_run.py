@@ -1,23 +1,18 @@
 """Runs a derived program (`jaxpr.Graph`) masked, gated or shrunk: a jaxpr interpreter.
 
-`evaluate` walks the traced program equation by equation and binds each primitive, so
-under `jax.jit` it compiles to the same computation as the model itself, plus:
+`evaluate` binds the traced program's primitives one by one, so under `jax.jit` it compiles
+to the model's own computation, plus:
 
-* masks: before every convolution and matmul that contracts a group's channels, the
-  operand is multiplied by the group's mask, (C,) or a (B, C) per-example gate, laid out
-  along that axis (tiled for grouped convolutions, offset for concatenations);
-* recording: each group's feature map at its record point (`Graph.record_points`: after
-  normalisation and nonlinearity, before pooling), times its mask, as (B, positions, C),
-  is returned as that group's activation for the activation criteria; `offsets` shaped
-  like those activations are added there, so the gradient with respect to them is
-  dL/dz element by element;
-* shrinking: the variable leaves are already cut to the kept channels; the program's own
-  constants are cut here, and every shape-carrying parameter (broadcast and reshape
-  shapes, iota, slice limits, gather and split sizes, a depthwise convolution's group
-  count) is recomputed from the layouts, so the same program runs the smaller arrays.
+* masks: the operand of every convolution and matmul contracting a group's channels is
+  multiplied by the group's (C,) mask or (B, C) per-example gate, laid out along that axis;
+* recording: each group's feature map at its record point (`Graph.record_points`), times
+  its mask, as (B, positions, C) for the activation criteria; `offsets` of that shape are
+  added there, so the gradient with respect to them is dL/dz element by element;
+* shrinking: the leaves come cut to the kept channels, the program's constants are cut
+  here, and every shape-carrying parameter is recomputed from the layouts.
 
-Call-like primitives (jit, custom_jvp/custom_vjp, checkpoint) are run inline, their
-bodies interpreted like the rest, so JAX differentiates through their primal programs.
+Call-like primitives (jit, custom_jvp/custom_vjp, checkpoint) run inline, their bodies
+interpreted like the rest, so JAX differentiates through their primal programs.
 """
 
 from typing import Mapping
@@ -46,9 +41,9 @@ def _mask_vector(graph, layout, masks, batch):
 
 
 def _apply_mask(graph, value, consumer, masks):
+  b = graph.batch_axis(consumer.layouts)
+  batch = value.shape[b] if b is not None else 1
   for axis in consumer.axes:
-    b = graph.batch_axis(consumer.layouts)
-    batch = value.shape[b] if b is not None else 1
     m = _mask_vector(graph, consumer.layouts[axis], masks, batch)
     if m is None:
       continue
@@ -59,10 +54,9 @@ def _apply_mask(graph, value, consumer, masks):
         raise ValueError(f"a per-example gate reaches {consumer.primitive}, whose operand has no "
                          "batch axis; use (C,) masks there.")
       shape[b] = m.shape[0]
-      m = m.reshape(shape) if b < axis else m.T.reshape(shape)
-    else:
-      m = m.reshape(shape)
-    value = value * m.astype(value.dtype)
+      if b > axis:
+        m = m.T
+    value = value * m.reshape(shape).astype(value.dtype)
   return value
 
 
@@ -101,17 +95,16 @@ def _offset(graph, value, layouts, axis, group, offset):
 
 
 def _rewrite(graph, eqn, site, invals, kept):
-  """The primitive's parameters for the shrunk shapes (see the module docstring)."""
+  """The primitive's parameters for the shrunk shapes: broadcast, reshape, iota and random
+  shapes, slice limits, gather and split sizes, a depthwise convolution's group count."""
   name, params = eqn.primitive.name, dict(eqn.params)
   out_shapes = [tuple(graph.new_size(l, kept) for l in layouts)
                 for layouts in graph.out_layouts[site]]
   old = [tuple(np.shape(v.aval)) for v in eqn.invars]
-  if name == 'broadcast_in_dim':
+  if name in ('broadcast_in_dim', 'iota', 'random_bits'):
     params['shape'] = out_shapes[0]
   elif name == 'reshape':
     params['new_sizes'] = out_shapes[0]
-  elif name in ('iota', 'random_bits'):
-    params['shape'] = out_shapes[0]
   elif name == 'conv_general_dilated' and site in graph.depthwise:
     params['feature_group_count'] = invals[0].shape[params['dimension_numbers'][0][1]]
   elif name == 'slice':
@@ -182,8 +175,7 @@ def evaluate(graph: jaxpr_lib.Graph, leaves, x, *, masks: Mapping | None = None,
         outs = eqn.primitive.bind(*invals, **params)
         if not eqn.primitive.multiple_results:
           outs = [outs]
-      for v, value in zip(eqn.outvars, outs):
-        env[v] = value
+      env.update(zip(eqn.outvars, outs))
     return [read(v) for v in jaxpr.outvars]
 
   outs = run(graph.jaxpr.jaxpr, cut(graph.jaxpr.consts, ()), list(leaves) + [x], ())

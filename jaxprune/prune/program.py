@@ -1,26 +1,22 @@
 """Model -> program -> structure: a model's traced program and the channel groups read off it.
 
-The one structure derivation of jaxprune. `derive(model, image_shape)` traces the model's
-training step function, `apply(variables, x, train=True) -> (logits, new BatchNorm
-statistics)`, with `jax.make_jaxpr` (shapes only, nothing is computed or compiled) and
-reads its channel groups with `jaxpr.Graph`: the updated statistics are tied to the leaves
-they replace, so a BatchNorm's running mean and variance index their channels like its
-scale does. The same model traced in evaluation mode at a batch's shape is the program the
-criteria run (`Program.apply`: masks at every consumer, activations recorded and offset at
-each group's record point).
+`derive(model, image_shape)`, the one structure derivation, traces the model's training
+step, `apply(variables, x, train=True) -> (logits, new BatchNorm statistics)`, with
+`jax.make_jaxpr` (shapes only) and reads its groups with `jaxpr.Graph`; the new statistics
+are tied to the leaves they replace, so a BatchNorm's running mean and variance index their
+channels like its scale does. The criteria run the model traced in evaluation mode at a
+batch's shape (`Program.apply`).
 
-Built-in models name their groups: `group_layers()` maps every width name to a layer that
-writes its channels, so the groups read off the program carry the names that `widths`,
-presets and results use, and `prunable_groups()` chooses which of them are pruned. The
-program is traced with `PerformanceOptions(conv_impl='native', batch_norm='flax')`: the
-faster formulations compute the same function with the same variables, and the structure
-is a property of the function (the CPU convolution rule reads a kernel element at run time,
-which a program would show as a cut).
+Built-in models name their groups (`group_layers()`: each width name to a layer writing its
+channels, so groups carry the names widths, presets and results use) and choose the pruned
+ones (`prunable_groups()`). The program is traced with conv_impl='native' and
+batch_norm='flax': the faster formulations compute the same function with the same
+variables, but the CPU convolution rule reads a kernel element at run time, which a program
+would show as a cut.
 
-A researcher's own model (`models.own.OwnModel`) is traced the same way and names its
-groups after its layers' paths. Pruned, it has no class to rebuild at other widths: it runs
-its full program on the cut variables with every shape rewritten (`run_pruned`), and a
-fresh pruned network starts from `fresh_init`.
+An own model (`models.own.OwnModel`) names its groups after its layers' paths. Pruned, it
+has no class to rebuild at other widths: it runs its full program on the cut variables with
+every shape rewritten (`run_pruned`), and a fresh pruned network starts from `fresh_init`.
 """
 
 import dataclasses
@@ -45,13 +41,6 @@ from jaxprune.prune.structure import Structure
 LeafKey = tuple[str, ...]
 # The formulation the program is traced with (module docstring).
 _TRACED = dataclasses.replace(PerformanceOptions(), conv_impl='native', batch_norm='flax')
-
-
-def _canonical(model):
-  if isinstance(model, nn.Module) and hasattr(model, 'performance'):
-    return model.clone(performance=dataclasses.replace(
-        _TRACED, xla_options=model.performance.xla_options))
-  return model
 
 
 @dataclasses.dataclass(eq=False)
@@ -125,7 +114,10 @@ def _trace(model, leaf_specs, x, train: bool, keys, options: Mapping) -> jaxpr_l
   """The model's program in one mode, as a Graph named by the model's declarations. In
   training mode it returns the new state ('batch_stats') after the logits, tied to the
   leaves it replaces."""
-  traced = _canonical(model)
+  traced = model
+  if isinstance(model, nn.Module) and hasattr(model, 'performance'):
+    traced = model.clone(performance=dataclasses.replace(
+        _TRACED, xla_options=model.performance.xla_options))
   state = [i for i, k in enumerate(keys) if k[0] == own.STATE]
 
   def fn(leaves, x):
@@ -188,11 +180,10 @@ def run_pruned(model: own.OwnModel, variables, x, *, train: bool, mutable: bool)
 
 
 def fresh_init(model, rng, image_shape) -> dict:
-  """A fresh initialisation of a pruned own model (`model.kept`): the full model
-  initialised from `rng`, cut to the kept channels, and every kernel rescaled by
-  sqrt(fan_in_full / fan_in_pruned), where fan_in is the product of all its axes but the
-  last. A kernel drawn by fan-in variance scaling (Flax's default for Dense, Conv and
-  nnx.Linear / nnx.Conv: lecun_normal) then has the spread its initializer gives at the
+  """A fresh initialisation of a pruned own model (`model.kept`): the full model initialised
+  from `rng`, cut to the kept channels, every kernel rescaled by sqrt(fan_in_full /
+  fan_in_pruned) (fan_in: the product of all axes but the last), so that a kernel drawn by
+  fan-in variance scaling (Flax's default lecun_normal) has its initializer's spread at the
   pruned shape; BatchNorm scales, biases and statistics start as they do at any width."""
   full = model.full()
   prog = derive(full, tuple(image_shape))
@@ -213,13 +204,12 @@ def fresh_init(model, rng, image_shape) -> dict:
 
 def pruned_shapes(model: own.OwnModel) -> dict:
   """The shapes and dtypes of a pruned own model's variables, computing nothing."""
-  prog = derive(model.full(), tuple(model.image_shape))
+  graph = derive(model.full(), tuple(model.image_shape)).graph
   kept = model.kept_indices()
   flat = traverse_util.flatten_dict(dict(model.full().init_shapes()))
-  graph = prog.graph
   out = {key: jax.ShapeDtypeStruct(tuple(graph.new_size(layout, kept) for layout in layouts),
                                    flat[key].dtype)
-         for key, layouts in zip(prog.leaf_keys, graph.leaf_layouts)}
+         for key, layouts in zip(graph.leaf_keys, graph.leaf_layouts)}
   return traverse_util.unflatten_dict(out)
 
 

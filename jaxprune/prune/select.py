@@ -1,13 +1,13 @@
 """Selection policies: importance scores + a policy -> masks saying which channels to keep.
 
-Scores are `{group: (C,) array}`, higher = more important, for every prunable
-group of a `Structure`. `select(name, structure, scores, ...)` returns
-`{group: (C,) float32 numpy array}` of 0/1 (1 = keep) for every prunable group.
-`SELECTIONS` is the registry keyed by the names the `selection` setting accepts:
+Scores are `{group: (C,) array}`, higher = more important, for every prunable group of a
+`Structure`. `select(name, structure, scores, ...)` returns `{group: (C,) float32 numpy
+array}` of 0/1 (1 = keep) for every prunable group. `SELECTIONS` is the registry keyed by
+the names the `selection` setting accepts:
 
   layer      each group keeps its int(C * (1 - ratio)) highest-scoring channels.
-  global     all channels of all groups ranked together; the lowest int(ratio * total)
-             are removed (total = prunable channels of the structure).
+  global     all channels ranked together; the lowest int(ratio * total) are removed
+             (total = prunable channels of the structure).
   global_l2  `global` after per-layer L2 normalisation of the scores [M].
   slimming   network slimming: |scores| of all groups sorted together, threshold = the
              value at position int(total * ratio), keep channels strictly above it.
@@ -16,48 +16,36 @@ group of a `Structure`. `select(name, structure, scores, ...)` returns
   macs_l2    `macs` after per-layer L2 normalisation.
   preset     Li et al.'s L1-norm presets (`PRESETS`): per-group ratios, ranked per layer.
   random_widths
-             a randomly sampled width profile at `target_macs` (`sampled_widths`): the
-             widths come from the profile's seed `width_profile`, not from the scores, which
-             only pick the channels each group keeps.
+             a random width profile at `target_macs` (`sampled_widths`, seeded by
+             `width_profile`); the scores only pick the channels each group keeps.
 
 `kept_channels` (`KEPT_CHANNELS`) says which channels a group keeps once its width is
 chosen: the highest-scoring ones, or as many drawn at random (`random_channels`), which
 tells a criterion's channels from the widths it chose.
 
 Rules shared by every policy:
-  * Every group keeps at least `min_channels` live channels (all of them if it has
-    fewer); `layer`, `slimming` and `preset` quietly keep more where their rule would
-    go below it (the guard against emptying a layer that network slimming's reference
-    code lacks), while `global` and `macs` raise a ConfigError when their count or
-    target cannot be met.
-  * `current` masks (0 = already removed) are respected: removed channels stay
-    removed, are never counted as kept and count towards `ratio`, which always
-    refers to the structure's full widths. So selecting again with the result as
-    `current` returns the same masks.
-  * Ties are broken deterministically: among equal scores, channels earlier in
-    (group order, channel index) are removed first.
+  * Every group keeps at least `min_channels` live channels (all if it has fewer);
+    `layer`, `slimming` and `preset` quietly keep more where their rule would go below
+    (network slimming's reference code lacks this guard), `global` and `macs` raise a
+    ConfigError when their count or target cannot be met.
+  * `current` masks (0 = already removed) are respected: removed channels stay removed
+    and count towards `ratio`, which always refers to the structure's full widths, so
+    selecting again with the result as `current` returns the same masks.
+  * Ties: among equal scores, channels earlier in (group order, channel index) go first.
+  * `round_to` = N > 1: each group's kept count is rounded up to a multiple of N (at most
+    its live channels) with its next highest-scoring channels: a convolution with 63
+    output channels can be slower than one with 64, so a rounded network runs faster
+    though its MACs end slightly above a `target_macs`.
 
-Hardware-friendly widths (`round_to` = N > 1, every policy): each group's kept count is
-rounded up to a multiple of N (at most the group's live channels) by keeping its next
-highest-scoring live channels. On CPUs and accelerators a convolution with, say, 63
-output channels can be slower than one with 64, so a rounded network runs faster
-although the MACs end slightly above a `target_macs` (the record gives the exact MACs).
-
-FLOPs-aware penalty [M] (`flops_penalty` = lambda, for `global`, `global_l2`, `macs`,
-`macs_l2` and `remove_lowest`): the score used for ranking is
-`score - lambda * m_g / mean_m`, where `m_g` is the MACs removed by taking one channel
-out of group g at the live widths, and `mean_m` is the mean of `m` over all live
-prunable channels. The penalty is thus dimensionless (1 = the average channel's
-cost), independent of image size and model; `DEFAULT_FLOPS_PENALTY` (1e-3, [M]'s
-lambda) is the value to use when it is switched on. It is applied after L2
-normalisation and computed once, at the widths the selection starts from.
-`flops_cost='absolute'` (`FLOPS_COSTS`) drops the division by `mean_m`: the penalty is
-`lambda * m_g` with `m_g` a count of MACs, which is the form of [M]'s public code
-(NVlabs/Taylor_pruning, `apply_flops_regularization`: score - mu * the layer's FLOPs per
-output channel, unnormalised; that code leaves it switched off, "not used in the paper").
-Its per-channel cost is that layer's own convolution (plus 3 per output position for BN);
-`m_g` here is every MAC the channel takes part in (its producer's output and its
-consumers' input), so the two agree on a layer's own MACs only.
+FLOPs-aware penalty [M] (`flops_penalty` = lambda; `global*`, `macs*`, `remove_lowest`):
+channels are ranked by `score - lambda * m_g / mean_m`, with `m_g` the MACs removed by
+taking one channel out of group g and `mean_m` the mean of `m` over all live prunable
+channels, both at the widths the selection starts from and after L2 normalisation. The
+penalty is thus dimensionless (1 = the average channel's cost) and independent of image
+size and model; `DEFAULT_FLOPS_PENALTY` is [M]'s lambda. `flops_cost='absolute'`
+(`FLOPS_COSTS`) drops the division, the unnormalised form of [M]'s public code
+(NVlabs/Taylor_pruning); its cost counts only a layer's own convolution, while `m_g`
+counts every MAC the channel takes part in (its producer's output, its consumers' input).
 """
 
 import collections
@@ -93,26 +81,20 @@ Scores = Mapping[str, np.ndarray]
 Masks = dict[str, np.ndarray]
 
 
-# ---------------------------------------------------------------------------------------------
 # Presets (Li et al. 2017, as used by [R]).
 
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-  """Per-group pruning ratios for one model family; each group keeps int(C * (1 - ratio)).
-
-  Attributes:
-    models: registry names of the models the preset applies to (same groups).
-    ratios: {group: fraction of its channels removed}; groups not named keep all.
-    description: one line saying what the preset is.
-  """
-  models: tuple[str, ...]
-  ratios: Mapping[str, float]
+  """Per-group pruning ratios for one model family; each group keeps int(C * (1 - ratio))."""
+  models: tuple[str, ...]  # registry names of the models it applies to (same groups)
+  ratios: Mapping[str, float]  # {group: fraction removed}; groups not named keep all
   description: str
 
 
-def _li_resnet(blocks: tuple[int, ...], stage_ratios, skip) -> dict[str, float]:
-  """Ratios of the first conv of every block, Li et al.'s numbering.
+def _li_resnet(title: str, model: str, blocks: tuple[int, ...], stage_ratios: tuple[float, ...],
+               skip: tuple[int, ...]) -> Preset:
+  """A preset pruning the first conv of every block with its stage's ratio, Li et al.'s numbering.
 
   `blocks` are the basic blocks per stage. Convs are numbered from 1 (the stem); block j
   (0-based over the whole network) has first conv 2 + 2j, the only one pruned. Skipped
@@ -124,39 +106,30 @@ def _li_resnet(blocks: tuple[int, ...], stage_ratios, skip) -> dict[str, float]:
       if 2 + 2 * j not in skip and ratio > 0:
         ratios[f'stage{s}_block{b}'] = ratio
       j += 1
-  return ratios
+  convs = 'convs' if len(skip) > 1 else 'conv'
+  return Preset(models=(model,), ratios=ratios,
+                description=f"{title}: stage ratios ({', '.join(f'{r:g}' for r in stage_ratios)}),"
+                f" skipping {convs} {', '.join(map(str, skip))}.")
 
 
+# [R]'s ImageNet L1-norm code (imagenet/l1-norm-pruning/prune.py) skips these convs.
+_RESNET34_SKIP = (2, 8, 14, 16, 26, 28, 30, 32)
 PRESETS: dict[str, Preset] = {
     'vgg16_a': Preset(
         models=('vgg16', 'vgg16_mlp'),
         ratios={'conv1_1': 0.5, **{f'conv{s}_{i}': 0.5 for s in (4, 5) for i in (1, 2, 3)}},
         description='VGG-16-A: conv1_1 keeps 32 of 64, conv4_1..conv5_3 keep 256 of 512.'),
-    'resnet56_a': Preset(
-        models=('resnet56',), ratios=_li_resnet((9, 9, 9), (0.1, 0.1, 0.1), {16, 20, 38, 54}),
-        description='ResNet-56-A: stage ratios (0.1, 0.1, 0.1), skipping convs 16, 20, 38, 54.'),
-    'resnet56_b': Preset(
-        models=('resnet56',),
-        ratios=_li_resnet((9, 9, 9), (0.6, 0.3, 0.1), {16, 18, 20, 34, 38, 54}),
-        description='ResNet-56-B: stage ratios (0.6, 0.3, 0.1), skipping convs 16, 18, 20, '
-        '34, 38, 54.'),
-    'resnet110_a': Preset(
-        models=('resnet110',), ratios=_li_resnet((18, 18, 18), (0.5, 0.0, 0.0), {36}),
-        description='ResNet-110-A: stage ratios (0.5, 0, 0), skipping conv 36.'),
-    'resnet110_b': Preset(
-        models=('resnet110',), ratios=_li_resnet((18, 18, 18), (0.5, 0.4, 0.3), {36, 38, 74}),
-        description='ResNet-110-B: stage ratios (0.5, 0.4, 0.3), skipping convs 36, 38, 74.'),
-    # [R]'s ImageNet L1-norm code (imagenet/l1-norm-pruning/prune.py) skips these convs.
-    'resnet34_a': Preset(
-        models=('resnet34',),
-        ratios=_li_resnet((3, 4, 6, 3), (0.3, 0.3, 0.3, 0.0), {2, 8, 14, 16, 26, 28, 30, 32}),
-        description='ResNet-34-A (ImageNet): stage ratios (0.3, 0.3, 0.3, 0), skipping convs '
-        '2, 8, 14, 16, 26, 28, 30, 32.'),
-    'resnet34_b': Preset(
-        models=('resnet34',),
-        ratios=_li_resnet((3, 4, 6, 3), (0.5, 0.6, 0.4, 0.0), {2, 8, 14, 16, 26, 28, 30, 32}),
-        description='ResNet-34-B (ImageNet): stage ratios (0.5, 0.6, 0.4, 0), skipping convs '
-        '2, 8, 14, 16, 26, 28, 30, 32.'),
+    'resnet56_a': _li_resnet('ResNet-56-A', 'resnet56', (9, 9, 9), (0.1, 0.1, 0.1),
+                             (16, 20, 38, 54)),
+    'resnet56_b': _li_resnet('ResNet-56-B', 'resnet56', (9, 9, 9), (0.6, 0.3, 0.1),
+                             (16, 18, 20, 34, 38, 54)),
+    'resnet110_a': _li_resnet('ResNet-110-A', 'resnet110', (18, 18, 18), (0.5, 0, 0), (36,)),
+    'resnet110_b': _li_resnet('ResNet-110-B', 'resnet110', (18, 18, 18), (0.5, 0.4, 0.3),
+                              (36, 38, 74)),
+    'resnet34_a': _li_resnet('ResNet-34-A (ImageNet)', 'resnet34', (3, 4, 6, 3),
+                             (0.3, 0.3, 0.3, 0), _RESNET34_SKIP),
+    'resnet34_b': _li_resnet('ResNet-34-B (ImageNet)', 'resnet34', (3, 4, 6, 3),
+                             (0.5, 0.6, 0.4, 0), _RESNET34_SKIP),
 }
 
 
@@ -167,20 +140,14 @@ def _group_names(model_name: str) -> frozenset[str]:
   return frozenset(models.MODELS[model_name]().default_widths())
 
 
-def _identify_model(structure: Structure) -> str | None:
-  """The first registered model whose groups are exactly the structure's, if any."""
-  from jaxprune import models
-  groups = frozenset(structure.widths)
-  return next((name for name in models.MODELS if _group_names(name) == groups), None)
-
-
 def preset_ratios(preset: str, structure: Structure) -> dict[str, float]:
   """The preset's removal ratio for every prunable group, after checking the model family."""
+  from jaxprune import models
   choose('preset', preset, PRESETS, setting='preset')
   spec = PRESETS[preset]
   groups = frozenset(structure.widths)
   if not any(_group_names(m) == groups for m in spec.models):
-    found = _identify_model(structure)
+    found = next((name for name in models.MODELS if _group_names(name) == groups), None)
     raise ConfigError(f"preset={preset} is for {' or '.join(spec.models)}, not for "
                       f"{found if found else 'a model with groups ' + str(sorted(groups))}.",
                       settings=('preset',))
@@ -193,14 +160,12 @@ def preset_widths(preset: str, structure: Structure) -> dict[str, int]:
   Every group of the structure is returned, so `models.build(name, widths=...)` takes
   the result directly; a group keeps int(C * (1 - ratio)), at least one channel.
   """
-  ratios = preset_ratios(preset, structure)
   widths = dict(structure.widths)
-  for g, r in ratios.items():
+  for g, r in preset_ratios(preset, structure).items():
     widths[g] = max(1, int(widths[g] * (1 - r)))
   return widths
 
 
-# ---------------------------------------------------------------------------------------------
 # Validation. Scores and current masks come from code (a criterion, an earlier selection), so
 # a wrong one is a bug (ValueError, KeyError); the policy, its argument and the counts are
 # what a user sets, so a wrong one is a ConfigError naming the setting.
@@ -283,10 +248,6 @@ def _check_preset(name: str, preset) -> str:
   return preset
 
 
-# ---------------------------------------------------------------------------------------------
-# Shared machinery.
-
-
 def l2_normalize(scores: Scores, masks: Mapping | None = None) -> dict[str, np.ndarray]:
   """Divides each group's scores by their L2 norm over its live channels [M].
 
@@ -333,9 +294,7 @@ class _Macs:
 
 
 def _live_widths(structure: Structure, live: Mapping[str, np.ndarray]) -> dict[str, int]:
-  widths = dict(structure.widths)
-  widths.update({g: int(m.sum()) for g, m in live.items()})
-  return widths
+  return {**structure.widths, **{g: int(m.sum()) for g, m in live.items()}}
 
 
 def _penalised(structure: Structure, scores: Scores, live, penalty: float,
@@ -386,15 +345,6 @@ def _keep_top(score: np.ndarray, live: np.ndarray, keep: int) -> np.ndarray:
   return out
 
 
-def _per_layer(scores, live, ratios: Mapping[str, float], widths, min_channels) -> dict:
-  keep = {}
-  for g, s in scores.items():
-    n_live = int(live[g].sum())
-    k = min(n_live, max(int(widths[g] * (1 - ratios[g])), min(min_channels, n_live)))
-    keep[g] = _keep_top(s, live[g], k)
-  return keep
-
-
 def _remove(live, order, n: int) -> dict:
   keep = {g: m.copy() for g, m in live.items()}
   for g, c in order[:n]:
@@ -402,18 +352,18 @@ def _remove(live, order, n: int) -> dict:
   return keep
 
 
-# ---------------------------------------------------------------------------------------------
 # Policies. Each takes validated float64 scores and boolean live masks.
 
 
-def _layer(structure, scores, live, *, ratio, min_channels):
-  ratios = {g: ratio for g in structure.prunable}
-  return _per_layer(scores, live, ratios, structure.widths, min_channels)
-
-
-def _preset(structure, scores, live, *, preset, min_channels):
-  return _per_layer(scores, live, preset_ratios(preset, structure), structure.widths,
-                    min_channels)
+def _per_layer(structure, scores, live, *, min_channels, ratio=None, preset=None):
+  """Each group keeps int(C * (1 - r)) channels, r = `ratio` or the `preset`'s ratio."""
+  ratios = preset_ratios(preset, structure) if preset else dict.fromkeys(scores, ratio)
+  keep = {}
+  for g, s in scores.items():
+    n_live = int(live[g].sum())
+    k = min(n_live, max(int(structure.widths[g] * (1 - ratios[g])), min(min_channels, n_live)))
+    keep[g] = _keep_top(s, live[g], k)
+  return keep
 
 
 def _global(structure, scores, live, *, ratio, min_channels, flops_penalty, flops_cost,
@@ -448,15 +398,14 @@ def _macs(structure, scores, live, *, target_macs, min_channels, flops_penalty, 
   scores = _penalised(structure, scores, live, flops_penalty, flops_cost, normalize)
   original = flops.count(structure).macs
   budget = target_macs * original
-  floor_widths = _live_widths(structure, live)
-  floor_widths.update({g: min(min_channels, floor_widths[g]) for g in structure.prunable})
-  floor = flops.count(structure, floor_widths).macs
+  widths = _live_widths(structure, live)
+  floor = flops.count(structure, {g: min(min_channels, w) if g in live else w
+                                  for g, w in widths.items()}).macs
   if floor > budget:
     raise ConfigError(f"target_macs={target_macs} ({int(budget):,} MACs) is below the "
                       f"{floor:,} MACs ({floor / original:.4f} of the original) that keeping "
                       f"min_channels={min_channels} per group allows.",
                       settings=('target_macs', 'min_channels'))
-  widths = _live_widths(structure, live)
   current = flops.count(structure, widths).macs
   model = _Macs(structure)
   order = _removal_order(structure, scores, live, min_channels)
@@ -507,20 +456,16 @@ def sampled_widths(structure: Structure, live: Mapping[str, np.ndarray], target_
   widths = scaled(low)
   macs = flops.count(structure, widths).macs
   model = _Macs(structure)
-  grew = True
-  while grew:
-    grew = False
+  while True:
     for g in sorted(structure.prunable,
                     key=lambda g: widths[g] / (fractions[g] * live_widths[g])):
-      if widths[g] == live_widths[g]:
-        continue
       added = model.drop_one(g, {**widths, g: widths[g] + 1})
-      if macs + added <= budget:
+      if widths[g] < live_widths[g] and macs + added <= budget:
         widths[g] += 1
         macs += added
-        grew = True
         break
-  return widths
+    else:
+      return widths
 
 
 def random_channels(masks: Mapping[str, np.ndarray], rng: np.random.Generator) -> Masks:
@@ -541,24 +486,16 @@ def _random_widths(structure, scores, live, *, target_macs, min_channels, width_
 
 @dataclasses.dataclass(frozen=True)
 class Selection:
-  """A registered policy.
-
-  Attributes:
-    fn: the policy (validated scores and live masks -> boolean keep masks).
-    needs: the one argument of `select` it requires: 'ratio', 'target_macs' or 'preset'.
-    penalty: whether it accepts a FLOPs penalty.
-    description: one line for `--help`.
-    profile: whether it takes `width_profile`.
-  """
-  fn: Callable[..., dict]
-  needs: str
-  penalty: bool
-  description: str
-  profile: bool = False
+  """A registered policy."""
+  fn: Callable[..., dict]  # validated scores and live masks -> boolean keep masks
+  needs: str  # the one argument of `select` it requires: 'ratio', 'target_macs' or 'preset'
+  penalty: bool  # whether it accepts a FLOPs penalty
+  description: str  # one line for `--help`
+  profile: bool = False  # whether it takes `width_profile`
 
 
 SELECTIONS: dict[str, Selection] = {
-    'layer': Selection(_layer, 'ratio', False,
+    'layer': Selection(_per_layer, 'ratio', False,
                        'each group keeps its int(C * (1 - ratio)) highest-scoring channels'),
     'global': Selection(_global, 'ratio', True,
                         'remove the lowest fraction `ratio` of all prunable channels'),
@@ -571,7 +508,7 @@ SELECTIONS: dict[str, Selection] = {
                       'remove the globally lowest channels until MACs <= target_macs'),
     'macs_l2': Selection(functools.partial(_macs, normalize=True), 'target_macs', True,
                          'macs after per-layer L2 normalisation of the scores'),
-    'preset': Selection(_preset, 'preset', False,
+    'preset': Selection(_per_layer, 'preset', False,
                         "Li et al.'s per-layer presets (see PRESETS), ranked within each group"),
     'random_widths': Selection(_random_widths, 'target_macs', False,
                                'a randomly sampled width profile (width_profile) within '
@@ -583,7 +520,7 @@ def select(name: str, structure: Structure, scores: Scores, *, ratio: float | No
            target_macs: float | None = None, preset: str | None = None, min_channels: int = 1,
            flops_penalty: float = 0.0, current: Mapping | None = None,
            round_to: int = 1, flops_cost: str = 'relative', width_profile: int = 0) -> Masks:
-  """Turns scores into keep masks with the policy `name` (see the module docstring).
+  """{group: (C,) float32 0/1 keep mask} for every prunable group, by the policy `name`.
 
   Args:
     name: a key of `SELECTIONS`.
@@ -599,9 +536,6 @@ def select(name: str, structure: Structure, scores: Scores, *, ratio: float | No
     round_to: round every group's kept channels up to a multiple of this (1 = exact).
     flops_cost: what the penalty multiplies, a key of `FLOPS_COSTS`.
     width_profile: the seed of random_widths' profile (`sampled_widths`).
-
-  Returns:
-    {group: (C,) float32 numpy array of 0/1} for every prunable group.
   """
   choose('selection', name, SELECTIONS, setting='selection')
   round_to = _check_count('round_to', round_to)
@@ -640,16 +574,14 @@ def select(name: str, structure: Structure, scores: Scores, *, ratio: float | No
 def remove_lowest(structure: Structure, scores: Scores, current: Mapping | None, k: int, *,
                   normalize: bool = False, flops_penalty: float = 0.0,
                   min_channels: int = 1, flops_cost: str = 'relative') -> Masks:
-  """Removes the k globally lowest-scoring live channels (one step of iterative pruning).
+  """Masks for every prunable group with the k globally lowest-scoring live channels of
+  `current` removed too (one step of iterative pruning).
 
   Args:
     structure, scores, min_channels, flops_penalty, flops_cost: as for `select`.
     current: masks of the channels already removed (None = all live).
     k: how many more channels to remove.
     normalize: L2-normalise each group's scores over its live channels first [M].
-
-  Returns:
-    Masks for every prunable group with exactly k more zeros than `current`.
   """
   if int(k) != k or k < 0:
     raise ValueError(f"k must be a non-negative integer number of channels, got {k!r}.")

@@ -55,9 +55,7 @@ def kept_indices(structure: Structure, masks: Mapping) -> dict[str, np.ndarray]:
 
 def widths_after(structure: Structure, kept: Mapping[str, np.ndarray]) -> dict[str, int]:
   """The structure's widths with every group in `kept` at its number of kept channels."""
-  widths = dict(structure.widths)
-  widths.update({g: int(k.size) for g, k in kept.items()})
-  return widths
+  return {**structure.widths, **{g: int(k.size) for g, k in kept.items()}}
 
 
 def shrink(program, variables: Mapping, masks: Mapping):
@@ -74,10 +72,9 @@ def shrink(program, variables: Mapping, masks: Mapping):
     group, the indices of the kept channels in the input model.
   """
   kept = kept_indices(program.structure, masks)
-  graph = program.graph
   flat = traverse_util.flatten_dict(dict(variables))
   out = dict(flat)
-  for key, layouts in zip(program.leaf_keys, graph.leaf_layouts):
+  for key, layouts in zip(program.leaf_keys, program.graph.leaf_layouts):
     # On the host: `jnp.take` would compile one program per leaf shape and index count.
-    out[key] = jaxpr_lib.slice_leaf(flat[key], layouts, graph, kept)
+    out[key] = jaxpr_lib.slice_leaf(flat[key], layouts, program.graph, kept)
   return widths_after(program.structure, kept), traverse_util.unflatten_dict(out), kept

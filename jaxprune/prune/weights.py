@@ -1,17 +1,15 @@
 """Weight-level (unstructured) magnitude pruning: 0/1 masks over individual conv weights.
 
-Han et al.'s pruning as [R]'s `cifar/weight-level/` code runs it: every conv kernel's
-weights are scored by |w| (the `l1` criterion of a single weight), and a weight is kept
-iff its |w| is above a threshold: with `selection` global one threshold for all conv
-kernels, |w| sorted ascending at index int(total * ratio) ([R]'s); with `selection`
-layer, the same rule inside each kernel. A weight equal to the threshold is removed, so
-int(total * ratio) + 1 weights go (more on ties), and ratio 0 removes the smallest one,
-as in [R]'s code. Dense layers, BN and biases are never masked ([R] prunes convolutions
-only).
+Han et al.'s pruning as [R]'s `cifar/weight-level/` code runs it: a conv weight is kept
+iff its |w| (the `l1` criterion of one weight) is above the threshold, |w| sorted ascending
+at index int(total * ratio), over all conv kernels together with `selection` global, within
+each kernel with `selection` layer. A weight equal to the threshold is removed, so
+int(total * ratio) + 1 weights go (more on ties; ratio 0 removes the smallest one). Dense
+layers, BN and biases are never masked ([R] prunes convolutions only).
 
-The masks are a `train.WEIGHT_MASKS` collection (0/1 float32 arrays at the kernels'
-param paths), not a shrink: the network keeps its widths, and training holds the masked
-weights at zero (`train.train_step`). `flops.count_masked` counts the MACs that remain.
+The masks are a `train.WEIGHT_MASKS` collection (0/1 float32 arrays at the kernels' param
+paths), not a shrink: the network keeps its widths, and training holds the masked weights
+at zero (`train.train_step`). `flops.count_masked` counts the MACs that remain.
 """
 
 from typing import Mapping
@@ -75,10 +73,9 @@ def kept_fraction(weight_masks: Mapping) -> float:
 def rescale_for_density(params: Mapping, weight_masks: Mapping) -> dict:
   """Fresh conv kernels with their init std divided by sqrt(kept fraction), per kernel.
 
-  [R]'s scratch-E and scratch-B draw a masked kernel from N(0, 2 / n) with n its kept
-  weights divided by its input channels, i.e. the He fan-out init (jaxprune's conv init)
-  of the kernel's nonzero weights alone: the fan-out's std over sqrt(density). A kernel
-  with nothing kept stays as it is (it is all zeros once masked).
+  [R]'s scratch-E and scratch-B draw a masked kernel from N(0, 2 / n), n its kept weights
+  over its input channels: the He fan-out init (jaxprune's conv init) of its nonzero weights
+  alone. A kernel with nothing kept stays as it is (all zeros once masked).
   """
   flat = traverse_util.flatten_dict(dict(params))
   for key, mask in traverse_util.flatten_dict(dict(weight_masks)).items():

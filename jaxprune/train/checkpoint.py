@@ -114,9 +114,8 @@ def read_json(path: epath.Path, advice: str = '', settings=()) -> dict:
   """The JSON object in the file `path`.
 
   Raises:
-    DataError: the file is damaged (not UTF-8 JSON, or no object: a truncated or overwritten
-      file), naming it, the damage and `advice` (what to do about it, if given); `settings`
-      are the settings the advice names.
+    DataError: the file is damaged (not UTF-8 JSON, or no object), naming it, the damage and
+      `advice` (what to do about it, if given; `settings` are the settings it names).
   """
   try:
     value = json.loads(path.read_text())
@@ -146,11 +145,9 @@ def mark_done(stage_dir, result: Mapping[str, Any]) -> None:
 
 def mark_diverged(stage_dir, epoch: int, step: int, resume_step: int,
                   learning_rate: float) -> None:
-  """Writes diverged.json: the stage's training diverged at `step` of `epoch` (1-based).
-
-  `resume_step` is the step of the checkpoint a rerun resumes from (0: none, it starts
-  over) and `learning_rate` the configured (peak) learning rate that diverged.
-  """
+  """Writes diverged.json: the stage's training diverged at `step` of `epoch` (1-based) with
+  the configured (peak) `learning_rate`; a rerun resumes from checkpoint `resume_step` (0:
+  none, it starts over)."""
   record = {'epoch': epoch, 'step': step, 'resume_step': resume_step,
             'learning_rate': learning_rate}
   write_text(stage_path(stage_dir) / DIVERGED, json.dumps(record, indent=2, sort_keys=True) + '\n')
@@ -164,9 +161,8 @@ def read_diverged(stage_dir) -> dict | None:
 
 def clear_diverged(stage_dir) -> None:
   """Removes diverged.json (the stage has since finished)."""
-  path = stage_path(stage_dir) / DIVERGED
-  if jax.process_index() == 0 and path.exists():
-    path.unlink()
+  if jax.process_index() == 0:
+    (stage_path(stage_dir) / DIVERGED).unlink(missing_ok=True)
 
 
 def write_metrics(stage_dir, records) -> None:
@@ -199,17 +195,12 @@ def _savable(tree):
 
 def save_variables(path, variables) -> None:
   """Saves model variables (a nested dict of arrays) to `path`, replacing what is there, with
-  their checksums (CHECKSUMS).
-
-  Every process of a multi-process run calls it (orbax saves collectively)."""
-  checkpointer = ocp.StandardCheckpointer()
+  their checksums (CHECKSUMS). Every process of a multi-process run calls it (orbax saves
+  collectively)."""
   # close() too: it waits for metadata writes still in flight, whose failure names no file.
-  with naming(path):
-    try:
-      checkpointer.save(epath.Path(path), _savable(variables), force=True)
-      checkpointer.wait_until_finished()
-    finally:
-      checkpointer.close()
+  with naming(path), contextlib.closing(ocp.StandardCheckpointer()) as checkpointer:
+    checkpointer.save(epath.Path(path), _savable(variables), force=True)
+    checkpointer.wait_until_finished()
   write_text(epath.Path(path) / CHECKSUMS, json.dumps(checksums(variables)))
 
 
@@ -221,33 +212,24 @@ def _first_line(error: BaseException) -> str:
 def _leaf_name(path) -> str:
   """A pytree path as 'params/conv1/kernel', whatever its keys' kinds (orbax's metadata has
   dict keys where the restored tree has a dataclass's attributes)."""
-  names = []
-  for key in path:
-    for attribute in ('key', 'name', 'idx'):
-      if hasattr(key, attribute):
-        names.append(str(getattr(key, attribute)))
-        break
-    else:
-      names.append(str(key))
-  return '/'.join(names)
+  names = [next((getattr(key, field) for field in ('key', 'name', 'idx') if hasattr(key, field)),
+                key) for key in path]
+  return '/'.join(map(str, names))
 
 
-def _host_values(leaf) -> np.ndarray | None:
-  """The leaf's values on this host; None for an array split over several processes."""
+def _crc32(leaf) -> int | None:
   if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-    return np.asarray(leaf.addressable_data(0)) if leaf.is_fully_replicated else None
-  return np.asarray(leaf)
+    if not leaf.is_fully_replicated:
+      return None
+    leaf = leaf.addressable_data(0)
+  return zlib.crc32(np.ascontiguousarray(np.asarray(leaf)).reshape(-1).view(np.uint8))
 
 
 def checksums(tree) -> dict[str, int | None]:
   """{leaf name: CRC-32 of its bytes} for every array of `tree` (None: the array is split
   over several processes, so no process sees all of it)."""
-  sums = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    values = _host_values(leaf)
-    sums[_leaf_name(path)] = (None if values is None else
-                              zlib.crc32(np.ascontiguousarray(values).reshape(-1).view(np.uint8)))
-  return sums
+  return {_leaf_name(path): _crc32(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _checksum_failure(restored, expected: Mapping[str, int | None] | None) -> str | None:
@@ -262,12 +244,10 @@ def _checksum_failure(restored, expected: Mapping[str, int | None] | None) -> st
   return None
 
 
-# A failed orbax read leaves coroutines behind that report themselves when they are collected:
-# a RuntimeWarning for those never started, and for those still waiting on tensorstore a
-# traceback that prints tensorstore's whole spec, whenever tensorstore lets go of them (even
-# at exit); tensorstore's callbacks into orbax's closed event loop report 'Event loop is
-# closed'. Hundreds of lines about a failure already said in one sentence: once a read has
-# failed in this process, they are dropped.
+# A failed orbax read leaves coroutines behind that report themselves when collected, even at
+# exit (a RuntimeWarning, or a traceback printing tensorstore's whole spec), and tensorstore
+# callbacks into orbax's closed event loop ('Event loop is closed'): hundreds of lines about a
+# failure already said in one sentence, dropped once a read has failed in this process.
 _reads_failed = False
 
 
@@ -292,9 +272,8 @@ def _drop_leftovers_of_failed_reads() -> None:
   sys.unraisablehook = hook
 
 
-# Now, so that the hook an entry point restores after its run (and so the one at exit, when
-# the last leftovers may be collected) drops them too; after a failure, again, for the hook
-# an entry point has installed meanwhile.
+# Now, so that the hook an entry point restores after its run (the one at exit) drops them
+# too; again after a failure, over a hook an entry point has installed meanwhile.
 _drop_leftovers_of_failed_reads()
 
 
@@ -349,11 +328,8 @@ def _unreadable(directory: epath.Path, target, what: str) -> str | None:
   """
   # The handler, not a Checkpointer: a training checkpoint's item has no step metadata of its
   # own, which a Checkpointer would log as missing.
-  handler = ocp.StandardCheckpointHandler()
-  try:
+  with contextlib.closing(ocp.StandardCheckpointHandler()) as handler:
     saved, reason = _attempt(lambda: handler.metadata(directory).tree)
-  finally:
-    handler.close()
   difference = _difference(saved, target) if reason is None and target is not None else None
   if difference is not None:
     raise ConfigError(
@@ -380,11 +356,8 @@ def load_variables(path, like=None):
   target = None if like is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
   reason = _unreadable(path, target, str(path))
   if reason is None:
-    checkpointer = ocp.StandardCheckpointer()
-    try:
+    with contextlib.closing(ocp.StandardCheckpointer()) as checkpointer:
       variables, reason = _attempt(lambda: checkpointer.restore(path, target))
-    finally:
-      checkpointer.close()
   if reason is None and (path / CHECKSUMS).exists():
     try:
       expected = read_json(path / CHECKSUMS)
@@ -399,10 +372,7 @@ def load_variables(path, like=None):
 
 class RunCheckpoints:
   """The training checkpoints of one stage: a pytree of arrays plus a JSON log, per step.
-
-  Saving is asynchronous (orbax copies device arrays to host, then writes in the
-  background), so an epoch's checkpoint overlaps the next epoch's training.
-  """
+  Saving is asynchronous, so an epoch's checkpoint overlaps the next epoch's training."""
 
   def __init__(self, stage_dir, max_to_keep: int = 2):
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
@@ -425,12 +395,10 @@ class RunCheckpoints:
     """Returns (tree, log) of the newest checkpoint that restores, or None if there is none.
 
     `like` is a pytree with the saved structure (arrays or ShapeDtypeStructs); restored
-    arrays take its dtypes and shardings. A damaged checkpoint (a truncated, missing or
-    corrupted file, or arrays that differ from their checksums) is logged, moved to
-    CORRUPT/<step> and skipped for the next newest; when none restores, a DataError names
-    the stage and the first failure. A checkpoint of another structure than `like` (the
-    model's code or a library changed) is a ConfigError naming the stage and the first
-    difference, and nothing is moved.
+    arrays take its dtypes and shardings. A damaged checkpoint (as in `load_variables`) is
+    logged, moved to CORRUPT/<step> and skipped for the next newest; when none restores, a
+    DataError names the stage and the first failure. A checkpoint of another structure than
+    `like` is a ConfigError naming the stage and the first difference; nothing is moved.
     """
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     stage = self._directory.parent
@@ -503,13 +471,11 @@ class Signals:
   program is, releasing what it holds on the way out. A second Ctrl-C interrupts at once.
 
   Several processes must all stop at the same step, so there no handler is installed:
-  JAX's receives the SIGTERM, and orbax's `reached_preemption` (JAX's preemption sync
-  point) decides. A SIGTERM to any one process is passed to all through the coordination
-  service, which picks the first check that every process has not yet passed, and there all
-  save and stop. That protocol needs check numbers that only grow, the same on every
-  process, so the checks are counted over the whole process (`_SYNC_CHECKS`), every process
-  making the same ones. A SIGTERM after a stage's last check stops the run at the next
-  stage's first; after the run's last, the run simply finishes.
+  JAX's receives the SIGTERM and orbax's `reached_preemption` decides. The coordination
+  service passes a SIGTERM to every process and picks the first check none has passed; there
+  all save and stop. Check numbers must only grow and match across processes, so they are
+  counted over the whole process (`_SYNC_CHECKS`). A SIGTERM after a stage's last check
+  stops the run at the next stage's first; after the run's last, the run simply finishes.
   """
 
   def __init__(self):

@@ -82,11 +82,7 @@ def learning_rate_schedule(cfg: OptimizerConfig, epochs: int,
 
 
 def learning_rates(cfg: OptimizerConfig, epochs: int, steps_per_epoch: int) -> np.ndarray:
-  """The learning rate of every step of a run: float32, shape (epochs * steps_per_epoch,).
-
-  One vectorised evaluation of the schedule before training; `fit` passes entry `step`
-  to `train_step`, so the schedule is never part of a compiled program.
-  """
+  """The learning rate of every step of a run: float32, shape (epochs * steps_per_epoch,)."""
   steps = np.arange(epochs * steps_per_epoch, dtype=np.int32)
   rates = learning_rate_schedule(cfg, epochs, steps_per_epoch)(steps)
   # A constant schedule returns a scalar whatever the steps.
@@ -94,11 +90,8 @@ def learning_rates(cfg: OptimizerConfig, epochs: int, steps_per_epoch: int) -> n
 
 
 def is_bn_scale(params) -> Any:
-  """True for every BatchNorm scale (gamma) leaf.
-
-  Flax names a BatchNorm's gamma 'scale'; every normalisation layer in jaxprune's
-  models is a BatchNorm, so the leaf name identifies them.
-  """
+  """True for every BatchNorm scale (gamma) leaf: Flax names it 'scale', and every
+  normalisation layer in jaxprune's models is a BatchNorm."""
   return traverse_util.path_aware_map(lambda path, _: path[-1] == 'scale', params)
 
 
@@ -117,9 +110,8 @@ def add_bn_scale_l1(strength: float) -> optax.GradientTransformation:
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
   """SGD's direction as in the papers: grad + wd * param (+ s * sign(gamma)) -> momentum.
 
-  The result is the momentum buffer (PyTorch convention: buf = momentum * buf + grad; with
-  Nesterov, grad + momentum * buf); `train_step` multiplies it by -learning_rate, the
-  step's input, which is optax.sgd with the schedule evaluated outside the program.
+  The result is the momentum buffer (with Nesterov, grad + momentum * buf); `train_step`
+  multiplies it by -learning_rate, its input: optax.sgd with the schedule outside the program.
   """
   parts = []
   if cfg.weight_decay:

@@ -1,22 +1,15 @@
 """Train and eval steps: the state, the pure steps, and `Trainer` / `Evaluator`, which jit them.
 
 * `TrainState` is a pytree: everything a checkpoint needs to continue bit-for-bit.
-* `train_step(state, batch, masks, learning_rate)` / `eval_step(variables, ...)` are pure;
-  `Trainer` and `Evaluator` jit them over a `jax.sharding.Mesh` of all devices (batch split
-  along 'data', state replicated), so the same code runs on one CPU, eight TPU cores or a
-  multi-host pod (every process runs the same program on global arrays; `jaxprune.multihost`
-  joins them).
-* Masks and the learning rate are jit inputs: changing their values (iterative pruning,
-  another schedule or length) never recompiles, and the parameters of masked-out channels
-  are held fixed (no gradient, decay, L1 or momentum moves them).
-* `precision` (one of PRECISIONS) is the dtype the forward and backward passes compute in;
-  parameters, their updates, optimizer state and BN statistics are always float32.
-* Weight masks (the `WEIGHT_MASKS` variable collection, 0/1 arrays at the paths of the
-  params they mask) hold individual weights at zero: a masked weight starts at zero and
-  no update or momentum moves it. They travel in the state, so they are jit inputs too.
-* The programs `fit` runs (`train_calls`: many steps in one call, batches made on the
-  device; `evaluate`: a test set's sums) and `evaluate_variables`, the same evaluation of
-  any saved variables, are built from these steps and shared by every fit they fit.
+* `train_step` and `eval_step` are pure; `Trainer` and `Evaluator` jit them over a
+  `jax.sharding.Mesh` of all devices (batch split along 'data', state replicated), so the
+  same code runs on one CPU, eight TPU cores or a multi-host pod (every process runs the
+  same program on global arrays).
+* Masks, weight masks (the `WEIGHT_MASKS` variable collection, 0/1 arrays at the paths of
+  the params they mask, in the state) and the learning rate are jit inputs: changing their
+  values (iterative pruning, another schedule or length) never recompiles.
+* `train_calls` (many steps in one call, batches made on the device), `evaluate` and
+  `evaluate_variables` are the programs built from these steps, shared by every fit they fit.
 """
 
 import dataclasses
@@ -43,7 +36,6 @@ DATA_AXIS = 'data'
 PROGRAMS_KEPT = 8
 
 Masks = Mapping[str, jax.Array] | None
-# The variable collection of weight masks (module docstring).
 WEIGHT_MASKS = 'weight_masks'
 
 
@@ -88,16 +80,11 @@ def create_state(variables: Mapping, tx: optax.GradientTransformation, seed: int
                     rng=jax.random.PRNGKey(seed))
 
 
-# ----------------------------------------------------------------------------- steps
-
-
 def keep_multipliers(structure: structure_lib.Structure, masks: Mapping, tree, collection: str):
-  """0/1 multipliers shaped for each leaf of `tree` (one variable collection).
-
-  A leaf entry is 0 where any of its axes indexes a channel that a (C,) mask removes,
-  so a conv's kernel is frozen both for its own removed filters and for the removed
-  input channels it reads. Leaves no mask touches get the Python scalar 1.0.
-  """
+  """0/1 multipliers shaped for each leaf of `tree` (one variable collection): 0 where any of
+  its axes indexes a channel that a (C,) mask removes, so a conv's kernel is frozen both for
+  its own removed filters and for the removed input channels it reads. Leaves no mask
+  touches get the Python scalar 1.0."""
   def multiplier(path, leaf):
     keep = 1.0
     tags = structure.axes[(collection,) + tuple(k.key for k in path)]
@@ -116,13 +103,9 @@ def keep_multipliers(structure: structure_lib.Structure, masks: Mapping, tree, c
 
 
 def masked_kernels(structure: structure_lib.Structure, masks: Masks, params):
-  """`params` with every convolution and matmul kernel multiplied by `masks` along the axes
-  their groups index: zero where a kernel reads (or writes) a removed channel.
-
-  This is the masked model: a consumer whose input weights for a channel are zero never
-  reads it, exactly as if the channel were gone, and the model's own program (with its
-  fast kernels) runs unchanged. Kernels are the leaves whose MACs the structure counts.
-  """
+  """The masked model: `params` with every kernel (a leaf whose MACs the structure counts)
+  multiplied by `masks` along the axes their groups index, so zero where it reads or writes
+  a removed channel. The model's own program (with its fast kernels) runs unchanged."""
   if not masks:
     return params
   keep = keep_multipliers(structure, masks, params, 'params')
@@ -147,8 +130,7 @@ def cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-# The dtypes the forward and backward passes may compute in. bfloat16 halves the memory
-# traffic of activations on GPUs and TPUs; parameters and what updates them stay float32.
+# The dtypes the forward and backward passes may compute in (`train_step`).
 PRECISIONS: dict[str, Any] = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
@@ -171,19 +153,16 @@ def train_step(state: TrainState, batch: Mapping, masks: Masks, learning_rate: j
   """One SGD step (pure). Returns the new state and {'loss', 'accuracy'} of the batch.
 
   The parameters move by -learning_rate x `tx`'s update (`make_optimizer`: the momentum
-  buffer); the learning rate is a float32 scalar input, so any schedule runs on the same
-  compiled step. BN runs in training mode (batch statistics, running averages updated).
-  With masks, the kernels reading a removed channel read zeros (`masked_kernels`), so
-  its producing weights get no gradient; weight decay, the BN L1 term and momentum would
-  still move them, so the updates, the momentum buffers and the BN statistics of everything
-  a removed channel indexes (`keep_multipliers`, from `structure`) are held at their
-  current values.
-  Weights that the state's `WEIGHT_MASKS` mask get no update and no momentum either.
+  buffer), so any schedule runs on the same compiled step. BN runs in training mode. With
+  masks (which need `structure`) the model is the masked one (`masked_kernels`); weight
+  decay, the BN L1 term and momentum would still move a removed channel's weights, so the
+  updates, momentum buffers and BN statistics of everything it indexes (`keep_multipliers`)
+  are held. Weights the state's `WEIGHT_MASKS` mask get no update and no momentum either.
 
-  With precision 'bfloat16' the parameters and the image are cast to bfloat16 inside the
-  loss (BN still normalises and keeps its statistics in float32) and the logits back to
-  float32 for the loss; the gradient arrives in float32 through the cast, so the
-  optimizer and the parameters never see bfloat16.
+  `precision` (one of PRECISIONS) is the dtype of the forward and backward passes: the
+  parameters and image are cast to it inside the loss, the logits back to float32; the
+  gradient arrives in float32 through the cast, so parameters, optimizer state and BN
+  statistics stay float32.
   """
   dtype = compute_dtype(precision)
   if masks and structure is None:
@@ -227,9 +206,8 @@ def eval_step(variables: Mapping, batch: Mapping, masks: Masks, *, model: nn.Mod
   """Sums over the valid examples of a batch: {'loss_sum', 'correct', 'count'} (pure).
 
   Takes the model variables (`TrainState.variables`, or a `fit` result), so a training
-  state and saved variables run the same program. Computes in `precision` like
-  `train_step` (BN statistics stay float32), the loss in float32; with masks (which need
-  the structure), the masked model's (`masked_kernels`).
+  state and saved variables run the same program. `precision` and masks (which need the
+  structure) as in `train_step`.
   """
   dtype = compute_dtype(precision)
   if masks and structure is None:
@@ -245,9 +223,6 @@ def eval_step(variables: Mapping, batch: Mapping, masks: Masks, *, model: nn.Mod
           'correct': jnp.sum(correct * valid), 'count': jnp.sum(valid)}
 
 
-# ----------------------------------------------------------------------------- devices
-
-
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D mesh over all devices (of all processes), axis 'data'."""
   return Mesh(np.asarray(devices if devices is not None else jax.devices()), (DATA_AXIS,))
@@ -255,25 +230,21 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 def epoch_keys(rng, epoch):
   """(permutation key, augmentation key) of one epoch; a step's key folds in its index."""
-  perm_key, augment_key = jax.random.split(jax.random.fold_in(rng, epoch))
-  return perm_key, augment_key
+  return tuple(jax.random.split(jax.random.fold_in(rng, epoch)))
 
 
 class Evaluator:
   """The jitted, sharded evaluation of one model and precision on one mesh.
 
-  `eval_step(variables, batch, masks)` returns the batch's sums on device (`eval_step`),
-  and `add` accumulates them, so an evaluation waits for the device once, at the end.
-  With `copies=True` the step is vmapped over a leading copy axis of the variables and
-  every copy reads the same test batch. It holds no optimizer, so every Trainer of the
-  model and saved variables share one (`evaluator_for`).
+  `eval_step(variables, batch, masks)` returns the batch's sums on device and `add`
+  accumulates them, so an evaluation waits for the device once, at the end. With
+  `copies=True` the variables have a leading copy axis; every copy reads the same batch.
+  It holds no optimizer, so every Trainer of the model shares one (`evaluator_for`).
   """
 
   def __init__(self, model: nn.Module, mesh: Mesh, precision: str = 'float32',
                copies: bool = False, structure: structure_lib.Structure | None = None):
     compute_dtype(precision)
-    self.mesh = mesh
-    self.copies = copies
     self.replicated = NamedSharding(mesh, PartitionSpec())
     self.batch_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
     evaluation = functools.partial(eval_step, model=model, precision=precision,
@@ -293,18 +264,16 @@ class Evaluator:
 class Trainer:
   """The jitted, sharded steps of one model, optimizer and precision on one mesh.
 
-  `train_step(state, batch, masks, learning_rate)` donates the state (its buffers are
-  reused for the new one) and returns device arrays: nothing waits for the device. Pass
-  the learning rate as a numpy float32 scalar (`learning_rates`), so that every value
-  runs the same compiled step. The batch is split along the mesh's 'data' axis and
-  everything else is replicated; BN statistics and gradients are reduced over the whole
-  global batch, so the result does not depend on the number of devices.
+  `train_step(state, batch, masks, learning_rate)` donates the state and returns device
+  arrays: nothing waits for the device. Pass the learning rate as a numpy float32 scalar
+  (`learning_rates`), so that every value runs the same compiled step. BN statistics and
+  gradients are reduced over the whole global batch, so the result does not depend on the
+  number of devices.
 
-  With `copies=True` the steps are vmapped over a leading copy axis of the state and of
-  the training batch (K independent runs, `fit_copies`): one program trains them all,
-  and every copy reads the same test batches in `eval_step`. Masks are not vmapped.
-  `evaluator` is the Evaluator to use (default: one of its own). `sharded_train_step` is
-  the same step unjitted, for a program that loops over many steps in one call.
+  With `copies=True` the state and the training batch have a leading copy axis (K
+  independent runs, `fit_copies`) and one vmapped program trains them all; masks are not
+  vmapped. `eval_step` is `evaluator`'s (default: one of its own). `sharded_train_step` is
+  the step unjitted, for a program that loops over many steps in one call.
   """
 
   def __init__(self, model: nn.Module, tx: optax.GradientTransformation,
@@ -314,14 +283,13 @@ class Trainer:
     compute_dtype(precision)
     self.tx = tx
     self.copies = copies
-    self.mesh = mesh if mesh is not None else make_mesh()
+    mesh = mesh if mesh is not None else make_mesh()
     self.evaluator = (evaluator if evaluator is not None
-                      else Evaluator(model, self.mesh, precision, copies, structure))
+                      else Evaluator(model, mesh, precision, copies, structure))
     self.eval_step = self.evaluator.eval_step
-    self.add = self.evaluator.add
-    self.replicated = NamedSharding(self.mesh, PartitionSpec())
-    self.batch_sharding = (NamedSharding(self.mesh, PartitionSpec(None, DATA_AXIS)) if copies
-                           else NamedSharding(self.mesh, PartitionSpec(DATA_AXIS)))
+    self.replicated = NamedSharding(mesh, PartitionSpec())
+    self.batch_sharding = NamedSharding(
+        mesh, PartitionSpec(None, DATA_AXIS) if copies else PartitionSpec(DATA_AXIS))
     step = functools.partial(train_step, model=model, tx=tx, structure=structure,
                              precision=precision)
     if copies:
@@ -333,7 +301,7 @@ class Trainer:
 
     self.sharded_train_step = sharded_train_step
     self.xla_options = model.performance.xla_options
-    self.train_step = compiler.jit(sharded_train_step, xla_options=model.performance.xla_options,
+    self.train_step = compiler.jit(sharded_train_step, xla_options=self.xla_options,
                                    donate_argnums=0,
                                    out_shardings=(self.replicated, self.replicated))
     # Copy i of a stacked tree, replicated; one program for every i (jitted, so it also
@@ -342,11 +310,8 @@ class Trainer:
                            out_shardings=self.replicated)
 
   def init_state(self, variables, seed) -> TrainState:
-    """The initial state, replicated on the mesh.
-
-    With copies, `variables` and `seed` are sequences (one per copy) and the state is
-    their stack along a new leading axis.
-    """
+    """The initial state, replicated on the mesh; with copies, `variables` and `seed` are
+    sequences (one per copy) and the state is their stack along a new leading axis."""
     if not self.copies:
       return self.replicate(create_state(variables, self.tx, seed))
     states = [jax.device_get(create_state(v, self.tx, s)) for v, s in zip(variables, seed)]
@@ -398,8 +363,7 @@ def trainer_for(model: nn.Module, optimizer: OptimizerConfig,
   The key holds only what the compiled step depends on: the model (its class, widths and
   performance options), the optimizer settings `make_optimizer` builds in (not the learning
   rate, its schedule or the run's length, which are step inputs), the structure, the mesh
-  and the precision. So N seeds trained one after another, and every regime that trains the
-  same widths, compile each step once; their evaluation is `evaluator_for`'s.
+  and the precision; so seeds and regimes that train the same widths compile each step once.
   """
   built_in = OptimizerConfig(momentum=optimizer.momentum, nesterov=optimizer.nesterov,
                              weight_decay=optimizer.weight_decay, bn_l1=optimizer.bn_l1)
@@ -411,8 +375,6 @@ def _trainer(model, optimizer, structure: _ByKey, mesh, precision, copies) -> Tr
   return Trainer(model, make_optimizer(optimizer), structure.value, mesh, precision, copies,
                  evaluator_for(model, mesh, precision, copies, structure.value))
 
-
-# ----------------------------------------------------------------------------- programs
 
 TRAIN_SET = ('train_images', 'train_labels')
 TEST_SET = ('test_images', 'test_labels')
@@ -548,8 +510,7 @@ def evaluate_variables(model: nn.Module, variables: Mapping, arrays: Mapping,
   The same compiled step as `fit`'s per-epoch evaluation of that model, precision and
   mesh (`evaluator_for`). `arrays` holds 'test_images' and 'test_labels'
   (`data.device_put_dataset(ds)`, or host arrays, copied to the mesh once per dataset), or
-  is a `stream.Stream`;
-  `batch_size` is global, divisible by the devices, the last batch padded.
+  is a `stream.Stream`; `batch_size` is global, divisible by the devices, the last batch padded.
   """
   mesh = mesh if mesh is not None else make_mesh()
   check_divisible('batch_size', batch_size, mesh)
