@@ -1,43 +1,30 @@
 """Datasets onto the device as uint8, and batches made from them inside jit.
 
-Loading (host, numpy) -- `load(name, ...)` returns a `Dataset`:
+`load(name, ...)` reads a dataset into host memory as a `Dataset`:
 
-* `cifar10`, `cifar100`, `tfds:NAME`: read through `tfds.data_source` (random access over
-  array_record files; no TensorFlow needed to *read*). Preparing (downloading and
-  writing) a dataset is a step of its own, with TFDS, TensorFlow
-  (`pip install 'jaxprune[prepare]'`) and network access; loading one that is not
-  prepared in `data_dir` stops with one sentence saying how to prepare it, and never
-  touches the network. Mean/std are the standard CIFAR training-set values.
-* `npz`: any `.npz` file with `train_images`, `train_labels`, `test_images`,
-  `test_labels`; images uint8 NHWC (rank 4: a grayscale (N, H, W) array is
-  rejected, add the channel axis with `images[..., None]`), labels integers of
-  rank 1. The training labels are the classes 0..K-1, each with at least one
-  example, and the test labels lie among them; an optional scalar `num_classes`
-  entry instead fixes the number of classes (every label then lies in
-  0..num_classes-1, and a class may lack examples). A stray label (255 among 0..9)
-  is thus refused, naming it and where it is, never taken for 246 new classes.
-  Mean/std are computed from all training images in the file.
-* `digits`: scikit-learn's bundled 8x8 handwritten digits (1797 images, no
-  download), values 0..16 scaled to uint8 0..255 (round(v * 255 / 16)), shape
-  (N, 8, 8, 1), split by a fixed permutation (numpy seed 0) into 1437 train /
-  360 test images. Mean/std from the training split; crop padding 1, no flip
-  (a mirrored digit is a different symbol).
+* `cifar10`, `cifar100`, `tfds:NAME`: `tfds.data_source` over array_record files. Preparing
+  one (download and write, with TensorFlow: `pip install 'jaxprune[prepare]'`) is a step of
+  its own; loading one that is not prepared is one sentence saying how, never a download.
+* `npz`: a `.npz` file of `NPZ_KEYS`: images uint8 NHWC (rank 4: add a grayscale channel
+  axis with `images[..., None]`), labels rank-1 integers, the classes 0..K-1 each with a
+  training example unless a scalar `num_classes` entry fixes them, so a stray label (255
+  among 0..9) is refused rather than taken for 246 new classes. Mean/std from all its
+  training images.
+* `digits`: scikit-learn's bundled 8x8 digits (no download) scaled to uint8, split 1437
+  train / 360 test by a fixed permutation; no flip (a mirrored digit is another symbol).
 
-`max_train` keeps a fixed random subset of `max_train` training examples (the
-same for every run; files sorted by class, such as the CIFAR-10 sample, still give
-every class); the test set is always complete and mean/std never depend on it.
+`max_train` keeps a fixed random subset of the training examples, the same for every run;
+the test set is always whole and mean/std never depend on the subset.
 
 Device side (pure functions with explicit PRNG keys, callable inside jit):
-`device_put_dataset` puts the arrays on the device(s) once; per epoch
-`epoch_permutation` draws (steps, batch) indices; `train_batch` gathers, augments
-(zero-pad + random crop + random horizontal flip, as in the pruning papers) and
-normalises one batch; `eval_indices` / `eval_batch` / `eval_batches` walk the
-test set in order, padding the last batch and marking it with `valid`.
+`device_put_dataset` once, then `epoch_permutation`, `train_batch` (pad, random crop and
+random flip as in the pruning papers; normalise) and `eval_batches`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import zipfile
@@ -47,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import errors
 from jaxprune.errors import ConfigError, DataError, choose
 
 NPZ_KEYS = ('train_images', 'train_labels', 'test_images', 'test_labels')
@@ -77,11 +63,8 @@ class DataSpec:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-  """A whole dataset as host numpy arrays (uint8 NHWC images, int32 labels).
-
-  `mean` / `std` are per channel in [0, 1] units (pixel / 255); `crop_padding`
-  and `flip` are the dataset's default training augmentation.
-  """
+  """A whole dataset as host numpy arrays (uint8 NHWC images, int32 labels); `mean` / `std`
+  per channel in [0, 1] units, `crop_padding` and `flip` its default augmentation."""
   name: str
   train_images: np.ndarray
   train_labels: np.ndarray
@@ -127,10 +110,8 @@ def fingerprint(ds: Dataset) -> str:
 
 
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-  """Per-channel mean and std of uint8 NHWC images, in [0, 1] units.
-
-  Exact and memory-light: a 256-bin histogram per channel instead of a float copy.
-  """
+  """Per-channel mean and std of uint8 NHWC images, in [0, 1] units (exact, from a 256-bin
+  histogram per channel rather than a float copy)."""
   means, stds = [], []
   values = np.arange(256, dtype=np.float64)
   for c in range(images.shape[-1]):
@@ -163,10 +144,8 @@ def _subset(images, labels, max_train):
 
 def _runs(values: np.ndarray) -> list[tuple[int, int]]:
   """The runs of consecutive integers in sorted, distinct `values`: [(first, last), ...]."""
-  breaks = np.flatnonzero(np.diff(values) != 1)
-  starts = np.concatenate([[0], breaks + 1])
-  ends = np.concatenate([breaks, [len(values) - 1]])
-  return [(int(values[a]), int(values[b])) for a, b in zip(starts, ends)]
+  runs = np.split(values, np.flatnonzero(np.diff(values) != 1) + 1)
+  return [(int(run[0]), int(run[-1])) for run in runs]
 
 
 def _describe_runs(runs: list[tuple[int, int]], most: int = 4) -> str:
@@ -175,11 +154,6 @@ def _describe_runs(runs: list[tuple[int, int]], most: int = 4) -> str:
   if len(runs) > most:
     words.append(f'and {len(runs) - most} more runs')
   return ', '.join(words)
-
-
-def _first_index(mask: np.ndarray) -> int:
-  """The index of `mask`'s first True (it has one)."""
-  return int(np.argmax(mask))
 
 
 def _check_label_type(path: str, split: str, labels: np.ndarray) -> None:
@@ -195,7 +169,7 @@ def _check_label_type(path: str, split: str, labels: np.ndarray) -> None:
     fractional = ~np.isfinite(labels) | (labels != np.round(labels))
     whole = not fractional.any()
     if not whole:
-      i = _first_index(fractional)
+      i = int(np.argmax(fractional))
       example = f' ({split}_labels[{i}] is {labels[i]})'
   fix = f'; its values are whole numbers: store {split}_labels.astype(np.int64)' if whole else ''
   raise DataError(f"npz file {path!r}: {split}_labels has dtype {labels.dtype}{example} but "
@@ -215,9 +189,8 @@ RARE_CLASS_FRACTION = 0.01
 
 def _num_classes(path: str, arrays: Mapping[str, np.ndarray]) -> int:
   """The class count of an npz file: its `num_classes` entry, or else K of training labels
-  that are exactly 0..K-1. A label outside the classes, negative, one that leaves a class
-  without a training example, or a class far rarer than the rest (`RARE_CLASS_FRACTION`) is
-  refused, naming its value and where it is."""
+  that are exactly 0..K-1. A label outside the classes, or a class without or with far too
+  few training examples, is refused, naming its value and where it is."""
   train_labels, test_labels = arrays['train_labels'], arrays['test_labels']
   if 'num_classes' in arrays:
     num_classes = arrays['num_classes']
@@ -229,7 +202,7 @@ def _num_classes(path: str, arrays: Mapping[str, np.ndarray]) -> int:
     for split, labels in (('train', train_labels), ('test', test_labels)):
       outside = (labels < 0) | (labels >= num_classes)
       if outside.any():
-        i = _first_index(outside)
+        i = int(np.argmax(outside))
         others = int(outside.sum()) - 1
         tail = (f" (and {others:,} more label{'s' if others > 1 else ''} outside it)"
                 if others else '')
@@ -240,19 +213,18 @@ def _num_classes(path: str, arrays: Mapping[str, np.ndarray]) -> int:
   for split, labels in (('train', train_labels), ('test', test_labels)):
     negative = labels < 0
     if negative.any():
-      i = _first_index(negative)
+      i = int(np.argmax(negative))
       raise DataError(f"npz file {path!r}: {split}_labels[{i}] is {labels[i]}, a negative "
                       f"label; {_LABELS_ALLOWED}.")
   present = np.unique(train_labels)
   runs = _runs(present)
-  if present[0] != 0 or len(runs) > 1:
-    # The first label above the first class without an example.
-    above = runs[0][0] if present[0] != 0 else runs[1][0]
-    gaps = ([(0, runs[0][0] - 1)] if present[0] != 0 else []) + [
-        (b + 1, a - 1) for (_, b), (a, _) in zip(runs, runs[1:])]
+  # The classes without a training example: below the first run and between runs.
+  gaps = [(b + 1, a - 1) for (_, b), (a, _) in zip([(-1, -1)] + runs, runs) if a > b + 1]
+  if gaps:
+    above = gaps[0][1] + 1  # the first label above the first class without an example
     missing = sum(b - a + 1 for a, b in gaps)
     what = 'class' if missing == 1 else f'{missing:,} classes'
-    where = _first_index(train_labels == above)
+    where = int(np.argmax(train_labels == above))
     raise DataError(f"npz file {path!r}: the training labels {_describe_runs(runs)} leave "
                     f"{what} {_describe_runs(gaps)} without a training example (label {above} "
                     f"is train_labels[{where}]); {_LABELS_ALLOWED}.")
@@ -265,18 +237,18 @@ def _num_classes(path: str, arrays: Mapping[str, np.ndarray]) -> int:
     label = int(rare[-1])
     raise DataError(f"npz file {path!r}: label {label} occurs {counts[label]} time(s) against "
                     f"{average:.0f} per class on average (train_labels["
-                    f"{_first_index(train_labels == label)}]); if it is right, store "
+                    f"{int(np.argmax(train_labels == label))}]); if it is right, store "
                     f"num_classes={num_classes} in the npz.")
   beyond = test_labels >= num_classes
   if beyond.any():
-    i = _first_index(beyond)
+    i = int(np.argmax(beyond))
     raise DataError(f"npz file {path!r}: test_labels[{i}] is {test_labels[i]}, beyond the "
                     f"training labels 0..{num_classes - 1}; {_LABELS_ALLOWED}.")
   return num_classes
 
 
-def _load_npz(data_path, data_dir, max_train) -> Dataset:
-  del data_dir
+def _load_npz(name, data_path, data_dir, max_train) -> Dataset:
+  del name, data_dir
   if not data_path:
     raise ConfigError("dataset=npz needs data_path=FILE.npz.", settings=_SETTINGS)
   path = os.fspath(data_path)
@@ -329,20 +301,19 @@ def _load_npz(data_path, data_dir, max_train) -> Dataset:
   mean, std = channel_stats(arrays['train_images'])
   train_images, train_labels = _subset(arrays['train_images'], arrays['train_labels'], max_train)
   return Dataset(
-      name='npz',
-      train_images=np.ascontiguousarray(train_images),
+      name='npz', train_images=np.ascontiguousarray(train_images),
       train_labels=train_labels.astype(np.int32),
       test_images=np.ascontiguousarray(arrays['test_images']),
-      test_labels=arrays['test_labels'].astype(np.int32),
-      num_classes=num_classes, mean=mean, std=std, crop_padding=4, flip=True)
+      test_labels=arrays['test_labels'].astype(np.int32), num_classes=num_classes, mean=mean,
+      std=std)
 
 
 DIGITS_NUM_TEST = 360
 DIGITS_SEED = 0
 
 
-def _load_digits(data_path, data_dir, max_train) -> Dataset:
-  del data_path, data_dir
+def _load_digits(name, data_path, data_dir, max_train) -> Dataset:
+  del name, data_path, data_dir
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
   digits = load_digits()
   images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
@@ -357,48 +328,38 @@ def _load_digits(data_path, data_dir, max_train) -> Dataset:
       mean=mean, std=std, crop_padding=1, flip=False)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Tfds:
-  """A TFDS image-classification dataset of fixed-shape images, read whole with
-  `tfds.data_source`."""
-  name: str
-
-  def __call__(self, data_path, data_dir, max_train) -> Dataset:
-    del data_path
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    builder_name = tfds_name(self.name)
-    train, test = tfds_sources(builder_name, data_dir, ('train', 'test'))
-    features = tfds.builder(builder_name, data_dir=data_dir).info.features
-    if None in tuple(features['image'].shape):
-      raise ConfigError(f"dataset={self.name} has images of varying size "
-                        f"{tuple(features['image'].shape)}, which cannot be held on a device "
-                        'as one array; read it with input=stream.', settings=('dataset', 'input'))
-    train_images, train_labels = _read_records(train, max_train)
-    test_images, test_labels = _read_records(test, None)
-    known = KNOWN_STATISTICS.get(builder_name)
-    mean, std = known if known else channel_stats(train_images)
-    num_classes = int(features['label'].num_classes)
-    return Dataset(
-        name=self.name, train_images=train_images, train_labels=train_labels,
-        test_images=test_images, test_labels=test_labels, num_classes=num_classes,
-        mean=mean, std=std, crop_padding=4, flip=True)
+def _load_tfds(name, data_path, data_dir, max_train) -> Dataset:
+  """A TFDS image-classification dataset of fixed-shape images, read whole."""
+  del data_path
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder_name = tfds_name(name)
+  train, test = tfds_sources(builder_name, data_dir, ('train', 'test'))
+  features = tfds.builder(builder_name, data_dir=data_dir).info.features
+  if None in tuple(features['image'].shape):
+    raise ConfigError(f"dataset={name} has images of varying size "
+                      f"{tuple(features['image'].shape)}, which cannot be held on a device "
+                      'as one array; read it with input=stream.', settings=('dataset', 'input'))
+  train_images, train_labels = _read_records(train, max_train)
+  test_images, test_labels = _read_records(test, None)
+  known = KNOWN_STATISTICS.get(builder_name)
+  mean, std = known if known else channel_stats(train_images)
+  return Dataset(
+      name=name, train_images=train_images, train_labels=train_labels,
+      test_images=test_images, test_labels=test_labels,
+      num_classes=int(features['label'].num_classes), mean=mean, std=std)
 
 
 def tfds_name(dataset: str) -> str:
   """The TFDS builder name of a `dataset` value: tfds:NAME's NAME, else the value itself."""
-  return dataset[len(TFDS_PREFIX):] if dataset.startswith(TFDS_PREFIX) else dataset
+  return dataset.removeprefix(TFDS_PREFIX)
 
 
 def tfds_sources(name: str, data_dir, splits: tuple[str, ...]) -> list:
-  """Random-access sources of TFDS dataset `name`'s `splits`, prepared as array_record.
-
-  Preparing (downloading and writing) is a step of its own, never taken here: a missing
-  dataset is one sentence saying how to prepare it.
-  """
+  """Random-access sources of TFDS dataset `name`'s `splits`, prepared as array_record (the
+  only format data_source reads). Never prepares one: a missing one is a ConfigError."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_dir = os.fspath(data_dir) if data_dir else None
   where = repr(data_dir) if data_dir else 'the default TFDS data_dir'
-  # data_source reads only array_record files.
   try:
     return tfds.data_source(name, split=list(splits), data_dir=data_dir, download=False,
                             builder_kwargs={'file_format': 'array_record'})
@@ -418,25 +379,18 @@ def tfds_sources(name: str, data_dir, splits: tuple[str, ...]) -> list:
 
 
 def _read_records(source, limit) -> tuple[np.ndarray, np.ndarray]:
-  """All records (or the fixed random subset of `limit`, see `max_train`) of a random-access source as stacked arrays.
-
-  One `__getitems__` call lets array_record fetch the records in parallel rather than
-  one seek per image.
-  """
+  """The records of a random-access source (`subset_indices` of `limit`) as stacked arrays;
+  one `__getitems__` call lets array_record fetch them in parallel."""
   keep = subset_indices(len(source), limit)
-  n = len(keep)
   records = source.__getitems__(keep.tolist())
   images = np.stack([np.asarray(r['image'], dtype=np.uint8) for r in records])
-  labels = np.fromiter((r['label'] for r in records), dtype=np.int32, count=n)
+  labels = np.fromiter((r['label'] for r in records), dtype=np.int32, count=len(keep))
   return images, labels
 
 
-def _refuse_on_device(name: str):
-  def refuse(data_path, data_dir, max_train) -> Dataset:
-    raise ConfigError(f'dataset={name} does not fit on a device (its images vary in size); '
-                      'read it with input=stream (or input=auto).',
-                      settings=('dataset', 'input'))
-  return refuse
+def _refuse_on_device(name, data_path, data_dir, max_train) -> Dataset:
+  raise ConfigError(f'dataset={name} does not fit on a device (its images vary in size); '
+                    'read it with input=stream (or input=auto).', settings=('dataset', 'input'))
 
 
 TFDS_PREFIX = 'tfds:'
@@ -447,11 +401,11 @@ KNOWN_STATISTICS = {
     'imagenet2012': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 
-# dataset value -> loader(data_path, data_dir, max_train) -> Dataset (the device path).
+# dataset value -> loader(dataset, data_path, data_dir, max_train) -> Dataset (the device path).
 DATASETS: Mapping[str, Callable[..., Dataset]] = {
-    'cifar10': _Tfds('cifar10'),
-    'cifar100': _Tfds('cifar100'),
-    'imagenet2012': _refuse_on_device('imagenet2012'),
+    'cifar10': _load_tfds,
+    'cifar100': _load_tfds,
+    'imagenet2012': _refuse_on_device,
     'npz': _load_npz,
     'digits': _load_digits,
 }
@@ -466,58 +420,41 @@ _USES = {'cifar10': {'data_dir'}, 'cifar100': {'data_dir'}, 'imagenet2012': {'da
 
 
 def load(name: str, data_path=None, data_dir=None, max_train: int | None = None) -> Dataset:
-  """Loads dataset `name` (a key of `DATASETS`, or tfds:NAME) into host memory.
-
-  Args:
-    name: `cifar10`, `cifar100`, `npz`, `digits`, or tfds:NAME for a TFDS dataset of
-      fixed-shape images (`imagenet2012` is refused: it streams, `jaxprune.stream`).
-    data_path: the .npz file (`npz` only).
-    data_dir: the TFDS data directory (TFDS datasets only; default TFDS's own).
-    max_train: keep a fixed random subset of `max_train` training examples (None: all).
-
-  Raises:
-    ConfigError: unknown name, an argument the dataset does not use, a malformed npz
-      file (`DataError`), or a TFDS dataset that is not prepared.
-  """
+  """Loads dataset `name` (a key of `DATASETS`, or tfds:NAME of fixed-shape images; not
+  `imagenet2012`, which streams) into host memory. `data_path` is the .npz file (`npz`
+  only), `data_dir` the TFDS data directory (TFDS datasets only), `max_train` the size of the
+  fixed training subset (None: all). Raises ConfigError for an unknown name, an argument the
+  dataset does not use, a malformed npz file (`DataError`) or a TFDS dataset not prepared."""
   if not OTHER_DATASETS[1](name):
-    errors.choose('dataset', name, DATASETS)
-  given = {'data_path': data_path, 'data_dir': data_dir}
-  for arg, value in given.items():
+    choose('dataset', name, DATASETS)
+  for arg, value in (('data_path', data_path), ('data_dir', data_dir)):
     if value is not None and arg not in _USES.get(name, {'data_dir'}):
       raise ConfigError(f"{arg} is not used by dataset={name}; it is for "
                         f"{', '.join(n for n, u in _USES.items() if arg in u)}.",
                         settings=_SETTINGS)
   if max_train is not None:
     max_train = _positive_int('max_train', max_train)
-  return DATASETS.get(name, _Tfds(name))(data_path, data_dir, max_train)
+  return DATASETS.get(name, _load_tfds)(name, data_path, data_dir, max_train)
 
 
 # ---------------------------------------------------------------------------------------------
 # Device side: everything below is pure and jittable (`spec` static).
 
 
-def _put(x: np.ndarray, sharding):
-  # make_array_from_callback works for one device, many devices and many hosts alike
-  # (each host supplies its own shards from the same host copy).
-  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-
 def device_put_dataset(ds: Dataset, sharding=None) -> dict[str, jax.Array]:
-  """The dataset's arrays on device: {'train_images', 'train_labels', 'test_images', 'test_labels'}.
-
-  Images stay uint8 (4x smaller than float32; CIFAR-10 takes 184 MB). `sharding`
-  (one `jax.sharding.Sharding` for all four arrays) defaults to replicated over
-  all devices.
-  """
+  """The dataset's arrays on device by `NPZ_KEYS`: images uint8 (4x smaller than float32),
+  labels int32, all on `sharding` (default: replicated over all devices)."""
   if sharding is None:
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ('data',))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return {
-      'train_images': _put(np.asarray(ds.train_images, np.uint8), sharding),
-      'train_labels': _put(np.asarray(ds.train_labels, np.int32), sharding),
-      'test_images': _put(np.asarray(ds.test_images, np.uint8), sharding),
-      'test_labels': _put(np.asarray(ds.test_labels, np.int32), sharding),
-  }
+
+  def put(key):
+    x = np.asarray(getattr(ds, key), np.uint8 if key.endswith('images') else np.int32)
+    # Works for one device, many devices and many hosts alike (each host supplies its own
+    # shards from the same host copy).
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  return {key: put(key) for key in NPZ_KEYS}
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -539,22 +476,16 @@ def epoch_permutation(rng: jax.Array, n: int, batch_size: int) -> jax.Array:
 
 def augment(images: jax.Array, rng: jax.Array, crop_padding: int, flip: bool,
             pad_mode: str = 'zero') -> jax.Array:
-  """Random crop (after padding `crop_padding` pixels each side) and random horizontal flip.
-
-  Per image, independently: the (H + 2p, W + 2p) padded image is cropped back to H x W
-  at an offset drawn uniformly from {0..2p}^2, then mirrored left-right with
-  probability 1/2 when `flip`. `pad_mode` is a key of PAD_MODES: 'zero' (black borders,
-  padded before normalisation) or 'reflect'. Keeps the dtype; `crop_padding`, `flip`
-  and `pad_mode` are static. With crop_padding=0 and flip=False it is the identity.
-  """
+  """Per image: pads `crop_padding` pixels each side (`pad_mode`, a key of PAD_MODES), crops
+  back to H x W at a uniform offset, and mirrors left-right with probability 1/2 if `flip`.
+  Keeps the dtype; the last three arguments are static; 0 and False is the identity."""
   choose('pad_mode', pad_mode, PAD_MODES, setting='pad_mode')
   b, h, w, _ = images.shape
   crop_key, flip_key = jax.random.split(rng)
   if crop_padding:
     p = crop_padding
-    widths = ((0, 0), (p, p), (p, p), (0, 0))
-    padded = (jnp.pad(images, widths) if pad_mode == 'zero'
-              else jnp.pad(images, widths, mode='reflect'))
+    padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)),
+                     mode='constant' if pad_mode == 'zero' else 'reflect')
     offsets = jax.random.randint(crop_key, (b, 2), 0, 2 * p + 1)
 
     def crop(image, offset):
@@ -576,52 +507,29 @@ def normalize(images: jax.Array, mean, std) -> jax.Array:
 
 def train_batch(images: jax.Array, labels: jax.Array, indices: jax.Array, rng: jax.Array,
                 spec: DataSpec) -> dict[str, jax.Array]:
-  """One augmented, normalised training batch: {'image': float32 NHWC, 'label': int32 (B,)}.
-
-  `images` / `labels` are the on-device uint8 / int32 training arrays, `indices` one
-  row of `epoch_permutation`, `rng` a fresh key per step, `spec` = `Dataset.spec` (static).
-  """
+  """One augmented, normalised training batch {'image': float32 NHWC, 'label': int32 (B,)}
+  from the on-device training arrays, one row of `epoch_permutation` and a fresh key."""
   batch = augment(jnp.take(images, indices, axis=0), rng, spec.crop_padding, spec.flip,
                   spec.pad_mode)
   return {'image': normalize(batch, spec.mean, spec.std),
           'label': jnp.take(labels, indices, axis=0).astype(jnp.int32)}
 
 
-def eval_indices(n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """Fixed-order evaluation plan: (indices, valid), both (ceil(n / batch_size), batch_size).
-
-  Every example 0..n-1 appears exactly once with valid=True; the last batch is padded
-  with index 0 and valid=False so that every batch has the same shape (one compile).
-  """
-  batch_size = _positive_int('batch_size', batch_size)
-  steps = -(-n // batch_size)
-  flat = np.arange(steps * batch_size)
-  valid = flat < n
-  return (np.where(valid, flat, 0).astype(np.int32).reshape(steps, batch_size),
-          valid.reshape(steps, batch_size))
-
-
-def eval_batch(images: jax.Array, labels: jax.Array, indices: jax.Array, valid: jax.Array,
-               spec: DataSpec) -> dict[str, jax.Array]:
-  """One normalised, unaugmented batch: {'image': float32, 'label': int32, 'valid': bool}.
-
-  Padded entries (valid=False) hold a real image and its label; weight every per-example
-  metric by `valid` and divide by the number of test examples.
-  """
+@functools.partial(jax.jit, static_argnames='spec')
+def _eval_batch(images, labels, indices, valid, spec: DataSpec) -> dict[str, jax.Array]:
   return {'image': normalize(jnp.take(images, indices, axis=0), spec.mean, spec.std),
           'label': jnp.take(labels, indices, axis=0).astype(jnp.int32),
           'valid': jnp.asarray(valid, jnp.bool_)}
 
 
-_eval_batch_jit = jax.jit(eval_batch, static_argnames='spec')
-
-
 def eval_batches(images: jax.Array, labels: jax.Array, batch_size: int,
                  spec: DataSpec) -> Iterator[dict[str, jax.Array]]:
-  """The test set in order, as `eval_batch` dicts of `batch_size` (the last one padded).
-
-  For a host loop; inside jit use `eval_indices` and `eval_batch` (e.g. under lax.scan).
-  """
-  indices, valid = eval_indices(int(labels.shape[0]), batch_size)
-  for idx, ok in zip(indices, valid):
-    yield _eval_batch_jit(images, labels, idx, ok, spec)
+  """The test set in order, normalised and unaugmented, as batches {'image': float32,
+  'label': int32, 'valid': bool} of `batch_size`. The last one is padded with example 0
+  marked valid=False (one shape, one compile): weight every metric by `valid`."""
+  batch_size = _positive_int('batch_size', batch_size)
+  n = int(labels.shape[0])
+  for start in range(0, n, batch_size):
+    index = np.arange(start, start + batch_size)
+    valid = index < n
+    yield _eval_batch(images, labels, np.where(valid, index, 0).astype(np.int32), valid, spec)

@@ -1,21 +1,19 @@
 """What a user did or what stopped a run, as opposed to a bug.
 
-* `ConfigError`: a value the user typed or a file they supplied is wrong; the message is one
-  sentence naming the value and what is allowed. `DataError` is its sibling for data files.
-* `Preempted`: a SIGTERM stopped training after a checkpoint was saved; rerunning the same
-  command resumes from it. `Interrupted` is the same after Ctrl-C (SIGINT).
-* `Diverged`: training diverged (`train.loop`'s rule: a loss that is not finite or explodes,
-  parameters that are not finite); the stage's last healthy checkpoint is kept and a rerun
-  (e.g. with a smaller learning rate) resumes from it.
-* A lost process (`lost_process`): another process of a multi-process run died (SIGKILL, a
-  crash, its host gone), so a collective or the coordination service failed; the last
-  checkpoint is kept and the same command on every process resumes from it.
+* `ConfigError`: a value the user typed or a file they supplied is wrong (`DataError`: a
+  data file); the message is one sentence naming the value and what is allowed.
+* `Preempted` / `Interrupted`: a SIGTERM / Ctrl-C (SIGINT) stopped training after a
+  checkpoint was saved; rerunning the same command resumes from it.
+* `Diverged`: training diverged (`train.loop`'s rule); the stage's last healthy checkpoint
+  is kept and a rerun (e.g. with a smaller learning rate) resumes from it.
+* A lost process (`lost_process`): another process of a multi-process run died, so a
+  collective or the coordination service failed; the same command on every process
+  resumes from the last checkpoint.
 
 Every other exception is a bug and keeps its traceback. Command-line entry points wrap their
-work in `exit_on_user_error()`, which turns exactly these into one line and an exit status
-(`EXIT_STATUS`), and so do storage failures that are no bug (no space left, read-only or
-unwritable storage, a path that is not a directory: `storage_error`) and a Ctrl-C outside
-training.
+work in `exit_on_user_error()`, which turns these, storage failures that are no bug
+(`storage_error`: no space left, read-only storage, ...) and a Ctrl-C outside training into
+one line and an exit status (`EXIT_STATUS`).
 """
 
 import contextlib
@@ -23,15 +21,12 @@ import errno
 import os
 import re
 import sys
-from typing import Iterable
+from typing import Iterable, Iterator
 
 
 class ConfigError(ValueError):
-  """A wrong setting, named with what is allowed (one sentence).
-
-  Library code names settings by their plain names (`prune_ratio`) and lists them in
-  `settings`; a command line prints them as its flags (`--prune_ratio`).
-  """
+  """A wrong setting, named with what is allowed (one sentence). Library code names settings
+  plainly (`prune_ratio`) and lists them in `settings`; a command line prints them as flags."""
 
   def __init__(self, message: str, settings: Iterable[str] = ()):
     super().__init__(message)
@@ -42,28 +37,22 @@ class DataError(ConfigError):
   """A data file the user supplied cannot be used (missing, unreadable, wrong keys or shapes)."""
 
 
-def _saved(step: int | None, stage: str) -> str:
-  if step is None:
-    return 'finished stages and the last checkpoint are kept'
-  return f"step {step}{f' of {stage}' if stage else ''} is saved"
-
-
 class Preempted(Exception):
   """A SIGTERM stopped the run, after saving training at `step` (None: outside training, with
   finished stages and the last checkpoint kept); rerun the same command to resume."""
+  _what = 'preempted'
 
   def __init__(self, step: int | None = None, stage: str = ''):
-    super().__init__(f'preempted: {_saved(step, stage)}; rerun the same command to resume.')
+    saved = ('finished stages and the last checkpoint are kept' if step is None else
+             f"step {step}{f' of {stage}' if stage else ''} is saved")
+    super().__init__(f'{self._what}: {saved}; rerun the same command to resume.')
     self.step = step
     self.stage = stage
 
 
 class Interrupted(Preempted):
   """Ctrl-C (SIGINT) stopped the run, as Preempted says; rerun to resume."""
-
-  def __init__(self, step: int | None = None, stage: str = ''):
-    super().__init__(step, stage)
-    self.args = (f'interrupted: {_saved(step, stage)}; rerun the same command to resume.',)
+  _what = 'interrupted'
 
 
 class Diverged(Exception):
@@ -132,18 +121,24 @@ def _tensorstore_os_error(error: BaseException) -> OSError | None:
   return OSError(number, os.strerror(number), filename)
 
 
-def storage_error(error: BaseException) -> OSError | None:
-  """The OSError of a storage failure (STORAGE_ERRNOS) that caused `error`, if one did
-  (libraries such as orbax re-raise it inside their own exceptions)."""
+def _chain(error: BaseException | None) -> Iterator[BaseException]:
+  """`error` and what caused it, in turn, each once."""
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
-    if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
-      return error
-    found = _tensorstore_os_error(error)
+    yield error
+    error = error.__cause__ or error.__context__
+
+
+def storage_error(error: BaseException) -> OSError | None:
+  """The OSError of a storage failure (STORAGE_ERRNOS) that caused `error`, if one did
+  (libraries such as orbax re-raise it inside their own exceptions)."""
+  for cause in _chain(error):
+    if isinstance(cause, OSError) and cause.errno in STORAGE_ERRNOS:
+      return cause
+    found = _tensorstore_os_error(cause)
     if found is not None:
       return found
-    error = error.__cause__ or error.__context__
   return None
 
 
@@ -163,13 +158,10 @@ _LOST_PROCESS = re.compile(r'Gloo [\w-]+ failed|Connection (?:reset|closed) by p
 def lost_process(error: BaseException) -> str | None:
   """The first line of the failure that says another process of the run is gone, if
   `error` (or what caused it) is one."""
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    text = str(error).strip()
+  for cause in _chain(error):
+    text = str(cause).strip()
     if _LOST_PROCESS.search(text):
       return text.splitlines()[0]
-    error = error.__cause__ or error.__context__
   return None
 
 
@@ -210,8 +202,7 @@ def exit_on_user_error():
     sys.stderr.write(f'{error}\n')
     sys.exit(EXIT_STATUS[type(error)])
   except KeyboardInterrupt:
-    sys.stderr.write('interrupted: finished stages and the last checkpoint are kept; rerun the '
-                     'same command to resume.\n')
+    sys.stderr.write(f'{Interrupted()}\n')
     sys.exit(EXIT_STATUS[Interrupted])
   except Exception as error:  # pylint: disable=broad-except
     lost = lost_process(error)

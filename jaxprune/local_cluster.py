@@ -4,16 +4,14 @@ r"""Runs launch.py as N processes of one multi-process run on this machine, as a
         --workdir=runs/quickstart-2p --model=resnet20 --epochs=10 --criterion=taylor
 
 Every process runs `launch.py --multihost` with the coordinator on a free localhost port,
-`--num_processes`, its `--process_id` and the flags after `--`, on CPU devices
-(`--devices_per_process` of them each, XLA's host platform), so a pod configuration can be
-debugged on a laptop. Process 0 writes to this terminal; process i to LOG_DIR/process<i>.log.
+its `--process_id` and the flags after `--`, on `--devices_per_process` CPU devices, so a
+pod configuration can be debugged on a laptop. Process 0 writes to this terminal; process i
+to LOG_DIR/process<i>.log.
 
-SIGTERM or Ctrl-C (SIGINT) to this launcher reaches every process as SIGTERM, as a TPU
-maintenance event reaches every worker: they save the same step and exit with 75 (rerun the
-same command to resume). The processes run in sessions of their own, so a Ctrl-C in the
-terminal reaches them only that way. When a process ends with a failure the others get
-`--grace_s` to stop on their own (a killed process's lifeline socket closes:
-`jaxprune.multihost`) before they are killed. The exit status is process 0's, or the first
+SIGTERM or Ctrl-C to this launcher reaches every process (each in a session of its own) as
+SIGTERM, as a TPU maintenance event reaches every worker: they save the same step and exit
+with 75 (rerun the same command to resume). When a process fails the others get `--grace_s`
+to stop on their own before they are killed. The exit status is process 0's, or the first
 failure's when process 0 succeeded.
 """
 
@@ -104,10 +102,7 @@ def run(processes: int, devices_per_process: int, flags, log_dir: pathlib.Path,
     if status != 0:
       where = '' if i == 0 else f' (log: {log_dir / f"process{i}.log"})'
       sys.stderr.write(f'local_cluster: process {i} {_describe(status)}{where}.\n')
-  if statuses[0] != 0 or first_failure is None:
-    status = statuses[0]
-  else:
-    status = statuses[first_failure]
+  status = statuses[0] if statuses[0] != 0 or first_failure is None else statuses[first_failure]
   return status if status >= 0 else 128 - status
 
 

@@ -1,28 +1,21 @@
 """Several processes as one run (`jax.distributed`): joining it, and what they agree on.
 
-* `initialize(...)`: joins the run. On a Cloud TPU VM pod, under SLURM or Open MPI JAX
-  detects the coordinator, the process count and this process's index; elsewhere all three
-  are given. CPU collectives go over gloo, so N processes on one machine are a pod too
-  (`jaxprune.local_cluster`). Not joining within the timeout is one sentence. Process 0
-  and every other process then hold a lifeline socket: when one is killed or crashes, the
-  others stop within a second with one sentence.
+* `initialize(...)`: joins the run (on a Cloud TPU VM pod, under SLURM or Open MPI JAX
+  detects the coordinator, process count and index; elsewhere all three are given). CPU
+  collectives go over gloo, so N processes on one machine are a pod too
+  (`jaxprune.local_cluster`). Process 0 and every other process then hold a lifeline
+  socket: when one is killed or crashes, the others stop within a second with one sentence.
 * `agree(name, decide)`: process 0 decides (reads the work directory, takes a claim) and
-  every process gets its answer, or its ConfigError, so no process skips a stage another
-  trains or trains on after another refused. Answers travel over the lifeline sockets (JAX
-  has no public way to its coordination service's key-value store): no device is
-  involved, and waiting costs no collective.
+  every process gets its answer or its ConfigError, so no process skips a stage another
+  trains. Answers travel over the lifelines (JAX has no public way to its coordination
+  service's key-value store): no device is involved, and waiting costs no collective.
 * `check_shared(directory)`: a marker process 0 writes that every process must find, so a
   work directory on per-host disks is refused before any process writes to it.
 * `barrier(name)`: every process waits for the others (at most the timeout).
 
-With one process each is its single-process case (`agree` just decides).
-
-The data needs nothing of its own: every process loads the same dataset (a fixed
-`max_train` subset included) and the loop places it replicated on the global mesh; the
-jitted function that makes a batch (permutation from the seed, augmentation from the step)
-has its output split along 'data', so each process's devices compute exactly their rows of
-the global batch, which is the batch one process would make. CIFAR-10 is 184 MB of uint8,
-so every host holding all of it costs nothing that matters.
+With one process each is its single-process case. The data needs nothing of its own: every
+process loads the same dataset and computes its rows of each global batch
+(docs/multihost.md).
 """
 
 import atexit
@@ -57,13 +50,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
   The three settings come together or not at all (then the cluster must be detectable).
   `timeout_s` bounds joining and every barrier, and is JAX's heartbeat timeout: a process
-  silent that long counts as dead and the others stop.
-
-  Processes that have not all joined within `timeout_s` end this one: 'error: SENTENCE' on
-  stderr and exit status 1 (JAX would abort it a little later, with a stack dump).
-
-  Raises:
-    ConfigError: the settings are inconsistent, or no cluster is detected.
+  silent that long counts as dead. Not all joined within it ends this process with
+  'error: SENTENCE' on stderr and exit status 1. Raises ConfigError for inconsistent
+  settings, or when no cluster is detected.
   """
   global _timeout_s
   given = {'coordinator_address': coordinator_address, 'num_processes': num_processes,
@@ -129,11 +118,10 @@ _arrived = threading.Condition()
 
 def _hold_lifelines(coordinator_address: str | None) -> None:
   """Connects process 0 with every other process by a TCP socket that a watcher thread
-  reads: a process killed or crashed closes its sockets at once (its kernel does), so the
-  others stop within a second with one sentence. Without them a process that is not in a
-  collective when a peer dies learns it only from JAX's heartbeats, `timeout_s` later, and
-  then JAX aborts it with a stack dump. The same sockets carry the messages of `agree`,
-  `barrier` and `check_shared`. Each process says goodbye at exit (`atexit`)."""
+  reads. A killed process's kernel closes its sockets at once, so the others stop within a
+  second; without them a process outside a collective would learn it only from JAX's
+  heartbeats, `timeout_s` later, and then be aborted with a stack dump. The sockets also
+  carry `agree`, `barrier` and `check_shared`; each process says goodbye at exit."""
   listener = None
   address = ''
   if jax.process_index() == 0:
@@ -186,10 +174,7 @@ def _send(index: int, key: str, value: Any) -> None:
 
 def _receive(key: str, sender: int, timeout_s: float | None = None) -> Any:
   """What process `sender` sent under `key`, once it has (TimeoutError after `timeout_s`).
-
-  A sender that ended on its own terms without sending it (a refusal or a traceback of its
-  own) ends this process too, with one sentence, rather than leaving it waiting.
-  """
+  A sender that ended without sending it ends this process too, with one sentence."""
   with _arrived:
     if not _arrived.wait_for(lambda: (key, sender) in _inbox or sender in _gone, timeout_s):
       raise TimeoutError(f'nothing from process {sender} under {key} within {timeout_s} s')
@@ -238,12 +223,11 @@ def _first_line(error: BaseException) -> str:
 
 
 def agree(name: str, decide: Callable[[], Any]) -> Any:
-  """`decide()` on process 0, its JSON-able value returned on every process.
+  """`decide()` on process 0, its JSON-able value returned on every process; every process
+  calls it at the same point of the same program (answers are matched by call order).
 
-  Every process calls `agree` at the same point of the same program (the answers are
-  matched by call order). A ConfigError (or DataError) of process 0 is raised on every
-  process with the same message; any other exception stops process 0 with its traceback,
-  and the others with one sentence naming `name`.
+  A ConfigError (or DataError) of process 0 is raised on every process; any other exception
+  stops process 0 with its traceback, and the others with one sentence naming `name`.
   """
   if jax.process_count() == 1:
     return decide()

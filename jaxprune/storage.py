@@ -1,33 +1,20 @@
 """Google Cloud Storage (gs://) as a run's storage: what it needs, the check made before a
 run writes there, and the conditional writes that claims are made of.
 
-What reads and writes gs:// (all installed by jaxprune's `gcs` extra, all reading Google's
-Application Default Credentials):
+Everything on gs:// (installed by the `gcs` extra) reads Google's Application Default
+Credentials: small files and the compilation cache go through `etils.epath` over gcsfs,
+orbax checkpoints through tensorstore's gcs driver, claims (`pipeline.workdir`) through
+google-cloud-storage here. Every change of a claim object is conditional on its generation:
+`create` succeeds only if the object is absent, `replace` and `delete` only if it is still
+the generation the caller last saw, so of several processes writing at once exactly one
+succeeds.
 
-* small files (results.json, metrics.jsonl, stage identities, launch.flags) and the
-  compilation cache: `etils.epath` over gcsfs;
-* orbax checkpoints: tensorstore's own gcs driver;
-* claims (`pipeline.workdir`): google-cloud-storage here. Every change of a claim object is
-  conditional on its generation (GCS preconditions): `create` succeeds only if the object
-  is absent (ifGenerationMatch=0), `replace` and `delete` only if it is still the generation
-  the caller last saw. Of several processes writing at once exactly one succeeds.
-
-`check` is made for every gs:// URL a run uses, before anything is written
-(`pipeline.workdir.check_workdir`, `kernels.compiler.use_persistent_cache`): the extra
-installed, credentials found, the bucket reachable, existing and listable. Its requests time out after CHECK_REQUEST_S and
-are retried with backoff for at most CHECK_DEADLINE_S, so an offline machine, a wrong
-bucket, missing credentials or a permission error is one ConfigError within seconds.
-Permission to write shows at the first write, the work directory's claim, as the same
-kind of ConfigError. Later requests retry as their clients do: gcsfs 6 attempts (about
-half a minute of backoff), tensorstore 32 (1 s doubling to 32 s between attempts),
-google-cloud-storage for up to 120 s.
-
-`configure` (called by `check`) sets what epath, gcsfs and tensorstore need before they
-open anything: epath on gcsfs even where TensorFlow is installed (one client, the one
-tested), no listing cache (another process's new files must be seen, such as the
-result.json of a shared baseline it finished), gcsfs's plain file system (its default
-extension asks a second API, storage control, about every bucket) and, when
-STORAGE_EMULATOR_HOST points at a local GCS emulator, tensorstore pointed there too.
+`check` runs for every gs:// URL a run uses, before anything is written (the extra
+installed, credentials found, the bucket reachable, existing and listable), each request
+timing out after CHECK_REQUEST_S and retried for at most CHECK_DEADLINE_S: an offline
+machine, a wrong bucket, missing credentials or a permission error is one ConfigError
+within seconds. Permission to write shows at the first write, the work directory's claim,
+as the same kind of ConfigError. Later requests retry as their clients do (docs/gcs.md).
 """
 
 import dataclasses
@@ -40,8 +27,8 @@ from jaxprune.errors import ConfigError
 
 EMULATOR_ENV_VAR = 'STORAGE_EMULATOR_HOST'
 TENSORSTORE_URL_ENV_VAR = 'TENSORSTORE_GCS_HTTP_URL'
-# etils.epath reads it at every gs:// operation: 'false' keeps it on gcsfs where TensorFlow is
-# installed.
+# etils.epath reads it at every gs:// operation: 'false' keeps it on gcsfs (one client, the
+# one tested) where TensorFlow is installed.
 EPATH_USE_TF_ENV_VAR = 'EPATH_USE_TF'
 # gcsfs reads it when it is imported: 'true' (its default) makes every gs:// file system
 # ask the storage control API for the bucket's layout.
@@ -67,8 +54,10 @@ def split(url: str) -> tuple[str, str]:
 
 
 def configure() -> None:
-  """Sets gcsfs's and tensorstore's settings for jaxprune's use (the module docstring);
-  settings the user made are kept."""
+  """Sets what epath, gcsfs and tensorstore need before they open anything (the constants
+  above say why; tensorstore follows STORAGE_EMULATOR_HOST), and no gcsfs listing cache:
+  another process's new files (a shared baseline's results.json) must be seen. Settings the
+  user made are kept."""
   import fsspec
   os.environ.setdefault(EPATH_USE_TF_ENV_VAR, 'false')
   os.environ.setdefault(GCSFS_EXTENDED_ENV_VAR, 'false')
@@ -164,27 +153,24 @@ def check(url: str, setting: str) -> None:
                       f'extra: {INSTALL}.', settings=(setting,)) from None
   from google.api_core.retry import Retry
   retry = Retry(initial=0.25, maximum=1.0, multiplier=2.0, timeout=CHECK_DEADLINE_S)
-  try:
-    client = _client()
-    pages = client.list_blobs(bucket, prefix=prefix, max_results=1, timeout=CHECK_REQUEST_S,
-                              retry=retry)
-    next(iter(pages), None)
-  except Exception as error:  # pylint: disable=broad-except
-    refusal = _refusal(error, url, setting)
-    if refusal is None:
-      raise
-    raise refusal from None
+
+  def first_object():
+    return next(iter(_client().list_blobs(bucket, prefix=prefix, max_results=1,
+                                          timeout=CHECK_REQUEST_S, retry=retry)), None)
+
+  _api_call(url, first_object, setting)
 
 
-def _api_call(url: str, call):
-  """call()'s result, with storage's refusals (`_refusal`) as one ConfigError."""
+def _api_call(url: str, call, setting: str | None = None):
+  """call()'s result, with storage's refusals (`_refusal`) as one ConfigError. Without a
+  `setting` (past `check`) an absent object or a failed precondition is the caller's."""
   try:
     return call()
   except Exception as error:  # pylint: disable=broad-except
     from google.api_core import exceptions as api
-    if isinstance(error, (api.PreconditionFailed, api.NotFound)):
+    if setting is None and isinstance(error, (api.PreconditionFailed, api.NotFound)):
       raise
-    refusal = _refusal(error, url, None)
+    refusal = _refusal(error, url, setting)
     if refusal is None:
       raise
     raise refusal from None
@@ -218,10 +204,16 @@ def updated(url: str, generation: int) -> float | None:
   return blob.updated.timestamp()
 
 
-def _write(url: str, text: str, generation: int) -> int | None:
-  """Writes `text` if the object's generation is `generation` (0: absent); its new
-  generation, or None if it is not that generation. A write whose answer was lost and
-  that was sent again finds its own text there: it succeeded."""
+def create(url: str, text: str) -> int | None:
+  """Creates the object at `url` with `text` if there is none; its generation, or None if
+  one exists."""
+  return replace(url, text, 0)
+
+
+def replace(url: str, text: str, generation: int) -> int | None:
+  """Replaces the object at `url` with `text` if it is still generation `generation` (0:
+  absent); the new generation, or None if it was changed or deleted since. A write whose
+  answer was lost and that was sent again finds its own text there: it succeeded."""
   from google.api_core import exceptions as api
   blob = _blob(url)
   try:
@@ -231,18 +223,6 @@ def _write(url: str, text: str, generation: int) -> int | None:
     current = read(url)
     return current.generation if current is not None and current.text == text else None
   return int(blob.generation)
-
-
-def create(url: str, text: str) -> int | None:
-  """Creates the object at `url` with `text` if there is none; its generation, or None if
-  one exists."""
-  return _write(url, text, 0)
-
-
-def replace(url: str, text: str, generation: int) -> int | None:
-  """Replaces the object at `url` with `text` if it is still generation `generation`; the
-  new generation, or None if it was changed or deleted since."""
-  return _write(url, text, generation)
 
 
 def move(source: str, target: str) -> None:

@@ -1,38 +1,28 @@
 """Streaming input: a dataset read batch by batch from storage, for data that does not fit
-on a device (ImageNet: 1.28 M images, about 150 GB as JPEG).
+on a device (ImageNet).
 
 `open_stream(name, ...)` returns a `Stream`: random-access sources of the training and test
-splits (`tfds.data_source` over a dataset prepared as array_record, or the arrays of an npz
-or digits when streaming is forced) plus how to augment them. grain reads them:
+splits (`tfds.data_source` over array_record, or an npz's or digits' arrays when streaming
+is forced) and their host-side augmentation, which grain reads:
 
-* Training (`train_iterator`): every epoch a fresh global permutation of the training set
-  (numpy, seeded by (seed, epoch)) cut into global batches of `batch_size`, the remainder
-  dropped as on the device path. Process p of P reads slice p of every global batch, so the
-  processes together read each example of an epoch exactly once. Examples are decoded and
-  augmented on the host, by `workers` worker processes (0: threads of this process), each
-  with a random generator of (seed, its place in the run's global batches), so the batches
-  are the same whatever the number of processes, and prefetched.
-* State: the iterator's position is its state (`get_state`), stored in every training
-  checkpoint; a resumed run reads the batch the uninterrupted run would have read next.
-* Evaluation (`test_batches`): the test split in order, the last global batch padded and
-  marked with `valid` False, as `data.eval_indices` does on the device path.
+* `train_iterator`: every epoch a fresh global permutation (seeded by (seed, epoch)) cut into
+  global batches, the remainder dropped as on the device path; process p of P reads slice p
+  of every global batch. Each example is augmented with a generator of (seed, its place in
+  the run), so the batches do not depend on the number of processes or `workers`. The
+  iterator's position (`get_state`) is saved in every training checkpoint, so a resumed run
+  reads the batch the uninterrupted run would have read next.
+* `test_batches`: the test split in order, the last global batch padded and marked `valid`
+  False, as `data.eval_batches` does.
 
-Augmentation, on the host:
-
-* images of one fixed shape (CIFAR, an npz, digits): pad by the dataset's crop_padding
-  (zero or reflect), random crop back, random horizontal flip: `data.augment`'s.
-* images of varying size (ImageNet): the papers' random-resized crop to image_size x
-  image_size (area 8-100 % of the image, aspect ratio 3/4-4/3 log-uniform, ten tries and
-  then a centre crop, torchvision's RandomResizedCrop) and a random horizontal flip;
-  evaluation resizes the shorter side to image_size x 256/224 and takes the centre square.
-
-Normalisation (mean, std) happens on the device: batches travel as uint8.
+Images of one fixed shape get `data.augment`'s pad, crop and flip; images of varying size
+(ImageNet) the papers' random-resized crop to image_size (`_resized_crop`) and a flip, and
+for evaluation the shorter side resized to image_size x 256/224 and the centre square.
+Batches travel as uint8: normalisation happens on the device.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 from typing import Any, Iterator
@@ -114,6 +104,8 @@ def _pad_crop(image, rng, padding: int, pad_mode: str) -> np.ndarray:
 
 
 def _resized_crop(image, rng, size: int) -> np.ndarray:
+  """torchvision's RandomResizedCrop: area 8-100 %, aspect ratio 3/4-4/3 log-uniform, ten
+  tries, then a centre crop."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   h, w = image.shape[:2]
   for _ in range(10):
@@ -136,11 +128,11 @@ def _resized_crop(image, rng, size: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- sources
 
 
+@dataclasses.dataclass(eq=False)
 class ArraySource:
   """Random access to in-memory images and labels, as records {'image', 'label'}."""
-
-  def __init__(self, images: np.ndarray, labels: np.ndarray):
-    self.images, self.labels = images, labels
+  images: np.ndarray
+  labels: np.ndarray
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -149,11 +141,11 @@ class ArraySource:
     return {'image': self.images[index], 'label': self.labels[index]}
 
 
+@dataclasses.dataclass(eq=False)
 class _Subset:
   """The records `indices` of `source`, renumbered 0..len-1."""
-
-  def __init__(self, source, indices: np.ndarray):
-    self.source, self.indices = source, indices
+  source: Any
+  indices: np.ndarray
 
   def __len__(self) -> int:
     return len(self.indices)
@@ -211,17 +203,16 @@ def _tfds_stream(name: str, data_dir, max_train, image_size: int, workers: int,
   train, test = data.tfds_sources(builder_name, data_dir, ('train', test_split))
   shape = tuple(features['image'].shape)
   fixed = None not in shape
-  known = data.KNOWN_STATISTICS.get(builder_name)
   if max_train is not None and max_train < len(train):
     train = _Subset(train, data.subset_indices(len(train), max_train))
   augment = Augment(fixed_shape=fixed, image_size=image_size, crop_padding=4 if fixed else 0,
                     pad_mode=pad_mode)
-  if known is not None:
-    mean, std = known
-  else:
+  known = data.KNOWN_STATISTICS.get(builder_name)
+  if known is None:
     sample = data.subset_indices(len(train), STATISTICS_SAMPLE)
-    mean, std = data.channel_stats(np.stack(
+    known = data.channel_stats(np.stack(
         [augment.test(np.asarray(train[int(i)]['image'], np.uint8)) for i in sample]))
+  mean, std = known
   image_shape = shape if fixed else (image_size, image_size, shape[-1])
   fingerprint = (f'tfds:{builder_name}:{builder.info.version}:{len(train)}:{len(test)}:'
                  f'{builder.info.dataset_size}')
@@ -231,7 +222,10 @@ def _tfds_stream(name: str, data_dir, max_train, image_size: int, workers: int,
                 fingerprint=fingerprint, workers=workers)
 
 
-def _check_installed() -> None:
+def open_stream(name: str, *, data_path=None, data_dir=None, max_train=None,
+                image_size: int = 224, workers: int = 0, pad_mode: str = 'zero') -> Stream:
+  """The `Stream` of dataset `name`: a TFDS dataset (cifar10, cifar100, imagenet2012,
+  tfds:NAME) prepared as array_record in `data_dir`, or an npz / digits read from memory."""
   try:
     import grain  # pylint: disable=g-import-not-at-top,unused-import
     import PIL  # pylint: disable=g-import-not-at-top,unused-import
@@ -239,13 +233,6 @@ def _check_installed() -> None:
     raise ConfigError(f"input=stream reads with grain and decodes with Pillow ({e}); install "
                       "them with pip install 'jaxprune[stream]', or use input=device for a "
                       'dataset that fits on a device.', settings=('input',)) from e
-
-
-def open_stream(name: str, *, data_path=None, data_dir=None, max_train=None,
-                image_size: int = 224, workers: int = 0, pad_mode: str = 'zero') -> Stream:
-  """The `Stream` of dataset `name`: a TFDS dataset (cifar10, cifar100, imagenet2012,
-  tfds:NAME) prepared as array_record in `data_dir`, or an npz / digits read from memory."""
-  _check_installed()
   if name in ('npz', 'digits'):
     loaded = data.load(name, data_path=data_path, data_dir=data_dir, max_train=max_train)
     return Stream(name=name, train=ArraySource(loaded.train_images, loaded.train_labels),
@@ -294,12 +281,12 @@ class _TrainPositions:
         int(self.order(epoch)[position])]
 
 
+@dataclasses.dataclass(frozen=True)
 class _TrainExample:
   """Augments an example with a generator of (seed, its place in the run): the same
   augmentation whatever the number of processes that read it."""
-
-  def __init__(self, augment: Augment, seed: int):
-    self.augment, self.seed = augment, seed
+  augment: Augment
+  seed: int
 
   def __call__(self, placed: tuple[int, dict]) -> dict:
     place, record = placed
@@ -383,9 +370,7 @@ def scoring_batches(stream: Stream, batch_size: int, count: int, seed: int) -> I
            'label': np.asarray([r['label'] for r in records], np.int32)}
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _normalize(images, mean, std):
-  return data.normalize(images, mean, std)
+_normalize = jax.jit(data.normalize, static_argnums=(1, 2))
 
 
 def to_device(host: dict, sharding, spec: data.DataSpec) -> dict:

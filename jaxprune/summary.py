@@ -5,23 +5,21 @@
   python -m jaxprune.summary --model=resnet56 --dataset=cifar10 --preset=resnet56_b
   python -m jaxprune.summary --model=tiny --widths_file=runs/x/prune/record.json --json
 
-The model is counted at the images and classes of `--dataset` (default digits, as
-for launch.py: 8x8x1, 10 classes); cifar10 and cifar100 give 32x32x3, imagenet2012
-224x224x3 and 1000 classes. Their shapes come from the dataset's metadata (TFDS's for
-CIFAR, which needs no download), ImageNet's from the constants its models are built for
-(nothing is read), digits from its bundled copy, npz from the `--data_path` file.
+The model is counted at the images and classes of `--dataset` (default digits, as for
+launch.py: 8x8x1, 10 classes; cifar10 and cifar100 32x32x3, imagenet2012 224x224x3 and 1000
+classes), which nothing downloads: TFDS's metadata for CIFAR, constants for ImageNet.
 
 A widths file is JSON holding `{"widths": {group: width}}` (a run's prune record,
 `WORKDIR/prune/record.json`, has that key; groups not named keep their width) or
 `{"masks": {group: [0/1, ...]}}`. `--json` prints one JSON object instead of the
 table. A wrong value prints one sentence to stderr and exits with status 1.
 
-A layer's MACs and params are counted under the group of its output channels;
-a layer whose output width is fixed (a DenseNet growth conv, the classifier)
-under the group it reads; a layer that follows no group (a fixed stem) under
-'(fixed)'. The rows therefore add up to the totals.
+A layer's MACs and params count under the group of its output channels; a layer of fixed
+output width (a DenseNet growth conv, the classifier) under the group it reads; a layer that
+follows no group (a fixed stem) under '(fixed)'. The rows therefore add up to the totals.
 """
 
+import dataclasses
 import json
 import math
 from typing import Mapping
@@ -130,12 +128,7 @@ def load_widths(path: str, struct: structure.Structure) -> dict[str, int]:
 
 def dataset_shape(name: str, data_path: str | None = None) -> tuple[tuple[int, ...], int]:
   """(image shape, number of classes) of the dataset `name` (a key of `data.DATASETS` or
-  `IMAGE_SHAPES`).
-
-  CIFAR's come from TFDS's metadata and ImageNet's from `IMAGE_SHAPES`, so no image is
-  read or downloaded; digits and npz are loaded (digits is bundled and small; an npz's
-  shape is only in its file).
-  """
+  `IMAGE_SHAPES`); digits and npz are loaded (an npz's shape is only in its file)."""
   errors.choose('dataset', name, {**data.DATASETS, **IMAGE_SHAPES}, setting='dataset')
   if data_path is not None and (name in _TFDS or name in IMAGE_SHAPES):
     raise ConfigError(f"data_path is for dataset=npz, not dataset={name}.",
@@ -148,10 +141,6 @@ def dataset_shape(name: str, data_path: str | None = None) -> tuple[tuple[int, .
     return tuple(features['image'].shape), int(features['label'].num_classes)
   loaded = data.load(name, data_path=data_path)
   return loaded.image_shape, loaded.num_classes
-
-
-def _cost_dict(cost: flops.Cost) -> dict[str, int]:
-  return {'macs': cost.macs, 'params': cost.params}
 
 
 def _reduction(before: int, after: int) -> float:
@@ -191,7 +180,7 @@ def summarize(model: str, dataset: str = 'digits', data_path: str | None = None,
       'image_shape': list(image_shape),
       'num_classes': num_classes, 'macs': total.macs, 'params': total.params,
       'widths': dict(struct.widths), 'prunable': list(struct.prunable),
-      'groups': {g: _cost_dict(c) for g, c in per_group(struct, struct.widths).items()},
+      'groups': {g: dataclasses.asdict(c) for g, c in per_group(struct, struct.widths).items()},
   }
   if preset is None and widths_file is None:
     return out
@@ -202,7 +191,7 @@ def summarize(model: str, dataset: str = 'digits', data_path: str | None = None,
   pruned = flops.count(struct, widths)
   out['pruned'] = {
       'source': source, 'macs': pruned.macs, 'params': pruned.params, 'widths': widths,
-      'groups': {g: _cost_dict(c) for g, c in per_group(struct, widths).items()},
+      'groups': {g: dataclasses.asdict(c) for g, c in per_group(struct, widths).items()},
   }
   out['reduction_percent'] = {'macs': _reduction(total.macs, pruned.macs),
                               'params': _reduction(total.params, pruned.params)}

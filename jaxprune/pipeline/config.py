@@ -1,14 +1,12 @@
 """Every setting of a run, declared once: `SETTINGS`.
 
-A `Setting` has a name, type, default, help text, the registry its values come from (if
-any), its bounds, and the stage it belongs to (`STAGES`). From that one declaration come:
+From each `Setting` (name, type, default, help, allowed values, bounds, stage) come:
 
 * `Config`, the frozen dataclass a run is described by (one field per setting);
-* `define_flags`: the absl flags of launch.py (every setting) and of the experiments (the
-  settings they let a command line override), their `--help` with the allowed values;
+* `define_flags`: the absl flags of launch.py and the experiments, with their `--help`;
 * `validate`, whose messages name the setting (the command line shows it as its flag);
-* `stage_settings(config, stage)`: the settings a stage directory is identified by, so a
-  work directory made with other settings is refused, and nothing else is compared;
+* `stage_settings(config, stage)`: the settings a stage directory is identified by (a
+  directory made with other settings is refused; nothing else is compared);
 * `to_flagfile`: a stored run's configuration as a --flagfile that reproduces it.
 """
 
@@ -16,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import operator
 from typing import Any, Callable, Mapping, Sequence
 
 from jaxprune import data, models, stream
@@ -50,19 +49,11 @@ SEED_BATCHING = {
 class Setting:
   """One setting: its flag, its Config field, its check and the stage it identifies.
 
-  Attributes:
-    name: the flag and field name.
-    type: str, int, float or bool.
-    default: the value when none is given (None: unset, where `optional`).
-    help: one or two sentences for --help.
-    stage: one of STAGES.
-    choices: returns the registry the value must be a key of.
-    also: what else the value may be, as (description for --help, test of a value).
-    optional: whether None is allowed.
-    minimum / maximum: inclusive bounds; above / below: exclusive bounds.
-    environ: whether an environment variable (kernels.options.ENV_VARS) gives the command
-      line's default.
-    retunable: may differ on a rerun of a stage that diverged (a smaller lr resumes it).
+  `type` is str, int, float or bool; `choices` returns the registry the value must be a key
+  of, `also` says what else it may be as (description for --help, test of a value);
+  `optional` allows None; minimum / maximum are inclusive bounds, above / below exclusive;
+  `environ`: an environment variable (kernels.options.ENV_VARS) gives the command line's
+  default; `retunable`: may differ on a rerun of a diverged stage (a smaller lr resumes it).
   """
   name: str
   type: type
@@ -116,16 +107,12 @@ class Setting:
       also = f', or {self.also[0]}' if self.also else ''
       raise ConfigError(f"unknown {name} {value!r}; choose one of: "
                         f"{', '.join(sorted(self.allowed()))}{also}.", settings=(name,))
-    if self.minimum is not None and value < self.minimum:
-      raise ConfigError(f'{name} must be at least {self.minimum:g}, got {value}.',
-                        settings=(name,))
-    if self.maximum is not None and value > self.maximum:
-      raise ConfigError(f'{name} must be at most {self.maximum:g}, got {value}.',
-                        settings=(name,))
-    if self.above is not None and value <= self.above:
-      raise ConfigError(f'{name} must be above {self.above:g}, got {value}.', settings=(name,))
-    if self.below is not None and value >= self.below:
-      raise ConfigError(f'{name} must be below {self.below:g}, got {value}.', settings=(name,))
+    for bound, outside, words in ((self.minimum, operator.lt, 'at least'),
+                                  (self.maximum, operator.gt, 'at most'),
+                                  (self.above, operator.le, 'above'),
+                                  (self.below, operator.ge, 'below')):
+      if bound is not None and outside(value, bound):
+        raise ConfigError(f'{name} must be {words} {bound:g}, got {value}.', settings=(name,))
 
 
 def _selections():
@@ -231,8 +218,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting('precision', str, 'float32', 'Compute dtype of every training and evaluation step '
             '(parameters, their updates and the optimizer state stay float32; bfloat16 is meant '
             'for GPUs and TPUs).', 'baseline', choices=lambda: step.PRECISIONS),
-    Setting('seed', int, 0, 'Seed of init, data order and random choices.', 'baseline',
-            minimum=0),
+    Setting('seed', int, 0, 'Seed of init, data order and random choices.', 'baseline', minimum=0),
     # Pruning.
     Setting('criterion', str, 'taylor', 'Importance criterion.', 'prune',
             choices=lambda: criteria.CRITERIA),
@@ -296,13 +282,9 @@ SETTINGS: tuple[Setting, ...] = (
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 
 
-def _config_field(setting: Setting):
-  hint = setting.type | None if setting.optional else setting.type
-  return setting.name, hint, dataclasses.field(default=setting.default)
-
-
 Config = dataclasses.make_dataclass(
-    'Config', [_config_field(s) for s in SETTINGS], frozen=True,
+    'Config', [(s.name, s.type | None if s.optional else s.type,
+                dataclasses.field(default=s.default)) for s in SETTINGS], frozen=True,
     namespace={'__doc__': 'Everything a run depends on: one field per entry of SETTINGS.',
                '__module__': __name__})
 
@@ -356,10 +338,6 @@ def stage_settings(config, stage: str) -> dict:
   return {s.name: getattr(config, s.name) for s in SETTINGS if s.stage in chain}
 
 
-def retunable(name: str) -> bool:
-  return BY_NAME[name].retunable
-
-
 def regimes_of(config) -> tuple[str, ...]:
   return regimes.REGIMES if config.regime == 'all' else (config.regime,)
 
@@ -406,8 +384,7 @@ def validate(config) -> None:
     setting.check(getattr(config, setting.name))
   needs = _TARGET_OF_NEED[select.SELECTIONS[config.selection].needs]
   if getattr(config, needs) is None:
-    raise ConfigError(f'selection={config.selection} needs {needs}.',
-                      settings=('selection', needs))
+    raise ConfigError(f'selection={config.selection} needs {needs}.', settings=('selection', needs))
   for other in _TARGET_OF_NEED.values():
     if other != needs and getattr(config, other) is not None:
       raise ConfigError(f'selection={config.selection} takes {needs}, not {other}.',

@@ -49,7 +49,7 @@ def prune(config, model, prog, variables, data, stage, *, options: train.TrainOp
   structure = prog.structure
   total = sum(structure.widths[g] for g in structure.prunable)
   removals = _removals(config, prog, variables)
-  rounds = math.ceil(removals / config.prune_step) if removals else 0
+  rounds = math.ceil(removals / config.prune_step)
   steps_per_epoch = data_lib.steps_per_epoch(dataset.num_train, options.batch_size)
   epochs = max(1, math.ceil(rounds * config.prune_every / steps_per_epoch))
   criterion = criteria.get(config.criterion)

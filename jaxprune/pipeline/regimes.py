@@ -1,48 +1,38 @@
-"""Training regimes: plans that turn (baseline, pruned structure) into (widths, initial variables, epochs, optimizer).
+"""Training regimes: plans that turn (baseline, pruned network) into what `train.fit` trains.
 
-A regime is a plan, not a script; `pipeline` trains every plan with the same `train.fit`.
+A regime is a plan (widths, initial variables, epochs, optimizer), not a script: the
+pipeline trains every plan with the same `train.fit`.
 
-* `finetune` [R]: the pruned network with its inherited weights, `finetune_epochs`
-  at a constant learning rate `finetune_lr`, batches of `finetune_batch_size`.
-* `scratch` (scratch-E) [R]: the pruned architecture, fresh random init, the
-  baseline's epochs and schedule.
-* `scratch_b` [R]: as scratch, with the baseline's computation budget:
-  int(epochs * MACs_full / MACs_pruned) epochs (at most `scratch_b_cap` x epochs
-  when a cap is set); the step schedule decays at the same fractions (50%, 75%, or
-  explicit decay epochs scaled by the same ratio).
-* `lottery` [R]: the pruned network started from the baseline's *initial* weights
-  (`lottery_style`): `slice`, the pruned architecture sliced by the kept channels; or
-  `mask`, as [R]'s lottery code: the full network, every filter (conv or Dense kernel
-  column) producing a removed channel zeroed and held at zero (`train.WEIGHT_MASKS`);
-  the MACs count the nonzero weights. A removed channel then emits relu(beta) with beta
-  (or the Dense bias) at its initial 0, the ReLU's kink, where it gets no gradient:
-  zero, as in `slice`, so the two styles train the same function and differ in float
-  rounding and in the MACs they count. Channels no filter produces (channel
-  selections) cannot be masked: ConfigError.
-* Weight-level pruning (`Pruned.weight_masks`, `prune.weights`): the network keeps its
-  widths and every regime holds the removed conv weights at zero (`train.WEIGHT_MASKS`).
-  finetune starts from the masked trained weights; scratch and scratch_b from a fresh
-  init masked the same way, each masked kernel's init std divided by sqrt(its kept
-  fraction) as [R]'s weight-level code draws it (`weights.rescale_for_density`);
-  scratch_b's budget and reduced's match count the nonzero weights' MACs
-  (`flops.count_masked`); lottery masks the baseline's initial weights (any
-  `lottery_style`: a weight mask cannot be sliced).
-* `reduced` [C]: the unpruned architecture made uniformly thinner (every width,
-  stream widths included, times one factor) until its MACs (`reduced_match` macs) or
-  its parameters (`reduced_match` params, the stem kept at its width as [C]'s reduced
-  WideResNets keep theirs at 16) do not exceed the pruned network's; fresh init, the
-  baseline's epochs. A DenseNet's stream is its stem and growth rate, fields rather
-  than widths: its reduced network has the largest growth rate within the budget and
-  every selection reading the whole stream, and since a growth rate is a whole number
-  of channels, its stem is widened to take up the rest of the budget. A model of one's
-  own (`models.own`) has no stream widths to scale: every prunable group keeps the same
-  fraction of its channels.
+* `finetune` [R]: the pruned network with its inherited weights, `finetune_epochs` at the
+  constant `finetune_lr`, in batches of `finetune_batch_size`.
+* `scratch` (scratch-E) [R]: the pruned architecture from a fresh init, with the baseline's
+  epochs and schedule.
+* `scratch_b` [R]: as scratch, for the baseline's computation budget:
+  int(epochs * MACs_full / MACs_pruned) epochs (at most `scratch_b_cap` x epochs); the
+  step schedule's decay epochs scale by the same ratio.
+* `lottery` [R]: the pruned network from the baseline's *initial* weights, by
+  `lottery_style`: `slice` slices them by the kept channels; `mask` ([R]'s code) keeps the
+  full network with every filter producing a removed channel zeroed and held at zero
+  (`train.WEIGHT_MASKS`), its MACs counting the nonzero weights. A removed channel then
+  emits relu(beta) with beta at its initial 0, the ReLU's kink, where no gradient flows:
+  both styles train the same function. Channels no filter produces cannot be masked
+  (ConfigError).
+* `reduced` [C]: the unpruned architecture made uniformly thinner (every width, stream
+  widths included, times one factor) until its MACs (`reduced_match` macs) or parameters
+  (`params`, the stem kept at its width as in [C]'s WideResNets) fit the pruned network's;
+  fresh init, the baseline's epochs. A DenseNet's stream is its stem and growth rate: it
+  gets the largest growth rate within the budget, every selection reading the whole
+  stream, and a stem widened to take up the rest. An own model keeps the same fraction of
+  every prunable group.
 
-An own model's pruned network is built from its kept channels (`architecture`), and its
-fresh initialisation is `program.fresh_init`'s.
+Weight-level pruning (`Pruned.weight_masks`) keeps the widths and every regime holds the
+removed conv weights at zero: finetune from the masked trained weights, scratch and
+scratch_b from a fresh init masked the same way (each kernel's init std divided by
+sqrt(its kept fraction), as [R]'s code: `weights.rescale_for_density`), lottery from the
+masked initial weights whatever `lottery_style` (a weight mask cannot be sliced);
+scratch_b's and reduced's budgets count the nonzero weights' MACs.
 
-Retraining never applies network slimming's BN-scale sparsity: it belongs to the
-baseline that is about to be pruned.
+Retraining never applies network slimming's BN-scale sparsity: it belongs to the baseline.
 """
 
 import dataclasses
@@ -255,9 +245,8 @@ def plan(regime: str, pruned: Pruned, *, build: Callable, image_shape, epochs: i
       return Plan(pruned.widths, masked_start(pruned.baseline_init, pruned.weight_masks),
                   epochs, retrain)
     if lottery_style == 'mask':
-      return Plan(dict(pruned.structure.widths),
-                  masked_start(pruned.baseline_init, filter_masks(pruned.structure,
-                                                                  pruned.masks)),
+      masks = filter_masks(pruned.structure, pruned.masks)
+      return Plan(dict(pruned.structure.widths), masked_start(pruned.baseline_init, masks),
                   epochs, retrain)
     _, variables, _ = shrink.shrink(pruned.program, pruned.baseline_init, pruned.masks)
     return Plan(pruned.widths, variables, epochs, retrain, architecture=pruned.architecture)

@@ -32,9 +32,8 @@ def versions() -> dict:
 
 
 def write(config, body: Mapping) -> dict:
-  """Adds the configuration, performance options, versions and devices to `body` and writes
-  it as WORKDIR/results.json, with WORKDIR/launch.flags that reruns the same configuration.
-  Only the first process writes."""
+  """`body` with the configuration, performance options, versions and devices, written
+  (by process 0) as WORKDIR/results.json, with WORKDIR/launch.flags that reruns it."""
   results = {**body, 'config': dataclasses.asdict(config),
              'performance': config_lib.performance_options(config).as_dict(),
              'versions': versions(), 'devices': [d.device_kind for d in jax.devices()],
@@ -53,8 +52,6 @@ def write(config, body: Mapping) -> dict:
 
 
 def _flagfile_config(config):
-  """`config` with every directory whose name ends in whitespace written as 'NAME/.', which
-  a flagfile keeps (and which names the same directory)."""
   kept = {}
   for name in _DIRECTORY_SETTINGS:
     value = getattr(config, name)

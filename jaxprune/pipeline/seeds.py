@@ -23,10 +23,9 @@ from jaxprune.pipeline import regimes, results, stages, workdir
 def seed_batching_for(name: str, backend: str, streamed: bool = False) -> str:
   """'loop' or 'vmap': what `name` (a SEED_BATCHING key) means on `backend`.
 
-  'auto' loops on CPUs and GPUs, where vmapped copies were measured no faster than the loop
-  (experiments/bench/README.md) and the loop keeps each copy equal to its separate run; on
-  TPUs, whose matrix units want large batches, it vmaps. A streamed dataset feeds one run at
-  a time, so its copies loop.
+  'auto' loops on CPUs and GPUs, where vmapping is no faster (experiments/bench/README.md)
+  and the loop keeps each copy equal to its separate run, and vmaps on TPUs, whose matrix
+  units want large batches. A streamed dataset feeds one run at a time: its copies loop.
   """
   config_lib.BY_NAME['seed_batching'].check(name)
   if streamed and name == 'vmap':
@@ -76,16 +75,15 @@ def run(config) -> dict:
 
 
 def _train_copies_together(config, copies: list, data: stages.Data) -> None:
-  """Trains each stage of the copies, vmapped over every set of copies of equal widths.
+  """Trains each stage of the copies, vmapped over every set of copies of equal widths,
+  leaving their stage directories as `stages.run_one(copy)` would (it then only reads them).
 
-  Leaves every copy's stage directories as `stages.run_one(copy)` would, so that it
-  afterwards only reads them. Baselines always share their widths; the prune stage
-  (scoring, iterative fine-tuning) runs per copy; a regime's copies train together wherever
-  their plans have the same widths and length (a per-layer or preset selection gives every
-  seed the same widths, a global one usually does not).
+  Baselines always share their widths; the prune stage runs per copy; a regime's copies
+  train together where their plans have the same widths and length (a per-layer or preset
+  selection gives every seed the same widths, a global one usually does not).
   """
   seeds = [c.seed for c in copies]
-  baseline_root = stages.absolute(config.baseline_dir or config.workdir)
+  spec = stages.data_spec(config, data)
   with contextlib.ExitStack() as claims:
     for copy in sorted(copies, key=lambda c: str(stages.baseline_stage(c))):
       claims.enter_context(stages.baseline_claim(copy))
@@ -93,16 +91,13 @@ def _train_copies_together(config, copies: list, data: stages.Data) -> None:
     model = starts[0][0]
     logging.info('Stage baseline: seeds %s as one vmapped program', seeds)
     trained = stages.train_stage_copies(
-        model, [init for _, init, _ in starts], data.arrays,
-        stages.data_spec(config, data),
+        model, [init for _, init, _ in starts], data.arrays, spec,
         stages.train_options(config, config.epochs, stages.optimizer(config)),
         stage_dirs=[stage for _, _, stage in starts], seeds=seeds,
-        checkpoint_dir=baseline_root / 'vmapped' / 'baseline',
+        checkpoint_dir=stages.absolute(config.baseline_dir or config.workdir) / 'vmapped/baseline',
         record=stages.stage_record(config))
-  pruned = []
-  for copy, (_, init, stage), (variables, result) in zip(copies, starts, trained):
-    base = stages.Baseline(model, init, variables, result, stage)
-    pruned.append(stages.prune(copy, base, data).pruned)
+  pruned = [stages.prune(copy, stages.Baseline(model, init, variables, result, stage), data).pruned
+            for copy, (_, init, stage), (variables, result) in zip(copies, starts, trained)]
   build = stages.model_builder(config, data.dataset)
   for regime in config_lib.regimes_of(config):
     planned = [stages.regime_plan(c, regime, p, data) for c, p in zip(copies, pruned)]
@@ -116,11 +111,8 @@ def _train_copies_together(config, copies: list, data: stages.Data) -> None:
       logging.info('Stage %s: seeds %s as one vmapped program, %d epochs', regime,
                    [seeds[i] for i in members], plan.epochs)
       stages.train_stage_copies(
-          plan.network(build), [planned[i][1].variables for i in members], data.arrays,
-          stages.data_spec(config, data),
+          plan.network(build), [planned[i][1].variables for i in members], data.arrays, spec,
           stages.train_options(config, plan.epochs, plan.optimizer, plan.batch_size),
           stage_dirs=[planned[i][0] for i in members], seeds=[seeds[i] for i in members],
           checkpoint_dir=stages.absolute(config.workdir) / 'vmapped' / regime,
-          record=stages.regime_record(config, plan.cost(pruned[members[0]].structure,
-                                                        data.dataset.image_shape),
-                                      plan.widths))
+          record=stages.regime_record(config, plan, pruned[members[0]], data))

@@ -15,9 +15,8 @@ Each stage lives in a directory of the work directory:
       <regime>/     checkpoints, metrics.jsonl, tensorboard/, result.json
 
 Every stage writes `stage_config.json` with the settings that identify it
-(`config.stage_settings`; the baseline's also holds its data's fingerprint); a stage
-directory made with other settings is refused, and a finished stage is only read. A run
-first checks everything its settings need of the data, the model and the directories
+(`config.stage_settings`; the baseline's also its data's fingerprint): a directory made with
+other settings is refused, a finished stage is only read. A run checks everything first
 (`check_feasible`, `check_directories`), so a refused value writes nothing; then it claims
 its work directory and, while training it, the baseline stage (`workdir.claimed`).
 """
@@ -110,10 +109,9 @@ def load_data(config) -> Data:
 
 
 def check_feasible(config, data: Data) -> None:
-  """Raises ConfigError for anything the settings cannot do with this dataset and model,
-  before any stage is claimed or trained: a batch larger than the training set or not
-  divisible by the devices, a selection the model's channels cannot reach (a ratio or a
-  MACs target beyond what min_channels keeps)."""
+  """ConfigError for what the settings cannot do with this dataset and model: a batch larger
+  than the training set or not divisible by the devices, a step beyond the device's memory,
+  a selection the model's channels cannot reach."""
   dataset = data.dataset
   devices = jax.device_count()
   for name in ('batch_size', 'finetune_batch_size'):
@@ -134,8 +132,8 @@ def check_feasible(config, data: Data) -> None:
 
 
 def select_masks(config, structure, scores) -> dict:
-  """The one-shot selection the settings ask for: the policy's masks, with the channels
-  within each width redrawn at random where `kept_channels` says so."""
+  """The one-shot selection's masks, the channels within each width redrawn at random where
+  `kept_channels` says so."""
   masks = select.select(config.selection, structure, scores, ratio=config.prune_ratio,
                         target_macs=config.target_macs, preset=config.preset,
                         min_channels=config.min_channels, flops_penalty=config.flops_penalty,
@@ -147,20 +145,16 @@ def select_masks(config, structure, scores) -> dict:
 
 
 def device_memory() -> int | None:
-  """Bytes of memory the first device may use: its allocator's limit on an accelerator; on a
-  CPU the memory the machine has available now (Linux's MemAvailable, else its physical
-  memory); None where none is known."""
+  """Bytes the first device may use: an accelerator's allocator limit; on a CPU the memory
+  available now (Linux's MemAvailable, else the physical memory); None where unknown."""
   device = jax.local_devices()[0]
   stats = device.memory_stats() if device.platform != 'cpu' else None
   if stats and stats.get('bytes_limit'):
     return int(stats['bytes_limit'])
-  try:
-    with open('/proc/meminfo') as f:
-      for line in f:
-        if line.startswith('MemAvailable:'):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
+  with contextlib.suppress(OSError), open('/proc/meminfo') as f:
+    for line in f:
+      if line.startswith('MemAvailable:'):
+        return int(line.split()[1]) * 1024
   try:
     return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
   except (ValueError, OSError, AttributeError):
@@ -168,9 +162,8 @@ def device_memory() -> int | None:
 
 
 def check_memory(config, structure, data: Data) -> None:
-  """ConfigError when one training step cannot fit in a device's memory: the lower estimate
-  `flops.training_bytes` of the model and batch (split over the devices) plus the dataset,
-  which lives on the devices."""
+  """ConfigError when a training step cannot fit a device: `flops.training_bytes` (a lower
+  estimate) of the model and its per-device batch, plus the dataset held on the devices."""
   available = device_memory()
   if available is None:
     return
@@ -189,8 +182,8 @@ def check_memory(config, structure, data: Data) -> None:
 
 
 def check_directories(config, data: Data) -> None:
-  """Raises ConfigError, before anything is written, if `config`'s baseline_dir is not a
-  baseline stage, or a stage directory of the run holds something made with other settings."""
+  """ConfigError if baseline_dir is not a baseline stage, or a stage directory of the run
+  holds something made with other settings."""
   root = absolute(config.workdir)
   if config.baseline_dir:
     prune_only = [s.name for s in config_lib.SETTINGS
@@ -203,13 +196,12 @@ def check_directories(config, data: Data) -> None:
 
 
 def baseline_claim(config):
-  """The baseline stage's claim (a context manager): a run that finds another training the
-  same baseline waits for it, then reuses it. A finished baseline is only read: no claim."""
+  """The baseline stage's claim (a context manager): a run finding another training the same
+  baseline waits, then reuses it. A finished baseline is only read: no claim."""
   stage = baseline_stage(config)
   if checkpoint.is_done(stage):
     return contextlib.nullcontext()
-  return workdir.claimed(stage, wait=True, what=f'baseline {stage}',
-                         settings=('baseline_dir',))
+  return workdir.claimed(stage, wait=True, what=f'baseline {stage}', settings=('baseline_dir',))
 
 
 def model_builder(config, dataset: data_lib.Dataset) -> Callable[[Mapping | None], nn.Module]:
@@ -258,17 +250,6 @@ DATA_FINGERPRINT = 'data_fingerprint'
 MODEL_DIGEST = 'model_program_digest'
 
 
-def _identity_changes(stage: epath.Path, settings: Mapping) -> tuple[dict | None, dict]:
-  """(the stage's stored identity or None, {setting: stored value} where `settings` differ).
-
-  Only settings the stored identity holds are compared: a stage made by a version that knew
-  fewer settings is taken to have had their values."""
-  before = workdir.identity(stage)
-  if before is None:
-    return None, {}
-  return before, {k: before[k] for k, v in settings.items() if k in before and before[k] != v}
-
-
 def _refusal(stage: epath.Path, key: str, before, value) -> ConfigError:
   if key == DATA_FINGERPRINT:
     return ConfigError(f'{stage} was trained on other data (the dataset\'s contents differ '
@@ -286,50 +267,50 @@ def _refusal(stage: epath.Path, key: str, before, value) -> ConfigError:
 
 
 def check_identity(stage: epath.Path, settings: Mapping) -> tuple[dict | None, dict]:
-  """Raises ConfigError if `stage` holds something computed with other `settings` (a stage
-  that diverged may change its retunable settings; an unstarted one any); else returns
-  `_identity_changes`."""
-  before, changed = _identity_changes(stage, settings)
+  """(the stage's stored identity or None, {setting: stored value} where `settings` differ);
+  ConfigError if `stage` holds something computed with other `settings` (a diverged stage
+  may change its retunable settings; an unstarted one any). Only settings the stored
+  identity holds are compared: a stage made by a version that knew fewer settings is taken
+  to have had their values."""
+  before = workdir.identity(stage)
+  if before is None:
+    return None, {}
+  changed = {k: before[k] for k, v in settings.items() if k in before and before[k] != v}
   if not changed or workdir.unstarted(stage):
     return before, changed
   diverged = (stage / checkpoint.DIVERGED).exists()
   for key, value in changed.items():
-    if not (diverged and key in config_lib.BY_NAME and config_lib.retunable(key)):
+    if not (diverged and key in config_lib.BY_NAME and config_lib.BY_NAME[key].retunable):
       raise _refusal(stage, key, value, settings[key])
   return before, changed
 
 
 def claim(stage: epath.Path, settings: Mapping) -> None:
-  """Records a stage's identifying settings, or refuses a directory made with other ones.
+  """Records a stage's identifying settings (process 0 for every process), or refuses a
+  directory made with other ones.
 
-  In a multi-process run process 0 records (or refuses) for every process (`_claim`).
+  A diverged stage (diverged.json) rerun with other retunable settings (the learning
+  rates) resumes from its last good checkpoint, its stage_config.json updated. An
+  unstarted stage (`workdir.unstarted`) takes the new settings, its initial variables
+  made again.
   """
   multihost.agree(f'identity of {stage}', lambda: _claim(stage, settings))
 
 
 def _claim(stage: epath.Path, settings: Mapping) -> None:
-  """`claim` in one process.
-
-  A stage that diverged (diverged.json, written by the training loop) may be rerun with
-  other values of the retunable settings (the learning rates): it resumes from its last
-  good checkpoint, and its stage_config.json is updated to the new values. A stage that
-  holds nothing computed yet (`workdir.unstarted`: a run refused or stopped before it
-  started) takes the new settings, and its initial variables are made again.
-  """
   before, changed = check_identity(stage, settings)
   path = stage / workdir.STAGE_CONFIG
+  shown = ', '.join(f'{k}={settings[k]!r}' for k in changed)
   if before is None or (changed and workdir.unstarted(stage)):
     stage.mkdir(parents=True, exist_ok=True)
     if before is not None:
-      logging.warning('%s held nothing computed yet; it now has %s.', stage,
-                      ', '.join(f'{k}={settings[k]!r}' for k in changed))
+      logging.warning('%s held nothing computed yet; it now has %s.', stage, shown)
       if (stage / 'init').exists():
         (stage / 'init').rmtree()
     checkpoint.write_text(path, json.dumps(dict(settings), indent=1))
     return
   if changed:
-    logging.warning('%s diverged before; resuming it with %s.', stage,
-                    ', '.join(f'{k}={settings[k]!r}' for k in changed))
+    logging.warning('%s diverged before; resuming it with %s.', stage, shown)
   added = {k: v for k, v in settings.items() if k not in before}
   if changed or added:
     try:
@@ -343,8 +324,7 @@ def _claim(stage: epath.Path, settings: Mapping) -> None:
 def baseline_identity(config, data: Data) -> dict:
   """The baseline's settings and data fingerprint, and for an own model a digest of its
   traced program: an edited model is a new baseline, never a silently reused one."""
-  identity = {**config_lib.stage_settings(config, 'baseline'),
-              DATA_FINGERPRINT: data.fingerprint}
+  identity = {**config_lib.stage_settings(config, 'baseline'), DATA_FINGERPRINT: data.fingerprint}
   model = model_builder(config, data.dataset)(None)
   if isinstance(model, models.OwnModel):
     identity[MODEL_DIGEST] = model.digest()
@@ -364,11 +344,11 @@ def baseline_start(config, data: Data) -> tuple[nn.Module, Mapping, epath.Path]:
   claim(stage, baseline_identity(config, data))
   model = model_builder(config, data.dataset)(None)
   init_path = stage / 'init'
-  like = models.init_shapes(model, data.dataset.image_shape)
   init = None
   if init_path.exists():
     try:
-      init = checkpoint.load_variables(init_path, like=like)
+      init = checkpoint.load_variables(
+          init_path, like=models.init_shapes(model, data.dataset.image_shape))
     except DataError as damage:
       logging.warning('%s Making them again from the model and seed.', damage)
   if init is None:
@@ -380,10 +360,8 @@ def baseline_start(config, data: Data) -> tuple[nn.Module, Mapping, epath.Path]:
 def train_stage(stage: epath.Path, model: nn.Module, variables: Mapping, arrays: Mapping,
                 spec: data_lib.DataSpec, options: train.TrainOptions, *, seed: int,
                 record: Mapping, **fit_args) -> tuple[Mapping, dict]:
-  """`train.fit` in a stage directory (`fit_args`: fit's other arguments, e.g. masks), with
-  the stage's record: a done stage (result.json) is only read, a finished one gets final/
-  and result.json, a diverged one diverged.json (`_trained`). Returns (variables, result),
-  result being fit's summary with `record`'s entries."""
+  """`train.fit` in a stage directory (`fit_args`: fit's other arguments, e.g. masks), as
+  `_trained` says. Returns (variables, result): fit's summary with `record`'s entries."""
   [trained] = _trained([stage], [variables], options, record, lambda: [train.fit(
       model, variables, arrays, spec, options, stage_dir=stage, seed=seed, **fit_args)])
   return trained
@@ -401,11 +379,10 @@ def train_stage_copies(model: nn.Module, variables, arrays: Mapping, spec: data_
 
 
 def _trained(stages, inits, options, record, fit) -> list[tuple[Mapping, dict]]:
-  """The stages' (variables, result): read when every stage is done, else `fit()`, then
-  each unfinished stage's final/ and result.json written; a signal during the last steps or
-  the writes stops the run once they are written (its step is the last). A stage whose final/ does not restore is
-  finished again from its last checkpoint. When fit diverges every stage gets diverged.json
-  (they all resume from the same checkpoint), which lets a rerun change their learning rates
+  """The stages' (variables, result): read when every stage is done (and its final/
+  restores), else `fit()` and each unfinished stage's final/ and result.json written; a
+  signal during the last steps or the writes stops the run once they are written. When fit
+  diverges every stage gets diverged.json, which lets a rerun change their learning rates
   (`claim`); nothing of a diverged run is recorded done."""
   if all(checkpoint.is_done(stage) for stage in stages):
     finals = [checkpoint.load_final(stage, like=v) for stage, v in zip(stages, inits)]
@@ -452,21 +429,21 @@ def scoring_batches(dataset: data_lib.Dataset | stream.Stream, batch_size: int, 
                     seed: int):
   """`count` unaugmented training batches in a seeded order, for data-driven criteria."""
   if isinstance(dataset, stream.Stream):
-    for host in stream.scoring_batches(dataset, batch_size, count, seed):
-      yield {'image': data_lib.normalize(jnp.asarray(host['image']), dataset.mean, dataset.std),
-             'label': jnp.asarray(host['label'])}
-    return
-  order = np.random.default_rng(seed).permutation(dataset.num_train)
-  for i in range(min(count, dataset.num_train // batch_size)):
-    idx = order[i * batch_size:(i + 1) * batch_size]
-    yield {'image': data_lib.normalize(jnp.asarray(dataset.train_images[idx]), dataset.mean,
-                                       dataset.std),
-           'label': jnp.asarray(dataset.train_labels[idx])}
+    batches = stream.scoring_batches(dataset, batch_size, count, seed)
+  else:
+    order = np.random.default_rng(seed).permutation(dataset.num_train)
+    chunks = (order[i * batch_size:(i + 1) * batch_size]
+              for i in range(min(count, dataset.num_train // batch_size)))
+    batches = ({'image': dataset.train_images[idx], 'label': dataset.train_labels[idx]}
+               for idx in chunks)
+  for host in batches:
+    yield {'image': data_lib.normalize(jnp.asarray(host['image']), dataset.mean, dataset.std),
+           'label': jnp.asarray(host['label'])}
 
 
 def _outcome_record(config, before: flops.Cost, after: flops.Cost, test: Mapping,
                     start: float) -> dict:
-  """The entries of a prune record.json that every granularity writes: cost, accuracy, time."""
+  """The record.json entries of every granularity: cost, accuracy, time."""
   return {
       'macs_before': before.macs, 'macs_after': after.macs,
       'params_before': before.params, 'params_after': after.params,
@@ -481,8 +458,7 @@ def _outcome_record(config, before: flops.Cost, after: flops.Cost, test: Mapping
 def _finished_prune(stage: epath.Path,
                    read: Callable[[Mapping], PruneOutcome]) -> PruneOutcome | None:
   """The finished prune stage's outcome, `read` from its record.json; None if the stage has
-  not finished, or if its record.json or variables/ are damaged (logged): then it is
-  computed again from the baseline, as the first time."""
+  not finished or is damaged (logged): then it is computed again from the baseline."""
   record_path = stage / 'record.json'
   if not record_path.exists():
     return None
@@ -499,12 +475,15 @@ def prune(config, base: Baseline, data: Data) -> PruneOutcome:
   claim(stage, config_lib.stage_settings(config, 'prune'))
   logging.info('Stage prune: %s with %s', config.criterion, config.selection)
   dataset = data.dataset
-  build = model_builder(config, dataset)
   prog = program_lib.derive(base.model, dataset.image_shape)
-  structure = prog.structure
-  record_path = stage / 'record.json'
   if config.granularity == 'weight':
     return prune_weights(config, base, data, stage, prog)
+  structure = prog.structure
+  build = model_builder(config, dataset)
+
+  def batches():
+    return scoring_batches(dataset, config.batch_size, config.prune_batches, config.seed)
+
   def read(record: Mapping) -> PruneOutcome:
     masks = {g: np.asarray(m, np.float32) for g, m in record['masks'].items()}
     widths = record['widths']
@@ -519,8 +498,7 @@ def prune(config, base: Baseline, data: Data) -> PruneOutcome:
     return finished
   start = time.time()
   if config.schedule == 'oneshot':
-    batches = scoring_batches(dataset, config.batch_size, config.prune_batches, config.seed)
-    scores = criteria.score(config.criterion, prog, base.variables, batches,
+    scores = criteria.score(config.criterion, prog, base.variables, batches(),
                             rng=jax.random.key(config.seed))
     masks = select_masks(config, structure, scores)
     source = base.variables
@@ -529,13 +507,11 @@ def prune(config, base: Baseline, data: Data) -> PruneOutcome:
         config, base.model, prog, base.variables, data, stage,
         options=train_options(config, 1, iterative.finetune_optimizer(config),
                               finetune_batch_size(config)),
-        spec=data_spec(config, data),
-        scoring_batches=lambda: scoring_batches(dataset, config.batch_size,
-                                                config.prune_batches, config.seed))
+        spec=data_spec(config, data), scoring_batches=batches)
   widths, small, kept = shrink.shrink(prog, source, masks)
-  before, after = flops.count(structure), flops.count(structure, widths)
-  network = build(regimes.architecture(base.model, widths, kept))
-  test = train.evaluate_variables(network, small, data.arrays, dataset.spec,
+  pruned = regimes.Pruned(prog, masks, widths, small, base.init, kept=kept)
+  before, after = flops.count(structure), pruned.cost()
+  test = train.evaluate_variables(build(pruned.architecture), small, data.arrays, dataset.spec,
                                   batch_size=config.batch_size, precision=config.precision)
   record = {
       'criterion': config.criterion, 'selection': config.selection, 'schedule': config.schedule,
@@ -547,8 +523,8 @@ def prune(config, base: Baseline, data: Data) -> PruneOutcome:
       **_outcome_record(config, before, after, test, start),
   }
   checkpoint.save_variables(stage / 'variables', small)
-  checkpoint.write_text(record_path, json.dumps(record))
-  return PruneOutcome(regimes.Pruned(prog, masks, widths, small, base.init, kept=kept), record)
+  checkpoint.write_text(stage / 'record.json', json.dumps(record))
+  return PruneOutcome(pruned, record)
 
 
 def prune_weights(config, base: Baseline, data: Data, stage: epath.Path,
@@ -556,7 +532,6 @@ def prune_weights(config, base: Baseline, data: Data, stage: epath.Path,
   """Weight-level pruning (`prune.weights`): masks the baseline's conv weights by |w|, or
   reads the finished stage. The network keeps its widths; record.json holds every masked
   kernel's kept fraction, variables/ the masked weights with their masks."""
-  record_path = stage / 'record.json'
   structure = prog.structure
   kernels = weights.conv_kernels(structure)
 
@@ -577,9 +552,9 @@ def prune_weights(config, base: Baseline, data: Data, stage: epath.Path,
   weight_masks = weights.magnitude_masks(structure, base.variables['params'],
                                          config.prune_ratio, config.selection)
   variables = regimes.masked_start(base.variables, weight_masks)
-  before, after = flops.count(structure), flops.count_masked(structure, weight_masks)
-  dataset = data.dataset
-  test = train.evaluate_variables(base.model, variables, data.arrays, dataset.spec,
+  pruned = regimes.Pruned(prog, {}, dict(structure.widths), variables, base.init, weight_masks)
+  before, after = flops.count(structure), pruned.cost()
+  test = train.evaluate_variables(base.model, variables, data.arrays, data.dataset.spec,
                                   batch_size=config.batch_size, precision=config.precision)
   record = {
       'criterion': config.criterion, 'selection': config.selection, 'schedule': config.schedule,
@@ -590,9 +565,8 @@ def prune_weights(config, base: Baseline, data: Data, stage: epath.Path,
       **_outcome_record(config, before, after, test, start),
   }
   checkpoint.save_variables(stage / 'variables', variables)
-  checkpoint.write_text(record_path, json.dumps(record))
-  return PruneOutcome(regimes.Pruned(prog, {}, dict(structure.widths), variables,
-                                     base.init, weight_masks), record)
+  checkpoint.write_text(stage / 'record.json', json.dumps(record))
+  return PruneOutcome(pruned, record)
 
 
 def regime_plan(config, regime: str, pruned: regimes.Pruned,
@@ -614,19 +588,19 @@ def retrain(config, regime: str, pruned: regimes.Pruned, data: Data) -> dict:
   """Trains (or resumes, or reads) one regime; returns its row of the summary table."""
   stage, plan = regime_plan(config, regime, pruned, data)
   logging.info('Stage %s: %d epochs', regime, plan.epochs)
-  cost = plan.cost(pruned.structure, data.dataset.image_shape)
   _, result = train_stage(stage, plan.network(model_builder(config, data.dataset)),
                           plan.variables, data.arrays, data_spec(config, data),
                           train_options(config, plan.epochs, plan.optimizer, plan.batch_size),
-                          seed=config.seed, record=regime_record(config, cost, plan.widths))
+                          seed=config.seed, record=regime_record(config, plan, pruned, data))
   return regime_row(regime, result, stage)
 
 
-def regime_record(config, cost: flops.Cost, widths: Mapping[str, int]) -> dict:
+def regime_record(config, plan: regimes.Plan, pruned: regimes.Pruned, data: Data) -> dict:
   """What a regime's result.json records besides its numbers: its network's widths and
   cost, so the summary can show a finished regime without planning it again."""
+  cost = plan.cost(pruned.structure, data.dataset.image_shape)
   return {**stage_record(config), 'macs': cost.macs, 'params': cost.params,
-          'widths': dict(widths)}
+          'widths': dict(plan.widths)}
 
 
 def best_test_accuracy(stage: epath.Path, result: Mapping) -> float:
@@ -638,26 +612,21 @@ def best_test_accuracy(stage: epath.Path, result: Mapping) -> float:
              default=result['test_accuracy'])
 
 
-def regime_settings(regime: str, stage: epath.Path) -> dict:
-  """The regime's own settings its stage was made with (its stage_config.json): a work
-  directory gathers regimes finished by calls with other regime settings than this one's."""
-  recorded = workdir.identity(stage) or {}
-  return {s.name: recorded[s.name] for s in config_lib.SETTINGS
-          if s.stage == regime and s.name in recorded}
-
-
 def regime_row(regime: str, result: Mapping, stage: epath.Path) -> dict:
+  """A regime's summary row, with the regime's own settings its stage was made with: a work
+  directory gathers regimes finished by calls with other regime settings."""
+  recorded = workdir.identity(stage) or {}
   return {'stage': regime, 'test_accuracy': result['test_accuracy'],
           'best_test_accuracy': best_test_accuracy(stage, result), 'macs': result['macs'],
           'params': result['params'], 'epochs': result['epochs'],
           'wall_time_s': result['wall_time_s'], 'widths': result.get('widths'),
-          'settings': regime_settings(regime, stage)}
+          'settings': {s.name: recorded[s.name] for s in config_lib.SETTINGS
+                       if s.stage == regime and s.name in recorded}}
 
 
 def finished_rows(config, regimes_run: tuple[str, ...]) -> list[dict]:
-  """The rows of the regimes finished in the work directory by earlier calls with other
-  regime settings, in `regimes.REGIMES` order (stages from before results recorded their
-  cost are left out, and so are damaged ones, logged with what to do)."""
+  """The rows of the regimes other calls finished in the work directory, in
+  `regimes.REGIMES` order (less those without a recorded cost, and damaged ones: logged)."""
   rows = []
   for regime in regimes.REGIMES:
     stage = absolute(config.workdir) / regime

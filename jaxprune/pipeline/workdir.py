@@ -1,25 +1,21 @@
 """Work and stage directories as the outside world sees them: checks, identity and claims.
 
-* `check_workdir` / `check_baseline_dir`: refuse a path that cannot be a work directory
-  (empty, a regular file, under one) or a baseline stage (another run's work directory, a
-  prune or regime stage, a directory of other files) before anything is written.
+* `check_workdir` / `check_baseline_dir`: refuse, before anything is written, a path that
+  cannot be a work directory or a baseline stage.
 * `unstarted`: a stage directory that holds nothing computed, whose identity may be replaced.
-* `claimed`: a claim file (`claim.json`) naming the process that trains a directory.
-  A claim held by a live process is waited for (a shared baseline: the second run reuses
-  it once the first has trained it) or refused (a work directory: two processes training
-  the same stages would do the work twice and write each other's checkpoints). A claim
-  whose process died is taken over: on the same host when its pid is gone, on any host
-  when its heartbeat (rewritten every `HEARTBEAT_S`) is older than `STALE_S`. A heartbeat
-  more than `CLOCK_SKEW_S` ahead of this host's clock (the holder's clock is ahead) is
-  logged as clock skew and aged from when this process first saw it; a work directory so
-  claimed from another host is refused only once the claim is seen renewed.
+* `claimed`: a claim file (`claim.json`) naming the process that trains a directory. A
+  live holder's claim is waited for (a shared baseline, reused once trained) or refused (a
+  work directory: two processes would do the work twice and overwrite each other's
+  checkpoints). A dead holder's claim is taken over: on the same host when its pid is gone,
+  on any host when its heartbeat (rewritten every `HEARTBEAT_S`) is older than `STALE_S`.
+  A heartbeat more than `CLOCK_SKEW_S` ahead of this host's clock is logged as clock skew
+  and aged from when this process first saw it; such a claim from another host refuses a
+  work directory only once it is seen renewed.
 
-Claims are files in the claimed directory, so they work on any storage every host sees.
-On a disk the claim is created atomically (O_EXCL). On Google Cloud Storage (gs://) every
-change of the claim object is conditional on its generation (`jaxprune.storage`): it is
-created only if absent, renewed only by its holder, taken over only from the dead claim
-that was read and released only while it is still the holder's, so of several processes
-claiming at once exactly one holds it.
+Claims live in the claimed directory, so they work on any storage every host sees: on a
+disk created atomically (O_EXCL); on gs:// every change is conditional on the object's
+generation (`jaxprune.storage`), so of several processes claiming at once exactly one
+holds it.
 """
 
 import contextlib
@@ -61,11 +57,10 @@ def _local(path: epath.Path) -> bool:
 
 
 def check_workdir(path: str, setting: str = 'workdir') -> None:
-  """Raises ConfigError unless `path` can be (or already is) a directory of this run: not a
-  file or under one, not under a dangling symbolic link or a loop of them, not inside a stage
-  directory of another run (nor one itself, for a workdir; a baseline_dir is one), and with
-  no line break, which a flagfile line cannot hold. A URL must be a gs:// one its bucket
-  allows (`storage.check`)."""
+  """ConfigError unless `path` can be (or is) a directory of this run: not a file or under
+  one, not under a dangling symbolic link or a loop of them, not inside another run's stage
+  directory (nor one itself, for a workdir), with no line break (a flagfile line cannot hold
+  one). A URL must be a gs:// one its bucket allows (`storage.check`)."""
   if not path:
     raise ConfigError(f'{setting} is empty; give a directory (a local path or gs://...).',
                       settings=(setting,))
@@ -108,10 +103,7 @@ def check_workdir(path: str, setting: str = 'workdir') -> None:
 
 def identity(stage: epath.Path) -> dict | None:
   """The settings `stage` was made with (its stage_config.json), or None if it records none.
-
-  A damaged record of a stage that holds nothing computed yet counts as none (the run's
-  settings replace it); of any other stage it is a DataError saying what to do.
-  """
+  A damaged record counts as none in an unstarted stage, else is a DataError."""
   path = stage / STAGE_CONFIG
   if not path.exists():
     return None
@@ -129,11 +121,8 @@ def identity(stage: epath.Path) -> dict | None:
 
 
 def check_baseline_dir(path: epath.Path, prune_settings, workdir: epath.Path) -> None:
-  """Raises ConfigError unless `path` is a baseline stage, empty or absent, and is not
-  another stage of `workdir`.
-
-  `prune_settings` are the names only a prune or regime stage's identity holds.
-  """
+  """ConfigError unless `path` is a baseline stage, empty or absent, and not another stage
+  of `workdir`; `prune_settings` are the names only a prune or regime stage's identity holds."""
   shown = str(path)
   if _local(path) and _local(workdir):
     base, work = os.path.abspath(shown), os.path.abspath(str(workdir))
@@ -184,9 +173,8 @@ def _key(holder: dict) -> tuple:
 
 
 def _holder(text: str, written) -> dict:
-  """The holder a claim's `text` names; a claim that names none (created but not yet written
-  by its holder, or damaged) is held until it is as old as a stale heartbeat, counted from
-  `written()`, when it was written."""
+  """The holder a claim's `text` names; one that names none (not yet written, or damaged)
+  is held until a heartbeat `written()` (when it was written) would be stale."""
   try:
     holder = json.loads(text)
   except ValueError:
@@ -219,8 +207,8 @@ def describe(holder: dict) -> str:
 
 
 class _DiskClaim:
-  """A claim file on a disk (local, or mounted on every host): created with O_EXCL, renewed
-  by writing it aside and renaming it, taken over by removing it and creating it again."""
+  """A claim file on a disk: created with O_EXCL, renewed by writing it aside and renaming
+  it, taken over by removing it and creating it again."""
 
   def __init__(self, path: epath.Path):
     self.path = path
@@ -267,7 +255,8 @@ class _DiskClaim:
 
 
 class _ObjectClaim:
-  """A claim object on gs://, changed only through generation preconditions (`storage`)."""
+  """A claim object on gs://: created only if absent, renewed only by its holder, taken
+  over only from the dead claim read, released only while still the holder's."""
 
   def __init__(self, path: epath.Path):
     self.path = path
@@ -339,12 +328,10 @@ class _Heartbeat(threading.Thread):
 
 @contextlib.contextmanager
 def claimed(directory: epath.Path, *, wait: bool, what: str, settings=()) -> Iterator[None]:
-  """Holds `directory`'s claim for the duration. In a multi-process run process 0 claims for
-  the run: every process gets its outcome (a refusal is every process's ConfigError), and
-  all have done their checks of the directory before any goes on to write in it.
+  """Holds `directory`'s claim (creating it) for the duration; process 0 claims for every
+  process, and all have checked the directory before any writes in it.
 
   Args:
-    directory: the directory to claim (created if absent).
     wait: wait for a live holder to finish (True) or refuse with ConfigError (False).
     what: how messages name the directory ('workdir W', 'baseline B').
     settings: the settings a refusal names.
