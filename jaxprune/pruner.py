@@ -13,45 +13,31 @@ The model knows nothing of jaxprune. Its channel groups come from the program it
 
 What `model` may be, and what `shrink` gives back:
 
-* A Flax NNX module (no `variables`): traced in eval mode through `nnx.split`/`nnx.merge`.
-  `shrink(...).module` is the user's own module with smaller arrays, its layers' stored
-  feature counts (`in_features`, `out_features`, `feature_group_count`, `kernel_shape`,
-  `num_features`; a MultiHeadAttention's `num_heads`, `qkv_features` and its
-  LinearGenerals' feature tuples) updated: it trains (`.train()`), evaluates and saves like
-  the original. The contract: the module's layers read their sizes from their parameters
-  (as nnx's layers do), not from integers of its own. RNG state (`nnx.Dropout`'s and
-  attention's keys and counts) is carried through unchanged, never a channel.
-* A Flax Linen module (called as `model.apply(variables, x)`, so pass
-  `functools.partial(model.apply, train=False)` if it needs flags; a module whose
-  `__call__` requires `train` is refused until it is bound) or any function
-  `apply(variables, x) -> logits`. Variables boxed by `nn.with_logical_partitioning`, as
-  `model.init` returns them, are unboxed (`nn.meta.unbox`). A Linen layer checks its
-  parameters' shapes against its constructor fields, so the shrunk model is not the
-  module: it is `shrink(...).apply`, the model's own traced program run on the smaller
-  arrays (any batch size; jit it, save `shrink(...).variables` with orbax, and rebuild it
-  from the full model and the same `kept` indices). A Linen module whose widths are
-  constructor fields can instead be rebuilt with `shrink(...).widths` (group name -> kept
-  channels) by its author.
+* A Flax NNX module (no `variables`), traced in eval mode. `shrink(...).module` is the
+  user's own module with smaller arrays and its layers' stored feature counts updated
+  (`_update_features`): it trains, evaluates and saves like the original. The contract:
+  the module's layers read their sizes from their parameters (as nnx's layers do), not
+  from integers of its own. RNG state is carried through unchanged, never a channel.
+* A Flax Linen module, called as `model.apply(variables, x)` (bind flags such as `train`
+  with `functools.partial(model.apply, train=False)`; an unbound required `train` is
+  refused), or any function `apply(variables, x) -> logits`. Boxed variables
+  (`nn.with_logical_partitioning`) are unboxed. A Linen layer checks its parameters'
+  shapes against its constructor fields, so the shrunk model is `shrink(...).apply`, the
+  model's traced program run on the smaller arrays (any batch size; jittable; rebuild it
+  from the full model and the same `kept` indices). An author whose widths are
+  constructor fields can rebuild the module from `shrink(...).widths`.
 
-A model returning several values, `(logits, features)`, is scored on its first: the
-criteria take the first output as the logits (`apply` and `shrink(...).apply` return them
-all).
+A model returning several values, `(logits, features)`, is scored on its first (`apply`
+and `shrink(...).apply` return them all). Attention is pruned by whole heads, across the
+query, key, value and output projections; the head dimension keeps its size when the
+attention is scaled by a constant (flax's 1/sqrt(head_dim)), which a shrunk module
+recomputes from the cut size. Gates (squeeze-and-excitation, GLU) are refused like
+residual streams unless `prune_streams=True`.
 
-Attention is pruned by whole heads: the heads axis of a product of two computed values
-(q.k and weights.v) is one group across the query, key and value projections and the
-output projection, so a head goes with all its weights. The head dimension keeps its size
-when the attention is scaled by a constant (flax's and jax's attention divide q by
-sqrt(head_dim), a literal in the program): a shrunk module recomputes that scale from the
-cut size, and query, key and value must keep one head size. Gates (squeeze-and-excitation,
-GLU: two computed values multiplied elementwise) are refused like residual streams unless
-`prune_streams=True`.
-
-The Pruner is the main job's machinery on a model you hold: `program` is the model's
-`jaxprune.prune.program.Program` (read in evaluation mode), which the criteria run, and
-`structure` its `Structure` over the prunable groups, which selection and cost counting
-read; `shrink` is `jaxprune.prune.shrink.shrink`. To train, fine-tune or retrain from
-scratch a model of your own with seeds and resumable stages, give its factory to
-`launch.py --model=package.module:factory` (README, "Your own model").
+`program` is the model's `jaxprune.prune.program.Program` (read in evaluation mode), which
+the criteria run, and `structure` its `Structure`, which selection and cost counting read.
+Training your own model with seeds and resumable stages: `launch.py
+--model=package.module:factory` (docs/own_models.md).
 """
 
 import dataclasses
@@ -160,18 +146,15 @@ class Pruner:
       raise ConfigError("a Linen module or apply function needs its variables: "
                         "Pruner(model, variables, example_batch).")
     else:
-      if isinstance(model, nn.Module):
-        _check_call_arguments(model)
-      elif isinstance(getattr(model, '__self__', None), nn.Module) and model.__name__ == 'apply':
-        _check_call_arguments(model.__self__)
       apply = model.apply if isinstance(model, nn.Module) else model
+      if isinstance(getattr(apply, '__self__', None), nn.Module) and apply.__name__ == 'apply':
+        _check_call_arguments(apply.__self__)
       variables = nn.meta.unbox(variables)
     self.variables = variables
     x = jnp.asarray(_batch_images(example_batch))
     self.program = self._traced(lambda: program_lib.from_function(
         _Function(apply), variables, x, prune_streams=prune_streams, fixed=tuple(fixed),
         rng_leaves=self._rng_keys), x)
-    self.leaf_keys = self.program.leaf_keys
     self.graph = self.program.graph
     self.groups = self.graph.groups
     self.structure = self.program.structure
@@ -186,13 +169,12 @@ class Pruner:
     eval_module.eval()
     graphdef, state = nnx.split(eval_module)
     self._nnx_flat = list(nnx.to_flat_state(state))
-    nested = {}
-    for path, variable in self._nnx_flat:
-      nested[(_collection(variable),) + tuple(str(p) for p in path)] = variable.get_value()
-    self._nnx_keys = list(nested)
+    self._nnx_keys = [(_collection(variable),) + tuple(str(p) for p in path)
+                      for path, variable in self._nnx_flat]
     self._rng_keys = tuple(key for key, (_, variable) in zip(self._nnx_keys, self._nnx_flat)
                            if isinstance(variable, nnx.RngState))
-    return graphdef, traverse_util.unflatten_dict(nested)
+    values = [variable.get_value() for _, variable in self._nnx_flat]
+    return graphdef, traverse_util.unflatten_dict(dict(zip(self._nnx_keys, values)))
 
   def _nnx_state(self, variables, flat_state):
     flat = traverse_util.flatten_dict(dict(variables))
@@ -206,7 +188,7 @@ class Pruner:
 
   def leaves_of(self, variables) -> list:
     flat = traverse_util.flatten_dict(dict(nn.meta.unbox(variables)))
-    return [flat[k] for k in self.leaf_keys]
+    return [flat[k] for k in self.program.leaf_keys]
 
   def graph_for(self, x) -> jaxpr_lib.Graph:
     """The derived program for inputs shaped like x (traced once per shape and dtype)."""

@@ -1,36 +1,19 @@
 """The XLA compiler options jaxprune compiles its model code with, per backend.
 
-On the CPU backend, jaxlib's XLA hands some operations to the YNNPACK library, chosen by
-the debug option `xla_cpu_experimental_ynn_fusion_type`. Limiting it to reductions makes
-XLA's own convolutions faster, the kernel gradient most, and was the fastest setting
-tried for both VGG and ResNet train steps. So every function jaxprune jits over a model
-(train and eval steps, criteria, evaluation) is compiled with `compiler_options()`: on the
-CPU backend {ynn fusion types: reductions only}; elsewhere nothing. The convolution rule
-in `jaxprune.kernels.conv` was measured under these options.
-
-Programs that run once per model (`jit_once`: initialising the variables) add
-{xla_backend_optimization_level: 1} on the CPU: a lower LLVM optimisation level compiles
-them much faster, and the variables of every model checked came out bitwise the same.
-Steps that run thousands of times keep XLA's full optimisation.
-
-Compiled programs also persist across processes (`use_persistent_cache`, on in launch.py
-and the experiment drivers by default): JAX's compilation cache in a directory, so a run
-of the same model and widths (another seed, criterion or sweep point that keeps the
-baseline, a preempted run that restarts) loads its train and eval steps instead of
-compiling them. JAX stores the programs that took at least a second to compile
-(`jax_persistent_cache_min_compile_time_secs`); the key covers the program, these options
-and the jaxlib version.
+Every function jaxprune jits over a model (train and eval steps, criteria, evaluation) is
+compiled with `compiler_options()`: on the CPU backend, YNNPACK fusion limited to
+reductions (`xla_cpu_experimental_ynn_fusion_type`), which makes XLA's own convolutions
+faster, the kernel gradient most; elsewhere nothing. Programs that run once per model
+(`jit_once`: initialising the variables) add a lower LLVM optimisation level on the CPU,
+which compiles them much faster with bitwise the same variables. The measurements are in
+experiments/bench/README.md.
 
 Which set applies is an argument, `xla_options` (a key of
 `jaxprune.kernels.options.XLA_OPTION_SETS`): 'jaxprune', the default, is the behaviour
-above; 'xla' passes no options at all (XLA's defaults). Callers jitting a model's code
-pass `model.performance.xla_options`, so that the options a model was built with are the
-ones it compiles with. A user who sets the same option in XLA_FLAGS keeps their setting
-(jaxprune then passes nothing for it), and a jaxlib that does not know an option is
-probed once and gets no options.
-
-The measurements behind these choices are in experiments/bench/README.md (sections 4
-and 7).
+above; 'xla' passes no options (XLA's defaults). Callers pass `model.performance.xla_options`,
+so a model compiles with the options it was built with. An option the user sets in
+XLA_FLAGS keeps their setting, and a jaxlib that does not know an option (probed once)
+gets no options.
 """
 
 import functools
@@ -47,8 +30,7 @@ from jaxprune.kernels.options import XLA_OPTION_SETS
 
 CACHE_ENV_VAR = 'JAX_COMPILATION_CACHE_DIR'
 DEFAULT_CACHE_DIR = '~/.cache/jaxprune/xla'
-YNN_FUSION_TYPES = 'xla_cpu_experimental_ynn_fusion_type'
-CPU_OPTIONS = {YNN_FUSION_TYPES: 'LIBRARY_FUSION_TYPE_REDUCE'}
+CPU_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_REDUCE'}
 CPU_ONCE_OPTIONS = {**CPU_OPTIONS, 'xla_backend_optimization_level': 1}
 
 
@@ -78,25 +60,18 @@ def compiler_options(backend: str | None = None, once: bool = False,
   user_flags = os.environ.get('XLA_FLAGS', '')
   wanted = CPU_ONCE_OPTIONS if once else CPU_OPTIONS
   options = {k: v for k, v in wanted.items() if f'--{k}' not in user_flags}
-  if not options or not _accepted(tuple(sorted(options.items()))):
-    return {}
-  return options
+  return options if options and _accepted(tuple(sorted(options.items()))) else {}
 
 
 def jit(fun: Callable, xla_options: str = 'jaxprune', **jit_kwargs) -> Callable:
-  """`jax.jit(fun, **jit_kwargs)` compiled with `compiler_options(xla_options=xla_options)`.
-
-  Pass the jitted model's `performance.xla_options`.
-  """
+  """`jax.jit(fun, **jit_kwargs)` with `compiler_options`; pass the model's
+  `performance.xla_options`."""
   return jax.jit(fun, compiler_options=compiler_options(xla_options=xla_options),
                  **jit_kwargs)
 
 
 def jit_once(fun: Callable, xla_options: str = 'jaxprune', **jit_kwargs) -> Callable:
-  """`jax.jit(fun, **jit_kwargs)` for a program that runs once: `compiler_options(once=True)`.
-
-  Pass the jitted model's `performance.xla_options`.
-  """
+  """`jit` for a program that runs once per model: `compiler_options(once=True)`."""
   return jax.jit(fun, compiler_options=compiler_options(once=True, xla_options=xla_options),
                  **jit_kwargs)
 
@@ -104,6 +79,8 @@ def jit_once(fun: Callable, xla_options: str = 'jaxprune', **jit_kwargs) -> Call
 def use_persistent_cache(directory: str | None = None) -> str:
   """Turns on JAX's persistent compilation cache in `directory`; returns the directory used.
 
+  Compiled programs then persist across processes: a run of the same model and widths
+  (another seed or criterion, a restarted run) loads its steps instead of compiling them.
   None: JAX_COMPILATION_CACHE_DIR when set, else DEFAULT_CACHE_DIR. '': no cache (also when
   JAX_COMPILATION_CACHE_DIR is set). A local directory that cannot be created logs one
   warning and leaves the cache off (returns ''); a path that is a file is a ConfigError, and

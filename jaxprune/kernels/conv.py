@@ -1,58 +1,28 @@
-"""A 2-D convolution with nn.Conv's parameters, computed the fastest way measured on CPU.
+"""A 2-D convolution with nn.Conv's parameters, computed the fastest way on each backend.
 
-XLA's CPU backend runs `lax.conv_general_dilated` at a small fraction of its usual speed
-when the output map is tiny, so the last stage of a CIFAR VGG dominated its train step.
-Written as patches x matrix (im2col: the kh*kw shifted, strided views of the zero-padded
-input concatenated along channels, times the kernel reshaped to (kh*kw*C_in, C_out)) the
-same convolution is one matmul, and its gradients are a matmul plus pads, which XLA runs
-at full speed there. The measurements behind every choice below are in
-experiments/bench/README.md (section 1).
-
-`Conv` is an `nn.Conv` subclass (so `isinstance(m, nn.Conv)` holds and MAC counting sees it)
-that creates exactly nn.Conv's parameters: `kernel` (kh, kw, C_in, C_out) HWIO with the
-module's `kernel_init`, and `bias` (C_out,) only with `use_bias`. Swapping one for the other
-changes no parameter path, shape or initial value, so structure derivation, shrinking and
-checkpoints do not notice. Only NHWC inputs, feature_group_count 1, no dilation and no mask
-are supported (what jaxprune's models use); padding is 'SAME', 'VALID' or explicit pairs.
-
-Which formulation runs is the module's `impl`, a key of
-`jaxprune.kernels.options.CONV_IMPLS` (models pass their `performance.conv_impl`):
+`Conv` is an `nn.Conv` subclass (so MAC counting sees it) that creates exactly nn.Conv's
+parameters: no parameter path, shape or initial value changes. Only NHWC inputs,
+feature_group_count 1, no dilation and no mask are supported; padding is 'SAME', 'VALID'
+or (low, high) pairs. Its `impl`, a key of `jaxprune.kernels.options.CONV_IMPLS`, picks
+the formulation:
   native   `lax.conv_general_dilated` (what nn.Conv does).
-  patches  im2col + one matmul: the same convolution, same padding and strides; float32
-           results agree to rounding, forward and gradients.
-  auto     on the CPU backend, `choose_impl`'s rule: 'patches' when the output map has at
-           most PATCHES_MAX_OUTPUT_PIXELS positions (H_out * W_out), else 'native'; and
-           the input is passed through `materialize` (below). Those tiny maps are where
-           native is many times slower in the forward pass and the input gradient; from
-           the next size up native is the faster choice in every pass a layer needs. The
-           rule was measured under the compiler options of `jaxprune.kernels.compiler`,
-           which make native's kernel gradient much faster than XLA's default CPU options
-           do. Off the CPU 'auto' is plain 'native' (cuDNN and the TPU compiler have no
-           such cliff that we know of).
+  patches  im2col (the kh*kw shifted, strided views of the padded input along channels)
+           times the reshaped kernel: one matmul, the same result to rounding.
+  auto     on the CPU, 'patches' when the output map has at most PATCHES_MAX_OUTPUT_PIXELS
+           positions (where XLA's CPU convolution is many times slower), else 'native'
+           with `conv_canonical`'s gradients; the input goes through `materialize`.
+           Elsewhere plain 'native'.
+The measurements behind the rule are in experiments/bench/README.md.
 
-On the CPU, 'auto' also computes the native convolution's gradients itself
-(`conv_canonical`, a `jax.custom_vjp`): both backward convolutions are written in the
-forward pass's NHWC x HWIO -> NHWC layout (input gradient: the cotangent, dilated by the
-strides, convolved with the spatially flipped kernel whose in and out axes are swapped;
-kernel gradient: the input as (C, H, W, N) convolved with the cotangent as (H, W, N, O),
-dilated by the strides, transposed back). XLA:CPU rewrites JAX's own backward
-convolutions (`b01f_01oi->b01f`, `f01b_i01o->01bf`) into that layout only in the entry
-computation; inside a loop body (`steps_per_call` > 1) they stayed generic loop-emitted
-convolutions, tens of times slower (experiments/bench/README.md, section 13). The gradients
-are lax's bit for bit (tests/test_conv.py).
+`conv_canonical` writes both backward convolutions in the forward pass's NHWC x HWIO ->
+NHWC layout: XLA:CPU rewrites JAX's own backward convolutions into it only in the entry
+computation, and inside a loop body (`steps_per_call` > 1) they stay generic and tens of
+times slower. The gradients are lax's bit for bit.
 
-`materialize(x, kernel)` returns x / one, with `one` a runtime 1.0 derived from the kernel
-(exact: x / 1 == x, and its gradient is the identity). Why: in a train step XLA's CPU
-fusion recomputes a cheap elementwise producer inside every consumer instead of reading
-the buffer it already wrote, and the backward pass's kernel-gradient convolution consumes
-its input through a transpose. For a residual stream, x_k = relu(bn(conv(.)) + x_{k-1}),
-each such transpose re-derived the whole stage's chain of blocks, and that was most of a
-ResNet-56 step. A floating-point division is one of the ops XLA will not duplicate, so
-the conv input is computed once, with a bitwise identical loss; a network without a
-residual chain (VGG) is not slowed. 'native' and 'patches' never apply it.
-
-The formulation is chosen while tracing, so a compiled function keeps the one it was
-traced with; a model with other options is another (unequal) module and compiles anew.
+`materialize(x, kernel)` returns x / one, with `one` a runtime 1.0. XLA's CPU fusion
+recomputes a cheap elementwise producer inside every consumer, so along a residual stream
+each kernel-gradient transpose re-derived the stage's whole chain of blocks; XLA does not
+duplicate a division, so the conv input is computed once (the loss is bitwise the same).
 """
 
 import functools
@@ -66,27 +36,17 @@ from jax import lax
 
 from jaxprune.kernels.options import CONV_IMPLS
 
-# The 'auto' rule on the CPU backend (measured; see the module docstring): the largest output
-# map (H_out * W_out) computed as patches.
+# 'auto' on the CPU: the largest output map (H_out * W_out) computed as patches.
 PATCHES_MAX_OUTPUT_PIXELS = 4
 
 
-def _check(impl) -> str:
+def choose_impl(impl: str, output_spatial: Sequence[int], backend: str | None = None) -> str:
+  """The formulation (a key of FORMULATIONS) of one convolution: `impl` (a key of
+  CONV_IMPLS), or for 'auto' the rule for an output map of `output_spatial` (H_out, W_out)
+  on `backend` (default `jax.default_backend()`)."""
   # Models pass a PerformanceOptions value, checked when it was made: anything else is a bug.
   if impl not in CONV_IMPLS:
     raise ValueError(f"conv implementation {impl!r} is not one of {', '.join(CONV_IMPLS)}.")
-  return impl
-
-
-def choose_impl(impl: str, output_spatial: Sequence[int], backend: str | None = None) -> str:
-  """The formulation (a key of FORMULATIONS) of one convolution: `impl`, or the rule for 'auto'.
-
-  Args:
-    impl: a key of CONV_IMPLS.
-    output_spatial: the output map's spatial shape (H_out, W_out).
-    backend: the JAX backend the convolution runs on (default `jax.default_backend()`).
-  """
-  _check(impl)
   if impl != 'auto':
     return impl
   if (backend or jax.default_backend()) != 'cpu':
@@ -133,10 +93,8 @@ def conv_patches(x, kernel, strides, pads, precision=None):
 def materialize(x, kernel):
   """x / one with a runtime one (from the kernel): the same values, computed once by XLA.
 
-  See the module docstring: XLA's CPU fusion does not duplicate a floating-point
-  division into its consumers, so the conv input stops being recomputed inside the
-  backward pass's transposes. sign(|k| + 1) is 1 for every non-NaN k; a NaN kernel
-  makes the output NaN, as the convolution would anyway.
+  sign(|k| + 1) is 1 for every non-NaN k; a NaN kernel makes the output NaN, as the
+  convolution would anyway.
   """
   one = lax.stop_gradient(lax.sign(lax.abs(kernel.reshape(-1)[0]) + 1))
   return x / one.astype(x.dtype)
@@ -150,9 +108,8 @@ def conv_native(x, kernel, strides, pads, precision=None):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def conv_canonical(x, kernel, strides, pads, precision=None):
-  """`conv_native` whose backward convolutions are written in the forward's NHWC x HWIO ->
-  NHWC layout (see the module docstring): the same gradients, which XLA's CPU backend
-  runs at full speed inside a loop body too."""
+  """`conv_native` with its backward convolutions in the forward's NHWC layout (module
+  docstring): the same gradients, at full speed inside a loop body too."""
   return conv_native(x, kernel, strides, pads, precision)
 
 
@@ -191,11 +148,8 @@ FORMULATIONS = {'native': conv_native, 'patches': conv_patches}
 
 
 class Conv(nn.Conv):
-  """nn.Conv (2-D, NHWC, no groups or dilation) computed as `choose_impl` chooses.
-
-  Attributes (beyond nn.Conv's):
-    impl: a key of CONV_IMPLS (see the module docstring).
-  """
+  """nn.Conv (2-D, NHWC, no groups or dilation) computed as its `impl`, a key of
+  CONV_IMPLS, says (the module docstring)."""
   impl: str = 'auto'
 
   @nn.compact
@@ -218,7 +172,6 @@ class Conv(nn.Conv):
     if unsupported:
       raise ValueError(f"jaxprune's Conv supports only {', '.join(unsupported)}; use nn.Conv "
                        "for other configurations.")
-    impl = _check(self.impl)
 
     pads = _pads(inputs.shape[1:3], kernel_size, strides, self.padding)
     # The same param calls, in the same order, as nn.Conv: identical names, shapes and init.
@@ -229,8 +182,8 @@ class Conv(nn.Conv):
     inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
     out_spatial = [(size + lo + hi - k) // s + 1
                    for size, (lo, hi), k, s in zip(inputs.shape[1:3], pads, kernel_size, strides)]
-    formulation = FORMULATIONS[choose_impl(impl, out_spatial)]
-    if impl == 'auto' and jax.default_backend() == 'cpu':
+    formulation = FORMULATIONS[choose_impl(self.impl, out_spatial)]
+    if self.impl == 'auto' and jax.default_backend() == 'cpu':
       inputs = materialize(inputs, kernel)
       if formulation is conv_native:
         formulation = conv_canonical

@@ -6,19 +6,11 @@ every axis but the last, batch statistics in training mode (E[x^2] - E[x]^2 clip
 in float32 whatever the input dtype), running averages updated after initialisation,
 running statistics otherwise, the output in the input's and parameters' dtype.
 
-Why not nn.BatchNorm itself: the backward pass JAX derives from it keeps x - mean as an
-extra full-size tensor from the forward pass and spends three reductions and two
-elementwise passes per layer. `batch_norm_train`'s custom VJP needs two reductions
-(sum dy, sum dy * (x - mean)) and one elementwise pass, from x and four per-channel
-vectors. A channel-pruning study trains small CIFAR networks whose activations are large
-next to their convolutions, so these passes are a visible share of a train step
-(measured in experiments/bench/README.md, section 2).
-
-The gradient is the exact derivative of the same function, including the cotangents of
-the returned mean and variance and the clip at zero; tests/test_norm.py compares it with
-nn.BatchNorm's to float tolerance. Models build this module or nn.BatchNorm as their
-`performance.batch_norm` says ('jaxprune' or 'flax', the keys of
-`jaxprune.kernels.options.BATCH_NORMS`).
+Why: the backward pass JAX derives from nn.BatchNorm keeps x - mean as an extra full-size
+tensor and spends three reductions and two elementwise passes per layer;
+`batch_norm_train`'s custom VJP needs two reductions and one elementwise pass, a visible
+share of a small CIFAR network's train step. The gradient is the exact derivative of the
+same function, the returned mean's and variance's cotangents and the clip at zero included.
 """
 
 import functools
@@ -32,13 +24,6 @@ from jax import lax
 
 def _axes(x) -> tuple[int, ...]:
   return tuple(range(x.ndim - 1))
-
-
-def _statistics(x32):
-  """Batch mean, the clipped variance, and whether the clip left it positive (float32)."""
-  mean = jnp.mean(x32, _axes(x32))
-  raw_var = jnp.mean(jnp.square(x32), _axes(x32)) - jnp.square(mean)
-  return mean, jnp.maximum(raw_var, 0.), raw_var > 0
 
 
 def _normalize(x, mean, rstd, scale, bias):
@@ -57,7 +42,9 @@ def batch_norm_train(x, scale, bias, epsilon: float):
 
 def _forward(x, scale, bias, epsilon):
   x32 = x.astype(jnp.float32)
-  mean, var, positive = _statistics(x32)
+  mean = jnp.mean(x32, _axes(x32))
+  raw_var = jnp.mean(jnp.square(x32), _axes(x32)) - jnp.square(mean)
+  var, positive = jnp.maximum(raw_var, 0.), raw_var > 0
   rstd = lax.rsqrt(var + epsilon)
   y = _normalize(x, mean, rstd, scale, bias)
   # bias rides along for its dtype only (its gradient, sum dy, needs nothing else of it).
@@ -89,15 +76,7 @@ batch_norm_train.defvjp(_forward, _backward)
 
 class BatchNorm(nn.Module):
   """nn.BatchNorm's variables and function (last-axis features), trained through
-  `batch_norm_train`.
-
-  Attributes:
-    use_running_average: normalise with the running statistics (evaluation) instead of
-      the batch's (training, which also updates them).
-    momentum: running average decay (0.9 = PyTorch's momentum 0.1).
-    epsilon: added to the variance.
-    scale_init: the initialiser of the scale (gamma), as nn.BatchNorm's.
-  """
+  `batch_norm_train`; its fields mean what nn.BatchNorm's of the same names do."""
   use_running_average: bool = False
   momentum: float = 0.99
   epsilon: float = 1e-5

@@ -1,14 +1,10 @@
 """The performance options: which convolution, BatchNorm and XLA option set a run computes with.
 
-They are meant not to change what a network computes, but they change its floating-point
-rounding, and rounding can tip which channels a criterion ranks lowest. So they are one
-recorded value, `PerformanceOptions`, passed down rather than read from the environment
-where they take effect: every model carries one as its `performance` field (so it is part
-of the model's hash, and of every cache of compiled steps keyed on the model), and the
-jitting helpers of `jaxprune.kernels.compiler` take the XLA option set as an argument.
-
-Only entry points read the environment (`PerformanceOptions.from_env`, once); library code
-that is given no options uses the defaults.
+They change a network's floating-point rounding, which can tip which channels a criterion
+ranks lowest, so they are one recorded value, `PerformanceOptions`, passed down: every model
+carries one as its `performance` field (part of its hash, and so of every cache of compiled
+steps keyed on the model). Only entry points read the environment
+(`PerformanceOptions.from_env`); library code given no options uses the defaults.
 """
 
 import dataclasses
@@ -47,13 +43,8 @@ def env_value(name: str, environ: Mapping[str, str] = os.environ) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class PerformanceOptions:
-  """How a model's code is computed; the values are the keys of the registries above.
-
-  Attributes:
-    conv_impl: a key of CONV_IMPLS.
-    batch_norm: a key of BATCH_NORMS.
-    xla_options: a key of XLA_OPTION_SETS.
-  """
+  """How a model's code is computed: `conv_impl`, `batch_norm` and `xla_options` are keys
+  of CONV_IMPLS, BATCH_NORMS and XLA_OPTION_SETS."""
   conv_impl: str = 'auto'
   batch_norm: str = 'jaxprune'
   xla_options: str = 'jaxprune'
@@ -66,10 +57,8 @@ class PerformanceOptions:
   def from_env(cls, environ: Mapping[str, str] = os.environ) -> 'PerformanceOptions':
     """The options JAXPRUNE_CONV_IMPL, JAXPRUNE_BATCH_NORM and JAXPRUNE_XLA_OPTIONS name.
 
-    For entry points, which pass the result down (or use it as their flags' defaults). An
-    unset or empty variable leaves the default; a value is compared case-insensitively. A
-    value that is not allowed is a ConfigError naming the variable, since that is what the
-    user typed.
+    An unset or empty variable leaves the default; values are case-insensitive. A value
+    that is not allowed is a ConfigError naming the variable, which is what the user typed.
     """
     values = {}
     for name, registry in _REGISTRIES.items():

@@ -33,13 +33,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     **{f'{name}_mlp': functools.partial(VGG, cfg=cfg, classifier='mlp') for name, cfg in CFGS.items()},
     **{f'resnet{d}': functools.partial(ResNet, depth=d) for d in (8, 20, 32, 44, 56, 110)},
     **{f'preresnet{d}': functools.partial(PreResNet, depth=d) for d in (11, 20, 56, 110, 164)},
-    'wrn10_1': functools.partial(WideResNet, depth=10, widen_factor=1),
-    'wrn16_2': functools.partial(WideResNet, depth=16, widen_factor=2),
-    'wrn40_1': functools.partial(WideResNet, depth=40, widen_factor=1),
-    'wrn40_2': functools.partial(WideResNet, depth=40, widen_factor=2),
-    'densenet10': functools.partial(DenseNet, depth=10),
-    'densenet16': functools.partial(DenseNet, depth=16),
-    'densenet40': functools.partial(DenseNet, depth=40),
+    **{f'wrn{d}_{k}': functools.partial(WideResNet, depth=d, widen_factor=k)
+       for d, k in ((10, 1), (16, 2), (40, 1), (40, 2))},
+    **{f'densenet{d}': functools.partial(DenseNet, depth=d) for d in (10, 16, 40)},
     'densenet100_c': functools.partial(DenseNet, depth=100, compression=2),
     # ImageNet (224x224): torchvision's names, the `--arch` values of [R]'s and [M]'s ImageNet
     # code; none is a CIFAR name (resnet{8,20,32,44,56,110}, vgg{11,13,16,19}).
@@ -60,13 +56,11 @@ def build(name: str, num_classes: int = 10, widths: Mapping[str, int] | None = N
   built for `image_shape`); its `widths` are kept channels per group (indices, or a count
   for the first ones), and the options that shape built-in layers do not apply to it.
 
-  `width_multiplier` scales the default widths (`layers.Network.scaled`), making a narrower (or
-  wider) member of the family; explicit `widths` are taken as they are. `performance`
-  None is `PerformanceOptions()`, the defaults; entry points pass the options they read
-  (`PerformanceOptions.from_env`), library code passes them on. `bn_scale_init` and
-  `dense_init` choose the initial values (the defaults: gamma 1, Flax's Dense init);
-  `resnet_shortcut` the downsampling shortcut of the basic-block ResNets (a key of
-  `resnet.SHORTCUTS`; ConfigError for another family unless it is the default).
+  `width_multiplier` scales the default widths (`layers.Network.scaled`); explicit `widths`
+  are taken as they are. `performance` None is `PerformanceOptions()`. `bn_scale_init` and
+  `dense_init` choose the initial values; `resnet_shortcut` the downsampling shortcut of
+  the basic-block ResNets (a key of `resnet.SHORTCUTS`; ConfigError for another family
+  unless it is the default).
   """
   performance = PerformanceOptions() if performance is None else performance
   if own.is_own(name):
@@ -117,13 +111,10 @@ def widths_of(model: nn.Module) -> dict[str, int]:
 def init(model: nn.Module, rng: jax.Array, image_shape) -> dict:
   """The model's initial variables for (H, W, C) images, made by one compiled program.
 
-  Called eagerly, `model.init` compiles every primitive of every layer as a program of its
-  own, and those compiles were most of a one-shot pipeline run's compile time outside
-  training (experiments/bench/README.md, section 4). Here it is one program per model
-  (class, widths and performance options), compiled for a single run
-  (`compiler.jit_once`, with the model's XLA option set). The values equal eager init's
-  to float rounding (the fused program rounds a few initialisers' last bit differently).
-  An own model initialises as its factory does, a pruned one by `program.fresh_init`.
+  Called eagerly, `model.init` compiles every primitive of every layer separately; here it
+  is one program per model (`compiler.jit_once`), whose values equal eager init's to float
+  rounding. An own model initialises as its factory does, a pruned one by
+  `program.fresh_init`.
   """
   if isinstance(model, own.OwnModel):
     from jaxprune.prune import program
@@ -133,8 +124,8 @@ def init(model: nn.Module, rng: jax.Array, image_shape) -> dict:
   return _init_program(model)(rng, np.zeros((1,) + tuple(image_shape), np.float32))
 
 
-# Keyed by the model itself (models hash by value): a new jit of `model.init`, a new bound
-# method each time, would compile again for every seed of the same model.
+# Keyed by the model (models hash by value): a new jit of the bound `model.init` would
+# compile again for every seed of the same model.
 @functools.lru_cache(maxsize=8)
 def _init_program(model: nn.Module) -> Callable:
   return compiler.jit_once(model.init, xla_options=model.performance.xla_options)

@@ -1,16 +1,14 @@
 """DenseNet for CIFAR (depth 3n+4, no bottleneck), pruned as network slimming does.
 
-Every BN in the network reads the concatenated feature stream through a channel
-selection: `block{d}_layer{l}` before each 3x3 conv, `transition{d}` before each
-1x1 transition conv and `final` before the classifier. Those selections are the
-prunable groups; the concatenated stream itself is never changed. Its widths, the
-stem's and the growth rate, are fields (`stem_width`, `growth`): a thinner member of the
-family is `clone(growth=..., stem_width=...)`, whose default selections read the whole
-stream.
+Every BN reads the concatenated feature stream through a channel selection, and those
+selections are the prunable groups: `block{d}_layer{l}` before each 3x3 conv,
+`transition{d}` before each 1x1 transition conv and `final` before the classifier. The
+stream itself is never changed; its widths are fields (`stem_width`, `growth`), so a
+thinner member of the family is `clone(growth=..., stem_width=...)`.
 
 `compression` is [R]'s compressionRate: each transition conv outputs the stream's channels
-floor-divided by it (1: as many as it reads; `densenet100_c` is depth 100 with 2, the
-network [R]'s weight-level code trains as DenseNet-BC-100, without bottleneck layers).
+floor-divided by it (`densenet100_c`: depth 100 with 2, [R]'s DenseNet-BC-100 without
+bottleneck layers).
 """
 
 import flax.linen as nn
@@ -30,9 +28,6 @@ class DenseNet(layers.Network):
     if rest or n < 1:
       raise ValueError(f"DenseNet depth must be 3n+4 with n >= 1, got {self.depth}.")
     return n
-
-  def prunable_groups(self) -> tuple[str, ...]:
-    return tuple(self.default_widths())
 
   def group_layers(self) -> dict[str, str]:
     return {g: f'{g}_select' for g in self.default_widths()}

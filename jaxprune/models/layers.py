@@ -2,10 +2,8 @@
 
 Every model's channel counts come from a `widths` mapping (group name -> channels);
 `group_layers()` names, for every width group, a layer whose outputs are that group's
-channels, which is how the groups read off the model's program (`jaxprune.prune.program`)
-get the widths' names. The models know nothing of masks: masking, recording activations
-and shrinking happen on the traced program. The `performance` field chooses how
-convolutions and BatchNorms are computed (`conv`, `batch_norm` here).
+channels, which names the groups read off the model's program (`jaxprune.prune.program`).
+The models know nothing of masks: masking and shrinking happen on the traced program.
 """
 
 from typing import Mapping
@@ -19,8 +17,7 @@ from jaxprune.kernels import norm
 from jaxprune.kernels.conv import Conv
 from jaxprune.kernels.options import PerformanceOptions
 
-# Collection holding, for channel-selection layers, the indices of the stream
-# channels the layer reads. It is structural data, not a learned parameter.
+# The collection of the stream channels a channel-selection layer reads (not learned).
 INDICES = 'indices'
 
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -29,15 +26,18 @@ conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 class Network(nn.Module):
   """The base of jaxprune's models: the fields they all have, and their layers' makers.
 
-  A widths dict would make the module unhashable, so construction (`build`, `clone`,
-  a model made directly) freezes it: two models of the same class, widths and options
-  are equal and hash alike, whatever mapping the widths came in.
+  Construction freezes `widths` (a dict would make the module unhashable): two models of
+  the same class, widths and options are equal and hash alike.
   """
   num_classes: int = 10
   widths: Mapping[str, int] | None = None
   performance: PerformanceOptions = PerformanceOptions()
   bn_scale_init: float = 1.0
   dense_init: str = 'lecun_normal'
+
+  def prunable_groups(self) -> tuple[str, ...]:
+    """The width groups a criterion may prune: all of them unless a model says otherwise."""
+    return tuple(self.default_widths())
 
   def scaled(self, multiplier: float) -> 'Network':
     """A narrower (or wider) member of the family: every default width times `multiplier`,
@@ -54,7 +54,22 @@ class Network(nn.Module):
   # Helpers of the models' compact __call__ (nowrap: they only construct layers).
   @nn.nowrap
   def resolved_widths(self) -> dict[str, int]:
-    return resolve_widths(type(self).__name__, self.default_widths(), self.widths)
+    """The widths to build with: `widths`, checked to have exactly the default's groups, or
+    the defaults. Widths come from library code (a selection, a shrink): ValueError."""
+    default, given = self.default_widths(), self.widths
+    if given is None:
+      return dict(default)
+    missing = [g for g in default if g not in given]
+    extra = [g for g in given if g not in default]
+    if missing or extra:
+      parts = [f'{kind} groups {gs}' for kind, gs in (('missing', missing), ('unknown', extra))
+               if gs]
+      raise ValueError(f"widths for {type(self).__name__} have {' and '.join(parts)}; "
+                       f"the groups are {list(default)}.")
+    bad = {g: w for g, w in given.items() if int(w) != w or w < 1}
+    if bad:
+      raise ValueError(f"widths for {type(self).__name__} must be positive integers, got {bad}.")
+    return {g: int(given[g]) for g in default}
 
   @nn.nowrap
   def batch_norm(self, train: bool, name: str) -> norm.BatchNorm | nn.BatchNorm:
@@ -78,10 +93,9 @@ _DENSE_KERNEL_INITS = {'lecun_normal': nn.initializers.lecun_normal(),
 
 def batch_norm(performance: PerformanceOptions, train: bool, scale_init: float = 1.0,
                name: str | None = None) -> norm.BatchNorm | nn.BatchNorm:
-  # momentum 0.9 here is PyTorch's momentum 0.1, the papers' setting. norm.BatchNorm is
-  # nn.BatchNorm's function and variables with a backward pass of fewer memory passes.
+  # momentum 0.9 here is PyTorch's momentum 0.1, the papers' setting.
   module = norm.BatchNorm if performance.batch_norm == 'jaxprune' else nn.BatchNorm
-  # ones (not constant(1.0)) at 1: the initial variables stay bit-identical to before.
+  # At 1, nn.BatchNorm's own default initialiser: the init program is the one it builds.
   gamma = nn.initializers.ones if scale_init == 1.0 else nn.initializers.constant(scale_init)
   return module(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                 scale_init=gamma, name=name)
@@ -95,8 +109,6 @@ def dense(features: int, init: str = 'lecun_normal', name: str | None = None) ->
 
 def conv(performance: PerformanceOptions, features: int, kernel: int, stride: int = 1,
          name: str | None = None, torch_padding: bool = False) -> Conv:
-  # conv.Conv has nn.Conv's parameters (and is one), but can compute small CPU feature
-  # maps as patches x matrix, where XLA's native convolution is many times slower.
   # torch_padding pads k // 2 on every side as PyTorch does: 'SAME' pads a strided
   # convolution at the bottom and right only, sampling other positions than torchvision.
   padding = ((kernel // 2,) * 2,) * 2 if torch_padding else 'SAME'
@@ -110,39 +122,12 @@ def check_image(x, need: int, what: str):
     raise ConfigError(f"{what} at least {need}x{need} pixels, got {x.shape[1]}x{x.shape[2]}.")
 
 
-def resolve_widths(model_name: str, default: Mapping[str, int],
-                   given: Mapping[str, int] | None) -> dict[str, int]:
-  """Returns the widths to build with, checking `given` has exactly the default's groups.
-
-  Widths come from library code (a selection, a shrink), so a wrong mapping is a bug
-  there: ValueError.
-  """
-  if given is None:
-    return dict(default)
-  missing = [g for g in default if g not in given]
-  extra = [g for g in given if g not in default]
-  if missing or extra:
-    parts = []
-    if missing:
-      parts.append(f"missing groups {missing}")
-    if extra:
-      parts.append(f"unknown groups {extra}")
-    raise ValueError(f"widths for {model_name} have {' and '.join(parts)}; "
-                     f"the groups are {list(default)}.")
-  bad = {g: w for g, w in given.items() if int(w) != w or w < 1}
-  if bad:
-    raise ValueError(f"widths for {model_name} must be positive integers, got {bad}.")
-  return {g: int(given[g]) for g in default}
-
-
 class SelectBnRelu(nn.Module):
   """Reads a subset of a stream's channels, then BN and ReLU (network slimming's channel selection).
 
-  The subset's size is the group's width; which stream channels it holds is the
-  `indices/input_channels` variable, initialised to the first `width` channels.
-  Shrinking slices that variable like any other tagged axis, so a pruned model
-  keeps reading exactly the stream channels that survived, while the stream
-  itself (a residual sum or a concatenation) is never changed.
+  Which `width` stream channels it reads is the `indices/input_channels` variable (at first
+  the first `width`). Shrinking slices it like any other channel axis, so a pruned model
+  reads exactly the stream channels that survived; the stream itself is never changed.
   """
   width: int
   train: bool

@@ -9,18 +9,16 @@ and `rngs` (an `nnx.Rngs` made from the run's seed). It returns either
 * a Flax Linen module called as `module.apply(variables, images, train=bool)` (the flax
   examples' convention), initialised by jaxprune with `init(rngs, images, train=False)`.
 
-`OwnModel` gives both the interface the training loop and the criteria use for built-in
-models: `init(rng, x)` -> {'params': ..., 'batch_stats': ...} and
-`apply(variables, x, train=..., mutable=['batch_stats'])`. Everything of the model that is
-not a parameter and that its forward pass may change lives in 'batch_stats': BatchNorm
-statistics, an NNX module's RNG keys (as key data) and counts, and for a Linen module a
-dropout key that every training call advances, so dropout draws new masks at every step
-and a resumed run draws what the uninterrupted one did. Linen variables created with
-`nn.with_logical_partitioning` are unboxed.
+`OwnModel` gives both the built-in models' interface: `init(rng, x)` -> {'params': ...,
+'batch_stats': ...} and `apply(variables, x, train=..., mutable=['batch_stats'])`.
+Everything the forward pass may change lives in 'batch_stats': BatchNorm statistics, an
+NNX module's RNG keys (as key data) and counts, and for a Linen module a dropout key that
+every training call advances, so a resumed run draws the masks the uninterrupted one did.
+Linen variables created with `nn.with_logical_partitioning` are unboxed.
 
 A pruned own model is the same model with `kept` channels: its program (read off the
-full model, `jaxprune.prune.program`) runs on the smaller arrays, so any model the
-structure derivation reads trains pruned, in both modes, with no code of its author's.
+full model, `jaxprune.prune.program`) runs on the smaller arrays, with no code of its
+author's.
 """
 
 import dataclasses
@@ -96,8 +94,8 @@ def _is_key(value) -> bool:
 class OwnModel:
   """A factory's model at its full width (`kept` empty) or pruned to `kept` channels.
 
-  Compares and hashes by value (factory, classes, image shape, kept channels, options), as
-  built-in models do, so compiled steps are shared by every run of the same network.
+  Compares and hashes by value, as built-in models do, so compiled steps are shared by
+  every run of the same network.
 
   Attributes:
     spec: package.module:factory.
@@ -124,11 +122,6 @@ class OwnModel:
                          for g, k in kept.items()))
     return dataclasses.replace(self, kept=items)
 
-  # The model as its author wrote it.
-
-  def module(self, seed: int = 0):
-    return _call_factory(self.spec, self.num_classes, self.image_shape, seed)
-
   def _template(self) -> '_Template':
     return _cached_template(self.spec, self.num_classes, tuple(self.image_shape))
 
@@ -139,28 +132,23 @@ class OwnModel:
     if self.kept:
       raise ValueError('initialise the full model and shrink it (program.fresh_init); a '
                        'pruned own model has no initialiser of its own.')
-    seed = int(jax.random.randint(rng, (), 0, 2 ** 31 - 1))
     template = self._template()
-    if template.nnx:
-      return template.variables_of(self.module(seed))
-    variables = nn.meta.unbox(template.module.init(
-        {'params': rng, 'dropout': rng}, jnp.asarray(x, jnp.float32), train=False))
-    stats = dict(variables.get(STATE, {}))
-    stats[DROPOUT_KEY] = jax.random.key_data(jax.random.fold_in(rng, 1))
-    return {**variables, STATE: stats}
+    if not template.nnx:
+      return template.linen_init(rng, jnp.asarray(x, jnp.float32))
+    seed = int(jax.random.randint(rng, (), 0, 2 ** 31 - 1))
+    return template.variables_of(_call_factory(self.spec, self.num_classes, self.image_shape,
+                                               seed))
 
   def apply(self, variables, x, train: bool = False, mutable=(), **unused):
     """Linen-style: the logits, or (logits, {'batch_stats': new state}) when 'batch_stats'
     is in `mutable`."""
     del unused
+    wants_state = STATE in (mutable or ())
     if self.kept:
       from jaxprune.prune import program
-      return program.run_pruned(self, variables, x, train=train,
-                                mutable=STATE in (mutable or ()))
+      return program.run_pruned(self, variables, x, train=train, mutable=wants_state)
     logits, state = self._template().call(variables, x, train)
-    if mutable and STATE in mutable:
-      return logits, {STATE: state}
-    return logits
+    return (logits, {STATE: state}) if wants_state else logits
 
   def init_shapes(self) -> dict:
     """The full network's variables as shapes and dtypes, computing nothing."""
@@ -206,11 +194,13 @@ class _Template:
       return jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), jnp.result_type(v)),
                           self.variables_of(self.module))
     x = jnp.zeros((1,) + tuple(self.image_shape), jnp.float32)
-    key = jax.random.key(0)
-    variables = jax.eval_shape(lambda: nn.meta.unbox(self.module.init(
-        {'params': key, 'dropout': key}, x, train=False)))
+    return jax.eval_shape(lambda: self.linen_init(jax.random.key(0), x))
+
+  def linen_init(self, rng, x) -> dict:
+    """A Linen module's variables, with jaxprune's dropout key in the state."""
+    variables = nn.meta.unbox(self.module.init({'params': rng, 'dropout': rng}, x, train=False))
     return {**variables, STATE: {**variables.get(STATE, {}),
-                                 DROPOUT_KEY: jax.ShapeDtypeStruct((2,), jnp.uint32)}}
+                                 DROPOUT_KEY: jax.random.key_data(jax.random.fold_in(rng, 1))}}
 
   def variables_of(self, module) -> dict:
     _, state = nnx.split(module)
@@ -231,14 +221,11 @@ class _Template:
         pairs.append((path, variable.replace(value=value)))
       module = nnx.merge(self.graphdef, nnx.from_flat_state(pairs))
       module.train() if train else module.eval()
-      logits = first_output(module(x))
-      state = {k: v for k, v in traverse_util.flatten_dict(self.variables_of(module)).items()
-               if k[0] == STATE}
-      return logits, traverse_util.unflatten_dict({k[1:]: v for k, v in state.items()})
+      return first_output(module(x)), self.variables_of(module).get(STATE, {})
     stats = {k[1:]: v for k, v in flat.items() if k[0] == STATE}
     key = jax.random.wrap_key_data(stats.pop((DROPOUT_KEY,)))
     given = traverse_util.unflatten_dict({k: v for k, v in flat.items()
-                                          if k[0] != STATE or k[1:] != (DROPOUT_KEY,)})
+                                          if k != (STATE, DROPOUT_KEY)})
     dropout, advanced = jax.random.split(key)
     if train:
       out, updated = self.module.apply(given, x, train=True, mutable=[STATE],

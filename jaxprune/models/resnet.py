@@ -21,22 +21,22 @@ def _check_image(x, downsamplings: int):
                      f'this network halves the image {downsamplings} times and needs')
 
 
-def _blocks_per_stage(name: str, depth: int, per_block: int, extra: int) -> int:
-  n, rest = divmod(depth - extra, per_block)
-  if rest or n < 1:
-    raise ValueError(f"{name} depth must be {per_block}n+{extra} with n >= 1, got {depth}.")
-  return n
-
-
 def _blocks(per_stage: Sequence[int]) -> list[tuple[int, int, str]]:
   """(stage, block, name) of every block, in order, both counted from 1."""
   return [(s, b, f'stage{s}_block{b}') for s, n in enumerate(per_stage, 1)
           for b in range(1, n + 1)]
 
 
+def _cifar_blocks(name: str, depth: int, per_block: int, extra: int) -> list[tuple[int, int, str]]:
+  """`_blocks` of a three-stage network of depth per_block * n + extra."""
+  n, rest = divmod(depth - extra, per_block)
+  if rest or n < 1:
+    raise ValueError(f"{name} depth must be {per_block}n+{extra} with n >= 1, got {depth}.")
+  return _blocks((n,) * 3)
+
+
 def _basic_branch(conv, bn, x, width: int, out: int, stride: int, block: str):
-  """A basic block's residual branch: 3x3 conv (`width`, `stride`), BN, ReLU, 3x3 conv
-  (`out`), BN; `conv` and `bn` make the layers."""
+  """A basic block's residual branch: 3x3 conv, BN, ReLU, 3x3 conv, BN."""
   y = conv(width, 3, stride, name=f'{block}_conv1')(x)
   y = nn.relu(bn(f'{block}_bn1')(y))
   return bn(f'{block}_bn2')(conv(out, 3, name=f'{block}_conv2')(y))
@@ -60,11 +60,11 @@ class ResNet(layers.Network):
   stage_widths: Sequence[int] = (16, 32, 64)
   shortcut: str = 'subsample'
 
-  def blocks_per_stage(self) -> int:
-    return _blocks_per_stage('ResNet', self.depth, 6, 2)
+  def blocks(self) -> list[tuple[int, int, str]]:
+    return _cifar_blocks('ResNet', self.depth, 6, 2)
 
   def prunable_groups(self) -> tuple[str, ...]:
-    return tuple(block for _, _, block in _blocks((self.blocks_per_stage(),) * 3))
+    return tuple(block for _, _, block in self.blocks())
 
   def group_layers(self) -> dict[str, str]:
     streams = {'stage1': 'stem', 'stage2': 'stage2_block1_conv2', 'stage3': 'stage3_block1_conv2'}
@@ -82,7 +82,7 @@ class ResNet(layers.Network):
     conv = functools.partial(layers.conv, self.performance)
     bn = lambda name: self.batch_norm(train, name)
     x = nn.relu(bn('stem_bn')(conv(widths['stage1'], 3, name='stem')(x)))
-    for s, b, block in _blocks((self.blocks_per_stage(),) * 3):
+    for s, b, block in self.blocks():
       out = widths[f'stage{s}']
       if b == 1 and out < x.shape[-1]:
         raise ValueError(f"stage{s} width {out} is narrower than the stage before it "
@@ -118,12 +118,11 @@ class PreResNet(layers.Network):
   planes: Sequence[int] = (16, 32, 64)
   expansion: int = 4
 
-  def blocks_per_stage(self) -> int:
-    return _blocks_per_stage('PreResNet', self.depth, 9, 2)
+  def blocks(self) -> list[tuple[int, int, str]]:
+    return _cifar_blocks('PreResNet', self.depth, 9, 2)
 
   def prunable_groups(self) -> tuple[str, ...]:
-    blocks = _blocks((self.blocks_per_stage(),) * 3)
-    groups = [f'{block}_{part}' for _, _, block in blocks for part in ('in', 'mid1', 'mid2')]
+    groups = [f'{block}_{part}' for _, _, block in self.blocks() for part in ('in', 'mid1', 'mid2')]
     return tuple(groups) + ('final',)
 
   def group_layers(self) -> dict[str, str]:
@@ -138,7 +137,7 @@ class PreResNet(layers.Network):
     stream = [p * self.expansion for p in self.planes]
     widths = {'stem': self.planes[0]}
     widths.update({f'stage{s}': w for s, w in zip((1, 2, 3), stream)})
-    for s, b, block in _blocks((self.blocks_per_stage(),) * 3):
+    for s, b, block in self.blocks():
       reads = self.planes[0] if (s, b) == (1, 1) else stream[s - 1 if b > 1 else s - 2]
       widths[f'{block}_in'] = reads
       widths[f'{block}_mid1'] = self.planes[s - 1]
@@ -152,7 +151,7 @@ class PreResNet(layers.Network):
     widths = self.resolved_widths()
     _check_image(x, 2)
     x = layers.conv(perf, widths['stem'], 3, name='stem')(x)
-    for s, b, block in _blocks((self.blocks_per_stage(),) * 3):
+    for s, b, block in self.blocks():
       stride = 2 if s > 1 and b == 1 else 1
       y = layers.SelectBnRelu(widths[f'{block}_in'], train, perf, self.bn_scale_init,
                               name=f'{block}_in_select')(x)
@@ -179,11 +178,11 @@ class WideResNet(layers.Network):
   depth: int = 40
   widen_factor: int = 2
 
-  def blocks_per_stage(self) -> int:
-    return _blocks_per_stage('WideResNet', self.depth, 6, 4)
+  def blocks(self) -> list[tuple[int, int, str]]:
+    return _cifar_blocks('WideResNet', self.depth, 6, 4)
 
   def prunable_groups(self) -> tuple[str, ...]:
-    return tuple(block for _, _, block in _blocks((self.blocks_per_stage(),) * 3))
+    return tuple(block for _, _, block in self.blocks())
 
   def group_layers(self) -> dict[str, str]:
     layers_of = {'stem': 'stem', **{f'stage{s}': f'stage{s}_block1_conv2' for s in (1, 2, 3)}}
@@ -204,7 +203,7 @@ class WideResNet(layers.Network):
     widths = self.resolved_widths()
     _check_image(x, 2)
     x = layers.conv(perf, widths.get('stem', widths['stage1']), 3, name='stem')(x)
-    for s, b, block in _blocks((self.blocks_per_stage(),) * 3):
+    for s, b, block in self.blocks():
       stride = 2 if s > 1 and b == 1 else 1
       pre = nn.relu(self.batch_norm(train, f'{block}_bn1')(x))
       # Projection iff the default network changes width or resolution here; a
@@ -226,30 +225,22 @@ class WideResNet(layers.Network):
 # torchvision's ImageNet ResNets by depth: the block and the blocks of each of the 4 stages.
 IMAGENET_DEPTHS = {18: ('basic', (2, 2, 2, 2)), 34: ('basic', (3, 4, 6, 3)),
                    50: ('bottleneck', (3, 4, 6, 3)), 101: ('bottleneck', (3, 4, 23, 3))}
-# A bottleneck's stream is this many times its inner width.
-EXPANSION = 4
 
 
 class ImageNetResNet(layers.Network):
   """torchvision's ImageNet ResNet (the one [R]'s and [M]'s ImageNet code build).
 
-  Stem: 7x7/2 conv (64) + BN + ReLU + 3x3/2 max pool. Four stages of `stage_widths`
-  (64, 128, 256, 512) with basic blocks (depth 18, 34) or bottleneck blocks (50, 101: 1x1,
-  3x3 and 1x1 convs, the stream 4x the inner width, the stride on the 3x3 as torchvision's
-  "ResNet v1.5"); the first block of stages 2-4 (and of stage 1 in a bottleneck network,
-  64 -> 256) adds a projection shortcut, 1x1 conv (stride 2 where it downsamples) + BN;
+  Stem: 7x7/2 conv + BN + ReLU + 3x3/2 max pool. Four stages of `stage_widths` with basic
+  blocks (depth 18, 34) or bottleneck blocks (50, 101: 1x1, 3x3, 1x1 convs, the stream 4x
+  the inner width, the stride on the 3x3 as torchvision's "ResNet v1.5"); the first block
+  of stages 2-4 (and of stage 1 in a bottleneck network) adds a 1x1 conv + BN projection;
   global average pool, Dense head. Convolutions are padded as PyTorch pads them.
 
-  Groups: `stage{s}` (s = 1..4), each stage's residual stream (not prunable: every block of
-  the stage writes it). Basic blocks: `stage{s}_block{b}`, the first conv's output,
-  prunable ([R]'s L1-norm ResNet-34 prunes these). Bottleneck blocks:
-  `stage{s}_block{b}_mid1` and `_mid2`, the 1x1 and 3x3 convs' outputs, both prunable,
-  and `stem`, the stem's 64 channels, which stage 1's first block and its projection read
-  (not prunable: none of the papers prunes it; in a basic-block network the stem writes
-  stage 1's stream).
-  Differences from torchvision: the head's kernel starts from `dense_init` (PyTorch draws
-  U(+-1/sqrt(fan_in))). The final map is averaged whole, as torchvision's adaptive pool
-  does (the 7x7 average pool of [R]'s older torchvision is the same at 224x224).
+  Groups: `stage{s}`, each stage's residual stream (not prunable). Basic blocks:
+  `stage{s}_block{b}`, the first conv's output, prunable (as [R]'s L1-norm ResNet-34).
+  Bottleneck blocks: `stage{s}_block{b}_mid1` and `_mid2`, the 1x1 and 3x3 convs' outputs,
+  prunable, and `stem`, the stem's channels (not prunable, as in the papers).
+  Unlike torchvision, the head's kernel starts from `dense_init`.
   """
   num_classes: int = 1000
   depth: int = 50
@@ -280,7 +271,7 @@ class ImageNetResNet(layers.Network):
     return layers_of
 
   def default_widths(self) -> dict[str, int]:
-    expansion = EXPANSION if self._bottleneck() else 1
+    expansion = 4 if self._bottleneck() else 1  # a bottleneck's stream is 4x its inner width
     widths = {'stem': self.stage_widths[0]} if self._bottleneck() else {}
     widths.update({f'stage{s}': w * expansion for s, w in enumerate(self.stage_widths, 1)})
     widths.update({g: self.stage_widths[int(g[5]) - 1] for g in self.prunable_groups()})

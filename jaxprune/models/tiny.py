@@ -10,9 +10,6 @@ class TinyCNN(layers.Network):
   def default_widths(self) -> dict[str, int]:
     return {'conv1': 8, 'conv2': 16, 'fc': 16}
 
-  def prunable_groups(self) -> tuple[str, ...]:
-    return ('conv1', 'conv2', 'fc')
-
   def group_layers(self) -> dict[str, str]:
     return {'conv1': 'conv1_conv', 'conv2': 'conv2_conv', 'fc': 'fc_dense'}
 

@@ -1,14 +1,11 @@
-"""VGG for CIFAR-sized images (`VGG`) and for ImageNet (`ImageNetVGG`), built from a layer
-list and a widths mapping.
+"""VGG for CIFAR-sized images (`VGG`) and for ImageNet (`ImageNetVGG`).
 
-Conv groups are named `conv{stage}_{index}` (stage counted between max-pools,
-both from 1), so VGG-16's are conv1_1 ... conv5_3 as in the pruning literature.
-Every conv is followed by BN and ReLU and is prunable. The feature map is
-global-average pooled (the same as the reference 2x2 average pool at 32x32).
-
-Classifiers: 'linear' is one Dense layer (network slimming's VGG); 'mlp' is
-Dense(fc) -> BN -> ReLU -> Dense (L1-norm filter pruning's VGG), whose hidden
-units form the prunable group `fc`.
+Conv groups are named `conv{stage}_{index}` (stage counted between max-pools, both from
+1: VGG-16's are conv1_1 ... conv5_3 as in the pruning literature). Every conv is followed
+by BN and ReLU and is prunable. `VGG` global-average pools the feature map (the reference
+2x2 average pool at 32x32); its classifier is 'linear', one Dense layer (network
+slimming's VGG), or 'mlp', Dense(fc) -> BN -> ReLU -> Dense (L1-norm filter pruning's VGG)
+whose hidden units are the prunable group `fc`.
 """
 
 from typing import Sequence
@@ -52,9 +49,6 @@ class VGG(layers.Network):
       widths['fc'] = self.fc_width
     return widths
 
-  def prunable_groups(self) -> tuple[str, ...]:
-    return tuple(self.default_widths())
-
   def group_layers(self) -> dict[str, str]:
     return {g: f'{g}_dense' if g.startswith('fc') else f'{g}_conv' for g in self.default_widths()}
 
@@ -62,12 +56,9 @@ class VGG(layers.Network):
     """The conv stack: `cfg`'s channels and max pools ('M')."""
     return tuple(self.cfg)
 
-  def min_image_size(self) -> int:
-    return 2 ** self.layer_items().count('M')
-
   @nn.nowrap
   def features(self, x, train: bool, widths: dict[str, int]):
-    layers.check_image(x, self.min_image_size(), 'this VGG needs images of')
+    layers.check_image(x, 2 ** self.layer_items().count('M'), 'this VGG needs images of')
     names = iter(conv_widths(self.cfg))
     for item in self.layer_items():
       if item == 'M':
@@ -100,23 +91,17 @@ IMAGENET_CLASSIFIERS = {
 class ImageNetVGG(VGG):
   """VGG with BatchNorm for 224x224 images: torchvision's vgg11_bn / vgg16_bn.
 
-  `VGG`'s conv stack, then a fifth 2x2 max pool; the classifier reads the flattened final
-  map (7x7x512 at 224x224, as the torchvision of [R]'s code, whose VGG flattens its
-  features directly) through two hidden Dense layers of `fc_width` units, the prunable
-  groups `fc1` and `fc2`, and the Dense head. Every group is prunable.
+  `VGG`'s conv stack, then a fifth 2x2 max pool; the flattened final map (7x7x512 at
+  224x224, as in [R]'s torchvision) goes through two hidden Dense layers of `fc_width`
+  units, the prunable groups `fc1` and `fc2`, and the Dense head.
 
-  Dropout (`classifier` 'dropout'): as torchvision, Dropout(0.5) after each hidden ReLU
-  while training; its key is the state variable `batch_stats/dropout_key` (PRNG key data),
-  which every training call splits and advances, so a resumed run draws the masks the
-  uninterrupted one draws. Evaluation (and every criterion) runs without dropout.
-  `classifier` 'bn' is [R]'s network-slimming VGG-11: a BN (prunable by its scale, as
-  slimming prunes it) after each hidden Dense, and no dropout.
-  Differences from torchvision: the convolutions have no bias (BN follows each, so a bias
-  changes nothing but the parameter count: 4,224 fewer in VGG-16); the flattened map is
-  NHWC-ordered (a permutation of fc1's input rows against PyTorch's NCHW); the Dense
-  kernels start from `dense_init` (torchvision's: normal_0.01); an image of
-  another size than 224x224 feeds its own map size to fc1, where torchvision's adaptive
-  pool would first average or repeat it to 7x7.
+  `classifier` 'dropout': Dropout(0.5) after each hidden ReLU while training, as
+  torchvision; its key is the state variable `batch_stats/dropout_key`, which every
+  training call advances, so a resumed run draws the masks the uninterrupted one draws.
+  'bn': [R]'s network-slimming VGG-11, a BN after each hidden Dense and no dropout.
+  Unlike torchvision: the convolutions have no bias (BN follows each); the flattened map is
+  NHWC-ordered; the Dense kernels start from `dense_init`; another image size than 224x224
+  feeds its own map size to fc1 (no adaptive pool to 7x7).
   """
   num_classes: int = 1000
   classifier: str = 'dropout'
