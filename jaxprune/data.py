@@ -5,11 +5,10 @@
 * `cifar10`, `cifar100`, `tfds:NAME`: `tfds.data_source` over array_record files. Preparing
   one (download and write, with TensorFlow: `pip install 'jaxprune[prepare]'`) is a step of
   its own; loading one that is not prepared is one sentence saying how, never a download.
-* `npz`: a `.npz` file of `NPZ_KEYS`: images uint8 NHWC (rank 4: add a grayscale channel
-  axis with `images[..., None]`), labels rank-1 integers, the classes 0..K-1 each with a
-  training example unless a scalar `num_classes` entry fixes them, so a stray label (255
-  among 0..9) is refused rather than taken for 246 new classes. Mean/std from all its
-  training images.
+* `npz`: a `.npz` file of `NPZ_KEYS`: images uint8 NHWC (rank 4: add a grayscale channel axis
+  with `images[..., None]`), labels rank-1 integers, the classes 0..K-1 each with a training
+  example unless a scalar `num_classes` entry fixes them, so a stray label (255 among 0..9) is
+  refused rather than taken for 246 new classes. Mean/std from all its training images.
 * `digits`: scikit-learn's bundled 8x8 digits (no download) scaled to uint8, split 1437
   train / 360 test by a fixed permutation; no flip (a mirrored digit is another symbol).
 
@@ -28,7 +27,7 @@ import functools
 import hashlib
 import os
 import zipfile
-from typing import Callable, Iterator, Mapping
+from typing import Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -93,8 +92,7 @@ class Dataset:
     return DataSpec(mean=self.mean, std=self.std, crop_padding=self.crop_padding, flip=self.flip)
 
 
-# ---------------------------------------------------------------------------------------------
-# Host-side loading.
+# ----------------------------------------------------------------------------- host-side loading
 
 
 def fingerprint(ds: Dataset) -> str:
@@ -182,15 +180,9 @@ _LABELS_ALLOWED = ("an npz file without num_classes must label its classes 0..K-
                    "in 0..num_classes-1)")
 
 
-# Without a num_classes entry, a class with fewer training examples than this fraction of
-# the average is refused as a probable stray label.
-RARE_CLASS_FRACTION = 0.01
-
-
 def _num_classes(path: str, arrays: Mapping[str, np.ndarray]) -> int:
-  """The class count of an npz file: its `num_classes` entry, or else K of training labels
-  that are exactly 0..K-1. A label outside the classes, or a class without or with far too
-  few training examples, is refused, naming its value and where it is."""
+  """The class count of an npz file (the module docstring's rule); a label outside the classes
+  or a class without or with far too few training examples is refused, naming where it is."""
   train_labels, test_labels = arrays['train_labels'], arrays['test_labels']
   if 'num_classes' in arrays:
     num_classes = arrays['num_classes']
@@ -231,9 +223,9 @@ def _num_classes(path: str, arrays: Mapping[str, np.ndarray]) -> int:
   num_classes = int(present[-1]) + 1
   counts = np.bincount(train_labels, minlength=num_classes)
   average = len(train_labels) / num_classes
-  rare = np.flatnonzero(counts < RARE_CLASS_FRACTION * average)
+  # Under 1 % of the average count is more likely a stray label (one 10 among 0-9) than a class.
+  rare = np.flatnonzero(counts < 0.01 * average)
   if len(rare):
-    # A class this rare is more likely a stray label than a class (e.g. one 10 among 0-9).
     label = int(rare[-1])
     raise DataError(f"npz file {path!r}: label {label} occurs {counts[label]} time(s) against "
                     f"{average:.0f} per class on average (train_labels["
@@ -247,8 +239,7 @@ def _num_classes(path: str, arrays: Mapping[str, np.ndarray]) -> int:
   return num_classes
 
 
-def _load_npz(name, data_path, data_dir, max_train) -> Dataset:
-  del name, data_dir
+def _load_npz(data_path, max_train) -> Dataset:
   if not data_path:
     raise ConfigError("dataset=npz needs data_path=FILE.npz.", settings=_SETTINGS)
   path = os.fspath(data_path)
@@ -300,26 +291,19 @@ def _load_npz(name, data_path, data_dir, max_train) -> Dataset:
   num_classes = _num_classes(path, arrays)
   mean, std = channel_stats(arrays['train_images'])
   train_images, train_labels = _subset(arrays['train_images'], arrays['train_labels'], max_train)
-  return Dataset(
-      name='npz', train_images=np.ascontiguousarray(train_images),
-      train_labels=train_labels.astype(np.int32),
-      test_images=np.ascontiguousarray(arrays['test_images']),
-      test_labels=arrays['test_labels'].astype(np.int32), num_classes=num_classes, mean=mean,
-      std=std)
+  return Dataset(name='npz', train_images=np.ascontiguousarray(train_images),
+                 train_labels=train_labels.astype(np.int32), num_classes=num_classes,
+                 test_images=np.ascontiguousarray(arrays['test_images']),
+                 test_labels=arrays['test_labels'].astype(np.int32), mean=mean, std=std)
 
 
-DIGITS_NUM_TEST = 360
-DIGITS_SEED = 0
-
-
-def _load_digits(name, data_path, data_dir, max_train) -> Dataset:
-  del name, data_path, data_dir
+def _load_digits(max_train) -> Dataset:
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
   digits = load_digits()
   images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
   labels = digits.target.astype(np.int32)
-  order = np.random.default_rng(DIGITS_SEED).permutation(len(labels))
-  train, test = order[:-DIGITS_NUM_TEST], order[-DIGITS_NUM_TEST:]
+  order = np.random.default_rng(0).permutation(len(labels))
+  train, test = order[:-360], order[-360:]
   mean, std = channel_stats(images[train])
   train_images, train_labels = _subset(images[train], labels[train], max_train)
   return Dataset(
@@ -328,11 +312,10 @@ def _load_digits(name, data_path, data_dir, max_train) -> Dataset:
       mean=mean, std=std, crop_padding=1, flip=False)
 
 
-def _load_tfds(name, data_path, data_dir, max_train) -> Dataset:
+def _load_tfds(name, data_dir, max_train) -> Dataset:
   """A TFDS image-classification dataset of fixed-shape images, read whole."""
-  del data_path
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder_name = tfds_name(name)
+  builder_name = name.removeprefix(TFDS_PREFIX)
   train, test = tfds_sources(builder_name, data_dir, ('train', 'test'))
   features = tfds.builder(builder_name, data_dir=data_dir).info.features
   if None in tuple(features['image'].shape):
@@ -341,17 +324,10 @@ def _load_tfds(name, data_path, data_dir, max_train) -> Dataset:
                       'as one array; read it with input=stream.', settings=('dataset', 'input'))
   train_images, train_labels = _read_records(train, max_train)
   test_images, test_labels = _read_records(test, None)
-  known = KNOWN_STATISTICS.get(builder_name)
-  mean, std = known if known else channel_stats(train_images)
-  return Dataset(
-      name=name, train_images=train_images, train_labels=train_labels,
-      test_images=test_images, test_labels=test_labels,
-      num_classes=int(features['label'].num_classes), mean=mean, std=std)
-
-
-def tfds_name(dataset: str) -> str:
-  """The TFDS builder name of a `dataset` value: tfds:NAME's NAME, else the value itself."""
-  return dataset.removeprefix(TFDS_PREFIX)
+  mean, std = KNOWN_STATISTICS.get(builder_name) or channel_stats(train_images)
+  return Dataset(name=name, train_images=train_images, train_labels=train_labels,
+                 test_images=test_images, test_labels=test_labels,
+                 num_classes=int(features['label'].num_classes), mean=mean, std=std)
 
 
 def tfds_sources(name: str, data_dir, splits: tuple[str, ...]) -> list:
@@ -369,13 +345,11 @@ def tfds_sources(name: str, data_dir, splits: tuple[str, ...]) -> list:
     if tfds.builder(name, data_dir=data_dir, file_format='array_record').is_prepared():
       raise ConfigError(
           f"{name} in {where} is prepared but cannot be read with tfds.data_source ({e}); "
-          f"prepare it as array_record ({prepare}), or {_ALTERNATIVES}.",
-          settings=_SETTINGS) from e
+          f"prepare it as array_record ({prepare}), or {_ALTERNATIVES}.", settings=_SETTINGS) from e
     raise ConfigError(
-        f"{name} is not prepared in {where}; prepare it once with {prepare} (TensorFlow "
-        f"and network access needed: pip install 'jaxprune[prepare]'), or pass data_dir=DIR "
-        f"holding a prepared array_record copy, or {_ALTERNATIVES}.",
-        settings=_SETTINGS) from e
+        f"{name} is not prepared in {where}; prepare it once with {prepare} (TensorFlow and "
+        f"network access needed: pip install 'jaxprune[prepare]'), or pass data_dir=DIR holding "
+        f"a prepared array_record copy, or {_ALTERNATIVES}.", settings=_SETTINGS) from e
 
 
 def _read_records(source, limit) -> tuple[np.ndarray, np.ndarray]:
@@ -388,11 +362,6 @@ def _read_records(source, limit) -> tuple[np.ndarray, np.ndarray]:
   return images, labels
 
 
-def _refuse_on_device(name, data_path, data_dir, max_train) -> Dataset:
-  raise ConfigError(f'dataset={name} does not fit on a device (its images vary in size); '
-                    'read it with input=stream (or input=auto).', settings=('dataset', 'input'))
-
-
 TFDS_PREFIX = 'tfds:'
 # Published training-set statistics (population std), in [0, 1] units, by TFDS name.
 KNOWN_STATISTICS = {
@@ -401,22 +370,14 @@ KNOWN_STATISTICS = {
     'imagenet2012': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 
-# dataset value -> loader(dataset, data_path, data_dir, max_train) -> Dataset (the device path).
-DATASETS: Mapping[str, Callable[..., Dataset]] = {
-    'cifar10': _load_tfds,
-    'cifar100': _load_tfds,
-    'imagenet2012': _refuse_on_device,
-    'npz': _load_npz,
-    'digits': _load_digits,
-}
+# dataset value -> the optional arguments of load it reads (giving one it ignores is a mistake).
+DATASETS: Mapping[str, set[str]] = {
+    'cifar10': {'data_dir'}, 'cifar100': {'data_dir'}, 'imagenet2012': {'data_dir'},
+    'npz': {'data_path'}, 'digits': set()}
 # What else `dataset` may be: any TFDS image-classification dataset by its TFDS name.
 OTHER_DATASETS = ('tfds:NAME (a TFDS image-classification dataset prepared as array_record)',
                   lambda value: isinstance(value, str) and value.startswith(TFDS_PREFIX)
                   and len(value) > len(TFDS_PREFIX))
-
-# Which of load's optional arguments each dataset reads; giving one it ignores is a mistake.
-_USES = {'cifar10': {'data_dir'}, 'cifar100': {'data_dir'}, 'imagenet2012': {'data_dir'},
-         'npz': {'data_path'}, 'digits': set()}
 
 
 def load(name: str, data_path=None, data_dir=None, max_train: int | None = None) -> Dataset:
@@ -428,17 +389,23 @@ def load(name: str, data_path=None, data_dir=None, max_train: int | None = None)
   if not OTHER_DATASETS[1](name):
     choose('dataset', name, DATASETS)
   for arg, value in (('data_path', data_path), ('data_dir', data_dir)):
-    if value is not None and arg not in _USES.get(name, {'data_dir'}):
+    if value is not None and arg not in DATASETS.get(name, {'data_dir'}):
       raise ConfigError(f"{arg} is not used by dataset={name}; it is for "
-                        f"{', '.join(n for n, u in _USES.items() if arg in u)}.",
+                        f"{', '.join(n for n, uses in DATASETS.items() if arg in uses)}.",
                         settings=_SETTINGS)
   if max_train is not None:
     max_train = _positive_int('max_train', max_train)
-  return DATASETS.get(name, _load_tfds)(name, data_path, data_dir, max_train)
+  if name == 'imagenet2012':
+    raise ConfigError(f'dataset={name} does not fit on a device (its images vary in size); '
+                      'read it with input=stream (or input=auto).', settings=('dataset', 'input'))
+  if name == 'npz':
+    return _load_npz(data_path, max_train)
+  if name == 'digits':
+    return _load_digits(max_train)
+  return _load_tfds(name, data_dir, max_train)
 
 
-# ---------------------------------------------------------------------------------------------
-# Device side: everything below is pure and jittable (`spec` static).
+# -------------------------------------------------- device side: pure and jittable (`spec` static)
 
 
 def device_put_dataset(ds: Dataset, sharding=None) -> dict[str, jax.Array]:
@@ -450,8 +417,7 @@ def device_put_dataset(ds: Dataset, sharding=None) -> dict[str, jax.Array]:
 
   def put(key):
     x = np.asarray(getattr(ds, key), np.uint8 if key.endswith('images') else np.int32)
-    # Works for one device, many devices and many hosts alike (each host supplies its own
-    # shards from the same host copy).
+    # One device, many devices or many hosts alike: each host supplies its shards from its copy.
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
   return {key: put(key) for key in NPZ_KEYS}
@@ -483,10 +449,9 @@ def augment(images: jax.Array, rng: jax.Array, crop_padding: int, flip: bool,
   b, h, w, _ = images.shape
   crop_key, flip_key = jax.random.split(rng)
   if crop_padding:
-    p = crop_padding
-    padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)),
-                     mode='constant' if pad_mode == 'zero' else 'reflect')
-    offsets = jax.random.randint(crop_key, (b, 2), 0, 2 * p + 1)
+    widths = ((0, 0), (crop_padding, crop_padding), (crop_padding, crop_padding), (0, 0))
+    padded = jnp.pad(images, widths, mode='constant' if pad_mode == 'zero' else 'reflect')
+    offsets = jax.random.randint(crop_key, (b, 2), 0, 2 * crop_padding + 1)
 
     def crop(image, offset):
       return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, image.shape[-1]))
@@ -500,8 +465,7 @@ def augment(images: jax.Array, rng: jax.Array, crop_padding: int, flip: bool,
 
 def normalize(images: jax.Array, mean, std) -> jax.Array:
   """uint8 pixels -> float32 (x / 255 - mean) / std, per channel."""
-  mean = jnp.asarray(mean, jnp.float32)
-  std = jnp.asarray(std, jnp.float32)
+  mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
   return (images.astype(jnp.float32) / 255.0 - mean) / std
 
 

@@ -1,19 +1,12 @@
 """What a user did or what stopped a run, as opposed to a bug.
 
-* `ConfigError`: a value the user typed or a file they supplied is wrong (`DataError`: a
-  data file); the message is one sentence naming the value and what is allowed.
-* `Preempted` / `Interrupted`: a SIGTERM / Ctrl-C (SIGINT) stopped training after a
-  checkpoint was saved; rerunning the same command resumes from it.
-* `Diverged`: training diverged (`train.loop`'s rule); the stage's last healthy checkpoint
-  is kept and a rerun (e.g. with a smaller learning rate) resumes from it.
-* A lost process (`lost_process`): another process of a multi-process run died, so a
-  collective or the coordination service failed; the same command on every process
-  resumes from the last checkpoint.
-
-Every other exception is a bug and keeps its traceback. Command-line entry points wrap their
-work in `exit_on_user_error()`, which turns these, storage failures that are no bug
-(`storage_error`: no space left, read-only storage, ...) and a Ctrl-C outside training into
-one line and an exit status (`EXIT_STATUS`).
+`ConfigError` (a wrong value or file; `DataError`: a data file), `Preempted` / `Interrupted`
+(a SIGTERM / Ctrl-C stopped training after a checkpoint was saved) and `Diverged`
+(`train.loop`'s rule). Every other exception is a bug and keeps its traceback. Command-line
+entry points wrap their work in `exit_on_user_error()`, which turns these, a lost process of
+a multi-process run (`lost_process`), storage failures that are no bug (`storage_error`: no
+space left, read-only storage, ...) and a Ctrl-C outside training into one line and an exit
+status (`EXIT_STATUS`).
 """
 
 import contextlib
@@ -46,8 +39,7 @@ class Preempted(Exception):
     saved = ('finished stages and the last checkpoint are kept' if step is None else
              f"step {step}{f' of {stage}' if stage else ''} is saved")
     super().__init__(f'{self._what}: {saved}; rerun the same command to resume.')
-    self.step = step
-    self.stage = stage
+    self.step, self.stage = step, stage
 
 
 class Interrupted(Preempted):
@@ -59,30 +51,24 @@ class Diverged(Exception):
   """Training diverged (`reason`, e.g. a loss that is not finite, at `step` of `epoch`);
   nothing after the last healthy checkpoint (`resume_step`, 0: none) was saved."""
 
-  def __init__(self, stage: str, epoch: int, step: int, resume_step: int,
-               reason: str = 'the loss is not finite'):
+  def __init__(self, stage: str, epoch: int, step: int, resume_step: int, reason: str):
     kept = (f'the healthy checkpoint of step {resume_step} is kept, and rerunning with a smaller '
             'lr resumes from it' if resume_step else
             'no healthy checkpoint came before it, so rerunning with a smaller lr starts the '
             'stage again')
     super().__init__(f'training diverged in stage {stage}: {reason} at epoch {epoch}, step '
                      f'{step}; {kept}.')
-    self.stage = stage
-    self.reason = reason
-    self.epoch = epoch
-    self.step = step
+    self.stage, self.reason, self.epoch, self.step = stage, reason, epoch, step
     self.resume_step = resume_step
 
 
 # Exit statuses of the command-line tools. 75 is EX_TEMPFAIL: "try again", which is what a
-# preempted run needs (a scheduler may requeue on it).
-# 130 is the shell's status of a process ended by Ctrl-C (128 + SIGINT).
+# preempted run needs (a scheduler may requeue on it); 130 is the shell's for Ctrl-C.
 EXIT_STATUS = {ConfigError: 1, Diverged: 3, Preempted: 75, Interrupted: 130}
 # A lost process is retried like a preemption: the rerun resumes from the last checkpoint.
 LOST_PROCESS_STATUS = 75
 
-# OSError numbers that say the storage cannot take what a run writes or reads, not that
-# jaxprune has a bug.
+# OSError numbers that say the storage cannot take what a run writes or reads: no bug.
 STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
                             errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EIO})
 
@@ -95,7 +81,7 @@ def choose(kind: str, value: str, allowed, setting: str | None = None) -> None:
 
 
 def as_flags(error: ConfigError) -> str:
-  """The message with every setting it names written as the flag (`prune_ratio` -> `--prune_ratio`)."""
+  """The message with every setting it names written as its flag (`--prune_ratio`)."""
   message = str(error)
   for name in error.settings:
     # A whole word, not part of a path, a file name or a flag already.
@@ -156,8 +142,7 @@ _LOST_PROCESS = re.compile(r'Gloo [\w-]+ failed|Connection (?:reset|closed) by p
 
 
 def lost_process(error: BaseException) -> str | None:
-  """The first line of the failure that says another process of the run is gone, if
-  `error` (or what caused it) is one."""
+  """The first line of `error` or a cause of it saying another process of the run is gone."""
   for cause in _chain(error):
     text = str(cause).strip()
     if _LOST_PROCESS.search(text):
@@ -176,18 +161,15 @@ def _exit_now(status: int) -> None:
 def _drop_closed_event_loop_callbacks(unraisable) -> None:
   # A failed checkpoint write leaves tensorstore callbacks that fire into the event loop
   # orbax has closed; each would print a traceback above the one-line error.
-  if (isinstance(unraisable.exc_value, RuntimeError)
-      and str(unraisable.exc_value) == 'Event loop is closed'):
-    return
-  sys.__unraisablehook__(unraisable)
+  error = unraisable.exc_value
+  if not (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'):
+    sys.__unraisablehook__(unraisable)
 
 
 @contextlib.contextmanager
 def exit_on_user_error():
-  """For command-line entry points: a ConfigError, Preempted, Interrupted or Diverged
-  raised inside, a lost process (`lost_process`), a storage failure (`storage_error`) or a
-  Ctrl-C ends the process with 'error: MESSAGE' (or the preemption line) on stderr and its
-  exit status, without a traceback. Anything else propagates with its traceback."""
+  """For command-line entry points: what the module docstring lists ends the process with
+  'error: MESSAGE' (or the preemption line) on stderr and its exit status, no traceback."""
   previous_hook = sys.unraisablehook
   sys.unraisablehook = _drop_closed_event_loop_callbacks
   try:
@@ -198,12 +180,10 @@ def exit_on_user_error():
   except Diverged as error:
     sys.stderr.write(f'error: {error}\n')
     sys.exit(EXIT_STATUS[Diverged])
-  except Preempted as error:
-    sys.stderr.write(f'{error}\n')
-    sys.exit(EXIT_STATUS[type(error)])
-  except KeyboardInterrupt:
-    sys.stderr.write(f'{Interrupted()}\n')
-    sys.exit(EXIT_STATUS[Interrupted])
+  except (Preempted, KeyboardInterrupt) as error:
+    stopped = error if isinstance(error, Preempted) else Interrupted()
+    sys.stderr.write(f'{stopped}\n')
+    sys.exit(EXIT_STATUS[type(stopped)])
   except Exception as error:  # pylint: disable=broad-except
     lost = lost_process(error)
     if lost is not None:

@@ -26,7 +26,6 @@ import tempfile
 import time
 
 LAUNCH = pathlib.Path(__file__).resolve().parents[1] / 'launch.py'
-POLL_S = 0.2
 
 
 def free_port() -> int:
@@ -36,28 +35,12 @@ def free_port() -> int:
     return probe.getsockname()[1]
 
 
-def commands(processes: int, port: int, flags) -> list[list[str]]:
-  """The launch.py command line of each process."""
-  return [[sys.executable, str(LAUNCH), '--multihost', f'--coordinator_address=localhost:{port}',
-           f'--num_processes={processes}', f'--process_id={i}', *flags]
-          for i in range(processes)]
-
-
 def environment(devices_per_process: int) -> dict:
   """This environment, with JAX on `devices_per_process` CPU devices."""
-  env = dict(os.environ)
-  xla_flags = [f for f in env.get('XLA_FLAGS', '').split()
+  xla_flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
                if not f.startswith('--xla_force_host_platform_device_count')]
-  env['XLA_FLAGS'] = ' '.join(
-      [*xla_flags, f'--xla_force_host_platform_device_count={devices_per_process}'])
-  env['JAX_PLATFORMS'] = 'cpu'
-  return env
-
-
-def _describe(status: int) -> str:
-  if status < 0:
-    return f'was killed by {signal.Signals(-status).name}'
-  return f'exited with status {status}'
+  xla_flags.append(f'--xla_force_host_platform_device_count={devices_per_process}')
+  return {**os.environ, 'XLA_FLAGS': ' '.join(xla_flags), 'JAX_PLATFORMS': 'cpu'}
 
 
 def run(processes: int, devices_per_process: int, flags, log_dir: pathlib.Path,
@@ -65,43 +48,42 @@ def run(processes: int, devices_per_process: int, flags, log_dir: pathlib.Path,
   """Starts the processes, passes signals on, waits for all; returns the exit status."""
   log_dir.mkdir(parents=True, exist_ok=True)
   env = environment(devices_per_process)
-  logs = [open(log_dir / f'process{i}.log', 'w') for i in range(1, processes)]
-  children = []
-  for i, command in enumerate(commands(processes, free_port(), flags)):
-    out = None if i == 0 else logs[i - 1]
-    children.append(subprocess.Popen(command, env=env, stdout=out,
-                                     stderr=None if i == 0 else subprocess.STDOUT,
-                                     start_new_session=True))
+  port = free_port()
+  logs = [None] + [open(log_dir / f'process{i}.log', 'w') for i in range(1, processes)]
+  children = [subprocess.Popen(
+      [sys.executable, str(LAUNCH), '--multihost', f'--coordinator_address=localhost:{port}',
+       f'--num_processes={processes}', f'--process_id={i}', *flags],
+      env=env, stdout=log, stderr=None if log is None else subprocess.STDOUT,
+      start_new_session=True) for i, log in enumerate(logs)]
 
   def forward(signum, frame):
     del signum, frame
     # SIGTERM is what the processes agree on a step to save at; a SIGINT each would stop
-    # every one wherever it is.
+    # every one wherever it is. Popen signals no child that has exited.
     for child in children:
-      if child.poll() is None:
-        child.send_signal(signal.SIGTERM)
+      child.send_signal(signal.SIGTERM)
 
   for signum in (signal.SIGTERM, signal.SIGINT):
     signal.signal(signum, forward)
   first_failure = None
-  deadline = None
   while any(child.poll() is None for child in children):
     for i, child in enumerate(children):
       if first_failure is None and child.returncode not in (None, 0):
         first_failure = i
         deadline = time.time() + grace_s
-    if deadline is not None and time.time() > deadline:
+    if first_failure is not None and time.time() > deadline:
       for child in children:
-        if child.poll() is None:
-          child.kill()
-    time.sleep(POLL_S)
-  for log in logs:
+        child.kill()
+    time.sleep(0.2)
+  for log in logs[1:]:
     log.close()
   statuses = [child.returncode for child in children]
   for i, status in enumerate(statuses):
     if status != 0:
+      how = (f'was killed by {signal.Signals(-status).name}' if status < 0 else
+             f'exited with status {status}')
       where = '' if i == 0 else f' (log: {log_dir / f"process{i}.log"})'
-      sys.stderr.write(f'local_cluster: process {i} {_describe(status)}{where}.\n')
+      sys.stderr.write(f'local_cluster: process {i} {how}{where}.\n')
   status = statuses[0] if statuses[0] != 0 or first_failure is None else statuses[first_failure]
   return status if status >= 0 else 128 - status
 

@@ -14,8 +14,7 @@
 * `barrier(name)`: every process waits for the others (at most the timeout).
 
 With one process each is its single-process case. The data needs nothing of its own: every
-process loads the same dataset and computes its rows of each global batch
-(docs/multihost.md).
+process loads the same dataset and computes its rows of each global batch (docs/multihost.md).
 """
 
 import atexit
@@ -38,8 +37,6 @@ from jax.experimental import multihost_utils
 from jaxprune.errors import EXIT_STATUS, LOST_PROCESS_STATUS, ConfigError, DataError, as_flags
 
 SETTINGS = ('coordinator_address', 'num_processes', 'process_id')
-# JAX's own join timeout is this much longer than ours, so ours speaks first.
-_JAX_JOIN_GRACE_S = 30
 _agreements = itertools.count()
 _timeout_s = 300
 
@@ -52,11 +49,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   `timeout_s` bounds joining and every barrier, and is JAX's heartbeat timeout: a process
   silent that long counts as dead. Not all joined within it ends this process with
   'error: SENTENCE' on stderr and exit status 1. Raises ConfigError for inconsistent
-  settings, or when no cluster is detected.
-  """
+  settings, or when no cluster is detected."""
   global _timeout_s
-  given = {'coordinator_address': coordinator_address, 'num_processes': num_processes,
-           'process_id': process_id}
+  given = dict(zip(SETTINGS, (coordinator_address, num_processes, process_id)))
   missing = [name for name, value in given.items() if value is None]
   if 0 < len(missing) < len(given):
     raise ConfigError(f'multihost takes {SETTINGS[0]}, {SETTINGS[1]} and {SETTINGS[2]} '
@@ -78,13 +73,13 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       'many processes started.', settings=('multihost_timeout', *SETTINGS))
   # JAX ends a process that cannot join (an unreachable coordinator, fewer processes than
   # num_processes) with an abort of its own, no exception, when its timeout expires; this
-  # timer ends it a little earlier, with the sentence.
+  # timer ends it 30 s earlier, with the sentence.
   timer = threading.Timer(timeout_s, _exit_with, (not_joined,))
   timer.daemon = True
   timer.start()
   try:
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
-                               initialization_timeout=timeout_s + _JAX_JOIN_GRACE_S,
+                               initialization_timeout=timeout_s + 30,
                                heartbeat_timeout_seconds=timeout_s)
   except ValueError as error:
     if missing:
@@ -117,23 +112,18 @@ _arrived = threading.Condition()
 
 
 def _hold_lifelines(coordinator_address: str | None) -> None:
-  """Connects process 0 with every other process by a TCP socket that a watcher thread
-  reads. A killed process's kernel closes its sockets at once, so the others stop within a
-  second; without them a process outside a collective would learn it only from JAX's
-  heartbeats, `timeout_s` later, and then be aborted with a stack dump. The sockets also
-  carry `agree`, `barrier` and `check_shared`; each process says goodbye at exit."""
-  listener = None
-  address = ''
+  """Connects process 0 with every other process by a TCP socket a watcher thread reads: a
+  killed process's kernel closes its sockets at once, so the others stop within a second,
+  where JAX's heartbeats would tell one outside a collective only `timeout_s` later, with an
+  abort and a stack dump. The sockets also carry `agree`, `barrier` and `check_shared`."""
+  readers = {}
   if jax.process_index() == 0:
     listener = socket.create_server(('', 0))
     listener.settimeout(_timeout_s)
     # Process 0 is the coordinator, so its address reaches this host from every other; a
     # detected cluster (TPU VM, SLURM) names its hosts, and this is one of them.
     host = coordinator_address.rsplit(':', 1)[0] if coordinator_address else socket.getfqdn()
-    address = f'{host}:{listener.getsockname()[1]}'
-  address = _from_process_0(address)
-  readers = {}
-  if listener is not None:
+    _from_process_0(f'{host}:{listener.getsockname()[1]}')
     for _ in range(jax.process_count() - 1):
       peer = listener.accept()[0]
       peer.settimeout(_timeout_s)
@@ -143,7 +133,7 @@ def _hold_lifelines(coordinator_address: str | None) -> None:
       _peers[index], readers[index] = peer, reader
     listener.close()
   else:
-    host, port = address.rsplit(':', 1)
+    host, port = _from_process_0('').rsplit(':', 1)
     peer = socket.create_connection((host, int(port)), timeout=_timeout_s)
     peer.settimeout(None)
     _peers[0], readers[0] = peer, peer.makefile('rb')
@@ -180,10 +170,9 @@ def _receive(key: str, sender: int, timeout_s: float | None = None) -> Any:
       raise TimeoutError(f'nothing from process {sender} under {key} within {timeout_s} s')
     if (key, sender) in _inbox:
       return _inbox.pop((key, sender))
-  sys.stderr.write(f'error: process {sender} of this multi-process run ended while this '
-                   'process waited for it (its output says why); the last checkpoint is kept, '
-                   'and the same command on every process resumes from it.\n')
-  sys.stderr.flush()
+  print(f'error: process {sender} of this multi-process run ended while this process waited '
+        'for it (its output says why); the last checkpoint is kept, and the same command on '
+        'every process resumes from it.', file=sys.stderr, flush=True)
   # An orderly exit: at exit JAX's shutdown meets the sender's, which is under way.
   sys.exit(LOST_PROCESS_STATUS)
 
@@ -204,31 +193,22 @@ def _watch(reader, sender: int) -> None:
         return
   except (OSError, ValueError):  # a reset connection, or a message cut short by its death
     pass
-  sys.stderr.write(f'error: process {sender} of this multi-process run stopped without saying '
-                   'goodbye (killed, or crashed); the last checkpoint is kept, and the same '
-                   'command on every process resumes from it.\n')
-  sys.stderr.flush()
+  print(f'error: process {sender} of this multi-process run stopped without saying goodbye '
+        '(killed, or crashed); the last checkpoint is kept, and the same command on every '
+        'process resumes from it.', file=sys.stderr, flush=True)
   os._exit(LOST_PROCESS_STATUS)
 
 
 def _exit_with(error: ConfigError) -> None:
-  sys.stderr.write(f'error: {as_flags(error)}\n')
-  sys.stderr.flush()
+  print(f'error: {as_flags(error)}', file=sys.stderr, flush=True)
   os._exit(EXIT_STATUS[ConfigError])
-
-
-def _first_line(error: BaseException) -> str:
-  lines = str(error).strip().splitlines()
-  return lines[0] if lines else type(error).__name__
 
 
 def agree(name: str, decide: Callable[[], Any]) -> Any:
   """`decide()` on process 0, its JSON-able value returned on every process; every process
-  calls it at the same point of the same program (answers are matched by call order).
-
-  A ConfigError (or DataError) of process 0 is raised on every process; any other exception
-  stops process 0 with its traceback, and the others with one sentence naming `name`.
-  """
+  calls it at the same point of the same program (answers are matched by call order). A
+  ConfigError (or DataError) of process 0 is raised on every process; any other exception
+  stops process 0 with its traceback, and the others with one sentence naming `name`."""
   if jax.process_count() == 1:
     return decide()
   key = f'agree/{next(_agreements)}/{name}'
@@ -240,7 +220,8 @@ def agree(name: str, decide: Callable[[], Any]) -> Any:
                          'data': isinstance(error, DataError)})
       raise
     except BaseException as error:
-      _tell_others(key, {'failed': _first_line(error)})
+      lines = str(error).strip().splitlines()
+      _tell_others(key, {'failed': lines[0] if lines else type(error).__name__})
       raise
     _tell_others(key, {'value': value})
     return value
@@ -262,8 +243,7 @@ def _tell_others(key: str, value: Any) -> None:
 
 
 def _collect(key: str, name: str) -> dict[int, Any]:
-  """What every peer (`_peers`) sent under `key`, by process index; ConfigError when one has
-  not within the timeout."""
+  """What every peer sent under `key`, by process index (ConfigError after the timeout)."""
   deadline = time.monotonic() + _timeout_s
   try:
     return {index: _receive(key, index, max(0.0, deadline - time.monotonic()))
@@ -310,11 +290,9 @@ def check_shared(directory: epath.Path, setting: str) -> None:
     blind = [i for i, sees in sorted(seen.items()) if not sees]
     marker.unlink()
     if blind:
-      names = ', '.join(map(str, blind))
       raise ConfigError(f'{setting} {directory} is not one directory for every process: '
-                        f'process{"es" if len(blind) > 1 else ""} {names} cannot see the file '
-                        'process 0 wrote there; give every process the same storage (a shared '
-                        'file system or gs://).', settings=(setting,))
-    return None
+                        f'process{"es" if len(blind) > 1 else ""} {", ".join(map(str, blind))} '
+                        'cannot see the file process 0 wrote there; give every process the same '
+                        'storage (a shared file system or gs://).', settings=(setting,))
 
   agree(f'{setting} is shared', blind_processes)

@@ -28,16 +28,12 @@ What `model` may be, and what `shrink` gives back:
   constructor fields can rebuild the module from `shrink(...).widths`.
 
 A model returning several values, `(logits, features)`, is scored on its first (`apply`
-and `shrink(...).apply` return them all). Attention is pruned by whole heads, across the
-query, key, value and output projections; the head dimension keeps its size when the
-attention is scaled by a constant (flax's 1/sqrt(head_dim)), which a shrunk module
-recomputes from the cut size. Gates (squeeze-and-excitation, GLU) are refused like
-residual streams unless `prune_streams=True`.
+and `shrink(...).apply` return them all). Attention is pruned by whole heads, and gates
+(squeeze-and-excitation, GLU) are refused like residual streams unless `prune_streams=True`
+(`jaxprune.prune.jaxpr` states the rules).
 
 `program` is the model's `jaxprune.prune.program.Program` (read in evaluation mode), which
 the criteria run, and `structure` its `Structure`, which selection and cost counting read.
-Training your own model with seeds and resumable stages: `launch.py
---model=package.module:factory` (docs/own_models.md).
 """
 
 import dataclasses
@@ -52,10 +48,8 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from jaxprune.errors import ConfigError
-from jaxprune.prune import criteria, flops, select as select_lib, shrink as shrink_lib
-from jaxprune.prune import jaxpr as jaxpr_lib
-from jaxprune.prune import jaxpr_run
-from jaxprune.prune import program as program_lib
+from jaxprune.prune import criteria, flops, jaxpr_run, select as select_lib, shrink as shrink_lib
+from jaxprune.prune import jaxpr as jaxpr_lib, program as program_lib
 
 _COLLECTIONS = {nnx.Param: 'params', nnx.BatchStat: 'batch_stats'}
 
@@ -67,48 +61,23 @@ def _collection(variable) -> str:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Function:
-  """The model as `program.from_function` reads it: Linen-style `apply(variables, x)`,
-  always in the mode the Pruner was given it in (evaluation)."""
+  """The model as `program.from_function` reads it, in the mode the Pruner was given it in."""
   fn: Callable
 
-  def apply(self, variables, x, train: bool = False, **unused):
-    del train, unused
+  def apply(self, variables, x, train: bool = False):
+    del train
     return self.fn(variables, x)
 
 
 @dataclasses.dataclass
 class Shrunk:
-  """A physically smaller model.
-
-  Attributes:
-    variables: the cut variables (same tree as the Pruner's).
-    apply: jitted `apply(variables, x)`: the model's program on the cut arrays.
-    kept: {group: indices of the kept channels in the full model}.
-    widths: {group: number of kept channels} for every prunable group.
-    cost: its MACs and params (`flops.Cost`).
-    module: for an NNX model, the user's module with the cut arrays; None otherwise.
-  """
-  variables: Any
-  apply: Callable
-  kept: dict[str, np.ndarray]
-  widths: dict[str, int]
-  cost: flops.Cost
-  module: Any = None
-
-
-def _batch_images(batch):
-  if isinstance(batch, Mapping):
-    return batch['image']
-  if isinstance(batch, (tuple, list)):
-    return batch[0]
-  return batch
-
-
-def _as_batch(batch) -> dict:
-  if isinstance(batch, Mapping):
-    return {'image': batch['image'], 'label': batch['label']}
-  images, labels = batch
-  return {'image': images, 'label': labels}
+  """A physically smaller model."""
+  variables: Any  # the cut variables (same tree as the Pruner's)
+  apply: Callable  # jitted `apply(variables, x)`: the model's program on the cut arrays
+  kept: dict[str, np.ndarray]  # {group: indices of the kept channels in the full model}
+  widths: dict[str, int]  # {group: number of kept channels} for every prunable group
+  cost: flops.Cost  # its MACs and params
+  module: Any = None  # for an NNX model, the user's module with the cut arrays
 
 
 class Pruner:
@@ -151,7 +120,11 @@ class Pruner:
         _check_call_arguments(apply.__self__)
       variables = nn.meta.unbox(variables)
     self.variables = variables
-    x = jnp.asarray(_batch_images(example_batch))
+    if isinstance(example_batch, Mapping):
+      example_batch = example_batch['image']
+    elif isinstance(example_batch, (tuple, list)):
+      example_batch = example_batch[0]
+    x = jnp.asarray(example_batch)
     self.program = self._traced(lambda: program_lib.from_function(
         _Function(apply), variables, x, prune_streams=prune_streams, fixed=tuple(fixed),
         rng_leaves=self._rng_keys), x)
@@ -160,7 +133,8 @@ class Pruner:
     self.structure = self.program.structure
     # Plain jax.jit, not compiler.jit: users call these inside their own jitted steps, and
     # compiler options are only allowed on the outermost jit.
-    self._masked = jax.jit(self._masked_apply)
+    self._masked = jax.jit(lambda variables, x, masks: self.program.apply(
+        nn.meta.unbox(variables), x, masks=masks))
 
   # NNX: variables as a {collection: tree} dict, and back.
 
@@ -186,10 +160,6 @@ class Pruner:
 
   # The program.
 
-  def leaves_of(self, variables) -> list:
-    flat = traverse_util.flatten_dict(dict(nn.meta.unbox(variables)))
-    return [flat[k] for k in self.program.leaf_keys]
-
   def graph_for(self, x) -> jaxpr_lib.Graph:
     """The derived program for inputs shaped like x (traced once per shape and dtype)."""
     return self._traced(lambda: self.program.graph_for(x), x)
@@ -206,9 +176,6 @@ class Pruner:
       raise ConfigError(f"images of shape {tuple(np.shape(x))} do not fit the model: "
                         f"{first}.") from error
 
-  def _masked_apply(self, variables, x, masks):
-    return self.program.apply(nn.meta.unbox(variables), x, masks=masks)
-
   def apply(self, variables, x, masks: Mapping | None = None):
     """The model's output with `masks` ({group: (C,) or (B, C)}) at every consumer; jitted."""
     self.graph_for(x)
@@ -219,27 +186,22 @@ class Pruner:
 
   def score(self, criterion: str, batches: Iterable | None = None, masks: Mapping | None = None,
             rng=None, **options) -> dict[str, np.ndarray]:
-    """{group: (C,) scores} by a criterion of `criteria.CRITERIA`; higher = keep.
-
-    `batches`: {'image', 'label'} dicts or (images, labels) pairs, read once (data-free
-    criteria ignore them).
-    """
+    """{group: (C,) scores} by a criterion of `criteria.CRITERIA`; higher = keep. `batches`:
+    {'image', 'label'} dicts or (images, labels) pairs, read once (data-free criteria ignore
+    them)."""
     def checked():
       for index, batch in enumerate(batches if batches is not None else ()):
-        batch = _as_batch(batch)
-        self._check_labels(batch, index)
-        yield batch
+        images, labels = (batch['image'], batch['label']) if isinstance(batch, Mapping) else batch
+        classes = self.graph_for(images).jaxpr.out_avals[0].shape[-1]
+        array = np.asarray(labels)
+        outside = array[(array < 0) | (array >= classes)]
+        if outside.size:
+          raise ConfigError(f"batch {index} has label {outside.flat[0]}, outside the model's "
+                            f"{classes} classes; labels must be integers in [0, {classes}).")
+        yield {'image': images, 'label': labels}
 
     return criteria.score(criterion, self.program, self.variables, checked(), masks=masks,
                           rng=rng, **options)
-
-  def _check_labels(self, batch, index: int):
-    classes = self.graph_for(batch['image']).jaxpr.out_avals[0].shape[-1]
-    labels = np.asarray(batch['label'])
-    outside = labels[(labels < 0) | (labels >= classes)]
-    if outside.size:
-      raise ConfigError(f"batch {index} has label {outside.flat[0]}, outside the model's "
-                        f"{classes} classes; labels must be integers in [0, {classes}).")
 
   def select(self, policy: str, scores: Mapping, **options) -> dict[str, np.ndarray]:
     """Keep masks by a policy of `select.SELECTIONS` (ratio=, target_macs=, min_channels=, ...)."""
@@ -273,7 +235,8 @@ class Pruner:
     small = jax.tree.map(jnp.asarray, small)
 
     def run(variables, x):
-      return jaxpr_run.evaluate(self.graph_for(x), self.leaves_of(variables), x, kept=kept)
+      leaves = self.program.leaves_of(nn.meta.unbox(variables))
+      return jaxpr_run.evaluate(self.graph_for(x), leaves, x, kept=kept)
 
     return Shrunk(variables=small, apply=jax.jit(run), kept=kept, widths=widths,
                   cost=flops.count(self.structure, widths),
@@ -288,15 +251,14 @@ class Pruner:
 
 
 def _shape(param):
-  return None if param is None else tuple(np.shape(param.get_value()))
+  return tuple(np.shape(param.get_value()))
 
 
 def _update_features(node):
   """Sets an nnx layer's stored feature counts from its (cut) parameters."""
   if isinstance(node, nnx.Conv):
     kernel = _shape(node.kernel)
-    depthwise = node.feature_group_count == node.in_features and node.feature_group_count > 1
-    if depthwise:
+    if node.feature_group_count == node.in_features > 1:  # depthwise
       node.feature_group_count = kernel[-1]
     node.in_features = kernel[-2] * node.feature_group_count
     node.out_features = kernel[-1]

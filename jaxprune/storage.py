@@ -4,10 +4,8 @@ run writes there, and the conditional writes that claims are made of.
 Everything on gs:// (installed by the `gcs` extra) reads Google's Application Default
 Credentials: small files and the compilation cache go through `etils.epath` over gcsfs,
 orbax checkpoints through tensorstore's gcs driver, claims (`pipeline.workdir`) through
-google-cloud-storage here. Every change of a claim object is conditional on its generation:
-`create` succeeds only if the object is absent, `replace` and `delete` only if it is still
-the generation the caller last saw, so of several processes writing at once exactly one
-succeeds.
+google-cloud-storage here. Every change of a claim object is conditional on its generation
+(`create`, `replace`, `delete`), so of several processes writing at once exactly one succeeds.
 
 `check` runs for every gs:// URL a run uses, before anything is written (the extra
 installed, credentials found, the bucket reachable, existing and listable), each request
@@ -26,13 +24,6 @@ import re
 from jaxprune.errors import ConfigError
 
 EMULATOR_ENV_VAR = 'STORAGE_EMULATOR_HOST'
-TENSORSTORE_URL_ENV_VAR = 'TENSORSTORE_GCS_HTTP_URL'
-# etils.epath reads it at every gs:// operation: 'false' keeps it on gcsfs (one client, the
-# one tested) where TensorFlow is installed.
-EPATH_USE_TF_ENV_VAR = 'EPATH_USE_TF'
-# gcsfs reads it when it is imported: 'true' (its default) makes every gs:// file system
-# ask the storage control API for the bucket's layout.
-GCSFS_EXTENDED_ENV_VAR = 'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT'
 CHECK_REQUEST_S = 2.0
 CHECK_DEADLINE_S = 4.0
 # How requests quotes the OS's reason inside its ConnectionError.
@@ -54,15 +45,17 @@ def split(url: str) -> tuple[str, str]:
 
 
 def configure() -> None:
-  """Sets what epath, gcsfs and tensorstore need before they open anything (the constants
-  above say why; tensorstore follows STORAGE_EMULATOR_HOST), and no gcsfs listing cache:
-  another process's new files (a shared baseline's results.json) must be seen. Settings the
-  user made are kept."""
+  """Sets what epath, gcsfs and tensorstore need before they open anything, keeping settings
+  the user made."""
   import fsspec
-  os.environ.setdefault(EPATH_USE_TF_ENV_VAR, 'false')
-  os.environ.setdefault(GCSFS_EXTENDED_ENV_VAR, 'false')
+  # 'false' keeps etils.epath on gcsfs (one client, the one tested) where TensorFlow is installed.
+  os.environ.setdefault('EPATH_USE_TF', 'false')
+  # gcsfs reads it when it is imported: 'true' (its default) makes every gs:// file system
+  # ask the storage control API for the bucket's layout.
+  os.environ.setdefault('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
   if os.environ.get(EMULATOR_ENV_VAR):
-    os.environ.setdefault(TENSORSTORE_URL_ENV_VAR, os.environ[EMULATOR_ENV_VAR])
+    os.environ.setdefault('TENSORSTORE_GCS_HTTP_URL', os.environ[EMULATOR_ENV_VAR])
+  # Another process's new files (a shared baseline's results.json) must be seen.
   fsspec.config.conf.setdefault('gs', {}).setdefault('use_listings_cache', False)
   # fsspec logs every gs:// file it opens for reading, at INFO.
   reads = logging.getLogger('fsspec.caching')
@@ -81,12 +74,6 @@ def _client_of(emulator: str | None):
   return storage.Client()
 
 
-def _where() -> str:
-  emulator = os.environ.get(EMULATOR_ENV_VAR)
-  return f'the GCS emulator at {emulator} ({EMULATOR_ENV_VAR})' if emulator else \
-      'Google Cloud Storage'
-
-
 def _refusal(error: Exception, url: str, setting: str | None) -> ConfigError | None:
   """The ConfigError that says what `error` (from a request about `url`, the value of
   `setting` if given) means for the user, or None if it is none of storage's refusals."""
@@ -94,6 +81,9 @@ def _refusal(error: Exception, url: str, setting: str | None) -> ConfigError | N
   from google.auth import exceptions as auth
   import requests
   bucket, _ = split(url)
+  emulator = os.environ.get(EMULATOR_ENV_VAR)
+  where = (f'the GCS emulator at {emulator} ({EMULATOR_ENV_VAR})' if emulator else
+           'Google Cloud Storage')
   head = f'{setting} {url!r}' if setting else repr(url)
   settings = (setting,) if setting else ()
   if isinstance(error, auth.DefaultCredentialsError):
@@ -102,7 +92,7 @@ def _refusal(error: Exception, url: str, setting: str | None) -> ConfigError | N
                        'GOOGLE_APPLICATION_CREDENTIALS to a key file, or run on a Google '
                        'Cloud VM with a service account.', settings=settings)
   if isinstance(error, api.NotFound):
-    return ConfigError(f'{head}: the bucket gs://{bucket} does not exist on {_where()}; '
+    return ConfigError(f'{head}: the bucket gs://{bucket} does not exist on {where}; '
                        f'create it (gcloud storage buckets create gs://{bucket}) or give '
                        'another.', settings=settings)
   if isinstance(error, (api.Forbidden, api.Unauthorized, auth.RefreshError)):
@@ -111,11 +101,11 @@ def _refusal(error: Exception, url: str, setting: str | None) -> ConfigError | N
                        'roles/storage.objectUser on the bucket, or give a bucket it may use.',
                        settings=settings)
   if isinstance(error, api.BadRequest):
-    return ConfigError(f'{head} is refused by {_where()} ({_first_line(error)}); give '
+    return ConfigError(f'{head} is refused by {where} ({_first_line(error)}); give '
                        'gs://BUCKET/PATH with an existing bucket.', settings=settings)
   if isinstance(error, (api.RetryError, api.ServerError, auth.TransportError,
                         requests.exceptions.RequestException)):
-    return ConfigError(f'{head}: {_where()} cannot be reached ({_unreachable(error)}); '
+    return ConfigError(f'{head}: {where} cannot be reached ({_unreachable(error)}); '
                        'check the network (or start the emulator), or give a local '
                        'directory.', settings=settings)
   return None
@@ -129,7 +119,7 @@ def _unreachable(error: Exception) -> str:
 
 
 def _first_line(error: Exception) -> str:
-  cause = error.cause if getattr(error, 'cause', None) is not None else error
+  cause = getattr(error, 'cause', None) or error
   text = str(cause).strip().splitlines()
   return f'{type(cause).__name__}: {text[0][:200] if text else ""}'.rstrip(': ')
 
@@ -153,12 +143,8 @@ def check(url: str, setting: str) -> None:
                       f'extra: {INSTALL}.', settings=(setting,)) from None
   from google.api_core.retry import Retry
   retry = Retry(initial=0.25, maximum=1.0, multiplier=2.0, timeout=CHECK_DEADLINE_S)
-
-  def first_object():
-    return next(iter(_client().list_blobs(bucket, prefix=prefix, max_results=1,
-                                          timeout=CHECK_REQUEST_S, retry=retry)), None)
-
-  _api_call(url, first_object, setting)
+  _api_call(url, lambda: list(_client().list_blobs(
+      bucket, prefix=prefix, max_results=1, timeout=CHECK_REQUEST_S, retry=retry)), setting)
 
 
 def _api_call(url: str, call, setting: str | None = None):
@@ -205,8 +191,7 @@ def updated(url: str, generation: int) -> float | None:
 
 
 def create(url: str, text: str) -> int | None:
-  """Creates the object at `url` with `text` if there is none; its generation, or None if
-  one exists."""
+  """Creates the object at `url` with `text` if there is none (`replace` of generation 0)."""
   return replace(url, text, 0)
 
 

@@ -23,6 +23,7 @@ Batches travel as uint8: normalisation happens on the device.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from typing import Any, Iterator
@@ -44,12 +45,8 @@ INPUTS = {
 }
 # The datasets `auto` streams, besides every tfds:NAME.
 STREAMED = ('imagenet2012',)
-# Evaluation resizes the shorter side to image_size x RESIZE_RATIO (256 for 224).
-RESIZE_RATIO = 256 / 224
 # Batches each reading process (the training process or a worker) makes at once.
 READ_THREADS = 2
-# Training examples whose statistics stand for a tfds:NAME dataset's mean and std.
-STATISTICS_SAMPLE = 2000
 
 
 def streams(name: str, input_setting: str) -> bool:
@@ -72,10 +69,8 @@ class Augment:
   pad_mode: str = 'zero'
 
   def train(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    if self.fixed_shape:
-      image = _pad_crop(image, rng, self.crop_padding, self.pad_mode)
-    else:
-      image = _resized_crop(image, rng, self.image_size)
+    image = (_pad_crop(image, rng, self.crop_padding, self.pad_mode) if self.fixed_shape
+             else _resized_crop(image, rng, self.image_size))
     if self.flip and rng.random() < 0.5:
       image = image[:, ::-1]
     return np.ascontiguousarray(image)
@@ -85,7 +80,7 @@ class Augment:
       return image
     from PIL import Image  # pylint: disable=g-import-not-at-top
     h, w = image.shape[:2]
-    shorter = round(self.image_size * RESIZE_RATIO)
+    shorter = round(self.image_size * (256 / 224))
     scale = shorter / min(h, w)
     size = (max(shorter, round(w * scale)), max(shorter, round(h * scale)))
     resized = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
@@ -119,7 +114,6 @@ def _resized_crop(image, rng, size: int) -> np.ndarray:
     ratio = w / h
     cw, ch = ((w, round(w / (3 / 4))) if ratio < 3 / 4 else
               (round(h * 4 / 3), h) if ratio > 4 / 3 else (w, h))
-    cw, ch = min(cw, w), min(ch, h)
     top, left = (h - ch) // 2, (w - cw) // 2
   return np.asarray(Image.fromarray(image).resize(
       (size, size), Image.BILINEAR, box=(left, top, left + cw, top + ch)))
@@ -186,7 +180,7 @@ class Stream:
 def _tfds_stream(name: str, data_dir, max_train, image_size: int, workers: int,
                  pad_mode: str) -> Stream:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder_name = data.tfds_name(name)
+  builder_name = name.removeprefix(data.TFDS_PREFIX)
   data_dir = os.fspath(data_dir) if data_dir else None
   try:
     builder = tfds.builder(builder_name, data_dir=data_dir, file_format='array_record')
@@ -207,19 +201,16 @@ def _tfds_stream(name: str, data_dir, max_train, image_size: int, workers: int,
     train = _Subset(train, data.subset_indices(len(train), max_train))
   augment = Augment(fixed_shape=fixed, image_size=image_size, crop_padding=4 if fixed else 0,
                     pad_mode=pad_mode)
-  known = data.KNOWN_STATISTICS.get(builder_name)
-  if known is None:
-    sample = data.subset_indices(len(train), STATISTICS_SAMPLE)
-    known = data.channel_stats(np.stack(
-        [augment.test(np.asarray(train[int(i)]['image'], np.uint8)) for i in sample]))
-  mean, std = known
-  image_shape = shape if fixed else (image_size, image_size, shape[-1])
+  # Without published statistics, those of 2000 training examples stand for the dataset's.
+  mean, std = data.KNOWN_STATISTICS.get(builder_name) or data.channel_stats(np.stack(
+      [augment.test(np.asarray(train[int(i)]['image'], np.uint8))
+       for i in data.subset_indices(len(train), 2000)]))
   fingerprint = (f'tfds:{builder_name}:{builder.info.version}:{len(train)}:{len(test)}:'
                  f'{builder.info.dataset_size}')
   return Stream(name=name, train=train, test=test,
-                num_classes=int(features['label'].num_classes), mean=tuple(mean),
-                std=tuple(std), image_shape=tuple(image_shape), augment=augment,
-                fingerprint=fingerprint, workers=workers)
+                num_classes=int(features['label'].num_classes), mean=mean, std=std,
+                image_shape=shape if fixed else (image_size, image_size, shape[-1]),
+                augment=augment, fingerprint=fingerprint, workers=workers)
 
 
 def open_stream(name: str, *, data_path=None, data_dir=None, max_train=None,
@@ -238,11 +229,10 @@ def open_stream(name: str, *, data_path=None, data_dir=None, max_train=None,
     return Stream(name=name, train=ArraySource(loaded.train_images, loaded.train_labels),
                   test=ArraySource(loaded.test_images, loaded.test_labels),
                   num_classes=loaded.num_classes, mean=loaded.mean, std=loaded.std,
-                  image_shape=loaded.image_shape,
+                  image_shape=loaded.image_shape, fingerprint=data.fingerprint(loaded),
                   augment=Augment(fixed_shape=True, image_size=loaded.image_shape[0],
                                   crop_padding=loaded.crop_padding, flip=loaded.flip,
-                                  pad_mode=pad_mode),
-                  fingerprint=data.fingerprint(loaded), workers=workers)
+                                  pad_mode=pad_mode), workers=workers)
   if data_path is not None:
     raise ConfigError(f'data_path is for dataset=npz, not dataset={name}.',
                       settings=('data_path', 'dataset'))
@@ -277,27 +267,20 @@ class _TrainPositions:
     step, within = divmod(int(k), self.local)
     epoch, index = divmod(step, self.steps)
     position = index * self.batch_size + self.process * self.local + within
-    return step * self.batch_size + position % self.batch_size, self.source[
-        int(self.order(epoch)[position])]
+    place = step * self.batch_size + position % self.batch_size
+    return place, self.source[int(self.order(epoch)[position])]
 
 
-@dataclasses.dataclass(frozen=True)
-class _TrainExample:
-  """Augments an example with a generator of (seed, its place in the run): the same
-  augmentation whatever the number of processes that read it."""
-  augment: Augment
-  seed: int
-
-  def __call__(self, placed: tuple[int, dict]) -> dict:
-    place, record = placed
-    rng = np.random.default_rng([self.seed, 1, place])
-    return {'image': self.augment.train(np.asarray(record['image'], np.uint8), rng),
-            'label': np.int32(record['label'])}
+def _train_example(augment: Augment, seed: int, placed: tuple[int, dict]) -> dict:
+  """Augments a `_TrainPositions` (place, record) with a generator of (seed, place)."""
+  place, record = placed
+  rng = np.random.default_rng([seed, 1, place])
+  return {'image': augment.train(np.asarray(record['image'], np.uint8), rng),
+          'label': np.int32(record['label'])}
 
 
 class _TestPositions:
-  """Example k of this process's share of the test split in order, the last global batch
-  padded with example 0 marked invalid."""
+  """Example k of this process's share of the test split's global batches (`test_batches`)."""
 
   def __init__(self, source, batch_size: int, local: int, process: int, augment: Augment):
     self.source, self.batch_size, self.local, self.process = source, batch_size, local, process
@@ -331,8 +314,7 @@ def _iterator(dataset, workers: int):
                                                        prefetch_buffer_size=2 * READ_THREADS))
   if workers:
     # grain's workers read its absl flags; outside an absl program they keep their defaults.
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
+    flags.FLAGS.mark_as_parsed()
     iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return iter(iterable)
 
@@ -345,14 +327,13 @@ def train_iterator(stream: Stream, *, seed: int, batch_size: int, epochs: int):
   local = _local_batch(batch_size)
   positions = _TrainPositions(stream.train, batch_size, local, jax.process_index(), seed, epochs)
   dataset = (grain.MapDataset.source(positions)
-             .map(_TrainExample(stream.augment, seed))
+             .map(functools.partial(_train_example, stream.augment, seed))
              .batch(local, drop_remainder=True))
   return _iterator(dataset, stream.workers)
 
 
 def test_batches(stream: Stream, batch_size: int) -> Iterator[dict]:
-  """This process's slices of the test split's global batches, in order: {'image', 'label',
-  'valid'}; padded entries have valid False."""
+  """This process's slices of the test split's global batches: {'image', 'label', 'valid'}."""
   import grain  # pylint: disable=g-import-not-at-top
   local = _local_batch(batch_size)
   positions = _TestPositions(stream.test, batch_size, local, jax.process_index(), stream.augment)

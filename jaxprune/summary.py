@@ -19,7 +19,6 @@ output width (a DenseNet growth conv, the classifier) under the group it reads; 
 follows no group (a fixed stem) under '(fixed)'. The rows therefore add up to the totals.
 """
 
-import dataclasses
 import json
 import math
 from typing import Mapping
@@ -46,8 +45,7 @@ flags.DEFINE_string('dataset', 'digits', 'dataset whose image shape and classes 
                     f"counted at: {', '.join({**data.DATASETS, **IMAGE_SHAPES})} (as for "
                     'launch.py).')
 flags.DEFINE_string('data_path', None, 'the .npz file of --dataset=npz.')
-flags.DEFINE_string('preset', None,
-                    f"Li et al. preset to apply: {', '.join(select.PRESETS)}.")
+flags.DEFINE_string('preset', None, f"Li et al. preset to apply: {', '.join(select.PRESETS)}.")
 flags.DEFINE_string('widths_file', None, 'JSON file with {"widths": {...}} (e.g. a run\'s '
                     'prune/record.json) or {"masks": {...}}.')
 flags.DEFINE_float('width_multiplier', 1.0, "every default width times this, as launch.py's "
@@ -64,27 +62,24 @@ def human(n: float) -> str:
   return str(int(n))
 
 
-def per_group(struct: structure.Structure, widths: Mapping[str, int]) -> dict[str, flops.Cost]:
-  """MACs and params attributed to each group (see the module docstring); sums to the totals."""
+def per_group(struct: structure.Structure, widths: Mapping[str, int]) -> dict[str, dict]:
+  """{'macs', 'params'} attributed to each group (module docstring); sums to the totals."""
   layers = {}
   for key, tags in struct.axes.items():
     if key[0] == 'params':
       layers.setdefault(key[1:-1], []).append((key, tags))
-  macs = {g: 0 for g in list(struct.widths) + [FIXED]}
-  params = dict(macs)
+  costs = {g: {'macs': 0, 'params': 0} for g in [*struct.widths, FIXED]}
   for leaves in layers.values():
     # The kernel (or BN scale) decides for the whole layer, so a bias goes with its kernel.
     _, tags = max(leaves, key=lambda leaf: len(leaf[1]))
-    tagged = [t for t in tags if t is not None]
-    owner = tags[-1] if tags[-1] is not None else (tagged[-1] if tagged else FIXED)
+    owner = next((t for t in reversed(tags) if t is not None), FIXED)
     for key, tags in leaves:
-      size = math.prod(widths[t] if t is not None else s
-                       for s, t in zip(struct.shapes[key], tags))
-      params[owner] += size
-      macs[owner] += size * struct.positions.get(key, 0)
-  if not macs[FIXED] and not params[FIXED]:
-    del macs[FIXED], params[FIXED]
-  return {g: flops.Cost(macs=macs[g], params=params[g]) for g in macs}
+      size = math.prod(widths[t] if t is not None else s for s, t in zip(struct.shapes[key], tags))
+      costs[owner]['params'] += size
+      costs[owner]['macs'] += size * struct.positions.get(key, 0)
+  if costs[FIXED] == {'macs': 0, 'params': 0}:
+    del costs[FIXED]
+  return costs
 
 
 def load_widths(path: str, struct: structure.Structure) -> dict[str, int]:
@@ -107,10 +102,8 @@ def load_widths(path: str, struct: structure.Structure) -> dict[str, int]:
       raise fail(f"'widths' in {where} must map group names to widths.")
     unknown = [g for g in given if g not in struct.widths]
     if unknown:
-      raise fail(f"{where} names unknown groups {unknown}; the groups are "
-                 f"{list(struct.widths)}.")
-    bad = {g: w for g, w in given.items()
-           if isinstance(w, bool) or not isinstance(w, int) or w < 1}
+      raise fail(f"{where} names unknown groups {unknown}; the groups are {list(struct.widths)}.")
+    bad = {g: w for g, w in given.items() if isinstance(w, bool) or not isinstance(w, int) or w < 1}
     if bad:
       raise fail(f"widths in {where} must be positive integers, got {bad}.")
     widths.update(given)
@@ -150,10 +143,8 @@ def _reduction(before: int, after: int) -> float:
 def summarize(model: str, dataset: str = 'digits', data_path: str | None = None,
               preset: str | None = None, widths_file: str | None = None,
               width_multiplier: float = 1.0) -> dict:
-  """The summary as a JSON-ready dict: totals, widths and per-group costs, pruned if asked.
-
-  The model is counted at `dataset`'s image shape and classes (`dataset_shape`).
-  """
+  """The summary as a JSON-ready dict: totals, widths and per-group costs, pruned if asked,
+  of the model counted at `dataset`'s image shape and classes (`dataset_shape`)."""
   if preset is not None and widths_file is not None:
     raise ConfigError("give either preset or widths_file, not both.",
                       settings=('preset', 'widths_file'))
@@ -175,13 +166,10 @@ def summarize(model: str, dataset: str = 'digits', data_path: str | None = None,
     raise ConfigError(f"model={model} cannot take the {shape} images of dataset={dataset}: "
                       f"{e}", settings=('model', 'dataset', *e.settings)) from None
   total = flops.count(struct)
-  out = {
-      'model': model, 'width_multiplier': width_multiplier, 'dataset': dataset,
-      'image_shape': list(image_shape),
-      'num_classes': num_classes, 'macs': total.macs, 'params': total.params,
-      'widths': dict(struct.widths), 'prunable': list(struct.prunable),
-      'groups': {g: dataclasses.asdict(c) for g, c in per_group(struct, struct.widths).items()},
-  }
+  out = {'model': model, 'width_multiplier': width_multiplier, 'dataset': dataset,
+         'image_shape': list(image_shape), 'num_classes': num_classes, 'macs': total.macs,
+         'params': total.params, 'widths': dict(struct.widths), 'prunable': list(struct.prunable),
+         'groups': per_group(struct, struct.widths)}
   if preset is None and widths_file is None:
     return out
   if preset is not None:
@@ -189,10 +177,8 @@ def summarize(model: str, dataset: str = 'digits', data_path: str | None = None,
   else:
     widths, source = load_widths(widths_file, struct), widths_file
   pruned = flops.count(struct, widths)
-  out['pruned'] = {
-      'source': source, 'macs': pruned.macs, 'params': pruned.params, 'widths': widths,
-      'groups': {g: dataclasses.asdict(c) for g, c in per_group(struct, widths).items()},
-  }
+  out['pruned'] = {'source': source, 'macs': pruned.macs, 'params': pruned.params,
+                   'widths': widths, 'groups': per_group(struct, widths)}
   out['reduction_percent'] = {'macs': _reduction(total.macs, pruned.macs),
                               'params': _reduction(total.params, pruned.params)}
   return out
@@ -207,8 +193,8 @@ def format_summary(summary: dict) -> str:
   lines = [f"{summary['model']}{scaled} at {shape} ({summary['dataset']}), "
            f"{summary['num_classes']} classes" +
            (f"; pruned by {pruned['source']}" if pruned else '')]
-  header = ['group', 'prunable', 'width'] + (
-      ['pruned', 'MACs', 'pruned MACs', 'params', 'pruned params'] if pruned else ['MACs', 'params'])
+  header = ['group', 'prunable', 'width'] + (['pruned', 'MACs', 'pruned MACs', 'params',
+                                              'pruned params'] if pruned else ['MACs', 'params'])
 
   def costs(before, after):  # MACs, then params: before, and after pruning if pruned
     return [human(c[m]) for m in ('macs', 'params') for c in (before, after) if c is not None]
@@ -216,24 +202,19 @@ def format_summary(summary: dict) -> str:
   rows = []
   for g, cost in summary['groups'].items():
     row = [g, 'yes' if g in summary['prunable'] else '', str(summary['widths'].get(g, ''))]
-    if pruned:
-      row.append(str(pruned['widths'].get(g, '')))
+    row += [str(pruned['widths'].get(g, ''))] if pruned else []
     rows.append(row + costs(cost, pruned and pruned['groups'][g]))
   rows.append(['total', '', ''] + ([''] if pruned else []) + costs(summary, pruned))
-  widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-
-  def fmt(row):
-    return '  '.join(c.ljust(w) if i == 0 else c.rjust(w)
-                     for i, (c, w) in enumerate(zip(row, widths)))
-
-  lines += [fmt(header)] + [fmt(r) for r in rows]
+  widths = [max(map(len, column)) for column in zip(header, *rows)]
+  for row in [header] + rows:
+    cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+    lines.append('  '.join(cells))
   lines.append(f"MACs {human(summary['macs'])} ({summary['macs']:,}), "
                f"params {human(summary['params'])} ({summary['params']:,})")
   if pruned:
     red = summary['reduction_percent']
-    lines.append(f"pruned: MACs {human(pruned['macs'])} ({pruned['macs']:,}), "
-                 f"-{red['macs']:.1f}%; params {human(pruned['params'])} "
-                 f"({pruned['params']:,}), -{red['params']:.1f}%")
+    lines.append(f"pruned: MACs {human(pruned['macs'])} ({pruned['macs']:,}), -{red['macs']:.1f}%; "
+                 f"params {human(pruned['params'])} ({pruned['params']:,}), -{red['params']:.1f}%")
   return '\n'.join(lines)
 
 

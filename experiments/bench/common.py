@@ -41,8 +41,7 @@ def timed(fn, *args):
 
 
 def step_times(step, warmup: int, steps: int):
-  """(seconds of the first call, seconds of each of `steps` calls after `warmup` untimed
-  ones, the last call's result) of step()."""
+  """(first call's seconds, each of `steps` calls' seconds after `warmup` more, last result)."""
   first, result = timed(step)
   times = []
   for _ in range(warmup + steps):
@@ -52,8 +51,7 @@ def step_times(step, warmup: int, steps: int):
 
 
 def stepper(trainer, variables, batch: dict, learning_rate: float = 0.1):
-  """A function running `trainer`'s train step on `batch` once per call, each call training on
-  from the last (the step donates its state): returns (state, metrics)."""
+  """step() -> (state, metrics): one train step on `batch`, on from the last (state donated)."""
   holder = {'state': trainer.init_state(variables, seed=0)}
   batch = trainer.shard_batch(batch)
   rate = np.float32(learning_rate)
@@ -73,18 +71,15 @@ def random_batch(size: int, image_shape, seed: int = 0) -> dict:
 
 
 class CompileLog:
-  """The XLA compilations (function name, seconds) while active, from `jax.monitoring`: every
-  backend compilation records '/jax/core/compile/backend_compile_duration'; a hit in jit's
-  in-memory cache records nothing."""
-
-  def __init__(self):
-    self.events: list[tuple[str, float]] = []
+  """The XLA backend compilations (function name, seconds) while active, from jax.monitoring;
+  a hit in jit's in-memory cache records nothing."""
 
   def _record(self, event, duration, **kwargs):
     if event == '/jax/core/compile/backend_compile_duration':
       self.events.append((kwargs.get('fun_name', '?'), float(duration)))
 
   def __enter__(self):
+    self.events: list[tuple[str, float]] = []
     jax.monitoring.register_event_duration_secs_listener(self._record)
     return self
 
@@ -96,7 +91,7 @@ class CompileLog:
 
 
 def format_table(rows: list[dict], columns: list[str] | None = None, floats: str = '.3g') -> str:
-  """A plain-text table of `rows` (dicts) in the given column order (default: the first row's)."""
+  """A plain-text table of `rows` (dicts) in `columns` order (default: the first row's)."""
   columns = columns or list(rows[0])
   cells = [columns] + [[format(r[c], floats) if isinstance(r.get(c), float) else
                         str(r.get(c, '')) for c in columns] for r in rows]
@@ -116,12 +111,11 @@ def write_json(path: str | None, **payload) -> None:
   print(f'wrote {path}')
 
 
-def run_worker(script: str, args: list[str]) -> dict:
-  """The JSON that `python script args` prints last, run in a process of its own so that one
-  framework's idle thread pools never compete with the other's. A worker's one `error: ...`
-  sentence is passed on; any other failure raises with the end of its stderr."""
-  proc = subprocess.run([sys.executable, script] + args, capture_output=True, text=True,
-                        timeout=3600)
+def run_worker(args: list[str]) -> dict:
+  """The last JSON line of this script rerun with its flags and then `args`, in a process of its
+  own so that no idle thread pool competes; its `error: ...` sentence is passed on."""
+  proc = subprocess.run([sys.executable, os.path.abspath(sys.argv[0])] + sys.argv[1:] + args,
+                        capture_output=True, text=True, timeout=3600)
   if proc.returncode != 0:
     last_line = (proc.stderr.strip().splitlines() or [''])[-1]
     if last_line.startswith('error: '):
@@ -131,8 +125,7 @@ def run_worker(script: str, args: list[str]) -> dict:
 
 
 def validate_entries(name: str, parse, allowed, message: str) -> None:
-  """Registers absl's check that every entry of list flag `name` parses and is `allowed`;
-  `message` is the one sentence shown when one is not."""
+  """absl's check that every entry of list flag `name` parses and is `allowed`, else `message`."""
   def valid(values) -> bool:
     try:
       return all(allowed(parse(v)) for v in values)
@@ -156,19 +149,16 @@ def define_comparison_flags(rounds: int) -> None:
   flags.DEFINE_string('model', None, "Internal: the worker's model.")
 
 
-def compare(script: str, configs: dict[str, list[str]], passed: list[str], rate, extra):
-  """(runs, rows): every --models entry under every configuration ({label: worker flags, to
-  which `passed` is added}) in a worker process of its own, the configurations alternating for
-  --rounds rounds so that all see the same load. rows: per model and configuration the median
-  over rounds of rate(run) in images/s, its range, vs_torch (over the fastest torch
-  configuration's) and extra(its runs)."""
+def compare(configs: dict[str, list[str]], rate, extra):
+  """(runs, rows): each --models entry under each configuration ({label: worker flags}) in a
+  worker process, alternating for --rounds rounds so that all see the same load; per row the
+  median and range of rate(run) (images/s), vs_torch (over the fastest torch's), extra(runs)."""
   FLAGS = flags.FLAGS
   runs, rows = [], []
   for name in FLAGS.models:
     for r in range(FLAGS.rounds):
       for label, args in configs.items():
-        result = run_worker(script, passed + args + [
-            f'--model={name}', f'--batch={FLAGS.batch}', f'--threads={FLAGS.threads}'])
+        result = run_worker(args + [f'--model={name}'])
         result.update(model=name, config=label, round=r, load_average=os.getloadavg()[0])
         runs.append(result)
         print(f"{name:9s} {label:34s} round {r}: {rate(result):8.1f} images/s, load "
@@ -187,9 +177,9 @@ def compare(script: str, configs: dict[str, list[str]], passed: list[str], rate,
 
 
 def torch_training(name: str, threads: int):
-  """(device, model, optimizer): `name`'s twin in torch_models.py, training, with SGD (lr 0.1,
-  momentum 0.9, weight decay 1e-4) on the GPU when PyTorch sees one (cudnn autotuning on, as
-  reference training scripts set it), else on `threads` CPU threads."""
+  """(device, step): step(images, labels) -> (logits, loss) trains `name`'s twin in torch_models
+  once with SGD (lr 0.1, momentum 0.9, weight decay 1e-4) on the GPU when PyTorch sees one (cudnn
+  autotuning on, as reference training scripts set it), else on `threads` CPU threads."""
   import torch
   import torch_models
   torch.set_num_threads(threads)
@@ -197,12 +187,21 @@ def torch_training(name: str, threads: int):
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
   torch.backends.cudnn.benchmark = device.type == 'cuda'
   model = torch_models.build(name).to(device).train()
-  return device, model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9,
-                                        weight_decay=1e-4)
+  optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+  def step(images, labels):
+    optimizer.zero_grad(set_to_none=True)
+    logits = model(images)
+    loss = torch.nn.functional.cross_entropy(logits, labels)
+    loss.backward()
+    optimizer.step()
+    return logits, loss
+
+  return device, step
 
 
 def require_torch(asked: str, instead: str) -> None:
-  """absl's UsageError, in one sentence, when PyTorch (a bench-only extra) is missing."""
+  """absl's one-sentence UsageError when PyTorch (a bench-only extra) is missing."""
   if importlib.util.find_spec('torch') is None:
     raise app.UsageError(f"{asked}, but PyTorch is not installed: pip install "
                          f"'jaxprune[bench]', or {instead}.")
@@ -216,9 +215,8 @@ def require_data_path(path: str | None) -> None:
 
 
 def check_models(models: list[str], frameworks: list[str]) -> None:
-  """absl's UsageError naming a --frameworks entry other than jax or torch, or the --models
-  entries that cannot be timed in `frameworks`: jax times any registered jaxprune model,
-  torch only those with a twin in torch_models."""
+  """absl's UsageError naming --frameworks entries other than jax or torch, or --models entries
+  not registered (or, with torch, without a twin in torch_models)."""
   from jaxprune import models as registry
   unknown = sorted(set(frameworks) - {'jax', 'torch'})
   if unknown:
@@ -235,15 +233,15 @@ def check_models(models: list[str], frameworks: list[str]) -> None:
 
 
 def run(main, worker=None) -> None:
-  """`app.run(main)`, a bad setting that jaxprune rejects printed as its one-sentence
-  ConfigError instead of a traceback; given --worker, worker(its value) instead of main, its
-  result printed as the JSON line `run_worker` reads."""
+  """absl's app.run of main(), jaxprune's ConfigError shown as its one sentence; given --worker,
+  worker(its value) instead, printed as the JSON line `run_worker` reads."""
   from jaxprune.errors import exit_on_user_error
 
   def guarded(argv):
+    del argv
     with exit_on_user_error():
       if not (worker and flags.FLAGS.worker):
-        return main(argv)
+        return main()
       print(json.dumps(worker(flags.FLAGS.worker)), flush=True)
 
   app.run(guarded)

@@ -1,12 +1,5 @@
-r"""Cost of each importance criterion, and of the vmapped oracle against a loop.
-
-    python experiments/bench/criteria_cost.py --out=/tmp/criteria_cost.json
-
-(a) Every criterion's `accumulate` (or `finalize`, data-free ones) on one batch against one
-    train step on the same model and batch, alternating, best of --reps.
-(b) The vmapped oracle (and up to --unshared_max_channels, without prefix sharing) against a
-    loop of one jitted forward pass per removed channel, scaled from --loop_channels per
-    group (target: >= 5x faster). Bench README, section 9.
+r"""Cost of each importance criterion per batch against one train step, and of the vmapped
+oracle against one jitted forward pass per removed channel (bench README, section 9).
 """
 
 import math
@@ -28,8 +21,6 @@ flags.DEFINE_integer('image_size', 32, 'Image side for (a).', lower_bound=8)
 flags.DEFINE_integer('batch', 64, 'Batch size for (a).', lower_bound=1)
 flags.DEFINE_list('criteria', list(criteria.CRITERIA), 'Criteria to time in (a).')
 flags.DEFINE_integer('reps', 7, 'Timed repetitions (the best is reported).', lower_bound=1)
-flags.DEFINE_integer('expensive_reps', 1, 'Repetitions of oracle and second_order in (a).',
-                     lower_bound=1)
 flags.DEFINE_list('oracle_models', ['resnet20', 'vgg11'],
                   'Models for (b); each needs >= 256 prunable channels.')
 flags.DEFINE_integer('oracle_image_size', 16, 'Image side for (b).', lower_bound=8)
@@ -48,33 +39,26 @@ TARGETS = {**{n: 0.8 for n in GRADIENT}, **{n: 0.5 for n in ACTIVATION}}
 
 
 def _setup(name, image_size, batch_size, seed=0):
+  """(model, variables, batch, program, all-ones masks)."""
   model, shape = models.build(name), (image_size, image_size, 3)
-  return (model, models.init(model, jax.random.key(seed), shape),
-          common.random_batch(batch_size, shape, seed), program.derive(model, shape))
-
-
-def _paired(reference, fn, reps):
-  """(first call of fn, best of fn, best of reference), the two timed alternately: the ratio
-  stays honest on a machine whose load drifts, and on a shared machine noise only adds time."""
-  first = common.timed(fn)[0]
-  pairs = [(common.timed(reference)[0], common.timed(fn)[0]) for _ in range(reps)]
-  return first, min(p[1] for p in pairs), min(p[0] for p in pairs)
+  variables = models.init(model, jax.random.key(seed), shape)
+  prog = program.derive(model, shape)
+  masks = {g: jnp.ones((prog.structure.widths[g],), jnp.float32) for g in prog.structure.prunable}
+  return model, variables, common.random_batch(batch_size, shape, seed), prog, masks
 
 
 def criterion_costs():
-  model, variables, batch, prog = _setup(FLAGS.model, FLAGS.image_size, FLAGS.batch)
-  st = prog.structure
+  model, variables, batch, prog, masks = _setup(FLAGS.model, FLAGS.image_size, FLAGS.batch)
   step = common.stepper(train.Trainer(model, train.make_optimizer(train.OptimizerConfig())),
                         variables, batch)
   compile_step, times, _ = common.step_times(step, 0, FLAGS.reps)
   train_s = min(times)
   rows = [{'criterion': 'train_step', 'kind': 'reference', 'compile_s': compile_step - train_s,
            'seconds': train_s, 'ratio': 1.0}]
-  masks = {g: jnp.ones((st.widths[g],), jnp.float32) for g in st.prunable}
   for name in FLAGS.criteria:
     criterion = criteria.get(name)
     try:
-      state = criterion.init(st, jax.random.key(0))
+      state = criterion.init(prog.structure, jax.random.key(0))
     except ConfigError as e:
       rows.append({'criterion': name, 'kind': 'n/a', 'error': str(e)})
       continue
@@ -85,8 +69,12 @@ def criterion_costs():
     else:
       run = lambda: criterion.finalize(state, prog, variables)
       kind = 'data-free'
-    reps = FLAGS.expensive_reps if name in ('oracle', 'second_order') else FLAGS.reps
-    first, seconds, step_s = _paired(step, run, reps)
+    first = common.timed(run)[0]
+    # Alternating with the step keeps the ratio honest while the load drifts; the best of each,
+    # as noise on a shared machine only adds time.
+    pairs = [(common.timed(step)[0], common.timed(run)[0])
+             for _ in range(1 if name in ('oracle', 'second_order') else FLAGS.reps)]
+    step_s, seconds = min(p[0] for p in pairs), min(p[1] for p in pairs)
     ratio = seconds / step_s
     row = {'criterion': name, 'kind': kind, 'compile_s': max(0.0, first - seconds),
            'seconds': seconds, 'train_step_s': step_s, 'ratio': ratio}
@@ -98,9 +86,8 @@ def criterion_costs():
 
 
 def prefix_sharing_bound(st) -> float:
-  """Loop MACs over vmapped-oracle MACs, the speedup prefix sharing alone can give: per channel
-  the loop runs every kernel, the oracle those from the first that reads the channel's group
-  on (structure.positions is in call order)."""
+  """Loop MACs over vmapped-oracle MACs: per channel the loop runs every kernel, the oracle those
+  from the first that reads the channel's group on (structure.positions is in call order)."""
   kernels = list(st.positions)
   macs = [st.positions[k] * math.prod(st.shapes[k]) for k in kernels]
   total = sum(macs)
@@ -112,11 +99,10 @@ def prefix_sharing_bound(st) -> float:
 
 
 def oracle_speedup(name):
-  model, variables, batch, prog = _setup(name, FLAGS.oracle_image_size, FLAGS.oracle_batch,
-                                         seed=1)
+  model, variables, batch, prog, masks = _setup(name, FLAGS.oracle_image_size,
+                                                FLAGS.oracle_batch, seed=1)
   st = prog.structure
   channels = sum(st.widths[g] for g in st.prunable)
-  masks = {g: jnp.ones((st.widths[g],), jnp.float32) for g in st.prunable}
   sample = {g: np.linspace(0, st.widths[g] - 1, min(FLAGS.loop_channels or st.widths[g],
                                                      st.widths[g])).round().astype(int)
             for g in st.prunable}
@@ -157,8 +143,7 @@ def oracle_speedup(name):
           'meets_target': bool(methods[1]['speedup'] >= 5)}
 
 
-def main(argv):
-  del argv
+def main():
   # Unknown names stop here, in one sentence, before anything is timed.
   unknown = [name for name in FLAGS.criteria if name not in criteria.CRITERIA]
   if unknown:

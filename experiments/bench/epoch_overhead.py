@@ -1,11 +1,5 @@
-r"""End-to-end epoch time of `train.fit` against steps x the pure train-step time.
-
-    python experiments/bench/epoch_overhead.py --out=epoch_overhead.json
-
-On a synthetic CIFAR-shaped set on the device: the train step fit uses, on one batch made as
-fit makes them (before and after the fit), each epoch of `train.fit` (its training phase and
-the whole epoch; the first, compiling, one left out of the medians) and one test-set
-evaluation. Target: training phase <= 1.05 x steps x pure step (bench README, section 5).
+r"""`train.fit`'s epochs against steps x its pure train-step time, on a synthetic CIFAR-shaped
+set on the device (target: training phase <= 1.05x; bench README, section 5).
 """
 
 import tempfile
@@ -30,8 +24,7 @@ flags.DEFINE_integer('reps', 8, 'Pure-step repetitions before and after the fit 
 flags.DEFINE_string('out', None, 'Write the table as JSON here.')
 
 
-def main(argv):
-  del argv
+def main():
   logging.set_verbosity(logging.WARNING)
   rng = np.random.default_rng(0)
   n_train, n_test = FLAGS.steps_per_epoch * FLAGS.batch_size, FLAGS.test_size
@@ -69,8 +62,7 @@ def main(argv):
 
   pure = common.median(before + after)
   expected = FLAGS.steps_per_epoch * pure
-  rows = []
-  previous = 0.0
+  rows, previous = [], 0.0
   for r in records:
     train_s = n_train / r['images_per_second']
     epoch_s, previous = r['elapsed_s'] - previous, r['elapsed_s']

@@ -1,15 +1,7 @@
-r"""Epoch throughput, data loading included: `train.fit` against a standard PyTorch CIFAR loop.
-
-    python experiments/bench/epoch_throughput.py --data_path=NPZ --out=epoch_throughput.json
-
---images training images of the CIFAR-10 sample npz. jax: `train.fit` as `launch.py` runs it
-(`--max_train`'s subset), images/s from `metrics.jsonl`; torch: a shuffled DataLoader per
---loader_workers entry whose dataset pads, crops, flips and normalises as torchvision does,
-then the same network (torch_models.py) and SGD. images/s: the median of epochs 2 on, then of
---rounds alternating rounds (bench README, section 8).
+r"""Epoch throughput with data loading: `train.fit` against a PyTorch DataLoader loop that
+augments as torchvision does, one process per measurement (bench README, section 8).
 """
 
-import os
 import tempfile
 import time
 
@@ -53,9 +45,8 @@ def jax_worker(name: str) -> dict:
 
 def torch_worker(name: str) -> dict:
   import torch
-
   workers = int(FLAGS.loader_workers[0])
-  device, model, optimizer = common.torch_training(name, FLAGS.threads)
+  device, train_step = common.torch_training(name, FLAGS.threads)
   with np.load(FLAGS.data_path) as npz:
     images = npz['train_images'][:FLAGS.images]
     labels = npz['train_labels'][:FLAGS.images].astype(np.int64)
@@ -67,11 +58,7 @@ def torch_worker(name: str) -> dict:
     start, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
     for x, y in loader:
       x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-      optimizer.zero_grad(set_to_none=True)
-      loss = torch.nn.functional.cross_entropy(model(x), y)
-      loss.backward()
-      optimizer.step()
-      loss_sum += loss.detach()
+      loss_sum += train_step(x, y)[1].detach()
       seen += x.shape[0]
     train_loss = float(loss_sum) / (seen // FLAGS.batch)  # waits for the device
     rates.append(seen / (time.perf_counter() - start))
@@ -103,8 +90,7 @@ class AugmentedCifar:
             int(self.labels[i]))
 
 
-def main(argv):
-  del argv
+def main():
   common.require_data_path(FLAGS.data_path)
   common.check_models(FLAGS.models, FLAGS.frameworks)
   from jaxprune import data
@@ -117,9 +103,7 @@ def main(argv):
     configs.update({f'torch, {w} loader workers': ['--worker=torch', f'--loader_workers={w}']
                     for w in FLAGS.loader_workers})
   runs, rows = common.compare(
-      os.path.abspath(__file__), configs,
-      [f'--data_path={FLAGS.data_path}', f'--images={FLAGS.images}', f'--epochs={FLAGS.epochs}'],
-      lambda r: common.median(r['epoch_images_per_s'][1:]),
+      configs, lambda r: common.median(r['epoch_images_per_s'][1:]),
       lambda rs: {'device': rs[0]['device'], 'first_epoch_images_per_s': common.median(
           [r['epoch_images_per_s'][0] for r in rs])})
   print(f"\n{FLAGS.images} training images, batch {FLAGS.batch}, float32, {FLAGS.epochs} "

@@ -1,14 +1,6 @@
 r"""Input throughput: images/s of the streaming input's host work (JPEG decoding, augmentation,
-batching) per host core, and the host cores a device step consuming R images/s needs.
-
-    python experiments/bench/input_throughput.py --out=input_throughput.json
-
-Writes --images JPEGs of ImageNet-like photos as an array_record TFDS dataset of --records
-records per split (in --data_dir, reused when it holds them, else a temporary one), then per
---workers entry times one pass of `stream.train_iterator` and one of `stream.test_batches`
-on the host, after an untimed first round of batches. cpu_s counts this process and its
-workers; each --device_images_per_second R needs ceil(R / images_per_cpu_s of the train row
-with the most workers) host cores (bench README, section 14).
+batching) per host core, on ImageNet-like JPEGs it writes, and the host cores a device step of
+R images/s needs (bench README, section 14).
 """
 
 import io
@@ -44,10 +36,6 @@ common.validate_entries('device_images_per_second', float, lambda r: r > 0,
                         '3000,12000.')
 
 NAME = 'input_throughput_jpegs'
-# ImageNet's photos: mostly 500 pixels on the long side, 4:3 to 3:2, a quarter portrait.
-LONG_SIDE = (450, 500)
-ASPECT = (1.25, 1.5)
-PORTRAIT = 0.25
 # Smooth noise of (cells across the long side, amplitude) and per-pixel grain: at quality 90
 # a JPEG of ImageNet's average size (bench README, section 14).
 OCTAVES = ((4, 50.0), (16, 30.0), (64, 25.0), (160, 20.0))
@@ -55,12 +43,12 @@ GRAIN = 16.0
 
 
 def photo_jpeg(rng: np.random.Generator) -> bytes:
-  """The quality-90 JPEG of one RGB image of an ImageNet-like size that costs what a photo
-  costs to decode."""
+  """A quality-90 JPEG that costs what an ImageNet photo costs to decode, sized as those are:
+  mostly 500 pixels on the long side, 4:3 to 3:2, a quarter portrait."""
   from PIL import Image
-  long_side = int(rng.integers(*LONG_SIDE, endpoint=True))
-  short_side = round(long_side / rng.uniform(*ASPECT))
-  h, w = (long_side, short_side) if rng.random() < PORTRAIT else (short_side, long_side)
+  long_side = int(rng.integers(450, 500, endpoint=True))
+  short_side = round(long_side / rng.uniform(1.25, 1.5))
+  h, w = (long_side, short_side) if rng.random() < 0.25 else (short_side, long_side)
   image = np.full((h, w, 3), 128.0, np.float32)
   for cells, amplitude in OCTAVES:
     grid = (max(2, cells * h // max(h, w)), max(2, cells * w // max(h, w)))
@@ -74,9 +62,8 @@ def photo_jpeg(rng: np.random.Generator) -> bytes:
 
 
 class InputThroughputJpegs(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """--records records of 1000 classes per split, the --images photos repeated. Unregistered:
-  the stream reads the files back through TFDS's own builder, which grain's workers unpickle
-  without this script."""
+  """--records records (1000 classes) per split, the --images photos repeated; unregistered, as
+  grain's workers unpickle the TFDS builder the stream reads them with, without this script."""
   VERSION = tfds.core.Version('1.0.0')
 
   def _info(self):
@@ -110,14 +97,13 @@ def prepare(data_dir: str) -> float:
   return int(builder.info.dataset_size) / (2 * held) / 1e3
 
 
-def cpu_seconds(process) -> float:
-  """CPU seconds of this process (every thread) and of all its descendants, living (grain's
-  worker processes) or ended (a process's time passes to its parent's children_* once the
-  parent has waited for it)."""
+def cpu_seconds() -> float:
+  """CPU seconds of this process and of its descendants, living (grain's workers) or ended (a
+  process's time passes to its parent's children_* once the parent has waited for it)."""
   import psutil
   ended = os.times()
   total = time.process_time() + ended.children_user + ended.children_system
-  for child in process.children(recursive=True):
+  for child in psutil.Process().children(recursive=True):
     try:
       times = child.cpu_times()
     except psutil.NoSuchProcess:  # Waited for between the listing and the reading: counted
@@ -126,23 +112,7 @@ def cpu_seconds(process) -> float:
   return total
 
 
-def measure(batches, warmup: int, count: int) -> dict:
-  """Images, wall and CPU seconds of the `count` batches of iterator `batches` after
-  `warmup` untimed ones, up to the last one's arrival: the end of the iterator would add the
-  workers' exit."""
-  import psutil
-  process = psutil.Process()
-  for _ in range(warmup):
-    next(batches)
-  cpu, start = cpu_seconds(process), time.perf_counter()
-  images = sum(len(next(batches)['label']) for _ in range(count))
-  seconds, cpu = time.perf_counter() - start, cpu_seconds(process) - cpu
-  batches.close()
-  return {'images': images, 'seconds': seconds, 'cpu_s': cpu}
-
-
-def main(argv):
-  del argv
+def main():
   logging.set_verbosity(logging.WARNING)
   from jaxprune import stream
 
@@ -159,19 +129,24 @@ def main(argv):
     for workers in (int(w) for w in FLAGS.workers):
       s = stream.open_stream(f'tfds:{NAME}', data_dir=data_dir, image_size=FLAGS.image_size,
                              workers=workers)
-      first_round = stream.READ_THREADS * max(1, workers)
+      cores = max(1, workers)
+      first_round = stream.READ_THREADS * cores
       for transform, batches, count in (
           ('train', stream.train_iterator(s, seed=0, batch_size=FLAGS.batch, epochs=1),
            s.num_train // FLAGS.batch),
           ('test', stream.test_batches(s, FLAGS.batch), -(-s.num_test // FLAGS.batch))):
-        timed = measure(batches, first_round, count - first_round)
-        cores = max(1, workers)
-        rate = timed['images'] / timed['seconds']
-        rows.append({'workers': workers, 'transform': transform, 'images': timed['images'],
-                     'seconds': timed['seconds'], 'images_per_s': rate, 'cores': cores,
-                     'images_per_s_per_core': rate / cores, 'cpu_s': timed['cpu_s'],
-                     'cores_busy': timed['cpu_s'] / timed['seconds'],
-                     'images_per_cpu_s': timed['images'] / timed['cpu_s'],
+        for _ in range(first_round):
+          next(batches)
+        cpu, start = cpu_seconds(), time.perf_counter()
+        images = sum(len(next(batches)['label']) for _ in range(count - first_round))
+        # Up to the last batch's arrival: the end of the iterator would add the workers' exit.
+        seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+        batches.close()
+        rate = images / seconds
+        rows.append({'workers': workers, 'transform': transform, 'images': images,
+                     'seconds': seconds, 'images_per_s': rate, 'cores': cores,
+                     'images_per_s_per_core': rate / cores, 'cpu_s': cpu,
+                     'cores_busy': cpu / seconds, 'images_per_cpu_s': images / cpu,
                      'load_average': os.getloadavg()[0]})
         print(common.format_table([rows[-1]]).splitlines()[-1], flush=True)
 

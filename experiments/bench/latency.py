@@ -1,11 +1,6 @@
-r"""Does shrinking pay? Inference latency of shrunk models against the full one, next to MACs.
-
-    python experiments/bench/latency.py --out=/tmp/latency.json
-
-l1 scores of the initial weights, select (presets and global MACs targets; each level at its
-exact widths and rounded up to multiples of --round_to), shrink, build at the new widths;
-`compiler.jit(model.apply)` in eval mode, every model timed round-robin, medians, compile
-excluded. ok = latency ratio <= 1.1 x MACs ratio (bench README, section 3).
+r"""Does shrinking pay? Eval-mode latency of shrunk models (presets and global MACs targets on
+l1 scores, at every --round_to multiple) against the full one, next to the MACs ratio (bench
+README, section 3).
 """
 
 import jax
@@ -35,8 +30,7 @@ common.validate_entries('round_to', int, lambda r: r >= 1,
 PRESETS = {'vgg16': ['vgg16_a'], 'resnet56': ['resnet56_a', 'resnet56_b']}
 
 
-def main(argv):
-  del argv
+def main():
   logging.set_verbosity(logging.WARNING)
   rows = []
   for name in FLAGS.models:

@@ -1,22 +1,14 @@
-r"""Steady-state training throughput: steps one by one against many steps per call, and one
-copy against K vmapped copies, with compilation timed apart.
-
-    python experiments/bench/steady_state.py --data_path=NPZ --out=steady_state.json
-
-One worker process per --models x --batches x --precisions, the npz's training set on the
-device. calls: fit's program of --steps steps in one `lax.fori_loop` (`train_calls`); steps:
-one dispatch per step. K > 1 --copies train vmapped. Each program is compiled ahead of time
-(compile_s), run once untimed, then timed --repeats times; vs_sequential divides K copies'
-images/s by one copy's (bench README, sections 11 and 13).
+r"""Steady-state training throughput: calls of --steps steps (one `lax.fori_loop`) against steps
+one by one, and one copy against K vmapped copies, compilation timed apart (bench README,
+sections 11 and 13).
 """
 
 import itertools
-import os
 import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 import common
 from jaxprune import data, models, train
@@ -35,6 +27,8 @@ flags.DEFINE_string('data_path', None, 'The CIFAR-10 .npz (uint8 NHWC train_imag
                     'train_labels, test_images, test_labels); required.')
 flags.DEFINE_string('out', None, 'Write the table as JSON here.')
 flags.DEFINE_string('worker', None, 'Internal: model,batch,precision of one worker.')
+common.validate_entries('modes', str, lambda m: m in ('calls', 'steps'),
+                        '--modes entries are calls or steps.')
 
 
 def _measure(trainer, arrays, spec, variables_of, copies, batch, mode):
@@ -119,19 +113,12 @@ def _annotate(rows: list[dict]) -> None:
       r['calls_vs_steps'] = r['images_per_second'] / steps['images_per_second']
 
 
-def main(argv):
-  del argv
+def main():
   common.require_data_path(FLAGS.data_path)
-  unknown = sorted(set(FLAGS.modes) - {'calls', 'steps'})
-  if unknown:
-    raise app.UsageError(f'--modes {unknown} are not calls or steps.')
   rows = []
   for name, batch, precision in itertools.product(FLAGS.models, FLAGS.batches, FLAGS.precisions):
-    args = [f'--worker={name},{batch},{precision}', f'--data_path={FLAGS.data_path}',
-            f'--copies={",".join(FLAGS.copies)}', f'--modes={",".join(FLAGS.modes)}',
-            f'--steps={FLAGS.steps}', f'--repeats={FLAGS.repeats}', f'--out={FLAGS.out or ""}']
     started = time.time()
-    rows += common.run_worker(os.path.abspath(__file__), args)['rows']
+    rows += common.run_worker([f'--worker={name},{batch},{precision}'])['rows']
     print(f'{name} batch {batch} {precision}: {time.time() - started:.0f} s', flush=True)
     _annotate(rows)
     common.write_json(FLAGS.out, rows=rows, flags={f: getattr(FLAGS, f) for f in (

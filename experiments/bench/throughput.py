@@ -1,14 +1,7 @@
-r"""Training throughput: jaxprune's train step against the same network's PyTorch step.
-
-    python experiments/bench/throughput.py --out=/tmp/throughput.json
-
-jax: `train.Trainer(...).train_step` per --jax_variants entry (the model's
-`PerformanceOptions`) and --precisions entry; torch: the same network (torch_models.py),
-float32. One fixed random batch; one process per measurement, the configurations alternating
-for --rounds rounds (bench README, section 2).
+r"""Training throughput: jaxprune's train step (per --jax_variants and --precisions entry)
+against its PyTorch twin's (torch_models.py), one process per measurement, the configurations
+alternating (bench README, section 2).
 """
-
-import os
 
 from absl import app, flags
 
@@ -22,8 +15,6 @@ flags.DEFINE_list('jax_variants', ['native/xla/flax', 'auto/xla/flax', 'auto/jax
 flags.DEFINE_list('precisions', ['float32'], "jax's compute dtypes (train.PRECISIONS).")
 flags.DEFINE_integer('warmup', 2, 'Untimed steps after the first (compiling) one.', lower_bound=0)
 flags.DEFINE_integer('steps', 6, 'Timed steps per measurement.', lower_bound=1)
-flags.DEFINE_integer('native_steps', 2, "Timed steps (and no warmup) for conv_impl 'native' on "
-                     "VGG, whose 2x2 convolutions take tens of seconds per step.", lower_bound=1)
 flags.DEFINE_string('precision', 'float32', "Internal: the jax worker's compute dtype.")
 flags.DEFINE_string('variant', 'auto/jaxprune/jaxprune', "Internal: the jax worker's variant.")
 
@@ -41,11 +32,11 @@ def jax_worker(name: str) -> dict:
                           precision=FLAGS.precision)
   step = common.stepper(trainer, models.init(model, jax.random.key(0), (32, 32, 3)),
                         common.random_batch(FLAGS.batch, (32, 32, 3)))
+  # Native VGG's 2x2 convolutions take tens of seconds per step: 2 timed steps, no warmup.
   slow = conv_impl == 'native' and name.startswith('vgg')
   with common.CompileLog() as compiles:
     first, times, (_, metrics) = common.step_times(
-        step, 0 if slow else FLAGS.warmup, min(FLAGS.steps, FLAGS.native_steps) if slow
-        else FLAGS.steps)
+        step, 0 if slow else FLAGS.warmup, min(FLAGS.steps, 2) if slow else FLAGS.steps)
   return {'framework': 'jax', **model.performance.as_dict(), 'precision': FLAGS.precision,
           'compile_s': compiles.seconds(), 'first_step_s': first, 'step_s': times,
           'loss': float(metrics['loss'])}
@@ -53,16 +44,12 @@ def jax_worker(name: str) -> dict:
 
 def torch_worker(name: str) -> dict:
   import torch
-  device, model, optimizer = common.torch_training(name, FLAGS.threads)
+  device, train_step = common.torch_training(name, FLAGS.threads)
   images = torch.randn(FLAGS.batch, 3, 32, 32, device=device)
   labels = torch.randint(0, 10, (FLAGS.batch,), device=device)
 
   def step():
-    optimizer.zero_grad(set_to_none=True)
-    logits = model(images)
-    loss = torch.nn.functional.cross_entropy(logits, labels)
-    loss.backward()
-    optimizer.step()
+    logits, loss = train_step(images, labels)
     # `.item()` waits for the device.
     return loss.item(), (logits.argmax(-1) == labels).float().mean().item()
 
@@ -78,16 +65,14 @@ def variant(entry: str) -> str:
   parts = entry.split('/') + (['jaxprune'] if entry.count('/') == 1 else [])
   if (len(parts) != 3 or parts[0] not in options.CONV_IMPLS
       or parts[1] not in options.XLA_OPTION_SETS or parts[2] not in options.BATCH_NORMS):
-    raise app.UsageError(f"--jax_variants entry {entry!r} is not "
-                         f"CONV_IMPL/XLA_OPTIONS[/BATCH_NORM] with CONV_IMPL in "
-                         f"{', '.join(options.CONV_IMPLS)}, XLA_OPTIONS in "
-                         f"{', '.join(options.XLA_OPTION_SETS)} and BATCH_NORM in "
-                         f"{', '.join(options.BATCH_NORMS)}.")
+    raise app.UsageError(
+        f"--jax_variants entry {entry!r} is not CONV_IMPL/XLA_OPTIONS[/BATCH_NORM] with CONV_IMPL "
+        f"in {', '.join(options.CONV_IMPLS)}, XLA_OPTIONS in {', '.join(options.XLA_OPTION_SETS)}"
+        f" and BATCH_NORM in {', '.join(options.BATCH_NORMS)}.")
   return '/'.join(parts)
 
 
-def main(argv):
-  del argv
+def main():
   common.check_models(FLAGS.models, FLAGS.frameworks)
   from jaxprune import train
   unknown = sorted(set(FLAGS.precisions) - set(train.PRECISIONS))
@@ -100,9 +85,7 @@ def main(argv):
   if 'torch' in FLAGS.frameworks:
     configs['torch float32'] = ['--worker=torch']
   runs, rows = common.compare(
-      os.path.abspath(__file__), configs, [f'--warmup={FLAGS.warmup}', f'--steps={FLAGS.steps}',
-                                           f'--native_steps={FLAGS.native_steps}'],
-      lambda r: FLAGS.batch / common.median(r['step_s']),
+      configs, lambda r: FLAGS.batch / common.median(r['step_s']),
       lambda rs: {'timed_steps': len(rs[0]['step_s']),
                   'compile_s': common.median([r['compile_s'] for r in rs]),
                   'first_step_s': common.median([r['first_step_s'] for r in rs])})

@@ -1,10 +1,5 @@
-"""PyTorch twins of jaxprune's CIFAR VGG and ResNet, for the throughput comparisons only.
-
-Same layers as jaxprune.models.vgg.VGG (linear classifier) and jaxprune.models.resnet.ResNet:
-3x3 convs without bias, BatchNorm (momentum 0.1, eps 1e-5) and ReLU, 2x2 max-pools, global
-average pooling and a Linear head; the ResNet's shortcut is the parameter-free subsample +
-zero-pad ("option A"). The library never imports torch; only the benchmarks do.
-"""
+"""PyTorch twins of jaxprune.models' CIFAR VGG (linear classifier) and ResNet (shortcut option A:
+subsample and zero-pad), for the throughput comparisons; the library never imports torch."""
 
 from torch import nn
 from torch.nn import functional as F
@@ -17,7 +12,6 @@ def conv_bn(cin, cout, stride=1):
 
 
 class VGG(nn.Module):
-
   def __init__(self, cfg=VGG16, num_classes=10):
     super().__init__()
     layers, c = [], 3
@@ -32,7 +26,6 @@ class VGG(nn.Module):
 
 
 class BasicBlock(nn.Module):
-
   def __init__(self, cin, cout, stride):
     super().__init__()
     self.stride, self.pad = stride, cout - cin
@@ -48,7 +41,6 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-
   def __init__(self, depth=56, widths=(16, 32, 64), num_classes=10):
     super().__init__()
     n = (depth - 2) // 6

@@ -1,19 +1,15 @@
 """The XLA compiler options jaxprune compiles its model code with, per backend.
 
-Every function jaxprune jits over a model (train and eval steps, criteria, evaluation) is
-compiled with `compiler_options()`: on the CPU backend, YNNPACK fusion limited to
-reductions (`xla_cpu_experimental_ynn_fusion_type`), which makes XLA's own convolutions
-faster, the kernel gradient most; elsewhere nothing. Programs that run once per model
-(`jit_once`: initialising the variables) add a lower LLVM optimisation level on the CPU,
-which compiles them much faster with bitwise the same variables. The measurements are in
-experiments/bench/README.md.
+Every function jaxprune jits over a model is compiled with `compiler_options()`: on the CPU
+backend, YNNPACK fusion limited to reductions (`xla_cpu_experimental_ynn_fusion_type`),
+which makes XLA's own convolutions faster, the kernel gradient most; elsewhere nothing.
+Programs that run once per model (`jit_once`: initialising the variables) add a lower LLVM
+optimisation level on the CPU, which compiles them much faster with bitwise the same variables.
 
-Which set applies is an argument, `xla_options` (a key of
-`jaxprune.kernels.options.XLA_OPTION_SETS`): 'jaxprune', the default, is the behaviour
-above; 'xla' passes no options (XLA's defaults). Callers pass `model.performance.xla_options`,
-so a model compiles with the options it was built with. An option the user sets in
-XLA_FLAGS keeps their setting, and a jaxlib that does not know an option (probed once)
-gets no options.
+`xla_options` (a key of `options.XLA_OPTION_SETS`; callers pass `model.performance.xla_options`)
+picks the set: 'jaxprune' is the above, 'xla' passes none (XLA's defaults). An option the
+user sets in XLA_FLAGS keeps their setting, and a jaxlib that does not know an option
+(probed once) gets no options.
 """
 
 import functools
@@ -46,15 +42,11 @@ def _accepted(options: tuple) -> bool:
 
 def compiler_options(backend: str | None = None, once: bool = False,
                      xla_options: str = 'jaxprune') -> dict:
-  """The compiler options for jitting model code on `backend` (default: JAX's default).
-
-  `once`: for a program that runs once per model (see the module docstring).
-  `xla_options`: a key of XLA_OPTION_SETS, normally `model.performance.xla_options`.
-  """
+  """The options for jitting model code on `backend` (default: JAX's default); `once` for a
+  program that runs once per model."""
   if xla_options not in XLA_OPTION_SETS:
     # PerformanceOptions checked the user's value; anything else is a bug in the caller.
-    raise ValueError(f"xla_options {xla_options!r} is not one of "
-                     f"{', '.join(XLA_OPTION_SETS)}.")
+    raise ValueError(f"xla_options {xla_options!r} is not one of {', '.join(XLA_OPTION_SETS)}.")
   if xla_options == 'xla' or (backend or jax.default_backend()) != 'cpu':
     return {}
   user_flags = os.environ.get('XLA_FLAGS', '')
@@ -64,10 +56,8 @@ def compiler_options(backend: str | None = None, once: bool = False,
 
 
 def jit(fun: Callable, xla_options: str = 'jaxprune', **jit_kwargs) -> Callable:
-  """`jax.jit(fun, **jit_kwargs)` with `compiler_options`; pass the model's
-  `performance.xla_options`."""
-  return jax.jit(fun, compiler_options=compiler_options(xla_options=xla_options),
-                 **jit_kwargs)
+  """`jax.jit(fun, **jit_kwargs)` with `compiler_options(xla_options=xla_options)`."""
+  return jax.jit(fun, compiler_options=compiler_options(xla_options=xla_options), **jit_kwargs)
 
 
 def jit_once(fun: Callable, xla_options: str = 'jaxprune', **jit_kwargs) -> Callable:
@@ -79,23 +69,17 @@ def jit_once(fun: Callable, xla_options: str = 'jaxprune', **jit_kwargs) -> Call
 def use_persistent_cache(directory: str | None = None) -> str:
   """Turns on JAX's persistent compilation cache in `directory`; returns the directory used.
 
-  Compiled programs then persist across processes: a run of the same model and widths
-  (another seed or criterion, a restarted run) loads its steps instead of compiling them.
-  None: JAX_COMPILATION_CACHE_DIR when set, else DEFAULT_CACHE_DIR. '': no cache (also when
-  JAX_COMPILATION_CACHE_DIR is set). A local directory that cannot be created logs one
-  warning and leaves the cache off (returns ''); a path that is a file is a ConfigError, and
-  so is a gs:// URL that cannot be used (`storage.check`): every compilation would otherwise
-  wait on the bucket's retries.
-  Call it before anything compiles: JAX decides once per process whether it uses the cache.
+  None: JAX_COMPILATION_CACHE_DIR when set, else DEFAULT_CACHE_DIR; '': no cache. A local
+  directory that cannot be created logs one warning and leaves the cache off (returns '');
+  a path that is a file is a ConfigError, and so is a gs:// URL that cannot be used
+  (`storage.check`): every compilation would otherwise wait on the bucket's retries. Call
+  it before anything compiles: JAX decides once per process whether it uses the cache.
   """
   if directory is None:
     directory = os.environ.get(CACHE_ENV_VAR) or DEFAULT_CACHE_DIR
-  if not directory:
-    jax.config.update('jax_enable_compilation_cache', False)
-    return ''
   if '://' in directory:
     storage.check(directory, 'compilation_cache_dir')
-  else:
+  elif directory:
     directory = os.path.expanduser(directory)
     if os.path.exists(directory) and not os.path.isdir(directory):
       raise ConfigError(f"compilation_cache_dir {directory!r} is a file; give a directory, "
@@ -106,8 +90,8 @@ def use_persistent_cache(directory: str | None = None) -> str:
       # The cache only saves time: the run goes on, compiling everything.
       logging.warning('Cannot create the compilation cache directory %r (%s); compiling '
                       'without a persistent cache.', directory, error.strerror or error)
-      jax.config.update('jax_enable_compilation_cache', False)
-      return ''
-  jax.config.update('jax_enable_compilation_cache', True)
-  jax.config.update('jax_compilation_cache_dir', directory)
+      directory = ''
+  jax.config.update('jax_enable_compilation_cache', bool(directory))
+  if directory:
+    jax.config.update('jax_compilation_cache_dir', directory)
   return directory

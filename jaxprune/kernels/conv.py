@@ -4,25 +4,11 @@
 parameters: no parameter path, shape or initial value changes. Only NHWC inputs,
 feature_group_count 1, no dilation and no mask are supported; padding is 'SAME', 'VALID'
 or (low, high) pairs. Its `impl`, a key of `jaxprune.kernels.options.CONV_IMPLS`, picks
-the formulation:
-  native   `lax.conv_general_dilated` (what nn.Conv does).
-  patches  im2col (the kh*kw shifted, strided views of the padded input along channels)
-           times the reshaped kernel: one matmul, the same result to rounding.
-  auto     on the CPU, 'patches' when the output map has at most PATCHES_MAX_OUTPUT_PIXELS
-           positions (where XLA's CPU convolution is many times slower), else 'native'
-           with `conv_canonical`'s gradients; the input goes through `materialize`.
-           Elsewhere plain 'native'.
-The measurements behind the rule are in experiments/bench/README.md.
-
-`conv_canonical` writes both backward convolutions in the forward pass's NHWC x HWIO ->
-NHWC layout: XLA:CPU rewrites JAX's own backward convolutions into it only in the entry
-computation, and inside a loop body (`steps_per_call` > 1) they stay generic and tens of
-times slower. The gradients are lax's bit for bit.
-
-`materialize(x, kernel)` returns x / one, with `one` a runtime 1.0. XLA's CPU fusion
-recomputes a cheap elementwise producer inside every consumer, so along a residual stream
-each kernel-gradient transpose re-derived the stage's whole chain of blocks; XLA does not
-duplicate a division, so the conv input is computed once (the loss is bitwise the same).
+the formulation: 'native' (`conv_native`, what nn.Conv does), 'patches' (`conv_patches`,
+one matmul, the same result to rounding) or 'auto': on the CPU, 'patches' when the output
+map has at most PATCHES_MAX_OUTPUT_PIXELS positions (where XLA's CPU convolution is many
+times slower), else 'native' with `conv_canonical`'s gradients, the input going through
+`materialize`; elsewhere plain 'native'.
 """
 
 import functools
@@ -41,9 +27,8 @@ PATCHES_MAX_OUTPUT_PIXELS = 4
 
 
 def choose_impl(impl: str, output_spatial: Sequence[int], backend: str | None = None) -> str:
-  """The formulation (a key of FORMULATIONS) of one convolution: `impl` (a key of
-  CONV_IMPLS), or for 'auto' the rule for an output map of `output_spatial` (H_out, W_out)
-  on `backend` (default `jax.default_backend()`)."""
+  """The formulation (a key of FORMULATIONS) of one convolution: `impl`, or for 'auto' the
+  rule for an output map of `output_spatial` (H_out, W_out) on `backend` (default JAX's)."""
   # Models pass a PerformanceOptions value, checked when it was made: anything else is a bug.
   if impl not in CONV_IMPLS:
     raise ValueError(f"conv implementation {impl!r} is not one of {', '.join(CONV_IMPLS)}.")
@@ -68,12 +53,9 @@ def _pads(spatial, kernel_size, strides, padding) -> tuple[tuple[int, int], ...]
 
 
 def conv_patches(x, kernel, strides, pads, precision=None):
-  """NHWC x HWIO convolution as im2col + one matmul; the same result as `conv_native`.
-
-  The kh*kw strided views of the padded input are concatenated along channels in
-  (row, column, channel) order, which is the HWIO kernel's row-major order, so the
-  kernel is only reshaped, never transposed.
-  """
+  """`conv_native`'s result as im2col + one matmul. The kh*kw strided views of the padded
+  input are concatenated along channels in (row, column, channel) order, the HWIO kernel's
+  row-major order, so the kernel is only reshaped, never transposed."""
   n, h, w, c = x.shape
   kh, kw, _, o = kernel.shape
   (sh, sw), ((pt, pb), (pl, pr)) = strides, pads
@@ -91,10 +73,12 @@ def conv_patches(x, kernel, strides, pads, precision=None):
 
 
 def materialize(x, kernel):
-  """x / one with a runtime one (from the kernel): the same values, computed once by XLA.
+  """x / one, with `one` a runtime 1.0 (from the kernel): bitwise x, computed once by XLA.
 
-  sign(|k| + 1) is 1 for every non-NaN k; a NaN kernel makes the output NaN, as the
-  convolution would anyway.
+  XLA's CPU fusion recomputes a cheap elementwise producer inside every consumer, so along a
+  residual stream each kernel-gradient transpose re-derived the stage's whole chain of
+  blocks; XLA does not duplicate a division. sign(|k| + 1) is 1 for every non-NaN k; a NaN
+  kernel makes the output NaN, as the convolution would anyway.
   """
   one = lax.stop_gradient(lax.sign(lax.abs(kernel.reshape(-1)[0]) + 1))
   return x / one.astype(x.dtype)
@@ -108,8 +92,12 @@ def conv_native(x, kernel, strides, pads, precision=None):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def conv_canonical(x, kernel, strides, pads, precision=None):
-  """`conv_native` with its backward convolutions in the forward's NHWC layout (module
-  docstring): the same gradients, at full speed inside a loop body too."""
+  """`conv_native` with both backward convolutions in the forward's NHWC x HWIO layout.
+
+  XLA:CPU rewrites JAX's own backward convolutions into that layout only in the entry
+  computation; inside a loop body (`steps_per_call` > 1) they stay generic and tens of times
+  slower. The gradients are lax's bit for bit.
+  """
   return conv_native(x, kernel, strides, pads, precision)
 
 
@@ -148,8 +136,7 @@ FORMULATIONS = {'native': conv_native, 'patches': conv_patches}
 
 
 class Conv(nn.Conv):
-  """nn.Conv (2-D, NHWC, no groups or dilation) computed as its `impl`, a key of
-  CONV_IMPLS, says (the module docstring)."""
+  """nn.Conv computed as its `impl` (a key of CONV_IMPLS) says: see the module docstring."""
   impl: str = 'auto'
 
   @nn.compact
@@ -158,17 +145,14 @@ class Conv(nn.Conv):
                    else tuple(self.kernel_size))
     strides = 1 if self.strides is None else self.strides
     strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
-    unsupported = []
-    if len(kernel_size) != 2 or inputs.ndim != 4:
-      unsupported.append('2-D kernels on NHWC inputs')
-    if self.feature_group_count != 1:
-      unsupported.append('feature_group_count 1')
-    if self.mask is not None:
-      unsupported.append('no mask')
-    for field in ('input_dilation', 'kernel_dilation'):
-      d = getattr(self, field)
-      if d not in (None, 1) and tuple(d) != (1,) * len(kernel_size):
-        unsupported.append(f'{field} 1')
+    def dilated(d):
+      return d not in (None, 1) and tuple(d) != (1,) * len(kernel_size)
+    unsupported = [rule for rule, broken in (
+        ('2-D kernels on NHWC inputs', len(kernel_size) != 2 or inputs.ndim != 4),
+        ('feature_group_count 1', self.feature_group_count != 1),
+        ('no mask', self.mask is not None),
+        ('input_dilation 1', dilated(self.input_dilation)),
+        ('kernel_dilation 1', dilated(self.kernel_dilation))) if broken]
     if unsupported:
       raise ValueError(f"jaxprune's Conv supports only {', '.join(unsupported)}; use nn.Conv "
                        "for other configurations.")
@@ -188,6 +172,4 @@ class Conv(nn.Conv):
       if formulation is conv_native:
         formulation = conv_canonical
     y = formulation(inputs, kernel, strides, pads, self.precision)
-    if bias is not None:
-      y = y + bias
-    return y
+    return y if bias is None else y + bias

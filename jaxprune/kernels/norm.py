@@ -36,8 +36,7 @@ def _normalize(x, mean, rstd, scale, bias):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def batch_norm_train(x, scale, bias, epsilon: float):
   """Training-mode BatchNorm over all axes but the last: (y, batch mean, batch variance)."""
-  (y, mean, var), _ = _forward(x, scale, bias, epsilon)
-  return y, mean, var
+  return _forward(x, scale, bias, epsilon)[0]
 
 
 def _forward(x, scale, bias, epsilon):
@@ -75,8 +74,7 @@ batch_norm_train.defvjp(_forward, _backward)
 
 
 class BatchNorm(nn.Module):
-  """nn.BatchNorm's variables and function (last-axis features), trained through
-  `batch_norm_train`; its fields mean what nn.BatchNorm's of the same names do."""
+  """nn.BatchNorm (last-axis features, same fields) trained through `batch_norm_train`."""
   use_running_average: bool = False
   momentum: float = 0.99
   epsilon: float = 1e-5

@@ -55,11 +55,8 @@ class PerformanceOptions:
 
   @classmethod
   def from_env(cls, environ: Mapping[str, str] = os.environ) -> 'PerformanceOptions':
-    """The options JAXPRUNE_CONV_IMPL, JAXPRUNE_BATCH_NORM and JAXPRUNE_XLA_OPTIONS name.
-
-    An unset or empty variable leaves the default; values are case-insensitive. A value
-    that is not allowed is a ConfigError naming the variable, which is what the user typed.
-    """
+    """The options the ENV_VARS name (case-insensitive; unset or empty: the default). A value
+    not allowed is a ConfigError naming the variable, which is what the user typed."""
     values = {}
     for name, registry in _REGISTRIES.items():
       value = env_value(name, environ)

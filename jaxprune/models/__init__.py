@@ -30,7 +30,8 @@ from jaxprune.models.vgg import CFGS, VGG, ImageNetVGG
 MODELS: dict[str, Callable[..., nn.Module]] = {
     'tiny': TinyCNN,
     **{name: functools.partial(VGG, cfg=cfg) for name, cfg in CFGS.items()},
-    **{f'{name}_mlp': functools.partial(VGG, cfg=cfg, classifier='mlp') for name, cfg in CFGS.items()},
+    **{f'{name}_mlp': functools.partial(VGG, cfg=cfg, classifier='mlp')
+       for name, cfg in CFGS.items()},
     **{f'resnet{d}': functools.partial(ResNet, depth=d) for d in (8, 20, 32, 44, 56, 110)},
     **{f'preresnet{d}': functools.partial(PreResNet, depth=d) for d in (11, 20, 56, 110, 164)},
     **{f'wrn{d}_{k}': functools.partial(WideResNet, depth=d, widen_factor=k)
@@ -52,15 +53,14 @@ def build(name: str, num_classes: int = 10, widths: Mapping[str, int] | None = N
           image_shape=(32, 32, 3)) -> nn.Module:
   """Returns the registered model `name`, with default widths unless `widths` is given.
 
-  A `name` of the form package.module:factory is a researcher's own model (`own.OwnModel`,
-  built for `image_shape`); its `widths` are kept channels per group (indices, or a count
-  for the first ones), and the options that shape built-in layers do not apply to it.
+  A `name` package.module:factory is a researcher's own model (`own.OwnModel`, built for
+  `image_shape`); its `widths` are kept channels per group (indices, or a count for the
+  first ones), and the options that shape built-in layers do not apply to it.
 
-  `width_multiplier` scales the default widths (`layers.Network.scaled`); explicit `widths`
-  are taken as they are. `performance` None is `PerformanceOptions()`. `bn_scale_init` and
-  `dense_init` choose the initial values; `resnet_shortcut` the downsampling shortcut of
-  the basic-block ResNets (a key of `resnet.SHORTCUTS`; ConfigError for another family
-  unless it is the default).
+  `width_multiplier` scales the default widths (`layers.Network.scaled`), not explicit
+  `widths`. `bn_scale_init` and `dense_init` choose the initial values; `resnet_shortcut`
+  the basic-block ResNets' downsampling shortcut (a key of `resnet.SHORTCUTS`; ConfigError
+  for another family unless it is the default).
   """
   performance = PerformanceOptions() if performance is None else performance
   if own.is_own(name):
@@ -75,8 +75,7 @@ def build(name: str, num_classes: int = 10, widths: Mapping[str, int] | None = N
     model = own.OwnModel(name, num_classes, tuple(image_shape), performance=performance)
     if not widths:
       return model
-    from jaxprune.prune import program
-    full = program.derive(model, tuple(image_shape)).structure.widths
+    full = widths_of(model)
     # Kept channels are indices (a subset) or a count; a group keeping all is not cut.
     cut = {g: k for g, k in widths.items() if (k if np.ndim(k) == 0 else len(k)) < full[g]}
     return model.with_kept(cut) if cut else model
@@ -99,8 +98,7 @@ def build(name: str, num_classes: int = 10, widths: Mapping[str, int] | None = N
 
 
 def widths_of(model: nn.Module) -> dict[str, int]:
-  """The widths a model is built with (its defaults when none were given; an own model's
-  prunable groups at its kept channels)."""
+  """The widths a model is built with: the given ones or its defaults (own: kept channels)."""
   if isinstance(model, own.OwnModel):
     from jaxprune.prune import program
     full = program.derive(model.full(), model.image_shape).structure.widths
@@ -109,19 +107,16 @@ def widths_of(model: nn.Module) -> dict[str, int]:
 
 
 def init(model: nn.Module, rng: jax.Array, image_shape) -> dict:
-  """The model's initial variables for (H, W, C) images, made by one compiled program.
-
-  Called eagerly, `model.init` compiles every primitive of every layer separately; here it
-  is one program per model (`compiler.jit_once`), whose values equal eager init's to float
-  rounding. An own model initialises as its factory does, a pruned one by
-  `program.fresh_init`.
-  """
-  if isinstance(model, own.OwnModel):
-    from jaxprune.prune import program
-    if model.kept:
-      return program.fresh_init(model, rng, image_shape)
-    return model.init(rng, np.zeros((1,) + tuple(image_shape), np.float32))
-  return _init_program(model)(rng, np.zeros((1,) + tuple(image_shape), np.float32))
+  """The model's initial variables for (H, W, C) images, from one compiled program per model
+  (eager `model.init` compiles every primitive separately), equal to eager init's to float
+  rounding. An own model initialises as its factory does, a pruned one by `program.fresh_init`."""
+  x = np.zeros((1,) + tuple(image_shape), np.float32)
+  if not isinstance(model, own.OwnModel):
+    return _init_program(model)(rng, x)
+  if not model.kept:
+    return model.init(rng, x)
+  from jaxprune.prune import program
+  return program.fresh_init(model, rng, image_shape)
 
 
 # Keyed by the model (models hash by value): a new jit of the bound `model.init` would
@@ -134,9 +129,7 @@ def _init_program(model: nn.Module) -> Callable:
 def init_shapes(model: nn.Module, image_shape) -> dict:
   """The shapes and dtypes of `init`'s variables, computing nothing."""
   if isinstance(model, own.OwnModel):
-    if not model.kept:
-      return model.init_shapes()
     from jaxprune.prune import program
-    return program.pruned_shapes(model)
+    return program.pruned_shapes(model) if model.kept else model.init_shapes()
   return jax.eval_shape(model.init, jax.random.key(0),
                         jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32))

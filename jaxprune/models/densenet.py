@@ -4,11 +4,9 @@ Every BN reads the concatenated feature stream through a channel selection, and 
 selections are the prunable groups: `block{d}_layer{l}` before each 3x3 conv,
 `transition{d}` before each 1x1 transition conv and `final` before the classifier. The
 stream itself is never changed; its widths are fields (`stem_width`, `growth`), so a
-thinner member of the family is `clone(growth=..., stem_width=...)`.
-
-`compression` is [R]'s compressionRate: each transition conv outputs the stream's channels
-floor-divided by it (`densenet100_c`: depth 100 with 2, [R]'s DenseNet-BC-100 without
-bottleneck layers).
+thinner member of the family is `clone(growth=..., stem_width=...)`. `compression` is [R]'s
+compressionRate: each transition conv outputs the stream's channels floor-divided by it
+(`densenet100_c`: depth 100 with 2, [R]'s DenseNet-BC-100 without bottleneck layers).
 """
 
 import flax.linen as nn
@@ -24,10 +22,7 @@ class DenseNet(layers.Network):
   compression: int = 1
 
   def layers_per_block(self) -> int:
-    n, rest = divmod(self.depth - 4, 3)
-    if rest or n < 1:
-      raise ValueError(f"DenseNet depth must be 3n+4 with n >= 1, got {self.depth}.")
-    return n
+    return layers.blocks_per_stage(self, 3, 4)
 
   def group_layers(self) -> dict[str, str]:
     return {g: f'{g}_select' for g in self.default_widths()}
@@ -35,9 +30,8 @@ class DenseNet(layers.Network):
   def scaled(self, multiplier: float) -> 'DenseNet':
     # The stream's widths are the growth rate and the stem's, not selections: scaling the
     # selections alone would leave channels of the stream that no layer reads.
-    def scale(width):
-      return max(1, int(round(width * multiplier)))
-    return self.clone(growth=scale(self.growth), stem_width=scale(self.stem_channels()))
+    growth, stem = (max(1, int(round(w * multiplier))) for w in (self.growth, self.stem_channels()))
+    return self.clone(growth=growth, stem_width=stem)
 
   def stem_channels(self) -> int:
     return 2 * self.growth if self.stem_width is None else self.stem_width
@@ -54,22 +48,17 @@ class DenseNet(layers.Network):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    perf = self.performance
     widths = self.resolved_widths()
     layers.check_image(x, 4, 'DenseNet halves the image twice and needs')
-
-    def select(group):
-      return layers.SelectBnRelu(widths[group], train, perf, self.bn_scale_init,
-                                 name=f'{group}_select')
-
-    x = layers.conv(perf, self.stem_channels(), 3, name='stem')(x)
+    x = self.conv(self.stem_channels(), 3, name='stem')(x)
     for d in (1, 2, 3):
       for l in range(1, self.layers_per_block() + 1):
         group = f'block{d}_layer{l}'
-        y = layers.conv(perf, self.growth, 3, name=f'{group}_conv')(select(group)(x))
-        x = jnp.concatenate([x, y], axis=-1)
+        y = self.select(group, widths[group], train)(x)
+        x = jnp.concatenate([x, self.conv(self.growth, 3, name=f'{group}_conv')(y)], axis=-1)
       if d < 3:
         channels = x.shape[-1] // self.compression
-        x = layers.conv(perf, channels, 1, name=f'transition{d}_conv')(select(f'transition{d}')(x))
+        y = self.select(f'transition{d}', widths[f'transition{d}'], train)(x)
+        x = self.conv(channels, 1, name=f'transition{d}_conv')(y)
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
-    return self.classify(select('final')(x))
+    return self.classify(self.select('final', widths['final'], train)(x))

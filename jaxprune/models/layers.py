@@ -26,9 +26,8 @@ conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 class Network(nn.Module):
   """The base of jaxprune's models: the fields they all have, and their layers' makers.
 
-  Construction freezes `widths` (a dict would make the module unhashable): two models of
-  the same class, widths and options are equal and hash alike.
-  """
+  Construction freezes `widths`, so that models of the same class, widths and options are
+  equal and hash alike (a dict would make the module unhashable)."""
   num_classes: int = 10
   widths: Mapping[str, int] | None = None
   performance: PerformanceOptions = PerformanceOptions()
@@ -76,13 +75,21 @@ class Network(nn.Module):
     return batch_norm(self.performance, train, self.bn_scale_init, name=name)
 
   @nn.nowrap
+  def conv(self, features: int, kernel: int, stride: int = 1, name: str | None = None,
+           torch_padding: bool = False) -> Conv:
+    return conv(self.performance, features, kernel, stride, name, torch_padding)
+
+  @nn.nowrap
+  def select(self, group: str, width: int, train: bool) -> 'SelectBnRelu':
+    return SelectBnRelu(width, train, self.performance, self.bn_scale_init, name=f'{group}_select')
+
+  @nn.nowrap
   def classify(self, x):
     """The logits of the globally average-pooled feature map (the Dense layer `head`)."""
     return dense(self.num_classes, self.dense_init, name='head')(jnp.mean(x, axis=(1, 2)))
 
 
-# The initialisers the `dense_init` setting names for every Dense layer's kernel (biases
-# start at zero either way).
+# The initialisers the `dense_init` setting names for every Dense kernel (biases start at 0).
 DENSE_INITS = {
     'lecun_normal': "Flax's default, truncated normal of variance 1/fan_in",
     'normal_0.01': "N(0, 0.01^2), as [R]'s VGGs initialise their Linear layers",
@@ -116,6 +123,15 @@ def conv(performance: PerformanceOptions, features: int, kernel: int, stride: in
               use_bias=False, kernel_init=conv_init, impl=performance.conv_impl, name=name)
 
 
+def blocks_per_stage(model: nn.Module, per_block: int, extra: int) -> int:
+  """n of a `model` whose `depth` must be per_block * n + extra, n >= 1 (else ValueError)."""
+  n, rest = divmod(model.depth - extra, per_block)
+  if rest or n < 1:
+    raise ValueError(f"{type(model).__name__} depth must be {per_block}n+{extra} with n >= 1, "
+                     f"got {model.depth}.")
+  return n
+
+
 def check_image(x, need: int, what: str):
   """ConfigError unless the images are at least need x need: they are the user's dataset."""
   if min(x.shape[1:3]) < need:
@@ -125,9 +141,9 @@ def check_image(x, need: int, what: str):
 class SelectBnRelu(nn.Module):
   """Reads a subset of a stream's channels, then BN and ReLU (network slimming's channel selection).
 
-  Which `width` stream channels it reads is the `indices/input_channels` variable (at first
-  the first `width`). Shrinking slices it like any other channel axis, so a pruned model
-  reads exactly the stream channels that survived; the stream itself is never changed.
+  The `indices/input_channels` variable (at first the first `width`) names the channels it
+  reads. Shrinking slices it like any other channel axis, so a pruned model reads exactly
+  the stream channels that survived; the stream itself is never changed.
   """
   width: int
   train: bool
@@ -136,6 +152,6 @@ class SelectBnRelu(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    index = self.variable(INDICES, 'input_channels', lambda: jnp.arange(self.width, dtype=jnp.int32))
+    index = self.variable(INDICES, 'input_channels', jnp.arange, self.width, dtype=jnp.int32)
     x = jnp.take(x, index.value, axis=-1)
     return nn.relu(batch_norm(self.performance, self.train, self.bn_scale_init)(x))

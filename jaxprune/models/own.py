@@ -2,12 +2,10 @@
 
 The factory is imported from the working directory (or anything on PYTHONPATH) and called
 with the keyword arguments it declares among `num_classes` (int), `image_shape` ((H, W, C))
-and `rngs` (an `nnx.Rngs` made from the run's seed). It returns either
-
-* a Flax NNX module, which jaxprune switches with `.train()` / `.eval()` and calls as
-  `module(images) -> logits`; or
-* a Flax Linen module called as `module.apply(variables, images, train=bool)` (the flax
-  examples' convention), initialised by jaxprune with `init(rngs, images, train=False)`.
+and `rngs` (an `nnx.Rngs` made from the run's seed). It returns a Flax NNX module, which
+jaxprune switches with `.train()` / `.eval()` and calls as `module(images) -> logits`, or a
+Flax Linen module called as `module.apply(variables, images, train=bool)` (the flax
+examples' convention) and initialised with `init(rngs, images, train=False)`.
 
 `OwnModel` gives both the built-in models' interface: `init(rng, x)` -> {'params': ...,
 'batch_stats': ...} and `apply(variables, x, train=..., mutable=['batch_stats'])`.
@@ -16,9 +14,8 @@ NNX module's RNG keys (as key data) and counts, and for a Linen module a dropout
 every training call advances, so a resumed run draws the masks the uninterrupted one did.
 Linen variables created with `nn.with_logical_partitioning` are unboxed.
 
-A pruned own model is the same model with `kept` channels: its program (read off the
-full model, `jaxprune.prune.program`) runs on the smaller arrays, with no code of its
-author's.
+A pruned own model (`kept` channels) runs the full model's program (`jaxprune.prune.program`)
+on the smaller arrays, with no code of its author's.
 """
 
 import dataclasses
@@ -43,8 +40,7 @@ DROPOUT_KEY = '__dropout_key__'
 
 
 def is_own(name: str) -> bool:
-  """Whether a `model` value names a factory (package.module:factory) rather than a
-  built-in model."""
+  """Whether a `model` value names a factory (package.module:factory), not a built-in model."""
   return ':' in name
 
 
@@ -82,27 +78,18 @@ def _call_factory(spec: str, num_classes: int, image_shape, seed: int):
   return module
 
 
-def _collection(variable) -> str:
-  return PARAMS if isinstance(variable, nnx.Param) else STATE
-
-
 def _is_key(value) -> bool:
   return jax.dtypes.issubdtype(jnp.result_type(value), jax.dtypes.prng_key)
 
 
 @dataclasses.dataclass(frozen=True)
 class OwnModel:
-  """A factory's model at its full width (`kept` empty) or pruned to `kept` channels.
+  """The model of factory `spec` (given `num_classes`, `image_shape`) at its full width, or
+  pruned to `kept`: ((group, kept channel indices), ...).
 
-  Compares and hashes by value, as built-in models do, so compiled steps are shared by
-  every run of the same network.
-
-  Attributes:
-    spec: package.module:factory.
-    num_classes, image_shape: what the factory is given.
-    kept: ((group, kept channel indices), ...) of a pruned network; () for the full one.
-    performance: the options of jaxprune's compiled programs (the model's own layers
-      compute as their author wrote them).
+  Compares and hashes by value, as built-in models do, so compiled steps are shared by every
+  run of the same network. `performance` sets jaxprune's compiled programs only: the model's
+  own layers compute as their author wrote them.
   """
   spec: str
   num_classes: int
@@ -156,11 +143,14 @@ class OwnModel:
 
   def rng_leaves(self) -> tuple:
     """The state leaves that are random keys or counts, never channels."""
-    return self._template().rng_leaves
+    template = self._template()
+    if not template.nnx:
+      return ((STATE, DROPOUT_KEY),)
+    return tuple(key for key, (_, v) in zip(template.keys, template.flat)
+                 if isinstance(v, (nnx.RngKey, nnx.RngCount)))
 
   def digest(self) -> str:
-    """A digest of the factory's traced program at the full width: an edited model is
-    another baseline."""
+    """A digest of the factory's traced full-width program: an edited model is another baseline."""
     return self._template().digest()
 
 
@@ -173,20 +163,14 @@ class _Template:
   """One factory's module, called functionally on variables given as a dict."""
 
   def __init__(self, spec, num_classes, image_shape):
-    self.spec, self.image_shape = spec, image_shape
+    self.image_shape = image_shape
     self.module = _call_factory(spec, num_classes, image_shape, 0)
     self.nnx = isinstance(self.module, nnx.Module)
     if self.nnx:
       self.graphdef, state = nnx.split(self.module)
       self.flat = list(nnx.to_flat_state(state))
-      self.keys = [(_collection(v),) + tuple(str(p) for p in path) for path, v in self.flat]
-
-  @property
-  def rng_leaves(self) -> tuple:
-    if not self.nnx:
-      return ((STATE, DROPOUT_KEY),)
-    return tuple(key for key, (_, v) in zip(self.keys, self.flat)
-                 if isinstance(v, (nnx.RngKey, nnx.RngCount)))
+      self.keys = [(PARAMS if isinstance(v, nnx.Param) else STATE, *map(str, path))
+                   for path, v in self.flat]
 
   @functools.cache
   def shapes(self) -> dict:
@@ -203,9 +187,8 @@ class _Template:
                                  DROPOUT_KEY: jax.random.key_data(jax.random.fold_in(rng, 1))}}
 
   def variables_of(self, module) -> dict:
-    _, state = nnx.split(module)
     nested = {}
-    for key, (_, variable) in zip(self.keys, nnx.to_flat_state(state)):
+    for key, (_, variable) in zip(self.keys, nnx.to_flat_state(nnx.state(module))):
       value = variable.get_value()
       nested[key] = jax.random.key_data(value) if _is_key(value) else value
     return traverse_util.unflatten_dict(nested)
@@ -222,18 +205,16 @@ class _Template:
       module = nnx.merge(self.graphdef, nnx.from_flat_state(pairs))
       module.train() if train else module.eval()
       return first_output(module(x)), self.variables_of(module).get(STATE, {})
+    key = jax.random.wrap_key_data(flat.pop((STATE, DROPOUT_KEY)))
     stats = {k[1:]: v for k, v in flat.items() if k[0] == STATE}
-    key = jax.random.wrap_key_data(stats.pop((DROPOUT_KEY,)))
-    given = traverse_util.unflatten_dict({k: v for k, v in flat.items()
-                                          if k != (STATE, DROPOUT_KEY)})
+    given = traverse_util.unflatten_dict(flat)
     dropout, advanced = jax.random.split(key)
     if train:
       out, updated = self.module.apply(given, x, train=True, mutable=[STATE],
                                        rngs={'dropout': dropout})
       new = traverse_util.flatten_dict(dict(updated.get(STATE, {})))
     else:
-      out, new = self.module.apply(given, x, train=False), stats
-      advanced = key
+      out, new, advanced = self.module.apply(given, x, train=False), stats, key
     new = {**new, (DROPOUT_KEY,): jax.random.key_data(advanced)}
     return first_output(out), traverse_util.unflatten_dict(new)
 

@@ -27,14 +27,6 @@ def _blocks(per_stage: Sequence[int]) -> list[tuple[int, int, str]]:
           for b in range(1, n + 1)]
 
 
-def _cifar_blocks(name: str, depth: int, per_block: int, extra: int) -> list[tuple[int, int, str]]:
-  """`_blocks` of a three-stage network of depth per_block * n + extra."""
-  n, rest = divmod(depth - extra, per_block)
-  if rest or n < 1:
-    raise ValueError(f"{name} depth must be {per_block}n+{extra} with n >= 1, got {depth}.")
-  return _blocks((n,) * 3)
-
-
 def _basic_branch(conv, bn, x, width: int, out: int, stride: int, block: str):
   """A basic block's residual branch: 3x3 conv, BN, ReLU, 3x3 conv, BN."""
   y = conv(width, 3, stride, name=f'{block}_conv1')(x)
@@ -51,17 +43,15 @@ SHORTCUTS = {
 
 
 class ResNet(layers.Network):
-  """Basic-block CIFAR ResNet with the parameter-free shortcut (`shortcut`, a key of
-  SHORTCUTS, in the blocks that downsample; identity elsewhere).
-
-  Prunable: `stage{s}_block{b}`, the output of each block's first conv (s, b from 1).
-  """
+  """Basic-block CIFAR ResNet; a downsampling block's shortcut is `shortcut` (parameter-free,
+  a key of SHORTCUTS), the others' identity. Prunable: `stage{s}_block{b}`, each block's
+  first conv output."""
   depth: int = 56
   stage_widths: Sequence[int] = (16, 32, 64)
   shortcut: str = 'subsample'
 
   def blocks(self) -> list[tuple[int, int, str]]:
-    return _cifar_blocks('ResNet', self.depth, 6, 2)
+    return _blocks((layers.blocks_per_stage(self, 6, 2),) * 3)
 
   def prunable_groups(self) -> tuple[str, ...]:
     return tuple(block for _, _, block in self.blocks())
@@ -72,23 +62,21 @@ class ResNet(layers.Network):
 
   def default_widths(self) -> dict[str, int]:
     widths = {f'stage{s}': w for s, w in zip((1, 2, 3), self.stage_widths)}
-    widths.update({g: self.stage_widths[int(g[5]) - 1] for g in self.prunable_groups()})
-    return widths
+    return {**widths, **{block: self.stage_widths[s - 1] for s, _, block in self.blocks()}}
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     widths = self.resolved_widths()
     _check_image(x, 2)
-    conv = functools.partial(layers.conv, self.performance)
     bn = lambda name: self.batch_norm(train, name)
-    x = nn.relu(bn('stem_bn')(conv(widths['stage1'], 3, name='stem')(x)))
+    x = nn.relu(bn('stem_bn')(self.conv(widths['stage1'], 3, name='stem')(x)))
     for s, b, block in self.blocks():
       out = widths[f'stage{s}']
       if b == 1 and out < x.shape[-1]:
         raise ValueError(f"stage{s} width {out} is narrower than the stage before it "
                          f"({x.shape[-1]}); the zero-padding shortcut needs it at least as wide.")
       stride = 2 if s > 1 and b == 1 else 1
-      y = _basic_branch(conv, bn, x, widths[block], out, stride, block)
+      y = _basic_branch(self.conv, bn, x, widths[block], out, stride, block)
       x = nn.relu(y + self.downsampled(x, stride, out))
     return self.classify(x)
 
@@ -109,17 +97,17 @@ class ResNet(layers.Network):
 class PreResNet(layers.Network):
   """Pre-activation bottleneck ResNet (depth 9n+2), pruned as network slimming does.
 
-  Each block reads its input through a channel selection (`stage{s}_block{b}_in`:
-  BN + ReLU on the selected stream channels), then 1x1 conv (`_mid1`), 3x3 conv
-  (`_mid2`) and a 1x1 conv back to the stream width. All three block groups are
-  prunable, as is `final`, the selection before the classifier. The stream is not.
+  Each block reads its input through a channel selection (`stage{s}_block{b}_in`: BN + ReLU
+  on the selected stream channels), then 1x1 conv (`_mid1`), 3x3 conv (`_mid2`) and a 1x1
+  conv back to the stream width. The three block groups and `final`, the selection before
+  the classifier, are prunable; the stream is not.
   """
   depth: int = 164
   planes: Sequence[int] = (16, 32, 64)
   expansion: int = 4
 
   def blocks(self) -> list[tuple[int, int, str]]:
-    return _cifar_blocks('PreResNet', self.depth, 9, 2)
+    return _blocks((layers.blocks_per_stage(self, 9, 2),) * 3)
 
   def prunable_groups(self) -> tuple[str, ...]:
     groups = [f'{block}_{part}' for _, _, block in self.blocks() for part in ('in', 'mid1', 'mid2')]
@@ -127,11 +115,10 @@ class PreResNet(layers.Network):
 
   def group_layers(self) -> dict[str, str]:
     layers_of = {'stem': 'stem', **{f'stage{s}': f'stage{s}_block1_conv3' for s in (1, 2, 3)}}
-    for group in self.prunable_groups():
-      block, _, part = group.rpartition('_')
-      layers_of[group] = {'mid1': f'{block}_conv1',
-                          'mid2': f'{block}_conv2'}.get(part, f'{group}_select')
-    return layers_of
+    for _, _, block in self.blocks():
+      layers_of.update({f'{block}_in': f'{block}_in_select', f'{block}_mid1': f'{block}_conv1',
+                        f'{block}_mid2': f'{block}_conv2'})
+    return {**layers_of, 'final': 'final_select'}
 
   def default_widths(self) -> dict[str, int]:
     stream = [p * self.expansion for p in self.planes]
@@ -139,47 +126,38 @@ class PreResNet(layers.Network):
     widths.update({f'stage{s}': w for s, w in zip((1, 2, 3), stream)})
     for s, b, block in self.blocks():
       reads = self.planes[0] if (s, b) == (1, 1) else stream[s - 1 if b > 1 else s - 2]
-      widths[f'{block}_in'] = reads
-      widths[f'{block}_mid1'] = self.planes[s - 1]
-      widths[f'{block}_mid2'] = self.planes[s - 1]
-    widths['final'] = stream[-1]
-    return widths
+      widths.update({f'{block}_in': reads, f'{block}_mid1': self.planes[s - 1],
+                     f'{block}_mid2': self.planes[s - 1]})
+    return {**widths, 'final': stream[-1]}
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    perf = self.performance
     widths = self.resolved_widths()
     _check_image(x, 2)
-    x = layers.conv(perf, widths['stem'], 3, name='stem')(x)
+    x = self.conv(widths['stem'], 3, name='stem')(x)
     for s, b, block in self.blocks():
       stride = 2 if s > 1 and b == 1 else 1
-      y = layers.SelectBnRelu(widths[f'{block}_in'], train, perf, self.bn_scale_init,
-                              name=f'{block}_in_select')(x)
-      y = layers.conv(perf, widths[f'{block}_mid1'], 1, name=f'{block}_conv1')(y)
+      y = self.select(f'{block}_in', widths[f'{block}_in'], train)(x)
+      y = self.conv(widths[f'{block}_mid1'], 1, name=f'{block}_conv1')(y)
       y = nn.relu(self.batch_norm(train, f'{block}_bn2')(y))
-      y = layers.conv(perf, widths[f'{block}_mid2'], 3, stride, name=f'{block}_conv2')(y)
+      y = self.conv(widths[f'{block}_mid2'], 3, stride, name=f'{block}_conv2')(y)
       y = nn.relu(self.batch_norm(train, f'{block}_bn3')(y))
-      y = layers.conv(perf, widths[f'stage{s}'], 1, name=f'{block}_conv3')(y)
+      y = self.conv(widths[f'stage{s}'], 1, name=f'{block}_conv3')(y)
       if b == 1:
-        x = layers.conv(perf, widths[f'stage{s}'], 1, stride, name=f'{block}_shortcut')(x)
+        x = self.conv(widths[f'stage{s}'], 1, stride, name=f'{block}_shortcut')(x)
       x = x + y
-    x = layers.SelectBnRelu(widths['final'], train, perf, self.bn_scale_init,
-                            name='final_select')(x)
-    return self.classify(x)
+    return self.classify(self.select('final', widths['final'], train)(x))
 
 
 class WideResNet(layers.Network):
-  """Pre-activation WideResNet WRN-depth-k (depth 6n+4).
-
-  Prunable: `stage{s}_block{b}`, the output of each block's first conv, as in
-  Fisher pruning. The first block of a stage whose width changes uses a 1x1
-  projection shortcut on the pre-activated input.
-  """
+  """Pre-activation WideResNet WRN-depth-k (depth 6n+4). Prunable: `stage{s}_block{b}`, each
+  block's first conv output, as in Fisher pruning. The first block of a stage whose width
+  changes has a 1x1 projection shortcut on the pre-activated input."""
   depth: int = 40
   widen_factor: int = 2
 
   def blocks(self) -> list[tuple[int, int, str]]:
-    return _cifar_blocks('WideResNet', self.depth, 6, 4)
+    return _blocks((layers.blocks_per_stage(self, 6, 4),) * 3)
 
   def prunable_groups(self) -> tuple[str, ...]:
     return tuple(block for _, _, block in self.blocks())
@@ -190,31 +168,28 @@ class WideResNet(layers.Network):
     return {g: layers_of[g] for g in self.default_widths()}
 
   def default_widths(self) -> dict[str, int]:
-    stage = [16 * self.widen_factor, 32 * self.widen_factor, 64 * self.widen_factor]
+    stage = [w * self.widen_factor for w in (16, 32, 64)]
     # With widen factor 1 the stem feeds stage 1 through identity shortcuts: one stream.
     widths = {'stem': 16} if self.widen_factor != 1 else {}
-    widths.update({f'stage{s}': w for s, w in zip((1, 2, 3), stage)})
-    widths.update({g: stage[int(g[5]) - 1] for g in self.prunable_groups()})
-    return widths
+    widths.update({f'stage{s}': w for s, w in enumerate(stage, 1)})
+    return {**widths, **{block: stage[s - 1] for s, _, block in self.blocks()}}
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    perf = self.performance
     widths = self.resolved_widths()
     _check_image(x, 2)
-    x = layers.conv(perf, widths.get('stem', widths['stage1']), 3, name='stem')(x)
+    x = self.conv(widths.get('stem', widths['stage1']), 3, name='stem')(x)
     for s, b, block in self.blocks():
       stride = 2 if s > 1 and b == 1 else 1
       pre = nn.relu(self.batch_norm(train, f'{block}_bn1')(x))
-      # Projection iff the default network changes width or resolution here; a
-      # structural choice that must not depend on the (prunable) widths.
+      # Projection iff the default network changes width or resolution here, whatever the widths.
       if b == 1 and (s > 1 or self.widen_factor != 1):
-        shortcut = layers.conv(perf, widths[f'stage{s}'], 1, stride, name=f'{block}_shortcut')(pre)
+        shortcut = self.conv(widths[f'stage{s}'], 1, stride, name=f'{block}_shortcut')(pre)
       else:
         shortcut = x
-      y = layers.conv(perf, widths[block], 3, stride, name=f'{block}_conv1')(pre)
+      y = self.conv(widths[block], 3, stride, name=f'{block}_conv1')(pre)
       y = nn.relu(self.batch_norm(train, f'{block}_bn2')(y))
-      y = layers.conv(perf, widths[f'stage{s}'], 3, name=f'{block}_conv2')(y)
+      y = self.conv(widths[f'stage{s}'], 3, name=f'{block}_conv2')(y)
       if shortcut.shape[-1] != y.shape[-1]:
         raise ValueError(f"stage{s} width {y.shape[-1]} must equal the width entering it "
                          f"({shortcut.shape[-1]}) for a WideResNet with identity shortcuts.")
@@ -236,11 +211,10 @@ class ImageNetResNet(layers.Network):
   of stages 2-4 (and of stage 1 in a bottleneck network) adds a 1x1 conv + BN projection;
   global average pool, Dense head. Convolutions are padded as PyTorch pads them.
 
-  Groups: `stage{s}`, each stage's residual stream (not prunable). Basic blocks:
-  `stage{s}_block{b}`, the first conv's output, prunable (as [R]'s L1-norm ResNet-34).
-  Bottleneck blocks: `stage{s}_block{b}_mid1` and `_mid2`, the 1x1 and 3x3 convs' outputs,
-  prunable, and `stem`, the stem's channels (not prunable, as in the papers).
-  Unlike torchvision, the head's kernel starts from `dense_init`.
+  Prunable: a basic block's first conv output `stage{s}_block{b}` (as [R]'s L1-norm
+  ResNet-34); a bottleneck block's 1x1 and 3x3 conv outputs, `stage{s}_block{b}_mid1` and
+  `_mid2`. A bottleneck network's stem channels are the group `stem`, not prunable (as in
+  the papers). Unlike torchvision, the head's kernel starts from `dense_init`.
   """
   num_classes: int = 1000
   depth: int = 50
@@ -274,15 +248,14 @@ class ImageNetResNet(layers.Network):
     expansion = 4 if self._bottleneck() else 1  # a bottleneck's stream is 4x its inner width
     widths = {'stem': self.stage_widths[0]} if self._bottleneck() else {}
     widths.update({f'stage{s}': w * expansion for s, w in enumerate(self.stage_widths, 1)})
-    widths.update({g: self.stage_widths[int(g[5]) - 1] for g in self.prunable_groups()})
-    return widths
+    return {**widths, **{g: self.stage_widths[int(g[5]) - 1] for g in self.prunable_groups()}}
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     widths = self.resolved_widths()
     _check_image(x, 5)
     bottleneck = self._bottleneck()
-    conv = functools.partial(layers.conv, self.performance, torch_padding=True)
+    conv = functools.partial(self.conv, torch_padding=True)
     bn = lambda name: self.batch_norm(train, name)
     x = conv(widths['stem' if bottleneck else 'stage1'], 7, 2, name='stem')(x)
     x = nn.relu(bn('stem_bn')(x))
@@ -299,7 +272,7 @@ class ImageNetResNet(layers.Network):
       else:
         y = _basic_branch(conv, bn, x, widths[block], out, stride, block)
       # Projection iff the default network changes width or resolution here (torchvision's
-      # rule); a structural choice that must not depend on the (prunable) widths.
+      # rule), whatever the (prunable) widths.
       if b == 1 and (s > 1 or bottleneck):
         shortcut = bn(f'{block}_shortcut_bn')(conv(out, 1, stride, name=f'{block}_shortcut')(x))
       else:

@@ -16,9 +16,9 @@ class TinyCNN(layers.Network):
   @nn.compact
   def __call__(self, x, train: bool = False):
     widths = self.resolved_widths()
-    x = layers.conv(self.performance, widths['conv1'], 3, name='conv1_conv')(x)
+    x = self.conv(widths['conv1'], 3, name='conv1_conv')(x)
     x = nn.relu(self.batch_norm(train, 'conv1_bn')(x))
-    x = layers.conv(self.performance, widths['conv2'], 3, stride=2, name='conv2_conv')(x)
+    x = self.conv(widths['conv2'], 3, stride=2, name='conv2_conv')(x)
     x = nn.relu(self.batch_norm(train, 'conv2_bn')(x))
     x = jnp.mean(x, axis=(1, 2))
     x = nn.relu(layers.dense(widths['fc'], self.dense_init, name='fc_dense')(x))

@@ -52,27 +52,24 @@ class VGG(layers.Network):
   def group_layers(self) -> dict[str, str]:
     return {g: f'{g}_dense' if g.startswith('fc') else f'{g}_conv' for g in self.default_widths()}
 
-  def layer_items(self) -> tuple:
-    """The conv stack: `cfg`'s channels and max pools ('M')."""
-    return tuple(self.cfg)
-
   @nn.nowrap
-  def features(self, x, train: bool, widths: dict[str, int]):
-    layers.check_image(x, 2 ** self.layer_items().count('M'), 'this VGG needs images of')
+  def features(self, x, train: bool, widths: dict[str, int], stack: Sequence):
+    """The conv stack `stack`: `cfg`'s channels (named by `conv_widths`) and max pools ('M')."""
+    layers.check_image(x, 2 ** stack.count('M'), 'this VGG needs images of')
     names = iter(conv_widths(self.cfg))
-    for item in self.layer_items():
+    for item in stack:
       if item == 'M':
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
       else:
         name = next(names)
-        x = layers.conv(self.performance, widths[name], 3, name=f'{name}_conv')(x)
+        x = self.conv(widths[name], 3, name=f'{name}_conv')(x)
         x = nn.relu(self.batch_norm(train, f'{name}_bn')(x))
     return x
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     widths = self.resolved_widths()
-    x = jnp.mean(self.features(x, train, widths), axis=(1, 2))
+    x = jnp.mean(self.features(x, train, widths, self.cfg), axis=(1, 2))
     if self.classifier == 'mlp':
       x = layers.dense(widths['fc'], self.dense_init, name='fc_dense')(x)
       x = nn.relu(self.batch_norm(train, 'fc_bn')(x))
@@ -81,27 +78,19 @@ class VGG(layers.Network):
     return layers.dense(self.num_classes, self.dense_init, name='head')(x)
 
 
-# ImageNetVGG's classifiers (its `classifier` field).
-IMAGENET_CLASSIFIERS = {
-    'dropout': "torchvision's: Dense -> ReLU -> Dropout(0.5), twice, then Dense",
-    'bn': "[R]'s network-slimming VGG-11: Dense -> BN -> ReLU, twice, then Dense (no dropout)",
-}
-
-
 class ImageNetVGG(VGG):
   """VGG with BatchNorm for 224x224 images: torchvision's vgg11_bn / vgg16_bn.
 
   `VGG`'s conv stack, then a fifth 2x2 max pool; the flattened final map (7x7x512 at
   224x224, as in [R]'s torchvision) goes through two hidden Dense layers of `fc_width`
-  units, the prunable groups `fc1` and `fc2`, and the Dense head.
-
-  `classifier` 'dropout': Dropout(0.5) after each hidden ReLU while training, as
-  torchvision; its key is the state variable `batch_stats/dropout_key`, which every
-  training call advances, so a resumed run draws the masks the uninterrupted one draws.
-  'bn': [R]'s network-slimming VGG-11, a BN after each hidden Dense and no dropout.
-  Unlike torchvision: the convolutions have no bias (BN follows each); the flattened map is
-  NHWC-ordered; the Dense kernels start from `dense_init`; another image size than 224x224
-  feeds its own map size to fc1 (no adaptive pool to 7x7).
+  units, the prunable groups `fc1` and `fc2`, and the Dense head. `classifier` 'dropout'
+  (torchvision's): Dropout(0.5) after each hidden ReLU while training, keyed by the state
+  variable `batch_stats/dropout_key`, which every training call advances, so a resumed run
+  draws the masks the uninterrupted one draws; 'bn' ([R]'s network-slimming VGG-11): a BN
+  after each hidden Dense, no dropout. Unlike torchvision: the convolutions have no bias
+  (BN follows each); the flattened map is NHWC-ordered; the Dense kernels start from
+  `dense_init`; another image size than 224x224 feeds its own map size to fc1 (no adaptive
+  pool to 7x7).
   """
   num_classes: int = 1000
   classifier: str = 'dropout'
@@ -111,16 +100,13 @@ class ImageNetVGG(VGG):
   def default_widths(self) -> dict[str, int]:
     return {**conv_widths(self.cfg), 'fc1': self.fc_width, 'fc2': self.fc_width}
 
-  def layer_items(self) -> tuple:
-    return tuple(self.cfg) + ('M',)
-
   @nn.compact
   def __call__(self, x, train: bool = False):
-    if self.classifier not in IMAGENET_CLASSIFIERS:
-      raise ValueError(f'unknown ImageNetVGG classifier {self.classifier!r}; one of '
-                       f'{list(IMAGENET_CLASSIFIERS)}.')
+    if self.classifier not in ('dropout', 'bn'):
+      raise ValueError(f"unknown ImageNetVGG classifier {self.classifier!r}; one of "
+                       "['dropout', 'bn'].")
     widths = self.resolved_widths()
-    x = self.features(x, train, widths)
+    x = self.features(x, train, widths, (*self.cfg, 'M'))
     x = x.reshape(x.shape[0], -1)
     keys = self._dropout_keys(train) if self.classifier == 'dropout' else None
     for i, group in enumerate(('fc1', 'fc2')):
@@ -133,8 +119,7 @@ class ImageNetVGG(VGG):
     return layers.dense(self.num_classes, self.dense_init, name='head')(x)
 
   def _dropout_keys(self, train: bool):
-    """The two dropout layers' keys while training (None in evaluation); advances the
-    state's key."""
+    """The two dropout layers' keys while training (None in evaluation), advancing the state's."""
     state = self.variable('batch_stats', 'dropout_key',
                           lambda: jax.random.key_data(self.make_rng('params')))
     if not train:

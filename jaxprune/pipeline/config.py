@@ -5,8 +5,7 @@ From each `Setting` (name, type, default, help, allowed values, bounds, stage) c
 * `Config`, the frozen dataclass a run is described by (one field per setting);
 * `define_flags`: the absl flags of launch.py and the experiments, with their `--help`;
 * `validate`, whose messages name the setting (the command line shows it as its flag);
-* `stage_settings(config, stage)`: the settings a stage directory is identified by (a
-  directory made with other settings is refused; nothing else is compared);
+* `stage_settings(config, stage)`: the settings that identify a stage directory;
 * `to_flagfile`: a stored run's configuration as a --flagfile that reproduces it.
 """
 
@@ -50,11 +49,10 @@ class Setting:
   """One setting: its flag, its Config field, its check and the stage it identifies.
 
   `type` is str, int, float or bool; `choices` returns the registry the value must be a key
-  of, `also` says what else it may be as (description for --help, test of a value);
-  `optional` allows None; minimum / maximum are inclusive bounds, above / below exclusive;
-  `environ`: an environment variable (kernels.options.ENV_VARS) gives the command line's
-  default; `retunable`: may differ on a rerun of a diverged stage (a smaller lr resumes it).
-  """
+  of, `also` says what else it may be (description for --help, test of a value); `optional`
+  allows None; minimum / maximum are inclusive bounds, above / below exclusive; `environ`: an
+  environment variable (kernels.options.ENV_VARS) gives the command line's default;
+  `retunable`: may differ on a rerun of a diverged stage (a smaller lr resumes it)."""
   name: str
   type: type
   default: Any
@@ -134,8 +132,7 @@ SETTINGS: tuple[Setting, ...] = (
             f'{DEFAULT_ROOT}/MODEL-DATASET/baseline-<digest of the baseline settings>.', 'run',
             optional=True),
     Setting('data_dir', str, None, 'TFDS data directory holding a prepared cifar10, cifar100, '
-            'imagenet2012 or tfds:NAME (as array_record).',
-            'run', optional=True),
+            'imagenet2012 or tfds:NAME (as array_record).', 'run', optional=True),
     Setting('regime', str, 'scratch', 'Retraining regime(s) to run after pruning.', 'run',
             choices=lambda: REGIME_CHOICES),
     Setting('seeds', int, 1, 'Train this many independent copies (seeds seed, seed+1, ...) in '
@@ -151,8 +148,7 @@ SETTINGS: tuple[Setting, ...] = (
             "pod's workers, SLURM or Open MPI tasks find each other; elsewhere give "
             'coordinator_address, num_processes and process_id.', 'run'),
     Setting('coordinator_address', str, None, "multihost: process 0's HOST:PORT, the same for "
-            'every process (default: detected on TPU VMs, SLURM, Open MPI).', 'run',
-            optional=True),
+            'every process (default: detected on TPU VMs, SLURM, Open MPI).', 'run', optional=True),
     Setting('num_processes', int, None, 'multihost: how many processes the run has (default: '
             'detected).', 'run', optional=True, minimum=1),
     Setting('process_id', int, None, "multihost: this process's index, 0 to num_processes-1 "
@@ -177,8 +173,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting('dense_init', str, 'lecun_normal', "Initialiser of every Dense layer's kernel "
             '(biases start at zero).', 'baseline', choices=lambda: models.layers.DENSE_INITS),
     Setting('resnet_shortcut', str, 'subsample', 'The downsampling shortcut of the '
-            'basic-block ResNets (resnet*).', 'baseline',
-            choices=lambda: models.resnet.SHORTCUTS),
+            'basic-block ResNets (resnet*).', 'baseline', choices=lambda: models.resnet.SHORTCUTS),
     Setting('dataset', str, 'digits', "Dataset. digits is scikit-learn's bundled 8x8 "
             'handwritten digits (offline).', 'baseline', choices=lambda: data.DATASETS,
             also=data.OTHER_DATASETS),
@@ -290,9 +285,8 @@ Config = dataclasses.make_dataclass(
 
 
 def make(**values) -> 'Config':
-  """A Config from setting values, with the derived defaults: the ratio policies'
-  prune_ratio is 0.5 when no ratio is given, and without a workdir the work and baseline
-  directories are named from the settings that identify their stages (`default_dirs`)."""
+  """A Config from setting values, with the derived defaults: prune_ratio 0.5 for the ratio
+  policies when none is given, and without a workdir the directories of `default_dirs`."""
   config = Config(**values)
   policy = select.SELECTIONS.get(config.selection)
   if policy is not None and policy.needs == 'ratio' and config.prune_ratio is None:
@@ -312,9 +306,8 @@ def _digest(settings: Mapping) -> str:
 
 
 def default_dirs(config) -> tuple[str, str]:
-  """(workdir, baseline_dir) named from the settings: runs that differ in any baseline,
-  prune or regime setting get their own work directory, and every run with the same
-  baseline settings shares one baseline."""
+  """(workdir, baseline_dir) named from the settings: runs differing in any baseline, prune or
+  regime setting get their own workdir; those with the same baseline settings share one."""
   # An own model's package.module:factory, with a dot for the colon paths dislike.
   root = f"{DEFAULT_ROOT}/{config.model.replace(':', '.')}-{config.dataset}"
   identity = {s.name: getattr(config, s.name) for s in SETTINGS
@@ -329,8 +322,7 @@ def performance_options(config) -> kernel_options.PerformanceOptions:
 
 
 def stage_settings(config, stage: str) -> dict:
-  """The settings that identify `stage`'s directory: its own and those of the stages it
-  starts from (a regime starts from prune, prune from baseline)."""
+  """The settings identifying `stage`'s directory: its own and those of the stages it comes from."""
   if stage not in STAGES or stage in ('run', 'performance'):
     raise ValueError(f'{stage!r} is not a stage with a directory.')
   chain = {'baseline': ('baseline',), 'prune': ('baseline', 'prune')}.get(
@@ -363,21 +355,6 @@ def decay_epochs(config) -> tuple[int, ...] | None:
   return epochs
 
 
-def _check_weight_level(config) -> None:
-  """granularity=weight takes [R]'s weight-level recipe's pruning settings only."""
-  if config.criterion != weights.WEIGHT_CRITERION:
-    raise ConfigError(f'granularity=weight scores every conv weight by |w| '
-                      f'(criterion={weights.WEIGHT_CRITERION}), not criterion={config.criterion}.',
-                      settings=('granularity', 'criterion'))
-  if config.selection not in weights.WEIGHT_SELECTIONS:
-    raise ConfigError(f"granularity=weight thresholds |w| over all conv weights (global) or "
-                      f"within each conv (layer), not selection={config.selection}.",
-                      settings=('granularity', 'selection'))
-  if config.schedule != 'oneshot':
-    raise ConfigError(f'granularity=weight prunes once (schedule=oneshot), not '
-                      f'schedule={config.schedule}.', settings=('granularity', 'schedule'))
-
-
 def validate(config) -> None:
   """Checks every value and combination before anything is trained or written (ConfigError)."""
   for setting in SETTINGS:
@@ -389,8 +366,19 @@ def validate(config) -> None:
     if other != needs and getattr(config, other) is not None:
       raise ConfigError(f'selection={config.selection} takes {needs}, not {other}.',
                         settings=('selection', needs, other))
-  if config.granularity == 'weight':
-    _check_weight_level(config)
+  # granularity=weight takes [R]'s weight-level recipe's pruning settings only.
+  weight_level = config.granularity == 'weight'
+  if weight_level and config.criterion != weights.WEIGHT_CRITERION:
+    raise ConfigError(f'granularity=weight scores every conv weight by |w| '
+                      f'(criterion={weights.WEIGHT_CRITERION}), not criterion={config.criterion}.',
+                      settings=('granularity', 'criterion'))
+  if weight_level and config.selection not in weights.WEIGHT_SELECTIONS:
+    raise ConfigError(f"granularity=weight thresholds |w| over all conv weights (global) or "
+                      f"within each conv (layer), not selection={config.selection}.",
+                      settings=('granularity', 'selection'))
+  if weight_level and config.schedule != 'oneshot':
+    raise ConfigError(f'granularity=weight prunes once (schedule=oneshot), not '
+                      f'schedule={config.schedule}.', settings=('granularity', 'schedule'))
   if config.preset is not None:
     family = select.PRESETS[config.preset].models
     if config.model not in family:
@@ -427,9 +415,6 @@ def validate(config) -> None:
   workdir.check_workdir(config.workdir)
   if config.baseline_dir:
     workdir.check_workdir(config.baseline_dir, 'baseline_dir')
-
-
-# ----------------------------------------------------------------------------- command lines
 
 
 def define_flags(flag_values=None, names: Sequence[str] | None = None) -> None:
@@ -504,8 +489,7 @@ def to_flagfile(config) -> str:
     if setting.type is bool:
       lines.append(f"--{'' if value else 'no'}{setting.name}")
     else:
-      lines.append(f'--{setting.name}={value!r}' if setting.type is float
-                   else f'--{setting.name}={value}')
+      lines.append(f'--{setting.name}={repr(value) if setting.type is float else value}')
   return '\n'.join(lines) + '\n'
 
 

@@ -3,8 +3,7 @@
 Every `prune_every` steps the `prune_step` lowest-scored channels are masked out (a global
 ranking, L2-normalised per layer for the `_l2` policies), until the ratio's (or the MACs
 target's) channels are gone. Masks are inputs of the compiled train step, so no removal
-recompiles. The fine-tuning run is an ordinary resumable stage (prune/finetune/), whose
-per-epoch pruning curve goes to pruning_curve.jsonl.
+recompiles. The fine-tuning is a resumable stage (prune/finetune/, pruning_curve.jsonl).
 """
 
 import dataclasses
@@ -22,54 +21,40 @@ from jaxprune.prune import criteria, flops, select
 from jaxprune.train import checkpoint
 
 
-def finetune_optimizer(config) -> train.OptimizerConfig:
-  return train.OptimizerConfig(learning_rate=config.finetune_lr, schedule='constant',
-                               weight_decay=config.weight_decay)
-
-
-def _removals(config, prog, variables) -> int:
-  """How many channels the schedule removes."""
-  structure = prog.structure
-  if config.prune_ratio is not None:
-    return int(config.prune_ratio * sum(structure.widths[g] for g in structure.prunable))
-  # The number of channels a one-shot MACs selection removes sets the schedule's length;
-  # a final one-shot top-up guarantees the target.
-  guess = select.select(config.selection, structure,
-                        criteria.score('l1', prog, variables, None),
-                        target_macs=config.target_macs, min_channels=config.min_channels)
-  return int(sum(structure.widths[g] - m.sum() for g, m in guess.items()))
-
-
 def prune(config, model, prog, variables, data, stage, *, options: train.TrainOptions,
           spec: data_lib.DataSpec, scoring_batches: Callable[[], Iterable]):
-  """(masks, fine-tuned variables, final scores or None) of iterative pruning of `model`
-  (whose program is `prog`) in `stage`, fine-tuning with `options` on batches augmented as
-  `spec` says."""
-  dataset = data.dataset
+  """(masks, fine-tuned variables, final scores or None) of iterative pruning of `model` (its
+  program `prog`) in `stage`, fine-tuning with `options` on batches augmented as `spec` says."""
   structure = prog.structure
   total = sum(structure.widths[g] for g in structure.prunable)
-  removals = _removals(config, prog, variables)
+  if config.prune_ratio is not None:
+    removals = int(config.prune_ratio * total)
+  else:
+    # The number of channels a one-shot MACs selection removes sets the schedule's length;
+    # a final one-shot top-up guarantees the target.
+    guess = select.select(config.selection, structure, criteria.score('l1', prog, variables, None),
+                          target_macs=config.target_macs, min_channels=config.min_channels)
+    removals = int(sum(structure.widths[g] - m.sum() for g, m in guess.items()))
   rounds = math.ceil(removals / config.prune_step)
-  steps_per_epoch = data_lib.steps_per_epoch(dataset.num_train, options.batch_size)
+  steps_per_epoch = data_lib.steps_per_epoch(data.dataset.num_train, options.batch_size)
   epochs = max(1, math.ceil(rounds * config.prune_every / steps_per_epoch))
   criterion = criteria.get(config.criterion)
   accumulate = criteria.accumulator(criterion, prog)
   normalize = config.selection.endswith('_l2')
   rng = jax.random.key(config.seed)
   masks = {g: np.ones(structure.widths[g], np.float32) for g in structure.prunable}
-  progress = {'since': None, 'removed': None}
+  since = removed = None  # Steps since the last removal, channels removed.
 
   def hook(state, batch, current, hook_state):
-    if progress['since'] is None:  # first call, or after a resume: one read of the state
-      progress['since'] = int(hook_state['since'])
-      progress['removed'] = int(hook_state['removed'])
+    nonlocal since, removed
+    if since is None:  # first call, or after a resume: one read of the state
+      since, removed = int(hook_state['since']), int(hook_state['removed'])
       masks.update({g: np.asarray(m) for g, m in current.items()})
-    variables_now = state.variables
-    acc = accumulate(hook_state['criterion'], variables_now, current, batch)
-    progress['since'] += 1
-    if progress['since'] >= config.prune_every and progress['removed'] < removals:
-      scores = criterion.finalize(acc, prog, variables_now)
-      k = min(config.prune_step, removals - progress['removed'])
+    acc = accumulate(hook_state['criterion'], state.variables, current, batch)
+    since += 1
+    if since >= config.prune_every and removed < removals:
+      scores = criterion.finalize(acc, prog, state.variables)
+      k = min(config.prune_step, removals - removed)
       host_masks = {g: np.asarray(m) for g, m in current.items()}
       # Same dtype and placement as before, so the train step does not recompile.
       current = {g: jax.device_put(m.astype(host_masks[g].dtype), current[g].sharding)
@@ -78,19 +63,16 @@ def prune(config, model, prog, variables, data, stage, *, options: train.TrainOp
                      flops_penalty=config.flops_penalty, flops_cost=config.flops_cost,
                      min_channels=config.min_channels).items()}
       masks.update({g: np.asarray(m) for g, m in current.items()})
-      progress['removed'] += k
-      progress['since'] = 0
+      removed += k
+      since = 0
       acc = criterion.init(structure, rng)
-    return current, {'criterion': acc, 'since': jnp.asarray(progress['since']),
-                     'removed': jnp.asarray(progress['removed'])}
+    return current, {'criterion': acc, 'since': jnp.asarray(since), 'removed': jnp.asarray(removed)}
 
   masks_path = stage / 'finetune' / 'masks.json'
   history_path = stage / 'finetune' / 'pruning_curve.jsonl'
 
   def save_masks(state, epoch_record):
     # After every epoch's checkpoint, so a finished (or resumed) stage always has them.
-    if jax.process_index() != 0:
-      return
     checkpoint.write_text(masks_path, json.dumps({g: m.tolist() for g, m in masks.items()}))
     live = {g: int(m.sum()) for g, m in masks.items()}
     point = {'epoch': epoch_record['epoch'], 'test_accuracy': epoch_record['test_accuracy'],

@@ -1,29 +1,24 @@
-"""Training regimes: plans that turn (baseline, pruned network) into what `train.fit` trains.
-
-A regime is a plan (widths, initial variables, epochs, optimizer), not a script: the
-pipeline trains every plan with the same `train.fit`.
+"""Training regimes: plans (widths, initial variables, epochs, optimizer), not scripts, that
+turn (baseline, pruned network) into what the same `train.fit` trains.
 
 * `finetune` [R]: the pruned network with its inherited weights, `finetune_epochs` at the
   constant `finetune_lr`, in batches of `finetune_batch_size`.
 * `scratch` (scratch-E) [R]: the pruned architecture from a fresh init, with the baseline's
   epochs and schedule.
-* `scratch_b` [R]: as scratch, for the baseline's computation budget:
-  int(epochs * MACs_full / MACs_pruned) epochs (at most `scratch_b_cap` x epochs); the
-  step schedule's decay epochs scale by the same ratio.
-* `lottery` [R]: the pruned network from the baseline's *initial* weights, by
-  `lottery_style`: `slice` slices them by the kept channels; `mask` ([R]'s code) keeps the
-  full network with every filter producing a removed channel zeroed and held at zero
-  (`train.WEIGHT_MASKS`), its MACs counting the nonzero weights. A removed channel then
-  emits relu(beta) with beta at its initial 0, the ReLU's kink, where no gradient flows:
-  both styles train the same function. Channels no filter produces cannot be masked
-  (ConfigError).
-* `reduced` [C]: the unpruned architecture made uniformly thinner (every width, stream
-  widths included, times one factor) until its MACs (`reduced_match` macs) or parameters
-  (`params`, the stem kept at its width as in [C]'s WideResNets) fit the pruned network's;
-  fresh init, the baseline's epochs. A DenseNet's stream is its stem and growth rate: it
-  gets the largest growth rate within the budget, every selection reading the whole
-  stream, and a stem widened to take up the rest. An own model keeps the same fraction of
-  every prunable group.
+* `scratch_b` [R]: as scratch, for the baseline's budget: int(epochs * MACs_full / MACs_pruned)
+  epochs (at most `scratch_b_cap` x epochs), the step schedule's decay epochs scaled alike.
+* `lottery` [R]: the pruned network from the baseline's *initial* weights, by `lottery_style`:
+  `slice` slices them by the kept channels; `mask` ([R]'s code) keeps the full network with
+  every filter producing a removed channel zeroed and held at zero (`train.WEIGHT_MASKS`), its
+  MACs counting the nonzero weights. A removed channel then emits relu(beta) with beta at its
+  initial 0, the ReLU's kink, where no gradient flows: both styles train the same function.
+  Channels no filter produces cannot be masked (ConfigError).
+* `reduced` [C]: the unpruned architecture made uniformly thinner (every width, stream widths
+  included, times one factor) until its MACs (`reduced_match` macs) or parameters (`params`,
+  the stem kept at its width as in [C]'s WideResNets) fit the pruned network's; fresh init,
+  the baseline's epochs. A DenseNet's stream is its stem and growth rate: it gets the largest
+  growth rate within the budget, every selection reading the whole stream, and a stem widened
+  to take up the rest. An own model keeps the same fraction of every prunable group.
 
 Weight-level pruning (`Pruned.weight_masks`) keeps the widths and every regime holds the
 removed conv weights at zero: finetune from the masked trained weights, scratch and
@@ -35,6 +30,7 @@ scratch_b's and reduced's budgets count the nonzero weights' MACs.
 Retraining never applies network slimming's BN-scale sparsity: it belongs to the baseline.
 """
 
+import bisect
 import dataclasses
 from typing import Callable, Mapping
 
@@ -83,7 +79,6 @@ class Pruned:
 
   @property
   def architecture(self) -> Mapping:
-    """What `build` takes for the pruned network (`architecture`)."""
     return architecture(self.program.model, self.widths, self.kept)
 
   def cost(self) -> flops.Cost:
@@ -95,8 +90,7 @@ class Pruned:
 
 def architecture(model, widths: Mapping[str, int], kept: Mapping | None) -> Mapping:
   """A pruned network as the model builder takes it: a built-in model's widths, or an own
-  model's kept channels (its program's constants are cut by the same indices as its
-  variables)."""
+  model's kept channels (its program's constants are cut by the same indices)."""
   if isinstance(model, own.OwnModel) and kept is not None:
     return {**widths, **kept}
   return widths
@@ -133,11 +127,10 @@ def filter_masks(structure: Structure, masks: Mapping[str, np.ndarray]) -> dict:
   """Weight masks (`train.WEIGHT_MASKS`) zeroing the output filters of the channels
   `masks` removes in every conv (and Dense) kernel that produces them; BN layers are not
   masked, as in [R]'s lottery code (which prunes convs only)."""
-  flat = {}
-  for key, tags in structure.axes.items():
-    if key[0] == 'params' and key[-1] == 'kernel' and tags[-1] in masks:
-      flat[key[1:]] = np.broadcast_to(np.asarray(masks[tags[-1]], np.float32),
-                                      structure.shapes[key]).copy()
+  flat = {key[1:]: np.broadcast_to(np.asarray(masks[tags[-1]], np.float32),
+                                   structure.shapes[key]).copy()
+          for key, tags in structure.axes.items()
+          if key[0] == 'params' and key[-1] == 'kernel' and tags[-1] in masks}
   produced = {structure.axes[('params',) + key][-1] for key in flat}
   unmaskable = sorted(g for g, m in masks.items() if not m.all() and g not in produced)
   if unmaskable:
@@ -176,13 +169,7 @@ def uniform_widths(structure: Structure, budget: int, measure: str = 'macs',
 
 def _largest(fits: Callable[[int], bool], low: int, high: int) -> int:
   """The largest n in [low, high] with fits(n), for fits true up to some n (low if none)."""
-  while low < high:
-    mid = (low + high + 1) // 2
-    if fits(mid):
-      low = mid
-    else:
-      high = mid - 1
-  return low
+  return low + bisect.bisect_left(range(low + 1, high + 1), True, key=lambda n: not fits(n))
 
 
 def reduced_densenet(model: DenseNet, image_shape, budget: int, measure: str) -> DenseNet:
@@ -206,8 +193,7 @@ def scratch_b_epochs(epochs: int, macs_full: int, macs_pruned: int, cap: float |
 
 
 def _fresh(build: Callable, widths, like, image_shape, rng, weight_masks=None) -> dict:
-  model = build(widths)
-  variables = dict(models.init(model, rng, image_shape))
+  variables = dict(models.init(build(widths), rng, image_shape))
   if like is not None and INDICES in like:
     # Which stream channels a selection layer reads is architecture, not weights.
     variables[INDICES] = like[INDICES]
@@ -218,10 +204,9 @@ def _fresh(build: Callable, widths, like, image_shape, rng, weight_masks=None) -
 
 
 def plan(regime: str, pruned: Pruned, *, build: Callable, image_shape, epochs: int,
-         optimizer: train.OptimizerConfig, finetune_epochs: int,
-         finetune_lr: float, scratch_b_cap: float | None, seed: int,
-         reduced_match: str = 'macs', finetune_batch_size: int | None = None,
-         lottery_style: str = 'slice') -> Plan:
+         optimizer: train.OptimizerConfig, finetune_epochs: int, finetune_lr: float,
+         scratch_b_cap: float | None, seed: int, reduced_match: str = 'macs',
+         finetune_batch_size: int | None = None, lottery_style: str = 'slice') -> Plan:
   """The plan of one regime (see the module docstring); `build(widths)` makes the model."""
   retrain = dataclasses.replace(optimizer, bn_l1=0.0)
   rng = jax.random.fold_in(jax.random.key(seed), 1 + REGIMES.index(regime))
@@ -250,14 +235,13 @@ def plan(regime: str, pruned: Pruned, *, build: Callable, image_shape, epochs: i
                   epochs, retrain)
     _, variables, _ = shrink.shrink(pruned.program, pruned.baseline_init, pruned.masks)
     return Plan(pruned.widths, variables, epochs, retrain, architecture=pruned.architecture)
-  if regime == 'reduced':
-    budget = getattr(pruned.cost(), reduced_match)
-    base = build(None)
-    if isinstance(base, DenseNet):
-      model = reduced_densenet(base, image_shape, budget, reduced_match)
-      return Plan(models.widths_of(model), dict(models.init(model, rng, image_shape)),
-                  epochs, retrain, model)
-    fixed = ('stem',) if reduced_match == 'params' else ()
-    widths = uniform_widths(pruned.structure, budget, reduced_match, fixed)
-    return Plan(widths, _fresh(build, widths, None, image_shape, rng), epochs, retrain)
-  raise ValueError(f"unknown regime {regime!r}")
+  # reduced (REGIMES.index above refuses an unknown regime).
+  budget = getattr(pruned.cost(), reduced_match)
+  base = build(None)
+  if isinstance(base, DenseNet):
+    model = reduced_densenet(base, image_shape, budget, reduced_match)
+    return Plan(models.widths_of(model), dict(models.init(model, rng, image_shape)), epochs,
+                retrain, model)
+  fixed = ('stem',) if reduced_match == 'params' else ()
+  widths = uniform_widths(pruned.structure, budget, reduced_match, fixed)
+  return Plan(widths, _fresh(build, widths, None, image_shape, rng), epochs, retrain)

@@ -14,8 +14,6 @@ from jaxprune import errors
 from jaxprune.pipeline import config as config_lib
 from jaxprune.train import checkpoint
 
-RESULTS = 'results.json'
-FLAGFILE = 'launch.flags'
 # The settings that name directories. A flagfile line loses its trailing whitespace (absl
 # strips every line), so such a value is written with '/.' after it: the same directory.
 _DIRECTORY_SETTINGS = ('workdir', 'baseline_dir', 'data_dir', 'compilation_cache_dir')
@@ -38,26 +36,22 @@ def write(config, body: Mapping) -> dict:
              'performance': config_lib.performance_options(config).as_dict(),
              'versions': versions(), 'devices': [d.device_kind for d in jax.devices()],
              'platform': jax.default_backend()}
-  if jax.process_index() == 0:
-    workdir = epath.Path(config.workdir)
-    try:
-      checkpoint.write_text(workdir / RESULTS, json.dumps(results, indent=1))
-      checkpoint.write_text(workdir / FLAGFILE, config_lib.to_flagfile(_flagfile_config(config)))
-    except OSError as error:
-      if errors.storage_error(error) is None:
-        raise
-      # The results are computed and returned; only their copy on disk is missing.
-      logging.warning('results not saved: %s', errors.describe_storage_error(error))
+  workdir = epath.Path(config.workdir)
+  try:
+    checkpoint.write_text(workdir / 'results.json', json.dumps(results, indent=1))
+    checkpoint.write_text(workdir / 'launch.flags', _flagfile(config))
+  except OSError as error:
+    if errors.storage_error(error) is None:
+      raise
+    # The results are computed and returned; only their copy on disk is missing.
+    logging.warning('results not saved: %s', errors.describe_storage_error(error))
   return results
 
 
-def _flagfile_config(config):
-  kept = {}
-  for name in _DIRECTORY_SETTINGS:
-    value = getattr(config, name)
-    if value and value != value.rstrip():
-      kept[name] = f'{value}/.'
-  return dataclasses.replace(config, **kept)
+def _flagfile(config) -> str:
+  values = {name: getattr(config, name) for name in _DIRECTORY_SETTINGS}
+  return config_lib.to_flagfile(dataclasses.replace(config, **{
+      name: f'{value}/.' for name, value in values.items() if value and value != value.rstrip()}))
 
 
 def mean_rows(per_seed: list[Mapping]) -> list[dict]:
@@ -82,8 +76,7 @@ def mean_rows(per_seed: list[Mapping]) -> list[dict]:
 def format_table(results: Mapping) -> str:
   """The summary table: one row per stage, its final test accuracy and the best epoch's."""
   spread = 'test_accuracy_std' in results['rows'][0]
-  accuracy = 'test acc (mean ± std)' if spread else 'test acc'
-  width = 21 if spread else 9
+  accuracy, width = ('test acc (mean ± std)', 21) if spread else ('test acc', 9)
   header = (f"{'stage':<10} {accuracy:>{width}} {'best':>7} {'MACs':>10} {'params':>10} "
             f"{'epochs':>7} {'time':>8}")
   lines = [header, '-' * len(header)]

@@ -21,12 +21,10 @@ from jaxprune.pipeline import regimes, results, stages, workdir
 
 
 def seed_batching_for(name: str, backend: str, streamed: bool = False) -> str:
-  """'loop' or 'vmap': what `name` (a SEED_BATCHING key) means on `backend`.
-
-  'auto' loops on CPUs and GPUs, where vmapping is no faster (experiments/bench/README.md)
-  and the loop keeps each copy equal to its separate run, and vmaps on TPUs, whose matrix
-  units want large batches. A streamed dataset feeds one run at a time: its copies loop.
-  """
+  """'loop' or 'vmap': what `name` (a SEED_BATCHING key) means on `backend`. 'auto' loops on
+  CPUs and GPUs, where vmapping is no faster (experiments/bench/README.md) and the loop keeps
+  each copy equal to its separate run, and vmaps on TPUs, whose matrix units want large
+  batches. A streamed dataset feeds one run at a time: its copies loop."""
   config_lib.BY_NAME['seed_batching'].check(name)
   if streamed and name == 'vmap':
     raise ConfigError('seed_batching=vmap trains the copies from a dataset held on the '
@@ -38,14 +36,6 @@ def seed_batching_for(name: str, backend: str, streamed: bool = False) -> str:
   return name
 
 
-def seed_configs(config) -> list:
-  """The configuration of every copy: its own seed, work directory and baseline directory."""
-  return [dataclasses.replace(
-      config, seed=seed, seeds=1, workdir=f'{config.workdir}/seed{seed}',
-      baseline_dir=f'{config.baseline_dir}/seed{seed}' if config.baseline_dir else None)
-      for seed in range(config.seed, config.seed + config.seeds)]
-
-
 def run(config) -> dict:
   """Runs (or resumes) every stage of `config` and returns the results (also in results.json)."""
   config_lib.validate(config)
@@ -54,7 +44,10 @@ def run(config) -> dict:
   # The copies differ only in seed and directories: one dataset (a max_train subset is the
   # same for every seed) serves them all.
   data = stages.load_data(config)
-  copies = [config] if config.seeds == 1 else seed_configs(config)
+  copies = [config] if config.seeds == 1 else [dataclasses.replace(
+      config, seed=seed, seeds=1, workdir=f'{config.workdir}/seed{seed}',
+      baseline_dir=f'{config.baseline_dir}/seed{seed}' if config.baseline_dir else None)
+      for seed in range(config.seed, config.seed + config.seeds)]
   # Everything the settings, the data and the directories must allow is checked before
   # anything is written, so a refused value leaves nothing behind.
   stages.check_feasible(config, data)
@@ -77,11 +70,9 @@ def run(config) -> dict:
 def _train_copies_together(config, copies: list, data: stages.Data) -> None:
   """Trains each stage of the copies, vmapped over every set of copies of equal widths,
   leaving their stage directories as `stages.run_one(copy)` would (it then only reads them).
-
-  Baselines always share their widths; the prune stage runs per copy; a regime's copies
-  train together where their plans have the same widths and length (a per-layer or preset
-  selection gives every seed the same widths, a global one usually does not).
-  """
+  Baselines always share their widths; the prune stage runs per copy; a regime's copies train
+  together where their plans have the same widths and length (a per-layer or preset
+  selection gives every seed the same widths, a global one usually does not)."""
   seeds = [c.seed for c in copies]
   spec = stages.data_spec(config, data)
   with contextlib.ExitStack() as claims:

@@ -9,16 +9,12 @@ Each stage lives in a directory of the work directory:
 
     workdir/
       baseline/     (or baseline_dir, shared by many runs) init/, checkpoints, result.json
-      prune/        record.json: criterion, selection, masks, widths, kept indices, scores,
-                    MACs/params before and after, accuracy right after pruning; variables/;
-                    iterative: finetune/ with pruning_curve.jsonl
+      prune/        record.json (masks, widths, kept indices, scores, cost, accuracy after
+                    pruning), variables/; iterative: finetune/ with pruning_curve.jsonl
       <regime>/     checkpoints, metrics.jsonl, tensorboard/, result.json
 
-Every stage writes `stage_config.json` with the settings that identify it
-(`config.stage_settings`; the baseline's also its data's fingerprint): a directory made with
-other settings is refused, a finished stage is only read. A run checks everything first
-(`check_feasible`, `check_directories`), so a refused value writes nothing; then it claims
-its work directory and, while training it, the baseline stage (`workdir.claimed`).
+Every stage writes `stage_config.json` with the settings that identify it (`claim`): a
+directory made with other settings is refused, a finished stage is only read.
 """
 
 import contextlib
@@ -49,11 +45,10 @@ from jaxprune.train import checkpoint
 
 @dataclasses.dataclass(frozen=True)
 class Data:
-  """A dataset on the host, its arrays on the devices and its content's fingerprint (part
-  of the baseline's identity: the same file with other contents is another baseline)."""
+  """A dataset on the host, its arrays on the devices and its content's fingerprint."""
   dataset: data_lib.Dataset
   arrays: Mapping
-  fingerprint: str = ''
+  fingerprint: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,22 +73,18 @@ def absolute(path: str) -> epath.Path:
   return epath.Path(path) if '://' in path else epath.Path(path).absolute()
 
 
-def input_workers(config) -> int:
-  if config.input_workers is not None:
-    return config.input_workers
-  return max(0, min(16, (os.cpu_count() or 1) - 1))
-
-
 def load_data(config) -> Data:
-  """The dataset of `config`, on the devices or as a stream (setting `input`); refuses a
-  model that cannot take its images."""
+  """The dataset, held on the devices or streamed; refuses a model that cannot take its images."""
   streamed = stream.streams(config.dataset, config.input)
   logging.info('Input: %s %s.', config.dataset, 'streamed batch by batch (grain)' if streamed
                else 'held whole on every device')
   if streamed:
+    workers = config.input_workers
+    if workers is None:
+      workers = max(0, min(16, (os.cpu_count() or 1) - 1))
     dataset = stream.open_stream(config.dataset, data_path=config.data_path,
                                  data_dir=config.data_dir, max_train=config.max_train,
-                                 image_size=config.image_size, workers=input_workers(config),
+                                 image_size=config.image_size, workers=workers,
                                  pad_mode=config.pad_mode)
   else:
     dataset = data_lib.load(config.dataset, data_path=config.data_path,
@@ -116,12 +107,11 @@ def check_feasible(config, data: Data) -> None:
   devices = jax.device_count()
   for name in ('batch_size', 'finetune_batch_size'):
     batch_size = getattr(config, name)
-    if batch_size is None:
-      continue
-    data_lib.steps_per_epoch(dataset.num_train, batch_size)
-    if batch_size % devices:
-      raise ConfigError(f'{name} {batch_size} is not divisible by the {devices} devices.',
-                        settings=(name,))
+    if batch_size is not None:
+      data_lib.steps_per_epoch(dataset.num_train, batch_size)
+      if batch_size % devices:
+        raise ConfigError(f'{name} {batch_size} is not divisible by the {devices} devices.',
+                          settings=(name,))
   structure = program_lib.derive(model_builder(config, dataset)(None),
                                  dataset.image_shape).structure
   check_memory(config, structure, data)
@@ -132,8 +122,7 @@ def check_feasible(config, data: Data) -> None:
 
 
 def select_masks(config, structure, scores) -> dict:
-  """The one-shot selection's masks, the channels within each width redrawn at random where
-  `kept_channels` says so."""
+  """The one-shot selection's masks, the kept channels redrawn at random if `kept_channels` says."""
   masks = select.select(config.selection, structure, scores, ratio=config.prune_ratio,
                         target_macs=config.target_macs, preset=config.preset,
                         min_channels=config.min_channels, flops_penalty=config.flops_penalty,
@@ -182,8 +171,7 @@ def check_memory(config, structure, data: Data) -> None:
 
 
 def check_directories(config, data: Data) -> None:
-  """ConfigError if baseline_dir is not a baseline stage, or a stage directory of the run
-  holds something made with other settings."""
+  """ConfigError if baseline_dir is not a baseline stage or a stage was made with other settings."""
   root = absolute(config.workdir)
   if config.baseline_dir:
     prune_only = [s.name for s in config_lib.SETTINGS
@@ -211,8 +199,7 @@ def model_builder(config, dataset: data_lib.Dataset) -> Callable[[Mapping | None
                            performance=config_lib.performance_options(config),
                            width_multiplier=config.width_multiplier,
                            bn_scale_init=config.bn_scale_init, dense_init=config.dense_init,
-                           resnet_shortcut=config.resnet_shortcut,
-                           image_shape=dataset.image_shape)
+                           resnet_shortcut=config.resnet_shortcut, image_shape=dataset.image_shape)
 
 
 def optimizer(config) -> train.OptimizerConfig:
@@ -229,7 +216,6 @@ def data_spec(config, data: Data) -> data_lib.DataSpec:
 
 def train_options(config, epochs: int, optimizer_config: train.OptimizerConfig,
                   batch_size: int | None = None):
-  """`batch_size` None: the baseline's."""
   return train.TrainOptions(epochs=epochs, batch_size=batch_size or config.batch_size,
                             optimizer=optimizer_config, precision=config.precision,
                             steps_per_call=config.steps_per_call)
@@ -244,8 +230,6 @@ def stage_record(config) -> dict:
   return {'performance': config_lib.performance_options(config).as_dict()}
 
 
-# The baseline identity's entries for its data's content (`Data.fingerprint`) and an own
-# model's program (`OwnModel.digest`).
 DATA_FINGERPRINT = 'data_fingerprint'
 MODEL_DIGEST = 'model_program_digest'
 
@@ -267,11 +251,9 @@ def _refusal(stage: epath.Path, key: str, before, value) -> ConfigError:
 
 
 def check_identity(stage: epath.Path, settings: Mapping) -> tuple[dict | None, dict]:
-  """(the stage's stored identity or None, {setting: stored value} where `settings` differ);
-  ConfigError if `stage` holds something computed with other `settings` (a diverged stage
-  may change its retunable settings; an unstarted one any). Only settings the stored
-  identity holds are compared: a stage made by a version that knew fewer settings is taken
-  to have had their values."""
+  """(the stored identity or None, {setting: stored value} where `settings` differ); ConfigError
+  if `stage` holds work computed with other `settings` (a diverged stage may change its
+  retunable settings, an unstarted one any). Settings its identity lacks count as unchanged."""
   before = workdir.identity(stage)
   if before is None:
     return None, {}
@@ -286,44 +268,37 @@ def check_identity(stage: epath.Path, settings: Mapping) -> tuple[dict | None, d
 
 
 def claim(stage: epath.Path, settings: Mapping) -> None:
-  """Records a stage's identifying settings (process 0 for every process), or refuses a
-  directory made with other ones.
+  """Records a stage's identifying settings (process 0 for all), or refuses a directory made
+  with other ones: a diverged stage takes other retunable settings (the learning rates) and
+  resumes, an unstarted one any settings (its initial variables made again)."""
+  def record() -> None:
+    before, changed = check_identity(stage, settings)
+    path = stage / workdir.STAGE_CONFIG
+    shown = ', '.join(f'{k}={settings[k]!r}' for k in changed)
+    if before is None or (changed and workdir.unstarted(stage)):
+      stage.mkdir(parents=True, exist_ok=True)
+      if before is not None:
+        logging.warning('%s held nothing computed yet; it now has %s.', stage, shown)
+        if (stage / 'init').exists():
+          (stage / 'init').rmtree()
+      checkpoint.write_text(path, json.dumps(dict(settings), indent=1))
+      return
+    if changed:
+      logging.warning('%s diverged before; resuming it with %s.', stage, shown)
+    if changed or not settings.keys() <= before.keys():
+      try:
+        checkpoint.write_text(path, json.dumps({**before, **settings}, indent=1))
+      except OSError as error:
+        # Read-only storage: a finished stage is still read; recording new entries waits.
+        if error.errno not in workdir.READ_ONLY_ERRNOS or changed:
+          raise
 
-  A diverged stage (diverged.json) rerun with other retunable settings (the learning
-  rates) resumes from its last good checkpoint, its stage_config.json updated. An
-  unstarted stage (`workdir.unstarted`) takes the new settings, its initial variables
-  made again.
-  """
-  multihost.agree(f'identity of {stage}', lambda: _claim(stage, settings))
-
-
-def _claim(stage: epath.Path, settings: Mapping) -> None:
-  before, changed = check_identity(stage, settings)
-  path = stage / workdir.STAGE_CONFIG
-  shown = ', '.join(f'{k}={settings[k]!r}' for k in changed)
-  if before is None or (changed and workdir.unstarted(stage)):
-    stage.mkdir(parents=True, exist_ok=True)
-    if before is not None:
-      logging.warning('%s held nothing computed yet; it now has %s.', stage, shown)
-      if (stage / 'init').exists():
-        (stage / 'init').rmtree()
-    checkpoint.write_text(path, json.dumps(dict(settings), indent=1))
-    return
-  if changed:
-    logging.warning('%s diverged before; resuming it with %s.', stage, shown)
-  added = {k: v for k, v in settings.items() if k not in before}
-  if changed or added:
-    try:
-      checkpoint.write_text(path, json.dumps({**before, **settings}, indent=1))
-    except OSError as error:
-      # Read-only storage: a finished stage is still read; recording new entries waits.
-      if error.errno not in workdir.READ_ONLY_ERRNOS or changed:
-        raise
+  multihost.agree(f'identity of {stage}', record)
 
 
 def baseline_identity(config, data: Data) -> dict:
-  """The baseline's settings and data fingerprint, and for an own model a digest of its
-  traced program: an edited model is a new baseline, never a silently reused one."""
+  """The baseline's settings and data fingerprint (the same file with other contents is another
+  baseline), and for an own model a digest of its traced program (so is an edited model)."""
   identity = {**config_lib.stage_settings(config, 'baseline'), DATA_FINGERPRINT: data.fingerprint}
   model = model_builder(config, data.dataset)(None)
   if isinstance(model, models.OwnModel):
@@ -338,8 +313,7 @@ def baseline_stage(config) -> epath.Path:
 
 
 def baseline_start(config, data: Data) -> tuple[nn.Module, Mapping, epath.Path]:
-  """The baseline model, its initial variables (made once, then read from stage/init) and
-  its stage directory (claimed)."""
+  """The model, its initial variables (made once, then read from stage/init) and claimed stage."""
   stage = baseline_stage(config)
   claim(stage, baseline_identity(config, data))
   model = model_builder(config, data.dataset)(None)
@@ -379,11 +353,10 @@ def train_stage_copies(model: nn.Module, variables, arrays: Mapping, spec: data_
 
 
 def _trained(stages, inits, options, record, fit) -> list[tuple[Mapping, dict]]:
-  """The stages' (variables, result): read when every stage is done (and its final/
-  restores), else `fit()` and each unfinished stage's final/ and result.json written; a
-  signal during the last steps or the writes stops the run once they are written. When fit
-  diverges every stage gets diverged.json, which lets a rerun change their learning rates
-  (`claim`); nothing of a diverged run is recorded done."""
+  """The stages' (variables, result): read when every stage is done (and its final/ restores),
+  else `fit()` and each unfinished stage's final/ and result.json written; a signal during the
+  last steps or the writes stops the run once they are written. When fit diverges every stage
+  gets diverged.json (a rerun may then change its learning rates) and none is recorded done."""
   if all(checkpoint.is_done(stage) for stage in stages):
     finals = [checkpoint.load_final(stage, like=v) for stage, v in zip(stages, inits)]
     if all(final is not None for final in finals):
@@ -441,10 +414,15 @@ def scoring_batches(dataset: data_lib.Dataset | stream.Stream, batch_size: int, 
            'label': jnp.asarray(host['label'])}
 
 
-def _outcome_record(config, before: flops.Cost, after: flops.Cost, test: Mapping,
-                    start: float) -> dict:
-  """The record.json entries of every granularity: cost, accuracy, time."""
-  return {
+def _write_outcome(config, stage: epath.Path, pruned: regimes.Pruned, network: nn.Module,
+                   data: Data, record: Mapping, start: float) -> PruneOutcome:
+  """Evaluates the pruned `network` and writes the prune stage: its variables, and `record`
+  with the entries of every granularity (cost, accuracy, time) as record.json."""
+  before, after = flops.count(pruned.structure), pruned.cost()
+  test = train.evaluate_variables(network, pruned.variables, data.arrays, data.dataset.spec,
+                                  batch_size=config.batch_size, precision=config.precision)
+  record = {
+      **record,
       'macs_before': before.macs, 'macs_after': after.macs,
       'params_before': before.params, 'params_after': after.params,
       'macs_reduction_percent': 100 * (1 - after.macs / before.macs),
@@ -453,6 +431,9 @@ def _outcome_record(config, before: flops.Cost, after: flops.Cost, test: Mapping
       'wall_time_s': time.time() - start,
       **stage_record(config),
   }
+  checkpoint.save_variables(stage / 'variables', pruned.variables)
+  checkpoint.write_text(stage / 'record.json', json.dumps(record))
+  return PruneOutcome(pruned, record)
 
 
 def _finished_prune(stage: epath.Path,
@@ -481,16 +462,15 @@ def prune(config, base: Baseline, data: Data) -> PruneOutcome:
   structure = prog.structure
   build = model_builder(config, dataset)
 
-  def batches():
-    return scoring_batches(dataset, config.batch_size, config.prune_batches, config.seed)
+  batches = functools.partial(scoring_batches, dataset, config.batch_size, config.prune_batches,
+                              config.seed)
 
   def read(record: Mapping) -> PruneOutcome:
     masks = {g: np.asarray(m, np.float32) for g, m in record['masks'].items()}
     widths = record['widths']
     kept = {g: np.asarray(k, np.int64) for g, k in record['kept'].items()}
-    network = build(regimes.architecture(base.model, widths, kept))
-    small = checkpoint.load_variables(stage / 'variables',
-                                      like=models.init_shapes(network, dataset.image_shape))
+    small = checkpoint.load_variables(stage / 'variables', like=models.init_shapes(
+        build(regimes.architecture(base.model, widths, kept)), dataset.image_shape))
     return PruneOutcome(regimes.Pruned(prog, masks, widths, small, base.init, kept=kept), record)
 
   finished = _finished_prune(stage, read)
@@ -503,16 +483,14 @@ def prune(config, base: Baseline, data: Data) -> PruneOutcome:
     masks = select_masks(config, structure, scores)
     source = base.variables
   else:
+    finetune = train.OptimizerConfig(learning_rate=config.finetune_lr, schedule='constant',
+                                     weight_decay=config.weight_decay)
     masks, source, scores = iterative.prune(
         config, base.model, prog, base.variables, data, stage,
-        options=train_options(config, 1, iterative.finetune_optimizer(config),
-                              finetune_batch_size(config)),
+        options=train_options(config, 1, finetune, finetune_batch_size(config)),
         spec=data_spec(config, data), scoring_batches=batches)
   widths, small, kept = shrink.shrink(prog, source, masks)
   pruned = regimes.Pruned(prog, masks, widths, small, base.init, kept=kept)
-  before, after = flops.count(structure), pruned.cost()
-  test = train.evaluate_variables(build(pruned.architecture), small, data.arrays, dataset.spec,
-                                  batch_size=config.batch_size, precision=config.precision)
   record = {
       'criterion': config.criterion, 'selection': config.selection, 'schedule': config.schedule,
       'seed': config.seed, 'widths': widths, 'widths_before': dict(structure.widths),
@@ -520,11 +498,8 @@ def prune(config, base: Baseline, data: Data) -> PruneOutcome:
       'masks': {g: np.asarray(m).astype(int).tolist() for g, m in masks.items()},
       'scores': ({g: np.asarray(s).tolist() for g, s in scores.items()}
                  if scores is not None else None),
-      **_outcome_record(config, before, after, test, start),
   }
-  checkpoint.save_variables(stage / 'variables', small)
-  checkpoint.write_text(stage / 'record.json', json.dumps(record))
-  return PruneOutcome(pruned, record)
+  return _write_outcome(config, stage, pruned, build(pruned.architecture), data, record, start)
 
 
 def prune_weights(config, base: Baseline, data: Data, stage: epath.Path,
@@ -533,12 +508,11 @@ def prune_weights(config, base: Baseline, data: Data, stage: epath.Path,
   reads the finished stage. The network keeps its widths; record.json holds every masked
   kernel's kept fraction, variables/ the masked weights with their masks."""
   structure = prog.structure
-  kernels = weights.conv_kernels(structure)
 
   def read(record: Mapping) -> PruneOutcome:
     like_masks = traverse_util.unflatten_dict(
         {key: jax.ShapeDtypeStruct(structure.shapes[('params',) + key], jnp.float32)
-         for key in kernels})
+         for key in weights.conv_kernels(structure)})
     like = {**jax.eval_shape(lambda: dict(base.variables)), train.WEIGHT_MASKS: like_masks}
     variables = checkpoint.load_variables(stage / 'variables', like=like)
     weight_masks = jax.tree.map(np.asarray, variables[train.WEIGHT_MASKS])
@@ -553,20 +527,14 @@ def prune_weights(config, base: Baseline, data: Data, stage: epath.Path,
                                          config.prune_ratio, config.selection)
   variables = regimes.masked_start(base.variables, weight_masks)
   pruned = regimes.Pruned(prog, {}, dict(structure.widths), variables, base.init, weight_masks)
-  before, after = flops.count(structure), pruned.cost()
-  test = train.evaluate_variables(base.model, variables, data.arrays, data.dataset.spec,
-                                  batch_size=config.batch_size, precision=config.precision)
   record = {
       'criterion': config.criterion, 'selection': config.selection, 'schedule': config.schedule,
       'granularity': config.granularity, 'seed': config.seed,
       'widths': dict(structure.widths), 'widths_before': dict(structure.widths),
       'kept_weight_fraction': weights.kept_fraction(weight_masks),
       'kernel_densities': weights.densities(weight_masks),
-      **_outcome_record(config, before, after, test, start),
   }
-  checkpoint.save_variables(stage / 'variables', variables)
-  checkpoint.write_text(stage / 'record.json', json.dumps(record))
-  return PruneOutcome(pruned, record)
+  return _write_outcome(config, stage, pruned, base.model, data, record, start)
 
 
 def regime_plan(config, regime: str, pruned: regimes.Pruned,
@@ -574,14 +542,12 @@ def regime_plan(config, regime: str, pruned: regimes.Pruned,
   """The regime's stage directory (claimed) and its plan."""
   stage = absolute(config.workdir) / regime
   claim(stage, config_lib.stage_settings(config, regime))
-  plan = regimes.plan(regime, pruned, build=model_builder(config, data.dataset),
-                      image_shape=data.dataset.image_shape, epochs=config.epochs,
-                      optimizer=optimizer(config), finetune_epochs=config.finetune_epochs,
-                      finetune_lr=config.finetune_lr, scratch_b_cap=config.scratch_b_cap,
-                      seed=config.seed, reduced_match=config.reduced_match,
-                      finetune_batch_size=finetune_batch_size(config),
-                      lottery_style=config.lottery_style)
-  return stage, plan
+  return stage, regimes.plan(
+      regime, pruned, build=model_builder(config, data.dataset),
+      image_shape=data.dataset.image_shape, epochs=config.epochs, optimizer=optimizer(config),
+      finetune_epochs=config.finetune_epochs, finetune_lr=config.finetune_lr,
+      scratch_b_cap=config.scratch_b_cap, seed=config.seed, reduced_match=config.reduced_match,
+      finetune_batch_size=finetune_batch_size(config), lottery_style=config.lottery_style)
 
 
 def retrain(config, regime: str, pruned: regimes.Pruned, data: Data) -> dict:
@@ -604,8 +570,7 @@ def regime_record(config, plan: regimes.Plan, pruned: regimes.Pruned, data: Data
 
 
 def best_test_accuracy(stage: epath.Path, result: Mapping) -> float:
-  """The best epoch's test accuracy of a trained stage (read from its metrics where the
-  result predates recording it)."""
+  """The best epoch's test accuracy (from the metrics where the result predates recording it)."""
   if 'best_test_accuracy' in result:
     return result['best_test_accuracy']
   return max([r['test_accuracy'] for r in checkpoint.read_metrics(stage)],
@@ -625,8 +590,8 @@ def regime_row(regime: str, result: Mapping, stage: epath.Path) -> dict:
 
 
 def finished_rows(config, regimes_run: tuple[str, ...]) -> list[dict]:
-  """The rows of the regimes other calls finished in the work directory, in
-  `regimes.REGIMES` order (less those without a recorded cost, and damaged ones: logged)."""
+  """The rows of the regimes other calls finished in the work directory, in `regimes.REGIMES`
+  order (less those without a recorded cost, and damaged ones: logged)."""
   rows = []
   for regime in regimes.REGIMES:
     stage = absolute(config.workdir) / regime
@@ -648,11 +613,10 @@ def run_one(config, data: Data) -> dict:
     base = baseline(config, data)
   outcome = prune(config, base, data)
   record = outcome.record
-  before = flops.count(outcome.pruned.structure)
   rows = [{'stage': 'baseline', 'test_accuracy': base.result['test_accuracy'],
            'best_test_accuracy': best_test_accuracy(base.stage, base.result),
-           'macs': before.macs, 'params': before.params, 'epochs': config.epochs,
-           'wall_time_s': base.result['wall_time_s']},
+           'macs': record['macs_before'], 'params': record['params_before'],
+           'epochs': config.epochs, 'wall_time_s': base.result['wall_time_s']},
           {'stage': 'pruned', 'test_accuracy': record['test_accuracy'],
            'best_test_accuracy': record['test_accuracy'],
            'macs': record['macs_after'], 'params': record['params_after'], 'epochs': 0,

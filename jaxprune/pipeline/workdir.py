@@ -1,27 +1,24 @@
 """Work and stage directories as the outside world sees them: checks, identity and claims.
 
-* `check_workdir` / `check_baseline_dir`: refuse, before anything is written, a path that
-  cannot be a work directory or a baseline stage.
-* `unstarted`: a stage directory that holds nothing computed, whose identity may be replaced.
-* `claimed`: a claim file (`claim.json`) naming the process that trains a directory. A
-  live holder's claim is waited for (a shared baseline, reused once trained) or refused (a
-  work directory: two processes would do the work twice and overwrite each other's
-  checkpoints). A dead holder's claim is taken over: on the same host when its pid is gone,
-  on any host when its heartbeat (rewritten every `HEARTBEAT_S`) is older than `STALE_S`.
-  A heartbeat more than `CLOCK_SKEW_S` ahead of this host's clock is logged as clock skew
-  and aged from when this process first saw it; such a claim from another host refuses a
-  work directory only once it is seen renewed.
+`claimed` holds a claim file (`claim.json`) naming the process that trains a directory. A
+live holder's claim is waited for (a shared baseline, reused once trained) or refused (a work
+directory: two processes would do the work twice and overwrite each other's checkpoints). A
+dead holder's claim is taken over: on the same host when its pid is gone, on any host when
+its heartbeat (rewritten every `HEARTBEAT_S`) is older than `STALE_S`. A heartbeat more than
+`CLOCK_SKEW_S` ahead of this host's clock is logged as clock skew and aged from when this
+process first saw it; such a claim from another host refuses a work directory only once it
+is seen renewed.
 
-Claims live in the claimed directory, so they work on any storage every host sees: on a
-disk created atomically (O_EXCL); on gs:// every change is conditional on the object's
-generation (`jaxprune.storage`), so of several processes claiming at once exactly one
-holds it.
+Claims live in the claimed directory, so they work on any storage every host sees: on a disk
+created atomically (O_EXCL); on gs:// every change is conditional on the object's generation
+(`jaxprune.storage`), so of several processes claiming at once exactly one holds it.
 """
 
 import contextlib
 import errno
 import json
 import os
+import pathlib
 import socket
 import stat
 import threading
@@ -40,13 +37,10 @@ CLAIM = 'claim.json'
 STAGE_CONFIG = 'stage_config.json'
 HEARTBEAT_S = 10.0
 STALE_S = 120.0
-# A heartbeat further ahead of this host's clock than this comes from a host whose clock is
-# ahead (clock skew): its age is counted from when this process first saw it instead.
 CLOCK_SKEW_S = 60.0
 WAIT_POLL_S = 2.0
 WAIT_LOG_S = 60.0
-# What a stage directory holds before anything of it is computed: its identity, its claim,
-# and (the baseline) its initial variables, made from the identity's model and seed.
+# A stage holding only these has nothing computed: init/ is made from its identity's settings.
 _UNSTARTED = frozenset({STAGE_CONFIG, CLAIM, 'init'})
 # Errors that mean "this storage cannot be written", not a bug.
 READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
@@ -71,8 +65,7 @@ def check_workdir(path: str, setting: str = 'workdir') -> None:
     raise ConfigError(f'{setting} {path!r} holds a line break, which launch.flags cannot store; '
                       'give a name without one.', settings=(setting,))
   given = os.path.abspath(path)
-  current = given
-  while True:
+  for current in (given, *map(str, pathlib.PurePath(given).parents)):
     where = 'is' if current == given else f'lies under {current!r}, which is'
     try:
       status = os.stat(current)
@@ -95,10 +88,6 @@ def check_workdir(path: str, setting: str = 'workdir') -> None:
         raise ConfigError(f'{setting} {path!r} {where} a stage directory of another run (it '
                           f'holds {STAGE_CONFIG}); give a directory outside every run\'s '
                           'stages.', settings=(setting,))
-    parent = os.path.dirname(current)
-    if parent == current:
-      return
-    current = parent
 
 
 def identity(stage: epath.Path) -> dict | None:
@@ -138,14 +127,12 @@ def check_baseline_dir(path: epath.Path, prune_settings, workdir: epath.Path) ->
     raise ConfigError(f'baseline_dir {shown!r} is a file, not a directory.',
                       settings=('baseline_dir',))
   recorded = identity(path)
-  if recorded is not None:
-    foreign = sorted(set(recorded) & set(prune_settings))
-    if foreign:
-      raise ConfigError(f'baseline_dir {shown!r} is a prune or regime stage (its '
-                        f'{STAGE_CONFIG} holds {foreign[0]}), not a baseline stage.',
-                        settings=('baseline_dir',))
-    return
-  if unstarted(path):
+  foreign = sorted(set(recorded or ()) & set(prune_settings))
+  if foreign:
+    raise ConfigError(f'baseline_dir {shown!r} is a prune or regime stage (its '
+                      f'{STAGE_CONFIG} holds {foreign[0]}), not a baseline stage.',
+                      settings=('baseline_dir',))
+  if recorded is not None or unstarted(path):
     return
   names = {p.name for p in path.iterdir() if not p.name.startswith(CLAIM)}
   if names & {'baseline', 'prune', 'results.json'}:
@@ -207,8 +194,7 @@ def describe(holder: dict) -> str:
 
 
 class _DiskClaim:
-  """A claim file on a disk: created with O_EXCL, renewed by writing it aside and renaming
-  it, taken over by removing it and creating it again."""
+  """A claim file on a disk: created with O_EXCL, renewed by writing it aside and renaming it."""
 
   def __init__(self, path: epath.Path):
     self.path = path
@@ -231,8 +217,7 @@ class _DiskClaim:
     return True
 
   def take_over(self, holder: dict) -> bool:
-    """Replaces the dead claim last read by one naming `holder`; False if another process
-    claimed it first."""
+    """Replaces the dead claim last read by one naming `holder`; False if another was first."""
     with contextlib.suppress(FileNotFoundError):
       self.path.unlink()
     return self.create(holder)
@@ -248,15 +233,13 @@ class _DiskClaim:
     return True
 
   def release(self, holder: dict) -> None:
-    """Removes the claim if `holder` still holds it."""
     current = self.read()
     if current is not None and _key(current) == _key(holder):
       self.path.unlink()
 
 
 class _ObjectClaim:
-  """A claim object on gs://: created only if absent, renewed only by its holder, taken
-  over only from the dead claim read, released only while still the holder's."""
+  """A claim object on gs://, every change conditional on the generation last seen or held."""
 
   def __init__(self, path: epath.Path):
     self.path = path
@@ -297,45 +280,30 @@ def _claim(path: epath.Path) -> _DiskClaim | _ObjectClaim:
   return _DiskClaim(path) if _local(path) else _ObjectClaim(path)
 
 
-class _Heartbeat(threading.Thread):
-  """Renews the claim's heartbeat until stopped, so other hosts see the holder alive."""
-
-  def __init__(self, claim: _DiskClaim | _ObjectClaim, holder: dict):
-    super().__init__(daemon=True, name=f'claim heartbeat {claim.path}')
-    self._claim, self._holder = claim, holder
-    self._stop_event = threading.Event()
-
-  def run(self):
-    while not self._stop_event.wait(HEARTBEAT_S):
-      self._holder['heartbeat'] = time.time()
-      try:
-        renewed = self._claim.renew(self._holder)
-      except (OSError, ConfigError) as error:
-        logging.warning('could not renew the claim %s: %s', self._claim.path, error)
-        continue
-      if not renewed:
-        # Taken over after this process was thought dead (e.g. suspended for minutes):
-        # renewing would overwrite the new holder's claim.
-        current = self._claim.read()
-        logging.error('the claim %s now belongs to %s; not renewing it.', self._claim.path,
-                      describe(current) if current else 'nobody')
-        return
-
-  def stop(self):
-    self._stop_event.set()
-    self.join()
+def _renew(claim: _DiskClaim | _ObjectClaim, holder: dict, stop: threading.Event) -> None:
+  """Renews the claim's heartbeat until `stop` is set, so other hosts see the holder alive."""
+  while not stop.wait(HEARTBEAT_S):
+    holder['heartbeat'] = time.time()
+    try:
+      renewed = claim.renew(holder)
+    except (OSError, ConfigError) as error:
+      logging.warning('could not renew the claim %s: %s', claim.path, error)
+      continue
+    if not renewed:
+      # Taken over after this process was thought dead (e.g. suspended for minutes):
+      # renewing would overwrite the new holder's claim.
+      current = claim.read()
+      logging.error('the claim %s now belongs to %s; not renewing it.', claim.path,
+                    describe(current) if current else 'nobody')
+      return
 
 
 @contextlib.contextmanager
 def claimed(directory: epath.Path, *, wait: bool, what: str, settings=()) -> Iterator[None]:
   """Holds `directory`'s claim (creating it) for the duration; process 0 claims for every
-  process, and all have checked the directory before any writes in it.
-
-  Args:
-    wait: wait for a live holder to finish (True) or refuse with ConfigError (False).
-    what: how messages name the directory ('workdir W', 'baseline B').
-    settings: the settings a refusal names.
-  """
+  process, and all have checked the directory before any writes in it. `wait`: wait for a
+  live holder to finish, or refuse (ConfigError naming `settings`); `what` names the directory
+  in messages ('workdir W', 'baseline B')."""
   claim = _claim(directory / CLAIM)
 
   def acquire() -> dict | None:
@@ -361,12 +329,15 @@ def claimed(directory: epath.Path, *, wait: bool, what: str, settings=()) -> Ite
   if jax.process_index() != 0 or acquired is None:
     yield
     return
-  heartbeat = _Heartbeat(claim, acquired)
+  stop = threading.Event()
+  heartbeat = threading.Thread(target=_renew, args=(claim, acquired, stop), daemon=True,
+                               name=f'claim heartbeat {claim.path}')
   heartbeat.start()
   try:
     yield
   finally:
-    heartbeat.stop()
+    stop.set()
+    heartbeat.join()
     claim.release(acquired)
 
 

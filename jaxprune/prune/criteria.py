@@ -7,9 +7,6 @@ iterative pruning uses the `Criterion` protocol it is built from:
     state = criterion.accumulate(state, model, variables, masks, batch)  # pure, jittable
     scores = criterion.finalize(state, model, variables)
 
-`accumulator(criterion, model)` is `accumulate` jitted for one model; masks are
-ordinary inputs, so changing which channels are pruned never recompiles.
-
 Conventions:
 
 * Channels already removed by `masks` get the criterion's natural value (0 for the data
@@ -123,8 +120,7 @@ def _as_numpy(scores: Mapping) -> Scores:
 
 
 class Criterion:
-  """The protocol every criterion implements; subclasses are frozen dataclasses (hashable,
-  so usable as static jit arguments)."""
+  """The protocol of every criterion: frozen dataclasses, hashable as static jit arguments."""
   name: str
   needs_data: bool = True
 
@@ -182,7 +178,6 @@ def _kernel_slices(structure, group: str,
 
 @dataclasses.dataclass(frozen=True)
 class WeightNorm(Criterion):
-  """A norm of each channel's filter: 'l1', 'l2' or 'min_weight' (mean squared weight)."""
   name: str = 'l1'
   needs_data = False
   _NORMS = {'l1': lambda w: np.sum(np.abs(w), axis=0),
@@ -208,7 +203,6 @@ class WeightNorm(Criterion):
 
 @dataclasses.dataclass(frozen=True)
 class BnScale(Criterion):
-  """|gamma| of the BatchNorm producing each group (network slimming)."""
   name: str = 'bn_scale'
   needs_data = False
 
@@ -232,7 +226,6 @@ class BnScale(Criterion):
 
 @dataclasses.dataclass(frozen=True)
 class Activation(Criterion):
-  """Statistics of z over examples and positions: 'mean_activation', 'activation_std', 'apoz'."""
   name: str = 'mean_activation'
 
   def init(self, structure, rng=None):
@@ -304,7 +297,6 @@ def activation_gradients(model, variables, masks, batch) -> tuple[dict, dict]:
 
 @dataclasses.dataclass(frozen=True)
 class GateGradient(Criterion):
-  """Criteria from per-example gate gradients: 'taylor' and its variants, 'taylor_fo', 'fisher'."""
   name: str = 'taylor'
 
   def init(self, structure, rng=None):
@@ -361,8 +353,8 @@ def _suffix_bytes(model, variables, x, masks, factor: int) -> dict[str, int]:
 
 def _over_one_hots(fn: Callable, channels: int, bytes_per_removal: int,
                    requested: int | None):
-  """Stacks fn(one_hots) (a pytree of per-row arrays) over all `channels` one-hot rows, as
-  many at a time as fit the memory bound at `bytes_per_removal` each, at most `requested`."""
+  """fn(e) (a pytree) stacked over all `channels` one-hot rows e, vmapped over as many at a
+  time as fit the memory bound at `bytes_per_removal` each, at most `requested`."""
   cpu = jax.default_backend() == 'cpu'
   memory_bytes = _CPU_MEMORY_BYTES if cpu else _ACCELERATOR_MEMORY_BYTES
   chunk = max(1, min(memory_bytes // max(1, bytes_per_removal), requested or channels, channels))
@@ -371,8 +363,8 @@ def _over_one_hots(fn: Callable, channels: int, bytes_per_removal: int,
   # Rows past `channels` are all zero (nothing removed) and are dropped below.
   eye = jnp.eye(n * chunk, channels, dtype=jnp.float32)
   if n == 1:
-    return jax.tree.map(lambda a: a[:channels], fn(eye))
-  out = jax.lax.map(fn, eye.reshape(n, chunk, channels))
+    return jax.tree.map(lambda a: a[:channels], jax.vmap(fn)(eye))
+  out = jax.lax.map(jax.vmap(fn), eye.reshape(n, chunk, channels))
   return jax.tree.map(lambda a: a.reshape((n * chunk,) + a.shape[2:])[:channels], out)
 
 
@@ -380,13 +372,12 @@ def _over_one_hots(fn: Callable, channels: int, bytes_per_removal: int,
 class Oracle(Criterion):
   """|L(without channel k) - L| by vmapping the loss over one-hot removals.
 
-  With `share_prefix` (the default) each group's loss is vmapped over removals of its
-  own channels only. vmap batches only what depends on the vmapped argument, so the
-  layers before the group's gate run unbatched, and XLA hoists them out of the
-  `lax.map` over chunks: once per batch. Without it one program vmaps whole-network
-  mask sets over all channels: one copy of the model to compile instead of one per
-  group, but every removal pays a full forward pass. Removals in flight at once are
-  bounded by their activations' memory and capped by `chunk_size`.
+  With `share_prefix` (the default) each group's loss is vmapped over removals of its own
+  channels only; vmap batches only what depends on them, so the layers before the group's
+  gate run unbatched and XLA hoists them out of the `lax.map` over chunks: once per batch.
+  Without it one program vmaps whole-network masks over all channels: one model to compile
+  instead of one per group, but every removal pays a full forward pass. Removals in flight
+  at once are bounded by their activations' memory and capped by `chunk_size`.
   """
   name: str = 'oracle'
   chunk_size: int | None = None
@@ -406,18 +397,16 @@ class Oracle(Criterion):
     removed = {}
     if self.share_prefix:
       for g, c in groups:
-        def without(one_hots, g=g):
-          return jax.vmap(lambda e: loss_sum({**masks, g: masks[g] * (1 - e)}))(one_hots)
+        def without(e, g=g):
+          return loss_sum({**masks, g: masks[g] * (1 - e)})
         removed[g] = _over_one_hots(without, c, suffix_bytes[g], self.chunk_size)
     else:
       widths = [c for _, c in groups]
       splits = np.cumsum(widths)[:-1]
 
-      def without_any(one_hots):
-        def one(e):
-          return loss_sum({g: masks[g] * (1 - part)
-                           for (g, _), part in zip(groups, jnp.split(e, splits))})
-        return jax.vmap(one)(one_hots)
+      def without_any(e):
+        return loss_sum({g: masks[g] * (1 - part)
+                         for (g, _), part in zip(groups, jnp.split(e, splits))})
 
       flat = _over_one_hots(without_any, sum(widths), max(suffix_bytes.values()),
                             self.chunk_size)
@@ -435,7 +424,6 @@ class Oracle(Criterion):
 
 @dataclasses.dataclass(frozen=True)
 class SecondOrder(Criterion):
-  """|-g + 0.5 h_kk|: the OBD-style second-order estimate of the oracle, per channel."""
   name: str = 'second_order'
   chunk_size: int | None = None
 
@@ -458,13 +446,11 @@ class SecondOrder(Criterion):
                                         {**masks, g: masks[g] * scale}))
       ones = jnp.ones((c,), jnp.float32)
 
-      def derivatives(one_hots):
+      def derivatives(e):
         # Along e = e_k the first jvp is dL/ds_k, its jvp d2L/ds_k^2; XLA's CSE merges
         # the two identical first-order tangent streams.
-        def along(e):
-          first = lambda s: jax.jvp(mean_loss, (s,), (e,))[1]
-          return jax.jvp(first, (ones,), (e,))
-        return jax.vmap(along)(one_hots)
+        first = lambda s: jax.jvp(mean_loss, (s,), (e,))[1]
+        return jax.jvp(first, (ones,), (e,))
 
       grad, hess = _over_one_hots(derivatives, c, suffix_bytes[g], self.chunk_size)
       grad_sum[g] = grad_sum[g] + b * grad
@@ -498,12 +484,9 @@ CRITERIA: dict[str, Criterion] = {
 
 
 def get(name: str, **options) -> Criterion:
-  """The registered criterion `name`, with dataclass fields (e.g. chunk_size) replaced.
-
-  An unknown `name` or a chunk_size that is not a positive integer is a ConfigError (a
-  user's setting, a benchmark flag say); an option the criterion lacks is the caller's bug
-  (ValueError).
-  """
+  """The registered criterion `name`, with dataclass fields (e.g. chunk_size) replaced; an
+  unknown `name` or a chunk_size that is not a positive integer is a ConfigError (a user's
+  setting), an option the criterion lacks a ValueError (the caller's bug)."""
   choose('criterion', name, CRITERIA, setting='criterion')
   criterion = CRITERIA[name]
   if not options:
@@ -533,11 +516,9 @@ def _jit_accumulate(xla_options: str) -> Callable:
 
 def accumulator(criterion: Criterion, model: Program) -> Callable:
   """`criterion.accumulate` jitted for `model`: (state, variables, masks, batch) -> state.
-
-  Compiled once per criterion, program (hashed by identity: `program.derive` returns one
-  per model and image shape) and input shapes; masks (always pass the same groups, e.g.
-  all of them) are inputs, so new masks do not recompile.
-  """
+  Compiled once per criterion, program (by identity: `program.derive` returns one per model
+  and image shape) and input shapes; masks are inputs (pass the same groups every time, e.g.
+  all), so new masks do not recompile."""
   return functools.partial(_jit_accumulate(model.xla_options), criterion, model)
 
 
@@ -549,22 +530,20 @@ def score(name: str, model: Program, variables, batches: Iterable[Mapping] | Non
     name: a key of CRITERIA.
     model: the model's program (`program.derive`), whose structure the scores follow.
     variables: the model's variables (params, batch_stats, indices).
-    batches: iterable of {'image', 'label'} batches, read once; ignored (not
-      iterated) by data-free criteria.
+    batches: {'image', 'label'} batches, read once; not iterated by data-free criteria.
     masks: {group: (C,)} current masks (0 = removed); missing groups are unmasked.
     rng: a PRNG key or int seed, used by `random`.
     **options: criterion fields, e.g. chunk_size=32 for `oracle`.
   """
   criterion = get(name, **options)
-  structure = model.structure
+  state = criterion.init(model.structure, rng)
   if not criterion.needs_data:
-    return criterion.finalize(criterion.init(structure, rng), model, variables)
+    return criterion.finalize(state, model, variables)
   batches = iter(batches if batches is not None else ())
   first = next(batches, None)
   if first is None:
     raise ValueError(f"criterion {name!r} needs at least one batch of data, got none.")
-  state = criterion.init(structure, rng)
-  full = _full_masks(structure, masks)
+  full = _full_masks(model.structure, masks)
   step = accumulator(criterion, model)
   for batch in itertools.chain([first], batches):
     state = step(state, variables, full, batch)

@@ -48,9 +48,8 @@ ACTIVATION_BYTES = 4 * 4
 
 
 def training_bytes(structure: Structure, batch_size: int) -> int:
-  """A lower estimate of the memory one training step needs: the parameters and optimizer
-  state, and the activations of a batch (every Conv/Dense output kept for the backward
-  pass). XLA's buffers, fusion and the data add to it, so a larger need is certain."""
+  """A lower estimate of one training step's memory: the parameters with their optimizer
+  state and a batch's activations (above); XLA's buffers, fusion and the data add to it."""
   activations = sum(n * structure.shapes[k][-1] for k, n in structure.positions.items())
   return (count(structure).params * PARAMETER_BYTES
           + batch_size * activations * ACTIVATION_BYTES)

@@ -1,11 +1,10 @@
 """Channel structure read off a program: `jax.make_jaxpr` of any `apply(variables, x)`.
 
-`trace(fn, leaves, x)` traces `fn(leaves, x)` once (shapes only). `Graph` ties every axis of
-every value to the axes it must keep equal to, through convolutions, matmuls, broadcasting
-elementwise ops, reshapes, transposes, tiles, reductions, concatenations, splits and the
-call-like primitives (jit, custom_jvp/custom_vjp, checkpoint and so nn.remat), whose bodies
-it reads in place. It yields the channel groups, the leaf axes each indexes, and what
-`jaxpr_run.evaluate` needs to run the program masked or shrunk.
+`Graph` ties every axis of every value to the axes it must keep equal to, through
+convolutions, matmuls, broadcasting elementwise ops, reshapes, transposes, tiles, reductions,
+concatenations, splits and the call-like primitives (jit, custom_jvp/custom_vjp, checkpoint
+and so nn.remat), whose bodies it reads in place. It yields the channel groups, the leaf axes
+each indexes, and what `jaxpr_run.evaluate` needs to run the program masked or shrunk.
 
 An axis is a *layout*: a sequence of atoms, each a run of one group's channels. A
 concatenation's output is its inputs' layouts end to end (a DenseNet kernel reading the
@@ -33,13 +32,9 @@ key leaves, and the `rng_leaves` a caller names: nnx's keys and counts) is no ch
 
 MACs count every convolution and matmul whose kernel is a variable leaf (also one
 transformed without the input: flipped, standardised, weight-normed) and whose results reach
-the outputs: an unused head costs nothing, as under jit.
-
-Masks multiply the input of every convolution and matmul that contracts the group: there a
-zero is exactly removal, and a (B, C) gate of ones is the per-example gate whose gradient the
-gradient criteria read. A primitive the derivation does not know, on an otherwise prunable
-axis, is a `ConfigError` naming it and the leaf to keep with `fixed`, never a wrong result;
-so is a program whose shapes depend on data.
+the outputs: an unused head costs nothing, as under jit. A primitive the derivation does
+not know, on an otherwise prunable axis, is a `ConfigError` naming it and the leaf to keep
+with `fixed`, never a wrong result; so is a program whose shapes depend on data.
 """
 
 import collections
@@ -56,9 +51,8 @@ import numpy as np
 from jax.extend import core as jcore
 
 from jaxprune.errors import ConfigError
-from jaxprune.prune.structure import Structure
+from jaxprune.prune.structure import LeafKey, Structure
 
-LeafKey = tuple[str, ...]
 Site = tuple[int, ...]
 
 # One result per operand shape: the output may broadcast size-1 axes of an operand.
@@ -73,7 +67,6 @@ _ELEMENTWISE = frozenset("""
     """.split())
 _RANDOM = frozenset('random_bits random_wrap random_unwrap random_split random_fold_in '
                     'random_seed random_clone threefry2x32'.split())
-# One result per operand, each the operand unchanged.
 _IDENTITIES = frozenset(('optimization_barrier', 'device_put'))
 _REDUCTIONS = frozenset('reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or '
                         'reduce_xor argmax argmin'.split())
@@ -103,11 +96,9 @@ _ATTENTION = ("a head's dimension in attention scaled by a constant (a module re
 
 
 class Atoms:
-  """Union-find over runs of channels ("atoms"), with splitting.
-
-  `refined[root]` lists the atoms a root was split into; `expand` always resolves a layout
-  to unsplit roots, so splitting a class splits every axis that uses it.
-  """
+  """Union-find over runs of channels ("atoms"), with splitting: `refined[root]` lists the
+  atoms a root was split into, and `expand` resolves a layout to unsplit roots, so splitting
+  a class splits every axis that uses it."""
 
   def __init__(self):
     self.parent: list[int] = []
@@ -187,10 +178,6 @@ class Atoms:
     for root in self.expand(layout):
       self.reason.setdefault(root, reason)
 
-  def join(self, layout: Sequence[int], how: str):
-    for root in self.expand(layout):
-      self.joined.setdefault(root, how)
-
   def write(self, layout: Sequence[int], writer):
     for root in self.expand(layout):
       self.writers[root] = self.writers.get(root, frozenset()) | {writer}
@@ -208,20 +195,13 @@ class Consumer:
 
 @dataclasses.dataclass(frozen=True)
 class Group:
-  """One channel group.
-
-  Attributes:
-    name: the group's name (the layer that writes it, or the first leaf it indexes).
-    width: its number of channels.
-    prunable: whether masks and shrinking may remove its channels.
-    reason: why not, when it is not prunable.
-    leaves: (leaf, axis, offset) for every place a leaf axis holds the group's channels
-      (several per axis for a concatenation or a grouped convolution).
-  """
+  """One channel group, named after the layer that writes it (else the first leaf it indexes)."""
   name: str
   width: int
-  prunable: bool
-  reason: str | None
+  prunable: bool  # whether masks and shrinking may remove its channels
+  reason: str | None  # why not, when it is not prunable
+  # (leaf, axis, offset) for every place a leaf axis holds the group's channels (several per
+  # axis for a concatenation or a grouped convolution).
   leaves: tuple[tuple[LeafKey, int, int], ...]
 
 
@@ -243,10 +223,9 @@ def _leaf_name(key: LeafKey) -> str:
 def _user_frame(error: BaseException) -> str:
   """' at FILE:LINE (CODE)' of the innermost frame of the error outside jax, flax and jaxprune."""
   import flax
-  skip = [os.path.dirname(m.__file__) for m in (jax, np, flax)]
-  skip.append(os.path.dirname(os.path.dirname(__file__)))
-  frames = [f for f in traceback.extract_tb(error.__traceback__)
-            if not any(f.filename.startswith(s) for s in skip)]
+  import jaxprune
+  skip = tuple(os.path.dirname(m.__file__) for m in (jax, np, flax, jaxprune))
+  frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith(skip)]
   if not frames:
     return ''
   f = frames[-1]
@@ -270,14 +249,9 @@ def trace(fn: Callable, leaves: Sequence, x) -> jcore.ClosedJaxpr:
 
 
 class Graph:
-  """The channel structure of one traced program (see the module docstring).
-
-  Attributes:
-    jaxpr: the traced program (leaves first, then the input).
-    leaf_keys: the variable leaves, in the jaxpr's argument order.
-    groups: {name: Group}, prunable and not (`structure()` is what selection, cost
-      counting and the criteria read of them).
-  """
+  """The channel structure of one traced program (see the module docstring): `groups`
+  ({name: Group}, prunable and not) and, of them, `structure()`, what selection, cost
+  counting and the criteria read."""
 
   def __init__(self, jaxpr: jcore.ClosedJaxpr, leaf_keys: Sequence[LeafKey],
                prune_streams: bool = False, fixed: Sequence[str] = (),
@@ -287,9 +261,8 @@ class Graph:
     are RNG state (keys of a PRNG key dtype are recognised without it); `state_outputs`:
     {output index: leaf index} for outputs that are a leaf's new value (a train step's
     BatchNorm statistics), whose axes are that leaf's rather than fixed as outputs."""
-    self.jaxpr = jaxpr
-    self.leaf_keys = tuple(leaf_keys)
-    self.fixed = tuple(fixed)
+    self.jaxpr = jaxpr  # the leaves first, then the input
+    self.leaf_keys = tuple(leaf_keys)  # in the jaxpr's argument order
     # By site (an equation's index path through call bodies): the equation, its operands'
     # layouts, which operands are computed from the input, and the producer of each value.
     self.eqns: dict[Site, Any] = {}
@@ -312,9 +285,8 @@ class Graph:
     self.attention: list[tuple] = []
     self.scaled: list[int] = []
     self._walk_top(frozenset(rng_leaves), state_outputs)
-    self._finish(prune_streams)
+    self._finish(prune_streams, tuple(fixed))
 
-  # -------------------------------------------------------------------------------------------
   # The walk: layouts for every value, ties between them.
 
   def _fresh(self, shape, reason=None) -> list[tuple[int, ...]]:
@@ -410,7 +382,8 @@ class Graph:
         a.unify(outs[axis], layout)
       for axis, channels in meeting.items():
         if len(channels) >= 2:
-          a.join(outs[axis], _PRODUCT if name in _PRODUCTS else _STREAM)
+          for root in a.expand(outs[axis]):
+            a.joined.setdefault(root, _PRODUCT if name in _PRODUCTS else _STREAM)
       if name in _PRODUCTS and len(dep) == 1 and any(
           math.prod(shape) == 1 and i not in dep and not _var_in(v, origins)
           for i, (v, shape) in enumerate(zip(eqn.invars, shapes))):
@@ -433,15 +406,8 @@ class Graph:
 
     if name == 'tile':
       # out[i] = in[i % n]; a tiled size-1 axis (a class token over the batch) is a broadcast.
-      outs = []
-      for layout, size, reps in zip(ins[0], shapes[0], params['reps']):
-        if reps == 1:
-          outs.append(layout)
-        elif size == 1:
-          outs.append((a.new(reps),))
-        else:
-          outs.append(tuple(layout) * reps)
-      return [outs]
+      return [[(a.new(reps),) if size == 1 and reps > 1 else tuple(layout) * reps
+               for layout, size, reps in zip(ins[0], shapes[0], params['reps'])]]
 
     if name in ('reshape', 'expand_dims'):
       return [self._reshape(ins[0], shapes[0], out_shapes[0])]
@@ -475,17 +441,10 @@ class Graph:
           outs.append(ins[0][axis])
       return [outs]
 
-    if name in ('pad', 'slice', 'dynamic_slice', 'dynamic_update_slice', 'rev'):
+    if name in ('pad', 'slice', 'dynamic_slice', 'dynamic_update_slice', 'rev', 'reduce_window',
+                'reduce_window_sum', 'reduce_window_max', 'reduce_window_min', 'cumsum_window',
+                'argmax_window'):
       return [self._window_like(name, eqn, ins, shapes, out_shapes[0])]
-
-    if name in ('reduce_window_sum', 'reduce_window_max', 'reduce_window_min', 'reduce_window',
-                'cumsum_window', 'argmax_window'):
-      outs = self._fresh(out_shapes[0])
-      for axis, (w, s) in enumerate(zip(params['window_dimensions'], params['window_strides'])):
-        whole = (w == 1 and s == 1 and tuple(params['padding'][axis]) == (0, 0)
-                 and shapes[0][axis] == out_shapes[0][axis])
-        self._tie_or_fix(outs[axis], ins[0][axis], whole, f'pooled by {name}')
-      return [outs]
 
     if name == 'iota':
       outs = self._fresh(out_shapes[0])
@@ -574,7 +533,7 @@ class Graph:
     return f'reduced over by {name}'
 
   def _window_like(self, name, eqn, ins, shapes, out_shape) -> list:
-    """pad, slice, dynamic_slice, dynamic_update_slice, rev: axes kept whole tie, others fix."""
+    """pad, slices, rev and pooling windows: axes kept whole tie, others fix."""
     a, params, shape = self.atoms, eqn.params, shapes[0]
     outs = self._fresh(out_shape)
     for axis in range(len(out_shape)):
@@ -592,9 +551,13 @@ class Graph:
           a.fix(ins[1][axis], 'written into part of an axis by dynamic_update_slice')
       elif name == 'rev':
         whole = axis not in params['dimensions']
+      elif 'window' in name:
+        whole = (params['window_dimensions'][axis] == 1 and params['window_strides'][axis] == 1
+                 and tuple(params['padding'][axis]) == (0, 0) and shape[axis] == out_shape[axis])
       else:
         whole = out_shape[axis] == shape[axis]
-      self._tie_or_fix(outs[axis], ins[0][axis], whole, f'cut by {name}')
+      verb = 'pooled' if 'window' in name else 'cut'
+      self._tie_or_fix(outs[axis], ins[0][axis], whole, f'{verb} by {name}')
     return outs
 
   def _gather(self, eqn, ins, shapes, out_shape) -> list:
@@ -683,12 +646,10 @@ class Graph:
       self.macs.append((site, origins[kernel], tuple(outs[d] for d in out_spec[2:])))
     return outs
 
-  # -------------------------------------------------------------------------------------------
   # From atoms to groups.
 
-  def _finish(self, prune_streams: bool):
+  def _finish(self, prune_streams: bool, fixed: tuple[str, ...]):
     a = self.atoms
-    # Attention scaled by a constant (q / sqrt(head_dim)): the head dimension keeps its size.
     scaled = {r for atom in self.scaled for r in a.expand((atom,))}
     for operands in self.attention:
       open_roots = {r for layouts, _ in operands for layout in layouts
@@ -707,16 +668,14 @@ class Graph:
     places = collections.defaultdict(list)  # {root: [(leaf, axis, offset)]}
     for key, axes in zip(self.leaf_keys, self.leaf_roots):
       for axis, roots in enumerate(axes):
-        offset = 0
-        for r in roots:
+        offsets = itertools.accumulate((a.size[r] for r in roots), initial=0)
+        for r, offset in zip(roots, offsets):
           places[r].append((key, axis, offset))
-          offset += a.size[r]
     # In program order: by the first layer writing the group, then by leaf order.
     first_site = {r: min(a.writers[r]) for r in places if a.writers.get(r)}
     order = sorted(places, key=lambda r: (0, first_site[r]) if r in first_site else (1,))
     places = {r: places[r] for r in order if a.reason.get(r) not in _NOT_CHANNELS}
-    # A group is named after the first layer that writes it (its kernel's leaf), else after
-    # the first leaf it indexes.
+    # Named after the first layer that writes it (its kernel's leaf), else its first leaf.
     writer_leaf = {}
     for site, key, _ in self.macs:
       for roots in self.leaf_roots[self.leaf_keys.index(key)]:
@@ -729,7 +688,7 @@ class Graph:
       base = _leaf_name(base_key[1:-1] if len(base_key) > 2 else base_key)
       used[base] += 1
       names[r] = base if used[base] == 1 else f'{base}:{used[base] - 1}'
-      hit = next((p for p in self.fixed for key, _, _ in where if p in _leaf_name(key)), None)
+      hit = next((p for p in fixed for key, _, _ in where if p in _leaf_name(key)), None)
       if hit is not None:
         a.reason.setdefault(r, f'kept by fixed={hit!r}')
 
@@ -815,10 +774,9 @@ class Graph:
           site, operand = c.site, c.operand
           while True:
             var = self.eqns[site].invars[operand]
-            before = self.producer.get(var) if not isinstance(var, jcore.Literal) else None
-            if before is None or not self._pools(before):
+            if not _var_in(var, self.producer) or not self._pools(self.producer[var]):
               break
-            site, operand = before, 0
+            site, operand = self.producer[var], 0
           layouts = tuple(self.in_layouts[site][operand])
           where = next(i for i, l in enumerate(layouts) if r in self.atoms.expand(l))
           points[name] = (site, operand, where, layouts)
@@ -852,13 +810,12 @@ class Graph:
           offset += size
         per_axis.append(merged)
       split = any(len(p) > 1 for p in per_axis)
-      pieces_of[key] = []
       for combo in itertools.product(*per_axis):
         spec = ','.join(f'{s}:{s + n}' for s, n, _ in combo)
         vkey = key[:-1] + (f'[{spec}]', key[-1]) if split else key
         axes[vkey] = tuple(t for _, _, t in combo)
         shapes[vkey] = tuple(n for _, n, _ in combo)
-        pieces_of[key].append((vkey, tuple(slice(s, s + n) for s, n, _ in combo)))
+        pieces_of.setdefault(key, []).append((vkey, tuple(slice(s, s + n) for s, n, _ in combo)))
     batch = a.find(self.batch_atom) if self.batch_atom is not None else None
     live = _live_sites(self.jaxpr.jaxpr, (), [True] * len(self.jaxpr.jaxpr.outvars))[0]
     for site, key, layouts in self.macs:
@@ -880,7 +837,6 @@ class Graph:
     return {vkey: np.asarray(flat[key])[index] if len(pieces) > 1 else flat[key]
             for key, pieces in self.pieces_of.items() for vkey, index in pieces}
 
-  # -------------------------------------------------------------------------------------------
   # Channel indices for masks and shrinking.
 
   def pieces(self, layout, per_group: Mapping[str, Any]) -> list[tuple[int, Any]]:

@@ -4,7 +4,8 @@
 to the model's own computation, plus:
 
 * masks: the operand of every convolution and matmul contracting a group's channels is
-  multiplied by the group's (C,) mask or (B, C) per-example gate, laid out along that axis;
+  multiplied by the group's (C,) mask or (B, C) per-example gate, laid out along that axis
+  (there a zero is exactly removal, and a gate of ones is what the gradient criteria read);
 * recording: each group's feature map at its record point (`Graph.record_points`), times
   its mask, as (B, positions, C) for the activation criteria; `offsets` of that shape are
   added there, so the gradient with respect to them is dL/dz element by element;
@@ -15,6 +16,7 @@ Call-like primitives (jit, custom_jvp/custom_vjp, checkpoint) run inline, their 
 interpreted like the rest, so JAX differentiates through their primal programs.
 """
 
+import itertools
 from typing import Mapping
 
 import jax.numpy as jnp
@@ -66,16 +68,18 @@ def _batch_first_channels_last(value, b, axis):
   return jnp.moveaxis(value, (b, axis), (0, -1))
 
 
+def _starts(graph, layout, group) -> list[int]:
+  """Where each piece of the group's channels starts along an axis of `layout`."""
+  roots = graph.atoms.expand(layout)
+  offsets = itertools.accumulate((graph.atoms.size[r] for r in roots), initial=0)
+  return [offset for r, offset in zip(roots, offsets) if r == graph.root_of[group]]
+
+
 def _activation(graph, value, layouts, axis, group):
   """The group's channels of a value with `layouts` as (B, positions, C)."""
   z = _batch_first_channels_last(value, graph.batch_axis(layouts), axis)
-  pieces, offset = [], 0
-  root = graph.root_of[group]
-  for r in graph.atoms.expand(layouts[axis]):
-    size = graph.atoms.size[r]
-    if r == root:
-      pieces.append(z[..., offset:offset + size])
-    offset += size
+  width = graph.groups[group].width
+  pieces = [z[..., start:start + width] for start in _starts(graph, layouts[axis], group)]
   z = jnp.stack(pieces, axis=-2) if len(pieces) > 1 else pieces[0]
   return z.reshape(z.shape[0], -1, z.shape[-1])
 
@@ -84,11 +88,7 @@ def _offset(graph, value, layouts, axis, group, offset):
   """`value` plus a (B, positions, C) offset laid onto the group's channels (one piece)."""
   b = graph.batch_axis(layouts)
   z = _batch_first_channels_last(value, b, axis)
-  start = 0
-  for r in graph.atoms.expand(layouts[axis]):
-    if r == graph.root_of[group]:
-      break
-    start += graph.atoms.size[r]
+  start = _starts(graph, layouts[axis], group)[0]
   piece = offset.reshape(z.shape[:-1] + (offset.shape[-1],)).astype(z.dtype)
   z = z.at[..., start:start + offset.shape[-1]].add(piece)
   return jnp.moveaxis(z, (0, -1), (b, axis)) if b is not None else jnp.moveaxis(z[0], -1, axis)
@@ -124,11 +124,9 @@ def evaluate(graph: jaxpr_lib.Graph, leaves, x, *, masks: Mapping | None = None,
              kept: Mapping[str, np.ndarray] | None = None, record: bool = False,
              offsets: Mapping | None = None):
   """The output of the graph's program on (leaves, x) (its only result, or the tuple of
-  them), and with `record` the {group: activation} recorded (module docstring).
-
-  `leaves` are in `graph.leaf_keys` order, already cut to `kept` ({group: kept indices})
-  when it is given; `masks` and `offsets` are by group, as the module docstring says.
-  """
+  them), and with `record` the {group: activation} recorded. `leaves` are in
+  `graph.leaf_keys` order, already cut to `kept` ({group: kept indices}) when it is given;
+  `masks` and `offsets` are by group (module docstring)."""
   masks = masks or {}
   consumers = {}
   if masks:

@@ -34,13 +34,8 @@ from jaxprune import models
 from jaxprune.errors import ConfigError
 from jaxprune.kernels.options import PerformanceOptions
 from jaxprune.models import own
-from jaxprune.prune import jaxpr as jaxpr_lib
-from jaxprune.prune import jaxpr_run, shrink
-from jaxprune.prune.structure import Structure
-
-LeafKey = tuple[str, ...]
-# The formulation the program is traced with (module docstring).
-_TRACED = dataclasses.replace(PerformanceOptions(), conv_impl='native', batch_norm='flax')
+from jaxprune.prune import jaxpr as jaxpr_lib, jaxpr_run, shrink
+from jaxprune.prune.structure import LeafKey, Structure
 
 
 @dataclasses.dataclass(eq=False)
@@ -48,19 +43,12 @@ class Program:
   """A model's program and structure (`derive`, or `from_function` for a `Pruner`).
 
   Hashed by identity, so a criterion's jitted accumulator compiles once per program.
-
-  Attributes:
-    model: the module, as configured (its performance options are the ones it trains with).
-    structure: the `Structure` of its width groups, prunable and not.
-    graph: the training program's `jaxpr.Graph`.
-    leaf_keys: the variable leaves, collection first, in the programs' argument order.
-    xla_options: the compiler option set the criteria's jitted programs use.
   """
-  model: nn.Module
-  structure: Structure
-  graph: jaxpr_lib.Graph
-  leaf_keys: tuple[LeafKey, ...]
-  xla_options: str
+  model: nn.Module  # as configured (its performance options are the ones it trains with)
+  structure: Structure  # of its width groups, prunable and not
+  graph: jaxpr_lib.Graph  # the training program's
+  leaf_keys: tuple[LeafKey, ...]  # collection first, in the programs' argument order
+  xla_options: str  # the compiler option set the criteria's jitted programs use
   graph_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   _graphs: dict = dataclasses.field(default_factory=dict)
 
@@ -88,9 +76,8 @@ class Program:
       widths = {g: graph.groups[g].width for g in graph.prunable}
       if widths != {g: self.structure.widths[g] for g in self.structure.prunable}:
         name = getattr(self.model, 'spec', None) or type(self.model).__name__
-        raise ValueError(f"{name}'s program at input shape "
-                         f"{np.shape(x)} has other prunable groups ({widths}) than at "
-                         "the shape it was derived at.")
+        raise ValueError(f"{name}'s program at input shape {np.shape(x)} has other prunable "
+                         f"groups ({widths}) than at the shape it was derived at.")
       self._graphs[signature] = graph
     return self._graphs[signature]
 
@@ -111,13 +98,12 @@ class Program:
 
 
 def _trace(model, leaf_specs, x, train: bool, keys, options: Mapping) -> jaxpr_lib.Graph:
-  """The model's program in one mode, as a Graph named by the model's declarations. In
-  training mode it returns the new state ('batch_stats') after the logits, tied to the
-  leaves it replaces."""
+  """The model's program in one mode, as a Graph named by the model's declarations (in
+  training mode it returns the new 'batch_stats' after the logits)."""
   traced = model
   if isinstance(model, nn.Module) and hasattr(model, 'performance'):
-    traced = model.clone(performance=dataclasses.replace(
-        _TRACED, xla_options=model.performance.xla_options))
+    traced = model.clone(performance=PerformanceOptions(
+        conv_impl='native', batch_norm='flax', xla_options=model.performance.xla_options))
   state = [i for i, k in enumerate(keys) if k[0] == own.STATE]
 
   def fn(leaves, x):
@@ -181,10 +167,9 @@ def run_pruned(model: own.OwnModel, variables, x, *, train: bool, mutable: bool)
 
 def fresh_init(model, rng, image_shape) -> dict:
   """A fresh initialisation of a pruned own model (`model.kept`): the full model initialised
-  from `rng`, cut to the kept channels, every kernel rescaled by sqrt(fan_in_full /
-  fan_in_pruned) (fan_in: the product of all axes but the last), so that a kernel drawn by
-  fan-in variance scaling (Flax's default lecun_normal) has its initializer's spread at the
-  pruned shape; BatchNorm scales, biases and statistics start as they do at any width."""
+  from `rng` and cut to the kept channels, each kernel times sqrt(fan_in_full / fan_in_pruned)
+  (fan_in: all axes but the last) so that fan-in variance scaling (Flax's default
+  lecun_normal) keeps its spread; BatchNorm variables start as they do at any width."""
   full = model.full()
   prog = derive(full, tuple(image_shape))
   variables = full.init(rng, np.zeros((1,) + tuple(image_shape), np.float32))
@@ -206,17 +191,15 @@ def pruned_shapes(model: own.OwnModel) -> dict:
   """The shapes and dtypes of a pruned own model's variables, computing nothing."""
   graph = derive(model.full(), tuple(model.image_shape)).graph
   kept = model.kept_indices()
-  flat = traverse_util.flatten_dict(dict(model.full().init_shapes()))
   out = {key: jax.ShapeDtypeStruct(tuple(graph.new_size(layout, kept) for layout in layouts),
-                                   flat[key].dtype)
-         for key, layouts in zip(graph.leaf_keys, graph.leaf_layouts)}
+                                   aval.dtype)
+         for key, layouts, aval in zip(graph.leaf_keys, graph.leaf_layouts, graph.jaxpr.in_avals)}
   return traverse_util.unflatten_dict(out)
 
 
 def derive_checked(model: own.OwnModel, image_shape) -> Program:
   """`derive` of an own model, where a model that cannot take these images (or that the
-  factory cannot build for them) is one sentence naming the shape and the first line of
-  what failed."""
+  factory cannot build for them) is one sentence naming the shape and the error's first line."""
   try:
     return derive(model, tuple(image_shape))
   except ConfigError:

@@ -19,10 +19,6 @@ the names the `selection` setting accepts:
              a random width profile at `target_macs` (`sampled_widths`, seeded by
              `width_profile`); the scores only pick the channels each group keeps.
 
-`kept_channels` (`KEPT_CHANNELS`) says which channels a group keeps once its width is
-chosen: the highest-scoring ones, or as many drawn at random (`random_channels`), which
-tells a criterion's channels from the widths it chose.
-
 Rules shared by every policy:
   * Every group keeps at least `min_channels` live channels (all if it has fewer);
     `layer`, `slimming` and `preset` quietly keep more where their rule would go below
@@ -56,9 +52,8 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from jaxprune.prune import flops
 from jaxprune.errors import ConfigError, choose
-from jaxprune.prune import shrink
+from jaxprune.prune import flops, shrink
 from jaxprune.prune.structure import Structure
 
 DEFAULT_FLOPS_PENALTY = 1e-3
@@ -70,8 +65,8 @@ FLOPS_COSTS = {
 
 # A sampled width profile draws every group's keep fraction from U(PROFILE_LOW, 1).
 PROFILE_LOW = 0.1
-# A sampled profile's MACs are within this fraction below the target.
-PROFILE_TOLERANCE = 0.01
+# Which channels a group keeps once its width is chosen; random ones (`random_channels`)
+# tell a criterion's channels from the widths it chose.
 KEPT_CHANNELS = {
     'criterion': "each group's highest-scoring channels",
     'random': "as many channels per group, drawn at random (the run's seed)",
@@ -89,47 +84,34 @@ class Preset:
   """Per-group pruning ratios for one model family; each group keeps int(C * (1 - ratio))."""
   models: tuple[str, ...]  # registry names of the models it applies to (same groups)
   ratios: Mapping[str, float]  # {group: fraction removed}; groups not named keep all
-  description: str
 
 
-def _li_resnet(title: str, model: str, blocks: tuple[int, ...], stage_ratios: tuple[float, ...],
+def _li_resnet(model: str, blocks: tuple[int, ...], stage_ratios: tuple[float, ...],
                skip: tuple[int, ...]) -> Preset:
-  """A preset pruning the first conv of every block with its stage's ratio, Li et al.'s numbering.
-
-  `blocks` are the basic blocks per stage. Convs are numbered from 1 (the stem); block j
-  (0-based over the whole network) has first conv 2 + 2j, the only one pruned. Skipped
-  convs keep all channels.
-  """
+  """A preset pruning the first conv of every block with its stage's ratio. `blocks` are the
+  basic blocks per stage; in Li et al.'s numbering convs count from 1 (the stem), block j
+  (0-based over the network) has first conv 2 + 2j, and convs in `skip` keep all channels."""
   ratios, j = {}, 0
   for s, (count, ratio) in enumerate(zip(blocks, stage_ratios), start=1):
     for b in range(1, count + 1):
       if 2 + 2 * j not in skip and ratio > 0:
         ratios[f'stage{s}_block{b}'] = ratio
       j += 1
-  convs = 'convs' if len(skip) > 1 else 'conv'
-  return Preset(models=(model,), ratios=ratios,
-                description=f"{title}: stage ratios ({', '.join(f'{r:g}' for r in stage_ratios)}),"
-                f" skipping {convs} {', '.join(map(str, skip))}.")
+  return Preset(models=(model,), ratios=ratios)
 
 
 # [R]'s ImageNet L1-norm code (imagenet/l1-norm-pruning/prune.py) skips these convs.
 _RESNET34_SKIP = (2, 8, 14, 16, 26, 28, 30, 32)
 PRESETS: dict[str, Preset] = {
-    'vgg16_a': Preset(
+    'vgg16_a': Preset(  # conv1_1 keeps 32 of 64, conv4_1..conv5_3 keep 256 of 512
         models=('vgg16', 'vgg16_mlp'),
-        ratios={'conv1_1': 0.5, **{f'conv{s}_{i}': 0.5 for s in (4, 5) for i in (1, 2, 3)}},
-        description='VGG-16-A: conv1_1 keeps 32 of 64, conv4_1..conv5_3 keep 256 of 512.'),
-    'resnet56_a': _li_resnet('ResNet-56-A', 'resnet56', (9, 9, 9), (0.1, 0.1, 0.1),
-                             (16, 20, 38, 54)),
-    'resnet56_b': _li_resnet('ResNet-56-B', 'resnet56', (9, 9, 9), (0.6, 0.3, 0.1),
-                             (16, 18, 20, 34, 38, 54)),
-    'resnet110_a': _li_resnet('ResNet-110-A', 'resnet110', (18, 18, 18), (0.5, 0, 0), (36,)),
-    'resnet110_b': _li_resnet('ResNet-110-B', 'resnet110', (18, 18, 18), (0.5, 0.4, 0.3),
-                              (36, 38, 74)),
-    'resnet34_a': _li_resnet('ResNet-34-A (ImageNet)', 'resnet34', (3, 4, 6, 3),
-                             (0.3, 0.3, 0.3, 0), _RESNET34_SKIP),
-    'resnet34_b': _li_resnet('ResNet-34-B (ImageNet)', 'resnet34', (3, 4, 6, 3),
-                             (0.5, 0.6, 0.4, 0), _RESNET34_SKIP),
+        ratios={'conv1_1': 0.5, **{f'conv{s}_{i}': 0.5 for s in (4, 5) for i in (1, 2, 3)}}),
+    'resnet56_a': _li_resnet('resnet56', (9, 9, 9), (0.1, 0.1, 0.1), (16, 20, 38, 54)),
+    'resnet56_b': _li_resnet('resnet56', (9, 9, 9), (0.6, 0.3, 0.1), (16, 18, 20, 34, 38, 54)),
+    'resnet110_a': _li_resnet('resnet110', (18, 18, 18), (0.5, 0, 0), (36,)),
+    'resnet110_b': _li_resnet('resnet110', (18, 18, 18), (0.5, 0.4, 0.3), (36, 38, 74)),
+    'resnet34_a': _li_resnet('resnet34', (3, 4, 6, 3), (0.3, 0.3, 0.3, 0), _RESNET34_SKIP),
+    'resnet34_b': _li_resnet('resnet34', (3, 4, 6, 3), (0.5, 0.6, 0.4, 0), _RESNET34_SKIP),
 }
 
 
@@ -155,15 +137,11 @@ def preset_ratios(preset: str, structure: Structure) -> dict[str, float]:
 
 
 def preset_widths(preset: str, structure: Structure) -> dict[str, int]:
-  """The full widths a preset implies (which channels it keeps does not change them).
-
-  Every group of the structure is returned, so `models.build(name, widths=...)` takes
-  the result directly; a group keeps int(C * (1 - ratio)), at least one channel.
-  """
-  widths = dict(structure.widths)
-  for g, r in preset_ratios(preset, structure).items():
-    widths[g] = max(1, int(widths[g] * (1 - r)))
-  return widths
+  """Every group's width under the preset, int(C * (1 - ratio)) and at least 1, as
+  `models.build(name, widths=...)` takes them (which channels it keeps does not matter)."""
+  ratios = preset_ratios(preset, structure)
+  return {g: max(1, int(w * (1 - ratios[g]))) if g in ratios else w
+          for g, w in structure.widths.items()}
 
 
 # Validation. Scores and current masks come from code (a criterion, an earlier selection), so
@@ -172,6 +150,10 @@ def preset_widths(preset: str, structure: Structure) -> dict[str, int]:
 
 # The setting each policy argument comes from: `ratio` is what users know as `prune_ratio`.
 _SETTING = {'ratio': 'prune_ratio', 'target_macs': 'target_macs', 'preset': 'preset'}
+# What a numeric policy argument is, and the interval it must lie in.
+_RANGES = {'ratio': ('the fraction of channels to remove', '[0, 1)', lambda v: 0 <= v < 1),
+           'target_macs': ('the fraction of the original MACs to keep', '(0, 1]',
+                           lambda v: 0 < v <= 1)}
 
 
 def _check_scores(structure: Structure, scores: Scores) -> dict[str, np.ndarray]:
@@ -198,11 +180,9 @@ def _check_scores(structure: Structure, scores: Scores) -> dict[str, np.ndarray]
 
 def _check_live(structure: Structure, current: Mapping | None) -> dict[str, np.ndarray]:
   """Boolean live-channel arrays for every prunable group (all live without `current`)."""
-  live = {g: np.ones(structure.widths[g], bool) for g in structure.prunable}
-  for g, kept in shrink.kept_indices(structure, current or {}).items():
-    live[g] = np.zeros(structure.widths[g], bool)
-    live[g][kept] = True
-  return live
+  kept = shrink.kept_indices(structure, current or {})
+  return {g: np.isin(np.arange(structure.widths[g]), kept[g]) if g in kept
+          else np.ones(structure.widths[g], bool) for g in structure.prunable}
 
 
 def _check_count(name: str, value) -> int:
@@ -220,40 +200,28 @@ def _check_penalty(flops_penalty, flops_cost: str) -> float:
   return float(flops_penalty)
 
 
-def _check_ratio(name: str, ratio) -> float:
-  if ratio is None:
-    raise ConfigError(f"selection={name} needs prune_ratio, the fraction of channels to "
-                      "remove, in [0, 1).", settings=('selection', 'prune_ratio'))
-  if not 0 <= ratio < 1:
-    raise ConfigError(f"prune_ratio={ratio!r} is outside [0, 1); it is the fraction of "
-                      "channels to remove.", settings=('prune_ratio',))
-  return float(ratio)
-
-
-def _check_target(name: str, target_macs) -> float:
-  if target_macs is None:
-    raise ConfigError(f"selection={name} needs target_macs, the fraction of the "
-                      "original MACs to keep, in (0, 1].", settings=('selection', 'target_macs'))
-  if not 0 < target_macs <= 1:
-    raise ConfigError(f"target_macs={target_macs!r} is outside (0, 1]; it is the fraction "
-                      "of the original MACs to keep.", settings=('target_macs',))
-  return float(target_macs)
-
-
-def _check_preset(name: str, preset) -> str:
-  if preset is None:
-    raise ConfigError(f"selection={name} needs preset; choose one of: "
-                      f"{', '.join(sorted(PRESETS))}.", settings=('selection', 'preset'))
-  choose('preset', preset, PRESETS, setting='preset')
-  return preset
+def _check_argument(name: str, needs: str, value):
+  """The argument `needs` ('ratio', 'target_macs' or 'preset') of selection `name`."""
+  setting = _SETTING[needs]
+  if needs == 'preset':
+    if value is None:
+      raise ConfigError(f"selection={name} needs preset; choose one of: "
+                        f"{', '.join(sorted(PRESETS))}.", settings=('selection', 'preset'))
+    choose('preset', value, PRESETS, setting='preset')
+    return value
+  what, interval, inside = _RANGES[needs]
+  if value is None:
+    raise ConfigError(f"selection={name} needs {setting}, {what}, in {interval}.",
+                      settings=('selection', setting))
+  if not inside(value):
+    raise ConfigError(f"{setting}={value!r} is outside {interval}; it is {what}.",
+                      settings=(setting,))
+  return float(value)
 
 
 def l2_normalize(scores: Scores, masks: Mapping | None = None) -> dict[str, np.ndarray]:
-  """Divides each group's scores by their L2 norm over its live channels [M].
-
-  Removed channels (mask 0) do not enter the norm; a group whose live scores are all
-  zero is returned unchanged (there is nothing to compare).
-  """
+  """Each group's scores divided by their L2 norm over its live channels (mask nonzero)
+  [M]; a group whose live scores are all zero is returned unchanged."""
   out = {}
   for g, s in scores.items():
     s = np.asarray(s, dtype=np.float64)
@@ -264,33 +232,23 @@ def l2_normalize(scores: Scores, masks: Mapping | None = None) -> dict[str, np.n
 
 
 class _Macs:
-  """The MACs polynomial of a structure, for counting one removed channel at a time.
-
-  Each Conv/Dense kernel contributes coef * (product of its groups' widths); removing
-  one channel of group g changes only the terms that contain g, so the marginal
-  cost is a handful of multiplications instead of a full recount.
-  """
+  """The MACs polynomial of a structure: each Conv/Dense kernel adds coef * (product of its
+  groups' widths), so one channel's marginal cost needs only the terms holding its group."""
 
   def __init__(self, structure: Structure):
-    self.terms = []
-    self.by_group = collections.defaultdict(list)
+    self.terms = collections.defaultdict(list)  # {group: [(coef, groups of the term)]}
     for key, positions in structure.positions.items():
       tags, shape = structure.axes[key], structure.shapes[key]
       coef = positions * math.prod(s for s, t in zip(shape, tags) if t is None)
       groups = tuple(t for t in tags if t is not None)
       for g in set(groups):
-        self.by_group[g].append(len(self.terms))
-      self.terms.append((coef, groups))
+        self.terms[g].append((coef, groups))
 
   def drop_one(self, group: str, widths: Mapping[str, int]) -> int:
     """MACs saved by removing one channel of `group` at `widths`."""
-    saved = 0
-    for i in self.by_group[group]:
-      coef, groups = self.terms[i]
-      before = math.prod(widths[h] for h in groups)
-      after = math.prod(widths[h] - (h == group) for h in groups)
-      saved += coef * (before - after)
-    return saved
+    return sum(coef * (math.prod(widths[h] for h in groups)
+                       - math.prod(widths[h] - (h == group) for h in groups))
+               for coef, groups in self.terms[group])
 
 
 def _live_widths(structure: Structure, live: Mapping[str, np.ndarray]) -> dict[str, int]:
@@ -299,8 +257,7 @@ def _live_widths(structure: Structure, live: Mapping[str, np.ndarray]) -> dict[s
 
 def _penalised(structure: Structure, scores: Scores, live, penalty: float,
                cost: str = 'relative', normalize: bool = False) -> dict:
-  """Scores (first L2-normalised per group with `normalize`) minus the FLOPs penalty (see
-  the module docstring)."""
+  """Scores, first L2-normalised per group with `normalize`, minus the FLOPs penalty."""
   if normalize:
     scores = l2_normalize(scores, live)
   if not penalty:
@@ -318,11 +275,8 @@ def _penalised(structure: Structure, scores: Scores, live, penalty: float,
 
 
 def _removal_order(structure: Structure, scores: Scores, live, min_channels: int):
-  """Removable channels, lowest score first, as (group, channel) pairs.
-
-  Each group's highest `min_channels` live channels are never removable, so removing
-  any prefix of the order keeps every group at or above the minimum.
-  """
+  """Removable channels, lowest score first, as (group, channel) pairs; each group's highest
+  `min_channels` live channels are not removable, so any prefix keeps the minimum."""
   values, group_ids, channels = [], [], []
   for gi, g in enumerate(structure.prunable):
     idx = np.flatnonzero(live[g])
@@ -470,12 +424,9 @@ def sampled_widths(structure: Structure, live: Mapping[str, np.ndarray], target_
 
 def random_channels(masks: Mapping[str, np.ndarray], rng: np.random.Generator) -> Masks:
   """Masks keeping as many channels per group as `masks`, drawn uniformly at random."""
-  out = {}
+  out = {g: np.zeros(np.shape(m), np.float32) for g, m in masks.items()}
   for g, m in masks.items():
-    m = np.asarray(m)
-    keep = np.zeros(m.shape, np.float32)
-    keep[rng.choice(m.size, size=int((m > 0).sum()), replace=False)] = 1.0
-    out[g] = keep
+    out[g][rng.choice(np.size(m), size=np.count_nonzero(np.asarray(m) > 0), replace=False)] = 1
   return out
 
 
@@ -489,30 +440,19 @@ class Selection:
   """A registered policy."""
   fn: Callable[..., dict]  # validated scores and live masks -> boolean keep masks
   needs: str  # the one argument of `select` it requires: 'ratio', 'target_macs' or 'preset'
-  penalty: bool  # whether it accepts a FLOPs penalty
-  description: str  # one line for `--help`
+  penalty: bool = False  # whether it accepts a FLOPs penalty
   profile: bool = False  # whether it takes `width_profile`
 
 
 SELECTIONS: dict[str, Selection] = {
-    'layer': Selection(_per_layer, 'ratio', False,
-                       'each group keeps its int(C * (1 - ratio)) highest-scoring channels'),
-    'global': Selection(_global, 'ratio', True,
-                        'remove the lowest fraction `ratio` of all prunable channels'),
-    'global_l2': Selection(functools.partial(_global, normalize=True), 'ratio', True,
-                           'global after per-layer L2 normalisation of the scores'),
-    'slimming': Selection(_slimming, 'ratio', False,
-                          'network slimming: keep |score| strictly above the global '
-                          'percentile `ratio`'),
-    'macs': Selection(_macs, 'target_macs', True,
-                      'remove the globally lowest channels until MACs <= target_macs'),
-    'macs_l2': Selection(functools.partial(_macs, normalize=True), 'target_macs', True,
-                         'macs after per-layer L2 normalisation of the scores'),
-    'preset': Selection(_per_layer, 'preset', False,
-                        "Li et al.'s per-layer presets (see PRESETS), ranked within each group"),
-    'random_widths': Selection(_random_widths, 'target_macs', False,
-                               'a randomly sampled width profile (width_profile) within '
-                               'target_macs; scores pick the channels', profile=True),
+    'layer': Selection(_per_layer, 'ratio'),
+    'global': Selection(_global, 'ratio', penalty=True),
+    'global_l2': Selection(functools.partial(_global, normalize=True), 'ratio', penalty=True),
+    'slimming': Selection(_slimming, 'ratio'),
+    'macs': Selection(_macs, 'target_macs', penalty=True),
+    'macs_l2': Selection(functools.partial(_macs, normalize=True), 'target_macs', penalty=True),
+    'preset': Selection(_per_layer, 'preset'),
+    'random_widths': Selection(_random_widths, 'target_macs', profile=True),
 }
 
 
@@ -522,20 +462,11 @@ def select(name: str, structure: Structure, scores: Scores, *, ratio: float | No
            round_to: int = 1, flops_cost: str = 'relative', width_profile: int = 0) -> Masks:
   """{group: (C,) float32 0/1 keep mask} for every prunable group, by the policy `name`.
 
-  Args:
-    name: a key of `SELECTIONS`.
-    structure: the model's structure (`program.derive(...).structure`).
-    scores: {group: (C,) scores} for every prunable group, higher = keep.
-    ratio: fraction of the structure's channels to remove (layer, global*, slimming); the
-      `prune_ratio` setting, the name its errors use.
-    target_macs: fraction of the structure's MACs to keep at most (macs*).
-    preset: a key of `PRESETS` (preset).
-    min_channels: live channels every group keeps at least.
-    flops_penalty: lambda of the FLOPs-aware penalty (global*, macs*); 0 = off.
-    current: {group: (C,) mask} of channels already removed (0); missing groups are live.
-    round_to: round every group's kept channels up to a multiple of this (1 = exact).
-    flops_cost: what the penalty multiplies, a key of `FLOPS_COSTS`.
-    width_profile: the seed of random_widths' profile (`sampled_widths`).
+  The policy takes exactly one of `ratio` (fraction of the structure's channels to remove:
+  the `prune_ratio` setting, the name its errors use), `target_macs` (fraction of its MACs
+  to keep at most) or `preset` (a key of `PRESETS`), as `SELECTIONS[name].needs` says.
+  Groups that `current` (0 = removed) leaves out are live; `min_channels`, `flops_penalty`
+  (0 = off), `flops_cost`, `round_to` and `width_profile` are as the module docstring says.
   """
   choose('selection', name, SELECTIONS, setting='selection')
   round_to = _check_count('round_to', round_to)
@@ -551,8 +482,7 @@ def select(name: str, structure: Structure, scores: Scores, *, ratio: float | No
                       f"{', '.join(n for n, s in SELECTIONS.items() if s.penalty)} do.",
                       settings=('selection', 'flops_penalty'))
   flops_penalty = _check_penalty(flops_penalty, flops_cost)
-  checks = {'ratio': _check_ratio, 'target_macs': _check_target, 'preset': _check_preset}
-  argument = checks[policy.needs](name, given[policy.needs])
+  argument = _check_argument(name, policy.needs, given[policy.needs])
   min_channels = _check_count('min_channels', min_channels)
   scores = _check_scores(structure, scores)
   live = _check_live(structure, current)
@@ -575,14 +505,9 @@ def remove_lowest(structure: Structure, scores: Scores, current: Mapping | None,
                   normalize: bool = False, flops_penalty: float = 0.0,
                   min_channels: int = 1, flops_cost: str = 'relative') -> Masks:
   """Masks for every prunable group with the k globally lowest-scoring live channels of
-  `current` removed too (one step of iterative pruning).
-
-  Args:
-    structure, scores, min_channels, flops_penalty, flops_cost: as for `select`.
-    current: masks of the channels already removed (None = all live).
-    k: how many more channels to remove.
-    normalize: L2-normalise each group's scores over its live channels first [M].
-  """
+  `current` (None = all live) removed too: one step of iterative pruning. `normalize`
+  L2-normalises each group's scores over its live channels first [M]; the other arguments
+  are as for `select`."""
   if int(k) != k or k < 0:
     raise ValueError(f"k must be a non-negative integer number of channels, got {k!r}.")
   flops_penalty = _check_penalty(flops_penalty, flops_cost)

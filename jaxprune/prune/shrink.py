@@ -17,12 +17,9 @@ from jaxprune.prune.structure import Structure
 
 
 def check_masks(structure: Structure, masks: Mapping | None, batch: int | None = None) -> dict:
-  """The masks, checked against the structure: each names a prunable group and has shape
-  (C,), or (batch, C) for a per-example gate when `batch` is given.
-
-  Masks come from code (a selection, a criterion), so a wrong one is a ValueError; a
-  caller that reads masks from a user's file says so in its own ConfigError.
-  """
+  """The masks, checked: each names a prunable group and has shape (C,), or (batch, C) for a
+  per-example gate when `batch` is given. Masks come from code, so a wrong one is a
+  ValueError; a caller reading masks from a user's file raises its own ConfigError."""
   masks = {} if masks is None else dict(masks)
   for group, mask in masks.items():
     if group not in structure.prunable:
@@ -38,11 +35,8 @@ def check_masks(structure: Structure, masks: Mapping | None, batch: int | None =
 
 def kept_indices(structure: Structure, masks: Mapping) -> dict[str, np.ndarray]:
   """Indices of the channels a (C,) mask keeps, per group (masks checked by `check_masks`).
-
-  A mask that removes every channel of a group is rejected: nothing downstream of an empty
-  group would be computed from the input any more (an empty ResNet block would still add
-  its BN shift to the stream).
-  """
+  A mask removing a whole group is a ValueError: nothing after an empty group would be
+  computed from the input (an empty ResNet block would still add its BN shift)."""
   kept = {}
   for group, mask in check_masks(structure, masks).items():
     keep = np.flatnonzero(np.asarray(mask))
@@ -59,22 +53,15 @@ def widths_after(structure: Structure, kept: Mapping[str, np.ndarray]) -> dict[s
 
 
 def shrink(program, variables: Mapping, masks: Mapping):
-  """Removes the masked-out channels.
+  """(widths, variables, kept): the new widths, the variables without the masked-out
+  channels and, per masked group, the indices of the kept channels in the input model.
 
-  Args:
-    program: the model's program (`program.derive`, or a `Pruner`'s), with its `graph`,
-      `structure` and `leaf_keys`.
-    variables: the model's variables at its widths.
-    masks: {group: (C,) array}, nonzero = keep; groups not named keep all channels.
-
-  Returns:
-    (widths, variables, kept): the new widths, the smaller variables and, per masked
-    group, the indices of the kept channels in the input model.
+  `program` is the model's (`program.derive`, or a `Pruner`'s); `variables` are at its
+  widths; `masks` are {group: (C,) array}, nonzero = keep; groups not named keep all.
   """
   kept = kept_indices(program.structure, masks)
   flat = traverse_util.flatten_dict(dict(variables))
-  out = dict(flat)
   for key, layouts in zip(program.leaf_keys, program.graph.leaf_layouts):
     # On the host: `jnp.take` would compile one program per leaf shape and index count.
-    out[key] = jaxpr_lib.slice_leaf(flat[key], layouts, program.graph, kept)
-  return widths_after(program.structure, kept), traverse_util.unflatten_dict(out), kept
+    flat[key] = jaxpr_lib.slice_leaf(flat[key], layouts, program.graph, kept)
+  return widths_after(program.structure, kept), traverse_util.unflatten_dict(flat), kept

@@ -2,9 +2,8 @@
 (`loop`) and the stage directory on disk (`checkpoint`). The loop's public names are here too."""
 
 from jaxprune.train.loop import EpochCallback, StepHook, TrainOptions, fit, fit_copies
-from jaxprune.train.optim import (SCHEDULES, OptimizerConfig, add_bn_scale_l1, is_bn_scale,
+from jaxprune.train.optim import (SCHEDULES, OptimizerConfig, add_bn_scale_l1,
                                   learning_rate_schedule, learning_rates, make_optimizer)
-from jaxprune.train.step import (DATA_AXIS, PRECISIONS, WEIGHT_MASKS, Evaluator, Masks, Trainer,
-                                 TrainState, compute_dtype, create_state, cross_entropy,
-                                 epoch_keys, eval_step, evaluate_variables, evaluator_for,
+from jaxprune.train.step import (PRECISIONS, WEIGHT_MASKS, Evaluator, Masks, Trainer, TrainState,
+                                 compute_dtype, cross_entropy, eval_step, evaluate_variables,
                                  keep_multipliers, make_mesh, train_step, trainer_for)

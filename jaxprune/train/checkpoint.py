@@ -4,12 +4,10 @@ Layout of one stage directory (a local path or `gs://...`, through `etils.epath`
 
   checkpoints/<step>/   orbax checkpoints of the whole training run (latest 2 kept)
   corrupt_checkpoints/  checkpoints that did not restore, set aside (resume skips them)
-  final/                the final model variables (params, batch_stats, indices), no optimizer,
-                        with checksums.json (`save_variables`)
+  final/                the final model variables (no optimizer state) and checksums.json
   metrics.jsonl         one JSON record per finished epoch
-  tensorboard/          TensorBoard event files of the epochs' metrics (local stages only)
-  diverged.json         written when training diverged (`train.loop`'s rule); removed when the
-                        stage finishes
+  tensorboard/          TensorBoard event files of the epochs' metrics
+  diverged.json         written when training diverged; removed once the stage finishes
   result.json           written last: its presence marks the stage done
 
 The pipeline writes final/, result.json and diverged.json (`pipeline.stages.train_stage`); a
@@ -54,18 +52,13 @@ _LOG_CHECKSUMS = 'checksums'
 
 @contextlib.contextmanager
 def naming(path):
-  """Re-raises an OSError that names no file (a failed write() or close() names none) as
-  one that names `path`, so the one-line storage error says where."""
+  """Re-raises an OSError naming no file (a failed write() or close()) as one naming `path`."""
   try:
     yield
   except OSError as error:
     if error.filename is None and error.errno is not None:
       raise OSError(error.errno, error.strerror, str(path)) from error
     raise
-
-
-def stage_path(stage_dir) -> epath.Path:
-  return epath.Path(stage_dir)
 
 
 def write_text(path: epath.Path, text: str) -> None:
@@ -86,19 +79,15 @@ def write_text(path: epath.Path, text: str) -> None:
 def is_done(stage_dir) -> bool:
   """Whether the stage finished (its result.json exists). Every process of a multi-process
   run gets process 0's answer, so none skips a stage that another trains."""
-  return multihost.agree(f'{stage_dir} done', (stage_path(stage_dir) / RESULT).exists)
+  return multihost.agree(f'{stage_dir} done', (epath.Path(stage_dir) / RESULT).exists)
 
 
 def load_final(stage_dir, like):
   """The final variables of a done stage, or None (logged) if they or its result.json are
-  damaged; then the stage is no longer done (its result.json is removed), and training it
-  resumes from its last checkpoint, at its end, to write both again.
-
-  Raises:
-    ConfigError: final/ holds variables of another structure than `like` (the model's code
-      or a library changed since the stage was trained); nothing is removed.
-  """
-  stage = stage_path(stage_dir)
+  damaged: then result.json is removed, and training the stage resumes from its last
+  checkpoint, at its end, to write both again. ConfigError (nothing removed): final/ holds
+  variables of another structure than `like`."""
+  stage = epath.Path(stage_dir)
   try:
     read_json(stage / RESULT)
     return load_variables(stage / FINAL, like=like)
@@ -111,12 +100,8 @@ def load_final(stage_dir, like):
 
 
 def read_json(path: epath.Path, advice: str = '', settings=()) -> dict:
-  """The JSON object in the file `path`.
-
-  Raises:
-    DataError: the file is damaged (not UTF-8 JSON, or no object), naming it, the damage and
-      `advice` (what to do about it, if given; `settings` are the settings it names).
-  """
+  """The JSON object in the file `path`; a DataError if it is damaged (not UTF-8 JSON, or no
+  object), naming it, the damage and `advice` (what to do, if given; naming `settings`)."""
   try:
     value = json.loads(path.read_text())
   except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors.
@@ -131,49 +116,47 @@ def read_json(path: epath.Path, advice: str = '', settings=()) -> dict:
 
 def read_result(stage_dir) -> dict:
   """The stage's result.json (DataError if it is damaged)."""
-  return read_json(stage_path(stage_dir) / RESULT,
+  return read_json(epath.Path(stage_dir) / RESULT,
                    'a run of the stage rebuilds it from its last checkpoint.')
 
 
 def mark_done(stage_dir, result: Mapping[str, Any]) -> None:
   """Writes result.json, the marker that the stage is finished; refuses to overwrite one."""
-  path = stage_path(stage_dir) / RESULT
+  path = epath.Path(stage_dir) / RESULT
   if jax.process_index() == 0 and path.exists():
     raise FileExistsError(f"stage {stage_dir} is already done; its {RESULT} is never overwritten.")
   write_text(path, json.dumps(dict(result), indent=2, sort_keys=True) + '\n')
 
 
-def mark_diverged(stage_dir, epoch: int, step: int, resume_step: int,
-                  learning_rate: float) -> None:
+def mark_diverged(stage_dir, epoch: int, step: int, resume_step: int, learning_rate: float) -> None:
   """Writes diverged.json: the stage's training diverged at `step` of `epoch` (1-based) with
   the configured (peak) `learning_rate`; a rerun resumes from checkpoint `resume_step` (0:
   none, it starts over)."""
-  record = {'epoch': epoch, 'step': step, 'resume_step': resume_step,
-            'learning_rate': learning_rate}
-  write_text(stage_path(stage_dir) / DIVERGED, json.dumps(record, indent=2, sort_keys=True) + '\n')
+  record = dict(epoch=epoch, step=step, resume_step=resume_step, learning_rate=learning_rate)
+  write_text(epath.Path(stage_dir) / DIVERGED, json.dumps(record, indent=2, sort_keys=True) + '\n')
 
 
 def read_diverged(stage_dir) -> dict | None:
   """diverged.json's record, or None if the stage has not diverged since it last finished."""
-  path = stage_path(stage_dir) / DIVERGED
+  path = epath.Path(stage_dir) / DIVERGED
   return json.loads(path.read_text()) if path.exists() else None
 
 
 def clear_diverged(stage_dir) -> None:
   """Removes diverged.json (the stage has since finished)."""
   if jax.process_index() == 0:
-    (stage_path(stage_dir) / DIVERGED).unlink(missing_ok=True)
+    (epath.Path(stage_dir) / DIVERGED).unlink(missing_ok=True)
 
 
 def write_metrics(stage_dir, records) -> None:
   """Rewrites metrics.jsonl with all records (rewriting, not appending, works on object stores)."""
-  write_text(stage_path(stage_dir) / METRICS,
+  write_text(epath.Path(stage_dir) / METRICS,
               ''.join(json.dumps(r, sort_keys=True) + '\n' for r in records))
 
 
 def read_metrics(stage_dir) -> list[dict]:
   """metrics.jsonl's records (DataError if it is damaged)."""
-  path = stage_path(stage_dir) / METRICS
+  path = epath.Path(stage_dir) / METRICS
   if not path.exists():
     return []
   try:
@@ -194,9 +177,8 @@ def _savable(tree):
 
 
 def save_variables(path, variables) -> None:
-  """Saves model variables (a nested dict of arrays) to `path`, replacing what is there, with
-  their checksums (CHECKSUMS). Every process of a multi-process run calls it (orbax saves
-  collectively)."""
+  """Saves model variables (a nested dict of arrays) and their checksums to `path`, replacing
+  what is there; every process of a multi-process run calls it (orbax saves collectively)."""
   # close() too: it waits for metadata writes still in flight, whose failure names no file.
   with naming(path), contextlib.closing(ocp.StandardCheckpointer()) as checkpointer:
     checkpointer.save(epath.Path(path), _savable(variables), force=True)
@@ -209,12 +191,14 @@ def _first_line(error: BaseException) -> str:
   return f'{type(error).__name__}: {text[0] if text else ""}'.rstrip(': ')
 
 
-def _leaf_name(path) -> str:
-  """A pytree path as 'params/conv1/kernel', whatever its keys' kinds (orbax's metadata has
-  dict keys where the restored tree has a dataclass's attributes)."""
-  names = [next((getattr(key, field) for field in ('key', 'name', 'idx') if hasattr(key, field)),
-                key) for key in path]
-  return '/'.join(map(str, names))
+def _leaves_by_name(tree) -> dict[str, Any]:
+  """{'params/conv1/kernel': leaf} whatever the keys' kinds (orbax's metadata has dict keys
+  where the restored tree has a dataclass's attributes)."""
+  def name(key):
+    return next((getattr(key, attr) for attr in ('key', 'name', 'idx') if hasattr(key, attr)), key)
+
+  return {'/'.join(str(name(key)) for key in path): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _crc32(leaf) -> int | None:
@@ -226,15 +210,12 @@ def _crc32(leaf) -> int | None:
 
 
 def checksums(tree) -> dict[str, int | None]:
-  """{leaf name: CRC-32 of its bytes} for every array of `tree` (None: the array is split
-  over several processes, so no process sees all of it)."""
-  return {_leaf_name(path): _crc32(leaf)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  """{leaf name: CRC-32 of its bytes} of `tree`'s arrays (None: split over several processes)."""
+  return {name: _crc32(leaf) for name, leaf in _leaves_by_name(tree).items()}
 
 
 def _checksum_failure(restored, expected: Mapping[str, int | None] | None) -> str | None:
-  """Why `restored` is not what was saved (its first array whose checksum differs), or None.
-  Checkpoints saved before checksums were recorded (`expected` None) are taken as they are."""
+  """Why `restored` is not what was saved, by the checksums `expected` (None: unchecked)."""
   if expected is None:
     return None
   actual = checksums(restored)
@@ -251,13 +232,6 @@ def _checksum_failure(restored, expected: Mapping[str, int | None] | None) -> st
 _reads_failed = False
 
 
-def _is_leftover_of_failed_read(unraisable) -> bool:
-  if inspect.iscoroutine(unraisable.object):
-    return '/orbax/' in unraisable.object.cr_code.co_filename
-  error = unraisable.exc_value
-  return isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
-
-
 def _drop_leftovers_of_failed_reads() -> None:
   """Wraps the current sys.unraisablehook to drop those reports after a failed read."""
   current = sys.unraisablehook
@@ -265,7 +239,12 @@ def _drop_leftovers_of_failed_reads() -> None:
     return
 
   def hook(unraisable):
-    if not (_reads_failed and _is_leftover_of_failed_read(unraisable)):
+    reported, error = unraisable.object, unraisable.exc_value
+    if inspect.iscoroutine(reported):
+      dropped = '/orbax/' in reported.cr_code.co_filename
+    else:
+      dropped = isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
+    if not (_reads_failed and dropped):
       current(unraisable)
 
   hook.drops_leftovers_of_failed_reads = True
@@ -301,8 +280,7 @@ def _attempt(read: Callable[[], Any]) -> tuple[Any, str | None]:
 
 def _structure(tree) -> dict[str, tuple]:
   """{leaf name: (shape, dtype)} of arrays, ShapeDtypeStructs or orbax's array metadata."""
-  return {_leaf_name(path): (tuple(leaf.shape), np.dtype(leaf.dtype))
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {name: (tuple(x.shape), np.dtype(x.dtype)) for name, x in _leaves_by_name(tree).items()}
 
 
 def _difference(saved, expected) -> str | None:
@@ -321,11 +299,8 @@ def _difference(saved, expected) -> str | None:
 
 
 def _unreadable(directory: epath.Path, target, what: str) -> str | None:
-  """Why the array metadata of an orbax checkpoint directory does not read, or None.
-
-  Raises:
-    ConfigError: it holds another structure than `target` (if given), naming `what`.
-  """
+  """Why the array metadata of an orbax checkpoint directory does not read, or None; a
+  ConfigError naming `what` if it holds another structure than `target` (if given)."""
   # The handler, not a Checkpointer: a training checkpoint's item has no step metadata of its
   # own, which a Checkpointer would log as missing.
   with contextlib.closing(ocp.StandardCheckpointHandler()) as handler:
@@ -333,10 +308,10 @@ def _unreadable(directory: epath.Path, target, what: str) -> str | None:
   difference = _difference(saved, target) if reason is None and target is not None else None
   if difference is not None:
     raise ConfigError(
-        f'{what} holds variables of another structure than this code builds ({difference}): '
-        'the model\'s code or a library changed since it was saved, and nothing was moved or '
-        'deleted; use another workdir (or baseline_dir) to train with this code, or the version '
-        'that saved it to read it.', settings=('workdir', 'baseline_dir'))
+        f'{what} holds variables of another structure than this code builds ({difference}): the '
+        'model\'s code or a library changed since it was saved, and nothing was moved or deleted; '
+        'use another workdir (or baseline_dir) to train with this code, or the version that saved '
+        'it to read it.', settings=('workdir', 'baseline_dir'))
   return reason
 
 
@@ -344,13 +319,10 @@ def load_variables(path, like=None):
   """Loads variables saved by `save_variables`, checked against their checksums.
 
   `like` (arrays or jax.ShapeDtypeStruct with shardings) fixes the structure, dtypes and
-  placement; without it the saved structure is restored onto the default device.
-
-  Raises:
-    DataError: the saved variables do not restore (a damaged or missing file, or values that
-      differ from their checksums), naming the directory and the first failure.
-    ConfigError: they have another structure than `like` (another tree, shape or dtype),
-      naming the first difference; nothing is changed.
+  placement; without it the saved structure is restored onto the default device. A
+  DataError names the directory and the first failure if they do not restore (a damaged or
+  missing file, values that differ from their checksums); a ConfigError names the first
+  difference if they have another structure than `like` (tree, shape or dtype); nothing changes.
   """
   path = epath.Path(path)
   target = None if like is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
@@ -376,7 +348,7 @@ class RunCheckpoints:
 
   def __init__(self, stage_dir, max_to_keep: int = 2):
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    self._directory = stage_path(stage_dir) / CHECKPOINTS
+    self._directory = epath.Path(stage_dir) / CHECKPOINTS
     self._manager = ocp.CheckpointManager(self._directory, options=options,
                                           item_names=('state', 'log'))
 
@@ -384,22 +356,19 @@ class RunCheckpoints:
     return self._manager.latest_step()
 
   def save(self, step: int, tree, log: Mapping[str, Any]) -> None:
-    """Starts saving `tree` (arrays) and `log` (JSON-able, with the arrays' checksums added)
-    as checkpoint `step`."""
+    """Starts saving `tree` and `log` (JSON-able; the arrays' checksums added) as `step`."""
     log = {**log, _LOG_CHECKSUMS: checksums(tree)}
     with naming(self._directory / str(step)):
       self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(tree), log=ocp.args.JsonSave(log)), force=True)
 
   def restore_latest(self, like):
-    """Returns (tree, log) of the newest checkpoint that restores, or None if there is none.
-
-    `like` is a pytree with the saved structure (arrays or ShapeDtypeStructs); restored
-    arrays take its dtypes and shardings. A damaged checkpoint (as in `load_variables`) is
-    logged, moved to CORRUPT/<step> and skipped for the next newest; when none restores, a
-    DataError names the stage and the first failure. A checkpoint of another structure than
-    `like` is a ConfigError naming the stage and the first difference; nothing is moved.
-    """
+    """(tree, log) of the newest checkpoint that restores, or None if there is none; `like`
+    (arrays or ShapeDtypeStructs of the saved structure) gives the restored arrays' dtypes and
+    shardings. A damaged checkpoint (as in `load_variables`) is logged, moved to CORRUPT/<step>
+    and skipped for the next newest; when none restores, a DataError names the stage and the
+    first failure. One of another structure than `like` is a ConfigError naming the stage and
+    the first difference; nothing is moved."""
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     stage = self._directory.parent
     failures = []
@@ -421,8 +390,7 @@ class RunCheckpoints:
       if failures:
         logging.warning('Resuming %s from checkpoint %d instead of the damaged %s.',
                         self._directory, step, ', '.join(str(s) for s, _ in failures))
-      log = {k: v for k, v in restored.log.items() if k != _LOG_CHECKSUMS}
-      return restored.state, log
+      return restored.state, {k: v for k, v in restored.log.items() if k != _LOG_CHECKSUMS}
     if failures:
       step, reason = failures[0]
       raise DataError(f'no checkpoint of stage {stage} restores: '
@@ -453,34 +421,30 @@ class RunCheckpoints:
       self._manager.close()
 
 
-# Preemption checks made by this process, over all stages (`Signals.reached`).
 _SYNC_CHECKS = itertools.count(1)
 
 
 class Signals:
-  """How a command-line run stops on SIGTERM (preemption) and Ctrl-C: exit status 75 or 130,
-  with what it finished saved and every claim released.
+  """How a command-line run stops on SIGTERM (preemption) and Ctrl-C: work saved, claims released.
 
   Entry points install the handlers (`installed`, one process); library calls install none,
-  so a notebook's Ctrl-C interrupts as Python's does and SIGTERM ends the process.
+  so a notebook's Ctrl-C interrupts as Python's does and SIGTERM ends the process. With the
+  handlers up, a signal inside a `deferred` section (the training loop, a stage's final
+  writes) is noted: the loop asks `reached()` after every call and there saves and raises
+  `stop(step)`, and the outermost section that ends with a signal noted raises `stop()`. A
+  signal anywhere else (scoring, waiting for a claim) raises where the program is, releasing
+  what it holds on the way out. A second Ctrl-C interrupts at once.
 
-  With the handlers up, a signal inside a `deferred` section (the training loop, a stage's
-  final writes) is noted: the loop asks `reached()` after every call and there saves and
-  raises `stop(step)`, and the outermost section that ends with a signal noted raises
-  `stop()`. A signal anywhere else (scoring, waiting for a claim) raises `stop()` where the
-  program is, releasing what it holds on the way out. A second Ctrl-C interrupts at once.
-
-  Several processes must all stop at the same step, so there no handler is installed:
-  JAX's receives the SIGTERM and orbax's `reached_preemption` decides. The coordination
-  service passes a SIGTERM to every process and picks the first check none has passed; there
-  all save and stop. Check numbers must only grow and match across processes, so they are
-  counted over the whole process (`_SYNC_CHECKS`). A SIGTERM after a stage's last check
-  stops the run at the next stage's first; after the run's last, the run simply finishes.
+  Several processes must stop at the same step, so there no handler is installed: JAX's
+  receives the SIGTERM, the coordination service passes it to every process, and orbax's
+  `reached_preemption` picks the first check none has passed; there all save and stop. Check
+  numbers must only grow and match across processes (`_SYNC_CHECKS`, over all stages). A
+  SIGTERM after a stage's last check stops the run at the next stage's first; after the
+  run's last, the run simply finishes.
   """
 
   def __init__(self):
-    self._previous = {}
-    self._deferring = 0
+    self._previous, self._deferring = {}, 0
     self.noted = None  # The signal a deferred section has not acted on yet.
 
   @contextlib.contextmanager

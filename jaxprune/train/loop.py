@@ -60,9 +60,7 @@ class TrainOptions:
   """How a stage trains, apart from the model, its data and where it writes.
 
   Attributes:
-    epochs: length of training.
-    batch_size: the global training batch (over all devices); the last partial batch
-      of an epoch is dropped.
+    batch_size: the global training batch (over all devices); an epoch drops its last partial one.
     optimizer: the `OptimizerConfig`; its schedule is evaluated once for every step.
     precision: the compute dtype of training and evaluation, one of PRECISIONS.
     eval_batch_size: the test batch (default: batch_size).
@@ -94,9 +92,8 @@ class TrainOptions:
 
 
 def default_steps_per_call(backend: str) -> int:
-  """`TrainOptions.steps_per_call` when none is given: long enough that the device does not
-  wait on the host between steps, short enough that a SIGTERM is honoured well inside a
-  preemption's notice."""
+  """`TrainOptions.steps_per_call` when none is given: the device does not wait on the host
+  between steps, and a SIGTERM is honoured well inside a preemption's notice."""
   return 10 if backend == 'cpu' else 50
 
 
@@ -152,8 +149,7 @@ def _summary(history: Sequence[dict], options: TrainOptions, steps: int, seed: i
 def _fit(model, inits, seeds, arrays, spec, options: TrainOptions, *, checkpoint_dir,
          metric_dirs, copies: bool, masks=None, structure=None, step_hook=None, hook_state=None,
          callbacks=(), mesh=None) -> list[tuple[dict, dict]]:
-  """The loop of `fit` (one run) and `fit_copies` (`copies`: K runs stacked, one per
-  metrics directory). Returns [(variables, summary)] per run."""
+  """The loop of `fit` and `fit_copies` (`copies`: K stacked runs): per run (variables, summary)."""
   mesh = mesh if mesh is not None else make_mesh()
   check_divisible('batch_size', options.batch_size, mesh)
   check_divisible('eval_batch_size', options.test_batch_size, mesh)
@@ -187,8 +183,7 @@ def _fit(model, inits, seeds, arrays, spec, options: TrainOptions, *, checkpoint
   zeros = lambda dtype: trainer.replicate(np.zeros((count,) if copies else (), dtype))
   new_sums = lambda: {'loss': zeros(np.float32), 'accuracy': zeros(np.float32)}
   bad = {'step': zeros(np.int32), 'loss': zeros(np.float32)}
-  state = (trainer.init_state(inits, seeds) if copies else
-           trainer.init_state(inits[0], seeds[0]))
+  state = trainer.init_state(inits, seeds) if copies else trainer.init_state(inits[0], seeds[0])
   carry = {'train': state, 'masks': trainer.replicate(masks), 'hook': trainer.replicate(hook_state),
            'sums': new_sums()}
   log = {'records': [[] for _ in metric_dirs], 'elapsed_s': 0.0}
@@ -323,8 +318,7 @@ def _fit(model, inits, seeds, arrays, spec, options: TrainOptions, *, checkpoint
       checkpoints.close()
       if streamed:
         batches.close()
-  variables = ([trainer.variables_of(state, i) for i in range(count)] if copies else
-               [state.variables])
+  variables = [trainer.variables_of(state, i) for i in range(count)]
   return [(v, _summary(h, options, total, seed)) for v, h, seed in zip(variables, histories, seeds)]
 
 
@@ -333,13 +327,11 @@ def fit(model: nn.Module, variables: Mapping, arrays: Mapping, spec: data.DataSp
         structure: structure_lib.Structure | None = None, step_hook: StepHook | None = None,
         hook_state: Any = None, callbacks: Sequence[EpochCallback] = (),
         mesh: Mesh | None = None) -> tuple[dict, dict]:
-  """Trains `model` from `variables`, resuming from stage_dir's latest checkpoint.
+  """Trains the Flax `model` from `variables`, resuming from stage_dir's latest checkpoint.
 
   Args:
-    model, variables: the Flax model and its initial variables.
     arrays: the dataset (`data.device_put_dataset(ds)`, or arrays it places) or a `stream.Stream`.
     spec: `ds.spec`, the augmentation and normalisation of `data.train_batch`.
-    options: the `TrainOptions`.
     stage_dir: directory (local or gs://) of the checkpoints, metrics.jsonl and tensorboard/.
     seed: the run's seed; permutations and augmentations derive from (seed, epoch, step).
     masks: {group: (C,)} masks applied throughout; removed channels' parameters stay fixed.
@@ -362,7 +354,7 @@ def fit(model: nn.Module, variables: Mapping, arrays: Mapping, spec: data.DataSp
     errors.Diverged: the run broke the health rule (module docstring); its latest
       checkpoint is healthy, and a rerun (e.g. with a smaller learning rate) resumes from it.
   """
-  stage = checkpoint.stage_path(stage_dir)
+  stage = epath.Path(stage_dir)
   if masks:
     # One dtype, so that masks a hook returns do not trigger a recompilation.
     masks = {g: np.asarray(m, np.float32) for g, m in masks.items()}
@@ -370,30 +362,26 @@ def fit(model: nn.Module, variables: Mapping, arrays: Mapping, spec: data.DataSp
       structure = program.derive(model, tuple(arrays['train_images'].shape[1:])).structure
   if structure is not None and dict(structure.widths) != widths_of(model):
     raise ValueError('the structure was derived for other widths than the model has.')
-  [trained] = _fit(model, [variables], [seed], arrays, spec, options, checkpoint_dir=stage,
-                   metric_dirs=[stage], copies=False, masks=masks, structure=structure,
-                   step_hook=step_hook, hook_state=hook_state, callbacks=callbacks, mesh=mesh)
-  return trained
+  return _fit(model, [variables], [seed], arrays, spec, options, checkpoint_dir=stage,
+              metric_dirs=[stage], copies=False, masks=masks, structure=structure,
+              step_hook=step_hook, hook_state=hook_state, callbacks=callbacks, mesh=mesh)[0]
 
 
-def fit_copies(model: nn.Module, variables: Sequence[Mapping], arrays: Mapping,
-               spec: data.DataSpec, options: TrainOptions, *, stage_dirs: Sequence,
-               seeds: Sequence[int], checkpoint_dir, mesh: Mesh | None = None
-               ) -> list[tuple[dict, dict]]:
+def fit_copies(model: nn.Module, variables: Sequence[Mapping], arrays: Mapping, spec: data.DataSpec,
+               options: TrainOptions, *, stage_dirs: Sequence, seeds: Sequence[int],
+               checkpoint_dir, mesh: Mesh | None = None) -> list[tuple[dict, dict]]:
   """Trains K independent copies of `model` as one program, vmapped over the copies.
 
-  Copy i is `fit(model, variables[i], ..., stage_dir=stage_dirs[i], seed=seeds[i])`, its
-  metrics.jsonl and tensorboard/ in stage_dirs[i], up to float rounding (the vmapped step
-  may sum in another order). Every copy has the same widths and options, no masks or step
-  hooks. The group's checkpoints live in checkpoint_dir/copies-<seeds>; errors.Diverged
-  names the first copy that diverged.
-
-  Returns [(variables, summary)] per copy, as `fit` returns them.
+  Returns [(variables, summary)] per copy: copy i's as `fit(model, variables[i], ...,
+  stage_dir=stage_dirs[i], seed=seeds[i])` returns them (metrics.jsonl and tensorboard/ in
+  stage_dirs[i]), up to float rounding (the vmapped step may sum in another order). Every
+  copy has the same widths and options, no masks or step hooks. The group's checkpoints live
+  in checkpoint_dir/copies-<seeds>; errors.Diverged names the first copy that diverged.
   """
-  stages = [checkpoint.stage_path(d) for d in stage_dirs]
+  stages = [epath.Path(d) for d in stage_dirs]
   if not len(stages) == len(variables) == len(seeds):
     raise ValueError(f'fit_copies got {len(variables)} variables, {len(seeds)} seeds and '
                      f'{len(stages)} stage directories; it needs one of each per copy.')
-  group = checkpoint.stage_path(checkpoint_dir) / ('copies-' + '-'.join(map(str, seeds)))
+  group = epath.Path(checkpoint_dir) / ('copies-' + '-'.join(map(str, seeds)))
   return _fit(model, list(variables), list(seeds), arrays, spec, options, checkpoint_dir=group,
               metric_dirs=stages, copies=True, mesh=mesh)

@@ -1,13 +1,8 @@
-"""The optimizer and learning-rate schedules of every training run.
-
-* `make_optimizer(config)`: SGD's direction (coupled weight decay, network slimming's L1
-  penalty on BN scales, momentum).
-* `learning_rates(config, epochs, steps_per_epoch)`: the schedule's value at every step,
-  which `train_step` takes as an input, so no schedule is part of a compiled program.
-"""
+"""The optimizer of every training run (`make_optimizer`) and its learning rate at every step
+(`learning_rates`), a `train_step` input, so that no schedule is part of a compiled program."""
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +26,6 @@ class OptimizerConfig:
     decay_epochs: explicit 'step' milestones in epochs; when given, replaces decay_fractions.
     decay_factor: the 'step' multiplier at each milestone.
     momentum: heavy-ball momentum (PyTorch convention: buf = momentum * buf + grad).
-    nesterov: Nesterov momentum.
     weight_decay: coupled L2 decay: weight_decay * param is added to every gradient.
     bn_l1: network slimming's sparsity s: s * sign(gamma) is added to every BN scale's gradient.
   """
@@ -89,19 +83,17 @@ def learning_rates(cfg: OptimizerConfig, epochs: int, steps_per_epoch: int) -> n
   return np.broadcast_to(np.asarray(rates, np.float32), steps.shape)
 
 
-def is_bn_scale(params) -> Any:
-  """True for every BatchNorm scale (gamma) leaf: Flax names it 'scale', and every
-  normalisation layer in jaxprune's models is a BatchNorm."""
-  return traverse_util.path_aware_map(lambda path, _: path[-1] == 'scale', params)
-
-
 def add_bn_scale_l1(strength: float) -> optax.GradientTransformation:
-  """Network slimming's sparsity: adds strength * sign(gamma) to each BN scale's gradient."""
+  """Network slimming's sparsity: adds strength * sign(gamma) to each BN scale's gradient (every
+  leaf Flax names 'scale': every normalisation layer of jaxprune's models is a BatchNorm)."""
 
   def update(updates, state, params=None):
     if params is None:
       raise ValueError('add_bn_scale_l1 needs the params passed to update().')
     return jax.tree.map(lambda g, p: g + strength * jnp.sign(p), updates, params), state
+
+  def is_bn_scale(params):
+    return traverse_util.path_aware_map(lambda path, _: path[-1] == 'scale', params)
 
   return optax.masked(optax.GradientTransformation(lambda params: optax.EmptyState(), update),
                       is_bn_scale)

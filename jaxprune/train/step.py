@@ -1,15 +1,10 @@
 """Train and eval steps: the state, the pure steps, and `Trainer` / `Evaluator`, which jit them.
 
-* `TrainState` is a pytree: everything a checkpoint needs to continue bit-for-bit.
-* `train_step` and `eval_step` are pure; `Trainer` and `Evaluator` jit them over a
-  `jax.sharding.Mesh` of all devices (batch split along 'data', state replicated), so the
-  same code runs on one CPU, eight TPU cores or a multi-host pod (every process runs the
-  same program on global arrays).
-* Masks, weight masks (the `WEIGHT_MASKS` variable collection, 0/1 arrays at the paths of
-  the params they mask, in the state) and the learning rate are jit inputs: changing their
-  values (iterative pruning, another schedule or length) never recompiles.
-* `train_calls` (many steps in one call, batches made on the device), `evaluate` and
-  `evaluate_variables` are the programs built from these steps, shared by every fit they fit.
+`Trainer` and `Evaluator` jit the pure `train_step` and `eval_step` over a `Mesh` of all
+devices (batch split along 'data', state replicated): the same code runs on one CPU, eight TPU
+cores or a multi-host pod, every process running one program on global arrays. Masks, weight
+masks and the learning rate are jit inputs, so changing their values (iterative pruning,
+another schedule or length) never recompiles; `train_calls` runs many steps per call.
 """
 
 import dataclasses
@@ -36,6 +31,7 @@ DATA_AXIS = 'data'
 PROGRAMS_KEPT = 8
 
 Masks = Mapping[str, jax.Array] | None
+# The state's variable collection of 0/1 arrays at the paths of the params they mask.
 WEIGHT_MASKS = 'weight_masks'
 
 
@@ -82,9 +78,8 @@ def create_state(variables: Mapping, tx: optax.GradientTransformation, seed: int
 
 def keep_multipliers(structure: structure_lib.Structure, masks: Mapping, tree, collection: str):
   """0/1 multipliers shaped for each leaf of `tree` (one variable collection): 0 where any of
-  its axes indexes a channel that a (C,) mask removes, so a conv's kernel is frozen both for
-  its own removed filters and for the removed input channels it reads. Leaves no mask
-  touches get the Python scalar 1.0."""
+  its axes indexes a channel a (C,) mask removes (a conv's kernel is frozen for its own removed
+  filters and for the removed inputs it reads); the Python scalar 1.0 where no mask touches."""
   def multiplier(path, leaf):
     keep = 1.0
     tags = structure.axes[(collection,) + tuple(k.key for k in path)]
@@ -159,10 +154,9 @@ def train_step(state: TrainState, batch: Mapping, masks: Masks, learning_rate: j
   updates, momentum buffers and BN statistics of everything it indexes (`keep_multipliers`)
   are held. Weights the state's `WEIGHT_MASKS` mask get no update and no momentum either.
 
-  `precision` (one of PRECISIONS) is the dtype of the forward and backward passes: the
-  parameters and image are cast to it inside the loss, the logits back to float32; the
-  gradient arrives in float32 through the cast, so parameters, optimizer state and BN
-  statistics stay float32.
+  `precision` (one of PRECISIONS) is the dtype of the forward and backward passes: params
+  and image are cast to it inside the loss and the logits back to float32, so the gradient,
+  params, optimizer state and BN statistics stay float32.
   """
   dtype = compute_dtype(precision)
   if masks and structure is None:
@@ -179,8 +173,7 @@ def train_step(state: TrainState, batch: Mapping, masks: Masks, learning_rate: j
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   # Statistics keep their dtype whatever the compute dtype, so the next step's input matches.
-  batch_stats = jax.tree.map(lambda new, old: new.astype(old.dtype), batch_stats,
-                             state.batch_stats)
+  batch_stats = jax.tree.map(lambda new, old: new.astype(old.dtype), batch_stats, state.batch_stats)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   if masks:
     keep = keep_multipliers(structure, masks, state.params, 'params')
@@ -201,14 +194,11 @@ def train_step(state: TrainState, batch: Mapping, masks: Masks, learning_rate: j
 
 
 def eval_step(variables: Mapping, batch: Mapping, masks: Masks, *, model: nn.Module,
-              precision: str = 'float32',
-              structure: structure_lib.Structure | None = None) -> dict:
+              precision: str = 'float32', structure: structure_lib.Structure | None = None) -> dict:
   """Sums over the valid examples of a batch: {'loss_sum', 'correct', 'count'} (pure).
 
-  Takes the model variables (`TrainState.variables`, or a `fit` result), so a training
-  state and saved variables run the same program. `precision` and masks (which need the
-  structure) as in `train_step`.
-  """
+  Takes the model variables (`TrainState.variables`, or a `fit` result), so a training state
+  and saved variables run the same program; `precision` and masks as in `train_step`."""
   dtype = compute_dtype(precision)
   if masks and structure is None:
     raise ValueError('eval_step with masks needs the model structure.')
@@ -239,7 +229,7 @@ class Evaluator:
   `eval_step(variables, batch, masks)` returns the batch's sums on device and `add`
   accumulates them, so an evaluation waits for the device once, at the end. With
   `copies=True` the variables have a leading copy axis; every copy reads the same batch.
-  It holds no optimizer, so every Trainer of the model shares one (`evaluator_for`).
+  It holds no optimizer, so every Trainer of the model shares one.
   """
 
   def __init__(self, model: nn.Module, mesh: Mesh, precision: str = 'float32',
@@ -247,8 +237,7 @@ class Evaluator:
     compute_dtype(precision)
     self.replicated = NamedSharding(mesh, PartitionSpec())
     self.batch_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-    evaluation = functools.partial(eval_step, model=model, precision=precision,
-                                   structure=structure)
+    evaluation = functools.partial(eval_step, model=model, precision=precision, structure=structure)
     if copies:
       evaluation = jax.vmap(evaluation, in_axes=(0, None, None))
 
@@ -268,12 +257,10 @@ class Trainer:
   arrays: nothing waits for the device. Pass the learning rate as a numpy float32 scalar
   (`learning_rates`), so that every value runs the same compiled step. BN statistics and
   gradients are reduced over the whole global batch, so the result does not depend on the
-  number of devices.
-
-  With `copies=True` the state and the training batch have a leading copy axis (K
-  independent runs, `fit_copies`) and one vmapped program trains them all; masks are not
-  vmapped. `eval_step` is `evaluator`'s (default: one of its own). `sharded_train_step` is
-  the step unjitted, for a program that loops over many steps in one call.
+  number of devices. With `copies=True` the state and the training batch have a leading copy
+  axis (K independent runs, `fit_copies`) and one vmapped program trains them all; masks are
+  not vmapped. `eval_step` is `evaluator`'s (default: one of its own); `sharded_train_step`
+  is the step unjitted, for a program that loops over many steps in one call.
   """
 
   def __init__(self, model: nn.Module, tx: optax.GradientTransformation,
@@ -281,11 +268,9 @@ class Trainer:
                precision: str = 'float32', copies: bool = False,
                evaluator: Evaluator | None = None):
     compute_dtype(precision)
-    self.tx = tx
-    self.copies = copies
+    self.tx, self.copies = tx, copies
     mesh = mesh if mesh is not None else make_mesh()
-    self.evaluator = (evaluator if evaluator is not None
-                      else Evaluator(model, mesh, precision, copies, structure))
+    self.evaluator = evaluator or Evaluator(model, mesh, precision, copies, structure)
     self.eval_step = self.evaluator.eval_step
     self.replicated = NamedSharding(mesh, PartitionSpec())
     self.batch_sharding = NamedSharding(
@@ -302,8 +287,7 @@ class Trainer:
     self.sharded_train_step = sharded_train_step
     self.xla_options = model.performance.xla_options
     self.train_step = compiler.jit(sharded_train_step, xla_options=self.xla_options,
-                                   donate_argnums=0,
-                                   out_shardings=(self.replicated, self.replicated))
+                                   donate_argnums=0, out_shardings=self.replicated)
     # Copy i of a stacked tree, replicated; one program for every i (jitted, so it also
     # works on arrays spread over several processes).
     self.copy_at = jax.jit(lambda tree, i: jax.tree.map(lambda x: x[i], tree),
@@ -342,29 +326,20 @@ def _structure(structure: structure_lib.Structure | None) -> _ByKey:
                                                 structure.prunable), structure)
 
 
-def evaluator_for(model: nn.Module, mesh: Mesh, precision: str = 'float32',
-                  copies: bool = False,
-                  structure: structure_lib.Structure | None = None) -> Evaluator:
-  """The Evaluator shared by every evaluation (in `fit` or of saved variables) of one program
-  (`structure` only where it evaluates masked models)."""
-  return _evaluator(model, mesh, precision, copies, _structure(structure))
-
-
 @functools.lru_cache(maxsize=PROGRAMS_KEPT)
 def _evaluator(model, mesh, precision, copies, structure: _ByKey) -> Evaluator:
+  """The Evaluator shared by every evaluation of one program (in `fit`, of saved variables)."""
   return Evaluator(model, mesh, precision, copies, structure.value)
 
 
 def trainer_for(model: nn.Module, optimizer: OptimizerConfig,
                 structure: structure_lib.Structure | None, mesh: Mesh,
                 precision: str = 'float32', copies: bool = False) -> Trainer:
-  """A Trainer shared by every fit that compiles to the same program.
-
-  The key holds only what the compiled step depends on: the model (its class, widths and
-  performance options), the optimizer settings `make_optimizer` builds in (not the learning
-  rate, its schedule or the run's length, which are step inputs), the structure, the mesh
-  and the precision; so seeds and regimes that train the same widths compile each step once.
-  """
+  """A Trainer shared by every fit that compiles to the same program: keyed by only what the
+  compiled step depends on, the model (its class, widths and performance options), the
+  optimizer settings `make_optimizer` builds in (not the learning rate, its schedule or the
+  run's length, which are step inputs), the structure, the mesh and the precision; so seeds
+  and regimes that train the same widths compile each step once."""
   built_in = OptimizerConfig(momentum=optimizer.momentum, nesterov=optimizer.nesterov,
                              weight_decay=optimizer.weight_decay, bn_l1=optimizer.bn_l1)
   return _trainer(model, built_in, _structure(structure), mesh, precision, copies)
@@ -373,7 +348,7 @@ def trainer_for(model: nn.Module, optimizer: OptimizerConfig,
 @functools.lru_cache(maxsize=PROGRAMS_KEPT)
 def _trainer(model, optimizer, structure: _ByKey, mesh, precision, copies) -> Trainer:
   return Trainer(model, make_optimizer(optimizer), structure.value, mesh, precision, copies,
-                 evaluator_for(model, mesh, precision, copies, structure.value))
+                 _evaluator(model, mesh, precision, copies, structure))
 
 
 TRAIN_SET = ('train_images', 'train_labels')
@@ -387,19 +362,18 @@ def check_divisible(name: str, size: int, mesh: Mesh) -> None:
 
 
 _PLACED: dict = {}
-_PLACED_KEPT = 2
 
 
 def on_mesh(arrays: Mapping, names: Sequence[str], sharding: NamedSharding) -> dict:
   """{name: arrays[name]} for `names`, replicated with `sharding`: as they are when placed
-  so, else copied once per source and kept for the last few datasets (so evaluating one
+  so, else copied once per source and kept for the last two datasets (so evaluating one
   host test set again and again copies it once)."""
   sources = tuple(arrays[name] for name in names)
   if all(getattr(x, 'sharding', None) == sharding for x in sources):
     return dict(zip(names, sources))
   key = (tuple(map(id, sources)), sharding)
   if key not in _PLACED:
-    if len(_PLACED) >= _PLACED_KEPT:
+    if len(_PLACED) >= 2:
       _PLACED.pop(next(iter(_PLACED)))
     # The sources stay referenced by their entry, so no other array can take their ids.
     _PLACED[key] = (sources, jax.device_put(dict(zip(names, sources)), sharding))
@@ -465,8 +439,7 @@ def train_calls(trainer: Trainer, spec: data.DataSpec) -> Callable:
     def one_step(step, carry):
       state, sums, bad = carry
       batch = make_batch(images, labels, order, state.rng, step)
-      state, metrics = trainer.sharded_train_step(state, batch, masks,
-                                                  rates[step % rates.shape[0]])
+      state, metrics = trainer.sharded_train_step(state, batch, masks, rates[step % rates.shape[0]])
       return (state, *_add_metrics(sums, bad, metrics, state.step, limit))
 
     return jax.lax.fori_loop(start, stop, one_step, (state, sums, bad))
@@ -492,8 +465,7 @@ def evaluate(evaluator: Evaluator, variables, test_set: Mapping, spec: data.Data
     batches = (stream.to_device(host, evaluator.batch_sharding, spec)
                for host in stream.test_batches(test_set, batch_size))
   else:
-    batches = data.eval_batches(test_set['test_images'], test_set['test_labels'], batch_size,
-                                spec)
+    batches = data.eval_batches(test_set['test_images'], test_set['test_labels'], batch_size, spec)
   for batch in batches:
     out = evaluator.eval_step(variables, batch, masks)
     sums = out if sums is None else evaluator.add(sums, out)
@@ -507,14 +479,13 @@ def evaluate_variables(model: nn.Module, variables: Mapping, arrays: Mapping,
                        mesh: Mesh | None = None) -> dict:
   """Test-set {'loss': float, 'accuracy': float} of `model` with `variables` (eval mode).
 
-  The same compiled step as `fit`'s per-epoch evaluation of that model, precision and
-  mesh (`evaluator_for`). `arrays` holds 'test_images' and 'test_labels'
-  (`data.device_put_dataset(ds)`, or host arrays, copied to the mesh once per dataset), or
-  is a `stream.Stream`; `batch_size` is global, divisible by the devices, the last batch padded.
-  """
+  The same compiled step as `fit`'s per-epoch evaluation of that model, precision and mesh.
+  `arrays` holds 'test_images' and 'test_labels' (device-resident, or host arrays copied to
+  the mesh once per dataset), or is a `stream.Stream`; `batch_size` is global, divisible by
+  the devices, the last batch padded."""
   mesh = mesh if mesh is not None else make_mesh()
   check_divisible('batch_size', batch_size, mesh)
-  evaluator = evaluator_for(model, mesh, precision)
+  evaluator = _evaluator(model, mesh, precision, False, _structure(None))
   test_set = (arrays if isinstance(arrays, stream.Stream) else
               on_mesh(arrays, TEST_SET, evaluator.replicated))
   variables = jax.device_put(dict(variables), evaluator.replicated)
