@@ -49,12 +49,13 @@ def test_structure_and_costs_are_unchanged(name, reference):
   assert [cost.macs, cost.params] == meta[name]['cost']
 
 
-# The larger reference models take a minute each to score with every criterion: -m slow.
-_SCORED_BY_DEFAULT = ('tiny', 'resnet8', 'preresnet11', 'wrn10_1')
+# The larger reference models take up to a minute each to score with every criterion or to
+# select with every policy: the default run checks the smallest ones, -m slow the rest.
+def _by_default(*names):
+  return [n if n in names else pytest.param(n, marks=pytest.mark.slow) for n in MODELS]
 
 
-@pytest.mark.parametrize('name', [n if n in _SCORED_BY_DEFAULT else
-                                  pytest.param(n, marks=pytest.mark.slow) for n in MODELS])
+@pytest.mark.parametrize('name', _by_default('tiny', 'resnet8'))
 def test_every_criterion_scores_as_before(name, reference):
   meta, arrays = reference
   model, prog, variables = _setup(name)
@@ -79,7 +80,7 @@ def test_every_criterion_scores_as_before(name, reference):
                                  rtol=2e-4, atol=1e-6, err_msg=f'{criterion} {g}')
 
 
-@pytest.mark.parametrize('name', MODELS)
+@pytest.mark.parametrize('name', _by_default('tiny', 'resnet8', 'wrn10_1'))
 def test_selections_costs_and_outputs_are_unchanged(name, reference):
   meta, arrays = reference
   model, prog, variables = _setup(name)

@@ -257,7 +257,9 @@ def test_iterative_schedule_compiles_the_train_step_once_per_stage(quick_config,
 
 @pytest.mark.parametrize('signum, status, said, last_line', [
     (signal.SIGTERM, 75, 'SIGTERM received: saving at the next step', 'preempted: step '),
-    (signal.SIGINT, 130, 'Ctrl-C: saving at the next step', 'interrupted: step '),
+    # The same path as SIGTERM with another status and line: -m slow.
+    pytest.param(signal.SIGINT, 130, 'Ctrl-C: saving at the next step', 'interrupted: step ',
+                 marks=pytest.mark.slow),
 ], ids=['sigterm', 'ctrl_c'])
 def test_sigterm_or_ctrl_c_saves_exits_with_its_status_and_the_same_command_resumes(
     tmp_path, launch, signum, status, said, last_line):
