@@ -322,6 +322,27 @@ def test_report_rebuilds_identical_tables_from_results_alone(tmp_path):
   assert str(tmp_path) not in (first / 'random_vs_criterion.md').read_text()
 
 
+def test_the_archived_results_rebuild_the_same_tables_without_the_work_directories(
+    tmp_path, capsys):
+  root = tmp_path / 'root'
+  for seed in range(2):
+    _snapshot(root, 'random', 0.5, seed, 'scratch', 0.50 + 0.01 * seed)
+    _snapshot(root, 'taylor', 0.5, seed, 'scratch', 0.52 + 0.02 * seed)
+  (root / 'random_vs_criterion' / 'latency.json').write_text(json.dumps({'runs': {}}))
+  checkpoint = root / 'random_vs_criterion' / 'taylor' / 'ckpt' / 'state'
+  checkpoint.parent.mkdir(parents=True)
+  checkpoint.write_bytes(b'weights')
+  kept = tmp_path / 'kept'
+  report.main([f'--root={root}', f"--out={tmp_path / 'first'}", f'--archive={kept}'])
+  assert capsys.readouterr().out.startswith(f'5 result files copied to {kept}\n')
+  archived = sorted(str(p.relative_to(kept)) for p in kept.rglob('*') if p.is_file())
+  assert archived == sorted(str(p.relative_to(root)) for p in root.rglob('*.json'))
+  assert report.build(str(kept), str(tmp_path / 'second')) == report.build(
+      str(root), str(tmp_path / 'third'))
+  for name in ('random_vs_criterion.md', 'random_vs_criterion_paired.csv'):
+    assert (tmp_path / 'first' / name).read_bytes() == (tmp_path / 'second' / name).read_bytes()
+
+
 def _rethinking_snapshot(root, seed, regime, acc):
   workdir = root / 'rethinking' / 'l1' / f's{seed}'
   workdir.mkdir(parents=True, exist_ok=True)

@@ -350,15 +350,18 @@ def test_a_full_disk_is_one_sentence_naming_the_path(tmpfs, launch):
       ': No space left on device.'), last
 
 
-def test_report_to_an_unwritable_out_is_one_sentence(tmp_path, quick_config):
+@pytest.mark.parametrize('flag', ['out', 'archive'])
+def test_report_to_an_unwritable_out_or_archive_is_one_sentence(tmp_path, flag):
   from experiments import report
   (tmp_path / 'root' / 'w').mkdir(parents=True)
   (tmp_path / 'root' / 'w' / 'agreement.json').write_text('{}')
   (tmp_path / 'file').write_text('')
+  bad = tmp_path / 'file' / 'sub'
+  paths = {'out': tmp_path / 'tables', 'archive': tmp_path / 'kept', flag: bad}
   with pytest.raises(SystemExit) as raised:
-    report.main(['--root', str(tmp_path / 'root'), '--out', str(tmp_path / 'file' / 'out')])
-  assert str(raised.value).startswith(f"error: cannot write the tables to --out "
-                                      f"'{tmp_path / 'file' / 'out'}': ")
+    report.main(['--root', str(tmp_path / 'root')] + [f'--{k}={v}' for k, v in paths.items()])
+  what = {'out': 'write the tables to', 'archive': 'copy the results to'}[flag]
+  assert str(raised.value).startswith(f"error: cannot {what} --{flag} '{bad}': ")
 
 
 def test_an_npz_replaced_by_other_data_is_another_baseline(quick_config, tmp_path):
