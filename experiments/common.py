@@ -59,6 +59,68 @@ class Run:
     return os.path.join(self.config.workdir, f'results_{self.config.regime}.json')
 
 
+def files_under(root: str):
+  """(its directory relative to `root`, '.' for the root itself; its path) of every file under
+  `root` (local or gs://), in sorted order; none if `root` does not exist."""
+  from etils import epath
+  top = epath.Path(root)
+  if not top.exists():
+    return
+  # gs:// walks name their directories without the scheme: compare without it.
+  base = str(top).split('://', 1)[-1].rstrip('/')
+  for directory, _, names in sorted(top.walk(), key=lambda w: str(w[0])):
+    where = str(directory).split('://', 1)[-1][len(base):].lstrip('/') or '.'
+    folder = top if where == '.' else top / where
+    for name in sorted(names):
+      yield where, folder / name
+
+
+def is_result_file(name: str) -> bool:
+  """Whether a file of this name under a root is one `experiments.report` reads: a run's
+  snapshot, criteria_vs_oracle's agreement.json, latency.json or a pruning curve."""
+  return ((name.startswith('results_') and name.endswith('.json'))
+          or name in ('agreement.json', 'latency.json', 'pruning_curve.jsonl'))
+
+
+def copy_results(source: str, target: str, replace: bool = True) -> int:
+  """Copies every result file under `source` to the same relative path under `target` (a copy
+  already there is replaced only if `replace`); returns how many were copied."""
+  from etils import epath
+  copied = 0
+  for where, path in files_under(source):
+    if is_result_file(path.name):
+      copy = epath.Path(target) / where / path.name
+      if replace or not copy.exists():
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_bytes(path.read_bytes())
+        copied += 1
+  return copied
+
+
+@dataclasses.dataclass(frozen=True)
+class Archive:
+  """`--archive`: a directory (e.g. the results folder of a repository) that keeps the result
+  files of `root` at the same relative paths, without the checkpoints. `restore` copies the
+  archived files a fresh root lacks into it, so their runs are skipped, and then every result
+  file of the root into the archive; `keep` copies those of one directory as its run finishes.
+  A study whose root is lost (a replaced machine) continues from the archive alone."""
+  root: str
+  path: str | None
+
+  def restore(self) -> None:
+    if self.path:
+      restored = copy_results(self.path, self.root, replace=False)
+      kept = copy_results(self.root, self.path)
+      print(f'--archive {self.path}: {restored} result files restored into --root, '
+            f'{kept} kept from it.')
+
+  def keep(self, directory: str) -> None:
+    if self.path:
+      from etils import epath
+      where = os.path.relpath(directory, self.root)
+      copy_results(directory, str(epath.Path(self.path) / where))
+
+
 # The settings an experiment's command line may override; help and types come from their
 # declaration (jaxprune.pipeline.config.SETTINGS).
 OVERRIDABLE = ('model', 'width_multiplier', 'dataset', 'data_path', 'data_dir', 'epochs',
@@ -95,6 +157,12 @@ def define_flags(flag_values, defaults: dict | None = None,
               for scale in scales}
     shown[name] = ', '.join(f'{v} ({scale})' for scale, v in values.items() if v is not None)
   define_setting_flags(flag_values, shown)
+  flags.DEFINE_string('archive', None, 'A directory that keeps every result file of --root '
+                      '(snapshots, agreement.json, latency.json, pruning curves; no checkpoints) '
+                      'at the same path, copied as each run finishes: runs whose files it holds '
+                      'are skipped, so an empty --root (a new machine) continues from it. '
+                      '`experiments.report --root=ARCHIVE` builds the tables from it.',
+                      flag_values=flag_values)
   flags.DEFINE_bool('dry_run', False, 'Print the planned runs and their budgets; run nothing.',
                     flag_values=flag_values)
 
@@ -320,8 +388,10 @@ def _units(run: Run, seen_baselines: set) -> float:
   return float(units)
 
 
-def execute(experiment: str, runs: Sequence[Run], log=print) -> list[dict]:
-  """Runs every run (skipping finished ones) with progress and an ETA; returns the snapshots."""
+def execute(experiment: str, runs: Sequence[Run], log=print,
+            archive: Archive | None = None) -> list[dict]:
+  """Runs every run (skipping finished ones) with progress and an ETA; returns the snapshots.
+  Each finished run's result files go to `archive` too."""
   from etils import epath
   from jaxprune import pipeline
   from jaxprune.train.loop import format_duration
@@ -335,7 +405,7 @@ def execute(experiment: str, runs: Sequence[Run], log=print) -> list[dict]:
     if snapshot.exists():
       log(f'[{i + 1}/{len(runs)}] {run.name}: finished, skipped')
       total -= cost
-      out.append(json.loads(snapshot.read_text()))
+      out.append(_checked(run, json.loads(snapshot.read_text())))
       continue
     log(f'[{i + 1}/{len(runs)}] {run.name}: running')
     t = time.time()
@@ -343,6 +413,8 @@ def execute(experiment: str, runs: Sequence[Run], log=print) -> list[dict]:
     results = dict(results, experiment=experiment, run=run.name, labels=run.labels,
                    run_wall_time_s=time.time() - t)
     snapshot.write_text(json.dumps(results, indent=1, sort_keys=True))
+    if archive:
+      archive.keep(run.config.workdir)
     out.append(results)
     done += cost
     spent = time.time() - start
@@ -351,6 +423,22 @@ def execute(experiment: str, runs: Sequence[Run], log=print) -> list[dict]:
         f"{100 * _row_of(results, run.config.regime)['test_accuracy']:.2f}%  in "
         f'{time.time() - t:.0f}s; elapsed {format_duration(spent)}, eta {format_duration(eta)}')
   return out
+
+
+def _checked(run: Run, snapshot: dict) -> dict:
+  """A finished run's snapshot; ConfigError if it was made with other settings than the plan
+  gives the run (the data's location aside), which would otherwise be skipped unseen."""
+  from jaxprune.errors import ConfigError
+  from jaxprune.pipeline import config as config_lib
+  stored = snapshot.get('config', {})
+  planned = config_lib.stage_settings(run.config, run.config.regime)
+  for key, value in planned.items():
+    value = json.loads(json.dumps(value))   # as stored: tuples are lists
+    if key != 'data_path' and key in stored and stored[key] != value:
+      raise ConfigError(f'{run.snapshot} is a finished run made with {key}={stored[key]!r}, '
+                        f'not {value!r}; give another --root (and --archive) for other '
+                        'settings.', settings=(key, 'root'))
+  return snapshot
 
 
 def _row_of(results: dict, regime: str) -> dict:
@@ -389,13 +477,16 @@ def _plan_and_execute(experiment: str, plan: Callable, args, instead=None) -> li
   print(describe(runs))
   if args.dry_run:
     return runs
+  archive = Archive(args.root, args.archive)
+  archive.restore()
   sys.stdout.flush()
   quiet_logging()
   from jaxprune.kernels import compiler
   compiler.use_persistent_cache(args.compilation_cache_dir)
   if instead is not None and instead(args, runs):
+    archive.keep(os.path.join(args.root, experiment))
     return runs
-  return execute(experiment, runs, log=lambda s: print(s, flush=True))
+  return execute(experiment, runs, log=lambda s: print(s, flush=True), archive=archive)
 
 
 def quiet_logging() -> None:

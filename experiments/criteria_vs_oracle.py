@@ -116,6 +116,8 @@ def _plan_and_measure(args) -> list:
           f'of {config.batch_size}  -> {workdir}/agreement.json')
   if args.dry_run:
     return planned
+  archive = common.Archive(args.root, args.archive)
+  archive.restore()
   common.quiet_logging()
   for i, (config, workdir) in enumerate(planned):
     path = os.path.join(workdir, 'agreement.json')
@@ -127,6 +129,7 @@ def _plan_and_measure(args) -> list:
     os.makedirs(workdir, exist_ok=True)
     with open(path, 'w') as f:
       json.dump(result, f, indent=1, sort_keys=True)
+    archive.keep(workdir)
     print(f'[{i + 1}/{len(planned)}] {path} in {time.time() - t:.0f}s', flush=True)
   return planned
 

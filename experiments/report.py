@@ -4,10 +4,10 @@ r"""Rebuilds every experiment's tables and plots from the work directories alone
 
 Reads the runner's snapshots (`WORKDIR/results_<regime>.json`), criteria_vs_oracle's
 `agreement.json`, random_vs_criterion's `latency.json` and, for taylor_curves, each iterative
-prune stage's `prune/finetune/pruning_curve.jsonl`; re-runs nothing. `--archive=DIR` copies
-these files, and nothing else, to the same paths under DIR: kept beside the tables (they are
-small), `--root=DIR` rebuilds the same tables after the work directories and their
-checkpoints are gone. Mean +- std over seeds, std being the
+prune stage's `prune/finetune/pruning_curve.jsonl` (`common.is_result_file`); re-runs nothing.
+`--archive=DIR` copies these files, and nothing else, to the same paths under DIR: kept beside
+the tables (they are small), `--root=DIR` rebuilds the same tables after the work directories
+and their checkpoints are gone. Mean +- std over seeds, std being the
 sample standard deviation (ddof=1; "-" with a single seed).
 
 Tables (Markdown and CSV) are byte-for-byte reproducible: rows sorted, keys sorted,
@@ -149,27 +149,13 @@ def csv_text(header, rows) -> str:
 
 # ---------------------------------------------------------------------------- reading
 
-def _files(root: str):
-  """(its directory relative to `root`, '.' for the root itself; its path) of every file under
-  `root` (local or gs://), in sorted order."""
-  from etils import epath
-  top = epath.Path(root)
-  # gs:// walks name their directories without the scheme: compare without it.
-  base = str(top).split('://', 1)[-1].rstrip('/')
-  for directory, _, names in sorted(top.walk(), key=lambda w: str(w[0])):
-    where = str(directory).split('://', 1)[-1][len(base):].lstrip('/') or '.'
-    folder = top if where == '.' else top / where
-    for name in sorted(names):
-      yield where, folder / name
-
-
 def load(root: str) -> dict:
   """{experiment: [snapshot dicts, each with '_dir': its work directory relative to root]};
   `root` is a local path or gs://.
 
   A damaged snapshot stops the report with one sentence naming it (SystemExit)."""
   found = defaultdict(list)
-  for where, path in _files(root):
+  for where, path in common.files_under(root):
     if path.name.endswith('.json'):
       _add(found, path, where)
   return {k: sorted(v, key=lambda s: (s['_dir'], s.get('run', ''))) for k, v in found.items()}
@@ -699,26 +685,6 @@ LABELS = {
 }
 
 
-def is_input(name: str) -> bool:
-  """Whether a file of this name under the root is one the report reads."""
-  return ((name.startswith('results_') and name.endswith('.json'))
-          or name in ('agreement.json', 'latency.json', 'pruning_curve.jsonl'))
-
-
-def archive(root: str, to: str) -> int:
-  """Copies every file the report reads under `root` to the same relative path under `to`
-  (an existing copy is replaced: the root holds the newer one). Returns how many."""
-  from etils import epath
-  copied = 0
-  for where, path in _files(root):
-    if is_input(path.name):
-      target = epath.Path(to) / where / path.name
-      target.parent.mkdir(parents=True, exist_ok=True)
-      target.write_bytes(path.read_bytes())
-      copied += 1
-  return copied
-
-
 def build(root: str, out: str) -> list[str]:
   """Writes every table (and plot) for what is under `root`; returns the files written."""
   os.makedirs(out, exist_ok=True)
@@ -781,7 +747,7 @@ def main(argv=None):
              f"{args.root!r}; give the --root the experiments ran with.")
   if args.archive:   # first: the inputs are kept even if a table cannot be written
     try:
-      copied = archive(args.root, args.archive)
+      copied = common.copy_results(args.root, args.archive)
     except OSError as error:
       sys.exit(f'error: cannot copy the results to --archive {args.archive!r}: {_reason(error)}.')
     print(f'{copied} result files copied to {args.archive}')

@@ -103,8 +103,9 @@ def test_help_lists_every_flag_and_exits_0(name, capsys):
   text = capsys.readouterr().out
   assert text.startswith(f'usage: python -m experiments.{name} ')
   assert module.__doc__.strip().splitlines()[0] in text
-  expected = {'report': ('root', 'out'), 'subset': ('data_path', 'per_class', 'seed', 'out')}.get(
-      name, ('scale', 'root', 'seeds', '[no]dry_run', *common.OVERRIDABLE))
+  expected = {'report': ('root', 'out', 'archive'),
+              'subset': ('data_path', 'per_class', 'seed', 'out')}.get(
+      name, ('scale', 'root', 'archive', 'seeds', '[no]dry_run', *common.OVERRIDABLE))
   for flag in expected + ('flagfile',):
     assert f'  --{flag}: ' in text, flag
   if name == 'random_vs_criterion':
@@ -204,11 +205,13 @@ def test_midi_scale_runs_the_issue_settings(tmp_path):
   assert {r.config.baseline_dir for r in l1} == {r.config.baseline_dir for r in open_question}
 
 
-def test_architectures_of_equal_cost_train_time_and_reach_the_tables(tmp_path):
+def test_architectures_of_equal_cost_train_time_and_reach_the_tables(tmp_path, capsys):
   from experiments import random_vs_criterion as rvc
+  root = tmp_path / 'root'
   argv = ['--scale=mini', '--model=tiny', '--dataset=digits', '--epochs=1', '--finetune_epochs=1',
           '--budgets=0.5', '--criteria=random', '--regimes=scratch', '--profiles=1',
-          '--channel_criteria=l1', '--seeds=0', f'--root={tmp_path}']
+          '--channel_criteria=l1', '--seeds=0', f'--root={root}',
+          f"--archive={tmp_path / 'kept'}"]
   kwargs = dict(extra_flags=rvc.extra_flags, scales=rvc.SCALES, instead=rvc.latency_instead)
   snapshots = common.main(rvc.EXPERIMENT, rvc.plan, argv=argv, **kwargs)
   by_name = {s['run']: s for s in snapshots}
@@ -223,14 +226,48 @@ def test_architectures_of_equal_cost_train_time_and_reach_the_tables(tmp_path):
           widths['l1_random_channels/macs0.50/s0/finetune'])
   assert len({json.dumps(w, sort_keys=True) for w in widths.values()}) == 4
   common.main(rvc.EXPERIMENT, rvc.plan, argv=argv + ['--latency'], **kwargs)
-  timed = json.loads((tmp_path / rvc.EXPERIMENT / 'latency.json').read_text())['runs']
+  timed = json.loads((root / rvc.EXPERIMENT / 'latency.json').read_text())['runs']
   assert set(timed) == set(by_name)
   assert all(t['timed_macs'] == t['macs'] and t['ms_batch128'] > 0 for t in timed.values())
-  report.build(str(tmp_path), str(tmp_path / 'tables'))
+  report.build(str(root), str(tmp_path / 'tables'))
   table = (tmp_path / 'tables' / 'random_vs_criterion.md').read_text()
   for cell in ('| 0.50 | scratch | uniform | 1 |', '| 0.50 | scratch | profile0 | 1 |',
                '| 0.50 | l1 | 1 |', 'fewer than two paired seeds'):
     assert cell in table, cell
+  # The archive kept every result file as it was written, latency.json included: on a new
+  # machine (an empty root) the same command restores them and retrains nothing, and the
+  # tables built from the archive alone are the same.
+  report.build(str(tmp_path / 'kept'), str(tmp_path / 'kept_tables'))
+  for name in ('random_vs_criterion.md', 'random_vs_criterion_paired.csv'):
+    assert ((tmp_path / 'tables' / name).read_bytes() ==
+            (tmp_path / 'kept_tables' / name).read_bytes()), name
+  fresh = [a if not a.startswith('--root=') else f"--root={tmp_path / 'new'}" for a in argv]
+  capsys.readouterr()
+  again = common.main(rvc.EXPERIMENT, rvc.plan, argv=fresh, **kwargs)
+  out = capsys.readouterr().out
+  assert out.count('finished, skipped') == 5 and 'running' not in out
+  assert [s['rows'] for s in again] == [s['rows'] for s in snapshots]
+  assert (tmp_path / 'new' / rvc.EXPERIMENT / 'latency.json').exists()
+  assert not list((tmp_path / 'new').glob('baselines/*'))
+
+
+def test_a_finished_run_made_with_other_settings_stops_the_runner_in_one_sentence(
+    tmp_path, capsys):
+  from experiments import random_vs_criterion as rvc
+  argv = ['--scale=mini', '--model=tiny', '--dataset=digits', '--epochs=1', '--budgets=0.5',
+          '--criteria=random', '--regimes=scratch', '--profiles=0', '--nouniform',
+          '--channel_criteria=', '--seeds=0', f'--root={tmp_path}']
+  kwargs = dict(extra_flags=rvc.extra_flags, scales=rvc.SCALES)
+  run, = common.main(rvc.EXPERIMENT, rvc.plan, argv=argv + ['--dry_run'], **kwargs)
+  stored = dict(run.config.__dict__, epochs=2)
+  os.makedirs(run.config.workdir)
+  with open(run.snapshot, 'w') as f:
+    json.dump({'config': stored, 'rows': []}, f)
+  with pytest.raises(SystemExit):
+    common.main(rvc.EXPERIMENT, rvc.plan, argv=argv, **kwargs)
+  assert capsys.readouterr().err.strip().splitlines()[-1] == (
+      f'error: {run.snapshot} is a finished run made with --epochs=2, not 1; give another '
+      '--root (and --archive) for other settings.')
 
 
 def test_full_scale_plans_r_recipe_on_vgg16_and_resnet56_with_five_seeds(tmp_path):
