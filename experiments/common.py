@@ -85,10 +85,17 @@ def is_result_file(name: str) -> bool:
 def copy_results(source: str, target: str, replace: bool = True) -> int:
   """Copies every result file under `source` to the same relative path under `target` (a copy
   already there is replaced only if `replace`); returns how many were copied."""
+  return _copy(source, target, lambda where, name: is_result_file(name), replace)
+
+
+def _copy(source: str, target: str, chosen: Callable[[str, str], bool],
+          replace: bool = True) -> int:
+  """Copies each file under `source` for which `chosen(its directory, its name)` holds to the
+  same relative path under `target`; returns how many were copied."""
   from etils import epath
   copied = 0
   for where, path in files_under(source):
-    if is_result_file(path.name):
+    if chosen(where, path.name):
       copy = epath.Path(target) / where / path.name
       if replace or not copy.exists():
         copy.parent.mkdir(parents=True, exist_ok=True)
@@ -97,15 +104,39 @@ def copy_results(source: str, target: str, replace: bool = True) -> int:
   return copied
 
 
+# What of a finished baseline `--archive_baselines` keeps: its final variables and records.
+# Its initial variables are made again from the seed, and its training checkpoints are not
+# needed once it is done (result.json, copied last, is the pipeline's "done" marker).
+BASELINE_RECORDS = ('stage_config.json', 'metrics.jsonl', 'result.json')
+BASELINE_FINAL = 'final'
+
+
+def _copy_baseline(source, target) -> None:
+  """Copies a finished baseline's final variables, then its records (result.json last)."""
+  _copy(str(source / BASELINE_FINAL), str(target / BASELINE_FINAL), lambda *_: True)
+  for name in BASELINE_RECORDS:
+    if (source / name).exists():
+      (target / name).write_bytes((source / name).read_bytes())
+
+
 @dataclasses.dataclass(frozen=True)
 class Archive:
   """`--archive`: a directory (e.g. the results folder of a repository) that keeps the result
-  files of `root` at the same relative paths, without the checkpoints. `restore` copies the
-  archived files a fresh root lacks into it, so their runs are skipped, and then every result
-  file of the root into the archive; `keep` copies those of one directory as its run finishes.
-  A study whose root is lost (a replaced machine) continues from the archive alone."""
+  files of `root` at the same relative paths, without the checkpoints; with `baselines`, also
+  each finished baseline's final variables and records. `restore` copies the archived files
+  a fresh root lacks into it, so their runs are skipped and their baselines read instead of
+  trained, and then every result file of the root into the archive; `keep` copies those of
+  one directory as its run finishes. A study whose root is lost (a replaced machine)
+  continues from the archive alone."""
   root: str
   path: str | None
+  baselines: bool = False
+
+  def __post_init__(self):
+    if self.baselines and not self.path:
+      from jaxprune.errors import ConfigError
+      raise ConfigError('--archive_baselines keeps the baselines in the --archive directory; '
+                        'give --archive=DIR too.', settings=('archive_baselines', 'archive'))
 
   def restore(self) -> None:
     if self.path:
@@ -113,12 +144,41 @@ class Archive:
       kept = copy_results(self.root, self.path)
       print(f'--archive {self.path}: {restored} result files restored into --root, '
             f'{kept} kept from it.')
+      baselines = self._restore_baselines()
+      if baselines:
+        print(f'--archive {self.path}: {baselines} finished baselines restored into --root.')
 
   def keep(self, directory: str) -> None:
     if self.path:
       from etils import epath
-      where = os.path.relpath(directory, self.root)
-      copy_results(directory, str(epath.Path(self.path) / where))
+      copy_results(directory, str(epath.Path(self.path) / self._relative(directory)))
+
+  def keep_baseline(self, stage: str) -> None:
+    """Keeps the finished baseline in `stage` (a directory under the root), once."""
+    from etils import epath
+    if not (self.path and self.baselines):
+      return
+    source = epath.Path(stage)
+    target = epath.Path(self.path) / self._relative(stage)
+    if (target / 'result.json').exists() or not (source / 'result.json').exists():
+      return
+    _copy_baseline(source, target)
+
+  def _restore_baselines(self) -> int:
+    """Copies each archived finished baseline the root lacks into it; returns how many."""
+    from etils import epath
+    if not self.baselines or not (epath.Path(self.path) / 'baselines').exists():
+      return 0
+    restored = 0
+    for archived in sorted((epath.Path(self.path) / 'baselines').iterdir()):
+      stage = epath.Path(self.root) / 'baselines' / archived.name
+      if (archived / 'result.json').exists() and not (stage / 'result.json').exists():
+        _copy_baseline(archived, stage)
+        restored += 1
+    return restored
+
+  def _relative(self, directory: str) -> str:
+    return os.path.relpath(str(directory), str(self.root))
 
 
 # The settings an experiment's command line may override; help and types come from their
@@ -163,6 +223,11 @@ def define_flags(flag_values, defaults: dict | None = None,
                       'are skipped, so an empty --root (a new machine) continues from it. '
                       '`experiments.report --root=ARCHIVE` builds the tables from it.',
                       flag_values=flag_values)
+  flags.DEFINE_bool('archive_baselines', False, 'With --archive, also keep each finished '
+                    "baseline's final variables and records there (about 4 bytes per parameter "
+                    'of the model, e.g. 9 MB for midi), so a new machine reads it instead of '
+                    'training it again; the training checkpoints are never kept.',
+                    flag_values=flag_values)
   flags.DEFINE_bool('dry_run', False, 'Print the planned runs and their budgets; run nothing.',
                     flag_values=flag_values)
 
@@ -415,6 +480,7 @@ def execute(experiment: str, runs: Sequence[Run], log=print,
     snapshot.write_text(json.dumps(results, indent=1, sort_keys=True))
     if archive:
       archive.keep(run.config.workdir)
+      archive.keep_baseline(run.config.baseline_dir)
     out.append(results)
     done += cost
     spent = time.time() - start
@@ -477,7 +543,7 @@ def _plan_and_execute(experiment: str, plan: Callable, args, instead=None) -> li
   print(describe(runs))
   if args.dry_run:
     return runs
-  archive = Archive(args.root, args.archive)
+  archive = Archive(args.root, args.archive, args.archive_baselines)
   archive.restore()
   sys.stdout.flush()
   quiet_logging()

@@ -116,7 +116,7 @@ def _plan_and_measure(args) -> list:
           f'of {config.batch_size}  -> {workdir}/agreement.json')
   if args.dry_run:
     return planned
-  archive = common.Archive(args.root, args.archive)
+  archive = common.Archive(args.root, args.archive, args.archive_baselines)
   archive.restore()
   common.quiet_logging()
   for i, (config, workdir) in enumerate(planned):
@@ -130,6 +130,7 @@ def _plan_and_measure(args) -> list:
     with open(path, 'w') as f:
       json.dump(result, f, indent=1, sort_keys=True)
     archive.keep(workdir)
+    archive.keep_baseline(config.baseline_dir)
     print(f'[{i + 1}/{len(planned)}] {path} in {time.time() - t:.0f}s', flush=True)
   return planned
 

@@ -270,6 +270,44 @@ def test_a_finished_run_made_with_other_settings_stops_the_runner_in_one_sentenc
       '--root (and --archive) for other settings.')
 
 
+def test_an_archived_baseline_is_read_on_a_new_machine_instead_of_trained_again(
+    tmp_path, capsys):
+  from experiments import random_vs_criterion as rvc
+  argv = ['--scale=mini', '--model=tiny', '--dataset=digits', '--epochs=1', '--criteria=random',
+          '--regimes=scratch', '--profiles=0', '--nouniform', '--channel_criteria=',
+          '--seeds=0', f"--archive={tmp_path / 'kept'}", '--archive_baselines']
+  kwargs = dict(extra_flags=rvc.extra_flags, scales=rvc.SCALES)
+  first, = common.main(rvc.EXPERIMENT, rvc.plan, **kwargs,
+                       argv=argv + ['--budgets=0.5', f"--root={tmp_path / 'old'}"])
+  kept, = (tmp_path / 'kept' / 'baselines').iterdir()
+  assert sorted(p.name for p in kept.iterdir()) == [
+      'final', 'metrics.jsonl', 'result.json', 'stage_config.json']
+  capsys.readouterr()
+  # A new machine: an empty root, the same archive, one more budget to run.
+  again = common.main(rvc.EXPERIMENT, rvc.plan, **kwargs,
+                      argv=argv + ['--budgets=0.5,0.3', f"--root={tmp_path / 'new'}"])
+  out = capsys.readouterr().out
+  assert '1 finished baselines restored' in out and out.count('finished, skipped') == 1
+  baseline = tmp_path / 'new' / 'baselines' / kept.name
+  assert not (baseline / 'checkpoints').exists()   # read, not trained
+  rows = [{r['stage']: r for r in s['rows']}['baseline'] for s in (first, *again)]
+  assert len({json.dumps(r, sort_keys=True) for r in rows}) == 1
+  assert (tmp_path / 'kept' / rvc.EXPERIMENT / 'random' / 'macs0.30' / 's0' /
+          'results_scratch.json').exists()
+
+
+def test_archive_baselines_without_an_archive_is_one_sentence(tmp_path, capsys):
+  from experiments import random_vs_criterion as rvc
+  with pytest.raises(SystemExit):
+    common.main(rvc.EXPERIMENT, rvc.plan, extra_flags=rvc.extra_flags, scales=rvc.SCALES,
+                argv=['--scale=mini', '--model=tiny', '--dataset=digits', '--seeds=0',
+                      '--archive_baselines', f'--root={tmp_path}'])
+  assert capsys.readouterr().err.strip().splitlines()[-1] == (
+      'error: --archive_baselines keeps the baselines in the --archive directory; give '
+      '--archive=DIR too.')
+  assert not list(tmp_path.iterdir())
+
+
 def test_full_scale_plans_r_recipe_on_vgg16_and_resnet56_with_five_seeds(tmp_path):
   from experiments import random_vs_criterion as rvc
   runs = common.main(rvc.EXPERIMENT, rvc.plan, extra_flags=rvc.extra_flags, scales=rvc.SCALES,
