@@ -474,13 +474,17 @@ def execute(experiment: str, runs: Sequence[Run], log=print,
       continue
     log(f'[{i + 1}/{len(runs)}] {run.name}: running')
     t = time.time()
-    results = pipeline.run(run.config)
+    try:
+      results = pipeline.run(run.config)
+    finally:
+      # A baseline that finished is kept even when the run is stopped in a later stage.
+      if archive:
+        archive.keep_baseline(run.config.baseline_dir)
     results = dict(results, experiment=experiment, run=run.name, labels=run.labels,
                    run_wall_time_s=time.time() - t)
     snapshot.write_text(json.dumps(results, indent=1, sort_keys=True))
     if archive:
       archive.keep(run.config.workdir)
-      archive.keep_baseline(run.config.baseline_dir)
     out.append(results)
     done += cost
     spent = time.time() - start

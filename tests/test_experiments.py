@@ -296,6 +296,28 @@ def test_an_archived_baseline_is_read_on_a_new_machine_instead_of_trained_again(
           'results_scratch.json').exists()
 
 
+def test_a_baseline_is_archived_as_it_finishes_even_when_its_run_stops_later(
+    tmp_path, monkeypatch, capsys):
+  from experiments import random_vs_criterion as rvc
+  from jaxprune.pipeline import stages
+
+  def stopped(*args, **kwargs):
+    raise KeyboardInterrupt   # Ctrl-C in the prune stage, after the baseline finished
+
+  monkeypatch.setattr(stages, 'prune', stopped)
+  with pytest.raises(SystemExit) as raised:
+    common.main(rvc.EXPERIMENT, rvc.plan, extra_flags=rvc.extra_flags, scales=rvc.SCALES,
+                argv=['--scale=mini', '--model=tiny', '--dataset=digits', '--epochs=1',
+                      '--budgets=0.5', '--criteria=random', '--regimes=scratch',
+                      '--profiles=0', '--nouniform', '--channel_criteria=', '--seeds=0',
+                      f"--root={tmp_path / 'root'}", f"--archive={tmp_path / 'kept'}",
+                      '--archive_baselines'])
+  assert raised.value.code == 130
+  kept, = (tmp_path / 'kept' / 'baselines').iterdir()
+  assert (kept / 'result.json').exists() and (kept / 'final').is_dir()
+  assert not list((tmp_path / 'kept').glob('random_vs_criterion/**/results_*.json'))
+
+
 def test_archive_baselines_without_an_archive_is_one_sentence(tmp_path, capsys):
   from experiments import random_vs_criterion as rvc
   with pytest.raises(SystemExit):
