@@ -109,11 +109,18 @@ def _copy(source: str, target: str, chosen: Callable[[str, str], bool],
 # needed once it is done (result.json, copied last, is the pipeline's "done" marker).
 BASELINE_RECORDS = ('stage_config.json', 'metrics.jsonl', 'result.json')
 BASELINE_FINAL = 'final'
+# Orbax's commit marker names the absolute path it was first written to; only its presence
+# counts (on gs://), so the copy's says no more than that.
+ORBAX_COMMIT_MARKER = 'commit_success.txt'
 
 
 def _copy_baseline(source, target) -> None:
   """Copies a finished baseline's final variables, then its records (result.json last)."""
-  _copy(str(source / BASELINE_FINAL), str(target / BASELINE_FINAL), lambda *_: True)
+  _copy(str(source / BASELINE_FINAL), str(target / BASELINE_FINAL),
+        lambda where, name: name != ORBAX_COMMIT_MARKER)
+  for where, path in files_under(str(source / BASELINE_FINAL)):
+    if path.name == ORBAX_COMMIT_MARKER:
+      (target / BASELINE_FINAL / where / path.name).write_text('Checkpoint commit was successful.')
   for name in BASELINE_RECORDS:
     if (source / name).exists():
       (target / name).write_bytes((source / name).read_bytes())

@@ -282,6 +282,9 @@ def test_an_archived_baseline_is_read_on_a_new_machine_instead_of_trained_again(
   kept, = (tmp_path / 'kept' / 'baselines').iterdir()
   assert sorted(p.name for p in kept.iterdir()) == [
       'final', 'metrics.jsonl', 'result.json', 'stage_config.json']
+  # The kept variables name no path of the machine that made them (orbax's marker did).
+  for path in (kept / 'final').rglob('*'):
+    assert not path.is_file() or str(tmp_path).encode() not in path.read_bytes(), path
   capsys.readouterr()
   # A new machine: an empty root, the same archive, one more budget to run.
   again = common.main(rvc.EXPERIMENT, rvc.plan, **kwargs,
