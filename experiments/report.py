@@ -37,6 +37,9 @@ from experiments import common
 # ---------------------------------------------------------------------------- statistics
 
 BOOTSTRAP_RESAMPLES = 10000
+# What the verdicts and paired differences say before any comparison has a pair.
+NO_PAIRS = ('None yet: no architecture trained from scratch has a finished random-scores '
+            'or uniform run of the same seed and budget to be compared with.')
 # The references every architecture of random_vs_criterion is compared with, paired by seed.
 REFERENCES = ('random', 'uniform')
 
@@ -335,7 +338,7 @@ def random_vs_criterion(snaps, out, write, root=None):
   model = sorted({s['config']['model'] for s in snaps})
   text = ['# random_vs_criterion\n',
           f"Model(s): {', '.join(model)}; unpruned baselines: {pm(base.values())} % over "
-          f"{len(base)} seeds. {wall_time_line(snaps)}\n",
+          f"{len(base)} seed{'s' if len(base) != 1 else ''}. {wall_time_line(snaps)}\n",
           stand_in_line('random_vs_criterion', snaps).rstrip('\n') + '\n',
           'Architectures of equal cost: each criterion\'s pruned widths, `random` (random '
           'scores, the same selection), `uniform` (every width scaled by one factor to '
@@ -344,7 +347,8 @@ def random_vs_criterion(snaps, out, write, root=None):
           'A difference is called when its 95 % bootstrap interval excludes 0 and the paired '
           't-test gives p < 0.05; with two or three seeds the bootstrap interval is the range of '
           'the differences, so it is not enough alone.\n',
-          markdown(['budget (MACs kept)', 'regime', 'what the seeds support'], verdicts),
+          markdown(['budget (MACs kept)', 'regime', 'what the seeds support'], verdicts)
+          if verdicts else f'{NO_PAIRS}\n',
           '## Paired differences\n',
           'Each architecture minus a reference, paired by seed (runs of one seed share their '
           'baseline and data order): mean over the paired seeds, its 95 % percentile '
@@ -353,7 +357,8 @@ def random_vs_criterion(snaps, out, write, root=None):
           "the two-sided paired t-test's p. With many cells, a small p here and there is "
           'expected by chance.\n',
           markdown(['budget (MACs kept)', 'regime', 'architecture', 'minus', 'seeds',
-                    'difference (pp)', '95 % interval (pp)', 'p (paired t)'], comparison_rows)]
+                    'difference (pp)', '95 % interval (pp)', 'p (paired t)'], comparison_rows)
+          if comparison_rows else f'{NO_PAIRS}\n']
   if channel_rows:
     text += ['## Channels or widths?\n',
              "Fine-tuned from the baseline's weights at a criterion's widths: the criterion's "

@@ -377,6 +377,13 @@ def _snapshot(root, criterion, budget, seed, regime, acc):
   (workdir / f'results_{regime}.json').write_text(json.dumps(snap))
 
 
+def test_a_study_with_no_reference_run_yet_says_so_instead_of_empty_tables(tmp_path):
+  _snapshot(tmp_path / 'root', 'taylor', 0.5, 0, 'scratch', 0.6)
+  report.build(str(tmp_path / 'root'), str(tmp_path / 'tables'))
+  text = (tmp_path / 'tables' / 'random_vs_criterion.md').read_text()
+  assert text.count(report.NO_PAIRS) == 2 and 'over 1 seed.' in text
+
+
 def test_paired_p_value_matches_the_t_distribution_by_hand():
   # Differences 0.10, 0.05, 0.10: t = mean / (sd / sqrt(3)) = 5 with 2 degrees of freedom,
   # whose two-sided p is 1 - t / sqrt(t^2 + 2) = 1 - 5 / sqrt(27).
