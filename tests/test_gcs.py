@@ -239,13 +239,13 @@ def test_another_scheme_is_one_sentence():
     workdir.check_workdir('s3://b/run')
 
 
-def test_gs_unreachable_is_one_sentence_within_30s_writing_nothing(tmp_path):
-  # The client library's own retries would take minutes; 30 s leaves room for a loaded CI
-  # machine's process start.
+def test_gs_unreachable_is_one_sentence_within_45s_writing_nothing(tmp_path):
+  # The client library's own retries would take minutes; 45 s leaves room for a loaded
+  # 2-core machine's process start.
   emulator_down = f'http://127.0.0.1:{closed_port()}'
   command = launch_command(*QUICK_FLAGS, workdir='gs://no-such-bucket-xyz/run')
   start_time = time.time()
-  done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+  done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120,
                         env={**os.environ, 'STORAGE_EMULATOR_HOST': emulator_down})
   elapsed = time.time() - start_time
   assert done.returncode == 1 and 'Traceback' not in done.stderr, done.stderr[-3000:]
@@ -254,7 +254,7 @@ def test_gs_unreachable_is_one_sentence_within_30s_writing_nothing(tmp_path):
                   f'{emulator_down} (STORAGE_EMULATOR_HOST) cannot be reached (Connection '
                   'refused); check the network (or start the emulator), or give a local '
                   'directory.')
-  assert elapsed < 30, elapsed
+  assert elapsed < 45, elapsed
   assert not list(tmp_path.iterdir())
 
 

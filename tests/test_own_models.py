@@ -170,8 +170,9 @@ def test_logically_partitioned_variables_are_unboxed():
   assert pruner.structure.prunable == ('Dense_0',)
   kernel = np.asarray(nn.meta.unbox(variables)['params']['Dense_0']['kernel'])
   np.testing.assert_allclose(pruner.score('l1')['Dense_0'], np.abs(kernel).sum(0), rtol=1e-6)
+  # float32 through two separately compiled programs: sums may be ordered differently.
   np.testing.assert_allclose(pruner.apply(variables, x), _Partitioned().apply(variables, x),
-                             rtol=1e-6)
+                             rtol=1e-5, atol=1e-7)
   masks = {'Dense_0': (np.arange(16) % 2).astype(np.float32)}
   small = pruner.shrink(masks, variables)
   np.testing.assert_allclose(small.apply(small.variables, x),

@@ -79,8 +79,10 @@ def python_process(code: str, *args: str, devices: int = 1) -> subprocess.Popen:
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def run_python(code: str, *args: str, devices: int = 1, timeout: float = 180):
-  """Runs `code` (see `python_process`) to the end: (returncode, stdout, stderr)."""
+def run_python(code: str, *args: str, devices: int = 1, timeout: float = 600):
+  """Runs `code` (see `python_process`) to the end: (returncode, stdout, stderr). The timeout
+  only guards against a hang: on a loaded 2-core machine eight devices' programs take
+  minutes to compile."""
   proc = python_process(code, *args, devices=devices)
   stdout, stderr = proc.communicate(timeout=timeout)
   return proc.returncode, stdout, stderr
