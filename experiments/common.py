@@ -108,7 +108,6 @@ def _copy(source: str, target: str, chosen: Callable[[str, str], bool],
 # Its initial variables are made again from the seed, and its training checkpoints are not
 # needed once it is done (result.json, copied last, is the pipeline's "done" marker).
 BASELINE_RECORDS = ('stage_config.json', 'metrics.jsonl', 'result.json')
-BASELINE_FINAL = 'final'
 # Orbax's commit marker names the absolute path it was first written to; only its presence
 # counts (on gs://), so the copy's says no more than that.
 ORBAX_COMMIT_MARKER = 'commit_success.txt'
@@ -116,11 +115,12 @@ ORBAX_COMMIT_MARKER = 'commit_success.txt'
 
 def _copy_baseline(source, target) -> None:
   """Copies a finished baseline's final variables, then its records (result.json last)."""
-  _copy(str(source / BASELINE_FINAL), str(target / BASELINE_FINAL),
+  from jaxprune.train.checkpoint import FINAL
+  _copy(str(source / FINAL), str(target / FINAL),
         lambda where, name: name != ORBAX_COMMIT_MARKER)
-  for where, path in files_under(str(source / BASELINE_FINAL)):
+  for where, path in files_under(str(source / FINAL)):
     if path.name == ORBAX_COMMIT_MARKER:
-      (target / BASELINE_FINAL / where / path.name).write_text('Checkpoint commit was successful.')
+      (target / FINAL / where / path.name).write_text('Checkpoint commit was successful.')
   for name in BASELINE_RECORDS:
     if (source / name).exists():
       (target / name).write_bytes((source / name).read_bytes())
@@ -163,23 +163,25 @@ class Archive:
   def keep_baseline(self, stage: str) -> None:
     """Keeps the finished baseline in `stage` (a directory under the root), once."""
     from etils import epath
+    from jaxprune.train.checkpoint import RESULT
     if not (self.path and self.baselines):
       return
     source = epath.Path(stage)
     target = epath.Path(self.path) / self._relative(stage)
-    if (target / 'result.json').exists() or not (source / 'result.json').exists():
+    if (target / RESULT).exists() or not (source / RESULT).exists():
       return
     _copy_baseline(source, target)
 
   def _restore_baselines(self) -> int:
     """Copies each archived finished baseline the root lacks into it; returns how many."""
     from etils import epath
+    from jaxprune.train.checkpoint import RESULT
     if not self.baselines or not (epath.Path(self.path) / 'baselines').exists():
       return 0
     restored = 0
     for archived in sorted((epath.Path(self.path) / 'baselines').iterdir()):
       stage = epath.Path(self.root) / 'baselines' / archived.name
-      if (archived / 'result.json').exists() and not (stage / 'result.json').exists():
+      if (archived / RESULT).exists() and not (stage / RESULT).exists():
         _copy_baseline(archived, stage)
         restored += 1
     return restored
