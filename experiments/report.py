@@ -244,10 +244,10 @@ def _verdict(budget: float, regime: str, seeds: int, comparisons: list) -> str:
   where = f'At {100 * budget:.0f} % of the MACs ({regime}, {seeds} seed{"s" * (seeds != 1)})'
   measured = [c for c in comparisons if not math.isnan(c['low'])]
   if not measured:
-    best = max(comparisons, key=lambda c: (c['diff'], c['architecture'], c['reference']))
+    widest = max(comparisons, key=lambda c: (abs(c['diff']), c['architecture'], c['reference']))
     return (f'{where}: fewer than two paired seeds, so no interval; the largest single '
-            f"difference, {best['architecture']} minus {best['reference']}, is "
-            f"{100 * best['diff']:+.2f} pp and says nothing beyond one draw.")
+            f"difference, {widest['architecture']} minus {widest['reference']}, is "
+            f"{100 * widest['diff']:+.2f} pp and says nothing beyond one draw.")
   called = [c for c in measured if _called(c)]
   if not called:
     widest = max(measured, key=lambda c: (abs(c['diff']), c['architecture'], c['reference']))

@@ -384,6 +384,15 @@ def test_a_study_with_no_reference_run_yet_says_so_instead_of_empty_tables(tmp_p
   assert text.count(report.NO_PAIRS) == 2 and 'over 1 seed.' in text
 
 
+def test_one_seed_verdict_names_the_largest_difference_of_either_sign(tmp_path):
+  for criterion, acc in (('random', 0.50), ('taylor', 0.51), ('l1', 0.45)):
+    _snapshot(tmp_path / 'root', criterion, 0.5, 0, 'scratch', acc)
+  report.build(str(tmp_path / 'root'), str(tmp_path / 'tables'))
+  verdict = (tmp_path / 'tables' / 'random_vs_criterion_verdict.csv').read_text()
+  assert ('fewer than two paired seeds, so no interval; the largest single difference, '
+          'l1 minus random, is -5.00 pp and says nothing beyond one draw.') in verdict
+
+
 def test_paired_p_value_matches_the_t_distribution_by_hand():
   # Differences 0.10, 0.05, 0.10: t = mean / (sd / sqrt(3)) = 5 with 2 degrees of freedom,
   # whose two-sided p is 1 - t / sqrt(t^2 + 2) = 1 - 5 / sqrt(27).
