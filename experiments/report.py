@@ -239,18 +239,23 @@ def _called(c: dict) -> bool:
   return (c['low'] > 0 or c['high'] < 0) and not math.isnan(c['p']) and c['p'] < 0.05
 
 
+def _size(c: dict) -> tuple:
+  """Orders paired differences by magnitude, either sign; names break ties reproducibly."""
+  return abs(c['diff']), c['architecture'], c['reference']
+
+
 def _verdict(budget: float, regime: str, seeds: int, comparisons: list) -> str:
   """One sentence that says only what the intervals and tests support."""
   where = f'At {100 * budget:.0f} % of the MACs ({regime}, {seeds} seed{"s" * (seeds != 1)})'
   measured = [c for c in comparisons if not math.isnan(c['low'])]
   if not measured:
-    widest = max(comparisons, key=lambda c: (abs(c['diff']), c['architecture'], c['reference']))
+    widest = max(comparisons, key=_size)
     return (f'{where}: fewer than two paired seeds, so no interval; the largest single '
             f"difference, {widest['architecture']} minus {widest['reference']}, is "
             f"{100 * widest['diff']:+.2f} pp and says nothing beyond one draw.")
   called = [c for c in measured if _called(c)]
   if not called:
-    widest = max(measured, key=lambda c: (abs(c['diff']), c['architecture'], c['reference']))
+    widest = max(measured, key=_size)
     return (f'{where}: no architecture differs from random scores or from uniform by more '
             'than the seeds allow (no 95 % interval excludes 0 with p < 0.05); the largest '
             f"difference, {widest['architecture']} minus {widest['reference']}, is "
