@@ -5,6 +5,8 @@ forward pass (jaxprune's compiler options, float32) is timed at batch 1 and batc
 round-robin over the architectures (one call of each per repetition, so they see the same
 background load), compile time excluded; the medians go to ROOT/EXPERIMENT/latency.json,
 keyed by the run's name, with the MACs and params of the network timed and the machine.
+The unpruned network the runs were pruned from is timed in the same round-robin, under
+`unpruned` keyed by `unpruned_name`, so a saving in MACs can be read against its speed.
 `experiments.report` shows them beside each architecture's MACs.
 """
 
@@ -17,6 +19,11 @@ from typing import Sequence
 
 BATCHES = (1, 128)
 REPETITIONS = 15
+
+
+def unpruned_name(model: str, width_multiplier: float, dataset: str) -> str:
+  """The key of an unpruned network's timings in latency.json."""
+  return f'{model} x{width_multiplier:g} {dataset}'
 
 
 def _widths(snapshot: dict, regime: str):
@@ -68,43 +75,50 @@ def measure(root: str, experiment: str, runs: Sequence, log=print) -> dict:
   import numpy as np
   from etils import epath
   from jaxprune.prune import flops, program
-  nets, table = {}, {}
+  nets = {}      # (model, multiplier, dataset, widths) -> (config, entries timed as it)
+  table, unpruned = {}, {}
   for run in runs:
     snapshot = epath.Path(run.snapshot)
     if not snapshot.exists():
       continue
-    widths, row = _widths(json.loads(snapshot.read_text()), run.config.regime)
+    results = json.loads(snapshot.read_text())
+    widths, row = _widths(results, run.config.regime)
     if widths is None:
       continue
     c = run.config
-    key = (c.model, c.width_multiplier, c.dataset, json.dumps(widths, sort_keys=True))
-    nets.setdefault(key, []).append(run.name)
     table[run.name] = {'macs': row['macs'], 'params': row['params']}
-  if not nets:
+    key = (c.model, c.width_multiplier, c.dataset, json.dumps(widths, sort_keys=True))
+    nets.setdefault(key, (c, []))[1].append(table[run.name])
+    name = unpruned_name(c.model, c.width_multiplier, c.dataset)
+    if name not in unpruned:
+      baseline = next(r for r in results['rows'] if r['stage'] == 'baseline')
+      unpruned[name] = {'macs': baseline['macs'], 'params': baseline['params']}
+      nets[(c.model, c.width_multiplier, c.dataset, 'null')] = (c, [unpruned[name]])
+  if not table:
     log('latency: no finished architecture to time.')
     return {}
-  by_key = {r.name: r for r in runs}
   timers = {}
-  for key, names in nets.items():
-    model, image_shape = _network(by_key[names[0]].config, json.loads(key[3]))
+  for key, (config, entries) in nets.items():
+    model, image_shape = _network(config, json.loads(key[3]))
     cost = flops.count(program.derive(model, image_shape).structure)
     for batch in BATCHES:
       timers[(key, batch)] = _timer(model, image_shape, batch)
-    for name in names:
-      table[name]['timed_macs'] = cost.macs
-  log(f'latency: {len(nets)} architectures x batches {BATCHES}, {REPETITIONS} round-robin '
-      'repetitions')
+    for entry in entries:
+      entry['timed_macs'] = cost.macs
+  log(f'latency: {len(nets) - len(unpruned)} architectures and {len(unpruned)} unpruned '
+      f'network(s) x batches {BATCHES}, {REPETITIONS} round-robin repetitions')
   samples = {k: [] for k in timers}
   for _ in range(REPETITIONS):
     for k, once in timers.items():
       samples[k].append(once())
   for (key, batch), times in samples.items():
-    for name in nets[key]:
-      table[name][f'ms_batch{batch}'] = 1e3 * float(np.median(times))
+    for entry in nets[key][1]:
+      entry[f'ms_batch{batch}'] = 1e3 * float(np.median(times))
   import jax
   out = {'machine': {'processor': platform.processor() or platform.machine(),
                      'cpus': os.cpu_count(), 'device': jax.devices()[0].device_kind},
-         'repetitions': REPETITIONS, 'batches': list(BATCHES), 'runs': table}
+         'repetitions': REPETITIONS, 'batches': list(BATCHES), 'runs': table,
+         'unpruned': unpruned}
   path = epath.Path(root) / experiment / 'latency.json'
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(out, indent=1, sort_keys=True))

@@ -26,9 +26,10 @@ tells good channels from good widths.
 `python -m experiments.report` compares every architecture with random scores and with
 uniform, paired by seed (one baseline, one data order per seed): mean paired difference,
 its 95 % bootstrap interval and the paired t-test, and one verdict per budget.
-The same command with `--latency` runs nothing and times every finished architecture's
-inference on this machine (batch 1 and 128) into ROOT/random_vs_criterion/latency.json,
-which the report shows beside the MACs; run it on a quiet machine.
+The same command with `--latency` runs nothing and times the inference of every finished
+architecture and of the unpruned network on this machine (batch 1 and 128) into
+ROOT/random_vs_criterion/latency.json, which the report shows beside the MACs; run it on a
+quiet machine.
 
 mini: resnet8 on a fixed random 1,000-image subset of the CIFAR-10 sample, batch 32, 8
 epochs, 3 seeds. midi (the open question on the full CIFAR-10 at a CPU's budget): VGG-11 at
@@ -82,8 +83,9 @@ def extra_flags(flag_values):
                     '(macs_l2: per-layer L2-normalised scores). Default: ' +
                     '; '.join(f'{v} ({k})' for k, v in SELECTION.items()) + '.',
                     flag_values=flag_values)
-  flags.DEFINE_bool('latency', False, 'Run nothing; time every finished architecture on this '
-                    'machine (batch 1 and 128) into ROOT/random_vs_criterion/latency.json.',
+  flags.DEFINE_bool('latency', False, 'Run nothing; time every finished architecture and the '
+                    'unpruned network on this machine (batch 1 and 128) into '
+                    'ROOT/random_vs_criterion/latency.json.',
                     flag_values=flag_values)
 
 

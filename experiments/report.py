@@ -274,7 +274,32 @@ def _latency(root: str | None) -> dict:
   path = epath.Path(root) / 'random_vs_criterion' / 'latency.json' if root else None
   if path is None or not path.exists():
     return {}
-  return json.loads(path.read_text()).get('runs', {})
+  return json.loads(path.read_text())
+
+
+def _unpruned_rows(snaps, several_models: bool, timings: dict) -> tuple[list, list]:
+  """The unpruned networks' rows of the cells table: their seeds' baselines and latency."""
+  from experiments.architecture_latency import unpruned_name
+  baselines = defaultdict(dict)   # unpruned network -> (baseline, seed) -> baseline row
+  for s in snaps:
+    c = s['config']
+    name = unpruned_name(c['model'], c['width_multiplier'], c['dataset'])
+    baselines[(c['model'], name)][(c['baseline_dir'] or s['_dir'], _seed(s))] = _baseline(s)
+  rows, csv_rows = [], []
+  for (model, name), by_seed in sorted(baselines.items()):
+    accs = [r['test_accuracy'] for r in by_seed.values()]
+    mean, std = mean_std(accs)
+    low, high = bootstrap_interval(accs)
+    params = np.mean([r['params'] for r in by_seed.values()])
+    timed = timings.get(name, {})
+    regime = f'{model}: baseline' if several_models else 'baseline'
+    rows.append(['1.00', regime, 'unpruned', len(accs), pm(accs),
+                 _interval_text(low, high).replace('+', ''), '100.0', f'{params:.0f}',
+                 f"{np.mean([r['epochs'] for r in by_seed.values()]):.1f}",
+                 _ms([timed.get('ms_batch1')]), _ms([timed.get('ms_batch128')])])
+    csv_rows.append(['1.00', regime, 'unpruned', len(accs), num(mean), num(std), num(low),
+                     num(high), num(1.0), f'{params:.1f}'])
+  return rows, csv_rows
 
 
 def _ms(values) -> str:
@@ -291,9 +316,11 @@ def random_vs_criterion(snaps, out, write, root=None):
       group = f"{s['config']['model']}: {group}"
     cells[(s['labels']['budget'], group, _architecture(s))].append(s)
   latency = _latency(root)
+  timings = latency.get('runs', {})
   budgets = sorted({k[0] for k in cells}, reverse=True)
   groups = sorted({k[1] for k in cells})
-  cell_rows, cell_csv, comparison_rows, comparison_csv, verdicts = [], [], [], [], []
+  cell_rows, cell_csv = _unpruned_rows(snaps, several_models, latency.get('unpruned', {}))
+  comparison_rows, comparison_csv, verdicts = [], [], []
   for budget in budgets:
     for regime in groups:
       by_seed = {a: {_seed(s): _last(s)['test_accuracy'] for s in v}
@@ -305,7 +332,7 @@ def random_vs_criterion(snaps, out, write, root=None):
         accs = [by_seed[architecture][seed] for seed in sorted(by_seed[architecture])]
         kept = [_last(s)['macs'] / _baseline(s)['macs'] for s in group]
         params = [_last(s)['params'] for s in group]
-        timed = [latency.get(s['run'], {}) for s in group]
+        timed = [timings.get(s['run'], {}) for s in group]
         mean, std = mean_std(accs)
         low, high = bootstrap_interval(accs)
         cell_rows.append([f'{budget:.2f}', regime, architecture, len(group), pm(accs),
@@ -375,7 +402,8 @@ def random_vs_criterion(snaps, out, write, root=None):
   text += ['## All cells\n',
            'Test accuracy of the retrained network (last epoch), mean ± sample std over seeds '
            'and the 95 % bootstrap interval of the mean; inference latency on the machine '
-           '`--latency` ran on (median ms per batch, eval mode; "-": not timed).\n',
+           '`--latency` ran on (median ms per batch, eval mode; "-": not timed). The unpruned '
+           "rows are the seeds' baselines, the networks every architecture was pruned from.\n",
            markdown(['budget (MACs kept)', 'regime', 'architecture', 'seeds',
                      'test acc % (mean ± std)', '95 % interval (%)', 'MACs kept %', 'params',
                      'epochs', 'ms, batch 1', 'ms, batch 128'], cell_rows)]

@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments import common, report  # noqa: E402
+from experiments import architecture_latency, common, report  # noqa: E402
 
 PLANNED = ('random_vs_criterion', 'rethinking', 'taylor_curves', 'crowley')
 # Dry runs check settings but read no data: the mini scale's npz need not exist.
@@ -226,11 +226,23 @@ def test_architectures_of_equal_cost_train_time_and_reach_the_tables(tmp_path, c
           widths['l1_random_channels/macs0.50/s0/finetune'])
   assert len({json.dumps(w, sort_keys=True) for w in widths.values()}) == 4
   common.main(rvc.EXPERIMENT, rvc.plan, argv=argv + ['--latency'], **kwargs)
-  timed = json.loads((root / rvc.EXPERIMENT / 'latency.json').read_text())['runs']
+  latency = json.loads((root / rvc.EXPERIMENT / 'latency.json').read_text())
+  timed = latency['runs']
   assert set(timed) == set(by_name)
   assert all(t['timed_macs'] == t['macs'] and t['ms_batch128'] > 0 for t in timed.values())
+  # The network they were pruned from is timed beside them, with its full MACs.
+  config = snapshots[0]['config']
+  unpruned = latency['unpruned']
+  assert list(unpruned) == [architecture_latency.unpruned_name(
+      config['model'], config['width_multiplier'], config['dataset'])]
+  full = next(iter(unpruned.values()))
+  assert full['timed_macs'] == full['macs'] > max(t['macs'] for t in timed.values())
+  assert full['ms_batch1'] > 0 and full['ms_batch128'] > 0
   report.build(str(root), str(tmp_path / 'tables'))
   table = (tmp_path / 'tables' / 'random_vs_criterion.md').read_text()
+  unpruned_row = next(line for line in table.splitlines()
+                      if line.startswith('| 1.00 | baseline | unpruned | 1 |'))
+  assert unpruned_row.endswith(f"| {full['ms_batch1']:.2f} | {full['ms_batch128']:.2f} |")
   for cell in ('| 0.50 | scratch | uniform | 1 |', '| 0.50 | scratch | profile0 | 1 |',
                '| 0.50 | l1 | 1 |', 'fewer than two paired seeds'):
     assert cell in table, cell
@@ -367,7 +379,8 @@ def _snapshot(root, criterion, budget, seed, regime, acc):
   workdir.mkdir(parents=True, exist_ok=True)
   snap = {'experiment': 'random_vs_criterion', 'run': f'{criterion}/{budget}/{seed}/{regime}',
           'labels': {'criterion': criterion, 'budget': budget, 'seed': seed, 'regime': regime},
-          'config': {'model': 'tiny', 'seed': seed, 'baseline_dir': f'b{seed}', 'selection': 'macs'},
+          'config': {'model': 'tiny', 'width_multiplier': 1.0, 'dataset': 'digits', 'seed': seed,
+                     'baseline_dir': f'b{seed}', 'selection': 'macs'},
           'rows': [{'stage': 'baseline', 'test_accuracy': 0.6 + 0.01 * seed, 'macs': 1000,
                     'params': 100, 'epochs': 3, 'wall_time_s': 1.0},
                    {'stage': 'pruned', 'test_accuracy': 0.1, 'macs': int(1000 * budget),

@@ -358,7 +358,8 @@ def test_the_report_reads_its_snapshots_from_the_bucket(emulator, bucket, tmp_pa
   # One finished run's snapshot, written to the bucket as the experiments write it.
   snapshot = {'experiment': 'random_vs_criterion', 'run': 'random/macs0.50/s0/scratch',
               'labels': {'criterion': 'random', 'budget': 0.5, 'seed': 0, 'regime': 'scratch'},
-              'config': {'model': 'tiny', 'seed': 0, 'baseline_dir': 'b0'},
+              'config': {'model': 'tiny', 'width_multiplier': 1.0, 'dataset': 'digits',
+                         'seed': 0, 'baseline_dir': 'b0'},
               'rows': [{'stage': 'baseline', 'test_accuracy': 0.6, 'macs': 1000, 'params': 100,
                         'epochs': 3},
                        {'stage': 'scratch', 'test_accuracy': 0.5, 'macs': 500, 'params': 50,

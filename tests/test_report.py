@@ -14,7 +14,8 @@ def _snapshot(root, criterion, seed, acc):
   workdir.mkdir(parents=True)
   snap = {'experiment': 'random_vs_criterion', 'run': f'{criterion}/0.5/{seed}/scratch',
           'labels': {'criterion': criterion, 'budget': 0.5, 'seed': seed, 'regime': 'scratch'},
-          'config': {'model': 'tiny', 'seed': seed, 'baseline_dir': f'b{seed}'},
+          'config': {'model': 'tiny', 'width_multiplier': 1.0, 'dataset': 'digits', 'seed': seed,
+                     'baseline_dir': f'b{seed}'},
           'rows': [{'stage': 'baseline', 'test_accuracy': 0.6, 'macs': 1000, 'params': 100,
                     'epochs': 3, 'wall_time_s': 1.0},
                    {'stage': 'scratch', 'test_accuracy': acc, 'macs': 500, 'params': 50,
