@@ -277,14 +277,19 @@ def _latency(root: str | None) -> dict:
   return json.loads(path.read_text())
 
 
-def _unpruned_rows(snaps, several_models: bool, timings: dict) -> tuple[list, list]:
-  """The unpruned networks' rows of the cells table: their seeds' baselines and latency."""
+def _unpruned_baselines(snaps) -> dict:
+  """{(model, unpruned network's name): {(baseline, seed): its baseline row}}: each once."""
   from experiments.architecture_latency import unpruned_name
-  baselines = defaultdict(dict)   # unpruned network -> (baseline, seed) -> baseline row
+  baselines = defaultdict(dict)
   for s in snaps:
     c = s['config']
     name = unpruned_name(c['model'], c['width_multiplier'], c['dataset'])
     baselines[(c['model'], name)][(c['baseline_dir'] or s['_dir'], _seed(s))] = _baseline(s)
+  return baselines
+
+
+def _unpruned_rows(baselines: dict, several_models: bool, timings: dict) -> tuple[list, list]:
+  """The unpruned networks' rows of the cells table: their seeds' baselines and latency."""
   rows, csv_rows = [], []
   for (model, name), by_seed in sorted(baselines.items()):
     accs = [r['test_accuracy'] for r in by_seed.values()]
@@ -319,7 +324,8 @@ def random_vs_criterion(snaps, out, write, root=None):
   timings = latency.get('runs', {})
   budgets = sorted({k[0] for k in cells}, reverse=True)
   groups = sorted({k[1] for k in cells})
-  cell_rows, cell_csv = _unpruned_rows(snaps, several_models, latency.get('unpruned', {}))
+  baselines = _unpruned_baselines(snaps)
+  cell_rows, cell_csv = _unpruned_rows(baselines, several_models, latency.get('unpruned', {}))
   comparison_rows, comparison_csv, verdicts = [], [], []
   for budget in budgets:
     for regime in groups:
@@ -364,12 +370,10 @@ def random_vs_criterion(snaps, out, write, root=None):
         seeds = max(len(v) for v in by_seed.values())
         verdicts.append([f'{budget:.2f}', regime, _verdict(budget, regime, seeds, comparisons)])
   channel_rows = _channel_comparison(cells)
-  base = {}
-  for s in snaps:
-    base[(s['config']['baseline_dir'] or s['_dir'], _seed(s))] = _baseline(s)['test_accuracy']
+  base = [r['test_accuracy'] for by_seed in baselines.values() for r in by_seed.values()]
   model = sorted({s['config']['model'] for s in snaps})
   text = ['# random_vs_criterion\n',
-          f"Model(s): {', '.join(model)}; unpruned baselines: {pm(base.values())} % over "
+          f"Model(s): {', '.join(model)}; unpruned baselines: {pm(base)} % over "
           f"{len(base)} seed{'s' if len(base) != 1 else ''}. {wall_time_line(snaps)}\n",
           stand_in_line('random_vs_criterion', snaps).rstrip('\n') + '\n',
           'Architectures of equal cost: each criterion\'s pruned widths, `random` (random '
