@@ -26,8 +26,12 @@ def unpruned_name(model: str, width_multiplier: float, dataset: str) -> str:
   return f'{model} x{width_multiplier:g} {dataset}'
 
 
+def _row(snapshot: dict, stage: str) -> dict:
+  return next(r for r in snapshot['rows'] if r['stage'] == stage)
+
+
 def _widths(snapshot: dict, regime: str):
-  row = next(r for r in snapshot['rows'] if r['stage'] == regime)
+  row = _row(snapshot, regime)
   widths = row.get('widths')
   if widths is None and regime in ('scratch', 'scratch_b', 'finetune'):
     widths = snapshot['prune']['widths']   # these regimes train the pruned widths
@@ -91,9 +95,9 @@ def measure(root: str, experiment: str, runs: Sequence, log=print) -> dict:
     nets.setdefault(key, (c, []))[1].append(table[run.name])
     name = unpruned_name(c.model, c.width_multiplier, c.dataset)
     if name not in unpruned:
-      baseline = next(r for r in results['rows'] if r['stage'] == 'baseline')
+      baseline = _row(results, 'baseline')
       unpruned[name] = {'macs': baseline['macs'], 'params': baseline['params']}
-      nets[(c.model, c.width_multiplier, c.dataset, 'null')] = (c, [unpruned[name]])
+      nets[key[:3] + ('null',)] = (c, [unpruned[name]])   # widths None: the defaults
   if not table:
     log('latency: no finished architecture to time.')
     return {}

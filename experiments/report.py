@@ -288,22 +288,31 @@ def _unpruned_baselines(snaps) -> dict:
   return baselines
 
 
+def _cells_row(budget: float, regime: str, architecture: str, seeds: int, accs: list,
+               kept: list, params: list, epochs: list, timed: list) -> tuple[list, list]:
+  """One row of the cells table, as Markdown and as CSV."""
+  mean, std = mean_std(accs)
+  low, high = bootstrap_interval(accs)
+  row = [f'{budget:.2f}', regime, architecture, seeds, pm(accs),
+         _interval_text(low, high).replace('+', ''), f'{100 * np.mean(kept):.1f}',
+         f'{np.mean(params):.0f}', f'{np.mean(epochs):.1f}',
+         _ms(t.get('ms_batch1') for t in timed), _ms(t.get('ms_batch128') for t in timed)]
+  csv_row = [f'{budget:.2f}', regime, architecture, seeds, num(mean), num(std), num(low),
+             num(high), num(float(np.mean(kept))), f'{np.mean(params):.1f}']
+  return row, csv_row
+
+
 def _unpruned_rows(baselines: dict, several_models: bool, timings: dict) -> tuple[list, list]:
   """The unpruned networks' rows of the cells table: their seeds' baselines and latency."""
   rows, csv_rows = [], []
   for (model, name), by_seed in sorted(baselines.items()):
-    accs = [r['test_accuracy'] for r in by_seed.values()]
-    mean, std = mean_std(accs)
-    low, high = bootstrap_interval(accs)
-    params = np.mean([r['params'] for r in by_seed.values()])
-    timed = timings.get(name, {})
     regime = f'{model}: baseline' if several_models else 'baseline'
-    rows.append(['1.00', regime, 'unpruned', len(accs), pm(accs),
-                 _interval_text(low, high).replace('+', ''), '100.0', f'{params:.0f}',
-                 f"{np.mean([r['epochs'] for r in by_seed.values()]):.1f}",
-                 _ms([timed.get('ms_batch1')]), _ms([timed.get('ms_batch128')])])
-    csv_rows.append(['1.00', regime, 'unpruned', len(accs), num(mean), num(std), num(low),
-                     num(high), num(1.0), f'{params:.1f}'])
+    row, csv_row = _cells_row(1.0, regime, 'unpruned', len(by_seed),
+                              [r['test_accuracy'] for r in by_seed.values()], [1.0],
+                              [r['params'] for r in by_seed.values()],
+                              [r['epochs'] for r in by_seed.values()], [timings.get(name, {})])
+    rows.append(row)
+    csv_rows.append(csv_row)
   return rows, csv_rows
 
 
@@ -335,21 +344,14 @@ def random_vs_criterion(snaps, out, write, root=None):
         continue
       for architecture in sorted(by_seed):
         group = cells[(budget, regime, architecture)]
-        accs = [by_seed[architecture][seed] for seed in sorted(by_seed[architecture])]
-        kept = [_last(s)['macs'] / _baseline(s)['macs'] for s in group]
-        params = [_last(s)['params'] for s in group]
-        timed = [timings.get(s['run'], {}) for s in group]
-        mean, std = mean_std(accs)
-        low, high = bootstrap_interval(accs)
-        cell_rows.append([f'{budget:.2f}', regime, architecture, len(group), pm(accs),
-                          _interval_text(low, high).replace('+', ''),
-                          f'{100 * np.mean(kept):.1f}', f'{np.mean(params):.0f}',
-                          f"{np.mean([_last(s)['epochs'] for s in group]):.1f}",
-                          _ms(t.get('ms_batch1') for t in timed),
-                          _ms(t.get('ms_batch128') for t in timed)])
-        cell_csv.append([f'{budget:.2f}', regime, architecture, len(group), num(mean), num(std),
-                         num(low), num(high), num(float(np.mean(kept))),
-                         f'{np.mean(params):.1f}'])
+        row, csv_row = _cells_row(
+            budget, regime, architecture, len(group),
+            [by_seed[architecture][seed] for seed in sorted(by_seed[architecture])],
+            [_last(s)['macs'] / _baseline(s)['macs'] for s in group],
+            [_last(s)['params'] for s in group], [_last(s)['epochs'] for s in group],
+            [timings.get(s['run'], {}) for s in group])
+        cell_rows.append(row)
+        cell_csv.append(csv_row)
       comparisons = []
       for reference in REFERENCES:
         if reference not in by_seed:
