@@ -435,6 +435,9 @@ def _channel_comparison(cells) -> list:
     own = {_seed(s): _last(s)['test_accuracy'] for s in group}
     other = {_seed(s): _last(s)['test_accuracy'] for s in drawn}
     c = paired_difference(own, other)
+    # The accuracies beside a paired difference are over the same seeds as the difference.
+    paired = sorted(own.keys() & other.keys())
+    own, other = ({seed: side[seed] for seed in paired} for side in (own, other))
     rows.append([f'{budget:.2f}', architecture, c['seeds'], pm(own.values()),
                  pm(other.values()), f"{100 * c['diff']:+.2f}" if c['seeds'] else '-',
                  _interval_text(c['low'], c['high']), p_text(c['p'])])

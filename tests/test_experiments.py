@@ -374,11 +374,15 @@ def test_bootstrap_interval_of_paired_differences_is_reproducible_and_within_the
   assert all(math.isnan(x) for x in report.bootstrap_interval([0.1]))
 
 
-def _snapshot(root, criterion, budget, seed, regime, acc):
-  workdir = root / 'random_vs_criterion' / criterion / f'macs{budget:.2f}' / f's{seed}'
+def _snapshot(root, criterion, budget, seed, regime, acc, channels=None):
+  name = criterion if channels is None else f'{criterion}_{channels}_channels'
+  workdir = root / 'random_vs_criterion' / name / f'macs{budget:.2f}' / f's{seed}'
   workdir.mkdir(parents=True, exist_ok=True)
-  snap = {'experiment': 'random_vs_criterion', 'run': f'{criterion}/{budget}/{seed}/{regime}',
-          'labels': {'criterion': criterion, 'budget': budget, 'seed': seed, 'regime': regime},
+  labels = {'criterion': criterion, 'budget': budget, 'seed': seed, 'regime': regime}
+  if channels is not None:
+    labels['channels'] = channels
+  snap = {'experiment': 'random_vs_criterion', 'run': f'{name}/{budget}/{seed}/{regime}',
+          'labels': labels,
           'config': {'model': 'tiny', 'width_multiplier': 1.0, 'dataset': 'digits', 'seed': seed,
                      'baseline_dir': f'b{seed}', 'selection': 'macs'},
           'rows': [{'stage': 'baseline', 'test_accuracy': 0.6 + 0.01 * seed, 'macs': 1000,
@@ -404,6 +408,19 @@ def test_one_seed_verdict_names_the_largest_difference_of_either_sign(tmp_path):
   verdict = (tmp_path / 'tables' / 'random_vs_criterion_verdict.csv').read_text()
   assert ('fewer than two paired seeds, so no interval; the largest single difference, '
           'l1 minus random, is -5.00 pp and says nothing beyond one draw.') in verdict
+
+
+def test_channel_table_shows_accuracies_over_the_seeds_it_pairs(tmp_path):
+  # Own channels have seeds 0 and 1, random channels only seed 0: every column of the row
+  # speaks of seed 0 alone.
+  for seed, acc in ((0, 0.80), (1, 0.84)):
+    _snapshot(tmp_path / 'root', 'taylor', 0.5, seed, 'finetune', acc)
+  _snapshot(tmp_path / 'root', 'taylor', 0.5, 0, 'finetune', 0.78, channels='random')
+  report.build(str(tmp_path / 'root'), str(tmp_path / 'tables'))
+  text = (tmp_path / 'tables' / 'random_vs_criterion.md').read_text()
+  row = next(line for line in text.split('## Channels or widths?')[1].splitlines()
+             if line.startswith('| 0.50 | taylor |'))
+  assert row.startswith('| 0.50 | taylor | 1 | 80.00 | 78.00 | +2.00 |'), row
 
 
 def test_paired_p_value_matches_the_t_distribution_by_hand():
