@@ -78,10 +78,15 @@ def bootstrap_interval(values, level: float = 0.95,
   return float(low), float(high)
 
 
+def paired_seeds(by_seed: Mapping, reference_by_seed: Mapping) -> list:
+  """The seeds both sides ran, in order: the pairs every paired statistic is over."""
+  return sorted(set(by_seed) & set(reference_by_seed))
+
+
 def paired_difference(by_seed: Mapping, reference_by_seed: Mapping) -> dict:
   """`by_seed` minus `reference_by_seed` over the seeds both ran ({seed: accuracy} each):
   {'seeds', 'diff' (mean), 'low', 'high' (its 95 % bootstrap interval), 'p' (paired t)}."""
-  seeds = sorted(set(by_seed) & set(reference_by_seed))
+  seeds = paired_seeds(by_seed, reference_by_seed)
   differences = [by_seed[s] - reference_by_seed[s] for s in seeds]
   low, high = bootstrap_interval(differences)
   return {'seeds': len(seeds), 'diff': float(np.mean(differences)) if seeds else float('nan'),
@@ -96,7 +101,7 @@ def paired_p_value(by_seed: Mapping, reference_by_seed: Mapping) -> float:
   variation the seeds share. With 3 seeds the test has little power, and a table of
   many cells makes many comparisons: read p as evidence, not as a verdict.
   """
-  seeds = sorted(set(by_seed) & set(reference_by_seed))
+  seeds = paired_seeds(by_seed, reference_by_seed)
   if len(seeds) < 2:
     return float('nan')
   differences = np.array([by_seed[s] - reference_by_seed[s] for s in seeds], np.float64)
@@ -434,10 +439,10 @@ def _channel_comparison(cells) -> list:
       continue
     own = {_seed(s): _last(s)['test_accuracy'] for s in group}
     other = {_seed(s): _last(s)['test_accuracy'] for s in drawn}
-    c = paired_difference(own, other)
     # The accuracies beside a paired difference are over the same seeds as the difference.
-    paired = sorted(own.keys() & other.keys())
+    paired = paired_seeds(own, other)
     own, other = ({seed: side[seed] for seed in paired} for side in (own, other))
+    c = paired_difference(own, other)
     rows.append([f'{budget:.2f}', architecture, c['seeds'], pm(own.values()),
                  pm(other.values()), f"{100 * c['diff']:+.2f}" if c['seeds'] else '-',
                  _interval_text(c['low'], c['high']), p_text(c['p'])])
