@@ -266,11 +266,12 @@ def _verdict(budget: float, regime: str, seeds: int, comparisons: list) -> str:
             f"difference, {widest['architecture']} minus {widest['reference']}, is "
             f"{100 * widest['diff']:+.2f} pp, interval "
             f"{_interval_text(widest['low'], widest['high'])}, p {p_text(widest['p'])}.")
-  parts = [f"{c['architecture']} {'beats' if c['low'] > 0 else 'trails'} {c['reference']} by "
+  parts = [f"{c['architecture']} {'beats' if c['low'] > 0 else 'trails'} {c['reference']}: "
            f"{100 * c['diff']:+.2f} pp {_interval_text(c['low'], c['high'])}, "
            f"p {p_text(c['p'])}" for c in called]
   rest = len(measured) - len(called)
-  tail = (f'; the other {rest} differences are within what the seeds allow' if rest else '')
+  tail = ('' if not rest else '; the other difference is within what the seeds allow'
+          if rest == 1 else f'; the other {rest} differences are within what the seeds allow')
   return f"{where}: {'; '.join(parts)}{tail}."
 
 

@@ -462,8 +462,8 @@ def test_report_rebuilds_identical_tables_from_results_alone(tmp_path):
   verdict = (first / 'random_vs_criterion_verdict.csv').read_text()
   # l1 - random is +0.5 pp at every seed: a zero-width interval but no t statistic, so it is
   # not called.
-  assert ('At 70 % of the MACs (scratch, 3 seeds): taylor beats random by +9.50 pp '
-          '[+9.00, +10.00], p < 0.001; the other 1 differences are within what the seeds '
+  assert ('At 70 % of the MACs (scratch, 3 seeds): taylor beats random: +9.50 pp '
+          '[+9.00, +10.00], p < 0.001; the other difference is within what the seeds '
           'allow.') in verdict
   assert str(tmp_path) not in (first / 'random_vs_criterion.md').read_text()
 
